@@ -1,0 +1,150 @@
+"""Loading images from local paths or URLs into fully decoded RGB PIL images, refusing broken files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.data.rows import is_url
+
+MAX_BYTES = 32 * 1024 * 1024
+# 64 Mpx is far above any training image (the model resizes to about 448^2 per slice) and far below what
+# would exhaust memory: a larger header is almost certainly a decompression bomb.
+MAX_PIXELS = 64_000_000
+_USER_AGENT = "pipeline-image-loader/1.0"
+
+
+class ImageLoadError(OSError):
+    """An image reference cannot be turned into pixels; the message names the path or URL and why."""
+
+
+def load_image(
+    ref: str | os.PathLike,
+    *,
+    cache_dir: Path | None = None,
+    timeout: float = 10,
+    max_bytes: int = MAX_BYTES,
+    retries: int = 2,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Return the image at a local path or http(s) URL, fully decoded and converted to RGB.
+
+    Conversion is a plain ``convert("RGB")`` (alpha dropped, no EXIF rotation), as the official
+    MiniCPM-V-2 code does, so training and inference see the same pixels. URLs are downloaded with a
+    timeout and a size cap and, when ``cache_dir`` is given, kept there under the sha256 of the URL.
+    """
+    ref = os.fspath(ref)
+    if is_url(ref):
+        if cache_dir is not None:
+            path = fetch_url_to_cache(ref, cache_dir, timeout=timeout, max_bytes=max_bytes, retries=retries)
+            return decode_image(path, name=ref, max_pixels=max_pixels)
+        data = fetch_url(ref, timeout=timeout, max_bytes=max_bytes, retries=retries)
+        return decode_image(io.BytesIO(data), name=ref, max_pixels=max_pixels)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        reason = "is a folder, not an image file" if path.is_dir() else "file not found"
+        raise ImageLoadError(f"{ref}: {reason}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
+    return decode_image(path, name=ref, max_pixels=max_pixels)
+
+
+def decode_image(source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Return the RGB image decoded from a file or buffer, after a header pixel check and a verify pass."""
+    try:
+        with warnings.catch_warnings():
+            # The pixel cap below replaces PIL's own bomb warning with an error that names the file.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as probe:
+                width, height = probe.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(
+                        f"{name}: {width}x{height} = {width * height} pixels is over the {max_pixels}-pixel "
+                        "limit (refused as a possible decompression bomb)"
+                    )
+                probe.verify()  # checks chunk CRCs and structure without decoding all pixels
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            with Image.open(source) as image:
+                image.load()  # a truncated file fails here
+                return image.convert("RGB")
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({exc})") from exc
+    except Exception as exc:  # PIL reports broken files through many exception types
+        raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def fetch_url(url: str, *, timeout: float = 10, max_bytes: int = MAX_BYTES, retries: int = 2) -> bytes:
+    """Return the body of an http(s) URL, retrying transient failures and refusing bodies over max_bytes."""
+    last_error: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+        try:
+            return _fetch_once(url, timeout=timeout, max_bytes=max_bytes)
+        except urllib.error.HTTPError as exc:
+            last_error = exc
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                break  # the server answered definitively; retrying will not help
+        except ImageLoadError:
+            raise
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            last_error = exc
+    raise ImageLoadError(f"{url}: download failed after {attempt + 1} attempt(s): {last_error}")
+
+
+def _fetch_once(url: str, *, timeout: float, max_bytes: int) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise ImageLoadError(f"{url}: Content-Length {declared} is over the {max_bytes}-byte limit")
+        data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageLoadError(f"{url}: body is over the {max_bytes}-byte limit")
+    return data
+
+
+def url_cache_path(url: str, cache_dir: Path) -> Path:
+    """Return where a URL's body is cached: the sha256 of the URL, keeping a short file extension."""
+    suffix = Path(url.split("?", 1)[0]).suffix.lower()
+    if not (1 < len(suffix) <= 6 and suffix[1:].isalnum()):
+        suffix = ""
+    return Path(cache_dir) / f"{hashlib.sha256(url.encode()).hexdigest()}{suffix}"
+
+
+def fetch_url_to_cache(
+    url: str, cache_dir: Path, *, timeout: float = 10, max_bytes: int = MAX_BYTES, retries: int = 2
+) -> Path:
+    """Return the local cached copy of a URL, downloading it first (atomically) when absent."""
+    path = url_cache_path(url, cache_dir)
+    if path.is_file():
+        return path
+    data = fetch_url(url, timeout=timeout, max_bytes=max_bytes, retries=retries)
+    write_bytes_atomic(path, data)
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to path through a temporary sibling so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,81 @@
+"""From the dataset config to validated train and validation rows (the same split on every run)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.dataset import TokenCounter
+from pipeline.data.rows import Problem, Row
+from pipeline.data.sources import COMMON_KEYS, get_source, load_mixture
+from pipeline.data.split import split_rows
+from pipeline.data.validate import validate_rows, write_problems
+from pipeline.models.processor import MiniCPMVImageProcessor
+from pipeline.models.tokenizer import MiniCPMVTokenizer
+
+log = logging.getLogger(__name__)
+# Keys of the dataset config that describe how rows are used rather than where a source is.
+USAGE_KEYS = {"sources", "val_path", "test_ratio", "max_length", "truncation", "on_error", "num_workers",
+              "max_rows", "system"}
+
+
+@dataclass
+class Splits:
+    train: list[Row]
+    val: list[Row]
+    problems: list[Problem] = field(default_factory=list)
+
+
+def source_entries(dataset_cfg: Mapping[str, Any]) -> list[dict]:
+    """Returns the source list: `sources` when given, else the dataset itself as one source."""
+    cfg = dict(dataset_cfg)
+    if cfg.get("sources"):
+        return [dict(s) for s in cfg["sources"]]
+    # The dataset group holds the keys of every source kind; hand each source only those it reads.
+    accepted = set(COMMON_KEYS) | set(get_source(cfg["name"]).keys)
+    return [{k: v for k, v in cfg.items() if k in accepted and k not in USAGE_KEYS and v is not None}]
+
+
+def _with_system(rows: list[Row], system: str | None) -> list[Row]:
+    if not system:
+        return rows
+    for row in rows:
+        if row.system is None:
+            row.system = system
+    return rows
+
+
+def prepare_splits(
+    dataset_cfg: DictConfig | Mapping[str, Any],
+    tokenizer: MiniCPMVTokenizer,
+    processor: MiniCPMVImageProcessor,
+    seed: int,
+    problems_path: Path | None = None,
+) -> Splits:
+    """Returns validated train/val rows; problems go to `problems_path` under on_error=skip."""
+    cfg = OmegaConf.to_container(dataset_cfg, resolve=True) if isinstance(dataset_cfg, DictConfig) else dict(
+        dataset_cfg)
+    on_error = cfg.get("on_error", "raise")
+    rows, problems = load_mixture(source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"))
+    counter = TokenCounter(tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete"))
+    rows, more = validate_rows(rows, check_image_files=False, count_tokens=counter,
+                               max_length=cfg.get("max_length"), on_error=on_error)
+    problems += more
+    val_rows = None
+    if cfg.get("val_path"):
+        val_rows, val_problems = load_mixture([{"name": "custom", "path": cfg["val_path"]}], seed,
+                                              on_error=on_error)
+        val_rows, more = validate_rows(val_rows, check_image_files=False, count_tokens=counter,
+                                       max_length=cfg.get("max_length"), on_error=on_error)
+        problems += val_problems + more
+    train, val = split_rows(rows, test_ratio=cfg.get("test_ratio", 0.01), seed=seed, val_rows=val_rows)
+    if problems and problems_path is not None:
+        write_problems(problems, problems_path)
+        log.warning("%d dataset problem(s) skipped; listed in %s", len(problems), problems_path)
+    log.info("dataset: %d train rows, %d validation rows", len(train), len(val))
+    return Splits(_with_system(train, cfg.get("system")), _with_system(val, cfg.get("system")), problems)

@@ -1,0 +1,38 @@
+"""The conversation row every dataset source produces, and the problem records validation emits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Row:
+    """One training conversation in ms-swift's custom layout, after parsing and path resolution."""
+
+    query: str
+    response: str
+    history: list[tuple[str, str]]
+    images: list[str]  # 0 or 1 entries: absolute local path or http(s) URL
+    system: str | None
+    origin: str  # "path/to/file.jsonl:17" (1-based line), "coco:validation:3", ... used in every message
+    references: list[str] | None = None  # every reference answer when a source has several (COCO captions)
+
+
+@dataclass
+class Problem:
+    """Why one row (named by its origin) cannot be used."""
+
+    origin: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.reason}"
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used as configured; the message says which file, row or key and why."""
+
+
+def is_url(ref: str) -> bool:
+    """Return True when an image reference is an http(s) URL rather than a local path."""
+    return ref.startswith(("http://", "https://"))

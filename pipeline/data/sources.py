@@ -1,0 +1,543 @@
+"""Dataset sources by name (custom files, COCO captions, the bundled demo) and mixing several of them."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data.images import ImageLoadError, fetch_url_to_cache, write_bytes_atomic
+from pipeline.data.rows import DatasetError, Problem, Row, is_url
+from pipeline.data.split import stable_order
+from pipeline.data.validate import (
+    apply_on_error,
+    check_images,
+    check_on_error,
+    describe_unknown_keys,
+    record_to_row,
+    unknown_keys,
+)
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "cache"
+# Keys every source understands: image checking and, inside a mixture, how many rows to take.
+COMMON_KEYS = ("name", "check_images", "check_urls", "max_rows", "n", "ratio")
+
+# A loader returns the rows it could build and the problems of records that never became rows.
+Loader = Callable[[Mapping, "int | None"], tuple[list[Row], list[Problem]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered dataset source: its name, its loader and the config keys it reads."""
+
+    name: str
+    load: Loader
+    keys: tuple[str, ...]
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, keys: Sequence[str] = ()) -> Callable[[Loader], Loader]:
+    """Return a decorator registering a loader under name; a second registration of a name is an error."""
+
+    def decorator(load: Loader) -> Loader:
+        if name in _SOURCES:
+            raise ValueError(
+                f"dataset source '{name}' is already registered by {_SOURCES[name].load.__module__}"
+            )
+        _SOURCES[name] = Source(name, load, tuple(keys))
+        return load
+
+    return decorator
+
+
+def source_names() -> tuple[str, ...]:
+    """Return the registered source names, sorted."""
+    return tuple(sorted(_SOURCES))
+
+
+def get_source(name: object) -> Source:
+    """Return the registered source called name, or raise naming the known ones."""
+    if name not in _SOURCES:
+        raise DatasetError(f"unknown dataset source {name!r}; known sources: {', '.join(source_names())}")
+    return _SOURCES[name]
+
+
+def load_rows(
+    source_cfg: Mapping, *, on_error: str = "raise", max_rows: int | None = None
+) -> tuple[list[Row], list[Problem]]:
+    """Return the usable rows of one source and the problems found (raise DatasetError on_error="raise").
+
+    Structure and images are checked here; token lengths need the tokenizer and are checked by the caller
+    with ``validate.validate_rows(..., count_tokens=...)``. ``max_rows`` (or the config's ``max_rows``) caps
+    the records read, so a quick run does not parse or check a whole large source.
+    """
+    check_on_error(on_error)
+    if not isinstance(source_cfg, Mapping) or "name" not in source_cfg:
+        raise DatasetError(
+            f"a dataset source needs a 'name' (one of {', '.join(source_names())}); got {source_cfg!r}"
+        )
+    source = get_source(source_cfg["name"])
+    max_rows = max_rows if max_rows is not None else source_cfg.get("max_rows")
+    rows, problems = source.load(source_cfg, max_rows)
+    found = []
+    if source_cfg.get("check_images", True):
+        cache_dir = Path(str(source_cfg.get("cache_dir") or DEFAULT_CACHE_DIR)).expanduser() / "urls"
+        found = check_images(rows, check_urls=bool(source_cfg.get("check_urls", False)), cache_dir=cache_dir)
+    kept, problems = apply_on_error(rows, found, on_error, earlier=problems)
+    if not kept:
+        where = f" at {source_cfg.get('path')}" if source_cfg.get("path") else ""
+        raise DatasetError(
+            f"dataset source '{source.name}'{where} has no usable rows ({len(problems)} problem(s))"
+        )
+    log.info("dataset %s: %d rows", source.name, len(kept))
+    return kept, problems
+
+
+@register_source("custom", keys=("path",))
+def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
+    """Return rows and problems from ms-swift-style .jsonl/.json files given by the config's ``path``."""
+    paths = _as_paths(cfg.get("path"), key="path", source="custom")
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for path in paths:
+        # a record with several problems is one record: count origins, not problems
+        budget = None if max_rows is None else max_rows - len(rows) - len({p.origin for p in problems})
+        if budget is not None and budget <= 0:
+            break
+        file_rows, file_problems = read_custom_file(path, max_records=budget)
+        rows += file_rows
+        problems += file_problems
+    return rows, problems
+
+
+def _as_paths(value: object, *, key: str, source: str) -> list[Path]:
+    if value is None or value == "" or value == []:
+        raise DatasetError(
+            f"dataset source '{source}' needs '{key}': a .jsonl or .json file, or a list of them"
+        )
+    values = [value] if isinstance(value, str | os.PathLike) else list(value)
+    paths = [Path(str(item)).expanduser() for item in values]
+    for path in paths:
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            raise DatasetError(f"{path}: unsupported data file type '{path.suffix}'; use .jsonl or .json")
+        if not path.is_file():
+            raise DatasetError(f"{path}: data file not found (from the '{source}' source's '{key}')")
+    return paths
+
+
+def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[list[Row], list[Problem]]:
+    """Return rows and problems of one .jsonl (origin file:line) or .json list (origin file:item N) file."""
+    path = Path(path)
+    records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _json_records(path)
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    ignored: Counter[str] = Counter()
+    base_dir = path.parent.resolve()
+    for count, (origin, record) in enumerate(records):
+        if max_records is not None and count >= max_records:
+            break
+        if isinstance(record, Problem):
+            problems.append(record)
+            continue
+        ignored.update(unknown_keys(record))
+        parsed = record_to_row(record, origin, base_dir)
+        if isinstance(parsed, Row):
+            rows.append(parsed)
+        else:
+            problems += [Problem(origin, reason) for reason in parsed]
+    if ignored:
+        log.warning("%s: ignoring unknown keys %s", path, describe_unknown_keys(ignored))
+    return rows, problems
+
+
+def _jsonl_records(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue  # blank lines (often a trailing one) are not rows
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield (
+                    f"{path}:{number}",
+                    Problem(f"{path}:{number}", f"invalid JSON: {exc.msg} (column {exc.colno})"),
+                )
+
+
+def _json_records(path: Path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        yield (
+            f"{path}:{exc.lineno}",
+            Problem(f"{path}:{exc.lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})"),
+        )
+        return
+    if not isinstance(data, list):
+        yield f"{path}:1", Problem(f"{path}:1", "a .json data file must hold a list of row objects")
+        return
+    for number, record in enumerate(data, start=1):
+        yield f"{path}:item {number}", record
+
+
+@register_source("demo", keys=("path", "num_rows"))
+def load_demo(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
+    """Return the bundled demo rows, generating the demo set first when it is missing or incomplete."""
+    from pipeline.data.demo import DEFAULT_DEMO_DIR, DEFAULT_ROWS, ensure_demo  # drawing code: load on use
+
+    folder = ensure_demo(
+        Path(cfg.get("path") or DEFAULT_DEMO_DIR), n=int(cfg.get("num_rows") or DEFAULT_ROWS)
+    )
+    return read_custom_file(folder / "train.jsonl", max_records=max_rows)
+
+
+def load_mixture(
+    sources: Sequence[Mapping],
+    seed: int,
+    *,
+    on_error: str = "raise",
+    max_rows: int | None = None,
+    defaults: Mapping | None = None,
+) -> tuple[list[Row], list[Problem]]:
+    """Return the rows of several sources concatenated, each sampled by its ``n`` or ``ratio``; and problems.
+
+    Like ``swift sft --dataset a b#500``: ``n`` takes that many rows (repeating the source, said in a log
+    line, only when n exceeds what it has), ``ratio`` a fraction of it; neither takes all. The sampling of
+    source i depends only on (seed, i), so the result is the same on every run and machine. ``defaults``
+    fills keys a source entry leaves out (e.g. the dataset's image_root).
+    """
+    if not sources:
+        raise DatasetError("the dataset 'sources' list is empty; give at least one {name: ...} entry")
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for index, entry in enumerate(sources):
+        cfg = _with_defaults(entry, defaults, index)
+        source_rows, source_problems = load_rows(cfg, on_error=on_error, max_rows=max_rows)
+        label = f"sources[{index}]"
+        rows += sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
+        problems += source_problems
+    return rows, problems
+
+
+def _with_defaults(entry: Mapping, defaults: Mapping | None, index: int) -> dict:
+    if not isinstance(entry, Mapping) or "name" not in entry:
+        raise DatasetError(f"sources[{index}] must be a mapping with a 'name'; got {entry!r}")
+    source = get_source(entry["name"])
+    accepted = set(COMMON_KEYS) | set(source.keys)
+    unknown = sorted(key for key, value in entry.items() if key not in accepted and value is not None)
+    if unknown:
+        raise DatasetError(
+            f"sources[{index}] ({source.name}): unknown key(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(accepted))}"
+        )
+    merged = {
+        key: value for key, value in (defaults or {}).items() if key in source.keys and value is not None
+    }
+    merged.update({key: value for key, value in entry.items() if value is not None})
+    return merged
+
+
+def sample_rows(
+    rows: list[Row], *, n: int | None, ratio: float | None, seed: int, label: str = "source"
+) -> list[Row]:
+    """Return n (or round(ratio * len)) rows chosen by (seed, label), kept in order; all rows if neither."""
+    if n is not None and ratio is not None:
+        raise DatasetError(f"{label}: give either 'n' or 'ratio', not both")
+    if ratio is not None:
+        if not ratio > 0:
+            raise DatasetError(f"{label}: ratio={ratio} must be a positive fraction (e.g. 0.5)")
+        n = max(1, round(float(ratio) * len(rows)))
+    if n is None:
+        return list(rows)
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise DatasetError(f"{label}: n={n!r} must be a positive integer")
+    n = int(n)
+    copies, rest = divmod(n, len(rows))
+    if copies:
+        log.info(
+            "%s: n=%d is more than its %d rows; sampling with replacement (%d full copies + %d rows)",
+            label,
+            n,
+            len(rows),
+            copies,
+            rest,
+        )
+    picked = sorted(stable_order(len(rows), "sample", seed, label)[:rest])
+    return list(rows) * copies + [rows[i] for i in picked]
+
+
+# --- coco_en_2_mini: ms-swift's coco-en-2-mini (COCO 2014 caption validation split) from local files ---
+
+COCO_QUERY = "please describe the image."
+COCO_KEYS = ("path", "image_root", "allow_download", "cache_dir", "timeout")
+_COCO_CSV_COLUMNS = {"uniq_id", "image_id", "caption", "image"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class CocoRecord:
+    """One raw COCO row: its captions text, and its image as a URL/file name and/or embedded bytes."""
+
+    index: int
+    captions: list[str]
+    image_ref: str | None
+    image_bytes: bytes | None
+
+
+def coco_help(reason: str) -> str:
+    """Return the error text for a missing COCO dataset: what to download and which config key to set."""
+    return (
+        f"coco_en_2_mini: {reason}.\n"
+        "It reads local files only; provide one of:\n"
+        "  (a) ModelScope 'modelscope/coco_2014_caption' (subset coco_2014_caption, split validation):\n"
+        "      load it once with MsDataset.load('modelscope/coco_2014_caption',\n"
+        "      subset_name='coco_2014_caption', split='validation') and set the source's 'path' to the\n"
+        "      cache folder (~/.cache/modelscope/hub/datasets, holding coco_2014_caption-validation.arrow\n"
+        "      or the CSVs).\n"
+        "      Its image URLs no longer answer, so also download the COCO val2014 images\n"
+        "      (http://images.cocodataset.org/zips/val2014.zip) and set 'image_root' to the unzipped one;\n"
+        "  (b) Hugging Face 'lmms-lab/COCO-Caption' (split val, images embedded):\n"
+        "      hf download lmms-lab/COCO-Caption --repo-type dataset --include '*val-*' --local-dir DIR\n"
+        "      and set 'path' to DIR.\n"
+        "  e.g. python -m pipeline dataset=coco_en_2_mini dataset.path=DIR dataset.image_root=COCO_DIR"
+    )
+
+
+@register_source("coco_en_2_mini", keys=COCO_KEYS)
+def load_coco(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
+    """Return COCO 2014 caption validation rows (ms-swift's coco-en-2-mini) from local files; and problems."""
+    if not cfg.get("path"):
+        raise DatasetError(coco_help("'path' is not set"))
+    layout, files = find_coco_files(Path(str(cfg["path"])).expanduser())
+    log.info("coco_en_2_mini: reading %s layout from %s", layout, ", ".join(map(str, files[:3])))
+    split = "val" if layout == "parquet" else "validation"
+    records = _COCO_READERS[layout](files)
+    if max_rows is not None:
+        records = itertools.islice(records, max_rows)
+    return _coco_rows(records, cfg, split)
+
+
+def find_coco_files(path: Path) -> tuple[str, list[Path]]:
+    """Return the layout ("arrow", "csv" or "parquet") and the validation-split files found at path."""
+    if not path.exists():
+        raise DatasetError(coco_help(f"path {path} does not exist"))
+    if path.is_file():
+        layout = {".arrow": "arrow", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+        if layout is None:
+            raise DatasetError(coco_help(f"{path} is not a .arrow, .csv or .parquet file"))
+        return layout, [path]
+    arrow = sorted(path.rglob("coco_2014_caption-validation*.arrow"))
+    if arrow:
+        return "arrow", _one_folder(arrow, "arrow")
+    csvs = [p for p in sorted(path.rglob("*.csv")) if _csv_columns(p) >= _COCO_CSV_COLUMNS]
+    val_csvs = [p for p in csvs if "val" in p.name.lower()] or [
+        p for p in csvs if "train" not in p.name.lower() and _first_caption_joined(p)
+    ]
+    if val_csvs:
+        if len(val_csvs) > 1:
+            log.warning("coco_en_2_mini: several validation CSVs under %s; using %s", path, val_csvs[0])
+        return "csv", val_csvs[:1]
+    parquet = [p for p in sorted(path.rglob("*.parquet")) if p.name.lower().startswith("val")]
+    if parquet:
+        return "parquet", _one_folder(parquet, "parquet")
+    found = "only the train split's CSV" if csvs else "no COCO caption files"
+    raise DatasetError(coco_help(f"{found} under {path}"))
+
+
+def _one_folder(files: list[Path], kind: str) -> list[Path]:
+    # Several cache versions may coexist; mixing them would duplicate rows.
+    folders = sorted({file.parent for file in files})
+    if len(folders) > 1:
+        log.warning("coco_en_2_mini: %s files in several folders; using %s", kind, folders[0])
+    return [file for file in files if file.parent == folders[0]]
+
+
+def _csv_columns(path: Path) -> set[str]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        return set(next(csv.reader(handle), []))
+
+
+def _first_caption_joined(path: Path) -> bool:
+    # The validation split has one row per image with its captions joined by "&&"; train has one per caption.
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        first = next(csv.DictReader(handle), None)
+    return bool(first) and "&&" in (first.get("caption") or "")
+
+
+def _split_captions(text: object) -> list[str]:
+    return [part.strip() for part in str(text or "").split("&&") if part.strip()]
+
+
+def _image_field(value: object) -> tuple[str | None, bytes | None]:
+    # The image column is a URL string in the CSVs and {bytes, path} in arrow/parquet files.
+    if isinstance(value, Mapping):
+        return value.get("path") or None, value.get("bytes") or None
+    return (str(value) if value else None), None
+
+
+def _read_coco_csv(files: list[Path]) -> Iterator[CocoRecord]:
+    index = 0
+    for file in files:
+        with file.open(encoding="utf-8-sig", newline="") as handle:
+            for record in csv.DictReader(handle):
+                yield CocoRecord(
+                    index, _split_captions(record.get("caption")), record.get("image") or None, None
+                )
+                index += 1
+
+
+def _read_coco_arrow(files: list[Path]) -> Iterator[CocoRecord]:
+    import pyarrow as pa  # installed with datasets; imported here so other sources do not pay for it
+
+    index = 0
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)  # what datasets writes
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+            batches = (
+                reader
+                if isinstance(reader, pa.ipc.RecordBatchStreamReader)
+                else (reader.get_batch(i) for i in range(reader.num_record_batches))
+            )
+            for batch in batches:
+                for record in batch.to_pylist():
+                    ref, data = _image_field(record.get("image"))
+                    yield CocoRecord(index, _split_captions(record.get("caption")), ref, data)
+                    index += 1
+
+
+def _read_coco_parquet(files: list[Path]) -> Iterator[CocoRecord]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for file in files:
+        # Batches keep memory flat: the shards embed every image.
+        for batch in pq.ParquetFile(file).iter_batches(
+            batch_size=64, columns=["image", "question_id", "answer"]
+        ):
+            for record in batch.to_pylist():
+                ref, data = _image_field(record.get("image"))
+                answers = record.get("answer") or []
+                captions = [str(a).strip() for a in ([answers] if isinstance(answers, str) else answers)]
+                yield CocoRecord(index, [c for c in captions if c], record.get("question_id") or ref, data)
+                index += 1
+
+
+_COCO_READERS: dict[str, Callable[[list[Path]], Iterator[CocoRecord]]] = {
+    "csv": _read_coco_csv,
+    "arrow": _read_coco_arrow,
+    "parquet": _read_coco_parquet,
+}
+
+
+def _coco_rows(records: Iterable[CocoRecord], cfg: Mapping, split: str) -> tuple[list[Row], list[Problem]]:
+    image_root = Path(str(cfg["image_root"])).expanduser() if cfg.get("image_root") else None
+    if image_root is not None and not image_root.is_dir():
+        raise DatasetError(
+            f"coco_en_2_mini: image_root {image_root} is not a folder; point it at the folder "
+            "holding COCO val2014 images (or its parent)"
+        )
+    cache_dir = Path(str(cfg.get("cache_dir") or DEFAULT_CACHE_DIR / "coco_en_2_mini")).expanduser()
+    allow_download = bool(cfg.get("allow_download", False))
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    downloads: list[tuple[Row, str]] = []
+    for record in records:
+        origin = f"coco:{split}:{record.index}"
+        if not record.captions:
+            problems.append(Problem(origin, "empty caption"))
+            continue
+        row = Row(COCO_QUERY, record.captions[0], [], [], None, origin, references=record.captions)
+        if record.image_bytes:
+            row.images = [str(_cache_embedded(record, cache_dir))]
+        elif record.image_ref and (local := _find_local(record.image_ref, image_root)):
+            row.images = [str(local)]
+        elif record.image_ref and is_url(record.image_ref) and allow_download:
+            downloads.append((row, record.image_ref))
+        elif image_root is None and not allow_download:
+            raise DatasetError(coco_help(f"{origin} has no embedded image and 'image_root' is not set"))
+        else:
+            looked = " and ".join(str(p) for p in _local_candidates(record.image_ref or "", image_root))
+            problems.append(
+                Problem(
+                    origin,
+                    f"image {_file_name(record.image_ref or '')!r} not found (looked in "
+                    f"{looked or 'no folder'}); set image_root or allow_download: true",
+                )
+            )
+            continue
+        rows.append(row)
+    rows, download_problems = _download_images(
+        rows, downloads, cache_dir / "urls", float(cfg.get("timeout") or 10)
+    )
+    return rows, problems + download_problems
+
+
+def _file_name(ref: str) -> str:
+    return ref.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _local_candidates(ref: str, image_root: Path | None) -> list[Path]:
+    if image_root is None or not _file_name(ref):
+        return []
+    name = _file_name(ref)
+    return [image_root / name, image_root / "val2014" / name]
+
+
+def _find_local(ref: str, image_root: Path | None) -> Path | None:
+    return next((p for p in _local_candidates(ref, image_root) if p.is_file()), None)
+
+
+def _cache_embedded(record: CocoRecord, cache_dir: Path) -> Path:
+    """Return the cached file for an embedded image, writing it once (atomically) on first sight."""
+    name = _file_name(record.image_ref or "")
+    if not _SAFE_NAME.match(name):
+        name = hashlib.sha256(record.image_bytes).hexdigest()[:32] + ".jpg"
+    path = cache_dir / "images" / name
+    if not (path.is_file() and path.stat().st_size == len(record.image_bytes)):
+        write_bytes_atomic(path, record.image_bytes)
+    return path
+
+
+def _download_images(
+    rows: list[Row], downloads: list[tuple[Row, str]], cache_dir: Path, timeout: float
+) -> tuple[list[Row], list[Problem]]:
+    if not downloads:
+        return rows, []
+
+    def fetch(url: str) -> Path | str:
+        try:
+            return fetch_url_to_cache(url, cache_dir, timeout=timeout)
+        except ImageLoadError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(fetch, [url for _, url in downloads]))
+    failed = set()
+    problems = []
+    for (row, _url), outcome in zip(downloads, outcomes, strict=True):
+        if isinstance(outcome, Path):
+            row.images = [str(outcome)]
+        else:
+            failed.add(id(row))
+            problems.append(
+                Problem(row.origin, f"image not found under image_root and download failed: {outcome}")
+            )
+    return [row for row in rows if id(row) not in failed], problems

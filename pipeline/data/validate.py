@@ -1,0 +1,296 @@
+"""Checking dataset rows before training: record structure, images, token lengths, and the error policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.data.images import ImageLoadError, load_image
+from pipeline.data.rows import DatasetError, Problem, Row, is_url
+
+__all__ = [
+    "KNOWN_KEYS",
+    "ON_ERROR_CHOICES",
+    "DatasetError",
+    "Problem",
+    "apply_on_error",
+    "check_images",
+    "check_lengths",
+    "check_on_error",
+    "format_problems",
+    "record_to_row",
+    "unknown_keys",
+    "validate_rows",
+    "write_problems",
+]
+
+log = logging.getLogger(__name__)
+
+KNOWN_KEYS = ("query", "response", "history", "images", "system")
+ON_ERROR_CHOICES = ("raise", "skip")
+MAX_LISTED = 20
+# Keys people write by mistake for a known one; the warning names the intended key.
+_KEY_HINTS = {
+    "image": "images",
+    "img": "images",
+    "answer": "response",
+    "question": "query",
+    "prompt": "query",
+}
+
+
+def check_on_error(on_error: str) -> str:
+    """Return on_error unchanged when it is a valid policy, else raise naming the accepted values."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error={on_error!r} is not valid; use one of {', '.join(ON_ERROR_CHOICES)}")
+    return on_error
+
+
+def unknown_keys(record: object) -> set[str]:
+    """Return the keys of a record that the custom format does not define (they are ignored)."""
+    if not isinstance(record, Mapping):
+        return set()
+    return {str(key) for key in record if key not in KNOWN_KEYS}
+
+
+def describe_unknown_keys(counts: Mapping[str, int]) -> str:
+    """Return a one-line summary of ignored keys with their row counts and likely intended names."""
+    parts = []
+    for key in sorted(counts):
+        hint = f", did you mean '{_KEY_HINTS[key]}'?" if key in _KEY_HINTS else ""
+        parts.append(f"'{key}' ({counts[key]} rows{hint})")
+    return ", ".join(parts)
+
+
+def record_to_row(record: object, origin: str, base_dir: Path) -> Row | list[str]:
+    """Return the Row a custom-format record describes, or the reasons it cannot be used.
+
+    Relative image paths resolve against ``base_dir`` (the data file's folder); URLs are kept as they are.
+    """
+    if not isinstance(record, Mapping):
+        return [f"row is a JSON {_json_type(record)}, expected an object with 'query' and 'response'"]
+    reasons = [reason for key in ("query", "response") if (reason := _text_reason(record, key))]
+    history, history_reasons = _parse_history(record.get("history"))
+    images, image_reasons = _parse_images(record.get("images"), base_dir)
+    system = record.get("system")
+    reasons += history_reasons + image_reasons
+    if system is not None and not isinstance(system, str):
+        reasons.append(f"'system' must be a string or null, got {_json_type(system)}")
+    if reasons:
+        return reasons
+    return Row(
+        query=record["query"],
+        response=record["response"],
+        history=history,
+        images=images,
+        system=system or None,
+        origin=origin,
+    )
+
+
+def _text_reason(record: Mapping, key: str) -> str | None:
+    if key not in record:
+        return f"missing key '{key}' (a non-empty string)"
+    value = record[key]
+    if not isinstance(value, str):
+        return f"'{key}' must be a non-empty string, got {_json_type(value)}"
+    if not value.strip():
+        return f"'{key}' is empty; it must be a non-empty string"
+    return None
+
+
+def _parse_history(value: object) -> tuple[list[tuple[str, str]], list[str]]:
+    if value is None:
+        return [], []
+    expected = "a list of [query, response] pairs of non-empty strings"
+    if not isinstance(value, list):
+        return [], [f"'history' must be {expected}, got {_json_type(value)}"]
+    pairs, reasons = [], []
+    for index, pair in enumerate(value):
+        ok = (
+            isinstance(pair, list | tuple)
+            and len(pair) == 2
+            and all(isinstance(text, str) and text.strip() for text in pair)
+        )
+        if not ok:
+            reasons.append(
+                f"history[{index}] must be a [query, response] pair of non-empty strings, got "
+                f"{json.dumps(pair, ensure_ascii=False)[:80]}"
+            )
+        else:
+            pairs.append((pair[0], pair[1]))
+    return pairs, reasons
+
+
+def _parse_images(value: object, base_dir: Path) -> tuple[list[str], list[str]]:
+    if value is None:
+        return [], []
+    if not isinstance(value, list):
+        return [], [f"'images' must be a list with at most one path or URL string, got {_json_type(value)}"]
+    if len(value) > 1:
+        return [], [f"{len(value)} images; MiniCPM-V-2 takes at most one image per conversation"]
+    if value and not (isinstance(value[0], str) and value[0].strip()):
+        return [], [f"images[0] must be a non-empty path or URL string, got {_json_type(value[0])}"]
+    return [resolve_image_ref(ref, base_dir) for ref in value], []
+
+
+def resolve_image_ref(ref: str, base_dir: Path) -> str:
+    """Return a URL unchanged, or a local path made absolute relative to base_dir."""
+    if is_url(ref):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir) / path
+    return os.path.abspath(path)
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    if value is None:
+        return "null"
+    return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def check_images(
+    rows: list[Row],
+    *,
+    check_urls: bool = False,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+) -> list[tuple[int, Problem]]:
+    """Return (row index, problem) for every row whose image cannot be fully decoded.
+
+    Each distinct local image is opened, verified and decoded once, however many rows use it; URLs are
+    fetched only when ``check_urls`` is set (into ``cache_dir`` when given).
+    """
+    refs = sorted({ref for row in rows for ref in row.images if check_urls or not is_url(ref)})
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        outcomes = pool.map(lambda ref: _image_reason(ref, cache_dir), refs)
+        reasons = dict(
+            zip(
+                refs,
+                tqdm(outcomes, total=len(refs), desc="checking images", disable=len(refs) < 1000),
+                strict=True,
+            )
+        )
+    return [
+        (index, Problem(row.origin, reasons[ref]))
+        for index, row in enumerate(rows)
+        for ref in row.images
+        if reasons.get(ref)
+    ]
+
+
+def _image_reason(ref: str, cache_dir: Path | None) -> str | None:
+    try:
+        load_image(ref, cache_dir=cache_dir)
+    except ImageLoadError as exc:
+        return f"image {exc}"
+    return None
+
+
+def check_lengths(
+    rows: list[Row], count_tokens: Callable[[Row], int | None], max_length: int | None
+) -> list[tuple[int, Problem]]:
+    """Return (row index, problem) for rows that cannot be encoded or encode to over max_length tokens."""
+    found = []
+    for index, row in enumerate(rows):
+        count = count_tokens(row)
+        if count is None:
+            found.append((index, Problem(row.origin, "row cannot be encoded with this model's template")))
+        elif max_length is not None and count > max_length:
+            found.append((index, Problem(row.origin, f"{count} tokens is over max_length={max_length}")))
+    return found
+
+
+def validate_rows(
+    rows: list[Row],
+    *,
+    check_image_files: bool = True,
+    check_urls: bool = False,
+    cache_dir: Path | None = None,
+    count_tokens: Callable[[Row], int | None] | None = None,
+    max_length: int | None = None,
+    on_error: str = "raise",
+    workers: int | None = None,
+) -> tuple[list[Row], list[Problem]]:
+    """Return the rows that pass every check and the problems found; on_error="raise" raises DatasetError.
+
+    Token lengths are counted only for rows whose images are fine, so ``count_tokens`` always sees a usable
+    row. It is injected by the caller to keep this module independent of any tokenizer.
+    """
+    check_on_error(on_error)
+    found: list[tuple[int, Problem]] = []
+    if check_image_files:
+        found += check_images(rows, check_urls=check_urls, cache_dir=cache_dir, workers=workers)
+    if count_tokens is not None:
+        bad = {index for index, _ in found}
+        candidates = [index for index in range(len(rows)) if index not in bad]
+        found += [
+            (candidates[position], problem)
+            for position, problem in check_lengths([rows[i] for i in candidates], count_tokens, max_length)
+        ]
+    return apply_on_error(rows, found, on_error)
+
+
+def apply_on_error(
+    rows: list[Row], found: Iterable[tuple[int, Problem]], on_error: str, earlier: Iterable[Problem] = ()
+) -> tuple[list[Row], list[Problem]]:
+    """Return the rows without problems plus all problems, or raise DatasetError when on_error is "raise".
+
+    ``earlier`` holds problems of records that never became rows (bad JSON, wrong keys). Rows are only ever
+    dropped, never replaced by other rows.
+    """
+    check_on_error(on_error)
+    found = sorted(found, key=lambda item: item[0])
+    problems = list(earlier) + [problem for _, problem in found]
+    if problems and on_error == "raise":
+        raise DatasetError(format_problems(problems))
+    bad = {index for index, _ in found}
+    kept = [row for index, row in enumerate(rows) if index not in bad]
+    if problems:
+        log.warning(
+            "skipping %d row(s) with problems (on_error=skip); first: %s",
+            len({problem.origin for problem in problems}),
+            problems[0],
+        )
+    return kept, problems
+
+
+def format_problems(problems: list[Problem], limit: int = MAX_LISTED) -> str:
+    """Return a DatasetError message: the first problems as 'origin: reason' lines plus the total count."""
+    lines = [f"{len(problems)} problem(s) in the dataset:"]
+    lines += [f"  {problem}" for problem in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    lines.append(
+        "Fix these rows, or set the dataset's on_error: skip to drop them (they are then listed in "
+        "the run folder)."
+    )
+    return "\n".join(lines)
+
+
+def write_problems(problems: Iterable[Problem], path: Path) -> Path:
+    """Return path after writing one JSON object {origin, reason} per line there, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(
+        json.dumps({"origin": p.origin, "reason": p.reason}, ensure_ascii=False) + "\n" for p in problems
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,93 @@
+"""The tiny twin of MiniCPM-V-2: the same code at tiny sizes, written as a checkpoint folder in the official layout.
+
+It is the pipeline's embedded default (`model=minicpm_v2_tiny`): config.json, sharded safetensors, an
+offline-trained sentencepiece tokenizer with the official special-token ids, and preprocessor_config.json.
+Loading it goes through exactly the code that loads the real 3.4B checkpoint.
+
+    python -m pipeline.models.tiny --out .cache/minicpm_v2_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_checkpoint
+from .configuration import MiniCPMVConfig
+from .modeling import MiniCPMV
+from .processor import MiniCPMVImageProcessor
+from .tokenizer import train_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Small enough for a CPU test in seconds; every structural feature of the real model is kept (several
+# layers, MHA, a vision tower with its last block dropped, kv_proj because vision width != LLM width,
+# image slicing at a reduced scale_resolution).
+TINY_SIZES = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    initializer_range=0.05,
+    query_num=16,
+    image_size=112,
+    scale_resolution=112,
+    max_slice_nums=9,
+    vision_encoder="minicpmv_tiny_vit",
+    vision_config=dict(embed_dim=64, depth=3, num_heads=2, mlp_dim=128, img_size=56, patch_size=14),
+)
+TINY_VOCAB = 1024
+
+
+def build_tiny_twin(folder: str | Path, seed: int = 0, extra_texts: tuple[str, ...] = ()) -> Path:
+    """Writes the tiny twin's checkpoint folder (atomically) and returns it."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".build-{folder.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tokenizer = train_tiny_tokenizer(tmp / "tokenizer", vocab_size=TINY_VOCAB, extra_texts=extra_texts)
+    config = MiniCPMVConfig(vocab_size=tokenizer.vocab_size, **TINY_SIZES)
+    torch.manual_seed(seed)
+    model = MiniCPMV(config)
+    weights = save_checkpoint(model, tmp / "weights", max_shard_bytes=2 * 1024**2, source_folder=tmp / "tokenizer")
+    MiniCPMVImageProcessor(
+        scale_resolution=config.scale_resolution,
+        patch_size=config.patch_size,
+        max_slice_nums=config.max_slice_nums,
+        query_num=config.query_num,
+    ).save_pretrained(weights)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    weights.rename(folder)
+    shutil.rmtree(tmp)
+    log.info("tiny MiniCPM-V-2 twin written to %s (%s parameters)", folder,
+             f"{sum(p.numel() for p in model.parameters()):,}")
+    return folder
+
+
+def ensure_tiny_twin(folder: str | Path) -> Path:
+    """Returns the tiny twin's folder, building it first when it is absent."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    return build_tiny_twin(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the tiny MiniCPM-V-2 twin checkpoint folder.")
+    parser.add_argument("--out", default=".cache/minicpm_v2_tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(build_tiny_twin(args.out, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""sft: fine-tune MiniCPM-V-2 (LoRA on q/k/v or every linear layer, or full) on the configured dataset.
+
+    python -m pipeline +experiment=lora_qkv stages=[sft]
+
+Reads: model, lora, dataset, optim, trainer, tracking. Writes into run_dir/sft: checkpoint-N/ (adapter or
+full weights + optimizer/scheduler/RNG state + config), logging.jsonl, loss.png, summary.json, and the
+`last` / `best` pointers. Returns {"ckpt": best (else last) checkpoint, "sft": summary}.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import resolve_device, resolve_dtype
+from pipeline.data.dataset import SFTDataset
+from pipeline.data.prepare import prepare_splits
+from pipeline.models.bundle import load_bundle
+from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
+from pipeline.tracking import build_tracker
+from pipeline.training.loop import LoopSettings, Trainer
+from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.plot import plot_losses
+from pipeline.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def mixed_precision(cfg: DictConfig, device: torch.device) -> str:
+    """Returns accelerate's mixed-precision mode: bf16 on a GPU that has it, none on CPU."""
+    choice = cfg.trainer.mixed_precision
+    if choice != "auto":
+        return "no" if choice == "no" else choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def weights_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """Returns the dtype the weights are held in while training.
+
+    LoRA: the frozen base in the model dtype (bf16 on GPU; the adapters stay fp32 under PEFT);
+    full fine-tuning: fp32 master weights under bf16 autocast, so small updates are not rounded away.
+    """
+    if cfg.lora.name == "none":
+        return torch.float32
+    return resolve_dtype(cfg, device)
+
+
+def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
+    """Returns the model with only the configured parameters trainable (LoRA-wrapped unless full)."""
+    core = bundle.model
+    if cfg.model.gradient_checkpointing:
+        core.gradient_checkpointing_enable()
+    if cfg.lora.name == "none":
+        set_full_finetune(core, cfg.lora.freeze_vision, cfg.lora.freeze_resampler, cfg.lora.freeze_llm)
+        return core
+    for p in core.parameters():
+        p.requires_grad_(False)
+    lora_cfg = build_lora_config(
+        core,
+        cfg.lora.name,
+        r=cfg.lora.r,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules) if cfg.lora.target_modules else None,
+        modules_to_save=list(cfg.lora.modules_to_save),
+        base_model_path=str(bundle.base_path),
+    )
+    return apply_lora(core, lora_cfg)
+
+
+def loop_settings(cfg: DictConfig) -> LoopSettings:
+    t = cfg.trainer
+    return LoopSettings(
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        eval_steps=t.eval_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_batch_size=t.eval_batch_size,
+        max_eval_samples=t.max_eval_samples,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        num_workers=t.num_workers,
+        seed=cfg.seed,
+    )
+
+
+def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+    """Trains and returns {"ckpt": Path, "sft": summary}."""
+    sft_dir = Path(run_dir) / "sft"
+    sft_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu")
+    device = accelerator.device
+
+    # ----- setup: model, data, optimizer
+    bundle = load_bundle(
+        cfg.model.path,
+        dtype=weights_dtype(cfg, device),
+        device=device,
+        build_if_missing=cfg.model.build_if_missing,
+        allow_download=cfg.model.trust_hub,
+        max_slice_nums=cfg.model.max_slice_nums,
+        slice_mode=cfg.model.slice_mode,
+    )
+    model = prepare_model(cfg, bundle)
+    counts = count_parameters(model)
+    log.info("%s", counts)
+    splits = prepare_splits(cfg.dataset, bundle.tokenizer, bundle.processor, cfg.seed,
+                            problems_path=sft_dir / "dataset_problems.jsonl")
+    make_set = lambda rows: SFTDataset(rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length,  # noqa: E731
+                                       cfg.dataset.truncation)
+    train_set, val_set = make_set(splits.train), make_set(splits.val)
+    settings = loop_settings(cfg)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    world = accelerator.num_processes
+    per_epoch = len(train_set) // (settings.batch_size * settings.grad_accum * world)
+    total = settings.max_steps if settings.max_steps > 0 else settings.epochs * per_epoch
+    scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker = build_tracker(cfg.tracking, Path(run_dir), resolved, is_main_process=accelerator.is_main_process)
+    trainer = Trainer(
+        accelerator, model, optimizer, scheduler, train_set, val_set, settings, sft_dir,
+        save_extra=lambda: {"run_cfg": cfg, "base_path": bundle.base_path},
+        pad_id=bundle.tokenizer.pad_id, tracker=tracker,
+    )
+    resumed = trainer.resume(cfg.trainer.resume)
+
+    # ----- train
+    started = time.perf_counter()
+    try:
+        final = trainer.train()
+    finally:
+        tracker_finish = getattr(tracker, "finish", None)
+        if tracker_finish is not None and not accelerator.is_main_process:
+            tracker_finish()
+
+    # ----- cleanup: plot, summary, tracker
+    last = sft_dir / "last"
+    best = sft_dir / "best"
+    summary = {
+        "global_step": final.global_step,
+        "total_steps": trainer.total_steps,
+        "last_checkpoint": str(last.resolve()) if last.exists() else None,
+        "best_checkpoint": str(best.resolve()) if best.exists() else None,
+        "best_eval_loss": final.best_metric,
+        "train_seconds": round(final.train_seconds, 2),
+        "wall_seconds_this_process": round(time.perf_counter() - started, 2),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if device.type == "cuda" else None,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "train_rows": len(train_set),
+        "val_rows": len(val_set),
+        "resumed_from": str(resumed) if resumed else None,
+        "eval_history": final.history,
+    }
+    if accelerator.is_main_process:
+        plot_losses(sft_dir / "logging.jsonl", sft_dir / "loss.png")
+        atomic_write_json(sft_dir / "summary.json", summary)
+        tracker.summary({k: v for k, v in summary.items() if k != "eval_history"})
+        if cfg.tracking.log_model and last.exists():
+            tracker.log_artifact(last.resolve(), name=f"{cfg.experiment_name}-adapter", type="model")
+        tracker.finish()
+        log.info("sft: %d steps, last %s, best %s", final.global_step, summary["last_checkpoint"],
+                 summary["best_checkpoint"])
+    ckpt = best if best.exists() else last
+    return {"ckpt": ckpt.resolve() if ckpt.exists() else None, "sft": summary}

@@ -1,0 +1,174 @@
+"""Training checkpoints: written atomically, found again for resume, rotated, and pointed at by last/best.
+
+A checkpoint folder `sft/checkpoint-N/` holds the weights (a PEFT adapter in safetensors, or the full
+model in the official layout), `optimizer.pt` / `scheduler.pt` / `rng_state.pt` (plain tensors and
+numbers, read back with `weights_only=True`), `trainer_state.json`, the run's resolved `config.yaml` and
+`base_model.json`. It is built under a temporary name and renamed into place, so a folder named
+`checkpoint-N` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from pipeline.models.bundle import BASE_POINTER
+from pipeline.models.checkpoint import SIDE_FILES, read_checkpoint_shapes, save_checkpoint
+from pipeline.models.modeling import MiniCPMV
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    best_metric: float | None = None  # eval loss of the best checkpoint
+    best_checkpoint: str | None = None
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)  # eval results by step
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(sft_dir: Path) -> list[Path]:
+    """Returns complete checkpoint folders, oldest first."""
+    if not sft_dir.is_dir():
+        return []
+    found = [p for p in sft_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def _save_rng(path: Path) -> None:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    # Python's and numpy's states are tuples of plain numbers; convert to tensors for weights_only loading.
+    py = state["python"]
+    np_state = state["numpy"]
+    torch.save(
+        {
+            "python_version": py[0],
+            "python_state": torch.tensor(py[1], dtype=torch.int64),
+            "python_gauss": py[2],
+            "numpy_state": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]),
+            "numpy_has_gauss": int(np_state[3]),
+            "numpy_gauss": float(np_state[4]),
+            "torch": state["torch"],
+            "cuda": state["cuda"],
+        },
+        path,
+    )
+
+
+def restore_rng(path: Path) -> None:
+    s = torch.load(path, weights_only=True)
+    random.setstate((s["python_version"], tuple(s["python_state"].tolist()), s["python_gauss"]))
+    np.random.set_state(("MT19937", s["numpy_state"].numpy().astype(np.uint32), s["numpy_pos"],
+                         s["numpy_has_gauss"], s["numpy_gauss"]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_training_checkpoint(
+    sft_dir: Path,
+    model: MiniCPMV | PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: TrainerState,
+    run_cfg: DictConfig,
+    base_path: Path,
+) -> Path:
+    """Writes `sft_dir/checkpoint-<step>` atomically and returns it."""
+    final = sft_dir / f"checkpoint-{state.global_step}"
+    tmp = sft_dir / f".tmp-checkpoint-{state.global_step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if isinstance(model, PeftModel):
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        save_checkpoint(model, tmp, source_folder=base_path)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    _save_rng(tmp / "rng_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
+    (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+        if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(base_path / name, tmp / name)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # an earlier, interrupted run reached the same step: replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_training_checkpoint(
+    ckpt: Path, model: MiniCPMV | PeftModel, optimizer: torch.optim.Optimizer, scheduler
+) -> TrainerState:
+    """Restores weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
+    if isinstance(model, PeftModel):
+        adapter = ckpt / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise FileNotFoundError(f"{ckpt}: no adapter_model.safetensors; is it a full fine-tuning checkpoint?")
+        result = set_peft_model_state_dict(model, load_file(str(adapter)))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{ckpt}: adapter has keys this model lacks, first: {unexpected[:5]}")
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted({p for _, p in read_checkpoint_shapes(ckpt).values()}):
+            state.update(load_file(str(shard)))
+        model.load_state_dict(state, strict=True)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    restore_rng(ckpt / "rng_state.pt")
+    return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
+
+
+def rotate_checkpoints(sft_dir: Path, keep: int | None, protect: set[str]) -> list[Path]:
+    """Deletes the oldest checkpoints beyond `keep` (never a protected name); returns what was deleted."""
+    if keep is None or keep <= 0:
+        return []
+    ckpts = list_checkpoints(sft_dir)
+    removable = [p for p in ckpts if p.name not in protect]
+    excess = len(ckpts) - keep
+    deleted = []
+    for path in removable[: max(excess, 0)]:
+        shutil.rmtree(path)
+        deleted.append(path)
+    return deleted
+
+
+def point(link: Path, target: Path) -> None:
+    """Makes `link` a relative symlink to `target`, replacing any earlier one atomically."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(tmp, link)

@@ -1,0 +1,375 @@
+"""The training loop, on accelerate directly rather than transformers' Trainer.
+
+Why not Trainer: the loss here is a token-weighted sum computed inside the model on supervised positions
+only (no full-vocabulary logits), normalised by the supervised tokens of the whole accumulation window
+across all ranks, so 1 and N processes give the same gradient for the same global batch; and exact resume
+(same losses from the resumed step on), atomic checkpoints and signal-triggered saves are simpler to get
+right in a loop of our own. accelerate still provides the engines (DDP, FSDP, DeepSpeed) and autocast.
+
+Data order: epoch e shuffles the training rows with seed + e; optimizer step s of that epoch takes the
+window of `batch_size * grad_accum * world_size` rows at s, and rank r takes every world_size-th row of
+it. An incomplete last window is dropped. Resuming at step s therefore needs no replay of the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.models.collate import collate_for_training
+from pipeline.training.checkpoints import (
+    TrainerState,
+    list_checkpoints,
+    load_training_checkpoint,
+    point,
+    rotate_checkpoints,
+    save_training_checkpoint,
+)
+from pipeline.utils.io import append_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says at which step and what to try."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping."""
+
+
+@dataclass
+class LoopSettings:
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: int
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int | None
+    eval_batch_size: int
+    max_eval_samples: int | None
+    max_grad_norm: float
+    num_workers: int
+    seed: int
+
+
+def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
+    return n_rows // (settings.batch_size * settings.grad_accum * world)
+
+
+def window_indices(n_rows: int, seed: int, epoch: int, step: int, size: int, rank: int, world: int) -> list[int]:
+    """Returns this rank's row indices for optimizer step `step` of `epoch`."""
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    window = order[step * size : (step + 1) * size]
+    return window[rank::world]
+
+
+class SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps (restored on exit)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> SignalGuard:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step, then stopping", self.requested)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    except ImportError:  # pragma: no cover - not on Linux
+        return float("nan")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        out[key] = batch[key].to(device, non_blocking=True)
+    return out
+
+
+class Trainer:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        train_set,
+        val_set,
+        settings: LoopSettings,
+        sft_dir: Path,
+        save_extra: Callable[[], dict],
+        pad_id: int,
+        tracker=None,
+    ) -> None:
+        self.acc = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_set = train_set
+        self.val_set = val_set
+        self.s = settings
+        self.sft_dir = sft_dir
+        self.save_extra = save_extra  # returns kwargs for save_training_checkpoint (run config, base path)
+        self.pad_id = pad_id
+        self.tracker = tracker
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.per_epoch = steps_per_epoch(len(train_set), settings, self.world)
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"{len(train_set)} training rows do not fill one optimizer step of batch_size "
+                f"{settings.batch_size} x grad_accum {settings.grad_accum} x {self.world} process(es); "
+                f"lower trainer.batch_size / trainer.grad_accum or add data"
+            )
+        self.total_steps = settings.max_steps if settings.max_steps > 0 else settings.epochs * self.per_epoch
+        self.state = TrainerState()
+        self.log_path = sft_dir / "logging.jsonl"
+
+    # ----- resume
+    def resume(self, resume: str) -> Path | None:
+        """Restores the newest complete checkpoint (auto) or the one given; returns it, or None."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = list_checkpoints(self.sft_dir)
+            if not found:
+                return None
+            ckpt = found[-1]
+        else:
+            ckpt = Path(resume)
+            if not (ckpt / "trainer_state.json").is_file():
+                raise TrainingError(f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)")
+        self.state = load_training_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        if self.acc.is_main_process and self.log_path.exists():
+            # Drop log lines written after the checkpoint, so the log reads as one uninterrupted run.
+            kept = [line for line in self.log_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.state.global_step]
+            atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
+        log.info("resumed from %s at step %d", ckpt, self.state.global_step)
+        return ckpt
+
+    # ----- data
+    def _micro_batches(self, step: int) -> Iterator[dict]:
+        epoch, in_epoch = divmod(step, self.per_epoch)
+        size = self.s.batch_size * self.s.grad_accum * self.world
+        idx = window_indices(len(self.train_set), self.s.seed, epoch, in_epoch, size, self.rank, self.world)
+        batches = [idx[i : i + self.s.batch_size] for i in range(0, len(idx), self.s.batch_size)]
+        return iter(batches)
+
+    def _loader(self, start_step: int) -> Iterator[list[dict]]:
+        """Yields, per optimizer step, the list of this rank's collated micro-batches."""
+        plan = []
+        for step in range(start_step, self.total_steps):
+            plan.extend(self._micro_batches(step))
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=plan,
+            collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
+            num_workers=self.s.num_workers,
+            pin_memory=self.acc.device.type == "cuda",
+        )
+        group: list[dict] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.s.grad_accum:
+                yield group
+                group = []
+
+    # ----- one optimizer step
+    def _step(self, micro: list[dict]) -> dict:
+        device = self.acc.device
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = torch.tensor(float(local_tokens), device=device)
+        total = self.acc.reduce(total, reduction="sum") if self.world > 1 else total
+        total_tokens = max(float(total), 1.0)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen_tokens = 0
+        for i, batch in enumerate(micro):
+            batch = _to_device(batch, device)
+            seen_tokens += int(batch["attention_mask"].sum())
+            sync = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
+            with ctx, self.acc.autocast():
+                out = self.model(**batch)
+            # DDP averages gradients over ranks; multiplying by world keeps the global token mean.
+            self.acc.backward(out.loss_sum * self.world / total_tokens)
+            loss_sum += out.loss_sum.detach().float()
+            correct += out.num_correct.detach().float()
+        if self.world > 1:
+            loss_sum = self.acc.reduce(loss_sum, reduction="sum")
+            correct = self.acc.reduce(correct, reduction="sum")
+        loss = float(loss_sum) / total_tokens
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {self.state.global_step + 1}: lower optim.lr, check the data rows of "
+                f"this step, use bf16 instead of fp16 (trainer.mixed_precision), or keep optim.max_grad_norm > 0"
+            )
+        grad_norm = None
+        if self.s.max_grad_norm and self.s.max_grad_norm > 0:
+            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "token_acc": float(correct) / total_tokens, "grad_norm": grad_norm,
+                "tokens": seen_tokens, "samples": sum(len(b["input_ids"]) for b in micro)}
+
+    # ----- evaluation (loss and token accuracy on the validation rows)
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        n = len(self.val_set) if self.s.max_eval_samples is None else min(len(self.val_set), self.s.max_eval_samples)
+        indices = list(range(n))[self.rank :: self.world]
+        loader = DataLoader(
+            self.val_set,
+            batch_sampler=[indices[i : i + self.s.eval_batch_size] for i in range(0, len(indices), self.s.eval_batch_size)],
+            collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
+            num_workers=self.s.num_workers,
+        )
+        self.model.eval()
+        sums = torch.zeros(3, device=self.acc.device)
+        for batch in loader:
+            with self.acc.autocast():
+                out = self.model(**_to_device(batch, self.acc.device))
+            sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
+        self.model.train()
+        if self.world > 1:
+            sums = self.acc.reduce(sums, reduction="sum")
+        loss_sum, tokens, correct = sums.tolist()
+        tokens = max(tokens, 1.0)
+        return {"eval_loss": loss_sum / tokens, "eval_token_acc": correct / tokens}
+
+    # ----- checkpointing
+    def save(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            path = save_training_checkpoint(self.sft_dir, self.acc.unwrap_model(self.model), self.optimizer,
+                                            self.scheduler, self.state, **self.save_extra())
+            point(self.sft_dir / "last", path)
+            protect = {self.state.best_checkpoint} if self.state.best_checkpoint else set()
+            rotate_checkpoints(self.sft_dir, self.s.save_total_limit, protect | {path.name})
+        self.acc.wait_for_everyone()
+        return path
+
+    def _record_eval(self, metrics: dict, saving: bool) -> None:
+        self.state.history.append({"step": self.state.global_step, **metrics})
+        loss = metrics.get("eval_loss")
+        # Only a step that is also saved can become "best": the pointer must name an existing folder.
+        if saving and loss is not None and (self.state.best_metric is None or loss < self.state.best_metric):
+            self.state.best_metric = loss
+            self.state.best_checkpoint = f"checkpoint-{self.state.global_step}"
+
+    def _log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            append_jsonl(self.log_path, record)
+            if self.tracker is not None:
+                self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))
+                                  and k != "step" and v is not None}, step=record["step"])
+
+    # ----- the loop
+    def train(self) -> TrainerState:
+        self.model.train()
+        window: list[dict] = []
+        last_saved = None
+        start = self.state.global_step
+        bar = tqdm(total=self.total_steps, initial=start, desc="sft", disable=not self.acc.is_main_process,
+                   dynamic_ncols=True)
+        t_window = time.perf_counter()
+        t_start = time.perf_counter()
+        with SignalGuard() as guard:
+            for micro in self._loader(start):
+                try:
+                    result = self._step(micro)
+                except torch.OutOfMemoryError as err:
+                    raise TrainingError(
+                        f"out of GPU memory at step {self.state.global_step + 1}. Knobs, cheapest first: "
+                        f"model.gradient_checkpointing=true, a smaller trainer.batch_size with a larger "
+                        f"trainer.grad_accum, a smaller dataset.max_length, model.max_slice_nums (fewer image "
+                        f"slices), lora=qkv instead of all/none"
+                    ) from err
+                self.state.global_step += 1
+                self.state.tokens_seen += result["tokens"]
+                window.append(result)
+                step = self.state.global_step
+                bar.update(1)
+                bar.set_postfix(loss=f"{result['loss']:.4f}")
+                if step % self.s.logging_steps == 0 or step == self.total_steps:
+                    elapsed = max(time.perf_counter() - t_window, 1e-9)
+                    self._log({
+                        "step": step,
+                        "epoch": round(step / self.per_epoch, 4),
+                        "loss": sum(r["loss"] for r in window) / len(window),
+                        "token_acc": sum(r["token_acc"] for r in window) / len(window),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": window[-1]["grad_norm"],
+                        "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
+                        "samples_per_s": sum(r["samples"] for r in window) * self.world / elapsed,
+                        "memory_gb": round(_memory_gb(self.acc.device), 3),
+                    })
+                    window, t_window = [], time.perf_counter()
+                do_eval = step % self.s.eval_steps == 0 or step == self.total_steps
+                do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested
+                if do_eval:
+                    metrics = self.evaluate()
+                    if metrics:
+                        self._record_eval(metrics, saving=bool(do_save))
+                        self._log({"step": step, **metrics})
+                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if do_save:
+                    self.state.train_seconds += time.perf_counter() - t_start
+                    t_start = time.perf_counter()
+                    last_saved = self.save()
+                    if self.state.best_checkpoint == f"checkpoint-{step}" and self.acc.is_main_process:
+                        point(self.sft_dir / "best", last_saved)
+                if guard.requested:
+                    bar.close()
+                    raise StopRequested(f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}")
+                if step >= self.total_steps:
+                    break
+        bar.close()
+        return self.state
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
