@@ -89,7 +89,7 @@ def load_bundle(
         if kind == "full":
             source = ckpt
         else:
-            base = _adapter_base(ckpt, base)
+            base = source = _adapter_base(ckpt, base)
     model = load_model(source, dtype=dtype, device=device)
     if kind == "adapter":
         try:

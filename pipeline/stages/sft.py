@@ -22,6 +22,7 @@ from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import prepare_splits
 from pipeline.models.bundle import load_bundle
 from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
+from pipeline.runinfo import seed_everything
 from pipeline.tracking import build_tracker
 from pipeline.training.loop import LoopSettings, Trainer
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -98,6 +99,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     """Trains and returns {"ckpt": Path, "sft": summary}."""
     sft_dir = Path(run_dir) / "sft"
     sft_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)  # LoRA dropout and init draw from the global RNG: same seed, same run
     device = resolve_device(cfg)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu")
     device = accelerator.device

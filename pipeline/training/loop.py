@@ -202,6 +202,9 @@ class Trainer:
             collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
             num_workers=self.s.num_workers,
             pin_memory=self.acc.device.type == "cuda",
+            # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
+            # shift the dropout masks of a resumed run against an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.s.seed),
         )
         group: list[dict] = []
         for batch in loader:
@@ -261,6 +264,7 @@ class Trainer:
             batch_sampler=[indices[i : i + self.s.eval_batch_size] for i in range(0, len(indices), self.s.eval_batch_size)],
             collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
             num_workers=self.s.num_workers,
+            generator=torch.Generator().manual_seed(self.s.seed),
         )
         self.model.eval()
         sums = torch.zeros(3, device=self.acc.device)
@@ -313,6 +317,12 @@ class Trainer:
                    dynamic_ncols=True)
         t_window = time.perf_counter()
         t_start = time.perf_counter()
+        if start == 0:
+            # The starting point, so every run shows how far training moved the eval loss.
+            metrics = self.evaluate()
+            if metrics:
+                self.state.history.append({"step": 0, **metrics})
+                self._log({"step": 0, **metrics})
         with SignalGuard() as guard:
             for micro in self._loader(start):
                 try:

@@ -1,0 +1,291 @@
+"""merge: fold a LoRA checkpoint into its base model and write a standalone checkpoint in the official layout.
+
+    python -m pipeline stages=[merge] ckpt=outputs/<exp>/<time>/sft/checkpoint-40
+
+Like `swift export --merge_lora true`, the result goes to `<ckpt>-merged` (or merge.output) and loads like
+the base model: model.path=<ckpt>-merged. Reads: ckpt, model, dataset, merge, seed. The merge runs on
+merge.device (cpu by default, so a model that does not fit the GPU still merges) in the base checkpoint's
+dtype. The written folder is reloaded and its logits are compared with the adapter model's on
+merge.verify_samples held-out rows; the stage fails when they differ by more than the dtype allows.
+Writes run_dir/merge/merge_info.json. Returns {"merged": output folder}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.data.dataset import SFTDataset
+from pipeline.data.prepare import prepare_splits
+from pipeline.models.bundle import BASE_POINTER, ModelBundle, base_model_path, checkpoint_kind, load_bundle
+from pipeline.models.checkpoint import CheckpointError, load_model, read_checkpoint_shapes, save_checkpoint
+from pipeline.models.collate import Sample, collate_for_training, encode_example
+from pipeline.models.processor import MiniCPMVImageProcessor
+from pipeline.models.tokenizer import MiniCPMVTokenizer
+from pipeline.runinfo import resolve_ckpt
+from pipeline.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "merge_info.json"
+SIZE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Largest allowed |merged - adapter| logit, relative to the largest |logit| (at least 1). In fp32 only the
+# summation order differs; in 16-bit the merged weight W + BA is rounded once to the weight dtype, while the
+# adapter model adds BA's output to the rounded W x, so a few ulps of the logits scale separate them.
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+LORA_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module")
+
+
+class MergeError(RuntimeError):
+    """The merge cannot run or produced a checkpoint that does not match its adapter model."""
+
+
+def parse_size(text: str | int) -> int:
+    """Returns a byte count from a size like 5GB (10^9), 500MB or 2GiB (2^30); a bare int is bytes."""
+    if isinstance(text, int):
+        return text
+    match = SIZE_RE.match(str(text))
+    if not match or match.group(2) not in SIZE_UNITS:
+        raise ValueError(f"merge.shard_size={text} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"merge.shard_size={text} must be larger than 0 bytes")
+    return size
+
+
+def checkpoint_to_merge(cfg: DictConfig, state: dict) -> Path:
+    """Returns the LoRA checkpoint folder to merge: this run's sft result, else cfg.ckpt; refuses others."""
+    if "ckpt" in state:
+        ckpt = state["ckpt"]
+        if ckpt is None:
+            raise MergeError(
+                "merge has no adapter to merge: this run's sft saved no checkpoint (lower "
+                f"trainer.save_steps) or ckpt={BASE_CKPT} was given; set ckpt=<run>/sft/checkpoint-N"
+            )
+    elif cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
+        raise MergeError(
+            f"merge needs a LoRA checkpoint but ckpt={cfg.ckpt if cfg.ckpt else 'null'}; "
+            "set ckpt=<run>/sft/checkpoint-N (or an earlier run folder)"
+        )
+    else:
+        ckpt = resolve_ckpt(cfg.ckpt)
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(
+            f"checkpoint {ckpt} does not exist; give a LoRA checkpoint folder or a run folder"
+        )
+    if checkpoint_kind(ckpt) == "full":
+        shards = sorted({p.name for _, p in read_checkpoint_shapes(ckpt).values()})
+        raise MergeError(
+            f"{ckpt} is a full fine-tuning checkpoint: it has no adapter to merge and is already a "
+            f"standalone model in the official layout (weights in {ckpt}/{{{', '.join(shards)}}}); load "
+            f"it with model.path={ckpt}, and drop merge from stages"
+        )
+    return ckpt
+
+
+def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
+    """Returns the base model folder the adapter was trained on: its base_model.json, else model.path."""
+    pointer = ckpt / BASE_POINTER
+    if pointer.is_file():
+        recorded = Path(json.loads(pointer.read_text(encoding="utf-8"))["base_model_path"])
+        if (recorded / "config.json").is_file():
+            return recorded
+        log.warning("base model %s recorded in %s is gone; using model.path=%s", recorded, pointer,
+                    cfg.model.path)
+    return base_model_path(cfg.model.path, cfg.model.build_if_missing, cfg.model.trust_hub)
+
+
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """Returns the dtype a checkpoint folder's config.json records (torch_dtype or dtype); float32 if none."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    name = str(name).replace("torch.", "")
+    if name not in DTYPES:
+        raise MergeError(f"{folder / 'config.json'}: torch_dtype={name} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def output_folder(cfg: DictConfig, ckpt: Path, base: Path) -> Path:
+    """Returns where the merged checkpoint goes: merge.output, else `<ckpt>-merged`; never over its inputs."""
+    out = Path(cfg.merge.output).expanduser() if cfg.merge.output else ckpt.with_name(f"{ckpt.name}-merged")
+    resolved = out.resolve()
+    for name, folder in (("the adapter checkpoint", ckpt), ("the base model", base)):
+        if resolved == folder.resolve():
+            raise MergeError(f"merge.output={out} is {name}; choose another folder (it would be overwritten)")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file()):
+        raise MergeError(
+            f"merge.output={out} exists and is not a model folder; choose an empty or new folder "
+            "(an earlier merge result there would be replaced)"
+        )
+    return out
+
+
+def dummy_samples(
+    tokenizer: MiniCPMVTokenizer, processor: MiniCPMVImageProcessor, n: int, seed: int
+) -> list[Sample]:
+    """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        # Alternate a small and a large image so that both the unsliced and the sliced paths run.
+        side = 2 * processor.scale_resolution if i % 2 else processor.scale_resolution
+        noise = bytes(rng.getrandbits(8) for _ in range(side * side * 3))
+        image = Image.frombytes("RGB", (side, side), noise)
+        sample = encode_example(tokenizer, processor, "Describe the image.", "A field of coloured noise.",
+                                image=image, max_length=1_000_000)
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def verification_samples(
+    cfg: DictConfig, bundle: ModelBundle, n: int, problems_path: Path
+) -> tuple[list[Sample], str]:
+    """Returns up to `n` held-out samples and "held-out", or generated ones and "dummy" without data."""
+    try:
+        splits = prepare_splits(cfg.dataset, bundle.tokenizer, bundle.processor, cfg.seed,
+                                problems_path=problems_path)
+        rows = (splits.val or splits.train)[:n]
+    except (OSError, ValueError) as err:  # a missing or broken data set: the merge itself does not need it
+        log.warning("merge: held-out rows unavailable (%s); checking on %d generated inputs", err, n)
+        rows = []
+    if rows:
+        dataset = SFTDataset(rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length,
+                             cfg.dataset.truncation)
+        return [dataset[i] for i in range(len(dataset))], "held-out"
+    return dummy_samples(bundle.tokenizer, bundle.processor, n, cfg.seed), "dummy"
+
+
+@torch.inference_mode()
+def sample_logits(model: torch.nn.Module, samples: list[Sample], pad_id: int, device: torch.device,
+                  desc: str) -> list[torch.Tensor]:
+    """Returns each sample's fp32 logits [T, vocab] on the CPU, one sample per forward (no padding)."""
+    out = []
+    for sample in tqdm(samples, desc=desc, unit="sample", leave=False):
+        batch = collate_for_training([sample], pad_id)
+        batch.pop("labels")
+        batch["input_ids"] = batch["input_ids"].to(device)
+        batch["attention_mask"] = batch["attention_mask"].to(device)
+        batch["image_bound"] = [b.to(device) for b in batch["image_bound"]]
+        logits = model(**batch, return_logits=True).logits
+        out.append(logits[0].float().cpu())
+    return out
+
+
+def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> tuple[float, float]:
+    """Returns (max |merged - reference|, max |reference|) over all samples."""
+    diff = max((float((m - r).abs().max()) for r, m in zip(reference, merged, strict=True)), default=0.0)
+    scale = max((float(r.abs().max()) for r in reference), default=0.0)
+    return diff, scale
+
+
+def check_merged_keys(model: torch.nn.Module, base: Path) -> None:
+    """Returns None when the merged model has exactly the base checkpoint's keys and shapes, else raises."""
+    have = {k: list(v.shape) for k, v in model.state_dict().items()}
+    leftover = [k for k in have if any(marker in k for marker in LORA_MARKERS)]
+    if leftover:
+        raise MergeError(f"after merging, {len(leftover)} adapter keys remain, first: {leftover[:5]}")
+    want = {k: shape for k, (shape, _) in read_checkpoint_shapes(base).items()}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = [f"{k}: {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if missing or extra or wrong:
+        raise MergeError(
+            f"merged model does not match base {base}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+
+
+def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+    """Returns {"merged": the standalone checkpoint folder} after merging, writing and verifying it."""
+    merge_dir = Path(run_dir) / "merge"
+    merge_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    # ----- setup: which adapter, which base, where to, in which dtype
+    ckpt = checkpoint_to_merge(cfg, state)
+    base = adapter_base_folder(cfg, ckpt)
+    out = output_folder(cfg, ckpt, base)
+    dtype = checkpoint_dtype(base)
+    device = resolve_device(str(cfg.merge.device))
+    shard_bytes = parse_size(cfg.merge.shard_size)
+    log.info("merge: adapter %s onto base %s (%s, on %s) -> %s", ckpt, base, str(dtype).replace("torch.", ""),
+             device, out)
+    try:
+        bundle = load_bundle(str(base), ckpt=ckpt, dtype=dtype, device=device,
+                             max_slice_nums=cfg.model.max_slice_nums, slice_mode=cfg.model.slice_mode)
+    except CheckpointError as err:
+        raise MergeError(f"cannot load adapter {ckpt} onto base {base}: {err}") from err
+    model = bundle.model.eval()
+
+    # ----- reference logits of the adapter model, before the merge changes its weights in place
+    n = int(cfg.merge.verify_samples)
+    samples, inputs = [], ""
+    if n:
+        samples, inputs = verification_samples(cfg, bundle, n, merge_dir / "dataset_problems.jsonl")
+    pad_id = bundle.tokenizer.pad_id
+    reference = sample_logits(model, samples, pad_id, device, "adapter logits")
+
+    # ----- merge and write
+    merged = model.merge_and_unload(progressbar=True, safe_merge=True)
+    check_merged_keys(merged, base)
+    save_checkpoint(merged, out, max_shard_bytes=shard_bytes, dtype=dtype, source_folder=base)
+    del model, merged, bundle  # the reloaded copy below must not sit beside a second full model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ----- verify: the folder on disk reproduces the adapter model's logits
+    diff = scale = None
+    tolerance = None
+    if samples:
+        reloaded = load_model(out, dtype=dtype, device=device)
+        merged_logits = sample_logits(reloaded, samples, pad_id, device, "merged logits")
+        diff, scale = compare_logits(reference, merged_logits)
+        tolerance = RELATIVE_TOLERANCE[dtype] * max(scale, 1.0)
+        del reloaded
+    else:
+        log.warning("merge: merge.verify_samples=0, the merged checkpoint is not compared with the adapter")
+    info = {
+        "adapter": str(ckpt),
+        "base": str(base),
+        "output": str(out.resolve()),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "shard_size": str(cfg.merge.shard_size),
+        "shards": sorted({p.name for _, p in read_checkpoint_shapes(out).values()}),
+        "verify_inputs": inputs or None,
+        "verify_samples": len(samples),
+        "max_abs_logits_diff": diff,
+        "logits_scale": scale,
+        "tolerance": tolerance,
+        "verified": None if diff is None else diff <= tolerance,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_json(merge_dir / INFO_FILE, info)
+    if diff is not None:
+        print(f"merge: max |logits(merged) - logits(adapter)| = {diff:.3g} over {len(samples)} {inputs} "
+              f"sample(s) (logits scale {scale:.3g}, tolerance {tolerance:.3g})")
+        if diff > tolerance:
+            raise MergeError(
+                f"merged checkpoint {out} does not reproduce adapter {ckpt}: max logits difference "
+                f"{diff:.3g} exceeds {tolerance:.3g} ({dtype}); the folder is kept for inspection, details "
+                f"in {merge_dir / INFO_FILE}"
+            )
+    log.info("merge: standalone checkpoint written to %s", out)
+    return {"merged": out.resolve()}
