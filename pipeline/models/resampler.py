@@ -44,18 +44,21 @@ class Resampler(nn.Module):
         self.num_queries = num_queries
         self.embed_dim = embed_dim
         self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(embed_dim, side, side).copy()), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(num_queries, embed_dim), requires_grad=False)
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
         self.attn = nn.MultiheadAttention(embed_dim, num_heads)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Parameter((embed_dim**-0.5) * torch.randn(embed_dim, embed_dim))
+        if not self.pos_embed.is_meta:
+            self.reset_query_pos_embed()
 
     def reset_query_pos_embed(self) -> None:
         side = math.isqrt(self.num_queries)
+        table = torch.from_numpy(sincos_2d(self.embed_dim, side, side).copy())
         with torch.no_grad():
-            self.pos_embed.copy_(torch.from_numpy(sincos_2d(self.embed_dim, side, side).copy()))
+            self.pos_embed.copy_(table.to(self.pos_embed.device, self.pos_embed.dtype))
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Returns [N, num_queries, embed_dim] for N feature maps [N, gh*gw, kv_dim] sharing one grid."""

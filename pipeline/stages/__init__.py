@@ -7,7 +7,11 @@ A stage is a module `pipeline.stages.<name>` defining
 `run_dir` is the run folder; the stage writes its outputs under `run_dir / <name>`. `state` holds what earlier
 stages of the same run produced (for example {"ckpt": Path, "merged": Path, "metrics": {...}}); the returned
 dict is merged into it ("metrics" dicts are merged key by key) and handed to the next stage.
-Modules are imported only when their stage runs, so a run that needs no GPU code never imports it.
+`state["ckpt"]` is the checkpoint later stages work on: the one sft returned or, when sft does not run, the
+`ckpt` key resolved to a folder (None = the base model at model.path). Stages read it rather than `cfg.ckpt`;
+infer gives `infer.ckpt` precedence when that is set.
+Only the modules of the stages a run lists are imported (all before the first stage starts, so a broken
+one fails early).
 """
 
 from __future__ import annotations
@@ -31,8 +35,16 @@ def get_stage(name: str) -> StageFn:
     """Return the `run(cfg, run_dir, state)` function of stage `name`, importing its module on first use."""
     if name not in STAGES:
         raise UnknownStageError(f"unknown stage {name!r}; valid stages, in run order: {', '.join(STAGES)}")
-    module = importlib.import_module(f"{__name__}.{name}")
+    module_name = f"{__name__}.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # a dependency of the stage is missing: its own message says which
+        folder = Path(__file__).parent
+        raise ModuleNotFoundError(f"stage {name!r} is not available: {folder / name}.py is missing") from None
     run = getattr(module, "run", None)
     if not callable(run):
-        raise TypeError(f"{module.__file__} defines no function run(cfg, run_dir, state) for stage {name!r}")
+        where = getattr(module, "__file__", None) or module_name
+        raise TypeError(f"{where} defines no function run(cfg, run_dir, state) for stage {name!r}")
     return run

@@ -1,0 +1,47 @@
+# make run | test | test-all | bench | lint | format | clean
+# Each target installs what it needs first (a virtualenv in $(VENV), rebuilt when pyproject.toml changes).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# pinned so that every machine trains with the same kernels; override, e.g. make test TORCH_PKGS=torch
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+TEST_ENV := WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install run test test-all bench lint format clean clean-outputs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH_PKGS)
+	$(BIN)/pip install -e '.[dev,sweeps,slurm]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/python -m pipeline +experiment=lora_qkv
+
+test: $(VENV)/.installed
+	$(TEST_ENV) $(BIN)/python -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not gpu"
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/bench.py
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# caches only; runs under outputs/ are kept (see clean-outputs)
+clean:
+	rm -rf .pytest_cache .ruff_cache *.egg-info build dist
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+clean-outputs:
+	rm -rf outputs multirun

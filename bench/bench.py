@@ -1,0 +1,211 @@
+"""GPU benchmark: the full-size MiniCPM-V-2 (random weights, no checkpoint) training and inference speed.
+
+    python bench/bench.py [--quick] [--out bench/results.json]
+
+Training rows compare, in one process on one card, this project's path with a plain baseline of the same
+model and inputs, the way a transformers + PEFT loop runs it:
+  - baseline: full [B, T, vocab] fp32 logits + shifted cross-entropy, images through the vision tower one at a
+    time, torch AdamW (for-each), gradient checkpointing as configured;
+  - ours: cross-entropy on supervised positions only (chunked, no full logits), same-size images batched
+    through the tower, fused AdamW.
+Each sample: one 448x448 image (64 query tokens) + text up to T tokens; the last 10% of tokens are the
+supervised response (captions are short). MFU counts 4N (LoRA: frozen weights need no weight gradient) or
+6N (full) FLOPs per token, N = LLM parameters without the embeddings, plus attention; peak = 989 TFLOP/s
+(H100/H200 dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.configuration import MiniCPMVConfig
+from pipeline.models.generation import GenerationSettings, generate
+from pipeline.models.lora import apply_lora, build_lora_config, set_full_finetune
+from pipeline.models.modeling import MiniCPMV
+
+PEAK_TFLOPS = 989.0
+Q = 64
+
+
+def make_batch(batch: int, length: int, vocab: int, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(200, vocab - 1, (batch, length), generator=g)
+    ids[:, 0] = 1
+    ids[:, 1] = 101
+    ids[:, 2 : 2 + Q] = 0
+    ids[:, 2 + Q] = 102
+    labels = torch.full_like(ids, -100)
+    sup = max(length // 10, 8)
+    labels[:, -sup:] = ids[:, -sup:]
+    pixels = [[torch.randn(3, 448, 448, generator=g)] for _ in range(batch)]
+    bounds = [torch.tensor([[2, 2 + Q]]) for _ in range(batch)]
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "pixel_values": pixels, "image_bound": bounds}
+
+
+def baseline_loss(model: MiniCPMV, batch: dict) -> torch.Tensor:
+    core = model
+    embeds = core.llm.model.embed_tokens(batch["input_ids"]) * core.config.scale_emb
+    for b, (imgs, bounds) in enumerate(zip(batch["pixel_values"], batch["image_bound"])):
+        for img, (s, e) in zip(imgs, bounds.tolist()):  # one image at a time, as the original loop
+            q = core.encode_images([img])[0]
+            embeds[b, s:e] = q.to(embeds.dtype)
+    t = embeds.shape[1]
+    pos = torch.arange(t, device=embeds.device)[None].expand(embeds.shape[0], -1)
+    hidden = core.llm.model(embeds, pos, None)
+    logits = core.llm.logits(hidden)  # [B, T, V] fp32
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+
+
+def ours_loss(model: MiniCPMV, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def llm_flops_per_token(cfg: MiniCPMVConfig, length: int, mode: str) -> float:
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    matmul = n * (4 * h * h + 3 * h * i) + h * cfg.vocab_size  # params touched per token (lm_head included)
+    attn = n * 2 * length * h  # QK^T and PV, per token, causal average counted in full
+    fwd = 2 * matmul + 2 * attn
+    return fwd * (2 if mode == "lora" else 3)  # LoRA: fwd + input grads; full: + weight grads
+
+
+def build(mode: str, device) -> MiniCPMV:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MiniCPMV(MiniCPMVConfig())
+    if mode == "full":
+        set_full_finetune(model)
+        return model.float()
+    model = model.to(torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    preset = "qkv" if mode == "lora_qkv" else "all"
+    return apply_lora(model, build_lora_config(model, preset, r=8, alpha=32, dropout=0.05))
+
+
+def time_training(model, loss_fn, batch, steps: int, fused: bool, gc: bool) -> dict:
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    (core.gradient_checkpointing_enable if gc else core.gradient_checkpointing_disable)()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None, foreach=None if fused else True)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for i in range(steps + 2):
+        if i == 2:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(core, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    b, t = batch["input_ids"].shape
+    del opt
+    return {"s_per_step": dt, "tokens_per_s": b * t / dt, "samples_per_s": b / dt,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1024**3, "first_loss": losses[0]}
+
+
+def train_rows(args, device) -> list[dict]:
+    rows = []
+    cases = [("lora_qkv", 8, 1024, False), ("lora_qkv", 1, 2048, True), ("lora_all", 1, 2048, True),
+             ("full", 1, 2048, True)]
+    if args.quick:
+        cases = cases[:2]
+    for mode, b, t, gc in cases:
+        model = build(mode, device)
+        cfg = MiniCPMVConfig()
+        batch = make_batch(b, t, cfg.vocab_size, device)
+        for impl, fn, fused in (("baseline", baseline_loss, False), ("ours", ours_loss, True)):
+            if mode == "full" and impl == "baseline":
+                continue  # one full-size fp32 optimizer state at a time; baseline memory is shown by lora rows
+            torch.cuda.empty_cache()
+            try:
+                r = time_training(model, fn, batch, args.steps, fused, gc)
+            except torch.OutOfMemoryError:
+                r = {"oom": True}
+                torch.cuda.empty_cache()
+            if "tokens_per_s" in r:
+                flops = llm_flops_per_token(cfg, t, "full" if mode == "full" else "lora") * (
+                    4 / 3 if gc else 1)
+                r["mfu"] = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
+            rows.append({"mode": mode, "batch": b, "length": t, "grad_ckpt": gc, "impl": impl, **r})
+            print(json.dumps(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def infer_rows(args, device) -> list[dict]:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MiniCPMV(MiniCPMVConfig())
+    model = model.to(torch.bfloat16).eval()
+    rows = []
+    for b in (1, 16):
+        batch = make_batch(b, 512, model.config.vocab_size, device)
+        ids = batch["input_ids"]
+        # prefill: one forward over the prompt (vision included)
+        for _ in range(2):
+            generate(model, ids, None, batch["pixel_values"], batch["image_bound"],
+                     GenerationSettings(max_new_tokens=1), eos_token_id=-1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(model, ids, None, batch["pixel_values"], batch["image_bound"],
+                 GenerationSettings(max_new_tokens=1), eos_token_id=-1)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        n = 64 if args.quick else 128
+        t0 = time.perf_counter()
+        out = generate(model, ids, None, batch["pixel_values"], batch["image_bound"],
+                       GenerationSettings(max_new_tokens=n), eos_token_id=-1)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        rows.append({"batch": b, "prompt": 512, "prefill_ms": prefill * 1e3,
+                     "decode_tokens_per_s": b * (out.shape[1] - 1) / max(total - prefill, 1e-9)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default="bench/results.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/bench.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(info), flush=True)
+    results = {"info": info, "train": train_rows(args, device), "infer": infer_rows(args, device)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print("\n| mode | batch x len | grad ckpt | impl | tokens/s | samples/s | peak GB | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["train"]:
+        if r.get("oom"):
+            print(f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | OOM | | | |")
+            continue
+        print(f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
+              f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | {100 * r['mfu']:.1f}% |")
+    print("\n| decode batch | prefill ms (512 tokens) | decode tokens/s |")
+    print("|---|---|---|")
+    for r in results["infer"]:
+        print(f"| {r['batch']} | {r['prefill_ms']:.1f} | {r['decode_tokens_per_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Entry point: `python -m pipeline [overrides]` composes the config and runs the stages in one run folder.
+
+    python -m pipeline +experiment=lora_qkv                       # sft -> eval -> merge -> infer
+    python -m pipeline -m +experiment=lora_qkv lora.r=8,16        # a sweep: one run folder per job
+    python -m pipeline stages=[eval] ckpt=outputs/<exp>/<time>/sft/checkpoint-40
+
+Failures end with a one-line `error: ...` on stderr (the traceback goes to the run folder's run.log) and exit
+code 1; Ctrl-C marks the run "interrupted" in run.json and exits with 130.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from pipeline.config import BASE_CKPT, ConfigError, register_configs, resolve_device, validate
+from pipeline.runinfo import (
+    LOG_FILE,
+    adopt_earlier_run,
+    collect_run_info,
+    now_iso,
+    resolve_ckpt,
+    seed_everything,
+    update_run_info,
+    write_run_start,
+)
+from pipeline.stages import StageFn, get_stage
+
+log = logging.getLogger("pipeline")
+# Absolute, so the entry also works when imported (a console script, tests) and not only via `python -m`.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# The job in progress, so that the wrapper can point at its log after Hydra has unwound the job.
+_ACTIVE: dict[str, Any] = {"run_dir": None, "traceback_logged": False}
+# What Hydra writes into a job folder before our code runs; a folder holding only these has no results.
+_HYDRA_ONLY = {".hydra", LOG_FILE}
+
+
+class JobFailed(BaseException):
+    """Carries a single run's failure past Hydra, which would print it itself (it only catches Exception)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+register_configs()
+
+
+def _ensure_file_log(run_dir: Path) -> logging.Handler | None:
+    """Return a run.log handler added to the root logger, or None when Hydra's logging already writes it."""
+    target = (run_dir / LOG_FILE).resolve()
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve() == target:
+            return None
+    handler = logging.FileHandler(target, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+    return handler
+
+
+def _append_traceback(run_dir: Path, exc: BaseException) -> None:
+    """Append `exc`'s full traceback to run.log; the console only gets a one-line summary."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+        handle.write(f"[{now_iso()}] run failed:\n")
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=handle)
+    _ACTIVE["traceback_logged"] = True
+
+
+def _discard_if_empty(run_dir: Path) -> None:
+    """Remove a job folder that holds nothing but Hydra's own files (the job failed before doing anything)."""
+    if run_dir.is_dir() and set(os.listdir(run_dir)) <= _HYDRA_ONLY:
+        log_file = run_dir / LOG_FILE
+        if not log_file.exists() or log_file.stat().st_size == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _initial_state(cfg: DictConfig) -> dict:
+    """Return the state handed to the first stage: the checkpoint to use when sft does not run."""
+    state: dict[str, Any] = {"metrics": {}}
+    if "sft" not in cfg.stages and cfg.ckpt is not None:
+        # None = the base model at model.path; stages read state["ckpt"], never the raw `ckpt` string
+        state["ckpt"] = None if cfg.ckpt == BASE_CKPT else resolve_ckpt(cfg.ckpt)
+    return state
+
+
+def _merge_state(state: dict, result: dict) -> None:
+    """Merge a stage's returned artifacts into `state`; metrics accumulate across stages."""
+    for key, value in result.items():
+        if key == "metrics" and isinstance(value, dict):
+            state.setdefault("metrics", {}).update(value)
+        else:
+            state[key] = value
+
+
+def _objective(cfg: DictConfig, state: dict) -> float | None:
+    """Return the metric sweeps optimise (`eval.objective`), or None when eval did not run."""
+    if "eval" not in cfg.stages:
+        return None
+    metrics = state.get("metrics") or {}
+    if cfg.eval.objective not in metrics:
+        raise ConfigError(
+            f"eval.objective={cfg.eval.objective} is not among the metrics eval wrote: "
+            f"{', '.join(sorted(metrics))}"
+        )
+    return float(metrics[cfg.eval.objective])
+
+
+def _describe_outputs(result: dict) -> str:
+    """Return the artifacts a stage returned, as `key=value` pairs (paths and numbers only)."""
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, (Path, int, float)) and not isinstance(value, bool):
+            parts.append(f"{key}={value}")
+        elif key == "metrics" and isinstance(value, dict):
+            parts += [f"{k}={v:.4g}" for k, v in value.items() if isinstance(v, (int, float))]
+    return "  ".join(parts)
+
+
+def _print_summary(run_dir: Path, results: dict[str, dict], objective: float | None, cfg: DictConfig) -> None:
+    """Print where each stage's outputs are (stdout, so it shows whatever the log level)."""
+    print(f"run folder: {run_dir}")
+    for name, result in results.items():
+        where = run_dir / name
+        shown = str(where) if where.exists() else "(no folder)"
+        print(f"  {name:<6} {shown}  {_describe_outputs(result)}".rstrip())
+    if objective is not None:
+        print(f"  objective {cfg.eval.objective} = {objective:.6g} ({cfg.eval.direction})")
+
+
+def prepare_run(
+    cfg: DictConfig, overrides: Sequence[str]
+) -> tuple[list[tuple[str, StageFn]], str, Path | None]:
+    """Return the stage functions, the device name and the earlier run adopted; raises before any work."""
+    earlier = None
+    ckpt = cfg.ckpt if cfg.ckpt is not None else cfg.infer.ckpt
+    if "sft" not in cfg.stages and ckpt not in (None, BASE_CKPT):
+        earlier = adopt_earlier_run(cfg, ckpt, overrides)
+    validate(cfg)
+    device = str(resolve_device(cfg))
+    stages = [(name, get_stage(name)) for name in cfg.stages]
+    return stages, device, earlier
+
+
+def run_pipeline(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), argv: Sequence[str] = ()
+) -> float | None:
+    """Return the eval objective after running cfg.stages in `run_dir` (None when eval did not run)."""
+    _ACTIVE.update(run_dir=None, traceback_logged=False)
+    try:
+        stages, device, earlier = prepare_run(cfg, overrides)
+    except ConfigError:
+        _discard_if_empty(run_dir)
+        raise
+    except Exception as exc:  # not the user's config: keep the traceback
+        _ACTIVE["run_dir"] = run_dir
+        _append_traceback(run_dir, exc)
+        raise
+    _ACTIVE["run_dir"] = run_dir
+    info = collect_run_info(cfg, argv or sys.argv, device, overrides)
+    if earlier is not None:
+        info["reused_config_from"] = str(earlier)
+    write_run_start(run_dir, cfg, info)
+    handler = _ensure_file_log(run_dir)
+    results: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    try:
+        log.info("run folder %s, device %s, stages %s", run_dir, device, list(cfg.stages))
+        if earlier is not None:
+            log.info("model and dataset settings taken from the earlier run %s", earlier)
+        seed_everything(int(cfg.seed))
+        state = _initial_state(cfg)
+        for name, stage in stages:
+            log.info("stage %s: writing into %s", name, run_dir / name)
+            start = time.perf_counter()
+            result = stage(cfg, run_dir, state) or {}
+            timings[name] = round(time.perf_counter() - start, 3)
+            _merge_state(state, result)
+            results[name] = result
+            update_run_info(run_dir, stages_done=list(results), stage_seconds=timings)
+        objective = _objective(cfg, state)
+    except KeyboardInterrupt as exc:
+        _append_traceback(run_dir, exc)
+        update_run_info(run_dir, status="interrupted", end_time=now_iso(), stages_done=list(results))
+        raise
+    except Exception as exc:
+        _append_traceback(run_dir, exc)
+        update_run_info(
+            run_dir,
+            status="failed",
+            end_time=now_iso(),
+            error=f"{type(exc).__name__}: {exc}",
+            stages_done=list(results),
+        )
+        raise
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    update_run_info(
+        run_dir, status="ok", end_time=now_iso(), metrics=state.get("metrics", {}), objective=objective
+    )
+    _print_summary(run_dir, results, objective, cfg)
+    return objective
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Return the eval objective of this job; Hydra's task function (sweepers optimise its value)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        try:
+            _check_sweep(cfg, hydra_cfg)
+        except ConfigError:
+            _discard_if_empty(run_dir)
+            raise
+        return run_pipeline(cfg, run_dir, list(hydra_cfg.overrides.task), sys.argv)
+    except Exception as exc:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # sweepers count failed jobs themselves
+        raise JobFailed(exc) from exc
+
+
+def _check_sweep(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """Raise ConfigError when an optimising sweeper runs jobs that return no objective."""
+    sweeper = str(hydra_cfg.sweeper.get("_target_", ""))
+    if "optuna" in sweeper.lower() and "eval" not in cfg.stages:
+        raise ConfigError(
+            f"the optuna sweep optimises eval.objective but stages=[{','.join(cfg.stages)}] "
+            "has no eval; add eval"
+        )
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _missing_config_message(exc: MissingConfigException) -> str:
+    """Return Hydra's 'could not find' error on one line, listing the group's real options."""
+    text = str(exc)
+    head = re.sub(r"^In '[^']*': ", "", _first_line(text))
+    match = re.search(r"Available options in '([^']+)':\n(.*?)(?:\nConfig search path|\Z)", text, re.DOTALL)
+    if not match:
+        return head
+    # base_<group> entries are the schemas the yaml files extend, not choices
+    listed = [option.strip() for option in match.group(2).splitlines()]
+    options = [option for option in listed if option and not option.startswith("base_")]
+    return f"{head}; available options in '{match.group(1)}': {', '.join(options)}"
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    """Return an OmegaConf merge error as `key: problem`, listing the valid keys for an unknown one."""
+    key = getattr(exc, "full_key", None) or "?"
+    schema = getattr(exc, "object_type", None)
+    unknown_key = isinstance(exc, (ConfigKeyError, ConfigAttributeError))
+    if unknown_key and schema is not None and dataclasses.is_dataclass(schema):
+        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+        section = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        return f"{key} is not a key of {section}; valid keys: {valid}"
+    return f"{key}: {_first_line(str(exc))}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """Return a short, plain description of a failure for the console."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException):
+        return _missing_config_message(exc)
+    if isinstance(exc, CompactHydraException):
+        if isinstance(exc.__cause__, OmegaConfBaseException):
+            return _omegaconf_message(exc.__cause__)
+        return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, OmegaConfBaseException):
+        return _omegaconf_message(exc)
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def main() -> int:
+    """Return the process exit code after running the Hydra entry with plain error reporting."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    # With HYDRA_FULL_ERROR=1 Hydra re-raises instead of printing its own traceback, so we can report plainly.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        try:
+            hydra_main()
+        except JobFailed as failed:
+            raise failed.error from None
+    except KeyboardInterrupt:
+        run_dir = _ACTIVE["run_dir"]
+        where = f"; {run_dir}/run.json is marked interrupted" if run_dir else ""
+        print(f"interrupted{where}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if previous == "1":
+            traceback.print_exc()
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        if _ACTIVE["traceback_logged"]:
+            print(f"full traceback in {_ACTIVE['run_dir'] / LOG_FILE}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

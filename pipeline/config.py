@@ -1,0 +1,467 @@
+"""The typed config schema (one dataclass per group), its registration with Hydra, and cross-field checks.
+
+Hydra merges every yaml in conf/ onto these dataclasses, so a misspelt key or a value of the wrong type fails
+while the config is composed. `validate` then checks what a type cannot express: choices, ranges, the stage
+list, and which checkpoint the stages will read. Both happen before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from pipeline.stages import STAGES
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # local folder or hub id
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    max_slice_nums: int = 9
+    slice_mode: bool = True
+    gradient_checkpointing: bool = True
+    build_if_missing: bool = False  # build the tiny twin at `path` when the folder is absent
+    trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
+
+
+@dataclass
+class LoraConfig:
+    name: str = "qkv"  # qkv | all | none (none = full fine-tuning)
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None = the preset of `name`
+    modules_to_save: list[str] = field(default_factory=list)
+    freeze_vision: bool = False
+    freeze_resampler: bool = False
+    freeze_llm: bool = False
+    bias: str = "none"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "demo"
+    path: Any = None  # a file, a list of files, or a folder; None = the dataset's own default location
+    # other datasets mixed in: [{name, path, n | ratio, ...}]; [] = just this one
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    val_path: Any = None
+    test_ratio: float = 0.01
+    max_length: int = 2048
+    truncation: str = "delete"
+    on_error: str = "raise"
+    image_root: str | None = None
+    allow_download: bool = False
+    num_workers: int = 0
+    max_rows: int | None = None
+    system: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    fused: Any = "auto"  # auto | true | false
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 16
+    eval_batch_size: int = 1
+    logging_steps: int = 5
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    mixed_precision: str = "auto"
+    num_workers: int = 0
+    compile: bool = False
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    objective: str = "eval_loss"  # a metric name written by eval; what sweeps optimise
+    direction: str = "minimize"
+    max_samples: int | None = 200
+    batch_size: int = 8
+    generate: bool = True
+    max_new_tokens: int = 64
+
+
+@dataclass
+class MergeConfig:
+    device: str = "cpu"
+    verify_samples: int = 2
+    output: str | None = None  # None = <ckpt>-merged
+    shard_size: str = "5GB"
+
+
+@dataclass
+class InferConfig:
+    ckpt: str | None = None
+    input: str | None = None  # jsonl path; None = the held-out split
+    interactive: bool = False
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.3
+    top_p: float = 0.7
+    top_k: int = 20
+    repetition_penalty: float = 1.0
+    batch_size: int = 8
+    stream: bool = True
+    max_samples: int | None = 20
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"
+    project: str = "minicpm-v-finetune"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+    mode: str = "auto"
+    log_model: bool = False
+
+
+@dataclass
+class Config:
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seed: int = 42
+    experiment_name: str = "default"
+    ckpt: str | None = None  # eval/merge/infer without sft: checkpoint, run folder, or "base"
+    device: str = "auto"
+    output_root: str = "outputs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# groups with yaml files in conf/<group>/; each file starts from `base_<group>`
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "dataset": DatasetConfig,
+    "trainer": TrainerConfig,
+    "tracking": TrackingConfig,
+}
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "lora.name": ("qkv", "all", "none"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "dataset.name": ("demo", "custom", "coco_en_2_mini"),
+    "dataset.truncation": ("delete", "truncate"),
+    "dataset.on_error": ("raise", "skip"),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "optim.fused": ("auto", True, False),
+    "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "eval.direction": ("minimize", "maximize"),
+    "tracking.backend": ("none", "wandb", "tensorboard"),
+    "tracking.mode": ("auto", "online", "offline", "disabled"),
+}
+
+# (key, lowest allowed value, highest allowed value or None); None values are skipped
+RANGES: tuple[tuple[str, float, float | None], ...] = (
+    ("model.max_slice_nums", 1, None),
+    ("lora.r", 1, None),
+    ("lora.alpha", 1, None),
+    ("lora.dropout", 0.0, 0.999),
+    ("dataset.test_ratio", 0.0, 0.999),
+    ("dataset.max_length", 16, None),
+    ("dataset.num_workers", 0, None),
+    ("dataset.max_rows", 1, None),
+    ("optim.lr", 1e-12, None),
+    ("optim.weight_decay", 0.0, None),
+    ("optim.eps", 0.0, None),
+    ("optim.warmup_ratio", 0.0, 0.999),
+    ("optim.max_grad_norm", 0.0, None),
+    ("trainer.epochs", 0, None),
+    ("trainer.batch_size", 1, None),
+    ("trainer.grad_accum", 1, None),
+    ("trainer.eval_batch_size", 1, None),
+    ("trainer.logging_steps", 1, None),
+    ("trainer.eval_steps", 1, None),
+    ("trainer.save_steps", 1, None),
+    ("trainer.save_total_limit", 1, None),
+    ("trainer.num_workers", 0, None),
+    ("trainer.max_eval_samples", 1, None),
+    ("eval.max_samples", 1, None),
+    ("eval.batch_size", 1, None),
+    ("eval.max_new_tokens", 1, None),
+    ("merge.verify_samples", 0, None),
+    ("infer.max_new_tokens", 1, None),
+    ("infer.temperature", 0.0, None),
+    ("infer.top_p", 0.0, 1.0),
+    ("infer.top_k", 0, None),
+    ("infer.repetition_penalty", 0.0, None),
+    ("infer.batch_size", 1, None),
+    ("infer.max_samples", 1, None),
+)
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+SHARD_SIZE_PATTERN = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+BASE_CKPT = "base"  # ckpt value that means "the model at model.path, without fine-tuned weights"
+
+
+class ConfigError(ValueError):
+    """A config value that is composable but unusable; the message names each key and what is accepted."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent): `base_config` and `<group>/base_<group>`."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name=f"base_{group}", node=schema)
+
+
+def _get(tree: dict, key: str) -> Any:
+    """Return the value at dotted `key` in a plain nested dict."""
+    node: Any = tree
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _show(value: Any) -> str:
+    """Return `value` as it would be typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _to_plain(cfg: DictConfig) -> dict:
+    """Return the resolved config (without Hydra's own `hydra` node) as plain containers.
+
+    Missing values and broken interpolations become a ConfigError naming the key.
+    """
+    tree: dict = {}
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            value = cfg[key]
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as exc:
+            where = getattr(exc, "full_key", None) or key
+            if isinstance(exc, MissingMandatoryValue):
+                raise ConfigError(f"{where} has no value (???); set it, e.g. {where}=...") from None
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{where}: {msg}") from None
+        tree[str(key)] = value
+    return tree
+
+
+def _check_unknown_keys(tree: dict, schema: type = Config, prefix: str = "") -> list[str]:
+    """Return a problem for every key the schema does not define (`+key=value` overrides can add them)."""
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    problems = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            where = f" of {prefix[:-1]}" if prefix else ""
+            problems.append(f"{path} is not a known key; valid keys{where}: {', '.join(known)}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            problems += _check_unknown_keys(value, hints[key], f"{path}.")
+    return problems
+
+
+def _check_choices(tree: dict) -> list[str]:
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = _get(tree, key)
+        # bools compare equal to 0/1, so check type as well as value
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            valid = ", ".join(_show(a) for a in allowed)
+            problems.append(f"{key}={_show(value)} is not a valid choice; valid: {valid}")
+    if not DEVICE_PATTERN.match(str(tree["device"])):
+        problems.append(f"device={tree['device']} is not valid; valid: auto, cpu, cuda, cuda:N")
+    if not DEVICE_PATTERN.match(str(tree["merge"]["device"])):
+        problems.append(
+            f"merge.device={tree['merge']['device']} is not valid; valid: auto, cpu, cuda, cuda:N"
+        )
+    if not SHARD_SIZE_PATTERN.match(str(tree["merge"]["shard_size"])):
+        problems.append(f"merge.shard_size={tree['merge']['shard_size']} is not a size like 5GB or 500MB")
+    return problems
+
+
+def _check_ranges(tree: dict) -> list[str]:
+    problems = []
+    for key, low, high in RANGES:
+        value = _get(tree, key)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"between {low} and {high}"
+            problems.append(f"{key}={value} is out of range; must be {bound}")
+    if tree["trainer"]["max_steps"] <= 0 and tree["trainer"]["epochs"] <= 0:
+        problems.append("trainer.epochs and trainer.max_steps are both <= 0; set one of them > 0")
+    if len(tree["optim"]["betas"]) != 2:
+        problems.append(f"optim.betas={_show_list(tree['optim']['betas'])} must hold exactly two numbers")
+    return problems
+
+
+def _show_list(values: list) -> str:
+    """Return a list as typed in an override, e.g. [sft,eval]."""
+    return "[" + ",".join(_show(v) for v in values) + "]"
+
+
+def _check_stages(stages: list[str]) -> list[str]:
+    order = ", ".join(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        return [
+            f"stages: unknown stage {', '.join(map(repr, unknown))}; valid stages, in this order: {order}"
+        ]
+    if len(set(stages)) != len(stages):
+        return [f"stages={_show_list(stages)} lists a stage twice; each of {order} runs at most once"]
+    if stages != sorted(stages, key=STAGES.index):
+        return [f"stages={_show_list(stages)} is out of order; stages run in the order {order}"]
+    return []
+
+
+def _check_ckpt(tree: dict) -> list[str]:
+    stages = tree["stages"]
+    ckpt = tree["ckpt"]
+    lora = tree["lora"]["name"]
+    problems = []
+    if "sft" in stages:
+        if ckpt is not None:
+            problems.append(
+                f"ckpt={ckpt} is only read when sft does not run; to continue training set "
+                "trainer.resume=<checkpoint>, to start from other weights set model.path"
+            )
+        if "merge" in stages and lora == "none":
+            problems.append(
+                "stages includes merge but lora=none (full fine-tuning) has no adapter to merge; "
+                "drop merge from stages"
+            )
+        return problems
+    infer_only = stages == ["infer"] and tree["infer"]["ckpt"] is not None
+    needs_ckpt = [s for s in stages if s in ("eval", "merge", "infer")]
+    if needs_ckpt and ckpt is None and not infer_only:
+        problems.append(
+            f"ckpt is required when stages={_show_list(stages)} runs without sft: "
+            "set ckpt=<run>/sft/checkpoint-N "
+            f"(or an earlier run folder), or ckpt={BASE_CKPT} to use model.path as it is"
+        )
+    if ckpt == BASE_CKPT and "merge" in stages:
+        problems.append(f"ckpt={BASE_CKPT} has no adapter to merge; point ckpt at a LoRA checkpoint folder")
+    for key, value in (("ckpt", ckpt), ("infer.ckpt", tree["infer"]["ckpt"])):
+        if value not in (None, BASE_CKPT) and not Path(value).exists():
+            problems.append(
+                f"{key}={value} does not exist; give a checkpoint folder or an earlier run folder"
+            )
+    return problems
+
+
+def _check_dataset(tree: dict) -> list[str]:
+    data = tree["dataset"]
+    uses_data = any(s in tree["stages"] for s in ("sft", "eval", "infer"))
+    problems = []
+    if uses_data and data["name"] == "custom" and not data["path"] and not data["sources"]:
+        problems.append(
+            "dataset.path is required for dataset=custom: set dataset.path=/path/to/data.jsonl "
+            "(or a list of .jsonl/.json files)"
+        )
+    for i, source in enumerate(data["sources"]):
+        key = f"dataset.sources[{i}]"
+        name = source.get("name")
+        if name not in CHOICES["dataset.name"]:
+            valid = ", ".join(CHOICES["dataset.name"])
+            problems.append(f"{key}.name={_show(name)} is not a valid dataset; valid: {valid}")
+        if source.get("n") is not None and source.get("ratio") is not None:
+            problems.append(f"{key} sets both n and ratio; give one of them")
+        if source.get("n") is not None and (not isinstance(source["n"], int) or source["n"] < 1):
+            problems.append(f"{key}.n={source['n']} must be a positive integer")
+        ratio = source.get("ratio")
+        if ratio is not None and (not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+            problems.append(f"{key}.ratio={ratio} must be a number in (0, 1]")
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    """Return None when `cfg` is usable; raise ConfigError naming every bad key and what it accepts."""
+    tree = _to_plain(cfg)
+    problems = _check_unknown_keys(tree)
+    if problems:
+        raise ConfigError(problems)
+    problems = _check_stages(list(tree["stages"]))
+    problems += _check_choices(tree)
+    problems += _check_ranges(tree)
+    if not problems:
+        problems += _check_ckpt(tree)
+        problems += _check_dataset(tree)
+    if problems:
+        raise ConfigError(problems)
+
+
+def resolve_device(cfg: DictConfig | str) -> torch.device:
+    """Return the torch device named by `cfg.device` (or a device string); auto = the first GPU if any."""
+    import torch
+
+    name = cfg if isinstance(cfg, str) else str(cfg.device)
+    if not DEVICE_PATTERN.match(name):
+        raise ConfigError(f"device={name} is not valid; valid: auto, cpu, cuda, cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            raise ConfigError(f"device={name} but {count} CUDA device(s) are visible; use device=auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:
+    """Return the model dtype: `model.dtype`, or for auto bf16 (else fp16) on CUDA and fp32 on CPU."""
+    import torch
+
+    name = cfg if isinstance(cfg, str) else str(cfg.model.dtype)
+    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name in explicit:
+        return explicit[name]
+    if name != "auto":
+        raise ConfigError(
+            f"model.dtype={name} is not a valid choice; valid: {', '.join(CHOICES['model.dtype'])}"
+        )
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32

@@ -1,0 +1,188 @@
+"""eval: score a checkpoint on the held-out rows: loss, perplexity and token accuracy, then generation metrics.
+
+    python -m pipeline stages=[eval] ckpt=outputs/<exp>/<time>          # an earlier run (its sft/best)
+    python -m pipeline stages=[eval] ckpt=base eval.max_samples=50       # the base model, for comparison
+
+Which weights: this run's sft checkpoint, else `ckpt` ("base" = model.path as it is). Which rows: the first
+eval.max_samples validation rows of the dataset split (the same split sft held out, for the same seed).
+Loss metrics are token-weighted over every response token (as in training); with eval.generate each row's
+last response is generated greedily from its prompt (query, history, image) and scored against its references.
+Reads: model, dataset, eval, ckpt, seed. Writes run_dir/eval/metrics.json and, with generation,
+run_dir/eval/predictions.jsonl. Returns {"metrics": {...}}; eval.objective is one of them (what sweeps optimise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.chat import generate_for_rows, generation_settings, load_inference_bundle
+from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.data.dataset import SFTDataset
+from pipeline.data.prepare import prepare_splits
+from pipeline.data.rows import DatasetError, Row
+from pipeline.metrics import compute_generation_metrics
+from pipeline.models.bundle import ModelBundle
+from pipeline.models.collate import collate_for_training
+from pipeline.runinfo import resolve_ckpt
+from pipeline.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+LOSS_METRICS = ("eval_loss", "perplexity", "token_acc")
+# numeric_accuracy is only written when some reference holds a number
+GENERATION_METRICS = ("bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy")
+
+
+def checkpoint_for_eval(cfg: DictConfig, state: dict) -> Path | None:
+    """Returns the checkpoint to score: this run's sft result, else `ckpt`; None = the base model."""
+    if "ckpt" in state:
+        if state["ckpt"] is None and "sft" in cfg.stages:
+            log.warning("sft saved no checkpoint in this run; evaluating the base model %s", cfg.model.path)
+        return state["ckpt"]
+    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
+        return None
+    return resolve_ckpt(cfg.ckpt)
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """Returns None when eval will write eval.objective; raises ConfigError (before any work) otherwise."""
+    available = LOSS_METRICS + (GENERATION_METRICS if cfg.eval.generate else ())
+    if cfg.eval.objective in available:
+        return
+    hint = " (generation metrics need eval.generate=true)" if cfg.eval.objective in GENERATION_METRICS else ""
+    raise ConfigError(
+        f"eval.objective={cfg.eval.objective} is not a metric eval writes{hint}; "
+        f"valid: {', '.join(available)}"
+    )
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@torch.no_grad()
+def loss_metrics(
+    bundle: ModelBundle, rows: list[Row], batch_size: int, max_length: int, truncation: str
+) -> dict[str, float]:
+    """Returns eval_loss (mean cross-entropy per response token), perplexity, token_acc and num_tokens."""
+    dataset = SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation)
+    model = bundle.core  # PEFT injects its LoRA layers into this module, so it scores with the adapter
+    device = model.llm.lm_head.weight.device
+    loss_sum = tokens = correct = 0.0
+    for indices in tqdm(_batches(len(dataset), batch_size), desc="eval loss", unit="batch", leave=False):
+        batch = collate_for_training([dataset[i] for i in indices], bundle.tokenizer.pad_id)
+        for key in ("input_ids", "attention_mask", "labels"):
+            batch[key] = batch[key].to(device)
+        out = model(**batch)
+        loss_sum += float(out.loss_sum)
+        tokens += float(out.num_tokens)
+        correct += float(out.num_correct)
+    if tokens == 0:
+        raise DatasetError(
+            "the evaluated rows hold no response token to score; check the dataset's responses"
+        )
+    loss = loss_sum / tokens
+    # exp overflows a float past ~709; such a loss means the model predicts nothing anyway
+    perplexity = math.exp(loss) if loss < 700 else float("inf")
+    return {
+        "eval_loss": loss,
+        "perplexity": perplexity,
+        "token_acc": correct / tokens,
+        "num_tokens": int(tokens),
+    }
+
+
+def prediction_record(row: Row, response: str) -> dict:
+    """Returns one predictions.jsonl row: the prompt, the generated response and the label."""
+    record = {
+        "query": row.query,
+        "response": response,
+        "label": row.response,
+        "history": [list(pair) for pair in row.history],
+        "images": list(row.images),
+        "system": row.system,
+    }
+    if row.references:
+        record["references"] = list(row.references)
+    return record
+
+
+def _log_table(metrics: dict, n_rows: int, ckpt: Path | None) -> None:
+    lines = [f"eval on {n_rows} held-out row(s), {ckpt if ckpt is not None else 'base model'}:"]
+    lines += [f"  {name:<17} {value:.4f}" for name, value in metrics.items()]
+    log.info("\n".join(lines))
+
+
+def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+    """Scores the checkpoint and returns {"metrics": {eval_loss, perplexity, token_acc, [generation metrics]}}."""
+    check_objective(cfg)
+    eval_dir = Path(run_dir) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_for_eval(cfg, state)
+
+    # ----- setup: model and held-out rows
+    bundle = load_inference_bundle(
+        cfg.model.path,
+        ckpt,
+        device=resolve_device(cfg),
+        dtype=str(cfg.model.dtype),
+        build_if_missing=cfg.model.build_if_missing,
+        allow_download=cfg.model.trust_hub,
+        max_slice_nums=cfg.model.max_slice_nums,
+        slice_mode=cfg.model.slice_mode,
+    )
+    splits = prepare_splits(
+        cfg.dataset,
+        bundle.tokenizer,
+        bundle.processor,
+        cfg.seed,
+        problems_path=eval_dir / "dataset_problems.jsonl",
+    )
+    rows = splits.val if cfg.eval.max_samples is None else splits.val[: cfg.eval.max_samples]
+    if not rows:
+        raise DatasetError(
+            f"dataset {cfg.dataset.name} has no held-out rows to evaluate: set dataset.val_path=<file> or "
+            "dataset.test_ratio > 0"
+        )
+
+    # ----- score: loss over the responses, then generation
+    scores = loss_metrics(bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation)
+    num_tokens = scores.pop("num_tokens")
+    metrics: dict[str, float] = dict(scores)
+    if cfg.eval.generate:
+        settings = generation_settings({"max_new_tokens": cfg.eval.max_new_tokens})
+        predictions = generate_for_rows(bundle, rows, settings, cfg.eval.batch_size, desc="eval generate")
+        references = [row.references or [row.response] for row in rows]
+        metrics.update(compute_generation_metrics(predictions, references))
+        lines = [
+            json.dumps(prediction_record(row, text), ensure_ascii=False)
+            for row, text in zip(rows, predictions, strict=True)
+        ]
+        atomic_write_text(eval_dir / PREDICTIONS_FILE, "".join(line + "\n" for line in lines))
+    if cfg.eval.objective not in metrics:  # numeric_accuracy on rows without numbers
+        raise DatasetError(
+            f"eval.objective={cfg.eval.objective} could not be computed on these rows (no reference holds a "
+            f"number); choose one of {', '.join(metrics)}"
+        )
+
+    # ----- report
+    atomic_write_json(
+        eval_dir / METRICS_FILE,
+        {
+            **metrics,
+            "num_samples": len(rows),
+            "num_tokens": num_tokens,
+            "checkpoint": str(ckpt) if ckpt is not None else BASE_CKPT,
+        },
+    )
+    _log_table(metrics, len(rows), ckpt)
+    return {"metrics": metrics}

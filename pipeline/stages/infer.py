@@ -1,0 +1,203 @@
+"""infer: answer queries with the fine-tuned model, in a batch over a file or the held-out rows, or as a chat.
+
+    python -m pipeline stages=[infer] ckpt=outputs/<exp>/<time>                      # held-out rows
+    python -m pipeline stages=[infer] infer.ckpt=<ckpt>-merged infer.input=queries.jsonl
+    python -m pipeline stages=[infer] ckpt=outputs/<exp>/<time> infer.interactive=true   # chat on the terminal
+
+Which weights: infer.ckpt, else this run's merged model, else this run's (or `ckpt`'s) checkpoint, else the
+base model. infer.input is a .jsonl (or .json list) in the custom format; "response" is optional there and,
+when given, is written as the label. Reads: model, dataset, infer, seed. Writes run_dir/infer/results.jsonl,
+one row per answer {system, query, response, label, history, images} (interactive: one row per turn).
+Returns {"infer": results path}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.chat import Chat, generate_for_rows, generation_settings, load_inference_bundle, run_chat
+from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.data.prepare import prepare_splits
+from pipeline.data.rows import DatasetError, Row
+from pipeline.data.validate import record_to_row
+from pipeline.models.bundle import ModelBundle
+from pipeline.models.generation import GenerationSettings
+from pipeline.runinfo import resolve_ckpt
+from pipeline.utils.io import append_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+_NO_LABEL = "\0"  # stands in for a missing response while a record is checked as a custom-format row
+
+
+class _InvalidJson(str):
+    """A line of the input file that is not JSON (its parse error), kept in line order with the records."""
+
+
+def checkpoint_for_infer(cfg: DictConfig, state: dict) -> Path | None:
+    """Returns the weights to answer with: infer.ckpt, this run's merge, its checkpoint, `ckpt`; None = base."""
+    if cfg.infer.ckpt is not None:
+        return None if cfg.infer.ckpt == BASE_CKPT else resolve_ckpt(cfg.infer.ckpt)
+    if state.get("merged") is not None:
+        return Path(state["merged"])
+    if "ckpt" in state:
+        return state["ckpt"]
+    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
+        return None
+    return resolve_ckpt(cfg.ckpt)
+
+
+def settings_from_config(cfg: DictConfig) -> GenerationSettings:
+    """Returns the generation settings of the infer section (greedy unless infer.do_sample)."""
+    return generation_settings(
+        {
+            key: cfg.infer[key]
+            for key in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        }
+    )
+
+
+def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
+    """Returns the rows of a custom-format .jsonl/.json file and their labels (None where no response is given).
+
+    Raises DatasetError naming the file, line and problem of every unusable record.
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise DatasetError(f"infer.input={path}: unsupported file type '{path.suffix}'; use .jsonl or .json")
+    if not path.is_file():
+        raise DatasetError(f"infer.input={path}: file not found")
+    records: list[tuple[str, object]] = []
+    text = path.read_text(encoding="utf-8")
+    problems: list[str] = []
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    records.append(
+                        (f"{path}:{number}", _InvalidJson(f"invalid JSON: {exc.msg} (column {exc.colno})"))
+                    )
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: a .json input file must hold a list of row objects")
+        records = [(f"{path}:item {n}", record) for n, record in enumerate(data, start=1)]
+    rows: list[Row] = []
+    labels: list[str | None] = []
+    for origin, record in records:
+        if isinstance(record, _InvalidJson):
+            problems.append(f"{origin}: {record}")
+            continue
+        label = record.get("response") if isinstance(record, dict) else None
+        if isinstance(record, dict) and label is None:
+            record = {**record, "response": _NO_LABEL}
+        parsed = record_to_row(record, origin, path.parent.resolve())
+        if isinstance(parsed, Row):
+            rows.append(parsed)
+            labels.append(label)
+        else:
+            problems += [f"{origin}: {reason}" for reason in parsed]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise DatasetError(f"infer.input={path} has {len(problems)} problem(s): {shown}")
+    if not rows:
+        raise DatasetError(
+            f'infer.input={path} holds no rows; expected {{"query": ..., "images": [...]}} lines'
+        )
+    return rows, labels
+
+
+def input_rows(cfg: DictConfig, bundle: ModelBundle, infer_dir: Path) -> tuple[list[Row], list[str | None]]:
+    """Returns the rows to answer (infer.input, else the held-out split) and their labels, at most max_samples."""
+    if cfg.infer.input is not None:
+        rows, labels = read_infer_input(cfg.infer.input)
+    else:
+        splits = prepare_splits(
+            cfg.dataset,
+            bundle.tokenizer,
+            bundle.processor,
+            cfg.seed,
+            problems_path=infer_dir / "dataset_problems.jsonl",
+        )
+        if not splits.val:
+            raise DatasetError(
+                f"dataset {cfg.dataset.name} has no held-out rows to answer: set infer.input=<file.jsonl>, "
+                "dataset.val_path=<file> or dataset.test_ratio > 0"
+            )
+        rows, labels = splits.val, [row.response for row in splits.val]
+    limit = cfg.infer.max_samples
+    if limit is not None:
+        rows, labels = rows[:limit], labels[:limit]
+    return rows, labels
+
+
+def result_record(row: Row, response: str, label: str | None) -> dict:
+    """Returns one results.jsonl row."""
+    return {
+        "system": row.system,
+        "query": row.query,
+        "response": response,
+        "label": label,
+        "history": [list(pair) for pair in row.history],
+        "images": list(row.images),
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+    """Answers queries and returns {"infer": path of results.jsonl}."""
+    infer_dir = Path(run_dir) / "infer"
+    infer_dir.mkdir(parents=True, exist_ok=True)
+    results = infer_dir / RESULTS_FILE
+    device = resolve_device(cfg)
+    ckpt = checkpoint_for_infer(cfg, state)
+    settings = settings_from_config(cfg)
+    bundle = load_inference_bundle(
+        cfg.model.path,
+        ckpt,
+        device=device,
+        dtype=str(cfg.model.dtype),
+        build_if_missing=cfg.model.build_if_missing,
+        allow_download=cfg.model.trust_hub,
+        max_slice_nums=cfg.model.max_slice_nums,
+        slice_mode=cfg.model.slice_mode,
+    )
+    log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
+
+    if cfg.infer.interactive:
+        chat = Chat(bundle, generation=settings, system=cfg.dataset.system, seed=cfg.seed)
+        turns = run_chat(
+            chat,
+            sys.stdin,
+            sys.stdout,
+            stream=cfg.infer.stream,
+            record=lambda turn: append_jsonl(results, {**turn, "label": None}),
+        )
+        log.info("infer: %d turn(s) recorded in %s", turns, results)
+        return {"infer": results}
+
+    rows, labels = input_rows(cfg, bundle, infer_dir)
+    generator = torch.Generator(bundle.core.llm.lm_head.weight.device).manual_seed(int(cfg.seed))
+    responses = generate_for_rows(
+        bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
+    )
+    lines = [
+        json.dumps(result_record(row, response, label), ensure_ascii=False)
+        for row, response, label in zip(rows, responses, labels, strict=True)
+    ]
+    atomic_write_text(results, "".join(line + "\n" for line in lines))
+    for row, response in list(zip(rows, responses, strict=True))[:3]:
+        log.info("query: %s\nresponse: %s", row.query, response)
+    log.info("infer: %d answer(s) written to %s", len(rows), results)
+    return {"infer": results}

@@ -1,0 +1,47 @@
+"""Shared test setup: offline, quiet, two CPU threads, and Hydra's compose API over the shipped conf/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# before anything imports wandb, transformers or tokenizers
+os.environ["WANDB_MODE"] = "offline"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# the tiny twin is built here, not in the checkout's .cache, unless the caller chose a place
+_CACHE = tempfile.mkdtemp(prefix="pipeline-test-cache-")
+os.environ.setdefault("PIPELINE_CACHE", _CACHE)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose as hydra_compose  # noqa: E402
+from hydra import initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.config import register_configs  # noqa: E402
+
+torch.set_num_threads(2)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """Return the config `python -m pipeline <overrides>` would run with (no run folder is made)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+@pytest.fixture
+def compose() -> Callable[..., DictConfig]:
+    """Yield compose_config: compose(["lora=all", "lora.r=16"]) -> the composed DictConfig."""
+    return compose_config

@@ -1,0 +1,255 @@
+"""Every shipped config composes and validates; bad overrides fail early, naming the key and the choices."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from pipeline.__main__ import describe_error
+from pipeline.config import ConfigError, resolve_device, resolve_dtype, validate
+from pipeline.stages import STAGES
+from tests.conftest import CONF_DIR
+
+# groups selected with `+group=name` (not in config.yaml's defaults list)
+APPENDED_GROUPS = {"experiment", "hparams_search"}
+# keys a file needs before it validates (a required path has no useful default)
+EXTRA_OVERRIDES = {
+    "dataset/custom": ["dataset.path=rows.jsonl"],
+    "lora/none": ["stages=[sft,eval,infer]"],  # full fine-tuning has no adapter to merge
+}
+# plugins a file builds on; its test is skipped when the extra is not installed
+NEEDS_PLUGIN = {
+    "hparams_search": "hydra_plugins.hydra_optuna_sweeper",
+    "hydra/launcher": "hydra_plugins.hydra_submitit_launcher",
+}
+
+
+def _group_files() -> list[tuple[str, str]]:
+    """Return (group, option) for every yaml under conf/ except config.yaml itself."""
+    return sorted(
+        (str(path.parent.relative_to(CONF_DIR)), path.stem)
+        for path in CONF_DIR.rglob("*.yaml")
+        if path.parent != CONF_DIR
+    )
+
+
+def _select(group: str, option: str) -> list[str]:
+    prefix = "+" if group in APPENDED_GROUPS else ""
+    return [f"{prefix}{group}={option}", *EXTRA_OVERRIDES.get(f"{group}/{option}", [])]
+
+
+def _skip_without_plugin(group: str) -> None:
+    module = NEEDS_PLUGIN.get(group)
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install -e '.[sweeps,slurm]')")
+
+
+def test_group_files_are_found():
+    found = set(_group_files())
+    assert {("model", "minicpm_v2"), ("experiment", "lora_qkv"), ("trainer", "cpu_smoke")} <= found
+
+
+@pytest.mark.parametrize(("group", "option"), _group_files(), ids=lambda v: v)
+def test_every_shipped_yaml_composes_and_validates(compose, group, option):
+    _skip_without_plugin(group)
+    cfg = compose(_select(group, option), return_hydra_config=True)
+    validate(cfg)
+    assert cfg.hydra.runtime.choices[group] == option
+    if group == "experiment":
+        assert cfg.experiment_name == option
+
+
+@pytest.mark.parametrize(("group", "option"), _group_files(), ids=lambda v: v)
+def test_every_yaml_opens_with_how_to_select_it(group, option):
+    lines = (CONF_DIR / group / f"{option}.yaml").read_text().splitlines()
+    header = [line for line in lines if line.startswith("#") and "@package" not in line]
+    assert lines[0].startswith("#"), "the file must open with a comment"
+    assert any("python -m pipeline" in line for line in header), "the opening comment must show the command"
+
+
+def test_config_yaml_opens_with_how_to_run_it():
+    text = (CONF_DIR / "config.yaml").read_text()
+    assert text.startswith("#") and "model=minicpm_v2 trainer=default" in text.split("defaults:")[0]
+
+
+def test_defaults_match_ms_swift_for_minicpm_v2(compose):
+    cfg = compose(["model=minicpm_v2", "trainer=default", "dataset=custom"])
+    assert cfg.model.path == "openbmb/MiniCPM-V-2" and cfg.model.dtype == "auto"
+    assert cfg.model.gradient_checkpointing is True and cfg.model.max_slice_nums == 9
+    assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 1.0
+    assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
+    t = cfg.trainer
+    assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, 16)
+    assert (t.eval_steps, t.save_steps, t.save_total_limit) == (50, 50, 2)
+    assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
+    assert cfg.seed == 42 and list(cfg.stages) == list(STAGES)
+
+
+def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CACHE", "/somewhere")
+    cfg = compose()
+    assert cfg.model.name == "minicpm_v2_tiny" and cfg.model.build_if_missing is True
+    assert cfg.model.path == "/somewhere/minicpm_v2_tiny"
+    assert cfg.trainer.max_steps > 0 and cfg.trainer.grad_accum == 1
+    assert cfg.dataset.name == "demo" and cfg.tracking.backend == "none"
+
+
+def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
+    cfg = compose(["+experiment=full"])
+    assert cfg.lora.name == "none" and cfg.optim.lr == 1e-5 and "merge" not in cfg.stages
+
+
+def test_misspelt_key_fails_naming_key_and_valid_keys(compose):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["lora.rank=4"])
+    message = describe_error(info.value)
+    assert "lora.rank" in message and "valid keys" in message and "alpha" in message
+
+
+def test_wrong_type_fails_naming_the_key(compose):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["lora.r=abc"])
+    message = describe_error(info.value)
+    assert message.startswith("lora.r:") and "Integer" in message
+
+
+def test_unknown_group_choice_lists_the_real_options(compose):
+    with pytest.raises(MissingConfigException) as info:
+        compose(["lora=foo"])
+    message = describe_error(info.value)
+    assert "lora/foo" in message and "all, none, qkv" in message and "base_lora" not in message
+    assert "\n" not in message
+
+
+def test_unknown_stage_names_valid_stages(compose):
+    cfg = compose(["stages=[sft,bogus]"])
+    with pytest.raises(ConfigError, match="'bogus'.*sft, eval, merge, infer"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("stages", "fragment"),
+    [("[merge,sft]", "out of order"), ("[sft,sft]", "twice")],
+)
+def test_stage_order_and_duplicates_are_rejected(compose, stages, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate(compose([f"stages={stages}"]))
+
+
+def test_empty_stage_list_is_valid(compose):
+    validate(compose(["stages=[]"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("lora.name=foo", "lora.name=foo is not a valid choice; valid: qkv, all, none"),
+        ("model.dtype=fp8", "valid: auto, float32, bfloat16, float16"),
+        ("device=gpu", "valid: auto, cpu, cuda, cuda:N"),
+        ("tracking.backend=mlflow", "valid: none, wandb, tensorboard"),
+        ("optim.fused=maybe", "valid: auto, true, false"),
+        ("lora.r=0", "lora.r=0 is out of range"),
+        ("infer.top_p=1.5", "infer.top_p=1.5 is out of range"),
+        ("merge.shard_size=lots", "merge.shard_size=lots"),
+        ("+foo=1", "foo is not a known key"),
+        ("+lora.rank=4", "lora.rank is not a known key; valid keys of lora"),
+        ("dataset.sources=[{name:nope}]", "dataset.sources[0].name=nope is not a valid dataset"),
+    ],
+)
+def test_bad_values_name_key_and_choices(compose, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(compose([override]))
+    assert fragment in str(info.value)
+
+
+def test_validate_reports_every_problem_at_once(compose):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["lora.name=foo", "lora.r=0"]))
+    assert len(info.value.problems) == 2
+
+
+def test_optim_fused_accepts_booleans(compose):
+    validate(compose(["optim.fused=true"]))
+    validate(compose(["optim.fused=false"]))
+
+
+def test_custom_dataset_requires_a_path(compose):
+    with pytest.raises(ConfigError, match="dataset.path is required for dataset=custom"):
+        validate(compose(["dataset=custom"]))
+    validate(compose(["dataset=custom", "stages=[]"]))
+
+
+def test_missing_mandatory_value_names_the_key(compose):
+    with pytest.raises(ConfigError, match=r"model.path has no value"):
+        validate(compose(["model.path=???"]))
+
+
+def test_stages_without_sft_need_a_checkpoint(compose, tmp_path):
+    with pytest.raises(ConfigError, match="ckpt is required when stages=\\[eval,infer\\]"):
+        validate(compose(["stages=[eval,infer]"]))
+    validate(compose(["stages=[eval,infer]", "ckpt=base"]))
+    validate(compose(["stages=[merge]", f"ckpt={tmp_path}"]))
+    validate(compose(["stages=[infer]", f"infer.ckpt={tmp_path}"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(compose(["stages=[eval]", f"ckpt={tmp_path / 'nope'}"]))
+    with pytest.raises(ConfigError, match="no adapter to merge"):
+        validate(compose(["stages=[merge]", "ckpt=base"]))
+
+
+def test_ckpt_with_sft_and_merge_without_adapter_are_rejected(compose, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.resume"):
+        validate(compose([f"ckpt={tmp_path}"]))
+    with pytest.raises(ConfigError, match="lora=none"):
+        validate(compose(["lora=none"]))
+
+
+def test_optuna_search_space_and_direction_follow_the_config(compose):
+    _skip_without_plugin("hparams_search")
+    cfg = compose(["+hparams_search=optuna", "eval.direction=maximize"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert "optuna" in sweeper._target_ and sweeper.direction == "maximize"
+    assert sweeper.n_trials == 4 and sweeper.sampler.seed == 42
+    assert sweeper.params["lora.r"] == "choice(4, 8, 16)"
+    assert sweeper.params["optim.lr"] == "tag(log, interval(1e-5, 1e-3))"
+
+
+def test_slurm_launcher_takes_its_settings_from_config(compose):
+    _skip_without_plugin("hydra/launcher")
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (
+        "SlurmLauncher" in launcher._target_ and launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    )
+
+
+def test_run_and_sweep_folders(compose):
+    cfg = compose(["experiment_name=x", "output_root=/r"], return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("/r/x/") and cfg.hydra.sweep.dir.startswith("/r/x/multirun-")
+    assert cfg.hydra.job.chdir is False
+    logging = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    assert logging["handlers"]["file"]["filename"] == "${hydra.runtime.output_dir}/run.log"
+
+
+def test_resolve_device_and_dtype():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="cuda:99"):
+        resolve_device("cuda:99")
+    with pytest.raises(ConfigError, match="valid: auto, cpu"):
+        resolve_device("tpu")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="model.dtype=int8"):
+        resolve_dtype("int8", cpu)
+
+
+def test_resolve_device_reads_the_config(compose):
+    cfg = compose(["device=cpu", "model.dtype=float16"])
+    device = resolve_device(cfg)
+    assert device == torch.device("cpu") and resolve_dtype(cfg, device) == torch.float16
