@@ -1,4 +1,4 @@
-"""Shared test setup: offline, quiet, two CPU threads, and Hydra's compose API over the shipped conf/."""
+"""Shared test setup: offline, quiet, one CPU thread (tiny models gain nothing from more, and lose much when cores are shared), and Hydra's compose API over the shipped conf/."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.config import register_configs  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
