@@ -46,14 +46,21 @@ def make_batch(batch: int, length: int, vocab: int, device) -> dict:
     labels[:, -sup:] = ids[:, -sup:]
     pixels = [[torch.randn(3, 448, 448, generator=g)] for _ in range(batch)]
     bounds = [torch.tensor([[2, 2 + Q]]) for _ in range(batch)]
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "pixel_values": pixels, "image_bound": bounds}
+    return {
+        "input_ids": ids.to(device),
+        "labels": labels.to(device),
+        "pixel_values": pixels,
+        "image_bound": bounds,
+    }
 
 
 def baseline_loss(model: MiniCPMV, batch: dict) -> torch.Tensor:
     core = model
     embeds = core.llm.model.embed_tokens(batch["input_ids"]) * core.config.scale_emb
-    for b, (imgs, bounds) in enumerate(zip(batch["pixel_values"], batch["image_bound"])):
-        for img, (s, e) in zip(imgs, bounds.tolist()):  # one image at a time, as the original loop
+    for b, (imgs, bounds) in enumerate(zip(batch["pixel_values"], batch["image_bound"], strict=True)):
+        for img, (s, e) in zip(
+            imgs, bounds.tolist(), strict=True
+        ):  # one image at a time, as the original loop
             q = core.encode_images([img])[0]
             embeds[b, s:e] = q.to(embeds.dtype)
     t = embeds.shape[1]
@@ -111,21 +118,36 @@ def time_training(model, loss_fn, batch, steps: int, fused: bool, gc: bool) -> d
     dt = (time.perf_counter() - t0) / steps
     b, t = batch["input_ids"].shape
     del opt
-    return {"s_per_step": dt, "tokens_per_s": b * t / dt, "samples_per_s": b / dt,
-            "peak_gb": torch.cuda.max_memory_allocated() / 1024**3, "first_loss": losses[0]}
+    return {
+        "s_per_step": dt,
+        "tokens_per_s": b * t / dt,
+        "samples_per_s": b / dt,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1024**3,
+        "first_loss": losses[0],
+    }
 
 
 def train_rows(args, device) -> list[dict]:
     rows = []
-    cases = [("lora_qkv", 8, 1024, False), ("lora_qkv", 1, 2048, True), ("lora_all", 1, 2048, True),
-             ("full", 1, 2048, True)]
+    cases = [
+        ("lora_qkv", 8, 1024, False),
+        ("lora_qkv", 1, 2048, True),
+        ("lora_all", 1, 2048, True),
+        ("full", 1, 2048, True),
+    ]
     if args.quick:
         cases = cases[:2]
     for mode, b, t, gc in cases:
         model = build(mode, device)
         cfg = MiniCPMVConfig()
         batch = make_batch(b, t, cfg.vocab_size, device)
-        for impl, fn, fused in (("baseline", baseline_loss, False), ("ours", ours_loss, True)):
+        impls = [("baseline", baseline_loss, False), ("ours", ours_loss, True)]
+        if mode == "lora_qkv":
+            impls.append(("ours+compile", ours_loss, True))
+        for impl, fn, fused in impls:
+            if impl == "ours+compile":
+                core = model.get_base_model() if hasattr(model, "get_base_model") else model
+                core.compile_blocks()
             if mode == "full" and impl == "baseline":
                 continue  # one full-size fp32 optimizer state at a time; baseline memory is shown by lora rows
             torch.cuda.empty_cache()
@@ -136,7 +158,8 @@ def train_rows(args, device) -> list[dict]:
                 torch.cuda.empty_cache()
             if "tokens_per_s" in r:
                 flops = llm_flops_per_token(cfg, t, "full" if mode == "full" else "lora") * (
-                    4 / 3 if gc else 1)
+                    4 / 3 if gc else 1
+                )
                 r["mfu"] = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
             rows.append({"mode": mode, "batch": b, "length": t, "grad_ckpt": gc, "impl": impl, **r})
             print(json.dumps(rows[-1]), flush=True)
@@ -157,22 +180,49 @@ def infer_rows(args, device) -> list[dict]:
         ids = batch["input_ids"]
         # prefill: one forward over the prompt (vision included)
         for _ in range(2):
-            generate(model, ids, None, batch["pixel_values"], batch["image_bound"],
-                     GenerationSettings(max_new_tokens=1), eos_token_id=-1)
+            generate(
+                model,
+                ids,
+                None,
+                batch["pixel_values"],
+                batch["image_bound"],
+                GenerationSettings(max_new_tokens=1),
+                eos_token_id=-1,
+            )
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(model, ids, None, batch["pixel_values"], batch["image_bound"],
-                 GenerationSettings(max_new_tokens=1), eos_token_id=-1)
+        generate(
+            model,
+            ids,
+            None,
+            batch["pixel_values"],
+            batch["image_bound"],
+            GenerationSettings(max_new_tokens=1),
+            eos_token_id=-1,
+        )
         torch.cuda.synchronize()
         prefill = time.perf_counter() - t0
         n = 64 if args.quick else 128
         t0 = time.perf_counter()
-        out = generate(model, ids, None, batch["pixel_values"], batch["image_bound"],
-                       GenerationSettings(max_new_tokens=n), eos_token_id=-1)
+        out = generate(
+            model,
+            ids,
+            None,
+            batch["pixel_values"],
+            batch["image_bound"],
+            GenerationSettings(max_new_tokens=n),
+            eos_token_id=-1,
+        )
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        rows.append({"batch": b, "prompt": 512, "prefill_ms": prefill * 1e3,
-                     "decode_tokens_per_s": b * (out.shape[1] - 1) / max(total - prefill, 1e-9)})
+        rows.append(
+            {
+                "batch": b,
+                "prompt": 512,
+                "prefill_ms": prefill * 1e3,
+                "decode_tokens_per_s": b * (out.shape[1] - 1) / max(total - prefill, 1e-9),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -187,8 +237,12 @@ def main() -> None:
         raise SystemExit("bench/bench.py needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(info), flush=True)
     results = {"info": info, "train": train_rows(args, device), "infer": infer_rows(args, device)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +251,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results["train"]:
         if r.get("oom"):
-            print(f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | OOM | | | |")
+            print(
+                f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | OOM | | | |"
+            )
             continue
-        print(f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
-              f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | {100 * r['mfu']:.1f}% |")
+        print(
+            f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
+            f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | {100 * r['mfu']:.1f}% |"
+        )
     print("\n| decode batch | prefill ms (512 tokens) | decode tokens/s |")
     print("|---|---|---|")
     for r in results["infer"]:

@@ -39,12 +39,22 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def config(workdir: Path, *overrides: str):
-    return compose_config([
-        "trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2", "trainer.max_eval_samples=2",
-        "trainer.batch_size=2", "trainer.eval_batch_size=2", "model.gradient_checkpointing=false",
-        f"model.path={workdir / 'tiny'}", f"dataset.path={workdir / 'demo'}", "device=cpu",
-        "stages=[sft,merge]", *overrides,
-    ])
+    return compose_config(
+        [
+            "trainer.max_steps=2",
+            "trainer.eval_steps=2",
+            "trainer.save_steps=2",
+            "trainer.max_eval_samples=2",
+            "trainer.batch_size=2",
+            "trainer.eval_batch_size=2",
+            "model.gradient_checkpointing=false",
+            f"model.path={workdir / 'tiny'}",
+            f"dataset.path={workdir / 'demo'}",
+            "device=cpu",
+            "stages=[sft,merge]",
+            *overrides,
+        ]
+    )
 
 
 def train(workdir: Path, name: str, *overrides: str) -> tuple[Path, dict]:
@@ -135,8 +145,12 @@ def test_lora_all_merges_vision_and_resampler_adapters(workdir: Path, all_run) -
 
 
 def test_a_bf16_base_merges_and_is_written_in_bf16(workdir: Path) -> None:
-    save_checkpoint(load_model(workdir / "tiny"), workdir / "tiny-bf16", dtype=torch.bfloat16,
-                    source_folder=workdir / "tiny")
+    save_checkpoint(
+        load_model(workdir / "tiny"),
+        workdir / "tiny-bf16",
+        dtype=torch.bfloat16,
+        source_folder=workdir / "tiny",
+    )
     overrides = (f"model.path={workdir / 'tiny-bf16'}", "model.dtype=bfloat16", "lora=all", "optim.lr=1e-2")
     run_dir, state = train(workdir, "bf16", *overrides)
     merged = merge.run(config(workdir, *overrides), run_dir, state)["merged"]
@@ -170,11 +184,18 @@ def test_a_merge_that_does_not_reproduce_the_adapter_fails(workdir: Path, all_ru
 def test_merge_from_a_ckpt_setting_without_data_checks_on_generated_inputs(workdir: Path, qkv_run) -> None:
     run_dir, state, _ = qkv_run
     out = workdir / "exported"
-    cfg = compose_config([
-        f"model.path={workdir / 'tiny'}", "stages=[merge]", f"ckpt={run_dir}", f"merge.output={out}",
-        "merge.shard_size=1MB", "merge.verify_samples=1", "dataset=custom",
-        f"dataset.path={workdir / 'no-such-file.jsonl'}",
-    ])
+    cfg = compose_config(
+        [
+            f"model.path={workdir / 'tiny'}",
+            "stages=[merge]",
+            f"ckpt={run_dir}",
+            f"merge.output={out}",
+            "merge.shard_size=1MB",
+            "merge.verify_samples=1",
+            "dataset=custom",
+            f"dataset.path={workdir / 'no-such-file.jsonl'}",
+        ]
+    )
     result = merge.run(cfg, workdir / "export-run", {"metrics": {}})
     assert result["merged"] == out.resolve()
     info = json.loads((workdir / "export-run" / "merge" / merge.INFO_FILE).read_text())

@@ -15,7 +15,8 @@ from pipeline.models.generation import GenerationSettings, generate
 from pipeline.models.modeling import MiniCPMV
 from pipeline.models.resampler import sincos_2d
 
-REFERENCE_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minicpm_v2_state_dict.tsv"
+# Every tensor of the official checkpoint (key, shape), as listed by its safetensors index.
+REFERENCE_TSV = Path(__file__).resolve().parent / "data" / "minicpm_v2_state_dict.tsv"
 Q = 16  # query_num of the small config below
 
 
@@ -68,22 +69,48 @@ def test_full_size_config_matches_official_keys_shapes_and_count():
         reference[key] = json.loads(shape)
     assert ours == reference
     assert sum(v.numel() for v in model.state_dict().values()) == 3_434_965_792
-    parts = {p: sum(v.numel() for k, v in model.state_dict().items() if k.startswith(p)) for p in
-             ("llm.", "vpm.", "resampler.")}
+    parts = {
+        p: sum(v.numel() for k, v in model.state_dict().items() if k.startswith(p))
+        for p in ("llm.", "vpm.", "resampler.")
+    }
     assert parts == {"llm.": 3_007_703_808, "vpm.": 397_747_744, "resampler.": 29_514_240}
 
 
 def test_official_config_json_round_trips(tmp_path):
     official = {
-        "architectures": ["MiniCPMV"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
-        "dim_model_base": 256, "drop_vision_last_layer": True, "eos_token_id": 2, "hidden_act": "silu",
-        "hidden_size": 2304, "image_size": 448, "initializer_range": 0.1, "intermediate_size": 5760,
-        "max_position_embeddings": 4096, "max_slice_nums": 9, "mm_use_im_start_end": True,
-        "model_type": "minicpmv", "num_attention_heads": 36, "num_hidden_layers": 40,
-        "num_key_value_heads": 36, "patch_size": 14, "pretraining_tp": 1, "query_num": 64,
-        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "scale_depth": 1.4,
-        "scale_emb": 12, "scale_resolution": 448, "slice_mode": True, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "use_cache": True, "vision_encoder": "vit_so400m_patch14_siglip_384.webli",
+        "architectures": ["MiniCPMV"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "dim_model_base": 256,
+        "drop_vision_last_layer": True,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 2304,
+        "image_size": 448,
+        "initializer_range": 0.1,
+        "intermediate_size": 5760,
+        "max_position_embeddings": 4096,
+        "max_slice_nums": 9,
+        "mm_use_im_start_end": True,
+        "model_type": "minicpmv",
+        "num_attention_heads": 36,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 36,
+        "patch_size": 14,
+        "pretraining_tp": 1,
+        "query_num": 64,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "scale_depth": 1.4,
+        "scale_emb": 12,
+        "scale_resolution": 448,
+        "slice_mode": True,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vision_encoder": "vit_so400m_patch14_siglip_384.webli",
         "vocab_size": 122753,
     }
     (tmp_path / "config.json").write_text(json.dumps(official))
@@ -117,10 +144,13 @@ def test_image_queries_replace_placeholders_unscaled(model):
 
 def test_batched_vision_equals_one_image_at_a_time(model):
     g = torch.Generator().manual_seed(1)
-    images = [torch.randn(3, 112, 112, generator=g), torch.randn(3, 70, 98, generator=g),
-              torch.randn(3, 112, 112, generator=g)]
+    images = [
+        torch.randn(3, 112, 112, generator=g),
+        torch.randn(3, 70, 98, generator=g),
+        torch.randn(3, 112, 112, generator=g),
+    ]
     together = model.encode_images(images)
-    for img, q in zip(images, together):
+    for img, q in zip(images, together, strict=True):
         torch.testing.assert_close(model.encode_images([img])[0], q, rtol=1e-5, atol=1e-5)
 
 
@@ -221,8 +251,9 @@ def test_cached_generation_equals_uncached_with_left_padding(model):
 
 def test_sampling_is_reproducible_with_a_seeded_generator(model):
     ids, pixels, bounds, _ = batch()
-    settings = GenerationSettings(max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
-                                  repetition_penalty=1.1)
+    settings = GenerationSettings(
+        max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1
+    )
     a = generate(model, ids, None, pixels, bounds, settings, generator=torch.Generator().manual_seed(3))
     b = generate(model, ids, None, pixels, bounds, settings, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)

@@ -43,9 +43,17 @@ def eval_losses(sft_dir: Path) -> dict[int, float]:
     return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
 
 
-SHORT = ("+experiment=lora_qkv", "trainer.max_steps=6", "trainer.save_steps=3", "trainer.eval_steps=3",
-         "trainer.logging_steps=1", "trainer.batch_size=2", "trainer.max_eval_samples=4",
-         "model.gradient_checkpointing=false", "optim.lr=1e-3")
+SHORT = (
+    "+experiment=lora_qkv",
+    "trainer.max_steps=6",
+    "trainer.save_steps=3",
+    "trainer.eval_steps=3",
+    "trainer.logging_steps=1",
+    "trainer.batch_size=2",
+    "trainer.max_eval_samples=4",
+    "model.gradient_checkpointing=false",
+    "optim.lr=1e-3",
+)
 
 
 def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
@@ -57,9 +65,18 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
     assert names[-1] == "checkpoint-6" and len(set(names) - {best}) <= 2
     assert (sft_dir / "last").resolve().name == "checkpoint-6"
     ckpt = sft_dir / "checkpoint-6"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
-                 "rng_state.pt", "trainer_state.json", "config.yaml", "base_model.json", "tokenizer.model",
-                 "preprocessor_config.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+        "config.yaml",
+        "base_model.json",
+        "tokenizer.model",
+        "preprocessor_config.json",
+    ):
         assert (ckpt / name).is_file(), name
     assert not list(sft_dir.glob(".tmp-*"))
     assert sorted(losses_by_step(sft_dir)) == [1, 2, 3, 4, 5, 6]
@@ -121,8 +138,14 @@ def test_bad_resume_path_is_refused(twin, tmp_path):
         sft.run(make_cfg(twin, *SHORT, f"trainer.resume={tmp_path / 'nope'}"), tmp_path, {})
 
 
-LEARN = ("trainer.max_steps=30", "trainer.batch_size=4", "trainer.eval_steps=30", "trainer.save_steps=30",
-         "trainer.max_eval_samples=12", "model.gradient_checkpointing=false")
+LEARN = (
+    "trainer.max_steps=30",
+    "trainer.batch_size=4",
+    "trainer.eval_steps=30",
+    "trainer.save_steps=30",
+    "trainer.max_eval_samples=12",
+    "model.gradient_checkpointing=false",
+)
 
 
 def test_full_finetuning_lowers_eval_loss_markedly(twin, tmp_path):

@@ -97,8 +97,11 @@ def check_checkpoint(folder: Path, config: MiniCPMVConfig, limit: int = 10) -> N
     want = expected_shapes(config)
     missing = [k for k in want if k not in found]
     unexpected = [k for k in found if k not in want]
-    wrong = [f"{k}: {found[k][0]} in {found[k][1].name}, expected {want[k]}" for k in want if k in found
-             and found[k][0] != want[k]]
+    wrong = [
+        f"{k}: {found[k][0]} in {found[k][1].name}, expected {want[k]}"
+        for k in want
+        if k in found and found[k][0] != want[k]
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:

@@ -100,8 +100,13 @@ def generate(
     if use_cache:
         cfg = model.config
         cache = KVCache(
-            cfg.num_hidden_layers, b, cfg.num_key_value_heads, t + settings.max_new_tokens, cfg.head_dim,
-            dtype, device,
+            cfg.num_hidden_layers,
+            b,
+            cfg.num_key_value_heads,
+            t + settings.max_new_tokens,
+            cfg.head_dim,
+            dtype,
+            device,
         )
     generated = torch.empty(b, 0, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)

@@ -140,7 +140,9 @@ class MiniCPMModel(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Returns the final-norm hidden states [B, T, H] for already scaled input embeddings."""
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        cos, sin = rope_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+        )
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:

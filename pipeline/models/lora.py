@@ -43,7 +43,9 @@ def lora_target_regex(model: nn.Module, preset: str, target_modules: Sequence[st
     if target_modules:
         names = [n for n, _ in model.named_modules()]
         pattern = "|".join(f"(?:{t})" for t in target_modules)
-        hits = [n for n in names if re.fullmatch(pattern, n) or any(n.endswith(f".{t}") for t in target_modules)]
+        hits = [
+            n for n in names if re.fullmatch(pattern, n) or any(n.endswith(f".{t}") for t in target_modules)
+        ]
         if not hits:
             raise ValueError(
                 f"lora.target_modules {list(target_modules)} match no module; examples of names: "
@@ -97,7 +99,9 @@ def set_full_finetune(
         param.requires_grad_(not frozen)
     model.resampler.pos_embed.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("lora=none with freeze_vision, freeze_resampler and freeze_llm all true trains nothing")
+        raise ValueError(
+            "lora=none with freeze_vision, freeze_resampler and freeze_llm all true trains nothing"
+        )
 
 
 def count_parameters(model: nn.Module) -> TrainableSummary:

@@ -100,6 +100,17 @@ class MiniCPMV(PreTrainedModel):
         self.llm.model.gradient_checkpointing = False
         self.vpm.set_grad_checkpointing(False)
 
+    def compile_blocks(self) -> None:
+        """Compiles every LLM decoder layer and vision block in place with torch.compile (GPU speed-up).
+
+        Block by block rather than the whole model: shapes vary with each batch's length and image count,
+        and per-block graphs stay valid under gradient checkpointing and PEFT's injected LoRA layers.
+        """
+        for layer in self.llm.model.layers:
+            layer.compile(dynamic=True)
+        for block in self.vpm.blocks:
+            block.compile(dynamic=True)
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.llm.model.gradient_checkpointing
@@ -138,7 +149,11 @@ class MiniCPMV(PreTrainedModel):
         embeds = self.llm.model.embed_tokens(input_ids) * self.config.scale_emb
         flat = [img for sample in (pixel_values or []) for img in sample]
         if not flat:
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.vpm.parameters()):
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and any(p.requires_grad for p in self.vpm.parameters())
+            ):
                 embeds = embeds + self._dummy_vision_term(embeds)
             return embeds
         queries = self.encode_images(flat)
@@ -152,7 +167,7 @@ class MiniCPMV(PreTrainedModel):
                 raise ValueError(
                     f"sample {b}: {len(sample)} image tensors but {n_bounds} image placeholders in the text"
                 )
-            for start, end in (bounds.tolist() if bounds is not None else []):
+            for start, end in bounds.tolist() if bounds is not None else []:
                 if end - start != q:
                     raise ValueError(f"sample {b}: image placeholder [{start}, {end}) is not {q} tokens long")
                 rows.append(torch.full((q,), b, dtype=torch.long))
@@ -235,4 +250,3 @@ def positions_and_mask(
     eye[torch.arange(length), torch.arange(past, total)] = True
     attn = attn | eye[None, None]
     return pos, attn
-

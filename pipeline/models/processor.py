@@ -233,7 +233,9 @@ class MiniCPMVImageProcessor:
         # numpy for the arithmetic: torch's per-op overhead dominates on images this small (same values as
         # torchvision's to_tensor + normalize, which compute in float32 too).
         pixels = np.asarray(image, dtype=np.float32) / 255.0
-        pixels = (pixels - np.asarray(self.norm_mean, dtype=np.float32)) / np.asarray(self.norm_std, dtype=np.float32)
+        pixels = (pixels - np.asarray(self.norm_mean, dtype=np.float32)) / np.asarray(
+            self.norm_std, dtype=np.float32
+        )
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def placeholder_ids(self, tokenizer: PlaceholderTokenizer, grid: tuple[int, int] | None) -> list[int]:

@@ -49,8 +49,9 @@ PRETRAIN_SEED = 1234
 PRETRAIN_ROWS = 480
 
 
-def pretrain_tiny(model: MiniCPMV, tokenizer, processor, steps: int, batch_size: int = 8, lr: float = 2e-3,
-                  seed: int = 0) -> list[float]:
+def pretrain_tiny(
+    model: MiniCPMV, tokenizer, processor, steps: int, batch_size: int = 8, lr: float = 2e-3, seed: int = 0
+) -> list[float]:
     """Full-trains the twin for `steps` on freshly generated demo-style rows; returns the loss per step."""
     from pipeline.data.demo import generate_demo
 
@@ -61,8 +62,16 @@ def pretrain_tiny(model: MiniCPMV, tokenizer, processor, steps: int, batch_size:
     for row in rows:
         image = images[row["images"][0]] if row.get("images") else None
         history = [tuple(pair) for pair in row.get("history", [])]
-        sample = encode_example(tokenizer, processor, row["query"], row["response"], history,
-                                row.get("system"), image, max_length=2048)
+        sample = encode_example(
+            tokenizer,
+            processor,
+            row["query"],
+            row["response"],
+            history,
+            row.get("system"),
+            image,
+            max_length=2048,
+        )
         if sample is not None:
             samples.append(sample)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -84,8 +93,9 @@ def pretrain_tiny(model: MiniCPMV, tokenizer, processor, steps: int, batch_size:
     return losses
 
 
-def build_tiny_twin(folder: str | Path, seed: int = 0, pretrain_steps: int = 100,
-                    extra_texts: tuple[str, ...] = ()) -> Path:
+def build_tiny_twin(
+    folder: str | Path, seed: int = 0, pretrain_steps: int = 100, extra_texts: tuple[str, ...] = ()
+) -> Path:
     """Writes the tiny twin's checkpoint folder (atomically) and returns it.
 
     With `pretrain_steps` > 0 the random twin first gets a short, seeded pre-training on demo-style data.
@@ -108,15 +118,20 @@ def build_tiny_twin(folder: str | Path, seed: int = 0, pretrain_steps: int = 100
         log.info("pre-training the tiny twin for %d steps (once; cached at %s)", pretrain_steps, folder)
         losses = pretrain_tiny(model, tokenizer, processor, pretrain_steps, seed=seed)
         log.info("pre-training loss %.3f -> %.3f", losses[0], sum(losses[-10:]) / len(losses[-10:]))
-    weights = save_checkpoint(model, tmp / "weights", max_shard_bytes=2 * 1024**2, source_folder=tmp / "tokenizer")
+    weights = save_checkpoint(
+        model, tmp / "weights", max_shard_bytes=2 * 1024**2, source_folder=tmp / "tokenizer"
+    )
     processor.save_pretrained(weights)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         shutil.rmtree(folder)
     weights.rename(folder)
     shutil.rmtree(tmp)
-    log.info("tiny MiniCPM-V-2 twin written to %s (%s parameters)", folder,
-             f"{sum(p.numel() for p in model.parameters()):,}")
+    log.info(
+        "tiny MiniCPM-V-2 twin written to %s (%s parameters)",
+        folder,
+        f"{sum(p.numel() for p in model.parameters()):,}",
+    )
     return folder
 
 

@@ -39,8 +39,15 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "merge_info.json"
 SIZE_UNITS = {
-    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
 }
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,8 +113,9 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
         recorded = Path(json.loads(pointer.read_text(encoding="utf-8"))["base_model_path"])
         if (recorded / "config.json").is_file():
             return recorded
-        log.warning("base model %s recorded in %s is gone; using model.path=%s", recorded, pointer,
-                    cfg.model.path)
+        log.warning(
+            "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, cfg.model.path
+        )
     return base_model_path(cfg.model.path, cfg.model.build_if_missing, cfg.model.trust_hub)
 
 
@@ -147,8 +155,14 @@ def dummy_samples(
         side = 2 * processor.scale_resolution if i % 2 else processor.scale_resolution
         noise = bytes(rng.getrandbits(8) for _ in range(side * side * 3))
         image = Image.frombytes("RGB", (side, side), noise)
-        sample = encode_example(tokenizer, processor, "Describe the image.", "A field of coloured noise.",
-                                image=image, max_length=1_000_000)
+        sample = encode_example(
+            tokenizer,
+            processor,
+            "Describe the image.",
+            "A field of coloured noise.",
+            image=image,
+            max_length=1_000_000,
+        )
         if sample is not None:
             samples.append(sample)
     return samples
@@ -159,22 +173,25 @@ def verification_samples(
 ) -> tuple[list[Sample], str]:
     """Returns up to `n` held-out samples and "held-out", or generated ones and "dummy" without data."""
     try:
-        splits = prepare_splits(cfg.dataset, bundle.tokenizer, bundle.processor, cfg.seed,
-                                problems_path=problems_path)
+        splits = prepare_splits(
+            cfg.dataset, bundle.tokenizer, bundle.processor, cfg.seed, problems_path=problems_path
+        )
         rows = (splits.val or splits.train)[:n]
     except (OSError, ValueError) as err:  # a missing or broken data set: the merge itself does not need it
         log.warning("merge: held-out rows unavailable (%s); checking on %d generated inputs", err, n)
         rows = []
     if rows:
-        dataset = SFTDataset(rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length,
-                             cfg.dataset.truncation)
+        dataset = SFTDataset(
+            rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length, cfg.dataset.truncation
+        )
         return [dataset[i] for i in range(len(dataset))], "held-out"
     return dummy_samples(bundle.tokenizer, bundle.processor, n, cfg.seed), "dummy"
 
 
 @torch.inference_mode()
-def sample_logits(model: torch.nn.Module, samples: list[Sample], pad_id: int, device: torch.device,
-                  desc: str) -> list[torch.Tensor]:
+def sample_logits(
+    model: torch.nn.Module, samples: list[Sample], pad_id: int, device: torch.device, desc: str
+) -> list[torch.Tensor]:
     """Returns each sample's fp32 logits [T, vocab] on the CPU, one sample per forward (no padding)."""
     out = []
     for sample in tqdm(samples, desc=desc, unit="sample", leave=False):
@@ -225,11 +242,23 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     dtype = checkpoint_dtype(base)
     device = resolve_device(str(cfg.merge.device))
     shard_bytes = parse_size(cfg.merge.shard_size)
-    log.info("merge: adapter %s onto base %s (%s, on %s) -> %s", ckpt, base, str(dtype).replace("torch.", ""),
-             device, out)
+    log.info(
+        "merge: adapter %s onto base %s (%s, on %s) -> %s",
+        ckpt,
+        base,
+        str(dtype).replace("torch.", ""),
+        device,
+        out,
+    )
     try:
-        bundle = load_bundle(str(base), ckpt=ckpt, dtype=dtype, device=device,
-                             max_slice_nums=cfg.model.max_slice_nums, slice_mode=cfg.model.slice_mode)
+        bundle = load_bundle(
+            str(base),
+            ckpt=ckpt,
+            dtype=dtype,
+            device=device,
+            max_slice_nums=cfg.model.max_slice_nums,
+            slice_mode=cfg.model.slice_mode,
+        )
     except CheckpointError as err:
         raise MergeError(f"cannot load adapter {ckpt} onto base {base}: {err}") from err
     model = bundle.model.eval()
@@ -279,8 +308,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     }
     atomic_write_json(merge_dir / INFO_FILE, info)
     if diff is not None:
-        print(f"merge: max |logits(merged) - logits(adapter)| = {diff:.3g} over {len(samples)} {inputs} "
-              f"sample(s) (logits scale {scale:.3g}, tolerance {tolerance:.3g})")
+        print(
+            f"merge: max |logits(merged) - logits(adapter)| = {diff:.3g} over {len(samples)} {inputs} "
+            f"sample(s) (logits scale {scale:.3g}, tolerance {tolerance:.3g})"
+        )
         if diff > tolerance:
             raise MergeError(
                 f"merged checkpoint {out} does not reproduce adapter {ckpt}: max logits difference "

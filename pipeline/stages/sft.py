@@ -115,12 +115,23 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         slice_mode=cfg.model.slice_mode,
     )
     model = prepare_model(cfg, bundle)
+    if cfg.trainer.compile:
+        bundle.core.compile_blocks()
     counts = count_parameters(model)
     log.info("%s", counts)
-    splits = prepare_splits(cfg.dataset, bundle.tokenizer, bundle.processor, cfg.seed,
-                            problems_path=sft_dir / "dataset_problems.jsonl")
-    make_set = lambda rows: SFTDataset(rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length,  # noqa: E731
-                                       cfg.dataset.truncation)
+    splits = prepare_splits(
+        cfg.dataset,
+        bundle.tokenizer,
+        bundle.processor,
+        cfg.seed,
+        problems_path=sft_dir / "dataset_problems.jsonl",
+    )
+
+    def make_set(rows):
+        return SFTDataset(
+            rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length, cfg.dataset.truncation
+        )
+
     train_set, val_set = make_set(splits.train), make_set(splits.val)
     settings = loop_settings(cfg)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -130,11 +141,21 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     total = settings.max_steps if settings.max_steps > 0 else settings.epochs * per_epoch
     scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tracker = build_tracker(cfg.tracking, Path(run_dir), resolved, is_main_process=accelerator.is_main_process)
+    tracker = build_tracker(
+        cfg.tracking, Path(run_dir), resolved, is_main_process=accelerator.is_main_process
+    )
     trainer = Trainer(
-        accelerator, model, optimizer, scheduler, train_set, val_set, settings, sft_dir,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        val_set,
+        settings,
+        sft_dir,
         save_extra=lambda: {"run_cfg": cfg, "base_path": bundle.base_path},
-        pad_id=bundle.tokenizer.pad_id, tracker=tracker,
+        pad_id=bundle.tokenizer.pad_id,
+        tracker=tracker,
     )
     resumed = trainer.resume(cfg.trainer.resume)
 
@@ -158,7 +179,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         "best_eval_loss": final.best_metric,
         "train_seconds": round(final.train_seconds, 2),
         "wall_seconds_this_process": round(time.perf_counter() - started, 2),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if device.type == "cuda" else None,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        if device.type == "cuda"
+        else None,
         "trainable_params": counts.trainable,
         "total_params": counts.total,
         "train_rows": len(train_set),
@@ -173,7 +196,11 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         if cfg.tracking.log_model and last.exists():
             tracker.log_artifact(last.resolve(), name=f"{cfg.experiment_name}-adapter", type="model")
         tracker.finish()
-        log.info("sft: %d steps, last %s, best %s", final.global_step, summary["last_checkpoint"],
-                 summary["best_checkpoint"])
+        log.info(
+            "sft: %d steps, last %s, best %s",
+            final.global_step,
+            summary["last_checkpoint"],
+            summary["best_checkpoint"],
+        )
     ckpt = best if best.exists() else last
     return {"ckpt": ckpt.resolve() if ckpt.exists() else None, "sft": summary}

@@ -50,8 +50,11 @@ def list_checkpoints(sft_dir: Path) -> list[Path]:
     """Returns complete checkpoint folders, oldest first."""
     if not sft_dir.is_dir():
         return []
-    found = [p for p in sft_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None
-             and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in sft_dir.iterdir()
+        if p.is_dir() and checkpoint_step(p) is not None and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -84,8 +87,15 @@ def _save_rng(path: Path) -> None:
 def restore_rng(path: Path) -> None:
     s = torch.load(path, weights_only=True)
     random.setstate((s["python_version"], tuple(s["python_state"].tolist()), s["python_gauss"]))
-    np.random.set_state(("MT19937", s["numpy_state"].numpy().astype(np.uint32), s["numpy_pos"],
-                         s["numpy_has_gauss"], s["numpy_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            s["numpy_state"].numpy().astype(np.uint32),
+            s["numpy_pos"],
+            s["numpy_has_gauss"],
+            s["numpy_gauss"],
+        )
+    )
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -116,7 +126,12 @@ def save_training_checkpoint(
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
     (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+    for name in (
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    ):
         if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
             shutil.copy2(base_path / name, tmp / name)
     for f in tmp.iterdir():
@@ -135,7 +150,9 @@ def load_training_checkpoint(
     if isinstance(model, PeftModel):
         adapter = ckpt / "adapter_model.safetensors"
         if not adapter.is_file():
-            raise FileNotFoundError(f"{ckpt}: no adapter_model.safetensors; is it a full fine-tuning checkpoint?")
+            raise FileNotFoundError(
+                f"{ckpt}: no adapter_model.safetensors; is it a full fine-tuning checkpoint?"
+            )
         result = set_peft_model_state_dict(model, load_file(str(adapter)))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:

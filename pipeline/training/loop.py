@@ -70,7 +70,9 @@ def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
     return n_rows // (settings.batch_size * settings.grad_accum * world)
 
 
-def window_indices(n_rows: int, seed: int, epoch: int, step: int, size: int, rank: int, world: int) -> list[int]:
+def window_indices(
+    n_rows: int, seed: int, epoch: int, step: int, size: int, rank: int, world: int
+) -> list[int]:
     """Returns this rank's row indices for optimizer step `step` of `epoch`."""
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     window = order[step * size : (step + 1) * size]
@@ -173,12 +175,19 @@ class Trainer:
         else:
             ckpt = Path(resume)
             if not (ckpt / "trainer_state.json").is_file():
-                raise TrainingError(f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)")
-        self.state = load_training_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+                raise TrainingError(
+                    f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
+                )
+        self.state = load_training_checkpoint(
+            ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler
+        )
         if self.acc.is_main_process and self.log_path.exists():
             # Drop log lines written after the checkpoint, so the log reads as one uninterrupted run.
-            kept = [line for line in self.log_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.state.global_step]
+            kept = [
+                line
+                for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.state.global_step
+            ]
             atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
         log.info("resumed from %s at step %d", ckpt, self.state.global_step)
         return ckpt
@@ -249,19 +258,31 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "token_acc": float(correct) / total_tokens, "grad_norm": grad_norm,
-                "tokens": seen_tokens, "samples": sum(len(b["input_ids"]) for b in micro)}
+        return {
+            "loss": loss,
+            "token_acc": float(correct) / total_tokens,
+            "grad_norm": grad_norm,
+            "tokens": seen_tokens,
+            "samples": sum(len(b["input_ids"]) for b in micro),
+        }
 
     # ----- evaluation (loss and token accuracy on the validation rows)
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.val_set is None or len(self.val_set) == 0:
             return {}
-        n = len(self.val_set) if self.s.max_eval_samples is None else min(len(self.val_set), self.s.max_eval_samples)
+        n = (
+            len(self.val_set)
+            if self.s.max_eval_samples is None
+            else min(len(self.val_set), self.s.max_eval_samples)
+        )
         indices = list(range(n))[self.rank :: self.world]
         loader = DataLoader(
             self.val_set,
-            batch_sampler=[indices[i : i + self.s.eval_batch_size] for i in range(0, len(indices), self.s.eval_batch_size)],
+            batch_sampler=[
+                indices[i : i + self.s.eval_batch_size]
+                for i in range(0, len(indices), self.s.eval_batch_size)
+            ],
             collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
             num_workers=self.s.num_workers,
             generator=torch.Generator().manual_seed(self.s.seed),
@@ -284,8 +305,14 @@ class Trainer:
         self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
-            path = save_training_checkpoint(self.sft_dir, self.acc.unwrap_model(self.model), self.optimizer,
-                                            self.scheduler, self.state, **self.save_extra())
+            path = save_training_checkpoint(
+                self.sft_dir,
+                self.acc.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                **self.save_extra(),
+            )
             point(self.sft_dir / "last", path)
             protect = {self.state.best_checkpoint} if self.state.best_checkpoint else set()
             rotate_checkpoints(self.sft_dir, self.s.save_total_limit, protect | {path.name})
@@ -304,8 +331,14 @@ class Trainer:
         if self.acc.is_main_process:
             append_jsonl(self.log_path, record)
             if self.tracker is not None:
-                self.tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))
-                                  and k != "step" and v is not None}, step=record["step"])
+                self.tracker.log(
+                    {
+                        k: v
+                        for k, v in record.items()
+                        if isinstance(v, (int, float)) and k != "step" and v is not None
+                    },
+                    step=record["step"],
+                )
 
     # ----- the loop
     def train(self) -> TrainerState:
@@ -313,8 +346,13 @@ class Trainer:
         window: list[dict] = []
         last_saved = None
         start = self.state.global_step
-        bar = tqdm(total=self.total_steps, initial=start, desc="sft", disable=not self.acc.is_main_process,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc="sft",
+            disable=not self.acc.is_main_process,
+            dynamic_ncols=True,
+        )
         t_window = time.perf_counter()
         t_start = time.perf_counter()
         if start == 0:
@@ -342,17 +380,19 @@ class Trainer:
                 bar.set_postfix(loss=f"{result['loss']:.4f}")
                 if step % self.s.logging_steps == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - t_window, 1e-9)
-                    self._log({
-                        "step": step,
-                        "epoch": round(step / self.per_epoch, 4),
-                        "loss": sum(r["loss"] for r in window) / len(window),
-                        "token_acc": sum(r["token_acc"] for r in window) / len(window),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": window[-1]["grad_norm"],
-                        "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
-                        "samples_per_s": sum(r["samples"] for r in window) * self.world / elapsed,
-                        "memory_gb": round(_memory_gb(self.acc.device), 3),
-                    })
+                    self._log(
+                        {
+                            "step": step,
+                            "epoch": round(step / self.per_epoch, 4),
+                            "loss": sum(r["loss"] for r in window) / len(window),
+                            "token_acc": sum(r["token_acc"] for r in window) / len(window),
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "grad_norm": window[-1]["grad_norm"],
+                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
+                            "samples_per_s": sum(r["samples"] for r in window) * self.world / elapsed,
+                            "memory_gb": round(_memory_gb(self.acc.device), 3),
+                        }
+                    )
                     window, t_window = [], time.perf_counter()
                 do_eval = step % self.s.eval_steps == 0 or step == self.total_steps
                 do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested
@@ -370,7 +410,9 @@ class Trainer:
                         point(self.sft_dir / "best", last_saved)
                 if guard.requested:
                     bar.close()
-                    raise StopRequested(f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}")
+                    raise StopRequested(
+                        f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}"
+                    )
                 if step >= self.total_steps:
                     break
         bar.close()

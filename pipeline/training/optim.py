@@ -44,5 +44,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: in
     if optim_cfg.scheduler not in SCHEDULERS:
         raise ValueError(f"optim.scheduler must be one of {sorted(SCHEDULERS)}, got {optim_cfg.scheduler!r}")
     warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)
-    return get_scheduler(SCHEDULERS[optim_cfg.scheduler], optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total_steps)
+    return get_scheduler(
+        SCHEDULERS[optim_cfg.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
