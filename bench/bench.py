@@ -170,60 +170,49 @@ def train_rows(args, device) -> list[dict]:
 
 @torch.no_grad()
 def infer_rows(args, device) -> list[dict]:
+    """Prefill latency and decode speed: eager decode (the baseline) vs static shapes + CUDA graph."""
     torch.manual_seed(0)
     with torch.device(device):
         model = MiniCPMV(MiniCPMVConfig())
     model = model.to(torch.bfloat16).eval()
     rows = []
+    n = 64 if args.quick else 128
     for b in (1, 16):
         batch = make_batch(b, 512, model.config.vocab_size, device)
-        ids = batch["input_ids"]
-        # prefill: one forward over the prompt (vision included)
-        for _ in range(2):
-            generate(
-                model,
-                ids,
-                None,
-                batch["pixel_values"],
-                batch["image_bound"],
-                GenerationSettings(max_new_tokens=1),
-                eos_token_id=-1,
-            )
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        generate(
-            model,
-            ids,
-            None,
-            batch["pixel_values"],
-            batch["image_bound"],
-            GenerationSettings(max_new_tokens=1),
-            eos_token_id=-1,
-        )
-        torch.cuda.synchronize()
-        prefill = time.perf_counter() - t0
-        n = 64 if args.quick else 128
-        t0 = time.perf_counter()
-        out = generate(
-            model,
-            ids,
-            None,
-            batch["pixel_values"],
-            batch["image_bound"],
-            GenerationSettings(max_new_tokens=n),
-            eos_token_id=-1,
-        )
-        torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        rows.append(
-            {
-                "batch": b,
-                "prompt": 512,
-                "prefill_ms": prefill * 1e3,
-                "decode_tokens_per_s": b * (out.shape[1] - 1) / max(total - prefill, 1e-9),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        ids, px, bounds = batch["input_ids"], batch["pixel_values"], batch["image_bound"]
+        row = {"batch": b, "prompt": 512, "new_tokens": n}
+        outputs = {}
+        for impl, static in (("eager", False), ("static+graph", True)):
+
+            def run(k: int, static=static, ids=ids, px=px, bounds=bounds):
+                return generate(
+                    model,
+                    ids,
+                    None,
+                    px,
+                    bounds,
+                    GenerationSettings(max_new_tokens=k),
+                    eos_token_id=-1,
+                    static=static,
+                )
+
+            run(2)
+            run(2)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(1)
+            torch.cuda.synchronize()
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outputs[impl] = run(n)
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+            row[f"{impl}_prefill_ms"] = prefill * 1e3
+            row[f"{impl}_decode_tokens_per_s"] = b * (n - 1) / max(total - prefill, 1e-9)
+        row["same_tokens"] = bool(torch.equal(outputs["eager"], outputs["static+graph"]))
+        row["speedup"] = row["static+graph_decode_tokens_per_s"] / row["eager_decode_tokens_per_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -232,6 +221,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="bench/results.json")
+    p.add_argument("--only", choices=["train", "infer"], default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/bench.py needs a CUDA GPU")
@@ -244,7 +234,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(info), flush=True)
-    results = {"info": info, "train": train_rows(args, device), "infer": infer_rows(args, device)}
+    results = {
+        "info": info,
+        "train": train_rows(args, device) if args.only != "infer" else [],
+        "infer": infer_rows(args, device) if args.only != "train" else [],
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print("\n| mode | batch x len | grad ckpt | impl | tokens/s | samples/s | peak GB | MFU |")
@@ -259,10 +253,16 @@ def main() -> None:
             f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
             f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | {100 * r['mfu']:.1f}% |"
         )
-    print("\n| decode batch | prefill ms (512 tokens) | decode tokens/s |")
-    print("|---|---|---|")
+    print(
+        "\n| decode batch | prefill ms (512 tokens) | eager decode tok/s | static+graph decode tok/s | speed-up |"
+        " same tokens |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in results["infer"]:
-        print(f"| {r['batch']} | {r['prefill_ms']:.1f} | {r['decode_tokens_per_s']:.1f} |")
+        print(
+            f"| {r['batch']} | {r['static+graph_prefill_ms']:.1f} | {r['eager_decode_tokens_per_s']:.1f} | "
+            f"{r['static+graph_decode_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['same_tokens']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -276,3 +276,13 @@ def test_sincos_layout_puts_columns_in_first_half():
     assert (table[1, 4:] == table[0, 4:]).all()
     assert (table[3, :4] == table[0, :4]).all()
     assert table.dtype.name == "float32"
+
+
+def test_static_shape_decoding_equals_growing_cache(model):
+    ids, pixels, bounds, _ = batch()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    settings = GenerationSettings(max_new_tokens=7)
+    growing = generate(model, ids, mask, pixels, bounds, settings, static=False)
+    static = generate(model, ids, mask, pixels, bounds, settings, static=True, cuda_graph=False)
+    assert torch.equal(growing, static)

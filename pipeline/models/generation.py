@@ -69,6 +69,65 @@ def next_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+class StaticDecoder:
+    """One decode step with fixed shapes over a preallocated cache, optionally replayed as a CUDA graph.
+
+    The step attends over the whole cache buffer with a mask that admits the prompt's real tokens and the
+    tokens generated so far, so no shape changes from step to step; on CUDA the step is captured once and
+    replayed, which removes the per-kernel launch cost that dominates decoding at small batch sizes.
+    """
+
+    def __init__(self, model: MiniCPMV, cache: KVCache, prompt_mask: torch.Tensor, use_graph: bool) -> None:
+        b, t = prompt_mask.shape
+        device = prompt_mask.device
+        self.model = model
+        self.cache = cache
+        self.cur = t  # next cache slot to write
+        cache.static_index = torch.tensor([t], dtype=torch.long, device=device)
+        self.mask = torch.zeros(b, 1, 1, cache.max_length, dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :t] = prompt_mask.bool()
+        self.pos = (prompt_mask.long().sum(-1, keepdim=True)).clone()  # next position id per row [B, 1]
+        self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.out = None
+        if use_graph:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        llm = self.model.llm
+        embeds = llm.model.embed_tokens(self.tok) * self.model.config.scale_emb
+        hidden = llm.model(embeds, self.pos, self.mask, self.cache)
+        return llm.logits(hidden[:, -1])
+
+    def _capture(self) -> None:
+        # Warm-up writes land in the slot the first real step overwrites, and are masked until then.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Returns fp32 logits [B, V] for feeding `tok` [B] at the next slot."""
+        if self.cur >= self.cache.max_length:
+            raise RuntimeError(f"KV cache overflow: slot {self.cur} >= max_length {self.cache.max_length}")
+        self.tok.copy_(tok[:, None])
+        self.cache.static_index.fill_(self.cur)
+        self.mask[:, 0, 0, self.cur] = True
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.out
+        else:
+            logits = self._forward()
+        self.pos += 1
+        self.cur += 1
+        return logits
+
+
 @torch.no_grad()
 def generate(
     model: MiniCPMV,
@@ -82,13 +141,19 @@ def generate(
     on_step: Callable[[torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static: bool | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Returns the new tokens [B, n] (rows that ended early are filled with pad_token_id after their eos).
 
-    `on_step` receives each step's tokens [B] as soon as they are chosen (for streaming).
+    `on_step` receives each step's tokens [B] as soon as they are chosen (for streaming). `static` decodes
+    with fixed shapes (default: on CUDA), `cuda_graph` replays that step as a CUDA graph (default: on CUDA).
     """
     settings = settings or GenerationSettings()
     device = model.llm.lm_head.weight.device
+    on_cuda = device.type == "cuda"
+    static = on_cuda if static is None else static
+    cuda_graph = (on_cuda and static) if cuda_graph is None else cuda_graph
     input_ids = input_ids.to(device)
     b, t = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -110,25 +175,36 @@ def generate(
         )
     generated = torch.empty(b, 0, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    step_embeds, past = embeds, 0
-    for _ in range(settings.max_new_tokens):
-        pos, attn = positions_and_mask(mask, step_embeds.shape[1], dtype, past=past)
-        hidden = model.llm.model(step_embeds, pos.to(device), attn, cache)
-        logits = model.llm.logits(hidden[:, -1])
+    # Prefill (and every step without a cache or without static shapes) goes through the plain forward.
+    pos, attn = positions_and_mask(mask, t, dtype)
+    hidden = model.llm.model(embeds, pos.to(device), attn, cache)
+    logits = model.llm.logits(hidden[:, -1])
+    decoder = None
+    if use_cache and static and settings.max_new_tokens > 1:
+        decoder = StaticDecoder(model, cache, mask, use_graph=cuda_graph)
+    past = t
+    for step in range(settings.max_new_tokens):
         tok = next_tokens(logits, generated, settings, generator)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         generated = torch.cat([generated, tok[:, None]], dim=1)
         if on_step is not None:
             on_step(tok)
         finished = finished | torch.isin(tok, eos)
-        if bool(finished.all()):
+        if step == settings.max_new_tokens - 1 or bool(finished.all()):
             break
+        if decoder is not None:
+            logits = decoder.step(tok)
+            continue
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
         new_embeds = model.llm.model.embed_tokens(tok[:, None]) * embed_scale
         if use_cache:
-            past = cache.length
             step_embeds = new_embeds
         else:
             embeds = torch.cat([embeds, new_embeds], dim=1)
-            step_embeds = embeds
+            step_embeds, past = embeds, 0
+        pos, attn = positions_and_mask(mask, step_embeds.shape[1], dtype, past=past)
+        hidden = model.llm.model(step_embeds, pos.to(device), attn, cache)
+        logits = model.llm.logits(hidden[:, -1])
+        if use_cache:
+            past = cache.length
     return generated

@@ -1,4 +1,9 @@
-"""A preallocated key/value cache for generation: one buffer per layer, filled in place, never concatenated."""
+"""A preallocated key/value cache for generation: one buffer per layer, filled in place, never concatenated.
+
+Two ways to write: by slice at the current length (prefill, and decode with shapes that grow), or - once
+`static_index` is set - at a position held in a device tensor, returning the whole buffers (decode with
+fixed shapes, which a CUDA graph can capture; the caller masks the unwritten tail).
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,14 @@ class KVCache:
         self.max_length = max_length
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
         self._pending = 0
+        self.static_index: torch.Tensor | None = None  # [1] long, on the buffers' device
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns all keys and values of `layer` so far, after writing the new ones at the current length."""
+        if self.static_index is not None:
+            self.keys[layer].index_copy_(2, self.static_index, k)
+            self.values[layer].index_copy_(2, self.static_index, v)
+            return self.keys[layer], self.values[layer]
         t = k.shape[2]
         end = self.length + t
         if end > self.max_length:
@@ -36,5 +46,7 @@ class KVCache:
 
     def advance(self) -> None:
         """Marks the tokens of the last forward as stored (called once per forward, after every layer)."""
+        if self.static_index is not None:
+            return  # the caller moves static_index
         self.length += self._pending
         self._pending = 0
