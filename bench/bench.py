@@ -99,13 +99,16 @@ def build(mode: str, device) -> MiniCPMV:
 def time_training(model, loss_fn, batch, steps: int, fused: bool, gc: bool) -> dict:
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     (core.gradient_checkpointing_enable if gc else core.gradient_checkpointing_disable)()
+    # The loss before any update, without dropout: equal across implementations up to bf16 rounding.
+    core.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        start_loss = float(loss_fn(core, batch))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=fused or None, foreach=None if fused else True)
     model.train()
     torch.cuda.reset_peak_memory_stats()
-    losses = []
-    for i in range(steps + 2):
-        if i == 2:
+    for i in range(steps + 3):
+        if i == 3:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -113,58 +116,89 @@ def time_training(model, loss_fn, batch, steps: int, fused: bool, gc: bool) -> d
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     b, t = batch["input_ids"].shape
-    del opt
     return {
         "s_per_step": dt,
         "tokens_per_s": b * t / dt,
         "samples_per_s": b / dt,
         "peak_gb": torch.cuda.max_memory_allocated() / 1024**3,
-        "first_loss": losses[0],
+        "start_loss": start_loss,
     }
 
 
+CASES = [
+    ("lora_qkv", 8, 1024, False),
+    ("lora_qkv", 1, 2048, True),
+    ("lora_all", 1, 2048, True),
+    ("full", 1, 2048, True),
+]
+IMPLS = {
+    "baseline": (baseline_loss, False, None),
+    "ours": (ours_loss, True, None),
+    "ours+compile": (ours_loss, True, "reduce-overhead"),
+}
+
+
+def train_one(case: int, impl: str, steps: int, device) -> dict:
+    """Runs one (case, implementation) pair; called in a fresh process so memory figures are its own."""
+    mode, b, t, gc = CASES[case]
+    fn, fused, compile_mode = IMPLS[impl]
+    model = build(mode, device)
+    if impl == "ours+compile":
+        torch._dynamo.config.cache_size_limit = 64
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core.compile_blocks(compile_mode)
+    cfg = MiniCPMVConfig()
+    batch = make_batch(b, t, cfg.vocab_size, device)
+    try:
+        r = time_training(model, fn, batch, steps, fused, gc)
+        flops = llm_flops_per_token(cfg, t, "full" if mode == "full" else "lora") * (4 / 3 if gc else 1)
+        r["mfu"] = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
+    except torch.OutOfMemoryError:
+        r = {"oom": True}
+    return {"mode": mode, "batch": b, "length": t, "grad_ckpt": gc, "impl": impl, **r}
+
+
 def train_rows(args, device) -> list[dict]:
+    import subprocess
+    import sys
+
     rows = []
-    cases = [
-        ("lora_qkv", 8, 1024, False),
-        ("lora_qkv", 1, 2048, True),
-        ("lora_all", 1, 2048, True),
-        ("full", 1, 2048, True),
-    ]
-    if args.quick:
-        cases = cases[:2]
-    for mode, b, t, gc in cases:
-        model = build(mode, device)
-        cfg = MiniCPMVConfig()
-        batch = make_batch(b, t, cfg.vocab_size, device)
-        impls = [("baseline", baseline_loss, False), ("ours", ours_loss, True)]
-        if mode == "lora_qkv":
-            impls.append(("ours+compile", ours_loss, True))
-        for impl, fn, fused in impls:
-            if impl == "ours+compile":
-                core = model.get_base_model() if hasattr(model, "get_base_model") else model
-                core.compile_blocks()
-            if mode == "full" and impl == "baseline":
-                continue  # one full-size fp32 optimizer state at a time; baseline memory is shown by lora rows
-            torch.cuda.empty_cache()
-            try:
-                r = time_training(model, fn, batch, args.steps, fused, gc)
-            except torch.OutOfMemoryError:
-                r = {"oom": True}
-                torch.cuda.empty_cache()
-            if "tokens_per_s" in r:
-                flops = llm_flops_per_token(cfg, t, "full" if mode == "full" else "lora") * (
-                    4 / 3 if gc else 1
-                )
-                r["mfu"] = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
-            rows.append({"mode": mode, "batch": b, "length": t, "grad_ckpt": gc, "impl": impl, **r})
-            print(json.dumps(rows[-1]), flush=True)
-        del model
-        torch.cuda.empty_cache()
+    cases = range(2) if args.quick else range(len(CASES))
+    for case in cases:
+        impls = list(IMPLS) if CASES[case][0] == "lora_qkv" else ["baseline", "ours"]
+        if CASES[case][0] == "full":
+            impls = ["ours", "ours+compile"]  # the fit on one card is the question here
+        for impl in impls:
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.bench",
+                "--case",
+                str(case),
+                "--impl",
+                impl,
+                "--steps",
+                str(args.steps),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith('{"mode"')]
+            row = (
+                json.loads(lines[-1])
+                if lines
+                else {
+                    "mode": CASES[case][0],
+                    "batch": CASES[case][1],
+                    "length": CASES[case][2],
+                    "grad_ckpt": CASES[case][3],
+                    "impl": impl,
+                    "error": proc.stderr[-400:],
+                }
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -222,6 +256,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="bench/results.json")
     p.add_argument("--only", choices=["train", "infer"], default=None)
+    p.add_argument("--case", type=int, default=None, help="run one training case (internal)")
+    p.add_argument("--impl", choices=list(IMPLS), default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/bench.py needs a CUDA GPU")
@@ -241,17 +277,18 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print("\n| mode | batch x len | grad ckpt | impl | tokens/s | samples/s | peak GB | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| mode | batch x len | grad ckpt | impl | tokens/s | samples/s | peak GB | MFU | loss at start |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["train"]:
-        if r.get("oom"):
-            print(
-                f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | OOM | | | |"
-            )
+        head = f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
+        if "tokens_per_s" not in r:
+            print(head + ("OOM" if r.get("oom") else "error") + " | | | | |")
             continue
         print(
-            f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
-            f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | {100 * r['mfu']:.1f}% |"
+            head + f"{r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | "
+            f"{100 * r['mfu']:.1f}% | {r['start_loss']:.4f} |"
         )
     print(
         "\n| decode batch | prefill ms (512 tokens) | eager decode tok/s | static+graph decode tok/s | speed-up |"

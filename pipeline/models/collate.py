@@ -73,11 +73,16 @@ def _bounds_tensor(bounds: Sequence[tuple[int, int]], shift: int) -> torch.Tenso
     return torch.tensor(bounds, dtype=torch.long) + shift
 
 
-def _pad(samples: Sequence[Sample], pad_id: int, left: bool, with_labels: bool) -> dict:
-    """Returns the batch dict with every sequence padded to the longest one, on the left or the right."""
+def _pad(samples: Sequence[Sample], pad_id: int, left: bool, with_labels: bool, multiple: int = 1) -> dict:
+    """Returns the batch dict with every sequence padded to the longest one, on the left or the right.
+
+    `multiple` > 1 rounds the padded length up to a multiple of it, so that compiled kernels and CUDA graphs
+    see a few distinct shapes rather than one per batch.
+    """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     length = max(len(s.input_ids) for s in samples)
+    length = -(-length // multiple) * multiple
     batch = len(samples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
@@ -103,9 +108,9 @@ def _pad(samples: Sequence[Sample], pad_id: int, left: bool, with_labels: bool) 
     return out
 
 
-def collate_for_training(samples: list[Sample], pad_id: int) -> dict:
+def collate_for_training(samples: list[Sample], pad_id: int, pad_to_multiple: int = 1) -> dict:
     """Returns a right-padded batch: input_ids, attention_mask, labels (-100 on padding), image_bound, pixel_values."""
-    return _pad(samples, pad_id, left=False, with_labels=True)
+    return _pad(samples, pad_id, left=False, with_labels=True, multiple=pad_to_multiple)
 
 
 def collate_for_generation(samples: list[Sample], pad_id: int) -> dict:

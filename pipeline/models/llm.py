@@ -27,8 +27,8 @@ class MiniCPMRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Variance in fp32, normalised x cast back to the input dtype before the weight (as the original).
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        normed = (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return normed * self.weight
 
 
@@ -131,6 +131,26 @@ class MiniCPMModel(nn.Module):
         self.layers = nn.ModuleList(MiniCPMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MiniCPMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Set by compile_layers(): compiled "checkpointed layer" functions, so that the recomputation lives
+        # inside the compiled graph instead of around it.
+        self.compiled_checkpointed: list | None = None
+
+    def compile_layers(self, mode: str | None = None) -> None:
+        """Compiles each decoder layer, and each layer-under-checkpoint for gradient checkpointing.
+
+        mode="reduce-overhead" adds CUDA graphs (one recording per distinct sequence length).
+        """
+        dynamic = mode != "reduce-overhead"
+
+        def checkpointed(layer: nn.Module):
+            def run(x, cos, sin, attn_mask):
+                return checkpoint(layer, x, cos, sin, attn_mask, None, use_reentrant=False)
+
+            return torch.compile(run, dynamic=dynamic, mode=mode)
+
+        self.compiled_checkpointed = [checkpointed(layer) for layer in self.layers]
+        for layer in self.layers:
+            layer.compile(dynamic=dynamic, mode=mode)
 
     def forward(
         self,
@@ -144,9 +164,12 @@ class MiniCPMModel(nn.Module):
             position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
         )
         x = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, attn_mask, None, use_reentrant=False)
+                if self.compiled_checkpointed is not None:
+                    x = self.compiled_checkpointed[i](x, cos, sin, attn_mask)
+                else:
+                    x = checkpoint(layer, x, cos, sin, attn_mask, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:

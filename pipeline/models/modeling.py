@@ -100,15 +100,15 @@ class MiniCPMV(PreTrainedModel):
         self.llm.model.gradient_checkpointing = False
         self.vpm.set_grad_checkpointing(False)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, mode: str | None = None) -> None:
         """Compiles every LLM decoder layer and vision block in place with torch.compile (GPU speed-up).
 
         Block by block rather than the whole model: shapes vary with each batch's length and image count,
         and per-block graphs stay valid under gradient checkpointing and PEFT's injected LoRA layers.
         """
-        for layer in self.llm.model.layers:
-            layer.compile(dynamic=True)
+        self.llm.model.compile_layers(mode)
         for block in self.vpm.blocks:
+            # No CUDA graphs here: timm's checkpointed block sequence reuses outputs across replays.
             block.compile(dynamic=True)
 
     @property
@@ -191,6 +191,9 @@ class MiniCPMV(PreTrainedModel):
         **_: object,
     ) -> MiniCPMVOutput:
         embeds = self.embed(input_ids, pixel_values, image_bound)
+        if attention_mask is not None and is_right_padded(attention_mask):
+            # Causal attention already keeps real tokens from seeing right padding: use the fused kernel.
+            attention_mask = None
         position_ids, attn_mask = positions_and_mask(attention_mask, input_ids.shape[1], embeds.dtype)
         hidden = self.llm.model(embeds, position_ids.to(embeds.device), attn_mask)
         out = MiniCPMVOutput()
@@ -224,6 +227,11 @@ class MiniCPMV(PreTrainedModel):
             # Keep the graph connected so that backward works on a batch without supervised tokens.
             loss_sum = loss_sum + hidden.sum().float() * 0.0
         return loss_sum, keep.sum(), correct
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Returns True when every row is real tokens followed only by padding (no padding on the left)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def positions_and_mask(
