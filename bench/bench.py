@@ -263,6 +263,9 @@ def main() -> None:
         raise SystemExit("bench/bench.py needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.case is not None:  # a child process of train_rows: one case, one implementation
+        print(json.dumps(train_one(args.case, args.impl, args.steps, device)), flush=True)
+        return
     info = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -30,6 +30,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from pipeline.config import BASE_CKPT, ConfigError, register_configs, resolve_device, validate
+from pipeline.distributed import (
+    adopt_submitit_tasks,
+    is_main_process,
+    pin_run_dirs,
+    quiet_other_processes,
+    runs_here,
+)
 from pipeline.runinfo import (
     LOG_FILE,
     adopt_earlier_run,
@@ -41,6 +48,7 @@ from pipeline.runinfo import (
     write_run_start,
 )
 from pipeline.stages import StageFn, get_stage
+from pipeline.sweep import record_job, sweep_group_name
 
 log = logging.getLogger("pipeline")
 # Absolute, so the entry also works when imported (a console script, tests) and not only via `python -m`.
@@ -163,6 +171,18 @@ def prepare_run(
     return stages, device, earlier
 
 
+def _run_on_other_process(cfg: DictConfig, run_dir: Path, stages: list[tuple[str, StageFn]]) -> None:
+    """Return None after running this process's share of a multi-process run: the distributed stages only.
+
+    Rank 0 writes run.json, config.yaml and the logs, and runs the single-process stages (eval, merge, infer).
+    """
+    seed_everything(int(cfg.seed))
+    state = _initial_state(cfg)
+    for name, stage in stages:
+        if runs_here(name):
+            _merge_state(state, stage(cfg, run_dir, state) or {})
+
+
 def run_pipeline(
     cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), argv: Sequence[str] = ()
 ) -> float | None:
@@ -178,6 +198,8 @@ def run_pipeline(
         _append_traceback(run_dir, exc)
         raise
     _ACTIVE["run_dir"] = run_dir
+    if not is_main_process():
+        return _run_on_other_process(cfg, run_dir, stages)
     info = collect_run_info(cfg, argv or sys.argv, device, overrides)
     if earlier is not None:
         info["reused_config_from"] = str(earlier)
@@ -230,17 +252,58 @@ def hydra_main(cfg: DictConfig) -> float | None:
     """Return the eval objective of this job; Hydra's task function (sweepers optimise its value)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    adopt_submitit_tasks()
+    quiet_other_processes()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and cfg.tracking.group is None:
+        cfg.tracking.group = sweep_group_name(hydra_cfg.sweep.dir)  # one tracking group per sweep
+    elif cfg.tracking.group is None:
+        cfg.tracking.group = cfg.experiment_name
     try:
         try:
             _check_sweep(cfg, hydra_cfg)
         except ConfigError:
             _discard_if_empty(run_dir)
             raise
-        return run_pipeline(cfg, run_dir, list(hydra_cfg.overrides.task), sys.argv)
-    except Exception as exc:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        objective = run_pipeline(cfg, run_dir, list(hydra_cfg.overrides.task), sys.argv)
+    except BaseException as exc:
+        if multirun:
+            status = "failed" if isinstance(exc, Exception) else "interrupted"
+            _record_sweep_job(cfg, hydra_cfg, run_dir, status, None, describe_error(exc))
+        if multirun or not isinstance(exc, Exception):
             raise  # sweepers count failed jobs themselves
         raise JobFailed(exc) from exc
+    if multirun:
+        _record_sweep_job(cfg, hydra_cfg, run_dir, "ok", objective)
+    return objective
+
+
+def _record_sweep_job(
+    cfg: DictConfig,
+    hydra_cfg: DictConfig,
+    run_dir: Path,
+    status: str,
+    objective: float | None,
+    error: str | None = None,
+) -> None:
+    """Write this job's result.json and rebuild the sweep's summary table (CSV and markdown)."""
+    try:
+        summary = record_job(
+            hydra_cfg.sweep.dir,
+            run_dir,
+            job=hydra_cfg.job.num,
+            overrides=list(hydra_cfg.overrides.task),
+            status=status,
+            objective=objective,
+            objective_name=str(cfg.eval.objective),
+            direction=str(cfg.eval.direction),
+            error=error,
+        )
+    except OSError as exc:  # the job's own result and error matter more than the table
+        log.warning("could not update the sweep summary in %s: %s", hydra_cfg.sweep.dir, exc)
+        return
+    if summary is not None:
+        print(f"sweep summary: {summary}")
 
 
 def _check_sweep(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
@@ -305,6 +368,8 @@ def main() -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         try:
+            # every process of a torchrun / accelerate launch must compose the same run folder
+            sys.argv = pin_run_dirs(sys.argv, Path(CONF_DIR) / "config.yaml")
             hydra_main()
         except JobFailed as failed:
             raise failed.error from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ def _read_wandb_records(run_file: Path) -> list:
         record.ParseFromString(payload)
         records.append(record)
     return records
+
+
+def _settled_records(run_dir: Path, timeout: float = 15.0) -> list:
+    """Return the run file's records once its run record is on disk (wandb's writer may lag finish())."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _read_wandb_records(_only_run_file(run_dir))
+        if any(r.WhichOneof("record_type") == "run" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def _only_run_file(run_dir: Path) -> Path:
@@ -240,7 +251,7 @@ def test_wandb_sweep_jobs_get_separate_runs_in_one_group_and_artifacts_when_aske
         tracker.log_artifact(checkpoint, name=f"lr=1e-4,job={job}", type="model")
         tracker.finish()
 
-        records = _read_wandb_records(_only_run_file(run_dir))
+        records = _settled_records(run_dir)
         (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert run_record.run_group == "sweep-1"
         run_ids.append(run_record.run_id)

@@ -115,8 +115,14 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         slice_mode=cfg.model.slice_mode,
     )
     model = prepare_model(cfg, bundle)
+    pad_to = 1
     if cfg.trainer.compile:
-        bundle.core.compile_blocks()
+        # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound); batches
+        # padded to a multiple of 128 so that only a few shapes are ever recorded.
+        on_cuda = device.type == "cuda"
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        bundle.core.compile_blocks("reduce-overhead" if on_cuda else None)
+        pad_to = 128 if on_cuda else 1
     counts = count_parameters(model)
     log.info("%s", counts)
     splits = prepare_splits(
@@ -155,6 +161,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         sft_dir,
         save_extra=lambda: {"run_cfg": cfg, "base_path": bundle.base_path},
         pad_id=bundle.tokenizer.pad_id,
+        pad_to_multiple=pad_to,
         tracker=tracker,
     )
     resumed = trainer.resume(cfg.trainer.resume)

@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -137,6 +138,7 @@ class Trainer:
         save_extra: Callable[[], dict],
         pad_id: int,
         tracker=None,
+        pad_to_multiple: int = 1,
     ) -> None:
         self.acc = accelerator
         self.model = model
@@ -148,6 +150,7 @@ class Trainer:
         self.sft_dir = sft_dir
         self.save_extra = save_extra  # returns kwargs for save_training_checkpoint (run config, base path)
         self.pad_id = pad_id
+        self.pad_to_multiple = pad_to_multiple
         self.tracker = tracker
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -208,7 +211,7 @@ class Trainer:
         loader = DataLoader(
             self.train_set,
             batch_sampler=plan,
-            collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
+            collate_fn=partial(collate_for_training, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple),
             num_workers=self.s.num_workers,
             pin_memory=self.acc.device.type == "cuda",
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would

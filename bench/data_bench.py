@@ -1,0 +1,63 @@
+"""Data pipeline throughput alone: samples/s of decoding, slicing, tokenizing and collating, by worker count.
+
+    python -m bench.data_bench [--model <checkpoint folder>] [--rows 256] [--workers 0 2 4]
+
+Compare the figure with the training step rate (bench/bench.py: samples/s) to see whether a GPU would be
+starved. Without --model it uses the tiny twin (its tokenizer and processor; the image processor's
+scale_resolution is then 112, so pass the real checkpoint folder for MiniCPM-V-2's 448).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from pipeline.data.dataset import SFTDataset
+from pipeline.data.sources import load_rows
+from pipeline.models.collate import collate_for_training
+from pipeline.models.processor import MiniCPMVImageProcessor
+from pipeline.models.tiny import ensure_tiny_twin
+from pipeline.models.tokenizer import MiniCPMVTokenizer
+
+
+def samples_per_second(dataset: SFTDataset, workers: int, batch_size: int, pad_id: int) -> float:
+    """Returns samples/s of one pass over the dataset through a DataLoader with `workers` processes."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=partial(collate_for_training, pad_id=pad_id),
+    )
+    start = time.perf_counter()
+    n = sum(len(batch["input_ids"]) for batch in loader)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None, help="checkpoint folder (tokenizer + preprocessor config)")
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args()
+    folder = Path(args.model) if args.model else ensure_tiny_twin(Path(tempfile.gettempdir()) / "bench_tiny_twin")
+    tokenizer = MiniCPMVTokenizer.from_pretrained(folder)
+    processor = MiniCPMVImageProcessor.from_pretrained(folder)
+    rows, _ = load_rows({"name": "demo"}, max_rows=args.rows)
+    dataset = SFTDataset(rows, tokenizer, processor, max_length=2048)
+    results = []
+    for workers in args.workers:
+        rate = samples_per_second(dataset, workers, args.batch_size, tokenizer.pad_id)
+        results.append({"workers": workers, "rows": len(rows), "samples_per_s": round(rate, 1),
+                        "scale_resolution": processor.scale_resolution})
+        print(json.dumps(results[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
