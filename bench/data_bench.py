@@ -46,7 +46,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()
-    folder = Path(args.model) if args.model else ensure_tiny_twin(Path(tempfile.gettempdir()) / "bench_tiny_twin")
+    folder = (
+        Path(args.model) if args.model else ensure_tiny_twin(Path(tempfile.gettempdir()) / "bench_tiny_twin")
+    )
     tokenizer = MiniCPMVTokenizer.from_pretrained(folder)
     processor = MiniCPMVImageProcessor.from_pretrained(folder)
     rows, _ = load_rows({"name": "demo"}, max_rows=args.rows)
@@ -54,8 +56,14 @@ def main() -> None:
     results = []
     for workers in args.workers:
         rate = samples_per_second(dataset, workers, args.batch_size, tokenizer.pad_id)
-        results.append({"workers": workers, "rows": len(rows), "samples_per_s": round(rate, 1),
-                        "scale_resolution": processor.scale_resolution})
+        results.append(
+            {
+                "workers": workers,
+                "rows": len(rows),
+                "samples_per_s": round(rate, 1),
+                "scale_resolution": processor.scale_resolution,
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
 
 

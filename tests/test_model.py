@@ -294,7 +294,13 @@ def test_right_padding_changes_nothing_for_the_real_tokens(model):
     padded_labels = torch.cat([labels, torch.full((2, 5), -100)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=torch.long)], dim=1)
     plain = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels, return_logits=True)
-    pad = model(padded, attention_mask=mask, pixel_values=pixels, image_bound=bounds, labels=padded_labels,
-                return_logits=True)
+    pad = model(
+        padded,
+        attention_mask=mask,
+        pixel_values=pixels,
+        image_bound=bounds,
+        labels=padded_labels,
+        return_logits=True,
+    )
     torch.testing.assert_close(pad.logits[:, : ids.shape[1]], plain.logits)
     torch.testing.assert_close(pad.loss, plain.loss)

@@ -211,7 +211,9 @@ class Trainer:
         loader = DataLoader(
             self.train_set,
             batch_sampler=plan,
-            collate_fn=partial(collate_for_training, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple),
+            collate_fn=partial(
+                collate_for_training, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple
+            ),
             num_workers=self.s.num_workers,
             pin_memory=self.acc.device.type == "cuda",
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
