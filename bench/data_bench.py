@@ -4,7 +4,7 @@
 
 Compare the figure with the training step rate (bench/bench.py: samples/s) to see whether a GPU would be
 starved. Without --model it uses the tiny twin (its tokenizer and processor; the image processor's
-scale_resolution is then 112, so pass the real checkpoint folder for MiniCPM-V-2's 448).
+scale_resolution is then 112: pass --scale-resolution 448 --query-num 64, or the real checkpoint folder).
 """
 
 from __future__ import annotations
@@ -45,12 +45,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--scale-resolution", type=int, default=None, help="e.g. 448, MiniCPM-V-2's own setting")
+    p.add_argument("--query-num", type=int, default=None, help="e.g. 64, MiniCPM-V-2's own setting")
     args = p.parse_args()
     folder = (
         Path(args.model) if args.model else ensure_tiny_twin(Path(tempfile.gettempdir()) / "bench_tiny_twin")
     )
     tokenizer = MiniCPMVTokenizer.from_pretrained(folder)
-    processor = MiniCPMVImageProcessor.from_pretrained(folder)
+    overrides = {"scale_resolution": args.scale_resolution, "query_num": args.query_num}
+    processor = MiniCPMVImageProcessor.from_pretrained(folder, **{k: v for k, v in overrides.items() if v})
     rows, _ = load_rows({"name": "demo"}, max_rows=args.rows)
     dataset = SFTDataset(rows, tokenizer, processor, max_length=2048)
     results = []

@@ -304,3 +304,23 @@ def test_right_padding_changes_nothing_for_the_real_tokens(model):
     )
     torch.testing.assert_close(pad.logits[:, : ids.shape[1]], plain.logits)
     torch.testing.assert_close(pad.loss, plain.loss)
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = MiniCPMV(small_config()).train()
+    model.gradient_checkpointing_enable()
+    ids, pixels, bounds, labels = batch()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager = loss_and_grads()
+    model.compile_blocks()
+    compiled_loss, compiled = loss_and_grads()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5, msg=name)
