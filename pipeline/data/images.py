@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.utils.io import atomic_write_bytes
+
 from pipeline.data.rows import is_url
 
 MAX_BYTES = 32 * 1024 * 1024
@@ -133,18 +135,7 @@ def fetch_url_to_cache(
     if path.is_file():
         return path
     data = fetch_url(url, timeout=timeout, max_bytes=max_bytes, retries=retries)
-    write_bytes_atomic(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to path through a temporary sibling so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

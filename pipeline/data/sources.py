@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.images import ImageLoadError, fetch_url_to_cache, write_bytes_atomic
+from pipeline.data.images import ImageLoadError, fetch_url_to_cache
+from pipeline.utils.io import atomic_write_bytes
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.split import stable_order
 from pipeline.data.validate import (
@@ -512,7 +513,7 @@ def _cache_embedded(record: CocoRecord, cache_dir: Path) -> Path:
         name = hashlib.sha256(record.image_bytes).hexdigest()[:32] + ".jpg"
     path = cache_dir / "images" / name
     if not (path.is_file() and path.stat().st_size == len(record.image_bytes)):
-        write_bytes_atomic(path, record.image_bytes)
+        atomic_write_bytes(path, record.image_bytes)
     return path
 
 

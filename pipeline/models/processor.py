@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.models.tokenizer import atomic_write_json
+from pipeline.utils.io import atomic_write_json
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # Token strings the checkpoint's preprocessor_config.json names; only these are understood here.

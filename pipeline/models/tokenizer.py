@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
+from pipeline.utils.io import atomic_write_bytes, atomic_write_json
 
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -50,24 +50,6 @@ SPECIAL_TOKENS: dict[str, int] = {
 ADDITIONAL_SPECIAL_TOKENS = [t for t in SPECIAL_TOKENS if t not in ("<unk>", "<s>", "</s>")]
 USER_MARKER = "<用户>"
 AI_MARKER = "<AI>"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Returns nothing; writes ``data`` to ``path`` through a temp file in the same folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    """Returns nothing; writes ``obj`` as indented UTF-8 JSON to ``path`` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _token_entry(content: str) -> dict[str, object]:
