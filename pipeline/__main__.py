@@ -26,7 +26,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from pipeline.config import BASE_CKPT, ConfigError, register_configs, resolve_device, validate
@@ -49,6 +49,7 @@ from pipeline.runinfo import (
 )
 from pipeline.stages import StageFn, get_stage
 from pipeline.sweep import record_job, sweep_group_name
+from pipeline.tracking import build_tracker
 
 log = logging.getLogger("pipeline")
 # Absolute, so the entry also works when imported (a console script, tests) and not only via `python -m`.
@@ -207,12 +208,16 @@ def run_pipeline(
     handler = _ensure_file_log(run_dir)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    tracker = None
     try:
         log.info("run folder %s, device %s, stages %s", run_dir, device, list(cfg.stages))
         if earlier is not None:
             log.info("model and dataset settings taken from the earlier run %s", earlier)
         seed_everything(int(cfg.seed))
         state = _initial_state(cfg)
+        # One tracking run for the whole pipeline: sft's curves and eval's metrics land together.
+        tracker = build_tracker(cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        state["tracker"] = tracker
         for name, stage in stages:
             log.info("stage %s: writing into %s", name, run_dir / name)
             start = time.perf_counter()
@@ -237,6 +242,8 @@ def run_pipeline(
         )
         raise
     finally:
+        if tracker is not None:
+            tracker.finish()
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()

@@ -185,4 +185,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         },
     )
     _log_table(metrics, len(rows), ckpt)
+    tracker = state.get("tracker")
+    if tracker is not None:
+        numbers = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        tracker.log(numbers, step=int(state.get("sft", {}).get("global_step", 0)))
+        tracker.summary(numbers)
     return {"metrics": metrics}

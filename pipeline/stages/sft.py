@@ -147,8 +147,12 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     total = settings.max_steps if settings.max_steps > 0 else settings.epochs * per_epoch
     scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tracker = build_tracker(
-        cfg.tracking, Path(run_dir), resolved, is_main_process=accelerator.is_main_process
+    # The pipeline's run-wide tracker when there is one; a stage run on its own gets (and closes) its own.
+    own_tracker = state.get("tracker") is None or not accelerator.is_main_process
+    tracker = (
+        build_tracker(cfg.tracking, Path(run_dir), resolved, is_main_process=accelerator.is_main_process)
+        if own_tracker
+        else state["tracker"]
     )
     trainer = Trainer(
         accelerator,
@@ -170,10 +174,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     started = time.perf_counter()
     try:
         final = trainer.train()
-    finally:
-        tracker_finish = getattr(tracker, "finish", None)
-        if tracker_finish is not None and not accelerator.is_main_process:
-            tracker_finish()
+    except BaseException:
+        if own_tracker:
+            tracker.finish()
+        raise
 
     # ----- cleanup: plot, summary, tracker
     last = sft_dir / "last"
@@ -202,7 +206,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         tracker.summary({k: v for k, v in summary.items() if k != "eval_history"})
         if cfg.tracking.log_model and last.exists():
             tracker.log_artifact(last.resolve(), name=f"{cfg.experiment_name}-adapter", type="model")
-        tracker.finish()
+        if own_tracker:
+            tracker.finish()
         log.info(
             "sft: %d steps, last %s, best %s",
             final.global_step,
