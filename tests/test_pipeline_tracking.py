@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.models.tiny import build_tiny_twin
-from tests.test_entry import _run_entry, _run_dirs
+from tests.test_entry import _run_dirs, _run_entry
 from tests.test_tracking import _history_rows, _read_wandb_records
 
 
