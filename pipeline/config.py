@@ -114,7 +114,8 @@ class MergeConfig:
     device: str = "cpu"
     verify_samples: int = 2
     output: str | None = None  # None = <ckpt>-merged
-    shard_size: str = "5GB"
+    # 10GB: the bf16 LLM (6.0 GB) in one shard, vision + resampler in another, as officially
+    shard_size: str = "10GB"
 
 
 @dataclass
