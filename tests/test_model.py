@@ -319,8 +319,25 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     eager_loss, eager = loss_and_grads()
+    keys = set(model.state_dict())
     model.compile_blocks()
     compiled_loss, compiled = loss_and_grads()
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert set(model.state_dict()) == keys  # compiling adds no checkpoint keys
+    model.gradient_checkpointing_disable()
+    torch.testing.assert_close(
+        model(ids, pixel_values=pixels, image_bound=bounds, labels=labels).loss,
+        eager_loss,
+        rtol=1e-5,
+        atol=1e-6,
+    )  # compiled layers without checkpointing
+    model.eval()
+    with torch.no_grad():  # evaluation runs the plain layers
+        torch.testing.assert_close(
+            model(ids, pixel_values=pixels, image_bound=bounds, labels=labels).loss,
+            eager_loss,
+            rtol=1e-5,
+            atol=1e-6,
+        )

@@ -131,14 +131,19 @@ class MiniCPMModel(nn.Module):
         self.layers = nn.ModuleList(MiniCPMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MiniCPMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
-        # Set by compile_layers(): compiled "checkpointed layer" functions, so that the recomputation lives
-        # inside the compiled graph instead of around it.
+        # Set by compile_layers(): compiled layers, and compiled "checkpointed layer" functions so that the
+        # recomputation lives inside the compiled graph. Plain lists: the wrappers share the layers'
+        # parameters and must not add state_dict keys.
+        self.compiled_layers: list | None = None
         self.compiled_checkpointed: list | None = None
 
     def compile_layers(self, mode: str | None = None) -> None:
         """Compiles each decoder layer, and each layer-under-checkpoint for gradient checkpointing.
 
-        mode="reduce-overhead" adds CUDA graphs (one recording per distinct sequence length).
+        mode="reduce-overhead" adds CUDA graphs (one recording per distinct sequence length). The compiled
+        layers serve training steps only: evaluation and generation run the plain layers, because the 40
+        layers share one compiled graph and a CUDA-graph replay for layer i+1 would overwrite layer i's
+        output outside autograd's bookkeeping (generation has its own CUDA graph).
         """
         dynamic = mode != "reduce-overhead"
 
@@ -149,8 +154,7 @@ class MiniCPMModel(nn.Module):
             return torch.compile(run, dynamic=dynamic, mode=mode)
 
         self.compiled_checkpointed = [checkpointed(layer) for layer in self.layers]
-        for layer in self.layers:
-            layer.compile(dynamic=dynamic, mode=mode)
+        self.compiled_layers = [torch.compile(layer, dynamic=dynamic, mode=mode) for layer in self.layers]
 
     def forward(
         self,
@@ -164,14 +168,16 @@ class MiniCPMModel(nn.Module):
             position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
         )
         x = inputs_embeds
+        training_step = self.training and torch.is_grad_enabled() and cache is None
+        compiled = training_step and self.compiled_layers is not None
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
-                if self.compiled_checkpointed is not None:
+            if self.gradient_checkpointing and training_step:
+                if compiled:
                     x = self.compiled_checkpointed[i](x, cos, sin, attn_mask)
                 else:
                     x = checkpoint(layer, x, cos, sin, attn_mask, None, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache)
+                x = (self.compiled_layers[i] if compiled else layer)(x, cos, sin, attn_mask, cache)
         if cache is not None:
             cache.advance()
         return self.norm(x)
