@@ -64,6 +64,7 @@ class DatasetConfig:
     on_error: str = "raise"
     image_root: str | None = None
     allow_download: bool = False
+    check_images: bool = True  # decode every image before training; false skips it (large sets you trust)
     num_workers: int = 0
     max_rows: int | None = None
     system: str | None = None
