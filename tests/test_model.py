@@ -14,6 +14,7 @@ from pipeline.models.configuration import MiniCPMVConfig
 from pipeline.models.generation import GenerationSettings, generate
 from pipeline.models.modeling import MiniCPMV
 from pipeline.models.resampler import sincos_2d
+from pipeline.models.tiny import TINY_SIZES
 
 # Every tensor of the official checkpoint (key, shape), as listed by its safetensors index.
 REFERENCE_TSV = Path(__file__).resolve().parent / "data" / "minicpm_v2_state_dict.tsv"
@@ -21,22 +22,17 @@ Q = 16  # query_num of the small config below
 
 
 def small_config(**overrides) -> MiniCPMVConfig:
-    sizes = dict(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        query_num=Q,
-        scale_resolution=112,
-        image_size=112,
-        vision_encoder="tiny_vit",
-        vision_config=dict(embed_dim=64, depth=3, num_heads=2, mlp_dim=128, img_size=56, patch_size=14),
-        initializer_range=0.05,
-    )
-    sizes.update(overrides)
-    return MiniCPMVConfig(**sizes)
+    """The tiny twin's sizes with a small vocabulary (no tokenizer needed here)."""
+    return MiniCPMVConfig(**{**TINY_SIZES, "vocab_size": 300, **overrides})
+
+
+def loss_and_grads(model: MiniCPMV) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns the loss of the standard batch and every parameter's gradient after backward."""
+    ids, pixels, bounds, labels = batch()
+    model.zero_grad()
+    loss = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.fixture(scope="module")
@@ -201,18 +197,10 @@ def test_missing_keys_are_named(model, tmp_path):
 def test_gradient_checkpointing_gives_same_loss_and_grads():
     torch.manual_seed(0)
     model = MiniCPMV(small_config()).train()
-    ids, pixels, bounds, labels = batch()
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain_loss, plain = loss_and_grads()
+    plain_loss, plain = loss_and_grads(model)
     model.gradient_checkpointing_enable()
     assert model.vpm.grad_checkpointing
-    ckpt_loss, ckpt = loss_and_grads()
+    ckpt_loss, ckpt = loss_and_grads(model)
     torch.testing.assert_close(plain_loss, ckpt_loss)
     assert plain.keys() == ckpt.keys()
     for name in plain:
@@ -311,17 +299,10 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
     model = MiniCPMV(small_config()).train()
     model.gradient_checkpointing_enable()
     ids, pixels, bounds, labels = batch()
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    eager_loss, eager = loss_and_grads()
+    eager_loss, eager = loss_and_grads(model)
     keys = set(model.state_dict())
     model.compile_blocks()
-    compiled_loss, compiled = loss_and_grads()
+    compiled_loss, compiled = loss_and_grads(model)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5, msg=name)
