@@ -159,3 +159,17 @@ def test_lora_lowers_eval_loss_measurably(twin, tmp_path, preset):
     sft.run(make_cfg(twin, f"+experiment={preset}", *LEARN, "optim.lr=3e-3"), tmp_path, {})
     losses = eval_losses(tmp_path / "sft")
     assert losses[30] < 0.99 * losses[0], losses
+
+
+def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monkeypatch):
+    from pipeline.models.modeling import MiniCPMV
+
+    real = MiniCPMV.lm_loss
+
+    def nan_loss(self, hidden, labels):
+        loss_sum, tokens, correct = real(self, hidden, labels)
+        return loss_sum * float("nan"), tokens, correct
+
+    monkeypatch.setattr(MiniCPMV, "lm_loss", nan_loss)
+    with pytest.raises(loop.TrainingError, match=r"loss is nan at step 1: lower optim.lr"):
+        sft.run(make_cfg(twin, *SHORT), tmp_path, {})
