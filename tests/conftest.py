@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -45,3 +46,9 @@ def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = Fa
 def compose() -> Callable[..., DictConfig]:
     """Yield compose_config: compose(["lora=all", "lora.r=16"]) -> the composed DictConfig."""
     return compose_config
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Return `path` after writing `rows` to it as JSON lines (test data in the custom format)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

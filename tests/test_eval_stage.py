@@ -16,15 +16,10 @@ from pipeline.models.collate import collate_for_training, encode_example
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import sft
-from tests.conftest import compose_config
+from tests.conftest import compose_config, write_rows
 
 LOSS_KEYS = {"eval_loss", "perplexity", "token_acc"}
 GENERATION_KEYS = {"bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy"}
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

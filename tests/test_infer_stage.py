@@ -12,14 +12,9 @@ from PIL import Image
 from pipeline.data.rows import DatasetError
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import infer
-from tests.conftest import compose_config
+from tests.conftest import compose_config, write_rows
 
 RESULT_KEYS = {"system", "query", "response", "label", "history", "images"}
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pipeline.models.bundle import load_bundle
 from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
 from pipeline.runinfo import seed_everything
 from pipeline.tracking import build_tracker
-from pipeline.training.loop import LoopSettings, Trainer
+from pipeline.training.loop import LoopSettings, Trainer, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
 from pipeline.utils.io import atomic_write_json
@@ -143,8 +143,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     optimizer = build_optimizer(model, cfg.optim, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
-    per_epoch = len(train_set) // (settings.batch_size * settings.grad_accum * world)
-    total = settings.max_steps if settings.max_steps > 0 else settings.epochs * per_epoch
+    total = planned_steps(len(train_set), settings, world)
     scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # The pipeline's run-wide tracker when there is one; a stage run on its own gets (and closes) its own.

@@ -71,6 +71,13 @@ def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
     return n_rows // (settings.batch_size * settings.grad_accum * world)
 
 
+def planned_steps(n_rows: int, settings: LoopSettings, world: int) -> int:
+    """Returns the optimizer steps of the run: max_steps when set, else epochs x full windows per epoch."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    return settings.epochs * steps_per_epoch(n_rows, settings, world)
+
+
 def window_indices(
     n_rows: int, seed: int, epoch: int, step: int, size: int, rank: int, world: int
 ) -> list[int]:
@@ -161,7 +168,7 @@ class Trainer:
                 f"{settings.batch_size} x grad_accum {settings.grad_accum} x {self.world} process(es); "
                 f"lower trainer.batch_size / trainer.grad_accum or add data"
             )
-        self.total_steps = settings.max_steps if settings.max_steps > 0 else settings.epochs * self.per_epoch
+        self.total_steps = planned_steps(len(train_set), settings, self.world)
         self.state = TrainerState()
         self.log_path = sft_dir / "logging.jsonl"
 
