@@ -8,10 +8,11 @@ model and inputs, the way a transformers + PEFT loop runs it:
     time, torch AdamW (for-each), gradient checkpointing as configured;
   - ours: cross-entropy on supervised positions only (chunked, no full logits), same-size images batched
     through the tower, fused AdamW.
-Each sample: one 448x448 image (64 query tokens) + text up to T tokens; the last 10% of tokens are the
-supervised response (captions are short). MFU counts 4N (LoRA: frozen weights need no weight gradient) or
-6N (full) FLOPs per token, N = LLM parameters without the embeddings, plus attention; peak = 989 TFLOP/s
-(H100/H200 dense bf16).
+Each sample: one 448x448 image (64 query tokens; or 5 for a sliced 896x896 photo) + text up to T tokens; the
+last 10% of tokens are the supervised response (captions are short). MFU counts, per LLM token, 4N (LoRA:
+frozen weights need no weight gradient) or 6N (full) FLOPs, N = LLM parameters without the embeddings, plus
+attention; and per image the vision tower and resampler (forward only when frozen); peak = 989 TFLOP/s
+(H100/H200 dense bf16). `mfu_llm` counts the LLM alone.
 """
 
 from __future__ import annotations
@@ -34,18 +35,25 @@ PEAK_TFLOPS = 989.0
 Q = 64
 
 
-def make_batch(batch: int, length: int, vocab: int, device) -> dict:
+def make_batch(batch: int, length: int, vocab: int, device, images: int = 1) -> dict:
+    """`images` 448x448 images per sample: 1 = unsliced; 5 = an 896x896 photo sliced the MiniCPM-V-2 way
+    (the downscaled source plus a 2x2 grid of slices), 64 query tokens each, each between its own markers."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(200, vocab - 1, (batch, length), generator=g)
     ids[:, 0] = 1
-    ids[:, 1] = 101
-    ids[:, 2 : 2 + Q] = 0
-    ids[:, 2 + Q] = 102
+    spans = []
+    pos = 1
+    for _ in range(images):
+        ids[:, pos] = 101
+        ids[:, pos + 1 : pos + 1 + Q] = 0
+        ids[:, pos + 1 + Q] = 102
+        spans.append([pos + 1, pos + 1 + Q])
+        pos += Q + 2
     labels = torch.full_like(ids, -100)
     sup = max(length // 10, 8)
     labels[:, -sup:] = ids[:, -sup:]
-    pixels = [[torch.randn(3, 448, 448, generator=g)] for _ in range(batch)]
-    bounds = [torch.tensor([[2, 2 + Q]]) for _ in range(batch)]
+    pixels = [[torch.randn(3, 448, 448, generator=g) for _ in range(images)] for _ in range(batch)]
+    bounds = [torch.tensor(spans) for _ in range(batch)]
     return {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
@@ -80,6 +88,28 @@ def llm_flops_per_token(cfg: MiniCPMVConfig, length: int, mode: str) -> float:
     attn = n * 2 * length * h  # QK^T and PV, per token, causal average counted in full
     fwd = 2 * matmul + 2 * attn
     return fwd * (2 if mode == "lora" else 3)  # LoRA: fwd + input grads; full: + weight grads
+
+
+def vision_flops_per_image(model: MiniCPMV, mode: str, gc: bool) -> float:
+    """FLOPs the vision tower and resampler spend on one 448x448 image: every linear of the tower (and the
+    resampler's key/value projection) sees all patches, the resampler's other linears its 64 queries. Frozen
+    (lora_qkv): forward only; LoRA on the tower: + input gradients; full: + weight gradients."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    patches = (448 // core.vpm.patch_embed.patch_size[0]) ** 2
+
+    def linear_params(module: torch.nn.Module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+    d = core.vpm.embed_dim
+    tower = patches * (linear_params(core.vpm) + core.vpm.patch_embed.proj.weight.numel())
+    tower += len(core.vpm.blocks) * 2 * patches * patches * d  # attention scores and values
+    kv = linear_params(core.resampler.kv_proj)
+    e = core.resampler.attn.embed_dim  # the attention's packed input projection is no nn.Linear
+    resampler = patches * kv + Q * (linear_params(core.resampler) - kv) + (Q + 2 * patches) * e * e
+    resampler += 2 * Q * patches * e
+    fwd = 2 * (tower + resampler)
+    factor = {"lora_qkv": 1, "lora_all": 2, "full": 3}[mode]
+    return fwd * factor * (4 / 3 if gc and factor > 1 else 1)
 
 
 def build(mode: str, device) -> MiniCPMV:
@@ -128,11 +158,15 @@ def time_training(model, loss_fn, batch, steps: int, fused: bool, gc: bool) -> d
     }
 
 
+# (mode, batch, length, gradient checkpointing, images per sample)
 CASES = [
-    ("lora_qkv", 8, 1024, False),
-    ("lora_qkv", 1, 2048, True),
-    ("lora_all", 1, 2048, True),
-    ("full", 1, 2048, True),
+    ("lora_qkv", 8, 1024, False, 1),
+    ("lora_qkv", 1, 2048, True, 1),
+    ("lora_all", 1, 2048, True, 1),
+    ("full", 1, 2048, True, 1),
+    ("lora_qkv", 16, 512, False, 1),
+    ("lora_qkv", 8, 1024, False, 5),
+    ("lora_all", 8, 1024, False, 5),
 ]
 IMPLS = {
     "baseline": (baseline_loss, False, None),
@@ -143,7 +177,7 @@ IMPLS = {
 
 def train_one(case: int, impl: str, steps: int, device) -> dict:
     """Runs one (case, implementation) pair; called in a fresh process so memory figures are its own."""
-    mode, b, t, gc = CASES[case]
+    mode, b, t, gc, n_img = CASES[case]
     fn, fused, compile_mode = IMPLS[impl]
     model = build(mode, device)
     if impl == "ours+compile":
@@ -151,14 +185,16 @@ def train_one(case: int, impl: str, steps: int, device) -> dict:
         core = model.get_base_model() if hasattr(model, "get_base_model") else model
         core.compile_blocks(compile_mode)
     cfg = MiniCPMVConfig()
-    batch = make_batch(b, t, cfg.vocab_size, device)
+    batch = make_batch(b, t, cfg.vocab_size, device, images=n_img)
     try:
         r = time_training(model, fn, batch, steps, fused, gc)
         flops = llm_flops_per_token(cfg, t, "full" if mode == "full" else "lora") * (4 / 3 if gc else 1)
-        r["mfu"] = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
+        r["mfu_llm"] = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
+        image_flops = n_img * vision_flops_per_image(model, mode, gc)
+        r["mfu"] = r["samples_per_s"] * (t * flops + image_flops) / (PEAK_TFLOPS * 1e12)
     except torch.OutOfMemoryError:
         r = {"oom": True}
-    return {"mode": mode, "batch": b, "length": t, "grad_ckpt": gc, "impl": impl, **r}
+    return {"mode": mode, "batch": b, "length": t, "grad_ckpt": gc, "images": n_img, "impl": impl, **r}
 
 
 def train_rows(args, device) -> list[dict]:
@@ -166,11 +202,11 @@ def train_rows(args, device) -> list[dict]:
     import sys
 
     rows = []
-    cases = range(2) if args.quick else range(len(CASES))
+    cases = args.cases if args.cases else (range(2) if args.quick else range(len(CASES)))
     for case in cases:
-        impls = list(IMPLS) if CASES[case][0] == "lora_qkv" else ["baseline", "ours"]
-        if CASES[case][0] == "full":
-            impls = ["ours", "ours+compile"]  # the fit on one card is the question here
+        impls = (
+            args.impls or (["ours", "ours+compile"] if CASES[case][0] == "full" else list(IMPLS))
+        )  # full fine-tuning: whether it fits one card is the question, the baseline's fp32 logits add nothing
         for impl in impls:
             cmd = [
                 sys.executable,
@@ -193,6 +229,7 @@ def train_rows(args, device) -> list[dict]:
                     "batch": CASES[case][1],
                     "length": CASES[case][2],
                     "grad_ckpt": CASES[case][3],
+                    "images": CASES[case][4],
                     "impl": impl,
                     "error": proc.stderr[-400:],
                 }
@@ -256,6 +293,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="bench/results.json")
     p.add_argument("--only", choices=["train", "infer"], default=None)
+    p.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=None)
     p.add_argument("--case", type=int, default=None, help="run one training case (internal)")
     p.add_argument("--impl", choices=list(IMPLS), default=None)
     args = p.parse_args()
@@ -281,11 +320,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(
-        "\n| mode | batch x len | grad ckpt | impl | tokens/s | samples/s | peak GB | MFU | loss at start |"
+        "\n| mode | batch x len | images | grad ckpt | impl | tokens/s | samples/s | peak GB | MFU |"
+        " loss at start |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["train"]:
-        head = f"| {r['mode']} | {r['batch']}x{r['length']} | {r['grad_ckpt']} | {r['impl']} | "
+        head = f"| {r['mode']} | {r['batch']}x{r['length']} | {r.get('images', 1)} | {r['grad_ckpt']} | {r['impl']} | "
         if "tokens_per_s" not in r:
             print(head + ("OOM" if r.get("oom") else "error") + " | | | | |")
             continue

@@ -1,0 +1,101 @@
+"""GPU checks (`pytest -m gpu` on a CUDA machine): the compiled training path and the CUDA-graph decode on
+the tiny twin give what the plain paths give, and the whole pipeline runs on the card."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.models.generation import GenerationSettings, generate
+from pipeline.models.modeling import MiniCPMV
+from pipeline.models.tiny import build_tiny_twin
+from pipeline.stages import sft
+
+from .test_sft import SHORT, eval_losses, losses_by_step, make_cfg
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=100)
+
+
+def run_sft(twin: Path, folder: Path, *overrides: str) -> Path:
+    cfg = make_cfg(twin, *SHORT, "device=cuda", "trainer.mixed_precision=bf16", *overrides)
+    state: dict = {}
+    sft.run(cfg, folder, state)
+    return folder / "sft"
+
+
+def test_compiled_training_steps_equal_the_plain_ones_on_cuda(twin, tmp_path):
+    plain = run_sft(twin, tmp_path / "plain", "trainer.compile=false")
+    compiled = run_sft(twin, tmp_path / "compiled", "trainer.compile=true")
+    a, b = losses_by_step(plain), losses_by_step(compiled)
+    assert sorted(a) == sorted(b) and len(a) == 6
+    for step in a:  # bf16 autocast; the compiled layers fuse differently, so rounding differs a little
+        assert b[step] == pytest.approx(a[step], rel=3e-2, abs=2e-2), (step, a, b)
+    ea, eb = eval_losses(plain), eval_losses(compiled)
+    assert sorted(ea) == sorted(eb)
+    for step in ea:  # evaluation inside training runs the plain layers
+        assert eb[step] == pytest.approx(ea[step], rel=3e-2, abs=2e-2), (step, ea, eb)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_decode_equals_the_eager_loop(twin, batch):
+    model = MiniCPMV.from_pretrained(twin).to("cuda", torch.float32).eval()
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(200, model.config.vocab_size - 1, (batch, 40), generator=g)
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on the first row
+    ids[0, :5] = 0
+    outs = {}
+    with torch.no_grad():
+        for name, static, graph in (("eager", False, False), ("static", True, False), ("graph", True, True)):
+            outs[name] = generate(
+                model,
+                ids.cuda(),
+                mask.cuda(),
+                settings=GenerationSettings(max_new_tokens=24),
+                eos_token_id=-1,
+                static=static,
+                cuda_graph=graph,
+            )
+    assert outs["eager"].shape == (batch, 24)
+    assert torch.equal(outs["static"], outs["eager"])
+    assert torch.equal(outs["graph"], outs["eager"])
+
+
+def test_the_whole_pipeline_runs_on_cuda_with_compile(twin, tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "+experiment=lora_qkv",
+        f"model.path={twin}",
+        "device=cuda",
+        "trainer.compile=true",
+        "trainer.max_steps=8",
+        "tracking=none",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    assert summary["global_step"] == 8
+    assert (run / "eval" / "metrics.json").is_file()
+    merged = Path(json.loads((run / "merge" / "merge_info.json").read_text())["output"])
+    assert any(merged.glob("*.safetensors"))
+    results = [json.loads(line) for line in (run / "infer" / "results.jsonl").read_text().splitlines()]
+    assert results and all(isinstance(r["response"], str) and r["query"] for r in results)
