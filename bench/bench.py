@@ -166,7 +166,7 @@ CASES = [
     ("full", 1, 2048, True, 1),
     ("lora_qkv", 16, 512, False, 1),
     ("lora_qkv", 8, 1024, False, 5),
-    ("lora_all", 8, 1024, False, 5),
+    ("lora_all", 8, 1024, True, 5),  # without checkpointing, 40 images of tower activations exceed 80 GB
 ]
 IMPLS = {
     "baseline": (baseline_loss, False, None),
