@@ -317,12 +317,19 @@ def test_shipped_accelerate_configs_load():
         "ddp": "MULTI_GPU",
         "ddp_cpu": "MULTI_GPU",
         "fsdp": "FSDP",
-        "deepspeed_zero2": "DEEPSPEED",
-        "deepspeed_zero3": "DEEPSPEED",
+        "fsdp_grad_op": "FSDP",
     }
-    assert kinds["fsdp"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "MiniCPMDecoderLayer,Block"
-    assert [kinds[f"deepspeed_zero{n}"].deepspeed_config["zero_stage"] for n in (2, 3)] == [2, 3]
-    # the loop accumulates gradients itself; DeepSpeed must step once per backward pass
-    assert all(
-        kinds[f"deepspeed_zero{n}"].deepspeed_config["gradient_accumulation_steps"] == 1 for n in (2, 3)
-    )
+    for name in ("fsdp", "fsdp_grad_op"):
+        fsdp = kinds[name].fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "MiniCPMDecoderLayer,Block"
+    # full sharding (ZeRO-3's counterpart) and sharding of gradients and optimizer state only (ZeRO-2's)
+    assert kinds["fsdp"].fsdp_config["fsdp_reshard_after_forward"] is True
+    assert kinds["fsdp_grad_op"].fsdp_config["fsdp_reshard_after_forward"] is False
+
+
+def test_deepspeed_is_refused_with_what_to_use_instead(monkeypatch, tmp_path, twin):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = compose_config(["+experiment=lora_qkv", f"model.path={twin}"])
+    with pytest.raises(ConfigError, match="fsdp.yaml"):
+        sft.run(cfg, tmp_path, {})

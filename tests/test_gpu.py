@@ -4,6 +4,7 @@ the tiny twin give what the plain paths give, and the whole pipeline runs on the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.models.checkpoint import check_checkpoint
 from pipeline.models.generation import GenerationSettings, generate
 from pipeline.models.modeling import MiniCPMV
 from pipeline.models.tiny import build_tiny_twin
@@ -99,3 +101,32 @@ def test_the_whole_pipeline_runs_on_cuda_with_compile(twin, tmp_path):
     assert any(merged.glob("*.safetensors"))
     results = [json.loads(line) for line in (run / "infer" / "results.jsonl").read_text().splitlines()]
     assert results and all(isinstance(r["response"], str) and r["query"] for r in results)
+
+
+@pytest.mark.parametrize("experiment", ["lora_qkv", "full"])
+def test_accelerate_fsdp_run_resumes_like_an_uninterrupted_one(twin, tmp_path, experiment):
+    # accelerate's own FSDP2 wrapping (bench/accelerate/fsdp.yaml) on the one card: the checkpoint gathers
+    # the DTensor shards, and a run resumed from it repeats the uninterrupted run's losses
+    def launch(run: Path) -> None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "bench" / "accelerate" / "fsdp.yaml"), "--num_processes", "1", "-m", "pipeline",
+               f"+experiment={experiment}", f"model.path={twin}", "device=cuda", "tracking=none",
+               "stages=[sft]", "trainer.max_steps=6", "trainer.save_steps=3", "trainer.logging_steps=1",
+               "trainer.eval_steps=100", "trainer.max_eval_samples=4", "lora.dropout=0",
+               f"hydra.run.dir={run}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(whole)
+    assert (whole / "sft" / "checkpoint-3").is_dir() and (whole / "sft" / "checkpoint-6").is_dir()
+    # the resumed run: the same folder as it was after step 3
+    shutil.copytree(whole, resumed, symlinks=True)
+    shutil.rmtree(resumed / "sft" / "checkpoint-6")
+    launch(resumed)
+    a, b = losses_by_step(whole / "sft"), losses_by_step(resumed / "sft")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in range(4, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-3), (step, a, b)
+    if experiment == "full":
+        check_checkpoint(whole / "sft" / "checkpoint-6", MiniCPMV.config_class.from_pretrained(twin))

@@ -160,17 +160,20 @@ def save_checkpoint(
     max_shard_bytes: int = 5 * 1024**3,
     dtype: torch.dtype | None = None,
     source_folder: Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes the model into `folder` in the official layout, atomically; returns the folder.
 
     Side files (tokenizer, preprocessor config, remote-code .py files) are copied from `source_folder`.
+    `state` replaces `model.state_dict()` (e.g. the full weights gathered from FSDP shards).
     """
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    source = model.state_dict() if state is None else state
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in source.items()}
     plan = _shard_plan(state, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0

@@ -10,6 +10,7 @@ full weights + optimizer/scheduler/RNG state + config), logging.jsonl, loss.png,
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import resolve_device, resolve_dtype
+from pipeline.config import ConfigError, resolve_device, resolve_dtype
 from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import prepare_splits
 from pipeline.models.bundle import load_bundle
@@ -95,12 +96,24 @@ def loop_settings(cfg: DictConfig) -> LoopSettings:
     )
 
 
+def refuse_deepspeed() -> None:
+    """DeepSpeed steps its optimizer inside backward and keeps ZeRO-partitioned states that this loop's
+    checkpoints do not read; FSDP2 shards the same way (fsdp.yaml ~ ZeRO-3, fsdp_grad_op.yaml ~ ZeRO-2)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise ConfigError(
+            "DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported by this training loop; for sharded "
+            "training launch with bench/accelerate/fsdp.yaml (full sharding, like ZeRO-3) or "
+            "bench/accelerate/fsdp_grad_op.yaml (gradients and optimizer state, like ZeRO-2)"
+        )
+
+
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     """Trains and returns {"ckpt": Path, "sft": summary}."""
     sft_dir = Path(run_dir) / "sft"
     sft_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # LoRA dropout and init draw from the global RNG: same seed, same run
     device = resolve_device(cfg)
+    refuse_deepspeed()
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu")
     device = accelerator.device
 

@@ -2,9 +2,16 @@
 
 A checkpoint folder `sft/checkpoint-N/` holds the weights (a PEFT adapter in safetensors, or the full
 model in the official layout), `optimizer.pt` / `scheduler.pt` / `rng_state.pt` (plain tensors and
-numbers, read back with `weights_only=True`), `trainer_state.json`, the run's resolved `config.yaml` and
-`base_model.json`. It is built under a temporary name and renamed into place, so a folder named
-`checkpoint-N` is always complete.
+numbers, read back with `weights_only=True`; `rng_state_<rank>.pt` for every further process),
+`trainer_state.json`, the run's resolved `config.yaml` and `base_model.json`. It is built under a temporary
+name and renamed into place, so a folder named `checkpoint-N` is always complete.
+
+One format whatever the engine: weights and optimizer state go through torch's distributed-checkpoint
+state-dict API (`get_model_state_dict` / `set_model_state_dict` and the optimizer pair), which gathers
+FSDP-sharded parameters and optimizer states into full tensors on rank 0 when saving and shards them again
+when loading, and is a plain `state_dict()` for one process or DDP. So a checkpoint written by 4 FSDP
+processes resumes on 1 process and merges like any other. Under several processes every rank calls
+`save_training_checkpoint` / `load_training_checkpoint` (they are collective); only rank 0 writes weights.
 """
 
 from __future__ import annotations
@@ -19,9 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from pipeline.models.bundle import BASE_POINTER
 from pipeline.models.checkpoint import SIDE_FILES, read_checkpoint_shapes, save_checkpoint
@@ -101,6 +116,32 @@ def restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def rng_file(rank: int) -> str:
+    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
+
+
+def _gather_options(model) -> StateDictOptions:
+    # LoRA: only the trainable weights are gathered (the frozen base is not saved anyway)
+    return StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=isinstance(model, PeftModel)
+    )
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
 def save_training_checkpoint(
     sft_dir: Path,
     model: MiniCPMV | PeftModel,
@@ -110,61 +151,107 @@ def save_training_checkpoint(
     run_cfg: DictConfig,
     base_path: Path,
 ) -> Path:
-    """Writes `sft_dir/checkpoint-<step>` atomically and returns it."""
+    """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
+
+    `model` is the unwrapped model (no DDP wrapper; FSDP-sharded parameters are fine).
+    """
+    rank, _ = _rank_world()
     final = sft_dir / f"checkpoint-{state.global_step}"
     tmp = sft_dir / f".tmp-checkpoint-{state.global_step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if isinstance(model, PeftModel):
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    else:
-        save_checkpoint(model, tmp, source_folder=base_path)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    _save_rng(tmp / "rng_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
-    (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
-    for name in (
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "preprocessor_config.json",
-    ):
-        if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
-            shutil.copy2(base_path / name, tmp / name)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # an earlier, interrupted run reached the same step: replace it
-        shutil.rmtree(final)
-    tmp.rename(final)
+    _barrier()
+    weights = get_model_state_dict(model, options=_gather_options(model))
+    optim_state = get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=_gather_options(model))
+    if rank == 0:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+        else:
+            save_checkpoint(model, tmp, source_folder=base_path, state=weights)
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
+        (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
+        for name in (
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "preprocessor_config.json",
+        ):
+            if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(base_path / name, tmp / name)
+    del weights, optim_state
+    _barrier()  # the full model's writer replaces the folder: each rank's RNG goes in after it
+    _save_rng(tmp / rng_file(rank))
+    _barrier()
+    if rank == 0:
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # an earlier, interrupted run reached the same step: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    _barrier()
     return final
+
+
+def adapter_to_model_keys(model: PeftModel, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns a saved adapter's tensors under the model's own parameter names.
+
+    PEFT saves LoRA weights without the adapter name (and modules_to_save under their module's name); the
+    inverse is read off PEFT's own mapping, run on numbered placeholders of every parameter name.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    labels = {n: torch.tensor([i]) for i, n in enumerate(names)}
+    saved_as = get_peft_model_state_dict(model, state_dict=labels, save_embedding_layers=False)
+    to_model = {key: names[int(label)] for key, label in saved_as.items()}
+    unknown = sorted(set(adapter) - set(to_model))
+    if unknown:
+        raise ValueError(f"adapter has keys this model lacks, first: {unknown[:5]}")
+    return {to_model[k]: v for k, v in adapter.items()}
 
 
 def load_training_checkpoint(
     ckpt: Path, model: MiniCPMV | PeftModel, optimizer: torch.optim.Optimizer, scheduler
 ) -> TrainerState:
-    """Restores weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
+    """Restores weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state.
+
+    Collective under several processes: rank 0 reads the weights and optimizer state and broadcasts them,
+    each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
+    """
+    rank, world = _rank_world()
+    spread = world > 1
+    weights: dict[str, torch.Tensor] = {}
+    strict = not isinstance(model, PeftModel)
     if isinstance(model, PeftModel):
         adapter = ckpt / "adapter_model.safetensors"
         if not adapter.is_file():
             raise FileNotFoundError(
                 f"{ckpt}: no adapter_model.safetensors; is it a full fine-tuning checkpoint?"
             )
-        result = set_peft_model_state_dict(model, load_file(str(adapter)))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"{ckpt}: adapter has keys this model lacks, first: {unexpected[:5]}")
-    else:
-        state: dict[str, torch.Tensor] = {}
+        if rank == 0 or not spread:
+            weights = adapter_to_model_keys(model, load_file(str(adapter)))
+    elif rank == 0 or not spread:
         for shard in sorted({p for _, p in read_checkpoint_shapes(ckpt).values()}):
-            state.update(load_file(str(shard)))
-        model.load_state_dict(state, strict=True)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            weights.update(load_file(str(shard)))
+    set_model_state_dict(
+        model,
+        weights,
+        options=StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=spread),
+    )
+    optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True) if rank == 0 or not spread else {}
+    set_optimizer_state_dict(
+        model,
+        _inner_optimizer(optimizer),
+        optim_state,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=spread),
+    )
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    restore_rng(ckpt / "rng_state.pt")
+    own = ckpt / rng_file(rank)
+    restore_rng(own if own.is_file() else ckpt / rng_file(0))
     return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
 
 

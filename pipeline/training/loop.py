@@ -314,17 +314,17 @@ class Trainer:
 
     # ----- checkpointing
     def save(self) -> Path | None:
+        """Writes a checkpoint (every process takes part: FSDP shards are gathered); returns its path."""
         self.acc.wait_for_everyone()
-        path = None
+        path = save_training_checkpoint(
+            self.sft_dir,
+            self.acc.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            **self.save_extra(),
+        )
         if self.acc.is_main_process:
-            path = save_training_checkpoint(
-                self.sft_dir,
-                self.acc.unwrap_model(self.model),
-                self.optimizer,
-                self.scheduler,
-                self.state,
-                **self.save_extra(),
-            )
             point(self.sft_dir / "last", path)
             protect = {self.state.best_checkpoint} if self.state.best_checkpoint else set()
             rotate_checkpoints(self.sft_dir, self.s.save_total_limit, protect | {path.name})
