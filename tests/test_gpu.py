@@ -119,6 +119,7 @@ def test_accelerate_fsdp_run_resumes_like_an_uninterrupted_one(twin, tmp_path, e
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     launch(whole)
+    assert "engine: FSDP, 1 process(es)" in (whole / "run.log").read_text()
     assert (whole / "sft" / "checkpoint-3").is_dir() and (whole / "sft" / "checkpoint-6").is_dir()
     # the resumed run: the same folder as it was after step 3
     shutil.copytree(whole, resumed, symlinks=True)
