@@ -6,18 +6,20 @@ Every decoder layer and vision block is its own FSDP2 unit (as bench/accelerate/
 each process holds half of every weight and of its AdamW state. Run A trains 4 steps and saves a
 checkpoint after step 2; run B, a fresh sharded model, resumes from that checkpoint and trains steps 3-4.
 Rank 0 writes both runs' losses and, for each parameter, the local shard's and the full shape to
-OUT_DIR/result.json. Every rank sees the same batches, so the loss curve is also a one-process run's.
+OUT_DIR/result.json, and the losses of a step where one rank's batch has no image, sharded and unsharded. Every rank sees the same batches, so the loss curve is also a one-process run's.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -68,6 +70,44 @@ def train_step(model, optimizer, scheduler, step: int) -> float:
     return float(loss.detach())
 
 
+def rank_batch(rank: int) -> dict:
+    """Rank 0 gets images, rank 1 text only."""
+    ids, pixels, bounds, labels = batch(seed=99)
+    if rank == 1:
+        return {"input_ids": ids.clamp(min=200), "labels": labels}  # no image placeholders
+    return {"input_ids": ids, "pixel_values": pixels, "image_bound": bounds, "labels": labels}
+
+
+def check_against_unsharded(model, mode: str, rank: int) -> list[list[float]] | None:
+    """Each rank's eval loss on its own batch, sharded, next to one unsharded copy's (on rank 0)."""
+    model.eval()
+    with torch.no_grad():
+        mine = float(model(**rank_batch(rank)).loss)
+    model.train()
+    sharded = [0.0] * dist.get_world_size()
+    dist.all_gather_object(sharded, mine)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    reference, _, _ = build(mode, sharded=False)
+    reference.load_state_dict(weights)
+    reference.eval()
+    with torch.no_grad():
+        whole = [float(reference(**rank_batch(r)).loss) for r in range(len(sharded))]
+    return [sharded, whole]
+
+
+def mixed_batches(model, optimizer, mode: str, rank: int) -> list:
+    """Evaluation and a training step where rank 1's batch has no image: the vision tower's shards must
+    still be gathered on every rank, or the ranks' collectives pair up wrongly (or wait forever)."""
+    before = check_against_unsharded(model, mode, rank)
+    model(**rank_batch(rank)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    after = check_against_unsharded(model, mode, rank)
+    return [before, after]
+
+
 def full_shapes(model) -> dict[str, list[list[int]]]:
     """name -> [local shard shape, full shape] of every trainable parameter."""
     out = {}
@@ -80,7 +120,7 @@ def full_shapes(model) -> dict[str, list[list[int]]]:
 
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a hang fails instead of waiting
     torch.set_num_threads(1)
     rank = dist.get_rank()
     sft_dir = out / "sft"
@@ -104,12 +144,14 @@ def main() -> None:
     losses_b = [
         train_step(model, optimizer, scheduler, step) for step in range(state.global_step + 1, STEPS + 1)
     ]
+    mixed = mixed_batches(model, optimizer, mode, rank)
     if rank == 0:
         result = {
             "losses_a": losses_a,
             "losses_b": losses_b,
             "shapes": shapes,
             "world": dist.get_world_size(),
+            "mixed": mixed,
         }
         (out / "result.json").write_text(json.dumps(result))
     dist.barrier()

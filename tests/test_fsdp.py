@@ -90,3 +90,13 @@ def test_the_sharded_checkpoint_resumes_in_one_process(sharded_run):
     ]
     # every rank saw the same batches, so the sharded run was a one-process run up to float rounding
     assert losses == pytest.approx(result["losses_a"][fsdp_worker.SAVE_AT :], rel=1e-5)
+
+
+def test_a_rank_without_images_keeps_step_with_the_others(sharded_run):
+    # rank 0's batch has images of two sizes (two passes through the tower), rank 1's none: rank 1 makes
+    # two blank passes so that every block's gathering pairs up; the losses equal an unsharded copy's
+    _, _, result = sharded_run
+    (before_sharded, before_whole), (after_sharded, after_whole) = result["mixed"]
+    assert before_sharded == pytest.approx(before_whole, rel=1e-5)
+    assert after_sharded == pytest.approx(after_whole, rel=1e-5)
+    assert after_sharded != before_sharded  # the training step between them did update the weights

@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers import PreTrainedModel
 
 from .configuration import MiniCPMVConfig
@@ -134,10 +136,31 @@ class MiniCPMV(PreTrainedModel):
         return out  # type: ignore[return-value]
 
     def _dummy_vision_term(self, like: torch.Tensor) -> torch.Tensor:
-        # A text-only batch in training still runs a blank image through the vision path and adds 0 x its
-        # mean, so that every trainable parameter gets a gradient (DDP / ZeRO-3 expect one on every rank).
+        # A blank image through the vision path, added as 0 x its mean: no effect on the result, but the
+        # tower's parameters take part (a gradient for each under DDP; their gathering under FSDP).
         blank = torch.zeros(3, 224, 224)
         return self.encode_images([blank])[0].mean().to(like.dtype) * 0.0
+
+    def _vision_sharded(self) -> bool:
+        """Whether FSDP manages the tower's blocks (each block gathers its weights in its forward)."""
+        return any(isinstance(block, (FSDPModule, FullyShardedDataParallel)) for block in self.vpm.blocks)
+
+    def _blank_vision_passes(self, images: list[torch.Tensor]) -> int:
+        """How many blank passes through the tower this batch needs besides its own images.
+
+        One process (or DDP): one for a text-only training batch when the tower trains, so that every
+        trainable parameter gets a gradient. FSDP (the tower's weights are sharded DTensors): each pass
+        gathers every block's shards collectively, so every process must make as many passes as the
+        process with the most (one per distinct image size), in training and in evaluation alike, or the
+        processes' collectives pair up wrongly. That count is agreed on with one all-reduce.
+        """
+        passes = len({tuple(img.shape[-2:]) for img in images})
+        if self._vision_sharded():
+            most = torch.tensor([passes], device=self.llm.lm_head.weight.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            return int(most.item()) - passes
+        trains_tower = any(p.requires_grad for p in self.vpm.parameters())
+        return int(not images and self.training and torch.is_grad_enabled() and trains_tower)
 
     def embed(
         self,
@@ -148,13 +171,9 @@ class MiniCPMV(PreTrainedModel):
         """Returns input embeddings: scaled text embeddings with the (unscaled) image queries written in."""
         embeds = self.llm.model.embed_tokens(input_ids) * self.config.scale_emb
         flat = [img for sample in (pixel_values or []) for img in sample]
+        for _ in range(self._blank_vision_passes(flat)):
+            embeds = embeds + self._dummy_vision_term(embeds)
         if not flat:
-            if (
-                self.training
-                and torch.is_grad_enabled()
-                and any(p.requires_grad for p in self.vpm.parameters())
-            ):
-                embeds = embeds + self._dummy_vision_term(embeds)
             return embeds
         queries = self.encode_images(flat)
         rows, cols, values = [], [], []
