@@ -1,21 +1,24 @@
-# make run | test | test-all | bench | lint | format | clean
+# make run | test | test-all | test-gpu | bench | lint | format | clean
 # Each target installs what it needs first (a virtualenv in $(VENV), rebuilt when pyproject.toml changes).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # pinned so that every machine trains with the same kernels; override, e.g. make test TORCH_PKGS=torch
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+DEEPSPEED_PKG ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 TEST_ENV := WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run test test-all bench lint format clean clean-outputs
+.PHONY: install run test test-all test-gpu bench lint format clean clean-outputs
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH_PKGS)
 	$(BIN)/pip install -e '.[dev,sweeps,slurm]'
+	# DeepSpeed ships as source that imports torch to build: against the torch above, no compiled ops
+	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation $(DEEPSPEED_PKG)
 	touch $@
 
 run: $(VENV)/.installed
@@ -26,6 +29,10 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not gpu"
+
+# on a CUDA machine: the compiled training path, CUDA-graph decode and accelerate's FSDP on the tiny twin
+test-gpu: $(VENV)/.installed
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench.py

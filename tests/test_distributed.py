@@ -318,6 +318,8 @@ def test_shipped_accelerate_configs_load():
         "ddp_cpu": "MULTI_GPU",
         "fsdp": "FSDP",
         "fsdp_grad_op": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED",
     }
     for name in ("fsdp", "fsdp_grad_op"):
         fsdp = kinds[name].fsdp_config
@@ -326,10 +328,4 @@ def test_shipped_accelerate_configs_load():
     # full sharding (ZeRO-3's counterpart) and sharding of gradients and optimizer state only (ZeRO-2's)
     assert kinds["fsdp"].fsdp_config["fsdp_reshard_after_forward"] is True
     assert kinds["fsdp_grad_op"].fsdp_config["fsdp_reshard_after_forward"] is False
-
-
-def test_deepspeed_is_refused_with_what_to_use_instead(monkeypatch, tmp_path, twin):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    cfg = compose_config(["+experiment=lora_qkv", f"model.path={twin}"])
-    with pytest.raises(ConfigError, match="fsdp.yaml"):
-        sft.run(cfg, tmp_path, {})
+    assert [kinds[f"deepspeed_zero{n}"].deepspeed_config["zero_stage"] for n in (2, 3)] == [2, 3]

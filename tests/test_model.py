@@ -15,6 +15,7 @@ from pipeline.models.generation import GenerationSettings, generate
 from pipeline.models.modeling import MiniCPMV
 from pipeline.models.resampler import sincos_2d
 from pipeline.models.tiny import TINY_SIZES
+from pipeline.models.vision import vision_tower_features
 
 # Every tensor of the official checkpoint (key, shape), as listed by its safetensors index.
 REFERENCE_TSV = Path(__file__).resolve().parent / "data" / "minicpm_v2_state_dict.tsv"
@@ -322,3 +323,16 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+def test_vision_features_go_through_the_tower_call_without_a_head(model):
+    # sharding engines gather weights in module hooks, which only the module call fires
+    pixels = torch.randn(2, 3, 112, 112)
+    calls = []
+    handle = model.vpm.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    try:
+        feats = vision_tower_features(model.vpm, pixels)
+    finally:
+        handle.remove()
+    assert calls == [pixels.shape]
+    assert torch.equal(feats, model.vpm.forward_features(pixels))

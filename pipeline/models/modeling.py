@@ -141,10 +141,6 @@ class MiniCPMV(PreTrainedModel):
         blank = torch.zeros(3, 224, 224)
         return self.encode_images([blank])[0].mean().to(like.dtype) * 0.0
 
-    def _vision_sharded(self) -> bool:
-        """Whether FSDP manages the tower's blocks (each block gathers its weights in its forward)."""
-        return any(isinstance(block, (FSDPModule, FullyShardedDataParallel)) for block in self.vpm.blocks)
-
     def _blank_vision_passes(self, images: list[torch.Tensor]) -> int:
         """How many blank passes through the tower this batch needs besides its own images.
 
@@ -155,10 +151,8 @@ class MiniCPMV(PreTrainedModel):
         processes' collectives pair up wrongly. That count is agreed on with one all-reduce.
         """
         passes = len({tuple(img.shape[-2:]) for img in images})
-        if self._vision_sharded():
-            most = torch.tensor([passes], device=self.llm.lm_head.weight.device)
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            return int(most.item()) - passes
+        if gathers_weights(self.vpm.blocks[0]):
+            return most_over_ranks(passes, self.llm.lm_head.weight.device) - passes
         trains_tower = any(p.requires_grad for p in self.vpm.parameters())
         return int(not images and self.training and torch.is_grad_enabled() and trains_tower)
 
@@ -237,6 +231,12 @@ class MiniCPMV(PreTrainedModel):
         y = shift_labels[keep]
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        if gathers_weights(self.llm.lm_head):
+            # ZeRO-3 gathers lm_head's weight in each call: every process makes as many calls as the one
+            # with the most chunks (the extra ones on no rows), so that the processes' gathering pairs up
+            chunks = -(-h.shape[0] // LOSS_CHUNK_ROWS)
+            for _ in range(most_over_ranks(chunks, hidden.device) - chunks):
+                loss_sum = loss_sum + self.llm.logits(h[:0]).sum() * 0.0
         for start in range(0, h.shape[0], LOSS_CHUNK_ROWS):
             logits = self.llm.logits(h[start : start + LOSS_CHUNK_ROWS])
             target = y[start : start + LOSS_CHUNK_ROWS]
@@ -246,6 +246,21 @@ class MiniCPMV(PreTrainedModel):
             # Keep the graph connected so that backward works on a batch without supervised tokens.
             loss_sum = loss_sum + hidden.sum().float() * 0.0
         return loss_sum, keep.sum(), correct
+
+
+def gathers_weights(module: nn.Module) -> bool:
+    """Whether a sharding engine gathers this module's weights in its own forward (and backward): an FSDP
+    unit, or any module under DeepSpeed ZeRO-3. Every process must then call it as often as the others."""
+    if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+        return True
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def most_over_ranks(count: int, device: torch.device) -> int:
+    """The largest `count` over all processes (one all-reduce)."""
+    most = torch.tensor([count], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

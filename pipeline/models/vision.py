@@ -38,5 +38,9 @@ def patch_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
 
 
 def vision_tower_features(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Returns [N, rows*cols, embed_dim] patch features for a batch of same-size images [N, 3, H, W]."""
-    return tower.forward_features(pixel_values)
+    """Returns [N, rows*cols, embed_dim] patch features for a batch of same-size images [N, 3, H, W].
+
+    Through the module call (no pool, no head: the same as `forward_features`), so that module hooks fire:
+    DeepSpeed ZeRO-3 gathers the tower's own weights (`pos_embed`) in its forward and backward hooks.
+    """
+    return tower(pixel_values)

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError, resolve_device, resolve_dtype
+from pipeline.config import resolve_device, resolve_dtype
 from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import prepare_splits
 from pipeline.models.bundle import load_bundle
@@ -96,15 +97,24 @@ def loop_settings(cfg: DictConfig) -> LoopSettings:
     )
 
 
-def refuse_deepspeed() -> None:
-    """DeepSpeed steps its optimizer inside backward and keeps ZeRO-partitioned states that this loop's
-    checkpoints do not read; FSDP2 shards the same way (fsdp.yaml ~ ZeRO-3, fsdp_grad_op.yaml ~ ZeRO-2)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise ConfigError(
-            "DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported by this training loop; for sharded "
-            "training launch with bench/accelerate/fsdp.yaml (full sharding, like ZeRO-3) or "
-            "bench/accelerate/fsdp_grad_op.yaml (gradients and optimizer state, like ZeRO-2)"
-        )
+def configure_deepspeed(accelerator: Accelerator, cfg: DictConfig) -> None:
+    """Fills the DeepSpeed config (under `accelerate launch` with a DeepSpeed config file) from ours.
+
+    The loop accumulates gradients over its own window and tells the engine where the window ends, so
+    DeepSpeed's own accumulation count is 1; its clipping is optim.max_grad_norm; the torch AdamW built here
+    runs inside ZeRO; ZeRO-3 checkpoints gather whole 16-bit weights.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = int(cfg.trainer.batch_size)
+    ds["gradient_accumulation_steps"] = 1
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro-batch x 1 x processes
+    ds["gradient_clipping"] = float(cfg.optim.max_grad_norm or 0.0)
+    ds["zero_allow_untested_optimizer"] = True
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
@@ -113,8 +123,16 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     sft_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # LoRA dropout and init draw from the global RNG: same seed, same run
     device = resolve_device(cfg)
-    refuse_deepspeed()
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu")
+    # cpu=True makes accelerate's own CPU processes (gloo); DeepSpeed on the CPU (DS_ACCELERATOR=cpu) needs
+    # cpu=False and gloo named, or accelerate counts one process where DeepSpeed runs several
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    on_cpu = device.type == "cpu"
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(cfg, device),
+        cpu=on_cpu and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else None,
+    )
+    configure_deepspeed(accelerator, cfg)
     device = accelerator.device
 
     # ----- setup: model, data, optimizer

@@ -150,10 +150,13 @@ def save_training_checkpoint(
     state: TrainerState,
     run_cfg: DictConfig,
     base_path: Path,
+    engine=None,
 ) -> Path:
     """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
 
-    `model` is the unwrapped model (no DDP wrapper; FSDP-sharded parameters are fine).
+    `model` is the unwrapped model (no DDP wrapper; FSDP-sharded parameters are fine). Under DeepSpeed,
+    `engine` is its engine: the weights are gathered through it (ZeRO-3: partitions into whole tensors)
+    and the optimizer state is its own sharded checkpoint in `deepspeed/`.
     """
     rank, _ = _rank_world()
     final = sft_dir / f"checkpoint-{state.global_step}"
@@ -163,14 +166,20 @@ def save_training_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    weights = get_model_state_dict(model, options=_gather_options(model))
-    optim_state = get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=_gather_options(model))
+    if engine is not None:
+        weights, optim_state = _deepspeed_weights(engine, model), None
+    else:
+        weights = get_model_state_dict(model, options=_gather_options(model))
+        optim_state = get_optimizer_state_dict(
+            model, _inner_optimizer(optimizer), options=_gather_options(model)
+        )
     if rank == 0:
         if isinstance(model, PeftModel):
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         else:
             save_checkpoint(model, tmp, source_folder=base_path, state=weights)
-        torch.save(optim_state, tmp / "optimizer.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
@@ -184,18 +193,37 @@ def save_training_checkpoint(
             if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(base_path / name, tmp / name)
     del weights, optim_state
-    _barrier()  # the full model's writer replaces the folder: each rank's RNG goes in after it
+    _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
     _save_rng(tmp / rng_file(rank))
+    if engine is not None:
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     _barrier()
     if rank == 0:
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():  # an earlier, interrupted run reached the same step: replace it
             shutil.rmtree(final)
         tmp.rename(final)
     _barrier()
     return final
+
+
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+
+
+def _deepspeed_weights(engine, model) -> dict[str, torch.Tensor]:
+    """The whole weights on rank 0 (collective under ZeRO-3): the trainable ones of a PEFT model, else all."""
+    lora = isinstance(model, PeftModel)
+    if engine.zero_optimization_partition_weights():  # ZeRO-3
+        weights = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
+    else:
+        weights = {n: p for n, p in model.state_dict().items()}
+        if lora:
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            weights = {n: p for n, p in weights.items() if n in trainable}
+    return {n: p.detach().cpu() for n, p in (weights or {}).items()}
 
 
 def adapter_to_model_keys(model: PeftModel, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,7 +243,7 @@ def adapter_to_model_keys(model: PeftModel, adapter: dict[str, torch.Tensor]) ->
 
 
 def load_training_checkpoint(
-    ckpt: Path, model: MiniCPMV | PeftModel, optimizer: torch.optim.Optimizer, scheduler
+    ckpt: Path, model: MiniCPMV | PeftModel, optimizer: torch.optim.Optimizer, scheduler, engine=None
 ) -> TrainerState:
     """Restores weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state.
 
@@ -223,7 +251,35 @@ def load_training_checkpoint(
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
     """
     rank, world = _rank_world()
-    spread = world > 1
+    if engine is not None:
+        _load_deepspeed(ckpt, engine)
+    else:
+        _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1)
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    own = ckpt / rng_file(rank)
+    restore_rng(own if own.is_file() else ckpt / rng_file(0))
+    return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
+
+
+def _load_deepspeed(ckpt: Path, engine) -> None:
+    folder = ckpt / DEEPSPEED_DIR
+    if not (folder / DEEPSPEED_TAG).is_dir():
+        raise FileNotFoundError(
+            f"{ckpt}: no DeepSpeed state ({DEEPSPEED_DIR}/{DEEPSPEED_TAG}); a checkpoint written without "
+            f"DeepSpeed resumes without it (or start anew with trainer.resume=never)"
+        )
+    path, _ = engine.load_checkpoint(
+        str(folder), tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise RuntimeError(f"{folder}: DeepSpeed could not load this state (another number of processes?)")
+    if engine.zero_optimization_partition_weights():
+        # loading leaves some ZeRO-3 weights gathered on some ranks only; release them all, so that every
+        # rank starts the next step from the same state (ZeRO-3 checks that the ranks fetch alike)
+        engine.empty_partition_cache()
+
+
+def _load_weights_and_optimizer(ckpt: Path, model, optimizer, rank: int, spread: bool) -> None:
     weights: dict[str, torch.Tensor] = {}
     strict = not isinstance(model, PeftModel)
     if isinstance(model, PeftModel):
@@ -249,10 +305,6 @@ def load_training_checkpoint(
         optim_state,
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=spread),
     )
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    own = ckpt / rng_file(rank)
-    restore_rng(own if own.is_file() else ckpt / rng_file(0))
-    return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
 
 
 def rotate_checkpoints(sft_dir: Path, keep: int | None, protect: set[str]) -> list[Path]:

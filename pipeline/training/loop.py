@@ -4,7 +4,8 @@ Why not Trainer: the loss here is a token-weighted sum computed inside the model
 only (no full-vocabulary logits), normalised by the supervised tokens of the whole accumulation window
 across all ranks, so 1 and N processes give the same gradient for the same global batch; and exact resume
 (same losses from the resumed step on), atomic checkpoints and signal-triggered saves are simpler to get
-right in a loop of our own. accelerate still provides the engines (DDP, FSDP, DeepSpeed) and autocast.
+right in a loop of our own. accelerate still provides the engines (DDP, FSDP, DeepSpeed) and autocast;
+under DeepSpeed the loop drives the engine's backward/step itself at its own accumulation boundary.
 
 Data order: epoch e shuffles the training rows with seed + e; optimizer step s of that epoch takes the
 window of `batch_size * grad_accum * world_size` rows at s, and rank r takes every world_size-th row of
@@ -24,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -159,6 +160,8 @@ class Trainer:
         self.pad_id = pad_id
         self.pad_to_multiple = pad_to_multiple
         self.tracker = tracker
+        # DeepSpeed: the prepared model is its engine, which steps, clips and checkpoints by itself
+        self.engine = model if accelerator.distributed_type == DistributedType.DEEPSPEED else None
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.per_epoch = steps_per_epoch(len(train_set), settings, self.world)
@@ -189,7 +192,7 @@ class Trainer:
                     f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
                 )
         self.state = load_training_checkpoint(
-            ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler
+            ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, engine=self.engine
         )
         if self.acc.is_main_process and self.log_path.exists():
             # Drop log lines written after the checkpoint, so the log reads as one uninterrupted run.
@@ -252,7 +255,16 @@ class Trainer:
             with ctx, self.acc.autocast():
                 out = self.model(**batch)
             # DDP averages gradients over ranks; multiplying by world keeps the global token mean.
-            self.acc.backward(out.loss_sum * self.world / total_tokens)
+            scaled = out.loss_sum * self.world / total_tokens
+            if self.engine is not None:
+                # the window is this loop's (DeepSpeed's own accumulation count stays 1, so no rescaling);
+                # at its last micro-batch the engine reduces, clips and steps the optimizer
+                self.engine.set_gradient_accumulation_boundary(sync)
+                self.engine.backward(scaled)
+                if sync:
+                    self.engine.step()
+            else:
+                self.acc.backward(scaled)
             loss_sum += out.loss_sum.detach().float()
             correct += out.num_correct.detach().float()
         if self.world > 1:
@@ -265,9 +277,12 @@ class Trainer:
                 f"this step, use bf16 instead of fp16 (trainer.mixed_precision), or keep optim.max_grad_norm > 0"
             )
         grad_norm = None
-        if self.s.max_grad_norm and self.s.max_grad_norm > 0:
+        if self.engine is not None:
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = None if norm is None else float(norm)
+        elif self.s.max_grad_norm and self.s.max_grad_norm > 0:
             grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm))
-        self.optimizer.step()
+        self.optimizer.step()  # under DeepSpeed a no-op: the engine stepped above
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
@@ -289,22 +304,28 @@ class Trainer:
             else min(len(self.val_set), self.s.max_eval_samples)
         )
         indices = list(range(n))[self.rank :: self.world]
+        batches = [
+            indices[i : i + self.s.eval_batch_size] for i in range(0, len(indices), self.s.eval_batch_size)
+        ]
+        # Under FSDP / ZeRO-3 each forward gathers weights with the other processes, so every process runs
+        # as many batches as the one with the most; a filler batch (row 0) counts for nothing.
+        most = math.ceil(math.ceil(n / self.world) / self.s.eval_batch_size)
+        counted = len(batches)
+        batches += [[0]] * (most - counted)
         loader = DataLoader(
             self.val_set,
-            batch_sampler=[
-                indices[i : i + self.s.eval_batch_size]
-                for i in range(0, len(indices), self.s.eval_batch_size)
-            ],
+            batch_sampler=batches,
             collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
             num_workers=self.s.num_workers,
             generator=torch.Generator().manual_seed(self.s.seed),
         )
         self.model.eval()
         sums = torch.zeros(3, device=self.acc.device)
-        for batch in loader:
+        for i, batch in enumerate(loader):
             with self.acc.autocast():
                 out = self.model(**_to_device(batch, self.acc.device))
-            sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
+            if i < counted:
+                sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
         self.model.train()
         if self.world > 1:
             sums = self.acc.reduce(sums, reduction="sum")
@@ -323,6 +344,7 @@ class Trainer:
             self.scheduler,
             self.state,
             **self.save_extra(),
+            engine=self.engine,
         )
         if self.acc.is_main_process:
             point(self.sft_dir / "last", path)
