@@ -103,13 +103,20 @@ def test_the_whole_pipeline_runs_on_cuda_with_compile(twin, tmp_path):
     assert results and all(isinstance(r["response"], str) and r["query"] for r in results)
 
 
-@pytest.mark.parametrize("experiment", ["lora_qkv", "full"])
-def test_accelerate_fsdp_run_resumes_like_an_uninterrupted_one(twin, tmp_path, experiment):
-    # accelerate's own FSDP2 wrapping (bench/accelerate/fsdp.yaml) on the one card: the checkpoint gathers
-    # the DTensor shards, and a run resumed from it repeats the uninterrupted run's losses
+@pytest.mark.parametrize(
+    ("engine", "experiment"),
+    [("fsdp", "lora_qkv"), ("fsdp", "full"), ("deepspeed_zero3", "lora_qkv"), ("deepspeed_zero3", "full")],
+)
+def test_sharded_run_resumes_like_an_uninterrupted_one(twin, tmp_path, engine, experiment):
+    # accelerate's own FSDP2 wrapping or DeepSpeed engine on every card of the machine: the checkpoint
+    # gathers the shards, and a run resumed from it repeats the uninterrupted run's losses
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    gpus = torch.cuda.device_count()
+
     def launch(run: Path) -> None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "bench" / "accelerate" / "fsdp.yaml"), "--num_processes", "1", "-m", "pipeline",
+               str(REPO / "bench" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(gpus), "-m", "pipeline",
                f"+experiment={experiment}", f"model.path={twin}", "device=cuda", "tracking=none",
                "stages=[sft]", "trainer.max_steps=6", "trainer.save_steps=3", "trainer.logging_steps=1",
                "trainer.eval_steps=100", "trainer.max_eval_samples=4", "lora.dropout=0",
@@ -119,7 +126,8 @@ def test_accelerate_fsdp_run_resumes_like_an_uninterrupted_one(twin, tmp_path, e
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     launch(whole)
-    assert "engine: FSDP, 1 process(es)" in (whole / "run.log").read_text()
+    kind = "FSDP" if engine == "fsdp" else "DEEPSPEED"
+    assert f"engine: {kind}, {gpus} process(es)" in (whole / "run.log").read_text()
     assert (whole / "sft" / "checkpoint-3").is_dir() and (whole / "sft" / "checkpoint-6").is_dir()
     # the resumed run: the same folder as it was after step 3
     shutil.copytree(whole, resumed, symlinks=True)
