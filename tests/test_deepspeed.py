@@ -112,3 +112,14 @@ def test_zero_resumes_exactly_with_whole_weights(twin, tmp_path, stage, experime
     final_b = load_file(str(next((resumed / "sft" / "checkpoint-4").glob(pattern))))
     for name, tensor in final_a.items():
         assert (final_b[name] - tensor).abs().max() <= 1e-5 * (1 + tensor.abs().max()), name
+
+
+def test_deepspeed_state_of_another_process_count_is_refused_naming_both(tmp_path):
+    from pipeline.training.checkpoints import load_training_checkpoint
+
+    state = tmp_path / "checkpoint-2" / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    for rank in range(2):
+        (state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"state of 2 processes, this run has 1.*--num_processes 2"):
+        load_training_checkpoint(tmp_path / "checkpoint-2", None, None, None, engine=object())

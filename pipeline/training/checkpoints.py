@@ -252,7 +252,7 @@ def load_training_checkpoint(
     """
     rank, world = _rank_world()
     if engine is not None:
-        _load_deepspeed(ckpt, engine)
+        _load_deepspeed(ckpt, engine, world)
     else:
         _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
@@ -261,12 +261,18 @@ def load_training_checkpoint(
     return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
 
 
-def _load_deepspeed(ckpt: Path, engine) -> None:
+def _load_deepspeed(ckpt: Path, engine, world: int) -> None:
     folder = ckpt / DEEPSPEED_DIR
     if not (folder / DEEPSPEED_TAG).is_dir():
         raise FileNotFoundError(
             f"{ckpt}: no DeepSpeed state ({DEEPSPEED_DIR}/{DEEPSPEED_TAG}); a checkpoint written without "
             f"DeepSpeed resumes without it (or start anew with trainer.resume=never)"
+        )
+    saved = len(list((folder / DEEPSPEED_TAG).glob("*optim_states.pt")))
+    if saved != world:
+        raise ValueError(
+            f"{folder / DEEPSPEED_TAG}: DeepSpeed state of {saved} processes, this run has {world}; resume "
+            f"with --num_processes {saved}, or start anew from its weights (model.path / trainer.resume=never)"
         )
     path, _ = engine.load_checkpoint(
         str(folder), tag=DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
