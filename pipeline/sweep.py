@@ -249,34 +249,12 @@ def build_summary(sweep_dir: str | os.PathLike) -> tuple[Path, Path, list[dict]]
     return csv_path, md_path, records
 
 
-def record_job(
-    sweep_dir: str | os.PathLike,
-    job_dir: str | os.PathLike,
-    *,
-    job: int | str,
-    overrides: Sequence[str],
-    status: str,
-    objective: float | None,
-    objective_name: str,
-    direction: str,
-    error: str | None = None,
-) -> Path | None:
-    """Return summary.md after writing this job's result.json and rebuilding the sweep's summary.
-
-    Only the main process writes (None elsewhere).
-    """
+def record_job(sweep_dir: str | os.PathLike, job_dir: str | os.PathLike, **result) -> Path | None:
+    """Return summary.md after writing this job's result.json (`result`: write_job_result's keywords)
+    and rebuilding the sweep's summary. Only the main process writes (None elsewhere)."""
     if not is_main_process():
         return None
-    write_job_result(
-        job_dir,
-        job=job,
-        overrides=overrides,
-        status=status,
-        objective=objective,
-        objective_name=objective_name,
-        direction=direction,
-        error=error,
-    )
+    write_job_result(job_dir, **result)
     return build_summary(sweep_dir)[1]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,7 +50,37 @@ def compose() -> Callable[..., DictConfig]:
     return compose_config
 
 
+def workdir_config(workdir: Path, *overrides: str) -> DictConfig:
+    """The composed config for a folder holding the tiny twin (`tiny/`) and custom-format `train.jsonl` and
+    `val.jsonl`, on the CPU, with `overrides` after."""
+    return compose_config(
+        [
+            f"model.path={workdir / 'tiny'}",
+            "dataset=custom",
+            f"dataset.path={workdir / 'train.jsonl'}",
+            f"dataset.val_path={workdir / 'val.jsonl'}",
+            "device=cpu",
+            *overrides,
+        ]
+    )
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """Return `path` after writing `rows` to it as JSON lines (test data in the custom format)."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def run_python(command: Sequence[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `command` (a fresh interpreter, torchrun, accelerate ...) with this checkout importable, one
+    thread per process and Hydra's short error messages; return it finished, output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

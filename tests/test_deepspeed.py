@@ -14,14 +14,12 @@ from pipeline.models.checkpoint import check_checkpoint
 from pipeline.models.configuration import MiniCPMVConfig
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.training.loop import window_indices
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port, run_python
 
 from .test_distributed import (
     BIN,
     EXACT,
     assert_same_curve,
-    free_port,
-    launch,
     log_records,
     run_folders,
     train_single,
@@ -50,7 +48,7 @@ def ds_launch(config: Path, cwd: Path, *overrides: str):
            "stages=[sft]"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
-        return launch(cmd, cwd, timeout=420)
+        return run_python(cmd, cwd, timeout=420)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

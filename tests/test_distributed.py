@@ -4,9 +4,6 @@ like 1 process with the same global batch, also when text-only and image rows me
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from datetime import datetime, timedelta
@@ -20,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import sft
 from pipeline.training.loop import window_indices
-from tests.conftest import CONF_DIR, REPO_ROOT, compose_config
+from tests.conftest import CONF_DIR, REPO_ROOT, compose_config, free_port, run_python
 
 BIN = Path(sys.executable).parent
 # no learning-rate schedule and no dropout: any difference in the gradients shows in the next step's loss
@@ -40,18 +37,6 @@ EXACT = (
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
     return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(command: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -186,7 +171,7 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(twin, 
         *EXACT,
         "trainer.max_steps=4",
     ]
-    done = launch(
+    done = run_python(
         [
             str(BIN / "torchrun"),
             "--standalone",
@@ -250,7 +235,7 @@ def test_accelerate_launch_with_text_only_and_image_rows_in_one_step(twin, tmp_p
     out = tmp_path / "outputs"
     common = ["+experiment=lora_all", f"model.path={twin}", "dataset=custom", f"dataset.path={train}",
               f"dataset.val_path={val}", *EXACT, f"trainer.max_steps={steps}", "trainer.batch_size=1"]  # fmt: skip
-    done = launch(
+    done = run_python(
         [
             str(BIN / "accelerate"),
             "launch",
@@ -277,7 +262,7 @@ def test_accelerate_launch_with_text_only_and_image_rows_in_one_step(twin, tmp_p
 def test_submitit_job_of_two_tasks_trains_as_two_processes(twin, tmp_path):
     # tasks_per_node=2 (on SLURM: one task per GPU) makes each job of a sweep one data-parallel run
     out = tmp_path / "outputs"
-    done = launch(
+    done = run_python(
         [
             sys.executable,
             "-m",

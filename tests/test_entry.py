@@ -24,7 +24,7 @@ from pipeline.runinfo import (
 )
 from pipeline.stages import UnknownStageError, get_stage
 from pipeline.utils.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_python
 
 
 def _run_entry(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.CompletedProcess:
@@ -37,11 +37,7 @@ def _run_entry(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess
         sys.exit(main())
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_python([sys.executable, "-c", script], tmp_path, timeout=120)
 
 
 def _run_dirs(root: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from pipeline.models.collate import collate_for_training, encode_example
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import sft
-from tests.conftest import compose_config, write_rows
+from tests.conftest import workdir_config, write_rows
 
 LOSS_KEYS = {"eval_loss", "perplexity", "token_acc"}
 GENERATION_KEYS = {"bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy"}
@@ -46,25 +46,19 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def config(workdir: Path, *overrides: str):
-    return compose_config(
-        [
-            f"model.path={workdir / 'tiny'}",
-            "dataset=custom",
-            f"dataset.path={workdir / 'train.jsonl'}",
-            f"dataset.val_path={workdir / 'val.jsonl'}",
-            "device=cpu",
-            "eval.max_samples=4",
-            "eval.batch_size=2",
-            "eval.max_new_tokens=6",
-            "trainer.max_steps=1",
-            "trainer.eval_steps=1",
-            "trainer.save_steps=1",
-            "trainer.batch_size=2",
-            "trainer.max_eval_samples=1",
-            "optim.lr=1e-2",
-            "optim.warmup_ratio=0.0",  # one step: a warm-up would leave it at lr 0
-            *overrides,
-        ]
+    return workdir_config(
+        workdir,
+        "eval.max_samples=4",
+        "eval.batch_size=2",
+        "eval.max_new_tokens=6",
+        "trainer.max_steps=1",
+        "trainer.eval_steps=1",
+        "trainer.save_steps=1",
+        "trainer.batch_size=2",
+        "trainer.max_eval_samples=1",
+        "optim.lr=1e-2",
+        "optim.warmup_ratio=0.0",  # one step: a warm-up would leave it at lr 0
+        *overrides,
     )
 
 

@@ -4,9 +4,6 @@ holds whole tensors, resumes the sharded run exactly, and resumes in one unshard
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,15 +15,10 @@ from pipeline.models.checkpoint import check_checkpoint
 from pipeline.training.checkpoints import load_training_checkpoint
 
 from . import fsdp_worker
+from .conftest import free_port, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["lora", "full"])
@@ -35,8 +27,7 @@ def sharded_run(request, tmp_path_factory) -> tuple[str, Path, dict]:
     out = tmp_path_factory.mktemp(f"fsdp-{mode}")
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "tests" / "fsdp_worker.py"), mode, str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    done = run_python(cmd, out, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return mode, out, json.loads((out / "result.json").read_text())
 

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.data.rows import DatasetError
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import infer
-from tests.conftest import compose_config, write_rows
+from tests.conftest import workdir_config, write_rows
 
 RESULT_KEYS = {"system", "query", "response", "label", "history", "images"}
 
@@ -44,19 +44,13 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def config(workdir: Path, *overrides: str):
-    return compose_config(
-        [
-            f"model.path={workdir / 'tiny'}",
-            "dataset=custom",
-            f"dataset.path={workdir / 'train.jsonl'}",
-            f"dataset.val_path={workdir / 'val.jsonl'}",
-            "device=cpu",
-            "stages=[infer]",
-            "ckpt=base",
-            "infer.max_new_tokens=6",
-            "infer.batch_size=2",
-            *overrides,
-        ]
+    return workdir_config(
+        workdir,
+        "stages=[infer]",
+        "ckpt=base",
+        "infer.max_new_tokens=6",
+        "infer.batch_size=2",
+        *overrides,
     )
 
 

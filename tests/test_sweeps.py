@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from pipeline import sweep
 from pipeline.models.tiny import build_tiny_twin
-from tests.conftest import REPO_ROOT, compose_config
+from tests.conftest import compose_config, run_python
 
 # the smallest run that still trains, evaluates and returns an objective
 TINY = (
@@ -39,16 +38,7 @@ def twin(tmp_path_factory) -> Path:
 
 def run_entry(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run `python -m pipeline <args>` in a fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python([sys.executable, "-m", "pipeline", *args], cwd, timeout)
 
 
 def only_sweep_dir(root: Path) -> Path:

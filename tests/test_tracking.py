@@ -96,11 +96,12 @@ def _read_wandb_records(run_file: Path) -> list:
 
 
 def _settled_records(run_dir: Path, timeout: float = 15.0) -> list:
-    """Return the run file's records once its run record is on disk (wandb's writer may lag finish())."""
+    """Return the run file's records once the exit record, the last that finish() writes, is on disk
+    (wandb's writer may lag finish(), most of all on a loaded machine)."""
     deadline = time.monotonic() + timeout
     while True:
         records = _read_wandb_records(_only_run_file(run_dir))
-        if any(r.WhichOneof("record_type") == "run" for r in records) or time.monotonic() > deadline:
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
 
@@ -216,7 +217,7 @@ def test_wandb_offline_logs_metrics_summary_and_run_metadata(
         f"W&B: no API key found, logging offline to {run_file.parent}; "
         f"sync later with `wandb sync {run_file.parent}`"
     )
-    records = _read_wandb_records(run_file)
+    records = _settled_records(run_dir)
 
     rows = _history_rows(records)
     assert [(row["_step"], row["train/loss"]) for row in rows] == [(1, 2.0), (2, 1.5), (3, 1.25)]

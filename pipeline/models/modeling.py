@@ -145,7 +145,7 @@ class MiniCPMV(PreTrainedModel):
         """How many blank passes through the tower this batch needs besides its own images.
 
         One process (or DDP): one for a text-only training batch when the tower trains, so that every
-        trainable parameter gets a gradient. FSDP (the tower's weights are sharded DTensors): each pass
+        trainable parameter gets a gradient. FSDP or ZeRO-3 (the tower's weights are sharded): each pass
         gathers every block's shards collectively, so every process must make as many passes as the
         process with the most (one per distinct image size), in training and in evaluation alike, or the
         processes' collectives pair up wrongly. That count is agreed on with one all-reduce.

@@ -174,8 +174,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     optimizer = build_optimizer(model, cfg.optim, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
-    engine = str(accelerator.distributed_type).split(".")[-1]
-    log.info("engine: %s, %d process(es), device %s", engine, world, accelerator.device)
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    log.info("engine: %s, %d process(es), device %s", kind, world, accelerator.device)
     total = planned_steps(len(train_set), settings, world)
     scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -214,15 +214,13 @@ DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 
 
 def _deepspeed_weights(engine, model) -> dict[str, torch.Tensor]:
-    """The whole weights on rank 0 (collective under ZeRO-3): the trainable ones of a PEFT model, else all."""
-    lora = isinstance(model, PeftModel)
-    if engine.zero_optimization_partition_weights():  # ZeRO-3
-        weights = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
-    else:
-        weights = {n: p for n, p in model.state_dict().items()}
-        if lora:
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            weights = {n: p for n, p in weights.items() if n in trainable}
+    """The whole weights on rank 0: ZeRO-3 gathers its partitions (collectively); ZeRO-2 keeps whole
+    weights on every rank, read like any unsharded model's."""
+    if not engine.zero_optimization_partition_weights():
+        return get_model_state_dict(model, options=_gather_options(model))
+    weights = engine._zero3_consolidated_16bit_state_dict(
+        exclude_frozen_parameters=isinstance(model, PeftModel)
+    )
     return {n: p.detach().cpu() for n, p in (weights or {}).items()}
 
 
