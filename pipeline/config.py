@@ -95,7 +95,10 @@ class TrainerConfig:
     save_total_limit: int | None = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
     mixed_precision: str = "auto"
-    num_workers: int = 0
+    num_workers: Any = "auto"  # auto (0 on CPU; on a GPU from the CPU count, up to 8) | N
+    # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
+    # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size.
+    micro_batch_tokens: int = 4096
     compile: bool = False
     max_eval_samples: int | None = None
 
@@ -214,7 +217,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.eval_steps", 1, None),
     ("trainer.save_steps", 1, None),
     ("trainer.save_total_limit", 1, None),
-    ("trainer.num_workers", 0, None),
+    ("trainer.micro_batch_tokens", 0, None),
     ("trainer.max_eval_samples", 1, None),
     ("eval.max_samples", 1, None),
     ("eval.batch_size", 1, None),
@@ -333,6 +336,9 @@ def _check_ranges(tree: dict) -> list[str]:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             problems.append(f"{key}={value} is out of range; must be {bound}")
+    workers = tree["trainer"]["num_workers"]
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        problems.append(f"trainer.num_workers={_show(workers)} must be auto or an integer >= 0")
     if tree["trainer"]["max_steps"] <= 0 and tree["trainer"]["epochs"] <= 0:
         problems.append("trainer.epochs and trainer.max_steps are both <= 0; set one of them > 0")
     if len(tree["optim"]["betas"]) != 2:
@@ -450,6 +456,19 @@ def resolve_device(cfg: DictConfig | str) -> torch.device:
         if index >= count:
             raise ConfigError(f"device={name} but {count} CUDA device(s) are visible; use device=auto or cpu")
     return torch.device(name)
+
+
+def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) -> int:
+    """Returns DataLoader workers: N as given; auto = 0 on CPU (the main process is faster there), on a
+    GPU this process's share of the CPU cores less one for the training process, at most 8."""
+    import os
+
+    if value != "auto":
+        return int(value)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(processes, 1) - 1))
 
 
 def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:

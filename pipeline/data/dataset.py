@@ -79,6 +79,15 @@ class SFTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def token_counts(self) -> list[int]:
+        """Returns every row's encoded length (counted by validation, else now from the image header)."""
+        counter = TokenCounter(self.tokenizer, self.processor, self.max_length, self.truncation)
+        counts = []
+        for row in self.rows:
+            count = row.num_tokens if row.num_tokens is not None else counter(row)
+            counts.append(min(count, self.max_length) if count is not None else self.max_length)
+        return counts
+
     def __getitem__(self, index: int) -> Sample:
         row = self.rows[index]
         image = load_image(row.images[0], cache_dir=self.image_cache) if row.images else None

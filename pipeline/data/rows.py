@@ -16,6 +16,7 @@ class Row:
     system: str | None
     origin: str  # "path/to/file.jsonl:17" (1-based line), "coco:validation:3", ... used in every message
     references: list[str] | None = None  # every reference answer when a source has several (COCO captions)
+    num_tokens: int | None = None  # encoded length, image tokens included; set by validation
 
 
 @dataclass

@@ -204,6 +204,7 @@ def check_lengths(
     found = []
     for index, row in enumerate(rows):
         count = count_tokens(row)
+        row.num_tokens = count  # kept: training cuts its token-budget micro-batches by it
         if count is None:
             found.append((index, Problem(row.origin, "row cannot be encoded with this model's template")))
         elif max_length is not None and count > max_length:

@@ -19,7 +19,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import resolve_device, resolve_dtype
+from pipeline.config import resolve_device, resolve_dtype, resolve_num_workers
 from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import prepare_splits
 from pipeline.models.bundle import load_bundle
@@ -78,7 +78,7 @@ def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
     return apply_lora(core, lora_cfg)
 
 
-def loop_settings(cfg: DictConfig) -> LoopSettings:
+def loop_settings(cfg: DictConfig, device: torch.device | None = None, processes: int = 1) -> LoopSettings:
     t = cfg.trainer
     return LoopSettings(
         batch_size=t.batch_size,
@@ -92,8 +92,9 @@ def loop_settings(cfg: DictConfig) -> LoopSettings:
         eval_batch_size=t.eval_batch_size,
         max_eval_samples=t.max_eval_samples,
         max_grad_norm=cfg.optim.max_grad_norm,
-        num_workers=t.num_workers,
+        num_workers=resolve_num_workers(t.num_workers, device or torch.device("cpu"), processes),
         seed=cfg.seed,
+        micro_batch_tokens=t.micro_batch_tokens,
     )
 
 
@@ -147,13 +148,13 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     )
     model = prepare_model(cfg, bundle)
     pad_to = 1
+    graphs = cfg.trainer.compile and device.type == "cuda"
     if cfg.trainer.compile:
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound); batches
         # padded to a multiple of 128 so that only a few shapes are ever recorded.
-        on_cuda = device.type == "cuda"
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        bundle.core.compile_blocks("reduce-overhead" if on_cuda else None)
-        pad_to = 128 if on_cuda else 1
+        bundle.core.compile_blocks("reduce-overhead" if graphs else None)
+        pad_to = 128 if graphs else 1
     counts = count_parameters(model)
     log.info("%s", counts)
     splits = prepare_splits(
@@ -170,12 +171,19 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         )
 
     train_set, val_set = make_set(splits.train), make_set(splits.val)
-    settings = loop_settings(cfg)
+    settings = loop_settings(cfg, device, accelerator.num_processes)
+    budget = settings.micro_batch_tokens > 0
     optimizer = build_optimizer(model, cfg.optim, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
     kind = str(accelerator.distributed_type).split(".")[-1]
     log.info("engine: %s, %d process(es), device %s", kind, world, accelerator.device)
+    log.info(
+        "optimizer step: %d rows; micro-batches: %s; %d data worker(s)",
+        settings.batch_size * settings.grad_accum * world,
+        f"up to {settings.micro_batch_tokens} padded tokens" if budget else f"{settings.batch_size} row(s)",
+        settings.num_workers,
+    )
     total = planned_steps(len(train_set), settings, world)
     scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -199,6 +207,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         pad_id=bundle.tokenizer.pad_id,
         pad_to_multiple=pad_to,
         tracker=tracker,
+        lengths=train_set.token_counts() if budget else None,
+        val_lengths=val_set.token_counts() if budget else None,
+        preallocate_grads=graphs and accelerator.distributed_type != DistributedType.DEEPSPEED,
     )
     resumed = trainer.resume(cfg.trainer.resume)
 

@@ -10,6 +10,8 @@ under DeepSpeed the loop drives the engine's backward/step itself at its own acc
 Data order: epoch e shuffles the training rows with seed + e; optimizer step s of that epoch takes the
 window of `batch_size * grad_accum * world_size` rows at s, and rank r takes every world_size-th row of
 it. An incomplete last window is dropped. Resuming at step s therefore needs no replay of the loader.
+How a rank's rows of the window are cut into micro-batches (fixed groups of batch_size, or groups filled to
+a token budget) is decided by pipeline/training/batching.py; the loss is the same either way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.models.collate import collate_for_training
+from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     TrainerState,
     list_checkpoints,
@@ -66,6 +69,8 @@ class LoopSettings:
     max_grad_norm: float
     num_workers: int
     seed: int
+    # micro-batches filled to this many padded tokens (0: fixed micro-batches of batch_size)
+    micro_batch_tokens: int = 0
 
 
 def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
@@ -79,12 +84,16 @@ def planned_steps(n_rows: int, settings: LoopSettings, world: int) -> int:
     return settings.epochs * steps_per_epoch(n_rows, settings, world)
 
 
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """Returns the shuffled row order of `epoch`."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
 def window_indices(
     n_rows: int, seed: int, epoch: int, step: int, size: int, rank: int, world: int
 ) -> list[int]:
     """Returns this rank's row indices for optimizer step `step` of `epoch`."""
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    window = order[step * size : (step + 1) * size]
+    window = epoch_order(n_rows, seed, epoch)[step * size : (step + 1) * size]
     return window[rank::world]
 
 
@@ -125,6 +134,14 @@ def _memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
+def loader_options(num_workers: int, on_cuda: bool) -> dict:
+    """Returns the DataLoader's worker options: pinned memory on a GPU, prefetching with workers."""
+    options: dict = {"num_workers": num_workers, "pin_memory": on_cuda}
+    if num_workers > 0:
+        options.update(prefetch_factor=4, persistent_workers=False)
+    return options
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     out = dict(batch)
     for key in ("input_ids", "attention_mask", "labels"):
@@ -147,6 +164,9 @@ class Trainer:
         pad_id: int,
         tracker=None,
         pad_to_multiple: int = 1,
+        lengths: list[int] | None = None,
+        val_lengths: list[int] | None = None,
+        preallocate_grads: bool = False,
     ) -> None:
         self.acc = accelerator
         self.model = model
@@ -159,6 +179,13 @@ class Trainer:
         self.save_extra = save_extra  # returns kwargs for save_training_checkpoint (run config, base path)
         self.pad_id = pad_id
         self.pad_to_multiple = pad_to_multiple
+        # token counts of the training rows, by index: what the token-budget micro-batches are cut by
+        self.lengths = lengths
+        self.val_lengths = val_lengths
+        # Compiled layers replayed as CUDA graphs return their gradients in the graphs' memory pool, which
+        # the next micro-batch's replay reuses. Gradients that already exist are added to in place, so with
+        # gradient accumulation every trainable parameter holds its own .grad from the first micro-batch on.
+        self.preallocate_grads = preallocate_grads
         self.tracker = tracker
         # DeepSpeed: the prepared model is its engine, which steps, clips and checkpoints by itself
         self.engine = model if accelerator.distributed_type == DistributedType.DEEPSPEED else None
@@ -174,6 +201,12 @@ class Trainer:
         self.total_steps = planned_steps(len(train_set), settings, self.world)
         self.state = TrainerState()
         self.log_path = sft_dir / "logging.jsonl"
+        # Engines that gather weights in every forward need the same number of micro-batches on every rank.
+        self.equal_micro_batches = self.world > 1 and accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        )
+        self._order: tuple[int, list[int]] | None = None
 
     # ----- resume
     def resume(self, resume: str) -> Path | None:
@@ -206,36 +239,56 @@ class Trainer:
         return ckpt
 
     # ----- data
-    def _micro_batches(self, step: int) -> Iterator[dict]:
+    def _micro_batches(self, step: int) -> list[list[int]]:
+        """Returns this rank's micro-batches (row indices) for optimizer step `step`."""
         epoch, in_epoch = divmod(step, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.train_set), self.s.seed, epoch))
         size = self.s.batch_size * self.s.grad_accum * self.world
-        idx = window_indices(len(self.train_set), self.s.seed, epoch, in_epoch, size, self.rank, self.world)
-        batches = [idx[i : i + self.s.batch_size] for i in range(0, len(idx), self.s.batch_size)]
-        return iter(batches)
+        window = self._order[1][in_epoch * size : (in_epoch + 1) * size]
+        plans = plan_window(
+            [window[r :: self.world] for r in range(self.world)],
+            self.lengths,
+            self.s.batch_size,
+            self.s.micro_batch_tokens,
+            self.pad_to_multiple,
+            equal_counts=self.equal_micro_batches,
+        )
+        return plans[self.rank]
 
     def _loader(self, start_step: int) -> Iterator[list[dict]]:
         """Yields, per optimizer step, the list of this rank's collated micro-batches."""
-        plan = []
+        plan: list[list[int]] = []
+        counts: list[int] = []
         for step in range(start_step, self.total_steps):
-            plan.extend(self._micro_batches(step))
+            micro = self._micro_batches(step)
+            plan.extend(micro)
+            counts.append(len(micro))
         loader = DataLoader(
             self.train_set,
             batch_sampler=plan,
             collate_fn=partial(
                 collate_for_training, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple
             ),
-            num_workers=self.s.num_workers,
-            pin_memory=self.acc.device.type == "cuda",
+            **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
             # shift the dropout masks of a resumed run against an uninterrupted one.
             generator=torch.Generator().manual_seed(self.s.seed),
         )
         group: list[dict] = []
+        steps = iter(counts)
+        want = next(steps, 0)
         for batch in loader:
             group.append(batch)
-            if len(group) == self.s.grad_accum:
+            if len(group) == want:
                 yield group
                 group = []
+                want = next(steps, 0)
+
+    def _ensure_grads(self) -> None:
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     # ----- one optimizer step
     def _step(self, micro: list[dict]) -> dict:
@@ -247,9 +300,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen_tokens = 0
+        padded_tokens = 0
+        if self.preallocate_grads:
+            self._ensure_grads()
         for i, batch in enumerate(micro):
-            batch = _to_device(batch, device)
             seen_tokens += int(batch["attention_mask"].sum())
+            padded_tokens += batch["attention_mask"].numel()
+            batch = _to_device(batch, device)
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
@@ -284,12 +341,14 @@ class Trainer:
             grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm))
         self.optimizer.step()  # under DeepSpeed a no-op: the engine stepped above
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.preallocate_grads)
         return {
             "loss": loss,
             "token_acc": float(correct) / total_tokens,
             "grad_norm": grad_norm,
             "tokens": seen_tokens,
+            "padded_tokens": padded_tokens,
+            "micro_batches": len(micro),
             "samples": sum(len(b["input_ids"]) for b in micro),
         }
 
@@ -303,20 +362,23 @@ class Trainer:
             if self.s.max_eval_samples is None
             else min(len(self.val_set), self.s.max_eval_samples)
         )
-        indices = list(range(n))[self.rank :: self.world]
-        batches = [
-            indices[i : i + self.s.eval_batch_size] for i in range(0, len(indices), self.s.eval_batch_size)
-        ]
+        plans = plan_window(
+            [list(range(n))[r :: self.world] for r in range(self.world)],
+            self.val_lengths,
+            self.s.eval_batch_size,
+            self.s.micro_batch_tokens,
+        )
+        batches = plans[self.rank]
         # Under FSDP / ZeRO-3 each forward gathers weights with the other processes, so every process runs
         # as many batches as the one with the most; a filler batch (row 0) counts for nothing.
-        most = math.ceil(math.ceil(n / self.world) / self.s.eval_batch_size)
+        most = max(len(p) for p in plans)
         counted = len(batches)
         batches += [[0]] * (most - counted)
         loader = DataLoader(
             self.val_set,
             batch_sampler=batches,
-            collate_fn=lambda samples: collate_for_training(samples, self.pad_id),
-            num_workers=self.s.num_workers,
+            collate_fn=partial(collate_for_training, pad_id=self.pad_id),
+            **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             generator=torch.Generator().manual_seed(self.s.seed),
         )
         self.model.eval()
@@ -387,6 +449,7 @@ class Trainer:
             disable=not self.acc.is_main_process,
             dynamic_ncols=True,
         )
+        speed = Speedometer(self.per_epoch, self.world)
         t_window = time.perf_counter()
         t_start = time.perf_counter()
         if start == 0:
@@ -411,7 +474,8 @@ class Trainer:
                 window.append(result)
                 step = self.state.global_step
                 bar.update(1)
-                bar.set_postfix(loss=f"{result['loss']:.4f}")
+                speed.add(result)
+                bar.set_postfix_str(f"loss {result['loss']:.4f}, {speed.describe(step)}", refresh=False)
                 if step % self.s.logging_steps == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - t_window, 1e-9)
                     self._log(
@@ -422,8 +486,9 @@ class Trainer:
                             "token_acc": sum(r["token_acc"] for r in window) / len(window),
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": window[-1]["grad_norm"],
-                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
-                            "samples_per_s": sum(r["samples"] for r in window) * self.world / elapsed,
+                            **throughput(window, elapsed, self.world),
+                            "micro_batches": round(sum(r["micro_batches"] for r in window) / len(window), 2),
+                            "epoch_eta_s": round(speed.epoch_eta(step), 1),
                             "memory_gb": round(_memory_gb(self.acc.device), 3),
                         }
                     )
@@ -431,7 +496,9 @@ class Trainer:
                 do_eval = step % self.s.eval_steps == 0 or step == self.total_steps
                 do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested
                 if do_eval:
+                    paused = time.perf_counter()
                     metrics = self.evaluate()
+                    speed.pause(time.perf_counter() - paused)
                     if metrics:
                         self._record_eval(metrics, saving=bool(do_save))
                         self._log({"step": step, **metrics})
@@ -440,6 +507,7 @@ class Trainer:
                     self.state.train_seconds += time.perf_counter() - t_start
                     t_start = time.perf_counter()
                     last_saved = self.save()
+                    speed.pause(time.perf_counter() - t_start)
                     if self.state.best_checkpoint == f"checkpoint-{step}" and self.acc.is_main_process:
                         point(self.sft_dir / "best", last_saved)
                 if guard.requested:
@@ -451,6 +519,62 @@ class Trainer:
                     break
         bar.close()
         return self.state
+
+
+def throughput(results: list[dict], seconds: float, world: int) -> dict:
+    """Returns samples/s, real (unpadded) tokens/s and the padding share of the given steps, all processes."""
+    tokens = sum(r["tokens"] for r in results)
+    padded = sum(r.get("padded_tokens", r["tokens"]) for r in results)
+    return {
+        "samples_per_s": sum(r["samples"] for r in results) * world / seconds,
+        "tokens_per_s": tokens * world / seconds,
+        "padding_pct": round(100.0 * (1 - tokens / padded), 2) if padded else 0.0,
+    }
+
+
+class Speedometer:
+    """Running speed of the training steps (evaluation and saving excluded) for the bar and the log."""
+
+    def __init__(self, per_epoch: int, world: int) -> None:
+        self.per_epoch = per_epoch
+        self.world = world
+        self.started = time.perf_counter()
+        self.paused = 0.0
+        self.steps = 0
+        self.totals = {"samples": 0, "tokens": 0, "padded_tokens": 0}
+
+    def add(self, result: dict) -> None:
+        self.steps += 1
+        if self.steps == 1:  # the first step holds warm-up (workers, compilation): time from its end
+            self.started = time.perf_counter()
+            self.paused = 0.0
+            return
+        for key in self.totals:
+            self.totals[key] += result.get(key, result["tokens"])
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def seconds_per_step(self) -> float | None:
+        if self.steps < 2:
+            return None
+        return max(time.perf_counter() - self.started - self.paused, 1e-9) / (self.steps - 1)
+
+    def epoch_eta(self, step: int) -> float:
+        """Seconds to the end of the current epoch at the running speed (0 until measurable)."""
+        per_step = self.seconds_per_step()
+        return 0.0 if per_step is None else ((-step) % self.per_epoch) * per_step
+
+    def describe(self, step: int) -> str:
+        per_step = self.seconds_per_step()
+        if per_step is None:
+            return "warming up"
+        stats = throughput([self.totals], per_step * (self.steps - 1), self.world)
+        eta = self.epoch_eta(step)
+        return (
+            f"{stats['samples_per_s']:.1f} samples/s, {stats['tokens_per_s']:.0f} tok/s, "
+            f"pad {stats['padding_pct']:.0f}%, epoch ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        )
 
 
 class _null:
