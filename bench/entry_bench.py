@@ -1,0 +1,426 @@
+"""The real job through the entry point: `python -m pipeline` fine-tuning the full-size MiniCPM-V-2 (random
+weights, official layout) on COCO-shaped data, each setting in its own process, on one GPU, no network.
+
+    python -m bench.entry_bench --out /tmp/entry [--settings qkv_plain qkv_default ...] [--rows 1000]
+    python -m bench.entry_bench --tiny --out /tmp/entry-smoke --steps 2     # the tiny twin on the CPU
+
+What it does, in one call:
+1. writes the full-size model with random weights in the official layout (two safetensors shards, the
+   tiny twin's tokenizer files, the official slicing settings) with the project's own classes; lm_head rows
+   past the tokenizer's vocabulary are zeroed so that generation picks ids the tokenizer can decode;
+2. generates COCO-shaped data: 640x480 JPEG photos (quality 90), one 8-16-word caption each, the query
+   `please describe the image.` (source + 2 slices, about 225 tokens a row); a `mixed` variant (30% of the
+   rows two or three rounds, 10% text-only) and a `large` one (1344x1008 photos, source + 6 slices);
+3. runs `python -m pipeline ... model=minicpm_v2 trainer=default dataset=custom stages=[sft]` per setting:
+   `*_plain` is the regime ms-swift runs (batch 1 x grad-accum 16, one row per forward, gradient
+   checkpointing, no compile, no data workers) and the baseline; `*_default` is trainer=default as shipped;
+   then the eval and infer stages over 200 rows.
+
+Columns: samples/s and real (unpadded) tokens/s (median over the steps after the first two), padding %,
+MFU, peak GB (torch's max allocated), minutes per coco-en-2-mini epoch (40,504 rows less the 1% held out)
+and the first losses. FLOPs of a row (written out in `row_flops`): the LLM's matmuls 2 x (params touched
+per token, lm_head included) plus attention 4 x T x hidden per layer, x2 for LoRA (forward + input
+gradients; frozen weights need no weight gradient) or x3 for full fine-tuning, x4/3 more with gradient
+checkpointing; the vision tower and resampler per image at its own patch count (forward only when frozen,
+x2 with LoRA on the tower, x3 full), all over 989 TFLOP/s (H100/H200 dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = 989.0
+COCO_TRAIN_ROWS = 40_504 - max(int(40_504 * 0.01), 1)
+QUERY = "please describe the image."
+WORDS = (
+    "a man woman child dog cat bus train plate of food on the table next to street with two three people "
+    "standing sitting near large small red white black green field building sky water boat bicycle riding "
+    "down road tree under holding kitchen room bed pizza giraffe elephant zebra horse grass"
+).split()
+
+# name -> (overrides, data variant, mode); `plain` is the ms-swift regime, the baseline of its mode
+PLAIN = ["trainer.micro_batch_tokens=0", "trainer.num_workers=0", "trainer.compile=false"]
+SETTINGS: dict[str, tuple[list[str], str, str]] = {
+    "qkv_plain": (["+experiment=lora_qkv", *PLAIN], "coco", "lora_qkv"),
+    "qkv_default": (["+experiment=lora_qkv"], "coco", "lora_qkv"),
+    "qkv_default_nockpt": (["+experiment=lora_qkv", "model.gradient_checkpointing=false"], "coco", "lora_qkv"),
+    "qkv_compile": (["+experiment=lora_qkv", "trainer.compile=true"], "coco", "lora_qkv"),
+    "qkv_low_memory": (["+experiment=lora_qkv", "trainer=low_memory"], "coco", "lora_qkv"),
+    "qkv_mixed_plain": (["+experiment=lora_qkv", *PLAIN], "mixed", "lora_qkv"),
+    "qkv_mixed_default": (["+experiment=lora_qkv"], "mixed", "lora_qkv"),
+    "qkv_large_plain": (["+experiment=lora_qkv", *PLAIN], "large", "lora_qkv"),
+    "qkv_large_default": (["+experiment=lora_qkv"], "large", "lora_qkv"),
+    "all_plain": (["+experiment=lora_all", *PLAIN], "coco", "lora_all"),
+    "all_default": (["+experiment=lora_all"], "coco", "lora_all"),
+    "full_plain": (["+experiment=full", *PLAIN], "coco", "full"),
+    "full_default": (["+experiment=full"], "coco", "full"),
+}
+STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
+DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "full_plain", "full_default")
+
+
+# ----- the model folder
+def write_model(folder: Path, tiny: bool) -> Path:
+    """Writes the full-size model (random bf16 weights, official layout) or the tiny twin; returns it."""
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.configuration import MiniCPMVConfig
+    from pipeline.models.modeling import MiniCPMV
+    from pipeline.models.processor import MiniCPMVImageProcessor
+    from pipeline.models.tiny import build_tiny_twin
+    from pipeline.models.tokenizer import train_tiny_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    if tiny:
+        return build_tiny_twin(folder, pretrain_steps=0)
+    tokens = folder.with_name(folder.name + "-tokenizer")
+    tokenizer = train_tiny_tokenizer(tokens)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MiniCPMV(MiniCPMVConfig()).to(torch.bfloat16)
+    with torch.no_grad():
+        model.llm.lm_head.weight[tokenizer.vocab_size :] = 0
+    save_checkpoint(model, folder, max_shard_bytes=10 * 1024**3, source_folder=tokens)
+    MiniCPMVImageProcessor().save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return folder
+
+
+# ----- COCO-shaped data
+def _photo(args: tuple[Path, int, int, int]) -> str:
+    """Writes one photo-like JPEG (smooth colour fields plus grain: realistic size and decode cost)."""
+    from PIL import Image, ImageFilter
+
+    path, width, height, seed = args
+    rng = random.Random(seed)
+    small = Image.new("RGB", (8, 6))
+    small.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(48)])
+    image = small.resize((width, height), Image.BICUBIC)
+    grain = Image.effect_noise((width, height), 24).convert("RGB")
+    image = Image.blend(image, grain, 0.25).filter(ImageFilter.SMOOTH)
+    image.save(path, quality=90)
+    return str(path)
+
+
+def _caption(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) + "."
+
+
+def write_data(folder: Path, variant: str, rows: int, tiny: bool) -> Path:
+    """Writes `rows` COCO-shaped rows (and their JPEGs) for a data variant; returns the jsonl path."""
+    path = folder / f"{variant}.jsonl"
+    if path.is_file():
+        return path
+    size = {"coco": (640, 480), "mixed": (640, 480), "large": (1344, 1008)}[variant]
+    if tiny:  # the twin slices at 112 px: the same slice counts at a quarter of the side
+        size = (size[0] // 4, size[1] // 4)
+    images = folder / f"images-{variant}"
+    images.mkdir(parents=True, exist_ok=True)
+    jobs = [(images / f"{i:06d}.jpg", *size, i) for i in range(rows)]
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        paths = list(pool.map(_photo, jobs, chunksize=16))
+    rng = random.Random(0)
+    lines = []
+    for i, image in enumerate(paths):
+        row = {"query": QUERY, "response": _caption(rng), "images": [image]}
+        if variant == "mixed":
+            draw = rng.random()
+            if draw < 0.1:  # text-only
+                row = {"query": "what does this sentence say: " + _caption(rng), "response": _caption(rng)}
+            elif draw < 0.4:  # two or three rounds about the image
+                row["history"] = [[QUERY, _caption(rng)] for _ in range(rng.randint(1, 2))]
+                row["query"] = "and what else is there?"
+        lines.append(json.dumps(row))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.rename(path)
+    return path
+
+
+# ----- FLOPs of a row
+def row_flops(config, rows: list[dict], mode: str, checkpointing: bool, tokenizer, processor) -> float:
+    """Returns the mean training FLOPs of the given rows (see the module docstring)."""
+    from PIL import Image
+
+    from pipeline.models.collate import encode_example
+
+    core_params = _param_counts(config)
+    h, layers = config.hidden_size, config.num_hidden_layers
+    total = 0.0
+    for row in rows:
+        image = Image.open(row["images"][0]).convert("RGB") if row.get("images") else None
+        sample = encode_example(
+            tokenizer, processor, row["query"], row["response"], history=row.get("history", []), image=image
+        )
+        t = len(sample.input_ids)
+        fwd = 2 * core_params["llm"] + 4 * t * h * layers  # per token
+        llm = t * fwd * (3 if mode == "full" else 2)
+        vision = 0.0
+        for pixels in sample.pixel_values:
+            patches = math.ceil(pixels.shape[-2] / config.patch_size) * math.ceil(pixels.shape[-1] / config.patch_size)
+            vfwd = 2 * patches * core_params["tower"] + 4 * patches * patches * core_params["tower_width"] * core_params[
+                "tower_depth"
+            ]
+            vfwd += 2 * patches * core_params["kv"] + 2 * config.query_num * core_params["resampler"]
+            vfwd += 4 * config.query_num * patches * h
+            vision += vfwd * {"lora_qkv": 1, "lora_all": 2, "full": 3}[mode]
+        factor = 4 / 3 if checkpointing else 1.0
+        total += llm * factor + vision * (factor if mode != "lora_qkv" else 1.0)
+    return total / max(len(rows), 1)
+
+
+def _param_counts(config) -> dict:
+    from pipeline.models.modeling import MiniCPMV
+
+    with torch.device("meta"):
+        model = MiniCPMV(config)
+
+    def linear(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+    attn_in = 3 * model.resampler.attn.embed_dim**2  # the packed in-projection is no nn.Linear
+    return {
+        "llm": linear(model.llm),  # every decoder linear plus lm_head
+        "tower": linear(model.vpm) + model.vpm.patch_embed.proj.weight.numel(),
+        "tower_width": model.vpm.embed_dim,
+        "tower_depth": len(model.vpm.blocks),
+        "kv": linear(model.resampler.kv_proj),
+        "resampler": linear(model.resampler) - linear(model.resampler.kv_proj) + attn_in,
+    }
+
+
+# ----- one setting, in its own process
+def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_dir: Path, timeout: int) -> dict:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    command = [sys.executable, "-m", "pipeline", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env["WANDB_MODE"] = "disabled"
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = 124, (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+    wall = time.perf_counter() - started
+    (log_dir / f"{name}.log").write_text(" ".join(command) + "\n\n" + out)
+    result = {"setting": name, "rc": rc, "wall_s": round(wall, 1)}
+    if rc != 0:
+        result["error"] = out.strip().splitlines()[-1] if out.strip() else "no output"
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        result["stage_seconds"] = json.loads(run_json.read_text()).get("stage_seconds")
+    return result
+
+
+def sft_metrics(run_dir: Path, flops: float) -> dict:
+    log = run_dir / "sft" / "logging.jsonl"
+    if not log.is_file():
+        return {}
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    steady = steps[2:] or steps[-1:]
+    if not steady:
+        return {}
+    samples = statistics.median(r["samples_per_s"] for r in steady)
+    out = {
+        "steps": len(steps),
+        "samples_per_s": round(samples, 2),
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady)),
+        "padding_pct": round(statistics.median(r.get("padding_pct", 0.0) for r in steady), 1),
+        "micro_batches": statistics.median(r.get("micro_batches", 0) for r in steady),
+        "mfu_pct": round(100 * samples * flops / (PEAK_TFLOPS * 1e12), 1),
+        "epoch_minutes": round(COCO_TRAIN_ROWS / samples / 60, 1),
+        "first_losses": [round(r["loss"], 4) for r in steps[:3]],
+    }
+    summary = run_dir / "sft" / "summary.json"
+    if summary.is_file():
+        out["peak_gb"] = json.loads(summary.read_text()).get("peak_memory_gb")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/entry-bench")))
+    parser.add_argument("--work", type=Path, default=None, help="model and data folder (default: --out/work)")
+    parser.add_argument("--settings", nargs="*", default=list(DEFAULT_SETTINGS), help=", ".join([*SETTINGS, *STAGE_SETTINGS]))
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of a default setting")
+    parser.add_argument("--plain-steps", type=int, default=4, help="optimizer steps of a plain setting")
+    parser.add_argument("--stage-rows", type=int, default=200, help="rows for the eval and infer stages")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per setting")
+    parser.add_argument("--tiny", action="store_true", help="the tiny twin on the CPU: a smoke run of this script")
+    args = parser.parse_args()
+    unknown = sorted(set(args.settings) - set(SETTINGS) - set(STAGE_SETTINGS))
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; known: {', '.join([*SETTINGS, *STAGE_SETTINGS])}")
+
+    out = args.out
+    work = args.work or out / "work"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model_dir = write_model(work / ("tiny" if args.tiny else "minicpm_v2_random"), args.tiny)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
+    variants = {SETTINGS[s][1] for s in args.settings if s in SETTINGS} | ({"coco"} if set(args.settings) & set(STAGE_SETTINGS) else set())
+    data = {v: write_data(work, v, args.rows, args.tiny) for v in sorted(variants)}
+    print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    from pipeline.models.configuration import MiniCPMVConfig
+    from pipeline.models.processor import MiniCPMVImageProcessor
+    from pipeline.models.tokenizer import MiniCPMVTokenizer
+
+    config = MiniCPMVConfig.from_pretrained(model_dir)
+    tokenizer = MiniCPMVTokenizer.from_pretrained(model_dir)
+    processor = MiniCPMVImageProcessor.from_pretrained(model_dir)
+
+    base = [
+        f"model.path={model_dir}",
+        "trainer=default",
+        "dataset=custom",
+        "tracking=none",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=100000",
+        "trainer.save_steps=100000",
+        "trainer.max_eval_samples=16",
+    ]
+    base = (["model=minicpm_v2_tiny", "device=cpu"] if args.tiny else ["model=minicpm_v2"]) + base
+    results = []
+    for name in args.settings:
+        run_dir = out / "runs" / name
+        if name in SETTINGS:
+            overrides, variant, mode = SETTINGS[name]
+            steps = args.plain_steps if "plain" in name else args.steps
+            checkpointing = not any(o == "model.gradient_checkpointing=false" for o in overrides)
+            sample_rows = [json.loads(line) for line in data[variant].read_text().splitlines()[:64]]
+            flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
+            result = run_pipeline(
+                name,
+                [*base, *overrides, f"dataset.path={data[variant]}", "stages=[sft]", f"trainer.max_steps={steps}"],
+                run_dir,
+                out / "logs",
+                args.timeout,
+            )
+            result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
+        else:
+            rows = args.stage_rows if name != "infer_load" else 1
+            stage = name.split("_")[0]
+            extra = (
+                [f"eval.max_samples={rows}", "eval.batch_size=16", "eval.max_new_tokens=64", "dataset.test_ratio=0.2"]
+                if stage == "eval"
+                else [f"infer.input={data['coco']}", f"infer.max_samples={rows}", "infer.batch_size=16",
+                      "infer.max_new_tokens=64", "infer.stream=false"]
+            )
+            result = run_pipeline(
+                name,
+                [*base, "+experiment=lora_qkv", f"dataset.path={data['coco']}", f"stages=[{stage}]", "ckpt=base", *extra],
+                run_dir,
+                out / "logs",
+                args.timeout,
+            )
+            result.update(stage_metrics(run_dir, stage, tokenizer))
+        results.append(result)
+        print(json.dumps(result), flush=True)
+
+    add_speedups(results)
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "rows": args.rows,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    (out / "entry_results.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    table = markdown(results)
+    (out / "entry_results.md").write_text(table + "\n")
+    print(json.dumps(info))
+    print(table)
+    if any(r["rc"] != 0 for r in results):
+        sys.exit(1)
+
+
+def stage_metrics(run_dir: Path, stage: str, tokenizer) -> dict:
+    seconds = (json.loads((run_dir / "run.json").read_text()).get("stage_seconds") or {}).get(stage) if (
+        run_dir / "run.json").is_file() else None
+    if stage == "eval":
+        preds = run_dir / "eval" / "predictions.jsonl"
+    else:
+        preds = run_dir / "infer" / "results.jsonl"
+    if not preds.is_file() or not seconds:
+        return {}
+    rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
+    new_tokens = sum(len(tokenizer.encode(str(r.get("response", "")))) for r in rows)
+    return {
+        "rows": len(rows),
+        "stage_s": round(seconds, 1),
+        "rows_per_s": round(len(rows) / seconds, 2),
+        "new_tokens": new_tokens,
+        "new_tokens_per_s": round(new_tokens / seconds, 1),
+    }
+
+
+def add_speedups(results: list[dict]) -> None:
+    """Adds `speedup` (samples/s over the plain setting of the same mode and data, same run)."""
+    plain = {(r.get("mode"), r.get("data")): r for r in results if r["setting"].endswith("_plain")}
+    for r in results:
+        ref = plain.get((r.get("mode"), r.get("data")))
+        if ref and r is not ref and ref.get("samples_per_s") and r.get("samples_per_s"):
+            r["speedup"] = round(r["samples_per_s"] / ref["samples_per_s"], 2)
+    infer = {r["setting"]: r for r in results}
+    load, full = infer.get("infer_load"), infer.get("infer_base")
+    if load and full and load.get("stage_s") and full.get("stage_s") and full["stage_s"] > load["stage_s"]:
+        gen = full["stage_s"] - load["stage_s"]
+        full["generation_s"] = round(gen, 1)
+        full["new_tokens_per_s_generation"] = round(full["new_tokens"] / gen, 1)
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| setting | data | samples/s | x plain | tokens/s | pad % | MFU % | peak GB | min/epoch | first losses |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in results:
+        if "mode" not in r:
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['data']} | {r.get('samples_per_s', 'fail')} | {r.get('speedup', '')} | "
+            f"{r.get('tokens_per_s', '')} | {r.get('padding_pct', '')} | {r.get('mfu_pct', '')} | "
+            f"{r.get('peak_gb', '')} | {r.get('epoch_minutes', '')} | {r.get('first_losses', r.get('error', ''))} |"
+        )
+    stages = [r for r in results if "mode" not in r]
+    if stages:
+        lines += ["", "| stage | rows | stage s | rows/s | new tokens/s | new tokens/s (generation only) |",
+                  "|---|---|---|---|---|---|"]
+        for r in stages:
+            lines.append(
+                f"| {r['setting']} | {r.get('rows', 'fail')} | {r.get('stage_s', '')} | {r.get('rows_per_s', '')} | "
+                f"{r.get('new_tokens_per_s', '')} | {r.get('new_tokens_per_s_generation', '')} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
