@@ -208,7 +208,7 @@ def _param_counts(config) -> dict:
 
 
 # ----- one setting, in its own process
-def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_dir: Path, timeout: int) -> dict:
+def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path, timeout: int) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     command = [sys.executable, "-m", "pipeline", *overrides, f"hydra.run.dir={run_dir}"]
@@ -221,7 +221,8 @@ def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_dir: Path, 
     except subprocess.TimeoutExpired as exc:
         rc, out = 124, (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
     wall = time.perf_counter() - started
-    (log_dir / f"{name}.log").write_text(" ".join(command) + "\n\n" + out)
+    with log_file.open("a") as f:  # one file for every setting: what comes back from a device call is few files
+        f.write(f"===== {name} (rc {rc}, {wall:.0f} s)\n" + " ".join(command) + "\n\n" + out + "\n")
     result = {"setting": name, "rc": rc, "wall_s": round(wall, 1)}
     if rc != 0:
         result["error"] = out.strip().splitlines()[-1] if out.strip() else "no output"
@@ -275,7 +276,9 @@ def main() -> None:
 
     out = args.out
     work = args.work or out / "work"
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "entry_logs.txt"
+    log_file.write_text("")
     t0 = time.perf_counter()
     model_dir = write_model(work / ("tiny" if args.tiny else "minicpm_v2_random"), args.tiny)
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
@@ -304,7 +307,7 @@ def main() -> None:
     base = (["model=minicpm_v2_tiny", "device=cpu"] if args.tiny else ["model=minicpm_v2"]) + base
     results = []
     for name in args.settings:
-        run_dir = out / "runs" / name
+        run_dir = work / "runs" / name
         if name in SETTINGS:
             overrides, variant, mode = SETTINGS[name]
             steps = args.plain_steps if "plain" in name else args.steps
@@ -315,7 +318,7 @@ def main() -> None:
                 name,
                 [*base, *overrides, f"dataset.path={data[variant]}", "stages=[sft]", f"trainer.max_steps={steps}"],
                 run_dir,
-                out / "logs",
+                log_file,
                 args.timeout,
             )
             result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
@@ -332,7 +335,7 @@ def main() -> None:
                 name,
                 [*base, "+experiment=lora_qkv", f"dataset.path={data['coco']}", f"stages=[{stage}]", "ckpt=base", *extra],
                 run_dir,
-                out / "logs",
+                log_file,
                 args.timeout,
             )
             result.update(stage_metrics(run_dir, stage, tokenizer))

@@ -128,7 +128,8 @@ class MiniCPMV(PreTrainedModel):
         out: list[torch.Tensor | None] = [None] * len(images)
         patch = self.vpm.patch_embed.patch_size[0]
         for idx in by_size.values():
-            pixels = torch.stack([images[i] for i in idx]).to(device=device, dtype=dtype)
+            # to the device one by one (asynchronous from pinned memory), then stacked and cast there
+            pixels = torch.stack([images[i].to(device, non_blocking=True) for i in idx]).to(dtype)
             feats = vision_tower_features(self.vpm, pixels)
             queries = self.resampler(feats, patch_grid(pixels, patch))
             for j, i in enumerate(idx):
