@@ -59,11 +59,17 @@ PLAIN = ["trainer.micro_batch_tokens=0", "trainer.num_workers=0", "trainer.compi
 SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "qkv_plain": (["+experiment=lora_qkv", *PLAIN], "coco", "lora_qkv"),
     "qkv_default": (["+experiment=lora_qkv"], "coco", "lora_qkv"),
-    "qkv_default_nockpt": (["+experiment=lora_qkv", "model.gradient_checkpointing=false"], "coco", "lora_qkv"),
+    "qkv_default_nockpt": (
+        ["+experiment=lora_qkv", "model.gradient_checkpointing=false"],
+        "coco",
+        "lora_qkv",
+    ),
     "qkv_compile": (["+experiment=lora_qkv", "trainer.compile=true"], "coco", "lora_qkv"),
     "qkv_low_memory": (["+experiment=lora_qkv", "trainer=low_memory"], "coco", "lora_qkv"),
     "qkv_mixed_plain": (["+experiment=lora_qkv", *PLAIN], "mixed", "lora_qkv"),
     "qkv_mixed_default": (["+experiment=lora_qkv"], "mixed", "lora_qkv"),
+    "qkv_mixed_packed": (["+experiment=lora_qkv", "trainer.packing=true"], "mixed", "lora_qkv"),
+    "qkv_packed": (["+experiment=lora_qkv", "trainer.packing=true"], "coco", "lora_qkv"),
     "qkv_large_plain": (["+experiment=lora_qkv", *PLAIN], "large", "lora_qkv"),
     "qkv_large_default": (["+experiment=lora_qkv"], "large", "lora_qkv"),
     "all_plain": (["+experiment=lora_all", *PLAIN], "coco", "lora_all"),
@@ -139,7 +145,7 @@ def write_data(folder: Path, variant: str, rows: int, tiny: bool) -> Path:
         paths = list(pool.map(_photo, jobs, chunksize=16))
     rng = random.Random(0)
     lines = []
-    for i, image in enumerate(paths):
+    for image in paths:
         row = {"query": QUERY, "response": _caption(rng), "images": [image]}
         if variant == "mixed":
             draw = rng.random()
@@ -175,10 +181,13 @@ def row_flops(config, rows: list[dict], mode: str, checkpointing: bool, tokenize
         llm = t * fwd * (3 if mode == "full" else 2)
         vision = 0.0
         for pixels in sample.pixel_values:
-            patches = math.ceil(pixels.shape[-2] / config.patch_size) * math.ceil(pixels.shape[-1] / config.patch_size)
-            vfwd = 2 * patches * core_params["tower"] + 4 * patches * patches * core_params["tower_width"] * core_params[
-                "tower_depth"
-            ]
+            patches = math.ceil(pixels.shape[-2] / config.patch_size) * math.ceil(
+                pixels.shape[-1] / config.patch_size
+            )
+            vfwd = (
+                2 * patches * core_params["tower"]
+                + 4 * patches * patches * core_params["tower_width"] * core_params["tower_depth"]
+            )
             vfwd += 2 * patches * core_params["kv"] + 2 * config.query_num * core_params["resampler"]
             vfwd += 4 * config.query_num * patches * h
             vision += vfwd * {"lora_qkv": 1, "lora_all": 2, "full": 3}[mode]
@@ -219,9 +228,13 @@ def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path,
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, out = 124, (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+        rc, out = (
+            124,
+            (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"),
+        )
     wall = time.perf_counter() - started
-    with log_file.open("a") as f:  # one file for every setting: what comes back from a device call is few files
+    # one file for every setting: a device call returns few files
+    with log_file.open("a") as f:
         f.write(f"===== {name} (rc {rc}, {wall:.0f} s)\n" + " ".join(command) + "\n\n" + out + "\n")
     result = {"setting": name, "rc": rc, "wall_s": round(wall, 1)}
     if rc != 0:
@@ -262,13 +275,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/entry-bench")))
     parser.add_argument("--work", type=Path, default=None, help="model and data folder (default: --out/work)")
-    parser.add_argument("--settings", nargs="*", default=list(DEFAULT_SETTINGS), help=", ".join([*SETTINGS, *STAGE_SETTINGS]))
+    parser.add_argument(
+        "--settings", nargs="*", default=list(DEFAULT_SETTINGS), help=", ".join([*SETTINGS, *STAGE_SETTINGS])
+    )
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of a default setting")
     parser.add_argument("--plain-steps", type=int, default=4, help="optimizer steps of a plain setting")
     parser.add_argument("--stage-rows", type=int, default=200, help="rows for the eval and infer stages")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per setting")
-    parser.add_argument("--tiny", action="store_true", help="the tiny twin on the CPU: a smoke run of this script")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny twin on the CPU: a smoke run of this script"
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.settings) - set(SETTINGS) - set(STAGE_SETTINGS))
     if unknown:
@@ -282,7 +299,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model_dir = write_model(work / ("tiny" if args.tiny else "minicpm_v2_random"), args.tiny)
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
-    variants = {SETTINGS[s][1] for s in args.settings if s in SETTINGS} | ({"coco"} if set(args.settings) & set(STAGE_SETTINGS) else set())
+    variants = {SETTINGS[s][1] for s in args.settings if s in SETTINGS} | (
+        {"coco"} if set(args.settings) & set(STAGE_SETTINGS) else set()
+    )
     data = {v: write_data(work, v, args.rows, args.tiny) for v in sorted(variants)}
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -316,7 +335,13 @@ def main() -> None:
             flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
             result = run_pipeline(
                 name,
-                [*base, *overrides, f"dataset.path={data[variant]}", "stages=[sft]", f"trainer.max_steps={steps}"],
+                [
+                    *base,
+                    *overrides,
+                    f"dataset.path={data[variant]}",
+                    "stages=[sft]",
+                    f"trainer.max_steps={steps}",
+                ],
                 run_dir,
                 log_file,
                 args.timeout,
@@ -326,14 +351,31 @@ def main() -> None:
             rows = args.stage_rows if name != "infer_load" else 1
             stage = name.split("_")[0]
             extra = (
-                [f"eval.max_samples={rows}", "eval.batch_size=16", "eval.max_new_tokens=64", "dataset.test_ratio=0.2"]
+                [
+                    f"eval.max_samples={rows}",
+                    "eval.batch_size=16",
+                    "eval.max_new_tokens=64",
+                    "dataset.test_ratio=0.2",
+                ]
                 if stage == "eval"
-                else [f"infer.input={data['coco']}", f"infer.max_samples={rows}", "infer.batch_size=16",
-                      "infer.max_new_tokens=64", "infer.stream=false"]
+                else [
+                    f"infer.input={data['coco']}",
+                    f"infer.max_samples={rows}",
+                    "infer.batch_size=16",
+                    "infer.max_new_tokens=64",
+                    "infer.stream=false",
+                ]
             )
             result = run_pipeline(
                 name,
-                [*base, "+experiment=lora_qkv", f"dataset.path={data['coco']}", f"stages=[{stage}]", "ckpt=base", *extra],
+                [
+                    *base,
+                    "+experiment=lora_qkv",
+                    f"dataset.path={data['coco']}",
+                    f"stages=[{stage}]",
+                    "ckpt=base",
+                    *extra,
+                ],
                 run_dir,
                 log_file,
                 args.timeout,
@@ -345,7 +387,9 @@ def main() -> None:
     add_speedups(results)
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
@@ -367,8 +411,11 @@ def main() -> None:
 
 
 def stage_metrics(run_dir: Path, stage: str, tokenizer) -> dict:
-    seconds = (json.loads((run_dir / "run.json").read_text()).get("stage_seconds") or {}).get(stage) if (
-        run_dir / "run.json").is_file() else None
+    seconds = (
+        (json.loads((run_dir / "run.json").read_text()).get("stage_seconds") or {}).get(stage)
+        if (run_dir / "run.json").is_file()
+        else None
+    )
     if stage == "eval":
         preds = run_dir / "eval" / "predictions.jsonl"
     else:
@@ -402,8 +449,10 @@ def add_speedups(results: list[dict]) -> None:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| setting | data | samples/s | x plain | tokens/s | pad % | MFU % | peak GB | min/epoch | first losses |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| setting | data | samples/s | x plain | tokens/s | pad % | MFU % | peak GB | min/epoch | first losses |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in results:
         if "mode" not in r:
@@ -415,8 +464,11 @@ def markdown(results: list[dict]) -> str:
         )
     stages = [r for r in results if "mode" not in r]
     if stages:
-        lines += ["", "| stage | rows | stage s | rows/s | new tokens/s | new tokens/s (generation only) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| stage | rows | stage s | rows/s | new tokens/s | new tokens/s (generation only) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in stages:
             lines.append(
                 f"| {r['setting']} | {r.get('rows', 'fail')} | {r.get('stage_s', '')} | {r.get('rows_per_s', '')} | "

@@ -99,6 +99,9 @@ class TrainerConfig:
     # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
     # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size.
     micro_batch_tokens: int = 4096
+    # Each micro-batch one row of its samples back to back (no padding; attention kept within each sample
+    # by a mask); needs micro_batch_tokens > 0.
+    packing: bool = False
     compile: bool = False
     max_eval_samples: int | None = None
 
@@ -336,6 +339,8 @@ def _check_ranges(tree: dict) -> list[str]:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             problems.append(f"{key}={value} is out of range; must be {bound}")
+    if tree["trainer"]["packing"] and tree["trainer"]["micro_batch_tokens"] <= 0:
+        problems.append("trainer.packing=true needs trainer.micro_batch_tokens > 0 (the packed row's length)")
     workers = tree["trainer"]["num_workers"]
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         problems.append(f"trainer.num_workers={_show(workers)} must be auto or an integer >= 0")

@@ -88,10 +88,19 @@ def step_records(twin: Path, run_dir: Path, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-@pytest.mark.parametrize("preset", ["lora_qkv", "full"])
-def test_token_budget_steps_equal_the_plain_regime(twin, tmp_path, preset):
+@pytest.mark.parametrize(
+    ("preset", "packing"), [("lora_qkv", False), ("full", False), ("lora_qkv", True), ("lora_all", True)]
+)
+def test_token_budget_steps_equal_the_plain_regime(twin, tmp_path, preset, packing):
+    """Padded micro-batches, or packed rows (positions restart per sample, attention within each sample)."""
     plain = step_records(twin, tmp_path / "plain", f"+experiment={preset}", "trainer.micro_batch_tokens=0")
-    packed = step_records(twin, tmp_path / "budget", f"+experiment={preset}", "trainer.micro_batch_tokens=4096")
+    packed = step_records(
+        twin,
+        tmp_path / "budget",
+        f"+experiment={preset}",
+        "trainer.micro_batch_tokens=4096",
+        f"trainer.packing={str(packing).lower()}",
+    )
     train = [(p, b) for p, b in zip(plain, packed, strict=True) if "loss" in p]
     assert len(train) == 3
     for p, b in train:
@@ -99,6 +108,8 @@ def test_token_budget_steps_equal_the_plain_regime(twin, tmp_path, preset):
         assert b["loss"] == pytest.approx(p["loss"], rel=1e-5), (p, b)
         assert b["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4), (p, b)
         assert b["samples_per_s"] > 0 and 0 <= b["padding_pct"] < 100 and "epoch_eta_s" in b
+        if packing:
+            assert b["padding_pct"] < 5  # only the tail of a packed row
         assert p["padding_pct"] == 0 and p["micro_batches"] == 16  # one row per forward: no padding
         assert b["micro_batches"] < 4  # the 16 rows in a few forwards
     evals = [(p, b) for p, b in zip(plain, packed, strict=True) if "eval_loss" in p]
@@ -120,3 +131,31 @@ def test_preallocated_gradients_give_the_same_steps(twin, tmp_path, monkeypatch)
         if "loss" in r:
             assert p["loss"] == pytest.approx(r["loss"], rel=1e-5)
             assert p["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+
+
+def test_a_packed_row_scores_each_sample_as_if_alone(twin):
+    """The model on one packed row gives every sample the loss it gets in a batch of its own."""
+    import torch
+
+    from pipeline.models.bundle import load_bundle
+    from pipeline.models.collate import collate_for_training, collate_packed
+    from pipeline.models.modeling import MiniCPMV
+
+    bundle = load_bundle(str(twin), dtype=torch.float32, device=torch.device("cpu"))
+    model: MiniCPMV = bundle.model.eval()
+    from PIL import Image
+
+    from pipeline.models.collate import encode_example
+
+    texts = [("What colour is it?", "red"), ("Count the shapes.", "three shapes"), ("Say hi.", "hi there")]
+    sizes = [(112, 112), (300, 200), None, (224, 160), None, (80, 80)]  # unsliced, sliced and text-only
+    samples = []
+    for k, size in enumerate(sizes):
+        query, response = texts[k % len(texts)]
+        image = Image.new("RGB", size, (40 * k, 200 - 30 * k, 90)) if size else None
+        samples.append(encode_example(bundle.tokenizer, bundle.processor, query, response, image=image))
+    assert any(s.pixel_values for s in samples)
+    with torch.no_grad():
+        alone = [model(**collate_for_training([s], bundle.tokenizer.pad_id)).loss_sum for s in samples]
+        packed = model(**collate_packed(samples, bundle.tokenizer.pad_id, pad_to_multiple=64))
+    assert float(packed.loss_sum) == pytest.approx(float(sum(alone)), rel=1e-5)

@@ -1,8 +1,10 @@
 """Encoding of one example into a ``Sample``, and batching of samples for training and generation.
 
 Training batches are padded on the right (the causal mask makes right padding harmless and labels stay
-aligned); generation batches on the left, so every prompt ends at the last position and new tokens follow
-it directly. Left padding moves every token, so image bounds are shifted by the padding length.
+aligned), or packed: every sample back to back in one row with positions restarting at 0 and a segment id
+per token, so that attention stays within its sample (padding-free). Generation batches are padded on the
+left, so every prompt ends at the last position and new tokens follow it directly. Left padding moves every
+token, so image bounds are shifted by the padding length.
 """
 
 from __future__ import annotations
@@ -111,6 +113,48 @@ def _pad(samples: Sequence[Sample], pad_id: int, left: bool, with_labels: bool, 
 def collate_for_training(samples: list[Sample], pad_id: int, pad_to_multiple: int = 1) -> dict:
     """Returns a right-padded batch: input_ids, attention_mask, labels (-100 on padding), image_bound, pixel_values."""
     return _pad(samples, pad_id, left=False, with_labels=True, multiple=pad_to_multiple)
+
+
+def collate_packed(samples: list[Sample], pad_id: int, pad_to_multiple: int = 1) -> dict:
+    """Returns one row holding every sample back to back: input_ids, labels, attention_mask [1, T] (T rounded
+    up to `pad_to_multiple`), position_ids restarting at 0 per sample, segment_ids (the sample's number; -1
+    on the tail padding), image_bound shifted to each sample's place, and every sample's images in order.
+
+    A sample's first token never carries a label, so the shifted loss never predicts across a boundary.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    total = sum(len(s.input_ids) for s in samples)
+    length = -(-total // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((1, length), pad_id, dtype=torch.long)
+    labels = torch.full((1, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((1, length), dtype=torch.long)
+    position_ids = torch.zeros((1, length), dtype=torch.long)
+    segment_ids = torch.full((1, length), -1, dtype=torch.long)
+    bounds, pixels = [], []
+    start = 0
+    for i, s in enumerate(samples):
+        if len(s.labels) != len(s.input_ids):
+            raise ValueError(f"sample {i}: {len(s.labels)} labels for {len(s.input_ids)} input ids")
+        n = len(s.input_ids)
+        input_ids[0, start : start + n] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[0, start : start + n] = torch.tensor(s.labels, dtype=torch.long)
+        labels[0, start] = IGNORE_INDEX
+        attention_mask[0, start : start + n] = 1
+        position_ids[0, start : start + n] = torch.arange(n)
+        segment_ids[0, start : start + n] = i
+        bounds.append(_bounds_tensor(s.image_bound, start))
+        pixels.extend(s.pixel_values)
+        start += n
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "image_bound": [torch.cat(bounds) if bounds else torch.zeros((0, 2), dtype=torch.long)],
+        "pixel_values": [pixels],
+    }
 
 
 def collate_for_generation(samples: list[Sample], pad_id: int) -> dict:

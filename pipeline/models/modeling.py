@@ -202,13 +202,22 @@ class MiniCPMV(PreTrainedModel):
         image_bound: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         **_: object,
     ) -> MiniCPMVOutput:
+        """Scores a right-padded batch, or a packed one (`segment_ids` and `position_ids` from
+        collate_packed: attention stays within each sample)."""
         embeds = self.embed(input_ids, pixel_values, image_bound)
-        if attention_mask is not None and is_right_padded(attention_mask):
-            # Causal attention already keeps real tokens from seeing right padding: use the fused kernel.
-            attention_mask = None
-        position_ids, attn_mask = positions_and_mask(attention_mask, input_ids.shape[1], embeds.dtype)
+        if segment_ids is not None:
+            if position_ids is None:
+                raise ValueError("a packed batch (segment_ids) needs its position_ids")
+            attn_mask = packed_attention_mask(segment_ids.to(embeds.device))
+        else:
+            if attention_mask is not None and is_right_padded(attention_mask):
+                # Causal attention already keeps real tokens from seeing right padding: the fused kernel.
+                attention_mask = None
+            position_ids, attn_mask = positions_and_mask(attention_mask, input_ids.shape[1], embeds.dtype)
         hidden = self.llm.model(embeds, position_ids.to(embeds.device), attn_mask)
         out = MiniCPMVOutput()
         if return_logits:
@@ -262,6 +271,15 @@ def most_over_ranks(count: int, device: torch.device) -> int:
     most = torch.tensor([count], device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     return int(most.item())
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Returns the SDPA boolean mask [B, 1, T, T] of packed rows: causal, and within the query's segment
+    (tail padding, segment -1, attends to padding only, so no row of the mask is empty)."""
+    t = segment_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

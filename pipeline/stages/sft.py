@@ -95,6 +95,7 @@ def loop_settings(cfg: DictConfig, device: torch.device | None = None, processes
         num_workers=resolve_num_workers(t.num_workers, device or torch.device("cpu"), processes),
         seed=cfg.seed,
         micro_batch_tokens=t.micro_batch_tokens,
+        packing=t.packing,
     )
 
 
@@ -178,10 +179,16 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     world = accelerator.num_processes
     kind = str(accelerator.distributed_type).split(".")[-1]
     log.info("engine: %s, %d process(es), device %s", kind, world, accelerator.device)
+    if not budget:
+        micro = f"{settings.batch_size} row(s)"
+    elif settings.packing:
+        micro = f"packed rows of up to {settings.micro_batch_tokens} tokens"
+    else:
+        micro = f"up to {settings.micro_batch_tokens} padded tokens"
     log.info(
         "optimizer step: %d rows; micro-batches: %s; %d data worker(s)",
         settings.batch_size * settings.grad_accum * world,
-        f"up to {settings.micro_batch_tokens} padded tokens" if budget else f"{settings.batch_size} row(s)",
+        micro,
         settings.num_workers,
     )
     total = planned_steps(len(train_set), settings, world)

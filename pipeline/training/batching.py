@@ -8,7 +8,8 @@ same token-weighted loss; only how they are cut into forward passes changes. Two
 - token budget (`trainer.micro_batch_tokens=N`, the default): the window's samples sorted by length and cut
   greedily into micro-batches whose padded size (rows x longest row, rounded up to the padding multiple)
   stays within N tokens. Similar lengths share a micro-batch, so padding stays low, and 16 short samples
-  run as one forward instead of sixteen. A sample longer than N runs alone.
+  run as one forward instead of sixteen. A sample longer than N runs alone. With `trainer.packing=true` the
+  micro-batch is one packed row, so its size is the sum of the lengths (no padding but the tail).
 
 Plans depend only on the window's indices and the rows' token counts, so every process computes every
 process's plan, and a resumed run makes the same plan as an uninterrupted one. Under engines that gather
@@ -34,10 +35,16 @@ def fixed_micro_batches(indices: Sequence[int], batch_size: int) -> list[list[in
     return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
 
 
+def packed_size(lengths: Sequence[int], multiple: int = 1) -> int:
+    """Returns the tokens of one packed row holding every length, rounded up to `multiple`."""
+    return -(-sum(lengths) // multiple) * multiple
+
+
 def budget_micro_batches(
-    indices: Sequence[int], lengths: Sequence[int], budget: int, multiple: int = 1
+    indices: Sequence[int], lengths: Sequence[int], budget: int, multiple: int = 1, packed: bool = False
 ) -> list[list[int]]:
-    """Returns the indices cut into micro-batches of at most `budget` padded tokens, longest first.
+    """Returns the indices cut into micro-batches of at most `budget` padded (or packed) tokens, longest
+    first.
 
     `lengths[i]` is the token count of row `indices[i]`. Sorting is stable (ties keep window order), so the
     plan is deterministic.
@@ -45,11 +52,12 @@ def budget_micro_batches(
     if len(indices) != len(lengths):
         raise ValueError(f"{len(indices)} indices but {len(lengths)} lengths")
     order = sorted(range(len(indices)), key=lambda j: -lengths[j])
+    size = packed_size if packed else padded_size
     groups: list[list[int]] = []
     current: list[int] = []
     current_lengths: list[int] = []
     for j in order:
-        if current and padded_size([*current_lengths, lengths[j]], multiple) > budget:
+        if current and size([*current_lengths, lengths[j]], multiple) > budget:
             groups.append(current)
             current, current_lengths = [], []
         current.append(indices[j])
@@ -83,6 +91,7 @@ def plan_window(
     budget: int,
     multiple: int = 1,
     equal_counts: bool = False,
+    packed: bool = False,
 ) -> list[list[list[int]]]:
     """Returns, for every process, its micro-batches (lists of row indices) for one optimizer step.
 
@@ -93,7 +102,10 @@ def plan_window(
     if budget <= 0 or lengths is None:
         plans = [fixed_micro_batches(rows, batch_size) for rows in per_rank]
     else:
-        plans = [budget_micro_batches(rows, [lengths[i] for i in rows], budget, multiple) for rows in per_rank]
+        plans = [
+            budget_micro_batches(rows, [lengths[i] for i in rows], budget, multiple, packed)
+            for rows in per_rank
+        ]
     if equal_counts and plans:
         most = max(len(p) for p in plans)
         length_of = (lambda i: lengths[i]) if lengths is not None else (lambda i: 1)

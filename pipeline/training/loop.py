@@ -31,7 +31,7 @@ from accelerate import Accelerator, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.models.collate import collate_for_training
+from pipeline.models.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     TrainerState,
@@ -71,6 +71,7 @@ class LoopSettings:
     seed: int
     # micro-batches filled to this many padded tokens (0: fixed micro-batches of batch_size)
     micro_batch_tokens: int = 0
+    packing: bool = False  # each micro-batch one packed row (padding-free), within micro_batch_tokens
 
 
 def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
@@ -144,8 +145,9 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels"):
-        out[key] = batch[key].to(device, non_blocking=True)
+    for key in ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
     return out
 
 
@@ -253,6 +255,7 @@ class Trainer:
             self.s.micro_batch_tokens,
             self.pad_to_multiple,
             equal_counts=self.equal_micro_batches,
+            packed=self.s.packing,
         )
         return plans[self.rank]
 
@@ -264,12 +267,11 @@ class Trainer:
             micro = self._micro_batches(step)
             plan.extend(micro)
             counts.append(len(micro))
+        collate = collate_packed if self.s.packing else collate_for_training
         loader = DataLoader(
             self.train_set,
             batch_sampler=plan,
-            collate_fn=partial(
-                collate_for_training, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple
-            ),
+            collate_fn=partial(collate, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple),
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
             # shift the dropout masks of a resumed run against an uninterrupted one.
