@@ -48,7 +48,11 @@ class TrainingError(RuntimeError):
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping."""
+    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping. `signal_name` says which."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -374,6 +378,30 @@ class Trainer:
                     step=record["step"],
                 )
 
+    def _saving_on_bad_data(self, groups: Iterator[list[dict]]) -> Iterator[list[dict]]:
+        """Yields the loader's groups; when one cannot be built (an image broken or gone since it was
+        checked), saves the steps done so far before raising TrainingError naming the row.
+
+        Building a group touches no weights, so the checkpoint is exactly the state after the last step.
+        With several processes only the failing one knows, and a checkpoint needs them all: it only raises.
+        """
+        while True:
+            try:
+                group = next(groups)
+            except StopIteration:
+                return
+            except Exception as err:
+                step = self.state.global_step
+                if step > 0 and self.world == 1 and not (self.sft_dir / f"checkpoint-{step}").is_dir():
+                    self.save()
+                found = list_checkpoints(self.sft_dir)
+                kept = f"newest checkpoint: {found[-1]}" if found else "no checkpoint yet"
+                raise TrainingError(
+                    f"the batch of step {step + 1} could not be built: {err}\n{kept}; fix or drop that row "
+                    "and rerun the same command into the same run folder to resume"
+                ) from err
+            yield group
+
     # ----- the loop
     def train(self) -> TrainerState:
         self.model.train()
@@ -396,7 +424,7 @@ class Trainer:
                 self.state.history.append({"step": 0, **metrics})
                 self._log({"step": 0, **metrics})
         with SignalGuard() as guard:
-            for micro in self._loader(start):
+            for micro in self._saving_on_bad_data(self._loader(start)):
                 try:
                     result = self._step(micro)
                 except torch.OutOfMemoryError as err:
@@ -445,7 +473,8 @@ class Trainer:
                 if guard.requested:
                     bar.close()
                     raise StopRequested(
-                        f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}"
+                        f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}",
+                        guard.requested,
                     )
                 if step >= self.total_steps:
                     break
