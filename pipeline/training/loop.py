@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from pipeline.models.collate import collate_for_training
 from pipeline.training.checkpoints import (
     TrainerState,
+    check_resume_plan,
     list_checkpoints,
     load_training_checkpoint,
     point,
@@ -176,7 +177,7 @@ class Trainer:
                 f"lower trainer.batch_size / trainer.grad_accum or add data"
             )
         self.total_steps = planned_steps(len(train_set), settings, self.world)
-        self.state = TrainerState()
+        self.state = TrainerState(total_steps=self.total_steps)
         self.log_path = sft_dir / "logging.jsonl"
 
     # ----- resume
@@ -195,9 +196,11 @@ class Trainer:
                 raise TrainingError(
                     f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
                 )
+        check_resume_plan(ckpt, self.total_steps)
         self.state = load_training_checkpoint(
             ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, engine=self.engine
         )
+        self.state.total_steps = self.total_steps
         if self.acc.is_main_process and self.log_path.exists():
             # Drop log lines written after the checkpoint, so the log reads as one uninterrupted run.
             kept = [
