@@ -1,4 +1,5 @@
-"""Broken or mismatched checkpoints: every error names the file and what is wrong, before any weight loads."""
+"""Broken, mismatched or older checkpoint folders: every error names the file and what is wrong, before any
+weight loads; a folder without preprocessor_config.json still loads."""
 
 from __future__ import annotations
 
@@ -139,3 +140,11 @@ def test_an_unfinished_run_resumed_with_another_plan_says_what_happens(workdir, 
         f"{ckpt} was saved by a run planned for 2 steps; this config plans 3: training continues at step 2 "
         "on the learning-rate schedule of a 3-step run"
     ) in caplog.text
+
+
+def test_a_model_folder_without_preprocessor_config_loads_with_the_same_slicing(workdir, tmp_path):
+    full = load_bundle(str(workdir / "tiny")).processor
+    older = Path(shutil.copytree(workdir / "tiny", tmp_path / "older-download"))
+    (older / "preprocessor_config.json").unlink()
+    processor = load_bundle(str(older)).processor
+    assert processor.to_config() == full.to_config()
