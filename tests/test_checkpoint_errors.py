@@ -4,7 +4,9 @@ weight loads; a folder without preprocessor_config.json still loads."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,18 +18,23 @@ from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import sft
 from tests.conftest import workdir_config, write_rows
 
+UMASK = 0o027
 STEPS = ("trainer.max_steps=2", "trainer.save_steps=1", "trainer.save_total_limit=null")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt-errors")
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
-    Image.new("RGB", (40, 30), "red").save(root / "red.png")
-    rows = [{"query": f"colour {i}?", "response": "red", "images": ["red.png"]} for i in range(4)]
-    write_rows(root / "train.jsonl", rows)
-    write_rows(root / "val.jsonl", rows[:1])
-    sft.run(_cfg(root), root / "run", {})
+    previous = os.umask(UMASK)  # not the usual 022, so that modes show whose rule made them
+    try:
+        build_tiny_twin(root / "tiny", pretrain_steps=0)
+        Image.new("RGB", (40, 30), "red").save(root / "red.png")
+        rows = [{"query": f"colour {i}?", "response": "red", "images": ["red.png"]} for i in range(4)]
+        write_rows(root / "train.jsonl", rows)
+        write_rows(root / "val.jsonl", rows[:1])
+        sft.run(_cfg(root), root / "run", {})
+    finally:
+        os.umask(previous)
     return root
 
 
@@ -148,3 +155,11 @@ def test_a_model_folder_without_preprocessor_config_loads_with_the_same_slicing(
     (older / "preprocessor_config.json").unlink()
     processor = load_bundle(str(older)).processor
     assert processor.to_config() == full.to_config()
+
+
+def test_checkpoint_and_model_files_get_their_mode_from_the_umask(workdir):
+    # as save_pretrained writes them: 0666 less the umask (never the 0600 of a temp file)
+    for folder in (workdir / "tiny", workdir / "run" / "sft" / "checkpoint-2", workdir / "run" / "sft"):
+        for path in folder.iterdir():
+            if path.is_file() and not path.is_symlink():
+                assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK, path

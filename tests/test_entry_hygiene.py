@@ -93,3 +93,28 @@ def test_an_error_after_a_progress_bar_stands_on_its_own_line(monkeypatch, capsy
     assert line and "sft:" in before and before.endswith("\n")
     del kept[:]  # collecting the bar must draw nothing more
     assert after == "" and capsys.readouterr().err == ""
+
+
+@pytest.mark.slow  # two interpreters importing DeepSpeed
+def test_deepspeed_does_not_announce_the_cpu_on_a_run_without_it(tmp_path):
+    pytest.importorskip("deepspeed")
+    script = (
+        "import os\nos.environ.pop('DS_ACCELERATOR', None)\n"
+        "from pipeline.stages.sft import name_deepspeed_accelerator\n"
+        "name_deepspeed_accelerator({named})\n"
+        "from accelerate.utils.other import extract_model_from_parallel\nimport torch\n"
+        "extract_model_from_parallel(torch.nn.Linear(1, 1))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    for uses_deepspeed in (False, True):
+        done = subprocess.run(
+            [sys.executable, "-c", script.format(named=uses_deepspeed)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        warned = "Setting accelerator to CPU" in done.stdout + done.stderr
+        assert warned == uses_deepspeed  # with DeepSpeed in use its own detection is left alone

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
+from pipeline.utils.io import atomic_write_text
 
 __all__ = [
     "KNOWN_KEYS",
@@ -281,17 +281,7 @@ def format_problems(problems: list[Problem], limit: int = MAX_LISTED) -> str:
 
 def write_problems(problems: Iterable[Problem], path: Path) -> Path:
     """Return path after writing one JSON object {origin, reason} per line there, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(
         json.dumps({"origin": p.origin, "reason": p.reason}, ensure_ascii=False) + "\n" for p in problems
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.utils.io import file_mode
+
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
 
@@ -254,6 +256,7 @@ def save_checkpoint(
     for i, keys in enumerate(plan, start=1):
         name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
         save_file({k: state[k] for k in keys}, str(tmp / name), metadata={"format": "pt"})
+        os.chmod(tmp / name, file_mode())  # safetensors writes 0600 whatever the umask
         for k in keys:
             weight_map[k] = name
             total += state[k].numel() * state[k].element_size()
@@ -267,9 +270,9 @@ def save_checkpoint(
     if source_folder is not None:
         for name in SIDE_FILES:
             if (source_folder / name).is_file():
-                shutil.copy2(source_folder / name, tmp / name)
+                shutil.copyfile(source_folder / name, tmp / name)  # mode from the umask
         for py in source_folder.glob("*.py"):
-            shutil.copy2(py, tmp / py.name)
+            shutil.copyfile(py, tmp / py.name)
     if folder.exists():
         old = folder.with_name(f".old-{folder.name}")
         if old.exists():

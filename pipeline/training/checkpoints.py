@@ -51,6 +51,7 @@ from pipeline.models.checkpoint import (
     save_checkpoint,
 )
 from pipeline.models.modeling import MiniCPMV
+from pipeline.utils.io import file_mode
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -203,7 +204,7 @@ def save_training_checkpoint(
             "preprocessor_config.json",
         ):
             if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
-                shutil.copy2(base_path / name, tmp / name)
+                shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
     del weights, optim_state
     _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
     _save_rng(tmp / rng_file(rank))
@@ -211,8 +212,11 @@ def save_training_checkpoint(
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     _barrier()
     if rank == 0:
+        mode = file_mode()
         for f in tmp.rglob("*"):
             if f.is_file():
+                # safetensors writes 0600 whatever the umask; every file gets the mode open() would give
+                os.chmod(f, mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():  # an earlier, interrupted run reached the same step: replace it
