@@ -100,7 +100,6 @@ def load_rows(
         raise DatasetError(
             f"dataset source '{source.name}'{where} has no usable rows ({len(problems)} problem(s))"
         )
-    log.info("dataset %s: %d rows", source.name, len(kept))
     return kept, problems
 
 
@@ -225,7 +224,13 @@ def load_mixture(
         cfg = _with_defaults(entry, defaults, index)
         source_rows, source_problems = load_rows(cfg, on_error=on_error, max_rows=max_rows)
         label = f"sources[{index}]"
-        rows += sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
+        taken = sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
+        how = next((f"{key}: {cfg[key]}" for key in ("n", "ratio") if cfg.get(key) is not None), None)
+        if how is None:
+            log.info("dataset %s: %d rows", cfg["name"], len(taken))
+        else:
+            log.info("dataset %s: %d rows (%s of its %d)", cfg["name"], len(taken), how, len(source_rows))
+        rows += taken
         problems += source_problems
     return rows, problems
 
