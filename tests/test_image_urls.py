@@ -194,3 +194,12 @@ def test_an_image_that_breaks_during_training_saves_a_checkpoint_then_names_the_
     assert f"newest checkpoint: {sft_dir / 'checkpoint-2'}" in message
     out = sft.run(_cfg(workdir), tmp_path / "run", {})  # the same command resumes and finishes
     assert out["sft"]["resumed_from"].endswith("checkpoint-2") and out["sft"]["global_step"] == 4
+
+
+def test_a_url_that_serves_no_image_is_not_kept_in_the_cache(tmp_path, server):
+    _Handler.files["/page.png"] = b"<html>not found</html>"
+    with pytest.raises(images.ImageLoadError, match="cannot decode image.*dropped from the cache"):
+        images.load_image(f"{server}/page.png")
+    assert list((tmp_path / "url-cache").iterdir()) == []
+    _Handler.files["/page.png"] = _png()  # fixed on the server: the next use downloads it again
+    assert images.load_image(f"{server}/page.png").size == (40, 30)

@@ -37,6 +37,10 @@ class ImageLoadError(OSError):
     """An image reference cannot be turned into pixels; the message names the path or URL and why."""
 
 
+class _SlowBody(TimeoutError):
+    """The server answered, but sent the body too slowly."""
+
+
 def url_cache_dir(cache_dir: Path | None = None) -> Path:
     """Return the folder URL images are cached in: `cache_dir` when given, else URL_CACHE_DIR."""
     return Path(cache_dir) if cache_dir is not None else URL_CACHE_DIR
@@ -69,7 +73,12 @@ def load_image(
         path = fetch_url_to_cache(
             ref, url_cache_dir(cache_dir), timeout=timeout, max_bytes=max_bytes, retries=retries
         )
-        return decode_image(path, name=ref, max_pixels=max_pixels)
+        try:
+            return decode_image(path, name=ref, max_pixels=max_pixels)
+        except ImageLoadError as exc:
+            # what the server sent is no image (an error page?): fetch it again next time, not this copy
+            path.unlink(missing_ok=True)
+            raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
     path = Path(ref).expanduser()
     if not path.is_file():
         reason = "is a folder, not an image file" if path.is_dir() else "file not found"
@@ -129,7 +138,7 @@ def fetch_url(
             last_error = exc
     if isinstance(last_error, urllib.error.URLError) and isinstance(last_error.reason, TimeoutError):
         last_error = last_error.reason
-    if isinstance(last_error, TimeoutError):
+    if isinstance(last_error, TimeoutError) and not isinstance(last_error, _SlowBody):
         last_error = f"no answer within {timeout:g} s ({last_error or 'timed out'})"
     raise ImageLoadError(f"{url}: download failed after {attempt + 1} attempt(s): {last_error}")
 
@@ -150,7 +159,7 @@ def _fetch_once(url: str, *, timeout: float, max_bytes: int) -> bytes:
             if size > max_bytes:
                 raise ImageLoadError(f"{url}: body is over the {max_bytes}-byte limit")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the body took over {DEADLINE_READS * timeout:g} s")
+                raise _SlowBody(f"the body took over {DEADLINE_READS * timeout:g} s")
     return b"".join(chunks)
 
 
@@ -181,5 +190,3 @@ def fetch_url_to_cache(
     data = fetch_url(url, timeout=timeout, max_bytes=max_bytes, retries=retries)
     atomic_write_bytes(path, data)
     return path
-
-

@@ -399,9 +399,12 @@ class Trainer:
                     self.save()
                 found = list_checkpoints(self.sft_dir)
                 kept = f"newest checkpoint: {found[-1]}" if found else "no checkpoint yet"
+                reason = str(err).strip()
+                if "Traceback" in reason:  # from a DataLoader worker: the last line is the error itself
+                    reason = reason.splitlines()[-1]
                 raise TrainingError(
-                    f"the batch of step {step + 1} could not be built: {err}\n{kept}; fix or drop that row "
-                    "and rerun the same command into the same run folder to resume"
+                    f"the batch of step {step + 1} could not be built: {reason}; {kept}; fix or drop that "
+                    "row and rerun the same command into the same run folder to resume"
                 ) from err
             yield group
 
