@@ -180,13 +180,15 @@ def _md_cell(value: Any) -> str:
 
 
 def _short_number(value: str) -> str:
-    """Return a float-valued override to 6 significant digits (an Optuna lr has 17); anything else as is."""
-    if not any(c in value for c in ".eE") or value.lower() in ("inf", "-inf", "nan"):
+    """Return a float-valued override to 6 significant digits when that is shorter (an Optuna lr has 17
+    digits; a typed 3e-4 stays as it is); anything else as is."""
+    if not any(c in value for c in ".eE"):
         return value
     try:
-        return f"{float(value):.6g}"
+        rounded = f"{float(value):.6g}"
     except ValueError:
         return value
+    return rounded if len(rounded) < len(value) else value
 
 
 def format_markdown(records: Sequence[dict], title: str) -> str:

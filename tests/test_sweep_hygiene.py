@@ -22,8 +22,8 @@ def test_summary_md_rounds_float_overrides_and_the_csv_keeps_them(tmp_path):
     text = md_path.read_text()
     assert LONG_LR not in text
     assert "| 0 | 0.000157513 | 8 | 1.23457 | ok | 0 |" in text
-    assert "| 1 | 0.0003 | 16 | 0.987654 | ok | 1 |" in text
-    assert "best: job 1 (optim.lr=0.0003 lora.r=16), eval_loss = 0.987654" in text
+    assert "| 1 | 3e-4 | 16 | 0.987654 | ok | 1 |" in text  # already short: as typed
+    assert "best: job 1 (optim.lr=3e-4 lora.r=16), eval_loss = 0.987654" in text
     assert "common overrides: `seed=1`" in text
     assert read_csv(tmp_path / "summary.csv")[0]["optim.lr"] == LONG_LR  # the exact value stays findable
 
