@@ -5,16 +5,18 @@
     python -m pipeline stages=[eval] ckpt=outputs/<exp>/<time>/sft/checkpoint-40
 
 Failures end with a one-line `error: ...` on stderr (the traceback goes to the run folder's run.log) and exit
-code 1; Ctrl-C marks the run "interrupted" in run.json and exits with 130.
+code 1; Ctrl-C marks the run "interrupted" in run.json and exits with 130 (SIGTERM: 143).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -28,6 +30,7 @@ from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from tqdm import tqdm
 
 from pipeline.config import BASE_CKPT, ConfigError, register_configs, resolve_device, validate
 from pipeline.distributed import (
@@ -50,6 +53,7 @@ from pipeline.runinfo import (
 from pipeline.stages import StageFn, get_stage
 from pipeline.sweep import record_job, sweep_group_name
 from pipeline.tracking import build_tracker
+from pipeline.utils.lock import LOCK_FILE, FolderBusy, folder_lock
 
 log = logging.getLogger("pipeline")
 # Absolute, so the entry also works when imported (a console script, tests) and not only via `python -m`.
@@ -58,7 +62,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # The job in progress, so that the wrapper can point at its log after Hydra has unwound the job.
 _ACTIVE: dict[str, Any] = {"run_dir": None, "traceback_logged": False}
 # What Hydra writes into a job folder before our code runs; a folder holding only these has no results.
-_HYDRA_ONLY = {".hydra", LOG_FILE}
+_HYDRA_ONLY = {".hydra", LOG_FILE, LOCK_FILE}
 
 
 class JobFailed(BaseException):
@@ -187,8 +191,21 @@ def _run_on_other_process(cfg: DictConfig, run_dir: Path, stages: list[tuple[str
 def run_pipeline(
     cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), argv: Sequence[str] = ()
 ) -> float | None:
-    """Return the eval objective after running cfg.stages in `run_dir` (None when eval did not run)."""
+    """Return the eval objective after running cfg.stages in `run_dir` (None when eval did not run).
+
+    The run folder is locked for the whole run (by rank 0 of a multi-process run; the other ranks write
+    into it with it), so a second process aimed at the same folder stops at once and names the first.
+    """
     _ACTIVE.update(run_dir=None, traceback_logged=False)
+    if not is_main_process():
+        return _run_in_folder(cfg, run_dir, overrides, argv)
+    with folder_lock(run_dir, what="run folder"):
+        return _run_in_folder(cfg, run_dir, overrides, argv)
+
+
+def _run_in_folder(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str], argv: Sequence[str]
+) -> float | None:
     try:
         stages, device, earlier = prepare_run(cfg, overrides)
     except ConfigError:
@@ -354,7 +371,7 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 
 def describe_error(exc: BaseException) -> str:
     """Return a short, plain description of a failure for the console."""
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, FolderBusy)):
         return str(exc)
     if isinstance(exc, MissingConfigException):
         return _missing_config_message(exc)
@@ -366,6 +383,17 @@ def describe_error(exc: BaseException) -> str:
         return _omegaconf_message(exc)
     message = str(exc).strip()
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _close_progress_bars() -> None:
+    """Close every progress bar still open, so that the error line after it stands on a line of its own.
+
+    A bar left open by a failure would otherwise be followed by the message on the same line and be drawn
+    again when the interpreter collects it.
+    """
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def main() -> int:
@@ -380,12 +408,16 @@ def main() -> int:
             hydra_main()
         except JobFailed as failed:
             raise failed.error from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        _close_progress_bars()
         run_dir = _ACTIVE["run_dir"]
         where = f"; {run_dir}/run.json is marked interrupted" if run_dir else ""
-        print(f"interrupted{where}", file=sys.stderr)
-        return 130
+        # the shell's convention, 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (a scheduler's stop)
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"interrupted ({name}){where}", file=sys.stderr)
+        return 128 + int(signal.Signals[name])
     except Exception as exc:
+        _close_progress_bars()
         if previous == "1":
             traceback.print_exc()
         print(f"error: {describe_error(exc)}", file=sys.stderr)

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -178,9 +179,22 @@ def _md_cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _short_number(value: str) -> str:
+    """Return a float-valued override to 6 significant digits when that is shorter (an Optuna lr has 17
+    digits; a typed 3e-4 stays as it is); anything else as is."""
+    if not any(c in value for c in ".eE"):
+        return value
+    try:
+        rounded = f"{float(value):.6g}"
+    except ValueError:
+        return value
+    return rounded if len(rounded) < len(value) else value
+
+
 def format_markdown(records: Sequence[dict], title: str) -> str:
     """Return the summary as a markdown table: the overrides that differ between jobs as columns."""
     keys, values = _override_table(records)
+    values = [{k: _short_number(v) for k, v in row.items()} for row in values]
     common = [k for k in keys if all(k in row for row in values) and len({row[k] for row in values}) == 1]
     varying = [k for k in keys if k not in common]
     header = _objective_header(records)
@@ -212,7 +226,11 @@ def format_markdown(records: Sequence[dict], title: str) -> str:
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     best = best_result(records)
     if best is not None:
-        chosen = " ".join(o for o in best.get("overrides") or [] if split_override(o)[0] in varying)
+        chosen = " ".join(
+            f"{key}={_short_number(value)}"
+            for key, value in map(split_override, best.get("overrides") or [])
+            if key in varying
+        )
         lines += [
             "",
             f"best: job {best.get('job')} ({chosen or 'no varying overrides'}), "
@@ -275,3 +293,23 @@ class SweepSummaryCallback(Callback):
         if records:
             print(md_path.read_text(encoding="utf-8"), end="")
             print(f"sweep summary: {md_path} and {md_path.with_name(SUMMARY_CSV).name}")
+
+
+class QuietOptunaLogging(Callback):
+    """Sends Optuna's log through the pipeline's logging (plain text, no colour codes) and silences the
+    "setup plugin" lines that alembic (under Optuna's storages) logs at import.
+
+    Runs when Hydra starts the multirun, before the Optuna sweeper loads Optuna:
+
+    hydra:
+      callbacks:
+        quiet_optuna:
+          _target_: pipeline.sweep.QuietOptunaLogging
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        import optuna
+
+        optuna.logging.disable_default_handler()  # its handler colours every line, in files too
+        optuna.logging.enable_propagation()

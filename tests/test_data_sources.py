@@ -297,3 +297,15 @@ def test_explicit_validation_rows_are_used_as_given() -> None:
 
 def test_sources_module_has_one_registry() -> None:
     assert sources.get_source("custom").keys == ("path",)
+
+
+def test_the_logged_row_count_is_the_one_after_sampling(tmp_path, caplog):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q{i}", "response": "r"}) + "\n" for i in range(12)))
+    with caplog.at_level(logging.INFO, logger="pipeline.data.sources"):
+        rows, _ = load_mixture(
+            [{"name": "custom", "path": str(data), "n": 8}, {"name": "custom", "path": str(data)}], seed=0
+        )
+    assert len(rows) == 20
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dataset custom")]
+    assert lines == ["dataset custom: 8 rows (n: 8 of its 12)", "dataset custom: 12 rows"]

@@ -227,10 +227,11 @@ def test_token_lengths_are_checked_through_the_injected_counter(tmp_path: Path) 
     assert seen == ["f:1", "f:2", "f:3"]  # a row with a broken image is never tokenized
 
 
-def test_urls_are_only_checked_when_asked(tmp_path: Path) -> None:
+def test_urls_are_checked_like_local_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("pipeline.data.images.RETRIES", 0)
     rows = [Row("q", "r", [], ["http://127.0.0.1:9/none.png"], None, "f:1")]
-    kept, problems = validate_rows(rows, on_error="raise")
-    assert kept == rows and problems == []
+    with pytest.raises(DatasetError, match=r"f:1: image http://127.0.0.1:9/none.png: download failed"):
+        validate_rows(rows, cache_dir=tmp_path / "c", on_error="raise")
 
 
 def test_write_problems_writes_jsonl_atomically(tmp_path: Path) -> None:
@@ -302,7 +303,7 @@ def test_url_errors_name_the_url_and_the_reason(tmp_path: Path, image_server: st
     with pytest.raises(ImageLoadError, match="over the 1024-byte limit"):
         load_image(f"{image_server}/big.png", max_bytes=1024)
     rows = [Row("q", "r", [], [f"{image_server}/missing.png"], None, "f:1")]
-    _, problems = validate_rows(rows, check_urls=True, cache_dir=tmp_path / "c", on_error="skip")
+    _, problems = validate_rows(rows, cache_dir=tmp_path / "c", on_error="skip")
     assert problems[0].origin == "f:1" and "404" in problems[0].reason
 
 

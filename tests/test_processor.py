@@ -136,3 +136,22 @@ def test_bad_arguments_are_named():
         MiniCPMVImageProcessor(patch_size=0)
     with pytest.raises(ValueError, match="norm_std"):
         MiniCPMVImageProcessor(norm_std=(0.5, 0.0, 0.5))
+
+
+def test_a_folder_without_preprocessor_config_reads_the_slicing_settings_from_config_json(tmp_path, caplog):
+    # older downloads of MiniCPM-V-2 have config.json (with these keys) but no preprocessor_config.json
+    settings = {"query_num": 32, "max_slice_nums": 4, "scale_resolution": 224, "patch_size": 14}
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "minicpmv", "slice_mode": True, **settings})
+    )
+    with caplog.at_level("INFO", logger="pipeline.models.processor"):
+        loaded = MiniCPMVImageProcessor.from_pretrained(tmp_path, max_slice_nums=2)
+    assert (loaded.query_num, loaded.scale_resolution, loaded.patch_size) == (32, 224, 14)
+    assert loaded.max_slice_nums == 2 and loaded.slice_mode is True  # overrides still win
+    assert f"{tmp_path} has no preprocessor_config.json: image slicing settings read from config.json" in (
+        caplog.text
+    )
+    assert "query_num=32" in caplog.text
+    (tmp_path / "config.json").write_text(json.dumps({"query_num": 0}))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: .*query_num"):
+        MiniCPMVImageProcessor.from_pretrained(tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.data.images import load_image
+from pipeline.data.images import ImageLoadError, load_image, local_image_file
 from pipeline.data.rows import Row
 from pipeline.models.collate import Sample, encode_example
 from pipeline.models.processor import MiniCPMVImageProcessor, choose_grid
@@ -31,8 +31,13 @@ class TokenCounter:
     Returns None when the row cannot be kept under the truncation policy.
     """
 
-    def __init__(self, tokenizer: MiniCPMVTokenizer, processor: MiniCPMVImageProcessor, max_length: int,
-                 truncation: str) -> None:
+    def __init__(
+        self,
+        tokenizer: MiniCPMVTokenizer,
+        processor: MiniCPMVImageProcessor,
+        max_length: int,
+        truncation: str,
+    ) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
@@ -41,16 +46,24 @@ class TokenCounter:
     def __call__(self, row: Row) -> int | None:
         placeholder = None
         if row.images:
-            ref = row.images[0]
-            if Path(ref).is_file():
-                with Image.open(ref) as img:
+            # a URL is read from the cache the up-front image check filled
+            local = local_image_file(row.images[0])
+            if local is not None:
+                with Image.open(local) as img:
                     size = img.size
-                placeholder = self.processor.placeholder_ids(self.tokenizer, slice_grid_for_size(self.processor,
-                                                                                                  *size))
-            else:  # a URL: sized when it is fetched; count the largest placeholder to be safe
+                placeholder = self.processor.placeholder_ids(
+                    self.tokenizer, slice_grid_for_size(self.processor, *size)
+                )
+            else:  # not fetched yet (dataset.check_images=false): sized when it is loaded
                 placeholder = self.processor.placeholder_ids(self.tokenizer, None)
-        enc = render_conversation(self.tokenizer, row.query, row.response, history=row.history, system=row.system,
-                                  image_placeholder=placeholder)
+        enc = render_conversation(
+            self.tokenizer,
+            row.query,
+            row.response,
+            history=row.history,
+            system=row.system,
+            image_placeholder=placeholder,
+        )
         kept = truncate(enc, self.max_length, self.truncation)
         return None if kept is None else len(kept.input_ids)
 
@@ -90,7 +103,10 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         row = self.rows[index]
-        image = load_image(row.images[0], cache_dir=self.image_cache) if row.images else None
+        try:
+            image = load_image(row.images[0], cache_dir=self.image_cache) if row.images else None
+        except ImageLoadError as exc:  # the image changed or vanished since it was checked
+            raise ImageLoadError(f"{row.origin}: {exc}") from exc
         sample = encode_example(
             self.tokenizer,
             self.processor,
@@ -104,5 +120,7 @@ class SFTDataset(Dataset):
         )
         if sample is None:
             # Validation removed every row that cannot be kept, so this means the file changed since.
-            raise ValueError(f"{row.origin}: does not fit max_length {self.max_length} under '{self.truncation}'")
+            raise ValueError(
+                f"{row.origin}: does not fit max_length {self.max_length} under '{self.truncation}'"
+            )
         return sample

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +18,15 @@ from pipeline.utils.io import atomic_write_bytes
 from pipeline.data.rows import is_url
 
 MAX_BYTES = 32 * 1024 * 1024
+# Downloads: seconds to connect and for each read (the whole body gets DEADLINE_READS times that), and how
+# often a transient failure (timeout, reset, 5xx, 408, 429) is tried again.
+TIMEOUT_S = 10.0
+DEADLINE_READS = 6
+RETRIES = 2
+# Downloaded and extracted data live under DATA_CACHE_DIR; URL images in URL_CACHE_DIR, under the sha256 of
+# the URL: the up-front check fills it, training, evaluation and inference read it.
+DATA_CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "cache"
+URL_CACHE_DIR = DATA_CACHE_DIR / "urls"
 # 64 Mpx is far above any training image (the model resizes to about 448^2 per slice) and far below what
 # would exhaust memory: a larger header is almost certainly a decompression bomb.
 MAX_PIXELS = 64_000_000
@@ -29,28 +37,48 @@ class ImageLoadError(OSError):
     """An image reference cannot be turned into pixels; the message names the path or URL and why."""
 
 
+class _SlowBody(TimeoutError):
+    """The server answered, but sent the body too slowly."""
+
+
+def url_cache_dir(cache_dir: Path | None = None) -> Path:
+    """Return the folder URL images are cached in: `cache_dir` when given, else URL_CACHE_DIR."""
+    return Path(cache_dir) if cache_dir is not None else URL_CACHE_DIR
+
+
+def local_image_file(ref: str, cache_dir: Path | None = None) -> Path | None:
+    """Return the local file holding an image reference (a URL's cached copy), or None when there is none."""
+    path = url_cache_path(ref, url_cache_dir(cache_dir)) if is_url(ref) else Path(ref).expanduser()
+    return path if path.is_file() else None
+
+
 def load_image(
     ref: str | os.PathLike,
     *,
     cache_dir: Path | None = None,
-    timeout: float = 10,
+    timeout: float | None = None,
     max_bytes: int = MAX_BYTES,
-    retries: int = 2,
+    retries: int | None = None,
     max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
     """Return the image at a local path or http(s) URL, fully decoded and converted to RGB.
 
     Conversion is a plain ``convert("RGB")`` (alpha dropped, no EXIF rotation), as the official
-    MiniCPM-V-2 code does, so training and inference see the same pixels. URLs are downloaded with a
-    timeout and a size cap and, when ``cache_dir`` is given, kept there under the sha256 of the URL.
+    MiniCPM-V-2 code does, so training and inference see the same pixels. URLs are downloaded once, with a
+    timeout, retries and a size cap, into ``cache_dir`` (default URL_CACHE_DIR) under the sha256 of the URL,
+    and read from there afterwards.
     """
     ref = os.fspath(ref)
     if is_url(ref):
-        if cache_dir is not None:
-            path = fetch_url_to_cache(ref, cache_dir, timeout=timeout, max_bytes=max_bytes, retries=retries)
+        path = fetch_url_to_cache(
+            ref, url_cache_dir(cache_dir), timeout=timeout, max_bytes=max_bytes, retries=retries
+        )
+        try:
             return decode_image(path, name=ref, max_pixels=max_pixels)
-        data = fetch_url(ref, timeout=timeout, max_bytes=max_bytes, retries=retries)
-        return decode_image(io.BytesIO(data), name=ref, max_pixels=max_pixels)
+        except ImageLoadError as exc:
+            # what the server sent is no image (an error page?): fetch it again next time, not this copy
+            path.unlink(missing_ok=True)
+            raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
     path = Path(ref).expanduser()
     if not path.is_file():
         reason = "is a folder, not an image file" if path.is_dir() else "file not found"
@@ -88,8 +116,12 @@ def decode_image(source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_
         raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
-def fetch_url(url: str, *, timeout: float = 10, max_bytes: int = MAX_BYTES, retries: int = 2) -> bytes:
+def fetch_url(
+    url: str, *, timeout: float | None = None, max_bytes: int = MAX_BYTES, retries: int | None = None
+) -> bytes:
     """Return the body of an http(s) URL, retrying transient failures and refusing bodies over max_bytes."""
+    timeout = TIMEOUT_S if timeout is None else timeout
+    retries = RETRIES if retries is None else retries
     last_error: Exception | None = None
     for attempt in range(retries + 1):
         if attempt:
@@ -104,19 +136,31 @@ def fetch_url(url: str, *, timeout: float = 10, max_bytes: int = MAX_BYTES, retr
             raise
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
             last_error = exc
+    if isinstance(last_error, urllib.error.URLError) and isinstance(last_error.reason, TimeoutError):
+        last_error = last_error.reason
+    if isinstance(last_error, TimeoutError) and not isinstance(last_error, _SlowBody):
+        last_error = f"no answer within {timeout:g} s ({last_error or 'timed out'})"
     raise ImageLoadError(f"{url}: download failed after {attempt + 1} attempt(s): {last_error}")
 
 
 def _fetch_once(url: str, *, timeout: float, max_bytes: int) -> bytes:
+    """Return the body; `timeout` bounds the connection and each read, DEADLINE_READS x it the whole body."""
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    deadline = time.monotonic() + DEADLINE_READS * timeout
+    chunks: list[bytes] = []
+    size = 0
     with urllib.request.urlopen(request, timeout=timeout) as response:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise ImageLoadError(f"{url}: Content-Length {declared} is over the {max_bytes}-byte limit")
-        data = response.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ImageLoadError(f"{url}: body is over the {max_bytes}-byte limit")
-    return data
+        while chunk := response.read(min(1 << 20, max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise ImageLoadError(f"{url}: body is over the {max_bytes}-byte limit")
+            if time.monotonic() > deadline:
+                raise _SlowBody(f"the body took over {DEADLINE_READS * timeout:g} s")
+    return b"".join(chunks)
 
 
 def url_cache_path(url: str, cache_dir: Path) -> Path:
@@ -128,14 +172,21 @@ def url_cache_path(url: str, cache_dir: Path) -> Path:
 
 
 def fetch_url_to_cache(
-    url: str, cache_dir: Path, *, timeout: float = 10, max_bytes: int = MAX_BYTES, retries: int = 2
+    url: str,
+    cache_dir: Path,
+    *,
+    timeout: float | None = None,
+    max_bytes: int = MAX_BYTES,
+    retries: int | None = None,
 ) -> Path:
-    """Return the local cached copy of a URL, downloading it first (atomically) when absent."""
+    """Return the local cached copy of a URL, downloading it first when absent.
+
+    The file appears whole or not at all (written under a temporary name, then renamed), so an interrupted
+    download never leaves a broken image in the cache.
+    """
     path = url_cache_path(url, cache_dir)
     if path.is_file():
         return path
     data = fetch_url(url, timeout=timeout, max_bytes=max_bytes, retries=retries)
     atomic_write_bytes(path, data)
     return path
-
-

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.images import ImageLoadError, fetch_url_to_cache
+from pipeline.data.images import DATA_CACHE_DIR, ImageLoadError, fetch_url_to_cache
 from pipeline.utils.io import atomic_write_bytes
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.split import stable_order
@@ -30,10 +30,8 @@ from pipeline.data.validate import (
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "cache"
 # Keys every source understands: image checking and, inside a mixture, how many rows to take.
-COMMON_KEYS = ("name", "check_images", "check_urls", "max_rows", "n", "ratio")
+COMMON_KEYS = ("name", "check_images", "max_rows", "n", "ratio")
 
 # A loader returns the rows it could build and the problems of records that never became rows.
 Loader = Callable[[Mapping, "int | None"], tuple[list[Row], list[Problem]]]
@@ -94,17 +92,14 @@ def load_rows(
     source = get_source(source_cfg["name"])
     max_rows = max_rows if max_rows is not None else source_cfg.get("max_rows")
     rows, problems = source.load(source_cfg, max_rows)
-    found = []
-    if source_cfg.get("check_images", True):
-        cache_dir = Path(str(source_cfg.get("cache_dir") or DEFAULT_CACHE_DIR)).expanduser() / "urls"
-        found = check_images(rows, check_urls=bool(source_cfg.get("check_urls", False)), cache_dir=cache_dir)
+    # every image, local or URL, in one pass; URLs land in the cache that the datasets read later
+    found = check_images(rows) if source_cfg.get("check_images", True) else []
     kept, problems = apply_on_error(rows, found, on_error, earlier=problems)
     if not kept:
         where = f" at {source_cfg.get('path')}" if source_cfg.get("path") else ""
         raise DatasetError(
             f"dataset source '{source.name}'{where} has no usable rows ({len(problems)} problem(s))"
         )
-    log.info("dataset %s: %d rows", source.name, len(kept))
     return kept, problems
 
 
@@ -229,7 +224,13 @@ def load_mixture(
         cfg = _with_defaults(entry, defaults, index)
         source_rows, source_problems = load_rows(cfg, on_error=on_error, max_rows=max_rows)
         label = f"sources[{index}]"
-        rows += sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
+        taken = sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
+        how = next((f"{key}: {cfg[key]}" for key in ("n", "ratio") if cfg.get(key) is not None), None)
+        if how is None:
+            log.info("dataset %s: %d rows", cfg["name"], len(taken))
+        else:
+            log.info("dataset %s: %d rows (%s of its %d)", cfg["name"], len(taken), how, len(source_rows))
+        rows += taken
         problems += source_problems
     return rows, problems
 
@@ -455,7 +456,7 @@ def _coco_rows(records: Iterable[CocoRecord], cfg: Mapping, split: str) -> tuple
             f"coco_en_2_mini: image_root {image_root} is not a folder; point it at the folder "
             "holding COCO val2014 images (or its parent)"
         )
-    cache_dir = Path(str(cfg.get("cache_dir") or DEFAULT_CACHE_DIR / "coco_en_2_mini")).expanduser()
+    cache_dir = Path(str(cfg.get("cache_dir") or DATA_CACHE_DIR / "coco_en_2_mini")).expanduser()
     allow_download = bool(cfg.get("allow_download", False))
     rows: list[Row] = []
     problems: list[Problem] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
+from pipeline.utils.io import atomic_write_text
 
 __all__ = [
     "KNOWN_KEYS",
@@ -161,26 +161,28 @@ def _json_type(value: object) -> str:
 def check_images(
     rows: list[Row],
     *,
-    check_urls: bool = False,
     cache_dir: Path | None = None,
     workers: int | None = None,
 ) -> list[tuple[int, Problem]]:
-    """Return (row index, problem) for every row whose image cannot be fully decoded.
+    """Return (row index, problem) for every row whose image cannot be fetched and fully decoded.
 
-    Each distinct local image is opened, verified and decoded once, however many rows use it; URLs are
-    fetched only when ``check_urls`` is set (into ``cache_dir`` when given).
+    One pass over every distinct image, local or URL, however many rows use it, on a thread pool (PIL
+    releases the GIL while decoding; downloads wait on the network). URLs are downloaded, with a timeout,
+    retries and a size cap, into the on-disk cache (``cache_dir``, default images.URL_CACHE_DIR) that
+    training, evaluation and inference then read, so each is fetched once.
     """
-    refs = sorted({ref for row in rows for ref in row.images if check_urls or not is_url(ref)})
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+    refs = sorted({ref for row in rows for ref in row.images})
+    urls = sum(is_url(ref) for ref in refs)
+    workers = workers or (16 if urls else min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(lambda ref: _image_reason(ref, cache_dir), refs)
-        reasons = dict(
-            zip(
-                refs,
-                tqdm(outcomes, total=len(refs), desc="checking images", disable=len(refs) < 1000),
-                strict=True,
-            )
+        bar = tqdm(
+            outcomes,
+            total=len(refs),
+            desc="fetching and checking images" if urls else "checking images",
+            disable=len(refs) < 1000 and urls < 20,
         )
+        reasons = dict(zip(refs, bar, strict=True))
     return [
         (index, Problem(row.origin, reasons[ref]))
         for index, row in enumerate(rows)
@@ -216,7 +218,6 @@ def validate_rows(
     rows: list[Row],
     *,
     check_image_files: bool = True,
-    check_urls: bool = False,
     cache_dir: Path | None = None,
     count_tokens: Callable[[Row], int | None] | None = None,
     max_length: int | None = None,
@@ -231,7 +232,7 @@ def validate_rows(
     check_on_error(on_error)
     found: list[tuple[int, Problem]] = []
     if check_image_files:
-        found += check_images(rows, check_urls=check_urls, cache_dir=cache_dir, workers=workers)
+        found += check_images(rows, cache_dir=cache_dir, workers=workers)
     if count_tokens is not None:
         bad = {index for index, _ in found}
         candidates = [index for index in range(len(rows)) if index not in bad]
@@ -281,17 +282,7 @@ def format_problems(problems: list[Problem], limit: int = MAX_LISTED) -> str:
 
 def write_problems(problems: Iterable[Problem], path: Path) -> Path:
     """Return path after writing one JSON object {origin, reason} per line there, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(
         json.dumps({"origin": p.origin, "reason": p.reason}, ensure_ascii=False) + "\n" for p in problems
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)

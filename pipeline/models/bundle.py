@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .checkpoint import CheckpointError, load_model, resolve_model_path
+from .checkpoint import ADAPTER_CONFIG, CheckpointError, check_adapter_folder, load_model, resolve_model_path
 from .modeling import MiniCPMV
 from .processor import MiniCPMVImageProcessor
 from .tiny import ensure_tiny_twin
@@ -18,7 +18,6 @@ from .tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 BASE_POINTER = "base_model.json"  # written into every checkpoint: which base folder it was trained on
 
 
@@ -89,6 +88,7 @@ def load_bundle(
         if kind == "full":
             source = ckpt
         else:
+            check_adapter_folder(ckpt)  # whole files, before any weight loads
             base = source = _adapter_base(ckpt, base)
     model = load_model(source, dtype=dtype, device=device)
     if kind == "adapter":

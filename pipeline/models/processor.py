@@ -10,6 +10,7 @@ are multiples of ``patch_size``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,12 @@ from PIL import Image
 
 from pipeline.utils.io import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+MODEL_CONFIG = "config.json"
+# the slicing settings config.json carries, under the processor's own argument names
+_MODEL_CONFIG_KEYS = ("scale_resolution", "patch_size", "max_slice_nums", "query_num", "slice_mode")
 # Token strings the checkpoint's preprocessor_config.json names; only these are understood here.
 _TOKEN_FIELDS = {
     "im_start": "<image>",
@@ -99,6 +105,64 @@ def choose_grid(width: int, height: int, multiple: int, max_slice_nums: int) -> 
     return best
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _settings_from_preprocessor_config(path: Path) -> dict[str, object]:
+    """Returns the processor's arguments from a checkpoint's preprocessor_config.json."""
+    config = _read_json(path)
+    for key, expected in _TOKEN_FIELDS.items():
+        if key in config and config[key] != expected:
+            raise ValueError(
+                f"{path}: {key} must be {expected!r} (the checkpoint's token), got {config[key]!r}"
+            )
+    kwargs: dict[str, object] = {}
+    for key, arg in (
+        ("scale_resolution", "scale_resolution"),
+        ("patch_size", "patch_size"),
+        ("max_slice_nums", "max_slice_nums"),
+        ("image_feature_size", "query_num"),
+        ("slice_mode", "slice_mode"),
+    ):
+        if key in config:
+            kwargs[arg] = config[key]
+    for key in ("norm_mean", "norm_std"):
+        if key in config:
+            kwargs[key] = tuple(config[key])
+    return kwargs
+
+
+def _settings_from_model_config(folder: Path) -> dict[str, object]:
+    """Returns the processor's arguments from config.json, for folders without preprocessor_config.json.
+
+    Older downloads of MiniCPM-V-2 lack that file; config.json holds the same slicing settings (its
+    query_num is the preprocessor's image_feature_size), and the normalisation is the fixed 0.5/0.5.
+    """
+    path = folder / MODEL_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder / PREPROCESSOR_CONFIG} is missing, and so is {MODEL_CONFIG}: expected a MiniCPM-V-2 "
+            "checkpoint folder"
+        )
+    config = _read_json(path)
+    kwargs = {key: config[key] for key in _MODEL_CONFIG_KEYS if key in config}
+    log.info(
+        "%s has no %s: image slicing settings read from %s (%s)",
+        folder,
+        PREPROCESSOR_CONFIG,
+        MODEL_CONFIG,
+        ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "none there: the defaults",
+    )
+    return kwargs
+
+
 class MiniCPMVImageProcessor:
     """Turns a PIL image into MiniCPM-V-2's normalised source image and slices, plus its placeholder ids."""
 
@@ -135,32 +199,14 @@ class MiniCPMVImageProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides: object) -> MiniCPMVImageProcessor:
-        """Returns the processor described by ``folder``/preprocessor_config.json, with ``overrides`` applied."""
+        """Returns the processor of ``folder`` (its preprocessor_config.json, else the slicing settings in its
+        config.json), with ``overrides`` applied."""
         path = Path(folder) / PREPROCESSOR_CONFIG
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: expected the checkpoint's {PREPROCESSOR_CONFIG}")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        for key, expected in _TOKEN_FIELDS.items():
-            if key in config and config[key] != expected:
-                raise ValueError(
-                    f"{path}: {key} must be {expected!r} (the checkpoint's token), got {config[key]!r}"
-                )
-        kwargs: dict[str, object] = {}
-        for key, arg in (
-            ("scale_resolution", "scale_resolution"),
-            ("patch_size", "patch_size"),
-            ("max_slice_nums", "max_slice_nums"),
-            ("image_feature_size", "query_num"),
-            ("slice_mode", "slice_mode"),
-        ):
-            if key in config:
-                kwargs[arg] = config[key]
-        for key in ("norm_mean", "norm_std"):
-            if key in config:
-                kwargs[key] = tuple(config[key])
+            kwargs = _settings_from_model_config(Path(folder))
+            path = Path(folder) / MODEL_CONFIG
+        else:
+            kwargs = _settings_from_preprocessor_config(path)
         accepted = {"scale_resolution", "patch_size", "max_slice_nums", "slice_mode", "query_num"}
         accepted |= {"norm_mean", "norm_std"}
         unknown = sorted(set(overrides) - accepted)

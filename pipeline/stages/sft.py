@@ -119,6 +119,17 @@ def configure_deepspeed(accelerator: Accelerator, cfg: DictConfig) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def name_deepspeed_accelerator(uses_deepspeed: bool) -> None:
+    """Tells DeepSpeed (when not in use, on a machine without CUDA) that its accelerator is the CPU.
+
+    accelerate imports DeepSpeed, when installed, just to recognise its engine when unwrapping a model, and
+    DeepSpeed then warns "Setting accelerator to CPU" on every CPU run; named, it picks the same accelerator
+    without the warning.
+    """
+    if not uses_deepspeed and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     """Trains and returns {"ckpt": Path, "sft": summary}."""
     sft_dir = Path(run_dir) / "sft"
@@ -128,6 +139,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     # cpu=True makes accelerate's own CPU processes (gloo); DeepSpeed on the CPU (DS_ACCELERATOR=cpu) needs
     # cpu=False and gloo named, or accelerate counts one process where DeepSpeed runs several
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    name_deepspeed_accelerator(deepspeed)
     on_cpu = device.type == "cpu"
     accelerator = Accelerator(
         mixed_precision=mixed_precision(cfg, device),

@@ -17,6 +17,7 @@ processes resumes on 1 process and merges like any other. Under several processe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -39,9 +40,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pipeline.models.bundle import BASE_POINTER
-from pipeline.models.checkpoint import SIDE_FILES, read_checkpoint_shapes, save_checkpoint
+from pipeline.models.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SIDE_FILES,
+    CheckpointError,
+    check_adapter_folder,
+    read_checkpoint_shapes,
+    read_json_file,
+    save_checkpoint,
+)
 from pipeline.models.modeling import MiniCPMV
+from pipeline.utils.io import file_mode
 
+log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -54,6 +66,7 @@ class TrainerState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # eval results by step
+    total_steps: int | None = None  # the steps its run planned (None in checkpoints older than this field)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -191,7 +204,7 @@ def save_training_checkpoint(
             "preprocessor_config.json",
         ):
             if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
-                shutil.copy2(base_path / name, tmp / name)
+                shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
     del weights, optim_state
     _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
     _save_rng(tmp / rng_file(rank))
@@ -199,8 +212,11 @@ def save_training_checkpoint(
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     _barrier()
     if rank == 0:
+        mode = file_mode()
         for f in tmp.rglob("*"):
             if f.is_file():
+                # safetensors writes 0600 whatever the umask; every file gets the mode open() would give
+                os.chmod(f, mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():  # an earlier, interrupted run reached the same step: replace it
@@ -249,14 +265,125 @@ def load_training_checkpoint(
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
     """
     rank, world = _rank_world()
+    state = read_trainer_state(ckpt)
+    check_same_tuning(ckpt, model)
     if engine is not None:
         _load_deepspeed(ckpt, engine, world)
     else:
         _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1)
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    scheduler.load_state_dict(_torch_file(ckpt / "scheduler.pt", "the learning-rate schedule's state"))
     own = ckpt / rng_file(rank)
-    restore_rng(own if own.is_file() else ckpt / rng_file(0))
-    return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
+    rng = own if own.is_file() else ckpt / rng_file(0)
+    try:
+        restore_rng(rng)
+    except Exception as err:
+        raise CheckpointError(f"{rng}: cannot restore the random-number state ({_why(err)})") from err
+    return state
+
+
+def _why(err: Exception) -> str:
+    """Return the error's type and first line."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _torch_file(path: Path, what: str):
+    """Return the contents of a torch.save file; a missing or damaged one is a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing ({what}); the checkpoint is incomplete")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot be read ({_why(err)}); the file is damaged (an interrupted copy or write?)"
+        ) from err
+
+
+def read_trainer_state(ckpt: Path) -> TrainerState:
+    """Return the trainer state in `ckpt`/trainer_state.json; raise CheckpointError naming what is wrong."""
+    data = read_json_file(ckpt / STATE_FILE, "the trainer's step and history")
+    try:
+        return TrainerState(**data)
+    except TypeError as err:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: unexpected content ({err})") from None
+
+
+def check_resume_plan(ckpt: Path, total_steps: int) -> None:
+    """Raise CheckpointError when `ckpt` ends a finished run and the config plans more steps than it had.
+
+    The learning-rate schedule is a function of the planned steps: a finished run's has decayed to its end
+    (0 for cosine and linear), and a longer plan would pick it up mid-way on another curve, so that is
+    refused. A run stopped before its end that resumes with another plan is told in a warning what happens.
+    """
+    state = read_trainer_state(ckpt)
+    planned, step = state.total_steps, state.global_step
+    if planned is None or planned == total_steps:
+        return
+    if step >= planned and total_steps > step:
+        raise CheckpointError(
+            f"{ckpt} ends a finished run of {planned} steps, whose learning-rate schedule has decayed to its "
+            f"end; this config plans {total_steps} steps, and resuming would continue at step {step + 1} "
+            f"on the schedule of a {total_steps}-step run (a jump back up). To train for {total_steps} steps, "
+            "start a new run (another run folder, or trainer.resume=never); to keep this run, resume it with "
+            f"its own settings (trainer.max_steps={planned}, see its config.yaml)"
+        )
+    log.warning(
+        "%s was saved by a run planned for %d steps; this config plans %d: training continues at step %d on "
+        "the learning-rate schedule of a %d-step run",
+        ckpt,
+        planned,
+        total_steps,
+        step + 1,
+        total_steps,
+    )
+
+
+def check_same_tuning(ckpt: Path, model) -> None:
+    """Raise CheckpointError when the checkpoint was trained with other tuning settings than `model` has.
+
+    A LoRA checkpoint must match the config's rank, alpha, targets and fully trained modules, and a full
+    fine-tuning checkpoint needs lora=none; the message names the setting, the checkpoint's value and the
+    config's.
+    """
+    is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
+    if not isinstance(model, PeftModel):
+        if is_adapter:
+            raise CheckpointError(
+                f"{ckpt} is a LoRA checkpoint, the config asks for full fine-tuning (lora=none); resume with "
+                "the run's lora settings, or start anew (trainer.resume=never or another run folder)"
+            )
+        return
+    if not is_adapter:
+        raise CheckpointError(
+            f"{ckpt}: no {ADAPTER_CONFIG}, so a full fine-tuning checkpoint (lora=none), and the config asks "
+            "for LoRA; resume with lora=none, or start anew (trainer.resume=never or another run folder)"
+        )
+    saved = check_adapter_folder(ckpt)
+    current = model.peft_config["default"]
+    differences = []
+    for key, label in (("r", "lora.r"), ("lora_alpha", "lora.alpha")):
+        if key in saved and saved[key] != getattr(current, key):
+            differences.append(
+                f"the checkpoint has {key.replace('lora_', '')}={saved[key]}, the config asks "
+                f"{key.replace('lora_', '')}={getattr(current, key)} ({label})"
+            )
+    for key, label in (
+        ("target_modules", "lora.name / lora.target_modules"),
+        ("modules_to_save", "lora.modules_to_save"),
+    ):
+        if key in saved and _as_set(saved[key]) != _as_set(getattr(current, key)):
+            differences.append(f"the checkpoint's {key} differ from the config's ({label})")
+    if differences:
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: " + "; ".join(differences) + ". Resume with the run's settings "
+            "(they are in its config.yaml), or start anew (trainer.resume=never or another run folder)"
+        )
+
+
+def _as_set(value) -> set | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return set(value)
 
 
 def _load_deepspeed(ckpt: Path, engine, world: int) -> None:
@@ -287,11 +414,7 @@ def _load_weights_and_optimizer(ckpt: Path, model, optimizer, rank: int, spread:
     weights: dict[str, torch.Tensor] = {}
     strict = not isinstance(model, PeftModel)
     if isinstance(model, PeftModel):
-        adapter = ckpt / "adapter_model.safetensors"
-        if not adapter.is_file():
-            raise FileNotFoundError(
-                f"{ckpt}: no adapter_model.safetensors; is it a full fine-tuning checkpoint?"
-            )
+        adapter = ckpt / ADAPTER_WEIGHTS  # whole and matching the config: check_same_tuning
         if rank == 0 or not spread:
             weights = adapter_to_model_keys(model, load_file(str(adapter)))
     elif rank == 0 or not spread:
@@ -302,7 +425,9 @@ def _load_weights_and_optimizer(ckpt: Path, model, optimizer, rank: int, spread:
         weights,
         options=StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=spread),
     )
-    optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True) if rank == 0 or not spread else {}
+    optim_state = (
+        _torch_file(ckpt / "optimizer.pt", "the optimizer's state") if rank == 0 or not spread else {}
+    )
     set_optimizer_state_dict(
         model,
         _inner_optimizer(optimizer),

@@ -35,6 +35,7 @@ from pipeline.models.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     TrainerState,
+    check_resume_plan,
     list_checkpoints,
     load_training_checkpoint,
     point,
@@ -51,7 +52,11 @@ class TrainingError(RuntimeError):
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping."""
+    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping. `signal_name` says which."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -201,7 +206,7 @@ class Trainer:
                 f"lower trainer.batch_size / trainer.grad_accum or add data"
             )
         self.total_steps = planned_steps(len(train_set), settings, self.world)
-        self.state = TrainerState()
+        self.state = TrainerState(total_steps=self.total_steps)
         self.log_path = sft_dir / "logging.jsonl"
         # Engines that gather weights in every forward need the same number of micro-batches on every rank.
         self.equal_micro_batches = self.world > 1 and accelerator.distributed_type in (
@@ -226,9 +231,11 @@ class Trainer:
                 raise TrainingError(
                     f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
                 )
+        check_resume_plan(ckpt, self.total_steps)
         self.state = load_training_checkpoint(
             ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, engine=self.engine
         )
+        self.state.total_steps = self.total_steps
         if self.acc.is_main_process and self.log_path.exists():
             # Drop log lines written after the checkpoint, so the log reads as one uninterrupted run.
             kept = [
@@ -438,6 +445,33 @@ class Trainer:
                     step=record["step"],
                 )
 
+    def _saving_on_bad_data(self, groups: Iterator[list[dict]]) -> Iterator[list[dict]]:
+        """Yields the loader's groups; when one cannot be built (an image broken or gone since it was
+        checked), saves the steps done so far before raising TrainingError naming the row.
+
+        Building a group touches no weights, so the checkpoint is exactly the state after the last step.
+        With several processes only the failing one knows, and a checkpoint needs them all: it only raises.
+        """
+        while True:
+            try:
+                group = next(groups)
+            except StopIteration:
+                return
+            except Exception as err:
+                step = self.state.global_step
+                if step > 0 and self.world == 1 and not (self.sft_dir / f"checkpoint-{step}").is_dir():
+                    self.save()
+                found = list_checkpoints(self.sft_dir)
+                kept = f"newest checkpoint: {found[-1]}" if found else "no checkpoint yet"
+                reason = str(err).strip()
+                if "Traceback" in reason:  # from a DataLoader worker: the last line is the error itself
+                    reason = reason.splitlines()[-1]
+                raise TrainingError(
+                    f"the batch of step {step + 1} could not be built: {reason}; {kept}; fix or drop that "
+                    "row and rerun the same command into the same run folder to resume"
+                ) from err
+            yield group
+
     # ----- the loop
     def train(self) -> TrainerState:
         self.model.train()
@@ -461,7 +495,7 @@ class Trainer:
                 self.state.history.append({"step": 0, **metrics})
                 self._log({"step": 0, **metrics})
         with SignalGuard() as guard:
-            for micro in self._loader(start):
+            for micro in self._saving_on_bad_data(self._loader(start)):
                 try:
                     result = self._step(micro)
                 except torch.OutOfMemoryError as err:
@@ -515,7 +549,8 @@ class Trainer:
                 if guard.requested:
                     bar.close()
                     raise StopRequested(
-                        f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}"
+                        f"stopped by {guard.requested} at step {step}; checkpoint {last_saved}",
+                        guard.requested,
                     )
                 if step >= self.total_steps:
                     break

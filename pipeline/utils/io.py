@@ -34,12 +34,32 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """Return the process's umask (read from /proc on Linux, where reading it does not change it)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (momentarily process-wide)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Return the mode a new file gets from a plain open(): 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Return the path after writing `data` to it through a same-folder temp file and os.replace."""
+    """Return the path after writing `data` to it through a same-folder temp file and os.replace.
+
+    The file gets the mode a plain open() would give it (0666 less the umask), not the temp file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
