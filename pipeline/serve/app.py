@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
 import secrets
+import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,18 +315,45 @@ async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator
 
 
 def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "info")
+    # log_config=None: uvicorn's records go to the run's own logging (console and run.log) like every stage's
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=log_level == "info", log_config=None
+    )
 
 
-def run_server(app: FastAPI, host: str, port: int) -> None:
-    """Returns when the server stops (Ctrl-C or SIGTERM), after serving `app` on host:port."""
-    uvicorn.Server(_uvicorn_config(app, host, port, "info")).run()
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that Ctrl-C or SIGTERM end it as its normal way to stop: after the graceful
+    shutdown the signal is not raised again (the run is then recorded as finished, not as failed)."""
+
+    stopped_by: str | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self._captured_signals:
+            self.stopped_by = signal.Signals(self._captured_signals[0]).name
+
+
+def run_server(app: FastAPI, host: str, port: int) -> str | None:
+    """Returns the signal that stopped the server (SIGINT for Ctrl-C, or SIGTERM) after serving host:port."""
+    server = _Server(_uvicorn_config(app, host, port, "info"))
+    server.run()
+    return server.stopped_by
 
 
 class ServerThread:
     """A server running on a background thread (tests, benchmarks); `stop()` ends it."""
 
     def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+        self.app = app
         self.server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
         self.url = f"http://{host}:{port}"
         self.thread = threading.Thread(target=self.server.run, name="serve-http", daemon=True)

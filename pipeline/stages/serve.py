@@ -1,4 +1,4 @@
-"""serve: answer OpenAI-compatible chat requests over HTTP, with a web chat page, until stopped (Ctrl-C).
+"""serve: answer OpenAI-compatible chat requests over HTTP, with a web chat page, until stopped (Ctrl-C, SIGTERM).
 
     python -m pipeline stages=[serve] ckpt=outputs/<exp>/<time> serve.port=8000     # a run's sft/best
     python -m pipeline stages=[serve] ckpt=outputs/.../checkpoint-40-merged          # a merged folder
@@ -25,6 +25,7 @@ from pipeline.runinfo import resolve_ckpt
 log = logging.getLogger(__name__)
 
 LOG_FILE = "serve.log"
+LOGGERS = (__name__, "pipeline.serve", "uvicorn")  # what serve.log holds (uvicorn's children propagate)
 
 
 def checkpoint_for_serve(cfg: DictConfig, state: dict) -> Path | None:
@@ -47,7 +48,7 @@ def _log_to_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    for name in ("pipeline.serve", "uvicorn", "uvicorn.access", "uvicorn.error"):
+    for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
     return handler
 
@@ -108,9 +109,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
             url,
             "" if cfg.serve.api_key is None else " (API key required)",
         )
-        run_server(app, str(cfg.serve.host), int(cfg.serve.port))
+        stopped_by = run_server(app, str(cfg.serve.host), int(cfg.serve.port))
+        log.info("server stopped%s", f" by {stopped_by}" if stopped_by else "")
     finally:
-        for name in ("pipeline.serve", "uvicorn", "uvicorn.access", "uvicorn.error"):
+        for name in LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
     return {"serve": url}
