@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests on the tiny twin, then bench rows. Usage (on the GPU machine, project root):
-#   bash bench/gpu_session.sh tests|train CASES...|infer
+#   bash bench/gpu_session.sh tests|train CASES...|infer|serve [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
@@ -13,4 +13,5 @@ case $what in
   tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -x "$@" 2>&1 | tail -40 ;;
   train) python3 -m bench.bench --only train --steps 4 --cases "$@" --out "$OUT/train.json" ;;
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
+  serve) python3 bench/serve_bench.py --out "$OUT/serve.json" "$@" ;;
 esac

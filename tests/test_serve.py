@@ -154,12 +154,15 @@ def test_system_history_stop_max_tokens_and_seed(client):
     assert full.usage.completion_tokens == MAX_TOKENS or full.choices[0].finish_reason == "stop"
     short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert short.usage.completion_tokens <= 2 and text.startswith(short.choices[0].message.content)
-    if len(text) >= 3:  # a stop string cuts the answer before it
-        cut = client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stop=[text[2:4]]
-        )
-        assert cut.choices[0].message.content == text[: text.find(text[2:4])]
-        assert cut.choices[0].finish_reason == "stop"
+    assert len(text) >= 4, text
+    stop = text[2:4]  # a stop string cuts the answer before it, streamed or not
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[: text.find(stop)]
     sampled = [
         client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=1.5, seed=7
@@ -175,6 +178,14 @@ def test_models_and_health(server):
     listed = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in listed["data"]] == [MODEL]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server, client):
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**user("Hi"), "stream": True}
+    ) as reply:
+        next(reply.iter_lines())
+    assert ask(client, "Still there?").choices[0].message.content is not None
 
 
 # ----- batching
