@@ -267,7 +267,13 @@ BAD_REQUESTS = {
     "not an object": ([1, 2], 400, "invalid request"),
     "messages missing": ({"model": MODEL}, 400, "messages: Field required"),
     "empty messages": ({"model": MODEL, "messages": []}, 400, "messages: List should have at least 1 item"),
-    "wrong content type": (user(42), 400, "messages[0].content"),
+    "wrong content type": (user(42), 400, "messages[0].content: must be a string or a list of parts"),
+    "unknown part type": (user([{"type": "video"}]), 400, "does not match any of the expected tags"),
+    "image part without url": (
+        user([{"type": "image_url", "image_url": {"uri": "x"}}]),
+        400,
+        "messages[0].content[0].image_url.url: Field required",
+    ),
     "wrong max_tokens type": (
         {**user("hi"), "max_tokens": "5"},
         400,

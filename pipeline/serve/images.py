@@ -30,6 +30,13 @@ class ImageLimits:
     allow_local_files: bool
 
 
+def _refused(exc: ImageLoadError) -> RequestError:
+    # PIL names the buffer it read by its memory address, which tells a client nothing
+    return RequestError(
+        f"image_url: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(exc))}", param="image_url"
+    )
+
+
 def _short(url: str) -> str:
     return url if len(url) <= 80 else url[:60] + "..." + url[-12:]
 
@@ -71,7 +78,7 @@ def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
     try:
         return decode_image(io.BytesIO(data), name=f"the {mime} data URL")
     except ImageLoadError as exc:
-        raise RequestError(f"image_url: {exc}", param="image_url") from None
+        raise _refused(exc) from None
 
 
 def _local_path(url: str) -> Path:
@@ -99,7 +106,7 @@ def load_request_image(url: str, limits: ImageLimits) -> Image.Image:
         try:
             return decode_image(io.BytesIO(data), name=_short(url))
         except ImageLoadError as exc:
-            raise RequestError(f"image_url: {exc}", param="image_url") from None
+            raise _refused(exc) from None
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("", "file") and not re.match(r"^[A-Za-z]:[\\/]", url):
         raise RequestError(

@@ -167,20 +167,48 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+_PART_TAGS = ("text", "image_url")
+_CONTENT_TYPES = 'a string or a list of parts ({"type": "text", "text": ...} or {"type": "image_url", ...})'
+
+
+def _location(loc: tuple) -> list[str]:
+    """Returns the field path of an error, without pydantic's union branch names and part tags."""
+    out: list[str] = []
+    in_parts = False
+    previous = None
+    for part in loc:
+        part = str(part)
+        if part == "body" and not out:
+            continue
+        if part == "str" or "[" in part:  # the union's branch names (str, list[...]) say nothing to a client
+            in_parts = part.startswith("list[")
+            previous = part
+            continue
+        if in_parts and previous is not None and previous.isdigit() and part in _PART_TAGS:
+            previous = None  # the tag a content part was matched by, not a field
+            continue
+        out.append(part)
+        previous = part
+    return out
+
+
 def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
     """Returns one message naming every field at fault (and the first field), from pydantic's error list."""
     parts = []
     for error in errors:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         if error.get("type") == "json_invalid":
             ctx = error.get("ctx") or {}
             return f"the request body is not valid JSON: {ctx.get('error', error.get('msg'))}", None
-        # the union's branch names (str, list[...]) say nothing to a client
-        loc = [p for p in loc if not (p == "str" or "[" in p)]
+        loc = _location(tuple(error.get("loc", ())))
         where = _dotted(loc) or "body"
         message = error.get("msg", "invalid")
         if error.get("type") == "extra_forbidden":
             message = "is not a known field"
+        elif loc and loc[-1] == "content" and error.get("type") in ("string_type", "list_type"):
+            deeper = any(_dotted(_location(tuple(e.get("loc", ())))).startswith(where + "[") for e in errors)
+            if deeper:
+                continue  # a list was sent: its own errors say what is wrong in it
+            message = f"must be {_CONTENT_TYPES}"
         parts.append(f"{where}: {message}")
     unique = list(dict.fromkeys(parts))
     first = unique[0].split(":", 1)[0] if unique else None
