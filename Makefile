@@ -1,4 +1,4 @@
-# make run | test | test-all | test-gpu | bench | lint | format | clean
+# make run | test | test-all | test-gpu | bench | bench-serve | lint | format | clean
 # Each target installs what it needs first (a virtualenv in $(VENV), rebuilt when pyproject.toml changes).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,17 +9,26 @@ DEEPSPEED_PKG ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 TEST_ENV := WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run test test-all test-gpu bench lint format clean clean-outputs
+.PHONY: install browser run test test-all test-gpu bench bench-serve lint format clean clean-outputs
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	$(MAKE) browser
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH_PKGS)
 	$(BIN)/pip install -e '.[dev,sweeps,slurm]'
 	# DeepSpeed ships as source that imports torch to build: against the torch above, no compiled ops
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation $(DEEPSPEED_PKG)
 	touch $@
+
+# the page test drives Debian's chromium (never a browser downloaded at run time); installed when missing
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium and chromedriver are missing and apt-get is not here: install them, or the page test fails"; fi
 
 run: $(VENV)/.installed
 	$(BIN)/python -m pipeline +experiment=lora_qkv
@@ -36,6 +45,10 @@ test-gpu: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench.py
+
+# requests/s and tokens/s of `stages=[serve]` at 1, 8 and 32 concurrent clients against one at a time
+bench-serve: $(VENV)/.installed
+	$(BIN)/python bench/serve_bench.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests on the tiny twin, then bench rows. Usage (on the GPU machine, project root):
-#   bash bench/gpu_session.sh tests|train CASES...|infer|entry SETTINGS...
+#   bash bench/gpu_session.sh tests|train CASES...|infer|entry SETTINGS...|serve [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
@@ -15,4 +15,5 @@ case $what in
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call
   entry) python3 -m bench.entry_bench --out "$OUT" --work /tmp/entry-work --settings "$@" ;;
+  serve) python3 bench/serve_bench.py --out "$OUT/serve.json" "$@" ;;
 esac

@@ -142,6 +142,18 @@ class InferConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # 0.0.0.0 listens on every interface
+    port: int = 8000
+    api_key: str | None = None  # a bearer key every route but /health asks for; None = no key
+    max_batch_size: int = 8  # concurrent requests generated together
+    max_new_tokens: int = 512  # the largest max_tokens a request may ask for, and its default
+    max_image_bytes: int = 10 * 1024 * 1024
+    url_timeout: float = 10.0  # seconds to wait for an image URL
+    allow_local_files: bool = False  # accept file:// URLs and local paths as images
+
+
+@dataclass
 class TrackingConfig:
     backend: str = "none"
     project: str = "minicpm-v-finetune"
@@ -155,10 +167,11 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    # serve runs until stopped, so only when listed
+    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "serve"])
     seed: int = 42
     experiment_name: str = "default"
-    ckpt: str | None = None  # eval/merge/infer without sft: checkpoint, run folder, or "base"
+    ckpt: str | None = None  # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"
     device: str = "auto"
     output_root: str = "outputs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,6 +182,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -233,6 +247,11 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("infer.repetition_penalty", 0.0, None),
     ("infer.batch_size", 1, None),
     ("infer.max_samples", 1, None),
+    ("serve.port", 1, 65535),
+    ("serve.max_batch_size", 1, None),
+    ("serve.max_new_tokens", 1, None),
+    ("serve.max_image_bytes", 1, None),
+    ("serve.url_timeout", 0.001, None),
 )
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -388,7 +407,7 @@ def _check_ckpt(tree: dict) -> list[str]:
             )
         return problems
     infer_only = stages == ["infer"] and tree["infer"]["ckpt"] is not None
-    needs_ckpt = [s for s in stages if s in ("eval", "merge", "infer")]
+    needs_ckpt = [s for s in stages if s in ("eval", "merge", "infer", "serve")]
     if needs_ckpt and ckpt is None and not infer_only:
         problems.append(
             f"ckpt is required when stages={_show_list(stages)} runs without sft: "

@@ -87,7 +87,7 @@ def test_invalid_value_leaves_no_run_folder(tmp_path):
     done = _run_entry(["stages=[sft,bogus]", f"output_root={out}"], tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: stages: unknown stage 'bogus'; valid stages, in this order: sft, eval, merge, infer"
+        "error: stages: unknown stage 'bogus'; valid stages, in this order: sft, eval, merge, infer, serve"
     ]
     assert not any(p.is_dir() for p in out.glob("*/*")), "a rejected config must not leave a run folder"
 

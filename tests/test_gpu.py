@@ -169,3 +169,38 @@ def test_compile_with_trainer_default_settings_through_the_entry_point(twin, tmp
     again = launch(resumed, "trainer.compile=true")
     for step in (3, 4):
         assert again[step] == pytest.approx(compiled[step], rel=1e-2), (step, compiled, again)
+
+
+def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
+    """The server's batches decode over the static cache and its CUDA graph; fp32 keeps the rounding alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from pipeline.chat import load_inference_bundle
+    from pipeline.serve.app import ServerThread, create_app
+
+    from .conftest import free_port
+    from .test_serve import MODEL, ask, options, png_data_url
+
+    bundle = load_inference_bundle(str(twin), device="cuda", dtype="float32")
+    app = create_app(bundle, options(max_batch_size=8), MODEL)
+    server = ServerThread(app, "127.0.0.1", free_port())
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        questions = [
+            f"Question {i}: {'what colour is it' if i % 2 else 'what is 2 plus ' + str(i)}?" for i in range(8)
+        ]
+        images = [png_data_url((30 * i, 200 - 20 * i, 90)) if i % 3 else None for i in range(8)]
+        alone = [
+            ask(client, q, im).choices[0].message.content for q, im in zip(questions, images, strict=True)
+        ]
+        app.state.worker.batches.clear()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(
+                pool.map(lambda i: ask(client, questions[i], images[i]).choices[0].message.content, range(8))
+            )
+        assert max(app.state.worker.batches) > 1
+        assert together == alone
+    finally:
+        server.stop()

@@ -7,7 +7,7 @@ path is tested against).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +48,9 @@ def next_tokens(
     logits: torch.Tensor,
     generated: torch.Tensor,
     settings: GenerationSettings,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Returns the next token id per row [B] from fp32 logits [B, V]."""
+    """Returns the next token id per row [B] from fp32 logits [B, V] (`generator`: one, or one per row)."""
     logits = _penalise_repeats(logits, generated, settings.repetition_penalty)
     if not settings.do_sample:
         return logits.argmax(-1)
@@ -66,6 +66,10 @@ def next_tokens(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(-1)
+    if isinstance(generator, Sequence):
+        # one generator per row: a row's draws do not depend on the other rows of its batch
+        rows = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
+        return torch.cat(rows).squeeze(1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -139,14 +143,15 @@ def generate(
     eos_token_id: int | list[int] = 2,
     pad_token_id: int = 0,
     on_step: Callable[[torch.Tensor], None] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     use_cache: bool = True,
     static: bool | None = None,
     cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Returns the new tokens [B, n] (rows that ended early are filled with pad_token_id after their eos).
 
-    `on_step` receives each step's tokens [B] as soon as they are chosen (for streaming). `static` decodes
+    `on_step` receives each step's tokens [B] as soon as they are chosen (for streaming). `generator` may be
+    a list with one generator per row, so that a row samples the same alone or in a batch. `static` decodes
     with fixed shapes (default: on CUDA), `cuda_graph` replays that step as a CUDA graph (default: on CUDA).
     """
     settings = settings or GenerationSettings()

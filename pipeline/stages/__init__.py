@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-STAGES: tuple[str, ...] = ("sft", "eval", "merge", "infer")
+STAGES: tuple[str, ...] = ("sft", "eval", "merge", "infer", "serve")
 
 StageFn = Callable[[DictConfig, Path, dict], dict]
 

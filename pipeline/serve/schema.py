@@ -1,0 +1,222 @@
+"""The OpenAI chat-completions request as typed models, and the conversation it holds in the model's terms.
+
+Field types are strict (a string where a number belongs is refused, not converted), unknown fields are
+refused by name, and `to_conversation` checks what a type cannot express: the order of roles and the
+number of images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# MiniCPM-V-2 places one image before the first query of a conversation
+MAX_IMAGES = 1
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+
+
+class RequestError(ValueError):
+    """A request the server refuses; `status` is the HTTP code, the message says what is wrong."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted for compatibility; slicing decides
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    user: str | None = None  # an end-user id, only logged
+
+
+@dataclass
+class Conversation:
+    """A request's messages as the model's template takes them: system, [query, response] pairs, query."""
+
+    system: str | None
+    history: list[list[str]]
+    query: str
+    image_url: str | None
+
+
+def _text_of(content: str | list, where: str, allow_image: bool) -> tuple[str, list[str]]:
+    """Returns the text of a message's content (text parts joined by newlines) and its image URLs."""
+    if isinstance(content, str):
+        return content, []
+    texts, images = [], []
+    for part in content:
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif allow_image:
+            images.append(part.image_url.url)
+        else:
+            raise RequestError(f"{where}: only user messages may hold images", param=where)
+    return "\n".join(texts), images
+
+
+def to_conversation(request: ChatCompletionRequest) -> Conversation:
+    """Returns the conversation of `request`; raises RequestError when the roles or images do not fit the model.
+
+    Accepted: an optional system message first, then user and assistant messages alternating, ending with
+    a user message; at most one image in all.
+    """
+    messages = list(request.messages)
+    system = None
+    if messages[0].role == "system":
+        system, _ = _text_of(messages[0].content, "messages[0]", allow_image=False)
+        messages = messages[1:]
+        offset = 1
+    else:
+        offset = 0
+    if not messages:
+        raise RequestError("messages holds only a system message; add a user message", param="messages")
+    turns: list[str] = []
+    images: list[str] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i + offset}]"
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise RequestError(
+                f"{where} has role {message.role!r} where {expected!r} belongs: after an optional first "
+                "system message, user and assistant messages alternate, starting and ending with user",
+                param=where,
+            )
+        text, found = _text_of(message.content, where, allow_image=message.role == "user")
+        if message.role == "user" and not text.strip():
+            raise RequestError(f"{where}: a user message needs some text", param=where)
+        turns.append(text)
+        images += found
+    if len(turns) % 2 == 0:
+        raise RequestError(
+            f"messages[{len(request.messages) - 1}] is an assistant message; the last message must be "
+            "the user's",
+            param="messages",
+        )
+    if len(images) > MAX_IMAGES:
+        raise RequestError(
+            f"MiniCPM-V-2 takes one image per conversation; the messages hold {len(images)} images",
+            param="messages",
+            code="too_many_images",
+        )
+    history = [[turns[j], turns[j + 1]] for j in range(0, len(turns) - 1, 2)]
+    return Conversation(
+        system=system, history=history, query=turns[-1], image_url=images[0] if images else None
+    )
+
+
+def stop_sequences(request: ChatCompletionRequest) -> list[str]:
+    """Returns the request's stop strings (empty ones dropped); raises RequestError for more than four."""
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(
+            f"stop holds {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are accepted", param="stop"
+        )
+    return [s for s in stop if s]
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """Returns the JSON body of an error, in OpenAI's shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+_PART_TAGS = ("text", "image_url")
+_CONTENT_TYPES = 'a string or a list of parts ({"type": "text", "text": ...} or {"type": "image_url", ...})'
+
+
+def _location(loc: tuple) -> list[str]:
+    """Returns the field path of an error, without pydantic's union branch names and part tags."""
+    out: list[str] = []
+    in_parts = False
+    previous = None
+    for part in loc:
+        part = str(part)
+        if part == "body" and not out:
+            continue
+        if part == "str" or "[" in part:  # the union's branch names (str, list[...]) say nothing to a client
+            in_parts = part.startswith("list[")
+            previous = part
+            continue
+        if in_parts and previous is not None and previous.isdigit() and part in _PART_TAGS:
+            previous = None  # the tag a content part was matched by, not a field
+            continue
+        out.append(part)
+        previous = part
+    return out
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """Returns one message naming every field at fault (and the first field), from pydantic's error list."""
+    parts = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            ctx = error.get("ctx") or {}
+            return f"the request body is not valid JSON: {ctx.get('error', error.get('msg'))}", None
+        loc = _location(tuple(error.get("loc", ())))
+        where = _dotted(loc) or "body"
+        message = error.get("msg", "invalid")
+        if error.get("type") == "extra_forbidden":
+            message = "is not a known field"
+        elif loc and loc[-1] == "content" and error.get("type") in ("string_type", "list_type"):
+            deeper = any(_dotted(_location(tuple(e.get("loc", ())))).startswith(where + "[") for e in errors)
+            if deeper:
+                continue  # a list was sent: its own errors say what is wrong in it
+            message = f"must be {_CONTENT_TYPES}"
+        parts.append(f"{where}: {message}")
+    unique = list(dict.fromkeys(parts))
+    first = unique[0].split(":", 1)[0] if unique else None
+    return "invalid request: " + "; ".join(unique[:6]), first
+
+
+def _dotted(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out

@@ -1,0 +1,118 @@
+"""serve: answer OpenAI-compatible chat requests over HTTP, with a web chat page, until stopped (Ctrl-C, SIGTERM).
+
+    python -m pipeline stages=[serve] ckpt=outputs/<exp>/<time> serve.port=8000     # a run's sft/best
+    python -m pipeline stages=[serve] ckpt=outputs/.../checkpoint-40-merged          # a merged folder
+    python -m pipeline stages=[serve] ckpt=base serve.api_key=secret serve.host=0.0.0.0
+
+Which weights: this run's merged model, else this run's (or `ckpt`'s) checkpoint; ckpt=base serves model.path
+as it is. Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the page). Reads: model,
+ckpt, serve, dataset.system (the system prompt of a request that sends none), seed, device. Writes
+run_dir/serve/serve.log (the server's log). Returns {"serve": the URL it served on}.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.chat import load_inference_bundle
+from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.runinfo import resolve_ckpt
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "serve.log"
+LOGGERS = (__name__, "pipeline.serve", "uvicorn")  # what serve.log holds (uvicorn's children propagate)
+
+
+def checkpoint_for_serve(cfg: DictConfig, state: dict) -> Path | None:
+    """Returns the weights to serve: this run's merge, its checkpoint, else `ckpt`; None = the base model."""
+    if state.get("merged") is not None:
+        return Path(state["merged"])
+    if "ckpt" in state:
+        return state["ckpt"]
+    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
+        return None
+    return resolve_ckpt(cfg.ckpt)
+
+
+def served_model_id(cfg: DictConfig, ckpt: Path | None) -> str:
+    """Returns the name clients give as `model`: the checkpoint folder's name, or model.name for the base."""
+    return ckpt.name if ckpt is not None else str(cfg.model.name)
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    for name in LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Returns None when host:port can be listened on; raises ConfigError (before the model loads) otherwise."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"serve.host={host} serve.port={port}: cannot listen there ({exc.strerror}); "
+                "choose another serve.port, or stop what uses it"
+            ) from None
+
+
+def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+    """Serves until stopped and returns {"serve": the URL it served on}."""
+    from pipeline.serve.app import ServeOptions, create_app, run_server
+
+    check_port_free(str(cfg.serve.host), int(cfg.serve.port))
+    serve_dir = Path(run_dir) / "serve"
+    serve_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_for_serve(cfg, state)
+    bundle = load_inference_bundle(
+        cfg.model.path,
+        ckpt,
+        device=resolve_device(cfg),
+        dtype=str(cfg.model.dtype),
+        build_if_missing=cfg.model.build_if_missing,
+        allow_download=cfg.model.trust_hub,
+        max_slice_nums=cfg.model.max_slice_nums,
+        slice_mode=cfg.model.slice_mode,
+    )
+    options = ServeOptions(
+        api_key=cfg.serve.api_key,
+        max_batch_size=cfg.serve.max_batch_size,
+        max_new_tokens=cfg.serve.max_new_tokens,
+        max_image_bytes=cfg.serve.max_image_bytes,
+        url_timeout=cfg.serve.url_timeout,
+        allow_local_files=cfg.serve.allow_local_files,
+        system=cfg.dataset.system,
+        seed=int(cfg.seed),
+    )
+    model_id = served_model_id(cfg, ckpt)
+    app = create_app(bundle, options, model_id)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    handler = _log_to_file(serve_dir / LOG_FILE)
+    try:
+        log.info(
+            "serving %s (%s) on %s: the chat page at %s/, the API at %s/v1%s",
+            model_id,
+            ckpt if ckpt is not None else f"the base model {bundle.base_path}",
+            url,
+            url,
+            url,
+            "" if cfg.serve.api_key is None else " (API key required)",
+        )
+        stopped_by = run_server(app, str(cfg.serve.host), int(cfg.serve.port))
+        log.info("server stopped%s", f" by {stopped_by}" if stopped_by else "")
+    finally:
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+    return {"serve": url}
