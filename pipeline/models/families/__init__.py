@@ -34,7 +34,9 @@ def get_family(name: str, settings: Mapping[str, Any] | None = None) -> Family:
     module, cls = FAMILIES[name].split(":")
     family = getattr(importlib.import_module(module), cls)(settings)
     if family.name != name:
-        raise FamilyError(f"family class {FAMILIES[name]} calls itself {family.name!r}, registered as {name!r}")
+        raise FamilyError(
+            f"family class {FAMILIES[name]} calls itself {family.name!r}, registered as {name!r}"
+        )
     return family
 
 

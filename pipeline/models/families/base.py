@@ -100,7 +100,9 @@ def normalise_conversation(
     messages: list[dict[str, str]] = []
     for i, message in enumerate(conversation):
         if not isinstance(message, Mapping) or set(message) - {"role", "content"} or "role" not in message:
-            raise FamilyError(f"{family}: message {i} must be {{'role': ..., 'content': ...}}, got {message!r}")
+            raise FamilyError(
+                f"{family}: message {i} must be {{'role': ..., 'content': ...}}, got {message!r}"
+            )
         role, content = message["role"], message.get("content", "")
         if role not in ROLES:
             raise FamilyError(f"{family}: message {i} has role {role!r}; valid roles: {', '.join(ROLES)}")
@@ -113,10 +115,14 @@ def normalise_conversation(
         messages.append({"role": role, "content": content})
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if not turns or turns[0] != "user":
-        raise FamilyError(f"{family}: a conversation needs a user message first (after an optional system one)")
+        raise FamilyError(
+            f"{family}: a conversation needs a user message first (after an optional system one)"
+        )
     for k in range(1, len(turns)):
         if turns[k] == turns[k - 1]:
-            raise FamilyError(f"{family}: two {turns[k]} messages in a row; user and assistant must alternate")
+            raise FamilyError(
+                f"{family}: two {turns[k]} messages in a row; user and assistant must alternate"
+            )
     tags = sum(m["content"].count(image_tag) for m in messages)
     if tags == 0 and n_images:
         first = next(m for m in messages if m["role"] == "user")
@@ -143,7 +149,9 @@ class Family(ABC):
         """Returns the limits data validation states for this family."""
         return FamilyLimits(max_images=self.max_images, max_length=self.max_length)
 
-    def check_conversation(self, conversation: Sequence[Message], images: Sequence[Any]) -> list[dict[str, str]]:
+    def check_conversation(
+        self, conversation: Sequence[Message], images: Sequence[Any]
+    ) -> list[dict[str, str]]:
         """Returns the normalised messages; raises FamilyError when they break the family's rules."""
         limits = self.limits()
         if len(images) > limits.max_images:
@@ -185,7 +193,12 @@ class Family(ABC):
 
     @abstractmethod
     def generate(
-        self, model: nn.Module, processor: Any, batch: Mapping[str, Any], max_new_tokens: int = 64, **settings: Any
+        self,
+        model: nn.Module,
+        processor: Any,
+        batch: Mapping[str, Any],
+        max_new_tokens: int = 64,
+        **settings: Any,
     ) -> list[str]:
         """Returns the decoded new text of each prompt in the batch."""
 
@@ -211,7 +224,11 @@ class Family(ABC):
         if target_modules:
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             pattern = "|".join(f"(?:{t})" for t in target_modules)
-            hits = [n for n in names if re.fullmatch(pattern, n) or any(n.endswith(f".{t}") for t in target_modules)]
+            hits = [
+                n
+                for n in names
+                if re.fullmatch(pattern, n) or any(n.endswith(f".{t}") for t in target_modules)
+            ]
             if not hits:
                 raise FamilyError(
                     f"{self.name}: lora.target_modules {list(target_modules)} match no linear layer; "
@@ -238,7 +255,9 @@ class Family(ABC):
         groups = self.freeze_groups()
         unknown = [g for g in frozen if g not in ("vision", "projector", "llm")]
         if unknown:
-            raise FamilyError(f"{self.name}: unknown freeze group(s) {unknown}; valid: vision, projector, llm")
+            raise FamilyError(
+                f"{self.name}: unknown freeze group(s) {unknown}; valid: vision, projector, llm"
+            )
         for name, param in model.named_parameters():
             param.requires_grad_(groups.of(name) not in frozen)
         if not any(p.requires_grad for p in model.parameters()):

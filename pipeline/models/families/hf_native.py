@@ -191,7 +191,9 @@ class HFNativeFamily(Family):
 
         enc = processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         if enc["input_ids"] != ids:
-            raise FamilyError(f"{self.name}: the processor's tokens differ from its tokenizer's on the same text")
+            raise FamilyError(
+                f"{self.name}: the processor's tokens differ from its tokenizer's on the same text"
+            )
         moved_spans = [(moved(s), moved(e)) for s, e in spans]
         labels = [IGNORE_INDEX] * len(ids)
         for k, (start, end) in enumerate(enc["offset_mapping"]):
@@ -218,7 +220,12 @@ class HFNativeFamily(Family):
 
     @torch.no_grad()
     def generate(
-        self, model: nn.Module, processor: Any, batch: Mapping[str, Any], max_new_tokens: int = 64, **settings: Any
+        self,
+        model: nn.Module,
+        processor: Any,
+        batch: Mapping[str, Any],
+        max_new_tokens: int = 64,
+        **settings: Any,
     ) -> list[str]:
         device = next(model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -106,7 +106,9 @@ class Qwen2_5_VL(HFNativeFamily):
         unit = TINY_PATCH * 2  # pixels per LLM token side
         sizes = dict(patch_size=TINY_PATCH, temporal_patch_size=2, merge_size=2)
         return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(min_pixels=unit * unit, max_pixels=4 * unit * 4 * unit, **sizes),
+            image_processor=Qwen2VLImageProcessor(
+                min_pixels=unit * unit, max_pixels=4 * unit * 4 * unit, **sizes
+            ),
             video_processor=Qwen2VLVideoProcessor(**sizes),
             tokenizer=tokenizer,
             chat_template=self.chat_template,

@@ -44,7 +44,9 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(_tiny_corpus(), trainer=trainer)
-    specials = list(dict.fromkeys([*special_tokens.values(), *extra_special_tokens.values(), *additional_tokens]))
+    specials = list(
+        dict.fromkeys([*special_tokens.values(), *extra_special_tokens.values(), *additional_tokens])
+    )
     tokenizer.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

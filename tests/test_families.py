@@ -1,0 +1,338 @@
+"""The family interface on every family's tiny twin: labels, LoRA presets, training, merge, generation, limits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from pipeline.models.collate import encode_example
+from pipeline.models.families import FAMILIES, get_family, locate_model
+from pipeline.models.families.base import IGNORE_INDEX, FamilyError
+
+HF_FAMILIES = ("qwen2_5_vl", "minicpm_v4_6")
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "<image>What is this?"},
+    {"role": "assistant", "content": "A red circle."},
+    {"role": "user", "content": "How many squares?"},
+    {"role": "assistant", "content": "There are 3 squares."},
+]
+
+
+def picture(height: int = 40, width: int = 56, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> dict:
+    """Returns {family name: (family, folder)} with every tiny twin built once."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name in FAMILIES:
+        family = get_family(name)
+        if name == "minicpm_v2":
+            family.tiny_pretrain_steps = 0
+        out[name] = (family, locate_model(family, str(root / name), build_if_missing=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(twins) -> dict:
+    return {name: (family, *family.load(folder)) for name, (family, folder) in twins.items()}
+
+
+def test_registry_names_every_family_and_refuses_unknown_ones():
+    assert set(FAMILIES) >= {"minicpm_v2", "minicpm_v4_6", "qwen2_5_vl"}
+    with pytest.raises(FamilyError, match=r"model.family=llava is not a known family; valid: minicpm_v2"):
+        get_family("llava")
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_tiny_twin_is_a_native_folder_with_the_family_template(twins, name):
+    family, folder = twins[name]
+    assert json.loads((folder / "config.json").read_text())["model_type"] == family.model_type
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.chat_template == family.chat_template
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    # the family refuses a folder of another family before reading any weight
+    other = next(n for n in HF_FAMILIES if n != name)
+    with pytest.raises(FamilyError, match=f"model.family={name} expects"):
+        family.load(twins[other][1])
+
+
+def _expected(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Returns ids and labels of the layout written piece by piece: (text, labelled)."""
+    ids, labels = [], []
+    for text, labelled in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if labelled else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+def _qwen_layout(sample, tokenizer) -> list[tuple[str, bool]]:
+    n_image = int(sample.pixel_inputs["image_grid_thw"][0].prod()) // 4
+    return [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n", False),
+        ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_image + "<|vision_end|>", False),
+        ("What is this?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("A red circle.<|im_end|>", True),
+        ("\n<|im_start|>user\nHow many squares?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("There are 3 squares.<|im_end|>", True),
+        ("\n", False),
+    ]
+
+
+def _minicpm_layout(sample, tokenizer) -> list[tuple[str, bool]]:
+    sizes = sample.pixel_inputs["target_sizes"]
+    assert len(sizes) == 1, "a small image is not sliced"
+    n_image = int(sizes[0].prod()) // 16
+    no_think = "<think>\n\n</think>\n\n"
+    return [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n", False),
+        ("<|im_start|>user\n<image_id>0</image_id><image>" + "<|image_pad|>" * n_image + "</image>", False),
+        (f"What is this?<|im_end|>\n<|im_start|>assistant\n{no_think}", False),
+        ("A red circle.<|im_end|>", True),
+        (f"\n<|im_start|>user\nHow many squares?<|im_end|>\n<|im_start|>assistant\n{no_think}", False),
+        ("There are 3 squares.<|im_end|>", True),
+        ("\n", False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"), [("qwen2_5_vl", _qwen_layout), ("minicpm_v4_6", _minicpm_layout)]
+)
+def test_labels_are_the_assistant_turns_token_by_token(loaded, name, layout):
+    family, _, processor = loaded[name]
+    sample = family.encode(processor, CONVERSATION, [picture()])
+    ids, labels = _expected(processor.tokenizer, layout(sample, processor.tokenizer))
+    assert sample.input_ids == ids
+    assert sample.labels == labels
+    # the processor's own rendering of the family's template gives the same ids
+    hf_messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many squares?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "There are 3 squares."}]},
+    ]
+    direct = processor.apply_chat_template(hf_messages, tokenize=False, **family.template_kwargs)
+    assert list(processor(text=[direct], images=[[picture()]])["input_ids"][0]) == sample.input_ids
+
+
+GENERATION_PROMPT = {
+    "qwen2_5_vl": "<|im_end|>\n<|im_start|>assistant\n",
+    "minicpm_v4_6": "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+}
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_generation_prompt_ends_with_the_assistant_opening_and_has_no_labels(loaded, name):
+    family, _, processor = loaded[name]
+    sample = family.encode(processor, CONVERSATION, [picture()], generation=True)
+    assert all(label == IGNORE_INDEX for label in sample.labels)
+    text = processor.tokenizer.decode(sample.input_ids)
+    assert "There are 3 squares" not in text and text.endswith(GENERATION_PROMPT[name])
+    assert "How many squares?" in text
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_several_images_are_placed_at_their_tags(loaded, name):
+    family, _, processor = loaded[name]
+    conversation = [
+        {"role": "user", "content": "Left <image> right <image> compare."},
+        {"role": "assistant", "content": "The same."},
+    ]
+    sample = family.encode(processor, conversation, [picture(seed=1), picture(100, 140, seed=2)])
+    text = processor.tokenizer.decode(sample.input_ids, skip_special_tokens=False)
+    image = processor.tokenizer.image_token
+    assert (
+        text.index("Left")
+        < text.index(image)
+        < text.index("right")
+        < text.rindex(image)
+        < text.index("compare")
+    )
+    batch = family.collate_for_training(processor, [sample])
+    assert torch.equal(batch["labels"][0] != IGNORE_INDEX, torch.tensor(sample.labels) != IGNORE_INDEX)
+
+
+def _lora_names(model: nn.Module) -> set[str]:
+    return {
+        n.replace("base_model.model.", "", 1).rsplit(".lora_A", 1)[0]
+        for n, _ in model.named_modules()
+        if n.endswith(".lora_A")
+    }
+
+
+QKV_EXPECTED = {
+    # two full-attention layers, q/k/v each
+    "qwen2_5_vl": {f"model.language_model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"},
+    # layer 0 full attention (q/k/v), layer 1 linear attention (its fused q/k/v projection)
+    "minicpm_v4_6": {f"model.language_model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    | {"model.language_model.layers.1.linear_attn.in_proj_qkv"},
+    "minicpm_v2": {f"llm.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"},
+}
+VISION_AND_PROJECTOR = {
+    "qwen2_5_vl": ("model.visual.blocks.", "model.visual.merger."),
+    "minicpm_v4_6": ("model.vision_tower.", "model.merger."),
+    "minicpm_v2": ("vpm.", "resampler."),
+}
+
+
+@pytest.mark.parametrize("name", list(QKV_EXPECTED))
+def test_lora_presets_target_the_intended_modules(twins, name):
+    family, folder = twins[name]
+    model, _ = family.load(folder)
+    qkv = family.apply_lora(model, family.lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
+    assert _lora_names(qkv) == QKV_EXPECTED[name]
+    assert all("lora_" in n for n, p in qkv.named_parameters() if p.requires_grad)
+
+    model, _ = family.load(folder)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    hit = _lora_names(family.apply_lora(model, family.lora_config(model, "all", r=4, alpha=8, dropout=0.0)))
+    vision, projector = VISION_AND_PROJECTOR[name]
+    assert any(n.startswith(vision) for n in hit) and any(n.startswith(projector) for n in hit)
+    assert QKV_EXPECTED[name] < hit and not any(n.endswith("lm_head") for n in hit)
+    if (
+        name != "minicpm_v2"
+    ):  # every linear layer but lm_head (MiniCPM-V-2's exclusions: pipeline/models/lora.py)
+        assert hit == linears - {"lm_head"}
+
+
+@pytest.mark.parametrize("name", list(QKV_EXPECTED))
+def test_full_finetune_freeze_groups(twins, name):
+    family, folder = twins[name]
+    model, _ = family.load(folder)
+    family.set_full_finetune(model, frozen=("vision",))
+    vision, projector = VISION_AND_PROJECTOR[name]
+    params = dict(model.named_parameters())
+    assert not any(p.requires_grad for n, p in params.items() if n.startswith(vision))
+    assert any(p.requires_grad for n, p in params.items() if n.startswith(projector))
+    assert all(p.requires_grad for n, p in params.items() if n in {f"{q}.weight" for q in QKV_EXPECTED[name]})
+    with pytest.raises(FamilyError, match="leaves nothing to train|trains nothing"):
+        family.set_full_finetune(model, frozen=("vision", "projector", "llm"))
+    with pytest.raises(FamilyError, match="unknown freeze group"):
+        family.set_full_finetune(model, frozen=("tower",))
+
+
+def _batch(family, processor):
+    samples = [
+        family.encode(processor, CONVERSATION, [picture()]),
+        family.encode(
+            processor,
+            [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "4."}],
+            [],
+        ),
+    ]
+    return family.collate_for_training(processor, samples)
+
+
+@pytest.mark.parametrize("name", list(QKV_EXPECTED))
+def test_a_few_lora_steps_lower_the_loss(twins, name):
+    family, folder = twins[name]
+    model, processor = family.load(folder)
+    torch.manual_seed(0)
+    model = family.apply_lora(model, family.lora_config(model, "all", r=8, alpha=16, dropout=0.0))
+    batch = _batch(family, processor)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_merge_round_trips_through_plain_auto_classes(twins, tmp_path, name):
+    family, folder = twins[name]
+    model, processor = family.load(folder)
+    torch.manual_seed(1)
+    peft = family.apply_lora(model, family.lora_config(model, "all", r=4, alpha=8, dropout=0.0))
+    for n, p in peft.named_parameters():  # a non-zero adapter, so merging changes the weights
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    peft.eval()
+    batch = _batch(family, processor)
+    with torch.no_grad():
+        expected = peft(**batch).logits
+        base = peft.get_base_model()
+        with peft.disable_adapter():
+            plain = base(**batch).logits
+    assert not torch.allclose(expected, plain, atol=1e-3)
+    out = family.merge(peft, processor, tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(out).eval()
+    reloaded = AutoProcessor.from_pretrained(out)
+    assert not isinstance(merged, PeftModel) and not (out / "adapter_config.json").exists()
+    again = family.collate_for_training(reloaded, [family.encode(reloaded, CONVERSATION, [picture()])])
+    assert again["input_ids"][0].tolist() == batch["input_ids"][0, : again["input_ids"].shape[1]].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(QKV_EXPECTED))
+def test_generation_returns_the_decoded_new_text(loaded, name):
+    family, model, processor = loaded[name]
+    prompts = [
+        family.encode(processor, CONVERSATION[:2], [picture()], generation=True),
+        family.encode(processor, [{"role": "user", "content": "Two plus two?"}], [], generation=True),
+    ]
+    batch = family.collate_for_generation(processor, prompts)
+    texts = family.generate(model, processor, batch, max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # one prompt alone gives the same greedy text as in the left-padded batch
+    alone = family.generate(
+        model, processor, family.collate_for_generation(processor, prompts[1:]), max_new_tokens=4
+    )
+    assert alone == texts[1:]
+
+
+def test_minicpm_v2_encodes_exactly_as_the_project_template(loaded):
+    family, _, processor = loaded["minicpm_v2"]
+    image = picture(80, 120)
+    sample = family.encode(processor, CONVERSATION, [image])
+    reference = encode_example(
+        processor.tokenizer,
+        processor.image_processor,
+        "How many squares?",
+        "There are 3 squares.",
+        history=[("What is this?", "A red circle.")],
+        system="Be brief.",
+        image=image,
+    )
+    assert sample.input_ids == reference.input_ids and sample.labels == reference.labels
+    assert sample.pixel_inputs["image_bound"] == reference.image_bound
+    with pytest.raises(FamilyError, match="the image goes at the start of the first user message"):
+        family.encode(
+            processor,
+            [{"role": "user", "content": "Look <image>"}, {"role": "assistant", "content": "ok"}],
+            [image],
+        )
+
+
+@pytest.mark.parametrize(("name", "limit"), [("minicpm_v2", 1), ("qwen2_5_vl", 16), ("minicpm_v4_6", 16)])
+def test_image_count_limit_is_enforced_before_encoding(twins, name, limit):
+    family, _ = twins[name]
+    assert family.limits().max_images == limit
+    images = [picture()] * (limit + 1)
+    conversation = [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "Pictures."}]
+    with pytest.raises(
+        FamilyError, match=rf"{name}: {limit + 1} images in one conversation; .* at most {limit} image"
+    ):
+        family.check_conversation(conversation, images)
+    with pytest.raises(FamilyError, match=r"2 <image> tag\(s\) but 1 image\(s\)"):
+        family.check_conversation([{"role": "user", "content": "<image><image>"}], [picture()])
+    with pytest.raises(FamilyError, match="two user messages in a row"):
+        family.check_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], [])
