@@ -336,3 +336,68 @@ def test_image_count_limit_is_enforced_before_encoding(twins, name, limit):
         family.check_conversation([{"role": "user", "content": "<image><image>"}], [picture()])
     with pytest.raises(FamilyError, match="two user messages in a row"):
         family.check_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], [])
+
+
+@pytest.mark.parametrize(
+    ("option", "family", "settings"),
+    [
+        ("minicpm_v2", "minicpm_v2", {"max_slice_nums": 9, "slice_mode": True}),
+        ("minicpm_v4_6", "minicpm_v4_6", {"max_slice_nums": 9}),
+        ("qwen2_5_vl_3b", "qwen2_5_vl", {"min_pixels": 3136, "max_pixels": 1003520}),
+        ("qwen2_5_vl_7b", "qwen2_5_vl", {"min_pixels": 3136, "max_pixels": 1003520}),
+        ("qwen2_5_vl_tiny", "qwen2_5_vl", {}),
+    ],
+)
+def test_model_configs_select_their_family_and_settings(compose, option, family, settings):
+    from pipeline.config import validate
+    from pipeline.models.families import family_from_config
+
+    cfg = compose([f"model={option}", "stages=[]"])
+    validate(cfg)
+    chosen = family_from_config(cfg.model)
+    assert chosen.name == family and chosen.settings == settings
+
+
+def test_families_the_stages_do_not_run_yet_are_refused_before_any_work(compose):
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"model.family=qwen2_5_vl: the stages run minicpm_v2 only so far"):
+        validate(compose(["model=qwen2_5_vl_tiny"]))
+    with pytest.raises(ConfigError, match=r"model.family=llava is not a valid choice; valid: minicpm_v2"):
+        validate(compose(["model.family=llava", "stages=[]"]))
+    with pytest.raises(ConfigError, match=r"model.processor_kwargs is for transformers-native families"):
+        validate(compose(["+model.processor_kwargs.max_pixels=100", "stages=[]"]))
+
+
+def test_unknown_processor_settings_are_refused_naming_the_valid_ones(twins):
+    with pytest.raises(
+        FamilyError, match=r"qwen2_5_vl: unknown processor setting\(s\) max_pixelz; valid: min_pixels"
+    ):
+        get_family("qwen2_5_vl", {"max_pixelz": 10})
+    family, folder = twins["qwen2_5_vl"]
+    _, processor = get_family("qwen2_5_vl", {"max_pixels": 16 * 16 * 4}).load(folder)
+    small = family.encode(processor, CONVERSATION, [picture(64, 64)])
+    _, default = family.load(folder)
+    large = family.encode(default, CONVERSATION, [picture(64, 64)])
+    assert len(small) < len(large)  # the setting reaches the processor: fewer image tokens
+
+
+def test_minicpm_v2_merge_writes_the_official_layout_with_equal_logits(twins, tmp_path):
+    family, folder = twins["minicpm_v2"]
+    model, processor = family.load(folder)
+    torch.manual_seed(2)
+    peft = family.apply_lora(model, family.lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    peft.eval()
+    batch = _batch(family, processor)
+    with torch.no_grad():
+        expected = peft(**batch).logits
+    out = family.merge(peft, processor, tmp_path / "merged")
+    assert (out / "tokenizer.model").is_file() and (out / "preprocessor_config.json").is_file()
+    merged, reloaded = family.load(out)
+    again = family.encode(reloaded, CONVERSATION, [picture()])
+    assert again.input_ids == family.encode(processor, CONVERSATION, [picture()]).input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-4, rtol=1e-4)

@@ -25,6 +25,10 @@ FAMILIES: dict[str, str] = {
 }
 
 
+# The families the stages run today; the others work through this package and its tests only.
+STAGE_READY = ("minicpm_v2",)
+
+
 def get_family(name: str, settings: Mapping[str, Any] | None = None) -> Family:
     """Returns the family named `name`, configured with its resolution settings; unknown names are refused."""
     from .base import FamilyError
@@ -48,3 +52,15 @@ def locate_model(
     if build_if_missing and not (folder / "config.json").is_file():
         return family.build_tiny(folder)
     return family.resolve(path, allow_download)
+
+
+def family_from_config(model: Any) -> Family:
+    """Returns the family of a `model` config node with its resolution settings.
+
+    MiniCPM-V-2 keeps its own keys (model.max_slice_nums, model.slice_mode); every other family takes the
+    settings its processor accepts from model.processor_kwargs."""
+    if model.family == "minicpm_v2":
+        settings = {"max_slice_nums": model.max_slice_nums, "slice_mode": model.slice_mode}
+    else:
+        settings = dict(model.processor_kwargs)
+    return get_family(model.family, settings)

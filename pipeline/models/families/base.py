@@ -140,9 +140,17 @@ class Family(ABC):
     max_images: ClassVar[int]
     max_length: ClassVar[int] = 2048
 
+    # The resolution settings the family's processor takes from the config (model.processor_kwargs).
+    setting_keys: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, settings: Mapping[str, Any] | None = None):
-        # Family-specific resolution settings from the config (e.g. max_pixels), passed to the processor.
         self.settings = dict(settings or {})
+        unknown = sorted(set(self.settings) - set(self.setting_keys))
+        if unknown:
+            valid = ", ".join(self.setting_keys) or "none"
+            raise FamilyError(
+                f"{self.name}: unknown processor setting(s) {', '.join(unknown)}; valid: {valid}"
+            )
 
     # -- limits and validation (no model needed) ---------------------------------------------------
     def limits(self) -> FamilyLimits:

@@ -100,6 +100,14 @@ class HFNativeFamily(Family):
                 f"{folder} holds a {model_type!r} model; model.family={self.name} expects {self.model_type!r}"
             )
 
+    def processor_options(self) -> dict[str, Any]:
+        """Returns the keyword arguments AutoProcessor.from_pretrained gets from the family's settings."""
+        return dict(self.settings)
+
+    def configure_processor(self, processor: Any) -> Any:
+        """Returns the loaded processor with any setting from_pretrained cannot take applied."""
+        return processor
+
     def load(
         self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> tuple[nn.Module, Any]:
@@ -107,7 +115,9 @@ class HFNativeFamily(Family):
 
         folder = Path(path)
         self.check_folder(folder)
-        processor = AutoProcessor.from_pretrained(folder, **self.settings)
+        processor = self.configure_processor(
+            AutoProcessor.from_pretrained(folder, **self.processor_options())
+        )
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
         return model.to(device).eval(), processor
 

@@ -53,6 +53,7 @@ class MiniCPMV2(Family):
     name = "minicpm_v2"
     max_images = 1
     max_length = 2048
+    setting_keys = ("max_slice_nums", "slice_mode")
     tiny_pretrain_steps = 100  # the twin's short seeded pre-training (pipeline/models/tiny.py)
 
     def resolve(self, path: str, allow_download: bool = False) -> Path:
@@ -61,8 +62,7 @@ class MiniCPMV2(Family):
     def load(
         self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> tuple[nn.Module, MiniCPMV2Processor]:
-        options = {k: self.settings[k] for k in ("max_slice_nums", "slice_mode") if k in self.settings}
-        bundle = load_bundle(str(path), dtype=dtype, device=device, **options)
+        bundle = load_bundle(str(path), dtype=dtype, device=device, **self.settings)
         return bundle.model, MiniCPMV2Processor(bundle.tokenizer, bundle.processor, Path(path))
 
     def _rounds(self, messages: Sequence[Message]) -> tuple[str | None, list[tuple[str, str | None]]]:

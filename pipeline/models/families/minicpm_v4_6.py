@@ -49,6 +49,7 @@ class MiniCPMV4_6(HFNativeFamily):
     model_type = "minicpmv4_6"
     max_images = 16
     max_length = 32768
+    setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE
     end_of_turn = "<|im_end|>"
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.

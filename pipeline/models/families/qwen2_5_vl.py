@@ -39,10 +39,27 @@ class Qwen2_5_VL(HFNativeFamily):
     model_type = "qwen2_5_vl"
     max_images = 16
     max_length = 32768
+    setting_keys = ("min_pixels", "max_pixels")
     chat_template = CHAT_TEMPLATE
     end_of_turn = "<|im_end|>"
     pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": 0, "image_grid_thw": 0}
     token_input_keys = ("mm_token_type_ids",)
+
+    def processor_options(self) -> dict[str, Any]:
+        return {}  # min_pixels / max_pixels are applied to the loaded processor's size below
+
+    def configure_processor(self, processor: Any) -> Any:
+        # transformers 5 keeps the pixel bounds as the image processor's size (shortest/longest edge)
+        from transformers.image_utils import SizeDict
+
+        size = processor.image_processor.size
+        bounds = {"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge}
+        if "min_pixels" in self.settings:
+            bounds["shortest_edge"] = self.settings["min_pixels"]
+        if "max_pixels" in self.settings:
+            bounds["longest_edge"] = self.settings["max_pixels"]
+        processor.image_processor.size = SizeDict(**bounds)
+        return processor
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))
