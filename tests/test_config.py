@@ -26,6 +26,8 @@ EXTRA_OVERRIDES = {
     "model/qwen2_5_vl_3b": ["stages=[]"],
     "model/qwen2_5_vl_7b": ["stages=[]"],
     "model/qwen2_5_vl_tiny": ["stages=[]"],
+    "model/qwen3_vl_4b": ["stages=[]"],
+    "model/qwen3_vl_tiny": ["stages=[]"],
 }
 # plugins a file builds on; its test is skipped when the extra is not installed
 NEEDS_PLUGIN = {

@@ -16,7 +16,7 @@ from pipeline.models.collate import encode_example
 from pipeline.models.families import FAMILIES, get_family, locate_model
 from pipeline.models.families.base import IGNORE_INDEX, FamilyError
 
-HF_FAMILIES = ("qwen2_5_vl", "minicpm_v4_6")
+HF_FAMILIES = ("qwen2_5_vl", "minicpm_v4_6", "qwen3_vl")
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "<image>What is this?"},
@@ -91,6 +91,19 @@ def _qwen_layout(sample, tokenizer) -> list[tuple[str, bool]]:
     ]
 
 
+def _qwen3_layout(sample, tokenizer) -> list[tuple[str, bool]]:
+    n_image = int(sample.pixel_inputs["image_grid_thw"][0].prod()) // 4
+    return [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n", False),
+        ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_image + "<|vision_end|>", False),
+        ("What is this?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("A red circle.<|im_end|>", True),
+        ("\n<|im_start|>user\nHow many squares?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("There are 3 squares.<|im_end|>", True),
+        ("\n", False),
+    ]
+
+
 def _minicpm_layout(sample, tokenizer) -> list[tuple[str, bool]]:
     sizes = sample.pixel_inputs["target_sizes"]
     assert len(sizes) == 1, "a small image is not sliced"
@@ -131,6 +144,7 @@ def test_labels_are_the_assistant_turns_token_by_token(loaded, name, layout):
 GENERATION_PROMPT = {
     "qwen2_5_vl": "<|im_end|>\n<|im_start|>assistant\n",
     "minicpm_v4_6": "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "qwen3_vl": "<|im_end|>\n<|im_start|>assistant\n",
 }
 
 
@@ -180,11 +194,13 @@ QKV_EXPECTED = {
     "minicpm_v4_6": {f"model.language_model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     | {"model.language_model.layers.1.linear_attn.in_proj_qkv"},
     "minicpm_v2": {f"llm.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"},
+    "qwen3_vl": {f"model.language_model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"},
 }
 VISION_AND_PROJECTOR = {
     "qwen2_5_vl": ("model.visual.blocks.", "model.visual.merger."),
     "minicpm_v4_6": ("model.vision_tower.", "model.merger."),
     "minicpm_v2": ("vpm.", "resampler."),
+    "qwen3_vl": ("model.visual.blocks.", "model.visual.deepstack_merger_list."),
 }
 
 
@@ -322,7 +338,9 @@ def test_minicpm_v2_encodes_exactly_as_the_project_template(loaded):
         )
 
 
-@pytest.mark.parametrize(("name", "limit"), [("minicpm_v2", 1), ("qwen2_5_vl", 16), ("minicpm_v4_6", 16)])
+@pytest.mark.parametrize(
+    ("name", "limit"), [("minicpm_v2", 1), ("qwen2_5_vl", 16), ("minicpm_v4_6", 16), ("qwen3_vl", 16)]
+)
 def test_image_count_limit_is_enforced_before_encoding(twins, name, limit):
     family, _ = twins[name]
     assert family.limits().max_images == limit
@@ -346,6 +364,7 @@ def test_image_count_limit_is_enforced_before_encoding(twins, name, limit):
         ("qwen2_5_vl_3b", "qwen2_5_vl", {"min_pixels": 3136, "max_pixels": 1003520}),
         ("qwen2_5_vl_7b", "qwen2_5_vl", {"min_pixels": 3136, "max_pixels": 1003520}),
         ("qwen2_5_vl_tiny", "qwen2_5_vl", {}),
+        ("qwen3_vl_4b", "qwen3_vl", {}),
     ],
 )
 def test_model_configs_select_their_family_and_settings(compose, option, family, settings):

@@ -3,6 +3,7 @@
     minicpm_v2     the project's own MiniCPM-V-2 implementation (pipeline/models/)
     minicpm_v4_6   MiniCPM-V 4.6 through transformers' minicpmv4_6
     qwen2_5_vl     Qwen2.5-VL (3B, 7B) through transformers' qwen2_5_vl
+    qwen3_vl       Qwen3-VL (dense Instruct) through transformers' qwen3_vl
 
 `FAMILIES` names each family's class without importing it, so the config schema can list the choices
 without loading torch or transformers. Adding a family = one module here + one line below + its yaml.
@@ -22,6 +23,7 @@ FAMILIES: dict[str, str] = {
     "minicpm_v2": "pipeline.models.families.minicpm_v2:MiniCPMV2",
     "minicpm_v4_6": "pipeline.models.families.minicpm_v4_6:MiniCPMV4_6",
     "qwen2_5_vl": "pipeline.models.families.qwen2_5_vl:Qwen2_5_VL",
+    "qwen3_vl": "pipeline.models.families.qwen3_vl:Qwen3_VL",
 }
 
 
