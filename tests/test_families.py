@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline.models.collate import encode_example
 from pipeline.models.families import FAMILIES, get_family, locate_model
-from pipeline.models.families.base import IGNORE_INDEX, FamilyError
+from pipeline.models.families.base import IGNORE_INDEX, FamilyError, messages_from_row
 
 HF_FAMILIES = ("qwen2_5_vl", "minicpm_v4_6", "qwen3_vl")
 CONVERSATION = [
@@ -330,6 +330,10 @@ def test_minicpm_v2_encodes_exactly_as_the_project_template(loaded):
     )
     assert sample.input_ids == reference.input_ids and sample.labels == reference.labels
     assert sample.pixel_inputs["image_bound"] == reference.image_bound
+    row = messages_from_row(
+        "How many squares?", "There are 3 squares.", [("What is this?", "A red circle.")], "Be brief."
+    )
+    assert family.encode(processor, row, [image]).input_ids == reference.input_ids
     with pytest.raises(FamilyError, match="the image goes at the start of the first user message"):
         family.encode(
             processor,
@@ -420,3 +424,14 @@ def test_minicpm_v2_merge_writes_the_official_layout_with_equal_logits(twins, tm
     assert again.input_ids == family.encode(processor, CONVERSATION, [picture()]).input_ids
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(QKV_EXPECTED))
+def test_bad_paths_and_open_conversations_are_refused_clearly(twins, tmp_path, name):
+    family, _ = twins[name]
+    with pytest.raises(ValueError, match="is not a local folder and downloads are off"):
+        locate_model(family, "someone/Some-VLM")
+    with pytest.raises(ValueError, match="does not exist"):
+        locate_model(family, str(tmp_path / "missing" / "model"))
+    with pytest.raises(FamilyError, match="a training conversation must end with an assistant message"):
+        family.prepare_messages([{"role": "user", "content": "Hi"}], [], generation=False)

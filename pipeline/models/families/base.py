@@ -132,6 +132,20 @@ def normalise_conversation(
     return messages
 
 
+def messages_from_row(
+    query: str, response: str | None, history: Sequence[Sequence[str]] = (), system: str | None = None
+) -> list[dict[str, str]]:
+    """Returns the messages of an ms-swift row (query, response, [query, response] history, system);
+    response None leaves the conversation open for generation."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for past_query, past_response in history:
+        messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
+    messages.append({"role": "user", "content": query})
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
 class Family(ABC):
     """One model family: loading, encoding, batching, training targets, saving, and its tiny twin."""
 
@@ -168,6 +182,18 @@ class Family(ABC):
                 f"{limits.describe()}"
             )
         return normalise_conversation(self.name, conversation, len(images))
+
+    def prepare_messages(
+        self, conversation: Sequence[Message], images: Sequence[Any], generation: bool
+    ) -> list[dict[str, str]]:
+        """Returns the checked messages to render: a generation prompt drops a final assistant message, a
+        training conversation must end with one."""
+        messages = self.check_conversation(conversation, images)
+        if generation and messages[-1]["role"] == "assistant":
+            return messages[:-1]
+        if not generation and messages[-1]["role"] != "assistant":
+            raise FamilyError(f"{self.name}: a training conversation must end with an assistant message")
+        return messages
 
     # -- the model --------------------------------------------------------------------------------
     @abstractmethod

@@ -152,9 +152,7 @@ class HFNativeFamily(Family):
         images: Sequence[Image.Image] = (),
         generation: bool = False,
     ) -> EncodedSample:
-        messages = self.check_conversation(conversation, images)
-        if generation and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+        messages = self.prepare_messages(conversation, images, generation)
         hf_messages = to_hf_messages(messages)
         text = self.render(processor, hf_messages, generation_prompt=generation)
         spans = [] if generation else self.assistant_spans(processor, hf_messages, text)

@@ -82,11 +82,7 @@ class MiniCPMV2(Family):
         images: Sequence[Image.Image] = (),
         generation: bool = False,
     ) -> EncodedSample:
-        messages = self.check_conversation(conversation, images)
-        if generation and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not generation and messages[-1]["role"] != "assistant":
-            raise FamilyError(f"{self.name}: a training conversation must end with an assistant message")
+        messages = self.prepare_messages(conversation, images, generation)
         system, rounds = self._rounds(messages)
         first_query = rounds[0][0]
         if images:
