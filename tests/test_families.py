@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,6 +214,10 @@ def test_lora_presets_target_the_intended_modules(twins, name):
     assert all("lora_" in n for n, p in qkv.named_parameters() if p.requires_grad)
 
     model, _ = family.load(folder)
+    explicit = family.lora_config(model, "all", r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    # a bare name matches every layer that ends with it, as ms-swift's target_modules do
+    queries = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(".q_proj")}
+    assert {n for n, _ in model.named_modules() if re.fullmatch(explicit.target_modules, n)} == queries
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     hit = _lora_names(family.apply_lora(model, family.lora_config(model, "all", r=4, alpha=8, dropout=0.0)))
     vision, projector = VISION_AND_PROJECTOR[name]

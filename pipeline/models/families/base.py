@@ -253,6 +253,8 @@ class Family(ABC):
         alpha: float,
         dropout: float,
         target_modules: Sequence[str] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        base_model_path: str | None = None,
     ) -> LoraConfig:
         """Returns the PEFT LoraConfig for a preset, or for explicit target modules (names or regexes)."""
         if target_modules:
@@ -272,13 +274,16 @@ class Family(ABC):
             hits = self.lora_target_names(model, preset)
         else:
             raise FamilyError(f"{self.name}: lora preset must be one of {list(LORA_PRESETS)}, got {preset!r}")
-        return LoraConfig(
+        config = LoraConfig(
             r=r,
             lora_alpha=alpha,
             lora_dropout=dropout,
             target_modules="|".join(re.escape(n) for n in hits),
+            modules_to_save=list(modules_to_save) if modules_to_save else None,
             bias="none",
         )
+        config.base_model_name_or_path = base_model_path
+        return config
 
     def apply_lora(self, model: nn.Module, config: LoraConfig) -> PeftModel:
         """Returns the PEFT-wrapped model; only the LoRA weights require grad."""

@@ -169,8 +169,19 @@ class MiniCPMV2(Family):
         alpha: float,
         dropout: float,
         target_modules: Sequence[str] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        base_model_path: str | None = None,
     ) -> LoraConfig:
-        return build_lora_config(model, preset, r, alpha, dropout, target_modules=target_modules)
+        return build_lora_config(
+            model,
+            preset,
+            r,
+            alpha,
+            dropout,
+            target_modules=target_modules,
+            modules_to_save=modules_to_save,
+            base_model_path=base_model_path,
+        )
 
     def apply_lora(self, model: nn.Module, config: LoraConfig) -> PeftModel:
         return apply_lora(model, config)
