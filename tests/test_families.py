@@ -293,6 +293,11 @@ def test_merge_round_trips_through_plain_auto_classes(twins, tmp_path, name):
         with peft.disable_adapter():
             plain = base(**batch).logits
     assert not torch.allclose(expected, plain, atol=1e-3)
+    peft.save_pretrained(tmp_path / "adapter")
+    fresh, _ = family.load(folder)
+    with torch.no_grad():
+        adapted = family.load_adapter(fresh, tmp_path / "adapter").eval()
+        torch.testing.assert_close(adapted(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     out = family.merge(peft, processor, tmp_path / "merged")
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     reloaded = AutoProcessor.from_pretrained(out)

@@ -10,6 +10,7 @@ conf/model/*.yaml. Stages talk only to this interface, never to a family by name
     batch = family.collate_for_generation(processor, samples)      # left-padded prompts
     texts = family.generate(model, processor, batch, max_new_tokens=...)
     peft_model = family.apply_lora(model, family.lora_config(model, "qkv", r=8, alpha=32, dropout=0.05))
+    peft_model = family.load_adapter(model, adapter_folder)       # a saved adapter on its base model
     family.set_full_finetune(model, frozen=("vision",))            # full fine-tuning with freeze groups
     family.save(model, processor, folder) / family.merge(peft_model, processor, folder)
     family.build_tiny(folder)                                      # the offline tiny twin
@@ -288,6 +289,14 @@ class Family(ABC):
     def apply_lora(self, model: nn.Module, config: LoraConfig) -> PeftModel:
         """Returns the PEFT-wrapped model; only the LoRA weights require grad."""
         return get_peft_model(model, config)
+
+    def load_adapter(self, model: nn.Module, folder: str | Path, trainable: bool = False) -> PeftModel:
+        """Returns the base model with the LoRA adapter of a PEFT folder (what `save_pretrained` of the
+        wrapped model wrote) applied; an adapter of another base model is refused naming both."""
+        try:
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+        except RuntimeError as err:  # size mismatch
+            raise FamilyError(f"{self.name}: adapter {folder} does not fit this base model: {err}") from err
 
     def set_full_finetune(self, model: nn.Module, frozen: Sequence[str] = ()) -> None:
         """Makes every parameter trainable except those of the frozen groups (vision, projector, llm)."""
