@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from pipeline.models.families import FAMILIES, STAGE_READY
 from pipeline.stages import STAGES
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    family: str = "minicpm_v2"  # the module under pipeline/models/families/ that loads and encodes it
     path: str = MISSING  # local folder or hub id
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
@@ -35,6 +37,8 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     build_if_missing: bool = False  # build the tiny twin at `path` when the folder is absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
+    # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +202,7 @@ GROUP_SCHEMAS: dict[str, type] = {
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager"),
+    "model.family": tuple(FAMILIES),
     "lora.name": ("qkv", "all", "none"),
     "lora.bias": ("none", "all", "lora_only"),
     "dataset.name": ("demo", "custom", "coco_en_2_mini"),
@@ -449,6 +454,23 @@ def _check_dataset(tree: dict) -> list[str]:
     return problems
 
 
+def _check_family(tree: dict) -> list[str]:
+    model = tree["model"]
+    family = model["family"]
+    problems = []
+    if family == "minicpm_v2" and model["processor_kwargs"]:
+        problems.append(
+            "model.processor_kwargs is for transformers-native families; MiniCPM-V-2 takes "
+            "model.max_slice_nums and model.slice_mode"
+        )
+    if family not in STAGE_READY and tree["stages"]:
+        problems.append(
+            f"model.family={family}: the stages run {', '.join(STAGE_READY)} only so far; this family works "
+            "through pipeline.models.families (load, encode, train, merge, generate), so set stages=[]"
+        )
+    return problems
+
+
 def validate(cfg: DictConfig) -> None:
     """Return None when `cfg` is usable; raise ConfigError naming every bad key and what it accepts."""
     tree = _to_plain(cfg)
@@ -461,6 +483,7 @@ def validate(cfg: DictConfig) -> None:
     if not problems:
         problems += _check_ckpt(tree)
         problems += _check_dataset(tree)
+        problems += _check_family(tree)
     if problems:
         raise ConfigError(problems)
 

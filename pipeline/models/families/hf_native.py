@@ -1,0 +1,279 @@
+"""The shared base of families that transformers implements: its own model, processor and chat template.
+
+A family module subclasses `HFNativeFamily` and states only facts about its model: the config class's
+model_type, the chat template, the end-of-turn marker, how pixel tensors of several conversations are
+joined, the module names of its parts, and the tiny twin's sizes. Everything else (loading, encoding with
+labels on the assistant turns, batching, generation, saving) is the same code for every such family.
+
+Labels come from the family's own chat template: the assistant turn i covers the text between the
+rendering of messages[:i] with the generation prompt and the rendering of messages[:i + 1], up to and
+including the end-of-turn marker. The tokens are the processor's own (image placeholders expanded by it);
+the processor's replacement offsets map those character spans onto the expanded text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline.utils.io import atomic_dir
+
+from .base import IGNORE_INDEX, IMAGE_TAG, EncodedSample, Family, FamilyError, Message, pad_batch
+from .tiny_tokenizer import train_bpe_tokenizer
+
+# Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_hf_folder(path: str, allow_download: bool, family: str) -> Path:
+    """Returns a local model folder for a folder path or a hub id (downloaded only when allowed)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FamilyError(f"{local}: no config.json; expected a {family} model folder")
+        return local
+    if local.exists():
+        raise FamilyError(f"{local} is a file; model.path must be a model folder or a hub id")
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise FamilyError(f"model folder {local} does not exist")
+    if not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FamilyError(
+            f"model {path!r} is not a local folder and downloads are off. Download it on a machine with "
+            f"network (`huggingface-cli download {path} --local-dir <folder>`), then set "
+            f"model.path=<folder>; or set model.trust_hub=true to download from the hub"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
+
+
+def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Returns the messages in transformers' content-list form, each <image> tag an image item."""
+    out = []
+    for message in messages:
+        parts = message["content"].split(IMAGE_TAG)
+        content: list[dict[str, str]] = []
+        for k, text in enumerate(parts):
+            if k:
+                content.append({"type": "image"})
+            if text:
+                content.append({"type": "text", "text": text})
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+class HFNativeFamily(Family):
+    """A family whose model, processor and chat template come from transformers."""
+
+    model_type: ClassVar[str]  # config.json's model_type
+    chat_template: ClassVar[str]  # the template the tiny twin carries (real checkpoints bring their own)
+    end_of_turn: ClassVar[str]  # the marker that closes an assistant turn; labelled with the turn
+    # How each pixel input of several conversations is joined into one batch: key -> concatenation dim.
+    pixel_concat: ClassVar[dict[str, int]]
+    # Per-token inputs the processor returns beside input_ids (padded with 0).
+    token_input_keys: ClassVar[tuple[str, ...]] = ()
+    # Keyword arguments apply_chat_template gets on every rendering (e.g. thinking off).
+    template_kwargs: ClassVar[dict[str, Any]] = {}
+
+    # -- the model --------------------------------------------------------------------------------
+    def resolve(self, path: str, allow_download: bool = False) -> Path:
+        folder = resolve_hf_folder(path, allow_download, self.name)
+        self.check_folder(folder)
+        return folder
+
+    def check_folder(self, folder: Path) -> None:
+        """Raises FamilyError when `folder` holds another model type than this family's (no weights read)."""
+        config = folder / "config.json"
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, json.JSONDecodeError) as err:
+            raise FamilyError(f"{config}: cannot be read as JSON ({err})") from err
+        if model_type != self.model_type:
+            raise FamilyError(
+                f"{folder} holds a {model_type!r} model; model.family={self.name} expects {self.model_type!r}"
+            )
+
+    def processor_options(self) -> dict[str, Any]:
+        """Returns the keyword arguments AutoProcessor.from_pretrained gets from the family's settings."""
+        return dict(self.settings)
+
+    def configure_processor(self, processor: Any) -> Any:
+        """Returns the loaded processor with any setting from_pretrained cannot take applied."""
+        return processor
+
+    def load(
+        self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> tuple[nn.Module, Any]:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        folder = Path(path)
+        self.check_folder(folder)
+        processor = self.configure_processor(
+            AutoProcessor.from_pretrained(folder, **self.processor_options())
+        )
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        return model.to(device).eval(), processor
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def render(self, processor: Any, messages: Sequence[dict], generation_prompt: bool) -> str:
+        """Returns the chat template's text for `messages`."""
+        return processor.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, **self.template_kwargs
+        )
+
+    def assistant_spans(self, processor: Any, messages: Sequence[dict], text: str) -> list[tuple[int, int]]:
+        """Returns the [start, end) characters of every assistant turn in `text`, end-of-turn included."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(processor, messages[:i], generation_prompt=True)
+            through = self.render(processor, messages[: i + 1], generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise FamilyError(
+                    f"{self.name}: the chat template renders message {i} differently once later turns follow; "
+                    "labels need a template whose earlier turns keep their text"
+                )
+            end = through.rfind(self.end_of_turn, len(before))
+            spans.append((len(before), end + len(self.end_of_turn) if end >= 0 else len(through)))
+        return spans
+
+    def encode(
+        self,
+        processor: Any,
+        conversation: Sequence[Message],
+        images: Sequence[Image.Image] = (),
+        generation: bool = False,
+    ) -> EncodedSample:
+        messages = self.prepare_messages(conversation, images, generation)
+        hf_messages = to_hf_messages(messages)
+        text = self.render(processor, hf_messages, generation_prompt=generation)
+        spans = [] if generation else self.assistant_spans(processor, hf_messages, text)
+        out = processor(
+            text=[text],
+            images=[list(images)] if images else None,
+            return_text_replacement_offsets=True,
+            return_tensors="pt",
+        )
+        ids = out["input_ids"][0].tolist()
+        labels = self._labels(processor, text, spans, out["text_replacement_offsets"][0], ids)
+        if len(ids) > self.max_length:
+            raise FamilyError(
+                f"{self.name}: the conversation encodes to {len(ids)} tokens; this family takes "
+                f"{self.limits().describe()}"
+            )
+        return EncodedSample(
+            input_ids=ids,
+            labels=labels,
+            token_inputs={k: out[k][0].tolist() for k in self.token_input_keys if k in out},
+            pixel_inputs={k: out[k] for k in self.pixel_concat if k in out},
+        )
+
+    def _labels(
+        self,
+        processor: Any,
+        text: str,
+        spans: Sequence[tuple[int, int]],
+        replacements: Sequence[Mapping[str, Any]],
+        ids: list[int],
+    ) -> list[int]:
+        """Returns ids inside the assistant spans and -100 elsewhere, on the processor's expanded text."""
+        expanded, cursor, shifts = [], 0, []
+        for rep in sorted(replacements, key=lambda r: r["span"][0]):
+            start, end = rep["span"]
+            expanded += [text[cursor:start], rep["replacement"]]
+            shifts.append((end, len(rep["replacement"]) - (end - start)))
+            cursor = end
+        expanded.append(text[cursor:])
+        full = "".join(expanded)
+
+        def moved(pos: int) -> int:
+            return pos + sum(delta for end, delta in shifts if end <= pos)
+
+        enc = processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] != ids:
+            raise FamilyError(
+                f"{self.name}: the processor's tokens differ from its tokenizer's on the same text"
+            )
+        moved_spans = [(moved(s), moved(e)) for s, e in spans]
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (start, end) in enumerate(enc["offset_mapping"]):
+            if end > start and any(s <= start and end <= e for s, e in moved_spans):
+                labels[k] = ids[k]
+        return labels
+
+    # -- batching and generation --------------------------------------------------------------------
+    def _join_pixels(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, dim in self.pixel_concat.items():
+            parts = [s.pixel_inputs[key] for s in samples if key in s.pixel_inputs]
+            if parts:
+                out[key] = torch.cat(parts, dim=dim)
+        return out
+
+    def collate_for_training(self, processor: Any, samples: Sequence[EncodedSample]) -> dict[str, Any]:
+        batch = pad_batch(samples, processor.tokenizer.pad_token_id, left=False, with_labels=True)
+        return {**batch, **self._join_pixels(samples)}
+
+    def collate_for_generation(self, processor: Any, samples: Sequence[EncodedSample]) -> dict[str, Any]:
+        batch = pad_batch(samples, processor.tokenizer.pad_token_id, left=True, with_labels=False)
+        return {**batch, **self._join_pixels(samples)}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        processor: Any,
+        batch: Mapping[str, Any],
+        max_new_tokens: int = 64,
+        **settings: Any,
+    ) -> list[str]:
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        settings.setdefault("do_sample", False)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **settings
+        )
+        new = output[:, inputs["input_ids"].shape[1] :]
+        return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self, model: nn.Module, processor: Any, folder: str | Path) -> Path:
+        folder = Path(folder)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return folder
+
+    # -- the tiny twin ------------------------------------------------------------------------------
+    tiny_special_tokens: ClassVar[dict[str, str]]  # bos/eos/pad/unk roles
+    tiny_extra_special_tokens: ClassVar[dict[str, str]]  # named roles (image_token, ...)
+    tiny_added_tokens: ClassVar[tuple[str, ...]] = ()  # other atomic tokens of the template
+
+    def tiny_config(self, tokenizer: Any) -> Any:
+        """Returns the transformers config of the tiny twin, sized for the tokenizer's vocabulary."""
+        raise NotImplementedError
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        """Returns the tiny twin's processor (its image processor at a tiny resolution)."""
+        raise NotImplementedError
+
+    def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
+        from transformers import AutoModelForImageTextToText
+
+        tokenizer = train_bpe_tokenizer(
+            self.tiny_special_tokens, self.tiny_extra_special_tokens, self.tiny_added_tokens
+        )
+        config = self.tiny_config(tokenizer)
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return self.save(model.eval(), self.tiny_processor(tokenizer), folder)

@@ -1,0 +1,209 @@
+"""MiniCPM-V-2: the project's own implementation (pipeline/models/) behind the family interface.
+
+Nothing here re-implements the model: loading is `load_bundle`, encoding is `encode_example` (the
+`minicpm-v` template of pipeline/models/template.py, token ids equal to ms-swift's), batching is
+pipeline/models/collate.py, the LoRA presets and freeze switches are pipeline/models/lora.py, saving is the
+official layout of pipeline/models/checkpoint.py and the twin is pipeline/models/tiny.py. This module only
+maps the interface's conversation onto the template's (query, response, history, system, image) form.
+
+Rules the template sets: one image per conversation, placed at the start of the first user message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from PIL import Image
+from torch import nn
+
+from pipeline.models.bundle import load_bundle
+from pipeline.models.checkpoint import resolve_model_path, save_checkpoint
+from pipeline.models.collate import Sample, collate_for_generation, collate_for_training, encode_example
+from pipeline.models.generation import GenerationSettings, generate
+from pipeline.models.lora import apply_lora, build_lora_config, set_full_finetune
+from pipeline.models.processor import MiniCPMVImageProcessor
+from pipeline.models.tiny import build_tiny_twin
+from pipeline.models.tokenizer import MiniCPMVTokenizer
+
+from .base import IMAGE_TAG, EncodedSample, Family, FamilyError, FreezeGroups, Message
+
+# The official checkpoint's two-shard layout (the LLM in one shard, vision and resampler in the other).
+SHARD_BYTES = 10 * 1000**3
+
+
+@dataclass
+class MiniCPMV2Processor:
+    """What encodes for MiniCPM-V-2: its tokenizer, its image processor, and the folder they came from."""
+
+    tokenizer: MiniCPMVTokenizer
+    image_processor: MiniCPMVImageProcessor
+    folder: Path  # side files (tokenizer, preprocessor config) are copied from here on save
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
+
+class MiniCPMV2(Family):
+    name = "minicpm_v2"
+    max_images = 1
+    max_length = 2048
+    setting_keys = ("max_slice_nums", "slice_mode")
+    tiny_pretrain_steps = 100  # the twin's short seeded pre-training (pipeline/models/tiny.py)
+
+    def resolve(self, path: str, allow_download: bool = False) -> Path:
+        return resolve_model_path(path, allow_download)
+
+    def load(
+        self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> tuple[nn.Module, MiniCPMV2Processor]:
+        bundle = load_bundle(str(path), dtype=dtype, device=device, **self.settings)
+        return bundle.model, MiniCPMV2Processor(bundle.tokenizer, bundle.processor, Path(path))
+
+    def _rounds(self, messages: Sequence[Message]) -> tuple[str | None, list[tuple[str, str | None]]]:
+        """Returns the system text and the (query, response) rounds; a trailing query has response None."""
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = [m for m in messages if m["role"] != "system"]
+        rounds = []
+        for k in range(0, len(turns), 2):
+            reply = turns[k + 1]["content"] if k + 1 < len(turns) else None
+            rounds.append((turns[k]["content"], reply))
+        return system, rounds
+
+    def encode(
+        self,
+        processor: MiniCPMV2Processor,
+        conversation: Sequence[Message],
+        images: Sequence[Image.Image] = (),
+        generation: bool = False,
+    ) -> EncodedSample:
+        messages = self.prepare_messages(conversation, images, generation)
+        system, rounds = self._rounds(messages)
+        first_query = rounds[0][0]
+        if images:
+            if not first_query.startswith(IMAGE_TAG):
+                raise FamilyError(f"{self.name}: the image goes at the start of the first user message")
+            rounds[0] = (first_query[len(IMAGE_TAG) :], rounds[0][1])
+        query, response = rounds[-1]
+        sample = encode_example(
+            processor.tokenizer,
+            processor.image_processor,
+            query,
+            response,
+            history=rounds[:-1],
+            system=system,
+            image=images[0] if images else None,
+            max_length=self.max_length,
+        )
+        if sample is None:
+            raise FamilyError(f"{self.name}: the conversation is longer than {self.limits().describe()}")
+        return EncodedSample(
+            input_ids=sample.input_ids,
+            labels=sample.labels,
+            pixel_inputs={"pixel_values": sample.pixel_values, "image_bound": sample.image_bound},
+        )
+
+    @staticmethod
+    def _samples(samples: Sequence[EncodedSample]) -> list[Sample]:
+        return [
+            Sample(
+                s.input_ids,
+                s.labels,
+                list(s.pixel_inputs["image_bound"]),
+                list(s.pixel_inputs["pixel_values"]),
+            )
+            for s in samples
+        ]
+
+    def collate_for_training(self, processor: MiniCPMV2Processor, samples: Sequence[EncodedSample]) -> dict:
+        return collate_for_training(self._samples(samples), processor.tokenizer.pad_id)
+
+    def collate_for_generation(self, processor: MiniCPMV2Processor, samples: Sequence[EncodedSample]) -> dict:
+        return collate_for_generation(self._samples(samples), processor.tokenizer.pad_id)
+
+    def generate(
+        self,
+        model: nn.Module,
+        processor: MiniCPMV2Processor,
+        batch: Mapping[str, Any],
+        max_new_tokens: int = 64,
+        **settings: Any,
+    ) -> list[str]:
+        core = model.get_base_model() if isinstance(model, PeftModel) else model
+        tok = processor.tokenizer
+        new = generate(
+            core,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["image_bound"],
+            settings=GenerationSettings(max_new_tokens=max_new_tokens, **settings),
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
+        texts = []
+        for ids in new.tolist():
+            kept = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            texts.append(tok.decode(kept))
+        return texts
+
+    def freeze_groups(self) -> FreezeGroups:
+        return FreezeGroups(vision=("vpm",), projector=("resampler",), llm=("llm",))
+
+    def lora_target_names(self, model: nn.Module, preset: str) -> list[str]:
+        import re
+
+        pattern = build_lora_config(model, preset, r=1, alpha=1, dropout=0.0).target_modules
+        return [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+
+    def lora_config(
+        self,
+        model: nn.Module,
+        preset: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        target_modules: Sequence[str] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        base_model_path: str | None = None,
+    ) -> LoraConfig:
+        return build_lora_config(
+            model,
+            preset,
+            r,
+            alpha,
+            dropout,
+            target_modules=target_modules,
+            modules_to_save=modules_to_save,
+            base_model_path=base_model_path,
+        )
+
+    def apply_lora(self, model: nn.Module, config: LoraConfig) -> PeftModel:
+        return apply_lora(model, config)
+
+    def set_full_finetune(self, model: nn.Module, frozen: Sequence[str] = ()) -> None:
+        unknown = [g for g in frozen if g not in ("vision", "projector", "llm")]
+        if unknown:
+            raise FamilyError(
+                f"{self.name}: unknown freeze group(s) {unknown}; valid: vision, projector, llm"
+            )
+        try:
+            set_full_finetune(
+                model,
+                freeze_vision="vision" in frozen,
+                freeze_resampler="projector" in frozen,
+                freeze_llm="llm" in frozen,
+            )
+        except ValueError as err:
+            raise FamilyError(f"{self.name}: {err}") from err
+
+    def save(self, model: nn.Module, processor: MiniCPMV2Processor, folder: str | Path) -> Path:
+        return save_checkpoint(model, folder, max_shard_bytes=SHARD_BYTES, source_folder=processor.folder)
+
+    def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
+        return build_tiny_twin(folder, seed=seed, pretrain_steps=self.tiny_pretrain_steps)

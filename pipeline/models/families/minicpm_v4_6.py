@@ -1,0 +1,141 @@
+"""MiniCPM-V 4.6: transformers' `minicpmv4_6` (SigLIP tower with a window merger, Qwen3.5 language model).
+
+Several images per conversation; each is sliced like MiniCPM-V-2 (`max_slice_nums`, `scale_resolution`)
+and reduced 16x (`downsample_mode: 16x`) or 4x (model.processor_kwargs). The language model mixes
+full-attention layers (q/k/v projections) and linear-attention layers (one fused q/k/v projection,
+`in_proj_qkv`); `lora=qkv` targets both kinds.
+
+The tiny twin's chat template is built for the published format (ChatML turns, `<|image_pad|>` where an
+image goes, expanded by the processor, and the thinking switch: with `enable_thinking` false an empty
+`<think></think>` block opens every assistant turn, as the model's fine-tuning guide recommends).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .base import FreezeGroups
+from .hf_native import HFNativeFamily
+
+CHAT_TEMPLATE = (
+    "{% set think = enable_thinking is defined and enable_thinking %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' and not think %}<think>\n\n</think>\n\n{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}<|image_pad|>"
+    "{% elif item['type'] == 'video' or 'video' in item %}<|video_pad|>"
+    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if think %}<think>\n{% else %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+LLM = "model.language_model"
+VISION = "model.vision_tower"
+PROJECTOR = "model.merger"
+QKV_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "linear_attn.in_proj_qkv")
+TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 14)
+
+
+class MiniCPMV4_6(HFNativeFamily):
+    name = "minicpm_v4_6"
+    model_type = "minicpmv4_6"
+    max_images = 16
+    max_length = 32768
+    setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
+    chat_template = CHAT_TEMPLATE
+    end_of_turn = "<|im_end|>"
+    # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
+    pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": -1, "target_sizes": 0}
+
+    def freeze_groups(self) -> FreezeGroups:
+        return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))
+
+    def lora_target_names(self, model: nn.Module, preset: str) -> list[str]:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if preset == "qkv":
+            return [n for n in names if n.startswith(f"{LLM}.layers.") and n.endswith(QKV_SUFFIXES)]
+        return [n for n in names if n.startswith((f"{LLM}.", f"{VISION}.", f"{PROJECTOR}."))]
+
+    tiny_special_tokens: ClassVar[dict[str, str]] = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+    }
+    tiny_extra_special_tokens: ClassVar[dict[str, str]] = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "image_start_token": "<image>",
+        "image_end_token": "</image>",
+        "slice_start_token": "<slice>",
+        "slice_end_token": "</slice>",
+        "image_id_start_token": "<image_id>",
+        "image_id_end_token": "</image_id>",
+    }
+    tiny_added_tokens = ("<think>", "</think>")
+
+    def tiny_config(self, tokenizer: Any) -> Any:
+        from transformers import MiniCPMV4_6Config
+
+        return MiniCPMV4_6Config(
+            text_config=dict(
+                model_type="qwen3_5_text",
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                head_dim=16,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                hidden_act="silu",
+                max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                layer_types=["full_attention", "linear_attention"],
+                linear_conv_kernel_dim=2,
+                linear_key_head_dim=16,
+                linear_value_head_dim=16,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=TINY_RESOLUTION,
+                patch_size=TINY_PATCH,
+                hidden_act="gelu_pytorch_tanh",
+            ),
+            image_token_id=tokenizer.image_token_id,
+            video_token_id=tokenizer.video_token_id,
+            image_size=TINY_RESOLUTION,
+            insert_layer_id=0,
+            tie_word_embeddings=True,
+        )
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor
+        from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+        sizes = dict(patch_size=TINY_PATCH, scale_resolution=TINY_RESOLUTION)
+        return MiniCPMV4_6Processor(
+            image_processor=MiniCPMV4_6ImageProcessor(max_slice_nums=4, **sizes),
+            video_processor=MiniCPMV4_6VideoProcessor(max_slice_nums=1, **sizes),
+            tokenizer=tokenizer,
+            chat_template=self.chat_template,
+        )
+
+
+TINY_RESOLUTION = 64  # the tiny twin's slice resolution (the real one's is 448)

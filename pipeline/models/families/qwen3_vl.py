@@ -1,0 +1,94 @@
+"""Qwen3-VL (dense Instruct checkpoints): transformers' `qwen3_vl`, Qwen2.5-VL's image rules at 16 px patches.
+
+Images become 16 px patches merged 2x2 into one LLM token each (32 px per token), bounded by
+`min_pixels` / `max_pixels` (model.processor_kwargs); features of a few vision layers also enter the
+language model (deepstack), through mergers that count as the projector.
+
+The tiny twin's chat template is built for the published Instruct format: ChatML turns with no default
+system message, `<|vision_start|><|image_pad|><|vision_end|>` where an image goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import FreezeGroups
+from .qwen2_5_vl import LLM, VISION, Qwen2_5_VL
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
+TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 16)
+
+
+class Qwen3_VL(Qwen2_5_VL):
+    name = "qwen3_vl"
+    model_type = "qwen3_vl"
+    chat_template = CHAT_TEMPLATE
+
+    def freeze_groups(self) -> FreezeGroups:
+        return FreezeGroups(vision=(VISION,), projector=PROJECTORS, llm=(LLM, "lm_head"))
+
+    def tiny_config(self, tokenizer: Any) -> Any:
+        from transformers import Qwen3VLConfig
+
+        ids = tokenizer.convert_tokens_to_ids
+        return Qwen3VLConfig(
+            text_config=dict(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                tie_word_embeddings=True,
+                bos_token_id=None,
+                eos_token_id=ids("<|im_end|>"),
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                patch_size=TINY_PATCH,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                out_hidden_size=64,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=[0],
+            ),
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=True,
+        )
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        unit = TINY_PATCH * 2  # pixels per LLM token side
+        sizes = dict(patch_size=TINY_PATCH, temporal_patch_size=2, merge_size=2)
+        return Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(
+                min_pixels=unit * unit, max_pixels=4 * unit * 4 * unit, **sizes
+            ),
+            video_processor=Qwen3VLVideoProcessor(**sizes),
+            tokenizer=tokenizer,
+            chat_template=self.chat_template,
+        )
