@@ -27,7 +27,8 @@ browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+		{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; } \
+			|| echo "WARNING: apt-get could not install chromium chromium-driver: the page test will fail"; \
 	else echo "chromium and chromedriver are missing and apt-get is not here: install them, or the page test fails"; fi
 
 run: $(VENV)/.installed

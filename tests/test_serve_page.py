@@ -33,6 +33,15 @@ new MutationObserver(() => {
 }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
 """
 
+# drops the image of a data: URL onto the page, as a file dragged from the desktop
+DROP_IMAGE = """
+const [header, payload] = arguments[0].split(",");
+const bytes = Uint8Array.from(atob(payload), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], "dropped.png", {type: header.slice(5).split(";")[0]}));
+document.getElementById("log").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+"""
+
 
 def find_browser() -> tuple[str, str]:
     """Returns the chromium and chromedriver executables; fails (never skips) when they are missing."""
@@ -123,7 +132,11 @@ def test_page_asks_with_an_image_and_streams_the_answer(servers, browser, workdi
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
     browser.find_element(By.ID, "clear").click()
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
-    assert ask_on_page(browser, "What colour is the square?") is not None
+    # an image dropped onto the page goes with the next question
+    browser.execute_script(DROP_IMAGE, data_url)
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "attached").is_displayed())
+    assert ask_on_page(browser, "What colour is the square?") == answer
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user img")) == 1
 
 
 def test_page_behind_an_api_key_works_once_signed_in(servers, browser, workdir):

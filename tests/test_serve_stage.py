@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from pipeline.config import ConfigError, validate
 from pipeline.models.checkpoint import load_model
 from pipeline.models.lora import apply_lora, build_lora_config
 from pipeline.models.tiny import build_tiny_twin
+from pipeline.serve.app import ServerThread
 from pipeline.stages import STAGES, serve
 from tests.conftest import REPO_ROOT, compose_config, free_port
 
@@ -85,6 +88,37 @@ def test_a_port_in_use_fails_before_the_model_loads(workdir: Path, tmp_path: Pat
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"serve.port={port}: cannot listen there"):
             serve.run(config(workdir, "ckpt=base", f"serve.port={port}"), tmp_path, {})
+
+
+@pytest.mark.parametrize("which", ["merged", "base"])
+def test_the_stage_serves_a_merged_folder_and_the_base_model(
+    workdir: Path, tmp_path: Path, monkeypatch, caplog, which
+):
+    caplog.set_level(logging.INFO)  # as the entry's logging is
+    if which == "merged":  # a folder in the official layout, as merge writes it
+        shutil.copytree(workdir / "tiny", tmp_path / "checkpoint-7-merged")
+        state, expected = {"merged": tmp_path / "checkpoint-7-merged"}, "checkpoint-7-merged"
+    else:
+        state, expected = {"ckpt": None}, "minicpm_v2_tiny"
+    seen = {}
+
+    def serve_once(app, host, port):  # instead of serving until Ctrl-C: one request, then stop
+        running = ServerThread(app, host, port)
+        try:
+            client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+            seen["models"] = [m.id for m in client.models.list()]
+            seen["answer"] = client.chat.completions.create(
+                model=expected, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+            )
+        finally:
+            running.stop()
+
+    monkeypatch.setattr("pipeline.serve.app.run_server", serve_once)
+    port = free_port()
+    cfg = config(workdir, "ckpt=base", f"serve.port={port}", "model.name=minicpm_v2_tiny")
+    assert serve.run(cfg, tmp_path / "run", state) == {"serve": f"http://127.0.0.1:{port}"}
+    assert seen["models"] == [expected] and seen["answer"].usage.completion_tokens >= 1
+    assert "serving " + expected in (tmp_path / "run" / "serve" / "serve.log").read_text()
 
 
 def test_the_entry_serves_a_lora_checkpoint_until_interrupted(workdir: Path, tmp_path: Path):

@@ -338,8 +338,9 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if self._captured_signals:
-            self.stopped_by = signal.Signals(self._captured_signals[0]).name
+        captured = getattr(self, "_captured_signals", [])
+        if captured:
+            self.stopped_by = signal.Signals(captured[0]).name
 
 
 def run_server(app: FastAPI, host: str, port: int) -> str | None:
