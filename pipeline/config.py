@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.stages import STAGES
+from pipeline.stage_names import STAGES
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,6 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # local folder or hub id
     dtype: str = "auto"
-    attn_implementation: str = "sdpa"
     max_slice_nums: int = 9
     slice_mode: bool = True
     gradient_checkpointing: bool = True
@@ -45,10 +44,13 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None = the preset of `name`
     modules_to_save: list[str] = field(default_factory=list)
+    # full fine-tuning (name=none) only: with LoRA only the adapters (and modules_to_save) train
     freeze_vision: bool = False
     freeze_resampler: bool = False
     freeze_llm: bool = False
-    bias: str = "none"
+    bias: str = (
+        "none"  # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable)
+    )
 
 
 @dataclass
@@ -58,6 +60,8 @@ class DatasetConfig:
     # other datasets mixed in: [{name, path, n | ratio, ...}]; [] = just this one
     sources: list[dict[str, Any]] = field(default_factory=list)
     val_path: Any = None
+    # custom files: {key in the file: key of a known row format}, like ms-swift's --columns
+    columns: dict[str, str] = field(default_factory=dict)
     test_ratio: float = 0.01
     max_length: int = 2048
     truncation: str = "delete"
@@ -65,7 +69,6 @@ class DatasetConfig:
     image_root: str | None = None
     allow_download: bool = False
     check_images: bool = True  # decode every image before training; false skips it (large sets you trust)
-    num_workers: int = 0
     max_rows: int | None = None
     system: str | None = None
 
@@ -177,7 +180,6 @@ GROUP_SCHEMAS: dict[str, type] = {
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager"),
     "lora.name": ("qkv", "all", "none"),
     "lora.bias": ("none", "all", "lora_only"),
     "dataset.name": ("demo", "custom", "coco_en_2_mini"),
@@ -199,7 +201,6 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("lora.dropout", 0.0, 0.999),
     ("dataset.test_ratio", 0.0, 0.999),
     ("dataset.max_length", 16, None),
-    ("dataset.num_workers", 0, None),
     ("dataset.max_rows", 1, None),
     ("optim.lr", 1e-12, None),
     ("optim.weight_decay", 0.0, None),
@@ -403,6 +404,11 @@ def _check_dataset(tree: dict) -> list[str]:
             "dataset.path is required for dataset=custom: set dataset.path=/path/to/data.jsonl "
             "(or a list of .jsonl/.json files)"
         )
+    if data["columns"] and data["name"] != "custom" and not data["sources"]:
+        problems.append(
+            f"dataset.columns renames the keys of custom files; dataset={data['name']} has none "
+            "(use dataset=custom)"
+        )
     for i, source in enumerate(data["sources"]):
         key = f"dataset.sources[{i}]"
         name = source.get("name")
@@ -419,6 +425,27 @@ def _check_dataset(tree: dict) -> list[str]:
     return problems
 
 
+FREEZE_KEYS = ("freeze_vision", "freeze_resampler", "freeze_llm")
+
+
+def _check_lora(tree: dict) -> list[str]:
+    lora = tree["lora"]
+    if lora["name"] == "none":
+        if lora["bias"] != "none":
+            return [
+                f"lora.bias={lora['bias']} applies to LoRA only; full fine-tuning (lora=none) trains every bias "
+                "of the parts not frozen"
+            ]
+        return []
+    # As ms-swift (`freeze_parameters` is for --sft_type full): with LoRA only the adapters train.
+    return [
+        f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora={lora['name']} only the "
+        "adapters train: choose what they cover with lora.target_modules"
+        for key in FREEZE_KEYS
+        if lora[key]
+    ]
+
+
 def validate(cfg: DictConfig) -> None:
     """Return None when `cfg` is usable; raise ConfigError naming every bad key and what it accepts."""
     tree = _to_plain(cfg)
@@ -428,6 +455,7 @@ def validate(cfg: DictConfig) -> None:
     problems = _check_stages(list(tree["stages"]))
     problems += _check_choices(tree)
     problems += _check_ranges(tree)
+    problems += _check_lora(tree)
     if not problems:
         problems += _check_ckpt(tree)
         problems += _check_dataset(tree)

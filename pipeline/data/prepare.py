@@ -20,8 +20,8 @@ from pipeline.models.tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
 # Keys of the dataset config that describe how rows are used rather than where a source is.
-USAGE_KEYS = {"sources", "val_path", "test_ratio", "max_length", "truncation", "on_error", "num_workers",
-              "max_rows", "system"}
+USAGE_KEYS = {"sources", "val_path", "test_ratio", "max_length", "truncation", "on_error", "max_rows",
+              "system"}
 
 
 @dataclass
@@ -68,8 +68,8 @@ def prepare_splits(
     problems += more
     val_rows = None
     if cfg.get("val_path"):
-        val_rows, val_problems = load_mixture([{"name": "custom", "path": cfg["val_path"]}], seed,
-                                              on_error=on_error)
+        val_source = {"name": "custom", "path": cfg["val_path"], "columns": cfg.get("columns") or None}
+        val_rows, val_problems = load_mixture([val_source], seed, on_error=on_error)
         val_rows, more = validate_rows(val_rows, check_image_files=False, count_tokens=counter,
                                        max_length=cfg.get("max_length"), on_error=on_error)
         problems += val_problems + more

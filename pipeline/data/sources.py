@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data.formats import check_columns, rename_columns
 from pipeline.data.images import ImageLoadError, fetch_url_to_cache
-from pipeline.utils.io import atomic_write_bytes
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.split import stable_order
 from pipeline.data.validate import (
@@ -27,6 +27,7 @@ from pipeline.data.validate import (
     record_to_row,
     unknown_keys,
 )
+from pipeline.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,17 @@ def load_rows(
     return kept, problems
 
 
-@register_source("custom", keys=("path",))
+@register_source("custom", keys=("path", "columns"))
 def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
-    """Return rows and problems from ms-swift-style .jsonl/.json files given by the config's ``path``."""
+    """Return rows and problems from the .jsonl/.json files given by the config's ``path``.
+
+    Records may be in any format of pipeline.data.formats; ``columns`` renames their keys first.
+    """
     paths = _as_paths(cfg.get("path"), key="path", source="custom")
+    try:
+        columns = check_columns(cfg.get("columns"))
+    except ValueError as exc:
+        raise DatasetError(f"dataset source 'custom': {exc}") from None
     rows: list[Row] = []
     problems: list[Problem] = []
     for path in paths:
@@ -119,7 +127,7 @@ def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Pro
         budget = None if max_rows is None else max_rows - len(rows) - len({p.origin for p in problems})
         if budget is not None and budget <= 0:
             break
-        file_rows, file_problems = read_custom_file(path, max_records=budget)
+        file_rows, file_problems = read_custom_file(path, max_records=budget, columns=columns)
         rows += file_rows
         problems += file_problems
     return rows, problems
@@ -140,8 +148,13 @@ def _as_paths(value: object, *, key: str, source: str) -> list[Path]:
     return paths
 
 
-def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[list[Row], list[Problem]]:
-    """Return rows and problems of one .jsonl (origin file:line) or .json list (origin file:item N) file."""
+def read_custom_file(
+    path: Path, *, max_records: int | None = None, columns: Mapping[str, str] | None = None
+) -> tuple[list[Row], list[Problem]]:
+    """Return rows and problems of one .jsonl (origin file:line) or .json list (origin file:item N) file.
+
+    A UTF-8 byte order mark at the start of the file is skipped. ``columns`` renames each record's keys.
+    """
     path = Path(path)
     records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _json_records(path)
     rows: list[Row] = []
@@ -154,6 +167,7 @@ def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[lis
         if isinstance(record, Problem):
             problems.append(record)
             continue
+        record = rename_columns(record, columns or {})
         ignored.update(unknown_keys(record))
         parsed = record_to_row(record, origin, base_dir)
         if isinstance(parsed, Row):
@@ -166,7 +180,7 @@ def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[lis
 
 
 def _jsonl_records(path: Path):
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue  # blank lines (often a trailing one) are not rows
@@ -181,7 +195,7 @@ def _jsonl_records(path: Path):
 
 def _json_records(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         yield (
             f"{path}:{exc.lineno}",

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-STAGES: tuple[str, ...] = ("sft", "eval", "merge", "infer")
+from pipeline.stage_names import STAGES
+
+__all__ = ["STAGES", "StageFn", "UnknownStageError", "get_stage"]
 
 StageFn = Callable[[DictConfig, Path, dict], dict]
 

@@ -55,6 +55,14 @@ def weights_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     return resolve_dtype(cfg, device)
 
 
+def base_model_name(cfg: DictConfig, bundle) -> str:
+    """Returns how the adapter names its base: the hub id when model.path is one, else the local folder."""
+    path = str(cfg.model.path)
+    if not cfg.model.build_if_missing and not Path(path).expanduser().exists() and cfg.model.trust_hub:
+        return path
+    return str(Path(bundle.base_path).resolve())
+
+
 def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
     """Returns the model with only the configured parameters trainable (LoRA-wrapped unless full)."""
     core = bundle.model
@@ -73,7 +81,8 @@ def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
         dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules) if cfg.lora.target_modules else None,
         modules_to_save=list(cfg.lora.modules_to_save),
-        base_model_path=str(bundle.base_path),
+        base_model_path=base_model_name(cfg, bundle),
+        bias=cfg.lora.bias,
     )
     return apply_lora(core, lora_cfg)
 
