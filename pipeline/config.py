@@ -18,7 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.stage_names import STAGES
+from pipeline.models.generation_settings import GenerationSettings
+from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +82,7 @@ class OptimConfig:
     eps: float = 1e-8
     scheduler: str = "cosine"
     warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.5
     fused: Any = "auto"  # auto | true | false
 
 
@@ -90,7 +91,7 @@ class TrainerConfig:
     epochs: int = 1
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 1
-    grad_accum: int = 16
+    grad_accum: int | None = None  # None = ceil(16 / (batch_size x processes)), ms-swift's default
     eval_batch_size: int = 1
     logging_steps: int = 5
     eval_steps: int = 50
@@ -127,12 +128,13 @@ class InferConfig:
     ckpt: str | None = None
     input: str | None = None  # jsonl path; None = the held-out split
     interactive: bool = False
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 0.3
-    top_p: float = 0.7
-    top_k: int = 20
-    repetition_penalty: float = 1.0
+    # generation: the defaults are GenerationSettings'
+    max_new_tokens: int = GenerationSettings.max_new_tokens
+    do_sample: bool = GenerationSettings.do_sample
+    temperature: float = GenerationSettings.temperature
+    top_p: float = GenerationSettings.top_p
+    top_k: int = GenerationSettings.top_k
+    repetition_penalty: float = GenerationSettings.repetition_penalty
     batch_size: int = 8
     stream: bool = True
     max_samples: int | None = 20
@@ -404,6 +406,12 @@ def _check_dataset(tree: dict) -> list[str]:
             "dataset.path is required for dataset=custom: set dataset.path=/path/to/data.jsonl "
             "(or a list of .jsonl/.json files)"
         )
+    source = tree["infer"]["input"]
+    if "infer" in tree["stages"] and not tree["infer"]["interactive"] and source is not None:
+        if Path(source).suffix.lower() not in (".jsonl", ".json"):
+            problems.append(f"infer.input={source} is not a .jsonl or .json file")
+        elif not Path(source).expanduser().is_file():
+            problems.append(f"infer.input={source}: file not found")
     if data["columns"] and data["name"] != "custom" and not data["sources"]:
         problems.append(
             f"dataset.columns renames the keys of custom files; dataset={data['name']} has none "
@@ -423,6 +431,15 @@ def _check_dataset(tree: dict) -> list[str]:
         if ratio is not None and (not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
             problems.append(f"{key}.ratio={ratio} must be a number in (0, 1]")
     return problems
+
+
+def objective_problems(objective: str, generate: bool) -> list[str]:
+    """Return a problem when eval will not write the metric `objective` (generation metrics need generate)."""
+    available = LOSS_METRICS + (GENERATION_METRICS if generate else ())
+    if objective in available:
+        return []
+    hint = " (generation metrics need eval.generate=true)" if objective in GENERATION_METRICS else ""
+    return [f"eval.objective={objective} is not a metric eval writes{hint}; valid: {', '.join(available)}"]
 
 
 FREEZE_KEYS = ("freeze_vision", "freeze_resampler", "freeze_llm")
@@ -456,6 +473,8 @@ def validate(cfg: DictConfig) -> None:
     problems += _check_choices(tree)
     problems += _check_ranges(tree)
     problems += _check_lora(tree)
+    if "eval" in tree["stages"]:
+        problems += objective_problems(tree["eval"]["objective"], tree["eval"]["generate"])
     if not problems:
         problems += _check_ckpt(tree)
         problems += _check_dataset(tree)

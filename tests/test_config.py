@@ -81,10 +81,10 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert cfg.model.path == "openbmb/MiniCPM-V-2" and cfg.model.dtype == "auto"
     assert cfg.model.gradient_checkpointing is True and cfg.model.max_slice_nums == 9
     assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
-    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 1.0
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
     assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
     t = cfg.trainer
-    assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, 16)
+    assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, None)  # ceil(16 / batch / processes)
     assert (t.eval_steps, t.save_steps, t.save_total_limit) == (50, 50, 2)
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
     assert cfg.seed == 42 and list(cfg.stages) == list(STAGES)

@@ -47,20 +47,26 @@ class Source:
     name: str
     load: Loader
     keys: tuple[str, ...]
+    check: Callable[[Mapping], None] | None = None  # raises DatasetError for a config it cannot read
 
 
 _SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, keys: Sequence[str] = ()) -> Callable[[Loader], Loader]:
-    """Return a decorator registering a loader under name; a second registration of a name is an error."""
+def register_source(
+    name: str, keys: Sequence[str] = (), check: Callable[[Mapping], None] | None = None
+) -> Callable[[Loader], Loader]:
+    """Return a decorator registering a loader under name; a second registration of a name is an error.
+
+    ``check`` (optional) looks at a source config without reading rows, so a bad path fails before any work.
+    """
 
     def decorator(load: Loader) -> Loader:
         if name in _SOURCES:
             raise ValueError(
                 f"dataset source '{name}' is already registered by {_SOURCES[name].load.__module__}"
             )
-        _SOURCES[name] = Source(name, load, tuple(keys))
+        _SOURCES[name] = Source(name, load, tuple(keys), check)
         return load
 
     return decorator
@@ -76,6 +82,13 @@ def get_source(name: object) -> Source:
     if name not in _SOURCES:
         raise DatasetError(f"unknown dataset source {name!r}; known sources: {', '.join(source_names())}")
     return _SOURCES[name]
+
+
+def check_source(source_cfg: Mapping) -> None:
+    """Return None when the source config can be read (its own check, if any); raise DatasetError otherwise."""
+    source = get_source(source_cfg.get("name"))
+    if source.check is not None:
+        source.check(source_cfg)
 
 
 def load_rows(
@@ -109,17 +122,27 @@ def load_rows(
     return kept, problems
 
 
-@register_source("custom", keys=("path", "columns"))
-def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
-    """Return rows and problems from the .jsonl/.json files given by the config's ``path``.
-
-    Records may be in any format of pipeline.data.formats; ``columns`` renames their keys first.
-    """
+def _custom_files(cfg: Mapping) -> tuple[list[Path], dict[str, str]]:
     paths = _as_paths(cfg.get("path"), key="path", source="custom")
     try:
         columns = check_columns(cfg.get("columns"))
     except ValueError as exc:
         raise DatasetError(f"dataset source 'custom': {exc}") from None
+    return paths, columns
+
+
+def check_custom(cfg: Mapping) -> None:
+    """Return None when the custom source's files exist and its columns mapping is valid."""
+    _custom_files(cfg)
+
+
+@register_source("custom", keys=("path", "columns"), check=check_custom)
+def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
+    """Return rows and problems from the .jsonl/.json files given by the config's ``path``.
+
+    Records may be in any format of pipeline.data.formats; ``columns`` renames their keys first.
+    """
+    paths, columns = _custom_files(cfg)
     rows: list[Row] = []
     problems: list[Problem] = []
     for path in paths:
@@ -240,7 +263,7 @@ def load_mixture(
     rows: list[Row] = []
     problems: list[Problem] = []
     for index, entry in enumerate(sources):
-        cfg = _with_defaults(entry, defaults, index)
+        cfg = with_defaults(entry, defaults, index)
         source_rows, source_problems = load_rows(cfg, on_error=on_error, max_rows=max_rows)
         label = f"sources[{index}]"
         rows += sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
@@ -248,7 +271,8 @@ def load_mixture(
     return rows, problems
 
 
-def _with_defaults(entry: Mapping, defaults: Mapping | None, index: int) -> dict:
+def with_defaults(entry: Mapping, defaults: Mapping | None, index: int) -> dict:
+    """Return the config of source entry `index` with `defaults` filled in; raises naming unknown keys."""
     if not isinstance(entry, Mapping) or "name" not in entry:
         raise DatasetError(f"sources[{index}] must be a mapping with a 'name'; got {entry!r}")
     source = get_source(entry["name"])
@@ -332,7 +356,14 @@ def coco_help(reason: str) -> str:
     )
 
 
-@register_source("coco_en_2_mini", keys=COCO_KEYS)
+def check_coco(cfg: Mapping) -> None:
+    """Return None when the COCO source's path is set and holds its files (none is read)."""
+    if not cfg.get("path"):
+        raise DatasetError(coco_help("'path' is not set"))
+    find_coco_files(Path(str(cfg["path"])).expanduser())
+
+
+@register_source("coco_en_2_mini", keys=COCO_KEYS, check=check_coco)
 def load_coco(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
     """Return COCO 2014 caption validation rows (ms-swift's coco-en-2-mini) from local files; and problems."""
     if not cfg.get("path"):

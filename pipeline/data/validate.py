@@ -80,7 +80,7 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
     record = to_query_response(record, need_response)
     if isinstance(record, list):
         return record
-    keys = ("query", "response") if need_response or "response" in record else ("query",)
+    keys = ("query", "response") if need_response or record.get("response") is not None else ("query",)
     reasons = [reason for key in keys if (reason := _text_reason(record, key))]
     history, history_reasons = _parse_history(record.get("history"))
     images, image_reasons = _parse_images(record.get("images"), base_dir)
@@ -94,7 +94,7 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
         return reasons
     return Row(
         query=record["query"],
-        response=record.get("response", ""),
+        response=record.get("response") or "",
         history=history,
         images=images,
         system=system or None,

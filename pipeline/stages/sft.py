@@ -10,6 +10,7 @@ full weights + optimizer/scheduler/RNG state + config), logging.jsonl, loss.png,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import resolve_device, resolve_dtype
 from pipeline.data.dataset import SFTDataset
-from pipeline.data.prepare import prepare_splits
+from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.models.bundle import load_bundle
 from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
 from pipeline.runinfo import seed_everything
@@ -87,11 +88,22 @@ def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
     return apply_lora(core, lora_cfg)
 
 
-def loop_settings(cfg: DictConfig) -> LoopSettings:
+# ms-swift's default global batch: its gradient_accumulation_steps defaults to ceil(16 / batch / processes)
+DEFAULT_GLOBAL_BATCH = 16
+
+
+def accumulation_steps(cfg: DictConfig, world: int) -> int:
+    """Returns trainer.grad_accum, or for null ms-swift's ceil(16 / (batch_size x processes))."""
+    if cfg.trainer.grad_accum is not None:
+        return int(cfg.trainer.grad_accum)
+    return math.ceil(DEFAULT_GLOBAL_BATCH / cfg.trainer.batch_size / world)
+
+
+def loop_settings(cfg: DictConfig, world: int = 1) -> LoopSettings:
     t = cfg.trainer
     return LoopSettings(
         batch_size=t.batch_size,
-        grad_accum=t.grad_accum,
+        grad_accum=accumulation_steps(cfg, world),
         epochs=t.epochs,
         max_steps=t.max_steps,
         logging_steps=t.logging_steps,
@@ -144,7 +156,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     configure_deepspeed(accelerator, cfg)
     device = accelerator.device
 
-    # ----- setup: model, data, optimizer
+    # ----- setup: data (read and checked before any weight loads), model, optimizer
+    raw_rows = read_dataset(cfg.dataset, cfg.seed)
     bundle = load_bundle(
         cfg.model.path,
         dtype=weights_dtype(cfg, device),
@@ -165,7 +178,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         pad_to = 128 if on_cuda else 1
     counts = count_parameters(model)
     log.info("%s", counts)
-    splits = prepare_splits(
+    splits = split_dataset(
+        raw_rows,
         cfg.dataset,
         bundle.tokenizer,
         bundle.processor,
@@ -179,12 +193,20 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         )
 
     train_set, val_set = make_set(splits.train), make_set(splits.val)
-    settings = loop_settings(cfg)
+    world = accelerator.num_processes
+    settings = loop_settings(cfg, world)
     optimizer = build_optimizer(model, cfg.optim, device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    world = accelerator.num_processes
     kind = str(accelerator.distributed_type).split(".")[-1]
-    log.info("engine: %s, %d process(es), device %s", kind, world, accelerator.device)
+    log.info(
+        "engine: %s, %d process(es), device %s; global batch %d x grad_accum %d x %d",
+        kind,
+        world,
+        accelerator.device,
+        settings.batch_size,
+        settings.grad_accum,
+        world,
+    )
     total = planned_steps(len(train_set), settings, world)
     scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
