@@ -38,7 +38,9 @@ def source_entries(dataset_cfg: Mapping[str, Any]) -> list[dict]:
         return [dict(s) for s in cfg["sources"]]
     # The dataset group holds the keys of every source kind; hand each source only those it reads.
     accepted = set(COMMON_KEYS) | set(get_source(cfg["name"]).keys)
-    return [{k: v for k, v in cfg.items() if k in accepted and k not in USAGE_KEYS and v is not None}]
+    return [
+        {k: v for k, v in cfg.items() if k in accepted and k not in USAGE_KEYS and v is not None and v != {}}
+    ]
 
 
 def _with_system(rows: list[Row], system: str | None) -> list[Row]:
