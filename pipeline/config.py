@@ -62,7 +62,7 @@ class DatasetConfig:
     sources: list[dict[str, Any]] = field(default_factory=list)
     val_path: Any = None
     # custom files: {key in the file: key of a known row format}, like ms-swift's --columns
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: Any = None  # a mapping; Any so that `dataset.columns={a: query}` replaces it whole
     test_ratio: float = 0.01
     max_length: int = 2048
     truncation: str = "delete"

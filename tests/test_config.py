@@ -253,3 +253,46 @@ def test_resolve_device_reads_the_config(compose):
     cfg = compose(["device=cpu", "model.dtype=float16"])
     device = resolve_device(cfg)
     assert device == torch.device("cpu") and resolve_dtype(cfg, device) == torch.float16
+
+
+@pytest.mark.parametrize("override", ["model.attn_implementation=eager", "dataset.num_workers=2"])
+def test_keys_that_did_nothing_fail_like_a_misspelt_key(compose, override):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    key = override.split("=")[0]
+    assert describe_error(info.value).startswith(f"{key} is not a key of {key.split('.')[0]}; valid keys")
+
+
+def test_freeze_switches_belong_to_full_fine_tuning(compose):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["lora.freeze_vision=true", "lora.freeze_llm=true"]))
+    assert info.value.problems == [
+        f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora=qkv only the adapters "
+        "train: choose what they cover with lora.target_modules"
+        for key in ("freeze_vision", "freeze_llm")
+    ]
+    validate(compose(["lora=none", "lora.freeze_vision=true", "stages=[sft,eval,infer]"]))
+    with pytest.raises(ConfigError, match="lora.bias=all applies to LoRA only"):
+        validate(compose(["lora=none", "lora.bias=all", "stages=[sft,eval,infer]"]))
+    validate(compose(["lora=all", "lora.bias=all"]))
+
+
+def test_dataset_columns_are_for_custom_files(compose):
+    with pytest.raises(ConfigError, match="dataset.columns renames the keys of custom files; dataset=demo"):
+        validate(compose(["dataset.columns={q: query}"]))
+    cfg = compose(["dataset=custom", "dataset.path=rows.jsonl", "dataset.columns={q: query}", "stages=[]"])
+    validate(cfg)
+    assert cfg.dataset.columns == {"q": "query"}
+
+
+def test_generation_defaults_have_one_source(compose):
+    from pipeline.chat_cli import build_parser
+    from pipeline.inference import GENERATION_KEYS
+    from pipeline.models.generation import GenerationSettings
+
+    defaults = GenerationSettings()
+    cfg = compose()
+    args = vars(build_parser().parse_args([]))
+    for key in GENERATION_KEYS:
+        assert cfg.infer[key] == getattr(defaults, key) == args[key], key
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.3, 0.7, 20)  # ms-swift 2.2's

@@ -79,6 +79,8 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
     ):
         assert (ckpt / name).is_file(), name
     assert not list(sft_dir.glob(".tmp-*"))
+    adapter_config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(twin.resolve())  # the base, for PeftModel
     assert sorted(losses_by_step(sft_dir)) == [1, 2, 3, 4, 5, 6]
     assert 0 in eval_losses(sft_dir)  # the starting point is evaluated too
     assert (sft_dir / "loss.png").stat().st_size > 1000

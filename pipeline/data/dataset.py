@@ -31,8 +31,13 @@ class TokenCounter:
     Returns None when the row cannot be kept under the truncation policy.
     """
 
-    def __init__(self, tokenizer: MiniCPMVTokenizer, processor: MiniCPMVImageProcessor, max_length: int,
-                 truncation: str) -> None:
+    def __init__(
+        self,
+        tokenizer: MiniCPMVTokenizer,
+        processor: MiniCPMVImageProcessor,
+        max_length: int,
+        truncation: str,
+    ) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
@@ -45,12 +50,19 @@ class TokenCounter:
             if Path(ref).is_file():
                 with Image.open(ref) as img:
                     size = img.size
-                placeholder = self.processor.placeholder_ids(self.tokenizer, slice_grid_for_size(self.processor,
-                                                                                                  *size))
+                placeholder = self.processor.placeholder_ids(
+                    self.tokenizer, slice_grid_for_size(self.processor, *size)
+                )
             else:  # a URL: sized when it is fetched; count the largest placeholder to be safe
                 placeholder = self.processor.placeholder_ids(self.tokenizer, None)
-        enc = render_conversation(self.tokenizer, row.query, row.response, history=row.history, system=row.system,
-                                  image_placeholder=placeholder)
+        enc = render_conversation(
+            self.tokenizer,
+            row.query,
+            row.response,
+            history=row.history,
+            system=row.system,
+            image_placeholder=placeholder,
+        )
         kept = truncate(enc, self.max_length, self.truncation)
         return None if kept is None else len(kept.input_ids)
 
@@ -95,5 +107,7 @@ class SFTDataset(Dataset):
         )
         if sample is None:
             # Validation removed every row that cannot be kept, so this means the file changed since.
-            raise ValueError(f"{row.origin}: does not fit max_length {self.max_length} under '{self.truncation}'")
+            raise ValueError(
+                f"{row.origin}: does not fit max_length {self.max_length} under '{self.truncation}'"
+            )
         return sample

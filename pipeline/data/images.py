@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -14,9 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.utils.io import atomic_write_bytes
-
 from pipeline.data.rows import is_url
+from pipeline.utils.io import atomic_write_bytes
 
 MAX_BYTES = 32 * 1024 * 1024
 # 64 Mpx is far above any training image (the model resizes to about 448^2 per slice) and far below what
@@ -137,5 +135,3 @@ def fetch_url_to_cache(
     data = fetch_url(url, timeout=timeout, max_bytes=max_bytes, retries=retries)
     atomic_write_bytes(path, data)
     return path
-
-

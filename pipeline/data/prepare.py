@@ -20,8 +20,16 @@ from pipeline.models.tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
 # Keys of the dataset config that describe how rows are used rather than where a source is.
-USAGE_KEYS = {"sources", "val_path", "test_ratio", "max_length", "truncation", "on_error", "max_rows",
-              "system"}
+USAGE_KEYS = {
+    "sources",
+    "val_path",
+    "test_ratio",
+    "max_length",
+    "truncation",
+    "on_error",
+    "max_rows",
+    "system",
+}
 
 
 @dataclass
@@ -38,9 +46,7 @@ def source_entries(dataset_cfg: Mapping[str, Any]) -> list[dict]:
         return [dict(s) for s in cfg["sources"]]
     # The dataset group holds the keys of every source kind; hand each source only those it reads.
     accepted = set(COMMON_KEYS) | set(get_source(cfg["name"]).keys)
-    return [
-        {k: v for k, v in cfg.items() if k in accepted and k not in USAGE_KEYS and v is not None and v != {}}
-    ]
+    return [{k: v for k, v in cfg.items() if k in accepted and k not in USAGE_KEYS and v is not None}]
 
 
 def _with_system(rows: list[Row], system: str | None) -> list[Row]:
@@ -107,13 +113,23 @@ def split_dataset(
     on_error = cfg.get("on_error", "raise")
     problems = list(raw.problems)
     counter = TokenCounter(tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete"))
-    rows, more = validate_rows(raw.rows, check_image_files=False, count_tokens=counter,
-                               max_length=cfg.get("max_length"), on_error=on_error)
+    rows, more = validate_rows(
+        raw.rows,
+        check_image_files=False,
+        count_tokens=counter,
+        max_length=cfg.get("max_length"),
+        on_error=on_error,
+    )
     problems += more
     val_rows = None
     if raw.val_rows is not None:
-        val_rows, more = validate_rows(raw.val_rows, check_image_files=False, count_tokens=counter,
-                                       max_length=cfg.get("max_length"), on_error=on_error)
+        val_rows, more = validate_rows(
+            raw.val_rows,
+            check_image_files=False,
+            count_tokens=counter,
+            max_length=cfg.get("max_length"),
+            on_error=on_error,
+        )
         problems += more
     train, val = split_rows(rows, test_ratio=cfg.get("test_ratio", 0.01), seed=seed, val_rows=val_rows)
     if problems and problems_path is not None:
