@@ -76,7 +76,7 @@ class DatasetConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float | None = None  # None = ms-swift's: 1e-4 with LoRA, 1e-5 for full fine-tuning (lora=none)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

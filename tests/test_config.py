@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, resolve_device, resolve_dtype, validate
 from pipeline.stages import STAGES
+from pipeline.stages.sft import accumulation_steps, optim_settings
 from tests.conftest import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
@@ -81,7 +82,7 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert cfg.model.path == "openbmb/MiniCPM-V-2" and cfg.model.dtype == "auto"
     assert cfg.model.gradient_checkpointing is True and cfg.model.max_slice_nums == 9
     assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
-    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
+    assert optim_settings(cfg).lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
     assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
     t = cfg.trainer
     assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, None)  # ceil(16 / batch / processes)
@@ -101,7 +102,8 @@ def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch)
 
 def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
     cfg = compose(["+experiment=full"])
-    assert cfg.lora.name == "none" and cfg.optim.lr == 1e-5 and "merge" not in cfg.stages
+    assert cfg.lora.name == "none" and "merge" not in cfg.stages
+    assert cfg.optim.lr is None and optim_settings(cfg).lr == 1e-5  # ms-swift's lr for full fine-tuning
 
 
 def test_misspelt_key_fails_naming_key_and_valid_keys(compose):
@@ -296,3 +298,11 @@ def test_generation_defaults_have_one_source(compose):
     for key in GENERATION_KEYS:
         assert cfg.infer[key] == getattr(defaults, key) == args[key], key
     assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.3, 0.7, 20)  # ms-swift 2.2's
+
+
+def test_accumulation_follows_ms_swift_when_unset(compose):
+    cfg = compose(["trainer=default"])
+    assert [accumulation_steps(cfg, world) for world in (1, 2, 4, 3)] == [16, 8, 4, 6]
+    cfg = compose(["trainer=default", "trainer.batch_size=4"])
+    assert accumulation_steps(cfg, 1) == 4
+    assert accumulation_steps(compose(["trainer=default", "trainer.grad_accum=3"]), 4) == 3

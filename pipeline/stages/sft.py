@@ -99,6 +99,15 @@ def accumulation_steps(cfg: DictConfig, world: int) -> int:
     return math.ceil(DEFAULT_GLOBAL_BATCH / cfg.trainer.batch_size / world)
 
 
+def optim_settings(cfg: DictConfig) -> DictConfig:
+    """Returns the optim section with the learning rate filled in: optim.lr, or for null ms-swift's 1e-4
+    with LoRA and 1e-5 for full fine-tuning."""
+    lr = cfg.optim.lr
+    if lr is None:
+        lr = 1e-5 if cfg.lora.name == "none" else 1e-4
+    return OmegaConf.create({**OmegaConf.to_container(cfg.optim, resolve=True), "lr": float(lr)})
+
+
 def loop_settings(cfg: DictConfig, world: int = 1) -> LoopSettings:
     t = cfg.trainer
     return LoopSettings(
@@ -195,7 +204,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     train_set, val_set = make_set(splits.train), make_set(splits.val)
     world = accelerator.num_processes
     settings = loop_settings(cfg, world)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    optim = optim_settings(cfg)
+    log.info("optimizer: AdamW, lr %g", optim.lr)
+    optimizer = build_optimizer(model, optim, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     kind = str(accelerator.distributed_type).split(".")[-1]
     log.info(
@@ -208,7 +219,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         world,
     )
     total = planned_steps(len(train_set), settings, world)
-    scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
+    scheduler = build_scheduler(optimizer, optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # The pipeline's run-wide tracker when there is one; a stage run on its own gets (and closes) its own.
     own_tracker = state.get("tracker") is None or not accelerator.is_main_process
