@@ -15,6 +15,7 @@ from tqdm import tqdm
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
+from pipeline.models.template import IMAGE_TAG
 
 __all__ = [
     "KNOWN_KEYS",
@@ -35,7 +36,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KNOWN_KEYS = FORMAT_KEYS["query/response"]
-IMAGE_TAG = "<image>"  # as pipeline.models.template.IMAGE_TAG; this module stays free of the model code
 ON_ERROR_CHOICES = ("raise", "skip")
 MAX_LISTED = 20
 # Keys people write by mistake for a known one; the warning names the intended key.

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_device
 from pipeline.data.dataset import SFTDataset
-from pipeline.data.prepare import prepare_splits
+from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
 from pipeline.inference import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.metrics import compute_generation_metrics
@@ -117,6 +117,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     ckpt = checkpoint_for_eval(cfg, state)
 
     # ----- setup: model and held-out rows
+    raw_rows = read_dataset(cfg.dataset, cfg.seed)  # read and checked before any weight loads
     bundle = load_inference_bundle(
         cfg.model.path,
         ckpt,
@@ -127,7 +128,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         max_slice_nums=cfg.model.max_slice_nums,
         slice_mode=cfg.model.slice_mode,
     )
-    splits = prepare_splits(
+    splits = split_dataset(
+        raw_rows,
         cfg.dataset,
         bundle.tokenizer,
         bundle.processor,

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from pipeline.chat import Chat
 from pipeline.chat_cli import run_chat
 from pipeline.config import BASE_CKPT, resolve_device
-from pipeline.data.prepare import prepare_splits
+from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
 from pipeline.data.validate import record_to_row
 from pipeline.inference import GENERATION_KEYS, generate_for_rows, generation_settings, load_inference_bundle
@@ -112,12 +112,26 @@ def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
     return rows, labels
 
 
-def input_rows(cfg: DictConfig, bundle: ModelBundle, infer_dir: Path) -> tuple[list[Row], list[str | None]]:
-    """Returns the rows to answer (infer.input, else the held-out split) and their labels, at most max_samples."""
+def read_inputs(cfg: DictConfig) -> tuple[list[Row], list[str | None]] | RawRows:
+    """Returns the rows of infer.input and their labels, else the dataset's rows (to split once tokenized)."""
     if cfg.infer.input is not None:
-        rows, labels = read_infer_input(cfg.infer.input)
+        return read_infer_input(cfg.infer.input)
+    return read_dataset(cfg.dataset, cfg.seed)
+
+
+def input_rows(
+    cfg: DictConfig, bundle: ModelBundle, infer_dir: Path, inputs: tuple | RawRows | None = None
+) -> tuple[list[Row], list[str | None]]:
+    """Returns the rows to answer (infer.input, else the held-out split) and their labels, at most max_samples.
+
+    `inputs` is what read_inputs returned (read before the model loaded); None reads them now.
+    """
+    inputs = read_inputs(cfg) if inputs is None else inputs
+    if not isinstance(inputs, RawRows):
+        rows, labels = inputs
     else:
-        splits = prepare_splits(
+        splits = split_dataset(
+            inputs,
             cfg.dataset,
             bundle.tokenizer,
             bundle.processor,
@@ -156,6 +170,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     device = resolve_device(cfg)
     ckpt = checkpoint_for_infer(cfg, state)
     settings = settings_from_config(cfg)
+    inputs = None if cfg.infer.interactive else read_inputs(cfg)  # read and checked before the weights
     bundle = load_inference_bundle(
         cfg.model.path,
         ckpt,
@@ -180,7 +195,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         log.info("infer: %d turn(s) recorded in %s", turns, results)
         return {"infer": results}
 
-    rows, labels = input_rows(cfg, bundle, infer_dir)
+    rows, labels = input_rows(cfg, bundle, infer_dir, inputs)
     generator = torch.Generator(bundle.core.llm.lm_head.weight.device).manual_seed(int(cfg.seed))
     responses = generate_for_rows(
         bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
