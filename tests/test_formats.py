@@ -87,6 +87,12 @@ def test_every_format_reads_into_the_same_conversation(tmp_path: Path, image: st
     assert rows[0].images == [str((tmp_path / image).resolve())]
 
 
+def test_conversations_with_role_and_content_keys_are_read(tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows, problems = read_custom_file(write_jsonl(tmp_path / "d.jsonl", [{"conversations": turns}]))
+    assert problems == [] and as_tuple(rows[0]) == ("q", "a", [], None, 0)
+
+
 def test_alpaca_without_input_uses_the_instruction_as_query(tmp_path: Path) -> None:
     rows, _ = read_custom_file(write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello"}]))
     assert as_tuple(rows[0]) == ("Hi", "Hello", [], None, 0)

@@ -5,6 +5,7 @@ Each record is recognised by its keys (the first match wins, in this order):
     messages        {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...], "images": [...]}
     conversations   {"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value": ...}],
                      "system": ..., "images": [...]}                       (LLaMA-Factory's ShareGPT)
+                    (either list may use role/content or from/value)
     conversation    {"conversation": [{"human": ..., "assistant": ...}, ...], "system": ..., "images": [...]}
                                                                             (ms-swift's ShareGPT)
     alpaca          {"instruction": ..., "input": ..., "output": ..., "system": ..., "history": [...],
@@ -96,7 +97,12 @@ def to_query_response(record: Mapping, need_response: bool = True) -> dict | lis
         return [f"'{kind}' must be a non-empty list of turns, got {_show(turns)}"]
     if kind == "conversation":
         return _from_pairs(turns, extra, need_response)
-    role_key, text_key = ("role", "content") if kind == "messages" else ("from", "value")
+    # messages use role/content and conversations from/value, but each is also seen with the other's keys
+    first = turns[0] if isinstance(turns[0], Mapping) else {}
+    if "role" in first or ("from" not in first and kind == "messages"):
+        role_key, text_key = "role", "content"
+    else:
+        role_key, text_key = "from", "value"
     return _from_turns(kind, turns, role_key, text_key, extra, need_response)
 
 
