@@ -1,4 +1,4 @@
-"""The stage registry: names, their fixed order, and lazy lookup of each stage's `run` function.
+"""The stage registry: lazy lookup of each stage's `run` function (names and order: pipeline.stage_names).
 
 A stage is a module `pipeline.stages.<name>` defining
 
