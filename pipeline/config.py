@@ -92,10 +92,10 @@ class TrainerConfig:
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 1
     grad_accum: int | None = None  # None = ceil(16 / (batch_size x processes)), ms-swift's default
-    eval_batch_size: int = 1
+    eval_batch_size: int | None = None  # None = batch_size, as ms-swift
     logging_steps: int = 5
     eval_steps: int = 50
-    save_steps: int = 50
+    save_steps: int | None = None  # None = eval_steps, as ms-swift
     save_total_limit: int | None = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
     mixed_precision: str = "auto"

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, resolve_device, resolve_dtype, validate
 from pipeline.stages import STAGES
-from pipeline.stages.sft import accumulation_steps, optim_settings
+from pipeline.stages.sft import accumulation_steps, loop_settings, optim_settings
 from tests.conftest import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
@@ -86,7 +86,9 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
     t = cfg.trainer
     assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, None)  # ceil(16 / batch / processes)
-    assert (t.eval_steps, t.save_steps, t.save_total_limit) == (50, 50, 2)
+    assert (t.eval_steps, t.save_steps, t.save_total_limit, t.eval_batch_size) == (50, None, 2, None)
+    settings = loop_settings(cfg)
+    assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
     assert cfg.seed == 42 and list(cfg.stages) == list(STAGES)
 
