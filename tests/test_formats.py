@@ -156,6 +156,7 @@ def test_columns_map_other_key_names_like_ms_swift(tmp_path: Path) -> None:
             r"messages\[0\] is a system turn and the record also has 'system'",
         ),  # fmt: skip
         ({"query": "<image>what?", "response": "a"}, "1 <image> tag.* but 0 image"),
+        ({"query": "what?", "response": "an <image>", "images": ["a.png"]}, "<image> in a response"),
         (
             {"query": "<image>b?", "response": "a", "history": [["<image>a?", "b"]], "images": ["a.png"]},
             "2 <image> tag.* but 1 image",

@@ -89,7 +89,7 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
     if system is not None and not isinstance(system, str):
         reasons.append(f"'system' must be a string or null, got {_json_type(system)}")
     if not reasons:
-        reasons += _tag_reasons(record["query"], history, images)
+        reasons += _tag_reasons(record["query"], record.get("response"), history, images)
     if reasons:
         return reasons
     return Row(
@@ -102,14 +102,19 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
     )
 
 
-def _tag_reasons(query: str, history: list[tuple[str, str]], images: list[str]) -> list[str]:
+def _tag_reasons(
+    query: str, response: str | None, history: list[tuple[str, str]], images: list[str]
+) -> list[str]:
+    reasons = []
+    if IMAGE_TAG in (response or "") or any(IMAGE_TAG in r for _, r in history):
+        reasons.append(f"{IMAGE_TAG} in a response; the tag places the image in a query (or a history query)")
     tags = query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in history)
-    if tags <= len(images):
-        return []
-    return [
-        f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s) in 'images'; each tag marks where one image "
-        "goes, and MiniCPM-V-2 takes at most one per conversation"
-    ]
+    if tags > len(images):
+        reasons.append(
+            f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s) in 'images'; each tag marks where one image "
+            "goes, and MiniCPM-V-2 takes at most one per conversation"
+        )
+    return reasons
 
 
 def _text_reason(record: Mapping, key: str) -> str | None:
