@@ -49,9 +49,8 @@ class LoraConfig:
     freeze_vision: bool = False
     freeze_resampler: bool = False
     freeze_llm: bool = False
-    bias: str = (
-        "none"  # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable)
-    )
+    # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable)
+    bias: str = "none"
 
 
 @dataclass
@@ -406,12 +405,12 @@ def _check_dataset(tree: dict) -> list[str]:
             "dataset.path is required for dataset=custom: set dataset.path=/path/to/data.jsonl "
             "(or a list of .jsonl/.json files)"
         )
-    source = tree["infer"]["input"]
-    if "infer" in tree["stages"] and not tree["infer"]["interactive"] and source is not None:
-        if Path(source).suffix.lower() not in (".jsonl", ".json"):
-            problems.append(f"infer.input={source} is not a .jsonl or .json file")
-        elif not Path(source).expanduser().is_file():
-            problems.append(f"infer.input={source}: file not found")
+    infer_input = tree["infer"]["input"]
+    if "infer" in tree["stages"] and not tree["infer"]["interactive"] and infer_input is not None:
+        if Path(infer_input).suffix.lower() not in (".jsonl", ".json"):
+            problems.append(f"infer.input={infer_input} is not a .jsonl or .json file")
+        elif not Path(infer_input).expanduser().is_file():
+            problems.append(f"infer.input={infer_input}: file not found")
     if data["columns"] and data["name"] != "custom" and not data["sources"]:
         problems.append(
             f"dataset.columns renames the keys of custom files; dataset={data['name']} has none "
