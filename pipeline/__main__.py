@@ -171,9 +171,23 @@ def prepare_run(
     if "sft" not in cfg.stages and ckpt not in (None, BASE_CKPT):
         earlier = adopt_earlier_run(cfg, ckpt, overrides)
     validate(cfg)
+    if reads_dataset(cfg):
+        from pipeline.data.prepare import check_dataset  # the data code loads only when a run needs it
+
+        try:
+            check_dataset(cfg.dataset)
+        except ValueError as exc:  # DatasetError: a config problem found before any work
+            raise ConfigError(str(exc)) from None
     device = str(resolve_device(cfg))
     stages = [(name, get_stage(name)) for name in cfg.stages]
     return stages, device, earlier
+
+
+def reads_dataset(cfg: DictConfig) -> bool:
+    """Return True when a stage of the run reads the configured dataset (sft, eval, infer over its split)."""
+    stages = set(cfg.stages)
+    infer_split = "infer" in stages and cfg.infer.input is None and not cfg.infer.interactive
+    return bool(stages & {"sft", "eval"}) or infer_split
 
 
 def _run_on_other_process(cfg: DictConfig, run_dir: Path, stages: list[tuple[str, StageFn]]) -> None:

@@ -19,7 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.models.families import FAMILIES, STAGE_READY
-from pipeline.stages import STAGES
+from pipeline.models.generation_settings import GenerationSettings
+from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,6 @@ class ModelConfig:
     family: str = "minicpm_v2"  # the module under pipeline/models/families/ that loads and encodes it
     path: str = MISSING  # local folder or hub id
     dtype: str = "auto"
-    attn_implementation: str = "sdpa"
     max_slice_nums: int = 9
     slice_mode: bool = True
     gradient_checkpointing: bool = True
@@ -49,9 +49,11 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None = the preset of `name`
     modules_to_save: list[str] = field(default_factory=list)
+    # full fine-tuning (name=none) only: with LoRA only the adapters (and modules_to_save) train
     freeze_vision: bool = False
     freeze_resampler: bool = False
     freeze_llm: bool = False
+    # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable)
     bias: str = "none"
 
 
@@ -62,6 +64,8 @@ class DatasetConfig:
     # other datasets mixed in: [{name, path, n | ratio, ...}]; [] = just this one
     sources: list[dict[str, Any]] = field(default_factory=list)
     val_path: Any = None
+    # custom files: {key in the file: key of a known row format}, like ms-swift's --columns
+    columns: Any = None  # a mapping; Any so that `dataset.columns={a: query}` replaces it whole
     test_ratio: float = 0.01
     max_length: int = 2048
     truncation: str = "delete"
@@ -69,20 +73,19 @@ class DatasetConfig:
     image_root: str | None = None
     allow_download: bool = False
     check_images: bool = True  # decode every image before training; false skips it (large sets you trust)
-    num_workers: int = 0
     max_rows: int | None = None
     system: str | None = None
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float | None = None  # None = ms-swift's: 1e-4 with LoRA, 1e-5 for full fine-tuning (lora=none)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     scheduler: str = "cosine"
     warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.5
     fused: Any = "auto"  # auto | true | false
 
 
@@ -91,11 +94,11 @@ class TrainerConfig:
     epochs: int = 1
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 1
-    grad_accum: int = 16
-    eval_batch_size: int = 1
+    grad_accum: int | None = None  # None = ceil(16 / (batch_size x processes)), ms-swift's default
+    eval_batch_size: int | None = None  # None = batch_size, as ms-swift
     logging_steps: int = 5
     eval_steps: int = 50
-    save_steps: int = 50
+    save_steps: int | None = None  # None = eval_steps, as ms-swift
     save_total_limit: int | None = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
     mixed_precision: str = "auto"
@@ -134,12 +137,13 @@ class InferConfig:
     ckpt: str | None = None
     input: str | None = None  # jsonl path; None = the held-out split
     interactive: bool = False
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 0.3
-    top_p: float = 0.7
-    top_k: int = 20
-    repetition_penalty: float = 1.0
+    # generation: the defaults are GenerationSettings'
+    max_new_tokens: int = GenerationSettings.max_new_tokens
+    do_sample: bool = GenerationSettings.do_sample
+    temperature: float = GenerationSettings.temperature
+    top_p: float = GenerationSettings.top_p
+    top_k: int = GenerationSettings.top_k
+    repetition_penalty: float = GenerationSettings.repetition_penalty
     batch_size: int = 8
     stream: bool = True
     max_samples: int | None = 20
@@ -201,7 +205,6 @@ GROUP_SCHEMAS: dict[str, type] = {
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager"),
     "model.family": tuple(FAMILIES),
     "lora.name": ("qkv", "all", "none"),
     "lora.bias": ("none", "all", "lora_only"),
@@ -224,7 +227,6 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("lora.dropout", 0.0, 0.999),
     ("dataset.test_ratio", 0.0, 0.999),
     ("dataset.max_length", 16, None),
-    ("dataset.num_workers", 0, None),
     ("dataset.max_rows", 1, None),
     ("optim.lr", 1e-12, None),
     ("optim.weight_decay", 0.0, None),
@@ -438,6 +440,17 @@ def _check_dataset(tree: dict) -> list[str]:
             "dataset.path is required for dataset=custom: set dataset.path=/path/to/data.jsonl "
             "(or a list of .jsonl/.json files)"
         )
+    infer_input = tree["infer"]["input"]
+    if "infer" in tree["stages"] and not tree["infer"]["interactive"] and infer_input is not None:
+        if Path(infer_input).suffix.lower() not in (".jsonl", ".json"):
+            problems.append(f"infer.input={infer_input} is not a .jsonl or .json file")
+        elif not Path(infer_input).expanduser().is_file():
+            problems.append(f"infer.input={infer_input}: file not found")
+    if data["columns"] and data["name"] != "custom" and not data["sources"]:
+        problems.append(
+            f"dataset.columns renames the keys of custom files; dataset={data['name']} has none "
+            "(use dataset=custom)"
+        )
     for i, source in enumerate(data["sources"]):
         key = f"dataset.sources[{i}]"
         name = source.get("name")
@@ -471,6 +484,36 @@ def _check_family(tree: dict) -> list[str]:
     return problems
 
 
+def objective_problems(objective: str, generate: bool) -> list[str]:
+    """Return a problem when eval will not write the metric `objective` (generation metrics need generate)."""
+    available = LOSS_METRICS + (GENERATION_METRICS if generate else ())
+    if objective in available:
+        return []
+    hint = " (generation metrics need eval.generate=true)" if objective in GENERATION_METRICS else ""
+    return [f"eval.objective={objective} is not a metric eval writes{hint}; valid: {', '.join(available)}"]
+
+
+FREEZE_KEYS = ("freeze_vision", "freeze_resampler", "freeze_llm")
+
+
+def _check_lora(tree: dict) -> list[str]:
+    lora = tree["lora"]
+    if lora["name"] == "none":
+        if lora["bias"] != "none":
+            return [
+                f"lora.bias={lora['bias']} applies to LoRA only; full fine-tuning (lora=none) trains every bias "
+                "of the parts not frozen"
+            ]
+        return []
+    # As ms-swift (`freeze_parameters` is for --sft_type full): with LoRA only the adapters train.
+    return [
+        f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora={lora['name']} only the "
+        "adapters train: choose what they cover with lora.target_modules"
+        for key in FREEZE_KEYS
+        if lora[key]
+    ]
+
+
 def validate(cfg: DictConfig) -> None:
     """Return None when `cfg` is usable; raise ConfigError naming every bad key and what it accepts."""
     tree = _to_plain(cfg)
@@ -480,6 +523,9 @@ def validate(cfg: DictConfig) -> None:
     problems = _check_stages(list(tree["stages"]))
     problems += _check_choices(tree)
     problems += _check_ranges(tree)
+    problems += _check_lora(tree)
+    if "eval" in tree["stages"]:
+        problems += objective_problems(tree["eval"]["objective"], tree["eval"]["generate"])
     if not problems:
         problems += _check_ckpt(tree)
         problems += _check_dataset(tree)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import pipeline.chat as chat_module
-from pipeline.chat import SEPARATOR, Chat, main, run_chat
+from pipeline.chat import Chat
+from pipeline.chat_cli import SEPARATOR, main, run_chat
 from pipeline.models.checkpoint import CheckpointError
 from pipeline.models.configuration import MiniCPMVConfig
 from pipeline.models.lora import apply_lora, build_lora_config
@@ -66,10 +67,27 @@ def test_the_first_image_stays_with_the_conversation(chat: Chat, workdir: Path, 
     assert fresh["image"] is None and fresh["history"] == []
 
 
-def test_one_image_per_conversation(chat: Chat, workdir: Path):
+def test_one_image_per_conversation(chat: Chat, workdir: Path, tmp_path: Path):
     image = str(workdir / "yellow.png")
     with pytest.raises(ValueError, match="one image per conversation; got 2"):
         chat.infer("Compare them.", images=[image, image])
+    _, history = chat.infer("Describe the image.", images=[image])
+    _, history = chat.infer("Again?", images=[image], history=history)  # the same image: no second one
+    Image.new("RGB", (112, 112), (10, 20, 200)).save(tmp_path / "blue.png")
+    with pytest.raises(ValueError, match="already has an image .*yellow.png.*start a new conversation"):
+        chat.infer("And this one?", images=[str(tmp_path / "blue.png")], history=history)
+    with pytest.raises(ValueError, match="1 <image> tag.* but no image"):
+        chat.infer("<image>What is this?")
+
+
+def test_a_history_from_another_conversation_does_not_get_its_image(
+    chat: Chat, workdir: Path, prompts: list[dict]
+):
+    chat.infer("Describe the image.", images=[str(workdir / "yellow.png")])
+    unrelated = [["What is 2 + 3?", "5"]]
+    chat.infer("And 4 + 4?", history=unrelated)
+    assert prompts[0]["image"] is not None
+    assert prompts[1]["image"] is None and prompts[1]["history"] == unrelated
 
 
 def test_stream_yields_growing_text_ending_with_the_infer_response(chat: Chat, workdir: Path):
@@ -145,6 +163,18 @@ def test_reset_system_sets_the_system_prompt_and_eof_ends_the_chat(chat: Chat, p
     )
     assert "<<<[system] " in out.getvalue()
     assert [t["system"] for t in turns] == ["Answer briefly."] and prompts[-1]["system"] == "Answer briefly."
+
+
+def test_reset_system_starts_a_new_conversation(chat: Chat, workdir: Path, prompts: list[dict]):
+    image = str(workdir / "yellow.png")
+    script = f"Describe the image.\n{image}\nreset-system\nBe brief.\nHow many?\n\nexit\n"
+    out = io.StringIO()
+    turns: list[dict] = []
+    run_chat(chat, io.StringIO(script), out, stream=False, record=turns.append)
+    assert out.getvalue().count(IMAGE_PROMPT) == 2  # asked again: the image went with the old conversation
+    assert "(new conversation)" in out.getvalue()
+    assert turns[1]["history"] == [] and turns[1]["images"] == [] and turns[1]["system"] == "Be brief."
+    assert prompts[-1]["image"] is None and prompts[-1]["history"] == []
 
 
 def test_missing_checkpoint_and_foreign_adapter_raise_checkpoint_error(workdir: Path, tmp_path: Path):

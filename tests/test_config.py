@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, resolve_device, resolve_dtype, validate
 from pipeline.stages import STAGES
+from pipeline.stages.sft import accumulation_steps, loop_settings, optim_settings
 from tests.conftest import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
@@ -89,11 +90,13 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert cfg.model.path == "openbmb/MiniCPM-V-2" and cfg.model.dtype == "auto"
     assert cfg.model.gradient_checkpointing is True and cfg.model.max_slice_nums == 9
     assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
-    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 1.0
+    assert optim_settings(cfg).lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
     assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
     t = cfg.trainer
-    assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, 16)
-    assert (t.eval_steps, t.save_steps, t.save_total_limit) == (50, 50, 2)
+    assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, None)  # ceil(16 / batch / processes)
+    assert (t.eval_steps, t.save_steps, t.save_total_limit, t.eval_batch_size) == (50, None, 2, None)
+    settings = loop_settings(cfg)
+    assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
     assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s != "serve"]  # serve only when asked
 
@@ -109,7 +112,8 @@ def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch)
 
 def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
     cfg = compose(["+experiment=full"])
-    assert cfg.lora.name == "none" and cfg.optim.lr == 1e-5 and "merge" not in cfg.stages
+    assert cfg.lora.name == "none" and "merge" not in cfg.stages
+    assert cfg.optim.lr is None and optim_settings(cfg).lr == 1e-5  # ms-swift's lr for full fine-tuning
 
 
 def test_misspelt_key_fails_naming_key_and_valid_keys(compose):
@@ -261,3 +265,54 @@ def test_resolve_device_reads_the_config(compose):
     cfg = compose(["device=cpu", "model.dtype=float16"])
     device = resolve_device(cfg)
     assert device == torch.device("cpu") and resolve_dtype(cfg, device) == torch.float16
+
+
+@pytest.mark.parametrize("override", ["model.attn_implementation=eager", "dataset.num_workers=2"])
+def test_keys_that_did_nothing_fail_like_a_misspelt_key(compose, override):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    key = override.split("=")[0]
+    assert describe_error(info.value).startswith(f"{key} is not a key of {key.split('.')[0]}; valid keys")
+
+
+def test_freeze_switches_belong_to_full_fine_tuning(compose):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["lora.freeze_vision=true", "lora.freeze_llm=true"]))
+    assert info.value.problems == [
+        f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora=qkv only the adapters "
+        "train: choose what they cover with lora.target_modules"
+        for key in ("freeze_vision", "freeze_llm")
+    ]
+    validate(compose(["lora=none", "lora.freeze_vision=true", "stages=[sft,eval,infer]"]))
+    with pytest.raises(ConfigError, match="lora.bias=all applies to LoRA only"):
+        validate(compose(["lora=none", "lora.bias=all", "stages=[sft,eval,infer]"]))
+    validate(compose(["lora=all", "lora.bias=all"]))
+
+
+def test_dataset_columns_are_for_custom_files(compose):
+    with pytest.raises(ConfigError, match="dataset.columns renames the keys of custom files; dataset=demo"):
+        validate(compose(["dataset.columns={q: query}"]))
+    cfg = compose(["dataset=custom", "dataset.path=rows.jsonl", "dataset.columns={q: query}", "stages=[]"])
+    validate(cfg)
+    assert cfg.dataset.columns == {"q": "query"}
+
+
+def test_generation_defaults_have_one_source(compose):
+    from pipeline.chat_cli import build_parser
+    from pipeline.inference import GENERATION_KEYS
+    from pipeline.models.generation import GenerationSettings
+
+    defaults = GenerationSettings()
+    cfg = compose()
+    args = vars(build_parser().parse_args([]))
+    for key in GENERATION_KEYS:
+        assert cfg.infer[key] == getattr(defaults, key) == args[key], key
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.3, 0.7, 20)  # ms-swift 2.2's
+
+
+def test_accumulation_follows_ms_swift_when_unset(compose):
+    cfg = compose(["trainer=default"])
+    assert [accumulation_steps(cfg, world) for world in (1, 2, 4, 3)] == [16, 8, 4, 6]
+    cfg = compose(["trainer=default", "trainer.batch_size=4"])
+    assert accumulation_steps(cfg, 1) == 4
+    assert accumulation_steps(compose(["trainer=default", "trainer.grad_accum=3"]), 4) == 3

@@ -264,7 +264,7 @@ def test_sample_rows_without_n_or_ratio_keeps_everything() -> None:
 def test_split_is_deterministic_with_a_golden_count() -> None:
     rows = list(range(40504))
     train, val = split_rows(rows)
-    assert len(val) == 406 and len(train) == 40504 - 406  # ceil(1% of 40,504), like ms-swift
+    assert len(val) == 405 and len(train) == 40504 - 405  # int(1% of 40,504), like ms-swift
     assert split_rows(rows) == (train, val)
     assert sorted(train + val) == rows and not set(train) & set(val)
     assert split_rows(rows, seed=1)[1] != val
@@ -276,18 +276,19 @@ def test_split_golden_indices_do_not_depend_on_the_platform() -> None:
 
 
 @pytest.mark.parametrize(
-    ("count", "ratio", "min_test", "expected"),
+    ("count", "ratio", "expected"),
     [
-        (1, 0.01, 1, 0),
-        (2, 0.01, 1, 1),
-        (240, 0.01, 1, 3),
-        (100, 0.07, 1, 7),
-        (10, 0.0, 0, 0),
-        (10, 0.0, 2, 2),
+        (1, 0.01, 0),
+        (2, 0.01, 1),
+        (240, 0.01, 2),
+        (199, 0.01, 1),
+        (100, 0.07, 7),
+        (100, 0.29, 28),  # int(28.999999999999996), exactly as ms-swift counts
+        (10, 0.0, 0),
     ],
 )
-def test_split_sizes(count: int, ratio: float, min_test: int, expected: int) -> None:
-    train, val = split_rows(list(range(count)), test_ratio=ratio, min_test=min_test)
+def test_split_sizes_round_down_like_ms_swift(count: int, ratio: float, expected: int) -> None:
+    train, val = split_rows(list(range(count)), test_ratio=ratio)
     assert len(val) == expected and len(train) == count - expected
 
 
@@ -296,7 +297,7 @@ def test_explicit_validation_rows_are_used_as_given() -> None:
 
 
 def test_sources_module_has_one_registry() -> None:
-    assert sources.get_source("custom").keys == ("path",)
+    assert sources.get_source("custom").keys == ("path", "columns")
 
 
 def test_the_logged_row_count_is_the_one_after_sampling(tmp_path, caplog):

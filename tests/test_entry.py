@@ -14,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.__main__ import run_pipeline
+from pipeline.config import ConfigError
 from pipeline.runinfo import (
     adopt_earlier_run,
     find_run_dir,
@@ -199,8 +200,10 @@ def test_get_stage_refuses_unknown_names_and_finds_run(monkeypatch):
 
 def _earlier_run(compose, tmp_path: Path) -> Path:
     run_dir = tmp_path / "outputs" / "exp" / "20250101-000000"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"query": "q", "response": "a"}\n', encoding="utf-8")
     cfg = compose(
-        ["dataset=custom", "dataset.path=rows.jsonl", "dataset.max_length=512", "model.max_slice_nums=4"]
+        ["dataset=custom", f"dataset.path={rows}", "dataset.max_length=512", "model.max_slice_nums=4"]
     )
     write_run_start(run_dir, cfg, {"status": "ok"})
     (run_dir / "sft" / "checkpoint-10").mkdir(parents=True)
@@ -212,7 +215,7 @@ def test_load_run_config_walks_up_from_a_checkpoint(compose, tmp_path):
     ckpt = run_dir / "sft" / "checkpoint-10"
     assert find_run_dir(ckpt) == run_dir.resolve()
     loaded = load_run_config(ckpt)
-    assert loaded.dataset.path == "rows.jsonl" and loaded.dataset.max_length == 512
+    assert loaded.dataset.path == str(tmp_path / "rows.jsonl") and loaded.dataset.max_length == 512
     assert load_run_config(tmp_path) is None
 
 
@@ -221,7 +224,8 @@ def test_earlier_run_supplies_dataset_and_model_unless_overridden(compose, tmp_p
     ckpt = run_dir / "sft" / "checkpoint-10"
     cfg = compose(["stages=[eval]", f"ckpt={ckpt}"])
     assert adopt_earlier_run(cfg, ckpt, ["stages=[eval]", f"ckpt={ckpt}"]) == run_dir.resolve()
-    assert cfg.dataset.name == "custom" and cfg.dataset.path == "rows.jsonl" and cfg.model.max_slice_nums == 4
+    assert cfg.dataset.name == "custom" and cfg.dataset.path == str(tmp_path / "rows.jsonl")
+    assert cfg.model.max_slice_nums == 4
     cfg = compose(["stages=[eval]", f"ckpt={ckpt}", "dataset.max_length=64"])
     adopt_earlier_run(cfg, ckpt, ["dataset.max_length=64"])
     assert cfg.dataset.name == "demo" and cfg.dataset.max_length == 64 and cfg.model.max_slice_nums == 4
@@ -234,7 +238,7 @@ def test_entry_records_the_reused_run(compose, fake_stages, tmp_path):
     run_pipeline(compose(overrides), tmp_path / "new", overrides)
     info = json.loads((tmp_path / "new" / "run.json").read_text())
     assert info["reused_config_from"] == str(run_dir.resolve())
-    assert OmegaConf.load(tmp_path / "new" / "config.yaml").dataset.path == "rows.jsonl"
+    assert OmegaConf.load(tmp_path / "new" / "config.yaml").dataset.path == str(tmp_path / "rows.jsonl")
 
 
 def test_rerun_into_the_same_folder_keeps_earlier_attempts(compose, fake_stages, tmp_path):
@@ -292,3 +296,30 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
     with atomic_dir(final, overwrite=True) as tmp:
         (tmp / "weights.bin").write_bytes(b"v2")
     assert (final / "weights.bin").read_bytes() == b"v2" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["stages=[sft,eval]", "eval.objective=bleu4", "eval.generate=false"],
+            r"eval.objective=bleu4 is not a metric eval writes \(generation metrics need eval.generate=true\)",
+        ),
+        (["dataset=custom", "dataset.path=/nowhere/rows.jsonl"], r"/nowhere/rows.jsonl: data file not found"),
+        (
+            ["dataset.sources=[{name: demo, ratoi: 0.5}]"],
+            r"sources\[0\] \(demo\): unknown key\(s\) ratoi; accepted: .*ratio",
+        ),
+        (["dataset=coco_en_2_mini"], r"coco_en_2_mini: 'path' is not set"),
+        (
+            ["stages=[infer]", "ckpt=base", "infer.input=/nowhere/q.jsonl"],
+            r"infer.input=/nowhere/q.jsonl: file not found",
+        ),
+    ],
+)
+def test_checks_that_need_no_model_fail_before_any_stage_runs(
+    compose, fake_stages, tmp_path, overrides, message
+):
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(compose(overrides), tmp_path / "run")
+    assert fake_stages == [] and not (tmp_path / "run" / "run.json").exists()

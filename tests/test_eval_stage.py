@@ -14,6 +14,7 @@ from pipeline.config import ConfigError
 from pipeline.models.bundle import load_bundle
 from pipeline.models.collate import collate_for_training, encode_example
 from pipeline.models.tiny import build_tiny_twin
+from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import sft
 from tests.conftest import workdir_config, write_rows
@@ -159,5 +160,5 @@ def test_an_objective_eval_cannot_write_fails_before_loading(workdir: Path, tmp_
 
 def test_every_generation_objective_exists_when_generating(adapter_eval):
     metrics = adapter_eval[1]["metrics"]
-    for objective in eval_stage.LOSS_METRICS + eval_stage.GENERATION_METRICS:
+    for objective in LOSS_METRICS + GENERATION_METRICS:
         assert objective in metrics

@@ -12,7 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from pipeline.config import register_configs
+from pipeline.data.rows import DatasetError
 from pipeline.models.tiny import build_tiny_twin
+from pipeline.stages import eval as eval_stage
+from pipeline.stages import infer as infer_stage
 from pipeline.stages import sft
 from pipeline.training import loop
 from pipeline.training.checkpoints import list_checkpoints
@@ -79,6 +82,8 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
     ):
         assert (ckpt / name).is_file(), name
     assert not list(sft_dir.glob(".tmp-*"))
+    adapter_config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(twin.resolve())  # the base, for PeftModel
     assert sorted(losses_by_step(sft_dir)) == [1, 2, 3, 4, 5, 6]
     assert 0 in eval_losses(sft_dir)  # the starting point is evaluated too
     assert (sft_dir / "loss.png").stat().st_size > 1000
@@ -173,3 +178,16 @@ def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monk
     monkeypatch.setattr(MiniCPMV, "lm_loss", nan_loss)
     with pytest.raises(loop.TrainingError, match=r"loss is nan at step 1: lower optim.lr"):
         sft.run(make_cfg(twin, *SHORT), tmp_path, {})
+
+
+@pytest.mark.parametrize("stage", ["sft", "eval", "infer"])
+def test_the_dataset_is_read_and_checked_before_the_weights_load(tmp_path, stage):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"query": "q", "response": "a"}\n{"query": "q", "response": ""}\n', encoding="utf-8")
+    overrides = ["dataset=custom", f"dataset.path={data}", "model.build_if_missing=false", "device=cpu"]
+    if stage != "sft":
+        overrides += [f"stages=[{stage}]", "ckpt=base"]
+    cfg = make_cfg(tmp_path / "no_model_here", *overrides)
+    module = {"sft": sft, "eval": eval_stage, "infer": infer_stage}[stage]
+    with pytest.raises(DatasetError, match=r"rows.jsonl:2: 'response' is empty"):
+        module.run(cfg, tmp_path / "run", {})

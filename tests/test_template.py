@@ -102,9 +102,42 @@ def test_image_bound_points_at_the_unk_runs_of_a_sliced_placeholder(tok):
     assert sum(e - s for s, e in enc.image_bound) == enc.input_ids.count(tok.unk_id)
 
 
-def test_literal_image_tag_in_query_does_not_make_a_bound(tok):
-    enc = render_conversation(tok, "what is <image>?", "no idea")
-    assert enc.image_bound == []
+def test_image_tag_places_the_image_where_it_stands(tok):
+    ph = [101] + [0] * Q + [102]
+    e, user, ai = tok.encode, tok.user_ids, tok.ai_ids
+    enc = render_conversation(tok, "what is <image>here?", "a star", image_placeholder=ph)
+    assert enc.input_ids == [1, *user, *e("what is "), *ph, *e("\nhere?"), *ai, *e("a star"), 2]
+    assert enc.image_bound == [
+        (1 + len(user) + len(e("what is ")) + 1, 1 + len(user) + len(e("what is ")) + 1 + Q)
+    ]
+    # in a history turn: the image goes into that round, not the first one
+    enc = render_conversation(
+        tok, "and now?", "2", history=[("hi", "hello"), ("<image>count", "1")], image_placeholder=ph
+    )
+    expected = [1, *user, *e("hi"), *ai, *e("hello"), *user, *ph, *e("\ncount"), *ai, *e("1")]
+    expected += [*user, *e("and now?"), *ai, *e("2"), 2]
+    assert enc.input_ids == expected
+    assert enc.input_ids.count(101) == 1 and tok.im_start_id not in e("count")
+
+
+def test_image_tag_first_gives_the_ids_of_a_row_without_tag(tok):
+    ph = [101] + [0] * Q + [102]
+    plain = render_conversation(tok, "What is shown?", "A star.", history=[("q", "a")], image_placeholder=ph)
+    tagged = render_conversation(
+        tok, "What is shown?", "A star.", history=[("<image>q", "a")], image_placeholder=ph
+    )
+    assert tagged == plain
+    text_only = render_conversation(tok, "What is shown?", "A star.")
+    assert text_only.input_ids == [1, *tok.user_ids, *tok.encode("What is shown?"), *tok.ai_ids,
+                                   *tok.encode("A star."), 2]  # fmt: skip
+
+
+def test_more_image_tags_than_images_is_an_error(tok):
+    ph = [101] + [0] * Q + [102]
+    with pytest.raises(ValueError, match="1 <image> tag.* but no image"):
+        render_conversation(tok, "what is <image>?", "no idea")
+    with pytest.raises(ValueError, match="2 <image> tag.* but one image"):
+        render_conversation(tok, "<image>a", "b", history=[("<image>c", "d")], image_placeholder=ph)
 
 
 def test_multi_piece_chat_markers(split_marker_tok):

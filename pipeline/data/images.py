@@ -13,9 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.utils.io import atomic_write_bytes
-
 from pipeline.data.rows import is_url
+from pipeline.utils.io import atomic_write_bytes
 
 MAX_BYTES = 32 * 1024 * 1024
 # Downloads: seconds to connect and for each read (the whole body gets DEADLINE_READS times that), and how

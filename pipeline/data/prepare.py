@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.dataset import TokenCounter
 from pipeline.data.rows import Problem, Row
-from pipeline.data.sources import COMMON_KEYS, get_source, load_mixture
+from pipeline.data.sources import COMMON_KEYS, check_source, get_source, load_mixture, with_defaults
 from pipeline.data.split import split_rows
 from pipeline.data.validate import validate_rows, write_problems
 from pipeline.models.processor import MiniCPMVImageProcessor
@@ -20,8 +20,16 @@ from pipeline.models.tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
 # Keys of the dataset config that describe how rows are used rather than where a source is.
-USAGE_KEYS = {"sources", "val_path", "test_ratio", "max_length", "truncation", "on_error", "num_workers",
-              "max_rows", "system"}
+USAGE_KEYS = {
+    "sources",
+    "val_path",
+    "test_ratio",
+    "max_length",
+    "truncation",
+    "on_error",
+    "max_rows",
+    "system",
+}
 
 
 @dataclass
@@ -50,6 +58,87 @@ def _with_system(rows: list[Row], system: str | None) -> list[Row]:
     return rows
 
 
+@dataclass
+class RawRows:
+    """Rows read and checked for structure and images, before the tokenizer has counted their tokens."""
+
+    rows: list[Row]
+    val_rows: list[Row] | None
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _plain(dataset_cfg: DictConfig | Mapping[str, Any]) -> dict:
+    if isinstance(dataset_cfg, DictConfig):
+        return OmegaConf.to_container(dataset_cfg, resolve=True)
+    return dict(dataset_cfg)
+
+
+def _val_source(cfg: Mapping[str, Any]) -> dict:
+    return {"name": "custom", "path": cfg["val_path"], "columns": cfg.get("columns") or None}
+
+
+def check_dataset(dataset_cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Returns None when every source can be read as configured; raises DatasetError naming the key or path.
+
+    Reads no row: the names and keys of the sources, their column mappings and that their files exist.
+    """
+    cfg = _plain(dataset_cfg)
+    entries = source_entries(cfg) + ([_val_source(cfg)] if cfg.get("val_path") else [])
+    for index, entry in enumerate(entries):
+        check_source(with_defaults(entry, None, index))
+
+
+def read_dataset(dataset_cfg: DictConfig | Mapping[str, Any], seed: int) -> RawRows:
+    """Returns the rows of the dataset (and of val_path), checked for structure and images; needs no model."""
+    cfg = _plain(dataset_cfg)
+    on_error = cfg.get("on_error", "raise")
+    rows, problems = load_mixture(source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"))
+    val_rows = None
+    if cfg.get("val_path"):
+        val_rows, val_problems = load_mixture([_val_source(cfg)], seed, on_error=on_error)
+        problems += val_problems
+    return RawRows(rows, val_rows, problems)
+
+
+def split_dataset(
+    raw: RawRows,
+    dataset_cfg: DictConfig | Mapping[str, Any],
+    tokenizer: MiniCPMVTokenizer,
+    processor: MiniCPMVImageProcessor,
+    seed: int,
+    problems_path: Path | None = None,
+) -> Splits:
+    """Returns train/val rows of `raw` that fit max_length; problems go to `problems_path` under on_error=skip."""
+    cfg = _plain(dataset_cfg)
+    on_error = cfg.get("on_error", "raise")
+    problems = list(raw.problems)
+    counter = TokenCounter(tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete"))
+    rows, more = validate_rows(
+        raw.rows,
+        check_image_files=False,
+        count_tokens=counter,
+        max_length=cfg.get("max_length"),
+        on_error=on_error,
+    )
+    problems += more
+    val_rows = None
+    if raw.val_rows is not None:
+        val_rows, more = validate_rows(
+            raw.val_rows,
+            check_image_files=False,
+            count_tokens=counter,
+            max_length=cfg.get("max_length"),
+            on_error=on_error,
+        )
+        problems += more
+    train, val = split_rows(rows, test_ratio=cfg.get("test_ratio", 0.01), seed=seed, val_rows=val_rows)
+    if problems and problems_path is not None:
+        write_problems(problems, problems_path)
+        log.warning("%d dataset problem(s) skipped; listed in %s", len(problems), problems_path)
+    log.info("dataset: %d train rows, %d validation rows", len(train), len(val))
+    return Splits(_with_system(train, cfg.get("system")), _with_system(val, cfg.get("system")), problems)
+
+
 def prepare_splits(
     dataset_cfg: DictConfig | Mapping[str, Any],
     tokenizer: MiniCPMVTokenizer,
@@ -57,25 +146,6 @@ def prepare_splits(
     seed: int,
     problems_path: Path | None = None,
 ) -> Splits:
-    """Returns validated train/val rows; problems go to `problems_path` under on_error=skip."""
-    cfg = OmegaConf.to_container(dataset_cfg, resolve=True) if isinstance(dataset_cfg, DictConfig) else dict(
-        dataset_cfg)
-    on_error = cfg.get("on_error", "raise")
-    rows, problems = load_mixture(source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"))
-    counter = TokenCounter(tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete"))
-    rows, more = validate_rows(rows, check_image_files=False, count_tokens=counter,
-                               max_length=cfg.get("max_length"), on_error=on_error)
-    problems += more
-    val_rows = None
-    if cfg.get("val_path"):
-        val_rows, val_problems = load_mixture([{"name": "custom", "path": cfg["val_path"]}], seed,
-                                              on_error=on_error)
-        val_rows, more = validate_rows(val_rows, check_image_files=False, count_tokens=counter,
-                                       max_length=cfg.get("max_length"), on_error=on_error)
-        problems += val_problems + more
-    train, val = split_rows(rows, test_ratio=cfg.get("test_ratio", 0.01), seed=seed, val_rows=val_rows)
-    if problems and problems_path is not None:
-        write_problems(problems, problems_path)
-        log.warning("%d dataset problem(s) skipped; listed in %s", len(problems), problems_path)
-    log.info("dataset: %d train rows, %d validation rows", len(train), len(val))
-    return Splits(_with_system(train, cfg.get("system")), _with_system(val, cfg.get("system")), problems)
+    """Returns validated train/val rows (read_dataset, then split_dataset); problems go to `problems_path`."""
+    raw = read_dataset(dataset_cfg, seed)
+    return split_dataset(raw, dataset_cfg, tokenizer, processor, seed, problems_path)

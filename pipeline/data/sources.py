@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data.formats import check_columns, rename_columns
 from pipeline.data.images import DATA_CACHE_DIR, ImageLoadError, fetch_url_to_cache
-from pipeline.utils.io import atomic_write_bytes
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.split import stable_order
 from pipeline.data.validate import (
@@ -27,6 +27,7 @@ from pipeline.data.validate import (
     record_to_row,
     unknown_keys,
 )
+from pipeline.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,26 @@ class Source:
     name: str
     load: Loader
     keys: tuple[str, ...]
+    check: Callable[[Mapping], None] | None = None  # raises DatasetError for a config it cannot read
 
 
 _SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, keys: Sequence[str] = ()) -> Callable[[Loader], Loader]:
-    """Return a decorator registering a loader under name; a second registration of a name is an error."""
+def register_source(
+    name: str, keys: Sequence[str] = (), check: Callable[[Mapping], None] | None = None
+) -> Callable[[Loader], Loader]:
+    """Return a decorator registering a loader under name; a second registration of a name is an error.
+
+    ``check`` (optional) looks at a source config without reading rows, so a bad path fails before any work.
+    """
 
     def decorator(load: Loader) -> Loader:
         if name in _SOURCES:
             raise ValueError(
                 f"dataset source '{name}' is already registered by {_SOURCES[name].load.__module__}"
             )
-        _SOURCES[name] = Source(name, load, tuple(keys))
+        _SOURCES[name] = Source(name, load, tuple(keys), check)
         return load
 
     return decorator
@@ -73,6 +80,13 @@ def get_source(name: object) -> Source:
     if name not in _SOURCES:
         raise DatasetError(f"unknown dataset source {name!r}; known sources: {', '.join(source_names())}")
     return _SOURCES[name]
+
+
+def check_source(source_cfg: Mapping) -> None:
+    """Return None when the source config can be read (its own check, if any); raise DatasetError otherwise."""
+    source = get_source(source_cfg.get("name"))
+    if source.check is not None:
+        source.check(source_cfg)
 
 
 def load_rows(
@@ -103,10 +117,27 @@ def load_rows(
     return kept, problems
 
 
-@register_source("custom", keys=("path",))
-def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
-    """Return rows and problems from ms-swift-style .jsonl/.json files given by the config's ``path``."""
+def _custom_files(cfg: Mapping) -> tuple[list[Path], dict[str, str]]:
     paths = _as_paths(cfg.get("path"), key="path", source="custom")
+    try:
+        columns = check_columns(cfg.get("columns"))
+    except ValueError as exc:
+        raise DatasetError(f"dataset source 'custom': {exc}") from None
+    return paths, columns
+
+
+def check_custom(cfg: Mapping) -> None:
+    """Return None when the custom source's files exist and its columns mapping is valid."""
+    _custom_files(cfg)
+
+
+@register_source("custom", keys=("path", "columns"), check=check_custom)
+def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
+    """Return rows and problems from the .jsonl/.json files given by the config's ``path``.
+
+    Records may be in any format of pipeline.data.formats; ``columns`` renames their keys first.
+    """
+    paths, columns = _custom_files(cfg)
     rows: list[Row] = []
     problems: list[Problem] = []
     for path in paths:
@@ -114,7 +145,7 @@ def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Pro
         budget = None if max_rows is None else max_rows - len(rows) - len({p.origin for p in problems})
         if budget is not None and budget <= 0:
             break
-        file_rows, file_problems = read_custom_file(path, max_records=budget)
+        file_rows, file_problems = read_custom_file(path, max_records=budget, columns=columns)
         rows += file_rows
         problems += file_problems
     return rows, problems
@@ -135,8 +166,13 @@ def _as_paths(value: object, *, key: str, source: str) -> list[Path]:
     return paths
 
 
-def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[list[Row], list[Problem]]:
-    """Return rows and problems of one .jsonl (origin file:line) or .json list (origin file:item N) file."""
+def read_custom_file(
+    path: Path, *, max_records: int | None = None, columns: Mapping[str, str] | None = None
+) -> tuple[list[Row], list[Problem]]:
+    """Return rows and problems of one .jsonl (origin file:line) or .json list (origin file:item N) file.
+
+    A UTF-8 byte order mark at the start of the file is skipped. ``columns`` renames each record's keys.
+    """
     path = Path(path)
     records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _json_records(path)
     rows: list[Row] = []
@@ -149,6 +185,7 @@ def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[lis
         if isinstance(record, Problem):
             problems.append(record)
             continue
+        record = rename_columns(record, columns or {})
         ignored.update(unknown_keys(record))
         parsed = record_to_row(record, origin, base_dir)
         if isinstance(parsed, Row):
@@ -161,7 +198,7 @@ def read_custom_file(path: Path, *, max_records: int | None = None) -> tuple[lis
 
 
 def _jsonl_records(path: Path):
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue  # blank lines (often a trailing one) are not rows
@@ -176,7 +213,7 @@ def _jsonl_records(path: Path):
 
 def _json_records(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         yield (
             f"{path}:{exc.lineno}",
@@ -221,7 +258,7 @@ def load_mixture(
     rows: list[Row] = []
     problems: list[Problem] = []
     for index, entry in enumerate(sources):
-        cfg = _with_defaults(entry, defaults, index)
+        cfg = with_defaults(entry, defaults, index)
         source_rows, source_problems = load_rows(cfg, on_error=on_error, max_rows=max_rows)
         label = f"sources[{index}]"
         taken = sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)
@@ -235,7 +272,8 @@ def load_mixture(
     return rows, problems
 
 
-def _with_defaults(entry: Mapping, defaults: Mapping | None, index: int) -> dict:
+def with_defaults(entry: Mapping, defaults: Mapping | None, index: int) -> dict:
+    """Return the config of source entry `index` with `defaults` filled in; raises naming unknown keys."""
     if not isinstance(entry, Mapping) or "name" not in entry:
         raise DatasetError(f"sources[{index}] must be a mapping with a 'name'; got {entry!r}")
     source = get_source(entry["name"])
@@ -319,7 +357,14 @@ def coco_help(reason: str) -> str:
     )
 
 
-@register_source("coco_en_2_mini", keys=COCO_KEYS)
+def check_coco(cfg: Mapping) -> None:
+    """Return None when the COCO source's path is set and holds its files (none is read)."""
+    if not cfg.get("path"):
+        raise DatasetError(coco_help("'path' is not set"))
+    find_coco_files(Path(str(cfg["path"])).expanduser())
+
+
+@register_source("coco_en_2_mini", keys=COCO_KEYS, check=check_coco)
 def load_coco(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
     """Return COCO 2014 caption validation rows (ms-swift's coco-en-2-mini) from local files; and problems."""
     if not cfg.get("path"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import TypeVar
 
 from pipeline.data.rows import DatasetError
@@ -25,25 +24,21 @@ def split_rows(
     rows: list[T],
     test_ratio: float = 0.01,
     seed: int = 42,
-    min_test: int = 1,
     val_rows: list[T] | None = None,
 ) -> tuple[list[T], list[T]]:
-    """Return (train, val): ceil(test_ratio * len) rows held out (at least min_test), both in original order.
+    """Return (train, val): max(int(test_ratio * len), 1) rows held out, both in original order.
 
-    Like ms-swift's dataset_test_ratio (which rounds the test size up). At least one row always stays in
-    train, and a single row is never split. With ``val_rows`` (an explicit validation set) nothing is held
-    out of ``rows``.
+    The count is ms-swift's for dataset_test_ratio (rounded down, at least one; none when the ratio is 0), so
+    the same rows go to training as there. At least one row always stays in train, and a single row is never
+    split. With ``val_rows`` (an explicit validation set) nothing is held out of ``rows``.
     """
     if val_rows is not None:
         return list(rows), list(val_rows)
     if not 0 <= test_ratio < 1:
         raise DatasetError(f"test_ratio={test_ratio} must be in [0, 1)")
-    if min_test < 0:
-        raise DatasetError(f"min_test={min_test} must be >= 0")
-    if len(rows) <= 1:
+    if len(rows) <= 1 or test_ratio == 0:
         return list(rows), []
-    # round() first so that float noise (0.07 * 100 = 7.000000000000001) does not add a row
-    n_val = min(max(math.ceil(round(test_ratio * len(rows), 9)), min_test), len(rows) - 1)
+    n_val = min(max(int(test_ratio * len(rows)), 1), len(rows) - 1)
     held = set(stable_order(len(rows), "split", seed)[:n_val])
     train = [row for index, row in enumerate(rows) if index not in held]
     val = [row for index, row in enumerate(rows) if index in held]

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
+from pipeline.models.template import IMAGE_TAG
 from pipeline.utils.io import atomic_write_text
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = ("query", "response", "history", "images", "system")
+KNOWN_KEYS = FORMAT_KEYS["query/response"]
 ON_ERROR_CHOICES = ("raise", "skip")
 MAX_LISTED = 20
 # Keys people write by mistake for a known one; the warning names the intended key.
@@ -54,10 +56,8 @@ def check_on_error(on_error: str) -> str:
 
 
 def unknown_keys(record: object) -> set[str]:
-    """Return the keys of a record that the custom format does not define (they are ignored)."""
-    if not isinstance(record, Mapping):
-        return set()
-    return {str(key) for key in record if key not in KNOWN_KEYS}
+    """Return the keys of a record that its format (see pipeline.data.formats) does not define (ignored)."""
+    return unknown_format_keys(record)
 
 
 def describe_unknown_keys(counts: Mapping[str, int]) -> str:
@@ -69,30 +69,52 @@ def describe_unknown_keys(counts: Mapping[str, int]) -> str:
     return ", ".join(parts)
 
 
-def record_to_row(record: object, origin: str, base_dir: Path) -> Row | list[str]:
-    """Return the Row a custom-format record describes, or the reasons it cannot be used.
+def record_to_row(record: object, origin: str, base_dir: Path, need_response: bool = True) -> Row | list[str]:
+    """Return the Row a record (in any format of pipeline.data.formats) describes, or why it cannot be used.
 
     Relative image paths resolve against ``base_dir`` (the data file's folder); URLs are kept as they are.
+    With ``need_response=False`` (prompts to answer) the response may be left out; the Row's is then "".
     """
     if not isinstance(record, Mapping):
         return [f"row is a JSON {_json_type(record)}, expected an object with 'query' and 'response'"]
-    reasons = [reason for key in ("query", "response") if (reason := _text_reason(record, key))]
+    record = to_query_response(record, need_response)
+    if isinstance(record, list):
+        return record
+    keys = ("query", "response") if need_response or record.get("response") is not None else ("query",)
+    reasons = [reason for key in keys if (reason := _text_reason(record, key))]
     history, history_reasons = _parse_history(record.get("history"))
     images, image_reasons = _parse_images(record.get("images"), base_dir)
     system = record.get("system")
     reasons += history_reasons + image_reasons
     if system is not None and not isinstance(system, str):
         reasons.append(f"'system' must be a string or null, got {_json_type(system)}")
+    if not reasons:
+        reasons += _tag_reasons(record["query"], record.get("response"), history, images)
     if reasons:
         return reasons
     return Row(
         query=record["query"],
-        response=record["response"],
+        response=record.get("response") or "",
         history=history,
         images=images,
         system=system or None,
         origin=origin,
     )
+
+
+def _tag_reasons(
+    query: str, response: str | None, history: list[tuple[str, str]], images: list[str]
+) -> list[str]:
+    reasons = []
+    if IMAGE_TAG in (response or "") or any(IMAGE_TAG in r for _, r in history):
+        reasons.append(f"{IMAGE_TAG} in a response; the tag places the image in a query (or a history query)")
+    tags = query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in history)
+    if tags > len(images):
+        reasons.append(
+            f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s) in 'images'; each tag marks where one image "
+            "goes, and MiniCPM-V-2 takes at most one per conversation"
+        )
+    return reasons
 
 
 def _text_reason(record: Mapping, key: str) -> str | None:

@@ -68,22 +68,33 @@ def build_lora_config(
     target_modules: Sequence[str] | None = None,
     modules_to_save: Sequence[str] | None = None,
     base_model_path: str | None = None,
+    bias: str = "none",
 ) -> LoraConfig:
-    """Returns the PEFT LoraConfig for a preset (or explicit target modules)."""
+    """Returns the PEFT LoraConfig for a preset (or explicit target modules).
+
+    ``bias``: "none", "all" (every bias of the model trains, as ms-swift's lora_bias_trainable=all) or
+    "lora_only" (the biases of the adapted layers); trained biases are saved with the adapter.
+    """
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=lora_target_regex(model, preset, target_modules),
         modules_to_save=list(modules_to_save) if modules_to_save else None,
-        bias="none",
+        bias=bias,
     )
     config.base_model_name_or_path = base_model_path
     return config
 
 
 def apply_lora(model: MiniCPMV, config: LoraConfig) -> PeftModel:
-    """Returns the PEFT-wrapped model; only LoRA weights (and modules_to_save) require grad."""
+    """Returns the PEFT-wrapped model; only LoRA weights (and modules_to_save) require grad.
+
+    PEFT names the base in adapter_config.json after the model's `name_or_path`, so the base named in
+    `config` (a folder or hub id) is written there, where `PeftModel`/`AutoPeftModel` look for it.
+    """
+    if config.base_model_name_or_path:
+        model.name_or_path = config.base_model_name_or_path
     peft_model = get_peft_model(model, config)
     model.resampler.pos_embed.requires_grad_(False)
     return peft_model

@@ -9,12 +9,14 @@ script drops BOS in training while its chat code prepends it; starting both with
 means a fine-tuned model is prompted exactly the way it was trained.
 
 - The system text, when given, follows ``<s>`` directly; rounds are concatenated with no separator.
-- The image placeholder (if any) opens the FIRST query and is followed by "\\n"; the "\\n" and the query
-  text are encoded together, as the official code encodes ``placeholder + "\\n" + query``.
+- The image placeholder (if any) goes where the query's ``<image>`` tag is (ms-swift's row syntax, in the
+  query or in a history turn's query), or opens the FIRST query when no query has the tag. It is followed by
+  "\\n"; the "\\n" and the query text after it are encoded together, as the official code encodes
+  ``placeholder + "\\n" + query``, and the text before a tag is encoded on its own. A tag at the very start
+  of the first query therefore gives the same ids as no tag. At most one tag, and only with an image.
 - Labels are the ids of every response and of the final ``</s>``, -100 everywhere else; they are NOT
   shifted (the model shifts). A generation prompt (``response=None``) ends with ``<AI>`` and has no label.
-- ``image_bound`` is computed from where the placeholder was put, so a literal "<image>" typed in a
-  query does not create an image span.
+- ``image_bound`` is computed from where the placeholder was put.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pipeline.models.tokenizer import MiniCPMVTokenizer
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("delete", "truncate")
+IMAGE_TAG = "<image>"  # where a row's image goes, as in ms-swift's rows: "<image>What is this?"
 
 
 @dataclass
@@ -83,6 +86,24 @@ def _rounds(
     return rounds
 
 
+def image_round(rounds: Sequence[tuple[str, str | None]], has_image: bool) -> int | None:
+    """Returns the index of the round whose query holds the image: the one with the <image> tag, else 0.
+
+    None when there is no image. Raises ValueError for a tag without an image or more than one tag, as
+    MiniCPM-V-2 takes one image per conversation.
+    """
+    tagged = [k for k, (q, _) in enumerate(rounds) for _ in range(q.count(IMAGE_TAG))]
+    if len(tagged) > (1 if has_image else 0):
+        images = "one image" if has_image else "no image"
+        raise ValueError(
+            f"the conversation has {len(tagged)} {IMAGE_TAG} tag(s) but {images}; MiniCPM-V-2 takes at most one "
+            f"image per conversation, placed at its {IMAGE_TAG} tag (or before the first query without one)"
+        )
+    if not has_image:
+        return None
+    return tagged[0] if tagged else 0
+
+
 def render_conversation(
     tokenizer: MiniCPMVTokenizer,
     query: str,
@@ -103,14 +124,19 @@ def render_conversation(
 
     if system:
         add(tokenizer.encode(system), labelled=False)
-    for k, (q, r) in enumerate(_rounds(query, response, history)):
+    rounds = _rounds(query, response, history)
+    at = image_round(rounds, image_placeholder is not None)
+    for k, (q, r) in enumerate(rounds):
         add(tokenizer.user_ids, labelled=False)
         text = q
-        if k == 0 and image_placeholder is not None:
+        if k == at and image_placeholder is not None:
+            before, _, after = q.partition(IMAGE_TAG) if IMAGE_TAG in q else ("", "", q)
+            if before:
+                add(tokenizer.encode(before), labelled=False)
             bounds = _bounds_in_placeholder(tokenizer, image_placeholder, offset=len(ids))
             spans.append((len(ids), len(ids) + len(image_placeholder)))
             add(list(image_placeholder), labelled=False)
-            text = "\n" + q
+            text = "\n" + after
         add(tokenizer.encode(text), labelled=False)
         add(tokenizer.ai_ids, labelled=False)
         if r is not None:

@@ -1,4 +1,4 @@
-"""The stage registry: names, their fixed order, and lazy lookup of each stage's `run` function.
+"""The stage registry: lazy lookup of each stage's `run` function (names and order: pipeline.stage_names).
 
 A stage is a module `pipeline.stages.<name>` defining
 
@@ -22,7 +22,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-STAGES: tuple[str, ...] = ("sft", "eval", "merge", "infer", "serve")
+from pipeline.stage_names import STAGES
+
+__all__ = ["STAGES", "StageFn", "UnknownStageError", "get_stage"]
 
 StageFn = Callable[[DictConfig, Path, dict], dict]
 

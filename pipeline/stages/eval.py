@@ -22,11 +22,11 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.chat import generate_for_rows, generation_settings, load_inference_bundle
-from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_device
 from pipeline.data.dataset import SFTDataset
-from pipeline.data.prepare import prepare_splits
+from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
+from pipeline.inference import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.metrics import compute_generation_metrics
 from pipeline.models.bundle import ModelBundle
 from pipeline.models.collate import collate_for_training
@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-LOSS_METRICS = ("eval_loss", "perplexity", "token_acc")
-# numeric_accuracy is only written when some reference holds a number
-GENERATION_METRICS = ("bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy")
 
 
 def checkpoint_for_eval(cfg: DictConfig, state: dict) -> Path | None:
@@ -51,18 +48,6 @@ def checkpoint_for_eval(cfg: DictConfig, state: dict) -> Path | None:
     if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
         return None
     return resolve_ckpt(cfg.ckpt)
-
-
-def check_objective(cfg: DictConfig) -> None:
-    """Returns None when eval will write eval.objective; raises ConfigError (before any work) otherwise."""
-    available = LOSS_METRICS + (GENERATION_METRICS if cfg.eval.generate else ())
-    if cfg.eval.objective in available:
-        return
-    hint = " (generation metrics need eval.generate=true)" if cfg.eval.objective in GENERATION_METRICS else ""
-    raise ConfigError(
-        f"eval.objective={cfg.eval.objective} is not a metric eval writes{hint}; "
-        f"valid: {', '.join(available)}"
-    )
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -124,12 +109,15 @@ def _log_table(metrics: dict, n_rows: int, ckpt: Path | None) -> None:
 
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     """Scores the checkpoint and returns {"metrics": {eval_loss, perplexity, token_acc, [generation metrics]}}."""
-    check_objective(cfg)
+    problems = objective_problems(cfg.eval.objective, cfg.eval.generate)
+    if problems:
+        raise ConfigError(problems)
     eval_dir = Path(run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_for_eval(cfg, state)
 
     # ----- setup: model and held-out rows
+    raw_rows = read_dataset(cfg.dataset, cfg.seed)  # read and checked before any weight loads
     bundle = load_inference_bundle(
         cfg.model.path,
         ckpt,
@@ -140,7 +128,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         max_slice_nums=cfg.model.max_slice_nums,
         slice_mode=cfg.model.slice_mode,
     )
-    splits = prepare_splits(
+    splits = split_dataset(
+        raw_rows,
         cfg.dataset,
         bundle.tokenizer,
         bundle.processor,

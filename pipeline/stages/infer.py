@@ -5,8 +5,8 @@
     python -m pipeline stages=[infer] ckpt=outputs/<exp>/<time> infer.interactive=true   # chat on the terminal
 
 Which weights: infer.ckpt, else this run's merged model, else this run's (or `ckpt`'s) checkpoint, else the
-base model. infer.input is a .jsonl (or .json list) in the custom format; "response" is optional there and,
-when given, is written as the label. Reads: model, dataset, infer, seed. Writes run_dir/infer/results.jsonl,
+base model. infer.input is a .jsonl (or .json list) in any row format of the custom dataset (query/response,
+messages, ShareGPT, Alpaca); the response is optional there and, when given, is written as the label. Reads: model, dataset, infer, seed. Writes run_dir/infer/results.jsonl,
 one row per answer {system, query, response, label, history, images} (interactive: one row per turn).
 Returns {"infer": results path}.
 """
@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline.chat import Chat, generate_for_rows, generation_settings, load_inference_bundle, run_chat
+from pipeline.chat import Chat
+from pipeline.chat_cli import run_chat
 from pipeline.config import BASE_CKPT, resolve_device
-from pipeline.data.prepare import prepare_splits
+from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
 from pipeline.data.validate import record_to_row
+from pipeline.inference import GENERATION_KEYS, generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.models.bundle import ModelBundle
 from pipeline.models.generation import GenerationSettings
 from pipeline.runinfo import resolve_ckpt
@@ -34,7 +36,6 @@ from pipeline.utils.io import append_jsonl, atomic_write_text
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
-_NO_LABEL = "\0"  # stands in for a missing response while a record is checked as a custom-format row
 
 
 class _InvalidJson(str):
@@ -56,12 +57,7 @@ def checkpoint_for_infer(cfg: DictConfig, state: dict) -> Path | None:
 
 def settings_from_config(cfg: DictConfig) -> GenerationSettings:
     """Returns the generation settings of the infer section (greedy unless infer.do_sample)."""
-    return generation_settings(
-        {
-            key: cfg.infer[key]
-            for key in ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-        }
-    )
+    return generation_settings({key: cfg.infer[key] for key in GENERATION_KEYS})
 
 
 def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
@@ -75,7 +71,7 @@ def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
     if not path.is_file():
         raise DatasetError(f"infer.input={path}: file not found")
     records: list[tuple[str, object]] = []
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a leading byte order mark is not part of the data
     problems: list[str] = []
     if path.suffix.lower() == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
@@ -100,13 +96,10 @@ def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
         if isinstance(record, _InvalidJson):
             problems.append(f"{origin}: {record}")
             continue
-        label = record.get("response") if isinstance(record, dict) else None
-        if isinstance(record, dict) and label is None:
-            record = {**record, "response": _NO_LABEL}
-        parsed = record_to_row(record, origin, path.parent.resolve())
+        parsed = record_to_row(record, origin, path.parent.resolve(), need_response=False)
         if isinstance(parsed, Row):
             rows.append(parsed)
-            labels.append(label)
+            labels.append(parsed.response or None)
         else:
             problems += [f"{origin}: {reason}" for reason in parsed]
     if problems:
@@ -119,12 +112,26 @@ def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
     return rows, labels
 
 
-def input_rows(cfg: DictConfig, bundle: ModelBundle, infer_dir: Path) -> tuple[list[Row], list[str | None]]:
-    """Returns the rows to answer (infer.input, else the held-out split) and their labels, at most max_samples."""
+def read_inputs(cfg: DictConfig) -> tuple[list[Row], list[str | None]] | RawRows:
+    """Returns the rows of infer.input and their labels, else the dataset's rows (to split once tokenized)."""
     if cfg.infer.input is not None:
-        rows, labels = read_infer_input(cfg.infer.input)
+        return read_infer_input(cfg.infer.input)
+    return read_dataset(cfg.dataset, cfg.seed)
+
+
+def input_rows(
+    cfg: DictConfig, bundle: ModelBundle, infer_dir: Path, inputs: tuple | RawRows | None = None
+) -> tuple[list[Row], list[str | None]]:
+    """Returns the rows to answer (infer.input, else the held-out split) and their labels, at most max_samples.
+
+    `inputs` is what read_inputs returned (read before the model loaded); None reads them now.
+    """
+    inputs = read_inputs(cfg) if inputs is None else inputs
+    if not isinstance(inputs, RawRows):
+        rows, labels = inputs
     else:
-        splits = prepare_splits(
+        splits = split_dataset(
+            inputs,
             cfg.dataset,
             bundle.tokenizer,
             bundle.processor,
@@ -163,6 +170,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     device = resolve_device(cfg)
     ckpt = checkpoint_for_infer(cfg, state)
     settings = settings_from_config(cfg)
+    inputs = None if cfg.infer.interactive else read_inputs(cfg)  # read and checked before the weights
     bundle = load_inference_bundle(
         cfg.model.path,
         ckpt,
@@ -187,7 +195,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         log.info("infer: %d turn(s) recorded in %s", turns, results)
         return {"infer": results}
 
-    rows, labels = input_rows(cfg, bundle, infer_dir)
+    rows, labels = input_rows(cfg, bundle, infer_dir, inputs)
     generator = torch.Generator(bundle.core.llm.lm_head.weight.device).manual_seed(int(cfg.seed))
     responses = generate_for_rows(
         bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"

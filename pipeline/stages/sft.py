@@ -10,6 +10,7 @@ full weights + optimizer/scheduler/RNG state + config), logging.jsonl, loss.png,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import resolve_device, resolve_dtype, resolve_num_workers
 from pipeline.data.dataset import SFTDataset
-from pipeline.data.prepare import prepare_splits
+from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.models.bundle import load_bundle
 from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
 from pipeline.runinfo import seed_everything
@@ -55,6 +56,14 @@ def weights_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     return resolve_dtype(cfg, device)
 
 
+def base_model_name(cfg: DictConfig, bundle) -> str:
+    """Returns how the adapter names its base: the hub id when model.path is one, else the local folder."""
+    path = str(cfg.model.path)
+    if not cfg.model.build_if_missing and not Path(path).expanduser().exists() and cfg.model.trust_hub:
+        return path
+    return str(Path(bundle.base_path).resolve())
+
+
 def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
     """Returns the model with only the configured parameters trainable (LoRA-wrapped unless full)."""
     core = bundle.model
@@ -73,26 +82,47 @@ def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
         dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules) if cfg.lora.target_modules else None,
         modules_to_save=list(cfg.lora.modules_to_save),
-        base_model_path=str(bundle.base_path),
+        base_model_path=base_model_name(cfg, bundle),
+        bias=cfg.lora.bias,
     )
     return apply_lora(core, lora_cfg)
 
 
-def loop_settings(cfg: DictConfig, device: torch.device | None = None, processes: int = 1) -> LoopSettings:
+# ms-swift's default global batch: its gradient_accumulation_steps defaults to ceil(16 / batch / processes)
+DEFAULT_GLOBAL_BATCH = 16
+
+
+def accumulation_steps(cfg: DictConfig, world: int) -> int:
+    """Returns trainer.grad_accum, or for null ms-swift's ceil(16 / (batch_size x processes))."""
+    if cfg.trainer.grad_accum is not None:
+        return int(cfg.trainer.grad_accum)
+    return math.ceil(DEFAULT_GLOBAL_BATCH / cfg.trainer.batch_size / world)
+
+
+def optim_settings(cfg: DictConfig) -> DictConfig:
+    """Returns the optim section with the learning rate filled in: optim.lr, or for null ms-swift's 1e-4
+    with LoRA and 1e-5 for full fine-tuning."""
+    lr = cfg.optim.lr
+    if lr is None:
+        lr = 1e-5 if cfg.lora.name == "none" else 1e-4
+    return OmegaConf.create({**OmegaConf.to_container(cfg.optim, resolve=True), "lr": float(lr)})
+
+
+def loop_settings(cfg: DictConfig, world: int = 1, device: torch.device | None = None) -> LoopSettings:
     t = cfg.trainer
     return LoopSettings(
         batch_size=t.batch_size,
-        grad_accum=t.grad_accum,
+        grad_accum=accumulation_steps(cfg, world),
         epochs=t.epochs,
         max_steps=t.max_steps,
         logging_steps=t.logging_steps,
         eval_steps=t.eval_steps,
-        save_steps=t.save_steps,
+        save_steps=t.save_steps if t.save_steps is not None else t.eval_steps,
         save_total_limit=t.save_total_limit,
-        eval_batch_size=t.eval_batch_size,
+        eval_batch_size=t.eval_batch_size if t.eval_batch_size is not None else t.batch_size,
         max_eval_samples=t.max_eval_samples,
         max_grad_norm=cfg.optim.max_grad_norm,
-        num_workers=resolve_num_workers(t.num_workers, device or torch.device("cpu"), processes),
+        num_workers=resolve_num_workers(t.num_workers, device or torch.device("cpu"), world),
         seed=cfg.seed,
         micro_batch_tokens=t.micro_batch_tokens,
         packing=t.packing,
@@ -149,7 +179,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     configure_deepspeed(accelerator, cfg)
     device = accelerator.device
 
-    # ----- setup: model, data, optimizer
+    # ----- setup: data (read and checked before any weight loads), model, optimizer
+    raw_rows = read_dataset(cfg.dataset, cfg.seed)
     bundle = load_bundle(
         cfg.model.path,
         dtype=weights_dtype(cfg, device),
@@ -170,7 +201,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         pad_to = 128 if graphs else 1
     counts = count_parameters(model)
     log.info("%s", counts)
-    splits = prepare_splits(
+    splits = split_dataset(
+        raw_rows,
         cfg.dataset,
         bundle.tokenizer,
         bundle.processor,
@@ -184,11 +216,13 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         )
 
     train_set, val_set = make_set(splits.train), make_set(splits.val)
-    settings = loop_settings(cfg, device, accelerator.num_processes)
-    budget = settings.micro_batch_tokens > 0
-    optimizer = build_optimizer(model, cfg.optim, device)
-    model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
+    settings = loop_settings(cfg, world, device)
+    budget = settings.micro_batch_tokens > 0
+    optim = optim_settings(cfg)
+    log.info("optimizer: AdamW, lr %g", optim.lr)
+    optimizer = build_optimizer(model, optim, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
     kind = str(accelerator.distributed_type).split(".")[-1]
     log.info("engine: %s, %d process(es), device %s", kind, world, accelerator.device)
     if not budget:
@@ -198,13 +232,17 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     else:
         micro = f"up to {settings.micro_batch_tokens} padded tokens"
     log.info(
-        "optimizer step: %d rows; micro-batches: %s; %d data worker(s)",
+        "optimizer step: %d rows (batch %d x grad_accum %d x %d process(es)); micro-batches: %s; "
+        "%d data worker(s)",
         settings.batch_size * settings.grad_accum * world,
+        settings.batch_size,
+        settings.grad_accum,
+        world,
         micro,
         settings.num_workers,
     )
     total = planned_steps(len(train_set), settings, world)
-    scheduler = build_scheduler(optimizer, cfg.optim, max(total, 1))
+    scheduler = build_scheduler(optimizer, optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # The pipeline's run-wide tracker when there is one; a stage run on its own gets (and closes) its own.
     own_tracker = state.get("tracker") is None or not accelerator.is_main_process
