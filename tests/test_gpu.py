@@ -177,7 +177,7 @@ def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
 
     import openai
 
-    from pipeline.chat import load_inference_bundle
+    from pipeline.inference import load_inference_bundle
     from pipeline.serve.app import ServerThread, create_app
 
     from .conftest import free_port

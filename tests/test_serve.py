@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from pipeline.chat import load_inference_bundle
+from pipeline.inference import load_inference_bundle
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.serve.app import ServeOptions, ServerThread, create_app
 from tests.conftest import free_port

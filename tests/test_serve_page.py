@@ -14,7 +14,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from pipeline.chat import load_inference_bundle
+from pipeline.inference import load_inference_bundle
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.serve.app import ServerThread, create_app
 from tests.conftest import free_port

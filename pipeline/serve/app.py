@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.chat import encode_prompt, prompt_limit
+from pipeline.inference import encode_prompt, prompt_limit
 from pipeline.models.bundle import ModelBundle
 from pipeline.models.generation import GenerationSettings
 

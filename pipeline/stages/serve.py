@@ -18,8 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.chat import load_inference_bundle
 from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.inference import load_inference_bundle
 from pipeline.runinfo import resolve_ckpt
 
 log = logging.getLogger(__name__)
