@@ -29,6 +29,7 @@ from pipeline.tracking import build_tracker
 from pipeline.training.loop import LoopSettings, Trainer, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
+from pipeline.twin import model_folder
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
 
     # ----- setup: model, data, optimizer
     bundle = load_bundle(
-        cfg.model.path,
+        model_folder(cfg.model.path, cfg.model.build_if_missing),
         dtype=weights_dtype(cfg, device),
         device=device,
-        build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
         max_slice_nums=cfg.model.max_slice_nums,
         slice_mode=cfg.model.slice_mode,
