@@ -22,7 +22,7 @@ from pipeline.data.dataset import SFTDataset
 from pipeline.data.sources import load_rows
 from pipeline.models.collate import collate_for_training
 from pipeline.models.processor import MiniCPMVImageProcessor
-from pipeline.models.tiny import ensure_tiny_twin
+from pipeline.twin import ensure_tiny_twin
 from pipeline.models.tokenizer import MiniCPMVTokenizer
 
 

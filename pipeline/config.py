@@ -36,6 +36,9 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     build_if_missing: bool = False  # build the tiny twin when `path` is its default place and it is absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
+    # learning rates of this model's recipe: LoRA (optim.lr by default) and full fine-tuning (+experiment=full)
+    lora_lr: float = MISSING
+    full_lr: float = MISSING
 
 
 @dataclass

@@ -101,7 +101,9 @@ def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch)
 
 def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
     cfg = compose(["+experiment=full"])
-    assert cfg.lora.name == "none" and cfg.optim.lr == 1e-5 and "merge" not in cfg.stages
+    assert cfg.lora.name == "none" and cfg.optim.lr == cfg.model.full_lr and "merge" not in cfg.stages
+    assert compose(["+experiment=full", "model=minicpm_v2"]).optim.lr == 1e-5  # ms-swift's
+    assert compose(["+experiment=full", "optim.lr=3e-4"]).optim.lr == 3e-4
 
 
 def test_misspelt_key_fails_naming_key_and_valid_keys(compose):
