@@ -112,7 +112,7 @@ class EvalConfig:
     batch_size: int = 8
     generate: bool = True
     max_new_tokens: int = 64
-    compare_base: bool = True  # after sft, score the base model on the same rows too (the before/after table)
+    compare_base: bool = True  # with a fine-tuned checkpoint, score the base model on the same rows too
 
 
 @dataclass

@@ -3,10 +3,11 @@
     python -m pipeline.twin                      # build (or confirm) the default twin, <project>/.cache/minicpm_v2_tiny
     python -m pipeline.twin --out DIR            # write one elsewhere (then model.path=DIR)
 
-The random twin (pipeline/models/tiny.py) is pre-trained on generated image questions with one-word answers
-(colour, count, kind of shape, digit: pipeline/data/demo.py's `generate_pretrain`), so that its vision tower
-and resampler carry what the image shows. The demo set asks about the same images in another wording, which
-is what fine-tuning then teaches. This module sits above both the model and the data code.
+The random twin (pipeline/models/tiny.py) is pre-trained on generated images with the question "what
+colour?" and a one-word answer, plus text-only rows that say the demo's sentence (pipeline/data/demo.py's
+`generate_pretrain`), so that its vision tower and resampler carry the colour. The demo set asks about the
+same kind of image for that sentence, which is what fine-tuning then teaches. This module sits above both the
+model and the data code.
 
 The cache is safe for many processes starting at once (a sweep on a fresh machine): one builds under a file
 lock while the others wait, each build fills a folder of its own that is renamed into place, and a folder
@@ -20,7 +21,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,5 +180,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -169,24 +169,20 @@ def comparison_table(comparison: dict) -> str:
 def _comparison(
     rows: list[Row], base: dict, tuned: dict, base_answers: list[str], tuned_answers: list[str]
 ) -> dict:
-    picked = [i for i, row in enumerate(rows) if row.images][:N_EXAMPLES] or list(range(len(rows)))[
-        :N_EXAMPLES
-    ]
-    examples = (
-        [
-            {
-                "image": Path(rows[i].images[0]).name if rows[i].images else "(no image)",
-                "query": rows[i].query,
-                "label": rows[i].response,
-                "base": base_answers[i] if base_answers else None,
-                "finetuned": tuned_answers[i] if tuned_answers else None,
-            }
-            for i in picked
-        ]
-        if base_answers and tuned_answers
-        else []
-    )
+    """Returns comparison.json's content: both models' COMPARED metrics and the first rows' answers."""
     keep = [name for name in COMPARED if name in base and name in tuned]
+    # rows with an image first: the table shows what each answer was looking at
+    shown = sorted(range(len(rows)), key=lambda i: not rows[i].images)[:N_EXAMPLES]
+    examples = [
+        {
+            "image": Path(rows[i].images[0]).name if rows[i].images else "(no image)",
+            "query": rows[i].query,
+            "label": rows[i].response,
+            "base": base_answers[i],
+            "finetuned": tuned_answers[i],
+        }
+        for i in (shown if base_answers and tuned_answers else [])
+    ]
     return {
         "num_samples": len(rows),
         "base": {name: base[name] for name in keep},
