@@ -419,7 +419,12 @@ def _check_ckpt(tree: dict) -> list[str]:
 def _check_model(tree: dict) -> list[str]:
     model = tree["model"]
     path = Path(str(model["path"])).expanduser()
-    if model["build_if_missing"] and not path.exists() and path.absolute() != default_twin_path():
+    if (
+        tree["stages"]
+        and model["build_if_missing"]
+        and not path.exists()
+        and path.absolute() != default_twin_path()
+    ):
         return [
             f"model.path={model['path']} does not exist; the tiny twin is built only at its own place "
             f"{default_twin_path()} (PIPELINE_CACHE moves it); to write one at another folder run "
