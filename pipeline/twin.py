@@ -154,7 +154,9 @@ def ensure_tiny_twin(folder: str | Path | None = None, steps: int = PRETRAIN_STE
             return folder
         if folder.exists():
             log.warning("rebuilding the tiny twin at %s: %s", folder, problem)
-        return build_pretrained_twin(folder, steps)
+        # the build seeds torch itself: a run that builds the twin first then trains as one that found it
+        with torch.random.fork_rng(devices=[]):
+            return build_pretrained_twin(folder, steps)
 
 
 def model_folder(path: str, build_if_missing: bool) -> str:

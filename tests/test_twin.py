@@ -3,6 +3,7 @@ pre-training (its answers come from the image)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import multiprocessing
 import os
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import twin
@@ -66,7 +68,11 @@ def test_a_broken_or_outdated_cache_is_rebuilt(tmp_path):
     folder = build_pretrained_twin(tmp_path / "minicpm_v2_tiny", steps=0)
     (folder / "tokenizer.model").unlink()
     assert "tokenizer.model" in twin_problem(folder, steps=0)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     assert ensure_tiny_twin(folder, steps=0) == folder
+    assert torch.equal(torch.rand(3), expected)  # building left the caller's random stream alone
     assert twin_problem(folder, steps=0) is None and (folder / "tokenizer.model").is_file()
 
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -136,3 +142,20 @@ def test_the_pretrained_twin_answers_from_the_image(colour_rows, tmp_path):
     assert right >= 0.5, right  # the metric has room to fall
     assert _score(bundle, swapped) < 0.5 * right
     assert _score(bundle, zeroed) < 0.5 * right
+
+
+def test_the_model_code_imports_no_data_code():
+    """Layers point down: the twin's pre-training (pipeline/twin.py) uses both; pipeline/models uses neither."""
+    for path in sorted((PROJECT_ROOT / "pipeline" / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("pipeline.data", "..data", "pipeline.twin", "..twin")), (
+                    path,
+                    name,
+                )
