@@ -22,8 +22,8 @@ from pipeline.data.dataset import SFTDataset
 from pipeline.data.sources import load_rows
 from pipeline.models.collate import collate_for_training
 from pipeline.models.processor import MiniCPMVImageProcessor
-from pipeline.models.tiny import ensure_tiny_twin
 from pipeline.models.tokenizer import MiniCPMVTokenizer
+from pipeline.twin import ensure_tiny_twin
 
 
 def samples_per_second(dataset: SFTDataset, workers: int, batch_size: int, pad_id: int) -> float:

@@ -94,7 +94,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
     if (folder / "config.json").is_file():
         return folder
     if tiny:
-        return build_tiny_twin(folder, pretrain_steps=0)
+        return build_tiny_twin(folder)
     tokens = folder.with_name(folder.name + "-tokenizer")
     tokenizer = train_tiny_tokenizer(tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"

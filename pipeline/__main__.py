@@ -160,6 +160,9 @@ def _print_summary(run_dir: Path, results: dict[str, dict], objective: float | N
         print(f"  {name:<6} {shown}  {_describe_outputs(result)}".rstrip())
     if objective is not None:
         print(f"  objective {cfg.eval.objective} = {objective:.6g} ({cfg.eval.direction})")
+    comparison = results.get("eval", {}).get("comparison")
+    if comparison:
+        print(comparison)
 
 
 def prepare_run(

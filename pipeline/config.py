@@ -8,6 +8,7 @@ list, and which checkpoint the stages will read. Both happen before any work sta
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -35,10 +36,13 @@ class ModelConfig:
     max_slice_nums: int = 9
     slice_mode: bool = True
     gradient_checkpointing: bool = True
-    build_if_missing: bool = False  # build the tiny twin at `path` when the folder is absent
+    build_if_missing: bool = False  # build the tiny twin when `path` is its default place and it is absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none)
+    lora_lr: float = 1e-4
+    full_lr: float = 1e-5
 
 
 @dataclass
@@ -121,6 +125,7 @@ class EvalConfig:
     batch_size: int = 8
     generate: bool = True
     max_new_tokens: int = 64
+    compare_base: bool = True  # with a fine-tuned checkpoint, score the base model on the same rows too
 
 
 @dataclass
@@ -261,6 +266,22 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("serve.url_timeout", 0.001, None),
 )
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY_TWIN_FOLDER = "minicpm_v2_tiny"
+
+
+def cache_root() -> Path:
+    """Returns the absolute folder for local caches: $PIPELINE_CACHE (relative to the working folder), else
+    the project's .cache."""
+    chosen = os.environ.get("PIPELINE_CACHE")
+    return Path(chosen).expanduser().absolute() if chosen else PROJECT_ROOT / ".cache"
+
+
+def default_twin_path() -> Path:
+    """Returns where the tiny twin is built and cached (`${tiny_twin_path:}` in conf/model/minicpm_v2_tiny)."""
+    return cache_root() / TINY_TWIN_FOLDER
+
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 SHARD_SIZE_PATTERN = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 BASE_CKPT = "base"  # ckpt value that means "the model at model.path, without fine-tuned weights"
@@ -276,6 +297,7 @@ class ConfigError(ValueError):
 
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (idempotent): `base_config` and `<group>/base_<group>`."""
+    OmegaConf.register_new_resolver("tiny_twin_path", lambda: str(default_twin_path()), replace=True)
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
@@ -431,6 +453,23 @@ def _check_ckpt(tree: dict) -> list[str]:
     return problems
 
 
+def _check_model(tree: dict) -> list[str]:
+    model = tree["model"]
+    path = Path(str(model["path"])).expanduser()
+    if (
+        tree["stages"]
+        and model["build_if_missing"]
+        and not path.exists()
+        and path.absolute() != default_twin_path()
+    ):
+        return [
+            f"model.path={model['path']} does not exist; the tiny twin is built only at its own place "
+            f"{default_twin_path()} (PIPELINE_CACHE moves it); to write one at another folder run "
+            f"`python -m pipeline.twin --out {model['path']}`, or give an existing model folder"
+        ]
+    return []
+
+
 def _check_dataset(tree: dict) -> list[str]:
     data = tree["dataset"]
     uses_data = any(s in tree["stages"] for s in ("sft", "eval", "infer"))
@@ -528,6 +567,7 @@ def validate(cfg: DictConfig) -> None:
         problems += objective_problems(tree["eval"]["objective"], tree["eval"]["generate"])
     if not problems:
         problems += _check_ckpt(tree)
+        problems += _check_model(tree)
         problems += _check_dataset(tree)
         problems += _check_family(tree)
     if problems:

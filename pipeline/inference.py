@@ -24,6 +24,7 @@ from pipeline.models.bundle import ModelBundle, load_bundle
 from pipeline.models.collate import Sample, collate_for_generation, encode_example
 from pipeline.models.generation import GenerationSettings, generate
 from pipeline.runinfo import resolve_ckpt
+from pipeline.twin import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,10 @@ def load_inference_bundle(
     else:
         ckpt = None
     bundle = load_bundle(
-        model_path,
+        model_folder(model_path, build_if_missing),
         ckpt=ckpt,
         dtype=dtype,
         device=device,
-        build_if_missing=build_if_missing,
         allow_download=allow_download,
         max_slice_nums=max_slice_nums,
         slice_mode=slice_mode,

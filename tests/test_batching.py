@@ -57,7 +57,7 @@ def test_plans_even_out_across_processes_when_every_forward_is_collective():
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=20)
+    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny")
 
 
 def step_records(twin: Path, run_dir: Path, *overrides: str) -> list[dict]:

@@ -27,7 +27,7 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt-errors")
     previous = os.umask(UMASK)  # not the usual 022, so that modes show whose rule made them
     try:
-        build_tiny_twin(root / "tiny", pretrain_steps=0)
+        build_tiny_twin(root / "tiny")
         Image.new("RGB", (40, 30), "red").save(root / "red.png")
         rows = [{"query": f"colour {i}?", "response": "red", "images": ["red.png"]} for i in range(4)]
         write_rows(root / "train.jsonl", rows)

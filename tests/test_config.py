@@ -113,7 +113,11 @@ def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch)
 def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
     cfg = compose(["+experiment=full"])
     assert cfg.lora.name == "none" and "merge" not in cfg.stages
-    assert cfg.optim.lr is None and optim_settings(cfg).lr == 1e-5  # ms-swift's lr for full fine-tuning
+    # optim.lr null: the model's recipe for full fine-tuning (ms-swift's 1e-5 for MiniCPM-V-2)
+    assert cfg.optim.lr is None and optim_settings(cfg).lr == cfg.model.full_lr
+    assert optim_settings(compose(["+experiment=full", "model=minicpm_v2"])).lr == 1e-5
+    assert optim_settings(compose(["+experiment=lora_qkv", "model=minicpm_v2"])).lr == 1e-4
+    assert optim_settings(compose(["+experiment=full", "optim.lr=3e-4"])).lr == 3e-4
 
 
 def test_misspelt_key_fails_naming_key_and_valid_keys(compose):

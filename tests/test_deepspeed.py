@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from pipeline.models.checkpoint import check_checkpoint
 from pipeline.models.configuration import MiniCPMVConfig
-from pipeline.models.tiny import build_tiny_twin
 from pipeline.training.loop import window_indices
+from pipeline.twin import build_pretrained_twin
 from tests.conftest import REPO_ROOT, free_port, run_python
 
 from .test_distributed import (
@@ -31,7 +31,7 @@ pytest.importorskip("deepspeed")  # installed by `make test` (Makefile); a bare 
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=20)
+    return build_pretrained_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", steps=20)
 
 
 def cpu_config(stage: int, folder: Path) -> Path:

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
-import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pipeline.data.demo import content_hash, describe, ensure_demo, generate_demo, is_complete, main
+from pipeline.data.demo import (
+    COLORS,
+    DESCRIBE,
+    content_hash,
+    ensure_demo,
+    generate_demo,
+    generate_pretrain,
+    is_complete,
+    main,
+)
 from pipeline.data.sources import load_rows
+
+NAME_OF = {rgb: name for name, rgb in COLORS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -43,41 +54,36 @@ def test_a_damaged_set_is_regenerated(tmp_path: Path) -> None:
     assert Image.open(image).size[0] > 0
 
 
-def test_rows_reference_existing_images_and_mix_every_task(demo_dir: Path) -> None:
+def test_rows_reference_existing_images_and_mix_both_kinds_of_image(demo_dir: Path) -> None:
     rows, problems = load_rows({"name": "demo", "path": str(demo_dir), "num_rows": 240})
     assert problems == [] and len(rows) == 240
-    assert all(Path(r.images[0]).is_file() for r in rows if r.images)
-    queries = [r.query for r in rows]
-    assert queries.count("Describe the image.") == 60
-    assert sum(q.startswith("How many") for q in queries) >= 60
-    assert sum(q == "What is the result?" for q in queries) >= 60
-    assert 10 <= sum(not r.images for r in rows) <= 30  # text-only rows
-    multi = [r for r in rows if r.history]
-    assert len(multi) == 40 and all(1 <= len(r.history) <= 2 for r in multi)
-    sizes = {Image.open(r.images[0]).size for r in rows if r.images}
-    assert any(w * h > 448 * 448 for w, h in sizes)  # some images are large enough to be sliced
+    assert all(len(r.images) == 1 and Path(r.images[0]).is_file() for r in rows)
+    assert {r.query for r in rows} == {DESCRIBE}
+    colors = Counter(r.response for r in rows)
+    assert set(colors) == {f"The colour is {c}." for c in COLORS} and min(colors.values()) >= 20
+    sizes = Counter(Image.open(r.images[0]).size for r in rows)
+    assert any(w * h > 112 * 112 for w, h in sizes)  # larger than the twin's scale: the slicing code runs
     assert any(w < h for w, h in sizes) and any(w > h for w, h in sizes)
 
 
-def test_answers_are_consistent_and_correct(demo_dir: Path) -> None:
+def test_each_answer_names_the_colour_drawn_in_its_image(demo_dir: Path) -> None:
     rows, _ = load_rows({"name": "demo", "path": str(demo_dir), "num_rows": 240, "check_images": False})
-    for row in rows:
-        for query, response in [*row.history, (row.query, row.response)]:
-            if query.startswith("What is") and "=" in response:
-                left, right = response.split(" = ")
-                a, op, b = left.split(" ")
-                assert int(right) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
-            elif query.startswith("How many"):
-                assert re.fullmatch(r"How many (circles|squares|triangles)\?", query) and response.isdigit()
-            elif query == "Describe the image.":
-                assert re.fullmatch(r"[A-Z][a-z ,]+ on a white background\.", response)
+    for row in rows[:40]:
+        colors = Image.open(row.images[0]).convert("RGB").getcolors(1 << 16)
+        drawn = max((count, rgb) for count, rgb in colors if rgb != (255, 255, 255))[1]
+        assert row.response == f"The colour is {NAME_OF[drawn]}.", row.origin
 
 
-def test_describe_wording() -> None:
-    groups = {("square", "blue"): 2, ("circle", "red"): 1}
-    assert describe(groups) == "A red circle and two blue squares on a white background."
-    groups = {("triangle", "orange"): 1, ("circle", "green"): 2, ("square", "red"): 1}
-    assert describe(groups) == "Two green circles, a red square and an orange triangle on a white background."
+def test_pretraining_asks_other_questions_about_the_same_kind_of_image() -> None:
+    pre, pre_images = generate_pretrain(60, seed=5)
+    demo, _ = generate_demo(60)
+    assert not {r["query"] for r in pre} & {r["query"] for r in demo}
+    with_image = [r for r in pre if r.get("images")]
+    assert with_image and all(r["response"] in COLORS for r in with_image)  # one word: the colour
+    # text-only rows speak the demo's sentence, never about an image
+    text_only = [r for r in pre if not r.get("images")]
+    assert text_only and all(r["response"].startswith("The colour is ") for r in text_only)
+    assert content_hash(pre, pre_images) != content_hash(*generate_demo(60))
 
 
 def test_command_line_writes_the_set(tmp_path: Path, capsys) -> None:

@@ -36,7 +36,7 @@ EXACT = (
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=0)
+    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny")
 
 
 def run_folders(root: Path) -> list[Path]:

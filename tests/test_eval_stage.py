@@ -27,7 +27,7 @@ GENERATION_KEYS = {"bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     # A random (not pre-trained) twin: scoring and generation need real code paths, not a good model.
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
+    build_tiny_twin(root / "tiny")
     Image.new("RGB", (112, 112), (220, 40, 40)).save(root / "red.png")
     Image.new("RGB", (224, 160), (40, 80, 220)).save(root / "blue.png")
     train = [

@@ -15,8 +15,8 @@ import torch
 from pipeline.models.checkpoint import check_checkpoint
 from pipeline.models.generation import GenerationSettings, generate
 from pipeline.models.modeling import MiniCPMV
-from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import sft
+from pipeline.twin import ensure_tiny_twin
 
 from .test_sft import SHORT, eval_losses, losses_by_step, make_cfg
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=100)
+    return ensure_tiny_twin()
 
 
 def run_sft(twin: Path, folder: Path, *overrides: str) -> Path:

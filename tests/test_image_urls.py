@@ -80,7 +80,7 @@ def quick_downloads(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("urls") / "tiny", pretrain_steps=0)
+    return build_tiny_twin(tmp_path_factory.mktemp("urls") / "tiny")
 
 
 def _workdir(tmp_path: Path, twin: Path, train: list[dict], val: list[dict]) -> Path:

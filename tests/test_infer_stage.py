@@ -20,7 +20,7 @@ RESULT_KEYS = {"system", "query", "response", "label", "history", "images"}
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("infer")
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
+    build_tiny_twin(root / "tiny")
     Image.new("RGB", (160, 112), (40, 160, 60)).save(root / "green.png")
     write_rows(
         root / "queries.jsonl",

@@ -34,7 +34,7 @@ def one_thread():
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merge")
     # A random (not pre-trained) twin is enough to compare merged and adapter logits, and builds in a second.
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
+    build_tiny_twin(root / "tiny")
     return root
 
 

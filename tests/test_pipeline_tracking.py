@@ -14,7 +14,7 @@ from tests.test_tracking import _history_rows, _read_wandb_records
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "tiny", pretrain_steps=0)
+    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "tiny")
 
 
 def test_sft_and_eval_log_into_one_offline_wandb_run(twin, tmp_path, monkeypatch):

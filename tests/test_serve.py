@@ -49,7 +49,7 @@ def options(**overrides) -> ServeOptions:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve")
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
+    build_tiny_twin(root / "tiny")
     Image.new("RGB", (112, 112), (30, 90, 200)).save(root / "blue.png")
     return root
 

@@ -59,7 +59,7 @@ def find_browser() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("page")
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
+    build_tiny_twin(root / "tiny")
     Image.new("RGB", (112, 112), (230, 200, 30)).save(root / "yellow.png")
     return root
 

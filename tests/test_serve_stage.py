@@ -29,7 +29,7 @@ from tests.conftest import REPO_ROOT, compose_config, free_port
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve-stage")
-    build_tiny_twin(root / "tiny", pretrain_steps=0)
+    build_tiny_twin(root / "tiny")
     model = load_model(root / "tiny")
     apply_lora(model, build_lora_config(model, "qkv", r=4, alpha=8, dropout=0.0)).save_pretrained(
         root / "checkpoint-7"

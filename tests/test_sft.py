@@ -13,12 +13,12 @@ from hydra.core.global_hydra import GlobalHydra
 
 from pipeline.config import register_configs
 from pipeline.data.rows import DatasetError
-from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import sft
 from pipeline.training import loop
 from pipeline.training.checkpoints import list_checkpoints
+from pipeline.twin import ensure_tiny_twin
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -26,7 +26,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 @pytest.fixture(scope="session")
 def twin(tmp_path_factory) -> Path:
     """The tiny twin with its short pre-training (so that fine-tuning has something to adapt)."""
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=100)
+    return ensure_tiny_twin()
 
 
 def make_cfg(twin: Path, *overrides: str):

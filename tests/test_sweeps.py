@@ -33,7 +33,7 @@ TINY = (
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory) -> Path:
     """The tiny twin without pre-training (these tests check plumbing, not learning)."""
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", pretrain_steps=0)
+    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny")
 
 
 def run_entry(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -1,7 +1,17 @@
-"""The bundled demo set: small generated images of shapes and sums with short, consistent answers.
+"""The bundled demo set and the tiny twin's pre-training set: small generated images with short answers.
 
-Regenerate with ``python -m pipeline.data.demo [--out DIR] [--n N] [--force]``. Everything is drawn with PIL
-primitives and PIL's built-in bitmap font from a fixed seed, so the set is identical on every machine.
+Both are drawn from the same kind of image (one to four shapes of one kind and colour, or one digit) and ask
+about what the image shows, so every answer depends on the image. They differ in what they ask and how the
+answer is worded:
+
+- pre-training (``generate_pretrain``): four separate questions with one-word answers: the colour (``red``),
+  the count (``3``), the kind (``circle``), the digit (``7``);
+- the demo set (``generate_demo``), the fine-tuning task: a description that combines count, colour and kind
+  in one sentence (``3 red circles.``), and the digit in a sentence (``The digit is 7.``).
+
+Regenerate the demo folder with ``python -m pipeline.data.demo [--out DIR] [--n N] [--force]``. Everything is
+drawn with PIL primitives and PIL's built-in bitmap font from a fixed seed, so both sets are identical on
+every machine.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEMO_DIR = REPO_ROOT / "data" / "demo"
 DEFAULT_ROWS = 240
 SEED = 20240501
-VERSION = 1  # bump whenever the generated content changes, so old folders are regenerated
+VERSION = 2  # bump whenever the generated content changes, so old folders are regenerated
 
 COLORS = {
     "red": (220, 40, 40),
@@ -32,38 +43,32 @@ COLORS = {
     "orange": (240, 130, 30),
 }
 KINDS = ("circle", "square", "triangle")
-NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
-DESCRIBE = "Describe the image."
-READ = "What is written in the image?"
-COMPUTE = "What is the result?"
-# Small sizes keep training cheap; the large ones exceed 448^2 pixels so the image slicing path runs.
-SMALL_SIZES = ((112, 112), (224, 160), (160, 224), (224, 224))
-WIDE_SIZES = ((224, 160), (224, 224))
-LARGE_SIZES = ((896, 256), (256, 896), (672, 448))
-# One cycle of 12 rows: 3 describe, 3 count, 3 compute, 2 multi-round, 1 text-only.
-TASK_CYCLE = (
-    "describe",
-    "count",
-    "compute",
-    "describe",
-    "count",
-    "compute",
-    "multi",
-    "describe",
-    "count",
-    "compute",
-    "multi",
-    "text",
-)
+MAX_COUNT = 4
+SIZE = (112, 112)
+# Every tenth image is larger than the tiny twin's 112x112 scale, so the image slicing code runs.
+LARGE_SIZES = ((224, 224), (224, 112), (112, 224))
+
+# pre-training: the colour, as one word
+ASK_SHAPES = "What colour are the shapes?"
+ASK_DIGIT = "What colour is the digit?"
+# fine-tuning (the demo set): the same attribute, asked and answered in another wording
+DESCRIBE = "Describe the colour in a sentence."
+# pre-training also holds text-only rows in the demo's wording, so the twin can speak that sentence; it never
+# sees that sentence asked about an image.
+SAY = "Say that the colour is {color}."
+# One cycle of 4 demo rows: 3 shapes images, 1 digit image; of pre-training rows: also 2 text-only rows.
+CYCLE = ("shapes", "shapes", "digit", "shapes")
+PRETRAIN_CYCLE = ("shapes", "say", "shapes", "digit", "say", "shapes")
 
 
 @dataclass(frozen=True)
-class Shape:
-    """A drawn shape: what it is and where (cell-aligned, so shapes never overlap)."""
+class Scene:
+    """What an image shows: `count` shapes of one kind and colour, or (kind "digit") one digit."""
 
     kind: str
     color: str
-    box: tuple[int, int, int, int]
+    count: int
+    digit: int | None = None
 
 
 def shape_name(kind: str, count: int) -> str:
@@ -71,47 +76,28 @@ def shape_name(kind: str, count: int) -> str:
     return kind if count == 1 else f"{kind}s"
 
 
-def describe(groups: dict[tuple[str, str], int]) -> str:
-    """Return the describe answer for shape groups, e.g. 'A red circle and two blue squares on ...'."""
-    order = sorted(groups, key=lambda key: (KINDS.index(key[0]), list(COLORS).index(key[1])))
-    parts = []
-    for kind, color in order:
-        count = groups[(kind, color)]
-        article = ("an" if color[0] in "aeiou" else "a") if count == 1 else NUMBER_WORDS[count]
-        parts.append(f"{article} {color} {shape_name(kind, count)}")
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{text[0].upper()}{text[1:]} on a white background."
-
-
 def _cells(size: tuple[int, int]) -> list[tuple[int, int, int]]:
     width, height = size
-    cell = 112 if min(size) >= 256 else 56
+    cell = 56
     return [(x * cell, y * cell, cell) for y in range(height // cell) for x in range(width // cell)]
 
 
-def _place(rng: random.Random, size: tuple[int, int], specs: list[tuple[str, str]]) -> list[Shape]:
-    cells = rng.sample(_cells(size), len(specs))
-    shapes = []
-    for (kind, color), (x, y, cell) in zip(specs, cells, strict=True):
-        side = rng.randint(int(cell * 0.55), int(cell * 0.8))
-        left = x + rng.randint(2, cell - side - 2)
-        top = y + rng.randint(2, cell - side - 2)
-        shapes.append(Shape(kind, color, (left, top, left + side, top + side)))
-    return shapes
-
-
-def _draw_shapes(size: tuple[int, int], shapes: list[Shape]) -> Image.Image:
+def _draw_shapes(rng: random.Random, size: tuple[int, int], scene: Scene) -> Image.Image:
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    for shape in shapes:
-        fill = COLORS[shape.color]
-        left, top, right, bottom = shape.box
-        if shape.kind == "circle":
-            draw.ellipse(shape.box, fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle(shape.box, fill=fill)
+    fill = COLORS[scene.color]
+    cells = _cells(size)
+    for x, y, cell in rng.sample(cells, scene.count):  # non-overlapping: one shape per cell
+        side = rng.randint(int(cell * 0.6), int(cell * 0.85))
+        left = x + rng.randint(2, cell - side - 2)
+        top = y + rng.randint(2, cell - side - 2)
+        box = (left, top, left + side, top + side)
+        if scene.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene.kind == "square":
+            draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([((left + right) // 2, top), (right, bottom), (left, bottom)], fill=fill)
+            draw.polygon([(left + side // 2, top), (left + side, top + side), (left, top + side)], fill=fill)
     return image
 
 
@@ -121,117 +107,99 @@ def _font() -> ImageFont.ImageFont:
     return loader() if loader else ImageFont.load_default()
 
 
-def _draw_text(rng: random.Random, size: tuple[int, int], text: str) -> Image.Image:
+def _draw_digit(rng: random.Random, size: tuple[int, int], scene: Scene) -> Image.Image:
     font = _font()
+    text = str(scene.digit)
     left, top, right, bottom = font.getbbox(text)
-    small = Image.new("RGB", (right - left + 4, bottom - top + 4), "white")
-    ImageDraw.Draw(small).text((2 - left, 2 - top), text, fill="black", font=font)
-    # Nearest-neighbour upscaling keeps the bitmap glyphs crisp and exact.
-    scale = max(1, min(4, (size[0] - 16) // small.width, (size[1] - 16) // small.height))
+    small = Image.new("RGB", (right - left + 2, bottom - top + 2), "white")
+    ImageDraw.Draw(small).text((1 - left, 1 - top), text, fill=COLORS[scene.color], font=font)
+    # Nearest-neighbour upscaling keeps the bitmap glyph crisp: about half the image's height.
+    scale = max(1, min(size) // (2 * small.height))
     big = small.resize((small.width * scale, small.height * scale), Image.Resampling.NEAREST)
     image = Image.new("RGB", size, "white")
-    image.paste(big, (rng.randint(8, size[0] - big.width - 8), rng.randint(8, size[1] - big.height - 8)))
+    x = rng.randint(4, size[0] - big.width - 4)
+    y = rng.randint(4, size[1] - big.height - 4)
+    image.paste(big, (x, y))
     return image
 
 
-def _size(rng: random.Random, index: int, choices: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    return rng.choice(LARGE_SIZES) if index % 10 == 7 else rng.choice(choices)
+def _size(rng: random.Random, index: int) -> tuple[int, int]:
+    return rng.choice(LARGE_SIZES) if index % 10 == 7 else SIZE
 
 
-def _groups_scene(
-    rng: random.Random, size: tuple[int, int]
-) -> tuple[dict[tuple[str, str], int], list[Shape]]:
-    n_groups = rng.randint(1, 3)
-    keys = rng.sample([(kind, color) for kind in KINDS for color in COLORS], n_groups)
-    groups = {key: 1 for key in keys}
-    room = min(len(_cells(size)), 6) - n_groups
-    for key in keys:
-        extra = rng.randint(0, min(1, room))
-        groups[key] += extra
-        room -= extra
-    specs = [key for key, count in groups.items() for _ in range(count)]
-    return groups, _place(rng, size, specs)
+def _shapes_scene(rng: random.Random, size: tuple[int, int]) -> Scene:
+    count = rng.randint(1, min(MAX_COUNT, len(_cells(size))))
+    return Scene(rng.choice(KINDS), rng.choice(list(COLORS)), count)
 
 
-def _arithmetic(rng: random.Random, digits: tuple[int, int]) -> tuple[str, str]:
-    low, high = 10 ** (digits[0] - 1), 10 ** digits[1] - 1
-    a, b = rng.randint(low, high), rng.randint(low, high)
-    if rng.random() < 0.5:
-        return f"{a} + {b}", f"{a} + {b} = {a + b}"
-    a, b = max(a, b), min(a, b)
-    return f"{a} - {b}", f"{a} - {b} = {a - b}"
+def _digit_scene(rng: random.Random) -> Scene:
+    return Scene("digit", rng.choice(list(COLORS)), 1, rng.randint(0, 9))
 
 
-def _row_describe(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
-    size = _size(rng, index, SMALL_SIZES)
-    groups, shapes = _groups_scene(rng, size)
-    return {"query": DESCRIBE, "response": describe(groups)}, _draw_shapes(size, shapes)
+def _shapes_row(query: str, answer: Callable[[Scene], str]):
+    def make(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
+        size = _size(rng, index)
+        scene = _shapes_scene(rng, size)
+        return {"query": query, "response": answer(scene)}, _draw_shapes(rng, size, scene)
+
+    return make
 
 
-def _row_count(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
-    size = _size(rng, index, WIDE_SIZES)
-    kind = rng.choice(KINDS)
-    count = rng.randint(1, 5)
-    others = [k for k in KINDS if k != kind]
-    specs = [(kind, rng.choice(list(COLORS))) for _ in range(count)]
-    specs += [(rng.choice(others), rng.choice(list(COLORS))) for _ in range(rng.randint(0, 3))]
-    query = f"How many {shape_name(kind, 2)}?"
-    return {"query": query, "response": str(count)}, _draw_shapes(size, _place(rng, size, specs))
+def _digit_row(query: str, answer: Callable[[Scene], str]):
+    def make(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
+        size = _size(rng, index)
+        scene = _digit_scene(rng)
+        return {"query": query, "response": answer(scene)}, _draw_digit(rng, size, scene)
+
+    return make
 
 
-def _row_compute(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
-    size = _size(rng, index, WIDE_SIZES)
-    shown, answer = _arithmetic(rng, (2, 4))
-    return {"query": COMPUTE, "response": answer}, _draw_text(rng, size, shown)
+def _text_row(rng: random.Random, index: int) -> tuple[dict, None]:
+    scene = Scene("text", rng.choice(list(COLORS)), 1)
+    return {"query": SAY.format(color=scene.color), "response": describe_colour(scene)}, None
 
 
-def _row_multi(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
-    if rng.random() < 0.4:
-        size = _size(rng, index, WIDE_SIZES)
-        shown, answer = _arithmetic(rng, (2, 4))
-        row = {"query": COMPUTE, "response": answer, "history": [[READ, shown]]}
-        return row, _draw_text(rng, size, shown)
-    size = _size(rng, index, WIDE_SIZES)
-    groups, shapes = _groups_scene(rng, size)
-    counts: dict[str, int] = {}
-    for (kind, _color), count in groups.items():
-        counts[kind] = counts.get(kind, 0) + count
-    asked = rng.sample(sorted(counts, key=KINDS.index), min(len(counts), 2))
-    rounds = [[DESCRIBE, describe(groups)]] + [
-        [f"How many {shape_name(k, 2)}?", str(counts[k])] for k in asked
-    ]
-    row = {"query": rounds[-1][0], "response": rounds[-1][1], "history": rounds[:-1]}
-    return row, _draw_shapes(size, shapes)
+def describe_colour(scene: Scene) -> str:
+    """Return the demo's answer for a scene, e.g. 'The colour is red.'."""
+    return f"The colour is {scene.color}."
 
 
-def _row_text(rng: random.Random, index: int) -> tuple[dict, None]:
-    shown, answer = _arithmetic(rng, (2, 2))
-    return {"query": f"What is {shown}?", "response": answer}, None
-
-
-_TASKS = {
-    "describe": _row_describe,
-    "count": _row_count,
-    "compute": _row_compute,
-    "multi": _row_multi,
-    "text": _row_text,
+DEMO_TASKS = {
+    "shapes": _shapes_row(DESCRIBE, describe_colour),
+    "digit": _digit_row(DESCRIBE, describe_colour),
+}
+PRETRAIN_TASKS = {
+    "shapes": _shapes_row(ASK_SHAPES, lambda scene: scene.color),
+    "digit": _digit_row(ASK_DIGIT, lambda scene: scene.color),
+    "say": _text_row,
 }
 
 
-def generate_demo(n: int = DEFAULT_ROWS, seed: int = SEED) -> tuple[list[dict], dict[str, Image.Image]]:
-    """Return the demo rows (custom format, image paths relative to the folder) and their images by path."""
+def _generate(
+    n: int, seed: int, tasks: dict, cycle: tuple[str, ...]
+) -> tuple[list[dict], dict[str, Image.Image]]:
     if n < 1:
-        raise ValueError(f"the demo set needs n >= 1 rows, got {n}")
+        raise ValueError(f"a generated set needs n >= 1 rows, got {n}")
     rng = random.Random(seed)  # Mersenne Twister: the same stream on every platform and Python version
     rows, images = [], {}
     for index in range(n):
-        row, image = _TASKS[TASK_CYCLE[index % len(TASK_CYCLE)]](rng, index)
+        row, image = tasks[cycle[index % len(cycle)]](rng, index)
         if image is not None:
             name = f"images/{index:05d}.png"
             row["images"] = [name]
             images[name] = image
         rows.append(row)
     return rows, images
+
+
+def generate_demo(n: int = DEFAULT_ROWS, seed: int = SEED) -> tuple[list[dict], dict[str, Image.Image]]:
+    """Return the demo rows (custom format, image paths relative to the folder) and their images by path."""
+    return _generate(n, seed, DEMO_TASKS, CYCLE)
+
+
+def generate_pretrain(n: int, seed: int) -> tuple[list[dict], dict[str, Image.Image]]:
+    """Return pre-training rows (the colour as one word) and their images, drawn like the demo's."""
+    return _generate(n, seed, PRETRAIN_TASKS, PRETRAIN_CYCLE)
 
 
 def content_hash(rows: list[dict], images: dict[str, Image.Image]) -> str:

@@ -13,7 +13,6 @@ from peft import PeftModel
 from .checkpoint import ADAPTER_CONFIG, CheckpointError, check_adapter_folder, load_model, resolve_model_path
 from .modeling import MiniCPMV
 from .processor import MiniCPMVImageProcessor
-from .tiny import ensure_tiny_twin
 from .tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
@@ -49,11 +48,9 @@ def checkpoint_kind(path: Path) -> str:
     )
 
 
-def base_model_path(model_path: str, build_if_missing: bool, allow_download: bool) -> Path:
-    """Returns the local base model folder, building the tiny twin there when asked and absent."""
-    if build_if_missing and not Path(model_path).expanduser().is_dir():
-        return ensure_tiny_twin(Path(model_path).expanduser())
-    return resolve_model_path(model_path, allow_download)
+def base_model_path(model_path: str, allow_download: bool) -> Path:
+    """Returns the local base model folder (absolute), downloading a hub id only when allowed."""
+    return resolve_model_path(model_path, allow_download).absolute()
 
 
 def _adapter_base(ckpt: Path, fallback: Path) -> Path:
@@ -72,14 +69,13 @@ def load_bundle(
     ckpt: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    build_if_missing: bool = False,
     allow_download: bool = False,
     max_slice_nums: int | None = None,
     slice_mode: bool | None = None,
     trainable_adapter: bool = False,
 ) -> ModelBundle:
     """Returns the model (base, or base + adapter, or a full checkpoint) with its tokenizer and processor."""
-    base = base_model_path(model_path, build_if_missing, allow_download)
+    base = base_model_path(model_path, allow_download)
     kind = "base"
     source = base
     if ckpt is not None:

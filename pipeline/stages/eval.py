@@ -7,8 +7,12 @@ Which weights: this run's sft checkpoint, else `ckpt` ("base" = model.path as it
 eval.max_samples validation rows of the dataset split (the same split sft held out, for the same seed).
 Loss metrics are token-weighted over every response token (as in training); with eval.generate each row's
 last response is generated greedily from its prompt (query, history, image) and scored against its references.
+After fine-tuning (eval.compare_base) the base model is scored on the same rows as well: the before/after
+table (eval loss and task metrics of both, three answers with their images) is written to comparison.json
+and printed at the end of the run; `stages=[eval] ckpt=base` reproduces its "base" column.
 Reads: model, dataset, eval, ckpt, seed. Writes run_dir/eval/metrics.json and, with generation,
-run_dir/eval/predictions.jsonl. Returns {"metrics": {...}}; eval.objective is one of them (what sweeps optimise).
+run_dir/eval/predictions.jsonl (base_predictions.jsonl, comparison.json when compared). Returns
+{"metrics": {...}}; eval.objective is one of them (what sweeps optimise).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+BASE_PREDICTIONS_FILE = "base_predictions.jsonl"
+COMPARISON_FILE = "comparison.json"
+COMPARED = ("eval_loss", "token_acc", "exact_match", "numeric_accuracy")  # the before/after table's rows
+N_EXAMPLES = 3  # answers shown in the before/after table
 
 
 def checkpoint_for_eval(cfg: DictConfig, state: dict) -> Path | None:
@@ -107,20 +115,80 @@ def _log_table(metrics: dict, n_rows: int, ckpt: Path | None) -> None:
     log.info("\n".join(lines))
 
 
+def score(cfg: DictConfig, bundle: ModelBundle, rows: list[Row]) -> tuple[dict[str, float], int, list[str]]:
+    """Returns the metrics of `bundle` on `rows`, the scored token count and the generated answers."""
+    scores = loss_metrics(bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation)
+    num_tokens = scores.pop("num_tokens")
+    metrics: dict[str, float] = dict(scores)
+    predictions: list[str] = []
+    if cfg.eval.generate:
+        settings = generation_settings({"max_new_tokens": cfg.eval.max_new_tokens})
+        predictions = generate_for_rows(bundle, rows, settings, cfg.eval.batch_size, desc="eval generate")
+        references = [row.references or [row.response] for row in rows]
+        metrics.update(compute_generation_metrics(predictions, references))
+    return metrics, num_tokens, predictions
+
+
+def _write_predictions(path: Path, rows: list[Row], predictions: list[str]) -> None:
+    lines = [
+        json.dumps(prediction_record(row, text), ensure_ascii=False)
+        for row, text in zip(rows, predictions, strict=True)
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def comparison_table(comparison: dict) -> str:
+    """Returns the before/after table: base and fine-tuned metrics, then a few answers with their images."""
+    base, tuned = comparison["base"], comparison["finetuned"]
+    lines = [
+        f"before/after fine-tuning, on {comparison['num_samples']} held-out row(s):",
+        f"  {'metric':<17} {'base':>9} {'fine-tuned':>11}",
+    ]
+    lines += [f"  {name:<17} {base[name]:>9.4f} {tuned[name]:>11.4f}" for name in COMPARED if name in tuned]
+    for example in comparison["examples"]:
+        lines.append(f"  {example['image']}: {example['query']!r}, expected {example['label']!r}")
+        lines.append(f"    base: {example['base']!r}  fine-tuned: {example['finetuned']!r}")
+    return "\n".join(lines)
+
+
+def _comparison(
+    rows: list[Row], base: dict, tuned: dict, base_answers: list[str], tuned_answers: list[str]
+) -> dict:
+    """Returns comparison.json's content: both models' COMPARED metrics and the first rows' answers."""
+    keep = [name for name in COMPARED if name in base and name in tuned]
+    # rows with an image first: the table shows what each answer was looking at
+    shown = sorted(range(len(rows)), key=lambda i: not rows[i].images)[:N_EXAMPLES]
+    examples = [
+        {
+            "image": Path(rows[i].images[0]).name if rows[i].images else "(no image)",
+            "query": rows[i].query,
+            "label": rows[i].response,
+            "base": base_answers[i],
+            "finetuned": tuned_answers[i],
+        }
+        for i in (shown if base_answers and tuned_answers else [])
+    ]
+    return {
+        "num_samples": len(rows),
+        "base": {name: base[name] for name in keep},
+        "finetuned": {name: tuned[name] for name in keep},
+        "examples": examples,
+    }
+
+
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
-    """Scores the checkpoint and returns {"metrics": {eval_loss, perplexity, token_acc, [generation metrics]}}."""
+    """Scores the checkpoint and returns {"metrics": {eval_loss, perplexity, token_acc, [generation metrics]}}.
+
+    With a fine-tuned checkpoint and eval.compare_base, the base model is scored on the same rows too, and
+    {"comparison": the before/after table} is returned as well.
+    """
     problems = objective_problems(cfg.eval.objective, cfg.eval.generate)
     if problems:
         raise ConfigError(problems)
     eval_dir = Path(run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_for_eval(cfg, state)
-
-    # ----- setup: model and held-out rows
-    raw_rows = read_dataset(cfg.dataset, cfg.seed)  # read and checked before any weight loads
-    bundle = load_inference_bundle(
-        cfg.model.path,
-        ckpt,
+    load = dict(
         device=resolve_device(cfg),
         dtype=str(cfg.model.dtype),
         build_if_missing=cfg.model.build_if_missing,
@@ -128,6 +196,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         max_slice_nums=cfg.model.max_slice_nums,
         slice_mode=cfg.model.slice_mode,
     )
+
+    # ----- setup: model and held-out rows
+    raw_rows = read_dataset(cfg.dataset, cfg.seed)  # read and checked before any weight loads
+    bundle = load_inference_bundle(cfg.model.path, ckpt, **load)
     splits = split_dataset(
         raw_rows,
         cfg.dataset,
@@ -144,24 +216,25 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         )
 
     # ----- score: loss over the responses, then generation
-    scores = loss_metrics(bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation)
-    num_tokens = scores.pop("num_tokens")
-    metrics: dict[str, float] = dict(scores)
-    if cfg.eval.generate:
-        settings = generation_settings({"max_new_tokens": cfg.eval.max_new_tokens})
-        predictions = generate_for_rows(bundle, rows, settings, cfg.eval.batch_size, desc="eval generate")
-        references = [row.references or [row.response] for row in rows]
-        metrics.update(compute_generation_metrics(predictions, references))
-        lines = [
-            json.dumps(prediction_record(row, text), ensure_ascii=False)
-            for row, text in zip(rows, predictions, strict=True)
-        ]
-        atomic_write_text(eval_dir / PREDICTIONS_FILE, "".join(line + "\n" for line in lines))
+    metrics, num_tokens, predictions = score(cfg, bundle, rows)
+    if predictions:
+        _write_predictions(eval_dir / PREDICTIONS_FILE, rows, predictions)
     if cfg.eval.objective not in metrics:  # numeric_accuracy on rows without numbers
         raise DatasetError(
             f"eval.objective={cfg.eval.objective} could not be computed on these rows (no reference holds a "
             f"number); choose one of {', '.join(metrics)}"
         )
+    comparison = None
+    if ckpt is not None and cfg.eval.compare_base:
+        del bundle  # one model in memory at a time
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        base_bundle = load_inference_bundle(cfg.model.path, None, **load)
+        base_metrics, _, base_predictions = score(cfg, base_bundle, rows)
+        if base_predictions:
+            _write_predictions(eval_dir / BASE_PREDICTIONS_FILE, rows, base_predictions)
+        comparison = _comparison(rows, base_metrics, metrics, base_predictions, predictions)
+        atomic_write_json(eval_dir / COMPARISON_FILE, comparison)
 
     # ----- report
     atomic_write_json(
@@ -179,4 +252,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         numbers = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         tracker.log(numbers, step=int(state.get("sft", {}).get("global_step", 0)))
         tracker.summary(numbers)
-    return {"metrics": metrics}
+    result: dict = {"metrics": metrics}
+    if comparison is not None:
+        result["comparison"] = comparison_table(comparison)
+    return result

@@ -33,6 +33,7 @@ from pipeline.models.collate import Sample, collate_for_training, encode_example
 from pipeline.models.processor import MiniCPMVImageProcessor
 from pipeline.models.tokenizer import MiniCPMVTokenizer
 from pipeline.runinfo import resolve_ckpt
+from pipeline.twin import model_folder
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
         log.warning(
             "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, cfg.model.path
         )
-    return base_model_path(cfg.model.path, cfg.model.build_if_missing, cfg.model.trust_hub)
+    return base_model_path(model_folder(cfg.model.path, cfg.model.build_if_missing), cfg.model.trust_hub)
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:

@@ -30,6 +30,7 @@ from pipeline.tracking import build_tracker
 from pipeline.training.loop import LoopSettings, Trainer, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
+from pipeline.twin import model_folder
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,11 @@ def accumulation_steps(cfg: DictConfig, world: int) -> int:
 
 
 def optim_settings(cfg: DictConfig) -> DictConfig:
-    """Returns the optim section with the learning rate filled in: optim.lr, or for null ms-swift's 1e-4
-    with LoRA and 1e-5 for full fine-tuning."""
+    """Returns the optim section with the learning rate filled in: optim.lr, or for null the model's recipe,
+    model.lora_lr with LoRA and model.full_lr for full fine-tuning (ms-swift's 1e-4 / 1e-5 for MiniCPM-V-2)."""
     lr = cfg.optim.lr
     if lr is None:
-        lr = 1e-5 if cfg.lora.name == "none" else 1e-4
+        lr = cfg.model.full_lr if cfg.lora.name == "none" else cfg.model.lora_lr
     return OmegaConf.create({**OmegaConf.to_container(cfg.optim, resolve=True), "lr": float(lr)})
 
 
@@ -182,10 +183,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     # ----- setup: data (read and checked before any weight loads), model, optimizer
     raw_rows = read_dataset(cfg.dataset, cfg.seed)
     bundle = load_bundle(
-        cfg.model.path,
+        model_folder(cfg.model.path, cfg.model.build_if_missing),
         dtype=weights_dtype(cfg, device),
         device=device,
-        build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
         max_slice_nums=cfg.model.max_slice_nums,
         slice_mode=cfg.model.slice_mode,

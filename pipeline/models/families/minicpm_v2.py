@@ -54,7 +54,6 @@ class MiniCPMV2(Family):
     max_images = 1
     max_length = 2048
     setting_keys = ("max_slice_nums", "slice_mode")
-    tiny_pretrain_steps = 100  # the twin's short seeded pre-training (pipeline/models/tiny.py)
 
     def resolve(self, path: str, allow_download: bool = False) -> Path:
         return resolve_model_path(path, allow_download)
@@ -206,4 +205,5 @@ class MiniCPMV2(Family):
         return save_checkpoint(model, folder, max_shard_bytes=SHARD_BYTES, source_folder=processor.folder)
 
     def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
-        return build_tiny_twin(folder, seed=seed, pretrain_steps=self.tiny_pretrain_steps)
+        # random weights; the pipeline's default twin is pre-trained on top of these by pipeline.twin
+        return build_tiny_twin(folder, seed=seed)
