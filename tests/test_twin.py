@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline import twin
-from pipeline.chat import generate_for_rows, generation_settings, load_inference_bundle
+from pipeline.inference import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.config import PROJECT_ROOT, ConfigError, default_twin_path, validate
 from pipeline.data.demo import generate_pretrain
 from pipeline.data.rows import Row
