@@ -265,7 +265,6 @@ def load_training_checkpoint(
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
     """
     rank, world = _rank_world()
-    state = read_trainer_state(ckpt)
     check_same_tuning(ckpt, model)
     if engine is not None:
         _load_deepspeed(ckpt, engine, world)
@@ -278,7 +277,7 @@ def load_training_checkpoint(
         restore_rng(rng)
     except Exception as err:
         raise CheckpointError(f"{rng}: cannot restore the random-number state ({_why(err)})") from err
-    return state
+    return read_trainer_state(ckpt)
 
 
 def _why(err: Exception) -> str:
