@@ -26,7 +26,8 @@ from pipeline.models.bundle import load_bundle
 from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
 from pipeline.runinfo import seed_everything
 from pipeline.tracking import build_tracker
-from pipeline.training.loop import LoopSettings, Trainer, planned_steps
+from pipeline.training.checkpoints import check_tuning_settings
+from pipeline.training.loop import LoopSettings, Trainer, checkpoint_to_resume, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
 from pipeline.utils.io import atomic_write_json
@@ -147,7 +148,11 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     configure_deepspeed(accelerator, cfg)
     device = accelerator.device
 
-    # ----- setup: model, data, optimizer
+    # ----- setup: model, data, optimizer (a checkpoint of other LoRA settings is refused before any loads)
+    resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
+    if resume_from is not None:
+        lora = None if cfg.lora.name == "none" else {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha}
+        check_tuning_settings(resume_from, lora)
     bundle = load_bundle(
         cfg.model.path,
         dtype=weights_dtype(cfg, device),
