@@ -105,8 +105,13 @@ def test_a_truncated_model_shard_is_named(workdir, tmp_path):
         load_model(model)
 
 
-def test_resuming_with_another_rank_says_both_ranks(workdir, tmp_path):
+def test_resuming_with_another_rank_says_both_ranks_before_the_model_loads(workdir, tmp_path, monkeypatch):
     run = _copy_run(workdir, tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(sft, "load_bundle", no_loading)
     with pytest.raises(CheckpointError) as caught:
         sft.run(_cfg(workdir, "lora.r=4"), run, {})
     assert "the checkpoint has r=8, the config asks r=4 (lora.r)" in str(caught.value)

@@ -265,6 +265,10 @@ def test_optuna_search_runs_its_trials_and_summarises_them(twin, tmp_path):
     objectives = [float(r["eval_loss"]) for r in rows]
     assert study["best_value"] == pytest.approx(min(objectives))  # the study optimised eval's objective
     assert f"eval_loss = {min(objectives):.6g}" in (sweep_dir / "summary.md").read_text()
+    # Optuna's log comes through the pipeline's: plain text, without alembic's import chatter
+    output = done.stdout + done.stderr
+    assert "A new study created in memory with name: lora_qkv" in output
+    assert "\x1b[" not in output and "setup plugin" not in output
 
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(twin, tmp_path):

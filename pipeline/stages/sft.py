@@ -27,7 +27,8 @@ from pipeline.models.bundle import load_bundle
 from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
 from pipeline.runinfo import seed_everything
 from pipeline.tracking import build_tracker
-from pipeline.training.loop import LoopSettings, Trainer, planned_steps
+from pipeline.training.checkpoints import check_tuning_settings
+from pipeline.training.loop import LoopSettings, Trainer, checkpoint_to_resume, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
 from pipeline.twin import model_folder
@@ -180,8 +181,13 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     configure_deepspeed(accelerator, cfg)
     device = accelerator.device
 
-    # ----- setup: data (read and checked before any weight loads), model, optimizer
+    # ----- setup: data (read and checked before any weight loads; a checkpoint of other LoRA settings is
+    # refused before any loads too), model, optimizer
     raw_rows = read_dataset(cfg.dataset, cfg.seed)
+    resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
+    if resume_from is not None:
+        lora = None if cfg.lora.name == "none" else {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha}
+        check_tuning_settings(resume_from, lora)
     bundle = load_bundle(
         model_folder(cfg.model.path, cfg.model.build_if_missing),
         dtype=weights_dtype(cfg, device),

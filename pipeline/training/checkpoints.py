@@ -265,7 +265,6 @@ def load_training_checkpoint(
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
     """
     rank, world = _rank_world()
-    state = read_trainer_state(ckpt)
     check_same_tuning(ckpt, model)
     if engine is not None:
         _load_deepspeed(ckpt, engine, world)
@@ -278,7 +277,7 @@ def load_training_checkpoint(
         restore_rng(rng)
     except Exception as err:
         raise CheckpointError(f"{rng}: cannot restore the random-number state ({_why(err)})") from err
-    return state
+    return read_trainer_state(ckpt)
 
 
 def _why(err: Exception) -> str:
@@ -345,8 +344,25 @@ def check_same_tuning(ckpt: Path, model) -> None:
     fine-tuning checkpoint needs lora=none; the message names the setting, the checkpoint's value and the
     config's.
     """
-    is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
     if not isinstance(model, PeftModel):
+        check_tuning_settings(ckpt, None)
+        return
+    current = model.peft_config["default"]
+    check_tuning_settings(
+        ckpt,
+        {"r": current.r, "lora_alpha": current.lora_alpha},
+        {"target_modules": current.target_modules, "modules_to_save": current.modules_to_save},
+    )
+
+
+def check_tuning_settings(ckpt: Path, lora: dict | None, modules: dict | None = None) -> None:
+    """Raise CheckpointError when `ckpt` was trained with other settings than these (no model needed).
+
+    `lora` holds the config's {"r", "lora_alpha"} (None: full fine-tuning); `modules`, when known, the
+    PEFT config's {"target_modules", "modules_to_save"}.
+    """
+    is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
+    if lora is None:
         if is_adapter:
             raise CheckpointError(
                 f"{ckpt} is a LoRA checkpoint, the config asks for full fine-tuning (lora=none); resume with "
@@ -359,19 +375,18 @@ def check_same_tuning(ckpt: Path, model) -> None:
             "for LoRA; resume with lora=none, or start anew (trainer.resume=never or another run folder)"
         )
     saved = check_adapter_folder(ckpt)
-    current = model.peft_config["default"]
     differences = []
     for key, label in (("r", "lora.r"), ("lora_alpha", "lora.alpha")):
-        if key in saved and saved[key] != getattr(current, key):
+        short = key.replace("lora_", "")
+        if key in saved and saved[key] != lora[key]:
             differences.append(
-                f"the checkpoint has {key.replace('lora_', '')}={saved[key]}, the config asks "
-                f"{key.replace('lora_', '')}={getattr(current, key)} ({label})"
+                f"the checkpoint has {short}={saved[key]}, the config asks {short}={lora[key]} ({label})"
             )
     for key, label in (
         ("target_modules", "lora.name / lora.target_modules"),
         ("modules_to_save", "lora.modules_to_save"),
     ):
-        if key in saved and _as_set(saved[key]) != _as_set(getattr(current, key)):
+        if modules is not None and key in saved and _as_set(saved[key]) != _as_set(modules[key]):
             differences.append(f"the checkpoint's {key} differ from the config's ({label})")
     if differences:
         raise CheckpointError(

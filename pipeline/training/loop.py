@@ -156,6 +156,22 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
+    """Returns the checkpoint trainer.resume names: the newest complete one of sft_dir (auto), the folder
+    given, or None (never, or auto with none yet)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(sft_dir)
+        return found[-1] if found else None
+    ckpt = Path(resume)
+    if not (ckpt / "trainer_state.json").is_file():
+        raise TrainingError(
+            f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
+        )
+    return ckpt
+
+
 class Trainer:
     def __init__(
         self,
@@ -218,19 +234,9 @@ class Trainer:
     # ----- resume
     def resume(self, resume: str) -> Path | None:
         """Restores the newest complete checkpoint (auto) or the one given; returns it, or None."""
-        if resume == "never":
+        ckpt = checkpoint_to_resume(resume, self.sft_dir)
+        if ckpt is None:
             return None
-        if resume == "auto":
-            found = list_checkpoints(self.sft_dir)
-            if not found:
-                return None
-            ckpt = found[-1]
-        else:
-            ckpt = Path(resume)
-            if not (ckpt / "trainer_state.json").is_file():
-                raise TrainingError(
-                    f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
-                )
         check_resume_plan(ckpt, self.total_steps)
         self.state = load_training_checkpoint(
             ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, engine=self.engine
