@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from pipeline import twin
-from pipeline.inference import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.config import PROJECT_ROOT, ConfigError, default_twin_path, validate
 from pipeline.data.demo import generate_pretrain
 from pipeline.data.rows import Row
+from pipeline.inference import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.metrics import exact_match
 from pipeline.models.bundle import load_bundle
 from pipeline.twin import MANIFEST, build_pretrained_twin, ensure_tiny_twin, model_folder, twin_problem
