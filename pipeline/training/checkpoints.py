@@ -164,8 +164,12 @@ def save_training_checkpoint(
     run_cfg: DictConfig,
     base_path: Path,
     engine=None,
+    write_full=None,
 ) -> Path:
     """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
+
+    Full weights go in the model family's layout: `write_full(model, folder, state_dict)` when given (a
+    transformers-native family's save_pretrained plus processor), else MiniCPM-V-2's official layout.
 
     `model` is the unwrapped model (no DDP wrapper; FSDP-sharded parameters are fine). Under DeepSpeed,
     `engine` is its engine: the weights are gathered through it (ZeRO-3: partitions into whole tensors)
@@ -189,6 +193,8 @@ def save_training_checkpoint(
     if rank == 0:
         if isinstance(model, PeftModel):
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+        elif write_full is not None:
+            write_full(model, tmp, weights)
         else:
             save_checkpoint(model, tmp, source_folder=base_path, state=weights)
         if optim_state is not None:

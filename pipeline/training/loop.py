@@ -149,11 +149,16 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids"):
-        if key in batch:
-            out[key] = batch[key].to(device, non_blocking=True)
-    return out
+    """Returns the batch with every tensor on `device` (lists of tensors are the model's to move)."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def _forward(model, batch: dict):
+    """The default forward: the model itself returns loss_sum, num_tokens and num_correct."""
+    return model(**batch)
 
 
 class Trainer:
@@ -174,8 +179,15 @@ class Trainer:
         lengths: list[int] | None = None,
         val_lengths: list[int] | None = None,
         preallocate_grads: bool = False,
+        collate: Callable[[list], dict] | None = None,
+        eval_collate: Callable[[list], dict] | None = None,
+        forward: Callable[[object, dict], object] = _forward,
     ) -> None:
         self.acc = accelerator
+        # How rows become batches and batches a summed loss: the model family's (MiniCPM-V-2's by default)
+        self.collate = collate
+        self.eval_collate = eval_collate
+        self.forward = forward
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -274,11 +286,14 @@ class Trainer:
             micro = self._micro_batches(step)
             plan.extend(micro)
             counts.append(len(micro))
-        collate = collate_packed if self.s.packing else collate_for_training
+        collate = self.collate
+        if collate is None:
+            fn = collate_packed if self.s.packing else collate_for_training
+            collate = partial(fn, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
         loader = DataLoader(
             self.train_set,
             batch_sampler=plan,
-            collate_fn=partial(collate, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple),
+            collate_fn=collate,
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
             # shift the dropout masks of a resumed run against an uninterrupted one.
@@ -319,7 +334,7 @@ class Trainer:
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
-                out = self.model(**batch)
+                out = self.forward(self.model, batch)
             # DDP averages gradients over ranks; multiplying by world keeps the global token mean.
             scaled = out.loss_sum * self.world / total_tokens
             if self.engine is not None:
@@ -386,7 +401,7 @@ class Trainer:
         loader = DataLoader(
             self.val_set,
             batch_sampler=batches,
-            collate_fn=partial(collate_for_training, pad_id=self.pad_id),
+            collate_fn=self.eval_collate or partial(collate_for_training, pad_id=self.pad_id),
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             generator=torch.Generator().manual_seed(self.s.seed),
         )
@@ -394,7 +409,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.acc.device)
         for i, batch in enumerate(loader):
             with self.acc.autocast():
-                out = self.model(**_to_device(batch, self.acc.device))
+                out = self.forward(self.model, _to_device(batch, self.acc.device))
             if i < counted:
                 sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
         self.model.train()

@@ -73,6 +73,15 @@ class EncodedSample:
         return len(self.input_ids)
 
 
+@dataclass
+class LossSums:
+    """A forward's training loss as the loop needs it: summed over the supervised tokens, with their count."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    num_correct: torch.Tensor
+
+
 @dataclass(frozen=True)
 class FreezeGroups:
     """Top-level parameter name prefixes of each part: what `lora=none` freeze switches act on."""
