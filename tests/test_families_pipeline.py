@@ -133,6 +133,33 @@ def test_full_finetuning_writes_the_native_layout(twin_root, tmp_path):
     check_eval_and_infer(run_dir, ckpt)
 
 
+def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_path, monkeypatch):
+    from pipeline.stages import sft
+    from pipeline.training import loop
+
+    model = "qwen2_5_vl_tiny"
+    cfg = compose_config(
+        ["+experiment=full", f"model={model}", f"model.path={twin_root / model}", *QUICK]
+        + ["trainer.max_steps=4", "trainer.save_steps=2", "trainer.logging_steps=1"]
+    )
+    sft.run(cfg, tmp_path / "whole", {})
+    real = loop.Trainer._step
+
+    def crash_after_step_2(self, micro):
+        if self.state.global_step == 2:
+            raise RuntimeError("power cut")
+        return real(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        sft.run(cfg, tmp_path / "cut", {})
+    monkeypatch.setattr(loop.Trainer, "_step", real)
+    out = sft.run(cfg, tmp_path / "cut", {})  # trainer.resume=auto
+    assert out["sft"]["resumed_from"].endswith("checkpoint-2")
+    whole, resumed = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "cut")
+    assert len(whole) == 4 and resumed == pytest.approx(whole, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "override, said",
     [

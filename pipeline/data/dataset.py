@@ -161,5 +161,7 @@ class FamilyDataset(Dataset):
         sample = self.family.encode_row(self.processor, row, self.with_response, self.image_cache)
         if len(sample) > self.max_length:
             # Validation removed every row that does not fit, so this means the file changed since.
-            raise ValueError(f"{row.origin}: encodes to {len(sample)} tokens, over max_length {self.max_length}")
+            raise ValueError(
+                f"{row.origin}: encodes to {len(sample)} tokens, over max_length {self.max_length}"
+            )
         return sample

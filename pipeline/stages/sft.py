@@ -255,6 +255,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         collate=family.training_collate(bundle, pad_to, settings.packing),
         eval_collate=family.eval_collate(bundle),
         forward=family.loss_outputs,
+        read_full=family.checkpoint_reader(bundle),
     )
     resumed = trainer.resume(cfg.trainer.resume)
 

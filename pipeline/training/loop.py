@@ -182,12 +182,14 @@ class Trainer:
         collate: Callable[[list], dict] | None = None,
         eval_collate: Callable[[list], dict] | None = None,
         forward: Callable[[object, dict], object] = _forward,
+        read_full: Callable[[Path], dict] | None = None,
     ) -> None:
         self.acc = accelerator
         # How rows become batches and batches a summed loss: the model family's (MiniCPM-V-2's by default)
         self.collate = collate
         self.eval_collate = eval_collate
         self.forward = forward
+        self.read_full = read_full  # full weights of a checkpoint, in the family's layout (resume)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -245,7 +247,12 @@ class Trainer:
                 )
         check_resume_plan(ckpt, self.total_steps)
         self.state = load_training_checkpoint(
-            ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, engine=self.engine
+            ckpt,
+            self.acc.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            engine=self.engine,
+            read_full=self.read_full,
         )
         self.state.total_steps = self.total_steps
         if self.acc.is_main_process and self.log_path.exists():

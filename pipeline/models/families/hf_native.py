@@ -449,6 +449,18 @@ class HFNativeFamily(Family):
 
         return write
 
+    def checkpoint_reader(self, bundle: HFBundle) -> Callable:
+        """Returns `read(folder) -> state dict`: a full checkpoint's weights under the model's own names
+        (save_pretrained may store them under the original checkpoint's names)."""
+
+        def read(folder: Path) -> dict[str, torch.Tensor]:
+            from transformers import AutoModelForImageTextToText
+
+            dtype = next(bundle.core.parameters()).dtype
+            return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).state_dict()
+
+        return read
+
     @torch.no_grad()
     def generate_rows(
         self,
