@@ -309,8 +309,6 @@ class HFNativeFamily(Family):
 
     # -- what the stages call ---------------------------------------------------------------------
     supports_chat = False
-    supports_compile = False
-    supports_packing = False
 
     def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
         from . import locate_model

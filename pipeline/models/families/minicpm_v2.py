@@ -210,8 +210,6 @@ class MiniCPMV2(Family):
 
     # -- what the stages call (each delegates to the project's MiniCPM-V-2 code) -------------------
     supports_chat = True
-    supports_compile = True
-    supports_packing = True
 
     def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
         from pipeline.models.bundle import base_model_path
