@@ -300,6 +300,9 @@ class MiniCPMV2(Family):
 
         return write
 
+    def checkpoint_reader(self, bundle: Any) -> None:
+        return None  # full weights are read back by the training checkpoints' reader of the official layout
+
     def generate_rows(
         self, bundle: Any, rows: Sequence[Any], settings: Any, batch_size: int, **kw: Any
     ) -> list[str]:
