@@ -10,14 +10,13 @@ Commands: `clear` (new conversation), `exit`/`quit`, `multi-line` (end input wit
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.chat import Chat
+from pipeline.chat import Chat, other_family
 from pipeline.data.images import ImageLoadError
 from pipeline.inference import load_inference_bundle
 from pipeline.models.checkpoint import CheckpointError
@@ -189,27 +188,6 @@ def _model_from_run(ckpt: str | None) -> str | None:
         return None
     cfg = load_run_config(ckpt)
     return str(cfg.model.path) if cfg is not None and "model" in cfg else None
-
-
-def other_family(model: str) -> str | None:
-    """Returns why the chat refuses the model folder (a model_type other than MiniCPM-V-2's), else None.
-
-    Read from config.json only, before any weight loads."""
-    config = Path(model).expanduser() / "config.json"
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError):
-        return None  # a missing or broken folder is the loader's to report
-    if model_type in (None, MINICPM_V2_MODEL_TYPE):
-        return None
-    return (
-        f"{model} holds a {model_type!r} model; the chat runs MiniCPM-V-2 ({MINICPM_V2_MODEL_TYPE!r}) only. "
-        "Answer with another family in batch: python -m pipeline stages=[infer] model=<its config> "
-        "infer.input=<file.jsonl>"
-    )
-
-
-MINICPM_V2_MODEL_TYPE = "minicpmv"
 
 
 def build_parser() -> argparse.ArgumentParser:

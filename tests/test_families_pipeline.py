@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline.__main__ import run_pipeline
+from pipeline.chat import Chat
 from pipeline.chat_cli import main as chat_main
 from pipeline.config import ConfigError, validate
 from pipeline.models.families import get_family
@@ -182,3 +183,5 @@ def test_the_chat_refuses_another_family_before_loading(twin_root, capsys):
     assert chat_main(["--model", str(folder)]) == 1
     err = capsys.readouterr().err
     assert "holds a 'qwen2_5_vl' model; the chat runs MiniCPM-V-2 ('minicpmv') only" in err
+    with pytest.raises(ValueError, match="holds a 'qwen2_5_vl' model; the chat runs MiniCPM-V-2"):
+        Chat.from_pretrained(str(folder))
