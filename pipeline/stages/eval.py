@@ -74,8 +74,6 @@ def loss_metrics(
     loss_sum = tokens = correct = 0.0
     for indices in tqdm(_batches(len(dataset), batch_size), desc="eval loss", unit="batch", leave=False):
         batch = collate([dataset[i] for i in indices])
-        for key in ("input_ids", "attention_mask", "labels"):
-            batch[key] = batch[key].to(device)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = family.loss_outputs(model, batch)
         loss_sum += float(out.loss_sum)
