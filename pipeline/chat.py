@@ -14,6 +14,7 @@ image later in the same conversation is an error. The terminal chat is pipeline.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -46,6 +47,27 @@ class _Stop(Exception):
 
 
 _DONE = object()
+
+
+def other_family(model: str) -> str | None:
+    """Returns why the chat refuses the model folder (a model_type other than MiniCPM-V-2's), else None.
+
+    Read from config.json only, before any weight loads."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None  # a missing or broken folder is the loader's to report
+    if model_type in (None, MINICPM_V2_MODEL_TYPE):
+        return None
+    return (
+        f"{model} holds a {model_type!r} model; the chat runs MiniCPM-V-2 ({MINICPM_V2_MODEL_TYPE!r}) only. "
+        "Answer with another family in batch: python -m pipeline stages=[infer] model=<its config> "
+        "infer.input=<file.jsonl>"
+    )
+
+
+MINICPM_V2_MODEL_TYPE = "minicpmv"
 
 
 class Chat:
@@ -86,6 +108,9 @@ class Chat:
 
         `load_options` go to load_inference_bundle (build_if_missing, allow_download, max_slice_nums, ...).
         """
+        problem = other_family(model_path)
+        if problem:
+            raise ValueError(problem)
         bundle = load_inference_bundle(model_path, ckpt, device=device, dtype=dtype, **load_options)
         return cls(bundle, generation=generation, system=system, seed=seed)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.chat import Chat
+from pipeline.chat import Chat, other_family
 from pipeline.data.images import ImageLoadError
 from pipeline.inference import load_inference_bundle
 from pipeline.models.checkpoint import CheckpointError
@@ -225,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    other = other_family(model)
+    if other:
+        print(f"error: {other}", file=sys.stderr)
+        return 1
     generation = {
         "max_new_tokens": args.max_new_tokens,
         "do_sample": args.do_sample,

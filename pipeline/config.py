@@ -456,8 +456,10 @@ def _check_ckpt(tree: dict) -> list[str]:
 def _check_model(tree: dict) -> list[str]:
     model = tree["model"]
     path = Path(str(model["path"])).expanduser()
+    # MiniCPM-V-2's twin is pre-trained in one place; another family's twin is built wherever model.path is
     if (
         tree["stages"]
+        and model["family"] == "minicpm_v2"
         and model["build_if_missing"]
         and not path.exists()
         and path.absolute() != default_twin_path()
@@ -520,6 +522,22 @@ def _check_family(tree: dict) -> list[str]:
             f"model.family={family}: the stages run {', '.join(STAGE_READY)} only so far; this family works "
             "through pipeline.models.families (load, encode, train, merge, generate), so set stages=[]"
         )
+    if family == "minicpm_v2":
+        return problems
+    # What the stages run for MiniCPM-V-2 only (its own model code): refused before any work starts.
+    uses = set(tree["stages"])
+    only_v2 = [
+        ("trainer.compile=true", "sft" in uses and tree["trainer"]["compile"]),
+        ("trainer.packing=true", "sft" in uses and tree["trainer"]["packing"]),
+        ("dataset.truncation=truncate", tree["dataset"]["truncation"] != "delete"),
+        ("infer.interactive=true (the chat)", "infer" in uses and tree["infer"]["interactive"]),
+        ("the serve stage", "serve" in uses),
+    ]
+    for what, used in only_v2:
+        if used:
+            problems.append(
+                f"{what} runs for model.family=minicpm_v2 only; model.family={family} does not take it"
+            )
     return problems
 
 

@@ -54,11 +54,13 @@ def load_inference_bundle(
     allow_download: bool = False,
     max_slice_nums: int | None = None,
     slice_mode: bool | None = None,
+    family=None,
 ) -> ModelBundle:
     """Returns the model (base, adapter or merged checkpoint) in eval mode on `device`, with its tokenizer.
 
     `ckpt` may be a checkpoint folder, an earlier run folder (its sft/best, else sft/last), "base" or None
     (= the model at `model_path`). A missing folder or an adapter of another base raises CheckpointError.
+    With `family` (pipeline.models.families) the family loads it, with its own resolution settings.
     """
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     if not isinstance(dtype, torch.dtype):
@@ -68,15 +70,25 @@ def load_inference_bundle(
         ckpt = resolve_ckpt(ckpt) if Path(ckpt).expanduser().exists() else Path(ckpt).expanduser()
     else:
         ckpt = None
-    bundle = load_bundle(
-        model_folder(model_path, build_if_missing),
-        ckpt=ckpt,
-        dtype=dtype,
-        device=device,
-        allow_download=allow_download,
-        max_slice_nums=max_slice_nums,
-        slice_mode=slice_mode,
-    )
+    if family is not None:
+        bundle = family.load_bundle(
+            model_path,
+            ckpt,
+            dtype=dtype,
+            device=device,
+            build_if_missing=build_if_missing,
+            allow_download=allow_download,
+        )
+    else:
+        bundle = load_bundle(
+            model_folder(model_path, build_if_missing),
+            ckpt=ckpt,
+            dtype=dtype,
+            device=device,
+            allow_download=allow_download,
+            max_slice_nums=max_slice_nums,
+            slice_mode=slice_mode,
+        )
     bundle.model.eval()
     log.info("loaded %s model from %s%s", bundle.kind, bundle.base_path, f" + {ckpt}" if ckpt else "")
     return bundle

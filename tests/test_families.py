@@ -392,8 +392,10 @@ def test_model_configs_select_their_family_and_settings(compose, option, family,
 def test_families_the_stages_do_not_run_yet_are_refused_before_any_work(compose):
     from pipeline.config import ConfigError, validate
 
-    with pytest.raises(ConfigError, match=r"model.family=qwen2_5_vl: the stages run minicpm_v2 only so far"):
-        validate(compose(["model=qwen2_5_vl_tiny"]))
+    with pytest.raises(
+        ConfigError, match=r"model.family=qwen3_vl: the stages run minicpm_v2, minicpm_v4_6, qwen2_5_vl only"
+    ):
+        validate(compose(["model=qwen3_vl_tiny"]))
     with pytest.raises(ConfigError, match=r"model.family=llava is not a valid choice; valid: minicpm_v2"):
         validate(compose(["model.family=llava", "stages=[]"]))
     with pytest.raises(ConfigError, match=r"model.processor_kwargs is for transformers-native families"):

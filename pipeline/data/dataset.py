@@ -124,3 +124,44 @@ class SFTDataset(Dataset):
                 f"{row.origin}: does not fit max_length {self.max_length} under '{self.truncation}'"
             )
         return sample
+
+
+class FamilyDataset(Dataset):
+    """Encodes rows on access through a transformers-native family (its processor and chat template)."""
+
+    def __init__(
+        self,
+        rows: Sequence[Row],
+        family,
+        processor,
+        max_length: int,
+        image_cache: Path | None = None,
+        with_response: bool = True,
+    ) -> None:
+        self.rows = list(rows)
+        self.family = family
+        self.processor = processor
+        self.max_length = max_length
+        self.image_cache = image_cache
+        self.with_response = with_response
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def token_counts(self) -> list[int]:
+        """Returns every row's encoded length (counted by validation, else by encoding the row now)."""
+        counts = []
+        for index, row in enumerate(self.rows):
+            count = row.num_tokens if row.num_tokens is not None else len(self[index])
+            counts.append(min(count, self.max_length))
+        return counts
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        sample = self.family.encode_row(self.processor, row, self.with_response, self.image_cache)
+        if len(sample) > self.max_length:
+            # Validation removed every row that does not fit, so this means the file changed since.
+            raise ValueError(
+                f"{row.origin}: encodes to {len(sample)} tokens, over max_length {self.max_length}"
+            )
+        return sample

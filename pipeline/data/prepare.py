@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,16 +103,22 @@ def read_dataset(dataset_cfg: DictConfig | Mapping[str, Any], seed: int) -> RawR
 def split_dataset(
     raw: RawRows,
     dataset_cfg: DictConfig | Mapping[str, Any],
-    tokenizer: MiniCPMVTokenizer,
-    processor: MiniCPMVImageProcessor,
+    tokenizer: MiniCPMVTokenizer | None,
+    processor: MiniCPMVImageProcessor | None,
     seed: int,
     problems_path: Path | None = None,
+    counter: Callable[[Row], int | None] | None = None,
 ) -> Splits:
-    """Returns train/val rows of `raw` that fit max_length; problems go to `problems_path` under on_error=skip."""
+    """Returns train/val rows of `raw` that fit max_length; problems go to `problems_path` under on_error=skip.
+
+    Tokens are counted by `counter` (a model family's), else by MiniCPM-V-2's tokenizer and processor."""
     cfg = _plain(dataset_cfg)
     on_error = cfg.get("on_error", "raise")
     problems = list(raw.problems)
-    counter = TokenCounter(tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete"))
+    if counter is None:
+        counter = TokenCounter(
+            tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete")
+        )
     rows, more = validate_rows(
         raw.rows,
         check_image_files=False,
@@ -141,11 +147,12 @@ def split_dataset(
 
 def prepare_splits(
     dataset_cfg: DictConfig | Mapping[str, Any],
-    tokenizer: MiniCPMVTokenizer,
-    processor: MiniCPMVImageProcessor,
+    tokenizer: MiniCPMVTokenizer | None,
+    processor: MiniCPMVImageProcessor | None,
     seed: int,
     problems_path: Path | None = None,
+    counter: Callable[[Row], int | None] | None = None,
 ) -> Splits:
     """Returns validated train/val rows (read_dataset, then split_dataset); problems go to `problems_path`."""
     raw = read_dataset(dataset_cfg, seed)
-    return split_dataset(raw, dataset_cfg, tokenizer, processor, seed, problems_path)
+    return split_dataset(raw, dataset_cfg, tokenizer, processor, seed, problems_path, counter=counter)

@@ -27,13 +27,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_device
-from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.inference import generate_for_rows, generation_settings, load_inference_bundle
+from pipeline.inference import generation_settings, load_inference_bundle
 from pipeline.metrics import compute_generation_metrics
 from pipeline.models.bundle import ModelBundle
-from pipeline.models.collate import collate_for_training
+from pipeline.models.families import family_from_config, get_family
 from pipeline.runinfo import resolve_ckpt
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 
@@ -64,18 +63,19 @@ def _batches(n: int, size: int) -> list[range]:
 
 @torch.no_grad()
 def loss_metrics(
-    bundle: ModelBundle, rows: list[Row], batch_size: int, max_length: int, truncation: str
+    bundle: ModelBundle, rows: list[Row], batch_size: int, max_length: int, truncation: str, family=None
 ) -> dict[str, float]:
     """Returns eval_loss (mean cross-entropy per response token), perplexity, token_acc and num_tokens."""
-    dataset = SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation)
+    family = family or get_family("minicpm_v2")
+    dataset = family.dataset(bundle, rows, max_length, truncation)
     model = bundle.core  # PEFT injects its LoRA layers into this module, so it scores with the adapter
-    device = model.llm.lm_head.weight.device
+    device = family.device_of(bundle)
+    collate = family.eval_collate(bundle)
     loss_sum = tokens = correct = 0.0
     for indices in tqdm(_batches(len(dataset), batch_size), desc="eval loss", unit="batch", leave=False):
-        batch = collate_for_training([dataset[i] for i in indices], bundle.tokenizer.pad_id)
-        for key in ("input_ids", "attention_mask", "labels"):
-            batch[key] = batch[key].to(device)
-        out = model(**batch)
+        batch = collate([dataset[i] for i in indices])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = family.loss_outputs(model, batch)
         loss_sum += float(out.loss_sum)
         tokens += float(out.num_tokens)
         correct += float(out.num_correct)
@@ -117,13 +117,16 @@ def _log_table(metrics: dict, n_rows: int, ckpt: Path | None) -> None:
 
 def score(cfg: DictConfig, bundle: ModelBundle, rows: list[Row]) -> tuple[dict[str, float], int, list[str]]:
     """Returns the metrics of `bundle` on `rows`, the scored token count and the generated answers."""
-    scores = loss_metrics(bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation)
+    family = family_from_config(cfg.model)
+    scores = loss_metrics(
+        bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation, family
+    )
     num_tokens = scores.pop("num_tokens")
     metrics: dict[str, float] = dict(scores)
     predictions: list[str] = []
     if cfg.eval.generate:
         settings = generation_settings({"max_new_tokens": cfg.eval.max_new_tokens})
-        predictions = generate_for_rows(bundle, rows, settings, cfg.eval.batch_size, desc="eval generate")
+        predictions = family.generate_rows(bundle, rows, settings, cfg.eval.batch_size, desc="eval generate")
         references = [row.references or [row.response] for row in rows]
         metrics.update(compute_generation_metrics(predictions, references))
     return metrics, num_tokens, predictions
@@ -193,8 +196,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         dtype=str(cfg.model.dtype),
         build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
-        max_slice_nums=cfg.model.max_slice_nums,
-        slice_mode=cfg.model.slice_mode,
+        family=family_from_config(cfg.model),
     )
 
     # ----- setup: model and held-out rows
@@ -203,10 +205,11 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     splits = split_dataset(
         raw_rows,
         cfg.dataset,
-        bundle.tokenizer,
-        bundle.processor,
+        None,
+        None,
         cfg.seed,
         problems_path=eval_dir / "dataset_problems.jsonl",
+        counter=load["family"].token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
     )
     rows = splits.val if cfg.eval.max_samples is None else splits.val[: cfg.eval.max_samples]
     if not rows:

@@ -23,12 +23,13 @@ from omegaconf import DictConfig
 
 from pipeline.chat import Chat
 from pipeline.chat_cli import run_chat
-from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.config import BASE_CKPT, ConfigError, resolve_device
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
 from pipeline.data.validate import record_to_row
-from pipeline.inference import GENERATION_KEYS, generate_for_rows, generation_settings, load_inference_bundle
+from pipeline.inference import GENERATION_KEYS, generation_settings, load_inference_bundle
 from pipeline.models.bundle import ModelBundle
+from pipeline.models.families import family_from_config
 from pipeline.models.generation import GenerationSettings
 from pipeline.runinfo import resolve_ckpt
 from pipeline.utils.io import append_jsonl, atomic_write_text
@@ -130,13 +131,15 @@ def input_rows(
     if not isinstance(inputs, RawRows):
         rows, labels = inputs
     else:
+        family = family_from_config(cfg.model)
         splits = split_dataset(
             inputs,
             cfg.dataset,
-            bundle.tokenizer,
-            bundle.processor,
+            None,
+            None,
             cfg.seed,
             problems_path=infer_dir / "dataset_problems.jsonl",
+            counter=family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
         )
         if not splits.val:
             raise DatasetError(
@@ -170,6 +173,12 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     device = resolve_device(cfg)
     ckpt = checkpoint_for_infer(cfg, state)
     settings = settings_from_config(cfg)
+    family = family_from_config(cfg.model)
+    if cfg.infer.interactive and not family.supports_chat:
+        raise ConfigError(
+            f"infer.interactive=true: the chat runs MiniCPM-V-2 only; model.family={family.name} answers "
+            "in batch (infer.input=<file.jsonl> or the held-out rows)"
+        )
     inputs = None if cfg.infer.interactive else read_inputs(cfg)  # read and checked before the weights
     bundle = load_inference_bundle(
         cfg.model.path,
@@ -178,8 +187,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         dtype=str(cfg.model.dtype),
         build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
-        max_slice_nums=cfg.model.max_slice_nums,
-        slice_mode=cfg.model.slice_mode,
+        family=family,
     )
     log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
 
@@ -196,8 +204,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         return {"infer": results}
 
     rows, labels = input_rows(cfg, bundle, infer_dir, inputs)
-    generator = torch.Generator(bundle.core.llm.lm_head.weight.device).manual_seed(int(cfg.seed))
-    responses = generate_for_rows(
+    generator = torch.Generator(family.device_of(bundle)).manual_seed(int(cfg.seed))
+    responses = family.generate_rows(
         bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
     )
     lines = [

@@ -17,6 +17,8 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,15 +27,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import BASE_CKPT, resolve_device
-from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import prepare_splits
-from pipeline.models.bundle import BASE_POINTER, ModelBundle, base_model_path, checkpoint_kind, load_bundle
-from pipeline.models.checkpoint import CheckpointError, load_model, read_checkpoint_shapes, save_checkpoint
-from pipeline.models.collate import Sample, collate_for_training, encode_example
+from pipeline.models.bundle import BASE_POINTER, ModelBundle, checkpoint_kind
+from pipeline.models.checkpoint import CheckpointError, read_checkpoint_shapes
+from pipeline.models.checkpoint import save_checkpoint as save_checkpoint  # MiniCPM-V-2's merged layout
+from pipeline.models.collate import Sample, encode_example
+from pipeline.models.families import family_from_config
+from pipeline.models.families.base import FamilyError
+from pipeline.models.families.minicpm_v2 import minicpm_sample_logits
 from pipeline.models.processor import MiniCPMVImageProcessor
 from pipeline.models.tokenizer import MiniCPMVTokenizer
 from pipeline.runinfo import resolve_ckpt
-from pipeline.twin import model_folder
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -98,7 +102,7 @@ def checkpoint_to_merge(cfg: DictConfig, state: dict) -> Path:
             f"checkpoint {ckpt} does not exist; give a LoRA checkpoint folder or a run folder"
         )
     if checkpoint_kind(ckpt) == "full":
-        shards = sorted({p.name for _, p in read_checkpoint_shapes(ckpt).values()})
+        shards = family_from_config(cfg.model).weight_files(ckpt)
         raise MergeError(
             f"{ckpt} is a full fine-tuning checkpoint: it has no adapter to merge and is already a "
             f"standalone model in the official layout (weights in {ckpt}/{{{', '.join(shards)}}}); load "
@@ -117,7 +121,8 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
         log.warning(
             "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, cfg.model.path
         )
-    return base_model_path(model_folder(cfg.model.path, cfg.model.build_if_missing), cfg.model.trust_hub)
+    family = family_from_config(cfg.model)
+    return family.base_folder(cfg.model.path, cfg.model.build_if_missing, cfg.model.trust_hub)
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
@@ -173,37 +178,46 @@ def verification_samples(
     cfg: DictConfig, bundle: ModelBundle, n: int, problems_path: Path
 ) -> tuple[list[Sample], str]:
     """Returns up to `n` held-out samples and "held-out", or generated ones and "dummy" without data."""
+    family = family_from_config(cfg.model)
     try:
         splits = prepare_splits(
-            cfg.dataset, bundle.tokenizer, bundle.processor, cfg.seed, problems_path=problems_path
+            cfg.dataset,
+            None,
+            None,
+            cfg.seed,
+            problems_path=problems_path,
+            counter=family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
         )
         rows = (splits.val or splits.train)[:n]
     except (OSError, ValueError) as err:  # a missing or broken data set: the merge itself does not need it
         log.warning("merge: held-out rows unavailable (%s); checking on %d generated inputs", err, n)
         rows = []
     if rows:
-        dataset = SFTDataset(
-            rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length, cfg.dataset.truncation
-        )
+        dataset = family.dataset(bundle, rows, cfg.dataset.max_length, cfg.dataset.truncation)
         return [dataset[i] for i in range(len(dataset))], "held-out"
-    return dummy_samples(bundle.tokenizer, bundle.processor, n, cfg.seed), "dummy"
+    return family.dummy_samples(bundle, n, cfg.seed), "dummy"
 
 
 @torch.inference_mode()
 def sample_logits(
-    model: torch.nn.Module, samples: list[Sample], pad_id: int, device: torch.device, desc: str
+    model: torch.nn.Module,
+    samples: list[Sample],
+    pad_id: int,
+    device: torch.device,
+    desc: str,
+    logits_of: Callable[[torch.nn.Module, Sample], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Returns each sample's fp32 logits [T, vocab] on the CPU, one sample per forward (no padding)."""
-    out = []
-    for sample in tqdm(samples, desc=desc, unit="sample", leave=False):
-        batch = collate_for_training([sample], pad_id)
-        batch.pop("labels")
-        batch["input_ids"] = batch["input_ids"].to(device)
-        batch["attention_mask"] = batch["attention_mask"].to(device)
-        batch["image_bound"] = [b.to(device) for b in batch["image_bound"]]
-        logits = model(**batch, return_logits=True).logits
-        out.append(logits[0].float().cpu())
-    return out
+    """Returns each sample's fp32 logits [T, vocab] on the CPU, one sample per forward (no padding).
+
+    `logits_of(model, sample)` is the model family's forward (MiniCPM-V-2's when not given)."""
+    logits_of = logits_of or partial(_minicpm_logits, pad_id=pad_id, device=device)
+    return [logits_of(model, sample) for sample in tqdm(samples, desc=desc, unit="sample", leave=False)]
+
+
+def _minicpm_logits(
+    model: torch.nn.Module, sample: Sample, pad_id: int, device: torch.device
+) -> torch.Tensor:
+    return minicpm_sample_logits(model, sample, pad_id, device)
 
 
 def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> tuple[float, float]:
@@ -251,16 +265,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         device,
         out,
     )
+    family = family_from_config(cfg.model)
     try:
-        bundle = load_bundle(
-            str(base),
-            ckpt=ckpt,
-            dtype=dtype,
-            device=device,
-            max_slice_nums=cfg.model.max_slice_nums,
-            slice_mode=cfg.model.slice_mode,
-        )
-    except CheckpointError as err:
+        bundle = family.load_bundle(str(base), ckpt, dtype=dtype, device=device)
+    except (CheckpointError, FamilyError) as err:
         raise MergeError(f"cannot load adapter {ckpt} onto base {base}: {err}") from err
     model = bundle.model.eval()
 
@@ -269,13 +277,17 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     samples, inputs = [], ""
     if n:
         samples, inputs = verification_samples(cfg, bundle, n, merge_dir / "dataset_problems.jsonl")
-    pad_id = bundle.tokenizer.pad_id
-    reference = sample_logits(model, samples, pad_id, device, "adapter logits")
+    pad_id = family.pad_id(bundle)
+    logits_of = family.logits_fn(bundle, device)  # holds what encodes, not the model
+    reference = sample_logits(model, samples, pad_id, device, "adapter logits", logits_of)
 
     # ----- merge and write
     merged = model.merge_and_unload(progressbar=True, safe_merge=True)
-    check_merged_keys(merged, base)
-    save_checkpoint(merged, out, max_shard_bytes=shard_bytes, dtype=dtype, source_folder=base)
+    try:
+        family.check_merged(merged, base)
+    except FamilyError as err:
+        raise MergeError(str(err)) from err
+    family.save_merged(merged, bundle, out, shard_bytes, dtype, base)
     del model, merged, bundle  # the reloaded copy below must not sit beside a second full model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -284,8 +296,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     diff = scale = None
     tolerance = None
     if samples:
-        reloaded = load_model(out, dtype=dtype, device=device)
-        merged_logits = sample_logits(reloaded, samples, pad_id, device, "merged logits")
+        reloaded = family.load_merged(out, dtype, device)
+        merged_logits = sample_logits(reloaded, samples, pad_id, device, "merged logits", logits_of)
         diff, scale = compare_logits(reference, merged_logits)
         tolerance = RELATIVE_TOLERANCE[dtype] * max(scale, 1.0)
         del reloaded
@@ -298,7 +310,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "shard_size": str(cfg.merge.shard_size),
-        "shards": sorted({p.name for _, p in read_checkpoint_shapes(out).values()}),
+        "shards": family.weight_files(out),
         "verify_inputs": inputs or None,
         "verify_samples": len(samples),
         "max_abs_logits_diff": diff,

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import BASE_CKPT, ConfigError, resolve_device
 from pipeline.inference import load_inference_bundle
+from pipeline.models.families import family_from_config
 from pipeline.runinfo import resolve_ckpt
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ def check_port_free(host: str, port: int) -> None:
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     """Serves until stopped and returns {"serve": the URL it served on}."""
     from pipeline.serve.app import ServeOptions, create_app, run_server
+
+    family = family_from_config(cfg.model)
+    if not family.supports_chat:
+        raise ConfigError(
+            f"the serve stage runs MiniCPM-V-2 only; model.family={family.name} cannot be served"
+        )
 
     check_port_free(str(cfg.serve.host), int(cfg.serve.port))
     serve_dir = Path(run_dir) / "serve"

@@ -1,4 +1,4 @@
-"""sft: fine-tune MiniCPM-V-2 (LoRA on q/k/v or every linear layer, or full) on the configured dataset.
+"""sft: fine-tune the configured model family (LoRA on q/k/v or every linear layer, or full) on the configured dataset.
 
     python -m pipeline +experiment=lora_qkv stages=[sft]
 
@@ -21,17 +21,15 @@ from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import resolve_device, resolve_dtype, resolve_num_workers
-from pipeline.data.dataset import SFTDataset
 from pipeline.data.prepare import read_dataset, split_dataset
-from pipeline.models.bundle import load_bundle
-from pipeline.models.lora import apply_lora, build_lora_config, count_parameters, set_full_finetune
+from pipeline.models.families import family_from_config
+from pipeline.models.lora import count_parameters
 from pipeline.runinfo import seed_everything
 from pipeline.tracking import build_tracker
 from pipeline.training.checkpoints import check_tuning_settings
 from pipeline.training.loop import LoopSettings, Trainer, checkpoint_to_resume, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
-from pipeline.twin import model_folder
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,28 +64,12 @@ def base_model_name(cfg: DictConfig, bundle) -> str:
     return str(Path(bundle.base_path).resolve())
 
 
-def prepare_model(cfg: DictConfig, bundle) -> torch.nn.Module:
+def prepare_model(cfg: DictConfig, bundle, family=None) -> torch.nn.Module:
     """Returns the model with only the configured parameters trainable (LoRA-wrapped unless full)."""
-    core = bundle.model
-    if cfg.model.gradient_checkpointing:
-        core.gradient_checkpointing_enable()
-    if cfg.lora.name == "none":
-        set_full_finetune(core, cfg.lora.freeze_vision, cfg.lora.freeze_resampler, cfg.lora.freeze_llm)
-        return core
-    for p in core.parameters():
-        p.requires_grad_(False)
-    lora_cfg = build_lora_config(
-        core,
-        cfg.lora.name,
-        r=cfg.lora.r,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules) if cfg.lora.target_modules else None,
-        modules_to_save=list(cfg.lora.modules_to_save),
-        base_model_path=base_model_name(cfg, bundle),
-        bias=cfg.lora.bias,
+    family = family or family_from_config(cfg.model)
+    return family.prepare_training(
+        bundle, cfg.lora, cfg.model.gradient_checkpointing, base_model_name(cfg, bundle)
     )
-    return apply_lora(core, lora_cfg)
 
 
 # ms-swift's default global batch: its gradient_accumulation_steps defaults to ceil(16 / batch / processes)
@@ -188,15 +170,15 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     if resume_from is not None:
         lora = None if cfg.lora.name == "none" else {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha}
         check_tuning_settings(resume_from, lora)
-    bundle = load_bundle(
-        model_folder(cfg.model.path, cfg.model.build_if_missing),
+    family = family_from_config(cfg.model)
+    bundle = family.load_bundle(
+        cfg.model.path,
         dtype=weights_dtype(cfg, device),
         device=device,
+        build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
-        max_slice_nums=cfg.model.max_slice_nums,
-        slice_mode=cfg.model.slice_mode,
     )
-    model = prepare_model(cfg, bundle)
+    model = prepare_model(cfg, bundle, family)
     pad_to = 1
     graphs = cfg.trainer.compile and device.type == "cuda"
     if cfg.trainer.compile:
@@ -210,16 +192,15 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     splits = split_dataset(
         raw_rows,
         cfg.dataset,
-        bundle.tokenizer,
-        bundle.processor,
+        None,
+        None,
         cfg.seed,
         problems_path=sft_dir / "dataset_problems.jsonl",
+        counter=family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
     )
 
     def make_set(rows):
-        return SFTDataset(
-            rows, bundle.tokenizer, bundle.processor, cfg.dataset.max_length, cfg.dataset.truncation
-        )
+        return family.dataset(bundle, rows, cfg.dataset.max_length, cfg.dataset.truncation)
 
     train_set, val_set = make_set(splits.train), make_set(splits.val)
     world = accelerator.num_processes
@@ -266,13 +247,21 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         val_set,
         settings,
         sft_dir,
-        save_extra=lambda: {"run_cfg": cfg, "base_path": bundle.base_path},
-        pad_id=bundle.tokenizer.pad_id,
+        save_extra=lambda: {
+            "run_cfg": cfg,
+            "base_path": bundle.base_path,
+            "write_full": family.checkpoint_writer(bundle),
+        },
+        pad_id=family.pad_id(bundle),
         pad_to_multiple=pad_to,
         tracker=tracker,
         lengths=train_set.token_counts() if budget else None,
         val_lengths=val_set.token_counts() if budget else None,
         preallocate_grads=graphs and accelerator.distributed_type != DistributedType.DEEPSPEED,
+        collate=family.training_collate(bundle, pad_to, settings.packing),
+        eval_collate=family.eval_collate(bundle),
+        forward=family.loss_outputs,
+        read_full=family.checkpoint_reader(bundle),
     )
     resumed = trainer.resume(cfg.trainer.resume)
 

@@ -164,8 +164,12 @@ def save_training_checkpoint(
     run_cfg: DictConfig,
     base_path: Path,
     engine=None,
+    write_full=None,
 ) -> Path:
     """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
+
+    Full weights go in the model family's layout: `write_full(model, folder, state_dict)` when given (a
+    transformers-native family's save_pretrained plus processor), else MiniCPM-V-2's official layout.
 
     `model` is the unwrapped model (no DDP wrapper; FSDP-sharded parameters are fine). Under DeepSpeed,
     `engine` is its engine: the weights are gathered through it (ZeRO-3: partitions into whole tensors)
@@ -189,6 +193,8 @@ def save_training_checkpoint(
     if rank == 0:
         if isinstance(model, PeftModel):
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+        elif write_full is not None:
+            write_full(model, tmp, weights)
         else:
             save_checkpoint(model, tmp, source_folder=base_path, state=weights)
         if optim_state is not None:
@@ -257,9 +263,17 @@ def adapter_to_model_keys(model: PeftModel, adapter: dict[str, torch.Tensor]) ->
 
 
 def load_training_checkpoint(
-    ckpt: Path, model: MiniCPMV | PeftModel, optimizer: torch.optim.Optimizer, scheduler, engine=None
+    ckpt: Path,
+    model: MiniCPMV | PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    engine=None,
+    read_full=None,
 ) -> TrainerState:
     """Restores weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state.
+
+    Full weights are read by `read_full(folder) -> state dict under the model's names` when given (the
+    layout `write_full` of save_training_checkpoint wrote), else from MiniCPM-V-2's official layout.
 
     Collective under several processes: rank 0 reads the weights and optimizer state and broadcasts them,
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
@@ -269,7 +283,7 @@ def load_training_checkpoint(
     if engine is not None:
         _load_deepspeed(ckpt, engine, world)
     else:
-        _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1)
+        _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1, read_full)
     scheduler.load_state_dict(_torch_file(ckpt / "scheduler.pt", "the learning-rate schedule's state"))
     own = ckpt / rng_file(rank)
     rng = own if own.is_file() else ckpt / rng_file(0)
@@ -425,13 +439,17 @@ def _load_deepspeed(ckpt: Path, engine, world: int) -> None:
         engine.empty_partition_cache()
 
 
-def _load_weights_and_optimizer(ckpt: Path, model, optimizer, rank: int, spread: bool) -> None:
+def _load_weights_and_optimizer(
+    ckpt: Path, model, optimizer, rank: int, spread: bool, read_full=None
+) -> None:
     weights: dict[str, torch.Tensor] = {}
     strict = not isinstance(model, PeftModel)
     if isinstance(model, PeftModel):
         adapter = ckpt / ADAPTER_WEIGHTS  # whole and matching the config: check_same_tuning
         if rank == 0 or not spread:
             weights = adapter_to_model_keys(model, load_file(str(adapter)))
+    elif (rank == 0 or not spread) and read_full is not None:
+        weights = read_full(ckpt)
     elif rank == 0 or not spread:
         for shard in sorted({p for _, p in read_checkpoint_shapes(ckpt).values()}):
             weights.update(load_file(str(shard)))

@@ -149,11 +149,16 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids"):
-        if key in batch:
-            out[key] = batch[key].to(device, non_blocking=True)
-    return out
+    """Returns the batch with every tensor on `device` (lists of tensors are the model's to move)."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def _forward(model, batch: dict):
+    """The default forward: the model itself returns loss_sum, num_tokens and num_correct."""
+    return model(**batch)
 
 
 def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
@@ -190,8 +195,17 @@ class Trainer:
         lengths: list[int] | None = None,
         val_lengths: list[int] | None = None,
         preallocate_grads: bool = False,
+        collate: Callable[[list], dict] | None = None,
+        eval_collate: Callable[[list], dict] | None = None,
+        forward: Callable[[object, dict], object] = _forward,
+        read_full: Callable[[Path], dict] | None = None,
     ) -> None:
         self.acc = accelerator
+        # How rows become batches and batches a summed loss: the model family's (MiniCPM-V-2's by default)
+        self.collate = collate
+        self.eval_collate = eval_collate
+        self.forward = forward
+        self.read_full = read_full  # full weights of a checkpoint, in the family's layout (resume)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -239,7 +253,12 @@ class Trainer:
             return None
         check_resume_plan(ckpt, self.total_steps)
         self.state = load_training_checkpoint(
-            ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, engine=self.engine
+            ckpt,
+            self.acc.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            engine=self.engine,
+            read_full=self.read_full,
         )
         self.state.total_steps = self.total_steps
         if self.acc.is_main_process and self.log_path.exists():
@@ -280,11 +299,14 @@ class Trainer:
             micro = self._micro_batches(step)
             plan.extend(micro)
             counts.append(len(micro))
-        collate = collate_packed if self.s.packing else collate_for_training
+        collate = self.collate
+        if collate is None:
+            fn = collate_packed if self.s.packing else collate_for_training
+            collate = partial(fn, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
         loader = DataLoader(
             self.train_set,
             batch_sampler=plan,
-            collate_fn=partial(collate, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple),
+            collate_fn=collate,
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
             # shift the dropout masks of a resumed run against an uninterrupted one.
@@ -325,7 +347,7 @@ class Trainer:
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
-                out = self.model(**batch)
+                out = self.forward(self.model, batch)
             # DDP averages gradients over ranks; multiplying by world keeps the global token mean.
             scaled = out.loss_sum * self.world / total_tokens
             if self.engine is not None:
@@ -392,7 +414,7 @@ class Trainer:
         loader = DataLoader(
             self.val_set,
             batch_sampler=batches,
-            collate_fn=partial(collate_for_training, pad_id=self.pad_id),
+            collate_fn=self.eval_collate or partial(collate_for_training, pad_id=self.pad_id),
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             generator=torch.Generator().manual_seed(self.s.seed),
         )
@@ -400,7 +422,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.acc.device)
         for i, batch in enumerate(loader):
             with self.acc.autocast():
-                out = self.model(**_to_device(batch, self.acc.device))
+                out = self.forward(self.model, _to_device(batch, self.acc.device))
             if i < counted:
                 sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
         self.model.train()

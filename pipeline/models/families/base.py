@@ -15,6 +15,20 @@ conf/model/*.yaml. Stages talk only to this interface, never to a family by name
     family.save(model, processor, folder) / family.merge(peft_model, processor, folder)
     family.build_tiny(folder)                                      # the offline tiny twin
 
+What the stages call (the second half of the interface; a "bundle" is what `load_bundle` returns, with
+`.model` (PEFT-wrapped when an adapter is loaded), `.core`, `.base_path` and `.kind`):
+
+    bundle = family.load_bundle(model_path, ckpt, dtype=..., device=..., build_if_missing=..., allow_download=...)
+    model = family.prepare_training(bundle, cfg.lora, gradient_checkpointing, base_name)   # sft
+    counter = family.token_counter(bundle, max_length, truncation)   # data validation: row -> tokens | None
+    dataset = family.dataset(bundle, rows, max_length, truncation)    # rows -> encoded samples
+    family.training_collate(bundle, pad_to_multiple, packed) / family.eval_collate(bundle)
+    sums = family.loss_outputs(model, batch)                          # loss_sum, num_tokens, num_correct
+    family.checkpoint_writer(bundle) / family.checkpoint_reader(bundle)   # full weights, native layout
+    texts = family.generate_rows(bundle, rows, settings, batch_size)  # eval, infer
+    merge: dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
+    supports_chat                                                     # the chat and serve (MiniCPM-V-2)
+
 A conversation is a list of messages ``{"role": "system" | "user" | "assistant", "content": str}``; an
 ``<image>`` tag in a user message marks where an image goes (one tag per image, in order). Images without
 any tag go at the start of the first user message, as ms-swift places them.
@@ -71,6 +85,15 @@ class EncodedSample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass
+class LossSums:
+    """A forward's training loss as the loop needs it: summed over the supervised tokens, with their count."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    num_correct: torch.Tensor
 
 
 @dataclass(frozen=True)

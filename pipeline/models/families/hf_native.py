@@ -15,17 +15,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from peft import PeftModel
 from PIL import Image
 from torch import nn
 
 from pipeline.utils.io import atomic_dir
 
-from .base import IGNORE_INDEX, IMAGE_TAG, EncodedSample, Family, FamilyError, Message, pad_batch
+from .base import (
+    IGNORE_INDEX,
+    IMAGE_TAG,
+    EncodedSample,
+    Family,
+    FamilyError,
+    LossSums,
+    Message,
+    messages_from_row,
+    pad_batch,
+)
 from .tiny_tokenizer import train_bpe_tokenizer
 
 # Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).
@@ -67,6 +80,22 @@ def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
                 content.append({"type": "text", "text": text})
         out.append({"role": message["role"], "content": content})
     return out
+
+
+@dataclass
+class HFBundle:
+    """A loaded HF-native model as the stages hold it: the model (PEFT-wrapped with an adapter), its
+    processor, the base model folder and what was loaded ("base", "adapter" or "full")."""
+
+    model: nn.Module
+    processor: Any
+    base_path: Path
+    kind: str
+
+    @property
+    def core(self) -> nn.Module:
+        """The transformers model itself (an adapter's LoRA layers are injected into it)."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
 
 class HFNativeFamily(Family):
@@ -277,3 +306,243 @@ class HFNativeFamily(Family):
         model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return self.save(model.eval(), self.tiny_processor(tokenizer), folder)
+
+    # -- what the stages call ---------------------------------------------------------------------
+    supports_chat = False
+
+    def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
+        from . import locate_model
+
+        return locate_model(self, path, build_if_missing=build_if_missing, allow_download=allow_download)
+
+    def load_bundle(
+        self,
+        path: str,
+        ckpt: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        build_if_missing: bool = False,
+        allow_download: bool = False,
+    ) -> HFBundle:
+        from pipeline.models.bundle import _adapter_base, checkpoint_kind
+
+        base = self.base_folder(path, build_if_missing, allow_download)
+        if ckpt is None:
+            model, processor = self.load(base, dtype, device)
+            return HFBundle(model, processor, base, "base")
+        ckpt = Path(ckpt)
+        kind = checkpoint_kind(ckpt)
+        if kind == "full":  # written in the native layout, processor included
+            model, processor = self.load(ckpt, dtype, device)
+            return HFBundle(model, processor, base, "full")
+        base = _adapter_base(ckpt, base)
+        model, processor = self.load(base, dtype, device)
+        model = self.load_adapter(model, ckpt).to(device)
+        return HFBundle(model, processor, base, "adapter")
+
+    def prepare_training(
+        self, bundle: HFBundle, lora: Any, gradient_checkpointing: bool, base_name: str
+    ) -> nn.Module:
+        model = bundle.model
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if lora.name != "none":
+                model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+        if lora.name == "none":
+            frozen = [
+                group
+                for group, on in (
+                    ("vision", lora.freeze_vision),
+                    ("projector", lora.freeze_resampler),
+                    ("llm", lora.freeze_llm),
+                )
+                if on
+            ]
+            self.set_full_finetune(model, frozen)
+            return model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        config = self.lora_config(
+            model,
+            lora.name,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=list(lora.target_modules) if lora.target_modules else None,
+            modules_to_save=list(lora.modules_to_save) or None,
+            base_model_path=base_name,
+        )
+        config.bias = lora.bias
+        return self.apply_lora(model, config)
+
+    def pad_id(self, bundle: HFBundle) -> int:
+        return bundle.processor.tokenizer.pad_token_id
+
+    def device_of(self, bundle: HFBundle) -> torch.device:
+        return next(bundle.core.parameters()).device
+
+    def encode_row(
+        self, processor: Any, row: Any, with_response: bool = True, image_cache: Path | None = None
+    ) -> EncodedSample:
+        """Returns a dataset row (query, response, history, system, images) encoded; images loaded now."""
+        from pipeline.data.images import ImageLoadError, load_image
+
+        try:
+            images = [load_image(ref, cache_dir=image_cache) for ref in row.images]
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"{row.origin}: {exc}") from exc
+        response = row.response if with_response else None
+        conversation = messages_from_row(row.query, response, row.history, row.system)
+        try:
+            return self.encode(processor, conversation, images, generation=not with_response)
+        except FamilyError as err:
+            raise FamilyError(f"{row.origin}: {err}") from err
+
+    def token_counter(
+        self, bundle: HFBundle, max_length: int, truncation: str
+    ) -> Callable[[Any], int | None]:
+        """Counts a row's tokens by encoding it (its images are read): None when it exceeds max_length."""
+
+        def count(row: Any) -> int | None:
+            n = len(self.encode_row(bundle.processor, row))
+            return n if n <= max_length else None
+
+        return count
+
+    def dataset(self, bundle: HFBundle, rows: Sequence[Any], max_length: int, truncation: str) -> Any:
+        from pipeline.data.dataset import FamilyDataset
+
+        return FamilyDataset(rows, self, bundle.processor, max_length)
+
+    def training_collate(self, bundle: HFBundle, pad_to_multiple: int = 1, packed: bool = False) -> Callable:
+        from functools import partial
+
+        return partial(self.collate_for_training, bundle.processor)
+
+    def eval_collate(self, bundle: HFBundle) -> Callable:
+        from functools import partial
+
+        return partial(self.collate_for_training, bundle.processor)
+
+    def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> LossSums:
+        """Returns the summed next-token loss, the supervised token count and the correct predictions."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(logits.device)
+        mask = labels != IGNORE_INDEX
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
+
+    def checkpoint_writer(self, bundle: HFBundle) -> Callable:
+        def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:
+            model.save_pretrained(folder, state_dict=dict(state))
+            bundle.processor.save_pretrained(folder)
+
+        return write
+
+    def checkpoint_reader(self, bundle: HFBundle) -> Callable:
+        """Returns `read(folder) -> state dict`: a full checkpoint's weights under the model's own names
+        (save_pretrained may store them under the original checkpoint's names)."""
+
+        def read(folder: Path) -> dict[str, torch.Tensor]:
+            from transformers import AutoModelForImageTextToText
+
+            dtype = next(bundle.core.parameters()).dtype
+            return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).state_dict()
+
+        return read
+
+    @torch.no_grad()
+    def generate_rows(
+        self,
+        bundle: HFBundle,
+        rows: Sequence[Any],
+        settings: Any,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        image_cache: Path | None = None,
+        desc: str = "generate",
+    ) -> list[str]:
+        """Returns one generated response per row, prompting with its query, history, system and images."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        options: dict[str, Any] = {"do_sample": settings.do_sample}
+        if settings.do_sample:
+            options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        if settings.repetition_penalty != 1.0:
+            options["repetition_penalty"] = settings.repetition_penalty
+        outputs: list[str] = []
+        for start in range(0, len(rows), batch_size):
+            samples = [
+                self.encode_row(bundle.processor, row, with_response=False, image_cache=image_cache)
+                for row in rows[start : start + batch_size]
+            ]
+            batch = self.collate_for_generation(bundle.processor, samples)
+            outputs += self.generate(
+                bundle.model, bundle.processor, batch, max_new_tokens=settings.max_new_tokens, **options
+            )
+        return outputs
+
+    def dummy_samples(self, bundle: HFBundle, n: int, seed: int) -> list[EncodedSample]:
+        """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""
+        import random
+
+        rng = random.Random(seed)
+        samples = []
+        for _ in range(n):
+            side = 64
+            image = Image.frombytes(
+                "RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))
+            )
+            conversation = messages_from_row("Describe the image.", "A field of coloured noise.")
+            samples.append(self.encode(bundle.processor, conversation, [image]))
+        return samples
+
+    def logits_fn(self, bundle: HFBundle, device: torch.device) -> Callable:
+        """Returns `logits(model, sample)`: one sample's fp32 logits [T, vocab] on the CPU."""
+        from functools import partial
+
+        return partial(self._sample_logits, bundle.processor, device=device)
+
+    def _sample_logits(
+        self, processor: Any, model: nn.Module, sample: EncodedSample, device: torch.device
+    ) -> torch.Tensor:
+        batch = self.collate_for_training(processor, [sample])
+        batch.pop("labels")
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return model(**inputs).logits[0].float().cpu()
+
+    def check_merged(self, model: nn.Module, base: Path) -> None:
+        leftover = [k for k in model.state_dict() if "lora_" in k]
+        if leftover:
+            raise FamilyError(
+                f"{self.name}: after merging, {len(leftover)} adapter keys remain, first: {leftover[:5]}"
+            )
+
+    def save_merged(
+        self,
+        model: nn.Module,
+        bundle: HFBundle,
+        folder: Path,
+        shard_bytes: int,
+        dtype: torch.dtype,
+        base: Path,
+    ) -> None:
+        model = model.to(dtype)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp, max_shard_size=shard_bytes)
+            bundle.processor.save_pretrained(tmp)
+
+    def load_merged(self, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return self.load(folder, dtype, device)[0]
+
+    def weight_files(self, folder: Path) -> list[str]:
+        return sorted(p.name for p in Path(folder).glob("*.safetensors"))

@@ -207,3 +207,148 @@ class MiniCPMV2(Family):
     def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
         # random weights; the pipeline's default twin is pre-trained on top of these by pipeline.twin
         return build_tiny_twin(folder, seed=seed)
+
+    # -- what the stages call (each delegates to the project's MiniCPM-V-2 code) -------------------
+    supports_chat = True
+
+    def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
+        from pipeline.models.bundle import base_model_path
+        from pipeline.twin import model_folder
+
+        return base_model_path(model_folder(path, build_if_missing), allow_download)
+
+    def load_bundle(
+        self,
+        path: str,
+        ckpt: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        build_if_missing: bool = False,
+        allow_download: bool = False,
+    ) -> Any:
+        from pipeline.twin import model_folder
+
+        return load_bundle(
+            model_folder(path, build_if_missing),
+            ckpt=ckpt,
+            dtype=dtype,
+            device=device,
+            allow_download=allow_download,
+            **self.settings,
+        )
+
+    def prepare_training(
+        self, bundle: Any, lora: Any, gradient_checkpointing: bool, base_name: str
+    ) -> nn.Module:
+        core = bundle.model
+        if gradient_checkpointing:
+            core.gradient_checkpointing_enable()
+        if lora.name == "none":
+            set_full_finetune(core, lora.freeze_vision, lora.freeze_resampler, lora.freeze_llm)
+            return core
+        for p in core.parameters():
+            p.requires_grad_(False)
+        lora_cfg = build_lora_config(
+            core,
+            lora.name,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=list(lora.target_modules) if lora.target_modules else None,
+            modules_to_save=list(lora.modules_to_save),
+            base_model_path=base_name,
+            bias=lora.bias,
+        )
+        return apply_lora(core, lora_cfg)
+
+    def pad_id(self, bundle: Any) -> int:
+        return bundle.tokenizer.pad_id
+
+    def device_of(self, bundle: Any) -> torch.device:
+        return bundle.core.llm.lm_head.weight.device
+
+    def token_counter(self, bundle: Any, max_length: int, truncation: str) -> Any:
+        from pipeline.data.dataset import TokenCounter
+
+        return TokenCounter(bundle.tokenizer, bundle.processor, max_length, truncation)
+
+    def dataset(self, bundle: Any, rows: Sequence[Any], max_length: int, truncation: str) -> Any:
+        from pipeline.data.dataset import SFTDataset
+
+        return SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation)
+
+    def training_collate(self, bundle: Any, pad_to_multiple: int = 1, packed: bool = False) -> Any:
+        from functools import partial
+
+        from pipeline.models.collate import collate_packed
+
+        fn = collate_packed if packed else collate_for_training
+        return partial(fn, pad_id=bundle.tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
+
+    def eval_collate(self, bundle: Any) -> Any:
+        from functools import partial
+
+        return partial(collate_for_training, pad_id=bundle.tokenizer.pad_id)
+
+    def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
+        return model(**batch)  # the model sums its loss over the supervised tokens itself
+
+    def checkpoint_writer(self, bundle: Any) -> Any:
+        def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:
+            save_checkpoint(model, folder, source_folder=bundle.base_path, state=state)
+
+        return write
+
+    def checkpoint_reader(self, bundle: Any) -> None:
+        return None  # full weights are read back by the training checkpoints' reader of the official layout
+
+    def generate_rows(
+        self, bundle: Any, rows: Sequence[Any], settings: Any, batch_size: int, **kw: Any
+    ) -> list[str]:
+        from pipeline.inference import generate_for_rows
+
+        return generate_for_rows(bundle, rows, settings, batch_size, **kw)
+
+    def dummy_samples(self, bundle: Any, n: int, seed: int) -> list[Any]:
+        from pipeline.stages.merge import dummy_samples
+
+        return dummy_samples(bundle.tokenizer, bundle.processor, n, seed)
+
+    def logits_fn(self, bundle: Any, device: torch.device) -> Any:
+        from functools import partial
+
+        return partial(minicpm_sample_logits, pad_id=bundle.tokenizer.pad_id, device=device)
+
+    def check_merged(self, model: nn.Module, base: Path) -> None:
+        from pipeline.stages.merge import check_merged_keys
+
+        check_merged_keys(model, base)
+
+    def save_merged(
+        self, model: nn.Module, bundle: Any, folder: Path, shard_bytes: int, dtype: torch.dtype, base: Path
+    ) -> None:
+        from pipeline.stages import merge  # the merge stage's writer of the official layout
+
+        merge.save_checkpoint(model, folder, max_shard_bytes=shard_bytes, dtype=dtype, source_folder=base)
+
+    def load_merged(self, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        from pipeline.models.checkpoint import load_model
+
+        return load_model(folder, dtype=dtype, device=device)
+
+    def weight_files(self, folder: Path) -> list[str]:
+        from pipeline.models.checkpoint import read_checkpoint_shapes
+
+        return sorted({p.name for _, p in read_checkpoint_shapes(folder).values()})
+
+
+def minicpm_sample_logits(model: nn.Module, sample: Any, pad_id: int, device: torch.device) -> torch.Tensor:
+    """Returns one sample's fp32 logits [T, vocab] on the CPU (one forward, no padding)."""
+    batch = collate_for_training([sample], pad_id)
+    batch.pop("labels")
+    batch["input_ids"] = batch["input_ids"].to(device)
+    batch["attention_mask"] = batch["attention_mask"].to(device)
+    batch["image_bound"] = [b.to(device) for b in batch["image_bound"]]
+    logits = model(**batch, return_logits=True).logits
+    return logits[0].float().cpu()
