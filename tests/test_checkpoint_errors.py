@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline.models.bundle import load_bundle
 from pipeline.models.checkpoint import CheckpointError, load_model
+from pipeline.models.families.minicpm_v2 import MiniCPMV2
 from pipeline.models.tiny import build_tiny_twin
 from pipeline.stages import sft
 from tests.conftest import workdir_config, write_rows
@@ -111,7 +112,7 @@ def test_resuming_with_another_rank_says_both_ranks_before_the_model_loads(workd
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the settings were checked")
 
-    monkeypatch.setattr(sft, "load_bundle", no_loading)
+    monkeypatch.setattr(MiniCPMV2, "load_bundle", no_loading)
     with pytest.raises(CheckpointError) as caught:
         sft.run(_cfg(workdir, "lora.r=4"), run, {})
     assert "the checkpoint has r=8, the config asks r=4 (lora.r)" in str(caught.value)
