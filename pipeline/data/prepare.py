@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,23 +120,18 @@ def split_dataset(
         counter = TokenCounter(
             tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete")
         )
-    rows, more = validate_rows(
-        raw.rows,
+    check = partial(
+        validate_rows,
         check_image_files=False,
         count_tokens=counter,
         max_length=cfg.get("max_length"),
         on_error=on_error,
     )
+    rows, more = check(raw.rows)
     problems += more
     val_rows = None
     if raw.val_rows is not None:
-        val_rows, more = validate_rows(
-            raw.val_rows,
-            check_image_files=False,
-            count_tokens=counter,
-            max_length=cfg.get("max_length"),
-            on_error=on_error,
-        )
+        val_rows, more = check(raw.val_rows)
         problems += more
     train, val = split_rows(rows, test_ratio=cfg.get("test_ratio", 0.01), seed=seed, val_rows=val_rows)
     if problems and problems_path is not None:

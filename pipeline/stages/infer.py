@@ -31,7 +31,7 @@ from pipeline.inference import GENERATION_KEYS, generation_settings, load_infere
 from pipeline.models.bundle import ModelBundle
 from pipeline.models.families import family_from_config
 from pipeline.models.generation import GenerationSettings
-from pipeline.runinfo import resolve_ckpt
+from pipeline.runinfo import checkpoint_of_run, resolve_ckpt
 from pipeline.utils.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,7 @@ def checkpoint_for_infer(cfg: DictConfig, state: dict) -> Path | None:
     """Returns the weights to answer with: infer.ckpt, this run's merge, its checkpoint, `ckpt`; None = base."""
     if cfg.infer.ckpt is not None:
         return None if cfg.infer.ckpt == BASE_CKPT else resolve_ckpt(cfg.infer.ckpt)
-    if state.get("merged") is not None:
-        return Path(state["merged"])
-    if "ckpt" in state:
-        return state["ckpt"]
-    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
-        return None
-    return resolve_ckpt(cfg.ckpt)
+    return checkpoint_of_run(cfg, state)
 
 
 def settings_from_config(cfg: DictConfig) -> GenerationSettings:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.config import ConfigError, resolve_device
 from pipeline.inference import load_inference_bundle
 from pipeline.models.families import family_from_config
-from pipeline.runinfo import resolve_ckpt
+from pipeline.runinfo import checkpoint_of_run
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,7 @@ LOGGERS = (__name__, "pipeline.serve", "uvicorn")  # what serve.log holds (uvico
 
 def checkpoint_for_serve(cfg: DictConfig, state: dict) -> Path | None:
     """Returns the weights to serve: this run's merge, its checkpoint, else `ckpt`; None = the base model."""
-    if state.get("merged") is not None:
-        return Path(state["merged"])
-    if "ckpt" in state:
-        return state["ckpt"]
-    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
-        return None
-    return resolve_ckpt(cfg.ckpt)
+    return checkpoint_of_run(cfg, state)
 
 
 def served_model_id(cfg: DictConfig, ckpt: Path | None) -> str:

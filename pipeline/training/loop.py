@@ -144,7 +144,7 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
     """Returns the DataLoader's worker options: pinned memory on a GPU, prefetching with workers."""
     options: dict = {"num_workers": num_workers, "pin_memory": on_cuda}
     if num_workers > 0:
-        options.update(prefetch_factor=4, persistent_workers=False)
+        options["prefetch_factor"] = 4
     return options
 
 

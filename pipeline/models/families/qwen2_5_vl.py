@@ -34,6 +34,37 @@ VISION = "model.visual"
 PROJECTOR = "model.visual.merger"
 
 
+def tiny_text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
+    """Returns the tiny twins' language-model sizes (2 layers, hidden 64, M-RoPE), shared by the Qwen VLs."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def tiny_token_ids(tokenizer: Any) -> dict[str, Any]:
+    """Returns the image and video token ids of a Qwen VL config, read off the twin's tokenizer."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
 class Qwen2_5_VL(HFNativeFamily):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
@@ -82,22 +113,8 @@ class Qwen2_5_VL(HFNativeFamily):
     def tiny_config(self, tokenizer: Any) -> Any:
         from transformers import Qwen2_5_VLConfig
 
-        ids = tokenizer.convert_tokens_to_ids
         return Qwen2_5_VLConfig(
-            text_config=dict(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                tie_word_embeddings=True,
-                bos_token_id=None,
-                eos_token_id=ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id,
-            ),
+            text_config=tiny_text_config(tokenizer),
             vision_config=dict(
                 depth=2,
                 hidden_size=32,
@@ -110,11 +127,7 @@ class Qwen2_5_VL(HFNativeFamily):
                 out_hidden_size=64,
                 fullatt_block_indexes=[1],
             ),
-            image_token_id=ids("<|image_pad|>"),
-            video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"),
-            vision_end_token_id=ids("<|vision_end|>"),
-            tie_word_embeddings=True,
+            **tiny_token_ids(tokenizer),
         )
 
     def tiny_processor(self, tokenizer: Any) -> Any:

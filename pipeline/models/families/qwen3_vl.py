@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import FreezeGroups
-from .qwen2_5_vl import LLM, VISION, Qwen2_5_VL
+from .qwen2_5_vl import LLM, VISION, Qwen2_5_VL, tiny_text_config, tiny_token_ids
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -43,23 +43,8 @@ class Qwen3_VL(Qwen2_5_VL):
     def tiny_config(self, tokenizer: Any) -> Any:
         from transformers import Qwen3VLConfig
 
-        ids = tokenizer.convert_tokens_to_ids
         return Qwen3VLConfig(
-            text_config=dict(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=16,
-                max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                tie_word_embeddings=True,
-                bos_token_id=None,
-                eos_token_id=ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id,
-            ),
+            text_config=tiny_text_config(tokenizer, head_dim=16),
             vision_config=dict(
                 depth=2,
                 hidden_size=32,
@@ -72,11 +57,7 @@ class Qwen3_VL(Qwen2_5_VL):
                 num_position_embeddings=64,
                 deepstack_visual_indexes=[0],
             ),
-            image_token_id=ids("<|image_pad|>"),
-            video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"),
-            vision_end_token_id=ids("<|vision_end|>"),
-            tie_word_embeddings=True,
+            **tiny_token_ids(tokenizer),
         )
 
     def tiny_processor(self, tokenizer: Any) -> Any:
