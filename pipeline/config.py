@@ -227,6 +227,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # (key, lowest allowed value, highest allowed value or None); None values are skipped
 RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("model.max_slice_nums", 1, None),
+    ("model.lora_lr", 1e-12, None),
+    ("model.full_lr", 1e-12, None),
     ("lora.r", 1, None),
     ("lora.alpha", 1, None),
     ("lora.dropout", 0.0, 0.999),
@@ -524,6 +526,13 @@ def _check_family(tree: dict) -> list[str]:
         )
     if family == "minicpm_v2":
         return problems
+    from pipeline.models.families import get_family  # imports the family's module only
+    from pipeline.models.families.base import FamilyError
+
+    try:
+        get_family(family, model["processor_kwargs"])
+    except FamilyError as err:
+        problems.append(f"model.processor_kwargs: {err}")
     # What the stages run for MiniCPM-V-2 only (its own model code): refused before any work starts.
     uses = set(tree["stages"])
     only_v2 = [

@@ -320,3 +320,12 @@ def test_accumulation_follows_ms_swift_when_unset(compose):
     cfg = compose(["trainer=default", "trainer.batch_size=4"])
     assert accumulation_steps(cfg, 1) == 4
     assert accumulation_steps(compose(["trainer=default", "trainer.grad_accum=3"]), 4) == 3
+
+
+def test_model_learning_rates_and_processor_settings_are_checked_before_any_work(compose):
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"model.lora_lr=0.0 is out of range"):
+        validate(compose(["model.lora_lr=0.0"]))
+    with pytest.raises(ConfigError, match=r"model.processor_kwargs: .*unknown processor setting\(s\) max_pixel"):
+        validate(compose(["model=qwen2_5_vl_tiny", "+model.processor_kwargs.max_pixel=100"]))
