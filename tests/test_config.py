@@ -327,5 +327,7 @@ def test_model_learning_rates_and_processor_settings_are_checked_before_any_work
 
     with pytest.raises(ConfigError, match=r"model.lora_lr=0.0 is out of range"):
         validate(compose(["model.lora_lr=0.0"]))
-    with pytest.raises(ConfigError, match=r"model.processor_kwargs: .*unknown processor setting\(s\) max_pixel"):
+    with pytest.raises(
+        ConfigError, match=r"model.processor_kwargs: .*unknown processor setting\(s\) max_pixel"
+    ):
         validate(compose(["model=qwen2_5_vl_tiny", "+model.processor_kwargs.max_pixel=100"]))
