@@ -77,6 +77,12 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "full_plain": (["+experiment=full", *PLAIN], "coco", "full"),
     "full_default": (["+experiment=full"], "coco", "full"),
 }
+# HF-native families at their real sizes (random weights, native layout): name -> (family, overrides, variant)
+FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
+    "qwen2_5_vl_qkv_plain": ("qwen2_5_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
+    "qwen2_5_vl_qkv_default": ("qwen2_5_vl", ["+experiment=lora_qkv"], "coco"),
+}
+FAMILY_MODELS = {"qwen2_5_vl": "qwen2_5_vl_3b"}
 STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
 DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "full_plain", "full_default")
 
@@ -105,6 +111,72 @@ def write_model(folder: Path, tiny: bool) -> Path:
         model.llm.lm_head.weight[tokenizer.vocab_size :] = 0
     save_checkpoint(model, folder, max_shard_bytes=10 * 1024**3, source_folder=tokens)
     MiniCPMVImageProcessor().save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return folder
+
+
+def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
+    """Writes an HF-native family's model at its real sizes (Qwen2.5-VL-3B's config; random bf16 weights,
+    native layout) with the family's offline twin tokenizer and the real image processor; or its tiny twin."""
+    from pipeline.models.families import get_family
+
+    family = get_family(family_name)
+    if (folder / "config.json").is_file():
+        return folder
+    if tiny:
+        return family.build_tiny(folder)
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from pipeline.models.families.qwen2_5_vl import tiny_token_ids
+    from pipeline.models.families.tiny_tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(
+        family.tiny_special_tokens, family.tiny_extra_special_tokens, family.tiny_added_tokens
+    )
+    end = tokenizer.convert_tokens_to_ids(family.end_of_turn)
+    config = Qwen2_5_VLConfig(  # Qwen2.5-VL-3B-Instruct's published sizes
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            tie_word_embeddings=True,
+            eos_token_id=end,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            out_hidden_size=2048,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        **tiny_token_ids(tokenizer),
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = end
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    sizes = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, **sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+        tokenizer=tokenizer,
+        chat_template=family.chat_template,
+    )
+    family.save(model.eval(), processor, folder)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return folder
@@ -261,7 +333,7 @@ def sft_metrics(run_dir: Path, flops: float) -> dict:
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady)),
         "padding_pct": round(statistics.median(r.get("padding_pct", 0.0) for r in steady), 1),
         "micro_batches": statistics.median(r.get("micro_batches", 0) for r in steady),
-        "mfu_pct": round(100 * samples * flops / (PEAK_TFLOPS * 1e12), 1),
+        "mfu_pct": round(100 * samples * flops / (PEAK_TFLOPS * 1e12), 1) if flops else None,
         "epoch_minutes": round(COCO_TRAIN_ROWS / samples / 60, 1),
         "first_losses": [round(r["loss"], 4) for r in steps[:3]],
     }
@@ -276,7 +348,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/entry-bench")))
     parser.add_argument("--work", type=Path, default=None, help="model and data folder (default: --out/work)")
     parser.add_argument(
-        "--settings", nargs="*", default=list(DEFAULT_SETTINGS), help=", ".join([*SETTINGS, *STAGE_SETTINGS])
+        "--settings",
+        nargs="*",
+        default=list(DEFAULT_SETTINGS),
+        help=", ".join([*SETTINGS, *FAMILY_SETTINGS, *STAGE_SETTINGS]),
     )
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of a default setting")
@@ -287,9 +362,10 @@ def main() -> None:
         "--tiny", action="store_true", help="the tiny twin on the CPU: a smoke run of this script"
     )
     args = parser.parse_args()
-    unknown = sorted(set(args.settings) - set(SETTINGS) - set(STAGE_SETTINGS))
+    known = [*SETTINGS, *FAMILY_SETTINGS, *STAGE_SETTINGS]
+    unknown = sorted(set(args.settings) - set(known))
     if unknown:
-        parser.error(f"unknown setting(s) {unknown}; known: {', '.join([*SETTINGS, *STAGE_SETTINGS])}")
+        parser.error(f"unknown setting(s) {unknown}; known: {', '.join(known)}")
 
     out = args.out
     work = args.work or out / "work"
@@ -299,8 +375,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model_dir = write_model(work / ("tiny" if args.tiny else "minicpm_v2_random"), args.tiny)
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
-    variants = {SETTINGS[s][1] for s in args.settings if s in SETTINGS} | (
-        {"coco"} if set(args.settings) & set(STAGE_SETTINGS) else set()
+    variants = (
+        {SETTINGS[s][1] for s in args.settings if s in SETTINGS}
+        | ({FAMILY_SETTINGS[s][2] for s in args.settings if s in FAMILY_SETTINGS})
+        | ({"coco"} if set(args.settings) & set(STAGE_SETTINGS) else set())
     )
     data = {v: write_data(work, v, args.rows, args.tiny) for v in sorted(variants)}
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -313,8 +391,7 @@ def main() -> None:
     tokenizer = MiniCPMVTokenizer.from_pretrained(model_dir)
     processor = MiniCPMVImageProcessor.from_pretrained(model_dir)
 
-    base = [
-        f"model.path={model_dir}",
+    common = [
         "trainer=default",
         "dataset=custom",
         "tracking=none",
@@ -323,7 +400,13 @@ def main() -> None:
         "trainer.save_steps=100000",
         "trainer.max_eval_samples=16",
     ]
-    base = (["model=minicpm_v2_tiny", "device=cpu"] if args.tiny else ["model=minicpm_v2"]) + base
+    cpu = ["device=cpu"] if args.tiny else []
+    base = [
+        "model=minicpm_v2_tiny" if args.tiny else "model=minicpm_v2",
+        f"model.path={model_dir}",
+        *cpu,
+        *common,
+    ]
     results = []
     for name in args.settings:
         run_dir = work / "runs" / name
@@ -347,6 +430,29 @@ def main() -> None:
                 args.timeout,
             )
             result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
+        elif name in FAMILY_SETTINGS:
+            family, overrides, variant = FAMILY_SETTINGS[name]
+            steps = args.plain_steps if "plain" in name else args.steps
+            folder = write_family_model(work / f"{family}_random", family, args.tiny)
+            model = f"model={family}_tiny" if args.tiny else f"model={FAMILY_MODELS[family]}"
+            result = run_pipeline(
+                name,
+                [
+                    model,
+                    f"model.path={folder}",
+                    *cpu,
+                    *common,
+                    *overrides,
+                    f"dataset.path={data[variant]}",
+                    "stages=[sft]",
+                    f"trainer.max_steps={steps}",
+                ],
+                run_dir,
+                log_file,
+                args.timeout,
+            )
+            # MFU is left out: the FLOP formula is MiniCPM-V-2's
+            result.update(mode=f"{family}/lora_qkv", data=variant, **sft_metrics(run_dir, 0.0))
         else:
             rows = args.stage_rows if name != "infer_load" else 1
             stage = name.split("_")[0]
@@ -383,6 +489,8 @@ def main() -> None:
             result.update(stage_metrics(run_dir, stage, tokenizer))
         results.append(result)
         print(json.dumps(result), flush=True)
+        # written after every setting: a call cut short keeps what it measured
+        (out / "entry_results.partial.json").write_text(json.dumps(results, indent=2) + "\n")
 
     add_speedups(results)
     info = {

@@ -14,6 +14,6 @@ case $what in
   train) python3 -m bench.bench --only train --steps 4 --cases "$@" --out "$OUT/train.json" ;;
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call
-  entry) python3 -m bench.entry_bench --out "$OUT" --work /tmp/entry-work --settings "$@" ;;
+  entry) python3 -m bench.entry_bench --out "$OUT" --work /tmp/entry-work --timeout "${SETTING_TIMEOUT:-900}" --settings "$@" ;;
   serve) python3 bench/serve_bench.py --out "$OUT/serve.json" "$@" ;;
 esac
