@@ -66,6 +66,18 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     ),
     "qkv_compile": (["+experiment=lora_qkv", "trainer.compile=true"], "coco", "lora_qkv"),
     "qkv_low_memory": (["+experiment=lora_qkv", "trainer=low_memory"], "coco", "lora_qkv"),
+    "qkv_compile_nockpt": (
+        ["+experiment=lora_qkv", "trainer.compile=true", "model.gradient_checkpointing=false"],
+        "coco",
+        "lora_qkv",
+    ),
+    # compile with gradient accumulation: four micro-batches of up to 1024 tokens a step
+    "qkv_compile_accum": (
+        ["+experiment=lora_qkv", "trainer.compile=true", "trainer.micro_batch_tokens=1024"],
+        "coco",
+        "lora_qkv",
+    ),
+    "qkv_mixed_compile": (["+experiment=lora_qkv", "trainer.compile=true"], "mixed", "lora_qkv"),
     "qkv_mixed_plain": (["+experiment=lora_qkv", *PLAIN], "mixed", "lora_qkv"),
     "qkv_mixed_default": (["+experiment=lora_qkv"], "mixed", "lora_qkv"),
     "qkv_mixed_packed": (["+experiment=lora_qkv", "trainer.packing=true"], "mixed", "lora_qkv"),
