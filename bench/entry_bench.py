@@ -138,8 +138,13 @@ def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
         return folder
     if tiny:
         return family.build_tiny(folder)
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import (
+        AutoModelForImageTextToText,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     from pipeline.models.families.qwen2_5_vl import tiny_token_ids
     from pipeline.models.families.tiny_tokenizer import train_bpe_tokenizer
