@@ -59,35 +59,30 @@ PLAIN = ["trainer.micro_batch_tokens=0", "trainer.num_workers=0", "trainer.compi
 SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "qkv_plain": (["+experiment=lora_qkv", *PLAIN], "coco", "lora_qkv"),
     "qkv_default": (["+experiment=lora_qkv"], "coco", "lora_qkv"),
-    "qkv_default_nockpt": (
-        ["+experiment=lora_qkv", "model.gradient_checkpointing=false"],
+    # trainer=default's levers one at a time (compile and checkpointing auto resolve to on / off on a GPU)
+    "qkv_eager": (["+experiment=lora_qkv", "trainer.compile=false"], "coco", "lora_qkv"),
+    "qkv_eager_ckpt": (
+        ["+experiment=lora_qkv", "trainer.compile=false", "model.gradient_checkpointing=true"],
         "coco",
         "lora_qkv",
     ),
-    "qkv_compile": (["+experiment=lora_qkv", "trainer.compile=true"], "coco", "lora_qkv"),
+    "qkv_ckpt": (["+experiment=lora_qkv", "model.gradient_checkpointing=true"], "coco", "lora_qkv"),
+    # gradient accumulation under compile: four micro-batches of up to 1024 tokens a step
+    "qkv_accum": (["+experiment=lora_qkv", "trainer.micro_batch_tokens=1024"], "coco", "lora_qkv"),
     "qkv_low_memory": (["+experiment=lora_qkv", "trainer=low_memory"], "coco", "lora_qkv"),
-    "qkv_compile_nockpt": (
-        ["+experiment=lora_qkv", "trainer.compile=true", "model.gradient_checkpointing=false"],
-        "coco",
-        "lora_qkv",
-    ),
-    # compile with gradient accumulation: four micro-batches of up to 1024 tokens a step
-    "qkv_compile_accum": (
-        ["+experiment=lora_qkv", "trainer.compile=true", "trainer.micro_batch_tokens=1024"],
-        "coco",
-        "lora_qkv",
-    ),
-    "qkv_mixed_compile": (["+experiment=lora_qkv", "trainer.compile=true"], "mixed", "lora_qkv"),
     "qkv_mixed_plain": (["+experiment=lora_qkv", *PLAIN], "mixed", "lora_qkv"),
     "qkv_mixed_default": (["+experiment=lora_qkv"], "mixed", "lora_qkv"),
+    "qkv_mixed_eager": (["+experiment=lora_qkv", "trainer.compile=false"], "mixed", "lora_qkv"),
     "qkv_mixed_packed": (["+experiment=lora_qkv", "trainer.packing=true"], "mixed", "lora_qkv"),
     "qkv_packed": (["+experiment=lora_qkv", "trainer.packing=true"], "coco", "lora_qkv"),
     "qkv_large_plain": (["+experiment=lora_qkv", *PLAIN], "large", "lora_qkv"),
     "qkv_large_default": (["+experiment=lora_qkv"], "large", "lora_qkv"),
     "all_plain": (["+experiment=lora_all", *PLAIN], "coco", "lora_all"),
     "all_default": (["+experiment=lora_all"], "coco", "lora_all"),
+    "all_eager": (["+experiment=lora_all", "trainer.compile=false"], "coco", "lora_all"),
     "full_plain": (["+experiment=full", *PLAIN], "coco", "full"),
     "full_default": (["+experiment=full"], "coco", "full"),
+    "full_eager": (["+experiment=full", "trainer.compile=false"], "coco", "full"),
 }
 # HF-native families at their real sizes (random weights, native layout): name -> (family, overrides, variant)
 FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
@@ -306,6 +301,19 @@ def _param_counts(config) -> dict:
 
 
 # ----- one setting, in its own process
+def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
+    """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
+    resolves it), for the FLOP count."""
+    from pipeline.config import resolve_checkpointing
+
+    given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+"))
+    value = {"true": True, "false": False}.get(given.get("model.gradient_checkpointing", ""), "auto")
+    budget = 1024 if given.get("trainer") == "low_memory" else 4096
+    budget = int(given.get("trainer.micro_batch_tokens", budget))
+    lora = {"lora_qkv": "qkv", "lora_all": "all", "full": "none"}[mode]
+    return resolve_checkpointing(value, torch.device("cpu" if tiny else "cuda"), lora, budget)
+
+
 def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path, timeout: int) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -430,7 +438,7 @@ def main() -> None:
         if name in SETTINGS:
             overrides, variant, mode = SETTINGS[name]
             steps = args.plain_steps if "plain" in name else args.steps
-            checkpointing = not any(o == "model.gradient_checkpointing=false" for o in overrides)
+            checkpointing = resolved_checkpointing(overrides, mode, args.tiny)
             sample_rows = [json.loads(line) for line in data[variant].read_text().splitlines()[:64]]
             flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
             result = run_pipeline(

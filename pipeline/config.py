@@ -35,7 +35,9 @@ class ModelConfig:
     dtype: str = "auto"
     max_slice_nums: int = 9
     slice_mode: bool = True
-    gradient_checkpointing: bool = True
+    # auto: off for LoRA on a CUDA device with micro-batches of more than 1024 tokens (trainer=default:
+    # activations bounded by the budget), on otherwise (full fine-tuning, low_memory, the plain regime, CPU)
+    gradient_checkpointing: Any = "auto"
     build_if_missing: bool = False  # build the tiny twin when `path` is its default place and it is absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
@@ -113,7 +115,8 @@ class TrainerConfig:
     # Each micro-batch one row of its samples back to back (no padding; attention kept within each sample
     # by a mask); needs micro_batch_tokens > 0.
     packing: bool = False
-    compile: bool = False
+    # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
+    compile: Any = "auto"
     max_eval_samples: int | None = None
 
 
@@ -218,6 +221,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "dataset.on_error": ("raise", "skip"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", True, False),
+    "model.gradient_checkpointing": ("auto", True, False),
+    "trainer.compile": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -536,7 +541,7 @@ def _check_family(tree: dict) -> list[str]:
     # What the stages run for MiniCPM-V-2 only (its own model code): refused before any work starts.
     uses = set(tree["stages"])
     only_v2 = [
-        ("trainer.compile=true", "sft" in uses and tree["trainer"]["compile"]),
+        ("trainer.compile=true", "sft" in uses and tree["trainer"]["compile"] is True),
         ("trainer.packing=true", "sft" in uses and tree["trainer"]["packing"]),
         ("dataset.truncation=truncate", tree["dataset"]["truncation"] != "delete"),
         ("infer.interactive=true (the chat)", "infer" in uses and tree["infer"]["interactive"]),
@@ -629,6 +634,29 @@ def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) ->
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores // max(processes, 1) - 1))
+
+
+def resolve_compile(value: Any, device: torch.device, family: str, processes: int, sharded: bool) -> bool:
+    """Returns whether sft compiles the model's layers: true/false as given; auto = on for MiniCPM-V-2 on
+    a CUDA device in a single unsharded process (its layers replayed as CUDA graphs: the step is
+    otherwise launch-bound), off elsewhere (CPU, other families, several processes, FSDP/DeepSpeed)."""
+    if value != "auto":
+        return bool(value)
+    return device.type == "cuda" and family == "minicpm_v2" and processes == 1 and not sharded
+
+
+# the largest micro-batch budget that auto still checkpoints (trainer=low_memory's)
+CHECKPOINT_BUDGET = 1024
+
+
+def resolve_checkpointing(value: Any, device: torch.device, lora: str, micro_batch_tokens: int) -> bool:
+    """Returns whether sft checkpoints activations: true/false as given; auto = off for LoRA on a CUDA
+    device with micro-batches of more than 1024 tokens (their activations are bounded by the budget:
+    18 GB peak for MiniCPM-V-2 at trainer=default's 4096), on for full fine-tuning, budgets of 1024 or
+    less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's default)."""
+    if value != "auto":
+        return bool(value)
+    return not (device.type == "cuda" and lora != "none" and micro_batch_tokens > CHECKPOINT_BUDGET)
 
 
 def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:

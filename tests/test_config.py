@@ -10,9 +10,16 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from pipeline.__main__ import describe_error
-from pipeline.config import ConfigError, resolve_device, resolve_dtype, validate
+from pipeline.config import (
+    ConfigError,
+    resolve_checkpointing,
+    resolve_compile,
+    resolve_device,
+    resolve_dtype,
+    validate,
+)
 from pipeline.stages import STAGES
-from pipeline.stages.sft import accumulation_steps, loop_settings, optim_settings
+from pipeline.stages.sft import accumulation_steps, checkpointing_of, loop_settings, optim_settings
 from tests.conftest import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
@@ -88,7 +95,9 @@ def test_config_yaml_opens_with_how_to_run_it():
 def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     cfg = compose(["model=minicpm_v2", "trainer=default", "dataset=custom"])
     assert cfg.model.path == "openbmb/MiniCPM-V-2" and cfg.model.dtype == "auto"
-    assert cfg.model.gradient_checkpointing is True and cfg.model.max_slice_nums == 9
+    # auto: on (ms-swift's default) wherever memory needs it; see the test below
+    assert cfg.model.gradient_checkpointing == "auto" and cfg.model.max_slice_nums == 9
+    assert checkpointing_of(cfg, torch.device("cpu")) is True
     assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
     assert optim_settings(cfg).lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
     assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
@@ -99,6 +108,36 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
     assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s != "serve"]  # serve only when asked
+
+
+def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(compose):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    qkv = compose(["model=minicpm_v2", "trainer=default", "+experiment=lora_qkv"])
+    assert qkv.trainer.compile == "auto"
+    # trainer=default on one GPU: compiled, no checkpointing (activations bounded by the 4096-token budget)
+    assert resolve_compile(qkv.trainer.compile, cuda, "minicpm_v2", 1, False) is True
+    assert checkpointing_of(qkv, cuda) is False
+    # where compile is not yet safe or not supported: off
+    assert resolve_compile("auto", cpu, "minicpm_v2", 1, False) is False
+    assert resolve_compile("auto", cuda, "qwen2_5_vl", 1, False) is False
+    assert resolve_compile("auto", cuda, "minicpm_v2", 2, False) is False
+    assert resolve_compile("auto", cuda, "minicpm_v2", 1, True) is False
+    assert resolve_compile(True, cpu, "qwen2_5_vl", 2, True) is True  # an explicit choice stays
+    # checkpointing stays on where memory needs it: full fine-tuning, low_memory, the plain regime, CPU
+    full = compose(["model=minicpm_v2", "trainer=default", "+experiment=full"])
+    low = compose(["model=minicpm_v2", "trainer=low_memory", "+experiment=lora_qkv"])
+    plain = compose(["model=minicpm_v2", "+experiment=lora_qkv", "trainer.micro_batch_tokens=0"])
+    assert [checkpointing_of(c, cuda) for c in (full, low, plain)] == [True, True, True]
+    assert checkpointing_of(qkv, cpu) is True
+    assert resolve_checkpointing(True, cuda, "qkv", 4096) is True
+    assert resolve_checkpointing(False, cpu, "none", 0) is False
+    assert checkpointing_of(compose(["model=qwen2_5_vl_tiny", "+experiment=lora_all"]), cuda) is False
+
+
+def test_compile_and_checkpointing_take_only_auto_true_false(compose):
+    for key in ("trainer.compile", "model.gradient_checkpointing"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(compose([f"{key}=sometimes"]))
 
 
 def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch):

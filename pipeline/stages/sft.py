@@ -20,7 +20,13 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import resolve_device, resolve_dtype, resolve_num_workers
+from pipeline.config import (
+    resolve_checkpointing,
+    resolve_compile,
+    resolve_device,
+    resolve_dtype,
+    resolve_num_workers,
+)
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.models.families import family_from_config
 from pipeline.models.lora import count_parameters
@@ -64,11 +70,20 @@ def base_model_name(cfg: DictConfig, bundle) -> str:
     return str(Path(bundle.base_path).resolve())
 
 
-def prepare_model(cfg: DictConfig, bundle, family=None) -> torch.nn.Module:
-    """Returns the model with only the configured parameters trainable (LoRA-wrapped unless full)."""
+def prepare_model(
+    cfg: DictConfig, bundle, family=None, device: torch.device | None = None
+) -> torch.nn.Module:
+    """Returns the model with only the configured parameters trainable (LoRA-wrapped unless full), with
+    activation checkpointing as model.gradient_checkpointing resolves on `device`."""
     family = family or family_from_config(cfg.model)
-    return family.prepare_training(
-        bundle, cfg.lora, cfg.model.gradient_checkpointing, base_model_name(cfg, bundle)
+    checkpointing = checkpointing_of(cfg, device or torch.device("cpu"))
+    return family.prepare_training(bundle, cfg.lora, checkpointing, base_model_name(cfg, bundle))
+
+
+def checkpointing_of(cfg: DictConfig, device: torch.device) -> bool:
+    """Returns model.gradient_checkpointing as it resolves for this run (auto: see resolve_checkpointing)."""
+    return resolve_checkpointing(
+        cfg.model.gradient_checkpointing, device, cfg.lora.name, int(cfg.trainer.micro_batch_tokens)
     )
 
 
@@ -178,10 +193,19 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
     )
-    model = prepare_model(cfg, bundle, family)
+    model = prepare_model(cfg, bundle, family, device)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    compiled = resolve_compile(
+        cfg.trainer.compile, device, cfg.model.family, accelerator.num_processes, sharded
+    )
+    log.info(
+        "compile: %s; gradient checkpointing: %s",
+        "on" if compiled else "off",
+        "on" if checkpointing_of(cfg, device) else "off",
+    )
     pad_to = 1
-    graphs = cfg.trainer.compile and device.type == "cuda"
-    if cfg.trainer.compile:
+    graphs = compiled and device.type == "cuda"
+    if compiled:
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound); batches
         # padded to a multiple of 128 so that only a few shapes are ever recorded.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
