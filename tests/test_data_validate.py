@@ -124,10 +124,11 @@ BAD_ROWS = [
     ({"query": "q", "response": "r", "history": "AB"}, "'history' must be a list of [query, response] pairs"),
     ({"query": "q", "response": "r", "history": [["A"]]}, "history[0] must be a [query, response] pair"),
     (
-        {"query": "q", "response": "r", "images": ["a.png", "b.png"]},
-        "2 images; MiniCPM-V-2 takes at most one",
+        {"query": "q", "response": "r", "images": ["ok.png", "ok.png"]},
+        "2 images; MiniCPM-V-2 takes at most one image per conversation",
     ),
-    ({"query": "q", "response": "r", "images": "a.png"}, "'images' must be a list with at most one path"),
+    ({"query": "q", "response": "r", "images": "a.png"}, "'images' must be a list of path or URL strings"),
+    ({"query": "q", "response": "r", "images": ["ok.png", 3]}, "images[1] must be a non-empty path or URL"),
     ({"query": "q", "response": "r", "system": 5}, "'system' must be a string or null, got number"),
     ({"query": "q", "response": "r", "images": ["missing.png"]}, "missing.png: file not found"),
     ({"query": "q", "response": "r", "images": ["cut.png"]}, "cut.png: cannot decode image"),
@@ -147,6 +148,23 @@ def test_each_problem_names_file_line_and_reason(tmp_path: Path, line: object, r
     assert len(problems) == 1
     assert str(problems[0]).startswith(f"{data}:3: ")
     assert reason in problems[0].reason
+
+
+def test_the_image_limit_is_the_reading_familys(tmp_path: Path) -> None:
+    make_png(tmp_path / "a.png")
+    make_png(tmp_path / "b.png")
+    two = {"query": "<image>compare with <image>", "response": "r", "images": ["a.png", "b.png"]}
+    three = {"query": "q", "response": "r", "images": ["a.png", "b.png", "a.png"]}
+    data = write_jsonl(tmp_path / "d.jsonl", [two, three])
+    rows, problems = load_rows(
+        {"name": "custom", "path": str(data)}, image_limit=(2, "model.family=qwen2_5_vl"), on_error="skip"
+    )
+    assert [r.images for r in rows] == [[str(tmp_path / "a.png"), str(tmp_path / "b.png")]]
+    assert [str(p) for p in problems] == [
+        f"{data}:2: 3 images; model.family=qwen2_5_vl takes at most 2 images per conversation"
+    ]
+    with pytest.raises(DatasetError, match=f"{data}:1: 2 images; MiniCPM-V-2 takes at most one image"):
+        load_rows({"name": "custom", "path": str(data)})
 
 
 def test_raise_lists_the_first_twenty_problems_and_the_total(tmp_path: Path) -> None:

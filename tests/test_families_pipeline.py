@@ -185,3 +185,42 @@ def test_the_chat_refuses_another_family_before_loading(twin_root, capsys):
     assert "holds a 'qwen2_5_vl' model; the chat runs MiniCPM-V-2 ('minicpmv') only" in err
     with pytest.raises(ValueError, match="holds a 'qwen2_5_vl' model; the chat runs MiniCPM-V-2"):
         Chat.from_pretrained(str(folder))
+
+
+def test_several_images_per_conversation_train_and_answer(twin_root, tmp_path):
+    """Qwen2.5-VL takes several images a conversation: rows with two (tags placing them, one in a history
+    query) train and are answered; MiniCPM-V-2 refuses the same file naming the line."""
+    from PIL import Image
+
+    from pipeline.data.prepare import read_dataset
+    from pipeline.data.rows import DatasetError
+
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        Image.new("RGB", (48, 40), colour).save(tmp_path / f"{name}.png")
+    rows = [
+        {"query": "<image><image>Which is red, the first or the second?", "response": "The first.",
+         "images": ["red.png", "blue.png"]},
+        {"query": "And this one?<image>", "response": "Blue.", "history": [["<image>Colour?", "Red."]],
+         "images": ["red.png", "blue.png"]},
+        {"query": "Describe.", "response": "A red field.", "images": ["red.png"]},
+    ] * 4  # fmt: skip
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = "qwen2_5_vl_tiny"
+    run_dir = run(
+        model, "lora_qkv", twin_root, tmp_path / "run", "dataset=custom", f"dataset.path={data}",
+        f"infer.input={data}", "stages=[sft,infer]",
+    )  # fmt: skip
+    assert logged_losses(run_dir) and all(math.isfinite(x) for x in logged_losses(run_dir))
+    answered = [json.loads(line) for line in (run_dir / "infer" / "results.jsonl").read_text().splitlines()]
+    assert [len(r["images"]) for r in answered] == [2, 2]
+    # both images are in the encoded conversation, where their tags put them
+    family = get_family("qwen2_5_vl")
+    _, processor = family.load(twin_root / model)
+    row = read_dataset({"name": "custom", "path": str(data)}, 0, (16, "model.family=qwen2_5_vl")).rows[1]
+    sample = family.encode_row(processor, row)
+    start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert sample.input_ids.count(start) == 2
+    assert sample.pixel_inputs["image_grid_thw"].shape[0] == 2
+    with pytest.raises(DatasetError, match=f"{data}:1: 2 images; MiniCPM-V-2 takes at most one image"):
+        read_dataset({"name": "custom", "path": str(data)}, 0)

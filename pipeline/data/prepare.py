@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.dataset import TokenCounter
 from pipeline.data.rows import Problem, Row
-from pipeline.data.sources import COMMON_KEYS, check_source, get_source, load_mixture, with_defaults
+from pipeline.data.sources import (
+    COMMON_KEYS,
+    DEFAULT_IMAGE_LIMIT,
+    check_source,
+    get_source,
+    load_mixture,
+    with_defaults,
+)
 from pipeline.data.split import split_rows
 from pipeline.data.validate import validate_rows, write_problems
 from pipeline.models.processor import MiniCPMVImageProcessor
@@ -89,14 +96,24 @@ def check_dataset(dataset_cfg: DictConfig | Mapping[str, Any]) -> None:
         check_source(with_defaults(entry, None, index))
 
 
-def read_dataset(dataset_cfg: DictConfig | Mapping[str, Any], seed: int) -> RawRows:
-    """Returns the rows of the dataset (and of val_path), checked for structure and images; needs no model."""
+def read_dataset(
+    dataset_cfg: DictConfig | Mapping[str, Any],
+    seed: int,
+    image_limit: tuple[int, str] = DEFAULT_IMAGE_LIMIT,
+) -> RawRows:
+    """Returns the rows of the dataset (and of val_path), checked for structure and images; needs no model.
+
+    `image_limit` is (images per conversation, model name) of the family that reads them."""
     cfg = _plain(dataset_cfg)
     on_error = cfg.get("on_error", "raise")
-    rows, problems = load_mixture(source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"))
+    rows, problems = load_mixture(
+        source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"), image_limit=image_limit
+    )
     val_rows = None
     if cfg.get("val_path"):
-        val_rows, val_problems = load_mixture([_val_source(cfg)], seed, on_error=on_error)
+        val_rows, val_problems = load_mixture(
+            [_val_source(cfg)], seed, on_error=on_error, image_limit=image_limit
+        )
         problems += val_problems
     return RawRows(rows, val_rows, problems)
 

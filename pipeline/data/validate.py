@@ -27,6 +27,7 @@ __all__ = [
     "check_lengths",
     "check_on_error",
     "format_problems",
+    "image_count_problems",
     "record_to_row",
     "unknown_keys",
     "validate_rows",
@@ -112,7 +113,7 @@ def _tag_reasons(
     if tags > len(images):
         reasons.append(
             f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s) in 'images'; each tag marks where one image "
-            "goes, and MiniCPM-V-2 takes at most one per conversation"
+            "goes"
         )
     return reasons
 
@@ -152,15 +153,31 @@ def _parse_history(value: object) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _parse_images(value: object, base_dir: Path) -> tuple[list[str], list[str]]:
+    """Returns the row's image references (how many a model takes is checked by `image_count_problems`)."""
     if value is None:
         return [], []
     if not isinstance(value, list):
-        return [], [f"'images' must be a list with at most one path or URL string, got {_json_type(value)}"]
-    if len(value) > 1:
-        return [], [f"{len(value)} images; MiniCPM-V-2 takes at most one image per conversation"]
-    if value and not (isinstance(value[0], str) and value[0].strip()):
-        return [], [f"images[0] must be a non-empty path or URL string, got {_json_type(value[0])}"]
+        return [], [f"'images' must be a list of path or URL strings, got {_json_type(value)}"]
+    bad = [k for k, ref in enumerate(value) if not (isinstance(ref, str) and ref.strip())]
+    if bad:
+        return [], [
+            f"images[{bad[0]}] must be a non-empty path or URL string, got {_json_type(value[bad[0]])}"
+        ]
     return [resolve_image_ref(ref, base_dir) for ref in value], []
+
+
+def image_count_problems(rows: list[Row], max_images: int, model: str) -> list[tuple[int, Problem]]:
+    """Returns (row index, problem) for every row with more images than the model takes per conversation."""
+    return [
+        (index, Problem(row.origin, f"{len(row.images)} images; {model} takes at most {_images(max_images)} "
+                        "per conversation"))
+        for index, row in enumerate(rows)
+        if len(row.images) > max_images
+    ]  # fmt: skip
+
+
+def _images(n: int) -> str:
+    return "one image" if n == 1 else f"{n} images"
 
 
 def resolve_image_ref(ref: str, base_dir: Path) -> str:

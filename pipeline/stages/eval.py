@@ -32,7 +32,7 @@ from pipeline.data.rows import DatasetError, Row
 from pipeline.inference import generation_settings, load_inference_bundle
 from pipeline.metrics import compute_generation_metrics
 from pipeline.models.bundle import ModelBundle
-from pipeline.models.families import family_from_config, get_family
+from pipeline.models.families import family_from_config, get_family, image_limit
 from pipeline.runinfo import resolve_ckpt
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 
@@ -200,7 +200,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     )
 
     # ----- setup: model and held-out rows
-    raw_rows = read_dataset(cfg.dataset, cfg.seed)  # read and checked before any weight loads
+    raw_rows = read_dataset(
+        cfg.dataset, cfg.seed, image_limit(cfg.model)
+    )  # read and checked before any weight loads
     bundle = load_inference_bundle(cfg.model.path, ckpt, **load)
     splits = split_dataset(
         raw_rows,

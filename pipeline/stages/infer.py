@@ -26,10 +26,11 @@ from pipeline.chat_cli import run_chat
 from pipeline.config import BASE_CKPT, ConfigError, resolve_device
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.data.validate import record_to_row
+from pipeline.data.sources import DEFAULT_IMAGE_LIMIT
+from pipeline.data.validate import image_count_problems, record_to_row
 from pipeline.inference import GENERATION_KEYS, generation_settings, load_inference_bundle
 from pipeline.models.bundle import ModelBundle
-from pipeline.models.families import family_from_config
+from pipeline.models.families import family_from_config, image_limit
 from pipeline.models.generation import GenerationSettings
 from pipeline.runinfo import checkpoint_of_run, resolve_ckpt
 from pipeline.utils.io import append_jsonl, atomic_write_text
@@ -55,8 +56,11 @@ def settings_from_config(cfg: DictConfig) -> GenerationSettings:
     return generation_settings({key: cfg.infer[key] for key in GENERATION_KEYS})
 
 
-def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
-    """Returns the rows of a custom-format .jsonl/.json file and their labels (None where no response is given).
+def read_infer_input(
+    path: str | Path, limit: tuple[int, str] = DEFAULT_IMAGE_LIMIT
+) -> tuple[list[Row], list[str | None]]:
+    """Returns the rows of a custom-format .jsonl/.json file and their labels (None where no response is given);
+    `limit` is (images per conversation, model name) of the family that answers them.
 
     Raises DatasetError naming the file, line and problem of every unusable record.
     """
@@ -92,6 +96,8 @@ def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
             problems.append(f"{origin}: {record}")
             continue
         parsed = record_to_row(record, origin, path.parent.resolve(), need_response=False)
+        if isinstance(parsed, Row) and len(parsed.images) > limit[0]:
+            parsed = [problem.reason for _, problem in image_count_problems([parsed], *limit)]
         if isinstance(parsed, Row):
             rows.append(parsed)
             labels.append(parsed.response or None)
@@ -110,8 +116,8 @@ def read_infer_input(path: str | Path) -> tuple[list[Row], list[str | None]]:
 def read_inputs(cfg: DictConfig) -> tuple[list[Row], list[str | None]] | RawRows:
     """Returns the rows of infer.input and their labels, else the dataset's rows (to split once tokenized)."""
     if cfg.infer.input is not None:
-        return read_infer_input(cfg.infer.input)
-    return read_dataset(cfg.dataset, cfg.seed)
+        return read_infer_input(cfg.infer.input, image_limit(cfg.model))
+    return read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model))
 
 
 def input_rows(

@@ -28,7 +28,7 @@ from pipeline.config import (
     resolve_num_workers,
 )
 from pipeline.data.prepare import read_dataset, split_dataset
-from pipeline.models.families import family_from_config
+from pipeline.models.families import family_from_config, image_limit
 from pipeline.models.lora import count_parameters
 from pipeline.runinfo import seed_everything
 from pipeline.tracking import build_tracker
@@ -180,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
 
     # ----- setup: data (read and checked before any weight loads; a checkpoint of other LoRA settings is
     # refused before any loads too), model, optimizer
-    raw_rows = read_dataset(cfg.dataset, cfg.seed)
+    raw_rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model))
     resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
     if resume_from is not None:
         lora = None if cfg.lora.name == "none" else {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha}

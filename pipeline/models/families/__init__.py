@@ -56,6 +56,13 @@ def locate_model(
     return family.resolve(path, allow_download)
 
 
+def image_limit(model: Any) -> tuple[int, str]:
+    """Returns (images per conversation, the model's name) of a `model` config node's family, for data
+    validation before any weight loads."""
+    family = get_family(model.family, None)
+    return family.max_images, "MiniCPM-V-2" if family.name == "minicpm_v2" else f"model.family={family.name}"
+
+
 def family_from_config(model: Any) -> Family:
     """Returns the family of a `model` config node with its resolution settings.
 

@@ -346,7 +346,12 @@ class HFNativeFamily(Family):
     ) -> nn.Module:
         model = bundle.model
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.x names it activation checkpointing (the old name warns of its removal)
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if lora.name != "none":
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if lora.name == "none":
