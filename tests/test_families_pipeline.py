@@ -34,7 +34,11 @@ QUICK = [
     "infer.max_new_tokens=2",
     "merge.verify_samples=1",
 ]
-FAMILY_OF = {"qwen2_5_vl_tiny": "qwen2_5_vl", "minicpm_v4_6_tiny": "minicpm_v4_6"}
+FAMILY_OF = {
+    "qwen2_5_vl_tiny": "qwen2_5_vl",
+    "minicpm_v4_6_tiny": "minicpm_v4_6",
+    "qwen3_vl_tiny": "qwen3_vl",
+}
 
 
 @pytest.fixture(scope="module")
