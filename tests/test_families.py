@@ -449,3 +449,33 @@ def test_bad_paths_and_open_conversations_are_refused_clearly(twins, tmp_path, n
         locate_model(family, str(tmp_path / "missing" / "model"))
     with pytest.raises(FamilyError, match="a training conversation must end with an assistant message"):
         family.prepare_messages([{"role": "user", "content": "Hi"}], [], generation=False)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("settings", [{}, {"min_pixels": 16 * 16 * 4, "max_pixels": 16 * 16 * 12}])
+def test_counts_from_image_sizes_equal_the_encoded_lengths(twins, tmp_path, name, settings):
+    """The Qwen VLs count a row from its text and its images' header sizes (no pixels decoded): the count
+    equals the encoded row's length for every size, resolution setting, image count and round count."""
+    from pipeline.data.rows import Row
+    from pipeline.models.families.hf_native import HFBundle
+
+    family = get_family(name, settings)
+    assert family.counts_from_sizes
+    model, processor = family.load(twins[name][1])
+    paths = []
+    for k, (w, h) in enumerate([(13, 200), (640, 480), (37, 41), (300, 90)]):
+        Image.new("RGB", (w, h), (10 * k, 80, 160)).save(tmp_path / f"{k}.png")
+        paths.append(str(tmp_path / f"{k}.png"))
+    def row(query, response, images=(), history=(), system=None):
+        return Row(query, response, list(history), list(images), system, "rows.jsonl:1")
+
+    rows = [
+        row("What is this?", "A tile.", [paths[0]]),
+        row("<image>and<image>: which is wider?", "The first one.", paths[1:3]),
+        row("Next?<image>", "Blue.", paths[2:], history=[("<image>Colour?", "Teal.")], system="Be brief."),
+        row("No image here.", "Fine."),
+    ]
+    bundle = HFBundle(model, processor, twins[name][1], "base")
+    count = family.token_counter(bundle, max_length=100_000, truncation="delete")
+    assert [count(r) for r in rows] == [len(family.encode_row(processor, r)) for r in rows]
+    assert family.token_counter(bundle, max_length=8, truncation="delete")(rows[1]) is None

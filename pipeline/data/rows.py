@@ -12,7 +12,7 @@ class Row:
     query: str
     response: str
     history: list[tuple[str, str]]
-    images: list[str]  # 0 or 1 entries: absolute local path or http(s) URL
+    images: list[str]  # absolute local paths or http(s) URLs, as many as the family takes
     system: str | None
     origin: str  # "path/to/file.jsonl:17" (1-based line), "coco:validation:3", ... used in every message
     references: list[str] | None = None  # every reference answer when a source has several (COCO captions)

@@ -404,16 +404,47 @@ class HFNativeFamily(Family):
         except FamilyError as err:
             raise FamilyError(f"{row.origin}: {err}") from err
 
+    # True where the template holds one image token per image that the processor repeats once per image
+    # token (the Qwen VLs): a row is then counted from its text and its images' header sizes alone
+    counts_from_sizes: ClassVar[bool] = False
+
     def token_counter(
         self, bundle: HFBundle, max_length: int, truncation: str
     ) -> Callable[[Any], int | None]:
-        """Counts a row's tokens by encoding it (its images are read): None when it exceeds max_length."""
+        """Counts a row's tokens (None when it exceeds max_length): from the rendered text and the images'
+        header sizes where the family allows (`counts_from_sizes`), else by encoding it."""
+        processor = bundle.processor
 
         def count(row: Any) -> int | None:
-            n = len(self.encode_row(bundle.processor, row))
+            n = self._count_from_sizes(processor, row) if self.counts_from_sizes else None
+            if n is None:
+                n = len(self.encode_row(processor, row))
             return n if n <= max_length else None
 
         return count
+
+    def _count_from_sizes(self, processor: Any, row: Any) -> int | None:
+        """Returns a row's token count without decoding its images, or None when an image is not local yet."""
+        from pipeline.data.images import local_image_file
+
+        sizes = []
+        for ref in row.images:
+            local = local_image_file(ref)
+            if local is None:
+                return None
+            with Image.open(local) as img:  # the header only
+                sizes.append((img.height, img.width))
+        conversation = messages_from_row(row.query, row.response, row.history, row.system)
+        try:
+            messages = self.prepare_messages(conversation, row.images, generation=False)
+        except FamilyError as err:
+            raise FamilyError(f"{row.origin}: {err}") from err
+        text = self.render(processor, to_hf_messages(messages), generation_prompt=False)
+        n = len(processor.tokenizer(text)["input_ids"])
+        if sizes:
+            per_image = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+            n += sum(per_image) - len(sizes)  # each image token becomes that image's count
+        return n
 
     def dataset(self, bundle: HFBundle, rows: Sequence[Any], max_length: int, truncation: str) -> Any:
         from pipeline.data.dataset import FamilyDataset

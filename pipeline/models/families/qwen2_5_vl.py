@@ -72,6 +72,7 @@ class Qwen2_5_VL(HFNativeFamily):
     max_length = 32768
     setting_keys = ("min_pixels", "max_pixels")
     chat_template = CHAT_TEMPLATE
+    counts_from_sizes = True
     end_of_turn = "<|im_end|>"
     pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": 0, "image_grid_thw": 0}
     token_input_keys = ("mm_token_type_ids",)

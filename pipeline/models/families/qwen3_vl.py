@@ -36,6 +36,7 @@ class Qwen3_VL(Qwen2_5_VL):
     name = "qwen3_vl"
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
+    counts_from_sizes = True
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=PROJECTORS, llm=(LLM, "lm_head"))
