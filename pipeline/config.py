@@ -638,11 +638,27 @@ def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) ->
 
 def resolve_compile(value: Any, device: torch.device, family: str, processes: int, sharded: bool) -> bool:
     """Returns whether sft compiles the model's layers: true/false as given; auto = on for MiniCPM-V-2 on
-    a CUDA device in a single unsharded process (its layers replayed as CUDA graphs: the step is
-    otherwise launch-bound), off elsewhere (CPU, other families, several processes, FSDP/DeepSpeed)."""
+    an Ampere-or-newer CUDA device with triton, in a single unsharded process (its layers replayed as CUDA
+    graphs: the step is otherwise launch-bound), off elsewhere (CPU, older cards, other families, several
+    processes, FSDP/DeepSpeed)."""
     if value != "auto":
         return bool(value)
-    return device.type == "cuda" and family == "minicpm_v2" and processes == 1 and not sharded
+    single = family == "minicpm_v2" and processes == 1 and not sharded
+    return device.type == "cuda" and single and compiles_on(device)
+
+
+def compiles_on(device: torch.device) -> bool:
+    """Returns whether torch.compile's GPU backend is expected to work on `device`: an Ampere or newer
+    NVIDIA card (compute capability 8.0+, as the CUDA-graph path was measured on) with triton installed."""
+    import importlib.util
+
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
+        return False
+    return (
+        torch.cuda.get_device_capability(device) >= (8, 0) and importlib.util.find_spec("triton") is not None
+    )
 
 
 # the largest micro-batch budget that auto still checkpoints (trainer=low_memory's)

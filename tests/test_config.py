@@ -9,6 +9,7 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
+from pipeline import config
 from pipeline.__main__ import describe_error
 from pipeline.config import (
     ConfigError,
@@ -110,11 +111,13 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s != "serve"]  # serve only when asked
 
 
-def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(compose):
+def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(compose, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     qkv = compose(["model=minicpm_v2", "trainer=default", "+experiment=lora_qkv"])
     assert qkv.trainer.compile == "auto"
-    # trainer=default on one GPU: compiled, no checkpointing (activations bounded by the 4096-token budget)
+    real_compiles_on = config.compiles_on
+    # trainer=default on one recent GPU: compiled, no checkpointing (activations bounded by the budget)
+    monkeypatch.setattr(config, "compiles_on", lambda device: device.type == "cuda")
     assert resolve_compile(qkv.trainer.compile, cuda, "minicpm_v2", 1, False) is True
     assert checkpointing_of(qkv, cuda) is False
     # where compile is not yet safe or not supported: off
@@ -123,6 +126,9 @@ def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(comp
     assert resolve_compile("auto", cuda, "minicpm_v2", 2, False) is False
     assert resolve_compile("auto", cuda, "minicpm_v2", 1, True) is False
     assert resolve_compile(True, cpu, "qwen2_5_vl", 2, True) is True  # an explicit choice stays
+    monkeypatch.setattr(config, "compiles_on", lambda device: False)  # a pre-Ampere card, or no triton
+    assert resolve_compile("auto", cuda, "minicpm_v2", 1, False) is False
+    assert real_compiles_on(cpu) is False
     # checkpointing stays on where memory needs it: full fine-tuning, low_memory, the plain regime, CPU
     full = compose(["model=minicpm_v2", "trainer=default", "+experiment=full"])
     low = compose(["model=minicpm_v2", "trainer=low_memory", "+experiment=lora_qkv"])
