@@ -70,6 +70,8 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     # gradient accumulation under compile: four micro-batches of up to 1024 tokens a step
     "qkv_accum": (["+experiment=lora_qkv", "trainer.micro_batch_tokens=1024"], "coco", "lora_qkv"),
     "qkv_low_memory": (["+experiment=lora_qkv", "trainer=low_memory"], "coco", "lora_qkv"),
+    # trainer=default with torch.profiler over 3 steps: the operator table lands in OUT/profiles/
+    "qkv_profile": (["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco", "lora_qkv"),
     "qkv_mixed_plain": (["+experiment=lora_qkv", *PLAIN], "mixed", "lora_qkv"),
     "qkv_mixed_default": (["+experiment=lora_qkv"], "mixed", "lora_qkv"),
     "qkv_mixed_eager": (["+experiment=lora_qkv", "trainer.compile=false"], "mixed", "lora_qkv"),
@@ -88,6 +90,7 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
 FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "qwen2_5_vl_qkv_plain": ("qwen2_5_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
     "qwen2_5_vl_qkv_default": ("qwen2_5_vl", ["+experiment=lora_qkv"], "coco"),
+    "qwen2_5_vl_qkv_profile": ("qwen2_5_vl", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
 }
 FAMILY_MODELS = {"qwen2_5_vl": "qwen2_5_vl_3b"}
 STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
@@ -512,6 +515,11 @@ def main() -> None:
                 args.timeout,
             )
             result.update(stage_metrics(run_dir, stage, tokenizer))
+        ops = run_dir / "sft" / "profile" / "ops.txt"
+        if ops.is_file():  # the operator table comes back with the results (the timeline stays: large)
+            (out / "profiles").mkdir(exist_ok=True)
+            shutil.copyfile(ops, out / "profiles" / f"{name}.txt")
+            result["profile"] = f"profiles/{name}.txt"
         results.append(result)
         print(json.dumps(result), flush=True)
         # written after every setting: a call cut short keeps what it measured

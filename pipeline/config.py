@@ -118,6 +118,8 @@ class TrainerConfig:
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
     max_eval_samples: int | None = None
+    # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/
+    profile_steps: int = 0
 
 
 @dataclass
@@ -254,6 +256,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.save_steps", 1, None),
     ("trainer.save_total_limit", 1, None),
     ("trainer.micro_batch_tokens", 0, None),
+    ("trainer.profile_steps", 0, None),
     ("trainer.max_eval_samples", 1, None),
     ("eval.max_samples", 1, None),
     ("eval.batch_size", 1, None),

@@ -125,6 +125,7 @@ def loop_settings(cfg: DictConfig, world: int = 1, device: torch.device | None =
         seed=cfg.seed,
         micro_batch_tokens=t.micro_batch_tokens,
         packing=t.packing,
+        profile_steps=t.profile_steps,
     )
 
 

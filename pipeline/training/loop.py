@@ -42,6 +42,7 @@ from pipeline.training.checkpoints import (
     rotate_checkpoints,
     save_training_checkpoint,
 )
+from pipeline.training.profiling import StepProfiler
 from pipeline.utils.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class LoopSettings:
     # micro-batches filled to this many padded tokens (0: fixed micro-batches of batch_size)
     micro_batch_tokens: int = 0
     packing: bool = False  # each micro-batch one packed row (padding-free), within micro_batch_tokens
+    profile_steps: int = 0  # > 0: torch.profiler over that many optimizer steps, into sft/profile/
 
 
 def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
@@ -522,7 +524,10 @@ class Trainer:
             if metrics:
                 self.state.history.append({"step": 0, **metrics})
                 self._log({"step": 0, **metrics})
-        with SignalGuard() as guard:
+        profiler = StepProfiler(
+            self.s.profile_steps, self.sft_dir / "profile", self.acc.device, self.acc.is_main_process
+        )
+        with SignalGuard() as guard, profiler:
             for micro in self._saving_on_bad_data(self._loader(start)):
                 try:
                     result = self._step(micro)
@@ -534,6 +539,7 @@ class Trainer:
                         f"slices), lora=qkv instead of all/none"
                     ) from err
                 self.state.global_step += 1
+                profiler.step()
                 self.state.tokens_seen += result["tokens"]
                 window.append(result)
                 step = self.state.global_step

@@ -1,0 +1,78 @@
+"""torch.profiler over a few optimizer steps of a training run (`trainer.profile_steps`).
+
+The first steps of a run are skipped (data workers starting, compile and CUDA-graph recording, the
+allocator warming up), one more is a profiler warm-up, then `steps` optimizer steps are recorded: CPU and,
+on a GPU, CUDA activity. Written into `sft/profile/` when the recording ends:
+
+    ops.txt      the operators by self time (CUDA on a GPU, else CPU), top 60, then the same by CPU time
+    trace.json   the timeline, for chrome://tracing or https://ui.perfetto.dev
+
+Only the main process profiles.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from pipeline.utils.io import atomic_write_text
+
+SKIPPED_STEPS = 2  # not recorded: the run's start
+WARMUP_STEPS = 1  # recorded by the profiler, then thrown away
+TOP_OPS = 60
+
+
+class StepProfiler:
+    """Profiles optimizer steps; call `step()` after each one and `close()` at the end (or use `with`)."""
+
+    def __init__(self, steps: int, folder: Path, device: torch.device, enabled: bool = True) -> None:
+        self.folder = Path(folder)
+        self.on_cuda = device.type == "cuda"
+        self.written = False
+        self._prof = None
+        if steps <= 0 or not enabled:
+            return
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_cuda else [])
+        self._prof = profile(
+            activities=activities,
+            schedule=schedule(wait=SKIPPED_STEPS, warmup=WARMUP_STEPS, active=steps, repeat=1),
+            on_trace_ready=self._write,
+            record_shapes=True,
+        )
+        self._prof.__enter__()
+
+    def step(self) -> None:
+        if self._prof is not None:
+            self._prof.step()
+
+    def close(self) -> None:
+        if self._prof is not None:
+            prof, self._prof = self._prof, None
+            prof.__exit__(None, None, None)
+
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self, prof) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        averages = prof.key_averages()
+        first = "self_cuda_time_total" if self.on_cuda else "self_cpu_time_total"
+        text = (
+            f"torch.profiler over {prof.step_num - SKIPPED_STEPS - WARMUP_STEPS} optimizer step(s) after "
+            f"{SKIPPED_STEPS + WARMUP_STEPS} unrecorded ones; sorted by {first}\n\n"
+            + averages.table(sort_by=first, row_limit=TOP_OPS)
+            + "\n\nsorted by cpu_time_total (where the Python and launch time goes)\n\n"
+            + averages.table(sort_by="cpu_time_total", row_limit=TOP_OPS)
+        )
+        atomic_write_text(self.folder / "ops.txt", text)
+        trace = self.folder / "trace.json"
+        partial = trace.with_name(f".trace.json.{os.getpid()}.tmp")
+        prof.export_chrome_trace(str(partial))
+        os.replace(partial, trace)  # never a half-written timeline
+        self.written = True
