@@ -317,6 +317,11 @@ def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
     return resolve_checkpointing(value, torch.device("cpu" if tiny else "cuda"), lora, budget)
 
 
+def sft_run(rows: Path, steps: int) -> list[str]:
+    """Returns the overrides of a setting's sft-only run over `rows`."""
+    return [f"dataset.path={rows}", "stages=[sft]", f"trainer.max_steps={steps}"]
+
+
 def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path, timeout: int) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -444,41 +449,23 @@ def main() -> None:
             checkpointing = resolved_checkpointing(overrides, mode, args.tiny)
             sample_rows = [json.loads(line) for line in data[variant].read_text().splitlines()[:64]]
             flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
-            result = run_pipeline(
-                name,
-                [
-                    *base,
-                    *overrides,
-                    f"dataset.path={data[variant]}",
-                    "stages=[sft]",
-                    f"trainer.max_steps={steps}",
-                ],
-                run_dir,
-                log_file,
-                args.timeout,
-            )
+            sft_args = [*base, *overrides, *sft_run(data[variant], steps)]
+            result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
             result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
         elif name in FAMILY_SETTINGS:
             family, overrides, variant = FAMILY_SETTINGS[name]
             steps = args.plain_steps if "plain" in name else args.steps
             folder = write_family_model(work / f"{family}_random", family, args.tiny)
             model = f"model={family}_tiny" if args.tiny else f"model={FAMILY_MODELS[family]}"
-            result = run_pipeline(
-                name,
-                [
-                    model,
-                    f"model.path={folder}",
-                    *cpu,
-                    *common,
-                    *overrides,
-                    f"dataset.path={data[variant]}",
-                    "stages=[sft]",
-                    f"trainer.max_steps={steps}",
-                ],
-                run_dir,
-                log_file,
-                args.timeout,
-            )
+            sft_args = [
+                model,
+                f"model.path={folder}",
+                *cpu,
+                *common,
+                *overrides,
+                *sft_run(data[variant], steps),
+            ]
+            result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
             # MFU is left out: the FLOP formula is MiniCPM-V-2's
             result.update(mode=f"{family}/lora_qkv", data=variant, **sft_metrics(run_dir, 0.0))
         else:
