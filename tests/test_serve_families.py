@@ -268,3 +268,47 @@ def test_the_serve_stage_validates_and_serves_the_family(twin, tmp_path, monkeyp
     assert seen["models"] == [(MODEL, LIMIT)]
     assert seen["answer"].usage.completion_tokens == 3
     assert "answers one request at a time" in caplog.text
+
+
+def test_the_page_learns_the_limit_and_sends_several_images(server, client, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_serve_page import ask_on_page, find_browser
+
+    binary, driver_path = find_browser()
+    chrome = webdriver.ChromeOptions()
+    chrome.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        chrome.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=chrome)
+    try:
+        paths = []
+        for seed in (4, 5):
+            paths.append(tmp_path / f"{seed}.png")
+            picture(seed).save(paths[-1])
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "model").text == MODEL)
+        assert browser.execute_script("return maxImages") == LIMIT
+        browser.find_element(By.ID, "file").send_keys("\n".join(str(p) for p in paths))
+        WebDriverWait(browser, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img")) == 2)
+        ask_on_page(browser, "Which differs?")
+        shown = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.done span")[-1]
+        expected = chat(
+            client, [{"role": "user", "content": [image_part(4), image_part(5), text("Which differs?")]}]
+        )
+        assert shown.get_attribute("textContent") == expected.choices[0].message.content
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user img")) == 2
+        # two sent: fourteen more fit the conversation, the next one is refused naming the limit
+        browser.find_element(By.ID, "file").send_keys("\n".join([str(paths[0])] * (LIMIT - 2)))
+        WebDriverWait(browser, 10).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img")) == LIMIT - 2
+        )
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+        browser.find_element(By.ID, "file").send_keys(str(paths[1]))
+        error = WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert f"at most {LIMIT} images per conversation" in error[0].text
+    finally:
+        browser.quit()
