@@ -548,7 +548,6 @@ def _check_family(tree: dict) -> list[str]:
         ("trainer.packing=true", "sft" in uses and tree["trainer"]["packing"]),
         ("dataset.truncation=truncate", tree["dataset"]["truncation"] != "delete"),
         ("infer.interactive=true (the chat)", "infer" in uses and tree["infer"]["interactive"]),
-        ("the serve stage", "serve" in uses),
     ]
     for what, used in only_v2:
         if used:

@@ -176,7 +176,7 @@ def test_system_history_stop_max_tokens_and_seed(client):
 
 def test_models_and_health(server):
     listed = httpx.get(f"{server.url}/v1/models").json()
-    assert [m["id"] for m in listed["data"]] == [MODEL]
+    assert [(m["id"], m["max_images"]) for m in listed["data"]] == [(MODEL, 1)]  # the page reads max_images
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 

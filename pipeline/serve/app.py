@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI's chat-completions API, /v1/models, /health and the web chat page, over one
-batching worker that owns the model.
+worker that owns the model: MiniCPM-V-2's batching worker, or a family's one-request-at-a-time worker.
 
-    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40")
+    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40")          # MiniCPM-V-2
+    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40", family=family)   # any family
     server = start_in_thread(app, "127.0.0.1", 8000)   # or run_server(app, host, port) in the foreground
 
 Every refusal is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
@@ -22,10 +23,11 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -41,7 +43,9 @@ from pipeline.models.generation import GenerationSettings
 from .batching import BatchingWorker, Decoding, Event, Job
 from .images import ImageLimits, load_request_image
 from .schema import (
+    MAX_IMAGES,
     ChatCompletionRequest,
+    Conversation,
     RequestError,
     describe_validation_errors,
     error_body,
@@ -94,16 +98,80 @@ def _authorized(header: str | None, key: str) -> bool:
     return False
 
 
-def create_app(bundle: ModelBundle, options: ServeOptions, model_id: str) -> FastAPI:
-    """Returns the ASGI app serving `bundle` under the name `model_id`; its worker starts with the app."""
+@dataclass(frozen=True)
+class _Engine:
+    """What differs between the models served: their name in errors, images per conversation, how a
+    request's conversation becomes a prompt (`encode(conversation, images, system, max_tokens)`, raising
+    RequestError), and the worker that generates."""
+
+    name: str
+    max_images: int
+    encode: Callable[[Conversation, list, str | None, int], Any]
+    start_worker: Callable[[], Any]
+
+
+def _minicpm_v2_engine(bundle: ModelBundle, options: ServeOptions) -> _Engine:
+    def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
+        try:
+            limit = prompt_limit(bundle, GenerationSettings(max_new_tokens=max_tokens))
+            image = images[0] if images else None
+            return encode_prompt(
+                bundle,
+                conversation.query,
+                conversation.history,
+                system or None,
+                image,
+                limit,
+                "the conversation",
+            )
+        except ValueError as exc:
+            raise RequestError(str(exc), param="messages", code="context_length_exceeded") from None
+
+    return _Engine(
+        "MiniCPM-V-2",
+        MAX_IMAGES,
+        encode,
+        lambda: BatchingWorker(bundle, options.max_batch_size, seed=options.seed),
+    )
+
+
+def _family_engine(family: Any, bundle: Any, options: ServeOptions) -> _Engine:
+    from .family_worker import FamilyWorker, encode_request, family_label, model_positions
+
+    positions = model_positions(bundle.core)
+
+    def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
+        return encode_request(family, bundle.processor, conversation, system, images, max_tokens, positions)
+
+    return _Engine(
+        family_label(family),
+        family.limits().max_images,
+        encode,
+        lambda: FamilyWorker(family, bundle, seed=options.seed),
+    )
+
+
+def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = None) -> FastAPI:
+    """Returns the ASGI app serving `bundle` under the name `model_id`; its worker starts with the app.
+
+    `family` (pipeline.models.families) is the bundle's family; None, or MiniCPM-V-2's, serves a
+    MiniCPM-V-2 bundle through its batching worker."""
+    engine = (
+        _family_engine(family, bundle, options)
+        if family is not None and not family.supports_chat
+        else _minicpm_v2_engine(bundle, options)
+    )
     limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)
-    max_body = options.max_image_bytes * 4 // 3 + _BODY_SLACK
+    max_body = options.max_image_bytes * engine.max_images * 4 // 3 + _BODY_SLACK
+    image_cap = f"serve.max_image_bytes={options.max_image_bytes}"
+    if engine.max_images > 1:
+        image_cap = f"{engine.max_images} images of {image_cap}"
     state: dict = {}
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["worker"] = BatchingWorker(bundle, options.max_batch_size, seed=options.seed)
+        state["worker"] = engine.start_worker()
         app.state.worker = state["worker"]
         try:
             yield
@@ -134,7 +202,7 @@ def create_app(bundle: ModelBundle, options: ServeOptions, model_id: str) -> Fas
         if length is not None and length.isdigit() and int(length) > max_body:
             return _error(
                 f"the request body is {length} bytes, over this server's {max_body}-byte limit "
-                f"(serve.max_image_bytes={options.max_image_bytes} plus {_BODY_SLACK} for text)",
+                f"({image_cap} plus {_BODY_SLACK} for text)",
                 413,
             )
         return await call_next(request)
@@ -170,7 +238,15 @@ def create_app(bundle: ModelBundle, options: ServeOptions, model_id: str) -> Fas
     async def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "pipeline"}],
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "pipeline",
+                    "max_images": engine.max_images,  # images per conversation (the page reads it)
+                }
+            ],
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -186,7 +262,7 @@ def create_app(bundle: ModelBundle, options: ServeOptions, model_id: str) -> Fas
                 param="model",
                 code="model_not_found",
             )
-        conversation = to_conversation(body)
+        conversation = to_conversation(body, engine.max_images, engine.name)
         stop = stop_sequences(body)
         max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
         if max_tokens > options.max_new_tokens:
@@ -201,24 +277,9 @@ def create_app(bundle: ModelBundle, options: ServeOptions, model_id: str) -> Fas
             if temperature > 0
             else Decoding()
         )
-        image = None
-        if conversation.image_url is not None:
-            image = await run_in_threadpool(load_request_image, conversation.image_url, limits)
-        try:
-            limit = prompt_limit(bundle, GenerationSettings(max_new_tokens=max_tokens))
-            system = conversation.system if conversation.system is not None else options.system
-            sample = await run_in_threadpool(
-                encode_prompt,
-                bundle,
-                conversation.query,
-                conversation.history,
-                system or None,
-                image,
-                limit,
-                "the conversation",
-            )
-        except ValueError as exc:
-            raise RequestError(str(exc), param="messages", code="context_length_exceeded") from None
+        images = [await run_in_threadpool(load_request_image, url, limits) for url in conversation.image_urls]
+        system = conversation.system if conversation.system is not None else options.system
+        sample = await run_in_threadpool(engine.encode, conversation, images, system, max_tokens)
         loop = asyncio.get_running_loop()
         job = Job(sample, decoding, max_tokens, stop, body.seed, loop, asyncio.Queue())
         state["worker"].submit(job)

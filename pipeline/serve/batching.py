@@ -14,12 +14,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from pipeline.models.bundle import ModelBundle
-from pipeline.models.collate import Sample, collate_for_generation
+from pipeline.models.collate import collate_for_generation
 from pipeline.models.generation import GenerationSettings, generate
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,10 @@ class Event:
 
 @dataclass
 class Job:
-    """One request waiting for, or in, generation. Events go to `events` on the request's event loop."""
+    """One request waiting for, or in, generation. Events go to `events` on the request's event loop.
+    `sample` is the encoded prompt: a MiniCPM-V-2 Sample, or a family's EncodedSample."""
 
-    sample: Sample
+    sample: Any
     decoding: Decoding
     max_new_tokens: int
     stop: list[str]
@@ -203,34 +206,43 @@ class BatchingWorker:
                 self._finish(job, "length")
 
     def _advance(self, job: Job, token: int) -> None:
-        """Adds one generated token to `job`, sending the text that became certain; finishes it when due."""
-        tok = self.bundle.tokenizer
-        if job.cancelled.is_set():
-            job.done = True
-            return
-        if token == tok.eos_id:
-            self._finish(job, "stop")
-            return
-        job.ids.append(token)
-        # Decode all ids every step: a character split over several byte tokens only appears once whole.
-        text = tok.decode(job.ids)
-        for stop in job.stop:
-            at = text.find(stop)
-            if at >= 0:
-                self._finish(job, "stop", text[:at])
-                return
-        if len(job.ids) >= job.max_new_tokens:
-            self._finish(job, "length", text)
-            return
-        if text.endswith(_REPLACEMENT_CHAR):
-            return
-        ready = len(text) - _held_back(text, job.stop)
-        if ready > job.sent:
-            job.emit(Event(delta=text[job.sent : ready]))
-            job.sent = ready
+        advance_job(job, token, (self.bundle.tokenizer.eos_id,), self.bundle.tokenizer.decode)
 
     def _finish(self, job: Job, reason: str, text: str | None = None) -> None:
-        text = self.bundle.tokenizer.decode(job.ids) if text is None else text
+        finish_job(job, reason, self.bundle.tokenizer.decode, text)
+
+
+def advance_job(job: Job, token: int, eos_ids: Collection[int], decode: Callable[[list[int]], str]) -> None:
+    """Adds one generated token to `job`, sending the text that became certain; finishes it when due
+    (an end token: "stop"; a stop string: "stop", cut before it; max_new_tokens reached: "length")."""
+    if job.cancelled.is_set():
         job.done = True
-        job.emit(Event(delta=text[job.sent :], finish_reason=reason, completion_tokens=len(job.ids)))
-        job.sent = len(text)
+        return
+    if token in eos_ids:
+        finish_job(job, "stop", decode)
+        return
+    job.ids.append(token)
+    # Decode all ids every step: a character split over several byte tokens only appears once whole.
+    text = decode(job.ids)
+    for stop in job.stop:
+        at = text.find(stop)
+        if at >= 0:
+            finish_job(job, "stop", decode, text[:at])
+            return
+    if len(job.ids) >= job.max_new_tokens:
+        finish_job(job, "length", decode, text)
+        return
+    if text.endswith(_REPLACEMENT_CHAR):
+        return
+    ready = len(text) - _held_back(text, job.stop)
+    if ready > job.sent:
+        job.emit(Event(delta=text[job.sent : ready]))
+        job.sent = ready
+
+
+def finish_job(job: Job, reason: str, decode: Callable[[list[int]], str], text: str | None = None) -> None:
+    """Ends `job` with `reason`, sending the rest of its text (`text`, else its ids decoded)."""
+    text = decode(job.ids) if text is None else text
+    job.done = True
+    job.emit(Event(delta=text[job.sent :], finish_reason=reason, completion_tokens=len(job.ids)))
+    job.sent = len(text)

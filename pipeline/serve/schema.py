@@ -12,8 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# MiniCPM-V-2 places one image before the first query of a conversation
+# MiniCPM-V-2 places one image before the first query of a conversation; the other families say their own
 MAX_IMAGES = 1
+IMAGE_TAG = "<image>"  # where an image part stands in a message's text (the families' tag)
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
 
@@ -76,39 +77,62 @@ class ChatCompletionRequest(_Strict):
 
 @dataclass
 class Conversation:
-    """A request's messages as the model's template takes them: system, [query, response] pairs, query."""
+    """A request's messages in both forms the models take: MiniCPM-V-2's (system, [query, response] pairs,
+    query, its one image) and the families' (the messages after the system one as {"role", "content"} dicts,
+    an <image> tag where each image part stood, and the image URLs in order)."""
 
     system: str | None
     history: list[list[str]]
     query: str
     image_url: str | None
+    messages: list[dict[str, str]]
+    image_urls: list[str]
 
 
-def _text_of(content: str | list, where: str, allow_image: bool) -> tuple[str, list[str]]:
-    """Returns the text of a message's content (text parts joined by newlines) and its image URLs."""
+def _text_of(content: str | list, where: str, allow_image: bool) -> tuple[str, list[str], str]:
+    """Returns the text of a message's content (text parts joined by newlines), its image URLs, and its text
+    with an <image> tag in place of each image part (a tag joins its neighbours without a newline)."""
     if isinstance(content, str):
-        return content, []
-    texts, images = [], []
+        return content, [], content
+    texts, images, tagged = [], [], ""
+    previous_text = False
     for part in content:
         if isinstance(part, TextPart):
             texts.append(part.text)
+            tagged += ("\n" if previous_text else "") + part.text
+            previous_text = True
         elif allow_image:
             images.append(part.image_url.url)
+            tagged += IMAGE_TAG
+            previous_text = False
         else:
             raise RequestError(f"{where}: only user messages may hold images", param=where)
-    return "\n".join(texts), images
+    return "\n".join(texts), images, tagged
 
 
-def to_conversation(request: ChatCompletionRequest) -> Conversation:
-    """Returns the conversation of `request`; raises RequestError when the roles or images do not fit the model.
+def _too_many_images(model: str, max_images: int, found: int) -> RequestError:
+    limit = "one image" if max_images == 1 else f"at most {max_images} images"
+    return RequestError(
+        f"{model} takes {limit} per conversation; the messages hold {found} images",
+        param="messages",
+        code="too_many_images",
+    )
+
+
+def to_conversation(
+    request: ChatCompletionRequest, max_images: int = MAX_IMAGES, model: str = "MiniCPM-V-2"
+) -> Conversation:
+    """Returns the conversation of `request`; raises RequestError when the roles or images do not fit the
+    model (`model` names it in the error, `max_images` is its limit).
 
     Accepted: an optional system message first, then user and assistant messages alternating, ending with
-    a user message; at most one image in all.
+    a user message; at most `max_images` images in all.
     """
     messages = list(request.messages)
     system = None
+    tagged: list[dict[str, str]] = []
     if messages[0].role == "system":
-        system, _ = _text_of(messages[0].content, "messages[0]", allow_image=False)
+        system, _, _ = _text_of(messages[0].content, "messages[0]", allow_image=False)
         messages = messages[1:]
         offset = 1
     else:
@@ -126,10 +150,11 @@ def to_conversation(request: ChatCompletionRequest) -> Conversation:
                 "system message, user and assistant messages alternate, starting and ending with user",
                 param=where,
             )
-        text, found = _text_of(message.content, where, allow_image=message.role == "user")
+        text, found, with_tags = _text_of(message.content, where, allow_image=message.role == "user")
         if message.role == "user" and not text.strip():
             raise RequestError(f"{where}: a user message needs some text", param=where)
         turns.append(text)
+        tagged.append({"role": message.role, "content": with_tags})
         images += found
     if len(turns) % 2 == 0:
         raise RequestError(
@@ -137,15 +162,16 @@ def to_conversation(request: ChatCompletionRequest) -> Conversation:
             "the user's",
             param="messages",
         )
-    if len(images) > MAX_IMAGES:
-        raise RequestError(
-            f"MiniCPM-V-2 takes one image per conversation; the messages hold {len(images)} images",
-            param="messages",
-            code="too_many_images",
-        )
+    if len(images) > max_images:
+        raise _too_many_images(model, max_images, len(images))
     history = [[turns[j], turns[j + 1]] for j in range(0, len(turns) - 1, 2)]
     return Conversation(
-        system=system, history=history, query=turns[-1], image_url=images[0] if images else None
+        system=system,
+        history=history,
+        query=turns[-1],
+        image_url=images[0] if images else None,
+        messages=tagged,
+        image_urls=images,
     )
 
 

@@ -5,7 +5,8 @@
     python -m pipeline stages=[serve] ckpt=base serve.api_key=secret serve.host=0.0.0.0
 
 Which weights: this run's merged model, else this run's (or `ckpt`'s) checkpoint; ckpt=base serves model.path
-as it is. Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the page). Reads: model,
+as it is. Every family serves: MiniCPM-V-2 batches concurrent requests, the others answer one at a time.
+Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the page). Reads: model,
 ckpt, serve, dataset.system (the system prompt of a request that sends none), seed, device. Writes
 run_dir/serve/serve.log (the server's log). Returns {"serve": the URL it served on}.
 """
@@ -67,15 +68,18 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     from pipeline.serve.app import ServeOptions, create_app, run_server
 
     family = family_from_config(cfg.model)
-    if not family.supports_chat:
-        raise ConfigError(
-            f"the serve stage runs MiniCPM-V-2 only; model.family={family.name} cannot be served"
-        )
-
     check_port_free(str(cfg.serve.host), int(cfg.serve.port))
     serve_dir = Path(run_dir) / "serve"
     serve_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_for_serve(cfg, state)
+    if family.supports_chat:  # MiniCPM-V-2: the project's own model, its slicing settings
+        loading = {"max_slice_nums": cfg.model.max_slice_nums, "slice_mode": cfg.model.slice_mode}
+    else:
+        loading = {"family": family}
+        log.info(
+            "model.family=%s answers one request at a time (serve.max_batch_size batches MiniCPM-V-2 only)",
+            family.name,
+        )
     bundle = load_inference_bundle(
         cfg.model.path,
         ckpt,
@@ -83,8 +87,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         dtype=str(cfg.model.dtype),
         build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
-        max_slice_nums=cfg.model.max_slice_nums,
-        slice_mode=cfg.model.slice_mode,
+        **loading,
     )
     options = ServeOptions(
         api_key=cfg.serve.api_key,
@@ -97,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         seed=int(cfg.seed),
     )
     model_id = served_model_id(cfg, ckpt)
-    app = create_app(bundle, options, model_id)
+    app = create_app(bundle, options, model_id, family)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     handler = _log_to_file(serve_dir / LOG_FILE)
     try:

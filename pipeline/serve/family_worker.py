@@ -1,0 +1,194 @@
+"""Serving a transformers-native family (Qwen2.5-VL, Qwen3-VL, MiniCPM-V 4.6): its prompt encoding and the
+worker thread that answers one request at a time through the family's own `generate`.
+
+The worker keeps BatchingWorker's interface (`submit`, `close`, Jobs receiving Events), so the routes are
+the same for every family. A request's tokens are streamed as `generate` makes them (a streamer fed by
+it); a stop string, max_tokens or a client that left ends generation at that token. Greedy unless the
+request samples; a sampled answer with a `seed` is repeatable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
+
+from pipeline.models.families.base import EncodedSample, Family, FamilyError
+from pipeline.models.generation import GenerationSettings
+
+from .batching import Event, Job, advance_job, finish_job
+from .schema import Conversation, RequestError
+
+log = logging.getLogger(__name__)
+
+
+def family_label(family: Family) -> str:
+    """Returns how error messages name the served family."""
+    return f"model.family={family.name}"
+
+
+def model_positions(model: torch.nn.Module) -> int | None:
+    """Returns the language model's number of positions (None when its config does not say)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def encode_request(
+    family: Family,
+    processor: Any,
+    conversation: Conversation,
+    system: str | None,
+    images: Sequence[Image.Image],
+    max_new_tokens: int,
+    positions: int | None,
+) -> EncodedSample:
+    """Returns the generation prompt of a request's conversation (system prompt first when given); raises
+    RequestError when the family refuses it or the prompt leaves no room for max_new_tokens."""
+    messages = ([{"role": "system", "content": system}] if system else []) + conversation.messages
+    try:
+        sample = family.encode(processor, messages, list(images), generation=True)
+    except FamilyError as err:
+        raise RequestError(
+            f"messages: {err} (each image_url part is an <image> tag where it stands)", param="messages"
+        ) from None
+    if positions is not None and len(sample) + max_new_tokens > positions:
+        raise RequestError(
+            f"the conversation is too long: its prompt of {len(sample)} tokens and max_tokens={max_new_tokens} "
+            f"exceed the model's {positions} positions; shorten the history, or lower max_tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return sample
+
+
+class _Answered(Exception):
+    """Raised from the streamer once the request has its answer (or has gone): generation stops there."""
+
+
+class _JobStreamer(BaseStreamer):
+    """Hands each token `generate` makes to the job; the first call (the prompt) is skipped."""
+
+    def __init__(self, job: Job, eos_ids: frozenset[int], decode) -> None:
+        self.job = job
+        self.eos_ids = eos_ids
+        self.decode = decode
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            advance_job(self.job, int(token), self.eos_ids, self.decode)
+            if self.job.done:
+                raise _Answered
+
+    def end(self) -> None:
+        pass
+
+
+class FamilyWorker:
+    """Owns a family's model on one thread; `submit` queues a job, answered in turn, one at a time."""
+
+    def __init__(self, family: Family, bundle: Any, seed: int = 0) -> None:
+        self.family = family
+        self.bundle = bundle
+        self.device = family.device_of(bundle)
+        tokenizer = bundle.processor.tokenizer
+        self.decode = partial(tokenizer.decode, skip_special_tokens=True)  # as the family's generate decodes
+        eos = bundle.core.generation_config.eos_token_id  # what `generate` stops at
+        self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self._seeds = torch.Generator().manual_seed(seed)  # seeds of the sampling requests that give none
+        self._pending: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            self._pending.append(job)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ----- the worker thread
+    def _next(self) -> Job | None:
+        with self._wake:
+            while not self._pending and not self._stopping:
+                self._wake.wait()
+            return None if self._stopping else self._pending.popleft()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)  # a new thread starts with OpenMP's default team size
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                continue
+            started = time.perf_counter()
+            try:
+                self._generate(job)
+            except Exception as exc:  # this request fails; the server goes on
+                log.exception("generation failed")
+                if not job.done:
+                    job.done = True
+                    job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            log.info("answered in %.2f s (%d tokens)", time.perf_counter() - started, len(job.ids))
+
+    @contextlib.contextmanager
+    def _random_state(self, job: Job) -> Iterator[None]:
+        """Seeds sampling with the request's seed (else one drawn from the server's), leaving the process's
+        random state as it was."""
+        if not job.decoding.do_sample:
+            yield
+            return
+        seed = job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _generate(self, job: Job) -> None:
+        processor = self.bundle.processor
+        batch = self.family.collate_for_generation(processor, [job.sample])
+        decoding = job.decoding
+        options: dict[str, Any] = {"do_sample": decoding.do_sample}
+        if decoding.do_sample:  # top_k as the MiniCPM-V-2 path samples (GenerationSettings' default)
+            options.update(
+                temperature=decoding.temperature, top_p=decoding.top_p, top_k=GenerationSettings().top_k
+            )
+        streamer = _JobStreamer(job, self.eos_ids, self.decode)
+        try:
+            with self._random_state(job):
+                self.family.generate(
+                    self.bundle.model,
+                    processor,
+                    batch,
+                    max_new_tokens=job.max_new_tokens,
+                    streamer=streamer,
+                    **options,
+                )
+        except _Answered:
+            pass
+        if not job.done:  # generate stopped on a limit of its own
+            finish_job(job, "length", self.decode)
