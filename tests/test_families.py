@@ -466,6 +466,7 @@ def test_counts_from_image_sizes_equal_the_encoded_lengths(twins, tmp_path, name
     for k, (w, h) in enumerate([(13, 200), (640, 480), (37, 41), (300, 90)]):
         Image.new("RGB", (w, h), (10 * k, 80, 160)).save(tmp_path / f"{k}.png")
         paths.append(str(tmp_path / f"{k}.png"))
+
     def row(query, response, images=(), history=(), system=None):
         return Row(query, response, list(history), list(images), system, "rows.jsonl:1")
 
