@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +154,11 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return batch
 
 
+# batches prepared ahead of the one generating, and the CPU threads preparing them (on a GPU only)
+PREFETCH_BATCHES = 2
+PREPARE_THREADS = 4
+
+
 def generate_for_rows(
     bundle: ModelBundle,
     rows: Sequence[Row],
@@ -161,10 +168,13 @@ def generate_for_rows(
     generator: torch.Generator | None = None,
     image_cache: Path | None = None,
     desc: str = "generate",
+    prefetch: bool | None = None,
 ) -> list[str]:
     """Returns one generated response per row (in row order), prompting each with its query, history and image.
 
-    Rows are batched by prompt length (left-padded); images are loaded one batch at a time.
+    Rows are batched by prompt length (left-padded). With `prefetch` (None: on a GPU) the next batches'
+    images are loaded and encoded on CPU threads while the current batch generates (PREFETCH_BATCHES
+    ahead); the answers are the same as one batch after the other.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -177,29 +187,43 @@ def generate_for_rows(
     )
     outputs: list[str] = [""] * len(rows)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for indices in tqdm(batches, desc=desc, unit="batch", leave=False):
-        samples = []
-        for i in indices:
-            row = rows[i]
-            try:
-                image = load_image(row.images[0], cache_dir=image_cache) if row.images else None
-            except ImageLoadError as exc:
-                raise ImageLoadError(f"{row.origin}: {exc}") from exc
-            samples.append(
-                encode_prompt(bundle, row.query, row.history, row.system, image, limit, where=row.origin)
-            )
-        batch = batch_to_device(collate_for_generation(samples, tok.pad_id), device)
-        new = generate(
-            bundle.core,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            batch["image_bound"],
-            settings=settings,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
-            generator=generator,
+
+    def prepare(i: int) -> Sample:
+        row = rows[i]
+        try:
+            image = load_image(row.images[0], cache_dir=image_cache) if row.images else None
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"{row.origin}: {exc}") from exc
+        return encode_prompt(bundle, row.query, row.history, row.system, image, limit, where=row.origin)
+
+    # on the CPU the generation itself wants every core: rows are prepared in turn there by default
+    prefetch = device.type == "cuda" if prefetch is None else prefetch
+    threads = min(PREPARE_THREADS, os.cpu_count() or 1) if prefetch else 0
+    ahead = PREFETCH_BATCHES if threads else 0
+    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+        pending: deque[list[Future]] = deque(
+            [pool.submit(prepare, i) for i in indices] for indices in batches[:ahead]
         )
-        for i, ids in zip(indices, new.tolist(), strict=True):
-            outputs[i] = tok.decode(response_ids(ids, tok.eos_id))
+        for b, indices in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+            if ahead:
+                futures = pending.popleft()
+                if b + ahead < len(batches):
+                    pending.append([pool.submit(prepare, i) for i in batches[b + ahead]])
+                samples = [future.result() for future in futures]  # a failed row raises here, in order
+            else:
+                samples = [prepare(i) for i in indices]
+            batch = batch_to_device(collate_for_generation(samples, tok.pad_id), device)
+            new = generate(
+                bundle.core,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["pixel_values"],
+                batch["image_bound"],
+                settings=settings,
+                eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+                generator=generator,
+            )
+            for i, ids in zip(indices, new.tolist(), strict=True):
+                outputs[i] = tok.decode(response_ids(ids, tok.eos_id))
     return outputs

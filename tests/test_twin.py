@@ -127,6 +127,23 @@ def _score(bundle, rows: list[Row]) -> float:
     return exact_match(answers, [row.response for row in rows])
 
 
+def test_prefetched_batches_give_the_same_answers_and_name_a_bad_row(colour_rows, tmp_path):
+    """Images loaded and encoded on threads ahead of generation (the GPU default): the same answers as one
+    batch after the other; a row whose image fails in a later batch is named."""
+    from pipeline.data.images import ImageLoadError
+
+    bundle = load_inference_bundle(str(ensure_tiny_twin()), device="cpu", dtype="float32")
+    settings = generation_settings({"max_new_tokens": 6})
+    rows = colour_rows[:14]
+    plain = generate_for_rows(bundle, rows, settings, batch_size=3, prefetch=False)
+    assert generate_for_rows(bundle, rows, settings, batch_size=3, prefetch=True) == plain
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(Path(rows[0].images[0]).read_bytes()[:200])
+    bad = Row(rows[-1].query, rows[-1].response, [], [str(broken)], None, "rows.jsonl:14")
+    with pytest.raises(ImageLoadError, match="rows.jsonl:14: .*cut.png"):
+        generate_for_rows(bundle, [*rows[:-1], bad], settings, batch_size=3, prefetch=True)
+
+
 def test_the_pretrained_twin_answers_from_the_image(colour_rows, tmp_path):
     bundle = load_inference_bundle(str(ensure_tiny_twin()), device="cpu", dtype="float32")
     right = _score(bundle, colour_rows)
