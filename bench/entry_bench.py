@@ -86,13 +86,15 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "full_default": (["+experiment=full"], "coco", "full"),
     "full_eager": (["+experiment=full", "trainer.compile=false"], "coco", "full"),
 }
-# HF-native families at their real sizes (random weights, native layout): name -> (family, overrides, variant)
+# HF-native families at a real checkpoint's sizes (random weights, native layout): name -> (family, overrides,
+# variant); MiniCPM-V 4.6 has none yet (its published sizes are not written down here)
 FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "qwen2_5_vl_qkv_plain": ("qwen2_5_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
     "qwen2_5_vl_qkv_default": ("qwen2_5_vl", ["+experiment=lora_qkv"], "coco"),
     "qwen2_5_vl_qkv_profile": ("qwen2_5_vl", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
+    "qwen3_vl_qkv_plain": ("qwen3_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
+    "qwen3_vl_qkv_default": ("qwen3_vl", ["+experiment=lora_qkv"], "coco"),
 }
-FAMILY_MODELS = {"qwen2_5_vl": "qwen2_5_vl_3b"}
 STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
 DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "full_plain", "full_default")
 
@@ -126,71 +128,96 @@ def write_model(folder: Path, tiny: bool) -> Path:
     return folder
 
 
-def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
-    """Writes an HF-native family's model at its real sizes (Qwen2.5-VL-3B's config; random bf16 weights,
-    native layout) with the family's offline twin tokenizer and the real image processor; or its tiny twin."""
-    from pipeline.models.families import get_family
+def _qwen_text(end: int, pad: int, **sizes) -> dict:
+    return dict(vocab_size=151936, tie_word_embeddings=True, eos_token_id=end, pad_token_id=pad, **sizes)
 
-    family = get_family(family_name)
-    if (folder / "config.json").is_file():
-        return folder
-    if tiny:
-        return family.build_tiny(folder)
+
+def _qwen2_5_vl_3b(tokenizer, end: int):
+    """Qwen2.5-VL-3B-Instruct's published sizes (3.75 B parameters) and its image processor."""
     from transformers import (
-        AutoModelForImageTextToText,
         Qwen2_5_VLConfig,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    from pipeline.models.families.qwen2_5_vl import tiny_token_ids
-    from pipeline.models.families.tiny_tokenizer import train_bpe_tokenizer
-
-    tokenizer = train_bpe_tokenizer(
-        family.tiny_special_tokens, family.tiny_extra_special_tokens, family.tiny_added_tokens
-    )
-    end = tokenizer.convert_tokens_to_ids(family.end_of_turn)
-    config = Qwen2_5_VLConfig(  # Qwen2.5-VL-3B-Instruct's published sizes
-        text_config=dict(
-            vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=36,
-            num_attention_heads=16,
-            num_key_value_heads=2,
-            max_position_embeddings=128000,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-            tie_word_embeddings=True,
-            eos_token_id=end,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            out_hidden_size=2048,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        ),
-        **tiny_token_ids(tokenizer),
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = end
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    text = _qwen_text(
+        end, tokenizer.pad_token_id, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )  # fmt: skip
+    vision = dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=112, out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31],
+    )  # fmt: skip
     sizes = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, **sizes),
         video_processor=Qwen2VLVideoProcessor(**sizes),
         tokenizer=tokenizer,
-        chat_template=family.chat_template,
     )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tiny_ids(tokenizer)), processor
+
+
+def _qwen3_vl_4b(tokenizer, end: int):
+    """Qwen3-VL-4B-Instruct's sizes (Qwen3-4B's language model; a 24-layer, 1024-wide tower with patch 16
+    and deepstack from layers 5, 11, 17) and its image processor."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    text = _qwen_text(
+        end, tokenizer.pad_token_id, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True},
+    )  # fmt: skip
+    vision = dict(
+        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=2560, num_position_embeddings=2304,
+        deepstack_visual_indexes=[5, 11, 17],
+    )  # fmt: skip
+    sizes = dict(patch_size=16, temporal_patch_size=2, merge_size=2)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=4096, max_pixels=16777216, **sizes),
+        video_processor=Qwen3VLVideoProcessor(**sizes),
+        tokenizer=tokenizer,
+    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **tiny_ids(tokenizer)), processor
+
+
+def tiny_ids(tokenizer) -> dict:
+    from pipeline.models.families.qwen2_5_vl import tiny_token_ids
+
+    return tiny_token_ids(tokenizer)
+
+
+# family -> (its config in conf/model/, the writer of its real sizes)
+FAMILY_MODELS = {"qwen2_5_vl": ("qwen2_5_vl_3b", _qwen2_5_vl_3b), "qwen3_vl": ("qwen3_vl_4b", _qwen3_vl_4b)}
+
+
+def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
+    """Writes an HF-native family's model at a real checkpoint's sizes (random bf16 weights, native layout)
+    with the family's offline twin tokenizer and the real image processor; or its tiny twin."""
+    from transformers import AutoModelForImageTextToText
+
+    from pipeline.models.families import get_family
+    from pipeline.models.families.tiny_tokenizer import train_bpe_tokenizer
+
+    family = get_family(family_name)
+    if (folder / "config.json").is_file():
+        return folder
+    if tiny:
+        return family.build_tiny(folder)
+    tokenizer = train_bpe_tokenizer(
+        family.tiny_special_tokens, family.tiny_extra_special_tokens, family.tiny_added_tokens
+    )
+    end = tokenizer.convert_tokens_to_ids(family.end_of_turn)
+    config, processor = FAMILY_MODELS[family_name][1](tokenizer, end)
+    processor.chat_template = family.chat_template
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = end
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     family.save(model.eval(), processor, folder)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -456,7 +483,7 @@ def main() -> None:
             family, overrides, variant = FAMILY_SETTINGS[name]
             steps = args.plain_steps if "plain" in name else args.steps
             folder = write_family_model(work / f"{family}_random", family, args.tiny)
-            model = f"model={family}_tiny" if args.tiny else f"model={FAMILY_MODELS[family]}"
+            model = f"model={family}_tiny" if args.tiny else f"model={FAMILY_MODELS[family][0]}"
             sft_args = [
                 model,
                 f"model.path={folder}",
