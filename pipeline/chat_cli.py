@@ -1,7 +1,12 @@
-"""The terminal chat, like `swift infer`: queries on stdin, streamed answers, an image per conversation.
+"""The terminal chat, like `swift infer`: queries on stdin, streamed answers, images per conversation.
 
     python -m pipeline.chat_cli --model .cache/minicpm_v2_tiny
     python -m pipeline.chat_cli --model /models/MiniCPM-V-2 --ckpt outputs/<exp>/<time>/sft/checkpoint-40
+    python -m pipeline.chat_cli --model /models/Qwen2.5-VL-3B-Instruct
+
+The folder's config.json model_type picks the family. MiniCPM-V-2 asks for an image at a conversation's first
+query; the other families ask at every query, one path or URL per prompt until an empty line, up to their
+images per conversation.
 
 Commands: `clear` (new conversation), `exit`/`quit`, `multi-line` (end input with `#`), `single-line`,
 `reset-system` (a new system prompt, and with it a new conversation, as `swift infer`).
@@ -16,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.chat import Chat, other_family
+from pipeline.chat import Chat, FamilyChat, chat_for, family_of_folder
 from pipeline.data.images import ImageLoadError
 from pipeline.inference import load_inference_bundle
 from pipeline.models.checkpoint import CheckpointError
@@ -81,8 +86,28 @@ def _ask_image(chat: Chat, stdin: TextIO, stdout: TextIO) -> tuple[bool, str | N
         return True, ref
 
 
+def _ask_images(chat: FamilyChat, stdin: TextIO, stdout: TextIO, room: int) -> tuple[bool, list[str]]:
+    """Returns (got an answer, this query's image references): one per prompt until an empty line or `room`
+    images; asks again while a path or URL cannot be read."""
+    refs: list[str] = []
+    while len(refs) < room:
+        line = _read_line(stdin, stdout, IMAGE_PROMPT)
+        if line is None:
+            return False, refs
+        ref = line.strip().strip("'\"")
+        if not ref:
+            break
+        try:
+            chat.load_image(ref)
+        except ImageLoadError as exc:
+            stdout.write(f"cannot use the image ({exc}); give another path or URL, or press Enter for none\n")
+            continue
+        refs.append(ref)
+    return True, refs
+
+
 def run_chat(
-    chat: Chat,
+    chat: Chat | FamilyChat,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
     stream: bool = True,
@@ -93,8 +118,13 @@ def run_chat(
     `record` receives every turn as {system, query, response, history, images}.
     """
     stdout.write(COMMANDS_HELP + "\n")
+    if chat.max_images > 1:
+        stdout.write(
+            f"images: up to {chat.max_images} per conversation, one path or URL per prompt, "
+            "an empty line when done\n"
+        )
     history: list[list[str]] = []
-    image_ref: str | None = None
+    image_refs: list[str] = []  # the conversation's images
     system = chat.system
     multi_line = False
     turns = 0
@@ -106,7 +136,7 @@ def run_chat(
         if command in ("exit", "quit"):
             break
         if command == "clear":
-            history, image_ref = [], None
+            history, image_refs = [], []
             chat.reset()
             stdout.write("(new conversation)\n")
             continue
@@ -123,22 +153,33 @@ def run_chat(
                 break
             system = line.strip() or None
             # as `swift infer`: another system prompt starts another conversation
-            history, image_ref = [], None
+            history, image_refs = [], []
             chat.reset()
             stdout.write(f"system prompt {'set' if system else 'cleared'} (new conversation)\n")
             continue
         if not command:
             stdout.write("(empty query ignored: type a question, or `exit` to quit)\n")
             continue
-        if not history:
-            answered, image_ref = _ask_image(chat, stdin, stdout)
+        if chat.max_images == 1:  # MiniCPM-V-2: the image of the first query is the conversation's
+            if not history:
+                answered, ref = _ask_image(chat, stdin, stdout)
+                if not answered:
+                    break
+                image_refs = [ref] if ref else []
+            given = image_refs
+        else:  # each query may bring images, while the conversation has room for them
+            room = chat.max_images - len(image_refs if history else [])
+            answered, given = _ask_images(chat, stdin, stdout, room) if room > 0 else (True, [])
             if not answered:
                 break
         try:
-            response, history = _answer(chat, query, image_ref, history, system, stdout, stream)
+            response, new_history = _answer(chat, query, given, history, system, stdout, stream)
         except (ValueError, ImageLoadError) as exc:
             stdout.write(f"\nerror: {exc}\n{SEPARATOR}\n")
             continue
+        if chat.max_images > 1:
+            image_refs = [*(image_refs if history else []), *given]
+        history = new_history
         turns += 1
         if record is not None:
             record(
@@ -147,7 +188,7 @@ def run_chat(
                     "query": query,
                     "response": response,
                     "history": history[:-1],
-                    "images": [image_ref] if image_ref else [],
+                    "images": list(image_refs),
                 }
             )
         stdout.write(f"{SEPARATOR}\n")
@@ -156,16 +197,16 @@ def run_chat(
 
 
 def _answer(
-    chat: Chat,
+    chat: Chat | FamilyChat,
     query: str,
-    image_ref: str | None,
+    images: list[str],
     history: list,
     system: str | None,
     stdout: TextIO,
     stream: bool,
 ) -> tuple[str, list[list[str]]]:
     """Returns (response, new history) after writing the answer, piece by piece when streaming."""
-    images = [image_ref] if image_ref else None
+    images = images or None
     response, new_history = "", history
     if stream:
         printed = 0
@@ -193,7 +234,7 @@ def _model_from_run(ckpt: str | None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.chat_cli",
-        description="Chat with MiniCPM-V-2 (base, LoRA checkpoint or merged model).",
+        description="Chat with a vision-language model (base, LoRA checkpoint or merged model) of any family.",
     )
     parser.add_argument("--model", help="base model folder (default: model.path of the run that made --ckpt)")
     parser.add_argument(
@@ -225,9 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    other = other_family(model)
-    if other:
-        print(f"error: {other}", file=sys.stderr)
+    try:
+        family = family_of_folder(model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     generation = {
         "max_new_tokens": args.max_new_tokens,
@@ -238,8 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repetition_penalty": args.repetition_penalty,
     }
     try:
-        bundle = load_inference_bundle(model, args.ckpt, device=args.device, dtype=args.dtype)
-        chat = Chat(bundle, generation=generation, system=args.system, seed=args.seed)
+        bundle = load_inference_bundle(
+            model,
+            args.ckpt,
+            device=args.device,
+            dtype=args.dtype,
+            family=None if family.name == "minicpm_v2" else family,
+        )
+        chat = chat_for(family, bundle, generation=generation, system=args.system, seed=args.seed)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

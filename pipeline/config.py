@@ -547,7 +547,6 @@ def _check_family(tree: dict) -> list[str]:
         ("trainer.compile=true", "sft" in uses and tree["trainer"]["compile"] is True),
         ("trainer.packing=true", "sft" in uses and tree["trainer"]["packing"]),
         ("dataset.truncation=truncate", tree["dataset"]["truncation"] != "delete"),
-        ("infer.interactive=true (the chat)", "infer" in uses and tree["infer"]["interactive"]),
     ]
     for what, used in only_v2:
         if used:

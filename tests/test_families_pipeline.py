@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -170,7 +171,6 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
     [
         ("trainer.compile=true", "trainer.compile=true runs for model.family=minicpm_v2 only"),
         ("trainer.packing=true", "trainer.packing=true runs for model.family=minicpm_v2 only"),
-        ("infer.interactive=true", r"infer.interactive=true \(the chat\) runs for model.family=minicpm_v2"),
         ("dataset.truncation=truncate", "dataset.truncation=truncate runs for model.family=minicpm_v2"),
     ],
 )
@@ -180,14 +180,31 @@ def test_what_only_minicpm_v2_runs_is_refused_naming_the_family(override, said):
         validate(cfg)
 
 
-def test_the_chat_refuses_another_family_before_loading(twin_root, capsys):
+def test_the_chat_runs_another_family_and_validation_takes_it():
+    validate(
+        compose_config(["model=minicpm_v4_6_tiny", "stages=[infer]", "ckpt=base", "infer.interactive=true"])
+    )
+
+
+def test_the_chat_finds_the_family_by_model_type_and_refuses_an_unknown_one(
+    twin_root, tmp_path, monkeypatch, capsys
+):
     folder = twin_root / "chat_twin"
     get_family("qwen2_5_vl").build_tiny(folder)
-    assert chat_main(["--model", str(folder)]) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello?\n\nquit\n"))
+    assert chat_main(["--model", str(folder), "--device", "cpu", "--max-new-tokens", "2"]) == 0
+    assert "images: up to 16 per conversation" in capsys.readouterr().out
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "llava"}), encoding="utf-8")
+    assert chat_main(["--model", str(unknown)]) == 1
+    said = (
+        f"{unknown} holds a 'llava' model (config.json model_type), which no family runs; known model types: "
+    )
     err = capsys.readouterr().err
-    assert "holds a 'qwen2_5_vl' model; the chat runs MiniCPM-V-2 ('minicpmv') only" in err
-    with pytest.raises(ValueError, match="holds a 'qwen2_5_vl' model; the chat runs MiniCPM-V-2"):
-        Chat.from_pretrained(str(folder))
+    assert said in err and "minicpmv, minicpmv4_6, qwen2_5_vl, qwen3_vl" in err
+    with pytest.raises(ValueError, match="which no family runs; known model types: minicpmv"):
+        Chat.from_pretrained(str(unknown))
 
 
 def test_several_images_per_conversation_train_and_answer(twin_root, tmp_path):

@@ -44,6 +44,12 @@ def model_positions(model: torch.nn.Module) -> int | None:
     return int(value) if value else None
 
 
+def eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
+    """Returns the token ids the model's `generate` stops at (its generation config's eos_token_id)."""
+    eos = model.generation_config.eos_token_id
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
 def encode_request(
     family: Family,
     processor: Any,
@@ -107,8 +113,7 @@ class FamilyWorker:
         self.device = family.device_of(bundle)
         tokenizer = bundle.processor.tokenizer
         self.decode = partial(tokenizer.decode, skip_special_tokens=True)  # as the family's generate decodes
-        eos = bundle.core.generation_config.eos_token_id  # what `generate` stops at
-        self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.eos_ids = eos_token_ids(bundle.core)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of the sampling requests that give none
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()

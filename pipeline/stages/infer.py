@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline.chat import Chat
+from pipeline.chat import chat_for
 from pipeline.chat_cli import run_chat
-from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.config import BASE_CKPT, resolve_device
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
 from pipeline.data.sources import DEFAULT_IMAGE_LIMIT
@@ -174,11 +174,6 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     ckpt = checkpoint_for_infer(cfg, state)
     settings = settings_from_config(cfg)
     family = family_from_config(cfg.model)
-    if cfg.infer.interactive and not family.supports_chat:
-        raise ConfigError(
-            f"infer.interactive=true: the chat runs MiniCPM-V-2 only; model.family={family.name} answers "
-            "in batch (infer.input=<file.jsonl> or the held-out rows)"
-        )
     inputs = None if cfg.infer.interactive else read_inputs(cfg)  # read and checked before the weights
     bundle = load_inference_bundle(
         cfg.model.path,
@@ -192,7 +187,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
 
     if cfg.infer.interactive:
-        chat = Chat(bundle, generation=settings, system=cfg.dataset.system, seed=cfg.seed)
+        chat = chat_for(family, bundle, generation=settings, system=cfg.dataset.system, seed=cfg.seed)
         turns = run_chat(
             chat,
             sys.stdin,

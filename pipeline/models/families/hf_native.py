@@ -82,6 +82,17 @@ def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
+def generate_options(settings: Any) -> dict[str, Any]:
+    """Returns the keyword arguments of `generate` for GenerationSettings (the sampling values only when
+    sampling); max_new_tokens goes separately."""
+    options: dict[str, Any] = {"do_sample": settings.do_sample}
+    if settings.do_sample:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if settings.repetition_penalty != 1.0:
+        options["repetition_penalty"] = settings.repetition_penalty
+    return options
+
+
 @dataclass
 class HFBundle:
     """A loaded HF-native model as the stages hold it: the model (PEFT-wrapped with an adapter), its
@@ -510,11 +521,7 @@ class HFNativeFamily(Family):
         """Returns one generated response per row, prompting with its query, history, system and images."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options: dict[str, Any] = {"do_sample": settings.do_sample}
-        if settings.do_sample:
-            options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-        if settings.repetition_penalty != 1.0:
-            options["repetition_penalty"] = settings.repetition_penalty
+        options = generate_options(settings)
         outputs: list[str] = []
         for start in range(0, len(rows), batch_size):
             samples = [
