@@ -163,3 +163,21 @@ def test_interactive_infer_stage_chats_and_records_each_turn(root: Path, tmp_pat
     assert turns[1]["history"] == [["Describe the image.", turns[0]["response"]]]
     assert all(set(t) == {"system", "query", "response", "label", "history", "images"} for t in turns)
     assert turns[0]["response"].strip()
+
+
+def test_sampling_with_a_seed_repeats(family, chat: FamilyChat, root: Path):
+    settings = {"do_sample": True, "temperature": 1.5, "top_p": 1.0, "max_new_tokens": MAX_TOKENS}
+    answers = [
+        FamilyChat(family, chat.bundle, generation=settings, seed=3).infer("Describe.", images=[picture(0)])[
+            0
+        ]
+        for _ in range(2)
+    ]
+    assert answers[0] == answers[1] and answers[0].strip()
+    others = [
+        FamilyChat(family, chat.bundle, generation=settings, seed=seed).infer(
+            "Describe.", images=[picture(0)]
+        )[0]
+        for seed in (4, 5)
+    ]
+    assert any(other != answers[0] for other in others)  # it samples: other seeds, other answers
