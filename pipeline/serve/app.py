@@ -158,7 +158,7 @@ def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = 
     MiniCPM-V-2 bundle through its batching worker."""
     engine = (
         _family_engine(family, bundle, options)
-        if family is not None and not family.supports_chat
+        if family is not None and not family.own_generation
         else _minicpm_v2_engine(bundle, options)
     )
     limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)

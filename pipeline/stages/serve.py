@@ -72,7 +72,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     serve_dir = Path(run_dir) / "serve"
     serve_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_for_serve(cfg, state)
-    if family.supports_chat:  # MiniCPM-V-2: the project's own model, its slicing settings
+    if family.own_generation:  # MiniCPM-V-2: the project's own model, its slicing settings
         loading = {"max_slice_nums": cfg.model.max_slice_nums, "slice_mode": cfg.model.slice_mode}
     else:
         loading = {"family": family}

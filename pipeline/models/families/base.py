@@ -27,7 +27,7 @@ What the stages call (the second half of the interface; a "bundle" is what `load
     family.checkpoint_writer(bundle) / family.checkpoint_reader(bundle)   # full weights, native layout
     texts = family.generate_rows(bundle, rows, settings, batch_size)  # eval, infer
     merge: dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
-    supports_chat                                                     # the terminal chat (MiniCPM-V-2)
+    own_generation      # MiniCPM-V-2: the project's own generate (batched serving, CUDA-graph decode)
 
 A conversation is a list of messages ``{"role": "system" | "user" | "assistant", "content": str}``; an
 ``<image>`` tag in a user message marks where an image goes (one tag per image, in order). Images without

@@ -319,7 +319,7 @@ class HFNativeFamily(Family):
         return self.save(model.eval(), self.tiny_processor(tokenizer), folder)
 
     # -- what the stages call ---------------------------------------------------------------------
-    supports_chat = False
+    own_generation = False
 
     def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
         from . import locate_model

@@ -209,7 +209,7 @@ class MiniCPMV2(Family):
         return build_tiny_twin(folder, seed=seed)
 
     # -- what the stages call (each delegates to the project's MiniCPM-V-2 code) -------------------
-    supports_chat = True
+    own_generation = True
 
     def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
         from pipeline.models.bundle import base_model_path
