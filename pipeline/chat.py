@@ -19,7 +19,6 @@ config.json model_type.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -117,7 +116,33 @@ def _texts(
 MINICPM_V2_MODEL_TYPE = "minicpmv"
 
 
-class Chat:
+class _Conversing:
+    """What both chats share: `infer` is the last step of `infer_stream`."""
+
+    def infer_stream(
+        self,
+        query: str,
+        images: ImageRef | Sequence[ImageRef] | None = None,
+        history: Sequence[Sequence[str]] | None = None,
+        system: str | None = None,
+    ) -> Iterator[tuple[str, list[list[str]]]]:
+        raise NotImplementedError
+
+    def infer(
+        self,
+        query: str,
+        images: ImageRef | Sequence[ImageRef] | None = None,
+        history: Sequence[Sequence[str]] | None = None,
+        system: str | None = None,
+    ) -> tuple[str, list[list[str]]]:
+        """Returns (response, history with [query, response] appended)."""
+        response, new_history = "", []
+        for step in self.infer_stream(query, images, history, system):
+            response, new_history = step
+        return response, new_history
+
+
+class Chat(_Conversing):
     """One model, one conversation at a time: `infer` answers a query, `infer_stream` yields the answer as it grows."""
 
     max_images = 1  # images per conversation
@@ -248,19 +273,6 @@ class Chat:
         self._history = [*history, [query, response]]
         return [list(pair) for pair in self._history]
 
-    def infer(
-        self,
-        query: str,
-        images: ImageRef | Sequence[ImageRef] | None = None,
-        history: Sequence[Sequence[str]] | None = None,
-        system: str | None = None,
-    ) -> tuple[str, list[list[str]]]:
-        """Returns (response, history with [query, response] appended)."""
-        response, new_history = "", []
-        for step in self.infer_stream(query, images, history, system):
-            response, new_history = step
-        return response, new_history
-
     def _token_stream(self, sample: Sample) -> Iterator[int]:
         """Yields each generated token id as soon as it is chosen (generation runs in a worker thread)."""
         batch = batch_to_device(collate_for_generation([sample], self.bundle.tokenizer.pad_id), self.device)
@@ -341,7 +353,7 @@ class _QueueStreamer:
         pass
 
 
-class FamilyChat:
+class FamilyChat(_Conversing):
     """Chat's interface for a transformers-native family: answers through the family's own `generate`, with up
     to the family's max_images images per conversation, each in the turn that gave it."""
 
@@ -354,7 +366,7 @@ class FamilyChat:
         seed: int | None = None,
         image_cache: Path | None = None,
     ) -> None:
-        from pipeline.serve.family_worker import eos_token_ids, model_positions
+        from pipeline.models.families.hf_native import eos_token_ids, model_positions
 
         self.family = family
         self.bundle = bundle
@@ -457,40 +469,21 @@ class FamilyChat:
             self._history = [*history, [query, text]]
             yield text, [list(pair) for pair in self._history]
 
-    def infer(
-        self,
-        query: str,
-        images: ImageRef | Sequence[ImageRef] | None = None,
-        history: Sequence[Sequence[str]] | None = None,
-        system: str | None = None,
-    ) -> tuple[str, list[list[str]]]:
-        """Returns (response, history with [query, response] appended)."""
-        response, new_history = "", []
-        for step in self.infer_stream(query, images, history, system):
-            response, new_history = step
-        return response, new_history
-
-    @contextlib.contextmanager
-    def _random_state(self) -> Iterator[None]:
-        """Seeds sampling from the chat's seed (each answer its own draw), leaving the process's random state as
-        it was; greedy answers and a chat without a seed use the process's."""
+    def _seed(self) -> int | None:
+        """Returns the seed an answer samples with: the next of the chat's seeds (None: greedy, or no seed)."""
         if not self.settings.do_sample or self._seeds is None:
-            yield
-            return
-        seed = int(torch.randint(2**62, (1,), generator=self._seeds))
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            yield
+            return None
+        return int(torch.randint(2**62, (1,), generator=self._seeds))
 
     def _token_stream(self, sample: Any) -> Iterator[int]:
         """Yields each generated token id as soon as `generate` makes it (it runs in a worker thread)."""
-        from pipeline.models.families.hf_native import generate_options
+        from pipeline.models.families.hf_native import generate_options, seeded_sampling
 
         processor = self.bundle.processor
         batch = self.family.collate_for_generation(processor, [sample])
 
         def run(put: Callable[[int], None], stop: threading.Event) -> None:
-            with self._random_state():
+            with seeded_sampling(self._seed(), self.device):
                 self.family.generate(
                     self.bundle.model,
                     processor,

@@ -136,7 +136,9 @@ def _minicpm_v2_engine(bundle: ModelBundle, options: ServeOptions) -> _Engine:
 
 
 def _family_engine(family: Any, bundle: Any, options: ServeOptions) -> _Engine:
-    from .family_worker import FamilyWorker, encode_request, family_label, model_positions
+    from pipeline.models.families.hf_native import model_positions
+
+    from .family_worker import FamilyWorker, encode_request, family_label
 
     positions = model_positions(bundle.core)
 

@@ -85,22 +85,21 @@ def _held_back(text: str, stops: list[str]) -> int:
     return keep
 
 
-class BatchingWorker:
-    """Owns the model on one thread; `submit` queues a job, which then receives its Events."""
+class ModelThread:
+    """One thread that owns the model: `submit` queues a job, which then receives its Events; a subclass
+    says how jobs are taken (`_take`), answered (`_answer`) and logged (`_answered`), and starts the thread
+    (`_start`) once it is set up."""
 
-    def __init__(self, bundle: ModelBundle, max_batch_size: int, seed: int = 0) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.bundle = bundle
-        self.max_batch_size = max_batch_size
-        self.device = bundle.core.llm.lm_head.weight.device
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of the requests that give none
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._threads = torch.get_num_threads()
-        self.batches: list[int] = []  # the size of every batch generated (for logs and tests)
         self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
+
+    def _start(self) -> None:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -117,12 +116,60 @@ class BatchingWorker:
         self._thread.join(timeout=30)
 
     # ----- the worker thread
-    def _next_batch(self) -> list[Job] | None:
+    def _wait(self) -> bool:
+        """Waits (holding `_wake`) for a job or the stop; returns whether there are jobs to take."""
+        while not self._pending and not self._stopping:
+            self._wake.wait()
+        return not self._stopping
+
+    def _take(self) -> list[Job] | None:
+        """Returns the next jobs to answer together ([] when none is left to answer), None at the stop."""
+        raise NotImplementedError
+
+    def _answer(self, jobs: list[Job]) -> None:
+        raise NotImplementedError
+
+    def _answered(self, jobs: list[Job], seconds: float) -> None:
+        """Logs what was answered (and keeps what tests and logs read)."""
+
+    def _run(self) -> None:
+        # a new thread starts with OpenMP's default team size, not the caller's setting
+        torch.set_num_threads(self._threads)
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            if not jobs:
+                continue
+            started = time.perf_counter()
+            try:
+                self._answer(jobs)
+            except Exception as exc:  # these requests fail; the server goes on
+                log.exception("generation failed for %d request(s)", len(jobs))
+                for job in jobs:
+                    if not job.done:
+                        job.done = True
+                        job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            self._answered(jobs, time.perf_counter() - started)
+
+
+class BatchingWorker(ModelThread):
+    """MiniCPM-V-2's worker: concurrent requests that decode alike are generated together."""
+
+    def __init__(self, bundle: ModelBundle, max_batch_size: int, seed: int = 0) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        super().__init__(bundle.core.llm.lm_head.weight.device, seed)
+        self.bundle = bundle
+        self.max_batch_size = max_batch_size
+        self.batches: list[int] = []  # the size of every batch generated (for logs and tests)
+        self._start()
+
+    # ----- the worker thread
+    def _take(self) -> list[Job] | None:
         """Returns the oldest waiting job and the waiting jobs that decode like it, up to the batch limit."""
         with self._wake:
-            while not self._pending and not self._stopping:
-                self._wake.wait()
-            if self._stopping:
+            if not self._wait():
                 return None
             first = self._pending.popleft()
             batch = [first]
@@ -136,26 +183,12 @@ class BatchingWorker:
             self._pending = rest
         return [job for job in batch if not job.cancelled.is_set()]
 
-    def _run(self) -> None:
-        # a new thread starts with OpenMP's default team size, not the caller's setting
-        torch.set_num_threads(self._threads)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if not batch:
-                continue
-            started = time.perf_counter()
-            try:
-                self._generate(batch)
-            except Exception as exc:  # the requests of this batch fail; the server goes on
-                log.exception("generation failed for a batch of %d", len(batch))
-                for job in batch:
-                    if not job.done:
-                        job.done = True
-                        job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            self.batches.append(len(batch))
-            log.info("batch of %d generated in %.2f s", len(batch), time.perf_counter() - started)
+    def _answer(self, jobs: list[Job]) -> None:
+        self._generate(jobs)
+
+    def _answered(self, jobs: list[Job], seconds: float) -> None:
+        self.batches.append(len(jobs))
+        log.info("batch of %d generated in %.2f s", len(jobs), seconds)
 
     def _generate(self, batch: list[Job]) -> None:
         tok = self.bundle.tokenizer

@@ -9,12 +9,8 @@ request samples; a sampled answer with a `seed` is repeatable.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -23,9 +19,10 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from pipeline.models.families.base import EncodedSample, Family, FamilyError
+from pipeline.models.families.hf_native import eos_token_ids, seeded_sampling
 from pipeline.models.generation import GenerationSettings
 
-from .batching import Event, Job, advance_job, finish_job
+from .batching import Job, ModelThread, advance_job, finish_job
 from .schema import Conversation, RequestError
 
 log = logging.getLogger(__name__)
@@ -34,20 +31,6 @@ log = logging.getLogger(__name__)
 def family_label(family: Family) -> str:
     """Returns how error messages name the served family."""
     return f"model.family={family.name}"
-
-
-def model_positions(model: torch.nn.Module) -> int | None:
-    """Returns the language model's number of positions (None when its config does not say)."""
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
-def eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
-    """Returns the token ids the model's `generate` stops at (its generation config's eos_token_id)."""
-    eos = model.generation_config.eos_token_id
-    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
 def encode_request(
@@ -104,74 +87,37 @@ class _JobStreamer(BaseStreamer):
         pass
 
 
-class FamilyWorker:
+class FamilyWorker(ModelThread):
     """Owns a family's model on one thread; `submit` queues a job, answered in turn, one at a time."""
 
     def __init__(self, family: Family, bundle: Any, seed: int = 0) -> None:
+        super().__init__(family.device_of(bundle), seed)
         self.family = family
         self.bundle = bundle
-        self.device = family.device_of(bundle)
         tokenizer = bundle.processor.tokenizer
         self.decode = partial(tokenizer.decode, skip_special_tokens=True)  # as the family's generate decodes
         self.eos_ids = eos_token_ids(bundle.core)
-        self._seeds = torch.Generator().manual_seed(seed)  # seeds of the sampling requests that give none
-        self._pending: deque[Job] = deque()
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        with self._wake:
-            if self._stopping:
-                raise RuntimeError("the server is shutting down")
-            self._pending.append(job)
-            self._wake.notify()
-
-    def close(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
+        self._start()
 
     # ----- the worker thread
-    def _next(self) -> Job | None:
+    def _take(self) -> list[Job] | None:
         with self._wake:
-            while not self._pending and not self._stopping:
-                self._wake.wait()
-            return None if self._stopping else self._pending.popleft()
+            if not self._wait():
+                return None
+            job = self._pending.popleft()
+        return [] if job.cancelled.is_set() else [job]
 
-    def _run(self) -> None:
-        torch.set_num_threads(self._threads)  # a new thread starts with OpenMP's default team size
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
-            started = time.perf_counter()
-            try:
-                self._generate(job)
-            except Exception as exc:  # this request fails; the server goes on
-                log.exception("generation failed")
-                if not job.done:
-                    job.done = True
-                    job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            log.info("answered in %.2f s (%d tokens)", time.perf_counter() - started, len(job.ids))
+    def _answer(self, jobs: list[Job]) -> None:
+        self._generate(jobs[0])
 
-    @contextlib.contextmanager
-    def _random_state(self, job: Job) -> Iterator[None]:
-        """Seeds sampling with the request's seed (else one drawn from the server's), leaving the process's
-        random state as it was."""
+    def _answered(self, jobs: list[Job], seconds: float) -> None:
+        log.info("answered in %.2f s (%d tokens)", seconds, len(jobs[0].ids))
+
+    def _seed(self, job: Job) -> int | None:
+        """Returns the seed a sampling request draws with: its own, else one from the server's (None: greedy)."""
         if not job.decoding.do_sample:
-            yield
-            return
-        seed = job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
+            return None
+        return job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
 
     def _generate(self, job: Job) -> None:
         processor = self.bundle.processor
@@ -184,7 +130,7 @@ class FamilyWorker:
             )
         streamer = _JobStreamer(job, self.eos_ids, self.decode)
         try:
-            with self._random_state(job):
+            with seeded_sampling(self._seed(job), self.device):
                 self.family.generate(
                     self.bundle.model,
                     processor,

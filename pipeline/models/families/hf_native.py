@@ -13,9 +13,10 @@ the processor's replacement offsets map those character spans onto the expanded 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,6 +92,32 @@ def generate_options(settings: Any) -> dict[str, Any]:
     if settings.repetition_penalty != 1.0:
         options["repetition_penalty"] = settings.repetition_penalty
     return options
+
+
+def eos_token_ids(model: nn.Module) -> frozenset[int]:
+    """Returns the token ids the model's `generate` stops at (its generation config's eos_token_id)."""
+    eos = model.generation_config.eos_token_id
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """Returns the language model's number of positions (None when its config does not say)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+@contextlib.contextmanager
+def seeded_sampling(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seeds the global random state `generate` samples from with `seed` (None: left as it is), restoring
+    the process's random state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass
