@@ -55,7 +55,12 @@ WORDS = (
 ).split()
 
 # name -> (overrides, data variant, mode); `plain` is the ms-swift regime, the baseline of its mode
-PLAIN = ["trainer.micro_batch_tokens=0", "trainer.num_workers=0", "trainer.compile=false"]
+PLAIN = [
+    "trainer.micro_batch_tokens=0",
+    "trainer.num_workers=0",
+    "trainer.compile=false",
+    "model.vision_attention=sdpa",
+]
 SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "qkv_plain": (["+experiment=lora_qkv", *PLAIN], "coco", "lora_qkv"),
     "qkv_default": (["+experiment=lora_qkv"], "coco", "lora_qkv"),
@@ -87,13 +92,25 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "full_eager": (["+experiment=full", "trainer.compile=false"], "coco", "full"),
 }
 # HF-native families at a real checkpoint's sizes (random weights, native layout): name -> (family, overrides,
-# variant); MiniCPM-V 4.6 has none yet (its published sizes are not written down here)
+# variant)
 FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "qwen2_5_vl_qkv_plain": ("qwen2_5_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
     "qwen2_5_vl_qkv_default": ("qwen2_5_vl", ["+experiment=lora_qkv"], "coco"),
     "qwen2_5_vl_qkv_profile": ("qwen2_5_vl", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
+    # transformers' own vision attention (one SDPA call per image or window) against the varlen default
+    "qwen2_5_vl_qkv_sdpa": ("qwen2_5_vl", ["+experiment=lora_qkv", "model.vision_attention=sdpa"], "coco"),
     "qwen3_vl_qkv_plain": ("qwen3_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
+    "qwen3_vl_qkv_sdpa": ("qwen3_vl", ["+experiment=lora_qkv", "model.vision_attention=sdpa"], "coco"),
     "qwen3_vl_qkv_default": ("qwen3_vl", ["+experiment=lora_qkv"], "coco"),
+    "qwen3_vl_qkv_profile": ("qwen3_vl", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
+    "minicpm_v4_6_qkv_plain": ("minicpm_v4_6", ["+experiment=lora_qkv", *PLAIN], "coco"),
+    "minicpm_v4_6_qkv_default": ("minicpm_v4_6", ["+experiment=lora_qkv"], "coco"),
+    "minicpm_v4_6_qkv_sdpa": (
+        "minicpm_v4_6",
+        ["+experiment=lora_qkv", "model.vision_attention=sdpa"],
+        "coco",
+    ),
+    "minicpm_v4_6_qkv_profile": ("minicpm_v4_6", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
 }
 STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
 DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "full_plain", "full_default")
@@ -184,6 +201,41 @@ def _qwen3_vl_4b(tokenizer, end: int):
     return Qwen3VLConfig(text_config=text, vision_config=vision, **tiny_ids(tokenizer)), processor
 
 
+def _minicpm_v4_6(tokenizer, end: int):
+    """MiniCPM-V 4.6 as published (1.3 B parameters: SigLIP2-400M and Qwen3.5-0.8B): a 27-layer, 1152-wide
+    tower with patch 14 and the window merger after layer 6; a 24-layer, 1024-wide hybrid language model
+    (three linear-attention layers to one full-attention layer), and the family's image processor at the
+    real slicing (448 px, up to 9 slices)."""
+    from transformers import MiniCPMV4_6Config
+    from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+    text = dict(
+        model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024, intermediate_size=3584,
+        num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4, max_position_embeddings=262144, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=980, patch_size=14, hidden_act="gelu_pytorch_tanh",
+    )  # fmt: skip
+    sizes = dict(patch_size=14, scale_resolution=448)
+    processor = MiniCPMV4_6Processor(
+        image_processor=MiniCPMV4_6ImageProcessor(max_slice_nums=9, **sizes),
+        video_processor=MiniCPMV4_6VideoProcessor(max_slice_nums=1, **sizes),
+        tokenizer=tokenizer,
+    )
+    config = MiniCPMV4_6Config(
+        text_config=text, vision_config=vision, image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id, image_size=448, insert_layer_id=6, tie_word_embeddings=True,
+    )  # fmt: skip
+    return config, processor
+
+
 def tiny_ids(tokenizer) -> dict:
     from pipeline.models.families.qwen2_5_vl import tiny_token_ids
 
@@ -191,7 +243,11 @@ def tiny_ids(tokenizer) -> dict:
 
 
 # family -> (its config in conf/model/, the writer of its real sizes)
-FAMILY_MODELS = {"qwen2_5_vl": ("qwen2_5_vl_3b", _qwen2_5_vl_3b), "qwen3_vl": ("qwen3_vl_4b", _qwen3_vl_4b)}
+FAMILY_MODELS = {
+    "qwen2_5_vl": ("qwen2_5_vl_3b", _qwen2_5_vl_3b),
+    "qwen3_vl": ("qwen3_vl_4b", _qwen3_vl_4b),
+    "minicpm_v4_6": ("minicpm_v4_6", _minicpm_v4_6),
+}
 
 
 def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:

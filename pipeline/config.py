@@ -42,6 +42,10 @@ class ModelConfig:
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the HF-native families' vision towers: auto = one variable-length FlashAttention call per layer over
+    # all images (or windows) where torch's kernel runs (CUDA, bf16/fp16), else transformers' SDPA loop
+    # over them; varlen; sdpa. MiniCPM-V-2's own tower ignores it.
+    vision_attention: str = "auto"
     # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none)
     lora_lr: float = 1e-4
     full_lr: float = 1e-5
@@ -224,6 +228,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", True, False),
     "model.gradient_checkpointing": ("auto", True, False),
+    "model.vision_attention": ("auto", "varlen", "sdpa"),
     "trainer.compile": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.direction": ("minimize", "maximize"),

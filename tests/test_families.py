@@ -480,3 +480,61 @@ def test_counts_from_image_sizes_equal_the_encoded_lengths(twins, tmp_path, name
     count = family.token_counter(bundle, max_length=100_000, truncation="delete")
     assert [count(r) for r in rows] == [len(family.encode_row(processor, r)) for r in rows]
     assert family.token_counter(bundle, max_length=8, truncation="delete")(rows[1]) is None
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_varlen_vision_attention_equals_sdpa_in_one_call_per_layer(twins, tmp_path, name):
+    """model.vision_attention=varlen: the tower attends over all its images (windows) in one call per layer,
+    with transformers' SDPA results; the language model keeps SDPA and saved configs never name it."""
+    from transformers import AttentionInterface
+
+    from pipeline.models.families import vision_attention
+
+    _, folder = twins[name]
+    plain_family, varlen_family = (
+        get_family(name, vision_attention="sdpa"),
+        get_family(name, vision_attention="varlen"),
+    )
+    plain, processor = plain_family.load(folder)
+    model, _ = varlen_family.load(folder)
+    assert vision_attention.implementation(plain) != vision_attention.VARLEN
+    assert vision_attention.implementation(model) == vision_attention.VARLEN
+    assert (
+        model.config.get_text_config()._attn_implementation
+        == plain.config.get_text_config()._attn_implementation
+    )
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append(len(kwargs["cu_seq_lens_q"]) - 1)
+        return vision_attention.varlen_attention(module, query, key, value, attention_mask, **kwargs)
+
+    samples = [
+        plain_family.encode(processor, CONVERSATION, [picture(96, 120, seed=1)]),
+        plain_family.encode(
+            processor, messages_from_row("<image><image>Compare.", "Alike."), [picture(), picture(seed=2)]
+        ),
+    ]
+    batch = plain_family.collate_for_training(processor, samples)
+    AttentionInterface.register(vision_attention.VARLEN, spy)
+    try:
+        with torch.no_grad():
+            got, want = model(**batch).logits, plain(**batch).logits
+    finally:
+        vision_attention.register()
+    assert calls and max(calls) >= 3, calls  # three images (or more windows) in one call
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    varlen_family.save(model, processor, tmp_path / "saved")
+    assert vision_attention.VARLEN not in (tmp_path / "saved" / "config.json").read_text()
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved").eval()
+    assert vision_attention.implementation(again) != vision_attention.VARLEN
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_family_newer_than_the_installed_transformers_is_refused_naming_the_version(twins):
+    family, folder = twins["minicpm_v4_6"]
+    with pytest.raises(FamilyError, match=r"minicpm_v4_6 needs transformers>=5\.19 .*has 5\.17\.0"):
+        family.check_transformers("5.17.0")
+    family.check_transformers()  # the installed one is new enough
+    get_family("qwen2_5_vl").check_transformers("5.17.0")  # no floor of its own

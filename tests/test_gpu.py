@@ -171,6 +171,29 @@ def test_compile_with_trainer_default_settings_through_the_entry_point(twin, tmp
         assert again[step] == pytest.approx(compiled[step], rel=1e-2), (step, compiled, again)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "minicpm_v4_6"])
+def test_varlen_vision_attention_of_other_families_through_the_entry_point(tmp_path, family):
+    """trainer=default on an HF-native family's tiny twin in bf16: the default run (model.vision_attention
+    auto = torch's variable-length FlashAttention kernel) follows transformers' own SDPA loop over the
+    images within bf16 rounding, and each run's log says which it used."""
+
+    def launch(run: Path, *extra: str) -> tuple[dict[int, float], str]:
+        cmd = [sys.executable, "-m", "pipeline", "+experiment=lora_qkv", f"model={family}_tiny",
+               "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
+               "trainer.logging_steps=1", "trainer.save_steps=100", "trainer.eval_steps=100", "lora.dropout=0",
+               f"hydra.run.dir={run}", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return losses_by_step(run / "sft"), proc.stdout + proc.stderr
+
+    plain, plain_log = launch(tmp_path / "plain", "model.vision_attention=sdpa")
+    fast, fast_log = launch(tmp_path / "fast")
+    assert "vision attention: sdpa" in plain_log and "vision attention: varlen" in fast_log
+    assert sorted(plain) == sorted(fast) == [1, 2, 3, 4]
+    for step in plain:
+        assert fast[step] == pytest.approx(plain[step], rel=3e-2, abs=2e-2), (step, plain, fast)
+
+
 def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
     """The server's batches decode over the static cache and its CUDA graph; fp32 keeps the rounding alike."""
     from concurrent.futures import ThreadPoolExecutor

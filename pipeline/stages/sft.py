@@ -199,10 +199,12 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     compiled = resolve_compile(
         cfg.trainer.compile, device, cfg.model.family, accelerator.num_processes, sharded
     )
+    vision = family.vision_attention_of(bundle)
     log.info(
-        "compile: %s; gradient checkpointing: %s",
+        "compile: %s; gradient checkpointing: %s%s",
         "on" if compiled else "off",
         "on" if checkpointing_of(cfg, device) else "off",
+        f"; vision attention: {vision}" if vision else "",
     )
     pad_to = 1
     graphs = compiled and device.type == "cuda"
@@ -210,7 +212,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound); batches
         # padded to a multiple of 128 so that only a few shapes are ever recorded.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        bundle.core.compile_blocks("reduce-overhead" if graphs else None)
+        family.compile_model(bundle, graphs)
         pad_to = 128 if graphs else 1
     counts = count_parameters(model)
     log.info("%s", counts)

@@ -31,14 +31,17 @@ FAMILIES: dict[str, str] = {
 STAGE_READY = ("minicpm_v2", "minicpm_v4_6", "qwen2_5_vl", "qwen3_vl")
 
 
-def get_family(name: str, settings: Mapping[str, Any] | None = None) -> Family:
-    """Returns the family named `name`, configured with its resolution settings; unknown names are refused."""
+def get_family(
+    name: str, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"
+) -> Family:
+    """Returns the family named `name`, configured with its resolution settings and its vision towers'
+    attention (model.vision_attention); unknown names are refused."""
     from .base import FamilyError
 
     if name not in FAMILIES:
         raise FamilyError(f"model.family={name} is not a known family; valid: {', '.join(FAMILIES)}")
     module, cls = FAMILIES[name].split(":")
-    family = getattr(importlib.import_module(module), cls)(settings)
+    family = getattr(importlib.import_module(module), cls)(settings, vision_attention)
     if family.name != name:
         raise FamilyError(
             f"family class {FAMILIES[name]} calls itself {family.name!r}, registered as {name!r}"
@@ -72,4 +75,4 @@ def family_from_config(model: Any) -> Family:
         settings = {"max_slice_nums": model.max_slice_nums, "slice_mode": model.slice_mode}
     else:
         settings = dict(model.processor_kwargs)
-    return get_family(model.family, settings)
+    return get_family(model.family, settings, str(model.get("vision_attention", "auto")))

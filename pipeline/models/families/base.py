@@ -28,6 +28,8 @@ What the stages call (the second half of the interface; a "bundle" is what `load
     texts = family.generate_rows(bundle, rows, settings, batch_size)  # eval, infer
     merge: dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
     own_generation      # MiniCPM-V-2: the project's own generate (batched serving, CUDA-graph decode)
+    family.vision_attention_of(bundle)   # "varlen" / "sdpa" for an HF-native tower, None for an own one
+    family.compile_model(bundle, graphs)  # trainer.compile (MiniCPM-V-2): its layers, + CUDA graphs
 
 A conversation is a list of messages ``{"role": "system" | "user" | "assistant", "content": str}``; an
 ``<image>`` tag in a user message marks where an image goes (one tag per image, in order). Images without
@@ -181,8 +183,10 @@ class Family(ABC):
     # The resolution settings the family's processor takes from the config (model.processor_kwargs).
     setting_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, settings: Mapping[str, Any] | None = None):
+    def __init__(self, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"):
         self.settings = dict(settings or {})
+        # how an HF-native family's vision tower attends (model.vision_attention; see vision_attention.py)
+        self.vision_attention = vision_attention
         unknown = sorted(set(self.settings) - set(self.setting_keys))
         if unknown:
             valid = ", ".join(self.setting_keys) or "none"
@@ -191,6 +195,15 @@ class Family(ABC):
             )
 
     # -- limits and validation (no model needed) ---------------------------------------------------
+    def compile_model(self, bundle: Any, graphs: bool) -> int:
+        """Compiles the loaded model's blocks in place for training (trainer.compile); returns how many."""
+        raise FamilyError(f"trainer.compile=true runs for model.family=minicpm_v2 only, not {self.name}")
+
+    def vision_attention_of(self, bundle: Any) -> str | None:
+        """Returns how the loaded model's vision tower attends ("varlen", "sdpa"), or None where the family
+        has no choice of it (MiniCPM-V-2's own tower)."""
+        return None
+
     def limits(self) -> FamilyLimits:
         """Returns the limits data validation states for this family."""
         return FamilyLimits(max_images=self.max_images, max_length=self.max_length)

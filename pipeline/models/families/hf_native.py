@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.utils.io import atomic_dir
 
+from . import vision_attention
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -148,6 +149,8 @@ class HFNativeFamily(Family):
     token_input_keys: ClassVar[tuple[str, ...]] = ()
     # Keyword arguments apply_chat_template gets on every rendering (e.g. thinking off).
     template_kwargs: ClassVar[dict[str, Any]] = {}
+    # (the oldest transformers that trains the family, why) where it is newer than the project's floor
+    min_transformers: ClassVar[tuple[str, str] | None] = None
 
     # -- the model --------------------------------------------------------------------------------
     def resolve(self, path: str, allow_download: bool = False) -> Path:
@@ -167,6 +170,21 @@ class HFNativeFamily(Family):
                 f"{folder} holds a {model_type!r} model; model.family={self.name} expects {self.model_type!r}"
             )
 
+    def check_transformers(self, version: str | None = None) -> None:
+        """Raises FamilyError when the installed transformers (or `version`) is older than the family needs."""
+        if self.min_transformers is None:
+            return
+        import transformers
+        from packaging.version import Version
+
+        have = version or transformers.__version__
+        need, why = self.min_transformers
+        if Version(have) < Version(need):
+            raise FamilyError(
+                f"{self.name} needs transformers>={need} ({why}); this environment has {have}: "
+                f"pip install 'transformers>={need},<6'"
+            )
+
     def processor_options(self) -> dict[str, Any]:
         """Returns the keyword arguments AutoProcessor.from_pretrained gets from the family's settings."""
         return dict(self.settings)
@@ -182,10 +200,13 @@ class HFNativeFamily(Family):
 
         folder = Path(path)
         self.check_folder(folder)
+        self.check_transformers()
         processor = self.configure_processor(
             AutoProcessor.from_pretrained(folder, **self.processor_options())
         )
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        if vision_attention.resolve(self.vision_attention, torch.device(device), dtype):
+            vision_attention.enable(model)
         return model.to(device).eval(), processor
 
     # -- encoding ---------------------------------------------------------------------------------
@@ -418,6 +439,10 @@ class HFNativeFamily(Family):
         )
         config.bias = lora.bias
         return self.apply_lora(model, config)
+
+    def vision_attention_of(self, bundle: HFBundle) -> str | None:
+        used = vision_attention.implementation(bundle.core)
+        return "varlen" if used == vision_attention.VARLEN else str(used or "sdpa")
 
     def pad_id(self, bundle: HFBundle) -> int:
         return bundle.processor.tokenizer.pad_token_id

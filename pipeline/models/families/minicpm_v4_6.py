@@ -52,6 +52,7 @@ class MiniCPMV4_6(HFNativeFamily):
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE
     end_of_turn = "<|im_end|>"
+    min_transformers = ("5.19", "older releases fail on an image sliced into pieces of different sizes")
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
     pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": -1, "target_sizes": 0}
 
