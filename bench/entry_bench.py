@@ -386,6 +386,63 @@ def _param_counts(config) -> dict:
     }
 
 
+def family_row_flops(family, config, processor, rows: list[dict], checkpointing: bool) -> float:
+    """Returns the mean LoRA-qkv training FLOPs of the rows for an HF-native family: the language model's
+    linears 2 x params per token plus full-attention layers 4 x T x (heads x head_dim) per token, x2 (forward
+    and input gradients), x4/3 with checkpointing; lm_head 2 x vocab x hidden x2 on the supervised tokens only
+    (the positions it computes); the vision tower's and projector's linears 2 x params per patch, forward
+    only (frozen). Linear-attention recurrences and vision attention are left out: an underestimate."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from pipeline.models.families.base import IGNORE_INDEX, messages_from_row
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    groups = family.freeze_groups()
+
+    def linear(prefixes) -> int:
+        prefixes = tuple(prefixes)
+        return sum(
+            m.weight.numel()
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(prefixes) and n != "lm_head"
+        )
+
+    text = config.get_text_config()
+    llm = linear(p for p in groups.llm if p != "lm_head")
+    vision = linear(groups.vision) + linear(p for p in groups.projector if not p.startswith(groups.vision))
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    full_layers = sum(kind == "full_attention" for kind in kinds)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    width = text.num_attention_heads * head_dim
+    head = 2 * text.vocab_size * text.hidden_size
+    total = 0.0
+    for row in rows:
+        images = [Image.open(path).convert("RGB") for path in row.get("images", [])]
+        conversation = messages_from_row(row["query"], row["response"], row.get("history", []))
+        sample = family.encode(processor, conversation, images)
+        t = len(sample.input_ids)
+        supervised = sum(label != IGNORE_INDEX for label in sample.labels)
+        per_token = 2 * llm + 4 * t * width * full_layers
+        step = 2 * (t * per_token + supervised * head) * (4 / 3 if checkpointing else 1.0)
+        sizes = sample.pixel_inputs.get("image_grid_thw", sample.pixel_inputs.get("target_sizes"))
+        patches = int(sizes.prod(-1).sum()) if sizes is not None else 0
+        total += step + 2 * vision * patches
+    return total / max(len(rows), 1)
+
+
+def family_flops(family_name: str, folder: Path, rows: list[dict], checkpointing: bool) -> float:
+    """`family_row_flops` for the model folder of an HF-native family."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from pipeline.models.families import get_family
+
+    family = get_family(family_name)
+    config, processor = AutoConfig.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+    return family_row_flops(family, config, processor, rows, checkpointing)
+
+
 # ----- one setting, in its own process
 def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
     """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
@@ -548,9 +605,14 @@ def main() -> None:
                 *overrides,
                 *sft_run(data[variant], steps),
             ]
+            sample_rows = [json.loads(line) for line in data[variant].read_text().splitlines()[:64]]
+            flops = family_flops(
+                family, folder, sample_rows, resolved_checkpointing(overrides, "lora_qkv", args.tiny)
+            )
             result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
-            # MFU is left out: the FLOP formula is MiniCPM-V-2's
-            result.update(mode=f"{family}/lora_qkv", data=variant, **sft_metrics(run_dir, 0.0))
+            result.update(
+                mode=f"{family}/lora_qkv", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops)
+            )
         else:
             rows = args.stage_rows if name != "infer_load" else 1
             stage = name.split("_")[0]

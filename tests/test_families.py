@@ -538,3 +538,43 @@ def test_a_family_newer_than_the_installed_transformers_is_refused_naming_the_ve
         family.check_transformers("5.17.0")
     family.check_transformers()  # the installed one is new enough
     get_family("qwen2_5_vl").check_transformers("5.17.0")  # no floor of its own
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monkeypatch, name):
+    """The Qwen VLs put only the supervised positions through lm_head (logits_to_keep); the sums and the
+    gradients equal the full-logit computation's, and the mean equals transformers' own loss."""
+    from pipeline.models.families import hf_native
+
+    family, folder = twins[name]
+    model, processor = family.load(folder)
+    torch.manual_seed(0)
+    model = family.apply_lora(model, family.lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    samples = [
+        family.encode(processor, CONVERSATION, [picture()]),
+        family.encode(processor, messages_from_row("Two plus two?", "Four, as always."), []),
+    ]
+    batch = family.collate_for_training(processor, samples)
+    assert hf_native.keeps_logits(model) is (name != "minicpm_v4_6")
+
+    def sums_and_grads():
+        model.zero_grad()
+        out = family.loss_outputs(model, batch)
+        out.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, grads
+
+    kept, kept_grads = sums_and_grads()
+    monkeypatch.setattr(hf_native, "keeps_logits", lambda model: False)
+    full, full_grads = sums_and_grads()
+    assert kept.num_tokens.item() == full.num_tokens.item() > 10
+    assert kept.num_correct.item() == full.num_correct.item()
+    torch.testing.assert_close(kept.loss_sum, full.loss_sum, rtol=1e-5, atol=1e-5)
+    for n in full_grads:
+        torch.testing.assert_close(kept_grads[n], full_grads[n], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        own = model(**batch).loss
+    torch.testing.assert_close(full.loss_sum / full.num_tokens, own, rtol=1e-5, atol=1e-5)
