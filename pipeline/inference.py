@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from pipeline.models.collate import Sample, collate_for_generation, encode_examp
 from pipeline.models.generation import GenerationSettings, generate
 from pipeline.runinfo import resolve_ckpt
 from pipeline.twin import model_folder
+from pipeline.utils.prefetch import prepared_batches
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +153,6 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return batch
 
 
-# batches prepared ahead of the one generating, and the CPU threads preparing them (on a GPU only)
-PREFETCH_BATCHES = 2
-PREPARE_THREADS = 4
-
-
 def generate_for_rows(
     bundle: ModelBundle,
     rows: Sequence[Row],
@@ -198,32 +192,20 @@ def generate_for_rows(
 
     # on the CPU the generation itself wants every core: rows are prepared in turn there by default
     prefetch = device.type == "cuda" if prefetch is None else prefetch
-    threads = min(PREPARE_THREADS, os.cpu_count() or 1) if prefetch else 0
-    ahead = PREFETCH_BATCHES if threads else 0
-    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
-        pending: deque[list[Future]] = deque(
-            [pool.submit(prepare, i) for i in indices] for indices in batches[:ahead]
+    prepared = prepared_batches(batches, prepare, prefetch)
+    for indices, samples in tqdm(prepared, total=len(batches), desc=desc, unit="batch", leave=False):
+        batch = batch_to_device(collate_for_generation(samples, tok.pad_id), device)
+        new = generate(
+            bundle.core,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["image_bound"],
+            settings=settings,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+            generator=generator,
         )
-        for b, indices in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
-            if ahead:
-                futures = pending.popleft()
-                if b + ahead < len(batches):
-                    pending.append([pool.submit(prepare, i) for i in batches[b + ahead]])
-                samples = [future.result() for future in futures]  # a failed row raises here, in order
-            else:
-                samples = [prepare(i) for i in indices]
-            batch = batch_to_device(collate_for_generation(samples, tok.pad_id), device)
-            new = generate(
-                bundle.core,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["pixel_values"],
-                batch["image_bound"],
-                settings=settings,
-                eos_token_id=tok.eos_id,
-                pad_token_id=tok.pad_id,
-                generator=generator,
-            )
-            for i, ids in zip(indices, new.tolist(), strict=True):
-                outputs[i] = tok.decode(response_ids(ids, tok.eos_id))
+        for i, ids in zip(indices, new.tolist(), strict=True):
+            outputs[i] = tok.decode(response_ids(ids, tok.eos_id))
     return outputs

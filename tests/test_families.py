@@ -578,3 +578,30 @@ def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monk
     with torch.no_grad():
         own = model(**batch).loss
     torch.testing.assert_close(full.loss_sum / full.num_tokens, own, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetched_generation_of_another_family_gives_the_same_answers_and_names_a_bad_row(twins, tmp_path):
+    """Eval and infer of an HF-native family load and encode the next batches on threads (the GPU default):
+    the same answers as one batch after the other; a row whose image fails in a later batch is named."""
+    from pipeline.data.images import ImageLoadError
+    from pipeline.data.rows import Row
+    from pipeline.inference import generation_settings
+
+    family, folder = twins["qwen2_5_vl"]
+    bundle = family.load_bundle(str(folder))
+    paths = []
+    for k in range(7):
+        paths.append(tmp_path / f"{k}.png")
+        picture(seed=k).save(paths[-1])
+    rows = [
+        Row(f"<image>Colour {k}?", "", [], [str(p)], None, f"rows.jsonl:{k + 1}") for k, p in enumerate(paths)
+    ]
+    settings = generation_settings({"max_new_tokens": 5})
+    plain = family.generate_rows(bundle, rows, settings, batch_size=2, prefetch=False)
+    assert len(plain) == 7
+    assert family.generate_rows(bundle, rows, settings, batch_size=2, prefetch=True) == plain
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(paths[0].read_bytes()[:100])
+    bad = Row("<image>Colour?", "", [], [str(broken)], None, "rows.jsonl:7")
+    with pytest.raises(ImageLoadError, match="rows.jsonl:7: .*cut.png"):
+        family.generate_rows(bundle, [*rows[:-1], bad], settings, batch_size=2, prefetch=True)

@@ -600,17 +600,29 @@ class HFNativeFamily(Family):
         generator: torch.Generator | None = None,
         image_cache: Path | None = None,
         desc: str = "generate",
+        prefetch: bool | None = None,
     ) -> list[str]:
-        """Returns one generated response per row, prompting with its query, history, system and images."""
+        """Returns one generated response per row, prompting with its query, history, system and images.
+        With `prefetch` (None: on a GPU) the next batches' images are loaded and encoded on CPU threads
+        while the current batch generates; the answers are the same."""
+        from tqdm.auto import tqdm
+
+        from pipeline.utils.prefetch import prepared_batches
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         options = generate_options(settings)
+        batches = [
+            range(start, min(start + batch_size, len(rows))) for start in range(0, len(rows), batch_size)
+        ]
+
+        def prepare(i: int) -> EncodedSample:
+            return self.encode_row(bundle.processor, rows[i], with_response=False, image_cache=image_cache)
+
+        prefetch = self.device_of(bundle).type == "cuda" if prefetch is None else prefetch
         outputs: list[str] = []
-        for start in range(0, len(rows), batch_size):
-            samples = [
-                self.encode_row(bundle.processor, row, with_response=False, image_cache=image_cache)
-                for row in rows[start : start + batch_size]
-            ]
+        prepared = prepared_batches(batches, prepare, prefetch)
+        for _, samples in tqdm(prepared, total=len(batches), desc=desc, unit="batch", leave=False):
             batch = self.collate_for_generation(bundle.processor, samples)
             outputs += self.generate(
                 bundle.model, bundle.processor, batch, max_new_tokens=settings.max_new_tokens, **options
