@@ -31,6 +31,17 @@ def picture(height: int = 40, width: int = 56, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
 
 
+def nonzero_adapter(family, model: nn.Module, preset: str, seed: int) -> PeftModel:
+    """Returns `model` with a seeded rank-4 LoRA adapter of `preset` whose B matrices are not zero (so that
+    the adapter changes the outputs)."""
+    torch.manual_seed(seed)
+    peft = family.apply_lora(model, family.lora_config(model, preset, r=4, alpha=8, dropout=0.0))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return peft
+
+
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory) -> dict:
     """Returns {family name: (family, folder)} with every tiny twin built once."""
@@ -278,11 +289,7 @@ def test_a_few_lora_steps_lower_the_loss(twins, name):
 def test_merge_round_trips_through_plain_auto_classes(twins, tmp_path, name):
     family, folder = twins[name]
     model, processor = family.load(folder)
-    torch.manual_seed(1)
-    peft = family.apply_lora(model, family.lora_config(model, "all", r=4, alpha=8, dropout=0.0))
-    for n, p in peft.named_parameters():  # a non-zero adapter, so merging changes the weights
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = nonzero_adapter(family, model, "all", seed=1)  # merging changes the weights
     peft.eval()
     batch = _batch(family, processor)
     with torch.no_grad():
@@ -422,11 +429,7 @@ def test_unknown_processor_settings_are_refused_naming_the_valid_ones(twins):
 def test_minicpm_v2_merge_writes_the_official_layout_with_equal_logits(twins, tmp_path):
     family, folder = twins["minicpm_v2"]
     model, processor = family.load(folder)
-    torch.manual_seed(2)
-    peft = family.apply_lora(model, family.lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
-    for n, p in peft.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = nonzero_adapter(family, model, "qkv", seed=2)
     peft.eval()
     batch = _batch(family, processor)
     with torch.no_grad():
@@ -548,11 +551,7 @@ def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monk
 
     family, folder = twins[name]
     model, processor = family.load(folder)
-    torch.manual_seed(0)
-    model = family.apply_lora(model, family.lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    model = nonzero_adapter(family, model, "qkv", seed=0)
     samples = [
         family.encode(processor, CONVERSATION, [picture()]),
         family.encode(processor, messages_from_row("Two plus two?", "Four, as always."), []),
