@@ -14,7 +14,11 @@ What it does, in one call:
 3. runs `python -m pipeline ... model=minicpm_v2 trainer=default dataset=custom stages=[sft]` per setting:
    `*_plain` is the regime ms-swift runs (batch 1 x grad-accum 16, one row per forward, gradient
    checkpointing, no compile, no data workers) and the baseline; `*_default` is trainer=default as shipped;
-   then the eval and infer stages over 200 rows.
+   then the eval and infer stages over 200 rows;
+4. `FAMILY_SETTINGS` run the same job for the HF-native families (`model=qwen2_5_vl_3b`, `qwen3_vl_4b`,
+   `minicpm_v4_6`) on a model written at each checkpoint's published sizes (`FAMILY_MODELS`, random bf16
+   weights, native layout, the family's twin tokenizer and real image processor); their MFU comes from
+   `family_row_flops`.
 
 Columns: samples/s and real (unpadded) tokens/s (median over the steps after the first two), padding %,
 MFU, peak GB (torch's max allocated), minutes per coco-en-2-mini epoch (40,504 rows less the 1% held out)
