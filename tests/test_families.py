@@ -604,3 +604,19 @@ def test_prefetched_generation_of_another_family_gives_the_same_answers_and_name
     bad = Row("<image>Colour?", "", [], [str(broken)], None, "rows.jsonl:7")
     with pytest.raises(ImageLoadError, match="rows.jsonl:7: .*cut.png"):
         family.generate_rows(bundle, [*rows[:-1], bad], settings, batch_size=2, prefetch=True)
+
+
+def test_vision_attention_auto_picks_the_kernel_only_where_it_runs(monkeypatch):
+    from pipeline.models.families import vision_attention as va
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert va.resolve("auto", cpu, torch.bfloat16) is False  # no kernel on a CPU
+    assert va.resolve("varlen", cpu, torch.float32) is True  # forced: the per-piece computation
+    assert va.resolve("sdpa", cuda, torch.bfloat16) is False
+    monkeypatch.setattr(va, "_ampere_or_newer", lambda index: True)
+    assert va.resolve("auto", cuda, torch.bfloat16) is (va._kernel() is not None)
+    assert va.resolve("auto", cuda, torch.float32) is False  # FlashAttention takes half precision only
+    monkeypatch.setattr(va, "_ampere_or_newer", lambda index: False)  # a V100 or T4
+    assert va.resolve("auto", cuda, torch.float16) is False
+    with pytest.raises(ValueError, match="model.vision_attention=flash is not a valid choice"):
+        va.resolve("flash", cpu, torch.float32)

@@ -12,8 +12,8 @@ When the attention implementation's name says "flash", they pass the boundaries 
 piece at a time with SDPA, with the same results. The setting lives on the loaded model only: saved
 configs never name it (transformers does not serialise the attention implementation).
 
-`model.vision_attention`: auto (varlen where the kernel runs: a CUDA device, bf16/fp16 weights, torch with
-`torch.nn.attention.varlen`), varlen, or sdpa (transformers' default).
+`model.vision_attention`: auto (varlen where the kernel runs: an Ampere-or-newer CUDA card, bf16/fp16
+weights, torch with `torch.nn.attention.varlen`), varlen, or sdpa (transformers' default).
 """
 
 from __future__ import annotations
@@ -42,8 +42,16 @@ def _kernel() -> tuple[Any, bool] | None:
 
 
 def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Returns whether the variable-length kernel runs for weights of `dtype` on `device`."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _kernel() is not None
+    """Returns whether the variable-length kernel runs for weights of `dtype` on `device`: FlashAttention
+    wants an Ampere-or-newer NVIDIA card (compute capability 8.0+) and half precision."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _kernel() is None:
+        return False
+    return _ampere_or_newer(device.index or 0)
+
+
+@cache
+def _ampere_or_newer(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def resolve(value: str, device: torch.device, dtype: torch.dtype) -> bool:
