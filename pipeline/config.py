@@ -43,7 +43,7 @@ class ModelConfig:
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     # the HF-native families' vision towers: auto = one variable-length FlashAttention call per layer over
-    # all images (or windows) where torch's kernel runs (CUDA, bf16/fp16), else transformers' SDPA loop
+    # all images (or windows) where torch's kernel runs (Ampere+ CUDA, bf16/fp16), else transformers' SDPA loop
     # over them; varlen; sdpa. MiniCPM-V-2's own tower ignores it.
     vision_attention: str = "auto"
     # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none)
