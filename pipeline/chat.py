@@ -117,7 +117,20 @@ MINICPM_V2_MODEL_TYPE = "minicpmv"
 
 
 class _Conversing:
-    """What both chats share: `infer` is the last step of `infer_stream`."""
+    """What both chats share: the bundle and settings they answer with, and `infer` as the last step of
+    `infer_stream`."""
+
+    def __init__(
+        self,
+        bundle: Any,
+        generation: Mapping[str, Any] | GenerationSettings | None,
+        system: str | None,
+        image_cache: Path | None,
+    ) -> None:
+        self.bundle = bundle
+        self.settings = generation_settings(generation)
+        self.system = system
+        self.image_cache = image_cache
 
     def infer_stream(
         self,
@@ -155,10 +168,7 @@ class Chat(_Conversing):
         seed: int | None = None,
         image_cache: Path | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.settings = generation_settings(generation)
-        self.system = system
-        self.image_cache = image_cache
+        super().__init__(bundle, generation, system, image_cache)
         self.device = bundle.core.llm.lm_head.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         self.max_prompt_length = prompt_limit(bundle, self.settings)
@@ -368,11 +378,8 @@ class FamilyChat(_Conversing):
     ) -> None:
         from pipeline.models.families.hf_native import eos_token_ids, model_positions
 
+        super().__init__(bundle, generation, system, image_cache)
         self.family = family
-        self.bundle = bundle
-        self.settings = generation_settings(generation)
-        self.system = system
-        self.image_cache = image_cache
         self.max_images = family.max_images
         self.device = family.device_of(bundle)
         self.positions = model_positions(bundle.core)

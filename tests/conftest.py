@@ -72,6 +72,20 @@ def run_python(command: Sequence[str], cwd: Path, timeout: int = 240) -> subproc
     return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def build_varied_twin(family, folder: Path) -> Path:
+    """Builds `family`'s tiny twin at `folder` with its matrices redrawn at std 0.2 (seeded), so that greedy
+    answers differ from prompt to prompt and are long enough to stream."""
+    family.build_tiny(folder)
+    model, processor = family.load(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2, generator=generator)
+    family.save(model, processor, folder)
+    return folder
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for a launcher's rendezvous)."""
     with socket.socket() as sock:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.__main__ import run_pipeline
@@ -22,7 +21,7 @@ from pipeline.chat import Chat, FamilyChat
 from pipeline.chat_cli import SEPARATOR, run_chat
 from pipeline.config import validate
 from pipeline.models.families import get_family
-from tests.conftest import compose_config
+from tests.conftest import build_varied_twin, compose_config
 
 MAX_TOKENS = 8
 LIMIT = 16  # Qwen2.5-VL's images per conversation
@@ -41,15 +40,7 @@ def family():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, family) -> Path:
     root = tmp_path_factory.mktemp("chat-families")
-    folder = root / "qwen2_5_vl_tiny"
-    family.build_tiny(folder)
-    model, processor = family.load(folder)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2, generator=generator)
-    family.save(model, processor, folder)
+    build_varied_twin(family, root / "qwen2_5_vl_tiny")
     for seed in range(3):
         picture(seed).save(root / f"p{seed}.png")
     return root

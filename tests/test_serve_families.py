@@ -23,7 +23,7 @@ from pipeline.config import validate
 from pipeline.models.families import get_family
 from pipeline.serve.app import ServerThread, create_app
 from pipeline.stages import serve
-from tests.conftest import compose_config, free_port
+from tests.conftest import build_varied_twin, compose_config, free_port
 from tests.test_serve import options
 
 MODEL = "qwen2_5_vl_tiny"
@@ -56,16 +56,7 @@ def family():
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory, family):
-    folder = tmp_path_factory.mktemp("serve-families") / "qwen2_5_vl_tiny"
-    family.build_tiny(folder)
-    model, processor = family.load(folder)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2, generator=generator)
-    family.save(model, processor, folder)
-    return folder
+    return build_varied_twin(family, tmp_path_factory.mktemp("serve-families") / "qwen2_5_vl_tiny")
 
 
 @pytest.fixture(scope="module")

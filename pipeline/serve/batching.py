@@ -37,6 +37,15 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
 
+    def settings(self, max_new_tokens: int) -> GenerationSettings:
+        """Returns the generation settings of this decoding (top_k and the rest at their defaults)."""
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+
 
 @dataclass
 class Event:
@@ -98,6 +107,10 @@ class ModelThread:
         self._stopping = False
         self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
+
+    def _seed_of(self, job: Job) -> int:
+        """Returns the seed a sampling request draws with: its own, else the next of the server's."""
+        return job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
 
     def _start(self) -> None:
         self._thread.start()
@@ -194,23 +207,11 @@ class BatchingWorker(ModelThread):
         tok = self.bundle.tokenizer
         inputs = collate_for_generation([job.sample for job in batch], tok.pad_id)
         decoding = batch[0].decoding
-        settings = GenerationSettings(
-            max_new_tokens=max(job.max_new_tokens for job in batch),
-            do_sample=decoding.do_sample,
-            temperature=decoding.temperature,
-            top_p=decoding.top_p,
-        )
+        settings = decoding.settings(max(job.max_new_tokens for job in batch))
         generators = None
         if decoding.do_sample:
             # one generator per request, so a seeded answer does not depend on its batch
-            generators = []
-            for job in batch:
-                seed = (
-                    job.seed
-                    if job.seed is not None
-                    else int(torch.randint(2**62, (1,), generator=self._seeds))
-                )
-                generators.append(torch.Generator(self.device).manual_seed(seed))
+            generators = [torch.Generator(self.device).manual_seed(self._seed_of(job)) for job in batch]
 
         def on_step(tokens: torch.Tensor) -> None:
             for job, token in zip(batch, tokens.tolist(), strict=True):

@@ -19,8 +19,7 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from pipeline.models.families.base import EncodedSample, Family, FamilyError
-from pipeline.models.families.hf_native import eos_token_ids, seeded_sampling
-from pipeline.models.generation import GenerationSettings
+from pipeline.models.families.hf_native import eos_token_ids, generate_options, seeded_sampling
 
 from .batching import Job, ModelThread, advance_job, finish_job
 from .schema import Conversation, RequestError
@@ -113,24 +112,15 @@ class FamilyWorker(ModelThread):
     def _answered(self, jobs: list[Job], seconds: float) -> None:
         log.info("answered in %.2f s (%d tokens)", seconds, len(jobs[0].ids))
 
-    def _seed(self, job: Job) -> int | None:
-        """Returns the seed a sampling request draws with: its own, else one from the server's (None: greedy)."""
-        if not job.decoding.do_sample:
-            return None
-        return job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-
     def _generate(self, job: Job) -> None:
         processor = self.bundle.processor
         batch = self.family.collate_for_generation(processor, [job.sample])
-        decoding = job.decoding
-        options: dict[str, Any] = {"do_sample": decoding.do_sample}
-        if decoding.do_sample:  # top_k as the MiniCPM-V-2 path samples (GenerationSettings' default)
-            options.update(
-                temperature=decoding.temperature, top_p=decoding.top_p, top_k=GenerationSettings().top_k
-            )
+        # top_k as the MiniCPM-V-2 path samples (GenerationSettings' default)
+        options = generate_options(job.decoding.settings(job.max_new_tokens))
+        seed = self._seed_of(job) if job.decoding.do_sample else None
         streamer = _JobStreamer(job, self.eos_ids, self.decode)
         try:
-            with seeded_sampling(self._seed(job), self.device):
+            with seeded_sampling(seed, self.device):
                 self.family.generate(
                     self.bundle.model,
                     processor,
