@@ -42,7 +42,7 @@ test-all: $(VENV)/.installed
 
 # on a CUDA machine: the compiled training path, CUDA-graph decode and accelerate's FSDP on the tiny twin
 test-gpu: $(VENV)/.installed
-	$(TEST_ENV) $(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m gpu tests/entry/test_gpu.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench.py

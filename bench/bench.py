@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.configuration import MiniCPMVConfig
-from pipeline.models.generation import GenerationSettings, generate
-from pipeline.models.lora import apply_lora, build_lora_config, set_full_finetune
-from pipeline.models.modeling import MiniCPMV
+from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
+from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
+from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config, set_full_finetune
+from pipeline.families.minicpm_v2.modeling import MiniCPMV
 
 PEAK_TFLOPS = 989.0
 Q = 64

@@ -12,7 +12,7 @@ import json
 import torch
 
 from bench.bench import build, make_batch
-from pipeline.models.configuration import MiniCPMVConfig
+from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.dataset import SFTDataset
 from pipeline.data.sources import load_rows
-from pipeline.models.collate import collate_for_training
-from pipeline.models.processor import MiniCPMVImageProcessor
-from pipeline.models.tokenizer import MiniCPMVTokenizer
-from pipeline.twin import ensure_tiny_twin
+from pipeline.families.minicpm_v2.collate import collate_for_training
+from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
+from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
+from pipeline.training.twin import ensure_tiny_twin
 
 
 def samples_per_second(dataset: SFTDataset, workers: int, batch_size: int, pad_id: int) -> float:

@@ -123,12 +123,12 @@ DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "ful
 # ----- the model folder
 def write_model(folder: Path, tiny: bool) -> Path:
     """Writes the full-size model (random bf16 weights, official layout) or the tiny twin; returns it."""
-    from pipeline.models.checkpoint import save_checkpoint
-    from pipeline.models.configuration import MiniCPMVConfig
-    from pipeline.models.modeling import MiniCPMV
-    from pipeline.models.processor import MiniCPMVImageProcessor
-    from pipeline.models.tiny import build_tiny_twin
-    from pipeline.models.tokenizer import train_tiny_tokenizer
+    from pipeline.families.minicpm_v2.checkpoint import save_checkpoint
+    from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
+    from pipeline.families.minicpm_v2.modeling import MiniCPMV
+    from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
+    from pipeline.families.minicpm_v2.tiny import build_tiny_twin
+    from pipeline.families.minicpm_v2.tokenizer import train_tiny_tokenizer
 
     if (folder / "config.json").is_file():
         return folder
@@ -241,7 +241,7 @@ def _minicpm_v4_6(tokenizer, end: int):
 
 
 def tiny_ids(tokenizer) -> dict:
-    from pipeline.models.families.qwen2_5_vl import tiny_token_ids
+    from pipeline.families.qwen2_5_vl import tiny_token_ids
 
     return tiny_token_ids(tokenizer)
 
@@ -259,8 +259,8 @@ def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
     with the family's offline twin tokenizer and the real image processor; or its tiny twin."""
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.models.families import get_family
-    from pipeline.models.families.tiny_tokenizer import train_bpe_tokenizer
+    from pipeline.families import get_family
+    from pipeline.families.tiny_tokenizer import train_bpe_tokenizer
 
     family = get_family(family_name)
     if (folder / "config.json").is_file():
@@ -340,7 +340,7 @@ def row_flops(config, rows: list[dict], mode: str, checkpointing: bool, tokenize
     """Returns the mean training FLOPs of the given rows (see the module docstring)."""
     from PIL import Image
 
-    from pipeline.models.collate import encode_example
+    from pipeline.families.minicpm_v2.collate import encode_example
 
     core_params = _param_counts(config)
     h, layers = config.hidden_size, config.num_hidden_layers
@@ -371,7 +371,7 @@ def row_flops(config, rows: list[dict], mode: str, checkpointing: bool, tokenize
 
 
 def _param_counts(config) -> dict:
-    from pipeline.models.modeling import MiniCPMV
+    from pipeline.families.minicpm_v2.modeling import MiniCPMV
 
     with torch.device("meta"):
         model = MiniCPMV(config)
@@ -399,7 +399,7 @@ def family_row_flops(family, config, processor, rows: list[dict], checkpointing:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.models.families.base import IGNORE_INDEX, messages_from_row
+    from pipeline.families.base import IGNORE_INDEX, messages_from_row
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
@@ -440,7 +440,7 @@ def family_flops(family_name: str, folder: Path, rows: list[dict], checkpointing
     """`family_row_flops` for the model folder of an HF-native family."""
     from transformers import AutoConfig, AutoProcessor
 
-    from pipeline.models.families import get_family
+    from pipeline.families import get_family
 
     family = get_family(family_name)
     config, processor = AutoConfig.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
@@ -560,9 +560,9 @@ def main() -> None:
     data = {v: write_data(work, v, args.rows, args.tiny) for v in sorted(variants)}
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    from pipeline.models.configuration import MiniCPMVConfig
-    from pipeline.models.processor import MiniCPMVImageProcessor
-    from pipeline.models.tokenizer import MiniCPMVTokenizer
+    from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
+    from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
+    from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 
     config = MiniCPMVConfig.from_pretrained(model_dir)
     tokenizer = MiniCPMVTokenizer.from_pretrained(model_dir)

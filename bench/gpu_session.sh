@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=$1; shift
 case $what in
-  tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -x "$@" 2>&1 | tail -40 ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/entry/test_gpu.py -x "$@" 2>&1 | tail -40 ;;
   train) python3 -m bench.bench --only train --steps 4 --cases "$@" --out "$OUT/train.json" ;;
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench import build, make_batch, ours_loss
-from pipeline.models.configuration import MiniCPMVConfig
+from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 
 
 def main() -> None:

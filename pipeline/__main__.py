@@ -52,7 +52,7 @@ from pipeline.runinfo import (
 )
 from pipeline.stages import StageFn, get_stage
 from pipeline.sweep import record_job, sweep_group_name
-from pipeline.tracking import build_tracker
+from pipeline.utils.tracking import build_tracker
 from pipeline.utils.lock import LOCK_FILE, FolderBusy, folder_lock
 
 log = logging.getLogger("pipeline")

@@ -19,8 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.models.families import FAMILIES, STAGE_READY
-from pipeline.models.generation_settings import GenerationSettings
+from pipeline.families import FAMILIES, STAGE_READY
+from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = "minicpm_v2"  # the module under pipeline/models/families/ that loads and encodes it
+    family: str = "minicpm_v2"  # the module under pipeline/families/ that loads and encodes it
     path: str = MISSING  # local folder or hub id
     dtype: str = "auto"
     max_slice_nums: int = 9
@@ -482,7 +482,7 @@ def _check_model(tree: dict) -> list[str]:
         return [
             f"model.path={model['path']} does not exist; the tiny twin is built only at its own place "
             f"{default_twin_path()} (PIPELINE_CACHE moves it); to write one at another folder run "
-            f"`python -m pipeline.twin --out {model['path']}`, or give an existing model folder"
+            f"`python -m pipeline.training.twin --out {model['path']}`, or give an existing model folder"
         ]
     return []
 
@@ -535,12 +535,12 @@ def _check_family(tree: dict) -> list[str]:
     if family not in STAGE_READY and tree["stages"]:
         problems.append(
             f"model.family={family}: the stages run {', '.join(STAGE_READY)} only so far; this family works "
-            "through pipeline.models.families (load, encode, train, merge, generate), so set stages=[]"
+            "through pipeline.families (load, encode, train, merge, generate), so set stages=[]"
         )
     if family == "minicpm_v2":
         return problems
-    from pipeline.models.families import get_family  # imports the family's module only
-    from pipeline.models.families.base import FamilyError
+    from pipeline.families import get_family  # imports the family's module only
+    from pipeline.families.base import FamilyError
 
     try:
         get_family(family, model["processor_kwargs"])

@@ -11,10 +11,10 @@ from torch.utils.data import Dataset
 
 from pipeline.data.images import ImageLoadError, load_image, local_image_file
 from pipeline.data.rows import Row
-from pipeline.models.collate import Sample, encode_example
-from pipeline.models.processor import MiniCPMVImageProcessor, choose_grid
-from pipeline.models.template import render_conversation, truncate
-from pipeline.models.tokenizer import MiniCPMVTokenizer
+from pipeline.families.minicpm_v2.collate import Sample, encode_example
+from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor, choose_grid
+from pipeline.families.minicpm_v2.template import render_conversation, truncate
+from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 
 
 def slice_grid_for_size(processor: MiniCPMVImageProcessor, width: int, height: int) -> tuple[int, int] | None:

@@ -23,8 +23,8 @@ from pipeline.data.sources import (
 )
 from pipeline.data.split import split_rows
 from pipeline.data.validate import validate_rows, write_problems
-from pipeline.models.processor import MiniCPMVImageProcessor
-from pipeline.models.tokenizer import MiniCPMVTokenizer
+from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
+from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
 # Keys of the dataset config that describe how rows are used rather than where a source is.

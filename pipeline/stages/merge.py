@@ -28,15 +28,15 @@ from tqdm.auto import tqdm
 
 from pipeline.config import BASE_CKPT, resolve_device
 from pipeline.data.prepare import prepare_splits
-from pipeline.models.bundle import BASE_POINTER, ModelBundle, checkpoint_kind
-from pipeline.models.checkpoint import CheckpointError, read_checkpoint_shapes
-from pipeline.models.checkpoint import save_checkpoint as save_checkpoint  # MiniCPM-V-2's merged layout
-from pipeline.models.collate import Sample, encode_example
-from pipeline.models.families import family_from_config
-from pipeline.models.families.base import FamilyError
-from pipeline.models.families.minicpm_v2 import minicpm_sample_logits
-from pipeline.models.processor import MiniCPMVImageProcessor
-from pipeline.models.tokenizer import MiniCPMVTokenizer
+from pipeline.families.minicpm_v2.bundle import BASE_POINTER, ModelBundle, checkpoint_kind
+from pipeline.families.minicpm_v2.checkpoint import CheckpointError, read_checkpoint_shapes
+from pipeline.families.minicpm_v2.checkpoint import save_checkpoint as save_checkpoint  # MiniCPM-V-2's merged layout
+from pipeline.families.minicpm_v2.collate import Sample, encode_example
+from pipeline.families import family_from_config
+from pipeline.families.base import FamilyError
+from pipeline.families.minicpm_v2.family import minicpm_sample_logits
+from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
+from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 from pipeline.runinfo import resolve_ckpt
 from pipeline.utils.io import atomic_write_json
 

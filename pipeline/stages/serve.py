@@ -20,14 +20,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, resolve_device
-from pipeline.inference import load_inference_bundle
-from pipeline.models.families import family_from_config
+from pipeline.apps.generation import load_inference_bundle
+from pipeline.families import family_from_config
 from pipeline.runinfo import checkpoint_of_run
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "serve.log"
-LOGGERS = (__name__, "pipeline.serve", "uvicorn")  # what serve.log holds (uvicorn's children propagate)
+LOGGERS = (__name__, "pipeline.apps.serve", "uvicorn")  # what serve.log holds (uvicorn's children propagate)
 
 
 def checkpoint_for_serve(cfg: DictConfig, state: dict) -> Path | None:
@@ -65,7 +65,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     """Serves until stopped and returns {"serve": the URL it served on}."""
-    from pipeline.serve.app import ServeOptions, create_app, run_server
+    from pipeline.apps.serve.app import ServeOptions, create_app, run_server
 
     family = family_from_config(cfg.model)
     check_port_free(str(cfg.serve.host), int(cfg.serve.port))

@@ -28,10 +28,10 @@ from pipeline.config import (
     resolve_num_workers,
 )
 from pipeline.data.prepare import read_dataset, split_dataset
-from pipeline.models.families import family_from_config, image_limit
-from pipeline.models.lora import count_parameters
+from pipeline.families import family_from_config, image_limit
+from pipeline.families.minicpm_v2.lora import count_parameters
 from pipeline.runinfo import seed_everything
-from pipeline.tracking import build_tracker
+from pipeline.utils.tracking import build_tracker
 from pipeline.training.checkpoints import check_tuning_settings
 from pipeline.training.loop import LoopSettings, Trainer, checkpoint_to_resume, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler

@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.models.bundle import BASE_POINTER
-from pipeline.models.checkpoint import (
+from pipeline.families.minicpm_v2.bundle import BASE_POINTER
+from pipeline.families.minicpm_v2.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     SIDE_FILES,
@@ -50,7 +50,7 @@ from pipeline.models.checkpoint import (
     read_json_file,
     save_checkpoint,
 )
-from pipeline.models.modeling import MiniCPMV
+from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.utils.io import file_mode
 
 log = logging.getLogger(__name__)

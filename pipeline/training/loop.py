@@ -31,7 +31,7 @@ from accelerate import Accelerator, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.models.collate import collate_for_training, collate_packed
+from pipeline.families.minicpm_v2.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     TrainerState,

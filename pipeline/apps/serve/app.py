@@ -1,0 +1,433 @@
+"""The HTTP server: OpenAI's chat-completions API, /v1/models, /health and the web chat page, over one
+worker that owns the model: MiniCPM-V-2's batching worker, or a family's one-request-at-a-time worker.
+
+    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40")          # MiniCPM-V-2
+    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40", family=family)   # any family
+    server = start_in_thread(app, "127.0.0.1", 8000)   # or run_server(app, host, port) in the foreground
+
+Every refusal is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
+status; checks that need no model (fields, roles, images, the prompt's length) run before a request waits
+for the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.apps.generation import encode_prompt, prompt_limit
+from pipeline.families.minicpm_v2.bundle import ModelBundle
+from pipeline.families.minicpm_v2.generation import GenerationSettings
+
+from .batching import BatchingWorker, Decoding, Event, Job
+from .images import ImageLimits, load_request_image
+from .schema import (
+    MAX_IMAGES,
+    ChatCompletionRequest,
+    Conversation,
+    RequestError,
+    describe_validation_errors,
+    error_body,
+    stop_sequences,
+    to_conversation,
+)
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+OPEN_PATHS = ("/health",)  # answered without the API key
+ROUTES = ("GET /", "GET /health", "GET /v1/models", "POST /v1/chat/completions")
+_BODY_SLACK = 1024 * 1024  # room for the text of a request besides its image
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the server enforces: the `serve` config section less where it listens."""
+
+    api_key: str | None
+    max_batch_size: int
+    max_new_tokens: int
+    max_image_bytes: int
+    url_timeout: float
+    allow_local_files: bool
+    system: str | None = None  # the system prompt of a request that sends none
+    seed: int = 0
+
+
+def _error(
+    message: str, status: int, param: str | None = None, code: str | None = None, **headers
+) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers or None)
+
+
+def _authorized(header: str | None, key: str) -> bool:
+    """Returns True for `Bearer <key>`, or HTTP Basic with the key as password (what a browser sends)."""
+    if not header:
+        return False
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.encode(), key.encode())
+    if scheme.lower() == "basic":
+        try:
+            _, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(password.encode(), key.encode())
+    return False
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """What differs between the models served: their name in errors, images per conversation, how a
+    request's conversation becomes a prompt (`encode(conversation, images, system, max_tokens)`, raising
+    RequestError), and the worker that generates."""
+
+    name: str
+    max_images: int
+    encode: Callable[[Conversation, list, str | None, int], Any]
+    start_worker: Callable[[], Any]
+
+
+def _minicpm_v2_engine(bundle: ModelBundle, options: ServeOptions) -> _Engine:
+    def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
+        try:
+            limit = prompt_limit(bundle, GenerationSettings(max_new_tokens=max_tokens))
+            image = images[0] if images else None
+            return encode_prompt(
+                bundle,
+                conversation.query,
+                conversation.history,
+                system or None,
+                image,
+                limit,
+                "the conversation",
+            )
+        except ValueError as exc:
+            raise RequestError(str(exc), param="messages", code="context_length_exceeded") from None
+
+    return _Engine(
+        "MiniCPM-V-2",
+        MAX_IMAGES,
+        encode,
+        lambda: BatchingWorker(bundle, options.max_batch_size, seed=options.seed),
+    )
+
+
+def _family_engine(family: Any, bundle: Any, options: ServeOptions) -> _Engine:
+    from pipeline.families.hf_native import model_positions
+
+    from .family_worker import FamilyWorker, encode_request, family_label
+
+    positions = model_positions(bundle.core)
+
+    def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
+        return encode_request(family, bundle.processor, conversation, system, images, max_tokens, positions)
+
+    return _Engine(
+        family_label(family),
+        family.limits().max_images,
+        encode,
+        lambda: FamilyWorker(family, bundle, seed=options.seed),
+    )
+
+
+def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = None) -> FastAPI:
+    """Returns the ASGI app serving `bundle` under the name `model_id`; its worker starts with the app.
+
+    `family` (pipeline.families) is the bundle's family; None, or MiniCPM-V-2's, serves a
+    MiniCPM-V-2 bundle through its batching worker."""
+    engine = (
+        _family_engine(family, bundle, options)
+        if family is not None and not family.own_generation
+        else _minicpm_v2_engine(bundle, options)
+    )
+    limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)
+    max_body = options.max_image_bytes * engine.max_images * 4 // 3 + _BODY_SLACK
+    image_cap = f"serve.max_image_bytes={options.max_image_bytes}"
+    if engine.max_images > 1:
+        image_cap = f"{engine.max_images} images of {image_cap}"
+    state: dict = {}
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["worker"] = engine.start_worker()
+        app.state.worker = state["worker"]
+        try:
+            yield
+        finally:
+            state["worker"].close()
+
+    app = FastAPI(title="pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def check_key_and_size(request: Request, call_next):
+        if options.api_key is not None and request.url.path not in OPEN_PATHS:
+            if not _authorized(request.headers.get("authorization"), options.api_key):
+                if request.url.path.startswith("/v1/"):
+                    return _error(
+                        "missing or wrong API key: send the header 'Authorization: Bearer <serve.api_key>'",
+                        401,
+                        code="invalid_api_key",
+                        **{"WWW-Authenticate": "Bearer"},
+                    )
+                # a browser asks for the key (as the password, any user name) and then sends it on each call
+                return _error(
+                    "this server needs its API key: sign in with any user name and the key as the password",
+                    401,
+                    code="invalid_api_key",
+                    **{"WWW-Authenticate": 'Basic realm="pipeline serve"'},
+                )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            return _error(
+                f"the request body is {length} bytes, over this server's {max_body}-byte limit "
+                f"({image_cap} plus {_BODY_SLACK} for text)",
+                413,
+            )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(exc.errors()))
+        return _error(message, 400, param)
+
+    @app.exception_handler(RequestError)
+    async def refused_request(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(str(exc), exc.status, exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; routes: {', '.join(ROUTES)}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _error(message, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "pipeline",
+                    "max_images": engine.max_images,  # images per conversation (the page reads it)
+                }
+            ],
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        if body.model not in (None, model_id):
+            raise RequestError(
+                f"model {body.model!r} is not served here; this server serves {model_id!r} (GET /v1/models)",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        conversation = to_conversation(body, engine.max_images, engine.name)
+        stop = stop_sequences(body)
+        max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
+        if max_tokens > options.max_new_tokens:
+            raise RequestError(
+                f"max_tokens={max_tokens} is over this server's limit serve.max_new_tokens="
+                f"{options.max_new_tokens}",
+                param="max_tokens",
+            )
+        temperature = body.temperature or 0.0  # omitted or 0: greedy
+        decoding = (
+            Decoding(do_sample=True, temperature=temperature, top_p=body.top_p or 1.0)
+            if temperature > 0
+            else Decoding()
+        )
+        images = [await run_in_threadpool(load_request_image, url, limits) for url in conversation.image_urls]
+        system = conversation.system if conversation.system is not None else options.system
+        sample = await run_in_threadpool(engine.encode, conversation, images, system, max_tokens)
+        loop = asyncio.get_running_loop()
+        job = Job(sample, decoding, max_tokens, stop, body.seed, loop, asyncio.Queue())
+        state["worker"].submit(job)
+        reply = _Reply(model_id, len(sample.input_ids))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(job, reply, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text = []
+        try:
+            while True:
+                event: Event = await job.events.get()
+                if event.error is not None:
+                    return _error(event.error, 500)
+                text.append(event.delta)
+                if event.finish_reason is not None:
+                    return reply.completion("".join(text), event)
+        finally:
+            job.cancelled.set()
+
+    return app
+
+
+class _Reply:
+    """Builds one request's answer in OpenAI's shapes (a whole completion, or its stream's chunks)."""
+
+    def __init__(self, model_id: str, prompt_tokens: int) -> None:
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.model = model_id
+        self.prompt_tokens = prompt_tokens
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def completion(self, text: str, last: Event) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": last.finish_reason,
+                }
+            ],
+            "usage": self.usage(last.completion_tokens),
+        }
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, usage: dict | None = None) -> str:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": []
+            if usage
+            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Yields the server-sent events of one answer as OpenAI sends them, ending with `data: [DONE]`."""
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
+        while True:
+            event: Event = await job.events.get()
+            if event.error is not None:
+                yield f"data: {json.dumps(error_body(event.error, 500))}\n\n"
+                break
+            if event.delta:
+                yield reply.chunk({"content": event.delta})
+            if event.finish_reason is not None:
+                yield reply.chunk({}, event.finish_reason)
+                if include_usage:
+                    yield reply.chunk({}, usage=reply.usage(event.completion_tokens))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a client that left stops costing generation steps
+
+
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    # log_config=None: uvicorn's records go to the run's own logging (console and run.log) like every stage's
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=log_level == "info", log_config=None
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that Ctrl-C or SIGTERM end it as its normal way to stop: after the graceful
+    shutdown the signal is not raised again (the run is then recorded as finished, not as failed)."""
+
+    stopped_by: str | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        captured = getattr(self, "_captured_signals", [])
+        if captured:
+            self.stopped_by = signal.Signals(captured[0]).name
+
+
+def run_server(app: FastAPI, host: str, port: int) -> str | None:
+    """Returns the signal that stopped the server (SIGINT for Ctrl-C, or SIGTERM) after serving host:port."""
+    server = _Server(_uvicorn_config(app, host, port, "info"))
+    server.run()
+    return server.stopped_by
+
+
+class ServerThread:
+    """A server running on a background thread (tests, benchmarks); `stop()` ends it."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+        self.app = app
+        self.server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+        self.url = f"http://{host}:{port}"
+        self.thread = threading.Thread(target=self.server.run, name="serve-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,686 @@
+"""The shared base of families that transformers implements: its own model, processor and chat template.
+
+A family module subclasses `HFNativeFamily` and states only facts about its model: the config class's
+model_type, the chat template, the end-of-turn marker, how pixel tensors of several conversations are
+joined, the module names of its parts, and the tiny twin's sizes. Everything else (loading, encoding with
+labels on the assistant turns, batching, generation, saving) is the same code for every such family.
+
+Labels come from the family's own chat template: the assistant turn i covers the text between the
+rendering of messages[:i] with the generation prompt and the rendering of messages[:i + 1], up to and
+including the end-of-turn marker. The tokens are the processor's own (image placeholders expanded by it);
+the processor's replacement offsets map those character spans onto the expanded text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from PIL import Image
+from torch import nn
+
+from pipeline.utils.io import atomic_dir
+
+from . import vision_attention
+from .base import (
+    IGNORE_INDEX,
+    IMAGE_TAG,
+    EncodedSample,
+    Family,
+    FamilyError,
+    LossSums,
+    Message,
+    messages_from_row,
+    pad_batch,
+)
+from .tiny_tokenizer import train_bpe_tokenizer
+
+# Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_hf_folder(path: str, allow_download: bool, family: str) -> Path:
+    """Returns a local model folder for a folder path or a hub id (downloaded only when allowed)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FamilyError(f"{local}: no config.json; expected a {family} model folder")
+        return local
+    if local.exists():
+        raise FamilyError(f"{local} is a file; model.path must be a model folder or a hub id")
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise FamilyError(f"model folder {local} does not exist")
+    if not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FamilyError(
+            f"model {path!r} is not a local folder and downloads are off. Download it on a machine with "
+            f"network (`huggingface-cli download {path} --local-dir <folder>`), then set "
+            f"model.path=<folder>; or set model.trust_hub=true to download from the hub"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
+
+
+def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Returns the messages in transformers' content-list form, each <image> tag an image item."""
+    out = []
+    for message in messages:
+        parts = message["content"].split(IMAGE_TAG)
+        content: list[dict[str, str]] = []
+        for k, text in enumerate(parts):
+            if k:
+                content.append({"type": "image"})
+            if text:
+                content.append({"type": "text", "text": text})
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Returns whether the transformers model under any PEFT / DDP / DeepSpeed wrapper takes
+    `logits_to_keep` (positions whose logits lm_head computes)."""
+    core = model
+    while hasattr(core, "module") and isinstance(core.module, nn.Module):
+        core = core.module
+    if isinstance(core, PeftModel):
+        core = core.get_base_model()
+    return _forward_takes(type(core), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def generate_options(settings: Any) -> dict[str, Any]:
+    """Returns the keyword arguments of `generate` for GenerationSettings (the sampling values only when
+    sampling); max_new_tokens goes separately."""
+    options: dict[str, Any] = {"do_sample": settings.do_sample}
+    if settings.do_sample:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if settings.repetition_penalty != 1.0:
+        options["repetition_penalty"] = settings.repetition_penalty
+    return options
+
+
+def eos_token_ids(model: nn.Module) -> frozenset[int]:
+    """Returns the token ids the model's `generate` stops at (its generation config's eos_token_id)."""
+    eos = model.generation_config.eos_token_id
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """Returns the language model's number of positions (None when its config does not say)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+@contextlib.contextmanager
+def seeded_sampling(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seeds the global random state `generate` samples from with `seed` (None: left as it is), restoring
+    the process's random state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class HFBundle:
+    """A loaded HF-native model as the stages hold it: the model (PEFT-wrapped with an adapter), its
+    processor, the base model folder and what was loaded ("base", "adapter" or "full")."""
+
+    model: nn.Module
+    processor: Any
+    base_path: Path
+    kind: str
+
+    @property
+    def core(self) -> nn.Module:
+        """The transformers model itself (an adapter's LoRA layers are injected into it)."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+
+class HFNativeFamily(Family):
+    """A family whose model, processor and chat template come from transformers."""
+
+    model_type: ClassVar[str]  # config.json's model_type
+    chat_template: ClassVar[str]  # the template the tiny twin carries (real checkpoints bring their own)
+    end_of_turn: ClassVar[str]  # the marker that closes an assistant turn; labelled with the turn
+    # How each pixel input of several conversations is joined into one batch: key -> concatenation dim.
+    pixel_concat: ClassVar[dict[str, int]]
+    # Per-token inputs the processor returns beside input_ids (padded with 0).
+    token_input_keys: ClassVar[tuple[str, ...]] = ()
+    # Keyword arguments apply_chat_template gets on every rendering (e.g. thinking off).
+    template_kwargs: ClassVar[dict[str, Any]] = {}
+    # (the oldest transformers that trains the family, why) where it is newer than the project's floor
+    min_transformers: ClassVar[tuple[str, str] | None] = None
+
+    # -- the model --------------------------------------------------------------------------------
+    def resolve(self, path: str, allow_download: bool = False) -> Path:
+        folder = resolve_hf_folder(path, allow_download, self.name)
+        self.check_folder(folder)
+        return folder
+
+    def check_folder(self, folder: Path) -> None:
+        """Raises FamilyError when `folder` holds another model type than this family's (no weights read)."""
+        config = folder / "config.json"
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, json.JSONDecodeError) as err:
+            raise FamilyError(f"{config}: cannot be read as JSON ({err})") from err
+        if model_type != self.model_type:
+            raise FamilyError(
+                f"{folder} holds a {model_type!r} model; model.family={self.name} expects {self.model_type!r}"
+            )
+
+    def check_transformers(self, version: str | None = None) -> None:
+        """Raises FamilyError when the installed transformers (or `version`) is older than the family needs."""
+        if self.min_transformers is None:
+            return
+        import transformers
+        from packaging.version import Version
+
+        have = version or transformers.__version__
+        need, why = self.min_transformers
+        if Version(have) < Version(need):
+            raise FamilyError(
+                f"{self.name} needs transformers>={need} ({why}); this environment has {have}: "
+                f"pip install 'transformers>={need},<6'"
+            )
+
+    def processor_options(self) -> dict[str, Any]:
+        """Returns the keyword arguments AutoProcessor.from_pretrained gets from the family's settings."""
+        return dict(self.settings)
+
+    def configure_processor(self, processor: Any) -> Any:
+        """Returns the loaded processor with any setting from_pretrained cannot take applied."""
+        return processor
+
+    def load(
+        self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> tuple[nn.Module, Any]:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        folder = Path(path)
+        self.check_folder(folder)
+        self.check_transformers()
+        processor = self.configure_processor(
+            AutoProcessor.from_pretrained(folder, **self.processor_options())
+        )
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        if vision_attention.resolve(self.vision_attention, torch.device(device), dtype):
+            vision_attention.enable(model)
+        return model.to(device).eval(), processor
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def render(self, processor: Any, messages: Sequence[dict], generation_prompt: bool) -> str:
+        """Returns the chat template's text for `messages`."""
+        return processor.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, **self.template_kwargs
+        )
+
+    def assistant_spans(self, processor: Any, messages: Sequence[dict], text: str) -> list[tuple[int, int]]:
+        """Returns the [start, end) characters of every assistant turn in `text`, end-of-turn included."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(processor, messages[:i], generation_prompt=True)
+            through = self.render(processor, messages[: i + 1], generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise FamilyError(
+                    f"{self.name}: the chat template renders message {i} differently once later turns follow; "
+                    "labels need a template whose earlier turns keep their text"
+                )
+            end = through.rfind(self.end_of_turn, len(before))
+            spans.append((len(before), end + len(self.end_of_turn) if end >= 0 else len(through)))
+        return spans
+
+    def encode(
+        self,
+        processor: Any,
+        conversation: Sequence[Message],
+        images: Sequence[Image.Image] = (),
+        generation: bool = False,
+    ) -> EncodedSample:
+        messages = self.prepare_messages(conversation, images, generation)
+        hf_messages = to_hf_messages(messages)
+        text = self.render(processor, hf_messages, generation_prompt=generation)
+        spans = [] if generation else self.assistant_spans(processor, hf_messages, text)
+        out = processor(
+            text=[text],
+            images=[list(images)] if images else None,
+            return_text_replacement_offsets=True,
+            return_tensors="pt",
+        )
+        ids = out["input_ids"][0].tolist()
+        labels = self._labels(processor, text, spans, out["text_replacement_offsets"][0], ids)
+        if len(ids) > self.max_length:
+            raise FamilyError(
+                f"{self.name}: the conversation encodes to {len(ids)} tokens; this family takes "
+                f"{self.limits().describe()}"
+            )
+        return EncodedSample(
+            input_ids=ids,
+            labels=labels,
+            token_inputs={k: out[k][0].tolist() for k in self.token_input_keys if k in out},
+            pixel_inputs={k: out[k] for k in self.pixel_concat if k in out},
+        )
+
+    def _labels(
+        self,
+        processor: Any,
+        text: str,
+        spans: Sequence[tuple[int, int]],
+        replacements: Sequence[Mapping[str, Any]],
+        ids: list[int],
+    ) -> list[int]:
+        """Returns ids inside the assistant spans and -100 elsewhere, on the processor's expanded text."""
+        expanded, cursor, shifts = [], 0, []
+        for rep in sorted(replacements, key=lambda r: r["span"][0]):
+            start, end = rep["span"]
+            expanded += [text[cursor:start], rep["replacement"]]
+            shifts.append((end, len(rep["replacement"]) - (end - start)))
+            cursor = end
+        expanded.append(text[cursor:])
+        full = "".join(expanded)
+
+        def moved(pos: int) -> int:
+            return pos + sum(delta for end, delta in shifts if end <= pos)
+
+        enc = processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] != ids:
+            raise FamilyError(
+                f"{self.name}: the processor's tokens differ from its tokenizer's on the same text"
+            )
+        moved_spans = [(moved(s), moved(e)) for s, e in spans]
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (start, end) in enumerate(enc["offset_mapping"]):
+            if end > start and any(s <= start and end <= e for s, e in moved_spans):
+                labels[k] = ids[k]
+        return labels
+
+    # -- batching and generation --------------------------------------------------------------------
+    def _join_pixels(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, dim in self.pixel_concat.items():
+            parts = [s.pixel_inputs[key] for s in samples if key in s.pixel_inputs]
+            if parts:
+                out[key] = torch.cat(parts, dim=dim)
+        return out
+
+    def collate_for_training(self, processor: Any, samples: Sequence[EncodedSample]) -> dict[str, Any]:
+        batch = pad_batch(samples, processor.tokenizer.pad_token_id, left=False, with_labels=True)
+        return {**batch, **self._join_pixels(samples)}
+
+    def collate_for_generation(self, processor: Any, samples: Sequence[EncodedSample]) -> dict[str, Any]:
+        batch = pad_batch(samples, processor.tokenizer.pad_token_id, left=True, with_labels=False)
+        return {**batch, **self._join_pixels(samples)}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        processor: Any,
+        batch: Mapping[str, Any],
+        max_new_tokens: int = 64,
+        **settings: Any,
+    ) -> list[str]:
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        settings.setdefault("do_sample", False)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **settings
+        )
+        new = output[:, inputs["input_ids"].shape[1] :]
+        return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self, model: nn.Module, processor: Any, folder: str | Path) -> Path:
+        folder = Path(folder)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return folder
+
+    # -- the tiny twin ------------------------------------------------------------------------------
+    tiny_special_tokens: ClassVar[dict[str, str]]  # bos/eos/pad/unk roles
+    tiny_extra_special_tokens: ClassVar[dict[str, str]]  # named roles (image_token, ...)
+    tiny_added_tokens: ClassVar[tuple[str, ...]] = ()  # other atomic tokens of the template
+
+    def tiny_config(self, tokenizer: Any) -> Any:
+        """Returns the transformers config of the tiny twin, sized for the tokenizer's vocabulary."""
+        raise NotImplementedError
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        """Returns the tiny twin's processor (its image processor at a tiny resolution)."""
+        raise NotImplementedError
+
+    def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
+        from transformers import AutoModelForImageTextToText
+
+        tokenizer = train_bpe_tokenizer(
+            self.tiny_special_tokens, self.tiny_extra_special_tokens, self.tiny_added_tokens
+        )
+        config = self.tiny_config(tokenizer)
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return self.save(model.eval(), self.tiny_processor(tokenizer), folder)
+
+    # -- what the stages call ---------------------------------------------------------------------
+    own_generation = False
+
+    def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
+        from . import locate_model
+
+        return locate_model(self, path, build_if_missing=build_if_missing, allow_download=allow_download)
+
+    def load_bundle(
+        self,
+        path: str,
+        ckpt: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        build_if_missing: bool = False,
+        allow_download: bool = False,
+    ) -> HFBundle:
+        from pipeline.families.minicpm_v2.bundle import _adapter_base, checkpoint_kind
+
+        base = self.base_folder(path, build_if_missing, allow_download)
+        if ckpt is None:
+            model, processor = self.load(base, dtype, device)
+            return HFBundle(model, processor, base, "base")
+        ckpt = Path(ckpt)
+        kind = checkpoint_kind(ckpt)
+        if kind == "full":  # written in the native layout, processor included
+            model, processor = self.load(ckpt, dtype, device)
+            return HFBundle(model, processor, base, "full")
+        base = _adapter_base(ckpt, base)
+        model, processor = self.load(base, dtype, device)
+        model = self.load_adapter(model, ckpt).to(device)
+        return HFBundle(model, processor, base, "adapter")
+
+    def prepare_training(
+        self, bundle: HFBundle, lora: Any, gradient_checkpointing: bool, base_name: str
+    ) -> nn.Module:
+        model = bundle.model
+        if gradient_checkpointing:
+            # transformers 5.x names it activation checkpointing (the old name warns of its removal)
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if lora.name != "none":
+                model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+        if lora.name == "none":
+            frozen = [
+                group
+                for group, on in (
+                    ("vision", lora.freeze_vision),
+                    ("projector", lora.freeze_resampler),
+                    ("llm", lora.freeze_llm),
+                )
+                if on
+            ]
+            self.set_full_finetune(model, frozen)
+            return model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        config = self.lora_config(
+            model,
+            lora.name,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=list(lora.target_modules) if lora.target_modules else None,
+            modules_to_save=list(lora.modules_to_save) or None,
+            base_model_path=base_name,
+        )
+        config.bias = lora.bias
+        return self.apply_lora(model, config)
+
+    def vision_attention_of(self, bundle: HFBundle) -> str | None:
+        used = vision_attention.implementation(bundle.core)
+        return "varlen" if used == vision_attention.VARLEN else str(used or "sdpa")
+
+    def pad_id(self, bundle: HFBundle) -> int:
+        return bundle.processor.tokenizer.pad_token_id
+
+    def device_of(self, bundle: HFBundle) -> torch.device:
+        return next(bundle.core.parameters()).device
+
+    def encode_row(
+        self, processor: Any, row: Any, with_response: bool = True, image_cache: Path | None = None
+    ) -> EncodedSample:
+        """Returns a dataset row (query, response, history, system, images) encoded; images loaded now."""
+        from pipeline.data.images import ImageLoadError, load_image
+
+        try:
+            images = [load_image(ref, cache_dir=image_cache) for ref in row.images]
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"{row.origin}: {exc}") from exc
+        response = row.response if with_response else None
+        conversation = messages_from_row(row.query, response, row.history, row.system)
+        try:
+            return self.encode(processor, conversation, images, generation=not with_response)
+        except FamilyError as err:
+            raise FamilyError(f"{row.origin}: {err}") from err
+
+    # True where the template holds one image token per image that the processor repeats once per image
+    # token (the Qwen VLs): a row is then counted from its text and its images' header sizes alone
+    counts_from_sizes: ClassVar[bool] = False
+
+    def token_counter(
+        self, bundle: HFBundle, max_length: int, truncation: str
+    ) -> Callable[[Any], int | None]:
+        """Counts a row's tokens (None when it exceeds max_length): from the rendered text and the images'
+        header sizes where the family allows (`counts_from_sizes`), else by encoding it."""
+        processor = bundle.processor
+
+        def count(row: Any) -> int | None:
+            n = self._count_from_sizes(processor, row) if self.counts_from_sizes else None
+            if n is None:
+                n = len(self.encode_row(processor, row))
+            return n if n <= max_length else None
+
+        return count
+
+    def _count_from_sizes(self, processor: Any, row: Any) -> int | None:
+        """Returns a row's token count without decoding its images, or None when an image is not local yet."""
+        from pipeline.data.images import local_image_file
+
+        sizes = []
+        for ref in row.images:
+            local = local_image_file(ref)
+            if local is None:
+                return None
+            with Image.open(local) as img:  # the header only
+                sizes.append((img.height, img.width))
+        conversation = messages_from_row(row.query, row.response, row.history, row.system)
+        try:
+            messages = self.prepare_messages(conversation, row.images, generation=False)
+        except FamilyError as err:
+            raise FamilyError(f"{row.origin}: {err}") from err
+        text = self.render(processor, to_hf_messages(messages), generation_prompt=False)
+        n = len(processor.tokenizer(text)["input_ids"])
+        if sizes:
+            per_image = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+            n += sum(per_image) - len(sizes)  # each image token becomes that image's count
+        return n
+
+    def dataset(self, bundle: HFBundle, rows: Sequence[Any], max_length: int, truncation: str) -> Any:
+        from pipeline.data.dataset import FamilyDataset
+
+        return FamilyDataset(rows, self, bundle.processor, max_length)
+
+    def training_collate(self, bundle: HFBundle, pad_to_multiple: int = 1, packed: bool = False) -> Callable:
+        from functools import partial
+
+        return partial(self.collate_for_training, bundle.processor)
+
+    def eval_collate(self, bundle: HFBundle) -> Callable:
+        from functools import partial
+
+        return partial(self.collate_for_training, bundle.processor)
+
+    def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> LossSums:
+        """Returns the summed next-token loss, the supervised token count and the correct predictions.
+
+        Where the model's forward takes `logits_to_keep` (the Qwen VLs), only the positions whose next
+        token is supervised in some row of the batch go through lm_head: a caption row supervises some 20
+        of its ~470 tokens, and the vocabulary is 151,936 wide (the full fp32 logits of a 4096-token
+        micro-batch alone are 2.5 GB). Same sums as the full logits (tested)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets = batch["labels"][:, 1:]
+        if keeps_logits(model):
+            keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+            if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
+                keep = keep.new_zeros(1)
+            logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits.float()
+            labels = targets[:, keep.to(targets.device)].to(logits.device)
+        else:
+            logits = model(**inputs).logits[:, :-1].float()
+            labels = targets.to(logits.device)
+        mask = labels != IGNORE_INDEX
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
+
+    def checkpoint_writer(self, bundle: HFBundle) -> Callable:
+        def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:
+            model.save_pretrained(folder, state_dict=dict(state))
+            bundle.processor.save_pretrained(folder)
+
+        return write
+
+    def checkpoint_reader(self, bundle: HFBundle) -> Callable:
+        """Returns `read(folder) -> state dict`: a full checkpoint's weights under the model's own names
+        (save_pretrained may store them under the original checkpoint's names)."""
+
+        def read(folder: Path) -> dict[str, torch.Tensor]:
+            from transformers import AutoModelForImageTextToText
+
+            dtype = next(bundle.core.parameters()).dtype
+            return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).state_dict()
+
+        return read
+
+    @torch.no_grad()
+    def generate_rows(
+        self,
+        bundle: HFBundle,
+        rows: Sequence[Any],
+        settings: Any,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        image_cache: Path | None = None,
+        desc: str = "generate",
+        prefetch: bool | None = None,
+    ) -> list[str]:
+        """Returns one generated response per row, prompting with its query, history, system and images.
+        With `prefetch` (None: on a GPU) the next batches' images are loaded and encoded on CPU threads
+        while the current batch generates; the answers are the same."""
+        from tqdm.auto import tqdm
+
+        from pipeline.utils.prefetch import prepared_batches
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        options = generate_options(settings)
+        batches = [
+            range(start, min(start + batch_size, len(rows))) for start in range(0, len(rows), batch_size)
+        ]
+
+        def prepare(i: int) -> EncodedSample:
+            return self.encode_row(bundle.processor, rows[i], with_response=False, image_cache=image_cache)
+
+        prefetch = self.device_of(bundle).type == "cuda" if prefetch is None else prefetch
+        outputs: list[str] = []
+        prepared = prepared_batches(batches, prepare, prefetch)
+        for _, samples in tqdm(prepared, total=len(batches), desc=desc, unit="batch", leave=False):
+            batch = self.collate_for_generation(bundle.processor, samples)
+            outputs += self.generate(
+                bundle.model, bundle.processor, batch, max_new_tokens=settings.max_new_tokens, **options
+            )
+        return outputs
+
+    def dummy_samples(self, bundle: HFBundle, n: int, seed: int) -> list[EncodedSample]:
+        """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""
+        import random
+
+        rng = random.Random(seed)
+        samples = []
+        for _ in range(n):
+            side = 64
+            image = Image.frombytes(
+                "RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))
+            )
+            conversation = messages_from_row("Describe the image.", "A field of coloured noise.")
+            samples.append(self.encode(bundle.processor, conversation, [image]))
+        return samples
+
+    def logits_fn(self, bundle: HFBundle, device: torch.device) -> Callable:
+        """Returns `logits(model, sample)`: one sample's fp32 logits [T, vocab] on the CPU."""
+        from functools import partial
+
+        return partial(self._sample_logits, bundle.processor, device=device)
+
+    def _sample_logits(
+        self, processor: Any, model: nn.Module, sample: EncodedSample, device: torch.device
+    ) -> torch.Tensor:
+        batch = self.collate_for_training(processor, [sample])
+        batch.pop("labels")
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return model(**inputs).logits[0].float().cpu()
+
+    def check_merged(self, model: nn.Module, base: Path) -> None:
+        leftover = [k for k in model.state_dict() if "lora_" in k]
+        if leftover:
+            raise FamilyError(
+                f"{self.name}: after merging, {len(leftover)} adapter keys remain, first: {leftover[:5]}"
+            )
+
+    def save_merged(
+        self,
+        model: nn.Module,
+        bundle: HFBundle,
+        folder: Path,
+        shard_bytes: int,
+        dtype: torch.dtype,
+        base: Path,
+    ) -> None:
+        model = model.to(dtype)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp, max_shard_size=shard_bytes)
+            bundle.processor.save_pretrained(tmp)
+
+    def load_merged(self, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return self.load(folder, dtype, device)[0]
+
+    def weight_files(self, folder: Path) -> list[str]:
+        return sorted(p.name for p in Path(folder).glob("*.safetensors"))

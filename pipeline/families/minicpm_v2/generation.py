@@ -1,0 +1,197 @@
+"""Text generation for MiniCPM-V-2 from input embeddings: greedy or sampled, batched with left padding.
+
+A preallocated KV cache holds the prompt (text and image queries) after one prefill; each step then feeds
+one token per row. `use_cache=False` recomputes the whole sequence each step (the reference the cached
+path is tested against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pipeline.families.generation_settings import GenerationSettings
+from .kv_cache import KVCache
+from .modeling import MiniCPMV, positions_and_mask
+
+__all__ = ["GenerationSettings", "generate", "next_tokens"]
+
+
+def _penalise_repeats(logits: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or generated.shape[1] == 0:
+        return logits
+    picked = logits.gather(1, generated)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(1, generated, picked)
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    generated: torch.Tensor,
+    settings: GenerationSettings,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Returns the next token id per row [B] from fp32 logits [B, V] (`generator`: one, or one per row)."""
+    logits = _penalise_repeats(logits, generated, settings.repetition_penalty)
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    logits = logits / settings.temperature
+    if settings.top_k > 0:
+        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= settings.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    if isinstance(generator, Sequence):
+        # one generator per row: a row's draws do not depend on the other rows of its batch
+        rows = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
+        return torch.cat(rows).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class StaticDecoder:
+    """One decode step with fixed shapes over a preallocated cache, optionally replayed as a CUDA graph.
+
+    The step attends over the whole cache buffer with a mask that admits the prompt's real tokens and the
+    tokens generated so far, so no shape changes from step to step; on CUDA the step is captured once and
+    replayed, which removes the per-kernel launch cost that dominates decoding at small batch sizes.
+    """
+
+    def __init__(self, model: MiniCPMV, cache: KVCache, prompt_mask: torch.Tensor, use_graph: bool) -> None:
+        b, t = prompt_mask.shape
+        device = prompt_mask.device
+        self.model = model
+        self.cache = cache
+        self.cur = t  # next cache slot to write
+        cache.static_index = torch.tensor([t], dtype=torch.long, device=device)
+        self.mask = torch.zeros(b, 1, 1, cache.max_length, dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :t] = prompt_mask.bool()
+        self.pos = (prompt_mask.long().sum(-1, keepdim=True)).clone()  # next position id per row [B, 1]
+        self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.out = None
+        if use_graph:
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        llm = self.model.llm
+        embeds = llm.model.embed_tokens(self.tok) * self.model.config.scale_emb
+        hidden = llm.model(embeds, self.pos, self.mask, self.cache)
+        return llm.logits(hidden[:, -1])
+
+    def _capture(self) -> None:
+        # Warm-up writes land in the slot the first real step overwrites, and are masked until then.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Returns fp32 logits [B, V] for feeding `tok` [B] at the next slot."""
+        if self.cur >= self.cache.max_length:
+            raise RuntimeError(f"KV cache overflow: slot {self.cur} >= max_length {self.cache.max_length}")
+        self.tok.copy_(tok[:, None])
+        self.cache.static_index.fill_(self.cur)
+        self.mask[:, 0, 0, self.cur] = True
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.out
+        else:
+            logits = self._forward()
+        self.pos += 1
+        self.cur += 1
+        return logits
+
+
+@torch.no_grad()
+def generate(
+    model: MiniCPMV,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: list[list[torch.Tensor]] | None = None,
+    image_bound: list[torch.Tensor] | None = None,
+    settings: GenerationSettings | None = None,
+    eos_token_id: int | list[int] = 2,
+    pad_token_id: int = 0,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    use_cache: bool = True,
+    static: bool | None = None,
+    cuda_graph: bool | None = None,
+) -> torch.Tensor:
+    """Returns the new tokens [B, n] (rows that ended early are filled with pad_token_id after their eos).
+
+    `on_step` receives each step's tokens [B] as soon as they are chosen (for streaming). `generator` may be
+    a list with one generator per row, so that a row samples the same alone or in a batch. `static` decodes
+    with fixed shapes (default: on CUDA), `cuda_graph` replays that step as a CUDA graph (default: on CUDA).
+    """
+    settings = settings or GenerationSettings()
+    device = model.llm.lm_head.weight.device
+    on_cuda = device.type == "cuda"
+    static = on_cuda if static is None else static
+    cuda_graph = (on_cuda and static) if cuda_graph is None else cuda_graph
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    embed_scale = model.config.scale_emb
+    embeds = model.embed(input_ids, pixel_values, image_bound)
+    dtype = embeds.dtype
+    cache = None
+    if use_cache:
+        cfg = model.config
+        cache = KVCache(
+            cfg.num_hidden_layers,
+            b,
+            cfg.num_key_value_heads,
+            t + settings.max_new_tokens,
+            cfg.head_dim,
+            dtype,
+            device,
+        )
+    generated = torch.empty(b, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    # Prefill (and every step without a cache or without static shapes) goes through the plain forward.
+    pos, attn = positions_and_mask(mask, t, dtype)
+    hidden = model.llm.model(embeds, pos.to(device), attn, cache)
+    logits = model.llm.logits(hidden[:, -1])
+    decoder = None
+    if use_cache and static and settings.max_new_tokens > 1:
+        decoder = StaticDecoder(model, cache, mask, use_graph=cuda_graph)
+    past = t
+    for step in range(settings.max_new_tokens):
+        tok = next_tokens(logits, generated, settings, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        generated = torch.cat([generated, tok[:, None]], dim=1)
+        if on_step is not None:
+            on_step(tok)
+        finished = finished | torch.isin(tok, eos)
+        if step == settings.max_new_tokens - 1 or bool(finished.all()):
+            break
+        if decoder is not None:
+            logits = decoder.step(tok)
+            continue
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+        new_embeds = model.llm.model.embed_tokens(tok[:, None]) * embed_scale
+        if use_cache:
+            step_embeds = new_embeds
+        else:
+            embeds = torch.cat([embeds, new_embeds], dim=1)
+            step_embeds, past = embeds, 0
+        pos, attn = positions_and_mask(mask, step_embeds.shape[1], dtype, past=past)
+        hidden = model.llm.model(step_embeds, pos.to(device), attn, cache)
+        logits = model.llm.logits(hidden[:, -1])
+        if use_cache:
+            past = cache.length
+    return generated

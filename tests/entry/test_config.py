@@ -1,0 +1,378 @@
+"""Every shipped config composes and validates; bad overrides fail early, naming the key and the choices."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from pipeline import config
+from pipeline.__main__ import describe_error
+from pipeline.config import (
+    ConfigError,
+    resolve_checkpointing,
+    resolve_compile,
+    resolve_device,
+    resolve_dtype,
+    validate,
+)
+from pipeline.stages import STAGES
+from pipeline.stages.sft import accumulation_steps, checkpointing_of, loop_settings, optim_settings
+from tests.conftest import CONF_DIR
+
+# groups selected with `+group=name` (not in config.yaml's defaults list)
+APPENDED_GROUPS = {"experiment", "hparams_search"}
+# keys a file needs before it validates (a required path has no useful default)
+EXTRA_OVERRIDES = {
+    "dataset/custom": ["dataset.path=rows.jsonl"],
+    "lora/none": ["stages=[sft,eval,infer]"],  # full fine-tuning has no adapter to merge
+    # families the stages do not run yet (pipeline.families.STAGE_READY)
+    "model/minicpm_v4_6": ["stages=[]"],
+    "model/minicpm_v4_6_tiny": ["stages=[]"],
+    "model/qwen2_5_vl_3b": ["stages=[]"],
+    "model/qwen2_5_vl_7b": ["stages=[]"],
+    "model/qwen2_5_vl_tiny": ["stages=[]"],
+    "model/qwen3_vl_4b": ["stages=[]"],
+    "model/qwen3_vl_tiny": ["stages=[]"],
+}
+# plugins a file builds on; its test is skipped when the extra is not installed
+NEEDS_PLUGIN = {
+    "hparams_search": "hydra_plugins.hydra_optuna_sweeper",
+    "hydra/launcher": "hydra_plugins.hydra_submitit_launcher",
+}
+
+
+def _group_files() -> list[tuple[str, str]]:
+    """Return (group, option) for every yaml under conf/ except config.yaml itself."""
+    return sorted(
+        (str(path.parent.relative_to(CONF_DIR)), path.stem)
+        for path in CONF_DIR.rglob("*.yaml")
+        if path.parent != CONF_DIR
+    )
+
+
+def _select(group: str, option: str) -> list[str]:
+    prefix = "+" if group in APPENDED_GROUPS else ""
+    return [f"{prefix}{group}={option}", *EXTRA_OVERRIDES.get(f"{group}/{option}", [])]
+
+
+def _skip_without_plugin(group: str) -> None:
+    module = NEEDS_PLUGIN.get(group)
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install -e '.[sweeps,slurm]')")
+
+
+def test_group_files_are_found():
+    found = set(_group_files())
+    assert {("model", "minicpm_v2"), ("experiment", "lora_qkv"), ("trainer", "cpu_smoke")} <= found
+
+
+@pytest.mark.parametrize(("group", "option"), _group_files(), ids=lambda v: v)
+def test_every_shipped_yaml_composes_and_validates(compose, group, option):
+    _skip_without_plugin(group)
+    cfg = compose(_select(group, option), return_hydra_config=True)
+    validate(cfg)
+    assert cfg.hydra.runtime.choices[group] == option
+    if group == "experiment":
+        assert cfg.experiment_name == option
+
+
+@pytest.mark.parametrize(("group", "option"), _group_files(), ids=lambda v: v)
+def test_every_yaml_opens_with_how_to_select_it(group, option):
+    lines = (CONF_DIR / group / f"{option}.yaml").read_text().splitlines()
+    header = [line for line in lines if line.startswith("#") and "@package" not in line]
+    assert lines[0].startswith("#"), "the file must open with a comment"
+    assert any("python -m pipeline" in line for line in header), "the opening comment must show the command"
+
+
+def test_config_yaml_opens_with_how_to_run_it():
+    text = (CONF_DIR / "config.yaml").read_text()
+    assert text.startswith("#") and "model=minicpm_v2 trainer=default" in text.split("defaults:")[0]
+
+
+def test_defaults_match_ms_swift_for_minicpm_v2(compose):
+    cfg = compose(["model=minicpm_v2", "trainer=default", "dataset=custom"])
+    assert cfg.model.path == "openbmb/MiniCPM-V-2" and cfg.model.dtype == "auto"
+    # auto: on (ms-swift's default) wherever memory needs it; see the test below
+    assert cfg.model.gradient_checkpointing == "auto" and cfg.model.max_slice_nums == 9
+    assert checkpointing_of(cfg, torch.device("cpu")) is True
+    assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
+    assert optim_settings(cfg).lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
+    assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
+    t = cfg.trainer
+    assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, None)  # ceil(16 / batch / processes)
+    assert (t.eval_steps, t.save_steps, t.save_total_limit, t.eval_batch_size) == (50, None, 2, None)
+    settings = loop_settings(cfg)
+    assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
+    assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
+    assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s != "serve"]  # serve only when asked
+
+
+def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(compose, monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    qkv = compose(["model=minicpm_v2", "trainer=default", "+experiment=lora_qkv"])
+    assert qkv.trainer.compile == "auto"
+    real_compiles_on = config.compiles_on
+    # trainer=default on one recent GPU: compiled, no checkpointing (activations bounded by the budget)
+    monkeypatch.setattr(config, "compiles_on", lambda device: device.type == "cuda")
+    assert resolve_compile(qkv.trainer.compile, cuda, "minicpm_v2", 1, False) is True
+    assert checkpointing_of(qkv, cuda) is False
+    # where compile is not yet safe or not supported: off
+    assert resolve_compile("auto", cpu, "minicpm_v2", 1, False) is False
+    assert resolve_compile("auto", cuda, "qwen2_5_vl", 1, False) is False
+    assert resolve_compile("auto", cuda, "minicpm_v2", 2, False) is False
+    assert resolve_compile("auto", cuda, "minicpm_v2", 1, True) is False
+    assert resolve_compile(True, cpu, "qwen2_5_vl", 2, True) is True  # an explicit choice stays
+    monkeypatch.setattr(config, "compiles_on", lambda device: False)  # a pre-Ampere card, or no triton
+    assert resolve_compile("auto", cuda, "minicpm_v2", 1, False) is False
+    assert real_compiles_on(cpu) is False
+    # checkpointing stays on where memory needs it: full fine-tuning, low_memory, the plain regime, CPU
+    full = compose(["model=minicpm_v2", "trainer=default", "+experiment=full"])
+    low = compose(["model=minicpm_v2", "trainer=low_memory", "+experiment=lora_qkv"])
+    plain = compose(["model=minicpm_v2", "+experiment=lora_qkv", "trainer.micro_batch_tokens=0"])
+    assert [checkpointing_of(c, cuda) for c in (full, low, plain)] == [True, True, True]
+    assert checkpointing_of(qkv, cpu) is True
+    assert resolve_checkpointing(True, cuda, "qkv", 4096) is True
+    assert resolve_checkpointing(False, cpu, "none", 0) is False
+    assert checkpointing_of(compose(["model=qwen2_5_vl_tiny", "+experiment=lora_all"]), cuda) is False
+
+
+def test_compile_and_checkpointing_take_only_auto_true_false(compose):
+    for key in ("trainer.compile", "model.gradient_checkpointing"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(compose([f"{key}=sometimes"]))
+
+
+def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CACHE", "/somewhere")
+    cfg = compose()
+    assert cfg.model.name == "minicpm_v2_tiny" and cfg.model.build_if_missing is True
+    assert cfg.model.path == "/somewhere/minicpm_v2_tiny"
+    assert cfg.trainer.max_steps > 0 and cfg.trainer.grad_accum == 1
+    assert cfg.dataset.name == "demo" and cfg.tracking.backend == "none"
+
+
+def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
+    cfg = compose(["+experiment=full"])
+    assert cfg.lora.name == "none" and "merge" not in cfg.stages
+    # optim.lr null: the model's recipe for full fine-tuning (ms-swift's 1e-5 for MiniCPM-V-2)
+    assert cfg.optim.lr is None and optim_settings(cfg).lr == cfg.model.full_lr
+    assert optim_settings(compose(["+experiment=full", "model=minicpm_v2"])).lr == 1e-5
+    assert optim_settings(compose(["+experiment=lora_qkv", "model=minicpm_v2"])).lr == 1e-4
+    assert optim_settings(compose(["+experiment=full", "optim.lr=3e-4"])).lr == 3e-4
+
+
+def test_misspelt_key_fails_naming_key_and_valid_keys(compose):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["lora.rank=4"])
+    message = describe_error(info.value)
+    assert "lora.rank" in message and "valid keys" in message and "alpha" in message
+
+
+def test_wrong_type_fails_naming_the_key(compose):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["lora.r=abc"])
+    message = describe_error(info.value)
+    assert message.startswith("lora.r:") and "Integer" in message
+
+
+def test_unknown_group_choice_lists_the_real_options(compose):
+    with pytest.raises(MissingConfigException) as info:
+        compose(["lora=foo"])
+    message = describe_error(info.value)
+    assert "lora/foo" in message and "all, none, qkv" in message and "base_lora" not in message
+    assert "\n" not in message
+
+
+def test_unknown_stage_names_valid_stages(compose):
+    cfg = compose(["stages=[sft,bogus]"])
+    with pytest.raises(ConfigError, match="'bogus'.*sft, eval, merge, infer"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("stages", "fragment"),
+    [("[merge,sft]", "out of order"), ("[sft,sft]", "twice")],
+)
+def test_stage_order_and_duplicates_are_rejected(compose, stages, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate(compose([f"stages={stages}"]))
+
+
+def test_empty_stage_list_is_valid(compose):
+    validate(compose(["stages=[]"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("lora.name=foo", "lora.name=foo is not a valid choice; valid: qkv, all, none"),
+        ("model.dtype=fp8", "valid: auto, float32, bfloat16, float16"),
+        ("device=gpu", "valid: auto, cpu, cuda, cuda:N"),
+        ("tracking.backend=mlflow", "valid: none, wandb, tensorboard"),
+        ("optim.fused=maybe", "valid: auto, true, false"),
+        ("lora.r=0", "lora.r=0 is out of range"),
+        ("infer.top_p=1.5", "infer.top_p=1.5 is out of range"),
+        ("merge.shard_size=lots", "merge.shard_size=lots"),
+        ("+foo=1", "foo is not a known key"),
+        ("+lora.rank=4", "lora.rank is not a known key; valid keys of lora"),
+        ("dataset.sources=[{name:nope}]", "dataset.sources[0].name=nope is not a valid dataset"),
+    ],
+)
+def test_bad_values_name_key_and_choices(compose, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(compose([override]))
+    assert fragment in str(info.value)
+
+
+def test_validate_reports_every_problem_at_once(compose):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["lora.name=foo", "lora.r=0"]))
+    assert len(info.value.problems) == 2
+
+
+def test_optim_fused_accepts_booleans(compose):
+    validate(compose(["optim.fused=true"]))
+    validate(compose(["optim.fused=false"]))
+
+
+def test_custom_dataset_requires_a_path(compose):
+    with pytest.raises(ConfigError, match="dataset.path is required for dataset=custom"):
+        validate(compose(["dataset=custom"]))
+    validate(compose(["dataset=custom", "stages=[]"]))
+
+
+def test_missing_mandatory_value_names_the_key(compose):
+    with pytest.raises(ConfigError, match=r"model.path has no value"):
+        validate(compose(["model.path=???"]))
+
+
+def test_stages_without_sft_need_a_checkpoint(compose, tmp_path):
+    with pytest.raises(ConfigError, match="ckpt is required when stages=\\[eval,infer\\]"):
+        validate(compose(["stages=[eval,infer]"]))
+    validate(compose(["stages=[eval,infer]", "ckpt=base"]))
+    validate(compose(["stages=[merge]", f"ckpt={tmp_path}"]))
+    validate(compose(["stages=[infer]", f"infer.ckpt={tmp_path}"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(compose(["stages=[eval]", f"ckpt={tmp_path / 'nope'}"]))
+    with pytest.raises(ConfigError, match="no adapter to merge"):
+        validate(compose(["stages=[merge]", "ckpt=base"]))
+
+
+def test_ckpt_with_sft_and_merge_without_adapter_are_rejected(compose, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.resume"):
+        validate(compose([f"ckpt={tmp_path}"]))
+    with pytest.raises(ConfigError, match="lora=none"):
+        validate(compose(["lora=none"]))
+
+
+def test_optuna_search_space_and_direction_follow_the_config(compose):
+    _skip_without_plugin("hparams_search")
+    cfg = compose(["+hparams_search=optuna", "eval.direction=maximize"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert "optuna" in sweeper._target_ and sweeper.direction == "maximize"
+    assert sweeper.n_trials == 4 and sweeper.sampler.seed == 42
+    assert sweeper.params["lora.r"] == "choice(4, 8, 16)"
+    assert sweeper.params["optim.lr"] == "tag(log, interval(1e-5, 1e-3))"
+
+
+def test_slurm_launcher_takes_its_settings_from_config(compose):
+    _skip_without_plugin("hydra/launcher")
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (
+        "SlurmLauncher" in launcher._target_ and launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    )
+
+
+def test_run_and_sweep_folders(compose):
+    cfg = compose(["experiment_name=x", "output_root=/r"], return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("/r/x/") and cfg.hydra.sweep.dir.startswith("/r/x/multirun-")
+    assert cfg.hydra.job.chdir is False
+    logging = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    assert logging["handlers"]["file"]["filename"] == "${hydra.runtime.output_dir}/run.log"
+
+
+def test_resolve_device_and_dtype():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="cuda:99"):
+        resolve_device("cuda:99")
+    with pytest.raises(ConfigError, match="valid: auto, cpu"):
+        resolve_device("tpu")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="model.dtype=int8"):
+        resolve_dtype("int8", cpu)
+
+
+def test_resolve_device_reads_the_config(compose):
+    cfg = compose(["device=cpu", "model.dtype=float16"])
+    device = resolve_device(cfg)
+    assert device == torch.device("cpu") and resolve_dtype(cfg, device) == torch.float16
+
+
+@pytest.mark.parametrize("override", ["model.attn_implementation=eager", "dataset.num_workers=2"])
+def test_keys_that_did_nothing_fail_like_a_misspelt_key(compose, override):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    key = override.split("=")[0]
+    assert describe_error(info.value).startswith(f"{key} is not a key of {key.split('.')[0]}; valid keys")
+
+
+def test_freeze_switches_belong_to_full_fine_tuning(compose):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["lora.freeze_vision=true", "lora.freeze_llm=true"]))
+    assert info.value.problems == [
+        f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora=qkv only the adapters "
+        "train: choose what they cover with lora.target_modules"
+        for key in ("freeze_vision", "freeze_llm")
+    ]
+    validate(compose(["lora=none", "lora.freeze_vision=true", "stages=[sft,eval,infer]"]))
+    with pytest.raises(ConfigError, match="lora.bias=all applies to LoRA only"):
+        validate(compose(["lora=none", "lora.bias=all", "stages=[sft,eval,infer]"]))
+    validate(compose(["lora=all", "lora.bias=all"]))
+
+
+def test_dataset_columns_are_for_custom_files(compose):
+    with pytest.raises(ConfigError, match="dataset.columns renames the keys of custom files; dataset=demo"):
+        validate(compose(["dataset.columns={q: query}"]))
+    cfg = compose(["dataset=custom", "dataset.path=rows.jsonl", "dataset.columns={q: query}", "stages=[]"])
+    validate(cfg)
+    assert cfg.dataset.columns == {"q": "query"}
+
+
+def test_generation_defaults_have_one_source(compose):
+    from pipeline.apps.chat_cli import build_parser
+    from pipeline.apps.generation import GENERATION_KEYS
+    from pipeline.families.minicpm_v2.generation import GenerationSettings
+
+    defaults = GenerationSettings()
+    cfg = compose()
+    args = vars(build_parser().parse_args([]))
+    for key in GENERATION_KEYS:
+        assert cfg.infer[key] == getattr(defaults, key) == args[key], key
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.3, 0.7, 20)  # ms-swift 2.2's
+
+
+def test_accumulation_follows_ms_swift_when_unset(compose):
+    cfg = compose(["trainer=default"])
+    assert [accumulation_steps(cfg, world) for world in (1, 2, 4, 3)] == [16, 8, 4, 6]
+    cfg = compose(["trainer=default", "trainer.batch_size=4"])
+    assert accumulation_steps(cfg, 1) == 4
+    assert accumulation_steps(compose(["trainer=default", "trainer.grad_accum=3"]), 4) == 3
+
+
+def test_model_learning_rates_and_processor_settings_are_checked_before_any_work(compose):
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"model.lora_lr=0.0 is out of range"):
+        validate(compose(["model.lora_lr=0.0"]))
+    with pytest.raises(
+        ConfigError, match=r"model.processor_kwargs: .*unknown processor setting\(s\) max_pixel"
+    ):
+        validate(compose(["model=qwen2_5_vl_tiny", "+model.processor_kwargs.max_pixel=100"]))

@@ -1,0 +1,229 @@
+"""GPU checks (`pytest -m gpu` on a CUDA machine): the compiled training path and the CUDA-graph decode on
+the tiny twin give what the plain paths give, and the whole pipeline runs on the card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
+from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
+from pipeline.families.minicpm_v2.modeling import MiniCPMV
+from pipeline.stages import sft
+from pipeline.training.twin import ensure_tiny_twin
+
+from .test_sft import SHORT, eval_losses, losses_by_step, make_cfg
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    return ensure_tiny_twin()
+
+
+def run_sft(twin: Path, folder: Path, *overrides: str) -> Path:
+    cfg = make_cfg(twin, *SHORT, "device=cuda", "trainer.mixed_precision=bf16", *overrides)
+    state: dict = {}
+    sft.run(cfg, folder, state)
+    return folder / "sft"
+
+
+def test_compiled_training_steps_equal_the_plain_ones_on_cuda(twin, tmp_path):
+    plain = run_sft(twin, tmp_path / "plain", "trainer.compile=false")
+    compiled = run_sft(twin, tmp_path / "compiled", "trainer.compile=true")
+    a, b = losses_by_step(plain), losses_by_step(compiled)
+    assert sorted(a) == sorted(b) and len(a) == 6
+    for step in a:  # bf16 autocast; the compiled layers fuse differently, so rounding differs a little
+        assert b[step] == pytest.approx(a[step], rel=3e-2, abs=2e-2), (step, a, b)
+    ea, eb = eval_losses(plain), eval_losses(compiled)
+    assert sorted(ea) == sorted(eb)
+    for step in ea:  # evaluation inside training runs the plain layers
+        assert eb[step] == pytest.approx(ea[step], rel=3e-2, abs=2e-2), (step, ea, eb)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_decode_equals_the_eager_loop(twin, batch):
+    model = MiniCPMV.from_pretrained(twin).to("cuda", torch.float32).eval()
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(200, model.config.vocab_size - 1, (batch, 40), generator=g)
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on the first row
+    ids[0, :5] = 0
+    outs = {}
+    with torch.no_grad():
+        for name, static, graph in (("eager", False, False), ("static", True, False), ("graph", True, True)):
+            outs[name] = generate(
+                model,
+                ids.cuda(),
+                mask.cuda(),
+                settings=GenerationSettings(max_new_tokens=24),
+                eos_token_id=-1,
+                static=static,
+                cuda_graph=graph,
+            )
+    assert outs["eager"].shape == (batch, 24)
+    assert torch.equal(outs["static"], outs["eager"])
+    assert torch.equal(outs["graph"], outs["eager"])
+
+
+def test_the_whole_pipeline_runs_on_cuda_with_compile(twin, tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "+experiment=lora_qkv",
+        f"model.path={twin}",
+        "device=cuda",
+        "trainer.compile=true",
+        "trainer.max_steps=8",
+        "tracking=none",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    assert summary["global_step"] == 8
+    assert (run / "eval" / "metrics.json").is_file()
+    merged = Path(json.loads((run / "merge" / "merge_info.json").read_text())["output"])
+    assert any(merged.glob("*.safetensors"))
+    results = [json.loads(line) for line in (run / "infer" / "results.jsonl").read_text().splitlines()]
+    assert results and all(isinstance(r["response"], str) and r["query"] for r in results)
+
+
+@pytest.mark.parametrize(
+    ("engine", "experiment"),
+    [("fsdp", "lora_qkv"), ("fsdp", "full"), ("deepspeed_zero3", "lora_qkv"), ("deepspeed_zero3", "full")],
+)
+def test_sharded_run_resumes_like_an_uninterrupted_one(twin, tmp_path, engine, experiment):
+    # accelerate's own FSDP2 wrapping or DeepSpeed engine on every card of the machine: the checkpoint
+    # gathers the shards, and a run resumed from it repeats the uninterrupted run's losses
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    gpus = torch.cuda.device_count()
+
+    def launch(run: Path) -> None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "bench" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(gpus), "-m", "pipeline",
+               f"+experiment={experiment}", f"model.path={twin}", "device=cuda", "tracking=none",
+               "stages=[sft]", "trainer.max_steps=6", "trainer.save_steps=3", "trainer.logging_steps=1",
+               "trainer.eval_steps=100", "trainer.max_eval_samples=4", "lora.dropout=0",
+               f"hydra.run.dir={run}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(whole)
+    kind = "FSDP" if engine == "fsdp" else "DEEPSPEED"
+    assert f"engine: {kind}, {gpus} process(es)" in (whole / "run.log").read_text()
+    assert (whole / "sft" / "checkpoint-3").is_dir() and (whole / "sft" / "checkpoint-6").is_dir()
+    # the resumed run: the same folder as it was after step 3
+    shutil.copytree(whole, resumed, symlinks=True)
+    shutil.rmtree(resumed / "sft" / "checkpoint-6")
+    launch(resumed)
+    a, b = losses_by_step(whole / "sft"), losses_by_step(resumed / "sft")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in range(4, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-3), (step, a, b)
+    if experiment == "full":
+        check_checkpoint(whole / "sft" / "checkpoint-6", MiniCPMV.config_class.from_pretrained(twin))
+
+
+@pytest.mark.parametrize("experiment", ["lora_qkv", "lora_all", "full"])
+@pytest.mark.parametrize("budget", [4096, 0])
+def test_compile_with_trainer_default_settings_through_the_entry_point(twin, tmp_path, experiment, budget):
+    """trainer=default (16 rows a step: batch 1 x grad-accum 16, gradient checkpointing) with compile and
+    CUDA graphs, on the demo set's sliced, unsliced and variable-length rows, evaluation inside training
+    and a resume: the losses follow the plain run's within bf16 rounding, and the resumed run repeats them."""
+
+    def launch(run: Path, *extra: str) -> dict[int, float]:
+        cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model.path={twin}",
+               "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
+               "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.logging_steps=1",
+               "trainer.max_eval_samples=8", "lora.dropout=0", f"trainer.micro_batch_tokens={budget}",
+               f"hydra.run.dir={run}", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return losses_by_step(run / "sft")
+
+    plain = launch(tmp_path / "plain", "trainer.compile=false")
+    compiled = launch(tmp_path / "compiled", "trainer.compile=true")
+    assert sorted(plain) == sorted(compiled) == [1, 2, 3, 4]
+    for step in plain:
+        assert compiled[step] == pytest.approx(plain[step], rel=3e-2, abs=2e-2), (step, plain, compiled)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "compiled", resumed, symlinks=True)
+    shutil.rmtree(resumed / "sft" / "checkpoint-4")
+    again = launch(resumed, "trainer.compile=true")
+    for step in (3, 4):
+        assert again[step] == pytest.approx(compiled[step], rel=1e-2), (step, compiled, again)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "minicpm_v4_6"])
+def test_varlen_vision_attention_of_other_families_through_the_entry_point(tmp_path, family):
+    """trainer=default on an HF-native family's tiny twin in bf16: the default run (model.vision_attention
+    auto = torch's variable-length FlashAttention kernel) follows transformers' own SDPA loop over the
+    images within bf16 rounding, and each run's log says which it used."""
+
+    def launch(run: Path, *extra: str) -> tuple[dict[int, float], str]:
+        cmd = [sys.executable, "-m", "pipeline", "+experiment=lora_qkv", f"model={family}_tiny",
+               "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
+               "trainer.logging_steps=1", "trainer.save_steps=100", "trainer.eval_steps=100", "lora.dropout=0",
+               f"hydra.run.dir={run}", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return losses_by_step(run / "sft"), proc.stdout + proc.stderr
+
+    plain, plain_log = launch(tmp_path / "plain", "model.vision_attention=sdpa")
+    fast, fast_log = launch(tmp_path / "fast")
+    assert "vision attention: sdpa" in plain_log and "vision attention: varlen" in fast_log
+    assert sorted(plain) == sorted(fast) == [1, 2, 3, 4]
+    for step in plain:
+        assert fast[step] == pytest.approx(plain[step], rel=3e-2, abs=2e-2), (step, plain, fast)
+
+
+def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
+    """The server's batches decode over the static cache and its CUDA graph; fp32 keeps the rounding alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from pipeline.apps.generation import load_inference_bundle
+    from pipeline.apps.serve.app import ServerThread, create_app
+
+    from .conftest import free_port
+    from .test_serve import MODEL, ask, options, png_data_url
+
+    bundle = load_inference_bundle(str(twin), device="cuda", dtype="float32")
+    app = create_app(bundle, options(max_batch_size=8), MODEL)
+    server = ServerThread(app, "127.0.0.1", free_port())
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        questions = [
+            f"Question {i}: {'what colour is it' if i % 2 else 'what is 2 plus ' + str(i)}?" for i in range(8)
+        ]
+        images = [png_data_url((30 * i, 200 - 20 * i, 90)) if i % 3 else None for i in range(8)]
+        alone = [
+            ask(client, q, im).choices[0].message.content for q, im in zip(questions, images, strict=True)
+        ]
+        app.state.worker.batches.clear()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(
+                pool.map(lambda i: ask(client, questions[i], images[i]).choices[0].message.content, range(8))
+            )
+        assert max(app.state.worker.batches) > 1
+        assert together == alone
+    finally:
+        server.stop()

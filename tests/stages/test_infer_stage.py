@@ -1,0 +1,138 @@
+"""The infer stage: batch answers from a jsonl file or the held-out rows, checkpoint choice, interactive mode."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.data.rows import DatasetError
+from pipeline.families.minicpm_v2.tiny import build_tiny_twin
+from pipeline.stages import infer
+from tests.conftest import workdir_config, write_rows
+
+RESULT_KEYS = {"system", "query", "response", "label", "history", "images"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("infer")
+    build_tiny_twin(root / "tiny")
+    Image.new("RGB", (160, 112), (40, 160, 60)).save(root / "green.png")
+    write_rows(
+        root / "queries.jsonl",
+        [
+            {"query": "Describe the image.", "images": ["green.png"]},
+            {"query": "What is the result?", "response": "5", "history": [["What is 2 plus 3?", "the sum"]]},
+            {"query": "Say hello.", "system": "Answer briefly."},
+        ],
+    )
+    rows = [{"query": f"Question {i}?", "response": f"answer {i}"} for i in range(4)]
+    write_rows(root / "train.jsonl", rows)
+    write_rows(
+        root / "val.jsonl",
+        [
+            {"query": "Held out?", "response": "yes"},
+            {"query": "Second?", "response": "no"},
+            {"query": "Third?", "response": "maybe"},
+        ],
+    )
+    return root
+
+
+def config(workdir: Path, *overrides: str):
+    return workdir_config(
+        workdir,
+        "stages=[infer]",
+        "ckpt=base",
+        "infer.max_new_tokens=6",
+        "infer.batch_size=2",
+        *overrides,
+    )
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, tmp_path: Path):
+    cfg = config(workdir, f"infer.input={workdir / 'queries.jsonl'}")
+    result = infer.run(cfg, tmp_path, {})
+    assert result["infer"] == tmp_path / "infer" / "results.jsonl"
+    rows = read_results(result["infer"])
+    assert len(rows) == 3 and all(set(row) == RESULT_KEYS for row in rows)
+    assert [row["query"] for row in rows] == ["Describe the image.", "What is the result?", "Say hello."]
+    assert [row["label"] for row in rows] == [None, "5", None]  # "response" is optional in an input file
+    assert rows[0]["images"] == [str(workdir / "green.png")]  # resolved against the file's folder
+    assert rows[1]["history"] == [["What is 2 plus 3?", "the sum"]]
+    assert rows[2]["system"] == "Answer briefly."
+    assert all(isinstance(row["response"], str) for row in rows)
+
+
+def test_greedy_answers_are_the_same_on_a_second_run(workdir: Path, tmp_path: Path):
+    cfg = config(workdir, f"infer.input={workdir / 'queries.jsonl'}")
+    first = read_results(infer.run(cfg, tmp_path / "a", {})["infer"])
+    second = read_results(infer.run(cfg, tmp_path / "b", {})["infer"])
+    assert first == second
+    assert any(row["response"] for row in first)
+
+
+def test_sampled_answers_repeat_for_the_same_seed(workdir: Path, tmp_path: Path):
+    cfg = config(
+        workdir,
+        f"infer.input={workdir / 'queries.jsonl'}",
+        "infer.do_sample=true",
+        "infer.temperature=1.0",
+        "infer.top_p=1.0",
+        "infer.top_k=0",
+    )
+    first = read_results(infer.run(cfg, tmp_path / "a", {})["infer"])
+    second = read_results(infer.run(cfg, tmp_path / "b", {})["infer"])
+    assert [r["response"] for r in first] == [r["response"] for r in second]
+
+
+def test_without_input_the_held_out_rows_are_answered_up_to_max_samples(workdir: Path, tmp_path: Path):
+    rows = read_results(infer.run(config(workdir, "infer.max_samples=2"), tmp_path, {})["infer"])
+    assert [(row["query"], row["label"]) for row in rows] == [("Held out?", "yes"), ("Second?", "no")]
+
+
+def test_checkpoint_precedence(workdir: Path, tmp_path: Path):
+    ckpt, merged, other = (tmp_path / name for name in ("ckpt", "merged", "other"))
+    for folder in (ckpt, merged, other):
+        folder.mkdir()
+    pick = infer.checkpoint_for_infer
+    assert pick(config(workdir, f"infer.ckpt={other}"), {"merged": merged, "ckpt": ckpt}) == other.resolve()
+    assert pick(config(workdir, "infer.ckpt=base"), {"merged": merged}) is None
+    assert pick(config(workdir), {"merged": merged, "ckpt": ckpt}) == merged
+    assert pick(config(workdir), {"ckpt": ckpt}) == ckpt
+    assert pick(config(workdir, f"ckpt={other}"), {}) == other.resolve()
+    assert pick(config(workdir), {}) is None  # ckpt=base
+
+
+def test_a_bad_input_record_is_named_with_its_line(tmp_path: Path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"query": "fine"}\n{"query": "", "images": []}\nnot json\n', encoding="utf-8")
+    with pytest.raises(
+        DatasetError,
+        match=r"2 problem\(s\): .*bad.jsonl:2: 'query' is empty.*bad.jsonl:3: "
+        r"invalid JSON",
+    ):
+        infer.read_infer_input(path)
+    with pytest.raises(DatasetError, match=r"infer.input=.*missing.jsonl: file not found"):
+        infer.read_infer_input(tmp_path / "missing.jsonl")
+
+
+def test_interactive_mode_chats_on_stdin_and_records_each_turn(
+    workdir: Path, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello?\n\nAnd then?\nexit\n"))
+    result = infer.run(config(workdir, "infer.interactive=true"), tmp_path, {})
+    out = capsys.readouterr().out
+    assert out.count("<<< ") >= 3 and "Input a media path or URL <<< " in out
+    turns = read_results(result["infer"])
+    assert [turn["query"] for turn in turns] == ["Hello?", "And then?"]
+    assert turns[1]["history"] == [["Hello?", turns[0]["response"]]]
+    assert all(set(turn) == RESULT_KEYS for turn in turns)

@@ -1,0 +1,193 @@
+"""The sft stage on the tiny twin: checkpoints, exact resume, signals, and that training actually learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from pipeline.config import register_configs
+from pipeline.data.rows import DatasetError
+from pipeline.stages import eval as eval_stage
+from pipeline.stages import infer as infer_stage
+from pipeline.stages import sft
+from pipeline.training import loop
+from pipeline.training.checkpoints import list_checkpoints
+from pipeline.training.twin import ensure_tiny_twin
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.fixture(scope="session")
+def twin(tmp_path_factory) -> Path:
+    """The tiny twin with its short pre-training (so that fine-tuning has something to adapt)."""
+    return ensure_tiny_twin()
+
+
+def make_cfg(twin: Path, *overrides: str):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"model.path={twin}", "tracking=none", *overrides])
+
+
+def losses_by_step(sft_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (sft_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def eval_losses(sft_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (sft_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+
+
+SHORT = (
+    "+experiment=lora_qkv",
+    "trainer.max_steps=6",
+    "trainer.save_steps=3",
+    "trainer.eval_steps=3",
+    "trainer.logging_steps=1",
+    "trainer.batch_size=2",
+    "trainer.max_eval_samples=4",
+    "model.gradient_checkpointing=false",
+    "optim.lr=1e-3",
+)
+
+
+def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
+    cfg = make_cfg(twin, *SHORT, "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.save_total_limit=2")
+    out = sft.run(cfg, tmp_path, {})
+    sft_dir = tmp_path / "sft"
+    names = [p.name for p in list_checkpoints(sft_dir)]
+    best = (sft_dir / "best").resolve().name
+    assert names[-1] == "checkpoint-6" and len(set(names) - {best}) <= 2
+    assert (sft_dir / "last").resolve().name == "checkpoint-6"
+    ckpt = sft_dir / "checkpoint-6"
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+        "config.yaml",
+        "base_model.json",
+        "tokenizer.model",
+        "preprocessor_config.json",
+    ):
+        assert (ckpt / name).is_file(), name
+    assert not list(sft_dir.glob(".tmp-*"))
+    adapter_config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(twin.resolve())  # the base, for PeftModel
+    assert sorted(losses_by_step(sft_dir)) == [1, 2, 3, 4, 5, 6]
+    assert 0 in eval_losses(sft_dir)  # the starting point is evaluated too
+    assert (sft_dir / "loss.png").stat().st_size > 1000
+    summary = json.loads((sft_dir / "summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["trainable_params"] < summary["total_params"]
+    assert out["ckpt"] == (sft_dir / "best").resolve()
+
+
+def test_resume_after_a_crash_repeats_the_uninterrupted_losses(twin, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    sft.run(make_cfg(twin, *SHORT), whole, {})
+    reference = losses_by_step(whole / "sft")
+
+    crashed = tmp_path / "crashed"
+    real_step = loop.Trainer._step
+    calls = {"n": 0}
+
+    def crash_at_step_5(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sft.run(make_cfg(twin, *SHORT), crashed, {})
+    monkeypatch.setattr(loop.Trainer, "_step", real_step)
+    assert [p.name for p in list_checkpoints(crashed / "sft")] == ["checkpoint-3"]
+
+    out = sft.run(make_cfg(twin, *SHORT), crashed, {})  # trainer.resume=auto
+    assert out["sft"]["resumed_from"].endswith("checkpoint-3")
+    resumed = losses_by_step(crashed / "sft")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_saves_a_checkpoint_then_stops(twin, tmp_path, monkeypatch):
+    real_step = loop.Trainer._step
+    calls = {"n": 0}
+
+    def terminate_during_step_2(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", terminate_during_step_2)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 2"):
+        sft.run(make_cfg(twin, *SHORT), tmp_path, {})
+    assert [p.name for p in list_checkpoints(tmp_path / "sft")] == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_bad_resume_path_is_refused(twin, tmp_path):
+    with pytest.raises(loop.TrainingError, match="not a complete checkpoint"):
+        sft.run(make_cfg(twin, *SHORT, f"trainer.resume={tmp_path / 'nope'}"), tmp_path, {})
+
+
+LEARN = (
+    "trainer.max_steps=30",
+    "trainer.batch_size=4",
+    "trainer.eval_steps=30",
+    "trainer.save_steps=30",
+    "trainer.max_eval_samples=12",
+    "model.gradient_checkpointing=false",
+)
+
+
+def test_full_finetuning_lowers_eval_loss_markedly(twin, tmp_path):
+    sft.run(make_cfg(twin, "+experiment=full", *LEARN, "optim.lr=1e-3"), tmp_path, {})
+    losses = eval_losses(tmp_path / "sft")
+    assert losses[30] < 0.95 * losses[0], losses
+
+
+@pytest.mark.parametrize("preset", ["lora_qkv", "lora_all"])
+def test_lora_lowers_eval_loss_measurably(twin, tmp_path, preset):
+    sft.run(make_cfg(twin, f"+experiment={preset}", *LEARN, "optim.lr=3e-3"), tmp_path, {})
+    losses = eval_losses(tmp_path / "sft")
+    assert losses[30] < 0.99 * losses[0], losses
+
+
+def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monkeypatch):
+    from pipeline.families.minicpm_v2.modeling import MiniCPMV
+
+    real = MiniCPMV.lm_loss
+
+    def nan_loss(self, hidden, labels):
+        loss_sum, tokens, correct = real(self, hidden, labels)
+        return loss_sum * float("nan"), tokens, correct
+
+    monkeypatch.setattr(MiniCPMV, "lm_loss", nan_loss)
+    with pytest.raises(loop.TrainingError, match=r"loss is nan at step 1: lower optim.lr"):
+        sft.run(make_cfg(twin, *SHORT), tmp_path, {})
+
+
+@pytest.mark.parametrize("stage", ["sft", "eval", "infer"])
+def test_the_dataset_is_read_and_checked_before_the_weights_load(tmp_path, stage):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"query": "q", "response": "a"}\n{"query": "q", "response": ""}\n', encoding="utf-8")
+    overrides = ["dataset=custom", f"dataset.path={data}", "model.build_if_missing=false", "device=cpu"]
+    if stage != "sft":
+        overrides += [f"stages=[{stage}]", "ckpt=base"]
+    cfg = make_cfg(tmp_path / "no_model_here", *overrides)
+    module = {"sft": sft, "eval": eval_stage, "infer": infer_stage}[stage]
+    with pytest.raises(DatasetError, match=r"rows.jsonl:2: 'response' is empty"):
+        module.run(cfg, tmp_path / "run", {})

@@ -1,0 +1,123 @@
+"""DeepSpeed ZeRO-2/3 through `accelerate launch` with the shipped configs, on two CPU processes
+(DS_ACCELERATOR=cpu, gloo): the loss curve of one process with the same global batch, batches that mix
+text-only and image rows, exact resume from the engine's sharded state, and whole weights in checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
+from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
+from pipeline.training.loop import window_indices
+from pipeline.training.twin import build_pretrained_twin
+from tests.conftest import REPO_ROOT, free_port, run_python
+
+from .test_distributed import (
+    BIN,
+    EXACT,
+    assert_same_curve,
+    log_records,
+    run_folders,
+    train_single,
+    write_mixed_dataset,
+)
+
+pytest.importorskip("deepspeed")  # installed by `make test` (Makefile); a bare environment skips
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    return build_pretrained_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", steps=20)
+
+
+def cpu_config(stage: int, folder: Path) -> Path:
+    """The shipped config with fp32 (the CPU has no bf16 DeepSpeed path worth testing)."""
+    text = (REPO_ROOT / "bench" / "accelerate" / f"deepspeed_zero{stage}.yaml").read_text()
+    path = folder / f"zero{stage}.yaml"
+    path.write_text(text.replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    return path
+
+
+def ds_launch(config: Path, cwd: Path, *overrides: str):
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "pipeline", *overrides, "tracking=none",
+           "stages=[sft]"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        return run_python(cmd, cwd, timeout=420)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_text_only_and_image_rows_trains_like_one_process(twin, tmp_path, stage):
+    # lora=all trains the vision tower too; under ZeRO-3 its weights are partitioned, so a rank whose batch
+    # has no image must still gather them with the others. Two micro-batches per step: the loop's window.
+    n_rows, steps, seed = 24, 3, 42
+    row_of = lambda step, rank, micro: window_indices(n_rows, seed, 0, step, 4, rank, 2)[micro]  # noqa: E731
+    text_only = {row_of(0, 0, 0), row_of(0, 0, 1), row_of(1, 1, 0), row_of(1, 1, 1)}
+    train, val = write_mixed_dataset(tmp_path / "data", text_only, n_rows)
+    common = ["+experiment=lora_all", f"model.path={twin}", "dataset=custom", f"dataset.path={train}",
+              f"dataset.val_path={val}", *EXACT, f"trainer.max_steps={steps}", "trainer.batch_size=1",
+              "optim.max_grad_norm=0.5"]  # fmt: skip
+    out = tmp_path / "outputs"
+    done = ds_launch(
+        cpu_config(stage, tmp_path), tmp_path, *common, f"output_root={out}", "trainer.grad_accum=2"
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run_dir,) = run_folders(out)
+    assert "engine: DEEPSPEED, 2 process(es)" in (run_dir / "run.log").read_text()
+    single = train_single(twin, tmp_path / "single", *common, "trainer.grad_accum=4")
+    multi = log_records(run_dir / "sft")
+    assert_same_curve(multi, single, steps=steps)
+    # DeepSpeed clips by optim.max_grad_norm and reports the norm before clipping, as one process does
+    norms = lambda records: {r["step"]: r["grad_norm"] for r in records if "loss" in r}  # noqa: E731
+    for step, norm in norms(single).items():
+        assert norms(multi)[step] == pytest.approx(norm, rel=1e-3), step
+
+
+@pytest.mark.parametrize(("stage", "experiment"), [(2, "full"), (3, "full"), (3, "lora_all")])
+def test_zero_resumes_exactly_with_whole_weights(twin, tmp_path, stage, experiment):
+    config = cpu_config(stage, tmp_path)
+    common = [f"+experiment={experiment}", f"model.path={twin}", "dataset.max_rows=48", *EXACT, "trainer.max_steps=4",
+              "trainer.save_steps=2", "trainer.batch_size=1", "trainer.grad_accum=1"]  # fmt: skip
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    done = ds_launch(config, tmp_path, *common, f"hydra.run.dir={whole}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    ckpt = whole / "sft" / "checkpoint-2"
+    # the engine's own sharded state (one optimizer partition per process) and whole official weights
+    assert len(list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+    if experiment == "full":
+        check_checkpoint(ckpt, MiniCPMVConfig.from_pretrained(twin))
+    else:
+        adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+        assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not empty partitions
+    assert (ckpt / "rng_state.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
+
+    shutil.copytree(whole, resumed, symlinks=True)
+    shutil.rmtree(resumed / "sft" / "checkpoint-4")
+    done = ds_launch(config, tmp_path, *common, f"hydra.run.dir={resumed}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    a = {r["step"]: r["loss"] for r in log_records(whole / "sft") if "loss" in r}
+    b = {r["step"]: r["loss"] for r in log_records(resumed / "sft") if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], rel=1e-5)
+    # the resumed run's final weights equal the uninterrupted run's
+    pattern = "model-00001-*.safetensors" if experiment == "full" else "adapter_model.safetensors"
+    final_a = load_file(str(next((whole / "sft" / "checkpoint-4").glob(pattern))))
+    final_b = load_file(str(next((resumed / "sft" / "checkpoint-4").glob(pattern))))
+    for name, tensor in final_a.items():
+        assert (final_b[name] - tensor).abs().max() <= 1e-5 * (1 + tensor.abs().max()), name
+
+
+def test_deepspeed_state_of_another_process_count_is_refused_naming_both(tmp_path):
+    from pipeline.training.checkpoints import load_training_checkpoint
+
+    state = tmp_path / "checkpoint-2" / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    for rank in range(2):
+        (state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"state of 2 processes, this run has 1.*--num_processes 2"):
+        load_training_checkpoint(tmp_path / "checkpoint-2", None, None, None, engine=object())

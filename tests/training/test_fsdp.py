@@ -1,0 +1,93 @@
+"""FSDP checkpoints: two CPU processes (gloo) hold half of every weight and of its AdamW state; a checkpoint
+holds whole tensors, resumes the sharded run exactly, and resumes in one unsharded process too."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
+from pipeline.training.checkpoints import load_training_checkpoint
+
+from . import fsdp_worker
+from .conftest import free_port, run_python
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module", params=["lora", "full"])
+def sharded_run(request, tmp_path_factory) -> tuple[str, Path, dict]:
+    mode = request.param
+    out = tmp_path_factory.mktemp(f"fsdp-{mode}")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "training" / "fsdp_worker.py"), mode, str(out)]  # fmt: skip
+    done = run_python(cmd, out, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return mode, out, json.loads((out / "result.json").read_text())
+
+
+def test_each_process_holds_half_of_every_trainable_weight(sharded_run):
+    _, _, result = sharded_run
+    assert result["world"] == 2
+    shapes = result["shapes"]
+    assert shapes
+    for name, (local, full) in shapes.items():
+        assert local[1:] == full[1:] and local[0] == (full[0] + 1) // 2, name
+
+
+def test_a_sharded_run_resumes_exactly_from_its_checkpoint(sharded_run):
+    _, _, result = sharded_run
+    a, b = result["losses_a"], result["losses_b"]
+    assert len(a) == fsdp_worker.STEPS and len(b) == fsdp_worker.STEPS - fsdp_worker.SAVE_AT
+    assert b == pytest.approx(a[fsdp_worker.SAVE_AT :], rel=1e-6, abs=1e-7)
+    assert a[-1] != a[fsdp_worker.SAVE_AT - 1]  # the steps after the checkpoint did change the model
+
+
+def test_the_checkpoint_holds_whole_tensors(sharded_run):
+    mode, out, result = sharded_run
+    ckpt = out / "sft" / f"checkpoint-{fsdp_worker.SAVE_AT}"
+    assert (ckpt / "rng_state.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
+    model, _, _ = fsdp_worker.build(mode, sharded=False)
+    if mode == "full":
+        check_checkpoint(ckpt, model.config)  # every official key, full shapes
+    else:
+        saved = load_file(str(ckpt / "adapter_model.safetensors"))
+        full = {n: s[1] for n, s in result["shapes"].items()}
+        assert len(saved) == len(full)
+        assert sorted(list(t.shape) for t in saved.values()) == sorted(full.values())
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(optim["state"]) == set(trainable)
+    for name, state in optim["state"].items():
+        assert state["exp_avg"].shape == trainable[name].shape, name
+
+
+def test_the_sharded_checkpoint_resumes_in_one_process(sharded_run):
+    mode, out, result = sharded_run
+    torch.set_num_threads(1)
+    model, optimizer, scheduler = fsdp_worker.build(mode, sharded=False)
+    ckpt = out / "sft" / f"checkpoint-{fsdp_worker.SAVE_AT}"
+    state = load_training_checkpoint(ckpt, model, optimizer, scheduler)
+    assert state.global_step == fsdp_worker.SAVE_AT
+    losses = [
+        fsdp_worker.train_step(model, optimizer, scheduler, step)
+        for step in range(state.global_step + 1, fsdp_worker.STEPS + 1)
+    ]
+    # every rank saw the same batches, so the sharded run was a one-process run up to float rounding
+    assert losses == pytest.approx(result["losses_a"][fsdp_worker.SAVE_AT :], rel=1e-5)
+
+
+def test_a_rank_without_images_keeps_step_with_the_others(sharded_run):
+    # rank 0's batch has images of two sizes (two passes through the tower), rank 1's none: rank 1 makes
+    # two blank passes so that every block's gathering pairs up; the losses equal an unsharded copy's
+    _, _, result = sharded_run
+    (before_sharded, before_whole), (after_sharded, after_whole) = result["mixed"]
+    assert before_sharded == pytest.approx(before_whole, rel=1e-5)
+    assert after_sharded == pytest.approx(after_whole, rel=1e-5)
+    assert after_sharded != before_sharded  # the training step between them did update the weights

@@ -1,0 +1,41 @@
+"""trainer.profile_steps: torch.profiler over a few optimizer steps of a run, written into sft/profile/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.training.twin import ensure_tiny_twin
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("steps", [2, 0])
+def test_profile_steps_write_the_ops_table_and_the_timeline(tmp_path, steps):
+    twin = ensure_tiny_twin()
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline", "+experiment=lora_qkv", f"model.path={twin}", "tracking=none",
+           "stages=[sft]", "device=cpu", "trainer.max_steps=6", "trainer.logging_steps=1",
+           "trainer.eval_steps=100", "trainer.max_eval_samples=2", f"trainer.profile_steps={steps}",
+           f"hydra.run.dir={run}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = run / "sft" / "profile"
+    if steps == 0:
+        assert not folder.exists()
+        return
+    ops = (folder / "ops.txt").read_text()
+    assert ops.startswith("torch.profiler over 2 optimizer step(s) after 3 unrecorded ones")
+    # the model's own work is in the table: matmuls of the LLM and the optimizer's update
+    assert "aten::mm" in ops or "aten::addmm" in ops or "aten::linear" in ops
+    assert "Self CPU" in ops
+    trace = json.loads((folder / "trace.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert sum(name.startswith("ProfilerStep#") for name in names) == 2  # the recorded steps only
+    # every planned step still ran and was logged
+    logged = [json.loads(line) for line in (run / "sft" / "logging.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
