@@ -52,8 +52,8 @@ from pipeline.runinfo import (
 )
 from pipeline.stages import StageFn, get_stage
 from pipeline.sweep import record_job, sweep_group_name
-from pipeline.utils.tracking import build_tracker
 from pipeline.utils.lock import LOCK_FILE, FolderBusy, folder_lock
+from pipeline.utils.tracking import build_tracker
 
 log = logging.getLogger("pipeline")
 # Absolute, so the entry also works when imported (a console script, tests) and not only via `python -m`.

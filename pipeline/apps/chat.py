@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from pipeline.data.images import load_image
 from pipeline.apps.generation import (
     batch_to_device,
     encode_prompt,
@@ -38,6 +37,7 @@ from pipeline.apps.generation import (
     load_inference_bundle,
     prompt_limit,
 )
+from pipeline.data.images import load_image
 from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families.minicpm_v2.collate import Sample, collate_for_generation
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline.apps.chat import Chat, FamilyChat, chat_for, family_of_folder
-from pipeline.data.images import ImageLoadError
 from pipeline.apps.generation import load_inference_bundle
-from pipeline.families.minicpm_v2.checkpoint import CheckpointError
+from pipeline.data.images import ImageLoadError
+from pipeline.families.checkpoints import CheckpointError
 from pipeline.families.minicpm_v2.generation import GenerationSettings
 from pipeline.runinfo import load_run_config
 

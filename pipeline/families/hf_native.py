@@ -402,7 +402,7 @@ class HFNativeFamily(Family):
         build_if_missing: bool = False,
         allow_download: bool = False,
     ) -> HFBundle:
-        from pipeline.families.minicpm_v2.bundle import _adapter_base, checkpoint_kind
+        from pipeline.families.checkpoints import adapter_base, checkpoint_kind
 
         base = self.base_folder(path, build_if_missing, allow_download)
         if ckpt is None:
@@ -413,7 +413,7 @@ class HFNativeFamily(Family):
         if kind == "full":  # written in the native layout, processor included
             model, processor = self.load(ckpt, dtype, device)
             return HFBundle(model, processor, base, "full")
-        base = _adapter_base(ckpt, base)
+        base = adapter_base(ckpt, base)
         model, processor = self.load(base, dtype, device)
         model = self.load_adapter(model, ckpt).to(device)
         return HFBundle(model, processor, base, "adapter")

@@ -26,15 +26,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.apps.generation import generation_settings, load_inference_bundle
 from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_device
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.apps.generation import generation_settings, load_inference_bundle
-from pipeline.utils.metrics import compute_generation_metrics
-from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families import family_from_config, get_family, image_limit
+from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.runinfo import resolve_ckpt
 from pipeline.utils.io import atomic_write_json, atomic_write_text
+from pipeline.utils.metrics import compute_generation_metrics
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from omegaconf import DictConfig
 
 from pipeline.apps.chat import chat_for
 from pipeline.apps.chat_cli import run_chat
+from pipeline.apps.generation import GENERATION_KEYS, generation_settings, load_inference_bundle
 from pipeline.config import BASE_CKPT, resolve_device
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
 from pipeline.data.sources import DEFAULT_IMAGE_LIMIT
 from pipeline.data.validate import image_count_problems, record_to_row
-from pipeline.apps.generation import GENERATION_KEYS, generation_settings, load_inference_bundle
-from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families import family_from_config, image_limit
+from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families.minicpm_v2.generation import GenerationSettings
 from pipeline.runinfo import checkpoint_of_run, resolve_ckpt
 from pipeline.utils.io import append_jsonl, atomic_write_text

@@ -28,12 +28,15 @@ from tqdm.auto import tqdm
 
 from pipeline.config import BASE_CKPT, resolve_device
 from pipeline.data.prepare import prepare_splits
-from pipeline.families.minicpm_v2.bundle import BASE_POINTER, ModelBundle, checkpoint_kind
-from pipeline.families.minicpm_v2.checkpoint import CheckpointError, read_checkpoint_shapes
-from pipeline.families.minicpm_v2.checkpoint import save_checkpoint as save_checkpoint  # MiniCPM-V-2's merged layout
-from pipeline.families.minicpm_v2.collate import Sample, encode_example
 from pipeline.families import family_from_config
 from pipeline.families.base import FamilyError
+from pipeline.families.checkpoints import BASE_POINTER, CheckpointError, checkpoint_kind
+from pipeline.families.minicpm_v2.bundle import ModelBundle
+from pipeline.families.minicpm_v2.checkpoint import read_checkpoint_shapes
+from pipeline.families.minicpm_v2.checkpoint import (
+    save_checkpoint as save_checkpoint,  # MiniCPM-V-2's merged layout
+)
+from pipeline.families.minicpm_v2.collate import Sample, encode_example
 from pipeline.families.minicpm_v2.family import minicpm_sample_logits
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer

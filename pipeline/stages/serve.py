@@ -19,8 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, resolve_device
 from pipeline.apps.generation import load_inference_bundle
+from pipeline.config import ConfigError, resolve_device
 from pipeline.families import family_from_config
 from pipeline.runinfo import checkpoint_of_run
 

@@ -31,12 +31,12 @@ from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.families import family_from_config, image_limit
 from pipeline.families.minicpm_v2.lora import count_parameters
 from pipeline.runinfo import seed_everything
-from pipeline.utils.tracking import build_tracker
 from pipeline.training.checkpoints import check_tuning_settings
 from pipeline.training.loop import LoopSettings, Trainer, checkpoint_to_resume, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.plot import plot_losses
 from pipeline.utils.io import atomic_write_json
+from pipeline.utils.tracking import build_tracker
 
 log = logging.getLogger(__name__)
 

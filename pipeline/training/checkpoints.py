@@ -39,17 +39,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.families.minicpm_v2.bundle import BASE_POINTER
-from pipeline.families.minicpm_v2.checkpoint import (
+from pipeline.families.checkpoints import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    SIDE_FILES,
+    BASE_POINTER,
     CheckpointError,
     check_adapter_folder,
-    read_checkpoint_shapes,
     read_json_file,
-    save_checkpoint,
 )
+from pipeline.families.minicpm_v2.checkpoint import SIDE_FILES, read_checkpoint_shapes, save_checkpoint
 from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.utils.io import file_mode
 

@@ -173,7 +173,9 @@ def model_folder(path: str, build_if_missing: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Build (or confirm) a pre-trained twin from the command line and print its folder."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.training.twin", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.training.twin", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"folder (default: {default_twin_path()})")
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pre-training steps (0 = random)")
     args = parser.parse_args(argv)

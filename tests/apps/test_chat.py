@@ -11,7 +11,7 @@ from PIL import Image
 import pipeline.apps.chat as chat_module
 from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import SEPARATOR, main, run_chat
-from pipeline.families.minicpm_v2.checkpoint import CheckpointError
+from pipeline.families.checkpoints import CheckpointError
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config
 from pipeline.families.minicpm_v2.modeling import MiniCPMV

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline.apps.generation import load_inference_bundle
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.apps.serve.app import ServeOptions, ServerThread, create_app
+from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from tests.conftest import free_port
 
 MODEL = "minicpm_v2_tiny"

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.apps.serve.app import ServerThread, create_app
 from pipeline.config import validate
 from pipeline.families import get_family
-from pipeline.apps.serve.app import ServerThread, create_app
 from pipeline.stages import serve
-from tests.conftest import build_varied_twin, compose_config, free_port
 from tests.apps.test_serve import options
+from tests.conftest import build_varied_twin, compose_config, free_port
 
 MODEL = "qwen2_5_vl_tiny"
 MAX_TOKENS = 10

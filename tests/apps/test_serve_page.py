@@ -15,10 +15,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from pipeline.apps.generation import load_inference_bundle
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.apps.serve.app import ServerThread, create_app
-from tests.conftest import free_port
+from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from tests.apps.test_serve import MODEL, ask, options
+from tests.conftest import free_port
 
 KEY = "page-key"
 # Debian's packages (`apt-get install chromium chromium-driver`, which `make install` runs)

@@ -2,7 +2,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.families.minicpm_v2.collate import Sample, collate_for_generation, collate_for_training, encode_example
+from pipeline.families.minicpm_v2.collate import (
+    Sample,
+    collate_for_generation,
+    collate_for_training,
+    encode_example,
+)
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
 from pipeline.families.minicpm_v2.template import IGNORE_INDEX
 from pipeline.families.minicpm_v2.tokenizer import train_tiny_tokenizer

@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from pipeline.families.minicpm_v2.collate import encode_example
 from pipeline.families import FAMILIES, get_family, locate_model
 from pipeline.families.base import IGNORE_INDEX, FamilyError, messages_from_row
+from pipeline.families.minicpm_v2.collate import encode_example
 
 HF_FAMILIES = ("qwen2_5_vl", "minicpm_v4_6", "qwen3_vl")
 CONVERSATION = [
@@ -582,9 +582,9 @@ def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monk
 def test_prefetched_generation_of_another_family_gives_the_same_answers_and_names_a_bad_row(twins, tmp_path):
     """Eval and infer of an HF-native family load and encode the next batches on threads (the GPU default):
     the same answers as one batch after the other; a row whose image fails in a later batch is named."""
+    from pipeline.apps.generation import generation_settings
     from pipeline.data.images import ImageLoadError
     from pipeline.data.rows import Row
-    from pipeline.apps.generation import generation_settings
 
     family, folder = twins["qwen2_5_vl"]
     bundle = family.load_bundle(str(folder))

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.families.minicpm_v2.checkpoint import CheckpointError, check_checkpoint, load_model, save_checkpoint
+from pipeline.families.checkpoints import CheckpointError
+from pipeline.families.minicpm_v2.checkpoint import check_checkpoint, load_model, save_checkpoint
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
 from pipeline.families.minicpm_v2.modeling import MiniCPMV

@@ -1,6 +1,11 @@
 import pytest
 
-from pipeline.families.minicpm_v2.template import IGNORE_INDEX, EncodedConversation, render_conversation, truncate
+from pipeline.families.minicpm_v2.template import (
+    IGNORE_INDEX,
+    EncodedConversation,
+    render_conversation,
+    truncate,
+)
 from pipeline.families.minicpm_v2.tokenizer import train_tiny_tokenizer
 
 Q = 4  # a short query_num keeps the expected sequences readable

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.families.checkpoints import CheckpointError
 from pipeline.families.minicpm_v2.bundle import load_bundle
-from pipeline.families.minicpm_v2.checkpoint import CheckpointError, load_model
+from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.family import MiniCPMV2
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft

@@ -11,7 +11,12 @@ import torch
 from safetensors import safe_open
 
 from pipeline.families.minicpm_v2.bundle import load_bundle
-from pipeline.families.minicpm_v2.checkpoint import INDEX_NAME, load_model, read_checkpoint_shapes, save_checkpoint
+from pipeline.families.minicpm_v2.checkpoint import (
+    INDEX_NAME,
+    load_model,
+    read_checkpoint_shapes,
+    save_checkpoint,
+)
 from pipeline.families.minicpm_v2.collate import collate_for_training
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import merge, sft

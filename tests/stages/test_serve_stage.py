@@ -17,11 +17,11 @@ import httpx
 import openai
 import pytest
 
+from pipeline.apps.serve.app import ServerThread
 from pipeline.config import ConfigError, validate
 from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
-from pipeline.apps.serve.app import ServerThread
 from pipeline.stages import STAGES, serve
 from tests.conftest import REPO_ROOT, compose_config, free_port
 

@@ -15,14 +15,20 @@ import torch
 from PIL import Image
 
 from pipeline import twin
+from pipeline.apps.generation import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.config import PROJECT_ROOT, ConfigError, default_twin_path, validate
 from pipeline.data.demo import generate_pretrain
 from pipeline.data.rows import Row
-from pipeline.apps.generation import generate_for_rows, generation_settings, load_inference_bundle
-from pipeline.utils.metrics import exact_match
 from pipeline.families.minicpm_v2.bundle import load_bundle
-from pipeline.training.twin import MANIFEST, build_pretrained_twin, ensure_tiny_twin, model_folder, twin_problem
+from pipeline.training.twin import (
+    MANIFEST,
+    build_pretrained_twin,
+    ensure_tiny_twin,
+    model_folder,
+    twin_problem,
+)
 from pipeline.utils.io import append_jsonl
+from pipeline.utils.metrics import exact_match
 
 
 def _leftovers(parent: Path) -> list[str]:

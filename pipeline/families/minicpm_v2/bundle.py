@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,14 +9,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .checkpoint import ADAPTER_CONFIG, CheckpointError, check_adapter_folder, load_model, resolve_model_path
+from pipeline.families.checkpoints import CheckpointError, adapter_base, check_adapter_folder, checkpoint_kind
+
+from .checkpoint import load_model, resolve_model_path
 from .modeling import MiniCPMV
 from .processor import MiniCPMVImageProcessor
 from .tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
-
-BASE_POINTER = "base_model.json"  # written into every checkpoint: which base folder it was trained on
 
 
 @dataclass
@@ -35,32 +34,9 @@ class ModelBundle:
         return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def checkpoint_kind(path: Path) -> str:
-    """Returns "adapter" for a PEFT folder, "full" for a model folder; raises for anything else."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if (path / ADAPTER_CONFIG).is_file():
-        return "adapter"
-    if (path / "config.json").is_file():
-        return "full"
-    raise CheckpointError(
-        f"{path} is neither a LoRA checkpoint ({ADAPTER_CONFIG}) nor a model folder (config.json)"
-    )
-
-
 def base_model_path(model_path: str, allow_download: bool) -> Path:
     """Returns the local base model folder (absolute), downloading a hub id only when allowed."""
     return resolve_model_path(model_path, allow_download).absolute()
-
-
-def _adapter_base(ckpt: Path, fallback: Path) -> Path:
-    pointer = ckpt / BASE_POINTER
-    if pointer.is_file():
-        recorded = Path(json.loads(pointer.read_text())["base_model_path"])
-        if recorded.is_dir():
-            return recorded
-        log.warning("base model %s recorded in %s is gone; using %s", recorded, pointer, fallback)
-    return fallback
 
 
 def load_bundle(
@@ -85,7 +61,7 @@ def load_bundle(
             source = ckpt
         else:
             check_adapter_folder(ckpt)  # whole files, before any weight loads
-            base = source = _adapter_base(ckpt, base)
+            base = source = adapter_base(ckpt, base)
     model = load_model(source, dtype=dtype, device=device)
     if kind == "adapter":
         try:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.families.checkpoints import CheckpointError, check_safetensors_file, read_json_file
 from pipeline.utils.io import file_mode
 
 from .configuration import MiniCPMVConfig
@@ -32,81 +33,6 @@ SIDE_FILES = (
     "preprocessor_config.json",
     "generation_config.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the folder and the offending keys."""
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_DAMAGED = "the file is damaged (an interrupted copy or write?)"
-
-
-def check_safetensors_file(path: Path) -> None:
-    """Raise CheckpointError naming `path` when it is not a whole safetensors file (header and data).
-
-    Reads only the header: its length prefix, its JSON, and the end of the last tensor's bytes, which must
-    be the end of the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header; {_DAMAGED}")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > size - 8:
-            raise CheckpointError(
-                f"{path}: truncated: {size} bytes, but its header alone claims {header_len}; {_DAMAGED}"
-            )
-        try:
-            header = json.loads(handle.read(header_len))
-            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-        except (ValueError, KeyError, TypeError, IndexError) as err:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({err}); {_DAMAGED}") from None
-    expected = 8 + header_len + max(ends, default=0)
-    if size != expected:
-        state = "truncated" if size < expected else "longer than its header says"
-        raise CheckpointError(f"{path}: {state}: {size} bytes, its header says {expected}; {_DAMAGED}")
-
-
-def read_json_file(path: Path, what: str) -> dict:
-    """Return the JSON object in `path`; raise CheckpointError naming the file, the line and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing ({what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path}: not UTF-8 text ({err}); {_DAMAGED}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(
-            f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg} ({what})"
-        ) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}")
-    return data
-
-
-def check_adapter_folder(folder: Path) -> dict:
-    """Return the adapter config of a LoRA checkpoint folder after checking that its files are whole.
-
-    Without this a missing weights file sends PEFT to the hub with the folder as a repository id.
-    """
-    folder = Path(folder)
-    config = read_json_file(folder / ADAPTER_CONFIG, "the LoRA adapter's settings")
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.glob("adapter_model*")) or "no adapter weights"
-        raise CheckpointError(
-            f"{folder}: {ADAPTER_WEIGHTS} is missing (found {found}); the checkpoint is incomplete: use "
-            "another checkpoint of the run (sft/last, sft/best, sft/checkpoint-N)"
-        )
-    check_safetensors_file(weights)
-    return config
 
 
 def resolve_model_path(path: str, allow_download: bool = False) -> Path:

@@ -21,16 +21,20 @@ from peft import LoraConfig, PeftModel
 from PIL import Image
 from torch import nn
 
+from pipeline.families.base import IMAGE_TAG, EncodedSample, Family, FamilyError, FreezeGroups, Message
 from pipeline.families.minicpm_v2.bundle import load_bundle
 from pipeline.families.minicpm_v2.checkpoint import resolve_model_path, save_checkpoint
-from pipeline.families.minicpm_v2.collate import Sample, collate_for_generation, collate_for_training, encode_example
+from pipeline.families.minicpm_v2.collate import (
+    Sample,
+    collate_for_generation,
+    collate_for_training,
+    encode_example,
+)
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config, set_full_finetune
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
-
-from pipeline.families.base import IMAGE_TAG, EncodedSample, Family, FamilyError, FreezeGroups, Message
 
 # The official checkpoint's two-shard layout (the LLM in one shard, vision and resampler in the other).
 SHARD_BYTES = 10 * 1000**3

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pipeline.families.generation_settings import GenerationSettings
+
 from .kv_cache import KVCache
 from .modeling import MiniCPMV, positions_and_mask
 
