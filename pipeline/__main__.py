@@ -45,12 +45,12 @@ from pipeline.runinfo import (
     adopt_earlier_run,
     collect_run_info,
     now_iso,
-    resolve_ckpt,
     seed_everything,
     update_run_info,
     write_run_start,
 )
 from pipeline.stages import StageFn, get_stage
+from pipeline.stages.state import RunState
 from pipeline.sweep import record_job, sweep_group_name
 from pipeline.utils.lock import LOCK_FILE, FolderBusy, folder_lock
 from pipeline.utils.tracking import build_tracker
@@ -109,29 +109,11 @@ def _discard_if_empty(run_dir: Path) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _initial_state(cfg: DictConfig) -> dict:
-    """Return the state handed to the first stage: the checkpoint to use when sft does not run."""
-    state: dict[str, Any] = {"metrics": {}}
-    if "sft" not in cfg.stages and cfg.ckpt is not None:
-        # None = the base model at model.path; stages read state["ckpt"], never the raw `ckpt` string
-        state["ckpt"] = None if cfg.ckpt == BASE_CKPT else resolve_ckpt(cfg.ckpt)
-    return state
-
-
-def _merge_state(state: dict, result: dict) -> None:
-    """Merge a stage's returned artifacts into `state`; metrics accumulate across stages."""
-    for key, value in result.items():
-        if key == "metrics" and isinstance(value, dict):
-            state.setdefault("metrics", {}).update(value)
-        else:
-            state[key] = value
-
-
-def _objective(cfg: DictConfig, state: dict) -> float | None:
+def _objective(cfg: DictConfig, state: RunState) -> float | None:
     """Return the metric sweeps optimise (`eval.objective`), or None when eval did not run."""
     if "eval" not in cfg.stages:
         return None
-    metrics = state.get("metrics") or {}
+    metrics = state.metrics
     if cfg.eval.objective not in metrics:
         raise ConfigError(
             f"eval.objective={cfg.eval.objective} is not among the metrics eval wrote: "
@@ -199,10 +181,10 @@ def _run_on_other_process(cfg: DictConfig, run_dir: Path, stages: list[tuple[str
     Rank 0 writes run.json, config.yaml and the logs, and runs the single-process stages (eval, merge, infer).
     """
     seed_everything(int(cfg.seed))
-    state = _initial_state(cfg)
+    state = RunState.resolve(cfg)
     for name, stage in stages:
         if runs_here(name):
-            _merge_state(state, stage(cfg, run_dir, state) or {})
+            state.update(stage(cfg, run_dir, state))
 
 
 def run_pipeline(
@@ -248,16 +230,16 @@ def _run_in_folder(
         if earlier is not None:
             log.info("model and dataset settings taken from the earlier run %s", earlier)
         seed_everything(int(cfg.seed))
-        state = _initial_state(cfg)
+        state = RunState.resolve(cfg)
         # One tracking run for the whole pipeline: sft's curves and eval's metrics land together.
         tracker = build_tracker(cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True))
-        state["tracker"] = tracker
+        state.tracker = tracker
         for name, stage in stages:
             log.info("stage %s: writing into %s", name, run_dir / name)
             start = time.perf_counter()
             result = stage(cfg, run_dir, state) or {}
             timings[name] = round(time.perf_counter() - start, 3)
-            _merge_state(state, result)
+            state.update(result)
             results[name] = result
             update_run_info(run_dir, stages_done=list(results), stage_seconds=timings)
         objective = _objective(cfg, state)
@@ -281,9 +263,7 @@ def _run_in_folder(
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    update_run_info(
-        run_dir, status="ok", end_time=now_iso(), metrics=state.get("metrics", {}), objective=objective
-    )
+    update_run_info(run_dir, status="ok", end_time=now_iso(), metrics=state.metrics, objective=objective)
     _print_summary(run_dir, results, objective, cfg)
     return objective
 

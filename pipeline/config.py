@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.families import FAMILIES, STAGE_READY
+from pipeline.families import FAMILIES
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
 
@@ -525,38 +525,34 @@ def _check_dataset(tree: dict) -> list[str]:
 
 def _check_family(tree: dict) -> list[str]:
     model = tree["model"]
-    family = model["family"]
-    problems = []
-    if family == "minicpm_v2" and model["processor_kwargs"]:
-        problems.append(
-            "model.processor_kwargs is for transformers-native families; MiniCPM-V-2 takes "
-            "model.max_slice_nums and model.slice_mode"
-        )
-    if family not in STAGE_READY and tree["stages"]:
-        problems.append(
-            f"model.family={family}: the stages run {', '.join(STAGE_READY)} only so far; this family works "
-            "through pipeline.families (load, encode, train, merge, generate), so set stages=[]"
-        )
-    if family == "minicpm_v2":
-        return problems
-    from pipeline.families import get_family  # imports the family's module only
+    from pipeline.families import families_that, get_family  # imports the family's module only
     from pipeline.families.base import FamilyError
 
+    family = get_family(model["family"])
+    capabilities = family.capabilities
+    problems = []
+    if "processor_kwargs" not in capabilities.config_keys and model["processor_kwargs"]:
+        problems.append(
+            f"model.processor_kwargs is for transformers-native families; {capabilities.display_name} takes "
+            + " and ".join(f"model.{key}" for key in capabilities.config_keys)
+        )
     try:
-        get_family(family, model["processor_kwargs"])
+        get_family(family.name, family.settings_from_config(OmegaConf.create(model)))
     except FamilyError as err:
         problems.append(f"model.processor_kwargs: {err}")
-    # What the stages run for MiniCPM-V-2 only (its own model code): refused before any work starts.
+    # What only some families can do: refused before any work starts, naming the families that can.
     uses = set(tree["stages"])
-    only_v2 = [
-        ("trainer.compile=true", "sft" in uses and tree["trainer"]["compile"] is True),
-        ("trainer.packing=true", "sft" in uses and tree["trainer"]["packing"]),
-        ("dataset.truncation=truncate", tree["dataset"]["truncation"] != "delete"),
+    needs = [
+        ("trainer.compile=true", "compiles", "sft" in uses and tree["trainer"]["compile"] is True),
+        ("trainer.packing=true", "packs", "sft" in uses and tree["trainer"]["packing"]),
+        ("dataset.truncation=truncate", "truncates", tree["dataset"]["truncation"] != "delete"),
     ]
-    for what, used in only_v2:
-        if used:
+    for what, can, used in needs:
+        if used and not getattr(capabilities, can):
+            able = ", ".join(f"model.family={name}" for name in families_that(can))
             problems.append(
-                f"{what} runs for model.family=minicpm_v2 only; model.family={family} does not take it"
+                f"{what} runs for {able} only; {capabilities.display_name}, model.family={family.name} does "
+                "not take it"
             )
     return problems
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import BASE_CKPT
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -172,18 +171,6 @@ def resolve_ckpt(path: str | os.PathLike) -> Path:
             f"point ckpt at {given}/sft/checkpoint-N"
         )
     return given.resolve()
-
-
-def checkpoint_of_run(cfg: DictConfig, state: dict) -> Path | None:
-    """Return the weights a stage after sft reads: this run's merge, else its sft checkpoint, else `ckpt`
-    (a checkpoint or run folder); None means the base model at model.path."""
-    if state.get("merged") is not None:
-        return Path(state["merged"])
-    if "ckpt" in state:
-        return state["ckpt"]
-    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
-        return None
-    return resolve_ckpt(cfg.ckpt)
 
 
 def overridden_sections(overrides: Iterable[str]) -> set[str]:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 # before anything imports wandb, transformers or tokenizers
 os.environ["WANDB_MODE"] = "offline"
@@ -91,3 +92,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_state(cfg: DictConfig, **fields: Any):
+    """Returns the run state the entry point resolves from `cfg`, then `fields` (ckpt, merged, ...) as earlier
+    stages of the same run would have left them."""
+    from pipeline.stages.state import RunState
+
+    state = RunState.resolve(cfg)
+    state.update(fields)
+    return state
+
+
+def run_stage(stage, cfg: DictConfig, run_dir: Path, **fields: Any) -> dict:
+    """Runs a stage module's `run` as the entry point would, on run_state(cfg, **fields)."""
+    return stage.run(cfg, run_dir, run_state(cfg, **fields))

@@ -19,7 +19,6 @@ config.json model_type.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -30,21 +29,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from pipeline.apps.generation import (
-    batch_to_device,
-    encode_prompt,
-    generation_settings,
-    load_inference_bundle,
-    prompt_limit,
-)
+from pipeline.apps.generation import generation_settings, load_inference_bundle
 from pipeline.data.images import load_image
+from pipeline.families.base import Bundle
 from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families.minicpm_v2.collate import Sample, collate_for_generation
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
+from pipeline.families.minicpm_v2.prompting import batch_to_device, encode_prompt, prompt_limit
 
 if TYPE_CHECKING:
     from pipeline.families.base import Family
-    from pipeline.families.hf_native import HFBundle
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a partly generated multi-byte character decodes to
 
@@ -56,34 +50,6 @@ class _Stop(Exception):
 
 
 _DONE = object()
-
-
-def family_of_folder(model: str) -> Family:
-    """Returns the family that runs the model folder, by its config.json model_type, before any weight loads.
-
-    A folder without a readable config.json is MiniCPM-V-2's (its loader reports what is missing); a
-    model_type no family runs raises ValueError naming the folder and the known model types."""
-    from pipeline.families import FAMILIES, get_family
-
-    config = Path(model).expanduser() / "config.json"
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None  # a missing or broken folder is the loader's to report
-    if model_type in (None, MINICPM_V2_MODEL_TYPE):
-        return get_family("minicpm_v2")
-    known = [MINICPM_V2_MODEL_TYPE]
-    for name in FAMILIES:
-        if name == "minicpm_v2":
-            continue
-        family = get_family(name)
-        if family.model_type == model_type:
-            return family
-        known.append(family.model_type)
-    raise ValueError(
-        f"{model} holds a {model_type!r} model (config.json model_type), which no family runs; "
-        f"known model types: {', '.join(known)}"
-    )
 
 
 def chat_for(family: Family, bundle: Any, **options: Any) -> Chat | FamilyChat:
@@ -111,9 +77,6 @@ def _texts(
     text = decode(ids)
     if text != shown:
         yield text
-
-
-MINICPM_V2_MODEL_TYPE = "minicpmv"
 
 
 class _Conversing:
@@ -171,7 +134,7 @@ class Chat(_Conversing):
         super().__init__(bundle, generation, system, image_cache)
         self.device = bundle.core.llm.lm_head.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        self.max_prompt_length = prompt_limit(bundle, self.settings)
+        self.max_prompt_length = prompt_limit(bundle, self.settings.max_new_tokens)
         self._image_ref: ImageRef | None = None
         self._image: Image.Image | None = None
         self._history: list[list[str]] | None = None  # what the last call returned: the conversation so far
@@ -193,14 +156,8 @@ class Chat(_Conversing):
 
         `load_options` go to load_inference_bundle (build_if_missing, allow_download, max_slice_nums, ...).
         """
-        family = family_of_folder(model_path)
-        if family.name != "minicpm_v2":
-            bundle = load_inference_bundle(
-                model_path, ckpt, device=device, dtype=dtype, family=family, **load_options
-            )
-            return FamilyChat(family, bundle, generation=generation, system=system, seed=seed)
-        bundle = load_inference_bundle(model_path, ckpt, device=device, dtype=dtype, **load_options)
-        return cls(bundle, generation=generation, system=system, seed=seed)
+        bundle, family = load_inference_bundle(model_path, ckpt, device=device, dtype=dtype, **load_options)
+        return chat_for(family, bundle, generation=generation, system=system, seed=seed)
 
     # ----- the conversation's image
     def reset(self) -> None:
@@ -370,7 +327,7 @@ class FamilyChat(_Conversing):
     def __init__(
         self,
         family: Family,
-        bundle: HFBundle,
+        bundle: Bundle,
         generation: Mapping[str, Any] | GenerationSettings | None = None,
         system: str | None = None,
         seed: int | None = None,

@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.apps.chat import Chat, FamilyChat, chat_for, family_of_folder
+from pipeline.apps.chat import Chat, FamilyChat, chat_for
 from pipeline.apps.generation import load_inference_bundle
 from pipeline.data.images import ImageLoadError
+from pipeline.families import family_of_folder
 from pipeline.families.checkpoints import CheckpointError
-from pipeline.families.minicpm_v2.generation import GenerationSettings
+from pipeline.families.generation_settings import GenerationSettings
 from pipeline.runinfo import load_run_config
 
 USER_PROMPT = "<<< "
@@ -280,12 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repetition_penalty": args.repetition_penalty,
     }
     try:
-        bundle = load_inference_bundle(
-            model,
-            args.ckpt,
-            device=args.device,
-            dtype=args.dtype,
-            family=None if family.name == "minicpm_v2" else family,
+        bundle, family = load_inference_bundle(
+            model, args.ckpt, family=family, device=args.device, dtype=args.dtype
         )
         chat = chat_for(family, bundle, generation=generation, system=args.system, seed=args.seed)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:

@@ -189,3 +189,23 @@ def fetch_url_to_cache(
     data = fetch_url(url, timeout=timeout, max_bytes=max_bytes, retries=retries)
     atomic_write_bytes(path, data)
     return path
+
+
+class ImageFiles:
+    """The images of a run's rows, as the families read them (pipeline.families.base.ImageSource): local
+    files and http(s) URLs, the URLs cached under `cache_dir` (default URL_CACHE_DIR)."""
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self.cache_dir = cache_dir
+
+    def load(self, ref: str) -> Image.Image:
+        """Returns the image, decoded to RGB; raises ImageLoadError naming the path or URL."""
+        return load_image(ref, cache_dir=self.cache_dir)
+
+    def size(self, ref: str) -> tuple[int, int] | None:
+        """Returns (width, height) from the header of the local file (a URL's cached copy), None if absent."""
+        local = local_image_file(ref, self.cache_dir)
+        if local is None:
+            return None
+        with Image.open(local) as img:
+            return img.size

@@ -11,11 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data.dataset import TokenCounter
 from pipeline.data.rows import Problem, Row
 from pipeline.data.sources import (
     COMMON_KEYS,
-    DEFAULT_IMAGE_LIMIT,
     check_source,
     get_source,
     load_mixture,
@@ -23,8 +21,6 @@ from pipeline.data.sources import (
 )
 from pipeline.data.split import split_rows
 from pipeline.data.validate import validate_rows, write_problems
-from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
-from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 
 log = logging.getLogger(__name__)
 # Keys of the dataset config that describe how rows are used rather than where a source is.
@@ -99,11 +95,11 @@ def check_dataset(dataset_cfg: DictConfig | Mapping[str, Any]) -> None:
 def read_dataset(
     dataset_cfg: DictConfig | Mapping[str, Any],
     seed: int,
-    image_limit: tuple[int, str] = DEFAULT_IMAGE_LIMIT,
+    image_limit: tuple[int, str] | None = None,
 ) -> RawRows:
     """Returns the rows of the dataset (and of val_path), checked for structure and images; needs no model.
 
-    `image_limit` is (images per conversation, model name) of the family that reads them."""
+    `image_limit` is (images per conversation, model name) of the family that reads them (None: unchecked)."""
     cfg = _plain(dataset_cfg)
     on_error = cfg.get("on_error", "raise")
     rows, problems = load_mixture(
@@ -121,22 +117,16 @@ def read_dataset(
 def split_dataset(
     raw: RawRows,
     dataset_cfg: DictConfig | Mapping[str, Any],
-    tokenizer: MiniCPMVTokenizer | None,
-    processor: MiniCPMVImageProcessor | None,
     seed: int,
+    counter: Callable[[Row], int | None],
     problems_path: Path | None = None,
-    counter: Callable[[Row], int | None] | None = None,
 ) -> Splits:
     """Returns train/val rows of `raw` that fit max_length; problems go to `problems_path` under on_error=skip.
 
-    Tokens are counted by `counter` (a model family's), else by MiniCPM-V-2's tokenizer and processor."""
+    Tokens are counted by `counter`, the model family's (Family.token_counter)."""
     cfg = _plain(dataset_cfg)
     on_error = cfg.get("on_error", "raise")
     problems = list(raw.problems)
-    if counter is None:
-        counter = TokenCounter(
-            tokenizer, processor, cfg.get("max_length", 2048), cfg.get("truncation", "delete")
-        )
     check = partial(
         validate_rows,
         check_image_files=False,
@@ -160,12 +150,11 @@ def split_dataset(
 
 def prepare_splits(
     dataset_cfg: DictConfig | Mapping[str, Any],
-    tokenizer: MiniCPMVTokenizer | None,
-    processor: MiniCPMVImageProcessor | None,
     seed: int,
+    counter: Callable[[Row], int | None],
+    image_limit: tuple[int, str] | None = None,
     problems_path: Path | None = None,
-    counter: Callable[[Row], int | None] | None = None,
 ) -> Splits:
     """Returns validated train/val rows (read_dataset, then split_dataset); problems go to `problems_path`."""
-    raw = read_dataset(dataset_cfg, seed)
-    return split_dataset(raw, dataset_cfg, tokenizer, processor, seed, problems_path, counter=counter)
+    raw = read_dataset(dataset_cfg, seed, image_limit)
+    return split_dataset(raw, dataset_cfg, seed, counter, problems_path)

@@ -90,23 +90,19 @@ def check_source(source_cfg: Mapping) -> None:
         source.check(source_cfg)
 
 
-# what a conversation may hold unless the stage names the model family's limit
-DEFAULT_IMAGE_LIMIT = (1, "MiniCPM-V-2")
-
-
 def load_rows(
     source_cfg: Mapping,
     *,
     on_error: str = "raise",
     max_rows: int | None = None,
-    image_limit: tuple[int, str] = DEFAULT_IMAGE_LIMIT,
+    image_limit: tuple[int, str] | None = None,
 ) -> tuple[list[Row], list[Problem]]:
     """Return the usable rows of one source and the problems found (raise DatasetError on_error="raise").
 
     Structure and images are checked here; token lengths need the tokenizer and are checked by the caller
     with ``validate.validate_rows(..., count_tokens=...)``. ``max_rows`` (or the config's ``max_rows``) caps
     the records read, so a quick run does not parse or check a whole large source. ``image_limit`` is
-    (images per conversation, the model's name) of the family that will read the rows.
+    (images per conversation, the model's name) of the family that will read the rows (None: unchecked).
     """
     check_on_error(on_error)
     if not isinstance(source_cfg, Mapping) or "name" not in source_cfg:
@@ -118,7 +114,8 @@ def load_rows(
     rows, problems = source.load(source_cfg, max_rows)
     # every image, local or URL, in one pass; URLs land in the cache that the datasets read later
     found = check_images(rows) if source_cfg.get("check_images", True) else []
-    found += image_count_problems(rows, *image_limit)
+    if image_limit is not None:
+        found += image_count_problems(rows, *image_limit)
     kept, problems = apply_on_error(rows, found, on_error, earlier=problems)
     if not kept:
         where = f" at {source_cfg.get('path')}" if source_cfg.get("path") else ""
@@ -256,7 +253,7 @@ def load_mixture(
     on_error: str = "raise",
     max_rows: int | None = None,
     defaults: Mapping | None = None,
-    image_limit: tuple[int, str] = DEFAULT_IMAGE_LIMIT,
+    image_limit: tuple[int, str] | None = None,
 ) -> tuple[list[Row], list[Problem]]:
     """Return the rows of several sources concatenated, each sampled by its ``n`` or ``ratio``; and problems.
 

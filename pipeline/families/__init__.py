@@ -1,6 +1,6 @@
 """The model families: one registry, one module per family, one conf/model/*.yaml per checkpoint.
 
-    minicpm_v2     the project's own MiniCPM-V-2 implementation (pipeline/families/minicpm_v2/)
+    minicpm_v2     the project's own MiniCPM-V-2 implementation (its folder: minicpm_v2/)
     minicpm_v4_6   MiniCPM-V 4.6 through transformers' minicpmv4_6
     qwen2_5_vl     Qwen2.5-VL (3B, 7B) through transformers' qwen2_5_vl
     qwen3_vl       Qwen3-VL (dense Instruct) through transformers' qwen3_vl
@@ -12,6 +12,7 @@ without loading torch or transformers. Adding a family = one module here + one l
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,6 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "pipeline.families.qwen2_5_vl:Qwen2_5_VL",
     "qwen3_vl": "pipeline.families.qwen3_vl:Qwen3_VL",
 }
-
-
-# The families the stages (sft, eval, merge, infer) run; the others work through this package and its tests.
-STAGE_READY = ("minicpm_v2", "minicpm_v4_6", "qwen2_5_vl", "qwen3_vl")
 
 
 def get_family(
@@ -49,30 +46,46 @@ def get_family(
     return family
 
 
-def locate_model(
-    family: Family, path: str, build_if_missing: bool = False, allow_download: bool = False
-) -> Path:
-    """Returns the local folder of `path`: as it is, the tiny twin built there when asked, or downloaded."""
-    folder = Path(path).expanduser()
-    if build_if_missing and not (folder / "config.json").is_file():
-        return family.build_tiny(folder)
-    return family.resolve(path, allow_download)
-
-
 def image_limit(model: Any) -> tuple[int, str]:
-    """Returns (images per conversation, the model's name) of a `model` config node's family, for data
-    validation before any weight loads."""
-    family = get_family(model.family, None)
-    return family.max_images, "MiniCPM-V-2" if family.name == "minicpm_v2" else f"model.family={family.name}"
+    """Returns (images per conversation, the model's display name) of a `model` config node's family, for
+    data validation before any weight loads."""
+    capabilities = get_family(model.family, None).capabilities
+    return capabilities.max_images, capabilities.display_name
 
 
 def family_from_config(model: Any) -> Family:
-    """Returns the family of a `model` config node with its resolution settings.
+    """Returns the family of a `model` config node with its resolution settings (the model.* keys its
+    capabilities name) and its vision towers' attention."""
+    family = get_family(model.family, None)
+    return get_family(
+        model.family, family.settings_from_config(model), str(model.get("vision_attention", "auto"))
+    )
 
-    MiniCPM-V-2 keeps its own keys (model.max_slice_nums, model.slice_mode); every other family takes the
-    settings its processor accepts from model.processor_kwargs."""
-    if model.family == "minicpm_v2":
-        settings = {"max_slice_nums": model.max_slice_nums, "slice_mode": model.slice_mode}
-    else:
-        settings = dict(model.processor_kwargs)
-    return get_family(model.family, settings, str(model.get("vision_attention", "auto")))
+
+def families_that(can: str) -> list[str]:
+    """Returns the names of the families whose capability `can` (e.g. "packs") is true."""
+    return [name for name in FAMILIES if getattr(get_family(name).capabilities, can)]
+
+
+# The family of a model folder without a readable config.json: its loader then reports what is missing.
+DEFAULT_FAMILY = "minicpm_v2"
+
+
+def family_of_folder(model: str | Path) -> Family:
+    """Returns the family that runs the model folder, by its config.json model_type, before any weight loads;
+    a model_type no family runs raises ValueError naming the folder and the known model types."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return get_family(DEFAULT_FAMILY)  # a missing or broken folder is the loader's to report
+    known = []
+    for name in FAMILIES:
+        family = get_family(name)
+        if family.model_type == model_type:
+            return family
+        known.append(family.model_type)
+    raise ValueError(
+        f"{model} holds a {model_type!r} model (config.json model_type), which no family runs; "
+        f"known model types: {', '.join(known)}"
+    )

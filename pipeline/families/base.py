@@ -1,35 +1,23 @@
-"""The family interface: everything a stage needs from a vision-language model, whichever model it is.
+"""The family interface: everything the stages, the chat and the server need from a vision-language model.
 
-A family is one subclass of `Family` (one module under pipeline/families/) plus one
-conf/model/*.yaml. Stages talk only to this interface, never to a family by name:
+A family is one subclass of `Family` (one module, or one folder for MiniCPM-V-2's own implementation, under
+pipeline/families/) plus one conf/model/*.yaml. Everything above pipeline/families/ speaks to this class and
+never to a family by name: what a family can do beyond the common interface is stated in its `capabilities`
+(compiles, packs, truncates, batches served requests, CUDA-graph decode, images per conversation, its display
+name and its config keys), and a feature a family lacks is refused naming the family and the key.
 
-    model, processor = family.load(path, dtype, device)            # the model and what encodes for it
-    family.check_conversation(conversation, images)                # the family's limits, before any model
-    sample = family.encode(processor, conversation, images)        # ids, labels (assistant turns), pixels
-    batch = family.collate_for_training(processor, samples)        # right-padded, labels -100 on padding
-    batch = family.collate_for_generation(processor, samples)      # left-padded prompts
-    texts = family.generate(model, processor, batch, max_new_tokens=...)
-    peft_model = family.apply_lora(model, family.lora_config(model, "qkv", r=8, alpha=32, dropout=0.05))
-    peft_model = family.load_adapter(model, adapter_folder)       # a saved adapter on its base model
-    family.set_full_finetune(model, frozen=("vision",))            # full fine-tuning with freeze groups
-    family.save(model, processor, folder) / family.merge(peft_model, processor, folder)
-    family.build_tiny(folder)                                      # the offline tiny twin
+The interface, in the order a run uses it (every method is declared below, abstract where each family must
+say it):
 
-What the stages call (the second half of the interface; a "bundle" is what `load_bundle` returns, with
-`.model` (PEFT-wrapped when an adapter is loaded), `.core`, `.base_path` and `.kind`):
-
-    bundle = family.load_bundle(model_path, ckpt, dtype=..., device=..., build_if_missing=..., allow_download=...)
-    model = family.prepare_training(bundle, cfg.lora, gradient_checkpointing, base_name)   # sft
-    counter = family.token_counter(bundle, max_length, truncation)   # data validation: row -> tokens | None
-    dataset = family.dataset(bundle, rows, max_length, truncation)    # rows -> encoded samples
-    family.training_collate(bundle, pad_to_multiple, packed) / family.eval_collate(bundle)
-    sums = family.loss_outputs(model, batch)                          # loss_sum, num_tokens, num_correct
-    family.checkpoint_writer(bundle) / family.checkpoint_reader(bundle)   # full weights, native layout
-    texts = family.generate_rows(bundle, rows, settings, batch_size)  # eval, infer
-    merge: dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
-    own_generation      # MiniCPM-V-2: the project's own generate (batched serving, CUDA-graph decode)
-    family.vision_attention_of(bundle)   # "varlen" / "sdpa" for an HF-native tower, None for an own one
-    family.compile_model(bundle, graphs)  # trainer.compile (MiniCPM-V-2): its layers, + CUDA graphs
+    loading      resolve, load, load_bundle -> Bundle (model, processor, base folder, kind)
+    data         check_conversation, encode, token_counter, dataset (rows -> samples; images through an
+                 ImageSource the data layer gives)
+    training     prepare_training (LoRA presets / freeze groups), training_collate, eval_collate, loss_outputs
+                 (LossSums), checkpoint_writer / checkpoint_reader (full weights in the native layout),
+                 compile_model, vision_attention_of, device_of, pad_id
+    generation   prompt_limit, encode_row (a dataset row as a prompt), collate_for_generation, generate
+    merge        merge, dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
+    twin         build_tiny (random weights; pipeline.training.twin pre-trains every family's twin)
 
 A conversation is a list of messages ``{"role": "system" | "user" | "assistant", "content": str}``; an
 ``<image>`` tag in a user message marks where an image goes (one tag per image, in order). Images without
@@ -40,18 +28,19 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset as TorchDataset
 
-IGNORE_INDEX = -100
-IMAGE_TAG = "<image>"
+IGNORE_INDEX = -100  # the label of a position no loss is taken on (padding, prompts, images)
+IMAGE_TAG = "<image>"  # where an image goes in a user message
 ROLES = ("system", "user", "assistant")
 LORA_PRESETS = ("qkv", "all")
 
@@ -60,6 +49,62 @@ Message = Mapping[str, str]
 
 class FamilyError(ValueError):
     """Input a family cannot take; the message names the family, the message index or key, and the limit."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a family can do beyond the common interface: the stages, config checks, the chat and the server
+    ask these ("can you pack?"), never the family's name."""
+
+    display_name: str  # how logs, errors and the server name the model family ("MiniCPM-V-2")
+    max_images: int  # images per conversation
+    compiles: bool = False  # trainer.compile: its blocks compile for training (compile_model)
+    packs: bool = False  # trainer.packing: several rows in one sequence without padding
+    truncates: bool = (
+        False  # dataset.truncation other than `delete` (cut a too-long row instead of dropping it)
+    )
+    batches_requests: bool = False  # serve: concurrent requests decode together in one batch
+    cuda_graph_decode: bool = False  # generation replays its decode steps as CUDA graphs on a GPU
+    # the model.* config keys its processor settings come from (see Family.settings_from_config)
+    config_keys: tuple[str, ...] = ("processor_kwargs",)
+
+
+@dataclass
+class Bundle:
+    """What a stage works with: the model (PEFT-wrapped when an adapter is loaded), what encodes for it, the
+    base folder it came from and which kind of checkpoint was loaded."""
+
+    model: nn.Module
+    processor: Any  # the family's own encoder (transformers' processor, or MiniCPM-V-2's image processor)
+    base_path: Path  # the base model folder
+    kind: str  # "base" | "adapter" | "full"
+
+    @property
+    def core(self) -> nn.Module:
+        """Returns the model under any PEFT wrapper."""
+        model = self.model
+        return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class RowLike(Protocol):
+    """A dataset row as the families read it (pipeline.data.rows.Row is one)."""
+
+    query: str
+    response: str | None
+    history: Sequence[Sequence[str]]
+    system: str | None
+    images: Sequence[str]
+    origin: str  # "file:line", for error messages
+
+
+class ImageSource(Protocol):
+    """Where a family's encoding gets a row's images: the data layer reads files, URLs and its caches."""
+
+    def load(self, ref: str) -> Image.Image:
+        """Returns the image `ref` names (RGB); raises an OSError naming it when it cannot be read."""
+
+    def size(self, ref: str) -> tuple[int, int] | None:
+        """Returns (width, height) from the image's header, or None when it is not local yet."""
 
 
 @dataclass(frozen=True)
@@ -172,15 +217,24 @@ def messages_from_row(
     return messages
 
 
-class Family(ABC):
-    """One model family: loading, encoding, batching, training targets, saving, and its tiny twin."""
+def row_images(row: RowLike, images: ImageSource) -> list[Image.Image]:
+    """Returns a row's images, loaded; an unreadable one raises an error that names the row."""
+    try:
+        return [images.load(ref) for ref in row.images]
+    except OSError as exc:
+        raise type(exc)(f"{row.origin}: {exc}") from exc
 
-    name: ClassVar[str]
-    # Default limits; a family may narrow them from its settings (e.g. the processor's max length).
-    max_images: ClassVar[int]
+
+class Family(ABC):
+    """One model family: loading, encoding, batching, training targets, saving, generation and its tiny twin."""
+
+    name: ClassVar[str]  # the registry's name (model.family)
+    model_type: ClassVar[str]  # config.json's model_type of the family's checkpoints
+    capabilities: ClassVar[Capabilities]
+    # Default limit; a family may narrow it from its settings (e.g. the processor's max length).
     max_length: ClassVar[int] = 2048
 
-    # The resolution settings the family's processor takes from the config (model.processor_kwargs).
+    # The resolution settings the family's processor takes from the config (see settings_from_config).
     setting_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"):
@@ -194,16 +248,18 @@ class Family(ABC):
                 f"{self.name}: unknown processor setting(s) {', '.join(unknown)}; valid: {valid}"
             )
 
+    @property
+    def max_images(self) -> int:
+        """Returns the images a conversation may hold (capabilities.max_images)."""
+        return self.capabilities.max_images
+
+    @classmethod
+    def settings_from_config(cls, model: Any) -> dict[str, Any]:
+        """Returns the processor settings of a `model` config node: model.processor_kwargs by default; a family
+        whose capabilities name other keys reads those."""
+        return dict(model.processor_kwargs)
+
     # -- limits and validation (no model needed) ---------------------------------------------------
-    def compile_model(self, bundle: Any, graphs: bool) -> int:
-        """Compiles the loaded model's blocks in place for training (trainer.compile); returns how many."""
-        raise FamilyError(f"trainer.compile=true runs for model.family=minicpm_v2 only, not {self.name}")
-
-    def vision_attention_of(self, bundle: Any) -> str | None:
-        """Returns how the loaded model's vision tower attends ("varlen", "sdpa"), or None where the family
-        has no choice of it (MiniCPM-V-2's own tower)."""
-        return None
-
     def limits(self) -> FamilyLimits:
         """Returns the limits data validation states for this family."""
         return FamilyLimits(max_images=self.max_images, max_length=self.max_length)
@@ -360,6 +416,140 @@ class Family(ABC):
     @abstractmethod
     def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
         """Writes the family's tiny twin (tiny sizes, offline tokenizer, real chat template) to `folder`."""
+
+    # -- what the stages call ---------------------------------------------------------------------
+    @abstractmethod
+    def load_bundle(
+        self,
+        path: str | Path,
+        ckpt: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        allow_download: bool = False,
+    ) -> Bundle:
+        """Returns the base model at `path` (a folder or hub id), or with the checkpoint `ckpt` (an adapter
+        folder on its recorded base, or a full model folder), in the family's processor."""
+
+    @abstractmethod
+    def base_folder(self, path: str | Path, allow_download: bool = False) -> Path:
+        """Returns the absolute local base folder of `path` (a hub id is downloaded only when allowed)."""
+
+    @abstractmethod
+    def prepare_training(
+        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool, base_name: str
+    ) -> nn.Module:
+        """Returns the model to train: LoRA of the `lora` config node's preset or targets applied (PEFT), or
+        every parameter trainable but the frozen groups (lora=none); checkpointing switched on when asked."""
+
+    @abstractmethod
+    def token_counter(
+        self, bundle: Bundle, max_length: int, truncation: str, images: ImageSource
+    ) -> Callable[[RowLike], int | None]:
+        """Returns `count(row)`: the row's encoded length (image tokens included, read from image headers
+        where the family can), or None when the row cannot be kept under `truncation`."""
+
+    @abstractmethod
+    def dataset(
+        self,
+        bundle: Bundle,
+        rows: Sequence[RowLike],
+        max_length: int,
+        truncation: str,
+        images: ImageSource,
+    ) -> TorchDataset:
+        """Returns a dataset that encodes the rows on access (in DataLoader workers), with `token_counts()`."""
+
+    @abstractmethod
+    def training_collate(
+        self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False
+    ) -> Callable[[list[Any]], dict[str, Any]]:
+        """Returns the collate of training micro-batches (right-padded, or packed where capabilities.packs)."""
+
+    @abstractmethod
+    def eval_collate(self, bundle: Bundle) -> Callable[[list[Any]], dict[str, Any]]:
+        """Returns the collate of evaluation batches (the loss over held-out rows)."""
+
+    @abstractmethod
+    def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> LossSums:
+        """Returns one forward's summed next-token loss, supervised token count and correct predictions."""
+
+    @abstractmethod
+    def checkpoint_writer(
+        self, bundle: Bundle
+    ) -> Callable[[nn.Module, Path, Mapping[str, torch.Tensor]], None]:
+        """Returns `write(model, folder, state)`: full weights (lora=none) in the family's native layout."""
+
+    @abstractmethod
+    def checkpoint_reader(self, bundle: Bundle) -> Callable[[Path], dict[str, torch.Tensor]]:
+        """Returns `read(folder)`: the state dict of a full checkpoint `checkpoint_writer` wrote, under the
+        model's own parameter names (resume)."""
+
+    @abstractmethod
+    def device_of(self, bundle: Bundle) -> torch.device:
+        """Returns the device the loaded model's inputs go to."""
+
+    @abstractmethod
+    def pad_id(self, bundle: Bundle) -> int:
+        """Returns the padding token id."""
+
+    def compile_model(self, bundle: Bundle, graphs: bool) -> int:
+        """Compiles the loaded model's blocks in place for training (where capabilities.compiles); with
+        `graphs` they replay as CUDA graphs. Returns how many blocks."""
+        raise FamilyError(
+            f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
+        )
+
+    def vision_attention_of(self, bundle: Bundle) -> str | None:
+        """Returns how the loaded model's vision tower attends ("varlen", "sdpa"), or None where the family
+        has no choice of it (MiniCPM-V-2's own tower)."""
+        return None
+
+    # -- generation (eval, infer, chat and serve share these) ------------------------------------------
+    @abstractmethod
+    def prompt_limit(self, bundle: Bundle, max_new_tokens: int) -> int:
+        """Returns the longest prompt that leaves room for `max_new_tokens` within the model's positions;
+        raises ValueError when none does."""
+
+    @abstractmethod
+    def encode_row(self, bundle: Bundle, row: RowLike, images: Sequence[Image.Image], max_length: int) -> Any:
+        """Returns a row's generation prompt (its response left out) encoded, ready for
+        collate_for_generation; raises an error naming the row when it exceeds `max_length` tokens."""
+
+    @abstractmethod
+    def generate_batch(
+        self, bundle: Bundle, samples: Sequence[Any], settings: Any, generator: torch.Generator | None = None
+    ) -> list[str]:
+        """Returns the decoded answer of each encoded prompt (one batch, left-padded on the family's device)
+        under the generation settings (pipeline.families.generation_settings.GenerationSettings)."""
+
+    # -- merge ------------------------------------------------------------------------------------
+    @abstractmethod
+    def dummy_samples(self, bundle: Bundle, n: int, seed: int) -> list[Any]:
+        """Returns `n` seeded encoded conversations, to compare logits before and after a merge without data."""
+
+    @abstractmethod
+    def logits_fn(self, bundle: Bundle, device: torch.device) -> Callable[[nn.Module, Any], torch.Tensor]:
+        """Returns `logits(model, sample)`: one sample's fp32 logits [T, vocab] on the CPU."""
+
+    @abstractmethod
+    def check_merged(self, model: nn.Module, base: Path) -> None:
+        """Raises FamilyError when the merged model's weights do not match the base layout (adapter keys left,
+        keys missing)."""
+
+    @abstractmethod
+    def save_merged(
+        self, model: nn.Module, bundle: Bundle, folder: Path, shard_bytes: int, dtype: torch.dtype, base: Path
+    ) -> None:
+        """Writes the merged model to `folder` (atomically) in the native layout, with the base's side files."""
+
+    @abstractmethod
+    def load_merged(self, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """Returns the model a merged folder holds (to verify it by its logits)."""
+
+    @abstractmethod
+    def weight_files(self, folder: Path) -> list[str]:
+        """Returns the names of a model folder's weight files."""
 
 
 def pad_batch(

@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset as TorchDataset
 
 from pipeline.utils.io import atomic_dir
 
@@ -35,13 +35,17 @@ from . import vision_attention
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
+    Bundle,
     EncodedSample,
     Family,
     FamilyError,
+    ImageSource,
     LossSums,
     Message,
+    RowLike,
     messages_from_row,
     pad_batch,
+    row_images,
 )
 from .tiny_tokenizer import train_bpe_tokenizer
 
@@ -137,22 +141,6 @@ def seeded_sampling(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-@dataclass
-class HFBundle:
-    """A loaded HF-native model as the stages hold it: the model (PEFT-wrapped with an adapter), its
-    processor, the base model folder and what was loaded ("base", "adapter" or "full")."""
-
-    model: nn.Module
-    processor: Any
-    base_path: Path
-    kind: str
-
-    @property
-    def core(self) -> nn.Module:
-        """The transformers model itself (an adapter's LoRA layers are injected into it)."""
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
 
 class HFNativeFamily(Family):
@@ -385,41 +373,36 @@ class HFNativeFamily(Family):
         return self.save(model.eval(), self.tiny_processor(tokenizer), folder)
 
     # -- what the stages call ---------------------------------------------------------------------
-    own_generation = False
-
-    def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
-        from . import locate_model
-
-        return locate_model(self, path, build_if_missing=build_if_missing, allow_download=allow_download)
+    def base_folder(self, path: str | Path, allow_download: bool = False) -> Path:
+        return self.resolve(str(path), allow_download).absolute()
 
     def load_bundle(
         self,
-        path: str,
+        path: str | Path,
         ckpt: str | Path | None = None,
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        build_if_missing: bool = False,
         allow_download: bool = False,
-    ) -> HFBundle:
+    ) -> Bundle:
         from pipeline.families.checkpoints import adapter_base, checkpoint_kind
 
-        base = self.base_folder(path, build_if_missing, allow_download)
+        base = self.base_folder(path, allow_download)
         if ckpt is None:
             model, processor = self.load(base, dtype, device)
-            return HFBundle(model, processor, base, "base")
+            return Bundle(model, processor, base, "base")
         ckpt = Path(ckpt)
         kind = checkpoint_kind(ckpt)
         if kind == "full":  # written in the native layout, processor included
             model, processor = self.load(ckpt, dtype, device)
-            return HFBundle(model, processor, base, "full")
+            return Bundle(model, processor, base, "full")
         base = adapter_base(ckpt, base)
         model, processor = self.load(base, dtype, device)
         model = self.load_adapter(model, ckpt).to(device)
-        return HFBundle(model, processor, base, "adapter")
+        return Bundle(model, processor, base, "adapter")
 
     def prepare_training(
-        self, bundle: HFBundle, lora: Any, gradient_checkpointing: bool, base_name: str
+        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool, base_name: str
     ) -> nn.Module:
         model = bundle.model
         if gradient_checkpointing:
@@ -458,30 +441,24 @@ class HFNativeFamily(Family):
         config.bias = lora.bias
         return self.apply_lora(model, config)
 
-    def vision_attention_of(self, bundle: HFBundle) -> str | None:
+    def vision_attention_of(self, bundle: Bundle) -> str | None:
         used = vision_attention.implementation(bundle.core)
         return "varlen" if used == vision_attention.VARLEN else str(used or "sdpa")
 
-    def pad_id(self, bundle: HFBundle) -> int:
+    def pad_id(self, bundle: Bundle) -> int:
         return bundle.processor.tokenizer.pad_token_id
 
-    def device_of(self, bundle: HFBundle) -> torch.device:
+    def device_of(self, bundle: Bundle) -> torch.device:
         return next(bundle.core.parameters()).device
 
-    def encode_row(
-        self, processor: Any, row: Any, with_response: bool = True, image_cache: Path | None = None
+    def _encode_row(
+        self, processor: Any, row: RowLike, images: Sequence[Image.Image], generation: bool
     ) -> EncodedSample:
-        """Returns a dataset row (query, response, history, system, images) encoded; images loaded now."""
-        from pipeline.data.images import ImageLoadError, load_image
-
-        try:
-            images = [load_image(ref, cache_dir=image_cache) for ref in row.images]
-        except ImageLoadError as exc:
-            raise ImageLoadError(f"{row.origin}: {exc}") from exc
-        response = row.response if with_response else None
+        """Returns a dataset row encoded (a generation prompt without its response when `generation`)."""
+        response = None if generation else row.response
         conversation = messages_from_row(row.query, response, row.history, row.system)
         try:
-            return self.encode(processor, conversation, images, generation=not with_response)
+            return self.encode(processor, conversation, images, generation=generation)
         except FamilyError as err:
             raise FamilyError(f"{row.origin}: {err}") from err
 
@@ -490,31 +467,28 @@ class HFNativeFamily(Family):
     counts_from_sizes: ClassVar[bool] = False
 
     def token_counter(
-        self, bundle: HFBundle, max_length: int, truncation: str
-    ) -> Callable[[Any], int | None]:
+        self, bundle: Bundle, max_length: int, truncation: str, images: ImageSource
+    ) -> Callable[[RowLike], int | None]:
         """Counts a row's tokens (None when it exceeds max_length): from the rendered text and the images'
         header sizes where the family allows (`counts_from_sizes`), else by encoding it."""
         processor = bundle.processor
 
-        def count(row: Any) -> int | None:
-            n = self._count_from_sizes(processor, row) if self.counts_from_sizes else None
+        def count(row: RowLike) -> int | None:
+            n = self._count_from_sizes(processor, row, images) if self.counts_from_sizes else None
             if n is None:
-                n = len(self.encode_row(processor, row))
+                n = len(self._encode_row(processor, row, row_images(row, images), generation=False))
             return n if n <= max_length else None
 
         return count
 
-    def _count_from_sizes(self, processor: Any, row: Any) -> int | None:
+    def _count_from_sizes(self, processor: Any, row: RowLike, images: ImageSource) -> int | None:
         """Returns a row's token count without decoding its images, or None when an image is not local yet."""
-        from pipeline.data.images import local_image_file
-
         sizes = []
         for ref in row.images:
-            local = local_image_file(ref)
-            if local is None:
+            size = images.size(ref)  # the header only
+            if size is None:
                 return None
-            with Image.open(local) as img:  # the header only
-                sizes.append((img.height, img.width))
+            sizes.append((size[1], size[0]))  # (height, width)
         conversation = messages_from_row(row.query, row.response, row.history, row.system)
         try:
             messages = self.prepare_messages(conversation, row.images, generation=False)
@@ -527,17 +501,17 @@ class HFNativeFamily(Family):
             n += sum(per_image) - len(sizes)  # each image token becomes that image's count
         return n
 
-    def dataset(self, bundle: HFBundle, rows: Sequence[Any], max_length: int, truncation: str) -> Any:
-        from pipeline.data.dataset import FamilyDataset
+    def dataset(
+        self, bundle: Bundle, rows: Sequence[RowLike], max_length: int, truncation: str, images: ImageSource
+    ) -> EncodedRows:
+        return EncodedRows(rows, self, bundle.processor, max_length, images)
 
-        return FamilyDataset(rows, self, bundle.processor, max_length)
-
-    def training_collate(self, bundle: HFBundle, pad_to_multiple: int = 1, packed: bool = False) -> Callable:
+    def training_collate(self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False) -> Callable:
         from functools import partial
 
         return partial(self.collate_for_training, bundle.processor)
 
-    def eval_collate(self, bundle: HFBundle) -> Callable:
+    def eval_collate(self, bundle: Bundle) -> Callable:
         from functools import partial
 
         return partial(self.collate_for_training, bundle.processor)
@@ -570,14 +544,14 @@ class HFNativeFamily(Family):
         correct = ((logits.argmax(-1) == labels) & mask).sum()
         return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
 
-    def checkpoint_writer(self, bundle: HFBundle) -> Callable:
+    def checkpoint_writer(self, bundle: Bundle) -> Callable:
         def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:
             model.save_pretrained(folder, state_dict=dict(state))
             bundle.processor.save_pretrained(folder)
 
         return write
 
-    def checkpoint_reader(self, bundle: HFBundle) -> Callable:
+    def checkpoint_reader(self, bundle: Bundle) -> Callable:
         """Returns `read(folder) -> state dict`: a full checkpoint's weights under the model's own names
         (save_pretrained may store them under the original checkpoint's names)."""
 
@@ -589,47 +563,50 @@ class HFNativeFamily(Family):
 
         return read
 
-    @torch.no_grad()
-    def generate_rows(
-        self,
-        bundle: HFBundle,
-        rows: Sequence[Any],
-        settings: Any,
-        batch_size: int,
-        *,
-        generator: torch.Generator | None = None,
-        image_cache: Path | None = None,
-        desc: str = "generate",
-        prefetch: bool | None = None,
-    ) -> list[str]:
-        """Returns one generated response per row, prompting with its query, history, system and images.
-        With `prefetch` (None: on a GPU) the next batches' images are loaded and encoded on CPU threads
-        while the current batch generates; the answers are the same."""
-        from tqdm.auto import tqdm
-
-        from pipeline.utils.prefetch import prepared_batches
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options = generate_options(settings)
-        batches = [
-            range(start, min(start + batch_size, len(rows))) for start in range(0, len(rows), batch_size)
-        ]
-
-        def prepare(i: int) -> EncodedSample:
-            return self.encode_row(bundle.processor, rows[i], with_response=False, image_cache=image_cache)
-
-        prefetch = self.device_of(bundle).type == "cuda" if prefetch is None else prefetch
-        outputs: list[str] = []
-        prepared = prepared_batches(batches, prepare, prefetch)
-        for _, samples in tqdm(prepared, total=len(batches), desc=desc, unit="batch", leave=False):
-            batch = self.collate_for_generation(bundle.processor, samples)
-            outputs += self.generate(
-                bundle.model, bundle.processor, batch, max_new_tokens=settings.max_new_tokens, **options
+    def prompt_limit(self, bundle: Bundle, max_new_tokens: int) -> int:
+        positions = model_positions(bundle.core)
+        if positions is None:
+            return 1 << 30
+        if positions - max_new_tokens < 2:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model takes "
+                f"{positions} positions in all"
             )
-        return outputs
+        return positions - max_new_tokens
 
-    def dummy_samples(self, bundle: HFBundle, n: int, seed: int) -> list[EncodedSample]:
+    def encode_row(
+        self, bundle: Bundle, row: RowLike, images: Sequence[Image.Image], max_length: int
+    ) -> EncodedSample:
+        sample = self._encode_row(bundle.processor, row, images, generation=True)
+        if len(sample) > max_length:
+            raise ValueError(
+                f"{row.origin} is too long: its prompt of {len(sample)} tokens exceeds {max_length} (the "
+                "model's positions less max_new_tokens); shorten it or lower max_new_tokens"
+            )
+        return sample
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        bundle: Bundle,
+        samples: Sequence[EncodedSample],
+        settings: Any,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        batch = self.collate_for_generation(bundle.processor, samples)
+        seed = None
+        if settings.do_sample and generator is not None:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+        with seeded_sampling(seed, self.device_of(bundle)):
+            return self.generate(
+                bundle.model,
+                bundle.processor,
+                batch,
+                max_new_tokens=settings.max_new_tokens,
+                **generate_options(settings),
+            )
+
+    def dummy_samples(self, bundle: Bundle, n: int, seed: int) -> list[EncodedSample]:
         """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""
         import random
 
@@ -644,7 +621,7 @@ class HFNativeFamily(Family):
             samples.append(self.encode(bundle.processor, conversation, [image]))
         return samples
 
-    def logits_fn(self, bundle: HFBundle, device: torch.device) -> Callable:
+    def logits_fn(self, bundle: Bundle, device: torch.device) -> Callable:
         """Returns `logits(model, sample)`: one sample's fp32 logits [T, vocab] on the CPU."""
         from functools import partial
 
@@ -668,7 +645,7 @@ class HFNativeFamily(Family):
     def save_merged(
         self,
         model: nn.Module,
-        bundle: HFBundle,
+        bundle: Bundle,
         folder: Path,
         shard_bytes: int,
         dtype: torch.dtype,
@@ -684,3 +661,45 @@ class HFNativeFamily(Family):
 
     def weight_files(self, folder: Path) -> list[str]:
         return sorted(p.name for p in Path(folder).glob("*.safetensors"))
+
+
+class EncodedRows(TorchDataset):
+    """Rows encoded on access (in DataLoader workers) by an HF-native family's processor and chat template."""
+
+    def __init__(
+        self,
+        rows: Sequence[RowLike],
+        family: HFNativeFamily,
+        processor: Any,
+        max_length: int,
+        images: ImageSource,
+        with_response: bool = True,
+    ) -> None:
+        self.rows = list(rows)
+        self.family = family
+        self.processor = processor
+        self.max_length = max_length
+        self.images = images
+        self.with_response = with_response
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def token_counts(self) -> list[int]:
+        """Returns every row's encoded length (counted by validation, else by encoding the row now)."""
+        counts = []
+        for index, row in enumerate(self.rows):
+            count = row.num_tokens if getattr(row, "num_tokens", None) is not None else len(self[index])
+            counts.append(min(count, self.max_length))
+        return counts
+
+    def __getitem__(self, index: int) -> EncodedSample:
+        row = self.rows[index]
+        images = row_images(row, self.images)
+        sample = self.family._encode_row(self.processor, row, images, generation=not self.with_response)
+        if len(sample) > self.max_length:
+            # Validation removed every row that does not fit, so this means the file changed since.
+            raise ValueError(
+                f"{row.origin}: encodes to {len(sample)} tokens, over max_length {self.max_length}"
+            )
+        return sample

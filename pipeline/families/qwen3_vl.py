@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import FreezeGroups
-from .qwen2_5_vl import LLM, VISION, Qwen2_5_VL, tiny_text_config, tiny_token_ids
+from .base import Capabilities, FreezeGroups
+from .qwen_vl import LLM, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -32,11 +32,11 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 16)
 
 
-class Qwen3_VL(Qwen2_5_VL):
+class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
+    capabilities = Capabilities(display_name="Qwen3-VL", max_images=16)
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
-    counts_from_sizes = True
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=PROJECTORS, llm=(LLM, "lm_head"))

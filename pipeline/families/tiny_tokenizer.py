@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.families.minicpm_v2.tokenizer import _tiny_corpus
+from pipeline.families.tiny_corpus import tiny_corpus
 
 # The Qwen2 pre-tokenizer's split rule (a published fact of that tokenizer's format).
 SPLIT_PATTERN = (
@@ -43,7 +43,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(tiny_corpus(), trainer=trainer)
     specials = list(
         dict.fromkeys([*special_tokens.values(), *extra_special_tokens.values(), *additional_tokens])
     )

@@ -2,14 +2,13 @@
 
 A stage is a module `pipeline.stages.<name>` defining
 
-    def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict
+    def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict
 
-`run_dir` is the run folder; the stage writes its outputs under `run_dir / <name>`. `state` holds what earlier
-stages of the same run produced (for example {"ckpt": Path, "merged": Path, "metrics": {...}}); the returned
-dict is merged into it ("metrics" dicts are merged key by key) and handed to the next stage.
-`state["ckpt"]` is the checkpoint later stages work on: the one sft returned or, when sft does not run, the
-`ckpt` key resolved to a folder (None = the base model at model.path). Stages read it rather than `cfg.ckpt`;
-infer gives `infer.ckpt` precedence when that is set.
+`run_dir` is the run folder; the stage writes its outputs under `run_dir / <name>`. `state`
+(pipeline.stages.state.RunState) is resolved once by the entry point: the base model's folder and the
+checkpoint each stage reads (`state.weights_for(stage, cfg)`, the one rule), plus what earlier stages of the
+same run produced; the returned dict ({"ckpt": Path, "merged": Path, "metrics": {...}, ...}) is taken into it
+by `state.update` and handed to the next stage. Stages read it rather than `cfg.ckpt` or `cfg.model.path`.
 Only the modules of the stages a run lists are imported (all before the first stage starts, so a broken
 one fails early).
 """
@@ -19,14 +18,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from pipeline.stage_names import STAGES
 
+if TYPE_CHECKING:
+    from pipeline.stages.state import RunState
+
 __all__ = ["STAGES", "StageFn", "UnknownStageError", "get_stage"]
 
-StageFn = Callable[[DictConfig, Path, dict], dict]
+StageFn = Callable[[DictConfig, Path, "RunState"], dict]
 
 
 class UnknownStageError(ValueError):

@@ -26,13 +26,14 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.apps.generation import generation_settings, load_inference_bundle
+from pipeline.apps.generation import generate_for_rows, generation_settings, load_inference_bundle
 from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_device
+from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.families import family_from_config, get_family, image_limit
-from pipeline.families.minicpm_v2.bundle import ModelBundle
-from pipeline.runinfo import resolve_ckpt
+from pipeline.families import family_from_config, image_limit
+from pipeline.families.base import Bundle, Family
+from pipeline.stages.state import RunState
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 from pipeline.utils.metrics import compute_generation_metrics
 
@@ -46,28 +47,16 @@ COMPARED = ("eval_loss", "token_acc", "exact_match", "numeric_accuracy")  # the 
 N_EXAMPLES = 3  # answers shown in the before/after table
 
 
-def checkpoint_for_eval(cfg: DictConfig, state: dict) -> Path | None:
-    """Returns the checkpoint to score: this run's sft result, else `ckpt`; None = the base model."""
-    if "ckpt" in state:
-        if state["ckpt"] is None and "sft" in cfg.stages:
-            log.warning("sft saved no checkpoint in this run; evaluating the base model %s", cfg.model.path)
-        return state["ckpt"]
-    if cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
-        return None
-    return resolve_ckpt(cfg.ckpt)
-
-
 def _batches(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 @torch.no_grad()
 def loss_metrics(
-    bundle: ModelBundle, rows: list[Row], batch_size: int, max_length: int, truncation: str, family=None
+    family: Family, bundle: Bundle, rows: list[Row], batch_size: int, max_length: int, truncation: str
 ) -> dict[str, float]:
     """Returns eval_loss (mean cross-entropy per response token), perplexity, token_acc and num_tokens."""
-    family = family or get_family("minicpm_v2")
-    dataset = family.dataset(bundle, rows, max_length, truncation)
+    dataset = family.dataset(bundle, rows, max_length, truncation, ImageFiles())
     model = bundle.core  # PEFT injects its LoRA layers into this module, so it scores with the adapter
     device = family.device_of(bundle)
     collate = family.eval_collate(bundle)
@@ -115,18 +104,21 @@ def _log_table(metrics: dict, n_rows: int, ckpt: Path | None) -> None:
     log.info("\n".join(lines))
 
 
-def score(cfg: DictConfig, bundle: ModelBundle, rows: list[Row]) -> tuple[dict[str, float], int, list[str]]:
+def score(
+    cfg: DictConfig, family: Family, bundle: Bundle, rows: list[Row]
+) -> tuple[dict[str, float], int, list[str]]:
     """Returns the metrics of `bundle` on `rows`, the scored token count and the generated answers."""
-    family = family_from_config(cfg.model)
     scores = loss_metrics(
-        bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation, family
+        family, bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation
     )
     num_tokens = scores.pop("num_tokens")
     metrics: dict[str, float] = dict(scores)
     predictions: list[str] = []
     if cfg.eval.generate:
         settings = generation_settings({"max_new_tokens": cfg.eval.max_new_tokens})
-        predictions = family.generate_rows(bundle, rows, settings, cfg.eval.batch_size, desc="eval generate")
+        predictions = generate_for_rows(
+            family, bundle, rows, settings, cfg.eval.batch_size, desc="eval generate"
+        )
         references = [row.references or [row.response] for row in rows]
         metrics.update(compute_generation_metrics(predictions, references))
     return metrics, num_tokens, predictions
@@ -179,7 +171,7 @@ def _comparison(
     }
 
 
-def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Scores the checkpoint and returns {"metrics": {eval_loss, perplexity, token_acc, [generation metrics]}}.
 
     With a fine-tuned checkpoint and eval.compare_base, the base model is scored on the same rows too, and
@@ -190,28 +182,23 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         raise ConfigError(problems)
     eval_dir = Path(run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint_for_eval(cfg, state)
+    ckpt = state.weights_for("eval", cfg)
     load = dict(
         device=resolve_device(cfg),
         dtype=str(cfg.model.dtype),
-        build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
         family=family_from_config(cfg.model),
     )
 
     # ----- setup: model and held-out rows
-    raw_rows = read_dataset(
-        cfg.dataset, cfg.seed, image_limit(cfg.model)
-    )  # read and checked before any weight loads
-    bundle = load_inference_bundle(cfg.model.path, ckpt, **load)
+    raw_rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model))  # checked before any weight loads
+    bundle, family = load_inference_bundle(state.model_path, ckpt, **load)
     splits = split_dataset(
         raw_rows,
         cfg.dataset,
-        None,
-        None,
         cfg.seed,
+        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, ImageFiles()),
         problems_path=eval_dir / "dataset_problems.jsonl",
-        counter=load["family"].token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
     )
     rows = splits.val if cfg.eval.max_samples is None else splits.val[: cfg.eval.max_samples]
     if not rows:
@@ -221,7 +208,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         )
 
     # ----- score: loss over the responses, then generation
-    metrics, num_tokens, predictions = score(cfg, bundle, rows)
+    metrics, num_tokens, predictions = score(cfg, family, bundle, rows)
     if predictions:
         _write_predictions(eval_dir / PREDICTIONS_FILE, rows, predictions)
     if cfg.eval.objective not in metrics:  # numeric_accuracy on rows without numbers
@@ -234,8 +221,8 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         del bundle  # one model in memory at a time
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        base_bundle = load_inference_bundle(cfg.model.path, None, **load)
-        base_metrics, _, base_predictions = score(cfg, base_bundle, rows)
+        base_bundle, _ = load_inference_bundle(state.model_path, None, **load)
+        base_metrics, _, base_predictions = score(cfg, family, base_bundle, rows)
         if base_predictions:
             _write_predictions(eval_dir / BASE_PREDICTIONS_FILE, rows, base_predictions)
         comparison = _comparison(rows, base_metrics, metrics, base_predictions, predictions)
@@ -252,10 +239,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         },
     )
     _log_table(metrics, len(rows), ckpt)
-    tracker = state.get("tracker")
+    tracker = state.tracker
     if tracker is not None:
         numbers = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        tracker.log(numbers, step=int(state.get("sft", {}).get("global_step", 0)))
+        tracker.log(numbers, step=int((state.sft or {}).get("global_step", 0)))
         tracker.summary(numbers)
     result: dict = {"metrics": metrics}
     if comparison is not None:

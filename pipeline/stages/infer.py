@@ -23,16 +23,21 @@ from omegaconf import DictConfig
 
 from pipeline.apps.chat import chat_for
 from pipeline.apps.chat_cli import run_chat
-from pipeline.apps.generation import GENERATION_KEYS, generation_settings, load_inference_bundle
-from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.apps.generation import (
+    GENERATION_KEYS,
+    generate_for_rows,
+    generation_settings,
+    load_inference_bundle,
+)
+from pipeline.config import resolve_device
+from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.data.sources import DEFAULT_IMAGE_LIMIT
 from pipeline.data.validate import image_count_problems, record_to_row
 from pipeline.families import family_from_config, image_limit
-from pipeline.families.minicpm_v2.bundle import ModelBundle
-from pipeline.families.minicpm_v2.generation import GenerationSettings
-from pipeline.runinfo import checkpoint_of_run, resolve_ckpt
+from pipeline.families.base import Bundle, Family
+from pipeline.families.generation_settings import GenerationSettings
+from pipeline.stages.state import RunState
 from pipeline.utils.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -44,20 +49,13 @@ class _InvalidJson(str):
     """A line of the input file that is not JSON (its parse error), kept in line order with the records."""
 
 
-def checkpoint_for_infer(cfg: DictConfig, state: dict) -> Path | None:
-    """Returns the weights to answer with: infer.ckpt, this run's merge, its checkpoint, `ckpt`; None = base."""
-    if cfg.infer.ckpt is not None:
-        return None if cfg.infer.ckpt == BASE_CKPT else resolve_ckpt(cfg.infer.ckpt)
-    return checkpoint_of_run(cfg, state)
-
-
 def settings_from_config(cfg: DictConfig) -> GenerationSettings:
     """Returns the generation settings of the infer section (greedy unless infer.do_sample)."""
     return generation_settings({key: cfg.infer[key] for key in GENERATION_KEYS})
 
 
 def read_infer_input(
-    path: str | Path, limit: tuple[int, str] = DEFAULT_IMAGE_LIMIT
+    path: str | Path, limit: tuple[int, str] | None = None
 ) -> tuple[list[Row], list[str | None]]:
     """Returns the rows of a custom-format .jsonl/.json file and their labels (None where no response is given);
     `limit` is (images per conversation, model name) of the family that answers them.
@@ -96,7 +94,7 @@ def read_infer_input(
             problems.append(f"{origin}: {record}")
             continue
         parsed = record_to_row(record, origin, path.parent.resolve(), need_response=False)
-        if isinstance(parsed, Row) and len(parsed.images) > limit[0]:
+        if isinstance(parsed, Row) and limit is not None and len(parsed.images) > limit[0]:
             parsed = [problem.reason for _, problem in image_count_problems([parsed], *limit)]
         if isinstance(parsed, Row):
             rows.append(parsed)
@@ -121,7 +119,7 @@ def read_inputs(cfg: DictConfig) -> tuple[list[Row], list[str | None]] | RawRows
 
 
 def input_rows(
-    cfg: DictConfig, bundle: ModelBundle, infer_dir: Path, inputs: tuple | RawRows | None = None
+    cfg: DictConfig, family: Family, bundle: Bundle, infer_dir: Path, inputs: tuple | RawRows | None = None
 ) -> tuple[list[Row], list[str | None]]:
     """Returns the rows to answer (infer.input, else the held-out split) and their labels, at most max_samples.
 
@@ -131,15 +129,12 @@ def input_rows(
     if not isinstance(inputs, RawRows):
         rows, labels = inputs
     else:
-        family = family_from_config(cfg.model)
         splits = split_dataset(
             inputs,
             cfg.dataset,
-            None,
-            None,
             cfg.seed,
+            family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, ImageFiles()),
             problems_path=infer_dir / "dataset_problems.jsonl",
-            counter=family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
         )
         if not splits.val:
             raise DatasetError(
@@ -165,24 +160,22 @@ def result_record(row: Row, response: str, label: str | None) -> dict:
     }
 
 
-def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Answers queries and returns {"infer": path of results.jsonl}."""
     infer_dir = Path(run_dir) / "infer"
     infer_dir.mkdir(parents=True, exist_ok=True)
     results = infer_dir / RESULTS_FILE
     device = resolve_device(cfg)
-    ckpt = checkpoint_for_infer(cfg, state)
+    ckpt = state.weights_for("infer", cfg)
     settings = settings_from_config(cfg)
-    family = family_from_config(cfg.model)
     inputs = None if cfg.infer.interactive else read_inputs(cfg)  # read and checked before the weights
-    bundle = load_inference_bundle(
-        cfg.model.path,
+    bundle, family = load_inference_bundle(
+        state.model_path,
         ckpt,
+        family=family_from_config(cfg.model),
         device=device,
         dtype=str(cfg.model.dtype),
-        build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
-        family=family,
     )
     log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
 
@@ -198,10 +191,10 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         log.info("infer: %d turn(s) recorded in %s", turns, results)
         return {"infer": results}
 
-    rows, labels = input_rows(cfg, bundle, infer_dir, inputs)
+    rows, labels = input_rows(cfg, family, bundle, infer_dir, inputs)
     generator = torch.Generator(family.device_of(bundle)).manual_seed(int(cfg.seed))
-    responses = family.generate_rows(
-        bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
+    responses = generate_for_rows(
+        family, bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
     )
     lines = [
         json.dumps(result_record(row, response, label), ensure_ascii=False)

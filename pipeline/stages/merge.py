@@ -14,33 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import prepare_splits
-from pipeline.families import family_from_config
-from pipeline.families.base import FamilyError
+from pipeline.families import family_from_config, image_limit
+from pipeline.families.base import Bundle, Family, FamilyError
 from pipeline.families.checkpoints import BASE_POINTER, CheckpointError, checkpoint_kind
-from pipeline.families.minicpm_v2.bundle import ModelBundle
-from pipeline.families.minicpm_v2.checkpoint import read_checkpoint_shapes
-from pipeline.families.minicpm_v2.checkpoint import (
-    save_checkpoint as save_checkpoint,  # MiniCPM-V-2's merged layout
-)
-from pipeline.families.minicpm_v2.collate import Sample, encode_example
-from pipeline.families.minicpm_v2.family import minicpm_sample_logits
-from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
-from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
-from pipeline.runinfo import resolve_ckpt
+from pipeline.stages.state import RunState
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -63,7 +53,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # summation order differs; in 16-bit the merged weight W + BA is rounded once to the weight dtype, while the
 # adapter model adds BA's output to the rounded W x, so a few ulps of the logits scale separate them.
 RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-LORA_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module")
 
 
 class MergeError(RuntimeError):
@@ -83,22 +72,19 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def checkpoint_to_merge(cfg: DictConfig, state: dict) -> Path:
+def checkpoint_to_merge(cfg: DictConfig, state: RunState) -> Path:
     """Returns the LoRA checkpoint folder to merge: this run's sft result, else cfg.ckpt; refuses others."""
-    if "ckpt" in state:
-        ckpt = state["ckpt"]
-        if ckpt is None:
-            raise MergeError(
-                "merge has no adapter to merge: this run's sft saved no checkpoint (lower "
-                f"trainer.save_steps) or ckpt={BASE_CKPT} was given; set ckpt=<run>/sft/checkpoint-N"
-            )
-    elif cfg.ckpt is None or cfg.ckpt == BASE_CKPT:
+    ckpt = state.weights_for("merge", cfg)
+    if ckpt is None and state.ckpt_set:
+        raise MergeError(
+            "merge has no adapter to merge: this run's sft saved no checkpoint (lower "
+            f"trainer.save_steps) or ckpt={BASE_CKPT} was given; set ckpt=<run>/sft/checkpoint-N"
+        )
+    if ckpt is None:
         raise MergeError(
             f"merge needs a LoRA checkpoint but ckpt={cfg.ckpt if cfg.ckpt else 'null'}; "
             "set ckpt=<run>/sft/checkpoint-N (or an earlier run folder)"
         )
-    else:
-        ckpt = resolve_ckpt(cfg.ckpt)
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(
@@ -114,7 +100,7 @@ def checkpoint_to_merge(cfg: DictConfig, state: dict) -> Path:
     return ckpt
 
 
-def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
+def adapter_base_folder(cfg: DictConfig, ckpt: Path, model_path: str) -> Path:
     """Returns the base model folder the adapter was trained on: its base_model.json, else model.path."""
     pointer = ckpt / BASE_POINTER
     if pointer.is_file():
@@ -122,10 +108,9 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
         if (recorded / "config.json").is_file():
             return recorded
         log.warning(
-            "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, cfg.model.path
+            "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, model_path
         )
-    family = family_from_config(cfg.model)
-    return family.base_folder(cfg.model.path, cfg.model.build_if_missing, cfg.model.trust_hub)
+    return family_from_config(cfg.model).base_folder(model_path, cfg.model.trust_hub)
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
@@ -153,50 +138,25 @@ def output_folder(cfg: DictConfig, ckpt: Path, base: Path) -> Path:
     return out
 
 
-def dummy_samples(
-    tokenizer: MiniCPMVTokenizer, processor: MiniCPMVImageProcessor, n: int, seed: int
-) -> list[Sample]:
-    """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""
-    rng = random.Random(seed)
-    samples = []
-    for i in range(n):
-        # Alternate a small and a large image so that both the unsliced and the sliced paths run.
-        side = 2 * processor.scale_resolution if i % 2 else processor.scale_resolution
-        noise = bytes(rng.getrandbits(8) for _ in range(side * side * 3))
-        image = Image.frombytes("RGB", (side, side), noise)
-        sample = encode_example(
-            tokenizer,
-            processor,
-            "Describe the image.",
-            "A field of coloured noise.",
-            image=image,
-            max_length=1_000_000,
-        )
-        if sample is not None:
-            samples.append(sample)
-    return samples
-
-
 def verification_samples(
-    cfg: DictConfig, bundle: ModelBundle, n: int, problems_path: Path
-) -> tuple[list[Sample], str]:
+    cfg: DictConfig, family: Family, bundle: Bundle, n: int, problems_path: Path
+) -> tuple[list[Any], str]:
     """Returns up to `n` held-out samples and "held-out", or generated ones and "dummy" without data."""
-    family = family_from_config(cfg.model)
+    images = ImageFiles()
     try:
         splits = prepare_splits(
             cfg.dataset,
-            None,
-            None,
             cfg.seed,
+            family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images),
+            image_limit(cfg.model),
             problems_path=problems_path,
-            counter=family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
         )
         rows = (splits.val or splits.train)[:n]
     except (OSError, ValueError) as err:  # a missing or broken data set: the merge itself does not need it
         log.warning("merge: held-out rows unavailable (%s); checking on %d generated inputs", err, n)
         rows = []
     if rows:
-        dataset = family.dataset(bundle, rows, cfg.dataset.max_length, cfg.dataset.truncation)
+        dataset = family.dataset(bundle, rows, cfg.dataset.max_length, cfg.dataset.truncation, images)
         return [dataset[i] for i in range(len(dataset))], "held-out"
     return family.dummy_samples(bundle, n, cfg.seed), "dummy"
 
@@ -204,23 +164,14 @@ def verification_samples(
 @torch.inference_mode()
 def sample_logits(
     model: torch.nn.Module,
-    samples: list[Sample],
-    pad_id: int,
-    device: torch.device,
+    samples: list[Any],
     desc: str,
-    logits_of: Callable[[torch.nn.Module, Sample], torch.Tensor] | None = None,
+    logits_of: Callable[[torch.nn.Module, Any], torch.Tensor],
 ) -> list[torch.Tensor]:
     """Returns each sample's fp32 logits [T, vocab] on the CPU, one sample per forward (no padding).
 
-    `logits_of(model, sample)` is the model family's forward (MiniCPM-V-2's when not given)."""
-    logits_of = logits_of or partial(_minicpm_logits, pad_id=pad_id, device=device)
+    `logits_of(model, sample)` is the model family's forward (Family.logits_fn)."""
     return [logits_of(model, sample) for sample in tqdm(samples, desc=desc, unit="sample", leave=False)]
-
-
-def _minicpm_logits(
-    model: torch.nn.Module, sample: Sample, pad_id: int, device: torch.device
-) -> torch.Tensor:
-    return minicpm_sample_logits(model, sample, pad_id, device)
 
 
 def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> tuple[float, float]:
@@ -230,24 +181,7 @@ def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) ->
     return diff, scale
 
 
-def check_merged_keys(model: torch.nn.Module, base: Path) -> None:
-    """Returns None when the merged model has exactly the base checkpoint's keys and shapes, else raises."""
-    have = {k: list(v.shape) for k, v in model.state_dict().items()}
-    leftover = [k for k in have if any(marker in k for marker in LORA_MARKERS)]
-    if leftover:
-        raise MergeError(f"after merging, {len(leftover)} adapter keys remain, first: {leftover[:5]}")
-    want = {k: shape for k, (shape, _) in read_checkpoint_shapes(base).items()}
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    wrong = [f"{k}: {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
-    if missing or extra or wrong:
-        raise MergeError(
-            f"merged model does not match base {base}: missing {missing[:5]}, unexpected {extra[:5]}, "
-            f"shape mismatches {wrong[:5]}"
-        )
-
-
-def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Returns {"merged": the standalone checkpoint folder} after merging, writing and verifying it."""
     merge_dir = Path(run_dir) / "merge"
     merge_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +189,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
 
     # ----- setup: which adapter, which base, where to, in which dtype
     ckpt = checkpoint_to_merge(cfg, state)
-    base = adapter_base_folder(cfg, ckpt)
+    base = adapter_base_folder(cfg, ckpt, state.model_path)
     out = output_folder(cfg, ckpt, base)
     dtype = checkpoint_dtype(base)
     device = resolve_device(str(cfg.merge.device))
@@ -279,10 +213,9 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     n = int(cfg.merge.verify_samples)
     samples, inputs = [], ""
     if n:
-        samples, inputs = verification_samples(cfg, bundle, n, merge_dir / "dataset_problems.jsonl")
-    pad_id = family.pad_id(bundle)
+        samples, inputs = verification_samples(cfg, family, bundle, n, merge_dir / "dataset_problems.jsonl")
     logits_of = family.logits_fn(bundle, device)  # holds what encodes, not the model
-    reference = sample_logits(model, samples, pad_id, device, "adapter logits", logits_of)
+    reference = sample_logits(model, samples, "adapter logits", logits_of)
 
     # ----- merge and write
     merged = model.merge_and_unload(progressbar=True, safe_merge=True)
@@ -300,7 +233,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     tolerance = None
     if samples:
         reloaded = family.load_merged(out, dtype, device)
-        merged_logits = sample_logits(reloaded, samples, pad_id, device, "merged logits", logits_of)
+        merged_logits = sample_logits(reloaded, samples, "merged logits", logits_of)
         diff, scale = compare_logits(reference, merged_logits)
         tolerance = RELATIVE_TOLERANCE[dtype] * max(scale, 1.0)
         del reloaded

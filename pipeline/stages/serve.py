@@ -22,17 +22,12 @@ from omegaconf import DictConfig
 from pipeline.apps.generation import load_inference_bundle
 from pipeline.config import ConfigError, resolve_device
 from pipeline.families import family_from_config
-from pipeline.runinfo import checkpoint_of_run
+from pipeline.stages.state import RunState
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "serve.log"
 LOGGERS = (__name__, "pipeline.apps.serve", "uvicorn")  # what serve.log holds (uvicorn's children propagate)
-
-
-def checkpoint_for_serve(cfg: DictConfig, state: dict) -> Path | None:
-    """Returns the weights to serve: this run's merge, its checkpoint, else `ckpt`; None = the base model."""
-    return checkpoint_of_run(cfg, state)
 
 
 def served_model_id(cfg: DictConfig, ckpt: Path | None) -> str:
@@ -63,7 +58,7 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Serves until stopped and returns {"serve": the URL it served on}."""
     from pipeline.apps.serve.app import ServeOptions, create_app, run_server
 
@@ -71,23 +66,20 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     check_port_free(str(cfg.serve.host), int(cfg.serve.port))
     serve_dir = Path(run_dir) / "serve"
     serve_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint_for_serve(cfg, state)
-    if family.own_generation:  # MiniCPM-V-2: the project's own model, its slicing settings
-        loading = {"max_slice_nums": cfg.model.max_slice_nums, "slice_mode": cfg.model.slice_mode}
-    else:
-        loading = {"family": family}
+    ckpt = state.weights_for("serve", cfg)
+    if not family.capabilities.batches_requests:
         log.info(
-            "model.family=%s answers one request at a time (serve.max_batch_size batches MiniCPM-V-2 only)",
+            "%s (model.family=%s) answers one request at a time (serve.max_batch_size is not used)",
+            family.capabilities.display_name,
             family.name,
         )
-    bundle = load_inference_bundle(
-        cfg.model.path,
+    bundle, family = load_inference_bundle(
+        state.model_path,
         ckpt,
+        family=family,
         device=resolve_device(cfg),
         dtype=str(cfg.model.dtype),
-        build_if_missing=cfg.model.build_if_missing,
         allow_download=cfg.model.trust_hub,
-        **loading,
     )
     options = ServeOptions(
         api_key=cfg.serve.api_key,

@@ -27,10 +27,12 @@ from pipeline.config import (
     resolve_dtype,
     resolve_num_workers,
 )
+from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.families import family_from_config, image_limit
 from pipeline.families.minicpm_v2.lora import count_parameters
 from pipeline.runinfo import seed_everything
+from pipeline.stages.state import RunState
 from pipeline.training.checkpoints import check_tuning_settings
 from pipeline.training.loop import LoopSettings, Trainer, checkpoint_to_resume, planned_steps
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -160,7 +162,7 @@ def name_deepspeed_accelerator(uses_deepspeed: bool) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
+def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Trains and returns {"ckpt": Path, "sft": summary}."""
     sft_dir = Path(run_dir) / "sft"
     sft_dir.mkdir(parents=True, exist_ok=True)
@@ -188,11 +190,7 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         check_tuning_settings(resume_from, lora)
     family = family_from_config(cfg.model)
     bundle = family.load_bundle(
-        cfg.model.path,
-        dtype=weights_dtype(cfg, device),
-        device=device,
-        build_if_missing=cfg.model.build_if_missing,
-        allow_download=cfg.model.trust_hub,
+        state.model_path, dtype=weights_dtype(cfg, device), device=device, allow_download=cfg.model.trust_hub
     )
     model = prepare_model(cfg, bundle, family, device)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -216,18 +214,17 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
         pad_to = 128 if graphs else 1
     counts = count_parameters(model)
     log.info("%s", counts)
+    images = ImageFiles()
     splits = split_dataset(
         raw_rows,
         cfg.dataset,
-        None,
-        None,
         cfg.seed,
+        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images),
         problems_path=sft_dir / "dataset_problems.jsonl",
-        counter=family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation),
     )
 
     def make_set(rows):
-        return family.dataset(bundle, rows, cfg.dataset.max_length, cfg.dataset.truncation)
+        return family.dataset(bundle, rows, cfg.dataset.max_length, cfg.dataset.truncation, images)
 
     train_set, val_set = make_set(splits.train), make_set(splits.val)
     world = accelerator.num_processes
@@ -259,11 +256,11 @@ def run(cfg: DictConfig, run_dir: Path, state: dict) -> dict:
     scheduler = build_scheduler(optimizer, optim, max(total, 1))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # The pipeline's run-wide tracker when there is one; a stage run on its own gets (and closes) its own.
-    own_tracker = state.get("tracker") is None or not accelerator.is_main_process
+    own_tracker = state.tracker is None or not accelerator.is_main_process
     tracker = (
         build_tracker(cfg.tracking, Path(run_dir), resolved, is_main_process=accelerator.is_main_process)
         if own_tracker
-        else state["tracker"]
+        else state.tracker
     )
     trainer = Trainer(
         accelerator,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import default_twin_path
 from pipeline.data.demo import generate_pretrain
+from pipeline.families.base import Family
 from pipeline.families.minicpm_v2.collate import collate_for_training, encode_example
 from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
@@ -169,6 +170,19 @@ def model_folder(path: str, build_if_missing: bool) -> str:
     if build_if_missing and local == default_twin_path():
         return str(ensure_tiny_twin(local))
     return path
+
+
+def twin_folder(family: Family, path: str, build_if_missing: bool) -> str:
+    """Returns `path` ready to load: with build_if_missing, a missing twin is built there first (the default
+    twin pre-trained at its cache place; another family's random twin wherever `path` points)."""
+    if not build_if_missing:
+        return path
+    local = Path(path).expanduser().absolute()
+    if local == default_twin_path():
+        return str(ensure_tiny_twin(local))
+    if not (local / "config.json").is_file():
+        family.build_tiny(local)
+    return str(local)
 
 
 def main(argv: list[str] | None = None) -> None:

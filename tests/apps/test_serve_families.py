@@ -24,7 +24,7 @@ from pipeline.config import validate
 from pipeline.families import get_family
 from pipeline.stages import serve
 from tests.apps.test_serve import options
-from tests.conftest import build_varied_twin, compose_config, free_port
+from tests.conftest import build_varied_twin, compose_config, free_port, run_stage
 
 MODEL = "qwen2_5_vl_tiny"
 MAX_TOKENS = 10
@@ -255,7 +255,7 @@ def test_the_serve_stage_validates_and_serves_the_family(twin, tmp_path, monkeyp
             running.stop()
 
     monkeypatch.setattr("pipeline.apps.serve.app.run_server", serve_once)
-    assert serve.run(cfg, tmp_path / "run", {"ckpt": None}) == {"serve": f"http://127.0.0.1:{port}"}
+    assert run_stage(serve, cfg, tmp_path / "run", ckpt=None) == {"serve": f"http://127.0.0.1:{port}"}
     assert seen["models"] == [(MODEL, LIMIT)]
     assert seen["answer"].usage.completion_tokens == 3
     assert "answers one request at a time" in caplog.text

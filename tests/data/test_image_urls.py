@@ -19,7 +19,7 @@ from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
 from pipeline.training.checkpoints import list_checkpoints
 from pipeline.training.loop import TrainingError
-from tests.conftest import workdir_config, write_rows
+from tests.conftest import run_stage, workdir_config, write_rows
 
 
 def _png(size: tuple[int, int] = (40, 30), color: str = "red") -> bytes:
@@ -117,7 +117,7 @@ def test_a_404_and_a_silent_server_are_reported_as_file_line_before_training(
     train = _rows(["green.png", f"{server}/gone.png", f"{silent_server}/x.png", "green.png"])
     workdir = _workdir(tmp_path, twin, train, _rows(["green.png"]))
     with pytest.raises(DatasetError) as caught:
-        sft.run(_cfg(workdir), tmp_path / "run", {})
+        run_stage(sft, _cfg(workdir), tmp_path / "run")
     message = str(caught.value)
     assert f"{workdir / 'train.jsonl'}:2: image {server}/gone.png: download failed" in message
     assert "404" in message
@@ -132,7 +132,7 @@ def test_a_404_and_a_silent_server_are_reported_as_file_line_before_training(
 def test_a_bad_url_row_is_skipped_with_on_error_skip(tmp_path, twin, server, silent_server):
     train = _rows([f"{server}/red.png", f"{server}/gone.png", f"{silent_server}/x.png", "green.png"] * 2)
     workdir = _workdir(tmp_path, twin, train, _rows(["green.png"]))
-    out = sft.run(_cfg(workdir, "dataset.on_error=skip"), tmp_path / "run", {})
+    out = run_stage(sft, _cfg(workdir, "dataset.on_error=skip"), tmp_path / "run")
     assert out["sft"]["train_rows"] == 4 and out["sft"]["global_step"] == 4
     problems = (tmp_path / "run" / "sft" / "dataset_problems.jsonl").read_text()
     assert problems.count("download failed") == 4
@@ -141,7 +141,7 @@ def test_a_bad_url_row_is_skipped_with_on_error_skip(tmp_path, twin, server, sil
 def test_a_working_url_is_downloaded_once_for_validation_training_and_evaluation(tmp_path, twin, server):
     red, blue = f"{server}/red.png", f"{server}/blue.png"
     workdir = _workdir(tmp_path, twin, _rows([red, blue, red, "green.png"]), _rows([blue]))
-    out = sft.run(_cfg(workdir, "trainer.eval_steps=2"), tmp_path / "run", {})
+    out = run_stage(sft, _cfg(workdir, "trainer.eval_steps=2"), tmp_path / "run")
     assert out["sft"]["global_step"] == 4  # 4 steps of batch 1: every training row read once at least
     assert sorted(_Handler.hits) == ["/blue.png", "/red.png"]
     cached = sorted(p.name for p in (tmp_path / "url-cache").iterdir())
@@ -171,28 +171,26 @@ def test_an_image_that_breaks_during_training_saves_a_checkpoint_then_names_the_
     for name in ("a", "b", "c", "d"):
         Image.new("RGB", (40, 30), "red").save(tmp_path / f"{name}.png")
     workdir = _workdir(tmp_path, twin, _rows(["a.png", "b.png", "c.png", "d.png"]), _rows(["green.png"]))
-    from pipeline.data import dataset as dataset_module
-
-    real_load = dataset_module.load_image
+    real_load = images.ImageFiles.load
     loads = {"n": 0}
 
-    def load_then_break(ref, **kwargs):
+    def load_then_break(self, ref):
         loads["n"] += 1
         if loads["n"] == 4:  # step 0's eval reads 1 image, steps 1 and 2 one each, step 3 breaks
             raise images.ImageLoadError(f"{ref}: cannot decode image (truncated)")
-        return real_load(ref, **kwargs)
+        return real_load(self, ref)
 
     with monkeypatch.context() as patch:
-        patch.setattr(dataset_module, "load_image", load_then_break)
+        patch.setattr(images.ImageFiles, "load", load_then_break)
         with pytest.raises(TrainingError) as caught:
-            sft.run(_cfg(workdir), tmp_path / "run", {})
+            run_stage(sft, _cfg(workdir), tmp_path / "run")
     message = str(caught.value)
     sft_dir = tmp_path / "run" / "sft"
     assert [p.name for p in list_checkpoints(sft_dir)] == ["checkpoint-2"]
     assert message.startswith("the batch of step 3 could not be built: ")
     assert f"{workdir / 'train.jsonl'}:" in message and "cannot decode image (truncated)" in message
     assert f"newest checkpoint: {sft_dir / 'checkpoint-2'}" in message
-    out = sft.run(_cfg(workdir), tmp_path / "run", {})  # the same command resumes and finishes
+    out = run_stage(sft, _cfg(workdir), tmp_path / "run")  # the same command resumes and finishes
     assert out["sft"]["resumed_from"].endswith("checkpoint-2") and out["sft"]["global_step"] == 4
 
 

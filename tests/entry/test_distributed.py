@@ -17,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
 from pipeline.training.loop import window_indices
-from tests.conftest import CONF_DIR, REPO_ROOT, compose_config, free_port, run_python
+from tests.conftest import CONF_DIR, REPO_ROOT, compose_config, free_port, run_python, run_stage
 
 BIN = Path(sys.executable).parent
 # no learning-rate schedule and no dropout: any difference in the gradients shows in the next step's loss
@@ -61,7 +61,7 @@ def assert_same_curve(multi: list[dict], single: list[dict], steps: int) -> None
 def train_single(twin: Path, folder: Path, *overrides: str) -> list[dict]:
     """Train in this process (one process) and return its logging.jsonl records."""
     cfg = compose_config([f"model.path={twin}", *overrides])
-    sft.run(cfg, folder, {})
+    run_stage(sft, cfg, folder)
     return log_records(folder / "sft")
 
 

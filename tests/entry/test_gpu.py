@@ -17,8 +17,8 @@ from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
 from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.stages import sft
 from pipeline.training.twin import ensure_tiny_twin
-
-from .test_sft import SHORT, eval_losses, losses_by_step, make_cfg
+from tests.conftest import run_stage
+from tests.stages.test_sft import SHORT, eval_losses, losses_by_step, make_cfg
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,8 +34,7 @@ def twin(tmp_path_factory) -> Path:
 
 def run_sft(twin: Path, folder: Path, *overrides: str) -> Path:
     cfg = make_cfg(twin, *SHORT, "device=cuda", "trainer.mixed_precision=bf16", *overrides)
-    state: dict = {}
-    sft.run(cfg, folder, state)
+    run_stage(sft, cfg, folder)
     return folder / "sft"
 
 

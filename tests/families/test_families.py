@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from pipeline.families import FAMILIES, get_family, locate_model
+from pipeline.families import FAMILIES, get_family
 from pipeline.families.base import IGNORE_INDEX, FamilyError, messages_from_row
 from pipeline.families.minicpm_v2.collate import encode_example
 
@@ -49,7 +49,7 @@ def twins(tmp_path_factory) -> dict:
     out = {}
     for name in FAMILIES:
         family = get_family(name)
-        out[name] = (family, locate_model(family, str(root / name), build_if_missing=True))
+        out[name] = (family, family.build_tiny(root / name))
     return out
 
 
@@ -396,17 +396,11 @@ def test_model_configs_select_their_family_and_settings(compose, option, family,
     assert chosen.name == family and chosen.settings == settings
 
 
-def test_families_the_stages_do_not_run_yet_are_refused_before_any_work(compose, monkeypatch):
-    from pipeline import config
+def test_every_family_runs_the_stages_and_bad_family_settings_are_refused_before_any_work(compose):
     from pipeline.config import ConfigError, validate
 
-    validate(compose(["model=qwen3_vl_tiny"]))  # every family registered today runs the stages
-    # a family registered before its stages work (STAGE_READY leaves it out) is refused by name
-    monkeypatch.setattr(config, "STAGE_READY", ("minicpm_v2", "minicpm_v4_6", "qwen2_5_vl"))
-    with pytest.raises(
-        ConfigError, match=r"model.family=qwen3_vl: the stages run minicpm_v2, minicpm_v4_6, qwen2_5_vl only"
-    ):
-        validate(compose(["model=qwen3_vl_tiny"]))
+    for name in ("qwen3_vl_tiny", "qwen2_5_vl_tiny", "minicpm_v4_6_tiny", "minicpm_v2_tiny"):
+        validate(compose([f"model={name}"]))  # every registered family runs the stages
     with pytest.raises(ConfigError, match=r"model.family=llava is not a valid choice; valid: minicpm_v2"):
         validate(compose(["model.family=llava", "stages=[]"]))
     with pytest.raises(ConfigError, match=r"model.processor_kwargs is for transformers-native families"):
@@ -447,9 +441,9 @@ def test_minicpm_v2_merge_writes_the_official_layout_with_equal_logits(twins, tm
 def test_bad_paths_and_open_conversations_are_refused_clearly(twins, tmp_path, name):
     family, _ = twins[name]
     with pytest.raises(ValueError, match="is not a local folder and downloads are off"):
-        locate_model(family, "someone/Some-VLM")
+        family.base_folder("someone/Some-VLM")
     with pytest.raises(ValueError, match="does not exist"):
-        locate_model(family, str(tmp_path / "missing" / "model"))
+        family.base_folder(str(tmp_path / "missing" / "model"))
     with pytest.raises(FamilyError, match="a training conversation must end with an assistant message"):
         family.prepare_messages([{"role": "user", "content": "Hi"}], [], generation=False)
 
@@ -459,8 +453,9 @@ def test_bad_paths_and_open_conversations_are_refused_clearly(twins, tmp_path, n
 def test_counts_from_image_sizes_equal_the_encoded_lengths(twins, tmp_path, name, settings):
     """The Qwen VLs count a row from its text and its images' header sizes (no pixels decoded): the count
     equals the encoded row's length for every size, resolution setting, image count and round count."""
+    from pipeline.data.images import ImageFiles
     from pipeline.data.rows import Row
-    from pipeline.families.hf_native import HFBundle
+    from pipeline.families.base import Bundle, row_images
 
     family = get_family(name, settings)
     assert family.counts_from_sizes
@@ -479,10 +474,12 @@ def test_counts_from_image_sizes_equal_the_encoded_lengths(twins, tmp_path, name
         row("Next?<image>", "Blue.", paths[2:], history=[("<image>Colour?", "Teal.")], system="Be brief."),
         row("No image here.", "Fine."),
     ]
-    bundle = HFBundle(model, processor, twins[name][1], "base")
-    count = family.token_counter(bundle, max_length=100_000, truncation="delete")
-    assert [count(r) for r in rows] == [len(family.encode_row(processor, r)) for r in rows]
-    assert family.token_counter(bundle, max_length=8, truncation="delete")(rows[1]) is None
+    bundle = Bundle(model, processor, twins[name][1], "base")
+    images = ImageFiles()
+    count = family.token_counter(bundle, max_length=100_000, truncation="delete", images=images)
+    encoded = [family._encode_row(processor, r, row_images(r, images), generation=False) for r in rows]
+    assert [count(r) for r in rows] == [len(sample) for sample in encoded]
+    assert family.token_counter(bundle, max_length=8, truncation="delete", images=images)(rows[1]) is None
 
 
 @pytest.mark.parametrize("name", HF_FAMILIES)
@@ -582,7 +579,7 @@ def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monk
 def test_prefetched_generation_of_another_family_gives_the_same_answers_and_names_a_bad_row(twins, tmp_path):
     """Eval and infer of an HF-native family load and encode the next batches on threads (the GPU default):
     the same answers as one batch after the other; a row whose image fails in a later batch is named."""
-    from pipeline.apps.generation import generation_settings
+    from pipeline.apps.generation import generate_for_rows, generation_settings
     from pipeline.data.images import ImageLoadError
     from pipeline.data.rows import Row
 
@@ -596,14 +593,14 @@ def test_prefetched_generation_of_another_family_gives_the_same_answers_and_name
         Row(f"<image>Colour {k}?", "", [], [str(p)], None, f"rows.jsonl:{k + 1}") for k, p in enumerate(paths)
     ]
     settings = generation_settings({"max_new_tokens": 5})
-    plain = family.generate_rows(bundle, rows, settings, batch_size=2, prefetch=False)
+    plain = generate_for_rows(family, bundle, rows, settings, batch_size=2, prefetch=False)
     assert len(plain) == 7
-    assert family.generate_rows(bundle, rows, settings, batch_size=2, prefetch=True) == plain
+    assert generate_for_rows(family, bundle, rows, settings, batch_size=2, prefetch=True) == plain
     broken = tmp_path / "cut.png"
     broken.write_bytes(paths[0].read_bytes()[:100])
     bad = Row("<image>Colour?", "", [], [str(broken)], None, "rows.jsonl:7")
     with pytest.raises(ImageLoadError, match="rows.jsonl:7: .*cut.png"):
-        family.generate_rows(bundle, [*rows[:-1], bad], settings, batch_size=2, prefetch=True)
+        generate_for_rows(family, bundle, [*rows[:-1], bad], settings, batch_size=2, prefetch=True)
 
 
 def test_vision_attention_auto_picks_the_kernel_only_where_it_runs(monkeypatch):

@@ -18,7 +18,7 @@ from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.family import MiniCPMV2
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
-from tests.conftest import workdir_config, write_rows
+from tests.conftest import run_stage, workdir_config, write_rows
 
 UMASK = 0o027
 STEPS = ("trainer.max_steps=2", "trainer.save_steps=1", "trainer.save_total_limit=null")
@@ -34,7 +34,7 @@ def workdir(tmp_path_factory) -> Path:
         rows = [{"query": f"colour {i}?", "response": "red", "images": ["red.png"]} for i in range(4)]
         write_rows(root / "train.jsonl", rows)
         write_rows(root / "val.jsonl", rows[:1])
-        sft.run(_cfg(root), root / "run", {})
+        run_stage(sft, _cfg(root), root / "run")
     finally:
         os.umask(previous)
     return root
@@ -75,7 +75,7 @@ def test_a_truncated_adapter_is_named_when_loading_and_when_resuming(workdir, tm
     run = _copy_run(workdir, tmp_path)
     _truncate(run / "sft" / "checkpoint-2" / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="checkpoint-2/adapter_model.safetensors: truncated"):
-        sft.run(_cfg(workdir), run, {})
+        run_stage(sft, _cfg(workdir), run)
 
 
 def test_a_header_cut_short_is_named_too(workdir, tmp_path):
@@ -115,7 +115,7 @@ def test_resuming_with_another_rank_says_both_ranks_before_the_model_loads(workd
 
     monkeypatch.setattr(MiniCPMV2, "load_bundle", no_loading)
     with pytest.raises(CheckpointError) as caught:
-        sft.run(_cfg(workdir, "lora.r=4"), run, {})
+        run_stage(sft, _cfg(workdir, "lora.r=4"), run)
     assert "the checkpoint has r=8, the config asks r=4 (lora.r)" in str(caught.value)
     assert str(run / "sft" / "checkpoint-2") in str(caught.value)
 
@@ -123,22 +123,22 @@ def test_resuming_with_another_rank_says_both_ranks_before_the_model_loads(workd
 def test_resuming_with_another_preset_names_the_targets(workdir, tmp_path):
     run = _copy_run(workdir, tmp_path)
     with pytest.raises(CheckpointError, match=r"the checkpoint's target_modules differ from the config's"):
-        sft.run(_cfg(workdir, "lora=all"), run, {})
+        run_stage(sft, _cfg(workdir, "lora=all"), run)
     with pytest.raises(CheckpointError, match=r"is a LoRA checkpoint, the config asks for full fine-tuning"):
-        sft.run(_cfg(workdir, "lora=none"), run, {})
+        run_stage(sft, _cfg(workdir, "lora=none"), run)
 
 
 def test_a_damaged_optimizer_state_is_named(workdir, tmp_path):
     run = _copy_run(workdir, tmp_path)
     _truncate(run / "sft" / "checkpoint-2" / "optimizer.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint-2/optimizer.pt: cannot be read .*damaged"):
-        sft.run(_cfg(workdir), run, {})
+        run_stage(sft, _cfg(workdir), run)
 
 
 def test_a_finished_run_is_not_resumed_with_more_steps(workdir, tmp_path):
     run = _copy_run(workdir, tmp_path)
     with pytest.raises(CheckpointError) as caught:
-        sft.run(_cfg(workdir, "trainer.max_steps=4"), run, {})
+        run_stage(sft, _cfg(workdir, "trainer.max_steps=4"), run)
     message = str(caught.value)
     assert f"{run / 'sft' / 'checkpoint-2'} ends a finished run of 2 steps" in message
     assert "this config plans 4 steps" in message and "trainer.resume=never" in message
@@ -148,7 +148,7 @@ def test_an_unfinished_run_resumed_with_another_plan_says_what_happens(workdir, 
     run = _copy_run(workdir, tmp_path)
     ckpt = run / "sft" / "checkpoint-1"
     with caplog.at_level(logging.WARNING, logger="pipeline.training.checkpoints"):
-        out = sft.run(_cfg(workdir, "trainer.max_steps=3", f"trainer.resume={ckpt}"), run, {})
+        out = run_stage(sft, _cfg(workdir, "trainer.max_steps=3", f"trainer.resume={ckpt}"), run)
     assert out["sft"]["global_step"] == 3
     assert (
         f"{ckpt} was saved by a run planned for 2 steps; this config plans 3: training continues at step 2 "

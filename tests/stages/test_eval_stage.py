@@ -10,14 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError
 from pipeline.families.minicpm_v2.bundle import load_bundle
 from pipeline.families.minicpm_v2.collate import collate_for_training, encode_example
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import sft
-from tests.conftest import workdir_config, write_rows
+from tests.conftest import run_stage, run_state, workdir_config, write_rows
 
 LOSS_KEYS = {"eval_loss", "perplexity", "token_acc"}
 GENERATION_KEYS = {"bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy"}
@@ -66,7 +65,7 @@ def config(workdir: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def sft_run(workdir: Path) -> tuple[Path, dict]:
     run_dir = workdir / "run"
-    state = sft.run(config(workdir, "stages=[sft,eval]"), run_dir, {})
+    state = run_stage(sft, config(workdir, "stages=[sft,eval]"), run_dir)
     assert state["ckpt"] is not None
     return run_dir, state
 
@@ -75,7 +74,7 @@ def sft_run(workdir: Path) -> tuple[Path, dict]:
 def adapter_eval(workdir: Path, sft_run) -> tuple[Path, dict]:
     run_dir, state = sft_run
     cfg = config(workdir, "stages=[sft,eval]")
-    return run_dir, eval_stage.run(cfg, run_dir, {"ckpt": state["ckpt"], "metrics": {}})
+    return run_dir, run_stage(eval_stage, cfg, run_dir, ckpt=state["ckpt"])
 
 
 def test_eval_of_this_runs_checkpoint_writes_metrics_and_predictions(workdir: Path, sft_run, adapter_eval):
@@ -101,7 +100,7 @@ def test_eval_of_this_runs_checkpoint_writes_metrics_and_predictions(workdir: Pa
 
 def test_base_model_eval_works_and_differs_from_the_adapter(workdir: Path, adapter_eval, tmp_path: Path):
     cfg = config(workdir, "stages=[eval]", "ckpt=base", "eval.generate=false")
-    result = eval_stage.run(cfg, tmp_path, {})
+    result = run_stage(eval_stage, cfg, tmp_path)
     metrics = result["metrics"]
     assert set(metrics) == LOSS_KEYS
     assert cfg.eval.objective in metrics
@@ -113,7 +112,7 @@ def test_base_model_eval_works_and_differs_from_the_adapter(workdir: Path, adapt
 
 def test_eval_loss_is_token_weighted_over_every_response_token(workdir: Path, tmp_path: Path):
     cfg = config(workdir, "stages=[eval]", "ckpt=base", "eval.generate=false", "eval.batch_size=3")
-    metrics = eval_stage.run(cfg, tmp_path, {})["metrics"]
+    metrics = run_stage(eval_stage, cfg, tmp_path)["metrics"]
     bundle = load_bundle(str(workdir / "tiny"))
     rows = [json.loads(line) for line in (workdir / "val.jsonl").read_text().splitlines()][:4]
     loss_sum = tokens = 0.0
@@ -136,26 +135,14 @@ def test_eval_loss_is_token_weighted_over_every_response_token(workdir: Path, tm
 
 def test_checkpoint_comes_from_state_else_from_ckpt(workdir: Path, sft_run):
     run_dir, state = sft_run
+
+    def pick(cfg, **fields):
+        return run_state(cfg, **fields).weights_for("eval", cfg)
+
     # an earlier run folder stands for its sft/best checkpoint
-    assert (
-        eval_stage.checkpoint_for_eval(config(workdir, "stages=[eval]", f"ckpt={run_dir}"), {})
-        == state["ckpt"]
-    )
-    assert eval_stage.checkpoint_for_eval(config(workdir, "stages=[eval]", "ckpt=base"), {}) is None
-    assert (
-        eval_stage.checkpoint_for_eval(config(workdir, "stages=[eval]", "ckpt=base"), {"ckpt": state["ckpt"]})
-        == state["ckpt"]
-    )
-
-
-@pytest.mark.parametrize("objective", ["bleu4", "eval_token_acc"])
-def test_an_objective_eval_cannot_write_fails_before_loading(workdir: Path, tmp_path: Path, objective: str):
-    cfg = config(workdir, "stages=[eval]", "ckpt=base", "eval.generate=false", f"eval.objective={objective}")
-    with pytest.raises(
-        ConfigError, match=f"eval.objective={objective} .*valid: eval_loss, perplexity, token_acc"
-    ):
-        eval_stage.run(cfg, tmp_path, {})
-    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert pick(config(workdir, "stages=[eval]", f"ckpt={run_dir}")) == state["ckpt"]
+    assert pick(config(workdir, "stages=[eval]", "ckpt=base")) is None
+    assert pick(config(workdir, "stages=[eval]", "ckpt=base"), ckpt=state["ckpt"]) == state["ckpt"]
 
 
 def test_every_generation_objective_exists_when_generating(adapter_eval):

@@ -16,8 +16,8 @@ from pipeline.__main__ import run_pipeline
 from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import main as chat_main
 from pipeline.config import ConfigError, validate
-from pipeline.families import get_family
-from tests.conftest import compose_config
+from pipeline.families import get_family, image_limit
+from tests.conftest import compose_config, run_stage
 
 # A few steps on a few rows: enough to pass through every stage, not to learn.
 QUICK = [
@@ -148,7 +148,7 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
         ["+experiment=full", f"model={model}", f"model.path={twin_root / model}", *QUICK]
         + ["trainer.max_steps=4", "trainer.save_steps=2", "trainer.logging_steps=1"]
     )
-    sft.run(cfg, tmp_path / "whole", {})
+    run_stage(sft, cfg, tmp_path / "whole")
     real = loop.Trainer._step
 
     def crash_after_step_2(self, micro):
@@ -158,9 +158,9 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
 
     monkeypatch.setattr(loop.Trainer, "_step", crash_after_step_2)
     with pytest.raises(RuntimeError, match="power cut"):
-        sft.run(cfg, tmp_path / "cut", {})
+        run_stage(sft, cfg, tmp_path / "cut")
     monkeypatch.setattr(loop.Trainer, "_step", real)
-    out = sft.run(cfg, tmp_path / "cut", {})  # trainer.resume=auto
+    out = run_stage(sft, cfg, tmp_path / "cut")  # trainer.resume=auto
     assert out["sft"]["resumed_from"].endswith("checkpoint-2")
     whole, resumed = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "cut")
     assert len(whole) == 4 and resumed == pytest.approx(whole, rel=1e-5)
@@ -212,8 +212,10 @@ def test_several_images_per_conversation_train_and_answer(twin_root, tmp_path):
     query) train and are answered; MiniCPM-V-2 refuses the same file naming the line."""
     from PIL import Image
 
+    from pipeline.data.images import ImageFiles
     from pipeline.data.prepare import read_dataset
     from pipeline.data.rows import DatasetError
+    from pipeline.families.base import row_images
 
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
         Image.new("RGB", (48, 40), colour).save(tmp_path / f"{name}.png")
@@ -238,9 +240,9 @@ def test_several_images_per_conversation_train_and_answer(twin_root, tmp_path):
     family = get_family("qwen2_5_vl")
     _, processor = family.load(twin_root / model)
     row = read_dataset({"name": "custom", "path": str(data)}, 0, (16, "model.family=qwen2_5_vl")).rows[1]
-    sample = family.encode_row(processor, row)
+    sample = family._encode_row(processor, row, row_images(row, ImageFiles()), generation=False)
     start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     assert sample.input_ids.count(start) == 2
     assert sample.pixel_inputs["image_grid_thw"].shape[0] == 2
     with pytest.raises(DatasetError, match=f"{data}:1: 2 images; MiniCPM-V-2 takes at most one image"):
-        read_dataset({"name": "custom", "path": str(data)}, 0)
+        read_dataset({"name": "custom", "path": str(data)}, 0, image_limit(compose_config([]).model))

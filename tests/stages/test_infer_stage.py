@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.data.rows import DatasetError
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import infer
-from tests.conftest import workdir_config, write_rows
+from tests.conftest import run_stage, run_state, workdir_config, write_rows
 
 RESULT_KEYS = {"system", "query", "response", "label", "history", "images"}
 
@@ -60,7 +60,7 @@ def read_results(path: Path) -> list[dict]:
 
 def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, tmp_path: Path):
     cfg = config(workdir, f"infer.input={workdir / 'queries.jsonl'}")
-    result = infer.run(cfg, tmp_path, {})
+    result = run_stage(infer, cfg, tmp_path)
     assert result["infer"] == tmp_path / "infer" / "results.jsonl"
     rows = read_results(result["infer"])
     assert len(rows) == 3 and all(set(row) == RESULT_KEYS for row in rows)
@@ -74,8 +74,8 @@ def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, t
 
 def test_greedy_answers_are_the_same_on_a_second_run(workdir: Path, tmp_path: Path):
     cfg = config(workdir, f"infer.input={workdir / 'queries.jsonl'}")
-    first = read_results(infer.run(cfg, tmp_path / "a", {})["infer"])
-    second = read_results(infer.run(cfg, tmp_path / "b", {})["infer"])
+    first = read_results(run_stage(infer, cfg, tmp_path / "a")["infer"])
+    second = read_results(run_stage(infer, cfg, tmp_path / "b")["infer"])
     assert first == second
     assert any(row["response"] for row in first)
 
@@ -89,13 +89,13 @@ def test_sampled_answers_repeat_for_the_same_seed(workdir: Path, tmp_path: Path)
         "infer.top_p=1.0",
         "infer.top_k=0",
     )
-    first = read_results(infer.run(cfg, tmp_path / "a", {})["infer"])
-    second = read_results(infer.run(cfg, tmp_path / "b", {})["infer"])
+    first = read_results(run_stage(infer, cfg, tmp_path / "a")["infer"])
+    second = read_results(run_stage(infer, cfg, tmp_path / "b")["infer"])
     assert [r["response"] for r in first] == [r["response"] for r in second]
 
 
 def test_without_input_the_held_out_rows_are_answered_up_to_max_samples(workdir: Path, tmp_path: Path):
-    rows = read_results(infer.run(config(workdir, "infer.max_samples=2"), tmp_path, {})["infer"])
+    rows = read_results(run_stage(infer, config(workdir, "infer.max_samples=2"), tmp_path)["infer"])
     assert [(row["query"], row["label"]) for row in rows] == [("Held out?", "yes"), ("Second?", "no")]
 
 
@@ -103,12 +103,15 @@ def test_checkpoint_precedence(workdir: Path, tmp_path: Path):
     ckpt, merged, other = (tmp_path / name for name in ("ckpt", "merged", "other"))
     for folder in (ckpt, merged, other):
         folder.mkdir()
-    pick = infer.checkpoint_for_infer
+
+    def pick(cfg, state):
+        return run_state(cfg, **state).weights_for("infer", cfg)
+
     assert pick(config(workdir, f"infer.ckpt={other}"), {"merged": merged, "ckpt": ckpt}) == other.resolve()
     assert pick(config(workdir, "infer.ckpt=base"), {"merged": merged}) is None
     assert pick(config(workdir), {"merged": merged, "ckpt": ckpt}) == merged
     assert pick(config(workdir), {"ckpt": ckpt}) == ckpt
-    assert pick(config(workdir, f"ckpt={other}"), {}) == other.resolve()
+    assert pick(config(workdir, "stages=[infer]", f"ckpt={other}"), {}) == other.resolve()
     assert pick(config(workdir), {}) is None  # ckpt=base
 
 
@@ -129,7 +132,7 @@ def test_interactive_mode_chats_on_stdin_and_records_each_turn(
     workdir: Path, tmp_path: Path, monkeypatch, capsys
 ):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello?\n\nAnd then?\nexit\n"))
-    result = infer.run(config(workdir, "infer.interactive=true"), tmp_path, {})
+    result = run_stage(infer, config(workdir, "infer.interactive=true"), tmp_path)
     out = capsys.readouterr().out
     assert out.count("<<< ") >= 3 and "Input a media path or URL <<< " in out
     turns = read_results(result["infer"])

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from pipeline.families.minicpm_v2 import family as v2_family
+from pipeline.families.minicpm_v2 import merge as v2_merge
 from pipeline.families.minicpm_v2.bundle import load_bundle
 from pipeline.families.minicpm_v2.checkpoint import (
     INDEX_NAME,
@@ -20,7 +22,7 @@ from pipeline.families.minicpm_v2.checkpoint import (
 from pipeline.families.minicpm_v2.collate import collate_for_training
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import merge, sft
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_stage
 
 OFFICIAL_FILES = ("config.json", INDEX_NAME, "tokenizer.model", "preprocessor_config.json")
 
@@ -66,28 +68,28 @@ def train(workdir: Path, name: str, *overrides: str) -> tuple[Path, dict]:
     """Returns the run folder and the state after a 2-step sft run."""
     run_dir = workdir / name
     cfg = config(workdir, *overrides)
-    return run_dir, sft.run(cfg, run_dir, {})
+    return run_dir, run_stage(sft, cfg, run_dir)
 
 
 @pytest.fixture(scope="module")
 def qkv_run(workdir: Path) -> tuple[Path, dict, dict]:
     run_dir, state = train(workdir, "qkv")
-    result = merge.run(config(workdir), run_dir, state)
+    result = run_stage(merge, config(workdir), run_dir, **state)
     return run_dir, state, result
 
 
 @pytest.fixture(scope="module")
 def all_run(workdir: Path) -> tuple[Path, dict, dict]:
     run_dir, state = train(workdir, "all", "lora=all", "optim.lr=1e-2")
-    result = merge.run(config(workdir, "lora=all", "optim.lr=1e-2"), run_dir, state)
+    result = run_stage(merge, config(workdir, "lora=all", "optim.lr=1e-2"), run_dir, **state)
     return run_dir, state, result
 
 
 def logits_on(model: torch.nn.Module, bundle) -> list[torch.Tensor]:
     """Returns the logits of `model` on two generated image conversations (one sliced, one not)."""
-    samples = merge.dummy_samples(bundle.tokenizer, bundle.processor, 2, seed=7)
+    samples = v2_merge.dummy_samples(bundle.tokenizer, bundle.processor, 2, seed=7)
     assert len(samples) == 2 and all(len(s.image_bound) >= 1 for s in samples)
-    return merge.sample_logits(model, samples, bundle.tokenizer.pad_id, torch.device("cpu"), "test")
+    return [v2_merge.sample_logits(model, s, bundle.tokenizer.pad_id, torch.device("cpu")) for s in samples]
 
 
 def test_merged_folder_has_the_official_layout_and_the_base_keys(workdir: Path, qkv_run) -> None:
@@ -158,7 +160,7 @@ def test_a_bf16_base_merges_and_is_written_in_bf16(workdir: Path) -> None:
     )
     overrides = (f"model.path={workdir / 'tiny-bf16'}", "model.dtype=bfloat16", "lora=all", "optim.lr=1e-2")
     run_dir, state = train(workdir, "bf16", *overrides)
-    merged = merge.run(config(workdir, *overrides), run_dir, state)["merged"]
+    merged = run_stage(merge, config(workdir, *overrides), run_dir, **state)["merged"]
     assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(str(next(merged.glob("model-00001-*.safetensors"))), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
@@ -170,18 +172,18 @@ def test_a_bf16_base_merges_and_is_written_in_bf16(workdir: Path) -> None:
 
 def test_a_merge_that_does_not_reproduce_the_adapter_fails(workdir: Path, all_run, monkeypatch) -> None:
     _, state, _ = all_run
-    real_save = merge.save_checkpoint
+    real_save = v2_family.save_checkpoint
 
     def save_with_a_damaged_head(model, folder, **kwargs):
         with torch.no_grad():
             model.llm.lm_head.weight.mul_(1.5)
         return real_save(model, folder, **kwargs)
 
-    monkeypatch.setattr(merge, "save_checkpoint", save_with_a_damaged_head)
+    monkeypatch.setattr(v2_family, "save_checkpoint", save_with_a_damaged_head)
     out = workdir / "damaged"
     cfg = config(workdir, "lora=all", f"merge.output={out}", "merge.verify_samples=1")
     with pytest.raises(merge.MergeError, match=r"does not reproduce adapter .*exceeds"):
-        merge.run(cfg, workdir / "damaged-run", dict(state))
+        run_stage(merge, cfg, workdir / "damaged-run", **state)
     info = json.loads((workdir / "damaged-run" / "merge" / merge.INFO_FILE).read_text())
     assert info["verified"] is False and info["max_abs_logits_diff"] > info["tolerance"]
 
@@ -201,7 +203,7 @@ def test_merge_from_a_ckpt_setting_without_data_checks_on_generated_inputs(workd
             f"dataset.path={workdir / 'no-such-file.jsonl'}",
         ]
     )
-    result = merge.run(cfg, workdir / "export-run", {"metrics": {}})
+    result = run_stage(merge, cfg, workdir / "export-run")
     assert result["merged"] == out.resolve()
     info = json.loads((workdir / "export-run" / "merge" / merge.INFO_FILE).read_text())
     assert info["adapter"] == str(state["ckpt"])  # the run folder's sft/best
@@ -218,7 +220,7 @@ def test_a_full_fine_tuning_checkpoint_is_refused(workdir: Path) -> None:
     cfg = compose_config([f"model.path={workdir / 'tiny'}", "stages=[merge]", f"ckpt={full}"])
     refused = r"full fine-tuning checkpoint.*already a standalone.*model-00001"
     with pytest.raises(merge.MergeError, match=refused):
-        merge.run(cfg, workdir / "full-run", {})
+        run_stage(merge, cfg, workdir / "full-run")
     assert not (workdir / "full-ckpt-merged").exists()
 
 
@@ -226,21 +228,21 @@ def test_a_missing_or_absent_checkpoint_errors_clearly(workdir: Path) -> None:
     missing = workdir / "no-such-run" / "sft" / "checkpoint-9"
     cfg = compose_config([f"model.path={workdir / 'tiny'}", "stages=[merge]", f"ckpt={missing}"])
     with pytest.raises(FileNotFoundError, match=r"no-such-run/sft/checkpoint-9 does not exist"):
-        merge.run(cfg, workdir / "missing-run", {})
+        run_stage(merge, cfg, workdir / "missing-run")
     with pytest.raises(FileNotFoundError, match=r"checkpoint-9 does not exist"):
-        merge.run(cfg, workdir / "missing-run", {"ckpt": missing})
-    with pytest.raises(merge.MergeError, match=r"sft saved no checkpoint"):
-        merge.run(cfg, workdir / "missing-run", {"ckpt": None})
+        run_stage(merge, cfg, workdir / "missing-run", ckpt=missing)
     cfg = compose_config([f"model.path={workdir / 'tiny'}", "stages=[merge]"])
+    with pytest.raises(merge.MergeError, match=r"sft saved no checkpoint"):
+        run_stage(merge, cfg, workdir / "missing-run", ckpt=None)
     with pytest.raises(merge.MergeError, match=r"ckpt=null; set ckpt=<run>/sft/checkpoint-N"):
-        merge.run(cfg, workdir / "missing-run", {})
+        run_stage(merge, cfg, workdir / "missing-run")
 
 
 def test_the_output_never_overwrites_the_base_model(workdir: Path, qkv_run) -> None:
     _, state, _ = qkv_run
     cfg = config(workdir, f"merge.output={workdir / 'tiny'}")
     with pytest.raises(merge.MergeError, match=r"merge.output=.*tiny is the base model"):
-        merge.run(cfg, workdir / "guard-run", dict(state))
+        run_stage(merge, cfg, workdir / "guard-run", **state)
     assert (workdir / "tiny" / "config.json").is_file()
 
 
@@ -271,8 +273,8 @@ def test_the_dtype_comes_from_the_base_config(tmp_path: Path) -> None:
 
 def test_sample_logits_pads_nothing(workdir: Path) -> None:
     bundle = load_bundle(str(workdir / "tiny"))
-    sample = merge.dummy_samples(bundle.tokenizer, bundle.processor, 1, seed=0)[0]
+    sample = v2_merge.dummy_samples(bundle.tokenizer, bundle.processor, 1, seed=0)[0]
     batch = collate_for_training([sample], bundle.tokenizer.pad_id)
-    (logits,) = merge.sample_logits(bundle.model, [sample], bundle.tokenizer.pad_id, torch.device("cpu"), "t")
+    logits = v2_merge.sample_logits(bundle.model, sample, bundle.tokenizer.pad_id, torch.device("cpu"))
     assert logits.shape == (batch["input_ids"].shape[1], bundle.model.config.vocab_size)
     assert logits.dtype == torch.float32

@@ -23,7 +23,7 @@ from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import STAGES, serve
-from tests.conftest import REPO_ROOT, compose_config, free_port
+from tests.conftest import REPO_ROOT, compose_config, free_port, run_stage, run_state
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,15 @@ def test_serve_config_is_typed_and_checked(workdir: Path):
 
 def test_serve_reads_this_runs_merge_then_its_checkpoint_then_ckpt(workdir: Path, tmp_path: Path):
     merged, ckpt = tmp_path / "merged", tmp_path / "ckpt"
-    pick = serve.checkpoint_for_serve
-    cfg = config(workdir, f"ckpt={workdir / 'checkpoint-7'}")
+
+    def pick(cfg, state):
+        return run_state(cfg, **state).weights_for("serve", cfg)
+
+    cfg = config(workdir, "stages=[serve]", f"ckpt={workdir / 'checkpoint-7'}")
     assert pick(cfg, {"merged": merged, "ckpt": ckpt}) == merged
     assert pick(cfg, {"ckpt": None}) is None  # ckpt=base, as the entry resolves it
     assert pick(cfg, {}) == (workdir / "checkpoint-7").resolve()
-    assert pick(config(workdir, "ckpt=base"), {}) is None
+    assert pick(config(workdir, "stages=[serve]", "ckpt=base"), {}) is None
     assert serve.served_model_id(cfg, workdir / "checkpoint-7") == "checkpoint-7"
     assert serve.served_model_id(cfg, None) == cfg.model.name
 
@@ -87,7 +90,7 @@ def test_a_port_in_use_fails_before_the_model_loads(workdir: Path, tmp_path: Pat
         busy.listen(1)
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"serve.port={port}: cannot listen there"):
-            serve.run(config(workdir, "ckpt=base", f"serve.port={port}"), tmp_path, {})
+            run_stage(serve, config(workdir, "ckpt=base", f"serve.port={port}"), tmp_path)
 
 
 @pytest.mark.parametrize("which", ["merged", "base"])
@@ -116,7 +119,7 @@ def test_the_stage_serves_a_merged_folder_and_the_base_model(
     monkeypatch.setattr("pipeline.apps.serve.app.run_server", serve_once)
     port = free_port()
     cfg = config(workdir, "ckpt=base", f"serve.port={port}", "model.name=minicpm_v2_tiny")
-    assert serve.run(cfg, tmp_path / "run", state) == {"serve": f"http://127.0.0.1:{port}"}
+    assert run_stage(serve, cfg, tmp_path / "run", **state) == {"serve": f"http://127.0.0.1:{port}"}
     assert seen["models"] == [expected] and seen["answer"].usage.completion_tokens >= 1
     assert "serving " + expected in (tmp_path / "run" / "serve" / "serve.log").read_text()
 

@@ -19,6 +19,7 @@ from pipeline.stages import sft
 from pipeline.training import loop
 from pipeline.training.checkpoints import list_checkpoints
 from pipeline.training.twin import ensure_tiny_twin
+from tests.conftest import run_stage
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -61,7 +62,7 @@ SHORT = (
 
 def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
     cfg = make_cfg(twin, *SHORT, "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.save_total_limit=2")
-    out = sft.run(cfg, tmp_path, {})
+    out = run_stage(sft, cfg, tmp_path)
     sft_dir = tmp_path / "sft"
     names = [p.name for p in list_checkpoints(sft_dir)]
     best = (sft_dir / "best").resolve().name
@@ -94,7 +95,7 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
 
 def test_resume_after_a_crash_repeats_the_uninterrupted_losses(twin, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
-    sft.run(make_cfg(twin, *SHORT), whole, {})
+    run_stage(sft, make_cfg(twin, *SHORT), whole)
     reference = losses_by_step(whole / "sft")
 
     crashed = tmp_path / "crashed"
@@ -109,11 +110,11 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_losses(twin, tmp_path, m
 
     monkeypatch.setattr(loop.Trainer, "_step", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        sft.run(make_cfg(twin, *SHORT), crashed, {})
+        run_stage(sft, make_cfg(twin, *SHORT), crashed)
     monkeypatch.setattr(loop.Trainer, "_step", real_step)
     assert [p.name for p in list_checkpoints(crashed / "sft")] == ["checkpoint-3"]
 
-    out = sft.run(make_cfg(twin, *SHORT), crashed, {})  # trainer.resume=auto
+    out = run_stage(sft, make_cfg(twin, *SHORT), crashed)  # trainer.resume=auto
     assert out["sft"]["resumed_from"].endswith("checkpoint-3")
     resumed = losses_by_step(crashed / "sft")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
@@ -133,14 +134,14 @@ def test_sigterm_saves_a_checkpoint_then_stops(twin, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop.Trainer, "_step", terminate_during_step_2)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 2"):
-        sft.run(make_cfg(twin, *SHORT), tmp_path, {})
+        run_stage(sft, make_cfg(twin, *SHORT), tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path / "sft")] == ["checkpoint-2"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_bad_resume_path_is_refused(twin, tmp_path):
     with pytest.raises(loop.TrainingError, match="not a complete checkpoint"):
-        sft.run(make_cfg(twin, *SHORT, f"trainer.resume={tmp_path / 'nope'}"), tmp_path, {})
+        run_stage(sft, make_cfg(twin, *SHORT, f"trainer.resume={tmp_path / 'nope'}"), tmp_path)
 
 
 LEARN = (
@@ -154,14 +155,14 @@ LEARN = (
 
 
 def test_full_finetuning_lowers_eval_loss_markedly(twin, tmp_path):
-    sft.run(make_cfg(twin, "+experiment=full", *LEARN, "optim.lr=1e-3"), tmp_path, {})
+    run_stage(sft, make_cfg(twin, "+experiment=full", *LEARN, "optim.lr=1e-3"), tmp_path)
     losses = eval_losses(tmp_path / "sft")
     assert losses[30] < 0.95 * losses[0], losses
 
 
 @pytest.mark.parametrize("preset", ["lora_qkv", "lora_all"])
 def test_lora_lowers_eval_loss_measurably(twin, tmp_path, preset):
-    sft.run(make_cfg(twin, f"+experiment={preset}", *LEARN, "optim.lr=3e-3"), tmp_path, {})
+    run_stage(sft, make_cfg(twin, f"+experiment={preset}", *LEARN, "optim.lr=3e-3"), tmp_path)
     losses = eval_losses(tmp_path / "sft")
     assert losses[30] < 0.99 * losses[0], losses
 
@@ -177,7 +178,7 @@ def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monk
 
     monkeypatch.setattr(MiniCPMV, "lm_loss", nan_loss)
     with pytest.raises(loop.TrainingError, match=r"loss is nan at step 1: lower optim.lr"):
-        sft.run(make_cfg(twin, *SHORT), tmp_path, {})
+        run_stage(sft, make_cfg(twin, *SHORT), tmp_path)
 
 
 @pytest.mark.parametrize("stage", ["sft", "eval", "infer"])
@@ -190,4 +191,4 @@ def test_the_dataset_is_read_and_checked_before_the_weights_load(tmp_path, stage
     cfg = make_cfg(tmp_path / "no_model_here", *overrides)
     module = {"sft": sft, "eval": eval_stage, "infer": infer_stage}[stage]
     with pytest.raises(DatasetError, match=r"rows.jsonl:2: 'response' is empty"):
-        module.run(cfg, tmp_path / "run", {})
+        run_stage(module, cfg, tmp_path / "run")

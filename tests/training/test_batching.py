@@ -20,6 +20,7 @@ from pipeline.training.batching import (
     plan_window,
     split_to_count,
 )
+from tests.conftest import run_stage
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -83,7 +84,7 @@ def step_records(twin: Path, run_dir: Path, *overrides: str) -> list[dict]:
                 *overrides,
             ],
         )
-    sft.run(cfg, run_dir, {})
+    run_stage(sft, cfg, run_dir)
     lines = (run_dir / "sft" / "logging.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 

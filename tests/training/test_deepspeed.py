@@ -15,8 +15,7 @@ from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 from pipeline.training.loop import window_indices
 from pipeline.training.twin import build_pretrained_twin
 from tests.conftest import REPO_ROOT, free_port, run_python
-
-from .test_distributed import (
+from tests.entry.test_distributed import (
     BIN,
     EXACT,
     assert_same_curve,

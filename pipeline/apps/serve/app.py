@@ -36,9 +36,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.apps.generation import encode_prompt, prompt_limit
 from pipeline.families.minicpm_v2.bundle import ModelBundle
-from pipeline.families.minicpm_v2.generation import GenerationSettings
+from pipeline.families.minicpm_v2.prompting import encode_prompt, prompt_limit
 
 from .batching import BatchingWorker, Decoding, Event, Job
 from .images import ImageLimits, load_request_image
@@ -113,7 +112,7 @@ class _Engine:
 def _minicpm_v2_engine(bundle: ModelBundle, options: ServeOptions) -> _Engine:
     def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
         try:
-            limit = prompt_limit(bundle, GenerationSettings(max_new_tokens=max_tokens))
+            limit = prompt_limit(bundle, max_tokens)
             image = images[0] if images else None
             return encode_prompt(
                 bundle,
@@ -160,7 +159,7 @@ def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = 
     MiniCPM-V-2 bundle through its batching worker."""
     engine = (
         _family_engine(family, bundle, options)
-        if family is not None and not family.own_generation
+        if family is not None and not family.capabilities.batches_requests
         else _minicpm_v2_engine(bundle, options)
     )
     limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)

@@ -1,18 +1,19 @@
-"""MiniCPM-V-2: the project's own implementation (pipeline/families/minicpm_v2/) behind the family interface.
+"""MiniCPM-V-2: the project's own implementation (this folder) behind the family interface.
 
-Nothing here re-implements the model: loading is `load_bundle`, encoding is `encode_example` (the
-`minicpm-v` template of pipeline/families/minicpm_v2/template.py, token ids equal to ms-swift's), batching is
-pipeline/families/minicpm_v2/collate.py, the LoRA presets and freeze switches are pipeline/families/minicpm_v2/lora.py, saving is the
-official layout of pipeline/families/minicpm_v2/checkpoint.py and the twin is pipeline/families/minicpm_v2/tiny.py. This module only
-maps the interface's conversation onto the template's (query, response, history, system, image) form.
+Nothing here re-implements the model: loading is bundle.py, encoding is the `minicpm-v` template of
+template.py (token ids equal to ms-swift's) through collate.py, rows become samples in dataset.py, the LoRA
+presets and freeze switches are lora.py, saving is the official layout of checkpoint.py, generation is
+generation.py (batched, KV-cached, CUDA-graph decode) with its prompts in prompting.py, merge checks are
+merge.py and the random twin is tiny.py. This module maps the interface onto them.
 
 Rules the template sets: one image per conversation, placed at the start of the first user message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,30 @@ from peft import LoraConfig, PeftModel
 from PIL import Image
 from torch import nn
 
-from pipeline.families.base import IMAGE_TAG, EncodedSample, Family, FamilyError, FreezeGroups, Message
-from pipeline.families.minicpm_v2.bundle import load_bundle
-from pipeline.families.minicpm_v2.checkpoint import resolve_model_path, save_checkpoint
-from pipeline.families.minicpm_v2.collate import (
-    Sample,
-    collate_for_generation,
-    collate_for_training,
-    encode_example,
+from pipeline.families.base import (
+    IMAGE_TAG,
+    Bundle,
+    Capabilities,
+    EncodedSample,
+    Family,
+    FamilyError,
+    FreezeGroups,
+    ImageSource,
+    Message,
+    RowLike,
 )
-from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
-from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config, set_full_finetune
-from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
-from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
+
+from . import merge as merge_checks
+from .bundle import ModelBundle, base_model_path, load_bundle
+from .checkpoint import load_model, read_checkpoint_shapes, resolve_model_path, save_checkpoint
+from .collate import Sample, collate_for_generation, collate_for_training, collate_packed, encode_example
+from .dataset import SFTDataset, TokenCounter
+from .generation import GenerationSettings, generate
+from .lora import apply_lora, build_lora_config, set_full_finetune
+from .processor import MiniCPMVImageProcessor
+from .prompting import batch_to_device, encode_prompt, prompt_limit, response_ids
+from .tiny import build_tiny_twin
+from .tokenizer import MiniCPMVTokenizer
 
 # The official checkpoint's two-shard layout (the LLM in one shard, vision and resampler in the other).
 SHARD_BYTES = 10 * 1000**3
@@ -55,9 +66,23 @@ class MiniCPMV2Processor:
 
 class MiniCPMV2(Family):
     name = "minicpm_v2"
-    max_images = 1
+    model_type = "minicpmv"
+    capabilities = Capabilities(
+        display_name="MiniCPM-V-2",
+        max_images=1,
+        compiles=True,
+        packs=True,
+        truncates=True,
+        batches_requests=True,
+        cuda_graph_decode=True,
+        config_keys=("max_slice_nums", "slice_mode"),
+    )
     max_length = 2048
     setting_keys = ("max_slice_nums", "slice_mode")
+
+    @classmethod
+    def settings_from_config(cls, model: Any) -> dict[str, Any]:
+        return {"max_slice_nums": model.max_slice_nums, "slice_mode": model.slice_mode}
 
     def resolve(self, path: str, allow_download: bool = False) -> Path:
         return resolve_model_path(path, allow_download)
@@ -209,37 +234,24 @@ class MiniCPMV2(Family):
         return save_checkpoint(model, folder, max_shard_bytes=SHARD_BYTES, source_folder=processor.folder)
 
     def build_tiny(self, folder: str | Path, seed: int = 0) -> Path:
-        # random weights; the pipeline's default twin is pre-trained on top of these by pipeline.training.twin
+        # random weights; pipeline.training.twin pre-trains every family's twin on top of these
         return build_tiny_twin(folder, seed=seed)
 
-    # -- what the stages call (each delegates to the project's MiniCPM-V-2 code) -------------------
-    own_generation = True
-
-    def base_folder(self, path: str, build_if_missing: bool, allow_download: bool) -> Path:
-        from pipeline.families.minicpm_v2.bundle import base_model_path
-        from pipeline.training.twin import model_folder
-
-        return base_model_path(model_folder(path, build_if_missing), allow_download)
+    # -- what the stages call (each delegates to this folder's code) -------------------------------
+    def base_folder(self, path: str | Path, allow_download: bool = False) -> Path:
+        return base_model_path(str(path), allow_download)
 
     def load_bundle(
         self,
-        path: str,
+        path: str | Path,
         ckpt: str | Path | None = None,
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        build_if_missing: bool = False,
         allow_download: bool = False,
-    ) -> Any:
-        from pipeline.training.twin import model_folder
-
+    ) -> ModelBundle:
         return load_bundle(
-            model_folder(path, build_if_missing),
-            ckpt=ckpt,
-            dtype=dtype,
-            device=device,
-            allow_download=allow_download,
-            **self.settings,
+            str(path), ckpt=ckpt, dtype=dtype, device=device, allow_download=allow_download, **self.settings
         )
 
     def prepare_training(
@@ -278,27 +290,28 @@ class MiniCPMV2(Family):
     def device_of(self, bundle: Any) -> torch.device:
         return bundle.core.llm.lm_head.weight.device
 
-    def token_counter(self, bundle: Any, max_length: int, truncation: str) -> Any:
-        from pipeline.data.dataset import TokenCounter
+    def token_counter(
+        self, bundle: ModelBundle, max_length: int, truncation: str, images: ImageSource
+    ) -> TokenCounter:
+        return TokenCounter(bundle.tokenizer, bundle.processor, max_length, truncation, images)
 
-        return TokenCounter(bundle.tokenizer, bundle.processor, max_length, truncation)
+    def dataset(
+        self,
+        bundle: ModelBundle,
+        rows: Sequence[RowLike],
+        max_length: int,
+        truncation: str,
+        images: ImageSource,
+    ) -> SFTDataset:
+        return SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation, images)
 
-    def dataset(self, bundle: Any, rows: Sequence[Any], max_length: int, truncation: str) -> Any:
-        from pipeline.data.dataset import SFTDataset
-
-        return SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation)
-
-    def training_collate(self, bundle: Any, pad_to_multiple: int = 1, packed: bool = False) -> Any:
-        from functools import partial
-
-        from pipeline.families.minicpm_v2.collate import collate_packed
-
+    def training_collate(
+        self, bundle: ModelBundle, pad_to_multiple: int = 1, packed: bool = False
+    ) -> Callable:
         fn = collate_packed if packed else collate_for_training
         return partial(fn, pad_id=bundle.tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
 
-    def eval_collate(self, bundle: Any) -> Any:
-        from functools import partial
-
+    def eval_collate(self, bundle: ModelBundle) -> Callable:
         return partial(collate_for_training, pad_id=bundle.tokenizer.pad_id)
 
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
@@ -313,52 +326,60 @@ class MiniCPMV2(Family):
     def checkpoint_reader(self, bundle: Any) -> None:
         return None  # full weights are read back by the training checkpoints' reader of the official layout
 
-    def generate_rows(
-        self, bundle: Any, rows: Sequence[Any], settings: Any, batch_size: int, **kw: Any
+    def prompt_limit(self, bundle: ModelBundle, max_new_tokens: int) -> int:
+        return prompt_limit(bundle, max_new_tokens)
+
+    def encode_row(
+        self, bundle: ModelBundle, row: RowLike, images: Sequence[Image.Image], max_length: int
+    ) -> Sample:
+        image = images[0] if images else None
+        return encode_prompt(bundle, row.query, row.history, row.system, image, max_length, where=row.origin)
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        bundle: ModelBundle,
+        samples: Sequence[Sample],
+        settings: GenerationSettings,
+        generator: torch.Generator | None = None,
     ) -> list[str]:
-        from pipeline.apps.generation import generate_for_rows
+        tok = bundle.tokenizer
+        batch = batch_to_device(collate_for_generation(list(samples), tok.pad_id), self.device_of(bundle))
+        new = generate(
+            bundle.core,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["image_bound"],
+            settings=settings,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+            generator=generator,
+        )
+        return [tok.decode(response_ids(ids, tok.eos_id)) for ids in new.tolist()]
 
-        return generate_for_rows(bundle, rows, settings, batch_size, **kw)
+    def dummy_samples(self, bundle: ModelBundle, n: int, seed: int) -> list[Sample]:
+        return merge_checks.dummy_samples(bundle.tokenizer, bundle.processor, n, seed)
 
-    def dummy_samples(self, bundle: Any, n: int, seed: int) -> list[Any]:
-        from pipeline.stages.merge import dummy_samples
-
-        return dummy_samples(bundle.tokenizer, bundle.processor, n, seed)
-
-    def logits_fn(self, bundle: Any, device: torch.device) -> Any:
-        from functools import partial
-
-        return partial(minicpm_sample_logits, pad_id=bundle.tokenizer.pad_id, device=device)
+    def logits_fn(self, bundle: ModelBundle, device: torch.device) -> Callable:
+        return partial(merge_checks.sample_logits, pad_id=bundle.tokenizer.pad_id, device=device)
 
     def check_merged(self, model: nn.Module, base: Path) -> None:
-        from pipeline.stages.merge import check_merged_keys
-
-        check_merged_keys(model, base)
+        merge_checks.check_merged_keys(model, base)
 
     def save_merged(
-        self, model: nn.Module, bundle: Any, folder: Path, shard_bytes: int, dtype: torch.dtype, base: Path
+        self,
+        model: nn.Module,
+        bundle: Bundle,
+        folder: Path,
+        shard_bytes: int,
+        dtype: torch.dtype,
+        base: Path,
     ) -> None:
-        from pipeline.stages import merge  # the merge stage's writer of the official layout
-
-        merge.save_checkpoint(model, folder, max_shard_bytes=shard_bytes, dtype=dtype, source_folder=base)
+        save_checkpoint(model, folder, max_shard_bytes=shard_bytes, dtype=dtype, source_folder=base)
 
     def load_merged(self, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        from pipeline.families.minicpm_v2.checkpoint import load_model
-
         return load_model(folder, dtype=dtype, device=device)
 
     def weight_files(self, folder: Path) -> list[str]:
-        from pipeline.families.minicpm_v2.checkpoint import read_checkpoint_shapes
-
         return sorted({p.name for _, p in read_checkpoint_shapes(folder).values()})
-
-
-def minicpm_sample_logits(model: nn.Module, sample: Any, pad_id: int, device: torch.device) -> torch.Tensor:
-    """Returns one sample's fp32 logits [T, vocab] on the CPU (one forward, no padding)."""
-    batch = collate_for_training([sample], pad_id)
-    batch.pop("labels")
-    batch["input_ids"] = batch["input_ids"].to(device)
-    batch["attention_mask"] = batch["attention_mask"].to(device)
-    batch["image_bound"] = [b.to(device) for b in batch["image_bound"]]
-    logits = model(**batch, return_logits=True).logits
-    return logits[0].float().cpu()

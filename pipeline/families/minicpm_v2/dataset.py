@@ -1,20 +1,19 @@
-"""Rows -> encoded samples, lazily: images are decoded, sliced and tokenized in DataLoader workers."""
+"""MiniCPM-V-2's rows -> encoded samples, lazily: images are decoded, sliced and tokenized in DataLoader
+workers; rows are counted (image tokens included) from the image header alone."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.data.images import ImageLoadError, load_image, local_image_file
-from pipeline.data.rows import Row
-from pipeline.families.minicpm_v2.collate import Sample, encode_example
-from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor, choose_grid
-from pipeline.families.minicpm_v2.template import render_conversation, truncate
-from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
+from pipeline.families.base import ImageSource, RowLike
+
+from .collate import Sample, encode_example
+from .processor import MiniCPMVImageProcessor, choose_grid
+from .template import render_conversation, truncate
+from .tokenizer import MiniCPMVTokenizer
 
 
 def slice_grid_for_size(processor: MiniCPMVImageProcessor, width: int, height: int) -> tuple[int, int] | None:
@@ -37,20 +36,20 @@ class TokenCounter:
         processor: MiniCPMVImageProcessor,
         max_length: int,
         truncation: str,
+        images: ImageSource,
     ) -> None:
+        self.images = images
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
         self.truncation = truncation
 
-    def __call__(self, row: Row) -> int | None:
+    def __call__(self, row: RowLike) -> int | None:
         placeholder = None
         if row.images:
             # a URL is read from the cache the up-front image check filled
-            local = local_image_file(row.images[0])
-            if local is not None:
-                with Image.open(local) as img:
-                    size = img.size
+            size = self.images.size(row.images[0])
+            if size is not None:
                 placeholder = self.processor.placeholder_ids(
                     self.tokenizer, slice_grid_for_size(self.processor, *size)
                 )
@@ -73,12 +72,12 @@ class SFTDataset(Dataset):
 
     def __init__(
         self,
-        rows: Sequence[Row],
+        rows: Sequence[RowLike],
         tokenizer: MiniCPMVTokenizer,
         processor: MiniCPMVImageProcessor,
         max_length: int,
-        truncation: str = "delete",
-        image_cache: Path | None = None,
+        truncation: str,
+        images: ImageSource,
         with_response: bool = True,
     ) -> None:
         self.rows = list(rows)
@@ -86,7 +85,7 @@ class SFTDataset(Dataset):
         self.processor = processor
         self.max_length = max_length
         self.truncation = truncation
-        self.image_cache = image_cache
+        self.images = images
         self.with_response = with_response
 
     def __len__(self) -> int:
@@ -94,7 +93,7 @@ class SFTDataset(Dataset):
 
     def token_counts(self) -> list[int]:
         """Returns every row's encoded length (counted by validation, else now from the image header)."""
-        counter = TokenCounter(self.tokenizer, self.processor, self.max_length, self.truncation)
+        counter = TokenCounter(self.tokenizer, self.processor, self.max_length, self.truncation, self.images)
         counts = []
         for row in self.rows:
             count = row.num_tokens if row.num_tokens is not None else counter(row)
@@ -104,9 +103,9 @@ class SFTDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         row = self.rows[index]
         try:
-            image = load_image(row.images[0], cache_dir=self.image_cache) if row.images else None
-        except ImageLoadError as exc:  # the image changed or vanished since it was checked
-            raise ImageLoadError(f"{row.origin}: {exc}") from exc
+            image = self.images.load(row.images[0]) if row.images else None
+        except OSError as exc:  # the image changed or vanished since it was checked
+            raise type(exc)(f"{row.origin}: {exc}") from exc
         sample = encode_example(
             self.tokenizer,
             self.processor,
@@ -122,46 +121,5 @@ class SFTDataset(Dataset):
             # Validation removed every row that cannot be kept, so this means the file changed since.
             raise ValueError(
                 f"{row.origin}: does not fit max_length {self.max_length} under '{self.truncation}'"
-            )
-        return sample
-
-
-class FamilyDataset(Dataset):
-    """Encodes rows on access through a transformers-native family (its processor and chat template)."""
-
-    def __init__(
-        self,
-        rows: Sequence[Row],
-        family,
-        processor,
-        max_length: int,
-        image_cache: Path | None = None,
-        with_response: bool = True,
-    ) -> None:
-        self.rows = list(rows)
-        self.family = family
-        self.processor = processor
-        self.max_length = max_length
-        self.image_cache = image_cache
-        self.with_response = with_response
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def token_counts(self) -> list[int]:
-        """Returns every row's encoded length (counted by validation, else by encoding the row now)."""
-        counts = []
-        for index, row in enumerate(self.rows):
-            count = row.num_tokens if row.num_tokens is not None else len(self[index])
-            counts.append(min(count, self.max_length))
-        return counts
-
-    def __getitem__(self, index: int):
-        row = self.rows[index]
-        sample = self.family.encode_row(self.processor, row, self.with_response, self.image_cache)
-        if len(sample) > self.max_length:
-            # Validation removed every row that does not fit, so this means the file changed since.
-            raise ValueError(
-                f"{row.origin}: encodes to {len(sample)} tokens, over max_length {self.max_length}"
             )
         return sample

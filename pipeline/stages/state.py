@@ -1,0 +1,81 @@
+"""The run state: what the stages of one run share, resolved once by the entry point, read by every stage.
+
+    state = RunState.resolve(cfg)            # the base model's folder (a tiny twin is built here when
+                                             # asked) and the checkpoint given by `ckpt`
+    state.update(get_stage("sft")(cfg, run_dir, state))   # each stage returns what it adds
+    state.weights_for("infer", cfg)          # the one rule for which weights a stage reads
+
+The rule: a stage after sft reads this run's sft checkpoint (its best, else its last); without sft, the
+`ckpt` key (a checkpoint folder, an earlier run folder, or "base"); None means the base model at
+model.path. infer and serve read this run's merged folder when merge ran; `infer.ckpt` overrides the
+weights infer reads. merge needs an adapter and refuses the base model by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.config import BASE_CKPT
+from pipeline.families import family_from_config
+from pipeline.runinfo import resolve_ckpt
+from pipeline.training.twin import twin_folder
+
+log = logging.getLogger(__name__)
+
+# the stages that may read a merged folder of the same run
+READS_MERGED = ("infer", "serve")
+
+
+@dataclass
+class RunState:
+    """What the stages of one run share (see the module docstring for the rule of the weights)."""
+
+    model_path: str  # the base model: a local folder (a twin built when asked) or a hub id
+    ckpt: Path | None = None  # sft's checkpoint, else the `ckpt` key resolved; None = the base model
+    ckpt_set: bool = False  # whether `ckpt` was given or sft ran (else: the base model, nothing asked)
+    merged: Path | None = None  # this run's merged folder
+    metrics: dict[str, float] = field(default_factory=dict)  # every stage's metrics, merged key by key
+    sft: dict[str, Any] | None = None  # sft's summary
+    tracker: Any = None  # the run-wide tracker (pipeline.utils.tracking), when the entry point opened one
+    outputs: dict[str, Any] = field(default_factory=dict)  # what else a stage returned, by key
+
+    @classmethod
+    def resolve(cls, cfg: DictConfig) -> RunState:
+        """Returns the state the first stage starts from: the base model's folder (the family's tiny twin
+        built there first when model.build_if_missing and it is missing) and, when sft does not run, the
+        checkpoint the `ckpt` key names."""
+        family = family_from_config(cfg.model)
+        model_path = str(twin_folder(family, str(cfg.model.path), bool(cfg.model.build_if_missing)))
+        state = cls(model_path=model_path)
+        if "sft" not in cfg.stages and cfg.ckpt is not None:
+            state.ckpt_set = True
+            state.ckpt = None if cfg.ckpt == BASE_CKPT else resolve_ckpt(cfg.ckpt)
+        return state
+
+    def update(self, result: dict[str, Any] | None) -> None:
+        """Takes in what a stage returned: its checkpoint, merged folder, summary and metrics (merged key by
+        key with the earlier stages'), anything else under `outputs`."""
+        for key, value in (result or {}).items():
+            if key == "metrics":
+                self.metrics.update(value)
+            elif key == "ckpt":
+                self.ckpt, self.ckpt_set = value, True
+            elif key in ("merged", "sft"):
+                setattr(self, key, value)
+            else:
+                self.outputs[key] = value
+
+    def weights_for(self, stage: str, cfg: DictConfig) -> Path | None:
+        """Returns the checkpoint `stage` reads (None: the base model at model.path), by the module's rule."""
+        if stage == "infer" and cfg.infer.ckpt is not None:
+            return None if cfg.infer.ckpt == BASE_CKPT else resolve_ckpt(cfg.infer.ckpt)
+        if stage in READS_MERGED and self.merged is not None:
+            return Path(self.merged)
+        if stage == "eval" and self.ckpt is None and "sft" in cfg.stages and self.ckpt_set:
+            log.warning("sft saved no checkpoint in this run; evaluating the base model %s", cfg.model.path)
+        return self.ckpt
