@@ -14,7 +14,7 @@ from tqdm import tqdm
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
-from pipeline.families.minicpm_v2.template import IMAGE_TAG
+from pipeline.families.base import IMAGE_TAG
 from pipeline.utils.io import atomic_write_text
 
 __all__ = [

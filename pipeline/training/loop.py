@@ -31,6 +31,7 @@ from accelerate import Accelerator, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
@@ -332,7 +333,7 @@ class Trainer:
     # ----- one optimizer step
     def _step(self, micro: list[dict]) -> dict:
         device = self.acc.device
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         total = torch.tensor(float(local_tokens), device=device)
         total = self.acc.reduce(total, reduction="sum") if self.world > 1 else total
         total_tokens = max(float(total), 1.0)
