@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.families import FAMILIES, STAGE_READY
+from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
 
@@ -142,8 +143,7 @@ class MergeConfig:
     device: str = "cpu"
     verify_samples: int = 2
     output: str | None = None  # None = <ckpt>-merged
-    # 10GB: the bf16 LLM (6.0 GB) in one shard, vision + resampler in another, as officially
-    shard_size: str = "10GB"
+    shard_size: str = DEFAULT_SHARD_SIZE  # e.g. 5GB (10^9 bytes), 500MB, 2GiB (2^30 bytes)
 
 
 @dataclass
@@ -217,8 +217,11 @@ GROUP_SCHEMAS: dict[str, type] = {
     "tracking": TrackingConfig,
 }
 
+# model.dtype's names besides auto, and the checkpoints' torch_dtype: torch's own name of each dtype
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", *DTYPE_NAMES),
     "model.family": tuple(FAMILIES),
     "lora.name": ("qkv", "all", "none"),
     "lora.bias": ("none", "all", "lora_only"),
@@ -298,7 +301,6 @@ def default_twin_path() -> Path:
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-SHARD_SIZE_PATTERN = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 BASE_CKPT = "base"  # ckpt value that means "the model at model.path, without fine-tuned weights"
 
 
@@ -388,8 +390,10 @@ def _check_choices(tree: dict) -> list[str]:
         problems.append(
             f"merge.device={tree['merge']['device']} is not valid; valid: auto, cpu, cuda, cuda:N"
         )
-    if not SHARD_SIZE_PATTERN.match(str(tree["merge"]["shard_size"])):
-        problems.append(f"merge.shard_size={tree['merge']['shard_size']} is not a size like 5GB or 500MB")
+    try:
+        parse_size(tree["merge"]["shard_size"])
+    except ValueError as err:
+        problems.append(str(err))
     return problems
 
 
@@ -686,9 +690,8 @@ def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:
     import torch
 
     name = cfg if isinstance(cfg, str) else str(cfg.model.dtype)
-    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name in explicit:
-        return explicit[name]
+    if name in DTYPE_NAMES:
+        return dtype_named(name)
     if name != "auto":
         raise ConfigError(
             f"model.dtype={name} is not a valid choice; valid: {', '.join(CHOICES['model.dtype'])}"
@@ -696,3 +699,12 @@ def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """Returns the torch dtype of one of DTYPE_NAMES (torch's own name of it); raises KeyError for others."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)

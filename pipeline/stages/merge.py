@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from functools import partial
@@ -26,11 +25,11 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.config import BASE_CKPT, DTYPE_NAMES, dtype_named, resolve_device
 from pipeline.data.prepare import prepare_splits
 from pipeline.families import family_from_config
 from pipeline.families.base import FamilyError
-from pipeline.families.checkpoints import BASE_POINTER, CheckpointError, checkpoint_kind
+from pipeline.families.checkpoints import BASE_POINTER, CheckpointError, checkpoint_kind, parse_size
 from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families.minicpm_v2.checkpoint import read_checkpoint_shapes
 from pipeline.families.minicpm_v2.checkpoint import (
@@ -46,19 +45,6 @@ from pipeline.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 INFO_FILE = "merge_info.json"
-SIZE_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest allowed |merged - adapter| logit, relative to the largest |logit| (at least 1). In fp32 only the
 # summation order differs; in 16-bit the merged weight W + BA is rounded once to the weight dtype, while the
 # adapter model adds BA's output to the rounded W x, so a few ulps of the logits scale separate them.
@@ -68,19 +54,6 @@ LORA_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module")
 
 class MergeError(RuntimeError):
     """The merge cannot run or produced a checkpoint that does not match its adapter model."""
-
-
-def parse_size(text: str | int) -> int:
-    """Returns a byte count from a size like 5GB (10^9), 500MB or 2GiB (2^30); a bare int is bytes."""
-    if isinstance(text, int):
-        return text
-    match = SIZE_RE.match(str(text))
-    if not match or match.group(2) not in SIZE_UNITS:
-        raise ValueError(f"merge.shard_size={text} is not a size; use e.g. 5GB, 500MB or 2GiB")
-    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
-    if size <= 0:
-        raise ValueError(f"merge.shard_size={text} must be larger than 0 bytes")
-    return size
 
 
 def checkpoint_to_merge(cfg: DictConfig, state: dict) -> Path:
@@ -133,9 +106,11 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     name = str(name).replace("torch.", "")
-    if name not in DTYPES:
-        raise MergeError(f"{folder / 'config.json'}: torch_dtype={name} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise MergeError(
+            f"{folder / 'config.json'}: torch_dtype={name} is not one of {', '.join(DTYPE_NAMES)}"
+        )
+    return dtype_named(name)
 
 
 def output_folder(cfg: DictConfig, ckpt: Path, base: Path) -> Path:

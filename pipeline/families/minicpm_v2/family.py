@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.families.base import IMAGE_TAG, EncodedSample, Family, FamilyError, FreezeGroups, Message
+from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # the official layout's
 from pipeline.families.minicpm_v2.bundle import load_bundle
 from pipeline.families.minicpm_v2.checkpoint import resolve_model_path, save_checkpoint
 from pipeline.families.minicpm_v2.collate import (
@@ -35,9 +36,6 @@ from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config, set
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
-
-# The official checkpoint's two-shard layout (the LLM in one shard, vision and resampler in the other).
-SHARD_BYTES = 10 * 1000**3
 
 
 @dataclass
