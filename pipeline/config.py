@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -565,8 +566,16 @@ def _check_family(tree: dict) -> list[str]:
     return problems
 
 
-def objective_problems(objective: str, generate: bool) -> list[str]:
-    """Return a problem when eval will not write the metric `objective` (generation metrics need generate)."""
+def objective_problems(objective: str, generate: bool, written: Collection[str] | None = None) -> list[str]:
+    """Return a problem when eval will not write the metric `objective`: before it runs, whether it can
+    (generation metrics need eval.generate); with `written` (the metrics it wrote), whether it did."""
+    if written is not None:
+        if objective in written:
+            return []
+        hint = " (written only when some reference holds a number)" if objective == "numeric_accuracy" else ""
+        return [
+            f"eval.objective={objective} is not among the metrics eval wrote: {', '.join(sorted(written))}{hint}"
+        ]
     available = LOSS_METRICS + (GENERATION_METRICS if generate else ())
     if objective in available:
         return []

@@ -13,6 +13,7 @@ from pipeline import config
 from pipeline.__main__ import describe_error
 from pipeline.config import (
     ConfigError,
+    objective_problems,
     resolve_checkpointing,
     resolve_compile,
     resolve_device,
@@ -376,3 +377,15 @@ def test_model_learning_rates_and_processor_settings_are_checked_before_any_work
         ConfigError, match=r"model.processor_kwargs: .*unknown processor setting\(s\) max_pixel"
     ):
         validate(compose(["model=qwen2_5_vl_tiny", "+model.processor_kwargs.max_pixel=100"]))
+
+
+def test_the_objective_is_one_check_before_and_after_eval():
+    assert objective_problems("bleu4", generate=True) == []
+    assert "(generation metrics need eval.generate=true)" in objective_problems("bleu4", generate=False)[0]
+    assert objective_problems("bleu4", generate=True, written={"eval_loss": 1.0, "bleu4": 0.5}) == []
+    assert objective_problems(
+        "numeric_accuracy", generate=True, written={"eval_loss": 1.0, "bleu4": 0.5}
+    ) == [
+        "eval.objective=numeric_accuracy is not among the metrics eval wrote: bleu4, eval_loss "
+        "(written only when some reference holds a number)"
+    ]
