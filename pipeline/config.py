@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.families import FAMILIES, STAGE_READY
+from pipeline.families import FAMILIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
@@ -536,11 +536,6 @@ def _check_family(tree: dict) -> list[str]:
         problems.append(
             "model.processor_kwargs is for transformers-native families; MiniCPM-V-2 takes "
             "model.max_slice_nums and model.slice_mode"
-        )
-    if family not in STAGE_READY and tree["stages"]:
-        problems.append(
-            f"model.family={family}: the stages run {', '.join(STAGE_READY)} only so far; this family works "
-            "through pipeline.families (load, encode, train, merge, generate), so set stages=[]"
         )
     if family == "minicpm_v2":
         return problems

@@ -27,10 +27,6 @@ FAMILIES: dict[str, str] = {
 }
 
 
-# The families the stages (sft, eval, merge, infer) run; the others work through this package and its tests.
-STAGE_READY = ("minicpm_v2", "minicpm_v4_6", "qwen2_5_vl", "qwen3_vl")
-
-
 def get_family(
     name: str, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"
 ) -> Family:

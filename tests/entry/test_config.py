@@ -30,14 +30,6 @@ APPENDED_GROUPS = {"experiment", "hparams_search"}
 EXTRA_OVERRIDES = {
     "dataset/custom": ["dataset.path=rows.jsonl"],
     "lora/none": ["stages=[sft,eval,infer]"],  # full fine-tuning has no adapter to merge
-    # families the stages do not run yet (pipeline.families.STAGE_READY)
-    "model/minicpm_v4_6": ["stages=[]"],
-    "model/minicpm_v4_6_tiny": ["stages=[]"],
-    "model/qwen2_5_vl_3b": ["stages=[]"],
-    "model/qwen2_5_vl_7b": ["stages=[]"],
-    "model/qwen2_5_vl_tiny": ["stages=[]"],
-    "model/qwen3_vl_4b": ["stages=[]"],
-    "model/qwen3_vl_tiny": ["stages=[]"],
 }
 # plugins a file builds on; its test is skipped when the extra is not installed
 NEEDS_PLUGIN = {

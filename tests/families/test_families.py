@@ -396,17 +396,10 @@ def test_model_configs_select_their_family_and_settings(compose, option, family,
     assert chosen.name == family and chosen.settings == settings
 
 
-def test_families_the_stages_do_not_run_yet_are_refused_before_any_work(compose, monkeypatch):
-    from pipeline import config
+def test_every_registered_family_runs_the_stages_and_others_are_refused_before_any_work(compose):
     from pipeline.config import ConfigError, validate
 
-    validate(compose(["model=qwen3_vl_tiny"]))  # every family registered today runs the stages
-    # a family registered before its stages work (STAGE_READY leaves it out) is refused by name
-    monkeypatch.setattr(config, "STAGE_READY", ("minicpm_v2", "minicpm_v4_6", "qwen2_5_vl"))
-    with pytest.raises(
-        ConfigError, match=r"model.family=qwen3_vl: the stages run minicpm_v2, minicpm_v4_6, qwen2_5_vl only"
-    ):
-        validate(compose(["model=qwen3_vl_tiny"]))
+    validate(compose(["model=qwen3_vl_tiny"]))  # every family registered runs the stages
     with pytest.raises(ConfigError, match=r"model.family=llava is not a valid choice; valid: minicpm_v2"):
         validate(compose(["model.family=llava", "stages=[]"]))
     with pytest.raises(ConfigError, match=r"model.processor_kwargs is for transformers-native families"):
