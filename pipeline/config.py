@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.families import FAMILIES
+from pipeline.families import FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
@@ -218,17 +218,18 @@ GROUP_SCHEMAS: dict[str, type] = {
     "tracking": TrackingConfig,
 }
 
+ON_ERROR_CHOICES = ("raise", "skip")  # dataset.on_error: stop at a bad row, or skip it and list it
 # model.dtype's names besides auto, and the checkpoints' torch_dtype: torch's own name of each dtype
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", *DTYPE_NAMES),
     "model.family": tuple(FAMILIES),
-    "lora.name": ("qkv", "all", "none"),
+    "lora.name": (*LORA_PRESETS, "none"),
     "lora.bias": ("none", "all", "lora_only"),
     "dataset.name": ("demo", "custom", "coco_en_2_mini"),
-    "dataset.truncation": ("delete", "truncate"),
-    "dataset.on_error": ("raise", "skip"),
+    "dataset.truncation": TRUNCATION_POLICIES,
+    "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", True, False),
     "model.gradient_checkpointing": ("auto", True, False),

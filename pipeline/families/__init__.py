@@ -6,7 +6,7 @@
     qwen3_vl       Qwen3-VL (dense Instruct) through transformers' qwen3_vl
 
 `FAMILIES` names each family's class without importing it, so the config schema can list the choices
-without loading torch or transformers. Adding a family = one module here + one line below + its yaml.
+without loading torch or transformers; so do the LoRA presets and the truncation policies below. Adding a family = one module here + one line below + its yaml.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.families.checkpoints import MODEL_CONFIG
 
 if TYPE_CHECKING:
     from .base import Family
@@ -25,6 +27,9 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "pipeline.families.qwen2_5_vl:Qwen2_5_VL",
     "qwen3_vl": "pipeline.families.qwen3_vl:Qwen3_VL",
 }
+LORA_PRESETS = ("qkv", "all")  # lora.name's adapters (lora.name=none is full fine-tuning)
+# dataset.truncation: drop a conversation longer than max_length, or cut it (MiniCPM-V-2's template only)
+TRUNCATION_POLICIES = ("delete", "truncate")
 
 
 def get_family(
@@ -50,7 +55,7 @@ def locate_model(
 ) -> Path:
     """Returns the local folder of `path`: as it is, the tiny twin built there when asked, or downloaded."""
     folder = Path(path).expanduser()
-    if build_if_missing and not (folder / "config.json").is_file():
+    if build_if_missing and not (folder / MODEL_CONFIG).is_file():
         return family.build_tiny(folder)
     return family.resolve(path, allow_download)
 

@@ -50,10 +50,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from torch import nn
 
+from pipeline.families import LORA_PRESETS
+
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
 ROLES = ("system", "user", "assistant")
-LORA_PRESETS = ("qkv", "all")
 
 Message = Mapping[str, str]
 

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 BASE_POINTER = "base_model.json"  # written into every checkpoint: which base folder it was trained on
 ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"  # a full model folder's settings (transformers' CONFIG_NAME)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _DAMAGED = "the file is damaged (an interrupted copy or write?)"
 # A full model's shards (merge.shard_size's default): MiniCPM-V-2's bf16 LLM (6.0 GB) in one shard, its vision
@@ -129,10 +130,10 @@ def checkpoint_kind(path: Path) -> str:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter"
-    if (path / "config.json").is_file():
+    if (path / MODEL_CONFIG).is_file():
         return "full"
     raise CheckpointError(
-        f"{path} is neither a LoRA checkpoint ({ADAPTER_CONFIG}) nor a model folder (config.json)"
+        f"{path} is neither a LoRA checkpoint ({ADAPTER_CONFIG}) nor a model folder ({MODEL_CONFIG})"
     )
 
 

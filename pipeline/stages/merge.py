@@ -29,7 +29,13 @@ from pipeline.config import BASE_CKPT, DTYPE_NAMES, dtype_named, resolve_device
 from pipeline.data.prepare import prepare_splits
 from pipeline.families import family_from_config
 from pipeline.families.base import FamilyError
-from pipeline.families.checkpoints import BASE_POINTER, CheckpointError, checkpoint_kind, parse_size
+from pipeline.families.checkpoints import (
+    BASE_POINTER,
+    MODEL_CONFIG,
+    CheckpointError,
+    checkpoint_kind,
+    parse_size,
+)
 from pipeline.families.minicpm_v2.bundle import ModelBundle
 from pipeline.families.minicpm_v2.checkpoint import read_checkpoint_shapes
 from pipeline.families.minicpm_v2.checkpoint import (
@@ -92,7 +98,7 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
     pointer = ckpt / BASE_POINTER
     if pointer.is_file():
         recorded = Path(json.loads(pointer.read_text(encoding="utf-8"))["base_model_path"])
-        if (recorded / "config.json").is_file():
+        if (recorded / MODEL_CONFIG).is_file():
             return recorded
         log.warning(
             "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, cfg.model.path
@@ -103,12 +109,12 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path) -> Path:
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
     """Returns the dtype a checkpoint folder's config.json records (torch_dtype or dtype); float32 if none."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     name = str(name).replace("torch.", "")
     if name not in DTYPE_NAMES:
         raise MergeError(
-            f"{folder / 'config.json'}: torch_dtype={name} is not one of {', '.join(DTYPE_NAMES)}"
+            f"{folder / MODEL_CONFIG}: torch_dtype={name} is not one of {', '.join(DTYPE_NAMES)}"
         )
     return dtype_named(name)
 
@@ -120,7 +126,7 @@ def output_folder(cfg: DictConfig, ckpt: Path, base: Path) -> Path:
     for name, folder in (("the adapter checkpoint", ckpt), ("the base model", base)):
         if resolved == folder.resolve():
             raise MergeError(f"merge.output={out} is {name}; choose another folder (it would be overwritten)")
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file()):
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / MODEL_CONFIG).is_file()):
         raise MergeError(
             f"merge.output={out} exists and is not a model folder; choose an empty or new folder "
             "(an earlier merge result there would be replaced)"

@@ -24,10 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipeline.families import TRUNCATION_POLICIES
 from pipeline.families.base import IGNORE_INDEX, IMAGE_TAG
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
-
-TRUNCATION_POLICIES = ("delete", "truncate")
 
 
 @dataclass
