@@ -34,7 +34,7 @@ class ModelConfig:
     name: str = MISSING
     family: str = "minicpm_v2"  # the module under pipeline/families/ that loads and encodes it
     path: str = MISSING  # local folder or hub id
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto = bf16 on a GPU with bf16, fp16 on other GPUs, fp32 on CPU
     max_slice_nums: int = 9
     slice_mode: bool = True
     # auto: off for LoRA on a CUDA device with micro-batches of more than 1024 tokens (trainer=default:
@@ -48,7 +48,8 @@ class ModelConfig:
     # all images (or windows) where torch's kernel runs (Ampere+ CUDA, bf16/fp16), else transformers' SDPA loop
     # over them; varlen; sdpa. MiniCPM-V-2's own tower ignores it.
     vision_attention: str = "auto"
-    # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none)
+    # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none);
+    # the defaults are ms-swift's for MiniCPM-V-2
     lora_lr: float = 1e-4
     full_lr: float = 1e-5
 
@@ -59,13 +60,13 @@ class LoraConfig:
     r: int = 8
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | None = None  # None = the preset of `name`
+    target_modules: list[str] | None = None  # None = the preset of `name`; or module names / a regex
     modules_to_save: list[str] = field(default_factory=list)
     # full fine-tuning (name=none) only: with LoRA only the adapters (and modules_to_save) train
     freeze_vision: bool = False
     freeze_resampler: bool = False
     freeze_llm: bool = False
-    # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable)
+    # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable): none | all | lora_only
     bias: str = "none"
 
 
@@ -75,15 +76,15 @@ class DatasetConfig:
     path: Any = None  # a file, a list of files, or a folder; None = the dataset's own default location
     # other datasets mixed in: [{name, path, n | ratio, ...}]; [] = just this one
     sources: list[dict[str, Any]] = field(default_factory=list)
-    val_path: Any = None
+    val_path: Any = None  # None = hold out test_ratio of the rows
     # custom files: {key in the file: key of a known row format}, like ms-swift's --columns
     columns: Any = None  # a mapping; Any so that `dataset.columns={a: query}` replaces it whole
     test_ratio: float = 0.01
     max_length: int = 2048
-    truncation: str = "delete"
-    on_error: str = "raise"
+    truncation: str = "delete"  # delete | truncate (a conversation longer than max_length)
+    on_error: str = "raise"  # raise | skip (skipped rows are listed in the run folder)
     image_root: str | None = None
-    allow_download: bool = False
+    allow_download: bool = False  # true: fetch images missing under image_root from their URL
     check_images: bool = True  # decode every image before training; false skips it (large sets you trust)
     max_rows: int | None = None
     system: str | None = None
@@ -112,8 +113,8 @@ class TrainerConfig:
     eval_steps: int = 50
     save_steps: int | None = None  # None = eval_steps, as ms-swift
     save_total_limit: int | None = 2
-    resume: str = "auto"  # auto | never | <checkpoint path>
-    mixed_precision: str = "auto"
+    resume: str = "auto"  # auto (the latest checkpoint of this run folder) | never | <checkpoint path>
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     num_workers: Any = "auto"  # auto (0 on CPU; on a GPU from the CPU count, up to 8) | N
     # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
     # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size.
@@ -124,7 +125,8 @@ class TrainerConfig:
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
     max_eval_samples: int | None = None
-    # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/
+    # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/ (ops.txt,
+    # trace.json)
     profile_steps: int = 0
 
 
@@ -181,21 +183,21 @@ class TrackingConfig:
     backend: str = "none"
     project: str = "minicpm-v-finetune"
     entity: str | None = None
-    group: str | None = None
+    group: str | None = None  # None = the experiment name; in a sweep, the sweep folder (its jobs share it)
     tags: list[str] = field(default_factory=list)
-    name: str | None = None
-    mode: str = "auto"
-    log_model: bool = False
+    name: str | None = None  # None = the run folder's name
+    mode: str = "auto"  # auto (online when an API key is found, else offline) | online | offline | disabled
+    log_model: bool = False  # true: upload checkpoints as artifacts
 
 
 @dataclass
 class Config:
-    # serve runs until stopped, so only when listed
+    # an ordered subset of sft, eval, merge, infer, serve; serve runs until stopped, so only when listed
     stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "serve"])
     seed: int = 42
     experiment_name: str = "default"
     ckpt: str | None = None  # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_root: str = "outputs"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
