@@ -35,6 +35,7 @@ from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
+    STATE_FILE,
     TrainerState,
     check_resume_plan,
     list_checkpoints,
@@ -173,7 +174,7 @@ def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
         found = list_checkpoints(sft_dir)
         return found[-1] if found else None
     ckpt = Path(resume)
-    if not (ckpt / "trainer_state.json").is_file():
+    if not (ckpt / STATE_FILE).is_file():
         raise TrainingError(
             f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
         )
