@@ -66,7 +66,8 @@ class LoraConfig:
     freeze_vision: bool = False
     freeze_resampler: bool = False
     freeze_llm: bool = False
-    # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable): none | all | lora_only
+    # which biases train beside the adapters: none | all | lora_only (PEFT's `bias`, ms-swift's
+    # lora_bias_trainable)
     bias: str = "none"
 
 
@@ -125,8 +126,8 @@ class TrainerConfig:
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
     max_eval_samples: int | None = None
-    # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/ (ops.txt,
-    # trace.json)
+    # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/
+    # (ops.txt, trace.json)
     profile_steps: int = 0
 
 
@@ -571,9 +572,8 @@ def objective_problems(objective: str, generate: bool, written: Collection[str] 
         if objective in written:
             return []
         hint = " (written only when some reference holds a number)" if objective == "numeric_accuracy" else ""
-        return [
-            f"eval.objective={objective} is not among the metrics eval wrote: {', '.join(sorted(written))}{hint}"
-        ]
+        wrote = ", ".join(sorted(written))
+        return [f"eval.objective={objective} is not among the metrics eval wrote: {wrote}{hint}"]
     available = LOSS_METRICS + (GENERATION_METRICS if generate else ())
     if objective in available:
         return []

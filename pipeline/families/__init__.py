@@ -6,7 +6,8 @@
     qwen3_vl       Qwen3-VL (dense Instruct) through transformers' qwen3_vl
 
 `FAMILIES` names each family's class without importing it, so the config schema can list the choices
-without loading torch or transformers; so do the LoRA presets and the truncation policies below. Adding a family = one module here + one line below + its yaml.
+without loading torch or transformers (and so do the LoRA presets and truncation policies below).
+Adding a family = one module here + one line below + its yaml.
 """
 
 from __future__ import annotations

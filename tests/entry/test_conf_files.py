@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import GROUP_SCHEMAS, Config
 from tests.conftest import CONF_DIR
 
-# Hydra's own settings (conf/hydra/, a file's `hydra:` node) extend Hydra's and its plugins' schemas, not ours.
+# Hydra's own settings (conf/hydra/, a file's `hydra:` node) extend Hydra's and its plugins' schemas, not
+# ours.
 HYDRA_DIR = CONF_DIR / "hydra"
 NOT_KEYS = ("defaults", "hydra")
 
@@ -21,7 +22,7 @@ def _schema_files() -> list[Path]:
     return sorted(p for p in CONF_DIR.rglob("*.yaml") if HYDRA_DIR not in p.parents)
 
 
-def _is_global(raw: DictConfig, path: Path) -> bool:
+def _is_global(path: Path) -> bool:
     """Returns whether the file's keys are top-level ones: config.yaml, or a `# @package _global_` file."""
     return path.parent == CONF_DIR or "# @package _global_" in path.read_text().splitlines()[0]
 
@@ -35,7 +36,7 @@ def _parents(raw: DictConfig) -> list[str]:
 def _baseline(path: Path) -> DictConfig:
     """Returns what a file's keys land on: the schema's defaults with the options it builds on merged in."""
     raw = OmegaConf.load(path)
-    if _is_global(raw, path):
+    if _is_global(path):
         return OmegaConf.structured(Config)
     base = OmegaConf.structured(GROUP_SCHEMAS[path.parent.name])
     for parent in _parents(raw):
@@ -45,7 +46,7 @@ def _baseline(path: Path) -> DictConfig:
 
 
 def _own_keys(path: Path) -> dict:
-    """Returns the keys a yaml sets (its defaults list and Hydra's node left out), interpolations unresolved."""
+    """Returns the keys a yaml sets (not its defaults list nor Hydra's node), interpolations unresolved."""
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     return {key: value for key, value in raw.items() if key not in NOT_KEYS}
 
@@ -71,8 +72,8 @@ def test_schema_files_are_found():
 @pytest.mark.parametrize("path", _schema_files(), ids=lambda p: str(p.relative_to(CONF_DIR)))
 def test_every_shipped_yaml_holds_only_what_differs_from_the_schema(path: Path):
     assert keys_at_their_default(path) == [], (
-        f"{path.relative_to(CONF_DIR)} sets these keys to their schema default (pipeline/config.py), or to what "
-        "it builds on; drop them (a comment explaining the value belongs beside the schema's default)"
+        f"{path.relative_to(CONF_DIR)} sets these keys to their schema default (pipeline/config.py), or to "
+        "what it builds on; drop them (a comment explaining the value belongs beside the schema's default)"
     )
 
 
