@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config, set_full_finetune
@@ -49,7 +50,7 @@ def make_batch(batch: int, length: int, vocab: int, device, images: int = 1) -> 
         ids[:, pos + 1 + Q] = 102
         spans.append([pos + 1, pos + 1 + Q])
         pos += Q + 2
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     sup = max(length // 10, 8)
     labels[:, -sup:] = ids[:, -sup:]
     pixels = [[torch.randn(3, 448, 448, generator=g) for _ in range(images)] for _ in range(batch)]

@@ -123,6 +123,7 @@ DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "ful
 # ----- the model folder
 def write_model(folder: Path, tiny: bool) -> Path:
     """Writes the full-size model (random bf16 weights, official layout) or the tiny twin; returns it."""
+    from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES, MODEL_CONFIG
     from pipeline.families.minicpm_v2.checkpoint import save_checkpoint
     from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
     from pipeline.families.minicpm_v2.modeling import MiniCPMV
@@ -130,7 +131,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
     from pipeline.families.minicpm_v2.tiny import build_tiny_twin
     from pipeline.families.minicpm_v2.tokenizer import train_tiny_tokenizer
 
-    if (folder / "config.json").is_file():
+    if (folder / MODEL_CONFIG).is_file():
         return folder
     if tiny:
         return build_tiny_twin(folder)
@@ -142,7 +143,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
         model = MiniCPMV(MiniCPMVConfig()).to(torch.bfloat16)
     with torch.no_grad():
         model.llm.lm_head.weight[tokenizer.vocab_size :] = 0
-    save_checkpoint(model, folder, max_shard_bytes=10 * 1024**3, source_folder=tokens)
+    save_checkpoint(model, folder, max_shard_bytes=DEFAULT_SHARD_BYTES, source_folder=tokens)
     MiniCPMVImageProcessor().save_pretrained(folder)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -260,10 +261,11 @@ def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
     from transformers import AutoModelForImageTextToText
 
     from pipeline.families import get_family
+    from pipeline.families.checkpoints import MODEL_CONFIG
     from pipeline.families.tiny_tokenizer import train_bpe_tokenizer
 
     family = get_family(family_name)
-    if (folder / "config.json").is_file():
+    if (folder / MODEL_CONFIG).is_file():
         return folder
     if tiny:
         return family.build_tiny(folder)

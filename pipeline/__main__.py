@@ -32,7 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from tqdm import tqdm
 
-from pipeline.config import BASE_CKPT, ConfigError, register_configs, resolve_device, validate
+from pipeline.config import (
+    BASE_CKPT,
+    ConfigError,
+    objective_problems,
+    register_configs,
+    resolve_device,
+    validate,
+)
 from pipeline.distributed import (
     adopt_submitit_tasks,
     is_main_process,
@@ -114,11 +121,9 @@ def _objective(cfg: DictConfig, state: RunState) -> float | None:
     if "eval" not in cfg.stages:
         return None
     metrics = state.metrics
-    if cfg.eval.objective not in metrics:
-        raise ConfigError(
-            f"eval.objective={cfg.eval.objective} is not among the metrics eval wrote: "
-            f"{', '.join(sorted(metrics))}"
-        )
+    problems = objective_problems(cfg.eval.objective, cfg.eval.generate, written=metrics)
+    if problems:
+        raise ConfigError(problems)
     return float(metrics[cfg.eval.objective])
 
 

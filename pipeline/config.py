@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.families import FAMILIES
+from pipeline.families import FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
+from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
 
@@ -32,7 +34,7 @@ class ModelConfig:
     name: str = MISSING
     family: str = "minicpm_v2"  # the module under pipeline/families/ that loads and encodes it
     path: str = MISSING  # local folder or hub id
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto = bf16 on a GPU with bf16, fp16 on other GPUs, fp32 on CPU
     max_slice_nums: int = 9
     slice_mode: bool = True
     # auto: off for LoRA on a CUDA device with micro-batches of more than 1024 tokens (trainer=default:
@@ -46,7 +48,8 @@ class ModelConfig:
     # all images (or windows) where torch's kernel runs (Ampere+ CUDA, bf16/fp16), else transformers' SDPA loop
     # over them; varlen; sdpa. MiniCPM-V-2's own tower ignores it.
     vision_attention: str = "auto"
-    # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none)
+    # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none);
+    # the defaults are ms-swift's for MiniCPM-V-2
     lora_lr: float = 1e-4
     full_lr: float = 1e-5
 
@@ -57,13 +60,14 @@ class LoraConfig:
     r: int = 8
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | None = None  # None = the preset of `name`
+    target_modules: list[str] | None = None  # None = the preset of `name`; or module names / a regex
     modules_to_save: list[str] = field(default_factory=list)
     # full fine-tuning (name=none) only: with LoRA only the adapters (and modules_to_save) train
     freeze_vision: bool = False
     freeze_resampler: bool = False
     freeze_llm: bool = False
-    # which biases train beside the adapters (PEFT's `bias`, ms-swift's lora_bias_trainable)
+    # which biases train beside the adapters: none | all | lora_only (PEFT's `bias`, ms-swift's
+    # lora_bias_trainable)
     bias: str = "none"
 
 
@@ -73,15 +77,15 @@ class DatasetConfig:
     path: Any = None  # a file, a list of files, or a folder; None = the dataset's own default location
     # other datasets mixed in: [{name, path, n | ratio, ...}]; [] = just this one
     sources: list[dict[str, Any]] = field(default_factory=list)
-    val_path: Any = None
+    val_path: Any = None  # None = hold out test_ratio of the rows
     # custom files: {key in the file: key of a known row format}, like ms-swift's --columns
     columns: Any = None  # a mapping; Any so that `dataset.columns={a: query}` replaces it whole
     test_ratio: float = 0.01
     max_length: int = 2048
-    truncation: str = "delete"
-    on_error: str = "raise"
+    truncation: str = "delete"  # delete | truncate (a conversation longer than max_length)
+    on_error: str = "raise"  # raise | skip (skipped rows are listed in the run folder)
     image_root: str | None = None
-    allow_download: bool = False
+    allow_download: bool = False  # true: fetch images missing under image_root from their URL
     check_images: bool = True  # decode every image before training; false skips it (large sets you trust)
     max_rows: int | None = None
     system: str | None = None
@@ -110,8 +114,8 @@ class TrainerConfig:
     eval_steps: int = 50
     save_steps: int | None = None  # None = eval_steps, as ms-swift
     save_total_limit: int | None = 2
-    resume: str = "auto"  # auto | never | <checkpoint path>
-    mixed_precision: str = "auto"
+    resume: str = "auto"  # auto (the latest checkpoint of this run folder) | never | <checkpoint path>
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     num_workers: Any = "auto"  # auto (0 on CPU; on a GPU from the CPU count, up to 8) | N
     # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
     # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size.
@@ -123,6 +127,7 @@ class TrainerConfig:
     compile: Any = "auto"
     max_eval_samples: int | None = None
     # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/
+    # (ops.txt, trace.json)
     profile_steps: int = 0
 
 
@@ -142,8 +147,7 @@ class MergeConfig:
     device: str = "cpu"
     verify_samples: int = 2
     output: str | None = None  # None = <ckpt>-merged
-    # 10GB: the bf16 LLM (6.0 GB) in one shard, vision + resampler in another, as officially
-    shard_size: str = "10GB"
+    shard_size: str = DEFAULT_SHARD_SIZE  # e.g. 5GB (10^9 bytes), 500MB, 2GiB (2^30 bytes)
 
 
 @dataclass
@@ -180,21 +184,21 @@ class TrackingConfig:
     backend: str = "none"
     project: str = "minicpm-v-finetune"
     entity: str | None = None
-    group: str | None = None
+    group: str | None = None  # None = the experiment name; in a sweep, the sweep folder (its jobs share it)
     tags: list[str] = field(default_factory=list)
-    name: str | None = None
-    mode: str = "auto"
-    log_model: bool = False
+    name: str | None = None  # None = the run folder's name
+    mode: str = "auto"  # auto (online when an API key is found, else offline) | online | offline | disabled
+    log_model: bool = False  # true: upload checkpoints as artifacts
 
 
 @dataclass
 class Config:
-    # serve runs until stopped, so only when listed
+    # an ordered subset of sft, eval, merge, infer, serve; serve runs until stopped, so only when listed
     stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "serve"])
     seed: int = 42
     experiment_name: str = "default"
     ckpt: str | None = None  # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_root: str = "outputs"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -217,14 +221,18 @@ GROUP_SCHEMAS: dict[str, type] = {
     "tracking": TrackingConfig,
 }
 
+ON_ERROR_CHOICES = ("raise", "skip")  # dataset.on_error: stop at a bad row, or skip it and list it
+# model.dtype's names besides auto, and the checkpoints' torch_dtype: torch's own name of each dtype
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", *DTYPE_NAMES),
     "model.family": tuple(FAMILIES),
-    "lora.name": ("qkv", "all", "none"),
+    "lora.name": (*LORA_PRESETS, "none"),
     "lora.bias": ("none", "all", "lora_only"),
     "dataset.name": ("demo", "custom", "coco_en_2_mini"),
-    "dataset.truncation": ("delete", "truncate"),
-    "dataset.on_error": ("raise", "skip"),
+    "dataset.truncation": TRUNCATION_POLICIES,
+    "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", True, False),
     "model.gradient_checkpointing": ("auto", True, False),
@@ -298,7 +306,6 @@ def default_twin_path() -> Path:
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-SHARD_SIZE_PATTERN = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 BASE_CKPT = "base"  # ckpt value that means "the model at model.path, without fine-tuned weights"
 
 
@@ -388,8 +395,10 @@ def _check_choices(tree: dict) -> list[str]:
         problems.append(
             f"merge.device={tree['merge']['device']} is not valid; valid: auto, cpu, cuda, cuda:N"
         )
-    if not SHARD_SIZE_PATTERN.match(str(tree["merge"]["shard_size"])):
-        problems.append(f"merge.shard_size={tree['merge']['shard_size']} is not a size like 5GB or 500MB")
+    try:
+        parse_size(tree["merge"]["shard_size"])
+    except ValueError as err:
+        problems.append(str(err))
     return problems
 
 
@@ -557,8 +566,15 @@ def _check_family(tree: dict) -> list[str]:
     return problems
 
 
-def objective_problems(objective: str, generate: bool) -> list[str]:
-    """Return a problem when eval will not write the metric `objective` (generation metrics need generate)."""
+def objective_problems(objective: str, generate: bool, written: Collection[str] | None = None) -> list[str]:
+    """Return a problem when eval will not write the metric `objective`: before it runs, whether it can
+    (generation metrics need eval.generate); with `written` (the metrics it wrote), whether it did."""
+    if written is not None:
+        if objective in written:
+            return []
+        hint = " (written only when some reference holds a number)" if objective == "numeric_accuracy" else ""
+        wrote = ", ".join(sorted(written))
+        return [f"eval.objective={objective} is not among the metrics eval wrote: {wrote}{hint}"]
     available = LOSS_METRICS + (GENERATION_METRICS if generate else ())
     if objective in available:
         return []
@@ -682,9 +698,8 @@ def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:
     import torch
 
     name = cfg if isinstance(cfg, str) else str(cfg.model.dtype)
-    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name in explicit:
-        return explicit[name]
+    if name in DTYPE_NAMES:
+        return dtype_named(name)
     if name != "auto":
         raise ConfigError(
             f"model.dtype={name} is not a valid choice; valid: {', '.join(CHOICES['model.dtype'])}"
@@ -692,3 +707,12 @@ def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """Returns the torch dtype of one of DTYPE_NAMES (torch's own name of it); raises KeyError for others."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)

@@ -27,13 +27,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.distributed import is_main_process
+from pipeline.runinfo import RUN_FILE
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 
 RESULT_FILE = "result.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 LOCK_FILE = ".summary.lock"
-RUN_FILE = "run.json"
 STATUSES = ("ok", "failed", "interrupted")
 
 

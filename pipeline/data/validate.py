@@ -11,10 +11,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.config import ON_ERROR_CHOICES
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
-from pipeline.families.minicpm_v2.template import IMAGE_TAG
+from pipeline.families.base import IMAGE_TAG
 from pipeline.utils.io import atomic_write_text
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KNOWN_KEYS = FORMAT_KEYS["query/response"]
-ON_ERROR_CHOICES = ("raise", "skip")
 MAX_LISTED = 20
 # Keys people write by mistake for a known one; the warning names the intended key.
 _KEY_HINTS = {

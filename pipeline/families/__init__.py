@@ -6,7 +6,8 @@
     qwen3_vl       Qwen3-VL (dense Instruct) through transformers' qwen3_vl
 
 `FAMILIES` names each family's class without importing it, so the config schema can list the choices
-without loading torch or transformers. Adding a family = one module here + one line below + its yaml.
+without loading torch or transformers (and so do the LoRA presets and truncation policies below).
+Adding a family = one module here + one line below + its yaml.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.families.checkpoints import MODEL_CONFIG
+
 if TYPE_CHECKING:
     from .base import Family
 
@@ -26,6 +29,9 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "pipeline.families.qwen2_5_vl:Qwen2_5_VL",
     "qwen3_vl": "pipeline.families.qwen3_vl:Qwen3_VL",
 }
+LORA_PRESETS = ("qkv", "all")  # lora.name's adapters (lora.name=none is full fine-tuning)
+# dataset.truncation: drop a conversation longer than max_length, or cut it (MiniCPM-V-2's template only)
+TRUNCATION_POLICIES = ("delete", "truncate")
 
 
 def get_family(
@@ -74,7 +80,7 @@ DEFAULT_FAMILY = "minicpm_v2"
 def family_of_folder(model: str | Path) -> Family:
     """Returns the family that runs the model folder, by its config.json model_type, before any weight loads;
     a model_type no family runs raises ValueError naming the folder and the known model types."""
-    config = Path(model).expanduser() / "config.json"
+    config = Path(model).expanduser() / MODEL_CONFIG
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):

@@ -39,10 +39,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
+from pipeline.families import LORA_PRESETS
+
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (padding, prompts, images)
 IMAGE_TAG = "<image>"  # where an image goes in a user message
 ROLES = ("system", "user", "assistant")
-LORA_PRESETS = ("qkv", "all")
 
 Message = Mapping[str, str]
 

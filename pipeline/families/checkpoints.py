@@ -9,18 +9,53 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 BASE_POINTER = "base_model.json"  # written into every checkpoint: which base folder it was trained on
 ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"  # a full model folder's settings (transformers' CONFIG_NAME)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _DAMAGED = "the file is damaged (an interrupted copy or write?)"
+# A full model's shards (merge.shard_size's default): MiniCPM-V-2's bf16 LLM (6.0 GB) in one shard, its vision
+# tower and resampler in another, as the official checkpoint
+DEFAULT_SHARD_SIZE = "10GB"
+SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the folder and the offending keys."""
+
+
+def parse_size(text: str | int, key: str = "merge.shard_size") -> int:
+    """Returns a byte count from a size like 5GB (10^9), 500MB or 2GiB (2^30); a bare int is bytes.
+
+    Raises ValueError naming `key` (the setting the size came from) for anything else or a size of 0."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match or match.group(2) not in SIZE_UNITS:
+        raise ValueError(f"{key}={text} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"{key}={text} must be larger than 0 bytes")
+    return size
+
+
+DEFAULT_SHARD_BYTES = parse_size(DEFAULT_SHARD_SIZE)
 
 
 def check_safetensors_file(path: Path) -> None:
@@ -95,10 +130,10 @@ def checkpoint_kind(path: Path) -> str:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter"
-    if (path / "config.json").is_file():
+    if (path / MODEL_CONFIG).is_file():
         return "full"
     raise CheckpointError(
-        f"{path} is neither a LoRA checkpoint ({ADAPTER_CONFIG}) nor a model folder (config.json)"
+        f"{path} is neither a LoRA checkpoint ({ADAPTER_CONFIG}) nor a model folder ({MODEL_CONFIG})"
     )
 
 

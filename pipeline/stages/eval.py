@@ -211,11 +211,9 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     metrics, num_tokens, predictions = score(cfg, family, bundle, rows)
     if predictions:
         _write_predictions(eval_dir / PREDICTIONS_FILE, rows, predictions)
-    if cfg.eval.objective not in metrics:  # numeric_accuracy on rows without numbers
-        raise DatasetError(
-            f"eval.objective={cfg.eval.objective} could not be computed on these rows (no reference holds a "
-            f"number); choose one of {', '.join(metrics)}"
-        )
+    problems = objective_problems(cfg.eval.objective, cfg.eval.generate, written=metrics)
+    if problems:  # numeric_accuracy on rows without numbers
+        raise DatasetError(problems[0])
     comparison = None
     if ckpt is not None and cfg.eval.compare_base:
         del bundle  # one model in memory at a time

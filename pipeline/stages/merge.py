@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,31 +23,24 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.config import BASE_CKPT, resolve_device
+from pipeline.config import BASE_CKPT, DTYPE_NAMES, dtype_named, resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import prepare_splits
 from pipeline.families import family_from_config, image_limit
 from pipeline.families.base import Bundle, Family, FamilyError
-from pipeline.families.checkpoints import BASE_POINTER, CheckpointError, checkpoint_kind
+from pipeline.families.checkpoints import (
+    BASE_POINTER,
+    MODEL_CONFIG,
+    CheckpointError,
+    checkpoint_kind,
+    parse_size,
+)
 from pipeline.stages.state import RunState
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 INFO_FILE = "merge_info.json"
-SIZE_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest allowed |merged - adapter| logit, relative to the largest |logit| (at least 1). In fp32 only the
 # summation order differs; in 16-bit the merged weight W + BA is rounded once to the weight dtype, while the
 # adapter model adds BA's output to the rounded W x, so a few ulps of the logits scale separate them.
@@ -57,19 +49,6 @@ RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 
 
 class MergeError(RuntimeError):
     """The merge cannot run or produced a checkpoint that does not match its adapter model."""
-
-
-def parse_size(text: str | int) -> int:
-    """Returns a byte count from a size like 5GB (10^9), 500MB or 2GiB (2^30); a bare int is bytes."""
-    if isinstance(text, int):
-        return text
-    match = SIZE_RE.match(str(text))
-    if not match or match.group(2) not in SIZE_UNITS:
-        raise ValueError(f"merge.shard_size={text} is not a size; use e.g. 5GB, 500MB or 2GiB")
-    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
-    if size <= 0:
-        raise ValueError(f"merge.shard_size={text} must be larger than 0 bytes")
-    return size
 
 
 def checkpoint_to_merge(cfg: DictConfig, state: RunState) -> Path:
@@ -105,7 +84,7 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path, model_path: str) -> Path:
     pointer = ckpt / BASE_POINTER
     if pointer.is_file():
         recorded = Path(json.loads(pointer.read_text(encoding="utf-8"))["base_model_path"])
-        if (recorded / "config.json").is_file():
+        if (recorded / MODEL_CONFIG).is_file():
             return recorded
         log.warning(
             "base model %s recorded in %s is gone; using model.path=%s", recorded, pointer, model_path
@@ -115,12 +94,14 @@ def adapter_base_folder(cfg: DictConfig, ckpt: Path, model_path: str) -> Path:
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
     """Returns the dtype a checkpoint folder's config.json records (torch_dtype or dtype); float32 if none."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     name = str(name).replace("torch.", "")
-    if name not in DTYPES:
-        raise MergeError(f"{folder / 'config.json'}: torch_dtype={name} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise MergeError(
+            f"{folder / MODEL_CONFIG}: torch_dtype={name} is not one of {', '.join(DTYPE_NAMES)}"
+        )
+    return dtype_named(name)
 
 
 def output_folder(cfg: DictConfig, ckpt: Path, base: Path) -> Path:
@@ -130,7 +111,7 @@ def output_folder(cfg: DictConfig, ckpt: Path, base: Path) -> Path:
     for name, folder in (("the adapter checkpoint", ckpt), ("the base model", base)):
         if resolved == folder.resolve():
             raise MergeError(f"merge.output={out} is {name}; choose another folder (it would be overwritten)")
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file()):
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / MODEL_CONFIG).is_file()):
         raise MergeError(
             f"merge.output={out} exists and is not a model folder; choose an empty or new folder "
             "(an earlier merge result there would be replaced)"

@@ -31,9 +31,11 @@ from accelerate import Accelerator, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
+    STATE_FILE,
     TrainerState,
     check_resume_plan,
     list_checkpoints,
@@ -172,7 +174,7 @@ def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
         found = list_checkpoints(sft_dir)
         return found[-1] if found else None
     ckpt = Path(resume)
-    if not (ckpt / "trainer_state.json").is_file():
+    if not (ckpt / STATE_FILE).is_file():
         raise TrainingError(
             f"trainer.resume={resume}: not a complete checkpoint folder (no trainer_state.json)"
         )
@@ -332,7 +334,7 @@ class Trainer:
     # ----- one optimizer step
     def _step(self, micro: list[dict]) -> dict:
         device = self.acc.device
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         total = torch.tensor(float(local_tokens), device=device)
         total = self.acc.reduce(total, reduction="sum") if self.world > 1 else total
         total_tokens = max(float(total), 1.0)

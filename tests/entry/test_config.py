@@ -13,6 +13,7 @@ from pipeline import config
 from pipeline.__main__ import describe_error
 from pipeline.config import (
     ConfigError,
+    objective_problems,
     resolve_checkpointing,
     resolve_compile,
     resolve_device,
@@ -29,14 +30,6 @@ APPENDED_GROUPS = {"experiment", "hparams_search"}
 EXTRA_OVERRIDES = {
     "dataset/custom": ["dataset.path=rows.jsonl"],
     "lora/none": ["stages=[sft,eval,infer]"],  # full fine-tuning has no adapter to merge
-    # families the stages do not run yet (pipeline.families.STAGE_READY)
-    "model/minicpm_v4_6": ["stages=[]"],
-    "model/minicpm_v4_6_tiny": ["stages=[]"],
-    "model/qwen2_5_vl_3b": ["stages=[]"],
-    "model/qwen2_5_vl_7b": ["stages=[]"],
-    "model/qwen2_5_vl_tiny": ["stages=[]"],
-    "model/qwen3_vl_4b": ["stages=[]"],
-    "model/qwen3_vl_tiny": ["stages=[]"],
 }
 # plugins a file builds on; its test is skipped when the extra is not installed
 NEEDS_PLUGIN = {
@@ -376,3 +369,15 @@ def test_model_learning_rates_and_processor_settings_are_checked_before_any_work
         ConfigError, match=r"model.processor_kwargs: .*unknown processor setting\(s\) max_pixel"
     ):
         validate(compose(["model=qwen2_5_vl_tiny", "+model.processor_kwargs.max_pixel=100"]))
+
+
+def test_the_objective_is_one_check_before_and_after_eval():
+    assert objective_problems("bleu4", generate=True) == []
+    assert "(generation metrics need eval.generate=true)" in objective_problems("bleu4", generate=False)[0]
+    assert objective_problems("bleu4", generate=True, written={"eval_loss": 1.0, "bleu4": 0.5}) == []
+    assert objective_problems(
+        "numeric_accuracy", generate=True, written={"eval_loss": 1.0, "bleu4": 0.5}
+    ) == [
+        "eval.objective=numeric_accuracy is not among the metrics eval wrote: bleu4, eval_loss "
+        "(written only when some reference holds a number)"
+    ]

@@ -2,6 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.collate import (
     Sample,
     collate_for_generation,
@@ -9,7 +10,6 @@ from pipeline.families.minicpm_v2.collate import (
     encode_example,
 )
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
-from pipeline.families.minicpm_v2.template import IGNORE_INDEX
 from pipeline.families.minicpm_v2.tokenizer import train_tiny_tokenizer
 
 

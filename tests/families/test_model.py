@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.checkpoints import CheckpointError
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint, load_model, save_checkpoint
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
@@ -53,7 +54,7 @@ def batch(seed: int = 0):
     pixels = [[torch.randn(3, 112, 112, generator=g)], [torch.randn(3, 98, 140, generator=g)]]
     bounds = [torch.tensor([[6, 6 + Q]]), torch.tensor([[6, 6 + Q]])]
     labels = ids.clone()
-    labels[:, :25] = -100
+    labels[:, :25] = IGNORE_INDEX
     return ids, pixels, bounds, labels
 
 
@@ -126,8 +127,8 @@ def test_chunked_loss_equals_full_cross_entropy(model, monkeypatch):
     out = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels, return_logits=True)
     ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ref)
-    assert int(out.num_tokens) == int((labels[:, 1:] != -100).sum())
-    acc = (out.logits[:, :-1].argmax(-1) == labels[:, 1:])[labels[:, 1:] != -100].sum()
+    assert int(out.num_tokens) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    acc = (out.logits[:, :-1].argmax(-1) == labels[:, 1:])[labels[:, 1:] != IGNORE_INDEX].sum()
     assert int(out.num_correct) == int(acc)
 
 
@@ -281,7 +282,7 @@ def test_static_shape_decoding_equals_growing_cache(model):
 def test_right_padding_changes_nothing_for_the_real_tokens(model):
     ids, pixels, bounds, labels = batch()
     padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
-    padded_labels = torch.cat([labels, torch.full((2, 5), -100)], dim=1)
+    padded_labels = torch.cat([labels, torch.full((2, 5), IGNORE_INDEX)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=torch.long)], dim=1)
     plain = model(ids, pixel_values=pixels, image_bound=bounds, labels=labels, return_logits=True)
     pad = model(

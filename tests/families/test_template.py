@@ -1,7 +1,7 @@
 import pytest
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.template import (
-    IGNORE_INDEX,
     EncodedConversation,
     render_conversation,
     truncate,
@@ -193,4 +193,4 @@ def test_truncate_never_cuts_an_image_span(tok):
 
 
 def test_encoded_conversation_len():
-    assert len(EncodedConversation([1, 2, 3], [-100, -100, 3], [])) == 3
+    assert len(EncodedConversation([1, 2, 3], [IGNORE_INDEX, IGNORE_INDEX, 3], [])) == 3

@@ -12,9 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.families.base import IMAGE_TAG  # where an image part stands in a message's text
+
 # MiniCPM-V-2 places one image before the first query of a conversation; the other families say their own
 MAX_IMAGES = 1
-IMAGE_TAG = "<image>"  # where an image part stands in a message's text (the families' tag)
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
 

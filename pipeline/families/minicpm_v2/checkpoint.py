@@ -17,7 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.families.checkpoints import CheckpointError, check_safetensors_file, read_json_file
+from pipeline.families.checkpoints import (
+    MODEL_CONFIG,
+    CheckpointError,
+    check_safetensors_file,
+    read_json_file,
+)
 from pipeline.utils.io import file_mode
 
 from .configuration import MiniCPMVConfig
@@ -39,8 +44,8 @@ def resolve_model_path(path: str, allow_download: bool = False) -> Path:
     """Returns a local checkpoint folder for a folder path or a hub id (downloaded only when allowed)."""
     local = Path(path).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise CheckpointError(f"{local}: no config.json; expected a MiniCPM-V-2 checkpoint folder")
+        if not (local / MODEL_CONFIG).is_file():
+            raise CheckpointError(f"{local}: no {MODEL_CONFIG}; expected a MiniCPM-V-2 checkpoint folder")
         return local
     if local.exists():
         raise CheckpointError(f"{local} is a file; model.path must be a checkpoint folder or a hub id")
@@ -112,7 +117,7 @@ def check_checkpoint(folder: Path, config: MiniCPMVConfig, limit: int = 10) -> N
             parts.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:limit]}")
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches, first: {wrong[:limit]}")
-        raise CheckpointError(f"{folder} does not match its config.json: " + "; ".join(parts))
+        raise CheckpointError(f"{folder} does not match its {MODEL_CONFIG}: " + "; ".join(parts))
 
 
 def load_model(
@@ -192,7 +197,7 @@ def save_checkpoint(
     config["architectures"] = ["MiniCPMV"]
     config["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).replace("torch.", "")
     config.pop("dtype", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if source_folder is not None:
         for name in SIDE_FILES:
             if (source_folder / name).is_file():

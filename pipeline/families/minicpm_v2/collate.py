@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
-from pipeline.families.minicpm_v2.template import IGNORE_INDEX, render_conversation, truncate
+from pipeline.families.minicpm_v2.template import render_conversation, truncate
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 
 

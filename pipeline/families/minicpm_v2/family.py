@@ -34,6 +34,7 @@ from pipeline.families.base import (
     Message,
     RowLike,
 )
+from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # the official layout's
 
 from . import merge as merge_checks
 from .bundle import ModelBundle, base_model_path, load_bundle
@@ -46,9 +47,6 @@ from .processor import MiniCPMVImageProcessor
 from .prompting import batch_to_device, encode_prompt, prompt_limit, response_ids
 from .tiny import build_tiny_twin
 from .tokenizer import MiniCPMVTokenizer
-
-# The official checkpoint's two-shard layout (the LLM in one shard, vision and resampler in the other).
-SHARD_BYTES = 10 * 1000**3
 
 
 @dataclass

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from pipeline.families import LORA_PRESETS
+
 from .modeling import MiniCPMV
 
 # ms-swift's default for this model (LoRATM.llama): the LLM's q/k/v projections.
@@ -16,7 +18,6 @@ QKV_PATTERN = r"llm\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 # nn.MultiheadAttention reads out_proj.weight directly (its forward is never called), so a LoRA there
 # would train nothing; lm_head stays out as in ms-swift's `ALL`.
 ALL_EXCLUDED = ("llm.lm_head", "resampler.attn.out_proj")
-PRESETS = ("qkv", "all", "none")
 
 
 @dataclass
@@ -56,7 +57,7 @@ def lora_target_regex(model: nn.Module, preset: str, target_modules: Sequence[st
         return QKV_PATTERN
     if preset == "all":
         return "|".join(re.escape(n) for n in all_linear_names(model))
-    raise ValueError(f"lora.name must be one of {list(PRESETS)}, got {preset!r}")
+    raise ValueError(f"lora.name must be one of {list(LORA_PRESETS)}, got {preset!r}")
 
 
 def build_lora_config(

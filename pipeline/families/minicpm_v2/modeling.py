@@ -20,12 +20,13 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers import PreTrainedModel
 
+from pipeline.families.base import IGNORE_INDEX
+
 from .configuration import MiniCPMVConfig
 from .llm import MiniCPMForCausalLM, MiniCPMRMSNorm
 from .resampler import Resampler
 from .vision import build_vision_tower, patch_grid, vision_tower_features
 
-IGNORE_INDEX = -100
 # Rows of supervised positions whose logits are materialised at once (bounds the fp32 logits' memory).
 LOSS_CHUNK_ROWS = 4096
 

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.families.checkpoints import MODEL_CONFIG
 from pipeline.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-MODEL_CONFIG = "config.json"
 # the slicing settings config.json carries, under the processor's own argument names
 _MODEL_CONFIG_KEYS = ("scale_resolution", "patch_size", "max_slice_nums", "query_num", "slice_mode")
 # Token strings the checkpoint's preprocessor_config.json names; only these are understood here.

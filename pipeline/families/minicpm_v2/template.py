@@ -24,11 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipeline.families import TRUNCATION_POLICIES
+from pipeline.families.base import IGNORE_INDEX, IMAGE_TAG
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
-
-IGNORE_INDEX = -100
-TRUNCATION_POLICIES = ("delete", "truncate")
-IMAGE_TAG = "<image>"  # where a row's image goes, as in ms-swift's rows: "<image>What is this?"
 
 
 @dataclass

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.families.checkpoints import MODEL_CONFIG
+
 from .checkpoint import INDEX_NAME, save_checkpoint
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
@@ -47,7 +49,7 @@ TINY_SIZES = dict(
 )
 TINY_VOCAB = 1024
 # Every file a finished twin folder holds besides its weight shards (listed in the index).
-TWIN_FILES = ("config.json", INDEX_NAME, TOKENIZER_MODEL, TOKENIZER_CONFIG, PREPROCESSOR_CONFIG)
+TWIN_FILES = (MODEL_CONFIG, INDEX_NAME, TOKENIZER_MODEL, TOKENIZER_CONFIG, PREPROCESSOR_CONFIG)
 
 # (model, tokenizer, processor) -> None: trains the freshly initialised twin before it is saved
 Pretrain = Callable[[MiniCPMV, MiniCPMVTokenizer, MiniCPMVImageProcessor], None]
