@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.families import FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
+from pipeline.families import DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = "minicpm_v2"  # the module under pipeline/families/ that loads and encodes it
+    family: str = DEFAULT_FAMILY  # the family (pipeline/families/) that loads and encodes it
     path: str = MISSING  # local folder or hub id
     dtype: str = "auto"  # auto = bf16 on a GPU with bf16, fp16 on other GPUs, fp32 on CPU
     max_slice_nums: int = 9
