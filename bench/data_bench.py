@@ -18,9 +18,10 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from pipeline.data.dataset import SFTDataset
+from pipeline.data.images import ImageFiles
 from pipeline.data.sources import load_rows
 from pipeline.families.minicpm_v2.collate import collate_for_training
+from pipeline.families.minicpm_v2.dataset import SFTDataset
 from pipeline.families.minicpm_v2.processor import MiniCPMVImageProcessor
 from pipeline.families.minicpm_v2.tokenizer import MiniCPMVTokenizer
 from pipeline.training.twin import ensure_tiny_twin
@@ -55,7 +56,7 @@ def main() -> None:
     overrides = {"scale_resolution": args.scale_resolution, "query_num": args.query_num}
     processor = MiniCPMVImageProcessor.from_pretrained(folder, **{k: v for k, v in overrides.items() if v})
     rows, _ = load_rows({"name": "demo"}, max_rows=args.rows)
-    dataset = SFTDataset(rows, tokenizer, processor, max_length=2048)
+    dataset = SFTDataset(rows, tokenizer, processor, 2048, "delete", ImageFiles())
     results = []
     for workers in args.workers:
         rate = samples_per_second(dataset, workers, args.batch_size, tokenizer.pad_id)

@@ -242,7 +242,7 @@ def _minicpm_v4_6(tokenizer, end: int):
 
 
 def tiny_ids(tokenizer) -> dict:
-    from pipeline.families.qwen2_5_vl import tiny_token_ids
+    from pipeline.families.qwen_vl import tiny_token_ids
 
     return tiny_token_ids(tokenizer)
 
