@@ -135,7 +135,8 @@ def fake_stages(monkeypatch):
 
     def install(name, result):
         def run(cfg, run_dir, state):
-            calls.append((name, dict(state)))
+            # what the stage was handed: the run state's fields, as they were then
+            calls.append((name, {**vars(state), "metrics": dict(state.metrics)}))
             (run_dir / name).mkdir(parents=True, exist_ok=True)
             return result(run_dir) if callable(result) else result
 
