@@ -40,7 +40,7 @@ class ModelConfig:
     # auto: off for LoRA on a CUDA device with micro-batches of more than 1024 tokens (trainer=default:
     # activations bounded by the budget), on otherwise (full fine-tuning, low_memory, the plain regime, CPU)
     gradient_checkpointing: Any = "auto"
-    build_if_missing: bool = False  # build the family's tiny twin when `path` is its cache place and it is absent
+    build_if_missing: bool = False  # build the family's tiny twin when `path` is its cache place and absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
     processor_kwargs: dict[str, Any] = field(default_factory=dict)

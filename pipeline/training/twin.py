@@ -161,7 +161,8 @@ def build_twin(family: Family | str, folder: str | Path, steps: int = PRETRAIN_S
             log.info(
                 "%s tiny twin pre-training loss %.3f -> %.3f", family.name, losses[0], sum(tail) / len(tail)
             )
-        manifest = {**_recipe(family, steps), "final_loss": losses[-1] if losses else None}
+        first, final = (losses[0], losses[-1]) if losses else (None, None)
+        manifest = {**_recipe(family, steps), "first_loss": first, "final_loss": final}
         atomic_write_json(built / MANIFEST, {**manifest, "files": _files(built)})
         _move_into_place(built, folder)
     finally:
@@ -225,9 +226,7 @@ def twin_cache_path(family: Family | str) -> Path:
     return default_twin_path(twin_name(family.name if isinstance(family, Family) else family))
 
 
-def ensure_twin(
-    family: Family | str, folder: str | Path | None = None, steps: int = PRETRAIN_STEPS
-) -> Path:
+def ensure_twin(family: Family | str, folder: str | Path | None = None, steps: int = PRETRAIN_STEPS) -> Path:
     """Returns `family`'s twin folder (default: its cache place), building it first unless it is finished
     and of the current recipe."""
     family = _family(family)
@@ -280,7 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         "--family", default=DEFAULT_FAMILY, choices=list(FAMILIES), help=f"(default: {DEFAULT_FAMILY})"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="folder (default: the family's cache place, <cache>/<family>_tiny)"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder (default: the family's cache place, <cache>/<family>_tiny)",
     )
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pre-training steps (0 = random)")
     args = parser.parse_args(argv)
