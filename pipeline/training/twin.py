@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,11 +156,17 @@ def build_twin(family: Family | str, folder: str | Path, steps: int = PRETRAIN_S
         built = family.build_tiny(work / "random", seed=TWIN_SEED)
         if steps > 0:
             model, processor = family.load(built)
+            start = time.perf_counter()
             losses = pretrain(family, model, processor, steps)
             built = family.save(model, processor, work / "pretrained")
             tail = losses[-20:]
             log.info(
-                "%s tiny twin pre-training loss %.3f -> %.3f", family.name, losses[0], sum(tail) / len(tail)
+                "%s tiny twin pre-training loss %.3f -> %.3f (%d steps, %.0f s)",
+                family.name,
+                losses[0],
+                sum(tail) / len(tail),
+                steps,
+                time.perf_counter() - start,
             )
         first, final = (losses[0], losses[-1]) if losses else (None, None)
         manifest = {**_recipe(family, steps), "first_loss": first, "final_loss": final}
