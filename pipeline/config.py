@@ -40,7 +40,7 @@ class ModelConfig:
     # auto: off for LoRA on a CUDA device with micro-batches of more than 1024 tokens (trainer=default:
     # activations bounded by the budget), on otherwise (full fine-tuning, low_memory, the plain regime, CPU)
     gradient_checkpointing: Any = "auto"
-    build_if_missing: bool = False  # build the tiny twin when `path` is its default place and it is absent
+    build_if_missing: bool = False  # build the family's tiny twin when `path` is its cache place and absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -290,7 +290,6 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TINY_TWIN_FOLDER = "minicpm_v2_tiny"
 
 
 def cache_root() -> Path:
@@ -300,9 +299,20 @@ def cache_root() -> Path:
     return Path(chosen).expanduser().absolute() if chosen else PROJECT_ROOT / ".cache"
 
 
-def default_twin_path() -> Path:
-    """Returns where the tiny twin is built and cached (`${tiny_twin_path:}` in conf/model/minicpm_v2_tiny)."""
-    return cache_root() / TINY_TWIN_FOLDER
+def twin_name(family: str) -> str:
+    """Returns the cache folder (and model config) name of a family's tiny twin, e.g. qwen2_5_vl_tiny."""
+    return f"{family}_tiny"
+
+
+TINY_TWIN_FOLDER = twin_name(DEFAULT_FAMILY)  # the default twin: minicpm_v2_tiny
+
+
+def default_twin_path(name: str = TINY_TWIN_FOLDER) -> Path:
+    """Returns where the tiny twin `name` is built and cached, absolute: <cache>/<name>
+    (`${tiny_twin_path:<name>}` in conf/model/*_tiny.yaml; the default is MiniCPM-V-2's)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"a tiny twin's name is a plain folder name, got {name!r}")
+    return cache_root() / name
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -319,7 +329,9 @@ class ConfigError(ValueError):
 
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (idempotent): `base_config` and `<group>/base_<group>`."""
-    OmegaConf.register_new_resolver("tiny_twin_path", lambda: str(default_twin_path()), replace=True)
+    OmegaConf.register_new_resolver(
+        "tiny_twin_path", lambda name=TINY_TWIN_FOLDER: str(default_twin_path(name)), replace=True
+    )
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
@@ -480,18 +492,14 @@ def _check_ckpt(tree: dict) -> list[str]:
 def _check_model(tree: dict) -> list[str]:
     model = tree["model"]
     path = Path(str(model["path"])).expanduser()
-    # MiniCPM-V-2's twin is pre-trained in one place; another family's twin is built wherever model.path is
-    if (
-        tree["stages"]
-        and model["family"] == "minicpm_v2"
-        and model["build_if_missing"]
-        and not path.exists()
-        and path.absolute() != default_twin_path()
-    ):
+    # a tiny twin is built (and pre-trained) only at its own cache place; any other model.path must exist
+    own = default_twin_path(twin_name(str(model["family"])))
+    if tree["stages"] and model["build_if_missing"] and not path.exists() and path.absolute() != own:
         return [
             f"model.path={model['path']} does not exist; the tiny twin is built only at its own place "
-            f"{default_twin_path()} (PIPELINE_CACHE moves it); to write one at another folder run "
-            f"`python -m pipeline.training.twin --out {model['path']}`, or give an existing model folder"
+            f"{own} (PIPELINE_CACHE moves it); to write one at another folder run "
+            f"`python -m pipeline.training.twin --family {model['family']} --out {model['path']}`, "
+            "or give an existing model folder"
         ]
     return []
 

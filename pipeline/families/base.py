@@ -238,6 +238,10 @@ class Family(ABC):
     # The resolution settings the family's processor takes from the config (see settings_from_config).
     setting_keys: ClassVar[tuple[str, ...]] = ()
 
+    # The peak learning rate of the tiny twin's pre-training (pipeline/training/twin.py: one recipe for
+    # every family); a family whose twin learns at another one states it here.
+    twin_pretrain_lr: ClassVar[float] = 3e-3
+
     def __init__(self, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"):
         self.settings = dict(settings or {})
         # how an HF-native family's vision tower attends (model.vision_attention; see vision_attention.py)

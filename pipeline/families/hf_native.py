@@ -350,6 +350,11 @@ class HFNativeFamily(Family):
     tiny_special_tokens: ClassVar[dict[str, str]]  # bos/eos/pad/unk roles
     tiny_extra_special_tokens: ClassVar[dict[str, str]]  # named roles (image_token, ...)
     tiny_added_tokens: ClassVar[tuple[str, ...]] = ()  # other atomic tokens of the template
+    # The std of the tiny twin's random weights (every part's config.initializer_range). The released
+    # models' 0.02 leaves a model this narrow nearly flat (uniform attention, faint image features): its
+    # pre-training (pipeline/training/twin.py) then hardly learns to read the image in 150 steps; at 0.1
+    # (MiniCPM-V-2's own default) it does.
+    tiny_initializer_range: ClassVar[float] = 0.1
 
     def tiny_config(self, tokenizer: Any) -> Any:
         """Returns the transformers config of the tiny twin, sized for the tokenizer's vocabulary."""
@@ -366,6 +371,9 @@ class HFNativeFamily(Family):
             self.tiny_special_tokens, self.tiny_extra_special_tokens, self.tiny_added_tokens
         )
         config = self.tiny_config(tokenizer)
+        for part in (config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))):
+            if part is not None:
+                part.initializer_range = self.tiny_initializer_range
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
         model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)

@@ -44,7 +44,11 @@ FAMILY_OF = {
 
 @pytest.fixture(scope="module")
 def twin_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("twins")
+    """A folder of random twins (a path outside a twin's cache place is never built by a run)."""
+    root = tmp_path_factory.mktemp("twins")
+    for model, family in FAMILY_OF.items():
+        get_family(family).build_tiny(root / model)
+    return root
 
 
 def run(model: str, experiment: str, twin_root: Path, run_dir: Path, *extra: str) -> Path:

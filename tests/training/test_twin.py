@@ -1,5 +1,5 @@
-"""The tiny twin's cache (one build for many processes, complete or rebuilt, only at its own place) and its
-pre-training (its answers come from the image)."""
+"""The tiny twins' cache (one build for many processes, complete or rebuilt, only at its own place) and their
+pre-training, one recipe for every family (their answers come from the image)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ import torch
 from PIL import Image
 
 from pipeline.apps.generation import generate_for_rows, generation_settings, load_inference_bundle
-from pipeline.config import PROJECT_ROOT, ConfigError, default_twin_path, validate
+from pipeline.config import PROJECT_ROOT, ConfigError, default_twin_path, twin_name, validate
 from pipeline.data.demo import generate_pretrain
 from pipeline.data.rows import Row
+from pipeline.families import FAMILIES, get_family
+from pipeline.families.base import messages_from_row
 from pipeline.families.minicpm_v2.bundle import load_bundle
 from pipeline.training import twin
 from pipeline.training.twin import (
     MANIFEST,
     build_pretrained_twin,
     ensure_tiny_twin,
-    model_folder,
+    ensure_twin,
+    twin_folder,
     twin_problem,
 )
 from pipeline.utils.io import append_jsonl
@@ -42,14 +45,14 @@ def _first_run(folder: str) -> None:
 def test_two_first_runs_at_once_build_one_complete_twin(tmp_path, monkeypatch):
     folder = tmp_path / "cache" / "minicpm_v2_tiny"
     builds = tmp_path / "builds.log"
-    real_build = twin.build_pretrained_twin
+    real_build = twin.build_twin
 
-    def slow_build(target, steps):
+    def slow_build(family, target, steps):
         append_jsonl(builds, {"pid": os.getpid()})
         time.sleep(1.0)  # both processes are surely inside ensure_tiny_twin at the same time
-        return real_build(target, steps)
+        return real_build(family, target, steps)
 
-    monkeypatch.setattr(twin, "build_pretrained_twin", slow_build)
+    monkeypatch.setattr(twin, "build_twin", slow_build)
     # forked processes: two first runs on a fresh machine, without paying for the imports twice
     context = multiprocessing.get_context("fork")
     procs = [context.Process(target=_first_run, args=(str(folder),)) for _ in range(2)]
@@ -108,9 +111,93 @@ def test_a_mistyped_model_path_is_an_error_not_a_new_twin(compose, tmp_path):
         ConfigError, match=r"model.path=.*minicpm_v2_tny does not exist; the tiny twin is built only"
     ):
         validate(cfg)
-    assert model_folder(str(typo), build_if_missing=True) == str(typo)  # nothing is built there
+    assert twin_folder("minicpm_v2", str(typo), build_if_missing=True) == typo  # nothing is built there
     assert not typo.exists()
     validate(compose([f"model.path={typo}", "stages=[]"]))  # no stage loads the model
+
+
+TWIN_CONFIGS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("*_tiny.yaml"))
+
+
+@pytest.mark.parametrize("model", TWIN_CONFIGS)
+def test_every_twin_config_is_its_family_s_cache_place_wherever_the_run_starts(
+    compose, monkeypatch, tmp_path, model
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIPELINE_CACHE", raising=False)
+    cfg = compose([f"model={model}"])
+    assert model == twin_name(cfg.model.family) and cfg.model.build_if_missing
+    assert cfg.model.path == str(PROJECT_ROOT / ".cache" / model)
+    monkeypatch.setenv("PIPELINE_CACHE", "relative/cache")
+    cfg = compose([f"model={model}"])
+    assert cfg.model.path == str(tmp_path / "relative" / "cache" / model)
+    assert Path(cfg.model.path) == twin.twin_cache_path(cfg.model.family)
+
+
+def test_a_missing_path_of_any_family_is_an_error_naming_the_command(compose, tmp_path):
+    typo = tmp_path / "qwen2_5_vl_tny"
+    cfg = compose(["model=qwen2_5_vl_tiny", f"model.path={typo}"])
+    with pytest.raises(ConfigError, match=r"tny does not exist; the tiny twin is built only at its own place .*"
+                       r"qwen2_5_vl_tiny .*python -m pipeline.training.twin --family qwen2_5_vl --out "):  # fmt: skip
+        validate(cfg)
+    assert twin_folder("qwen2_5_vl", typo, build_if_missing=True) == typo  # nothing is built there
+    assert not typo.exists()
+    validate(compose(["model=qwen2_5_vl_tiny", f"model.path={typo}", "stages=[]"]))
+
+
+def test_the_command_line_builds_any_family_s_twin(tmp_path, capsys):
+    folder = tmp_path / "qwen"
+    twin.main(["--family", "qwen2_5_vl", "--out", str(folder), "--steps", "0"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(folder)  # after any import's chatter
+    assert twin_problem(folder, steps=0, family="qwen2_5_vl") is None
+    assert "another recipe" in twin_problem(folder, steps=0)  # not MiniCPM-V-2's twin
+    model, _ = get_family("qwen2_5_vl").load(folder)
+    assert model.config.model_type == "qwen2_5_vl"
+
+
+def _greedy_answers(family, model, processor, rows: list[dict], images: list[Image.Image]) -> list[str]:
+    answers = []
+    for start in range(0, len(rows), 16):
+        samples = [
+            family.encode(processor, messages_from_row(row["query"], None), [image], generation=True)
+            for row, image in zip(rows[start : start + 16], images[start : start + 16], strict=True)
+        ]
+        batch = family.collate_for_generation(processor, samples)
+        answers += family.generate(model, processor, batch, max_new_tokens=6)
+    return [answer.strip() for answer in answers]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "minicpm_v4_6" else n for n in FAMILIES]
+)
+def test_the_shared_recipe_teaches_every_family_s_twin_to_read_the_colour(name, monkeypatch):
+    """The twin at its cache place (built once per checkout) answers held-out colour questions from the
+    image: right with the right image, mostly wrong with another row's, never empty; the second call reuses
+    it."""
+    family = get_family(name)
+    folder = ensure_twin(family)
+    assert folder == default_twin_path(twin_name(name))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["family"] == name and manifest["final_loss"] < 0.1 * manifest["first_loss"], manifest
+
+    def no_rebuild(*args):
+        raise AssertionError("a finished twin was rebuilt")
+
+    monkeypatch.setattr(twin, "build_twin", no_rebuild)
+    assert ensure_twin(name) == folder
+    assert twin_folder(family, folder, build_if_missing=True) == folder
+
+    rows, images = generate_pretrain(120, seed=4321)  # a seed the pre-training never used
+    rows = [row for row in rows if row.get("images")]
+    pictures = [images[row["images"][0]] for row in rows]
+    model, processor = family.load(folder)
+    right = _greedy_answers(family, model, processor, rows, pictures)
+    swapped = _greedy_answers(family, model, processor, rows, pictures[1:] + pictures[:1])
+    assert all(right) and all(swapped), "empty (or whitespace) answers"
+    expected = [row["response"] for row in rows]
+    right_score, swapped_score = exact_match(right, expected), exact_match(swapped, expected)
+    assert right_score >= 0.7, (right_score, list(zip(expected, right, strict=True))[:12])
+    assert swapped_score < 0.5 * right_score, swapped_score  # the answer follows the image, not the question
 
 
 @pytest.fixture(scope="module")
