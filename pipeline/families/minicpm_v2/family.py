@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.families.base import IMAGE_TAG, EncodedSample, Family, FamilyError, FreezeGroups, Message
 from pipeline.families.minicpm_v2.bundle import load_bundle
-from pipeline.families.minicpm_v2.checkpoint import resolve_model_path, save_checkpoint
+from pipeline.families.minicpm_v2.checkpoint import read_weights, resolve_model_path, save_checkpoint
 from pipeline.families.minicpm_v2.collate import (
     Sample,
     collate_for_generation,
@@ -310,8 +310,10 @@ class MiniCPMV2(Family):
 
         return write
 
-    def checkpoint_reader(self, bundle: Any) -> None:
-        return None  # full weights are read back by the training checkpoints' reader of the official layout
+    def checkpoint_reader(self, bundle: Any) -> Any:
+        """Returns `read(folder) -> state dict`: a full checkpoint's weights in the official layout (what
+        `checkpoint_writer` wrote), under the model's own names."""
+        return read_weights
 
     def generate_rows(
         self, bundle: Any, rows: Sequence[Any], settings: Any, batch_size: int, **kw: Any
