@@ -453,7 +453,7 @@ def family_flops(family_name: str, folder: Path, rows: list[dict], checkpointing
 def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
     """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
     resolves it), for the FLOP count."""
-    from pipeline.config import resolve_checkpointing
+    from pipeline.training.plan import resolve_checkpointing
 
     given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+"))
     value = {"true": True, "false": False}.get(given.get("model.gradient_checkpointing", ""), "auto")

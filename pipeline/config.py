@@ -649,58 +649,6 @@ def resolve_device(cfg: DictConfig | str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) -> int:
-    """Returns DataLoader workers: N as given; auto = 0 on CPU (the main process is faster there), on a
-    GPU this process's share of the CPU cores less one for the training process, at most 8."""
-    import os
-
-    if value != "auto":
-        return int(value)
-    if device.type != "cuda":
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(processes, 1) - 1))
-
-
-def resolve_compile(value: Any, device: torch.device, family: str, processes: int, sharded: bool) -> bool:
-    """Returns whether sft compiles the model's layers: true/false as given; auto = on for MiniCPM-V-2 on
-    an Ampere-or-newer CUDA device with triton, in a single unsharded process (its layers replayed as CUDA
-    graphs: the step is otherwise launch-bound), off elsewhere (CPU, older cards, other families, several
-    processes, FSDP/DeepSpeed)."""
-    if value != "auto":
-        return bool(value)
-    single = family == "minicpm_v2" and processes == 1 and not sharded
-    return device.type == "cuda" and single and compiles_on(device)
-
-
-def compiles_on(device: torch.device) -> bool:
-    """Returns whether torch.compile's GPU backend is expected to work on `device`: an Ampere or newer
-    NVIDIA card (compute capability 8.0+, as the CUDA-graph path was measured on) with triton installed."""
-    import importlib.util
-
-    import torch
-
-    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
-        return False
-    return (
-        torch.cuda.get_device_capability(device) >= (8, 0) and importlib.util.find_spec("triton") is not None
-    )
-
-
-# the largest micro-batch budget that auto still checkpoints (trainer=low_memory's)
-CHECKPOINT_BUDGET = 1024
-
-
-def resolve_checkpointing(value: Any, device: torch.device, lora: str, micro_batch_tokens: int) -> bool:
-    """Returns whether sft checkpoints activations: true/false as given; auto = off for LoRA on a CUDA
-    device with micro-batches of more than 1024 tokens (their activations are bounded by the budget:
-    18 GB peak for MiniCPM-V-2 at trainer=default's 4096), on for full fine-tuning, budgets of 1024 or
-    less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's default)."""
-    if value != "auto":
-        return bool(value)
-    return not (device.type == "cuda" and lora != "none" and micro_batch_tokens > CHECKPOINT_BUDGET)
-
-
 def resolve_dtype(cfg: DictConfig | str, device: torch.device) -> torch.dtype:
     """Return the model dtype: `model.dtype`, or for auto bf16 (else fp16) on CUDA and fp32 on CPU."""
     import torch

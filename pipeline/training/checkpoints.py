@@ -1,9 +1,10 @@
 """Training checkpoints: written atomically, found again for resume, rotated, and pointed at by last/best.
 
 A checkpoint folder `sft/checkpoint-N/` holds the weights (a PEFT adapter in safetensors, or the full
-model in the official layout), `optimizer.pt` / `scheduler.pt` / `rng_state.pt` (plain tensors and
-numbers, read back with `weights_only=True`; `rng_state_<rank>.pt` for every further process),
-`trainer_state.json`, the run's resolved `config.yaml` and `base_model.json`. It is built under a temporary
+model in its family's own layout, written and read back by the family's writer and reader),
+`optimizer.pt` / `scheduler.pt` / `rng_state.pt` (plain tensors and numbers, read back with
+`weights_only=True`; `rng_state_<rank>.pt` for every further process), `trainer_state.json`, the run's
+resolved `config.yaml` and `base_model.json`. It is built under a temporary
 name and renamed into place, so a folder named `checkpoint-N` is always complete.
 
 One format whatever the engine: weights and optimizer state go through torch's distributed-checkpoint
@@ -22,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,13 +50,24 @@ from pipeline.families.checkpoints import (
     check_adapter_folder,
     read_json_file,
 )
-from pipeline.families.minicpm_v2.checkpoint import SIDE_FILES, read_checkpoint_shapes, save_checkpoint
-from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.utils.io import file_mode
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+# the base model's tokenizer and processor files, copied beside the weights when the writer left them out
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+)
+
+# The model family's full weights in its own layout (MiniCPM-V-2's official shards, a transformers model's
+# save_pretrained): `write(model, folder, state_dict)` writes the gathered weights into the folder, and
+# `read(folder)` returns a full checkpoint's weights under the model's own parameter names.
+WriteFull = Callable[[nn.Module, Path, Mapping[str, torch.Tensor]], None]
+ReadFull = Callable[[Path], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -155,19 +169,20 @@ def _inner_optimizer(optimizer):
 
 def save_training_checkpoint(
     sft_dir: Path,
-    model: MiniCPMV | PeftModel,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
     state: TrainerState,
     run_cfg: DictConfig,
     base_path: Path,
+    *,
+    write_full: WriteFull,
     engine=None,
-    write_full=None,
 ) -> Path:
     """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
 
-    Full weights go in the model family's layout: `write_full(model, folder, state_dict)` when given (a
-    transformers-native family's save_pretrained plus processor), else MiniCPM-V-2's official layout.
+    A LoRA model's adapter goes in PEFT's layout; full weights in the model family's, through its
+    `write_full(model, folder, state_dict)`.
 
     `model` is the unwrapped model (no DDP wrapper; FSDP-sharded parameters are fine). Under DeepSpeed,
     `engine` is its engine: the weights are gathered through it (ZeRO-3: partitions into whole tensors)
@@ -191,23 +206,16 @@ def save_training_checkpoint(
     if rank == 0:
         if isinstance(model, PeftModel):
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
-        elif write_full is not None:
-            write_full(model, tmp, weights)
         else:
-            save_checkpoint(model, tmp, source_folder=base_path, state=weights)
+            write_full(model, tmp, weights)
         if optim_state is not None:
             torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
         (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
-        for name in (
-            "tokenizer.model",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "preprocessor_config.json",
-        ):
-            if name in SIDE_FILES and (base_path / name).is_file() and not (tmp / name).exists():
+        for name in TOKENIZER_FILES:
+            if (base_path / name).is_file() and not (tmp / name).exists():
                 shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
     del weights, optim_state
     _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
@@ -262,16 +270,17 @@ def adapter_to_model_keys(model: PeftModel, adapter: dict[str, torch.Tensor]) ->
 
 def load_training_checkpoint(
     ckpt: Path,
-    model: MiniCPMV | PeftModel,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
+    *,
+    read_full: ReadFull,
     engine=None,
-    read_full=None,
 ) -> TrainerState:
     """Restores weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state.
 
-    Full weights are read by `read_full(folder) -> state dict under the model's names` when given (the
-    layout `write_full` of save_training_checkpoint wrote), else from MiniCPM-V-2's official layout.
+    A LoRA model's adapter is read from PEFT's layout; full weights by the model family's
+    `read_full(folder)` (the layout its `write_full` wrote), under the model's own parameter names.
 
     Collective under several processes: rank 0 reads the weights and optimizer state and broadcasts them,
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
@@ -438,7 +447,7 @@ def _load_deepspeed(ckpt: Path, engine, world: int) -> None:
 
 
 def _load_weights_and_optimizer(
-    ckpt: Path, model, optimizer, rank: int, spread: bool, read_full=None
+    ckpt: Path, model, optimizer, rank: int, spread: bool, read_full: ReadFull
 ) -> None:
     weights: dict[str, torch.Tensor] = {}
     strict = not isinstance(model, PeftModel)
@@ -446,11 +455,8 @@ def _load_weights_and_optimizer(
         adapter = ckpt / ADAPTER_WEIGHTS  # whole and matching the config: check_same_tuning
         if rank == 0 or not spread:
             weights = adapter_to_model_keys(model, load_file(str(adapter)))
-    elif (rank == 0 or not spread) and read_full is not None:
-        weights = read_full(ckpt)
     elif rank == 0 or not spread:
-        for shard in sorted({p for _, p in read_checkpoint_shapes(ckpt).values()}):
-            weights.update(load_file(str(shard)))
+        weights = read_full(ckpt)
     set_model_state_dict(
         model,
         weights,

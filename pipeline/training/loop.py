@@ -21,22 +21,25 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator, DistributedType
-from torch.utils.data import DataLoader
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.families.base import IGNORE_INDEX
-from pipeline.families.minicpm_v2.collate import collate_for_training, collate_packed
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     STATE_FILE,
+    ReadFull,
     TrainerState,
+    WriteFull,
     check_resume_plan,
     list_checkpoints,
     load_training_checkpoint,
@@ -44,8 +47,13 @@ from pipeline.training.checkpoints import (
     rotate_checkpoints,
     save_training_checkpoint,
 )
+from pipeline.training.plan import LoopSettings
 from pipeline.training.profiling import StepProfiler
 from pipeline.utils.io import append_jsonl, atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.families.base import LossSums
+    from pipeline.utils.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +70,53 @@ class StopRequested(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
-@dataclass
-class LoopSettings:
-    batch_size: int
-    grad_accum: int
-    epochs: int
-    max_steps: int
-    logging_steps: int
-    eval_steps: int
-    save_steps: int
-    save_total_limit: int | None
-    eval_batch_size: int
-    max_eval_samples: int | None
-    max_grad_norm: float
-    num_workers: int
-    seed: int
-    # micro-batches filled to this many padded tokens (0: fixed micro-batches of batch_size)
-    micro_batch_tokens: int = 0
-    packing: bool = False  # each micro-batch one packed row (padding-free), within micro_batch_tokens
-    profile_steps: int = 0  # > 0: torch.profiler over that many optimizer steps, into sft/profile/
+# rows of the dataset -> one batch the family's forward takes
+Collate = Callable[[list], dict]
+
+
+@dataclass(frozen=True)
+class TrainingEngine:
+    """What accelerate prepared: its accelerator, and the model, optimizer and learning-rate schedule it
+    wrapped (DDP / FSDP; under DeepSpeed the model is DeepSpeed's engine, which steps and clips itself)."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LR scheduler
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The rows and how they become batches: the model family's collates, and (micro-batches cut by a token
+    budget) every row's token count by index."""
+
+    train_set: Dataset
+    val_set: Dataset | None
+    collate: Collate  # training micro-batches (padded to the plan's multiple, or packed)
+    eval_collate: Collate
+    lengths: Sequence[int] | None = None
+    val_lengths: Sequence[int] | None = None
+
+
+@dataclass(frozen=True)
+class FamilyHooks:
+    """What only the model family knows: a batch's loss summed over its supervised tokens (with their count
+    and the correctly predicted ones), and how its full weights are written and read back."""
+
+    forward: Callable[[nn.Module, dict], LossSums]
+    write_full: WriteFull
+    read_full: ReadFull
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where the run writes: its folder (checkpoints, logging.jsonl, profile/), what every checkpoint
+    records beside the weights (the run's config, the base model's folder), and the tracker if any."""
+
+    folder: Path
+    run_cfg: DictConfig
+    base_path: Path
+    tracker: Tracker | None = None
 
 
 def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
@@ -160,11 +196,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def _forward(model, batch: dict):
-    """The default forward: the model itself returns loss_sum, num_tokens and num_correct."""
-    return model(**batch)
-
-
 def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
     """Returns the checkpoint trainer.resume names: the newest complete one of sft_dir (auto), the folder
     given, or None (never, or auto with none yet)."""
@@ -182,66 +213,43 @@ def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
 
 
 class Trainer:
+    """The training loop over its collaborators: the prepared engine, the data, the model family's hooks,
+    the loop's settings (the training plan's) and where the run writes."""
+
     def __init__(
         self,
-        accelerator: Accelerator,
-        model,
-        optimizer: torch.optim.Optimizer,
-        scheduler,
-        train_set,
-        val_set,
+        engine: TrainingEngine,
+        data: TrainingData,
+        family: FamilyHooks,
         settings: LoopSettings,
-        sft_dir: Path,
-        save_extra: Callable[[], dict],
-        pad_id: int,
-        tracker=None,
-        pad_to_multiple: int = 1,
-        lengths: list[int] | None = None,
-        val_lengths: list[int] | None = None,
-        preallocate_grads: bool = False,
-        collate: Callable[[list], dict] | None = None,
-        eval_collate: Callable[[list], dict] | None = None,
-        forward: Callable[[object, dict], object] = _forward,
-        read_full: Callable[[Path], dict] | None = None,
+        outputs: RunOutputs,
     ) -> None:
+        accelerator = engine.accelerator
         self.acc = accelerator
-        # How rows become batches and batches a summed loss: the model family's (MiniCPM-V-2's by default)
-        self.collate = collate
-        self.eval_collate = eval_collate
-        self.forward = forward
-        self.read_full = read_full  # full weights of a checkpoint, in the family's layout (resume)
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.train_set = train_set
-        self.val_set = val_set
+        self.model = engine.model
+        self.optimizer = engine.optimizer
+        self.scheduler = engine.scheduler
+        self.data = data
+        self.family = family
         self.s = settings
-        self.sft_dir = sft_dir
-        self.save_extra = save_extra  # returns kwargs for save_training_checkpoint (run config, base path)
-        self.pad_id = pad_id
-        self.pad_to_multiple = pad_to_multiple
-        # token counts of the training rows, by index: what the token-budget micro-batches are cut by
-        self.lengths = lengths
-        self.val_lengths = val_lengths
-        # Compiled layers replayed as CUDA graphs return their gradients in the graphs' memory pool, which
-        # the next micro-batch's replay reuses. Gradients that already exist are added to in place, so with
-        # gradient accumulation every trainable parameter holds its own .grad from the first micro-batch on.
-        self.preallocate_grads = preallocate_grads
-        self.tracker = tracker
+        self.outputs = outputs
+        self.sft_dir = outputs.folder
+        self.tracker = outputs.tracker
         # DeepSpeed: the prepared model is its engine, which steps, clips and checkpoints by itself
-        self.engine = model if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+        self.deepspeed = engine.model if accelerator.distributed_type == DistributedType.DEEPSPEED else None
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
-        self.per_epoch = steps_per_epoch(len(train_set), settings, self.world)
+        n_rows = len(data.train_set)
+        self.per_epoch = steps_per_epoch(n_rows, settings, self.world)
         if self.per_epoch == 0:
             raise TrainingError(
-                f"{len(train_set)} training rows do not fill one optimizer step of batch_size "
+                f"{n_rows} training rows do not fill one optimizer step of batch_size "
                 f"{settings.batch_size} x grad_accum {settings.grad_accum} x {self.world} process(es); "
                 f"lower trainer.batch_size / trainer.grad_accum or add data"
             )
-        self.total_steps = planned_steps(len(train_set), settings, self.world)
+        self.total_steps = planned_steps(n_rows, settings, self.world)
         self.state = TrainerState(total_steps=self.total_steps)
-        self.log_path = sft_dir / "logging.jsonl"
+        self.log_path = self.sft_dir / "logging.jsonl"
         # Engines that gather weights in every forward need the same number of micro-batches on every rank.
         self.equal_micro_batches = self.world > 1 and accelerator.distributed_type in (
             DistributedType.FSDP,
@@ -261,8 +269,8 @@ class Trainer:
             self.acc.unwrap_model(self.model),
             self.optimizer,
             self.scheduler,
-            engine=self.engine,
-            read_full=self.read_full,
+            read_full=self.family.read_full,
+            engine=self.deepspeed,
         )
         self.state.total_steps = self.total_steps
         if self.acc.is_main_process and self.log_path.exists():
@@ -281,15 +289,15 @@ class Trainer:
         """Returns this rank's micro-batches (row indices) for optimizer step `step`."""
         epoch, in_epoch = divmod(step, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.train_set), self.s.seed, epoch))
+            self._order = (epoch, epoch_order(len(self.data.train_set), self.s.seed, epoch))
         size = self.s.batch_size * self.s.grad_accum * self.world
         window = self._order[1][in_epoch * size : (in_epoch + 1) * size]
         plans = plan_window(
             [window[r :: self.world] for r in range(self.world)],
-            self.lengths,
+            self.data.lengths,
             self.s.batch_size,
             self.s.micro_batch_tokens,
-            self.pad_to_multiple,
+            self.s.pad_to_multiple,
             equal_counts=self.equal_micro_batches,
             packed=self.s.packing,
         )
@@ -303,14 +311,10 @@ class Trainer:
             micro = self._micro_batches(step)
             plan.extend(micro)
             counts.append(len(micro))
-        collate = self.collate
-        if collate is None:
-            fn = collate_packed if self.s.packing else collate_for_training
-            collate = partial(fn, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
         loader = DataLoader(
-            self.train_set,
+            self.data.train_set,
             batch_sampler=plan,
-            collate_fn=collate,
+            collate_fn=self.data.collate,
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             # Its own generator: a loader's iterator otherwise draws a seed from the global RNG, which would
             # shift the dropout masks of a resumed run against an uninterrupted one.
@@ -342,7 +346,7 @@ class Trainer:
         correct = torch.zeros((), device=device)
         seen_tokens = 0
         padded_tokens = 0
-        if self.preallocate_grads:
+        if self.s.preallocate_grads:
             self._ensure_grads()
         for i, batch in enumerate(micro):
             seen_tokens += int(batch["attention_mask"].sum())
@@ -351,16 +355,16 @@ class Trainer:
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
-                out = self.forward(self.model, batch)
+                out = self.family.forward(self.model, batch)
             # DDP averages gradients over ranks; multiplying by world keeps the global token mean.
             scaled = out.loss_sum * self.world / total_tokens
-            if self.engine is not None:
+            if self.deepspeed is not None:
                 # the window is this loop's (DeepSpeed's own accumulation count stays 1, so no rescaling);
                 # at its last micro-batch the engine reduces, clips and steps the optimizer
-                self.engine.set_gradient_accumulation_boundary(sync)
-                self.engine.backward(scaled)
+                self.deepspeed.set_gradient_accumulation_boundary(sync)
+                self.deepspeed.backward(scaled)
                 if sync:
-                    self.engine.step()
+                    self.deepspeed.step()
             else:
                 self.acc.backward(scaled)
             loss_sum += out.loss_sum.detach().float()
@@ -375,14 +379,14 @@ class Trainer:
                 f"this step, use bf16 instead of fp16 (trainer.mixed_precision), or keep optim.max_grad_norm > 0"
             )
         grad_norm = None
-        if self.engine is not None:
-            norm = self.engine.get_global_grad_norm()
+        if self.deepspeed is not None:
+            norm = self.deepspeed.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
         elif self.s.max_grad_norm and self.s.max_grad_norm > 0:
             grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm))
         self.optimizer.step()  # under DeepSpeed a no-op: the engine stepped above
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=not self.preallocate_grads)
+        self.optimizer.zero_grad(set_to_none=not self.s.preallocate_grads)
         return {
             "loss": loss,
             "token_acc": float(correct) / total_tokens,
@@ -396,16 +400,13 @@ class Trainer:
     # ----- evaluation (loss and token accuracy on the validation rows)
     @torch.no_grad()
     def evaluate(self) -> dict:
-        if self.val_set is None or len(self.val_set) == 0:
+        val_set = self.data.val_set
+        if val_set is None or len(val_set) == 0:
             return {}
-        n = (
-            len(self.val_set)
-            if self.s.max_eval_samples is None
-            else min(len(self.val_set), self.s.max_eval_samples)
-        )
+        n = len(val_set) if self.s.max_eval_samples is None else min(len(val_set), self.s.max_eval_samples)
         plans = plan_window(
             [list(range(n))[r :: self.world] for r in range(self.world)],
-            self.val_lengths,
+            self.data.val_lengths,
             self.s.eval_batch_size,
             self.s.micro_batch_tokens,
         )
@@ -416,9 +417,9 @@ class Trainer:
         counted = len(batches)
         batches += [[0]] * (most - counted)
         loader = DataLoader(
-            self.val_set,
+            val_set,
             batch_sampler=batches,
-            collate_fn=self.eval_collate or partial(collate_for_training, pad_id=self.pad_id),
+            collate_fn=self.data.eval_collate,
             **loader_options(self.s.num_workers, self.acc.device.type == "cuda"),
             generator=torch.Generator().manual_seed(self.s.seed),
         )
@@ -426,7 +427,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.acc.device)
         for i, batch in enumerate(loader):
             with self.acc.autocast():
-                out = self.forward(self.model, _to_device(batch, self.acc.device))
+                out = self.family.forward(self.model, _to_device(batch, self.acc.device))
             if i < counted:
                 sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
         self.model.train()
@@ -446,8 +447,10 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.state,
-            **self.save_extra(),
-            engine=self.engine,
+            self.outputs.run_cfg,
+            self.outputs.base_path,
+            write_full=self.family.write_full,
+            engine=self.deepspeed,
         )
         if self.acc.is_main_process:
             point(self.sft_dir / "last", path)

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import get_scheduler
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable params: {self.trainable:,} of {self.total:,} ({pct:.4f}%)"
+
+
+def count_parameters(model: nn.Module) -> TrainableSummary:
+    """Returns trainable and total parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return TrainableSummary(trainable, total)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

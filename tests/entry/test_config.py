@@ -9,19 +9,11 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from pipeline import config
 from pipeline.__main__ import describe_error
-from pipeline.config import (
-    ConfigError,
-    objective_problems,
-    resolve_checkpointing,
-    resolve_compile,
-    resolve_device,
-    resolve_dtype,
-    validate,
-)
+from pipeline.config import ConfigError, objective_problems, resolve_device, resolve_dtype, validate
 from pipeline.stages import STAGES
-from pipeline.stages.sft import accumulation_steps, checkpointing_of, loop_settings, optim_settings
+from pipeline.training import plan
+from pipeline.training.plan import Launch, TrainingPlan, plan_training, resolve_checkpointing, resolve_compile
 from tests.conftest import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
@@ -36,6 +28,16 @@ NEEDS_PLUGIN = {
     "hparams_search": "hydra_plugins.hydra_optuna_sweeper",
     "hydra/launcher": "hydra_plugins.hydra_submitit_launcher",
 }
+
+
+def plan_of(cfg, device=None, processes: int = 1, compiles: bool = True) -> TrainingPlan:
+    """The training plan of `cfg` for one unsharded engine on `device` (the CPU unless given), for a family
+    that compiles unless told."""
+    return plan_training(cfg, Launch(device or torch.device("cpu"), processes), compiles=compiles)
+
+
+def checkpointing_of(cfg, device) -> bool:
+    return plan_of(cfg, device).gradient_checkpointing
 
 
 def _group_files() -> list[tuple[str, str]]:
@@ -93,12 +95,12 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     assert cfg.model.gradient_checkpointing == "auto" and cfg.model.max_slice_nums == 9
     assert checkpointing_of(cfg, torch.device("cpu")) is True
     assert (cfg.lora.name, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("qkv", 8, 32, 0.05)
-    assert optim_settings(cfg).lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
+    assert plan_of(cfg).lr == 1e-4 and cfg.optim.weight_decay == 0.1 and cfg.optim.max_grad_norm == 0.5
     assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.scheduler == "cosine"
     t = cfg.trainer
     assert (t.epochs, t.batch_size, t.grad_accum) == (1, 1, None)  # ceil(16 / batch / processes)
     assert (t.eval_steps, t.save_steps, t.save_total_limit, t.eval_batch_size) == (50, None, 2, None)
-    settings = loop_settings(cfg)
+    settings = plan_of(cfg).loop
     assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
     assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s != "serve"]  # serve only when asked
@@ -108,19 +110,24 @@ def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(comp
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     qkv = compose(["model=minicpm_v2", "trainer=default", "+experiment=lora_qkv"])
     assert qkv.trainer.compile == "auto"
-    real_compiles_on = config.compiles_on
+    real_compiles_on = plan.compiles_on
     # trainer=default on one recent GPU: compiled, no checkpointing (activations bounded by the budget)
-    monkeypatch.setattr(config, "compiles_on", lambda device: device.type == "cuda")
-    assert resolve_compile(qkv.trainer.compile, cuda, "minicpm_v2", 1, False) is True
+    monkeypatch.setattr(plan, "compiles_on", lambda device: device.type == "cuda")
+    assert resolve_compile(qkv.trainer.compile, cuda, True, 1, False) is True
+    assert plan_of(qkv, cuda).compile is True
     assert checkpointing_of(qkv, cuda) is False
-    # where compile is not yet safe or not supported: off
-    assert resolve_compile("auto", cpu, "minicpm_v2", 1, False) is False
-    assert resolve_compile("auto", cuda, "qwen2_5_vl", 1, False) is False
-    assert resolve_compile("auto", cuda, "minicpm_v2", 2, False) is False
-    assert resolve_compile("auto", cuda, "minicpm_v2", 1, True) is False
-    assert resolve_compile(True, cpu, "qwen2_5_vl", 2, True) is True  # an explicit choice stays
-    monkeypatch.setattr(config, "compiles_on", lambda device: False)  # a pre-Ampere card, or no triton
-    assert resolve_compile("auto", cuda, "minicpm_v2", 1, False) is False
+    # where compile is not yet safe or not supported: off (a family that does not compile: `compiles` false)
+    assert resolve_compile("auto", cpu, True, 1, False) is False
+    assert resolve_compile("auto", cuda, False, 1, False) is False
+    assert resolve_compile("auto", cuda, True, 2, False) is False
+    assert resolve_compile("auto", cuda, True, 1, True) is False
+    assert resolve_compile(True, cpu, False, 2, True) is True  # an explicit choice stays
+    assert plan_of(qkv, cpu).compile is False and plan_of(qkv, cuda, compiles=False).compile is False
+    assert plan_of(qkv, cuda, processes=2).compile is False
+    assert plan_training(qkv, Launch(cuda, 2, "FSDP"), compiles=True).compile is False
+    monkeypatch.setattr(plan, "compiles_on", lambda device: False)  # a pre-Ampere card, or no triton
+    assert resolve_compile("auto", cuda, True, 1, False) is False
+    assert plan_of(qkv, cuda).compile is False
     assert real_compiles_on(cpu) is False
     # checkpointing stays on where memory needs it: full fine-tuning, low_memory, the plain regime, CPU
     full = compose(["model=minicpm_v2", "trainer=default", "+experiment=full"])
@@ -130,7 +137,36 @@ def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(comp
     assert checkpointing_of(qkv, cpu) is True
     assert resolve_checkpointing(True, cuda, "qkv", 4096) is True
     assert resolve_checkpointing(False, cpu, "none", 0) is False
-    assert checkpointing_of(compose(["model=qwen2_5_vl_tiny", "+experiment=lora_all"]), cuda) is False
+    qwen = compose(["model=qwen2_5_vl_tiny", "+experiment=lora_all"])
+    assert plan_of(qwen, cuda, compiles=False).gradient_checkpointing is False
+
+
+def test_the_training_plan_pads_and_preallocates_for_cuda_graphs_and_says_what_it_chose(compose, monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(plan, "compiles_on", lambda device: device.type == "cuda")
+    qkv = compose(["model=minicpm_v2", "trainer=default", "+experiment=lora_qkv"])
+    graphs = plan_of(qkv, cuda)
+    assert graphs.cuda_graphs and graphs.loop.pad_to_multiple == 128 and graphs.loop.preallocate_grads
+    # compiled on the CPU: no graphs, so no padding; DeepSpeed keeps its gradients in its own buffers
+    forced = compose(["model=minicpm_v2", "trainer=default", "+experiment=lora_qkv", "trainer.compile=true"])
+    on_cpu = plan_of(forced, cpu)
+    assert on_cpu.compile and not on_cpu.cuda_graphs and on_cpu.loop.pad_to_multiple == 1
+    deepspeed = plan_training(forced, Launch(cuda, 1, "DEEPSPEED"), compiles=True)
+    assert deepspeed.cuda_graphs and not deepspeed.loop.preallocate_grads
+    # full fine-tuning keeps fp32 master weights; LoRA holds the base in the model dtype
+    assert plan_of(compose(["+experiment=full", "model.dtype=bfloat16"])).weights_dtype == torch.float32
+    assert plan_of(compose(["+experiment=lora_qkv", "model.dtype=bfloat16"])).weights_dtype == torch.bfloat16
+    assert plan_of(qkv, cpu).loop.num_workers == 0  # auto: the main process on the CPU
+    assert (
+        plan.resolve_mixed_precision("auto", cpu) == "no"
+        and plan.resolve_mixed_precision("bf16", cpu) == "bf16"
+    )
+    text = plan_training(qkv, Launch(cuda, 2, "FSDP", "bf16"), compiles=True).describe()
+    assert "engine: FSDP, 2 process(es), device cuda; mixed precision: bf16" in text
+    assert "compile: off; CUDA graphs: off; gradient checkpointing: off" in text
+    assert "optimizer step: 16 rows (batch 1 x grad_accum 8 x 2 process(es))" in text
+    assert "micro-batches: up to 4096 padded tokens" in text and "lr 0.0001" in text
+    assert "padded to a multiple of 128" in graphs.describe()
 
 
 def test_compile_and_checkpointing_take_only_auto_true_false(compose):
@@ -152,10 +188,10 @@ def test_full_experiment_uses_the_full_lr_and_skips_merge(compose):
     cfg = compose(["+experiment=full"])
     assert cfg.lora.name == "none" and "merge" not in cfg.stages
     # optim.lr null: the model's recipe for full fine-tuning (ms-swift's 1e-5 for MiniCPM-V-2)
-    assert cfg.optim.lr is None and optim_settings(cfg).lr == cfg.model.full_lr
-    assert optim_settings(compose(["+experiment=full", "model=minicpm_v2"])).lr == 1e-5
-    assert optim_settings(compose(["+experiment=lora_qkv", "model=minicpm_v2"])).lr == 1e-4
-    assert optim_settings(compose(["+experiment=full", "optim.lr=3e-4"])).lr == 3e-4
+    assert cfg.optim.lr is None and plan_of(cfg).lr == cfg.model.full_lr
+    assert plan_of(compose(["+experiment=full", "model=minicpm_v2"])).lr == 1e-5
+    assert plan_of(compose(["+experiment=lora_qkv", "model=minicpm_v2"])).lr == 1e-4
+    assert plan_of(compose(["+experiment=full", "optim.lr=3e-4"])).lr == 3e-4
 
 
 def test_misspelt_key_fails_naming_key_and_valid_keys(compose):
@@ -353,6 +389,9 @@ def test_generation_defaults_have_one_source(compose):
 
 
 def test_accumulation_follows_ms_swift_when_unset(compose):
+    def accumulation_steps(cfg, world: int) -> int:
+        return plan_of(cfg, processes=world).loop.grad_accum
+
     cfg = compose(["trainer=default"])
     assert [accumulation_steps(cfg, world) for world in (1, 2, 4, 3)] == [16, 8, 4, 6]
     cfg = compose(["trainer=default", "trainer.batch_size=4"])

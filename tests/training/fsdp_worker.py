@@ -15,6 +15,7 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from torch.distributed.fsdp import fully_shard
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.families.minicpm_v2.family import MiniCPMV2  # noqa: E402
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config, set_full_finetune  # noqa: E402
 from pipeline.families.minicpm_v2.modeling import MiniCPMV  # noqa: E402
 from pipeline.training.checkpoints import (  # noqa: E402
@@ -58,6 +60,16 @@ def build(mode: str, sharded: bool):
     optimizer = torch.optim.AdamW(params, lr=1e-2 if mode == "lora" else 1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / (2 * STEPS))
     return model, optimizer, scheduler
+
+
+def writer(base: Path):
+    """MiniCPM-V-2's writer of full weights (the official layout), side files from `base`."""
+    return MiniCPMV2().checkpoint_writer(SimpleNamespace(base_path=base))
+
+
+def reader():
+    """MiniCPM-V-2's reader of full weights (the official layout)."""
+    return MiniCPMV2().checkpoint_reader(None)
 
 
 def train_step(model, optimizer, scheduler, step: int) -> float:
@@ -134,13 +146,16 @@ def main() -> None:
         losses_a.append(train_step(model, optimizer, scheduler, step))
         if step == SAVE_AT:
             state = TrainerState(global_step=step)
-            save_training_checkpoint(sft_dir, model, optimizer, scheduler, state, run_cfg, base)
+            save_training_checkpoint(
+                sft_dir, model, optimizer, scheduler, state, run_cfg, base, write_full=writer(base)
+            )
     shapes = full_shapes(model)
     del model, optimizer, scheduler
 
     model, optimizer, scheduler = build(mode, sharded=True)
     torch.manual_seed(1234)  # the checkpoint's RNG must win over whatever state the process is in
-    state = load_training_checkpoint(sft_dir / f"checkpoint-{SAVE_AT}", model, optimizer, scheduler)
+    ckpt = sft_dir / f"checkpoint-{SAVE_AT}"
+    state = load_training_checkpoint(ckpt, model, optimizer, scheduler, read_full=reader())
     losses_b = [
         train_step(model, optimizer, scheduler, step) for step in range(state.global_step + 1, STEPS + 1)
     ]

@@ -3,6 +3,7 @@ gives the loss and gradients of the plain one-row-at-a-time regime on the same r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -123,8 +124,9 @@ def test_preallocated_gradients_give_the_same_steps(twin, tmp_path, monkeypatch)
     reference = step_records(twin, tmp_path / "plain", "+experiment=lora_qkv", "trainer.grad_accum=4")
 
     class Preallocating(sft.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "preallocate_grads": True})
+        def __init__(self, engine, data, family, settings, outputs):
+            settings = dataclasses.replace(settings, preallocate_grads=True)
+            super().__init__(engine, data, family, settings, outputs)
 
     monkeypatch.setattr(sft, "Trainer", Preallocating)
     records = step_records(twin, tmp_path / "prealloc", "+experiment=lora_qkv", "trainer.grad_accum=4")

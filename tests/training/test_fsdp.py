@@ -73,7 +73,7 @@ def test_the_sharded_checkpoint_resumes_in_one_process(sharded_run):
     torch.set_num_threads(1)
     model, optimizer, scheduler = fsdp_worker.build(mode, sharded=False)
     ckpt = out / "sft" / f"checkpoint-{fsdp_worker.SAVE_AT}"
-    state = load_training_checkpoint(ckpt, model, optimizer, scheduler)
+    state = load_training_checkpoint(ckpt, model, optimizer, scheduler, read_full=fsdp_worker.reader())
     assert state.global_step == fsdp_worker.SAVE_AT
     losses = [
         fsdp_worker.train_step(model, optimizer, scheduler, step)

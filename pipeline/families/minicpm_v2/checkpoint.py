@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.families.checkpoints import (
     MODEL_CONFIG,
@@ -89,6 +89,15 @@ def read_checkpoint_shapes(folder: Path) -> dict[str, tuple[list[int], Path]]:
             for key in f.keys():
                 shapes[key] = (list(f.get_slice(key).get_shape()), shard)
     return shapes
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Returns every tensor of a checkpoint folder in the official layout, as stored (the model's own
+    parameter names and dtypes), shard by shard as its index lists them."""
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted({p for _, p in read_checkpoint_shapes(folder).values()}):
+        weights.update(load_file(str(shard)))
+    return weights
 
 
 def expected_shapes(config: MiniCPMVConfig) -> dict[str, list[int]]:

@@ -38,7 +38,7 @@ from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # 
 
 from . import merge as merge_checks
 from .bundle import ModelBundle, base_model_path, load_bundle
-from .checkpoint import load_model, read_checkpoint_shapes, resolve_model_path, save_checkpoint
+from .checkpoint import load_model, read_checkpoint_shapes, read_weights, resolve_model_path, save_checkpoint
 from .collate import Sample, collate_for_generation, collate_for_training, collate_packed, encode_example
 from .dataset import SFTDataset, TokenCounter
 from .generation import GenerationSettings, generate
@@ -321,8 +321,10 @@ class MiniCPMV2(Family):
 
         return write
 
-    def checkpoint_reader(self, bundle: Any) -> None:
-        return None  # full weights are read back by the training checkpoints' reader of the official layout
+    def checkpoint_reader(self, bundle: Any) -> Any:
+        """Returns `read(folder) -> state dict`: a full checkpoint's weights in the official layout (what
+        `checkpoint_writer` wrote), under the model's own names."""
+        return read_weights
 
     def prompt_limit(self, bundle: ModelBundle, max_new_tokens: int) -> int:
         return prompt_limit(bundle, max_new_tokens)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -18,16 +17,6 @@ QKV_PATTERN = r"llm\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 # nn.MultiheadAttention reads out_proj.weight directly (its forward is never called), so a LoRA there
 # would train nothing; lm_head stays out as in ms-swift's `ALL`.
 ALL_EXCLUDED = ("llm.lm_head", "resampler.attn.out_proj")
-
-
-@dataclass
-class TrainableSummary:
-    trainable: int
-    total: int
-
-    def __str__(self) -> str:
-        pct = 100.0 * self.trainable / max(self.total, 1)
-        return f"trainable params: {self.trainable:,} of {self.total:,} ({pct:.4f}%)"
 
 
 def all_linear_names(model: nn.Module) -> list[str]:
@@ -114,13 +103,3 @@ def set_full_finetune(
         raise ValueError(
             "lora=none with freeze_vision, freeze_resampler and freeze_llm all true trains nothing"
         )
-
-
-def count_parameters(model: nn.Module) -> TrainableSummary:
-    """Returns trainable and total parameter counts."""
-    total = trainable = 0
-    for p in model.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return TrainableSummary(trainable, total)

@@ -1,0 +1,259 @@
+"""The training plan: every `auto` setting of the sft stage resolved once, into one typed, frozen record.
+
+`plan_training` builds it from the config, from where the run executes (`Launch`: the device, the number of
+processes, the engine accelerate started and its mixed precision) and from what the model family can do
+(`compiles`: whether its layers can be compiled and replayed as CUDA graphs); no decision looks at a
+family's name. The stage logs it once (`TrainingPlan.describe`) and hands out its parts: the weights dtype
+and activation checkpointing to the model, compile and CUDA graphs to the family, the learning rate to the
+optimizer, `loop` to the Trainer.
+
+    mixed precision          trainer.mixed_precision auto: bf16 on a GPU that has it (else fp16), none on CPU
+    weights dtype            LoRA: model.dtype (auto: bf16, else fp16, on a GPU; fp32 on CPU); full: fp32
+    compile                  trainer.compile auto: see resolve_compile
+    gradient checkpointing   model.gradient_checkpointing auto: see resolve_checkpointing
+    CUDA graphs              compiled on a GPU; batches then padded to a multiple of 128, gradients preallocated
+    data workers             trainer.num_workers auto: see resolve_num_workers
+    grad_accum               trainer.grad_accum null: ms-swift's ceil(16 / (batch_size x processes))
+    save_steps, eval batch   null: eval_steps and batch_size, as ms-swift
+    learning rate            optim.lr null: the model's recipe, model.lora_lr (LoRA) or model.full_lr (full)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.config import resolve_dtype
+
+# ms-swift's default global batch: its gradient_accumulation_steps defaults to ceil(16 / batch / processes)
+DEFAULT_GLOBAL_BATCH = 16
+# the largest micro-batch budget that auto still checkpoints (trainer=low_memory's)
+CHECKPOINT_BUDGET = 1024
+# batches of a run replayed as CUDA graphs are padded to a multiple of this, so few shapes are recorded
+GRAPH_PAD_MULTIPLE = 128
+# engines that shard weights (and optimizer state) over the processes
+SHARDING_ENGINES = ("FSDP", "DEEPSPEED")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the run executes, as the engine was started: the device of this process, the number of
+    processes, accelerate's distributed type by name (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ...) and
+    the mixed-precision mode it runs with (see resolve_mixed_precision)."""
+
+    device: torch.device
+    processes: int = 1
+    engine: str = "NO"
+    mixed_precision: str = "no"
+
+    @property
+    def sharded(self) -> bool:
+        return self.engine in SHARDING_ENGINES
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.engine == "DEEPSPEED"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop runs by: the trainer section with every null and auto resolved."""
+
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: int
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int | None
+    eval_batch_size: int
+    max_eval_samples: int | None
+    max_grad_norm: float
+    num_workers: int
+    seed: int
+    # micro-batches filled to this many padded tokens (0: fixed micro-batches of batch_size)
+    micro_batch_tokens: int = 0
+    packing: bool = False  # each micro-batch one packed row (padding-free), within micro_batch_tokens
+    profile_steps: int = 0  # > 0: torch.profiler over that many optimizer steps, into sft/profile/
+    pad_to_multiple: int = 1  # batches padded to a multiple of this many tokens (CUDA graphs: 128)
+    # Compiled layers replayed as CUDA graphs return their gradients in the graphs' memory pool, which the
+    # next micro-batch's replay reuses. Gradients that already exist are added to in place, so with gradient
+    # accumulation every trainable parameter holds its own .grad from the first micro-batch on.
+    preallocate_grads: bool = False
+
+    @property
+    def token_budget(self) -> bool:
+        """Whether micro-batches are cut by tokens (and so need every row's token count)."""
+        return self.micro_batch_tokens > 0
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The sft stage's resolved settings: one record, built once (plan_training) and logged once."""
+
+    launch: Launch
+    weights_dtype: torch.dtype  # the dtype the weights are held in while training
+    gradient_checkpointing: bool
+    compile: bool  # the family compiles its layers (trainer.compile)
+    cuda_graphs: bool  # compiled layers replayed as CUDA graphs
+    lr: float
+    loop: LoopSettings
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimizer step, all processes together."""
+        return self.loop.batch_size * self.loop.grad_accum * self.launch.processes
+
+    def describe(self) -> str:
+        """Returns the plan as a few lines for the log."""
+        launch, loop = self.launch, self.loop
+
+        def on(flag: bool) -> str:
+            return "on" if flag else "off"
+
+        if not loop.token_budget:
+            micro = f"{loop.batch_size} row(s)"
+        elif loop.packing:
+            micro = f"packed rows of up to {loop.micro_batch_tokens} tokens"
+        else:
+            micro = f"up to {loop.micro_batch_tokens} padded tokens"
+        if loop.pad_to_multiple > 1:
+            micro += f", padded to a multiple of {loop.pad_to_multiple}"
+        lines = [
+            f"engine: {launch.engine}, {launch.processes} process(es), device {launch.device}; "
+            f"mixed precision: {launch.mixed_precision}; weights in {str(self.weights_dtype).split('.')[-1]}",
+            f"compile: {on(self.compile)}; CUDA graphs: {on(self.cuda_graphs)}; "
+            f"gradient checkpointing: {on(self.gradient_checkpointing)}",
+            f"optimizer: AdamW, lr {self.lr:g}",
+            f"optimizer step: {self.rows_per_step} rows (batch {loop.batch_size} x grad_accum "
+            f"{loop.grad_accum} x {launch.processes} process(es)); micro-batches: {micro}; "
+            f"{loop.num_workers} data worker(s)",
+        ]
+        return "training plan:\n  " + "\n  ".join(lines)
+
+
+def plan_training(cfg: DictConfig, launch: Launch, *, compiles: bool) -> TrainingPlan:
+    """Returns the run's training plan. `compiles`: whether the model family compiles its layers (and
+    replays them as CUDA graphs) when trainer.compile asks for it."""
+    device, processes = launch.device, launch.processes
+    t = cfg.trainer
+    compiled = resolve_compile(t.compile, device, compiles, processes, launch.sharded)
+    graphs = compiled and device.type == "cuda"
+    loop = LoopSettings(
+        batch_size=t.batch_size,
+        grad_accum=accumulation_steps(t.grad_accum, t.batch_size, processes),
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        eval_steps=t.eval_steps,
+        save_steps=t.save_steps if t.save_steps is not None else t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        eval_batch_size=t.eval_batch_size if t.eval_batch_size is not None else t.batch_size,
+        max_eval_samples=t.max_eval_samples,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        num_workers=resolve_num_workers(t.num_workers, device, processes),
+        seed=cfg.seed,
+        micro_batch_tokens=t.micro_batch_tokens,
+        packing=t.packing,
+        profile_steps=t.profile_steps,
+        pad_to_multiple=GRAPH_PAD_MULTIPLE if graphs else 1,
+        # DeepSpeed's engine keeps gradients in its own buffers
+        preallocate_grads=graphs and not launch.deepspeed,
+    )
+    return TrainingPlan(
+        launch=launch,
+        weights_dtype=resolve_weights_dtype(cfg, device),
+        gradient_checkpointing=resolve_checkpointing(
+            cfg.model.gradient_checkpointing, device, cfg.lora.name, int(t.micro_batch_tokens)
+        ),
+        compile=compiled,
+        cuda_graphs=graphs,
+        lr=resolve_lr(cfg),
+        loop=loop,
+    )
+
+
+def resolve_mixed_precision(choice: str, device: torch.device) -> str:
+    """Returns accelerate's mixed-precision mode for trainer.mixed_precision: as given; auto = bf16 on a GPU
+    that has it (else fp16), no on CPU."""
+    if choice != "auto":
+        return "no" if choice == "no" else choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def resolve_weights_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """Returns the dtype the weights are held in while training.
+
+    LoRA: the frozen base in the model dtype (bf16 on GPU; the adapters stay fp32 under PEFT);
+    full fine-tuning: fp32 master weights under bf16 autocast, so small updates are not rounded away.
+    """
+    if cfg.lora.name == "none":
+        return torch.float32
+    return resolve_dtype(cfg, device)
+
+
+def resolve_lr(cfg: DictConfig) -> float:
+    """Returns optim.lr, or for null the model's recipe: model.lora_lr with LoRA and model.full_lr for full
+    fine-tuning (ms-swift's 1e-4 / 1e-5 for MiniCPM-V-2)."""
+    lr = cfg.optim.lr
+    if lr is None:
+        lr = cfg.model.full_lr if cfg.lora.name == "none" else cfg.model.lora_lr
+    return float(lr)
+
+
+def accumulation_steps(grad_accum: int | None, batch_size: int, processes: int) -> int:
+    """Returns trainer.grad_accum, or for null ms-swift's ceil(16 / (batch_size x processes))."""
+    if grad_accum is not None:
+        return int(grad_accum)
+    return math.ceil(DEFAULT_GLOBAL_BATCH / batch_size / processes)
+
+
+def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) -> int:
+    """Returns DataLoader workers: N as given; auto = 0 on CPU (the main process is faster there), on a
+    GPU this process's share of the CPU cores less one for the training process, at most 8."""
+    if value != "auto":
+        return int(value)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(processes, 1) - 1))
+
+
+def resolve_compile(value: Any, device: torch.device, compiles: bool, processes: int, sharded: bool) -> bool:
+    """Returns whether sft compiles the model's layers: true/false as given; auto = on for a family that
+    compiles (`compiles`: MiniCPM-V-2) on an Ampere-or-newer CUDA device with triton, in a single unsharded
+    process (its layers replayed as CUDA graphs: the step is otherwise launch-bound), off elsewhere (CPU,
+    older cards, other families, several processes, FSDP/DeepSpeed)."""
+    if value != "auto":
+        return bool(value)
+    single = compiles and processes == 1 and not sharded
+    return device.type == "cuda" and single and compiles_on(device)
+
+
+def compiles_on(device: torch.device) -> bool:
+    """Returns whether torch.compile's GPU backend is expected to work on `device`: an Ampere or newer
+    NVIDIA card (compute capability 8.0+, as the CUDA-graph path was measured on) with triton installed."""
+    if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
+        return False
+    return (
+        torch.cuda.get_device_capability(device) >= (8, 0) and importlib.util.find_spec("triton") is not None
+    )
+
+
+def resolve_checkpointing(value: Any, device: torch.device, lora: str, micro_batch_tokens: int) -> bool:
+    """Returns whether sft checkpoints activations: true/false as given; auto = off for LoRA on a CUDA
+    device with micro-batches of more than 1024 tokens (their activations are bounded by the budget:
+    18 GB peak for MiniCPM-V-2 at trainer=default's 4096), on for full fine-tuning, budgets of 1024 or
+    less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's default)."""
+    if value != "auto":
+        return bool(value)
+    return not (device.type == "cuda" and lora != "none" and micro_batch_tokens > CHECKPOINT_BUDGET)
