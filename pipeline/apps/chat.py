@@ -249,8 +249,7 @@ class Chat:
         prompt = self.family.encode_chat(
             self.bundle, messages, [image for _, image in conversation_images], self.max_prompt_length
         )
-        decode = self._decode
-        for text in _texts(self._token_stream(prompt), decode, self.end_ids):
+        for text in _texts(self._token_stream(prompt), self._decode, self.end_ids):
             self._images, self._turn_images = conversation_images, turn_images
             self._history = [*history, [query, text]]
             yield text, [list(pair) for pair in self._history]
@@ -272,7 +271,7 @@ class Chat:
         return self.family.decode(self.bundle, ids)
 
     def _seed(self) -> int | None:
-        """Returns the seed an answer samples with: the next of the chat's seeds (None: greedy, or no seed)."""
+        """Returns the seed an answer samples with: the next of the chat's seeds (None: greedy, or none)."""
         if not self.settings.do_sample or self._seeds is None:
             return None
         return int(torch.randint(2**62, (1,), generator=self._seeds))

@@ -1,6 +1,6 @@
 """The terminal chat, like `swift infer`: queries on stdin, streamed answers, images per conversation.
 
-    python -m pipeline.apps.chat_cli --model .cache/<tiny twin>        # `python -m pipeline.training.twin` builds it
+    python -m pipeline.apps.chat_cli --model .cache/<tiny twin>    # python -m pipeline.training.twin builds it
     python -m pipeline.apps.chat_cli --model /models/MiniCPM-V-2 --ckpt outputs/<exp>/<time>/sft/checkpoint-40
     python -m pipeline.apps.chat_cli --model /models/Qwen2.5-VL-3B-Instruct
 

@@ -3,8 +3,9 @@
 A family is one subclass of `Family` (one module, or one folder for MiniCPM-V-2's own implementation, under
 pipeline/families/) plus one conf/model/*.yaml. Everything above pipeline/families/ speaks to this class and
 never to a family by name: what a family can do beyond the common interface is stated in its `capabilities`
-(compiles, packs, truncates, batches served requests, CUDA-graph decode, images per conversation, its display
-name and its config keys), and a feature a family lacks is refused naming the family and the key.
+(compiles, packs, truncates, batches served requests, CUDA-graph decode, images per conversation and where
+the chat and the server put them, its display name and its config keys), and a feature a family lacks is
+refused naming the family and the key.
 
 The interface, in the order a run uses it (every method is declared below, abstract where each family must
 say it):
@@ -316,7 +317,8 @@ class Family(ABC):
 
     @property
     def label(self) -> str:
-        """Returns how the chat's and the server's errors name the family ("Qwen2.5-VL (model.family=qwen2_5_vl)")."""
+        """Returns how the chat's and the server's errors name the family: "Qwen2.5-VL
+        (model.family=qwen2_5_vl)"."""
         return f"{self.capabilities.display_name} (model.family={self.name})"
 
     @property

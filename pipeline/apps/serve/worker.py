@@ -145,7 +145,7 @@ class Worker:
         self.max_batch_size = max_batch_size if self.decoder is not None else 1
         self.end_ids = family.end_ids(bundle)
         self.decode: Callable[[list[int]], str] = partial(family.decode, bundle)
-        self.batches: list[int] = []  # the size of every batch answered (for logs and tests)
+        self.batches: list[int] = []  # the size of every batch taken (for logs and tests)
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of the requests that give none
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()
@@ -201,6 +201,7 @@ class Worker:
                 return
             if not jobs:
                 continue
+            self.batches.append(len(jobs))  # before answering: a request's last event may end a caller's wait
             started = time.perf_counter()
             try:
                 self._answer(jobs)
@@ -210,7 +211,6 @@ class Worker:
                     if not job.done:
                         job.done = True
                         job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            self.batches.append(len(jobs))
             log.info(
                 "%d request(s) answered in %.2f s (%d tokens)",
                 len(jobs),
