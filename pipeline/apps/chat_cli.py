@@ -1,12 +1,12 @@
 """The terminal chat, like `swift infer`: queries on stdin, streamed answers, images per conversation.
 
-    python -m pipeline.apps.chat_cli --model .cache/minicpm_v2_tiny
+    python -m pipeline.apps.chat_cli --model .cache/<tiny twin>    # python -m pipeline.training.twin builds it
     python -m pipeline.apps.chat_cli --model /models/MiniCPM-V-2 --ckpt outputs/<exp>/<time>/sft/checkpoint-40
     python -m pipeline.apps.chat_cli --model /models/Qwen2.5-VL-3B-Instruct
 
-The folder's config.json model_type picks the family. MiniCPM-V-2 asks for an image at a conversation's first
-query; the other families ask at every query, one path or URL per prompt until an empty line, up to their
-images per conversation.
+The folder's config.json model_type picks the family. Images are asked for one path or URL per prompt until an
+empty line, up to the family's images per conversation: at every query, or only at a conversation's first
+query where the family's images open it (capabilities.image_placement "first_query": MiniCPM-V-2).
 
 Commands: `clear` (new conversation), `exit`/`quit`, `multi-line` (end input with `#`), `single-line`,
 `reset-system` (a new system prompt, and with it a new conversation, as `swift infer`).
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.apps.chat import Chat, FamilyChat, chat_for
+from pipeline.apps.chat import Chat
 from pipeline.apps.generation import load_inference_bundle
 from pipeline.data.images import ImageLoadError
 from pipeline.families import family_of_folder
@@ -69,25 +69,7 @@ def _read_multi_line(stdin: TextIO, stdout: TextIO) -> str | None:
         lines.append(line)
 
 
-def _ask_image(chat: Chat, stdin: TextIO, stdout: TextIO) -> tuple[bool, str | None]:
-    """Returns (got an answer, image reference or None); asks again while the path or URL cannot be read."""
-    while True:
-        line = _read_line(stdin, stdout, IMAGE_PROMPT)
-        if line is None:
-            return False, None
-        ref = line.strip().strip("'\"")
-        if not ref:
-            chat.reset()
-            return True, None
-        try:
-            chat.set_image(ref)
-        except ImageLoadError as exc:
-            stdout.write(f"cannot use the image ({exc}); give another path or URL, or press Enter for none\n")
-            continue
-        return True, ref
-
-
-def _ask_images(chat: FamilyChat, stdin: TextIO, stdout: TextIO, room: int) -> tuple[bool, list[str]]:
+def _ask_images(chat: Chat, stdin: TextIO, stdout: TextIO, room: int) -> tuple[bool, list[str]]:
     """Returns (got an answer, this query's image references): one per prompt until an empty line or `room`
     images; asks again while a path or URL cannot be read."""
     refs: list[str] = []
@@ -108,7 +90,7 @@ def _ask_images(chat: FamilyChat, stdin: TextIO, stdout: TextIO, room: int) -> t
 
 
 def run_chat(
-    chat: Chat | FamilyChat,
+    chat: Chat,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
     stream: bool = True,
@@ -161,25 +143,20 @@ def run_chat(
         if not command:
             stdout.write("(empty query ignored: type a question, or `exit` to quit)\n")
             continue
-        if chat.max_images == 1:  # MiniCPM-V-2: the image of the first query is the conversation's
-            if not history:
-                answered, ref = _ask_image(chat, stdin, stdout)
-                if not answered:
-                    break
-                image_refs = [ref] if ref else []
-            given = image_refs
-        else:  # each query may bring images, while the conversation has room for them
-            room = chat.max_images - len(image_refs if history else [])
-            answered, given = _ask_images(chat, stdin, stdout, room) if room > 0 else (True, [])
-            if not answered:
-                break
+        # each query may bring images while the conversation has room for them; where the family's images
+        # open the conversation's first query, only that query asks
+        room = chat.max_images - len(image_refs if history else [])
+        if chat.image_placement == "first_query" and history:
+            room = 0
+        answered, given = _ask_images(chat, stdin, stdout, room) if room > 0 else (True, [])
+        if not answered:
+            break
         try:
             response, new_history = _answer(chat, query, given, history, system, stdout, stream)
         except (ValueError, ImageLoadError) as exc:
             stdout.write(f"\nerror: {exc}\n{SEPARATOR}\n")
             continue
-        if chat.max_images > 1:
-            image_refs = [*(image_refs if history else []), *given]
+        image_refs = [*(image_refs if history else []), *given]
         history = new_history
         turns += 1
         if record is not None:
@@ -198,7 +175,7 @@ def run_chat(
 
 
 def _answer(
-    chat: Chat | FamilyChat,
+    chat: Chat,
     query: str,
     images: list[str],
     history: list,
@@ -284,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle, family = load_inference_bundle(
             model, args.ckpt, family=family, device=args.device, dtype=args.dtype
         )
-        chat = chat_for(family, bundle, generation=generation, system=args.system, seed=args.seed)
+        chat = Chat(family, bundle, generation=generation, system=args.system, seed=args.seed)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

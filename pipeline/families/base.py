@@ -3,8 +3,9 @@
 A family is one subclass of `Family` (one module, or one folder for MiniCPM-V-2's own implementation, under
 pipeline/families/) plus one conf/model/*.yaml. Everything above pipeline/families/ speaks to this class and
 never to a family by name: what a family can do beyond the common interface is stated in its `capabilities`
-(compiles, packs, truncates, batches served requests, CUDA-graph decode, images per conversation, its display
-name and its config keys), and a feature a family lacks is refused naming the family and the key.
+(compiles, packs, truncates, batches served requests, CUDA-graph decode, images per conversation and where
+the chat and the server put them, its display name and its config keys), and a feature a family lacks is
+refused naming the family and the key.
 
 The interface, in the order a run uses it (every method is declared below, abstract where each family must
 say it):
@@ -15,7 +16,11 @@ say it):
     training     prepare_training (LoRA presets / freeze groups), training_collate, eval_collate, loss_outputs
                  (LossSums), checkpoint_writer / checkpoint_reader (full weights in the native layout),
                  compile_model, vision_attention_of, device_of, pad_id
-    generation   prompt_limit, encode_row (a dataset row as a prompt), collate_for_generation, generate
+    generation   prompt_limit, encode_row (a dataset row as a prompt), collate_for_generation, generate,
+                 generate_batch
+    chat, serve  encode_chat (a conversation as a prompt), stream_tokens (one prompt's tokens as they come),
+                 end_ids, decode, batch_decoder (a BatchDecoder: several prompts decoded together, step by
+                 step, where capabilities.batches_requests)
     merge        merge, dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
     twin         build_tiny (random weights; pipeline.training.twin pre-trains every family's twin)
 
@@ -27,6 +32,7 @@ any tag go at the start of the first user message, as ms-swift places them.
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +46,7 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from pipeline.families import LORA_PRESETS
+from pipeline.families.generation_settings import GenerationSettings
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (padding, prompts, images)
 IMAGE_TAG = "<image>"  # where an image goes in a user message
@@ -50,6 +57,13 @@ Message = Mapping[str, str]
 
 class FamilyError(ValueError):
     """Input a family cannot take; the message names the family, the message index or key, and the limit."""
+
+
+class ContextLengthError(FamilyError):
+    """A generation prompt that, with the tokens asked for, does not fit the model's positions."""
+
+
+IMAGE_PLACEMENTS = ("inline", "first_query")
 
 
 @dataclass(frozen=True)
@@ -64,10 +78,27 @@ class Capabilities:
     truncates: bool = (
         False  # dataset.truncation other than `delete` (cut a too-long row instead of dropping it)
     )
-    batches_requests: bool = False  # serve: concurrent requests decode together in one batch
+    # serve: concurrent requests decode together in one batch (Family.batch_decoder); without it the server
+    # answers one request at a time through Family.stream_tokens
+    batches_requests: bool = False
     cuda_graph_decode: bool = False  # generation replays its decode steps as CUDA graphs on a GPU
     # the model.* config keys its processor settings come from (see Family.settings_from_config)
     config_keys: tuple[str, ...] = ("processor_kwargs",)
+    # Where the chat and the server put a conversation's images: "inline" tags each where it is given (a
+    # chat turn's before its query, a request's where its image part stands); "first_query" gives them
+    # untagged, and the family places them at the start of the first user message (a query's own <image>
+    # tag, if any, places them there instead), so the chat asks for them when a conversation starts.
+    image_placement: str = "inline"
+
+    def __post_init__(self) -> None:
+        if self.image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(
+                f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}"
+            )
+
+    def images_in_words(self) -> str:
+        """Returns the images a conversation takes, in words ("one image", "at most 16 images")."""
+        return "one image" if self.max_images == 1 else f"at most {self.max_images} images"
 
 
 @dataclass
@@ -96,6 +127,12 @@ class RowLike(Protocol):
     system: str | None
     images: Sequence[str]
     origin: str  # "file:line", for error messages
+
+
+class EncodedPrompt(Protocol):
+    """A generation prompt as a family encodes it (its own type); the chat and the server read its length."""
+
+    input_ids: list[int]
 
 
 class ImageSource(Protocol):
@@ -165,10 +202,11 @@ class FreezeGroups:
         return best
 
 
-def normalise_conversation(
-    family: str, conversation: Sequence[Message], n_images: int, image_tag: str = IMAGE_TAG
+def check_messages(
+    family: str, conversation: Sequence[Message], image_tag: str = IMAGE_TAG
 ) -> list[dict[str, str]]:
-    """Returns the messages as plain dicts with every image tagged, checking roles and tag counts."""
+    """Returns the messages as plain dicts, checking their form and roles (an optional system message first,
+    then user and assistant alternating from a user one; image tags only in user messages)."""
     messages: list[dict[str, str]] = []
     for i, message in enumerate(conversation):
         if not isinstance(message, Mapping) or set(message) - {"role", "content"} or "role" not in message:
@@ -195,6 +233,14 @@ def normalise_conversation(
             raise FamilyError(
                 f"{family}: two {turns[k]} messages in a row; user and assistant must alternate"
             )
+    return messages
+
+
+def normalise_conversation(
+    family: str, conversation: Sequence[Message], n_images: int, image_tag: str = IMAGE_TAG
+) -> list[dict[str, str]]:
+    """Returns the messages as plain dicts with every image tagged, checking roles and tag counts."""
+    messages = check_messages(family, conversation, image_tag)
     tags = sum(m["content"].count(image_tag) for m in messages)
     if tags == 0 and n_images:
         first = next(m for m in messages if m["role"] == "user")
@@ -226,6 +272,26 @@ def row_images(row: RowLike, images: ImageSource) -> list[Image.Image]:
         raise type(exc)(f"{row.origin}: {exc}") from exc
 
 
+class BatchDecoder(ABC):
+    """Several encoded prompts decoded together, one step at a time: what a family that batches served
+    requests (capabilities.batches_requests) gives the server, whose worker decides after each step whether
+    the batch goes on."""
+
+    @abstractmethod
+    def decode(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        settings: GenerationSettings,
+        seeds: Sequence[int] | None,
+        on_step: Callable[[list[int]], bool],
+    ) -> None:
+        """Generates for `prompts` as one batch, up to settings.max_new_tokens: after each step `on_step`
+        gets the token id each prompt's answer chose (in prompt order; a row that has reached an end id gets
+        padding after it) and returns whether to go on; decoding also ends once every row has reached an end
+        id. With `seeds` (one per prompt, when sampling) a row samples from its own seed, so its answer is
+        the same alone or in any batch."""
+
+
 class Family(ABC):
     """One model family: loading, encoding, batching, training targets, saving, generation and its tiny twin."""
 
@@ -252,6 +318,12 @@ class Family(ABC):
             raise FamilyError(
                 f"{self.name}: unknown processor setting(s) {', '.join(unknown)}; valid: {valid}"
             )
+
+    @property
+    def label(self) -> str:
+        """Returns how the chat's and the server's errors name the family: "Qwen2.5-VL
+        (model.family=qwen2_5_vl)"."""
+        return f"{self.capabilities.display_name} (model.family={self.name})"
 
     @property
     def max_images(self) -> int:
@@ -527,6 +599,49 @@ class Family(ABC):
     ) -> list[str]:
         """Returns the decoded answer of each encoded prompt (one batch, left-padded on the family's device)
         under the generation settings (pipeline.families.generation_settings.GenerationSettings)."""
+
+    # -- chat and serve: one conversation's prompt, its tokens as they come ------------------------------
+    @abstractmethod
+    def encode_chat(
+        self, bundle: Bundle, messages: Sequence[Message], images: Sequence[Image.Image], max_length: int
+    ) -> EncodedPrompt:
+        """Returns the generation prompt of a conversation (an optional system message, then user and
+        assistant messages alternating, ending with the user's), its images placed at their <image> tags
+        (untagged ones at the start of the first user message; see Capabilities.image_placement), encoded for
+        stream_tokens and batch_decoder. Raises ContextLengthError when the prompt exceeds `max_length`
+        tokens (prompt_limit: the model's positions less the tokens to generate), FamilyError when the
+        family refuses the conversation (roles, tags, images)."""
+
+    @abstractmethod
+    def end_ids(self, bundle: Bundle) -> frozenset[int]:
+        """Returns the token ids that end an answer (the end of the assistant's turn)."""
+
+    @abstractmethod
+    def decode(self, bundle: Bundle, ids: Sequence[int]) -> str:
+        """Returns the text of generated token ids (no end id among them), as generate_batch decodes."""
+
+    @abstractmethod
+    def stream_tokens(
+        self,
+        bundle: Bundle,
+        prompt: EncodedPrompt,
+        settings: GenerationSettings,
+        on_token: Callable[[int], None],
+        stop: threading.Event | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Generates the answer to one encoded prompt, handing each token id to `on_token` as soon as it is
+        chosen (an end id too, after which generation ends); ends at settings.max_new_tokens, or right after
+        the token during which `stop` was set. When sampling, `seed` makes the answer repeatable (None: the
+        process's random state); greedy answers equal generate_batch's."""
+
+    def batch_decoder(self, bundle: Bundle) -> BatchDecoder:
+        """Returns the decoder of several prompts at once that serving batches with; a family states
+        capabilities.batches_requests where it has one (the others are served one request at a time through
+        stream_tokens)."""
+        raise FamilyError(
+            f"{self.label} does not batch requests; its answers stream one at a time (stream_tokens)"
+        )
 
     # -- merge ------------------------------------------------------------------------------------
     @abstractmethod

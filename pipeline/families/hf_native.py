@@ -18,6 +18,7 @@ import functools
 import inspect
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +29,9 @@ from peft import PeftModel
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
+from transformers.generation.streamers import BaseStreamer
 
+from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
 from . import vision_attention
@@ -36,6 +39,7 @@ from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
     Bundle,
+    ContextLengthError,
     EncodedSample,
     Family,
     FamilyError,
@@ -141,6 +145,34 @@ def seeded_sampling(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+class _Stopped(Exception):
+    """Raised from the streamer when the caller wants no more tokens: `generate` ends there."""
+
+
+class _TokenStreamer(BaseStreamer):
+    """Hands on each token `generate` makes (its first call, the prompt, is skipped); ends generation right
+    after the token during which `stop` was set."""
+
+    def __init__(self, on_token: Callable[[int], None], stop: threading.Event | None) -> None:
+        self.on_token = on_token
+        self.stop = stop
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if self.stop is not None and self.stop.is_set():
+                raise _Stopped
+            self.on_token(int(token))
+        if self.stop is not None and self.stop.is_set():
+            raise _Stopped
+
+    def end(self) -> None:
+        pass
 
 
 class HFNativeFamily(Family):
@@ -576,7 +608,7 @@ class HFNativeFamily(Family):
         if positions is None:
             return 1 << 30
         if positions - max_new_tokens < 2:
-            raise ValueError(
+            raise ContextLengthError(
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model takes "
                 f"{positions} positions in all"
             )
@@ -587,7 +619,7 @@ class HFNativeFamily(Family):
     ) -> EncodedSample:
         sample = self._encode_row(bundle.processor, row, images, generation=True)
         if len(sample) > max_length:
-            raise ValueError(
+            raise ContextLengthError(
                 f"{row.origin} is too long: its prompt of {len(sample)} tokens exceeds {max_length} (the "
                 "model's positions less max_new_tokens); shorten it or lower max_new_tokens"
             )
@@ -613,6 +645,51 @@ class HFNativeFamily(Family):
                 max_new_tokens=settings.max_new_tokens,
                 **generate_options(settings),
             )
+
+    # -- chat and serve -------------------------------------------------------------------------------
+    def encode_chat(
+        self, bundle: Bundle, messages: Sequence[Message], images: Sequence[Image.Image], max_length: int
+    ) -> EncodedSample:
+        if messages and messages[-1].get("role") != "user":
+            raise FamilyError(f"{self.name}: a generation prompt ends with a user message")
+        sample = self.encode(bundle.processor, messages, list(images), generation=True)
+        if len(sample) > max_length:
+            raise ContextLengthError(
+                f"the conversation is too long: its prompt of {len(sample)} tokens exceeds {max_length} (the "
+                "model's positions less the tokens to generate); start a new conversation, shorten the "
+                "history, or ask for fewer tokens"
+            )
+        return sample
+
+    def end_ids(self, bundle: Bundle) -> frozenset[int]:
+        return eos_token_ids(bundle.core)
+
+    def decode(self, bundle: Bundle, ids: Sequence[int]) -> str:
+        # as `generate` decodes its answers
+        return bundle.processor.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def stream_tokens(
+        self,
+        bundle: Bundle,
+        prompt: EncodedSample,
+        settings: GenerationSettings,
+        on_token: Callable[[int], None],
+        stop: threading.Event | None = None,
+        seed: int | None = None,
+    ) -> None:
+        batch = self.collate_for_generation(bundle.processor, [prompt])
+        try:
+            with seeded_sampling(seed if settings.do_sample else None, self.device_of(bundle)):
+                self.generate(
+                    bundle.model,
+                    bundle.processor,
+                    batch,
+                    max_new_tokens=settings.max_new_tokens,
+                    streamer=_TokenStreamer(on_token, stop),
+                    **generate_options(settings),
+                )
+        except _Stopped:
+            pass
 
     def dummy_samples(self, bundle: Bundle, n: int, seed: int) -> list[EncodedSample]:
         """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline.apps.chat import chat_for
+from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import run_chat
 from pipeline.apps.generation import (
     GENERATION_KEYS,
@@ -180,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
 
     if cfg.infer.interactive:
-        chat = chat_for(family, bundle, generation=settings, system=cfg.dataset.system, seed=cfg.seed)
+        chat = Chat(family, bundle, generation=settings, system=cfg.dataset.system, seed=cfg.seed)
         turns = run_chat(
             chat,
             sys.stdin,

@@ -1,4 +1,5 @@
-"""The chat API and CLI: history semantics, the conversation's image, streaming, commands and bad input."""
+"""The chat API and CLI on MiniCPM-V-2: history semantics, the conversation's image, streaming, commands and bad
+input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import pipeline.apps.chat as chat_module
 from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import SEPARATOR, main, run_chat
 from pipeline.families.checkpoints import CheckpointError
@@ -34,16 +34,22 @@ def chat(workdir: Path) -> Chat:
 
 
 @pytest.fixture
-def prompts(monkeypatch) -> list[dict]:
-    """Records the arguments of every prompt the chat encodes (to see which image goes in)."""
+def prompts(chat: Chat, monkeypatch) -> list[dict]:
+    """Records the query, history, system text and image of every prompt the chat encodes (to see which image
+    goes in)."""
     seen: list[dict] = []
-    encode = chat_module.encode_prompt
+    encode = chat.family.encode_chat
 
-    def spy(bundle, query, history=(), system=None, image=None, *args, **kwargs):
-        seen.append({"query": query, "history": list(history), "system": system, "image": image})
-        return encode(bundle, query, history, system, image, *args, **kwargs)
+    def spy(bundle, messages, images, max_length):
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = [m["content"] for m in messages if m["role"] != "system"]
+        history = [turns[k : k + 2] for k in range(0, len(turns) - 1, 2)]
+        seen.append(
+            {"query": turns[-1], "history": history, "system": system, "image": (images or [None])[0]}
+        )
+        return encode(bundle, messages, images, max_length)
 
-    monkeypatch.setattr(chat_module, "encode_prompt", spy)
+    monkeypatch.setattr(chat.family, "encode_chat", spy)
     return seen
 
 
@@ -69,12 +75,16 @@ def test_the_first_image_stays_with_the_conversation(chat: Chat, workdir: Path, 
 
 def test_one_image_per_conversation(chat: Chat, workdir: Path, tmp_path: Path):
     image = str(workdir / "yellow.png")
-    with pytest.raises(ValueError, match="one image per conversation; got 2"):
+    with pytest.raises(
+        ValueError, match=r"MiniCPM-V-2 .* takes one image per conversation; this one would hold 2"
+    ):
         chat.infer("Compare them.", images=[image, image])
     _, history = chat.infer("Describe the image.", images=[image])
     _, history = chat.infer("Again?", images=[image], history=history)  # the same image: no second one
     Image.new("RGB", (112, 112), (10, 20, 200)).save(tmp_path / "blue.png")
-    with pytest.raises(ValueError, match="already has an image .*yellow.png.*start a new conversation"):
+    with pytest.raises(
+        ValueError, match="one image per conversation.* already has .*yellow.png.*start a new conversation"
+    ):
         chat.infer("And this one?", images=[str(tmp_path / "blue.png")], history=history)
     with pytest.raises(ValueError, match="1 <image> tag.* but no image"):
         chat.infer("<image>What is this?")

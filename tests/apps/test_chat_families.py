@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.__main__ import run_pipeline
-from pipeline.apps.chat import Chat, FamilyChat
+from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import SEPARATOR, run_chat
 from pipeline.config import validate
 from pipeline.families import get_family
@@ -47,15 +47,15 @@ def root(tmp_path_factory, family) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chat(root) -> FamilyChat:
+def chat(root) -> Chat:
     chat = Chat.from_pretrained(
         str(root / "qwen2_5_vl_tiny"), device="cpu", generation={"max_new_tokens": MAX_TOKENS}
     )
-    assert isinstance(chat, FamilyChat)
+    assert chat.family.name == "qwen2_5_vl"  # picked by the folder's model_type
     return chat
 
 
-def reference(family, chat: FamilyChat, messages: list[dict], images: list[Image.Image]) -> str:
+def reference(family, chat: Chat, messages: list[dict], images: list[Image.Image]) -> str:
     """Returns the family's own greedy answer to the tagged `messages`."""
     bundle = chat.bundle
     sample = family.encode(bundle.processor, messages, images, generation=True)
@@ -64,7 +64,7 @@ def reference(family, chat: FamilyChat, messages: list[dict], images: list[Image
     return answer
 
 
-def test_each_turn_equals_the_familys_own_greedy_generation(family, chat: FamilyChat, root: Path):
+def test_each_turn_equals_the_familys_own_greedy_generation(family, chat: Chat, root: Path):
     first, history = chat.infer("Describe the image.", images=[str(root / "p0.png")])
     expected = reference(
         family, chat, [{"role": "user", "content": "<image>Describe the image."}], [picture(0)]
@@ -86,7 +86,7 @@ def test_each_turn_equals_the_familys_own_greedy_generation(family, chat: Family
     assert steps[-1] == first and all(len(a) < len(b) for a, b in zip(steps, steps[1:], strict=False))
 
 
-def test_several_images_in_a_turn_and_a_later_one_in_its_own_turn(family, chat: FamilyChat, root: Path):
+def test_several_images_in_a_turn_and_a_later_one_in_its_own_turn(family, chat: Chat, root: Path):
     paths = [str(root / f"p{seed}.png") for seed in range(3)]
     first, history = chat.infer("Compare them.", images=paths[:2])
     assert first == reference(
@@ -101,15 +101,18 @@ def test_several_images_in_a_turn_and_a_later_one_in_its_own_turn(family, chat: 
     assert second == reference(family, chat, conversation, [picture(0), picture(1), picture(2)])
 
 
-def test_an_image_over_the_familys_limit_is_refused_naming_it(chat: FamilyChat, root: Path):
-    with pytest.raises(ValueError, match=f"qwen2_5_vl takes at most {LIMIT} images per conversation"):
+def test_an_image_over_the_familys_limit_is_refused_naming_it(chat: Chat, root: Path):
+    with pytest.raises(
+        ValueError,
+        match=rf"Qwen2.5-VL \(model.family=qwen2_5_vl\) takes at most {LIMIT} images per conversation",
+    ):
         chat.infer("Look.", images=[picture(k) for k in range(LIMIT + 1)])
     _, history = chat.infer("Look.", images=[str(root / "p0.png")])
     with pytest.raises(ValueError, match=f"at most {LIMIT} images .* would hold {LIMIT + 1}"):
         chat.infer("And these?", images=[picture(k) for k in range(LIMIT)], history=history)
 
 
-def test_the_terminal_chat_asks_for_images_at_every_query(chat: FamilyChat, root: Path, tmp_path: Path):
+def test_the_terminal_chat_asks_for_images_at_every_query(chat: Chat, root: Path, tmp_path: Path):
     p0, p1, p2 = (str(root / f"p{seed}.png") for seed in range(3))
     missing = tmp_path / "nowhere.png"
     script = "\n".join(
@@ -156,19 +159,15 @@ def test_interactive_infer_stage_chats_and_records_each_turn(root: Path, tmp_pat
     assert turns[0]["response"].strip()
 
 
-def test_sampling_with_a_seed_repeats(family, chat: FamilyChat, root: Path):
+def test_sampling_with_a_seed_repeats(family, chat: Chat, root: Path):
     settings = {"do_sample": True, "temperature": 1.5, "top_p": 1.0, "max_new_tokens": MAX_TOKENS}
     answers = [
-        FamilyChat(family, chat.bundle, generation=settings, seed=3).infer("Describe.", images=[picture(0)])[
-            0
-        ]
+        Chat(family, chat.bundle, generation=settings, seed=3).infer("Describe.", images=[picture(0)])[0]
         for _ in range(2)
     ]
     assert answers[0] == answers[1] and answers[0].strip()
     others = [
-        FamilyChat(family, chat.bundle, generation=settings, seed=seed).infer(
-            "Describe.", images=[picture(0)]
-        )[0]
+        Chat(family, chat.bundle, generation=settings, seed=seed).infer("Describe.", images=[picture(0)])[0]
         for seed in (4, 5)
     ]
     assert any(other != answers[0] for other in others)  # it samples: other seeds, other answers

@@ -55,13 +55,15 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(workdir: Path):
+def loaded(workdir: Path):
+    """Returns (bundle, family) of the twin."""
     return load_inference_bundle(str(workdir / "tiny"), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
-    app = create_app(bundle, options(), MODEL)
+def server(loaded):
+    bundle, family = loaded
+    app = create_app(bundle, options(), MODEL, family)
     running = ServerThread(app, "127.0.0.1", free_port())
     yield running
     running.stop()
@@ -368,8 +370,9 @@ def test_the_openai_client_raises_on_a_bad_request(client):
         )
 
 
-def test_local_files_are_read_when_allowed(bundle, workdir):
-    app = create_app(bundle, options(allow_local_files=True), MODEL)
+def test_local_files_are_read_when_allowed(loaded, workdir):
+    bundle, family = loaded
+    app = create_app(bundle, options(allow_local_files=True), MODEL, family)
     running = ServerThread(app, "127.0.0.1", free_port())
     try:
         for ref in (str(workdir / "blue.png"), (workdir / "blue.png").as_uri()):
@@ -381,8 +384,9 @@ def test_local_files_are_read_when_allowed(bundle, workdir):
 
 
 # ----- the API key
-def test_api_key_is_needed_on_every_route_but_health(bundle):
-    app = create_app(bundle, options(api_key=KEY), MODEL)
+def test_api_key_is_needed_on_every_route_but_health(loaded):
+    bundle, family = loaded
+    app = create_app(bundle, options(api_key=KEY), MODEL, family)
     running = ServerThread(app, "127.0.0.1", free_port())
     try:
         url = running.url

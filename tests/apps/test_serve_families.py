@@ -189,7 +189,7 @@ def test_more_images_than_the_family_takes_are_refused_naming_the_limit(server, 
     error = reply.json()["error"]
     assert error["code"] == "too_many_images"
     assert error["message"] == (
-        f"model.family=qwen2_5_vl takes at most {LIMIT} images per conversation; the messages hold "
+        f"Qwen2.5-VL (model.family=qwen2_5_vl) takes at most {LIMIT} images per conversation; the messages hold "
         f"{LIMIT + 1} images"
     )
     # the limit itself is answered, each image in the prompt

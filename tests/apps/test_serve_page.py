@@ -67,10 +67,10 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def servers(workdir: Path):
     """One server without a key and one with it, over the same model."""
-    bundle = load_inference_bundle(str(workdir / "tiny"), device="cpu")
+    bundle, family = load_inference_bundle(str(workdir / "tiny"), device="cpu")
     running = [
-        ServerThread(create_app(bundle, options(), MODEL), "127.0.0.1", free_port()),
-        ServerThread(create_app(bundle, options(api_key=KEY), MODEL), "127.0.0.1", free_port()),
+        ServerThread(create_app(bundle, options(), MODEL, family), "127.0.0.1", free_port()),
+        ServerThread(create_app(bundle, options(api_key=KEY), MODEL, family), "127.0.0.1", free_port()),
     ]
     yield running
     for server in running:

@@ -201,12 +201,11 @@ def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
 
     from pipeline.apps.generation import load_inference_bundle
     from pipeline.apps.serve.app import ServerThread, create_app
+    from tests.apps.test_serve import MODEL, ask, options, png_data_url
+    from tests.conftest import free_port
 
-    from .conftest import free_port
-    from .test_serve import MODEL, ask, options, png_data_url
-
-    bundle = load_inference_bundle(str(twin), device="cuda", dtype="float32")
-    app = create_app(bundle, options(max_batch_size=8), MODEL)
+    bundle, family = load_inference_bundle(str(twin), device="cuda", dtype="float32")
+    app = create_app(bundle, options(max_batch_size=8), MODEL, family)
     server = ServerThread(app, "127.0.0.1", free_port())
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -226,3 +225,50 @@ def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
         assert together == alone
     finally:
         server.stop()
+
+
+def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(twin, monkeypatch):
+    """MiniCPM-V-2 behind the family interface: its BatchDecoder (the server's batches) and stream_tokens (the
+    chat) run generate's static-cache decode replayed as a CUDA graph; their tokens equal the eager loop's."""
+    from pipeline.apps.generation import load_inference_bundle
+    from pipeline.families.minicpm_v2 import generation
+    from pipeline.families.minicpm_v2.collate import collate_for_generation
+
+    captures = []
+    capture = generation.StaticDecoder._capture
+
+    def counted(self):
+        captures.append(self)
+        capture(self)
+
+    monkeypatch.setattr(generation.StaticDecoder, "_capture", counted)
+    bundle, family = load_inference_bundle(str(twin), device="cuda", dtype="float32")
+    tok = bundle.tokenizer
+    questions = ["What is 2 plus 3?", "Name a colour.", "Count to four.", "Describe a square."]
+    limit = family.prompt_limit(bundle, 24)
+    prompts = [family.encode_chat(bundle, [{"role": "user", "content": q}], [], limit) for q in questions]
+    settings = GenerationSettings(max_new_tokens=24)
+
+    def eager(samples) -> torch.Tensor:
+        inputs = collate_for_generation(samples, tok.pad_id)
+        return generate(
+            bundle.core,
+            inputs["input_ids"].cuda(),
+            inputs["attention_mask"].cuda(),
+            inputs["pixel_values"],
+            inputs["image_bound"],
+            settings=settings,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+            static=False,
+            cuda_graph=False,
+        ).cpu()
+
+    steps: list[list[int]] = []
+    family.batch_decoder(bundle).decode(prompts, settings, None, lambda tokens: steps.append(tokens) or True)
+    assert len(captures) == 1  # the batch decoded through the graph
+    assert torch.equal(torch.tensor(steps).T, eager(prompts))
+    streamed: list[int] = []
+    family.stream_tokens(bundle, prompts[0], settings, streamed.append)
+    assert len(captures) == 2  # and so did the chat's answer
+    assert streamed == eager(prompts[:1])[0, : len(streamed)].tolist()

@@ -1,9 +1,13 @@
-"""The HTTP server: OpenAI's chat-completions API, /v1/models, /health and the web chat page, over one
-worker that owns the model: MiniCPM-V-2's batching worker, or a family's one-request-at-a-time worker.
+"""The HTTP server: OpenAI's chat-completions API, /v1/models, /health and the web chat page, over the one
+worker that owns the model (worker.py), for every family through its interface.
 
-    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40")          # MiniCPM-V-2
-    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40", family=family)   # any family
-    server = start_in_thread(app, "127.0.0.1", 8000)   # or run_server(app, host, port) in the foreground
+    bundle, family = load_inference_bundle(model_path, ckpt)
+    app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40", family=family)
+    server = ServerThread(app, "127.0.0.1", 8000)   # or run_server(app, host, port) in the foreground
+
+What differs between families comes from the family: its name in errors (Family.label), its images per
+conversation and where they go (capabilities), the prompt (Family.encode_chat within Family.prompt_limit),
+whether requests decode together (capabilities.batches_requests).
 
 Every refusal is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
 status; checks that need no model (fields, roles, images, the prompt's length) run before a request waits
@@ -23,11 +27,10 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -36,13 +39,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.families.minicpm_v2.bundle import ModelBundle
-from pipeline.families.minicpm_v2.prompting import encode_prompt, prompt_limit
+from pipeline.families.base import Bundle, ContextLengthError, EncodedPrompt, Family, FamilyError
 
-from .batching import BatchingWorker, Decoding, Event, Job
 from .images import ImageLimits, load_request_image
 from .schema import (
-    MAX_IMAGES,
     ChatCompletionRequest,
     Conversation,
     RequestError,
@@ -51,6 +51,7 @@ from .schema import (
     stop_sequences,
     to_conversation,
 )
+from .worker import Decoding, Event, Job, Worker
 
 log = logging.getLogger(__name__)
 
@@ -97,82 +98,44 @@ def _authorized(header: str | None, key: str) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class _Engine:
-    """What differs between the models served: their name in errors, images per conversation, how a
-    request's conversation becomes a prompt (`encode(conversation, images, system, max_tokens)`, raising
-    RequestError), and the worker that generates."""
-
-    name: str
-    max_images: int
-    encode: Callable[[Conversation, list, str | None, int], Any]
-    start_worker: Callable[[], Any]
-
-
-def _minicpm_v2_engine(bundle: ModelBundle, options: ServeOptions) -> _Engine:
-    def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
-        try:
-            limit = prompt_limit(bundle, max_tokens)
-            image = images[0] if images else None
-            return encode_prompt(
-                bundle,
-                conversation.query,
-                conversation.history,
-                system or None,
-                image,
-                limit,
-                "the conversation",
-            )
-        except ValueError as exc:
-            raise RequestError(str(exc), param="messages", code="context_length_exceeded") from None
-
-    return _Engine(
-        "MiniCPM-V-2",
-        MAX_IMAGES,
-        encode,
-        lambda: BatchingWorker(bundle, options.max_batch_size, seed=options.seed),
-    )
+def encode_request(
+    family: Family,
+    bundle: Bundle,
+    conversation: Conversation,
+    system: str | None,
+    images: list,
+    max_new_tokens: int,
+) -> EncodedPrompt:
+    """Returns the generation prompt of a request's conversation (system prompt first when given); raises
+    RequestError when the family refuses it, or when the prompt leaves no room for max_new_tokens
+    (code context_length_exceeded)."""
+    placement = family.capabilities.image_placement
+    messages = conversation.chat_messages(system, placement)
+    try:
+        limit = family.prompt_limit(bundle, max_new_tokens)
+        return family.encode_chat(bundle, messages, images, limit)
+    except ContextLengthError as err:
+        raise RequestError(str(err), param="messages", code="context_length_exceeded") from None
+    except FamilyError as err:
+        hint = " (each image_url part is an <image> tag where it stands)" if placement == "inline" else ""
+        raise RequestError(f"messages: {err}{hint}", param="messages") from None
 
 
-def _family_engine(family: Any, bundle: Any, options: ServeOptions) -> _Engine:
-    from pipeline.families.hf_native import model_positions
-
-    from .family_worker import FamilyWorker, encode_request, family_label
-
-    positions = model_positions(bundle.core)
-
-    def encode(conversation: Conversation, images: list, system: str | None, max_tokens: int):
-        return encode_request(family, bundle.processor, conversation, system, images, max_tokens, positions)
-
-    return _Engine(
-        family_label(family),
-        family.limits().max_images,
-        encode,
-        lambda: FamilyWorker(family, bundle, seed=options.seed),
-    )
-
-
-def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = None) -> FastAPI:
-    """Returns the ASGI app serving `bundle` under the name `model_id`; its worker starts with the app.
-
-    `family` (pipeline.families) is the bundle's family; None, or MiniCPM-V-2's, serves a
-    MiniCPM-V-2 bundle through its batching worker."""
-    engine = (
-        _family_engine(family, bundle, options)
-        if family is not None and not family.capabilities.batches_requests
-        else _minicpm_v2_engine(bundle, options)
-    )
+def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Family) -> FastAPI:
+    """Returns the ASGI app serving `bundle` (a model of `family`) under the name `model_id`; its worker
+    starts with the app."""
+    max_images = family.max_images
     limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)
-    max_body = options.max_image_bytes * engine.max_images * 4 // 3 + _BODY_SLACK
+    max_body = options.max_image_bytes * max_images * 4 // 3 + _BODY_SLACK
     image_cap = f"serve.max_image_bytes={options.max_image_bytes}"
-    if engine.max_images > 1:
-        image_cap = f"{engine.max_images} images of {image_cap}"
+    if max_images > 1:
+        image_cap = f"{max_images} images of {image_cap}"
     state: dict = {}
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["worker"] = engine.start_worker()
+        state["worker"] = Worker(family, bundle, options.max_batch_size, seed=options.seed)
         app.state.worker = state["worker"]
         try:
             yield
@@ -245,7 +208,7 @@ def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = 
                     "object": "model",
                     "created": created,
                     "owned_by": "pipeline",
-                    "max_images": engine.max_images,  # images per conversation (the page reads it)
+                    "max_images": max_images,  # images per conversation (the page reads it)
                 }
             ],
         }
@@ -263,7 +226,7 @@ def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = 
                 param="model",
                 code="model_not_found",
             )
-        conversation = to_conversation(body, engine.max_images, engine.name)
+        conversation = to_conversation(body, max_images, family.label)
         stop = stop_sequences(body)
         max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
         if max_tokens > options.max_new_tokens:
@@ -280,11 +243,13 @@ def create_app(bundle: Any, options: ServeOptions, model_id: str, family: Any = 
         )
         images = [await run_in_threadpool(load_request_image, url, limits) for url in conversation.image_urls]
         system = conversation.system if conversation.system is not None else options.system
-        sample = await run_in_threadpool(engine.encode, conversation, images, system, max_tokens)
+        prompt = await run_in_threadpool(
+            encode_request, family, bundle, conversation, system, images, max_tokens
+        )
         loop = asyncio.get_running_loop()
-        job = Job(sample, decoding, max_tokens, stop, body.seed, loop, asyncio.Queue())
+        job = Job(prompt, decoding, max_tokens, stop, body.seed, loop, asyncio.Queue())
         state["worker"].submit(job)
-        reply = _Reply(model_id, len(sample.input_ids))
+        reply = _Reply(model_id, len(prompt.input_ids))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(

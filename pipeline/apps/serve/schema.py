@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.families.base import IMAGE_TAG  # where an image part stands in a message's text
 
-# MiniCPM-V-2 places one image before the first query of a conversation; the other families say their own
-MAX_IMAGES = 1
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
 
@@ -78,16 +76,26 @@ class ChatCompletionRequest(_Strict):
 
 @dataclass
 class Conversation:
-    """A request's messages in both forms the models take: MiniCPM-V-2's (system, [query, response] pairs,
-    query, its one image) and the families' (the messages after the system one as {"role", "content"} dicts,
-    an <image> tag where each image part stood, and the image URLs in order)."""
+    """A request's conversation: its system text, its turns' text ([query, response] pairs and the last query,
+    text parts joined by newlines), the messages after the system one with an <image> tag where each image
+    part stood, and the image URLs in order."""
 
     system: str | None
     history: list[list[str]]
     query: str
-    image_url: str | None
     messages: list[dict[str, str]]
     image_urls: list[str]
+
+    def chat_messages(self, system: str | None, image_placement: str) -> list[dict[str, str]]:
+        """Returns the messages a family encodes (Family.encode_chat), the system message first when there is
+        one: with an <image> tag where each image part stood ("inline" placement), or the turns' text alone,
+        the family placing the images at the start of the first query ("first_query")."""
+        head = [{"role": "system", "content": system}] if system else []
+        if image_placement == "inline":
+            return head + [dict(message) for message in self.messages]
+        for query, response in self.history:
+            head += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+        return head + [{"role": "user", "content": self.query}]
 
 
 def _text_of(content: str | list, where: str, allow_image: bool) -> tuple[str, list[str], str]:
@@ -120,9 +128,7 @@ def _too_many_images(model: str, max_images: int, found: int) -> RequestError:
     )
 
 
-def to_conversation(
-    request: ChatCompletionRequest, max_images: int = MAX_IMAGES, model: str = "MiniCPM-V-2"
-) -> Conversation:
+def to_conversation(request: ChatCompletionRequest, max_images: int, model: str) -> Conversation:
     """Returns the conversation of `request`; raises RequestError when the roles or images do not fit the
     model (`model` names it in the error, `max_images` is its limit).
 
@@ -166,14 +172,7 @@ def to_conversation(
     if len(images) > max_images:
         raise _too_many_images(model, max_images, len(images))
     history = [[turns[j], turns[j + 1]] for j in range(0, len(turns) - 1, 2)]
-    return Conversation(
-        system=system,
-        history=history,
-        query=turns[-1],
-        image_url=images[0] if images else None,
-        messages=tagged,
-        image_urls=images,
-    )
+    return Conversation(system=system, history=history, query=turns[-1], messages=tagged, image_urls=images)
 
 
 def stop_sequences(request: ChatCompletionRequest) -> list[str]:

@@ -6,11 +6,14 @@ presets and freeze switches are lora.py, saving is the official layout of checkp
 generation.py (batched, KV-cached, CUDA-graph decode) with its prompts in prompting.py, merge checks are
 merge.py and the random twin is tiny.py. This module maps the interface onto them.
 
-Rules the template sets: one image per conversation, placed at the start of the first user message.
+Rules the template sets: one image per conversation, placed at the start of the first user message (a
+query's own <image> tag places it there instead). The chat and the server decode through serving.py: the
+server's batches step by step, the chat's answers streamed.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +27,7 @@ from torch import nn
 
 from pipeline.families.base import (
     IMAGE_TAG,
+    BatchDecoder,
     Bundle,
     Capabilities,
     EncodedSample,
@@ -33,6 +37,7 @@ from pipeline.families.base import (
     ImageSource,
     Message,
     RowLike,
+    check_messages,
 )
 from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # the official layout's
 
@@ -45,6 +50,7 @@ from .generation import GenerationSettings, generate
 from .lora import apply_lora, build_lora_config, set_full_finetune
 from .processor import MiniCPMVImageProcessor
 from .prompting import batch_to_device, encode_prompt, prompt_limit, response_ids
+from .serving import MiniCPMV2BatchDecoder, stream_tokens
 from .tiny import build_tiny_twin
 from .tokenizer import MiniCPMVTokenizer
 
@@ -74,6 +80,7 @@ class MiniCPMV2(Family):
         batches_requests=True,
         cuda_graph_decode=True,
         config_keys=("max_slice_nums", "slice_mode"),
+        image_placement="first_query",
     )
     max_length = 2048
     setting_keys = ("max_slice_nums", "slice_mode")
@@ -357,6 +364,51 @@ class MiniCPMV2(Family):
             generator=generator,
         )
         return [tok.decode(response_ids(ids, tok.eos_id)) for ids in new.tolist()]
+
+    # -- chat and serve -------------------------------------------------------------------------------
+    def encode_chat(
+        self,
+        bundle: ModelBundle,
+        messages: Sequence[Message],
+        images: Sequence[Image.Image],
+        max_length: int,
+    ) -> Sample:
+        checked = check_messages(self.name, messages)
+        if checked[-1]["role"] != "user":
+            raise FamilyError(f"{self.name}: a generation prompt ends with a user message")
+        if len(images) > self.max_images:
+            raise FamilyError(
+                f"{self.label} takes {self.capabilities.images_in_words()} per conversation; got "
+                f"{len(images)} images"
+            )
+        system, rounds = self._rounds(checked)
+        image = images[0] if images else None
+        try:
+            return encode_prompt(bundle, rounds[-1][0], rounds[:-1], system or None, image, max_length)
+        except FamilyError:
+            raise  # the prompt is too long (ContextLengthError)
+        except ValueError as err:  # the template's rules (tags)
+            raise FamilyError(f"{self.name}: {err}") from None
+
+    def end_ids(self, bundle: ModelBundle) -> frozenset[int]:
+        return frozenset([bundle.tokenizer.eos_id])
+
+    def decode(self, bundle: ModelBundle, ids: Sequence[int]) -> str:
+        return bundle.tokenizer.decode(list(ids))
+
+    def stream_tokens(
+        self,
+        bundle: ModelBundle,
+        prompt: Sample,
+        settings: GenerationSettings,
+        on_token: Callable[[int], None],
+        stop: threading.Event | None = None,
+        seed: int | None = None,
+    ) -> None:
+        stream_tokens(bundle, prompt, settings, on_token, stop, seed)
+
+    def batch_decoder(self, bundle: ModelBundle) -> BatchDecoder:
+        return MiniCPMV2BatchDecoder(bundle)
 
     def dummy_samples(self, bundle: ModelBundle, n: int, seed: int) -> list[Sample]:
         return merge_checks.dummy_samples(bundle.tokenizer, bundle.processor, n, seed)

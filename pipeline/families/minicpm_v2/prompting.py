@@ -8,15 +8,18 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from pipeline.families.base import ContextLengthError
+
 from .bundle import ModelBundle
 from .collate import Sample, encode_example
 
 
 def prompt_limit(bundle: ModelBundle, max_new_tokens: int) -> int:
-    """Returns the longest prompt that leaves room for max_new_tokens within the model's positions."""
+    """Returns the longest prompt that leaves room for max_new_tokens within the model's positions; raises
+    ContextLengthError when none does."""
     limit = int(bundle.core.config.max_position_embeddings) - max_new_tokens
     if limit < 2:
-        raise ValueError(
+        raise ContextLengthError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model takes "
             f"{bundle.core.config.max_position_embeddings} positions in all"
         )
@@ -32,7 +35,8 @@ def encode_prompt(
     max_length: int = 4096,
     where: str = "the conversation",
 ) -> Sample:
-    """Returns the generation prompt (ending with <AI>) of a conversation; raises when it exceeds max_length."""
+    """Returns the generation prompt (ending with <AI>) of a conversation; raises ContextLengthError when it
+    exceeds max_length, ValueError when the template refuses it (an <image> tag without the image)."""
     sample = encode_example(
         bundle.tokenizer,
         bundle.processor,
@@ -45,7 +49,7 @@ def encode_prompt(
         truncation="delete",
     )
     if sample is None:
-        raise ValueError(
+        raise ContextLengthError(
             f"{where} is too long: its prompt exceeds {max_length} tokens (the model's positions less "
             "max_new_tokens); start a new conversation, shorten the history, or lower max_new_tokens"
         )

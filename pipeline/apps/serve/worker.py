@@ -1,0 +1,248 @@
+"""The worker: one thread owns the model and answers every request, for every family, streaming each request's
+text back to it as it grows.
+
+A family that batches served requests (capabilities.batches_requests: MiniCPM-V-2) gets every waiting request
+that can share a batch, up to serve.max_batch_size, decoded together step by step by its BatchDecoder (on a
+GPU over its static cache and CUDA graph); after each step the worker hands each request its token and ends
+the batch once every request is finished or gone. Requests share a batch when they decode alike (greedy, or
+sampling with the same temperature and top_p); each keeps its own max_tokens, stop strings and seed, so a
+greedy answer is the one the request gets served alone. Any other family answers one request at a time
+through its streaming generate (Family.stream_tokens), stopped at the token that finishes the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from pipeline.families.base import BatchDecoder, Bundle, EncodedPrompt, Family
+from pipeline.families.generation_settings import GenerationSettings
+
+log = logging.getLogger(__name__)
+
+_REPLACEMENT_CHAR = "\ufffd"  # what a partly generated multi-byte character decodes to
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a request picks tokens; requests with equal Decoding share a batch."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def settings(self, max_new_tokens: int) -> GenerationSettings:
+        """Returns the generation settings of this decoding (top_k and the rest at their defaults)."""
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+
+
+@dataclass
+class Event:
+    """What the worker tells a request: new text (`delta`), or the end (`finish_reason` set, or `error`)."""
+
+    delta: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One request waiting for, or in, generation. Events go to `events` on the request's event loop.
+    `prompt` is the family's encoded prompt (Family.encode_chat)."""
+
+    prompt: EncodedPrompt
+    decoding: Decoding
+    max_new_tokens: int
+    stop: list[str]
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled in by the worker
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the text already sent
+    done: bool = False
+
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Returns how many trailing characters of `text` could be the start of a stop string (not sent yet)."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:n]):
+                keep = n
+                break
+    return keep
+
+
+def advance_job(job: Job, token: int, end_ids: Collection[int], decode: Callable[[list[int]], str]) -> None:
+    """Adds one generated token to `job`, sending the text that became certain; finishes it when due
+    (an end token: "stop"; a stop string: "stop", cut before it; max_new_tokens reached: "length")."""
+    if job.cancelled.is_set():
+        job.done = True
+        return
+    if token in end_ids:
+        finish_job(job, "stop", decode)
+        return
+    job.ids.append(token)
+    # Decode all ids every step: a character split over several byte tokens only appears once whole.
+    text = decode(job.ids)
+    for stop in job.stop:
+        at = text.find(stop)
+        if at >= 0:
+            finish_job(job, "stop", decode, text[:at])
+            return
+    if len(job.ids) >= job.max_new_tokens:
+        finish_job(job, "length", decode, text)
+        return
+    if text.endswith(_REPLACEMENT_CHAR):
+        return
+    ready = len(text) - _held_back(text, job.stop)
+    if ready > job.sent:
+        job.emit(Event(delta=text[job.sent : ready]))
+        job.sent = ready
+
+
+def finish_job(job: Job, reason: str, decode: Callable[[list[int]], str], text: str | None = None) -> None:
+    """Ends `job` with `reason`, sending the rest of its text (`text`, else its ids decoded)."""
+    text = decode(job.ids) if text is None else text
+    job.done = True
+    job.emit(Event(delta=text[job.sent :], finish_reason=reason, completion_tokens=len(job.ids)))
+    job.sent = len(text)
+
+
+class Worker:
+    """The thread that owns the model: `submit` queues a job, which then receives its Events; `close` stops
+    the thread. Jobs are answered in batches of up to `max_batch_size` where the family batches requests
+    (its BatchDecoder), else one at a time (its stream_tokens)."""
+
+    def __init__(self, family: Family, bundle: Bundle, max_batch_size: int, seed: int = 0) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.family = family
+        self.bundle = bundle
+        self.device = family.device_of(bundle)
+        self.decoder: BatchDecoder | None = (
+            family.batch_decoder(bundle) if family.capabilities.batches_requests else None
+        )
+        self.max_batch_size = max_batch_size if self.decoder is not None else 1
+        self.end_ids = family.end_ids(bundle)
+        self.decode: Callable[[list[int]], str] = partial(family.decode, bundle)
+        self.batches: list[int] = []  # the size of every batch taken (for logs and tests)
+        self._seeds = torch.Generator().manual_seed(seed)  # seeds of the requests that give none
+        self._pending: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            self._pending.append(job)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _seed_of(self, job: Job) -> int:
+        """Returns the seed a sampling request draws with: its own, else the next of the server's."""
+        return job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+
+    # ----- the worker thread
+    def _take(self) -> list[Job] | None:
+        """Returns the oldest waiting job and the waiting jobs that decode like it, up to the batch limit
+        ([] when none of them is left to answer), or None at the stop."""
+        with self._wake:
+            while not self._pending and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return None
+            first = self._pending.popleft()
+            batch = [first]
+            rest: deque[Job] = deque()
+            while self._pending:
+                job = self._pending.popleft()
+                if len(batch) < self.max_batch_size and job.decoding == first.decoding:
+                    batch.append(job)
+                else:
+                    rest.append(job)
+            self._pending = rest
+        return [job for job in batch if not job.cancelled.is_set()]
+
+    def _run(self) -> None:
+        # a new thread starts with OpenMP's default team size, not the caller's setting
+        torch.set_num_threads(self._threads)
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            if not jobs:
+                continue
+            self.batches.append(len(jobs))  # before answering: a request's last event may end a caller's wait
+            started = time.perf_counter()
+            try:
+                self._answer(jobs)
+            except Exception as exc:  # these requests fail; the server goes on
+                log.exception("generation failed for %d request(s)", len(jobs))
+                for job in jobs:
+                    if not job.done:
+                        job.done = True
+                        job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            log.info(
+                "%d request(s) answered in %.2f s (%d tokens)",
+                len(jobs),
+                time.perf_counter() - started,
+                sum(len(job.ids) for job in jobs),
+            )
+
+    def _answer(self, jobs: list[Job]) -> None:
+        """Generates for `jobs` (one batch, or one job), handing each its tokens as they come."""
+        decoding = jobs[0].decoding
+        settings = decoding.settings(max(job.max_new_tokens for job in jobs))
+        # one seed per request, so that a seeded answer does not depend on its batch
+        seeds = [self._seed_of(job) for job in jobs] if decoding.do_sample else None
+
+        def on_step(tokens: Sequence[int]) -> bool:
+            for job, token in zip(jobs, tokens, strict=True):
+                if not job.done:
+                    advance_job(job, int(token), self.end_ids, self.decode)
+            return not all(job.done for job in jobs)
+
+        if self.decoder is not None:
+            self.decoder.decode([job.prompt for job in jobs], settings, seeds, on_step)
+        else:
+            (job,) = jobs
+            stop = threading.Event()
+
+            def on_token(token: int) -> None:
+                if not on_step([token]):
+                    stop.set()
+
+            seed = seeds[0] if seeds is not None else None
+            self.family.stream_tokens(self.bundle, job.prompt, settings, on_token, stop, seed)
+        for job in jobs:
+            if not job.done:  # the batch's longest max_tokens ran out first
+                finish_job(job, "length", self.decode)
