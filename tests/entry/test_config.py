@@ -21,7 +21,7 @@ from pipeline.config import (
 )
 from pipeline.stages import STAGES
 from pipeline.stages.sft import accumulation_steps, checkpointing_of, loop_settings, optim_settings
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
 APPENDED_GROUPS = {"experiment", "hparams_search"}

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
 from pipeline.training.checkpoints import load_training_checkpoint
+from tests.helpers import free_port, run_python
 
 from . import fsdp_worker
-from .conftest import free_port, run_python
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
