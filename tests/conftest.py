@@ -1,14 +1,18 @@
-"""Shared test setup: offline, quiet, one CPU thread (tiny models gain nothing from more, and lose much when cores are shared), and Hydra's compose API over the shipped conf/."""
+"""Shared test setup: offline, quiet, one CPU thread (tiny models gain nothing from more, and lose much when
+cores are shared), the `compose` fixture over the shipped conf/, and the tiny twins, each built once a session.
+Plain helpers (configs, JSON lines, runs, ports) are in tests/helpers.py.
+
+The twin fixtures hand out folders shared by every test of the session: read them, load them, train from
+them, but write into a copy (`twin_copy`, or tests.helpers.copy_twin in a module's fixture). The session's
+end checks that every shared twin still holds what it was built with.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import socket
-import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 # before anything imports wandb, transformers or tokenizers
 os.environ["WANDB_MODE"] = "offline"
@@ -19,23 +23,12 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose as hydra_compose  # noqa: E402
-from hydra import initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.config import register_configs  # noqa: E402
+from tests.helpers import build_varied_twin, compose_config, copy_twin  # noqa: E402
 
 torch.set_num_threads(1)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-
-
-def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """Return the config `python -m pipeline <overrides>` would run with (no run folder is made)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+# (the pipeline's model code is imported by the twin fixtures when first asked for, not by every test)
 
 
 @pytest.fixture
@@ -44,66 +37,108 @@ def compose() -> Callable[..., DictConfig]:
     return compose_config
 
 
-def workdir_config(workdir: Path, *overrides: str) -> DictConfig:
-    """The composed config for a folder holding the tiny twin (`tiny/`) and custom-format `train.jsonl` and
-    `val.jsonl`, on the CPU, with `overrides` after."""
-    return compose_config(
-        [
-            f"model.path={workdir / 'tiny'}",
-            "dataset=custom",
-            f"dataset.path={workdir / 'train.jsonl'}",
-            f"dataset.val_path={workdir / 'val.jsonl'}",
-            "device=cpu",
-            *overrides,
-        ]
-    )
+# ----- the tiny twins, shared by the whole session
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    """Return `path` after writing `rows` to it as JSON lines (test data in the custom format)."""
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
+def _contents(folder: Path) -> dict[str, str]:
+    """Returns {file path inside `folder`: sha256 of its bytes}."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
-def run_python(command: Sequence[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `command` (a fresh interpreter, torchrun, accelerate ...) with this checkout importable, one
-    thread per process and Hydra's short error messages; return it finished, output captured."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def _shared_twins() -> Iterator[dict[Path, dict[str, str]]]:
+    """{folder: its contents when built} of every shared twin; at the session's end, an error names any that
+    a test changed (that test must take a copy: sharing must not couple tests)."""
+    shared: dict[Path, dict[str, str]] = {}
+    yield shared
+    changed = {}
+    for folder, before in shared.items():
+        after = _contents(folder)
+        names = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        if names:
+            changed[str(folder)] = names
+    if changed:
+        pytest.fail(
+            f"tests wrote into shared twins (write into twin_copy's copy instead): {changed}", pytrace=False
+        )
 
 
-def build_varied_twin(family, folder: Path) -> Path:
-    """Builds `family`'s tiny twin at `folder` with its matrices redrawn at std 0.2 (seeded), so that greedy
-    answers differ from prompt to prompt and are long enough to stream."""
-    family.build_tiny(folder)
-    model, processor = family.load(folder)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2, generator=generator)
-    family.save(model, processor, folder)
+def _share(shared: dict[Path, dict[str, str]], folder: Path) -> Path:
+    shared[folder] = _contents(folder)
     return folder
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a launcher's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def family_twin(tmp_path_factory, _shared_twins) -> Callable[[str], Path]:
+    """family_twin(name) -> the folder of family `name`'s tiny twin (seeded random weights, as
+    `get_family(name).build_tiny` writes it), built on the first
+    call for that family, once a session. Names: minicpm_v2, minicpm_v4_6, qwen2_5_vl, qwen3_vl."""
+    from pipeline.families import get_family
+
+    root = tmp_path_factory.mktemp("twins")
+    built: dict[str, Path] = {}
+
+    def twin(name: str) -> Path:
+        if name not in built:
+            folder = get_family(name).build_tiny(root / f"{name}_tiny")
+            built[name] = _share(_shared_twins, Path(folder))
+        return built[name]
+
+    return twin
 
 
-def run_state(cfg: DictConfig, **fields: Any):
-    """Returns the run state the entry point resolves from `cfg`, then `fields` (ckpt, merged, ...) as earlier
-    stages of the same run would have left them."""
-    from pipeline.stages.state import RunState
-
-    state = RunState.resolve(cfg)
-    state.update(fields)
-    return state
+@pytest.fixture(scope="session")
+def tiny_twin(family_twin) -> Path:
+    """MiniCPM-V-2's tiny twin with random weights (builds in a second; enough for plumbing, scoring and
+    comparing code paths, not for learning)."""
+    return family_twin("minicpm_v2")
 
 
-def run_stage(stage, cfg: DictConfig, run_dir: Path, **fields: Any) -> dict:
-    """Runs a stage module's `run` as the entry point would, on run_state(cfg, **fields)."""
-    return stage.run(cfg, run_dir, run_state(cfg, **fields))
+@pytest.fixture(scope="session")
+def pretrained_twin(_shared_twins) -> Path:
+    """The pipeline's default model: MiniCPM-V-2's tiny twin pre-trained on colour questions, from the
+    checkout's cache (built there on first use, as by `make run`), so that fine-tuning has something to adapt."""
+    from pipeline.training.twin import ensure_tiny_twin
+
+    return _share(_shared_twins, ensure_tiny_twin())
+
+
+@pytest.fixture(scope="session")
+def briefly_pretrained_twin(tmp_path_factory, _shared_twins) -> Path:
+    """MiniCPM-V-2's tiny twin after 20 steps of the pre-training (not the cached default's 150)."""
+    from pipeline.training.twin import build_pretrained_twin
+
+    folder = tmp_path_factory.mktemp("pretrained-20") / "minicpm_v2_tiny"
+    return _share(_shared_twins, build_pretrained_twin(folder, steps=20))
+
+
+@pytest.fixture(scope="session")
+def varied_twin(tmp_path_factory, _shared_twins) -> Callable[[str], Path]:
+    """varied_twin(name) -> family `name`'s tiny twin with its matrices redrawn larger (tests.helpers.
+    build_varied_twin: greedy answers that differ per prompt and image), built once a session per family."""
+    from pipeline.families import get_family
+
+    root = tmp_path_factory.mktemp("varied-twins")
+    built: dict[str, Path] = {}
+
+    def twin(name: str) -> Path:
+        if name not in built:
+            built[name] = _share(_shared_twins, build_varied_twin(get_family(name), root / f"{name}_tiny"))
+        return built[name]
+
+    return twin
+
+
+@pytest.fixture
+def twin_copy(tmp_path) -> Callable[..., Path]:
+    """twin_copy(twin, name=None) -> a copy of the twin folder `twin` at tmp_path/name (default: its own
+    name), this test's to change."""
+
+    def copy(twin: Path, name: str | None = None) -> Path:
+        return copy_twin(twin, tmp_path / (name or twin.name))
+
+    return copy

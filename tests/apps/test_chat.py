@@ -15,15 +15,16 @@ from pipeline.families.checkpoints import CheckpointError
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config
 from pipeline.families.minicpm_v2.modeling import MiniCPMV
-from pipeline.families.minicpm_v2.tiny import TINY_SIZES, build_tiny_twin
+from pipeline.families.minicpm_v2.tiny import TINY_SIZES
+from tests.helpers import copy_twin
 
 IMAGE_PROMPT = "Input a media path or URL <<< "
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("chat")
-    build_tiny_twin(root / "tiny")
+    copy_twin(tiny_twin, root / "tiny")
     Image.new("RGB", (112, 112), (230, 200, 30)).save(root / "yellow.png")
     return root
 

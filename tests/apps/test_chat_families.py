@@ -21,7 +21,7 @@ from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import SEPARATOR, run_chat
 from pipeline.config import validate
 from pipeline.families import get_family
-from tests.conftest import build_varied_twin, compose_config
+from tests.helpers import compose_config
 
 MAX_TOKENS = 8
 LIMIT = 16  # Qwen2.5-VL's images per conversation
@@ -38,18 +38,17 @@ def family():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, family) -> Path:
+def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chat-families")
-    build_varied_twin(family, root / "qwen2_5_vl_tiny")
     for seed in range(3):
         picture(seed).save(root / f"p{seed}.png")
     return root
 
 
 @pytest.fixture(scope="module")
-def chat(root) -> Chat:
+def chat(family, varied_twin) -> Chat:
     chat = Chat.from_pretrained(
-        str(root / "qwen2_5_vl_tiny"), device="cpu", generation={"max_new_tokens": MAX_TOKENS}
+        str(varied_twin(family.name)), device="cpu", generation={"max_new_tokens": MAX_TOKENS}
     )
     assert chat.family.name == "qwen2_5_vl"  # picked by the folder's model_type
     return chat
@@ -132,14 +131,16 @@ def test_the_terminal_chat_asks_for_images_at_every_query(chat: Chat, root: Path
     assert turns[1]["response"] == chat.infer("And this one?", images=[p2], history=history)[0]
 
 
-def test_interactive_infer_stage_chats_and_records_each_turn(root: Path, tmp_path: Path, monkeypatch, capsys):
+def test_interactive_infer_stage_chats_and_records_each_turn(
+    root: Path, varied_twin, tmp_path: Path, monkeypatch, capsys
+):
     p0 = str(root / "p0.png")
     cfg = compose_config(
         [
             "stages=[infer]",
             "infer.interactive=true",
             "model=qwen2_5_vl_tiny",
-            f"model.path={root / 'qwen2_5_vl_tiny'}",
+            f"model.path={varied_twin('qwen2_5_vl')}",
             f"output_root={tmp_path}",
             "device=cpu",
             "ckpt=base",

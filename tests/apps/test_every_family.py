@@ -22,7 +22,7 @@ from pipeline.apps.serve.worker import Decoding, Event, Job, Worker
 from pipeline.families import FAMILIES, get_family
 from pipeline.families.base import FamilyError
 from pipeline.families.generation_settings import GenerationSettings
-from tests.conftest import build_varied_twin
+from tests.helpers import build_varied_twin
 
 MAX_TOKENS = 6
 QUESTIONS = ["Describe the image.", "What colour is it?", "How many shapes are there?"]

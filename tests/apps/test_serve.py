@@ -20,8 +20,7 @@ from PIL import Image
 
 from pipeline.apps.generation import load_inference_bundle
 from pipeline.apps.serve.app import ServeOptions, ServerThread, create_app
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
-from tests.conftest import free_port
+from tests.helpers import copy_twin, free_port
 
 MODEL = "minicpm_v2_tiny"
 MAX_TOKENS = 6
@@ -47,9 +46,9 @@ def options(**overrides) -> ServeOptions:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("serve")
-    build_tiny_twin(root / "tiny")
+    copy_twin(tiny_twin, root / "tiny")
     Image.new("RGB", (112, 112), (30, 90, 200)).save(root / "blue.png")
     return root
 

@@ -24,7 +24,7 @@ from pipeline.config import validate
 from pipeline.families import get_family
 from pipeline.stages import serve
 from tests.apps.test_serve import options
-from tests.conftest import build_varied_twin, compose_config, free_port, run_stage
+from tests.helpers import compose_config, free_port, run_stage
 
 MODEL = "qwen2_5_vl_tiny"
 MAX_TOKENS = 10
@@ -55,13 +55,8 @@ def family():
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory, family):
-    return build_varied_twin(family, tmp_path_factory.mktemp("serve-families") / "qwen2_5_vl_tiny")
-
-
-@pytest.fixture(scope="module")
-def bundle(family, twin):
-    return family.load_bundle(str(twin))
+def bundle(family, varied_twin):
+    return family.load_bundle(str(varied_twin(family.name)))
 
 
 @pytest.fixture(scope="module")
@@ -226,14 +221,14 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server, client
     assert chat(client, CONVERSATION).choices[0].message.content
 
 
-def test_the_serve_stage_validates_and_serves_the_family(twin, tmp_path, monkeypatch, caplog):
+def test_the_serve_stage_validates_and_serves_the_family(varied_twin, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     validate(compose_config(["model=qwen2_5_vl_tiny", "stages=[serve]", "ckpt=base"]))
     port = free_port()
     cfg = compose_config(
         [
             "model=qwen2_5_vl_tiny",
-            f"model.path={twin}",
+            f"model.path={varied_twin('qwen2_5_vl')}",
             "stages=[serve]",
             "ckpt=base",
             "device=cpu",

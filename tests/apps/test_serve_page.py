@@ -16,9 +16,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from pipeline.apps.generation import load_inference_bundle
 from pipeline.apps.serve.app import ServerThread, create_app
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from tests.apps.test_serve import MODEL, ask, options
-from tests.conftest import free_port
+from tests.helpers import copy_twin, free_port
 
 KEY = "page-key"
 # Debian's packages (`apt-get install chromium chromium-driver`, which `make install` runs)
@@ -57,9 +56,9 @@ def find_browser() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("page")
-    build_tiny_twin(root / "tiny")
+    copy_twin(tiny_twin, root / "tiny")
     Image.new("RGB", (112, 112), (230, 200, 30)).save(root / "yellow.png")
     return root
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pipeline.data.sources import (
     source_names,
 )
 from pipeline.data.split import split_rows, stable_order
+from tests.helpers import write_rows
 
 URL = "http://images.cocodataset.org/val2014/COCO_val2014_{:012d}.jpg"
 CAPTIONS = {
@@ -202,11 +202,11 @@ def test_coco_url_only_layout_needs_image_root(tmp_path: Path) -> None:
 
 
 def custom_file(tmp_path: Path, name: str, count: int) -> str:
-    path = tmp_path / f"{name}.jsonl"
-    path.write_text(
-        "".join(json.dumps({"query": f"{name}{i}", "response": "r"}) + "\n" for i in range(count))
+    return str(
+        write_rows(
+            tmp_path / f"{name}.jsonl", [{"query": f"{name}{i}", "response": "r"} for i in range(count)]
+        )
     )
-    return str(path)
 
 
 def test_mixture_takes_n_or_ratio_rows_per_source(tmp_path: Path, caplog) -> None:
@@ -301,8 +301,7 @@ def test_sources_module_has_one_registry() -> None:
 
 
 def test_the_logged_row_count_is_the_one_after_sampling(tmp_path, caplog):
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"query": f"q{i}", "response": "r"}) + "\n" for i in range(12)))
+    data = write_rows(tmp_path / "rows.jsonl", [{"query": f"q{i}", "response": "r"} for i in range(12)])
     with caplog.at_level(logging.INFO, logger="pipeline.data.sources"):
         rows, _ = load_mixture(
             [{"name": "custom", "path": str(data), "n": 8}, {"name": "custom", "path": str(data)}], seed=0

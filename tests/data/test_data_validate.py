@@ -19,6 +19,7 @@ from pipeline.data.rows import DatasetError, Problem, Row
 from pipeline.data.sources import load_rows, read_custom_file
 from pipeline.data.validate import format_problems, validate_rows, write_problems
 from pipeline.families import get_family
+from tests.helpers import write_rows
 
 # what MiniCPM-V-2 (the default model) reads: the stages pass the running family's limit
 V2_LIMIT = (get_family("minicpm_v2").max_images, get_family("minicpm_v2").capabilities.display_name)
@@ -50,16 +51,9 @@ def make_bomb_png(path: Path, width: int = 10_000, height: int = 10_000) -> Path
     return path
 
 
-def write_jsonl(path: Path, lines: list[object]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_seed_guide_rows_parse_with_every_history_variant(tmp_path: Path) -> None:
     image = make_png(tmp_path / "image_path.png")
-    data = write_jsonl(
+    data = write_rows(
         tmp_path / "train.jsonl",
         [
             {"query": "55555", "response": "66666", "images": ["image_path.png"]},
@@ -86,7 +80,7 @@ def test_seed_guide_rows_parse_with_every_history_variant(tmp_path: Path) -> Non
 
 def test_relative_image_paths_resolve_against_the_data_file_folder(tmp_path: Path, monkeypatch) -> None:
     image = make_png(tmp_path / "set" / "imgs" / "a.png")
-    data = write_jsonl(
+    data = write_rows(
         tmp_path / "set" / "train.jsonl", [{"query": "q", "response": "r", "images": ["imgs/a.png"]}]
     )
     monkeypatch.chdir(tmp_path)  # the working folder must not matter
@@ -96,7 +90,7 @@ def test_relative_image_paths_resolve_against_the_data_file_folder(tmp_path: Pat
 
 
 def test_text_only_rows_and_system_are_accepted(tmp_path: Path) -> None:
-    data = write_jsonl(
+    data = write_rows(
         tmp_path / "t.jsonl",
         [
             {"query": "hi", "response": "hello"},
@@ -146,7 +140,7 @@ def test_each_problem_names_file_line_and_reason(tmp_path: Path, line: object, r
     make_truncated_png(tmp_path / "cut.png")
     make_bomb_png(tmp_path / "bomb.png")
     good = {"query": "q", "response": "r", "images": ["ok.png"]}
-    data = write_jsonl(tmp_path / "d.jsonl", [good, good, line, good])
+    data = write_rows(tmp_path / "d.jsonl", [good, good, line, good])
     rows, problems = load_rows({"name": "custom", "path": str(data)}, on_error="skip", image_limit=V2_LIMIT)
     assert len(rows) == 3
     assert len(problems) == 1
@@ -159,7 +153,7 @@ def test_the_image_limit_is_the_reading_familys(tmp_path: Path) -> None:
     make_png(tmp_path / "b.png")
     two = {"query": "<image>compare with <image>", "response": "r", "images": ["a.png", "b.png"]}
     three = {"query": "q", "response": "r", "images": ["a.png", "b.png", "a.png"]}
-    data = write_jsonl(tmp_path / "d.jsonl", [two, three])
+    data = write_rows(tmp_path / "d.jsonl", [two, three])
     rows, problems = load_rows(
         {"name": "custom", "path": str(data)}, image_limit=(2, "model.family=qwen2_5_vl"), on_error="skip"
     )
@@ -173,7 +167,7 @@ def test_the_image_limit_is_the_reading_familys(tmp_path: Path) -> None:
 
 def test_raise_lists_the_first_twenty_problems_and_the_total(tmp_path: Path) -> None:
     lines = [{"query": "q", "response": ""} for _ in range(25)] + [{"query": "q", "response": "r"}]
-    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    data = write_rows(tmp_path / "d.jsonl", lines)
     with pytest.raises(DatasetError) as caught:
         load_rows({"name": "custom", "path": str(data)})
     message = str(caught.value)
@@ -186,20 +180,20 @@ def test_raise_lists_the_first_twenty_problems_and_the_total(tmp_path: Path) -> 
 
 def test_skip_drops_bad_rows_without_substituting_others(tmp_path: Path) -> None:
     lines = [{"query": f"q{i}", "response": "" if i % 2 else f"r{i}"} for i in range(6)]
-    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    data = write_rows(tmp_path / "d.jsonl", lines)
     rows, problems = load_rows({"name": "custom", "path": str(data)}, on_error="skip")
     assert [r.query for r in rows] == ["q0", "q2", "q4"]
     assert [p.origin for p in problems] == [f"{data}:2", f"{data}:4", f"{data}:6"]
 
 
 def test_a_source_with_no_usable_rows_is_an_error_even_when_skipping(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q"}])
+    data = write_rows(tmp_path / "d.jsonl", [{"query": "q"}])
     with pytest.raises(DatasetError, match="no usable rows"):
         load_rows({"name": "custom", "path": str(data)}, on_error="skip")
 
 
 def test_invalid_on_error_value_is_refused(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "r"}])
+    data = write_rows(tmp_path / "d.jsonl", [{"query": "q", "response": "r"}])
     with pytest.raises(ValueError, match="use one of raise, skip"):
         load_rows({"name": "custom", "path": str(data)}, on_error="ignore")
 
@@ -216,7 +210,7 @@ def test_missing_data_file_and_wrong_suffix_are_named(tmp_path: Path) -> None:
 
 def test_unknown_keys_are_warned_about_once_per_file(tmp_path: Path, caplog) -> None:
     lines = [{"query": "q", "response": "r", "image": "x.png", "lang": "en"} for _ in range(3)]
-    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    data = write_rows(tmp_path / "d.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         rows, problems = read_custom_file(data)
     assert len(rows) == 3 and problems == []
@@ -353,14 +347,14 @@ def test_coco_allow_download_fetches_missing_images_once(tmp_path: Path, image_s
 
 
 def test_max_rows_caps_records_across_files(tmp_path: Path) -> None:
-    first = write_jsonl(
+    first = write_rows(
         tmp_path / "a.jsonl", [{"query": "q", "response": ""}, {"query": "q", "response": "r"}]
     )
-    second = write_jsonl(tmp_path / "b.jsonl", [{"query": f"b{i}", "response": "r"} for i in range(5)])
+    second = write_rows(tmp_path / "b.jsonl", [{"query": f"b{i}", "response": "r"} for i in range(5)])
     rows, problems = load_rows(
         {"name": "custom", "path": [str(first), str(second)]}, on_error="skip", max_rows=4
     )
     assert [r.query for r in rows] == ["q", "b0", "b1"] and len(problems) == 1
-    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    empty = write_rows(tmp_path / "empty.jsonl", [])
     with pytest.raises(DatasetError, match=f"'custom' at {empty} has no usable rows"):
         load_rows({"name": "custom", "path": str(empty)})

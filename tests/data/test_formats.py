@@ -11,12 +11,7 @@ from PIL import Image
 from pipeline.data.rows import DatasetError, Row
 from pipeline.data.sources import load_rows, read_custom_file
 from pipeline.stages.infer import read_infer_input
-
-
-def write_jsonl(path: Path, lines: list[object], bom: bool = False) -> Path:
-    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
-    return path
+from tests.helpers import write_rows
 
 
 @pytest.fixture
@@ -80,7 +75,7 @@ FORMATS = {
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_every_format_reads_into_the_same_conversation(tmp_path: Path, image: str, name: str) -> None:
-    rows, problems = read_custom_file(write_jsonl(tmp_path / "d.jsonl", [FORMATS[name]]))
+    rows, problems = read_custom_file(write_rows(tmp_path / "d.jsonl", [FORMATS[name]]))
     assert problems == []
     expected = ("How\nmany?", *EXPECTED[1:]) if name == "alpaca" else EXPECTED
     assert as_tuple(rows[0]) == expected
@@ -89,17 +84,17 @@ def test_every_format_reads_into_the_same_conversation(tmp_path: Path, image: st
 
 def test_conversations_with_role_and_content_keys_are_read(tmp_path: Path) -> None:
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    rows, problems = read_custom_file(write_jsonl(tmp_path / "d.jsonl", [{"conversations": turns}]))
+    rows, problems = read_custom_file(write_rows(tmp_path / "d.jsonl", [{"conversations": turns}]))
     assert problems == [] and as_tuple(rows[0]) == ("q", "a", [], None, 0)
 
 
 def test_alpaca_without_input_uses_the_instruction_as_query(tmp_path: Path) -> None:
-    rows, _ = read_custom_file(write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello"}]))
+    rows, _ = read_custom_file(write_rows(tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello"}]))
     assert as_tuple(rows[0]) == ("Hi", "Hello", [], None, 0)
 
 
 def test_columns_map_other_key_names_like_ms_swift(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "2+2?", "answer": "4", "sys": "Math."}])
+    path = write_rows(tmp_path / "d.jsonl", [{"question": "2+2?", "answer": "4", "sys": "Math."}])
     rows, _ = load_rows(
         {
             "name": "custom",
@@ -108,7 +103,7 @@ def test_columns_map_other_key_names_like_ms_swift(tmp_path: Path) -> None:
         }
     )
     assert as_tuple(rows[0]) == ("2+2?", "4", [], "Math.", 0)
-    path = write_jsonl(
+    path = write_rows(
         tmp_path / "m.jsonl",
         [{"chat": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
     )
@@ -170,34 +165,34 @@ def test_columns_map_other_key_names_like_ms_swift(tmp_path: Path) -> None:
 def test_bad_records_of_every_format_name_the_line(
     tmp_path: Path, image: str, record: dict, reason: str
 ) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [{"query": "fine", "response": "ok"}, record])
+    path = write_rows(tmp_path / "d.jsonl", [{"query": "fine", "response": "ok"}, record])
     with pytest.raises(DatasetError, match=rf"d\.jsonl:2: {reason}"):
         load_rows({"name": "custom", "path": str(path), "check_images": False})
 
 
 def test_ordinary_rows_keep_an_image_without_tag(tmp_path: Path, image: str) -> None:
     rows, problems = read_custom_file(
-        write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "a", "images": [image]}])
+        write_rows(tmp_path / "d.jsonl", [{"query": "q", "response": "a", "images": [image]}])
     )
     assert problems == [] and rows[0].query == "q" and len(rows[0].images) == 1
 
 
 def test_a_byte_order_mark_is_accepted_in_jsonl_and_json(tmp_path: Path) -> None:
     rows, problems = read_custom_file(
-        write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "a"}], bom=True)
+        write_rows(tmp_path / "d.jsonl", [{"query": "q", "response": "a"}], bom=True)
     )
     assert problems == [] and rows[0].query == "q"
     path = tmp_path / "d.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"query": "q2", "response": "a2"}]).encode())
     rows, problems = read_custom_file(path)
     assert problems == [] and rows[0].query == "q2"
-    path = write_jsonl(tmp_path / "in.jsonl", [{"query": "q3"}], bom=True)
+    path = write_rows(tmp_path / "in.jsonl", [{"query": "q3"}], bom=True)
     rows, labels = read_infer_input(path)
     assert rows[0].query == "q3" and labels == [None]
 
 
 def test_infer_input_reads_every_format_and_takes_the_last_answer_as_label(tmp_path: Path) -> None:
-    path = write_jsonl(
+    path = write_rows(
         tmp_path / "in.jsonl",
         [
             {"messages": [{"role": "user", "content": "q1"}]},

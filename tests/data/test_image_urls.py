@@ -15,11 +15,10 @@ from PIL import Image
 
 from pipeline.data import images
 from pipeline.data.rows import DatasetError
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
 from pipeline.training.checkpoints import list_checkpoints
 from pipeline.training.loop import TrainingError
-from tests.conftest import run_stage, workdir_config, write_rows
+from tests.helpers import run_stage, workdir_config, write_rows
 
 
 def _png(size: tuple[int, int] = (40, 30), color: str = "red") -> bytes:
@@ -78,11 +77,6 @@ def quick_downloads(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "RETRIES", 1)
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("urls") / "tiny")
-
-
 def _workdir(tmp_path: Path, twin: Path, train: list[dict], val: list[dict]) -> Path:
     (tmp_path / "tiny").symlink_to(twin)
     Image.new("RGB", (40, 30), "green").save(tmp_path / "green.png")
@@ -112,10 +106,10 @@ def _rows(images_: list[str]) -> list[dict]:
 
 
 def test_a_404_and_a_silent_server_are_reported_as_file_line_before_training(
-    tmp_path, twin, server, silent_server
+    tmp_path, tiny_twin, server, silent_server
 ):
     train = _rows(["green.png", f"{server}/gone.png", f"{silent_server}/x.png", "green.png"])
-    workdir = _workdir(tmp_path, twin, train, _rows(["green.png"]))
+    workdir = _workdir(tmp_path, tiny_twin, train, _rows(["green.png"]))
     with pytest.raises(DatasetError) as caught:
         run_stage(sft, _cfg(workdir), tmp_path / "run")
     message = str(caught.value)
@@ -129,18 +123,18 @@ def test_a_404_and_a_silent_server_are_reported_as_file_line_before_training(
     assert not (tmp_path / "run" / "sft").exists() or not list_checkpoints(tmp_path / "run" / "sft")
 
 
-def test_a_bad_url_row_is_skipped_with_on_error_skip(tmp_path, twin, server, silent_server):
+def test_a_bad_url_row_is_skipped_with_on_error_skip(tmp_path, tiny_twin, server, silent_server):
     train = _rows([f"{server}/red.png", f"{server}/gone.png", f"{silent_server}/x.png", "green.png"] * 2)
-    workdir = _workdir(tmp_path, twin, train, _rows(["green.png"]))
+    workdir = _workdir(tmp_path, tiny_twin, train, _rows(["green.png"]))
     out = run_stage(sft, _cfg(workdir, "dataset.on_error=skip"), tmp_path / "run")
     assert out["sft"]["train_rows"] == 4 and out["sft"]["global_step"] == 4
     problems = (tmp_path / "run" / "sft" / "dataset_problems.jsonl").read_text()
     assert problems.count("download failed") == 4
 
 
-def test_a_working_url_is_downloaded_once_for_validation_training_and_evaluation(tmp_path, twin, server):
+def test_a_working_url_is_downloaded_once_for_validation_training_and_evaluation(tmp_path, tiny_twin, server):
     red, blue = f"{server}/red.png", f"{server}/blue.png"
-    workdir = _workdir(tmp_path, twin, _rows([red, blue, red, "green.png"]), _rows([blue]))
+    workdir = _workdir(tmp_path, tiny_twin, _rows([red, blue, red, "green.png"]), _rows([blue]))
     out = run_stage(sft, _cfg(workdir, "trainer.eval_steps=2"), tmp_path / "run")
     assert out["sft"]["global_step"] == 4  # 4 steps of batch 1: every training row read once at least
     assert sorted(_Handler.hits) == ["/blue.png", "/red.png"]
@@ -166,11 +160,11 @@ def test_a_download_cut_off_while_writing_leaves_nothing_in_the_cache(tmp_path, 
 
 
 def test_an_image_that_breaks_during_training_saves_a_checkpoint_then_names_the_row(
-    tmp_path, twin, monkeypatch
+    tmp_path, tiny_twin, monkeypatch
 ):
     for name in ("a", "b", "c", "d"):
         Image.new("RGB", (40, 30), "red").save(tmp_path / f"{name}.png")
-    workdir = _workdir(tmp_path, twin, _rows(["a.png", "b.png", "c.png", "d.png"]), _rows(["green.png"]))
+    workdir = _workdir(tmp_path, tiny_twin, _rows(["a.png", "b.png", "c.png", "d.png"]), _rows(["green.png"]))
     real_load = images.ImageFiles.load
     loads = {"n": 0}
 

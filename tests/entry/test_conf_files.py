@@ -9,7 +9,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import GROUP_SCHEMAS, Config
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR
 
 # Hydra's own settings (conf/hydra/, a file's `hydra:` node) extend Hydra's and its plugins' schemas, not
 # ours.

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, objective_problems, resolve_device, res
 from pipeline.stages import STAGES
 from pipeline.training import plan
 from pipeline.training.plan import Launch, TrainingPlan, plan_training, resolve_checkpointing, resolve_compile
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
 APPENDED_GROUPS = {"experiment", "hparams_search"}

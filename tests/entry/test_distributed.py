@@ -14,10 +14,19 @@ from PIL import Image
 
 from pipeline import distributed
 from pipeline.config import ConfigError
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
 from pipeline.training.loop import window_indices
-from tests.conftest import CONF_DIR, REPO_ROOT, compose_config, free_port, run_python, run_stage
+from tests.helpers import (
+    CONF_DIR,
+    REPO_ROOT,
+    compose_config,
+    free_port,
+    log_records,
+    run_folders,
+    run_python,
+    run_stage,
+    write_rows,
+)
 
 BIN = Path(sys.executable).parent
 # no learning-rate schedule and no dropout: any difference in the gradients shows in the next step's loss
@@ -32,19 +41,6 @@ EXACT = (
     "optim.warmup_ratio=0",
     "tracking=none",
 )
-
-
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny")
-
-
-def run_folders(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("run.json"))
-
-
-def log_records(sft_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (sft_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
 
 
 def assert_same_curve(multi: list[dict], single: list[dict], steps: int) -> None:
@@ -148,7 +144,7 @@ def test_other_ranks_run_only_the_distributed_stages(monkeypatch):
 # ----- real multi-process runs
 
 
-def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(twin, tmp_path):
+def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tiny_twin, tmp_path):
     # rank 1 starts a second and a half late: `${now:...}` alone would give it a run folder of its own
     script = tmp_path / "late_rank.py"
     script.write_text(
@@ -166,7 +162,7 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(twin, 
     out = tmp_path / "outputs"
     common = [
         "+experiment=lora_qkv",
-        f"model.path={twin}",
+        f"model.path={tiny_twin}",
         "dataset.max_rows=48",
         *EXACT,
         "trainer.max_steps=4",
@@ -198,7 +194,9 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(twin, 
     assert log_text.count("stage sft: writing into") == 1  # only rank 0 logs into run.log
     assert done.stdout.count("run folder:") == 1
 
-    single = train_single(twin, tmp_path / "single", *common, "trainer.batch_size=2", "trainer.grad_accum=2")
+    single = train_single(
+        tiny_twin, tmp_path / "single", *common, "trainer.batch_size=2", "trainer.grad_accum=2"
+    )
     assert_same_curve(log_records(run_dir / "sft"), single, steps=4)
 
 
@@ -217,13 +215,10 @@ def write_mixed_dataset(folder: Path, text_only: set[int], n_rows: int) -> tuple
             rows.append(
                 {"query": "What color is the image?", "response": f"It is {name}.", "images": [str(path)]}
             )
-    train, val = folder / "train.jsonl", folder / "val.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    val.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    return train, val
+    return write_rows(folder / "train.jsonl", rows), write_rows(folder / "val.jsonl", rows[:2])
 
 
-def test_accelerate_launch_with_text_only_and_image_rows_in_one_step(twin, tmp_path):
+def test_accelerate_launch_with_text_only_and_image_rows_in_one_step(tiny_twin, tmp_path):
     # lora=all trains the vision tower too: a rank whose batch has no image must still take part in the
     # gradient all-reduce of the vision weights, or DDP hangs or fails
     n_rows, steps, seed = 24, 3, 42
@@ -233,7 +228,7 @@ def test_accelerate_launch_with_text_only_and_image_rows_in_one_step(twin, tmp_p
     train, val = write_mixed_dataset(tmp_path / "data", text_only, n_rows)
 
     out = tmp_path / "outputs"
-    common = ["+experiment=lora_all", f"model.path={twin}", "dataset=custom", f"dataset.path={train}",
+    common = ["+experiment=lora_all", f"model.path={tiny_twin}", "dataset=custom", f"dataset.path={train}",
               f"dataset.val_path={val}", *EXACT, f"trainer.max_steps={steps}", "trainer.batch_size=1"]  # fmt: skip
     done = run_python(
         [
@@ -255,11 +250,11 @@ def test_accelerate_launch_with_text_only_and_image_rows_in_one_step(twin, tmp_p
     )
     assert done.returncode == 0, done.stderr[-4000:]
     (run_dir,) = run_folders(out)
-    single = train_single(twin, tmp_path / "single", *common, "trainer.grad_accum=2")
+    single = train_single(tiny_twin, tmp_path / "single", *common, "trainer.grad_accum=2")
     assert_same_curve(log_records(run_dir / "sft"), single, steps=steps)
 
 
-def test_submitit_job_of_two_tasks_trains_as_two_processes(twin, tmp_path):
+def test_submitit_job_of_two_tasks_trains_as_two_processes(tiny_twin, tmp_path):
     # tasks_per_node=2 (on SLURM: one task per GPU) makes each job of a sweep one data-parallel run
     out = tmp_path / "outputs"
     done = run_python(
@@ -271,7 +266,7 @@ def test_submitit_job_of_two_tasks_trains_as_two_processes(twin, tmp_path):
             "hydra/launcher=local",
             "hydra.launcher.tasks_per_node=2",
             "+experiment=lora_qkv",
-            f"model.path={twin}",
+            f"model.path={tiny_twin}",
             f"output_root={out}",
             "stages=[sft]",
             "trainer.max_steps=2",

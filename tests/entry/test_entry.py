@@ -25,7 +25,7 @@ from pipeline.runinfo import (
 )
 from pipeline.stages import UnknownStageError, get_stage
 from pipeline.utils.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
-from tests.conftest import run_python
+from tests.helpers import run_folders, run_python
 
 
 def _run_entry(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.CompletedProcess:
@@ -39,10 +39,6 @@ def _run_entry(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess
         """
     )
     return run_python([sys.executable, "-c", script], tmp_path, timeout=120)
-
-
-def _run_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("run.json"))
 
 
 def _fake_stage_prelude(name: str, body: str) -> str:
@@ -60,7 +56,7 @@ def test_empty_stage_list_writes_config_and_run_json(tmp_path):
     out = tmp_path / "outputs"
     done = _run_entry(["stages=[]", f"output_root={out}", "experiment_name=smoke", "seed=7"], tmp_path)
     assert done.returncode == 0, done.stderr
-    (run_dir,) = _run_dirs(out)
+    (run_dir,) = run_folders(out)
     assert run_dir.parent == out / "smoke"
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert list(saved.stages) == [] and saved.seed == 7 and saved.model.name == "minicpm_v2_tiny"
@@ -98,7 +94,7 @@ def test_stage_failure_is_one_line_with_traceback_in_run_log(tmp_path):
     prelude = _fake_stage_prelude("infer", 'raise RuntimeError("adapter is corrupt")')
     done = _run_entry(["stages=[infer]", "ckpt=base", f"output_root={out}"], tmp_path, prelude)
     assert done.returncode == 1
-    (run_dir,) = _run_dirs(out)
+    (run_dir,) = run_folders(out)
     assert done.stderr.strip().splitlines() == [
         "error: RuntimeError: adapter is corrupt",
         f"full traceback in {run_dir / 'run.log'}",
@@ -113,7 +109,7 @@ def test_keyboard_interrupt_exits_130_and_marks_the_run(tmp_path):
     prelude = _fake_stage_prelude("eval", "raise KeyboardInterrupt")
     done = _run_entry(["stages=[eval]", "ckpt=base", f"output_root={out}"], tmp_path, prelude)
     assert done.returncode == 130
-    (run_dir,) = _run_dirs(out)
+    (run_dir,) = run_folders(out)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert done.stderr.strip().startswith("interrupted")
 
@@ -122,7 +118,7 @@ def test_multirun_gives_each_job_its_folder(tmp_path):
     out = tmp_path / "outputs"
     done = _run_entry(["-m", "stages=[]", "seed=1,2", f"output_root={out}"], tmp_path)
     assert done.returncode == 0, done.stderr
-    run_dirs = _run_dirs(out)
+    run_dirs = run_folders(out)
     assert [p.name for p in run_dirs] == ["0", "1"] and run_dirs[0].parent.name.startswith("multirun-")
     seeds = [json.loads((p / "run.json").read_text())["seed"] for p in run_dirs]
     assert seeds == [1, 2]

@@ -16,7 +16,7 @@ import pipeline.__main__ as entry
 from pipeline.__main__ import describe_error, run_pipeline
 from pipeline.training.loop import SignalGuard, StopRequested
 from pipeline.utils.lock import FolderBusy, folder_lock
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder(tmp_path, compose):

@@ -16,9 +16,8 @@ from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
 from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.stages import sft
-from pipeline.training.twin import ensure_tiny_twin
-from tests.conftest import run_stage
-from tests.stages.test_sft import SHORT, eval_losses, losses_by_step, make_cfg
+from tests.helpers import eval_losses, losses_by_step, run_stage, twin_config
+from tests.stages.test_sft import SHORT
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,20 +26,15 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    return ensure_tiny_twin()
-
-
 def run_sft(twin: Path, folder: Path, *overrides: str) -> Path:
-    cfg = make_cfg(twin, *SHORT, "device=cuda", "trainer.mixed_precision=bf16", *overrides)
+    cfg = twin_config(twin, *SHORT, "device=cuda", "trainer.mixed_precision=bf16", *overrides)
     run_stage(sft, cfg, folder)
     return folder / "sft"
 
 
-def test_compiled_training_steps_equal_the_plain_ones_on_cuda(twin, tmp_path):
-    plain = run_sft(twin, tmp_path / "plain", "trainer.compile=false")
-    compiled = run_sft(twin, tmp_path / "compiled", "trainer.compile=true")
+def test_compiled_training_steps_equal_the_plain_ones_on_cuda(pretrained_twin, tmp_path):
+    plain = run_sft(pretrained_twin, tmp_path / "plain", "trainer.compile=false")
+    compiled = run_sft(pretrained_twin, tmp_path / "compiled", "trainer.compile=true")
     a, b = losses_by_step(plain), losses_by_step(compiled)
     assert sorted(a) == sorted(b) and len(a) == 6
     for step in a:  # bf16 autocast; the compiled layers fuse differently, so rounding differs a little
@@ -52,8 +46,8 @@ def test_compiled_training_steps_equal_the_plain_ones_on_cuda(twin, tmp_path):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_cuda_graph_decode_equals_the_eager_loop(twin, batch):
-    model = MiniCPMV.from_pretrained(twin).to("cuda", torch.float32).eval()
+def test_cuda_graph_decode_equals_the_eager_loop(pretrained_twin, batch):
+    model = MiniCPMV.from_pretrained(pretrained_twin).to("cuda", torch.float32).eval()
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(200, model.config.vocab_size - 1, (batch, 40), generator=g)
     ids[:, 0] = 1
@@ -77,14 +71,14 @@ def test_cuda_graph_decode_equals_the_eager_loop(twin, batch):
     assert torch.equal(outs["graph"], outs["eager"])
 
 
-def test_the_whole_pipeline_runs_on_cuda_with_compile(twin, tmp_path):
+def test_the_whole_pipeline_runs_on_cuda_with_compile(pretrained_twin, tmp_path):
     run = tmp_path / "run"
     cmd = [
         sys.executable,
         "-m",
         "pipeline",
         "+experiment=lora_qkv",
-        f"model.path={twin}",
+        f"model.path={pretrained_twin}",
         "device=cuda",
         "trainer.compile=true",
         "trainer.max_steps=8",
@@ -106,7 +100,7 @@ def test_the_whole_pipeline_runs_on_cuda_with_compile(twin, tmp_path):
     ("engine", "experiment"),
     [("fsdp", "lora_qkv"), ("fsdp", "full"), ("deepspeed_zero3", "lora_qkv"), ("deepspeed_zero3", "full")],
 )
-def test_sharded_run_resumes_like_an_uninterrupted_one(twin, tmp_path, engine, experiment):
+def test_sharded_run_resumes_like_an_uninterrupted_one(pretrained_twin, tmp_path, engine, experiment):
     # accelerate's own FSDP2 wrapping or DeepSpeed engine on every card of the machine: the checkpoint
     # gathers the shards, and a run resumed from it repeats the uninterrupted run's losses
     if engine.startswith("deepspeed"):
@@ -116,7 +110,7 @@ def test_sharded_run_resumes_like_an_uninterrupted_one(twin, tmp_path, engine, e
     def launch(run: Path) -> None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "bench" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(gpus), "-m", "pipeline",
-               f"+experiment={experiment}", f"model.path={twin}", "device=cuda", "tracking=none",
+               f"+experiment={experiment}", f"model.path={pretrained_twin}", "device=cuda", "tracking=none",
                "stages=[sft]", "trainer.max_steps=6", "trainer.save_steps=3", "trainer.logging_steps=1",
                "trainer.eval_steps=100", "trainer.max_eval_samples=4", "lora.dropout=0",
                f"hydra.run.dir={run}"]  # fmt: skip
@@ -137,18 +131,22 @@ def test_sharded_run_resumes_like_an_uninterrupted_one(twin, tmp_path, engine, e
     for step in range(4, 7):
         assert b[step] == pytest.approx(a[step], rel=1e-3), (step, a, b)
     if experiment == "full":
-        check_checkpoint(whole / "sft" / "checkpoint-6", MiniCPMV.config_class.from_pretrained(twin))
+        check_checkpoint(
+            whole / "sft" / "checkpoint-6", MiniCPMV.config_class.from_pretrained(pretrained_twin)
+        )
 
 
 @pytest.mark.parametrize("experiment", ["lora_qkv", "lora_all", "full"])
 @pytest.mark.parametrize("budget", [4096, 0])
-def test_compile_with_trainer_default_settings_through_the_entry_point(twin, tmp_path, experiment, budget):
+def test_compile_with_trainer_default_settings_through_the_entry_point(
+    pretrained_twin, tmp_path, experiment, budget
+):
     """trainer=default (16 rows a step: batch 1 x grad-accum 16, gradient checkpointing) with compile and
     CUDA graphs, on the demo set's sliced, unsliced and variable-length rows, evaluation inside training
     and a resume: the losses follow the plain run's within bf16 rounding, and the resumed run repeats them."""
 
     def launch(run: Path, *extra: str) -> dict[int, float]:
-        cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model.path={twin}",
+        cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model.path={pretrained_twin}",
                "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
                "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.logging_steps=1",
                "trainer.max_eval_samples=8", "lora.dropout=0", f"trainer.micro_batch_tokens={budget}",
@@ -193,7 +191,7 @@ def test_varlen_vision_attention_of_other_families_through_the_entry_point(tmp_p
         assert fast[step] == pytest.approx(plain[step], rel=3e-2, abs=2e-2), (step, plain, fast)
 
 
-def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
+def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(pretrained_twin):
     """The server's batches decode over the static cache and its CUDA graph; fp32 keeps the rounding alike."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -202,9 +200,9 @@ def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(twin):
     from pipeline.apps.generation import load_inference_bundle
     from pipeline.apps.serve.app import ServerThread, create_app
     from tests.apps.test_serve import MODEL, ask, options, png_data_url
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
-    bundle, family = load_inference_bundle(str(twin), device="cuda", dtype="float32")
+    bundle, family = load_inference_bundle(str(pretrained_twin), device="cuda", dtype="float32")
     app = create_app(bundle, options(max_batch_size=8), MODEL, family)
     server = ServerThread(app, "127.0.0.1", free_port())
     try:

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
-from tests.entry.test_entry import _run_dirs, _run_entry
+from tests.helpers import run_entry, run_folders
 from tests.utils.test_tracking import _history_rows, _read_wandb_records
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "tiny")
-
-
-def test_sft_and_eval_log_into_one_offline_wandb_run(twin, tmp_path, monkeypatch):
+def test_sft_and_eval_log_into_one_offline_wandb_run(tiny_twin, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     args = [
-        f"model.path={twin}",
+        f"model.path={tiny_twin}",
         "stages=[sft,eval]",
         "tracking=wandb",
         "trainer.max_steps=2",
@@ -35,9 +26,9 @@ def test_sft_and_eval_log_into_one_offline_wandb_run(twin, tmp_path, monkeypatch
         "eval.max_samples=4",
         f"output_root={tmp_path / 'out'}",
     ]
-    proc = _run_entry(args, tmp_path)
+    proc = run_entry(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_dir,) = _run_dirs(tmp_path / "out")
+    (run_dir,) = run_folders(tmp_path / "out")
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files  # one run for the whole pipeline, not one per stage
     rows = _history_rows(_read_wandb_records(files[0]))

@@ -9,8 +9,8 @@ import pytest
 from hydra.utils import instantiate
 
 from pipeline import sweep
-from tests.conftest import compose_config
 from tests.entry.test_sweeps import fake_job, read_csv
+from tests.helpers import compose_config
 
 LONG_LR = "0.00015751320499779721"
 

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import multiprocessing
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import pytest
 import yaml
 
 from pipeline import sweep
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
-from tests.conftest import compose_config, run_python
+from tests.helpers import compose_config, run_entry
 
 # the smallest run that still trains, evaluates and returns an objective
 TINY = (
@@ -28,17 +26,6 @@ TINY = (
     "eval.generate=false",
     "eval.max_samples=2",
 )
-
-
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    """The tiny twin without pre-training (these tests check plumbing, not learning)."""
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny")
-
-
-def run_entry(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline <args>` in a fresh interpreter."""
-    return run_python([sys.executable, "-m", "pipeline", *args], cwd, timeout)
 
 
 def only_sweep_dir(root: Path) -> Path:
@@ -191,13 +178,13 @@ def test_launcher_and_search_configs_compose():
 # ----- whole sweeps through the entry point
 
 
-def test_grid_sweep_writes_one_folder_per_job_and_a_summary(twin, tmp_path):
+def test_grid_sweep_writes_one_folder_per_job_and_a_summary(tiny_twin, tmp_path):
     out = tmp_path / "outputs"
     done = run_entry(
         [
             "-m",
             "+experiment=lora_qkv",
-            f"model.path={twin}",
+            f"model.path={tiny_twin}",
             f"output_root={out}",
             *TINY,
             "lora.r=4,8",
@@ -242,13 +229,13 @@ def test_a_failing_job_is_in_the_summary_and_fails_the_sweep(tmp_path):
     assert "lora.r=0 is out of range; must be >= 1" in rows[1]["error"]
 
 
-def test_optuna_search_runs_its_trials_and_summarises_them(twin, tmp_path):
+def test_optuna_search_runs_its_trials_and_summarises_them(tiny_twin, tmp_path):
     out = tmp_path / "outputs"
     done = run_entry(
         [
             "+hparams_search=optuna",
             "+experiment=lora_qkv",
-            f"model.path={twin}",
+            f"model.path={tiny_twin}",
             f"output_root={out}",
             *TINY,
             "hydra.sweeper.n_trials=3",
@@ -271,14 +258,14 @@ def test_optuna_search_runs_its_trials_and_summarises_them(twin, tmp_path):
     assert "\x1b[" not in output and "setup plugin" not in output
 
 
-def test_submitit_local_launcher_runs_a_two_job_sweep(twin, tmp_path):
+def test_submitit_local_launcher_runs_a_two_job_sweep(tiny_twin, tmp_path):
     out = tmp_path / "outputs"
     done = run_entry(
         [
             "-m",
             "hydra/launcher=local",
             "+experiment=lora_qkv",
-            f"model.path={twin}",
+            f"model.path={tiny_twin}",
             f"output_root={out}",
             *TINY,
             "stages=[sft]",

@@ -43,14 +43,9 @@ def nonzero_adapter(family, model: nn.Module, preset: str, seed: int) -> PeftMod
 
 
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory) -> dict:
-    """Returns {family name: (family, folder)} with every tiny twin built once."""
-    root = tmp_path_factory.mktemp("families")
-    out = {}
-    for name in FAMILIES:
-        family = get_family(name)
-        out[name] = (family, family.build_tiny(root / name))
-    return out
+def twins(family_twin) -> dict:
+    """Returns {family name: (family, folder)} over the session's tiny twins of every family."""
+    return {name: (get_family(name), family_twin(name)) for name in FAMILIES}
 
 
 @pytest.fixture(scope="module")

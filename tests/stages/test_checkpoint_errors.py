@@ -18,7 +18,7 @@ from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.family import MiniCPMV2
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
-from tests.conftest import run_stage, workdir_config, write_rows
+from tests.helpers import run_stage, workdir_config, write_rows
 
 UMASK = 0o027
 STEPS = ("trainer.max_steps=2", "trainer.save_steps=1", "trainer.save_total_limit=null")
@@ -29,6 +29,8 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt-errors")
     previous = os.umask(UMASK)  # not the usual 022, so that modes show whose rule made them
     try:
+        # this module's own twin, not a copy of the session's: the modes of the files the builder writes
+        # under this umask are checked below
         build_tiny_twin(root / "tiny")
         Image.new("RGB", (40, 30), "red").save(root / "red.png")
         rows = [{"query": f"colour {i}?", "response": "red", "images": ["red.png"]} for i in range(4)]
@@ -99,8 +101,8 @@ def test_a_broken_adapter_config_names_the_file_and_the_line(workdir, tmp_path):
         load_bundle(str(workdir / "tiny"), ckpt=ckpt)
 
 
-def test_a_truncated_model_shard_is_named(workdir, tmp_path):
-    model = Path(shutil.copytree(workdir / "tiny", tmp_path / "tiny"))
+def test_a_truncated_model_shard_is_named(workdir, twin_copy):
+    model = twin_copy(workdir / "tiny")
     shard = sorted(model.glob("model-*.safetensors"))[-1]
     _truncate(shard)
     with pytest.raises(CheckpointError, match=rf"{shard}: truncated"):
@@ -156,9 +158,9 @@ def test_an_unfinished_run_resumed_with_another_plan_says_what_happens(workdir, 
     ) in caplog.text
 
 
-def test_a_model_folder_without_preprocessor_config_loads_with_the_same_slicing(workdir, tmp_path):
+def test_a_model_folder_without_preprocessor_config_loads_with_the_same_slicing(workdir, twin_copy):
     full = load_bundle(str(workdir / "tiny")).processor
-    older = Path(shutil.copytree(workdir / "tiny", tmp_path / "older-download"))
+    older = twin_copy(workdir / "tiny", "older-download")
     (older / "preprocessor_config.json").unlink()
     processor = load_bundle(str(older)).processor
     assert processor.to_config() == full.to_config()

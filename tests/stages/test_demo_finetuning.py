@@ -4,34 +4,27 @@ model on the held-out rows, the run ends with the before/after table, and `ckpt=
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.training.twin import ensure_tiny_twin
-from tests.conftest import run_python
+from tests.helpers import run_entry, run_folders
 
 FAST = ("model.gradient_checkpointing=false",)  # the same result, sooner
-
-
-@pytest.fixture(scope="module")
-def twin() -> Path:
-    return ensure_tiny_twin()
 
 
 def _run(args: list[str], cwd: Path) -> tuple[str, Path]:
     """Returns the stdout of `python -m pipeline <args>` started in `cwd`, and its run folder."""
     out = cwd / "out"
-    proc = run_python([sys.executable, "-m", "pipeline", *args, f"output_root={out}"], cwd, timeout=500)
+    proc = run_entry([*args, f"output_root={out}"], cwd, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = [p.parent for p in out.rglob("run.json")]
+    (run_dir,) = run_folders(out)
     return proc.stdout, run_dir
 
 
 @pytest.fixture(scope="module")
-def qkv_run(twin, tmp_path_factory) -> tuple[str, Path, Path]:
+def qkv_run(pretrained_twin, tmp_path_factory) -> tuple[str, Path, Path]:
     """`make run`'s experiment (sft and eval), started in a folder of its own."""
     cwd = tmp_path_factory.mktemp("qkv")
     return (*_run(["+experiment=lora_qkv", "stages=[sft,eval]", *FAST], cwd), cwd)
@@ -54,15 +47,15 @@ def _check_before_after(stdout: str, run_dir: Path, cwd: Path, twin: Path) -> No
     assert not (cwd / ".cache").exists()
 
 
-def test_lora_qkv_on_the_demo_beats_the_base_model(qkv_run, twin):
-    _check_before_after(*qkv_run, twin)
+def test_lora_qkv_on_the_demo_beats_the_base_model(qkv_run, pretrained_twin):
+    _check_before_after(*qkv_run, pretrained_twin)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["lora_all", "full"])
-def test_lora_all_and_full_on_the_demo_beat_the_base_model(twin, tmp_path, experiment):
+def test_lora_all_and_full_on_the_demo_beat_the_base_model(pretrained_twin, tmp_path, experiment):
     _check_before_after(
-        *_run([f"+experiment={experiment}", "stages=[sft,eval]", *FAST], tmp_path), tmp_path, twin
+        *_run([f"+experiment={experiment}", "stages=[sft,eval]", *FAST], tmp_path), tmp_path, pretrained_twin
     )
 
 

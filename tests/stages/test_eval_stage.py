@@ -12,21 +12,20 @@ from PIL import Image
 
 from pipeline.families.minicpm_v2.bundle import load_bundle
 from pipeline.families.minicpm_v2.collate import collate_for_training, encode_example
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import sft
-from tests.conftest import run_stage, run_state, workdir_config, write_rows
+from tests.helpers import copy_twin, read_rows, run_stage, run_state, workdir_config, write_rows
 
 LOSS_KEYS = {"eval_loss", "perplexity", "token_acc"}
 GENERATION_KEYS = {"bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy"}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("eval")
     # A random (not pre-trained) twin: scoring and generation need real code paths, not a good model.
-    build_tiny_twin(root / "tiny")
+    copy_twin(tiny_twin, root / "tiny")
     Image.new("RGB", (112, 112), (220, 40, 40)).save(root / "red.png")
     Image.new("RGB", (224, 160), (40, 80, 220)).save(root / "blue.png")
     train = [
@@ -87,8 +86,7 @@ def test_eval_of_this_runs_checkpoint_writes_metrics_and_predictions(workdir: Pa
     assert written["checkpoint"] == str(sft_run[1]["ckpt"])
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert 0.0 <= metrics["token_acc"] <= 1.0
-    lines = (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
+    rows = read_rows(run_dir / "eval" / "predictions.jsonl")
     assert len(rows) == 4  # eval.max_samples of the 5 held-out rows
     assert [r["label"] for r in rows] == ["a red circle", "two blue squares", "4", "a blue square"]
     assert all({"query", "response", "label", "images", "history"} <= set(r) for r in rows)
@@ -114,7 +112,7 @@ def test_eval_loss_is_token_weighted_over_every_response_token(workdir: Path, tm
     cfg = config(workdir, "stages=[eval]", "ckpt=base", "eval.generate=false", "eval.batch_size=3")
     metrics = run_stage(eval_stage, cfg, tmp_path)["metrics"]
     bundle = load_bundle(str(workdir / "tiny"))
-    rows = [json.loads(line) for line in (workdir / "val.jsonl").read_text().splitlines()][:4]
+    rows = read_rows(workdir / "val.jsonl")[:4]
     loss_sum = tokens = 0.0
     for row in rows:
         image = Image.open(workdir / row["images"][0]).convert("RGB") if row.get("images") else None

@@ -17,7 +17,7 @@ from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import main as chat_main
 from pipeline.config import ConfigError, validate
 from pipeline.families import get_family, image_limit
-from tests.conftest import compose_config, run_stage
+from tests.helpers import compose_config, copy_twin, log_records, read_rows, run_stage, write_rows
 
 # A few steps on a few rows: enough to pass through every stage, not to learn.
 QUICK = [
@@ -43,11 +43,12 @@ FAMILY_OF = {
 
 
 @pytest.fixture(scope="module")
-def twin_root(tmp_path_factory) -> Path:
-    """A folder of random twins (a path outside a twin's cache place is never built by a run)."""
+def twin_root(tmp_path_factory, family_twin) -> Path:
+    """A folder holding this module's copies of the session's twins, under their model configs' names (a path
+    outside a twin's cache place is never built by a run)."""
     root = tmp_path_factory.mktemp("twins")
     for model, family in FAMILY_OF.items():
-        get_family(family).build_tiny(root / model)
+        copy_twin(family_twin(family), root / model)
     return root
 
 
@@ -71,7 +72,7 @@ def check_eval_and_infer(run_dir: Path, ckpt: Path) -> None:
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
     assert metrics["num_samples"] == 2 and metrics["num_tokens"] > 0
     assert Path(metrics["checkpoint"]).resolve() == ckpt.resolve()
-    results = [json.loads(line) for line in (run_dir / "infer" / "results.jsonl").read_text().splitlines()]
+    results = read_rows(run_dir / "infer" / "results.jsonl")
     assert len(results) == 2
     assert all(isinstance(r["response"], str) and r["query"] and r["images"] for r in results)
 
@@ -86,8 +87,7 @@ def adapted_modules(ckpt: Path, model: torch.nn.Module) -> set[str]:
 
 
 def logged_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "sft" / "logging.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    return [record["loss"] for record in log_records(run_dir / "sft") if "loss" in record]
 
 
 @pytest.mark.parametrize("model", list(FAMILY_OF))
@@ -191,10 +191,9 @@ def test_the_chat_runs_another_family_and_validation_takes_it():
 
 
 def test_the_chat_finds_the_family_by_model_type_and_refuses_an_unknown_one(
-    twin_root, tmp_path, monkeypatch, capsys
+    family_twin, tmp_path, monkeypatch, capsys
 ):
-    folder = twin_root / "chat_twin"
-    get_family("qwen2_5_vl").build_tiny(folder)
+    folder = family_twin("qwen2_5_vl")
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello?\n\nquit\n"))
     assert chat_main(["--model", str(folder), "--device", "cpu", "--max-new-tokens", "2"]) == 0
     assert "images: up to 16 per conversation" in capsys.readouterr().out
@@ -230,15 +229,14 @@ def test_several_images_per_conversation_train_and_answer(twin_root, tmp_path):
          "images": ["red.png", "blue.png"]},
         {"query": "Describe.", "response": "A red field.", "images": ["red.png"]},
     ] * 4  # fmt: skip
-    data = tmp_path / "two.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_rows(tmp_path / "two.jsonl", rows)
     model = "qwen2_5_vl_tiny"
     run_dir = run(
         model, "lora_qkv", twin_root, tmp_path / "run", "dataset=custom", f"dataset.path={data}",
         f"infer.input={data}", "stages=[sft,infer]",
     )  # fmt: skip
     assert logged_losses(run_dir) and all(math.isfinite(x) for x in logged_losses(run_dir))
-    answered = [json.loads(line) for line in (run_dir / "infer" / "results.jsonl").read_text().splitlines()]
+    answered = read_rows(run_dir / "infer" / "results.jsonl")
     assert [len(r["images"]) for r in answered] == [2, 2]
     # both images are in the encoded conversation, where their tags put them
     family = get_family("qwen2_5_vl")

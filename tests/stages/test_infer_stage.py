@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from pipeline.data.rows import DatasetError
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import infer
-from tests.conftest import run_stage, run_state, workdir_config, write_rows
+from tests.helpers import copy_twin, run_stage, run_state, workdir_config, write_rows
+from tests.helpers import read_rows as read_results
 
 RESULT_KEYS = {"system", "query", "response", "label", "history", "images"}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("infer")
-    build_tiny_twin(root / "tiny")
+    copy_twin(tiny_twin, root / "tiny")
     Image.new("RGB", (160, 112), (40, 160, 60)).save(root / "green.png")
     write_rows(
         root / "queries.jsonl",
@@ -52,10 +51,6 @@ def config(workdir: Path, *overrides: str):
         "infer.batch_size=2",
         *overrides,
     )
-
-
-def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, tmp_path: Path):

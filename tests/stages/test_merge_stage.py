@@ -20,9 +20,8 @@ from pipeline.families.minicpm_v2.checkpoint import (
     save_checkpoint,
 )
 from pipeline.families.minicpm_v2.collate import collate_for_training
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import merge, sft
-from tests.conftest import compose_config, run_stage
+from tests.helpers import compose_config, copy_twin, run_stage
 
 OFFICIAL_FILES = ("config.json", INDEX_NAME, "tokenizer.model", "preprocessor_config.json")
 
@@ -38,10 +37,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("merge")
-    # A random (not pre-trained) twin is enough to compare merged and adapter logits, and builds in a second.
-    build_tiny_twin(root / "tiny")
+    # A random (not pre-trained) twin is enough to compare merged and adapter logits; this module's own copy,
+    # as one test tries to merge over it.
+    copy_twin(tiny_twin, root / "tiny")
     return root
 
 

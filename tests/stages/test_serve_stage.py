@@ -21,15 +21,14 @@ from pipeline.apps.serve.app import ServerThread
 from pipeline.config import ConfigError, validate
 from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.lora import apply_lora, build_lora_config
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import STAGES, serve
-from tests.conftest import REPO_ROOT, compose_config, free_port, run_stage, run_state
+from tests.helpers import REPO_ROOT, compose_config, copy_twin, free_port, run_stage, run_state
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, tiny_twin) -> Path:
     root = tmp_path_factory.mktemp("serve-stage")
-    build_tiny_twin(root / "tiny")
+    copy_twin(tiny_twin, root / "tiny")
     model = load_model(root / "tiny")
     apply_lora(model, build_lora_config(model, "qkv", r=4, alpha=8, dropout=0.0)).save_pretrained(
         root / "checkpoint-7"

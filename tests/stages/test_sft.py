@@ -8,43 +8,22 @@ import signal
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.config import register_configs
 from pipeline.data.rows import DatasetError
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import sft
 from pipeline.training import loop
 from pipeline.training.checkpoints import list_checkpoints
-from pipeline.training.twin import ensure_tiny_twin
-from tests.conftest import run_stage
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from tests.helpers import eval_losses, losses_by_step, run_stage
+from tests.helpers import twin_config as make_cfg  # the name the stage calls below use
 
 
-@pytest.fixture(scope="session")
-def twin(tmp_path_factory) -> Path:
-    """The tiny twin with its short pre-training (so that fine-tuning has something to adapt)."""
-    return ensure_tiny_twin()
-
-
-def make_cfg(twin: Path, *overrides: str):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[f"model.path={twin}", "tracking=none", *overrides])
-
-
-def losses_by_step(sft_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (sft_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def eval_losses(sft_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (sft_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+@pytest.fixture
+def twin(pretrained_twin) -> Path:
+    """The session's pre-trained twin (so that fine-tuning has something to adapt), under the name the
+    stage calls below give it."""
+    return pretrained_twin
 
 
 SHORT = (

@@ -4,15 +4,10 @@ gives the loss and gradients of the plain one-row-at-a-time regime on the same r
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.config import register_configs
-from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
 from pipeline.training.batching import (
     budget_micro_batches,
@@ -21,9 +16,7 @@ from pipeline.training.batching import (
     plan_window,
     split_to_count,
 )
-from tests.conftest import run_stage
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from tests.helpers import log_records, run_stage, twin_config
 
 
 def test_budget_micro_batches_cover_the_window_once_within_the_budget():
@@ -57,47 +50,36 @@ def test_plans_even_out_across_processes_when_every_forward_is_collective():
         split_to_count([[1], [2]], 3, lambda i: 1)
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    return build_tiny_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny")
-
-
 def step_records(twin: Path, run_dir: Path, *overrides: str) -> list[dict]:
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"model.path={twin}",
-                "tracking=none",
-                "device=cpu",
-                # ms-swift's window: 16 rows per optimizer step, one at a time in the plain regime
-                "trainer.batch_size=1",
-                "trainer.grad_accum=16",
-                "trainer.max_steps=3",
-                "trainer.logging_steps=1",
-                "trainer.eval_steps=100",
-                "trainer.save_steps=100",
-                "trainer.max_eval_samples=8",
-                "lora.dropout=0.0",  # dropout masks depend on how rows are grouped
-                "optim.lr=1e-3",
-                *overrides,
-            ],
-        )
+    cfg = twin_config(
+        twin,
+        "device=cpu",
+        # ms-swift's window: 16 rows per optimizer step, one at a time in the plain regime
+        "trainer.batch_size=1",
+        "trainer.grad_accum=16",
+        "trainer.max_steps=3",
+        "trainer.logging_steps=1",
+        "trainer.eval_steps=100",
+        "trainer.save_steps=100",
+        "trainer.max_eval_samples=8",
+        "lora.dropout=0.0",  # dropout masks depend on how rows are grouped
+        "optim.lr=1e-3",
+        *overrides,
+    )
     run_stage(sft, cfg, run_dir)
-    lines = (run_dir / "sft" / "logging.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return log_records(run_dir / "sft")
 
 
 @pytest.mark.parametrize(
     ("preset", "packing"), [("lora_qkv", False), ("full", False), ("lora_qkv", True), ("lora_all", True)]
 )
-def test_token_budget_steps_equal_the_plain_regime(twin, tmp_path, preset, packing):
+def test_token_budget_steps_equal_the_plain_regime(tiny_twin, tmp_path, preset, packing):
     """Padded micro-batches, or packed rows (positions restart per sample, attention within each sample)."""
-    plain = step_records(twin, tmp_path / "plain", f"+experiment={preset}", "trainer.micro_batch_tokens=0")
+    plain = step_records(
+        tiny_twin, tmp_path / "plain", f"+experiment={preset}", "trainer.micro_batch_tokens=0"
+    )
     packed = step_records(
-        twin,
+        tiny_twin,
         tmp_path / "budget",
         f"+experiment={preset}",
         "trainer.micro_batch_tokens=4096",
@@ -118,10 +100,10 @@ def test_token_budget_steps_equal_the_plain_regime(twin, tmp_path, preset, packi
     assert evals and all(b["eval_loss"] == pytest.approx(p["eval_loss"], rel=1e-5) for p, b in evals)
 
 
-def test_preallocated_gradients_give_the_same_steps(twin, tmp_path, monkeypatch):
+def test_preallocated_gradients_give_the_same_steps(tiny_twin, tmp_path, monkeypatch):
     """With CUDA graphs the loop gives every trainable parameter its .grad up front (gradients are then
     added in place, never kept in the graphs' memory pool); on the CPU the steps must come out the same."""
-    reference = step_records(twin, tmp_path / "plain", "+experiment=lora_qkv", "trainer.grad_accum=4")
+    reference = step_records(tiny_twin, tmp_path / "plain", "+experiment=lora_qkv", "trainer.grad_accum=4")
 
     class Preallocating(sft.Trainer):
         def __init__(self, engine, data, family, settings, outputs):
@@ -129,14 +111,14 @@ def test_preallocated_gradients_give_the_same_steps(twin, tmp_path, monkeypatch)
             super().__init__(engine, data, family, settings, outputs)
 
     monkeypatch.setattr(sft, "Trainer", Preallocating)
-    records = step_records(twin, tmp_path / "prealloc", "+experiment=lora_qkv", "trainer.grad_accum=4")
+    records = step_records(tiny_twin, tmp_path / "prealloc", "+experiment=lora_qkv", "trainer.grad_accum=4")
     for r, p in zip(reference, records, strict=True):
         if "loss" in r:
             assert p["loss"] == pytest.approx(r["loss"], rel=1e-5)
             assert p["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
 
 
-def test_a_packed_row_scores_each_sample_as_if_alone(twin):
+def test_a_packed_row_scores_each_sample_as_if_alone(tiny_twin):
     """The model on one packed row gives every sample the loss it gets in a batch of its own."""
     import torch
 
@@ -144,7 +126,7 @@ def test_a_packed_row_scores_each_sample_as_if_alone(twin):
     from pipeline.families.minicpm_v2.collate import collate_for_training, collate_packed
     from pipeline.families.minicpm_v2.modeling import MiniCPMV
 
-    bundle = load_bundle(str(twin), dtype=torch.float32, device=torch.device("cpu"))
+    bundle = load_bundle(str(tiny_twin), dtype=torch.float32, device=torch.device("cpu"))
     model: MiniCPMV = bundle.model.eval()
     from PIL import Image
 

@@ -13,24 +13,16 @@ from safetensors.torch import load_file
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
 from pipeline.training.loop import window_indices
-from pipeline.training.twin import build_pretrained_twin
-from tests.conftest import REPO_ROOT, free_port, run_python
 from tests.entry.test_distributed import (
     BIN,
     EXACT,
     assert_same_curve,
-    log_records,
-    run_folders,
     train_single,
     write_mixed_dataset,
 )
+from tests.helpers import REPO_ROOT, free_port, log_records, run_folders, run_python
 
 pytest.importorskip("deepspeed")  # installed by `make test` (Makefile); a bare environment skips
-
-
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    return build_pretrained_twin(tmp_path_factory.mktemp("twin") / "minicpm_v2_tiny", steps=20)
 
 
 def cpu_config(stage: int, folder: Path) -> Path:
@@ -51,14 +43,14 @@ def ds_launch(config: Path, cwd: Path, *overrides: str):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_with_text_only_and_image_rows_trains_like_one_process(twin, tmp_path, stage):
+def test_zero_with_text_only_and_image_rows_trains_like_one_process(briefly_pretrained_twin, tmp_path, stage):
     # lora=all trains the vision tower too; under ZeRO-3 its weights are partitioned, so a rank whose batch
     # has no image must still gather them with the others. Two micro-batches per step: the loop's window.
     n_rows, steps, seed = 24, 3, 42
     row_of = lambda step, rank, micro: window_indices(n_rows, seed, 0, step, 4, rank, 2)[micro]  # noqa: E731
     text_only = {row_of(0, 0, 0), row_of(0, 0, 1), row_of(1, 1, 0), row_of(1, 1, 1)}
     train, val = write_mixed_dataset(tmp_path / "data", text_only, n_rows)
-    common = ["+experiment=lora_all", f"model.path={twin}", "dataset=custom", f"dataset.path={train}",
+    common = ["+experiment=lora_all", f"model.path={briefly_pretrained_twin}", "dataset=custom", f"dataset.path={train}",
               f"dataset.val_path={val}", *EXACT, f"trainer.max_steps={steps}", "trainer.batch_size=1",
               "optim.max_grad_norm=0.5"]  # fmt: skip
     out = tmp_path / "outputs"
@@ -68,7 +60,7 @@ def test_zero_with_text_only_and_image_rows_trains_like_one_process(twin, tmp_pa
     assert done.returncode == 0, done.stderr[-4000:]
     (run_dir,) = run_folders(out)
     assert "engine: DEEPSPEED, 2 process(es)" in (run_dir / "run.log").read_text()
-    single = train_single(twin, tmp_path / "single", *common, "trainer.grad_accum=4")
+    single = train_single(briefly_pretrained_twin, tmp_path / "single", *common, "trainer.grad_accum=4")
     multi = log_records(run_dir / "sft")
     assert_same_curve(multi, single, steps=steps)
     # DeepSpeed clips by optim.max_grad_norm and reports the norm before clipping, as one process does
@@ -78,9 +70,9 @@ def test_zero_with_text_only_and_image_rows_trains_like_one_process(twin, tmp_pa
 
 
 @pytest.mark.parametrize(("stage", "experiment"), [(2, "full"), (3, "full"), (3, "lora_all")])
-def test_zero_resumes_exactly_with_whole_weights(twin, tmp_path, stage, experiment):
+def test_zero_resumes_exactly_with_whole_weights(briefly_pretrained_twin, tmp_path, stage, experiment):
     config = cpu_config(stage, tmp_path)
-    common = [f"+experiment={experiment}", f"model.path={twin}", "dataset.max_rows=48", *EXACT, "trainer.max_steps=4",
+    common = [f"+experiment={experiment}", f"model.path={briefly_pretrained_twin}", "dataset.max_rows=48", *EXACT, "trainer.max_steps=4",
               "trainer.save_steps=2", "trainer.batch_size=1", "trainer.grad_accum=1"]  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     done = ds_launch(config, tmp_path, *common, f"hydra.run.dir={whole}")
@@ -89,7 +81,7 @@ def test_zero_resumes_exactly_with_whole_weights(twin, tmp_path, stage, experime
     # the engine's own sharded state (one optimizer partition per process) and whole official weights
     assert len(list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
     if experiment == "full":
-        check_checkpoint(ckpt, MiniCPMVConfig.from_pretrained(twin))
+        check_checkpoint(ckpt, MiniCPMVConfig.from_pretrained(briefly_pretrained_twin))
     else:
         adapter = load_file(str(ckpt / "adapter_model.safetensors"))
         assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not empty partitions

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
 from pipeline.training.checkpoints import load_training_checkpoint
-from tests.conftest import free_port, run_python
+from tests.helpers import free_port, run_python
 
 from . import fsdp_worker
 

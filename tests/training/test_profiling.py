@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from pipeline.training.twin import ensure_tiny_twin
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT, log_records, run_entry
 
 
 @pytest.mark.parametrize("steps", [2, 0])
-def test_profile_steps_write_the_ops_table_and_the_timeline(tmp_path, steps):
-    twin = ensure_tiny_twin()
+def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp_path, steps):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline", "+experiment=lora_qkv", f"model.path={twin}", "tracking=none",
-           "stages=[sft]", "device=cpu", "trainer.max_steps=6", "trainer.logging_steps=1",
-           "trainer.eval_steps=100", "trainer.max_eval_samples=2", f"trainer.profile_steps={steps}",
-           f"hydra.run.dir={run}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    args = ["+experiment=lora_qkv", f"model.path={pretrained_twin}", "tracking=none", "stages=[sft]",
+            "device=cpu", "trainer.max_steps=6", "trainer.logging_steps=1", "trainer.eval_steps=100",
+            "trainer.max_eval_samples=2", f"trainer.profile_steps={steps}", f"hydra.run.dir={run}"]  # fmt: skip
+    proc = run_entry(args, REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = run / "sft" / "profile"
     if steps == 0:
@@ -37,5 +30,5 @@ def test_profile_steps_write_the_ops_table_and_the_timeline(tmp_path, steps):
     names = {event.get("name", "") for event in trace["traceEvents"]}
     assert sum(name.startswith("ProfilerStep#") for name in names) == 2  # the recorded steps only
     # every planned step still ran and was logged
-    logged = [json.loads(line) for line in (run / "sft" / "logging.jsonl").read_text().splitlines()]
+    logged = log_records(run / "sft")
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -223,12 +223,12 @@ def _score(loaded, rows: list[Row]) -> float:
     return exact_match(answers, [row.response for row in rows])
 
 
-def test_prefetched_batches_give_the_same_answers_and_name_a_bad_row(colour_rows, tmp_path):
+def test_prefetched_batches_give_the_same_answers_and_name_a_bad_row(pretrained_twin, colour_rows, tmp_path):
     """Images loaded and encoded on threads ahead of generation (the GPU default): the same answers as one
     batch after the other; a row whose image fails in a later batch is named."""
     from pipeline.data.images import ImageLoadError
 
-    bundle, family = load_inference_bundle(str(ensure_tiny_twin()), device="cpu", dtype="float32")
+    bundle, family = load_inference_bundle(str(pretrained_twin), device="cpu", dtype="float32")
     settings = generation_settings({"max_new_tokens": 6})
     rows = colour_rows[:14]
     plain = generate_for_rows(family, bundle, rows, settings, batch_size=3, prefetch=False)
@@ -240,8 +240,8 @@ def test_prefetched_batches_give_the_same_answers_and_name_a_bad_row(colour_rows
         generate_for_rows(family, bundle, [*rows[:-1], bad], settings, batch_size=3, prefetch=True)
 
 
-def test_the_pretrained_twin_answers_from_the_image(colour_rows, tmp_path):
-    bundle = load_inference_bundle(str(ensure_tiny_twin()), device="cpu", dtype="float32")
+def test_the_pretrained_twin_answers_from_the_image(pretrained_twin, colour_rows, tmp_path):
+    bundle = load_inference_bundle(str(pretrained_twin), device="cpu", dtype="float32")
     right = _score(bundle, colour_rows)
     # each question gets the next row's image: its answer should follow that image, not the question
     paths = [row.images[0] for row in colour_rows]

@@ -1,0 +1,156 @@
+"""Plain helpers the tests share (no fixtures: those are in tests/conftest.py): composed configs, JSON-lines
+files, run folders and their logs, fresh interpreters, free ports, and twin folders built or copied."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+from pipeline.config import register_configs
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+# ----- configs
+
+
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """Return the config `python -m pipeline <overrides>` would run with (no run folder is made)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def twin_config(twin: Path, *overrides: str) -> DictConfig:
+    """The composed config for the model at `twin`, without tracking, with `overrides` after."""
+    return compose_config([f"model.path={twin}", "tracking=none", *overrides])
+
+
+def workdir_config(workdir: Path, *overrides: str) -> DictConfig:
+    """The composed config for a folder holding the tiny twin (`tiny/`) and custom-format `train.jsonl` and
+    `val.jsonl`, on the CPU, with `overrides` after."""
+    return compose_config(
+        [
+            f"model.path={workdir / 'tiny'}",
+            "dataset=custom",
+            f"dataset.path={workdir / 'train.jsonl'}",
+            f"dataset.val_path={workdir / 'val.jsonl'}",
+            "device=cpu",
+            *overrides,
+        ]
+    )
+
+
+# ----- JSON-lines files
+
+
+def write_rows(path: Path, rows: Sequence[object], bom: bool = False) -> Path:
+    """Return `path` after writing `rows` to it as JSON lines (UTF-8, after a byte-order mark when `bom`): a
+    string is written as it is (a line that is not JSON, say), anything else as its JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(
+        (row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n" for row in rows
+    )
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Return the records of the JSON-lines file at `path` (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----- run folders and their logs
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Return the run folders (those holding a run.json) under `root`, sorted."""
+    return sorted(p.parent for p in root.rglob("run.json"))
+
+
+def log_records(sft_dir: Path) -> list[dict]:
+    """Return the records of an sft folder's logging.jsonl (train steps, evaluations, the end)."""
+    return read_rows(sft_dir / "logging.jsonl")
+
+
+def losses_by_step(sft_dir: Path) -> dict[int, float]:
+    """Return {step: train loss} from an sft folder's log."""
+    return {r["step"]: r["loss"] for r in log_records(sft_dir) if "loss" in r}
+
+
+def eval_losses(sft_dir: Path) -> dict[int, float]:
+    """Return {step: eval loss} from an sft folder's log (step 0: the model before training)."""
+    return {r["step"]: r["eval_loss"] for r in log_records(sft_dir) if "eval_loss" in r}
+
+
+# ----- processes
+
+
+def run_python(command: Sequence[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `command` (a fresh interpreter, torchrun, accelerate ...) with this checkout importable, one
+    thread per process and Hydra's short error messages; return it finished, output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_entry(args: Sequence[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline <args>` in a fresh interpreter started in `cwd` (see run_python)."""
+    return run_python([sys.executable, "-m", "pipeline", *args], cwd, timeout)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----- twin folders (the shared, session-wide twins are conftest's fixtures)
+
+
+def copy_twin(twin: Path, folder: Path) -> Path:
+    """Return `folder` after copying the twin at `twin` there: a test's own copy of a shared twin, to write
+    into or to lay out next to its data (a twin folder is a few MB, copied in milliseconds)."""
+    return Path(shutil.copytree(twin, folder, symlinks=True))
+
+
+def build_varied_twin(family, folder: Path) -> Path:
+    """Builds `family`'s tiny twin at `folder` with its matrices redrawn at std 0.2 (seeded), so that greedy
+    answers differ from prompt to prompt and are long enough to stream."""
+    family.build_tiny(folder)
+    model, processor = family.load(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2, generator=generator)
+    family.save(model, processor, folder)
+    return folder
+
+
+def run_state(cfg: DictConfig, **fields: object):
+    """Returns the run state the entry point resolves from `cfg`, then `fields` (ckpt, merged, ...) as earlier
+    stages of the same run would have left them."""
+    from pipeline.stages.state import RunState
+
+    state = RunState.resolve(cfg)
+    state.update(fields)
+    return state
+
+
+def run_stage(stage, cfg: DictConfig, run_dir: Path, **fields: object) -> dict:
+    """Runs a stage module's `run` as the entry point would, on run_state(cfg, **fields)."""
+    return stage.run(cfg, run_dir, run_state(cfg, **fields))
