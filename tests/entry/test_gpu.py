@@ -225,7 +225,7 @@ def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(pretrained
         server.stop()
 
 
-def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(twin, monkeypatch):
+def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(pretrained_twin, monkeypatch):
     """MiniCPM-V-2 behind the family interface: its BatchDecoder (the server's batches) and stream_tokens (the
     chat) run generate's static-cache decode replayed as a CUDA graph; their tokens equal the eager loop's."""
     from pipeline.apps.generation import load_inference_bundle
@@ -240,7 +240,7 @@ def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(twin, mo
         capture(self)
 
     monkeypatch.setattr(generation.StaticDecoder, "_capture", counted)
-    bundle, family = load_inference_bundle(str(twin), device="cuda", dtype="float32")
+    bundle, family = load_inference_bundle(str(pretrained_twin), device="cuda", dtype="float32")
     tok = bundle.tokenizer
     questions = ["What is 2 plus 3?", "Name a colour.", "Count to four.", "Describe a square."]
     limit = family.prompt_limit(bundle, 24)
