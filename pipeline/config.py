@@ -304,7 +304,7 @@ def twin_name(family: str) -> str:
     return f"{family}_tiny"
 
 
-TINY_TWIN_FOLDER = twin_name(DEFAULT_FAMILY)  # the default twin: minicpm_v2_tiny
+TINY_TWIN_FOLDER = twin_name(DEFAULT_FAMILY)  # the default model's twin (conf/config.yaml)
 
 
 def default_twin_path(name: str = TINY_TWIN_FOLDER) -> Path:

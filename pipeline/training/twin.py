@@ -1,7 +1,7 @@
 """Every family's tiny twin, pre-trained by one recipe, and its cache: built once per checkout and family,
 deterministically, then reused.
 
-    python -m pipeline.training.twin                          # MiniCPM-V-2's twin at <cache>/minicpm_v2_tiny
+    python -m pipeline.training.twin                          # the default family's twin at <cache>/<family>_tiny
     python -m pipeline.training.twin --family qwen2_5_vl      # Qwen2.5-VL's at <cache>/qwen2_5_vl_tiny
     python -m pipeline.training.twin --family NAME --out DIR  # one elsewhere (then model.path=DIR)
 
