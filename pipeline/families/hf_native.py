@@ -51,6 +51,7 @@ from .base import (
     pad_batch,
     row_images,
 )
+from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
 from .tiny_tokenizer import train_bpe_tokenizer
 
 # Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).
@@ -61,7 +62,7 @@ def resolve_hf_folder(path: str, allow_download: bool, family: str) -> Path:
     """Returns a local model folder for a folder path or a hub id (downloaded only when allowed)."""
     local = Path(path).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
+        if not (local / MODEL_CONFIG).is_file():
             raise FamilyError(f"{local}: no config.json; expected a {family} model folder")
         return local
     if local.exists():
@@ -198,7 +199,7 @@ class HFNativeFamily(Family):
 
     def check_folder(self, folder: Path) -> None:
         """Raises FamilyError when `folder` holds another model type than this family's (no weights read)."""
-        config = folder / "config.json"
+        config = folder / MODEL_CONFIG
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, json.JSONDecodeError) as err:
@@ -425,8 +426,6 @@ class HFNativeFamily(Family):
         device: str | torch.device = "cpu",
         allow_download: bool = False,
     ) -> Bundle:
-        from pipeline.families.checkpoints import adapter_base, checkpoint_kind
-
         base = self.base_folder(path, allow_download)
         if ckpt is None:
             model, processor = self.load(base, dtype, device)

@@ -260,7 +260,7 @@ class MiniCPMV2(Family):
         )
 
     def prepare_training(
-        self, bundle: Any, lora: Any, gradient_checkpointing: bool, base_name: str
+        self, bundle: ModelBundle, lora: Any, gradient_checkpointing: bool, base_name: str
     ) -> nn.Module:
         core = bundle.model
         if gradient_checkpointing:
@@ -283,16 +283,16 @@ class MiniCPMV2(Family):
         )
         return apply_lora(core, lora_cfg)
 
-    def pad_id(self, bundle: Any) -> int:
+    def pad_id(self, bundle: ModelBundle) -> int:
         return bundle.tokenizer.pad_id
 
-    def compile_model(self, bundle: Any, graphs: bool) -> int:
+    def compile_model(self, bundle: ModelBundle, graphs: bool) -> int:
         """Compiles every LLM decoder layer and vision block in place; with `graphs` the decoder layers are
         replayed as CUDA graphs (the step is otherwise launch-bound). Returns how many LLM layers."""
         bundle.core.compile_blocks("reduce-overhead" if graphs else None)
         return len(bundle.core.llm.model.layers)
 
-    def device_of(self, bundle: Any) -> torch.device:
+    def device_of(self, bundle: ModelBundle) -> torch.device:
         return bundle.core.llm.lm_head.weight.device
 
     def token_counter(
@@ -320,15 +320,18 @@ class MiniCPMV2(Family):
         return partial(collate_for_training, pad_id=bundle.tokenizer.pad_id)
 
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
-        return model(**batch)  # the model sums its loss over the supervised tokens itself
+        # the model sums its loss over the supervised tokens itself; its output has LossSums' fields
+        return model(**batch)
 
-    def checkpoint_writer(self, bundle: Any) -> Any:
+    def checkpoint_writer(
+        self, bundle: ModelBundle
+    ) -> Callable[[nn.Module, Path, Mapping[str, torch.Tensor]], None]:
         def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:
             save_checkpoint(model, folder, source_folder=bundle.base_path, state=state)
 
         return write
 
-    def checkpoint_reader(self, bundle: Any) -> Any:
+    def checkpoint_reader(self, bundle: ModelBundle) -> Callable[[Path], dict[str, torch.Tensor]]:
         """Returns `read(folder) -> state dict`: a full checkpoint's weights in the official layout (what
         `checkpoint_writer` wrote), under the model's own names."""
         return read_weights
