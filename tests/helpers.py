@@ -154,3 +154,39 @@ def run_state(cfg: DictConfig, **fields: object):
 def run_stage(stage, cfg: DictConfig, run_dir: Path, **fields: object) -> dict:
     """Runs a stage module's `run` as the entry point would, on run_state(cfg, **fields)."""
     return stage.run(cfg, run_dir, run_state(cfg, **fields))
+
+
+class FileServer:
+    """An HTTP server on localhost serving `files` (path -> bytes, 404 for anything else) on a thread; `hits`
+    lists the paths asked for, `files` may change while it serves. Stop it with `close()`."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import http.server
+        import threading
+
+        owner = self
+        self.files = dict(files)
+        self.hits: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.hits.append(self.path)
+                body = owner.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

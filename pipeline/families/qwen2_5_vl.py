@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Capabilities, FreezeGroups
-from .qwen_vl import LLM, VISION, QwenVL, tiny_text_config, tiny_token_ids
+from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 # The official Qwen2.5-VL-Instruct chat template (as published with the checkpoints).
 CHAT_TEMPLATE = (
@@ -59,19 +59,7 @@ class Qwen2_5_VL(QwenVL):
             **tiny_token_ids(tokenizer),
         )
 
-    def tiny_processor(self, tokenizer: Any) -> Any:
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    def tiny_processor_classes(self) -> tuple[type, type]:
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
 
-        unit = TINY_PATCH * 2  # pixels per LLM token side
-        sizes = dict(patch_size=TINY_PATCH, temporal_patch_size=2, merge_size=2)
-        return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(
-                min_pixels=unit * unit, max_pixels=4 * unit * 4 * unit, **sizes
-            ),
-            video_processor=Qwen2VLVideoProcessor(**sizes),
-            tokenizer=tokenizer,
-            chat_template=self.chat_template,
-        )
-
-
-TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 14)
+        return Qwen2_5_VLProcessor, Qwen2VLVideoProcessor

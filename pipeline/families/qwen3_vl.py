@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Capabilities, FreezeGroups
-from .qwen_vl import LLM, VISION, QwenVL, tiny_text_config, tiny_token_ids
+from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -29,7 +29,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
-TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 16)
 
 
 class Qwen3_VL(QwenVL):
@@ -61,16 +60,7 @@ class Qwen3_VL(QwenVL):
             **tiny_token_ids(tokenizer),
         )
 
-    def tiny_processor(self, tokenizer: Any) -> Any:
-        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    def tiny_processor_classes(self) -> tuple[type, type]:
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-        unit = TINY_PATCH * 2  # pixels per LLM token side
-        sizes = dict(patch_size=TINY_PATCH, temporal_patch_size=2, merge_size=2)
-        return Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessor(
-                min_pixels=unit * unit, max_pixels=4 * unit * 4 * unit, **sizes
-            ),
-            video_processor=Qwen3VLVideoProcessor(**sizes),
-            tokenizer=tokenizer,
-            chat_template=self.chat_template,
-        )
+        return Qwen3VLProcessor, Qwen3VLVideoProcessor

@@ -12,6 +12,8 @@ from .hf_native import HFNativeFamily
 LLM = "model.language_model"
 VISION = "model.visual"
 QKV = ("q_proj", "k_proj", "v_proj")
+# the tiny vision towers' patch size (the real ones': 14 for Qwen2.5-VL, 16 for Qwen3-VL)
+TINY_PATCH = 8
 
 
 def tiny_text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
@@ -86,3 +88,22 @@ class QwenVL(HFNativeFamily):
         "vision_eos_token": "<|vision_end|>",
     }
     tiny_added_tokens = ("<|im_start|>",)
+
+    def tiny_processor_classes(self) -> tuple[type, type]:
+        """Returns the family's transformers processor and video processor classes, for its tiny twin."""
+        raise NotImplementedError
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        from transformers import Qwen2VLImageProcessor
+
+        processor_cls, video_cls = self.tiny_processor_classes()
+        unit = TINY_PATCH * 2  # pixels per LLM token side
+        sizes = dict(patch_size=TINY_PATCH, temporal_patch_size=2, merge_size=2)
+        return processor_cls(
+            image_processor=Qwen2VLImageProcessor(
+                min_pixels=unit * unit, max_pixels=4 * unit * 4 * unit, **sizes
+            ),
+            video_processor=video_cls(**sizes),
+            tokenizer=tokenizer,
+            chat_template=self.chat_template,
+        )

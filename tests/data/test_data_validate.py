@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import struct
-import threading
 import zlib
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from PIL import Image
@@ -19,7 +16,7 @@ from pipeline.data.rows import DatasetError, Problem, Row
 from pipeline.data.sources import load_rows, read_custom_file
 from pipeline.data.validate import format_problems, validate_rows, write_problems
 from pipeline.families import get_family
-from tests.helpers import write_rows
+from tests.helpers import FileServer, write_rows
 
 # what MiniCPM-V-2 (the default model) reads: the stages pass the running family's limit
 V2_LIMIT = (get_family("minicpm_v2").max_images, get_family("minicpm_v2").capabilities.display_name)
@@ -273,43 +270,25 @@ def test_load_image_converts_modes_to_rgb(tmp_path: Path) -> None:
         load_image(tmp_path)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    hits: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        self.hits.append(self.path)
-        body = self.server.files.get(self.path)  # type: ignore[attr-defined]
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+@pytest.fixture
+def files_server(tmp_path: Path):
+    png = make_png(tmp_path / "served.png", (7, 3)).read_bytes()
+    served = FileServer({"/img.png": png, "/big.png": b"x" * 2048})
+    yield served
+    served.close()
 
 
 @pytest.fixture
-def image_server(tmp_path: Path):
-    png = make_png(tmp_path / "served.png", (7, 3)).read_bytes()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.files = {"/img.png": png, "/big.png": b"x" * 2048}  # type: ignore[attr-defined]
-    _Handler.hits = []
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def image_server(files_server) -> str:
+    return files_server.url
 
 
-def test_urls_are_downloaded_once_into_the_cache(tmp_path: Path, image_server: str) -> None:
+def test_urls_are_downloaded_once_into_the_cache(files_server, tmp_path: Path, image_server: str) -> None:
     url = f"{image_server}/img.png"
     cache = tmp_path / "cache"
     assert load_image(url, cache_dir=cache).size == (7, 3)
     assert load_image(url, cache_dir=cache).size == (7, 3)
-    assert _Handler.hits == ["/img.png"]
+    assert files_server.hits == ["/img.png"]
     assert url_cache_path(url, cache).is_file()
 
 
@@ -323,7 +302,9 @@ def test_url_errors_name_the_url_and_the_reason(tmp_path: Path, image_server: st
     assert problems[0].origin == "f:1" and "404" in problems[0].reason
 
 
-def test_coco_allow_download_fetches_missing_images_once(tmp_path: Path, image_server: str) -> None:
+def test_coco_allow_download_fetches_missing_images_once(
+    files_server, tmp_path: Path, image_server: str
+) -> None:
     data = tmp_path / "ms" / "validation.csv"
     data.parent.mkdir()
     data.write_text(
@@ -343,7 +324,7 @@ def test_coco_allow_download_fetches_missing_images_once(tmp_path: Path, image_s
     assert [p.origin for p in problems] == ["coco:validation:1"]
     assert "download failed" in problems[0].reason and "404" in problems[0].reason
     load_rows(cfg, on_error="skip")
-    assert _Handler.hits.count("/img.png") == 1
+    assert files_server.hits.count("/img.png") == 1
 
 
 def test_max_rows_caps_records_across_files(tmp_path: Path) -> None:

@@ -3,12 +3,9 @@ and a batch that cannot be built during training saves the steps done before it 
 
 from __future__ import annotations
 
-import http.server
 import io
 import socket
-import threading
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from PIL import Image
@@ -18,7 +15,7 @@ from pipeline.data.rows import DatasetError
 from pipeline.stages import sft
 from pipeline.training.checkpoints import list_checkpoints
 from pipeline.training.loop import TrainingError
-from tests.helpers import run_stage, workdir_config, write_rows
+from tests.helpers import FileServer, run_stage, workdir_config, write_rows
 
 
 def _png(size: tuple[int, int] = (40, 30), color: str = "red") -> bytes:
@@ -27,36 +24,17 @@ def _png(size: tuple[int, int] = (40, 30), color: str = "red") -> bytes:
     return buffer.getvalue()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    files: ClassVar[dict[str, bytes]] = {}
-    hits: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        self.hits.append(self.path)
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+@pytest.fixture
+def files_server():
+    """An image server on localhost serving /red.png and /blue.png (404 for anything else)."""
+    served = FileServer({"/red.png": _png(), "/blue.png": _png((50, 20), "blue")})
+    yield served
+    served.close()
 
 
 @pytest.fixture
-def server():
-    """An image server on localhost serving /red.png and /blue.png (404 for anything else)."""
-    _Handler.files = {"/red.png": _png(), "/blue.png": _png((50, 20), "blue")}
-    _Handler.hits = []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def server(files_server) -> str:
+    return files_server.url
 
 
 @pytest.fixture
@@ -132,12 +110,14 @@ def test_a_bad_url_row_is_skipped_with_on_error_skip(tmp_path, tiny_twin, server
     assert problems.count("download failed") == 4
 
 
-def test_a_working_url_is_downloaded_once_for_validation_training_and_evaluation(tmp_path, tiny_twin, server):
+def test_a_working_url_is_downloaded_once_for_validation_training_and_evaluation(
+    files_server, tmp_path, tiny_twin, server
+):
     red, blue = f"{server}/red.png", f"{server}/blue.png"
     workdir = _workdir(tmp_path, tiny_twin, _rows([red, blue, red, "green.png"]), _rows([blue]))
     out = run_stage(sft, _cfg(workdir, "trainer.eval_steps=2"), tmp_path / "run")
     assert out["sft"]["global_step"] == 4  # 4 steps of batch 1: every training row read once at least
-    assert sorted(_Handler.hits) == ["/blue.png", "/red.png"]
+    assert sorted(files_server.hits) == ["/blue.png", "/red.png"]
     cached = sorted(p.name for p in (tmp_path / "url-cache").iterdir())
     assert cached == sorted(images.url_cache_path(u, Path(".")).name for u in (red, blue))
 
@@ -188,10 +168,10 @@ def test_an_image_that_breaks_during_training_saves_a_checkpoint_then_names_the_
     assert out["sft"]["resumed_from"].endswith("checkpoint-2") and out["sft"]["global_step"] == 4
 
 
-def test_a_url_that_serves_no_image_is_not_kept_in_the_cache(tmp_path, server):
-    _Handler.files["/page.png"] = b"<html>not found</html>"
+def test_a_url_that_serves_no_image_is_not_kept_in_the_cache(files_server, tmp_path, server):
+    files_server.files["/page.png"] = b"<html>not found</html>"
     with pytest.raises(images.ImageLoadError, match="cannot decode image.*dropped from the cache"):
         images.load_image(f"{server}/page.png")
     assert list((tmp_path / "url-cache").iterdir()) == []
-    _Handler.files["/page.png"] = _png()  # fixed on the server: the next use downloads it again
+    files_server.files["/page.png"] = _png()  # fixed on the server: the next use downloads it again
     assert images.load_image(f"{server}/page.png").size == (40, 30)
