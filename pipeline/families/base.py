@@ -75,6 +75,9 @@ class Capabilities:
     max_images: int  # images per conversation
     compiles: bool = False  # trainer.compile: its blocks compile for training (compile_model)
     packs: bool = False  # trainer.packing: several rows in one sequence without padding
+    # its packed rows are attended by variable-length attention (no T x T mask): trainer.packing=auto
+    # turns packing on for it on a GPU
+    packs_padding_free: bool = False
     truncates: bool = (
         False  # dataset.truncation other than `delete` (cut a too-long row instead of dropping it)
     )

@@ -34,7 +34,7 @@ from transformers.generation.streamers import BaseStreamer
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
-from . import vision_attention
+from . import packing, vision_attention
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -95,15 +95,20 @@ def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def keeps_logits(model: nn.Module) -> bool:
-    """Returns whether the transformers model under any PEFT / DDP / DeepSpeed wrapper takes
-    `logits_to_keep` (positions whose logits lm_head computes)."""
+def unwrapped(model: nn.Module) -> nn.Module:
+    """Returns the transformers model under any PEFT / DDP / DeepSpeed wrapper."""
     core = model
     while hasattr(core, "module") and isinstance(core.module, nn.Module):
         core = core.module
     if isinstance(core, PeftModel):
         core = core.get_base_model()
-    return _forward_takes(type(core), "logits_to_keep")
+    return core
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Returns whether the transformers model under any PEFT / DDP / DeepSpeed wrapper takes
+    `logits_to_keep` (positions whose logits lm_head computes)."""
+    return _forward_takes(type(unwrapped(model)), "logits_to_keep")
 
 
 @functools.cache
@@ -190,6 +195,8 @@ class HFNativeFamily(Family):
     template_kwargs: ClassVar[dict[str, Any]] = {}
     # (the oldest transformers that trains the family, why) where it is newer than the project's floor
     min_transformers: ClassVar[tuple[str, str] | None] = None
+    # the language model's module (packed forwards hand their segments to it alone)
+    language_model_name: ClassVar[str] = "model.language_model"
 
     # -- the model --------------------------------------------------------------------------------
     def resolve(self, path: str, allow_download: bool = False) -> Path:
@@ -545,10 +552,44 @@ class HFNativeFamily(Family):
     ) -> EncodedRows:
         return EncodedRows(rows, self, bundle.processor, max_length, images)
 
-    def training_collate(self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False) -> Callable:
+    def training_collate(
+        self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False, segments: int | None = None
+    ) -> Callable:
+        """Returns the collate of training micro-batches: right-padded, or with `packed` one row of every
+        sample back to back (pipeline/families/packing.py), its length `pad_to_multiple`-rounded; `segments`
+        pads its cu_seq_lens to that many segments (fixed shapes for compiled layers)."""
         from functools import partial
 
-        return partial(self.collate_for_training, bundle.processor)
+        collate = partial(self.collate_for_training, bundle.processor)
+        if not packed:
+            return collate
+        return packing.PackedCollate(
+            collate,
+            self.packed_positions(bundle),
+            self.pad_id(bundle),
+            self.token_input_keys,
+            pad_to_multiple,
+            segments,
+        )
+
+    def packed_positions(self, bundle: Bundle) -> packing.Positions:
+        """Returns `positions(padded) -> (R, B, L)`: the position rows the model gives every row of a
+        right-padded batch, each as if alone (plain 0, 1, 2, ... here; the Qwen VLs' mRoPE rows)."""
+        return packing.text_positions
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """Returns the language model inside the (possibly wrapped) model."""
+        return unwrapped(model).get_submodule(self.language_model_name)
+
+    def prepare_packing(self, model: nn.Module) -> None:
+        """Makes the model's language model exact on packed rows, once (enable_packing)."""
+        language_model = self.language_model(model)
+        if language_model.config._attn_implementation != packing.PACKED:
+            self.enable_packing(language_model)
+
+    def enable_packing(self, language_model: nn.Module) -> None:
+        """Sets the language model's attention to `packing.PACKED` (SDPA on every unpacked batch)."""
+        packing.enable(language_model)
 
     def eval_collate(self, bundle: Bundle) -> Callable:
         from functools import partial
@@ -561,18 +602,30 @@ class HFNativeFamily(Family):
         Where the model's forward takes `logits_to_keep` (the Qwen VLs), only the positions whose next
         token is supervised in some row of the batch go through lm_head: a caption row supervises some 20
         of its ~470 tokens, and the vocabulary is 151,936 wide (the full fp32 logits of a 4096-token
-        micro-batch alone are 2.5 GB). Same sums as the full logits (tested)."""
+        micro-batch alone are 2.5 GB). Same sums as the full logits (tested).
+
+        A packed row (packing.is_packed) runs without an attention mask and without a cache; its segments
+        go to the language model alone (packing.packed_forward)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if packing.is_packed(batch):
+            segments = {k: inputs.pop(k) for k in packing.SEGMENT_KEYS}
+            inputs.pop(packing.NUM_SAMPLES, None)
+            inputs.pop("attention_mask", None)
+            inputs["use_cache"] = False
+            self.prepare_packing(model)
+            context = packing.packed_forward(self.language_model(model), segments)
         targets = batch["labels"][:, 1:]
-        if keeps_logits(model):
-            keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-            if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
-                keep = keep.new_zeros(1)
-            logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits.float()
-            labels = targets[:, keep.to(targets.device)].to(logits.device)
-        else:
-            logits = model(**inputs).logits[:, :-1].float()
-            labels = targets.to(logits.device)
+        with context:
+            if keeps_logits(model):
+                keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+                if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
+                    keep = keep.new_zeros(1)
+                logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits.float()
+                labels = targets[:, keep.to(targets.device)].to(logits.device)
+            else:
+                logits = model(**inputs).logits[:, :-1].float()
+                labels = targets.to(logits.device)
         mask = labels != IGNORE_INDEX
         loss_sum = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),

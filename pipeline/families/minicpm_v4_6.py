@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from . import linear_attention
 from .base import Capabilities, FreezeGroups
 from .hf_native import HFNativeFamily
 
@@ -47,7 +48,9 @@ TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 14)
 class MiniCPMV4_6(HFNativeFamily):
     name = "minicpm_v4_6"
     model_type = "minicpmv4_6"
-    capabilities = Capabilities(display_name="MiniCPM-V 4.6", max_images=16)
+    capabilities = Capabilities(
+        display_name="MiniCPM-V 4.6", max_images=16, packs=True, packs_padding_free=True
+    )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE
@@ -58,6 +61,14 @@ class MiniCPMV4_6(HFNativeFamily):
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))
+
+    def enable_packing(self, language_model: nn.Module) -> None:
+        """The attention layers as every family's; the linear-attention layers restart their convolution
+        and state at every sample of a packed row (pipeline/families/linear_attention.py). Positions are
+        plain 0, 1, 2, ... per sample: the Qwen3.5 text model gives every token, image or text, the same
+        position on its four rows when none are passed, which is what the model does for a sample alone."""
+        super().enable_packing(language_model)
+        linear_attention.enable(language_model)
 
     def lora_target_names(self, model: nn.Module, preset: str) -> list[str]:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

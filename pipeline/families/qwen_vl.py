@@ -3,11 +3,15 @@ the language model and the vision tower, LoRA's q/k/v, and the tiny twins' langu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from .base import Bundle
 from .hf_native import HFNativeFamily
+from .packing import Positions, text_positions
 
 LLM = "model.language_model"
 VISION = "model.visual"
@@ -47,6 +51,32 @@ def tiny_token_ids(tokenizer: Any) -> dict[str, Any]:
     )
 
 
+class MRopePositions:
+    """The Qwen VLs' position rows [text; t; h; w] (4, B, L) of a right-padded batch, each row's as the model
+    computes them for that sample alone: transformers' own `get_rope_index` of the model class (it loops
+    over the rows and needs only the config, the ids, mm_token_type_ids and the image grids), run on this
+    stand-in that holds the config and no weights, so that DataLoader workers compute them on the CPU.
+    The text row (0, 1, 2, ... per sample) is what transformers' Qwen text models read the packed
+    segments from when it leads the three mRoPE rows."""
+
+    def __init__(self, model_class: type, config: Any) -> None:
+        self.model_class = model_class  # e.g. Qwen2_5_VLModel, whose methods run with this object as self
+        self.config = config
+
+    def get_vision_position_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model_class.get_vision_position_ids(self, *args, **kwargs)
+
+    def __call__(self, padded: Mapping[str, Any]) -> torch.Tensor:
+        rope, _ = self.model_class.get_rope_index(
+            self,
+            input_ids=padded["input_ids"],
+            mm_token_type_ids=padded["mm_token_type_ids"],
+            image_grid_thw=padded.get("image_grid_thw"),
+            attention_mask=padded["attention_mask"],
+        )
+        return torch.cat([text_positions(padded), rope.to(torch.long)])
+
+
 class QwenVL(HFNativeFamily):
     """What Qwen2.5-VL and Qwen3-VL share: ChatML turns, pixel bounds, the mm_token_type_ids input, the LLM's
     q/k/v for LoRA, and the tiny twins' tokens."""
@@ -73,6 +103,10 @@ class QwenVL(HFNativeFamily):
             bounds["longest_edge"] = self.settings["max_pixels"]
         processor.image_processor.size = SizeDict(**bounds)
         return processor
+
+    def packed_positions(self, bundle: Bundle) -> Positions:
+        core = bundle.core
+        return MRopePositions(type(core.model), core.config)
 
     def lora_target_names(self, model: nn.Module, preset: str) -> list[str]:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -1,0 +1,123 @@
+"""Packed rows through Qwen3.5's linear-attention layers (GatedDeltaNet, MiniCPM-V 4.6's language model).
+
+A GatedDeltaNet layer runs a causal depthwise convolution and a recurrence along the sequence. On a packed
+row both would carry state from one sample into the next: transformers' PyTorch code ignores the
+cu_seq_lens it is handed. `enable(language_model)` wraps every such layer's forward so that a packed
+forward (cu_seq_lens_q in its kwargs) is exact:
+
+- where flash-linear-attention (`fla`) is installed and the row is on CUDA, the layer runs on its
+  variable-length kernels (`causal_conv1d` and `chunk_gated_delta_rule` with cu_seqlens), which restart
+  the convolution and the state at every boundary (`_fla_forward`, the one place that names fla);
+- elsewhere the layer's own forward runs once per sample (empty segments skipped) and the outputs are
+  joined back, which is the sample's result alone by construction.
+
+Unpacked forwards (no cu_seq_lens: eval, generation with its cache) go to the layer's forward unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import SEGMENT_KEYS
+
+
+def _is_gated_delta_net(module: nn.Module) -> bool:
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    return isinstance(module, Qwen3_5GatedDeltaNet)
+
+
+def enable(language_model: nn.Module) -> int:
+    """Wraps the forward of every GatedDeltaNet layer of the language model for packed rows (idempotent);
+    returns how many layers are wrapped."""
+    count = 0
+    for module in language_model.modules():
+        if not _is_gated_delta_net(module):
+            continue
+        if not isinstance(module.forward, functools.partial):
+            module.forward = functools.partial(_packed_or_plain, module, module.forward)
+        count += 1
+    return count
+
+
+def fla_runs(hidden_states: torch.Tensor) -> bool:
+    """Returns whether flash-linear-attention's variable-length kernels serve this row (CUDA, fla found)."""
+    return hidden_states.is_cuda and importlib.util.find_spec("fla") is not None
+
+
+def _packed_or_plain(
+    module: nn.Module,
+    forward: Callable[..., torch.Tensor],
+    hidden_states: torch.Tensor,
+    cache: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The wrapped forward: unpacked rows go to `forward` as they are; a packed row (cu_seq_lens_q) runs on
+    fla's variable-length kernels where they serve, else one sample at a time."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    if cache is not None or attention_mask is not None or hidden_states.shape[0] != 1:
+        raise ValueError("a packed row of a linear-attention layer is one row, without a cache or a mask")
+    if fla_runs(hidden_states):
+        return _fla_forward(module, hidden_states, cu)
+    rest = {k: v for k, v in kwargs.items() if k not in SEGMENT_KEYS}
+    bounds = [int(b) for b in cu.tolist()]
+    pieces = [
+        forward(hidden_states[:, start:end], cache=None, attention_mask=None, **rest)
+        for start, end in zip(bounds, bounds[1:], strict=False)
+        if end > start
+    ]
+    return torch.cat(pieces, dim=1)
+
+
+def _fla_forward(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The GatedDeltaNet layer's computation (as transformers' Qwen3.5 forward, without a cache) with the
+    convolution and the gated delta rule on fla's kernels, restarted at every boundary in `cu_seqlens`.
+    Runs on CUDA only (not covered by the CPU tests; a GPU test compares it with the per-sample path)."""
+    from fla.modules.convolution import causal_conv1d
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    cu = cu_seqlens.to(device=hidden_states.device, dtype=torch.long)
+    batch, length, _ = hidden_states.shape
+    mixed_qkv = module.in_proj_qkv(hidden_states)  # (1, T, conv_dim)
+    z = module.in_proj_z(hidden_states).reshape(batch, length, -1, module.head_v_dim)
+    b = module.in_proj_b(hidden_states)
+    a = module.in_proj_a(hidden_states)
+    mixed_qkv, _ = causal_conv1d(
+        x=mixed_qkv,
+        weight=module.conv1d.weight.squeeze(1),
+        bias=module.conv1d.bias,
+        activation=module.activation,
+        cu_seqlens=cu,
+    )
+    query, key, value = torch.split(mixed_qkv, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
+    query = query.reshape(batch, length, -1, module.head_k_dim)
+    key = key.reshape(batch, length, -1, module.head_k_dim)
+    value = value.reshape(batch, length, -1, module.head_v_dim)
+    groups = module.num_v_heads // module.num_k_heads
+    if groups > 1:  # each query/key head serves `groups` consecutive value heads
+        query, key = query.repeat_interleave(groups, dim=2), key.repeat_interleave(groups, dim=2)
+    beta = b.sigmoid()
+    g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
+    out, _ = chunk_gated_delta_rule(
+        query,
+        key,
+        value,
+        g=g,
+        beta=beta,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=True,
+        cu_seqlens=cu,
+    )
+    out = module.norm(out.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))
+    return module.out_proj(out.reshape(batch, length, -1))
