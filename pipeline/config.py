@@ -120,9 +120,11 @@ class TrainerConfig:
     # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
     # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size.
     micro_batch_tokens: int = 4096
-    # Each micro-batch one row of its samples back to back (no padding; attention kept within each sample
-    # by a mask); needs micro_batch_tokens > 0.
-    packing: bool = False
+    # Each micro-batch one row of its samples back to back (no padding; attention kept within each sample).
+    # auto: on where the family attends packed rows by variable-length attention (the HF-native families;
+    # MiniCPM-V-2's packing builds a mask) on a CUDA device with micro_batch_tokens > 0; off on the CPU and
+    # in the plain regime. true needs micro_batch_tokens > 0 (the packed row's length).
+    packing: Any = "auto"
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
     max_eval_samples: int | None = None
@@ -238,6 +240,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.gradient_checkpointing": ("auto", True, False),
     "model.vision_attention": ("auto", "varlen", "sdpa"),
     "trainer.compile": ("auto", True, False),
+    "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -423,7 +426,7 @@ def _check_ranges(tree: dict) -> list[str]:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             problems.append(f"{key}={value} is out of range; must be {bound}")
-    if tree["trainer"]["packing"] and tree["trainer"]["micro_batch_tokens"] <= 0:
+    if tree["trainer"]["packing"] is True and tree["trainer"]["micro_batch_tokens"] <= 0:
         problems.append("trainer.packing=true needs trainer.micro_batch_tokens > 0 (the packed row's length)")
     workers = tree["trainer"]["num_workers"]
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
@@ -561,7 +564,7 @@ def _check_family(tree: dict) -> list[str]:
     uses = set(tree["stages"])
     needs = [
         ("trainer.compile=true", "compiles", "sft" in uses and tree["trainer"]["compile"] is True),
-        ("trainer.packing=true", "packs", "sft" in uses and tree["trainer"]["packing"]),
+        ("trainer.packing=true", "packs", "sft" in uses and tree["trainer"]["packing"] is True),
         ("dataset.truncation=truncate", "truncates", tree["dataset"]["truncation"] != "delete"),
     ]
     for what, can, used in needs:

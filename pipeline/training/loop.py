@@ -196,6 +196,16 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
+def batch_samples(batch: dict) -> int:
+    """Returns the samples a collated micro-batch holds: its rows, or the samples of a packed row (its
+    `num_samples`, or MiniCPM-V-2's segment_ids)."""
+    if "num_samples" in batch:
+        return int(batch["num_samples"])
+    if "segment_ids" in batch:
+        return int(batch["segment_ids"].max()) + 1
+    return len(batch["input_ids"])
+
+
 def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
     """Returns the checkpoint trainer.resume names: the newest complete one of sft_dir (auto), the folder
     given, or None (never, or auto with none yet)."""
@@ -394,7 +404,7 @@ class Trainer:
             "tokens": seen_tokens,
             "padded_tokens": padded_tokens,
             "micro_batches": len(micro),
-            "samples": sum(len(b["input_ids"]) for b in micro),
+            "samples": sum(batch_samples(b) for b in micro),
         }
 
     # ----- evaluation (loss and token accuracy on the validation rows)

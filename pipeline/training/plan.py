@@ -2,14 +2,15 @@
 
 `plan_training` builds it from the config, from where the run executes (`Launch`: the device, the number of
 processes, the engine accelerate started and its mixed precision) and from what the model family can do
-(`compiles`: whether its layers can be compiled and replayed as CUDA graphs); no decision looks at a
-family's name. The stage logs it once (`TrainingPlan.describe`) and hands out its parts: the weights dtype
+(`compiles`: whether its layers can be compiled and replayed as CUDA graphs; `packs_padding_free`: whether
+it attends packed rows by variable-length attention); no decision looks at a family's name. The stage logs it once (`TrainingPlan.describe`) and hands out its parts: the weights dtype
 and activation checkpointing to the model, compile and CUDA graphs to the family, the learning rate to the
 optimizer, `loop` to the Trainer.
 
     mixed precision          trainer.mixed_precision auto: bf16 on a GPU that has it (else fp16), none on CPU
     weights dtype            LoRA: model.dtype (auto: bf16, else fp16, on a GPU; fp32 on CPU); full: fp32
     compile                  trainer.compile auto: see resolve_compile
+    packing                  trainer.packing auto: see resolve_packing
     gradient checkpointing   model.gradient_checkpointing auto: see resolve_checkpointing
     CUDA graphs              compiled on a GPU; batches then padded to a multiple of 128, gradients preallocated
     data workers             trainer.num_workers auto: see resolve_num_workers
@@ -121,7 +122,7 @@ class TrainingPlan:
         if not loop.token_budget:
             micro = f"{loop.batch_size} row(s)"
         elif loop.packing:
-            micro = f"packed rows of up to {loop.micro_batch_tokens} tokens"
+            micro = f"packed rows of up to {loop.micro_batch_tokens} tokens (padding-free)"
         else:
             micro = f"up to {loop.micro_batch_tokens} padded tokens"
         if loop.pad_to_multiple > 1:
@@ -139,9 +140,12 @@ class TrainingPlan:
         return "training plan:\n  " + "\n  ".join(lines)
 
 
-def plan_training(cfg: DictConfig, launch: Launch, *, compiles: bool) -> TrainingPlan:
+def plan_training(
+    cfg: DictConfig, launch: Launch, *, compiles: bool, packs_padding_free: bool = False
+) -> TrainingPlan:
     """Returns the run's training plan. `compiles`: whether the model family compiles its layers (and
-    replays them as CUDA graphs) when trainer.compile asks for it."""
+    replays them as CUDA graphs) when trainer.compile asks for it; `packs_padding_free`: whether it packs
+    rows without a mask (capabilities.packs_padding_free), for trainer.packing=auto."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
     compiled = resolve_compile(t.compile, device, compiles, processes, launch.sharded)
@@ -161,7 +165,7 @@ def plan_training(cfg: DictConfig, launch: Launch, *, compiles: bool) -> Trainin
         num_workers=resolve_num_workers(t.num_workers, device, processes),
         seed=cfg.seed,
         micro_batch_tokens=t.micro_batch_tokens,
-        packing=t.packing,
+        packing=resolve_packing(t.packing, device, packs_padding_free, int(t.micro_batch_tokens)),
         profile_steps=t.profile_steps,
         pad_to_multiple=GRAPH_PAD_MULTIPLE if graphs else 1,
         # DeepSpeed's engine keeps gradients in its own buffers
@@ -237,6 +241,19 @@ def resolve_compile(value: Any, device: torch.device, compiles: bool, processes:
         return bool(value)
     single = compiles and processes == 1 and not sharded
     return device.type == "cuda" and single and compiles_on(device)
+
+
+def resolve_packing(
+    value: Any, device: torch.device, packs_padding_free: bool, micro_batch_tokens: int
+) -> bool:
+    """Returns whether sft packs each micro-batch into one row: true/false as given; auto = on for a family
+    whose packed rows are attended by variable-length attention (`packs_padding_free`: the HF-native
+    families; MiniCPM-V-2's packing builds a T x T mask, which costs more than it saves) on a CUDA device
+    with a token budget (micro_batch_tokens > 0, the packed row's length); off on the CPU (one sample at a
+    time through every attention layer there) and in the plain regime."""
+    if value != "auto":
+        return bool(value)
+    return device.type == "cuda" and packs_padding_free and micro_batch_tokens > 0
 
 
 def compiles_on(device: torch.device) -> bool:

@@ -169,8 +169,31 @@ def test_the_training_plan_pads_and_preallocates_for_cuda_graphs_and_says_what_i
     assert "padded to a multiple of 128" in graphs.describe()
 
 
+def test_packing_auto_resolves_by_family_device_and_budget(compose):
+    """trainer.packing=auto: on for a family that packs padding-free on a CUDA device with a token budget;
+    off on the CPU, in the plain regime and for MiniCPM-V-2 (its packing builds a mask); the plan says so."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    qwen = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_qkv"])
+    assert qwen.trainer.packing == "auto"
+
+    def packing_of(cfg, device, padding_free=True) -> bool:
+        launch = Launch(device)
+        return plan_training(cfg, launch, compiles=False, packs_padding_free=padding_free).loop.packing
+
+    assert packing_of(qwen, cuda) is True
+    assert packing_of(qwen, cpu) is False
+    assert packing_of(qwen, cuda, padding_free=False) is False
+    assert packing_of(compose(["model=qwen2_5_vl_tiny", "trainer.micro_batch_tokens=0"]), cuda) is False
+    forced = compose(["model=minicpm_v2", "trainer.packing=true"])
+    assert packing_of(forced, cpu, padding_free=False) is True  # true and false stay as given
+    assert packing_of(compose(["model=qwen2_5_vl_tiny", "trainer.packing=false"]), cuda) is False
+    assert plan.resolve_packing("auto", cuda, True, 0) is False
+    text = plan_training(qwen, Launch(cuda), compiles=False, packs_padding_free=True).describe()
+    assert "micro-batches: packed rows of up to 4096 tokens (padding-free)" in text
+
+
 def test_compile_and_checkpointing_take_only_auto_true_false(compose):
-    for key in ("trainer.compile", "model.gradient_checkpointing"):
+    for key in ("trainer.compile", "model.gradient_checkpointing", "trainer.packing"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(compose([f"{key}=sometimes"]))
 

@@ -174,7 +174,6 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
     "override, said",
     [
         ("trainer.compile=true", "trainer.compile=true runs for model.family=minicpm_v2 only"),
-        ("trainer.packing=true", "trainer.packing=true runs for model.family=minicpm_v2 only"),
         ("dataset.truncation=truncate", "dataset.truncation=truncate runs for model.family=minicpm_v2"),
     ],
 )
@@ -182,6 +181,59 @@ def test_what_only_minicpm_v2_runs_is_refused_naming_the_family(override, said):
     cfg = compose_config(["model=minicpm_v4_6_tiny", override])
     with pytest.raises(ConfigError, match=said + ".*model.family=minicpm_v4_6 does not take it"):
         validate(cfg)
+
+
+def test_every_family_packs_and_packing_needs_a_token_budget():
+    for model in ("minicpm_v2_tiny", *FAMILY_OF):
+        validate(compose_config([f"model={model}", "trainer.packing=true"]))
+    with pytest.raises(ConfigError, match=r"trainer.packing=true needs trainer.micro_batch_tokens > 0"):
+        validate(
+            compose_config(["model=qwen2_5_vl_tiny", "trainer.packing=true", "trainer.micro_batch_tokens=0"])
+        )
+    validate(
+        compose_config(["model=qwen2_5_vl_tiny", "trainer.packing=auto", "trainer.micro_batch_tokens=0"])
+    )
+
+
+@pytest.mark.parametrize("model", ["qwen2_5_vl_tiny", "minicpm_v4_6_tiny"])
+def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path):
+    """sft through the entry point's stage with trainer.packing=true on rows of different lengths (images of
+    several sizes, two images, none): the steps' losses and gradient norms are the padded run's (fp32 on
+    the CPU), with no padding but a packed row's tail."""
+    from PIL import Image
+
+    from pipeline.stages import sft
+
+    for name, size in (("small", (32, 32)), ("wide", (96, 40)), ("large", (80, 72))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / f"{name}.png")
+    rows = [
+        {"query": "<image>Colour?", "response": "Red.", "images": ["small.png"]},
+        {"query": "<image><image>Which is larger?", "response": "The second, by far.",
+         "images": ["small.png", "large.png"]},
+        {"query": "Two plus two?", "response": "Four."},
+        {"query": "<image>Describe it in a sentence.", "response": "A wide red field under no sky at all.",
+         "images": ["wide.png"]},
+    ] * 3  # fmt: skip
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+
+    def steps(packing: str, run_dir: Path) -> list[dict]:
+        cfg = compose_config(
+            ["+experiment=lora_qkv", f"model={model}", f"model.path={twin_root / model}", *QUICK]
+            + ["dataset=custom", f"dataset.path={data}", "dataset.max_rows=null"]
+            + ["trainer.batch_size=4", "trainer.grad_accum=1", "trainer.logging_steps=1"]
+            + ["trainer.micro_batch_tokens=2048", f"trainer.packing={packing}"]
+            + ["lora.dropout=0.0"]  # dropout masks are drawn per layout: padded and packed ones differ
+        )
+        run_stage(sft, cfg, run_dir)
+        return [r for r in log_records(run_dir / "sft") if "loss" in r]
+
+    padded, packed = steps("false", tmp_path / "padded"), steps("true", tmp_path / "packed")
+    assert len(padded) == len(packed) == 2
+    for p, b in zip(padded, packed, strict=True):
+        assert b["loss"] == pytest.approx(p["loss"], rel=1e-5), (p, b)
+        assert b["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4), (p, b)
+        assert b["micro_batches"] == p["micro_batches"] == 1
+        assert b["padding_pct"] == 0 < p["padding_pct"]
 
 
 def test_the_chat_runs_another_family_and_validation_takes_it():

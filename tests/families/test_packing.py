@@ -1,0 +1,214 @@
+"""Padding-free packing of the HF-native families (pipeline/families/packing.py) on their tiny twins, CPU, fp32:
+one packed row scores and trains exactly as the same samples right-padded, with each sample's own positions
+and no attention mask built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import masking_utils
+
+from pipeline.families import get_family, linear_attention, packing
+from pipeline.families.base import IGNORE_INDEX, Bundle, messages_from_row
+from tests.families.test_families import CONVERSATION, nonzero_adapter, picture
+
+HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
+
+
+def mixed_samples(family, processor) -> list:
+    """Four conversations of different lengths: one image, text only, two images, a larger image."""
+    return [
+        family.encode(processor, CONVERSATION, [picture()]),
+        family.encode(processor, messages_from_row("Two plus two?", "Four, as always."), []),
+        family.encode(
+            processor,
+            messages_from_row("<image><image>Compare the two.", "Alike in every way."),
+            [picture(64, 48, seed=1), picture(32, 32, seed=2)],
+        ),
+        family.encode(processor, messages_from_row("<image>Colour?", "Blue."), [picture(96, 120, seed=3)]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def twins(family_twin) -> dict:
+    return {name: family_twin(name) for name in HF_FAMILIES}
+
+
+def loaded(twins, name: str):
+    family = get_family(name)
+    model, processor = family.load(twins[name])
+    return family, model, processor
+
+
+def sums_and_grads(family, model, batch) -> tuple[float, int, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = family.loss_outputs(model, batch)
+    out.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.loss_sum.detach(), int(out.num_tokens), grads
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.mark.parametrize("preset", ["qkv", "all"])
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_packed_row_gives_the_padded_loss_and_gradients(twins, name, preset):
+    """The summed loss, the supervised token count and every trainable gradient of one packed row equal
+    those of the same samples right-padded; so with the tail padded to a multiple of 64 and cu_seq_lens
+    padded to 8 segments (empty ones). lora=all trains the vision tower and the projector too, and runs
+    with activation checkpointing (the packed layers recomputed during backward)."""
+    family, model, processor = loaded(twins, name)
+    model = nonzero_adapter(family, model, preset, seed=0)
+    if preset == "all":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    bundle = Bundle(model, processor, twins[name], "base")
+    samples = mixed_samples(family, processor)
+    assert len({len(s) for s in samples}) == len(samples)
+    padded = family.training_collate(bundle)(samples)
+    packed = family.training_collate(bundle, packed=True)(samples)
+    tailed = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8)(samples)
+    assert packed["input_ids"].shape == (1, sum(len(s) for s in samples))
+    assert tailed["input_ids"].shape[1] % 64 == 0 and tailed["cu_seq_lens_q"].shape == (9,)
+
+    want_loss, want_tokens, want = sums_and_grads(family, model, padded)
+    groups = family.freeze_groups()
+    for batch in (packed, tailed):
+        loss, tokens, got = sums_and_grads(family, model, batch)
+        assert tokens == want_tokens > 20
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+        assert got.keys() == want.keys() and len(want) > 0
+        for n in want:  # fp32 sums in another order: within 1e-4 of each gradient's largest entry
+            scale = float(want[n].abs().max()) + 1e-8
+            torch.testing.assert_close(
+                got[n], want[n], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=n: f"{n}: {m}"
+            )
+        if preset == "all":
+            for group in ("vision", "projector"):
+                names = [n for n in want if groups.of(n.removeprefix("base_model.model.")) == group]
+                assert names, group
+                a = torch.cat([got[n].flatten() for n in names])
+                b = torch.cat([want[n].flatten() for n in names])
+                assert cosine(a, b) >= 0.999, (group, cosine(a, b))
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_packed_positions_are_each_samples_own(twins, name):
+    """Every sample's positions in the packed row are the ones the model gives it alone (the Qwen VLs'
+    mRoPE rows after a text row of 0, 1, 2, ...; MiniCPM-V 4.6's plain 0, 1, 2, ...); the tail restarts
+    at 0 and is its own segment; no sample's first token is predicted."""
+    family, model, processor = loaded(twins, name)
+    bundle = Bundle(model, processor, twins[name], "base")
+    samples = mixed_samples(family, processor)
+    batch = family.training_collate(bundle, pad_to_multiple=64, packed=True)(samples)
+    lengths = [len(s) for s in samples]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    total, length = sum(lengths), batch["input_ids"].shape[1]
+    assert batch["cu_seq_lens_q"].tolist() == [*starts, total, length]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == max(lengths)
+    assert batch["num_samples"] == len(samples) and int(batch["attention_mask"].sum()) == total
+    assert all(int(batch["labels"][0, s]) == IGNORE_INDEX for s in starts)
+    positions = batch["position_ids"]
+    rows = positions if positions.ndim == 3 else positions.unsqueeze(1)
+    assert rows.shape[1:] == (1, length)
+    assert torch.equal(rows[:, 0, total:], torch.arange(length - total).expand(rows.shape[0], -1))
+    for sample, start, n in zip(samples, starts, lengths, strict=True):
+        own = rows[:, 0, start : start + n]
+        assert torch.equal(own[0], torch.arange(n))
+        if name == "minicpm_v4_6":
+            assert own.shape[0] == 1  # the text model repeats it on its four rows, as for a sample alone
+            continue
+        ids = torch.tensor([sample.input_ids])
+        alone, _ = model.model.get_rope_index(
+            ids,
+            torch.tensor([sample.token_inputs["mm_token_type_ids"]]),
+            image_grid_thw=sample.pixel_inputs.get("image_grid_thw"),
+        )
+        assert torch.equal(own[1:], alone[:, 0]), name
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_packed_forward_builds_no_mask_and_padded_ones_keep_sdpa(twins, name, monkeypatch):
+    """A packed forward attends by segments: no attention mask reaches any attention layer and no mask is
+    built; unpacked batches on the same model (after packing was enabled) still get SDPA's mask, the same
+    logits, and the same greedy answers."""
+    family, model, processor = loaded(twins, name)
+    bundle = Bundle(model, processor, twins[name], "base")
+    samples = mixed_samples(family, processor)
+    padded = family.collate_for_training(processor, samples)
+    prompt = family.collate_for_generation(
+        processor, [family.encode(processor, CONVERSATION[:2], [picture()], generation=True)]
+    )
+    with torch.no_grad():
+        before = model(**{k: v for k, v in padded.items() if k != "labels"}).logits
+        answer = family.generate(model, processor, prompt, max_new_tokens=4)
+    built, calls = [], []
+    real_mask = masking_utils.sdpa_mask
+
+    def mask_spy(*args, **kwargs):
+        mask = real_mask(*args, **kwargs)
+        built.append(mask)
+        return mask
+
+    def attention_spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((attention_mask, "cu_seq_lens_q" in kwargs))
+        return packing.packed_attention(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", mask_spy)
+    packed = family.training_collate(bundle, packed=True)(samples)
+    family.prepare_packing(model)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(packing.PACKED, attention_spy)
+    try:
+        with torch.no_grad():
+            family.loss_outputs(model, packed)
+            assert built == [] and calls and all(mask is None and cu for mask, cu in calls), calls
+            calls.clear()
+            after = model(**{k: v for k, v in padded.items() if k != "labels"}).logits
+    finally:
+        packing.register()
+    assert any(mask is not None and mask.ndim == 4 for mask in built)  # the padded batch's mask
+    assert calls and not any(cu for _, cu in calls)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert family.generate(model, processor, prompt, max_new_tokens=4) == answer
+
+
+def test_the_segment_attention_equals_causal_sdpa_per_sample():
+    """The CPU path of the packed attention: causal within each segment, grouped key/value heads, empty
+    segments skipped."""
+    torch.manual_seed(0)
+    bounds = [0, 5, 5, 12, 16, 16]
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    module = torch.nn.Module().eval()
+    out, _ = packing.packed_attention(
+        module, q, k, v, None, cu_seq_lens_q=torch.tensor(bounds, dtype=torch.int32), max_length_q=7
+    )
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end > start:
+            s = slice(start, end)
+            want = F.scaled_dot_product_attention(
+                q[:, :, s], k[:, :, s], v[:, :, s], is_causal=True, enable_gqa=True
+            )
+            torch.testing.assert_close(out[0, s], want[0].transpose(0, 1))
+
+
+def test_linear_attention_layers_are_wrapped_once(twins):
+    family, model, _ = loaded(twins, "minicpm_v4_6")
+    language_model = family.language_model(model)
+    assert linear_attention.enable(language_model) == linear_attention.enable(language_model) >= 1
+    wrapped = [m.forward for m in language_model.modules() if linear_attention._is_gated_delta_net(m)]
+    assert all(f.args[0] is not None and f.func is linear_attention._packed_or_plain for f in wrapped)
+    assert not any(isinstance(f.args[1], type(f)) for f in wrapped)  # never a wrapper of a wrapper
+
+
+def test_too_many_samples_for_the_fixed_segments_are_refused(twins):
+    family, model, processor = loaded(twins, "qwen2_5_vl")
+    bundle = Bundle(model, processor, twins["qwen2_5_vl"], "base")
+    collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=3)
+    with pytest.raises(ValueError, match="needs 5 segments; only 3 were asked for"):
+        collate(mixed_samples(family, processor))
