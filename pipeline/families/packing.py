@@ -248,7 +248,9 @@ def packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract for the language model: q (B, Hq, T, D), k/v (B, Hkv, T, D)
     -> ((B, T, Hq, D), None). With cu_seq_lens (a packed row, B = 1): causal attention within each segment,
-    no mask; without: transformers' SDPA with the mask given."""
+    no mask (queries and keys share the segments: cu_seq_lens_k is cu_seq_lens_q's copy, not read, so that
+    no check syncs the GPU); without: transformers' SDPA with the mask given. Attention dropout in training
+    takes the per-segment path (the kernel has no dropout)."""
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -259,9 +261,6 @@ def packed_attention(
         raise ValueError(f"{PACKED}: a packed batch is one row with no attention mask (cu_seq_lens instead)")
     if kwargs.get("sliding_window") is not None:
         raise ValueError(f"{PACKED}: sliding-window attention is not supported for packed rows")
-    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q:
-        if not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
-            raise ValueError(f"{PACKED}: queries and keys of a packed row share their segments")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel_runs(query.device, query.dtype) and not (module.training and dropout):
         cu = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)

@@ -8,7 +8,7 @@ same token-weighted loss; only how they are cut into forward passes changes. Two
 - token budget (`trainer.micro_batch_tokens=N`, the default): the window's samples sorted by length and cut
   greedily into micro-batches whose padded size (rows x longest row, rounded up to the padding multiple)
   stays within N tokens. Similar lengths share a micro-batch, so padding stays low, and 16 short samples
-  run as one forward instead of sixteen. A sample longer than N runs alone. With `trainer.packing=true` the
+  run as one forward instead of sixteen. A sample longer than N runs alone. With packing (`trainer.packing`) the
   micro-batch is one packed row, so its size is the sum of the lengths (no padding but the tail).
 
 Plans depend only on the window's indices and the rows' token counts, so every process computes every

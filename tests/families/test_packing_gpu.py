@@ -1,0 +1,91 @@
+"""GPU checks of padding-free packing (`pytest -m gpu` on a CUDA machine): torch's varlen kernel and
+flash-linear-attention's variable-length kernels give what the per-sample paths the CPU tests cover give,
+and a packed row trains as the padded batch in bf16."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pipeline.families import get_family, linear_attention, packing
+from pipeline.families.base import Bundle
+from tests.families.test_packing import HF_FAMILIES, cosine, mixed_samples, sums_and_grads
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_varlen_kernel_equals_causal_sdpa_per_segment(dtype):
+    """Causal within each segment, grouped key/value heads, empty segments (fixed-size cu_seq_lens)."""
+    if not packing.kernel_runs(torch.device("cuda"), dtype):
+        pytest.skip("torch's varlen kernel does not run on this card / torch")
+    torch.manual_seed(0)
+    bounds = [0, 37, 37, 200, 256, 256]
+    q = torch.randn(256, 8, 64, device="cuda", dtype=dtype)
+    k, v = (torch.randn(256, 2, 64, device="cuda", dtype=dtype) for _ in range(2))
+    cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+    got = packing._kernel_attention(q, k, v, cu, 163, 64**-0.5)
+    want = packing._segment_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bounds, 64**-0.5, 0.0
+    )
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="flash-linear-attention is not installed")
+def test_fla_linear_attention_equals_the_per_sample_layer(family_twin):
+    """MiniCPM-V 4.6's GatedDeltaNet layer on fla's variable-length kernels equals the layer run one sample
+    at a time (outputs and input gradients), empty segments included."""
+    family = get_family("minicpm_v4_6")
+    model, _ = family.load(family_twin("minicpm_v4_6"), torch.float32, "cuda")
+    layer = next(m for m in model.modules() if linear_attention._is_gated_delta_net(m))
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 150, model.config.get_text_config().hidden_size, device="cuda")
+    bounds = [0, 40, 41, 110, 150, 150]
+    cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+    outs, grads = [], []
+    for fla in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        if fla:
+            out = linear_attention._fla_forward(layer, h, cu)
+        else:
+            out = torch.cat(
+                [layer(h[:, a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a], dim=1
+            )
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(h.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-3)
+    assert cosine(grads[0], grads[1]) > 0.999
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_packed_row_trains_as_the_padded_batch_in_bf16(family_twin, name):
+    family = get_family(name)
+    folder = family_twin(name)
+    model, processor = family.load(folder, torch.bfloat16, "cuda")
+    model = family.apply_lora(model, family.lora_config(model, "all", r=4, alpha=8, dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    bundle = Bundle(model, processor, folder, "base")
+    samples = mixed_samples(family, processor)
+
+    def on_cuda(batch: dict) -> dict:
+        return {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    want_loss, want_tokens, want = sums_and_grads(
+        family, model, on_cuda(family.training_collate(bundle)(samples))
+    )
+    packed = family.training_collate(bundle, pad_to_multiple=128, packed=True, segments=8)(samples)
+    loss, tokens, got = sums_and_grads(family, model, on_cuda(packed))
+    assert tokens == want_tokens
+    assert float(loss) == pytest.approx(float(want_loss), rel=2e-2)
+    a = torch.cat([got[n].float().flatten() for n in want])
+    b = torch.cat([want[n].float().flatten() for n in want])
+    assert cosine(a, b) > 0.99
