@@ -132,10 +132,10 @@ def test_packed_positions_are_each_samples_own(twins, name):
 
 
 @pytest.mark.parametrize("name", HF_FAMILIES)
-def test_a_packed_forward_builds_no_mask_and_padded_ones_keep_sdpa(twins, name, monkeypatch):
+def test_a_packed_forward_builds_no_mask_and_padded_ones_keep_sdpa(twins, name, monkeypatch, tmp_path):
     """A packed forward attends by segments: no attention mask reaches any attention layer and no mask is
     built; unpacked batches on the same model (after packing was enabled) still get SDPA's mask, the same
-    logits, and the same greedy answers."""
+    logits, and the same greedy answers; a saved model never names the packed attention."""
     family, model, processor = loaded(twins, name)
     bundle = Bundle(model, processor, twins[name], "base")
     samples = mixed_samples(family, processor)
@@ -176,6 +176,8 @@ def test_a_packed_forward_builds_no_mask_and_padded_ones_keep_sdpa(twins, name, 
     assert calls and not any(cu for _, cu in calls)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert family.generate(model, processor, prompt, max_new_tokens=4) == answer
+    family.save(model, processor, tmp_path / "saved")
+    assert packing.PACKED not in (tmp_path / "saved" / "config.json").read_text()
 
 
 def test_the_segment_attention_equals_causal_sdpa_per_sample():
