@@ -324,9 +324,3 @@ def packed_forward(language_model: nn.Module, segments: Mapping[str, Any]) -> It
     finally:
         _packed.reset(token)
         handle.remove()
-
-
-def segment_bounds(kwargs: Mapping[str, Any]) -> list[int] | None:
-    """Returns the segment boundaries a packed forward passes to a layer (None for an unpacked one)."""
-    cu = kwargs.get("cu_seq_lens_q")
-    return None if cu is None else [int(b) for b in cu.tolist()]
