@@ -64,6 +64,7 @@ class ContextLengthError(FamilyError):
 
 
 IMAGE_PLACEMENTS = ("inline", "first_query")
+COMPILED_SHAPES = ("padded", "packed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Capabilities:
     display_name: str  # how logs, errors and the server name the model family ("MiniCPM-V-2")
     max_images: int  # images per conversation
     compiles: bool = False  # trainer.compile: its blocks compile for training (compile_model)
+    # The batches its compiled blocks take: "padded" = any batch (on a GPU replayed as CUDA graphs, batches
+    # padded to a multiple of 128); "packed" = packed rows only, rounded up to a few static lengths
+    compiled_shapes: str = "padded"
     packs: bool = False  # trainer.packing: several rows in one sequence without padding
     truncates: bool = (
         False  # dataset.truncation other than `delete` (cut a too-long row instead of dropping it)
@@ -91,6 +95,8 @@ class Capabilities:
     image_placement: str = "inline"
 
     def __post_init__(self) -> None:
+        if self.compiled_shapes not in COMPILED_SHAPES:
+            raise ValueError(f"compiled_shapes must be one of {COMPILED_SHAPES}, got {self.compiled_shapes!r}")
         if self.image_placement not in IMAGE_PLACEMENTS:
             raise ValueError(
                 f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}"

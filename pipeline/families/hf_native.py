@@ -35,6 +35,7 @@ from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
 from . import vision_attention
+from .layer_compile import compile_for_training
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -480,6 +481,16 @@ class HFNativeFamily(Family):
         config.bias = lora.bias
         return self.apply_lora(model, config)
 
+    # where the language model's decoder layers are (under the unwrapped transformers model)
+    decoder_layers: ClassVar[str] = "model.language_model.layers"
+
+    def compile_model(self, bundle: Bundle, graphs: bool) -> int:
+        """Compiles the language model's decoder layers for training steps with static shapes (packed rows
+        of a few bucketed lengths; see layer_compile). No CUDA graphs (`graphs` must be false)."""
+        if graphs:
+            raise FamilyError(f"{self.name}: compiled layers are not replayed as CUDA graphs")
+        return compile_for_training(bundle.core.get_submodule(self.decoder_layers))
+
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         used = vision_attention.implementation(bundle.core)
         return "varlen" if used == vision_attention.VARLEN else str(used or "sdpa")
@@ -568,10 +579,12 @@ class HFNativeFamily(Family):
             keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
             if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
                 keep = keep.new_zeros(1)
-            logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits.float()
+            logits = model(
+                **inputs, logits_to_keep=keep.to(batch["input_ids"].device), use_cache=False
+            ).logits.float()
             labels = targets[:, keep.to(targets.device)].to(logits.device)
         else:
-            logits = model(**inputs).logits[:, :-1].float()
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
             labels = targets.to(logits.device)
         mask = labels != IGNORE_INDEX
         loss_sum = F.cross_entropy(

@@ -47,7 +47,9 @@ TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 14)
 class MiniCPMV4_6(HFNativeFamily):
     name = "minicpm_v4_6"
     model_type = "minicpmv4_6"
-    capabilities = Capabilities(display_name="MiniCPM-V 4.6", max_images=16)
+    capabilities = Capabilities(
+        display_name="MiniCPM-V 4.6", max_images=16, compiles=True, compiled_shapes="packed"
+    )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE

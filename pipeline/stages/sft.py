@@ -63,7 +63,10 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     seed_everything(cfg.seed)  # LoRA dropout and init draw from the global RNG: same seed, same run
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
-    plan = plan_training(cfg, launch_of(accelerator), compiles=family.capabilities.compiles)
+    caps = family.capabilities
+    plan = plan_training(
+        cfg, launch_of(accelerator), compiles=caps.compiles, compiled_shapes=caps.compiled_shapes
+    )
     log.info("%s", plan.describe())
 
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)

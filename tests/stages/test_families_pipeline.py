@@ -173,7 +173,6 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
 @pytest.mark.parametrize(
     "override, said",
     [
-        ("trainer.compile=true", "trainer.compile=true runs for model.family=minicpm_v2 only"),
         ("trainer.packing=true", "trainer.packing=true runs for model.family=minicpm_v2 only"),
         ("dataset.truncation=truncate", "dataset.truncation=truncate runs for model.family=minicpm_v2"),
     ],
