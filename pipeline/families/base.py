@@ -96,7 +96,9 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         if self.compiled_shapes not in COMPILED_SHAPES:
-            raise ValueError(f"compiled_shapes must be one of {COMPILED_SHAPES}, got {self.compiled_shapes!r}")
+            raise ValueError(
+                f"compiled_shapes must be one of {COMPILED_SHAPES}, got {self.compiled_shapes!r}"
+            )
         if self.image_placement not in IMAGE_PLACEMENTS:
             raise ValueError(
                 f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}"

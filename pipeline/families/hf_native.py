@@ -35,7 +35,6 @@ from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
 from . import vision_attention
-from .layer_compile import compile_for_training
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -53,6 +52,7 @@ from .base import (
     row_images,
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
+from .layer_compile import compile_for_training
 from .tiny_tokenizer import train_bpe_tokenizer
 
 # Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).

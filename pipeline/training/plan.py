@@ -153,7 +153,9 @@ def plan_training(
     t = cfg.trainer
     packing = bool(t.packing)
     packed_only = compiled_shapes == "packed"
-    compiled = resolve_compile(t.compile, device, compiles and (packing or not packed_only), processes, launch.sharded)
+    compiled = resolve_compile(
+        t.compile, device, compiles and (packing or not packed_only), processes, launch.sharded
+    )
     if compiled and packed_only and not packing:
         raise ValueError(
             "trainer.compile=true: this model family compiles packed rows of static lengths only; "

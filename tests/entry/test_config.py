@@ -434,8 +434,12 @@ def test_a_family_that_compiles_packed_rows_compiles_them_in_static_buckets_with
 ):
     cuda = torch.device("cuda")
     monkeypatch.setattr(plan, "compiles_on", lambda device: device.type == "cuda")
-    packed = compose(["model=qwen2_5_vl_3b", "trainer=default", "+experiment=lora_qkv", "trainer.packing=true"])
-    padded = compose(["model=qwen2_5_vl_3b", "trainer=default", "+experiment=lora_qkv", "trainer.packing=false"])
+    packed = compose(
+        ["model=qwen2_5_vl_3b", "trainer=default", "+experiment=lora_qkv", "trainer.packing=true"]
+    )
+    padded = compose(
+        ["model=qwen2_5_vl_3b", "trainer=default", "+experiment=lora_qkv", "trainer.packing=false"]
+    )
 
     def of(cfg, device=cuda):
         return plan_training(cfg, Launch(device, 1), compiles=True, compiled_shapes="packed")
@@ -447,7 +451,9 @@ def test_a_family_that_compiles_packed_rows_compiles_them_in_static_buckets_with
     assert of(padded).compile is False  # auto: unpacked batches would take a new shape every step
     assert of(packed, torch.device("cpu")).compile is False
     explicit = compose(["model=qwen2_5_vl_tiny", "trainer.compile=true", "trainer.packing=false"])
-    with pytest.raises(ValueError, match="compiles packed rows of static lengths only; set trainer.packing=true"):
+    with pytest.raises(
+        ValueError, match="compiles packed rows of static lengths only; set trainer.packing=true"
+    ):
         of(explicit)
     assert [static_bucket(n) for n in (256, 1000, 4096, 8192)] == [128, 256, 1024, 2048]
     # MiniCPM-V-2 (any padded batch): CUDA graphs, batches padded to a multiple of 128

@@ -67,7 +67,9 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_from_one_shared_graph
     model.eval()
     with torch.no_grad():
         family.loss_outputs(model, batch)
-        family.generate(model, processor, family.collate_for_generation(processor, samples[:1]), max_new_tokens=2)
+        family.generate(
+            model, processor, family.collate_for_generation(processor, samples[:1]), max_new_tokens=2
+        )
     assert counter.frame_count == kinds  # evaluation and generation run the eager layers
 
 
