@@ -64,6 +64,7 @@ class ContextLengthError(FamilyError):
 
 
 IMAGE_PLACEMENTS = ("inline", "first_query")
+COMPILED_SHAPES = ("padded", "packed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Capabilities:
     display_name: str  # how logs, errors and the server name the model family ("MiniCPM-V-2")
     max_images: int  # images per conversation
     compiles: bool = False  # trainer.compile: its blocks compile for training (compile_model)
+    # The batches its compiled blocks take: "padded" = any batch (on a GPU replayed as CUDA graphs, batches
+    # padded to a multiple of 128); "packed" = packed rows only, rounded up to a few static lengths
+    compiled_shapes: str = "padded"
     packs: bool = False  # trainer.packing: several rows in one sequence without padding
     # its packed rows are attended by variable-length attention (no T x T mask): trainer.packing=auto
     # turns packing on for it on a GPU
@@ -94,6 +98,10 @@ class Capabilities:
     image_placement: str = "inline"
 
     def __post_init__(self) -> None:
+        if self.compiled_shapes not in COMPILED_SHAPES:
+            raise ValueError(
+                f"compiled_shapes must be one of {COMPILED_SHAPES}, got {self.compiled_shapes!r}"
+            )
         if self.image_placement not in IMAGE_PLACEMENTS:
             raise ValueError(
                 f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}"
@@ -542,9 +550,10 @@ class Family(ABC):
 
     @abstractmethod
     def training_collate(
-        self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False
+        self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False, static: bool = False
     ) -> Callable[[list[Any]], dict[str, Any]]:
-        """Returns the collate of training micro-batches (right-padded, or packed where capabilities.packs)."""
+        """Returns the collate of training micro-batches (right-padded, or packed where capabilities.packs);
+        `static`: for compiled layers, batches whose shapes depend on their rounded length alone."""
 
     @abstractmethod
     def eval_collate(self, bundle: Bundle) -> Callable[[list[Any]], dict[str, Any]]:

@@ -52,6 +52,7 @@ from .base import (
     row_images,
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
+from .layer_compile import compile_for_training
 from .tiny_tokenizer import train_bpe_tokenizer
 
 # Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).
@@ -487,6 +488,16 @@ class HFNativeFamily(Family):
         config.bias = lora.bias
         return self.apply_lora(model, config)
 
+    # where the language model's decoder layers are (under the unwrapped transformers model)
+    decoder_layers: ClassVar[str] = "model.language_model.layers"
+
+    def compile_model(self, bundle: Bundle, graphs: bool) -> int:
+        """Compiles the language model's decoder layers for training steps with static shapes (packed rows
+        of a few bucketed lengths; see layer_compile). No CUDA graphs (`graphs` must be false)."""
+        if graphs:
+            raise FamilyError(f"{self.name}: compiled layers are not replayed as CUDA graphs")
+        return compile_for_training(bundle.core.get_submodule(self.decoder_layers))
+
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         used = vision_attention.implementation(bundle.core)
         return "varlen" if used == vision_attention.VARLEN else str(used or "sdpa")
@@ -553,11 +564,16 @@ class HFNativeFamily(Family):
         return EncodedRows(rows, self, bundle.processor, max_length, images)
 
     def training_collate(
-        self, bundle: Bundle, pad_to_multiple: int = 1, packed: bool = False, segments: int | None = None
+        self,
+        bundle: Bundle,
+        pad_to_multiple: int = 1,
+        packed: bool = False,
+        static: bool = False,
+        segments: int | None = None,
     ) -> Callable:
         """Returns the collate of training micro-batches: right-padded, or with `packed` one row of every
-        sample back to back (pipeline/families/packing.py), its length `pad_to_multiple`-rounded; `segments`
-        pads its cu_seq_lens to that many segments (fixed shapes for compiled layers)."""
+        sample back to back (pipeline/families/packing.py), its length `pad_to_multiple`-rounded; `static`
+        (compiled layers) or `segments` pad its cu_seq_lens to a fixed number of segments (packing.pack)."""
         from functools import partial
 
         collate = partial(self.collate_for_training, bundle.processor)
@@ -570,6 +586,7 @@ class HFNativeFamily(Family):
             self.token_input_keys,
             pad_to_multiple,
             segments,
+            static,
         )
 
     def packed_positions(self, bundle: Bundle) -> packing.Positions:
@@ -612,7 +629,6 @@ class HFNativeFamily(Family):
             segments = {k: inputs.pop(k) for k in packing.SEGMENT_KEYS}
             inputs.pop(packing.NUM_SAMPLES, None)
             inputs.pop("attention_mask", None)
-            inputs["use_cache"] = False
             self.prepare_packing(model)
             context = packing.packed_forward(self.language_model(model), segments)
         targets = batch["labels"][:, 1:]
@@ -621,10 +637,12 @@ class HFNativeFamily(Family):
                 keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
                 if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
                     keep = keep.new_zeros(1)
-                logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits.float()
+                logits = model(
+                    **inputs, logits_to_keep=keep.to(batch["input_ids"].device), use_cache=False
+                ).logits.float()
                 labels = targets[:, keep.to(targets.device)].to(logits.device)
             else:
-                logits = model(**inputs).logits[:, :-1].float()
+                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                 labels = targets.to(logits.device)
         mask = labels != IGNORE_INDEX
         loss_sum = F.cross_entropy(

@@ -49,7 +49,12 @@ class MiniCPMV4_6(HFNativeFamily):
     name = "minicpm_v4_6"
     model_type = "minicpmv4_6"
     capabilities = Capabilities(
-        display_name="MiniCPM-V 4.6", max_images=16, packs=True, packs_padding_free=True
+        display_name="MiniCPM-V 4.6",
+        max_images=16,
+        packs=True,
+        packs_padding_free=True,
+        compiles=True,
+        compiled_shapes="packed",
     )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")

@@ -74,6 +74,7 @@ class PackedCollate:
         token_keys: Sequence[str] = (),
         pad_to_multiple: int = 1,
         segments: int | None = None,
+        static: bool = False,
     ) -> None:
         self.collate = collate  # the family's right-padded training collate
         self.positions = positions
@@ -83,11 +84,18 @@ class PackedCollate:
         # cu_seq_lens padded to segments + 1 entries with empty segments (shapes that do not depend on how
         # many samples a row holds, for compiled layers); None: as many entries as segments
         self.segments = segments
+        self.static = static  # shapes for compiled layers: see `pack`
 
     def __call__(self, samples: Sequence[EncodedSample]) -> dict[str, Any]:
         padded = self.collate(samples)
         return pack(
-            padded, self.positions(padded), self.pad_id, self.token_keys, self.pad_to_multiple, self.segments
+            padded,
+            self.positions(padded),
+            self.pad_id,
+            self.token_keys,
+            self.pad_to_multiple,
+            self.segments,
+            self.static,
         )
 
 
@@ -98,8 +106,13 @@ def pack(
     token_keys: Sequence[str] = (),
     pad_to_multiple: int = 1,
     segments: int | None = None,
+    static: bool = False,
 ) -> dict[str, Any]:
     """Returns the right-padded batch `padded` as one packed row (see the module's docstring).
+
+    `static` (compiled layers, which trace one graph per distinct shape and integer): cu_seq_lens padded
+    with empty segments to a power-of-two count (at least 8; unless `segments` fixes it), and max_length_*
+    the row's length, so that a row's shapes depend on its `pad_to_multiple`-rounded length alone.
 
     `positions` (R, B, L) holds the position rows of every padded row; the packed position_ids are (R, 1, T)
     (R = 4: [text; t; h; w], which transformers' Qwen text models take as such), or (1, T) when R = 1.
@@ -118,6 +131,8 @@ def pack(
         bounds.append(bounds[-1] + n)
     if tail:
         bounds.append(length)
+    if static and segments is None:
+        segments = max(8, 1 << (len(bounds) - 2).bit_length())  # the power of two >= len(bounds) - 1
     if segments is not None:
         if len(bounds) - 1 > segments:
             raise ValueError(
@@ -149,7 +164,7 @@ def pack(
     position_ids = torch.cat([gathered, pad_positions], dim=1).unsqueeze(1)  # (R, 1, T)
     out["position_ids"] = position_ids[0] if position_ids.shape[0] == 1 else position_ids
     cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    longest = length if static else max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     out[NUM_SAMPLES] = len(lengths)
     return out

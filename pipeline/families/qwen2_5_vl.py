@@ -33,7 +33,14 @@ PROJECTOR = "model.visual.merger"
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
-    capabilities = Capabilities(display_name="Qwen2.5-VL", max_images=16, packs=True, packs_padding_free=True)
+    capabilities = Capabilities(
+        display_name="Qwen2.5-VL",
+        max_images=16,
+        packs=True,
+        packs_padding_free=True,
+        compiles=True,
+        compiled_shapes="packed",
+    )
     chat_template = CHAT_TEMPLATE
 
     def freeze_groups(self) -> FreezeGroups:

@@ -33,7 +33,14 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 
 class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
-    capabilities = Capabilities(display_name="Qwen3-VL", max_images=16, packs=True, packs_padding_free=True)
+    capabilities = Capabilities(
+        display_name="Qwen3-VL",
+        max_images=16,
+        packs=True,
+        packs_padding_free=True,
+        compiles=True,
+        compiled_shapes="packed",
+    )
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
 

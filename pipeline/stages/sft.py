@@ -44,7 +44,6 @@ from pipeline.training.loop import (
 from pipeline.training.optim import TrainableSummary, build_optimizer, build_scheduler, count_parameters
 from pipeline.training.plan import (
     Launch,
-    LoopSettings,
     TrainingPlan,
     plan_training,
     resolve_mixed_precision,
@@ -63,17 +62,19 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     seed_everything(cfg.seed)  # LoRA dropout and init draw from the global RNG: same seed, same run
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
+    caps = family.capabilities
     plan = plan_training(
         cfg,
         launch_of(accelerator),
-        compiles=family.capabilities.compiles,
-        packs_padding_free=family.capabilities.packs_padding_free,
+        compiles=caps.compiles,
+        packs_padding_free=caps.packs_padding_free,
+        compiled_shapes=caps.compiled_shapes,
     )
     log.info("%s", plan.describe())
 
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
     model = build_model(cfg, family, plan, state.model_path)
-    data = build_data(cfg, family, model.bundle, rows, plan.loop, sft_dir)
+    data = build_data(cfg, family, model.bundle, rows, plan, sft_dir)
     engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set))
     with stage_tracker(cfg, Path(run_dir), state, accelerator) as tracker:
         outputs = RunOutputs(sft_dir, cfg, model.bundle.base_path, tracker)
@@ -177,12 +178,13 @@ def build_data(
     family: Family,
     bundle: Any,
     rows: RawRows,
-    loop: LoopSettings,
+    plan: TrainingPlan,
     sft_dir: Path,
 ) -> TrainingData:
     """Returns the training and validation sets of the rows that fit (problems into
-    sft/dataset_problems.jsonl), encoded by the family, with its collates and, for micro-batches cut by a
-    token budget, every row's token count."""
+    sft/dataset_problems.jsonl), encoded by the family, with its collates (of static shapes for compiled
+    layers) and, for micro-batches cut by a token budget, every row's token count."""
+    loop = plan.loop
     images = ImageFiles()
     splits = split_dataset(
         rows,
@@ -200,7 +202,7 @@ def build_data(
     return TrainingData(
         train_set,
         val_set,
-        collate=family.training_collate(bundle, loop.pad_to_multiple, loop.packing),
+        collate=family.training_collate(bundle, loop.pad_to_multiple, loop.packing, plan.compile),
         eval_collate=family.eval_collate(bundle),
         lengths=train_set.token_counts() if budget else None,
         val_lengths=val_set.token_counts() if budget else None,

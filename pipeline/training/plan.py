@@ -2,8 +2,9 @@
 
 `plan_training` builds it from the config, from where the run executes (`Launch`: the device, the number of
 processes, the engine accelerate started and its mixed precision) and from what the model family can do
-(`compiles`: whether its layers can be compiled and replayed as CUDA graphs; `packs_padding_free`: whether
-it attends packed rows by variable-length attention); no decision looks at a family's name. The stage logs it once (`TrainingPlan.describe`) and hands out its parts: the weights dtype
+(`compiles`: whether its layers can be compiled; `compiled_shapes`: which batches they take;
+`packs_padding_free`: whether it attends packed rows by variable-length attention); no decision looks at a
+family's name. The stage logs it once (`TrainingPlan.describe`) and hands out its parts: the weights dtype
 and activation checkpointing to the model, compile and CUDA graphs to the family, the learning rate to the
 optimizer, `loop` to the Trainer.
 
@@ -12,7 +13,10 @@ optimizer, `loop` to the Trainer.
     compile                  trainer.compile auto: see resolve_compile
     packing                  trainer.packing auto: see resolve_packing
     gradient checkpointing   model.gradient_checkpointing auto: see resolve_checkpointing
-    CUDA graphs              compiled on a GPU; batches then padded to a multiple of 128, gradients preallocated
+    CUDA graphs              compiled on a GPU, for a family whose compiled layers take any padded batch
+                             (MiniCPM-V-2); batches then padded to a multiple of 128, gradients preallocated
+    static buckets           compiled for packed rows only (the HF-native families): rows rounded up to a
+                             quarter of the budget (see static_bucket)
     data workers             trainer.num_workers auto: see resolve_num_workers
     grad_accum               trainer.grad_accum null: ms-swift's ceil(16 / (batch_size x processes))
     save_steps, eval batch   null: eval_steps and batch_size, as ms-swift
@@ -141,15 +145,37 @@ class TrainingPlan:
 
 
 def plan_training(
-    cfg: DictConfig, launch: Launch, *, compiles: bool, packs_padding_free: bool = False
+    cfg: DictConfig,
+    launch: Launch,
+    *,
+    compiles: bool,
+    packs_padding_free: bool = False,
+    compiled_shapes: str = "padded",
 ) -> TrainingPlan:
-    """Returns the run's training plan. `compiles`: whether the model family compiles its layers (and
-    replays them as CUDA graphs) when trainer.compile asks for it; `packs_padding_free`: whether it packs
-    rows without a mask (capabilities.packs_padding_free), for trainer.packing=auto."""
+    """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
+    its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
+    (for trainer.packing=auto); `compiled_shapes`, "padded" = its compiled layers take any batch and replay
+    as CUDA graphs on a GPU, "packed" = they take packed rows of static lengths only (no CUDA graphs), so
+    compile needs packing."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
-    compiled = resolve_compile(t.compile, device, compiles, processes, launch.sharded)
-    graphs = compiled and device.type == "cuda"
+    packing = resolve_packing(t.packing, device, packs_padding_free, int(t.micro_batch_tokens))
+    packed_only = compiled_shapes == "packed"
+    compiled = resolve_compile(
+        t.compile, device, compiles and (packing or not packed_only), processes, launch.sharded
+    )
+    if compiled and packed_only and not packing:
+        raise ValueError(
+            "trainer.compile=true: this model family compiles packed rows of static lengths only; "
+            "set trainer.packing=true (with trainer.micro_batch_tokens > 0) or trainer.compile=false"
+        )
+    graphs = compiled and device.type == "cuda" and not packed_only
+    if graphs:
+        pad_to_multiple = GRAPH_PAD_MULTIPLE
+    elif compiled and packed_only:
+        pad_to_multiple = static_bucket(t.micro_batch_tokens)
+    else:
+        pad_to_multiple = 1
     loop = LoopSettings(
         batch_size=t.batch_size,
         grad_accum=accumulation_steps(t.grad_accum, t.batch_size, processes),
@@ -165,9 +191,9 @@ def plan_training(
         num_workers=resolve_num_workers(t.num_workers, device, processes),
         seed=cfg.seed,
         micro_batch_tokens=t.micro_batch_tokens,
-        packing=resolve_packing(t.packing, device, packs_padding_free, int(t.micro_batch_tokens)),
+        packing=packing,
         profile_steps=t.profile_steps,
-        pad_to_multiple=GRAPH_PAD_MULTIPLE if graphs else 1,
+        pad_to_multiple=pad_to_multiple,
         # DeepSpeed's engine keeps gradients in its own buffers
         preallocate_grads=graphs and not launch.deepspeed,
     )
@@ -182,6 +208,14 @@ def plan_training(
         lr=resolve_lr(cfg),
         loop=loop,
     )
+
+
+def static_bucket(micro_batch_tokens: int) -> int:
+    """Returns the length packed rows of compiled layers are rounded up to: a quarter of the micro-batch
+    budget in multiples of 128 (a budget of 4096 gives rows of 1024, 2048, 3072 or 4096 tokens: four
+    compiled shapes, at most a quarter of a budget of padding)."""
+    quarter = max(int(micro_batch_tokens), 4 * GRAPH_PAD_MULTIPLE) // 4
+    return -(-quarter // GRAPH_PAD_MULTIPLE) * GRAPH_PAD_MULTIPLE
 
 
 def resolve_mixed_precision(choice: str, device: torch.device) -> str:
@@ -233,10 +267,10 @@ def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) ->
 
 
 def resolve_compile(value: Any, device: torch.device, compiles: bool, processes: int, sharded: bool) -> bool:
-    """Returns whether sft compiles the model's layers: true/false as given; auto = on for a family that
-    compiles (`compiles`: MiniCPM-V-2) on an Ampere-or-newer CUDA device with triton, in a single unsharded
-    process (its layers replayed as CUDA graphs: the step is otherwise launch-bound), off elsewhere (CPU,
-    older cards, other families, several processes, FSDP/DeepSpeed)."""
+    """Returns whether sft compiles the model's layers: true/false as given; auto = on where the family
+    compiles this run's batches (`compiles`: MiniCPM-V-2 any batch, the HF-native families packed rows) on an
+    Ampere-or-newer CUDA device with triton, in a single unsharded process, off elsewhere (CPU, older cards,
+    unpacked batches of a family that compiles packed rows only, several processes, FSDP/DeepSpeed)."""
     if value != "auto":
         return bool(value)
     single = compiles and processes == 1 and not sharded

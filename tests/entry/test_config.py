@@ -13,7 +13,14 @@ from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, objective_problems, resolve_device, resolve_dtype, validate
 from pipeline.stages import STAGES
 from pipeline.training import plan
-from pipeline.training.plan import Launch, TrainingPlan, plan_training, resolve_checkpointing, resolve_compile
+from pipeline.training.plan import (
+    Launch,
+    TrainingPlan,
+    plan_training,
+    resolve_checkpointing,
+    resolve_compile,
+    static_bucket,
+)
 from tests.helpers import CONF_DIR
 
 # groups selected with `+group=name` (not in config.yaml's defaults list)
@@ -443,3 +450,35 @@ def test_the_objective_is_one_check_before_and_after_eval():
         "eval.objective=numeric_accuracy is not among the metrics eval wrote: bleu4, eval_loss "
         "(written only when some reference holds a number)"
     ]
+
+
+def test_a_family_that_compiles_packed_rows_compiles_them_in_static_buckets_without_cuda_graphs(
+    compose, monkeypatch
+):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(plan, "compiles_on", lambda device: device.type == "cuda")
+    packed = compose(
+        ["model=qwen2_5_vl_3b", "trainer=default", "+experiment=lora_qkv", "trainer.packing=true"]
+    )
+    padded = compose(
+        ["model=qwen2_5_vl_3b", "trainer=default", "+experiment=lora_qkv", "trainer.packing=false"]
+    )
+
+    def of(cfg, device=cuda):
+        return plan_training(cfg, Launch(device, 1), compiles=True, compiled_shapes="packed")
+
+    on = of(packed)
+    assert on.compile and not on.cuda_graphs and not on.loop.preallocate_grads
+    assert on.loop.pad_to_multiple == static_bucket(4096) == 1024  # rows of 1024, 2048, 3072 or 4096 tokens
+    assert "compile: on; CUDA graphs: off" in on.describe()
+    assert of(padded).compile is False  # auto: unpacked batches would take a new shape every step
+    assert of(packed, torch.device("cpu")).compile is False
+    explicit = compose(["model=qwen2_5_vl_tiny", "trainer.compile=true", "trainer.packing=false"])
+    with pytest.raises(
+        ValueError, match="compiles packed rows of static lengths only; set trainer.packing=true"
+    ):
+        of(explicit)
+    assert [static_bucket(n) for n in (256, 1000, 4096, 8192)] == [128, 256, 1024, 2048]
+    # MiniCPM-V-2 (any padded batch): CUDA graphs, batches padded to a multiple of 128
+    v2 = plan_training(padded, Launch(cuda, 1), compiles=True, compiled_shapes="padded")
+    assert v2.compile and v2.cuda_graphs and v2.loop.pad_to_multiple == 128

@@ -173,7 +173,6 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
 @pytest.mark.parametrize(
     "override, said",
     [
-        ("trainer.compile=true", "trainer.compile=true runs for model.family=minicpm_v2 only"),
         ("dataset.truncation=truncate", "dataset.truncation=truncate runs for model.family=minicpm_v2"),
     ],
 )
@@ -216,13 +215,14 @@ def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path):
     ] * 3  # fmt: skip
     data = write_rows(tmp_path / "rows.jsonl", rows)
 
-    def steps(packing: str, run_dir: Path) -> list[dict]:
+    def steps(packing: str, run_dir: Path, *extra: str) -> list[dict]:
         cfg = compose_config(
             ["+experiment=lora_qkv", f"model={model}", f"model.path={twin_root / model}", *QUICK]
             + ["dataset=custom", f"dataset.path={data}", "dataset.max_rows=null"]
             + ["trainer.batch_size=4", "trainer.grad_accum=1", "trainer.logging_steps=1"]
             + ["trainer.micro_batch_tokens=2048", f"trainer.packing={packing}"]
-            + ["lora.dropout=0.0"]  # dropout masks are drawn per layout: padded and packed ones differ
+            # dropout masks are drawn per layout: padded and packed ones differ
+            + ["lora.dropout=0.0", *extra]
         )
         run_stage(sft, cfg, run_dir)
         return [r for r in log_records(run_dir / "sft") if "loss" in r]
@@ -234,6 +234,14 @@ def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path):
         assert b["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4), (p, b)
         assert b["micro_batches"] == p["micro_batches"] == 1
         assert b["padding_pct"] == 0 < p["padding_pct"]
+    if model == "qwen2_5_vl_tiny":
+        # compiled decoder layers (inductor on the CPU): rows padded to a static bucket (a quarter of the
+        # budget, 512), the same steps within the compiler's float reordering
+        compiled = steps("true", tmp_path / "compiled", "trainer.compile=true")
+        for b, c in zip(packed, compiled, strict=True):
+            assert c["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, c)
+            assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, c)
+            assert c["padding_pct"] > 0
 
 
 def test_the_chat_runs_another_family_and_validation_takes_it():

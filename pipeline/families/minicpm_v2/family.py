@@ -311,8 +311,9 @@ class MiniCPMV2(Family):
         return SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation, images)
 
     def training_collate(
-        self, bundle: ModelBundle, pad_to_multiple: int = 1, packed: bool = False
+        self, bundle: ModelBundle, pad_to_multiple: int = 1, packed: bool = False, static: bool = False
     ) -> Callable:
+        # its compiled layers take any padded batch (rounded to pad_to_multiple): `static` asks nothing more
         fn = collate_packed if packed else collate_for_training
         return partial(fn, pad_id=bundle.tokenizer.pad_id, pad_to_multiple=pad_to_multiple)
 

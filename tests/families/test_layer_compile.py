@@ -1,0 +1,84 @@
+"""The HF-native families' decoder layers compiled for training steps: same loss and gradients as eager, one
+traced graph shared by every layer, evaluation and generation left on the eager layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from pipeline.families import get_family
+from pipeline.families.base import messages_from_row
+from pipeline.families.layer_compile import compile_for_training, is_compiled_for_training
+
+HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
+
+
+def picture(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+def loss_and_grads(family, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    sums = family.loss_outputs(model, batch)
+    (sums.loss_sum / sums.num_tokens).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sums.loss_sum.detach(), grads
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_compiled_layers_give_the_eager_loss_and_gradients_from_one_shared_graph(family_twin, name):
+    family = get_family(name)
+    model, processor = family.load(family_twin(name))
+    torch.manual_seed(0)
+    model = family.apply_lora(model, family.lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    samples = [
+        family.encode(processor, messages_from_row("<image>What is it?", "A small red thing."), [picture(0)]),
+        family.encode(processor, messages_from_row("<image>Describe it.", "Noise."), [picture(1)]),
+    ]
+    batch = family.collate_for_training(processor, samples)
+    # every layer's input then carries a gradient (without it the first layer's input, straight from the
+    # frozen embeddings, does not, and it traces a graph of its own)
+    model.enable_input_require_grads()
+    model.train()
+    eager_loss, eager_grads = loss_and_grads(family, model, batch)
+
+    layers = model.get_base_model().get_submodule(family.decoder_layers)
+    # one graph per kind of layer (MiniCPM-V 4.6 mixes full- and linear-attention layers)
+    kinds = len(set(getattr(model.config.get_text_config(), "layer_types", None) or ["one"]))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    assert compile_for_training(layers, backend=counter) == len(layers) >= 2
+    assert all(is_compiled_for_training(layer) for layer in layers)
+    loss, grads = loss_and_grads(family, model, batch)
+    assert counter.frame_count == kinds  # one trace serves every layer of a kind
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[key], msg=key)
+    loss_and_grads(family, model, batch)
+    assert counter.frame_count == kinds  # the same shape replays the traced graphs
+
+    model.eval()
+    with torch.no_grad():
+        family.loss_outputs(model, batch)
+        family.generate(
+            model, processor, family.collate_for_generation(processor, samples[:1]), max_new_tokens=2
+        )
+    assert counter.frame_count == kinds  # evaluation and generation run the eager layers
+
+
+def test_the_family_compiles_its_decoder_layers_without_cuda_graphs(family_twin):
+    family = get_family("qwen2_5_vl")
+    bundle = family.load_bundle(family_twin("qwen2_5_vl"))
+    assert family.capabilities.compiles and family.capabilities.compiled_shapes == "packed"
+    with pytest.raises(Exception, match="not replayed as CUDA graphs"):
+        family.compile_model(bundle, graphs=True)
+    n = family.compile_model(bundle, graphs=False)
+    layers = bundle.core.get_submodule(family.decoder_layers)
+    assert n == len(layers) and all(is_compiled_for_training(layer) for layer in layers)
