@@ -33,7 +33,7 @@ PROJECTOR = "model.visual.merger"
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
-    capabilities = Capabilities(display_name="Qwen2.5-VL", max_images=16)
+    capabilities = Capabilities(display_name="Qwen2.5-VL", max_images=16, counts_patches=True)
     chat_template = CHAT_TEMPLATE
 
     def freeze_groups(self) -> FreezeGroups:

@@ -33,7 +33,7 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 
 class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
-    capabilities = Capabilities(display_name="Qwen3-VL", max_images=16)
+    capabilities = Capabilities(display_name="Qwen3-VL", max_images=16, counts_patches=True)
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
 
