@@ -125,6 +125,11 @@ class TrainerConfig:
     # MiniCPM-V-2's packing builds a mask) on a CUDA device with micro_batch_tokens > 0; off on the CPU and
     # in the plain regime. true needs micro_batch_tokens > 0 (the packed row's length).
     packing: Any = "auto"
+    # What one vision-tower patch counts as in micro_batch_tokens (the budget then bounds the work of the
+    # language model and of the vision tower together): auto = the tower's parameters over the language
+    # model's (a patch's FLOPs relative to a token's) for the families that count patches (the HF-native
+    # ones; MiniCPM-V-2 counts language-model tokens only, as measured); 0 = tokens only; or a number >= 0.
+    patch_weight: Any = "auto"
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
     max_eval_samples: int | None = None
@@ -431,6 +436,9 @@ def _check_ranges(tree: dict) -> list[str]:
     workers = tree["trainer"]["num_workers"]
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         problems.append(f"trainer.num_workers={_show(workers)} must be auto or an integer >= 0")
+    weight = tree["trainer"]["patch_weight"]
+    if weight != "auto" and (isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0):
+        problems.append(f"trainer.patch_weight={_show(weight)} must be auto or a number >= 0")
     if tree["trainer"]["max_steps"] <= 0 and tree["trainer"]["epochs"] <= 0:
         problems.append("trainer.epochs and trainer.max_steps are both <= 0; set one of them > 0")
     if len(tree["optim"]["betas"]) != 2:
@@ -566,6 +574,11 @@ def _check_family(tree: dict) -> list[str]:
         ("trainer.compile=true", "compiles", "sft" in uses and tree["trainer"]["compile"] is True),
         ("trainer.packing=true", "packs", "sft" in uses and tree["trainer"]["packing"] is True),
         ("dataset.truncation=truncate", "truncates", tree["dataset"]["truncation"] != "delete"),
+        (
+            f"trainer.patch_weight={tree['trainer']['patch_weight']}",
+            "counts_patches",
+            "sft" in uses and tree["trainer"]["patch_weight"] not in ("auto", 0, 0.0),
+        ),
     ]
     for what, can, used in needs:
         if used and not getattr(capabilities, can):

@@ -82,6 +82,7 @@ class Capabilities:
     # its packed rows are attended by variable-length attention (no T x T mask): trainer.packing=auto
     # turns packing on for it on a GPU
     packs_padding_free: bool = False
+    counts_patches: bool = False  # trainer.patch_weight: its token budget counts vision patches
     truncates: bool = (
         False  # dataset.truncation other than `delete` (cut a too-long row instead of dropping it)
     )
@@ -536,6 +537,27 @@ class Family(ABC):
     ) -> Callable[[RowLike], int | None]:
         """Returns `count(row)`: the row's encoded length (image tokens included, read from image headers
         where the family can), or None when the row cannot be kept under `truncation`."""
+
+    def patch_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int] | None:
+        """Returns `count(row)`: the patches the vision tower processes for the row's images, or None where
+        the family's token budget counts language-model tokens only (not capabilities.counts_patches)."""
+        return None
+
+    def patch_weight(self, bundle: Bundle) -> float:
+        """Returns what one vision-tower patch counts as in the token budget (trainer.patch_weight auto):
+        the tower's parameters over the language model's (without its embeddings), i.e. a patch's forward
+        FLOPs relative to a token's. Families without `patch_counter` count no patch."""
+        if not self.capabilities.counts_patches:
+            return 0.0
+        groups = self.freeze_groups()
+        vision = llm = 0
+        for name, param in bundle.core.named_parameters():
+            group = groups.of(name)
+            if group == "vision":
+                vision += param.numel()
+            elif group == "llm" and "embed_tokens" not in name and not name.startswith("lm_head"):
+                llm += param.numel()
+        return vision / llm if llm else 0.0
 
     @abstractmethod
     def dataset(

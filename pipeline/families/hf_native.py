@@ -558,6 +558,30 @@ class HFNativeFamily(Family):
             n += sum(per_image) - len(sizes)  # each image token becomes that image's count
         return n
 
+    def patch_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int]:
+        """Counts the vision tower's patches of a row: from its images' header sizes where the processor
+        says how many patches a size makes (`counts_from_sizes`), else from the encoded row's pixels."""
+        processor = bundle.processor
+
+        def count(row: RowLike) -> int:
+            if not row.images:
+                return 0
+            if self.counts_from_sizes:
+                sizes = [images.size(ref) for ref in row.images]  # the headers only
+                if all(size is not None for size in sizes):
+                    hw = [(size[1], size[0]) for size in sizes]
+                    return sum(processor._get_num_multimodal_tokens(image_sizes=hw).num_image_patches)
+            sample = self._encode_row(processor, row, row_images(row, images), generation=False)
+            return self.sample_patches(processor, sample)
+
+        return count
+
+    def sample_patches(self, processor: Any, sample: EncodedSample) -> int:
+        """Returns the vision tower's patches of an encoded sample: the rows of its pixel_values (one per
+        patch, the Qwen VLs' layout)."""
+        pixels = sample.pixel_inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
+
     def dataset(
         self, bundle: Bundle, rows: Sequence[RowLike], max_length: int, truncation: str, images: ImageSource
     ) -> EncodedRows:

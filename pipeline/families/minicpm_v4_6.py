@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from . import linear_attention
-from .base import Capabilities, FreezeGroups
+from .base import Capabilities, EncodedSample, FreezeGroups
 from .hf_native import HFNativeFamily
 
 CHAT_TEMPLATE = (
@@ -55,6 +55,7 @@ class MiniCPMV4_6(HFNativeFamily):
         packs_padding_free=True,
         compiles=True,
         compiled_shapes="packed",
+        counts_patches=True,
     )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
@@ -63,6 +64,11 @@ class MiniCPMV4_6(HFNativeFamily):
     min_transformers = ("5.19", "older releases fail on an image sliced into pieces of different sizes")
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
     pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": -1, "target_sizes": 0}
+
+    def sample_patches(self, processor: Any, sample: EncodedSample) -> int:
+        # every slice's patches side by side along the last axis of one (1, C, patch, L) tensor
+        pixels = sample.pixel_inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[-1]) // int(processor.image_processor.patch_size)
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))

@@ -40,6 +40,7 @@ class Qwen2_5_VL(QwenVL):
         packs_padding_free=True,
         compiles=True,
         compiled_shapes="packed",
+        counts_patches=True,
     )
     chat_template = CHAT_TEMPLATE
 

@@ -40,6 +40,7 @@ class Qwen3_VL(QwenVL):
         packs_padding_free=True,
         compiles=True,
         compiled_shapes="packed",
+        counts_patches=True,
     )
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE

@@ -31,6 +31,7 @@ from pipeline.families import family_from_config, image_limit
 from pipeline.families.base import Family
 from pipeline.runinfo import seed_everything
 from pipeline.stages.state import RunState
+from pipeline.training.batching import budget_sizes
 from pipeline.training.checkpoints import TrainerState, check_tuning_settings
 from pipeline.training.loop import (
     FamilyHooks,
@@ -198,15 +199,35 @@ def build_data(
         return family.dataset(bundle, split, cfg.dataset.max_length, cfg.dataset.truncation, images)
 
     train_set, val_set = encoded(splits.train), encoded(splits.val)
-    budget = loop.token_budget
+    lengths = val_lengths = None
+    if loop.token_budget:
+        weight = resolve_patch_weight(cfg.trainer.patch_weight, family, bundle)
+        counter = family.patch_counter(bundle, images) if weight > 0 else None
+        if counter is not None:
+            log.info("token budget: language-model tokens + vision patches x %.3g", weight)
+
+        def sizes(split, dataset):
+            patches = [counter(row) for row in split] if counter is not None else None
+            return budget_sizes(dataset.token_counts(), patches, weight)
+
+        lengths, val_lengths = sizes(splits.train, train_set), sizes(splits.val, val_set)
     return TrainingData(
         train_set,
         val_set,
         collate=family.training_collate(bundle, loop.pad_to_multiple, loop.packing, plan.compile),
         eval_collate=family.eval_collate(bundle),
-        lengths=train_set.token_counts() if budget else None,
-        val_lengths=val_set.token_counts() if budget else None,
+        lengths=lengths,
+        val_lengths=val_lengths,
     )
+
+
+def resolve_patch_weight(value: Any, family: Family, bundle: Any) -> float:
+    """Returns trainer.patch_weight: as given; auto = the family's (its vision tower's parameters over its
+    language model's); 0 for a family that counts tokens only (config validation refuses a weight there)."""
+    if value == "auto":
+        return family.patch_weight(bundle)
+    weight = float(value)
+    return weight if family.capabilities.counts_patches else 0.0
 
 
 # ----- the model

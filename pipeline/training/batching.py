@@ -11,6 +11,10 @@ same token-weighted loss; only how they are cut into forward passes changes. Two
   run as one forward instead of sixteen. A sample longer than N runs alone. With packing (`trainer.packing`) the
   micro-batch is one packed row, so its size is the sum of the lengths (no padding but the tail).
 
+A row's size in the budget is its language-model tokens plus, where the family counts them, its vision-tower
+patches at `trainer.patch_weight` each (`budget_sizes`): a micro-batch of many large images then holds fewer
+rows, so the budget bounds the vision tower's work as well as the language model's.
+
 Plans depend only on the window's indices and the rows' token counts, so every process computes every
 process's plan, and a resumed run makes the same plan as an uninterrupted one. Under engines that gather
 weights in each forward (FSDP, ZeRO-3) every process must run as many micro-batches as the others: the
@@ -19,7 +23,18 @@ plans are evened out by splitting the largest micro-batches of the processes wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+
+def budget_sizes(tokens: Sequence[int], patches: Sequence[int] | None, weight: float) -> list[int]:
+    """Returns every row's size in the token budget: its tokens plus `weight` x its vision patches (rounded
+    up); the tokens alone when `patches` is None or the weight 0."""
+    if patches is None or weight <= 0:
+        return list(tokens)
+    if len(patches) != len(tokens):
+        raise ValueError(f"{len(tokens)} token counts but {len(patches)} patch counts")
+    return [t + math.ceil(weight * p) for t, p in zip(tokens, patches, strict=True)]
 
 
 def padded_size(lengths: Sequence[int], multiple: int = 1) -> int:

@@ -11,6 +11,7 @@ import pytest
 from pipeline.stages import sft
 from pipeline.training.batching import (
     budget_micro_batches,
+    budget_sizes,
     fixed_micro_batches,
     padded_size,
     plan_window,
@@ -144,3 +145,25 @@ def test_a_packed_row_scores_each_sample_as_if_alone(tiny_twin):
         alone = [model(**collate_for_training([s], bundle.tokenizer.pad_id)).loss_sum for s in samples]
         packed = model(**collate_packed(samples, bundle.tokenizer.pad_id, pad_to_multiple=64))
     assert float(packed.loss_sum) == pytest.approx(float(sum(alone)), rel=1e-5)
+
+
+def test_budget_sizes_add_the_weighted_patches_rounded_up():
+    assert budget_sizes([10, 20], [100, 0], 0.25) == [35, 20]
+    assert budget_sizes([10, 20], [3, 1], 0.5) == [12, 21]
+    assert budget_sizes([10, 20], None, 0.5) == [10, 20] == budget_sizes([10, 20], [5, 5], 0)
+    with pytest.raises(ValueError, match="2 token counts but 1 patch counts"):
+        budget_sizes([10, 20], [1], 1.0)
+
+
+def test_a_budget_counting_vision_patches_cuts_more_micro_batches_for_the_same_steps(family_twin, tmp_path):
+    twin = family_twin("qwen2_5_vl")
+    common = ("model=qwen2_5_vl_tiny", "+experiment=lora_qkv", "trainer.micro_batch_tokens=512")
+    tokens = step_records(twin, tmp_path / "tokens", *common, "trainer.patch_weight=0")
+    patches = step_records(twin, tmp_path / "patches", *common, "trainer.patch_weight=2")
+    train = [(t, p) for t, p in zip(tokens, patches, strict=True) if "loss" in t]
+    assert len(train) == 3
+    for t, p in train:
+        assert p["loss"] == pytest.approx(t["loss"], rel=1e-5) and p["grad_norm"] == pytest.approx(
+            t["grad_norm"], rel=1e-4
+        )
+        assert p["micro_batches"] > t["micro_batches"]

@@ -1,0 +1,77 @@
+"""The vision patches a row costs the token budget: counted from image headers where the processor can, equal
+to the encoded pixels, and weighted by the vision tower's size relative to the language model's."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, validate
+from pipeline.data.images import ImageFiles
+from pipeline.data.rows import Row
+from pipeline.families import get_family
+from tests.helpers import compose_config
+
+HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
+
+
+def row_with_images(tmp_path, sizes: list[tuple[int, int]]) -> Row:
+    paths = []
+    for k, (width, height) in enumerate(sizes):
+        path = tmp_path / f"image{k}.png"
+        Image.fromarray(np.random.RandomState(k).randint(0, 255, (height, width, 3), dtype=np.uint8)).save(
+            path
+        )
+        paths.append(str(path))
+    query = "".join("<image>" for _ in paths) + "What is here?"
+    return Row(query, "Colours.", [], paths, None, "rows.jsonl:1")
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_rows_patches_equal_its_encoded_pixels_and_weigh_by_the_towers_size(family_twin, tmp_path, name):
+    family = get_family(name)
+    assert family.capabilities.counts_patches
+    bundle = family.load_bundle(family_twin(name))
+    images = ImageFiles()
+    count = family.patch_counter(bundle, images)
+    for sizes in ([(200, 120)], [(64, 64), (150, 90)], []):
+        row = row_with_images(tmp_path, sizes)
+        sample = family._encode_row(
+            bundle.processor, row, [images.load(p) for p in row.images], generation=False
+        )
+        encoded = family.sample_patches(bundle.processor, sample)
+        assert count(row) == encoded and (encoded > len(sample) // 2 if sizes else encoded == 0)
+
+    groups = family.freeze_groups()
+    vision = sum(p.numel() for n, p in bundle.core.named_parameters() if groups.of(n) == "vision")
+    llm = sum(
+        p.numel()
+        for n, p in bundle.core.named_parameters()
+        if groups.of(n) == "llm" and "embed_tokens" not in n and not n.startswith("lm_head")
+    )
+    assert 0 < family.patch_weight(bundle) == pytest.approx(vision / llm)
+
+
+def test_minicpm_v2_counts_language_model_tokens_only(tiny_twin):
+    family = get_family("minicpm_v2")
+    bundle = family.load_bundle(tiny_twin)
+    assert not family.capabilities.counts_patches
+    assert family.patch_counter(bundle, ImageFiles()) is None and family.patch_weight(bundle) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (["trainer.patch_weight=-1"], "trainer.patch_weight=-1 must be auto or a number >= 0"),
+        (["trainer.patch_weight=many"], "trainer.patch_weight=many must be auto or a number >= 0"),
+        (["trainer.patch_weight=0.5"], "trainer.patch_weight=0.5 runs for model.family=minicpm_v4_6, "),
+    ],
+)
+def test_bad_patch_weights_are_refused_naming_the_key(overrides, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        validate(compose_config(["model=minicpm_v2_tiny", *overrides]))
+    validate(compose_config(["model=qwen2_5_vl_tiny", "trainer.patch_weight=0.5"]))
+    validate(compose_config(["model=minicpm_v2_tiny", "trainer.patch_weight=0"]))
