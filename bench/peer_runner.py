@@ -21,8 +21,10 @@ A failure is written as `error` with the exception's last line, so a row is neve
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
+import os
 import sys
 import time
 import traceback
@@ -88,6 +90,7 @@ class StepRecorder:
         original = transformers.Trainer.__init__
         recorder = self
 
+        @functools.wraps(original)  # the signature stays visible: ms-swift inspects it for its keywords
         def init(trainer, *args, **kwargs):
             original(trainer, *args, **kwargs)
             trainer.add_callback(recorder.callback())
@@ -192,6 +195,9 @@ def swift_arguments(spec: dict, dataset: Path) -> list[str]:
     args = {
         "model": spec["model"],
         "model_type": spec["swift_model_type"],
+        "template": spec[
+            "swift_model_type"
+        ],  # a folder's name cannot pick it: the same name is several types
         "dataset": str(dataset),
         "output_dir": str(Path(spec["work"]) / "output"),
         "max_steps": spec["steps"],
@@ -215,6 +221,19 @@ def swift_arguments(spec: dict, dataset: Path) -> list[str]:
     return out
 
 
+def tiny_pixel_bounds(folder: Path) -> None:
+    """ms-swift resizes Qwen images itself (qwen_vl_utils, bounds from MAX_PIXELS / MIN_PIXELS, its defaults
+    made for the real towers); a tiny twin's processor allows far fewer pixels, so the smoke run passes the
+    twin's own bounds. The full-size folders carry the real bounds, which swift's defaults cover."""
+    config = folder / "processor_config.json"
+    if not config.is_file():
+        return
+    size = json.loads(config.read_text()).get("image_processor", {}).get("size", {})
+    if "longest_edge" in size:
+        os.environ["MAX_PIXELS"] = str(size["longest_edge"])
+        os.environ["MIN_PIXELS"] = str(size.get("shortest_edge", 0))
+
+
 def run_swift(spec: dict, result: dict[str, Any]) -> None:
     import importlib.util
 
@@ -223,6 +242,8 @@ def run_swift(spec: dict, result: dict[str, Any]) -> None:
     if spec["settings"].get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         spec["settings"]["use_liger_kernel"] = False
         result["resolved"] = {"use_liger_kernel": "off: liger-kernel is not installed"}
+    if spec["tiny"]:
+        tiny_pixel_bounds(Path(spec["model"]))
     result["arguments"] = swift_arguments(spec, swift_dataset(spec))
     sft_main(result["arguments"])
 
