@@ -284,6 +284,8 @@ def main() -> None:
     )
     Path(spec["out"]).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "arguments"}), flush=True)
+    if "error" in result:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
