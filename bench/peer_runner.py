@@ -45,6 +45,7 @@ class StepRecorder:
         self._last: float | None = None
         self._real: Any = 0
         self._padded = 0
+        self.trainable_params: int | None = None
 
     def count(self, module, args, kwargs) -> None:
         """Forward pre-hook (with_kwargs): adds the batch's real and padded tokens without a host sync."""
@@ -94,6 +95,7 @@ class StepRecorder:
         def init(trainer, *args, **kwargs):
             original(trainer, *args, **kwargs)
             trainer.add_callback(recorder.callback())
+            recorder.trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             trainer.model.register_forward_pre_hook(recorder.count, with_kwargs=True)
 
         transformers.Trainer.__init__ = init
@@ -166,7 +168,6 @@ def run_trl(spec: dict, result: dict[str, Any]) -> None:
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=peft_config
     )
-    result["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
 
 
@@ -280,6 +281,7 @@ def main() -> None:
         step_tokens=recorder.step_tokens,
         step_padded=recorder.step_padded,
         losses=recorder.losses,
+        trainable_params=recorder.trainable_params,
         peak_gb=round(torch.cuda.max_memory_allocated() / 1024**3, 3) if torch.cuda.is_available() else None,
     )
     Path(spec["out"]).write_text(json.dumps(result, indent=2) + "\n")

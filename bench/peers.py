@@ -163,9 +163,17 @@ def resolve_settings(name: str, family: str, tiny: bool) -> dict:
 
 
 def run_peer(
-    name: str, family: str, folder: Path, rows: Path, steps: int, args: argparse.Namespace, log_file: Path
+    name: str,
+    family: str,
+    folder: Path,
+    rows: Path,
+    steps: int,
+    args: argparse.Namespace,
+    log_file: Path,
+    **overrides,
 ) -> dict:
-    """Runs one peer through bench/peer_runner.py in its own process; returns its raw result (or an error)."""
+    """Runs one peer through bench/peer_runner.py in its own process (its settings with `overrides`);
+    returns its raw result (or an error)."""
     runner, _ = PEERS[name]
     work = args.work / "peers" / f"{family}_{name}"
     work.mkdir(parents=True, exist_ok=True)
@@ -178,7 +186,7 @@ def run_peer(
         "n_rows": steps * GLOBAL_BATCH,
         "steps": steps,
         "tiny": args.tiny,
-        "settings": resolve_settings(name, family, args.tiny),
+        "settings": {**resolve_settings(name, family, args.tiny), **overrides},
         "lora": {**LORA, "target_regex": target_regex(family, folder)},
         "work": str(work),
         "out": str(work / "result.json"),
@@ -252,7 +260,7 @@ def peer_row(name: str, family: str, raw: dict, flops: float) -> dict:
         "micro_batches": settings["gradient_accumulation_steps"],
         **peer_metrics(raw, flops),
     }
-    for key in ("resolved", "trainable_params", "arguments", "error"):
+    for key in ("resolved", "trainable_params", "arguments", "liger_error", "error"):
         if key in raw:
             row[key] = raw[key]
     if name == "swift_padding_free" and "flash" in raw.get("error", "").lower():
@@ -311,6 +319,16 @@ def main() -> None:
             else:
                 steps = args.caption_steps if name == "swift_caption" else args.steps
                 raw = run_peer(name, family, folder, rows, steps, args, log_file)
+                if (
+                    name == "swift"
+                    and raw.get("error")
+                    and raw["settings"].get("use_liger_kernel")
+                    and raw["rc"] != 124
+                ):
+                    # --use_liger_kernel "if it runs": once more without it, the failure kept in the row
+                    liger_error = raw["error"]
+                    raw = run_peer(name, family, folder, rows, steps, args, log_file, use_liger_kernel=False)
+                    raw["liger_error"] = liger_error
                 checkpointing = bool(PEERS[name][1].get("gradient_checkpointing"))
                 if checkpointing not in flops:
                     flops[checkpointing] = family_flops(family, folder, sample_rows, checkpointing)
