@@ -116,6 +116,16 @@ FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
     ),
     "minicpm_v4_6_qkv_profile": ("minicpm_v4_6", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
 }
+# every sft run of the script: one log line a step, no evaluation or checkpoint inside the measured steps
+COMMON = [
+    "trainer=default",
+    "dataset=custom",
+    "tracking=none",
+    "trainer.logging_steps=1",
+    "trainer.eval_steps=100000",
+    "trainer.save_steps=100000",
+    "trainer.max_eval_samples=16",
+]
 STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
 DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "full_plain", "full_default")
 
@@ -463,6 +473,24 @@ def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
     return resolve_checkpointing(value, torch.device("cpu" if tiny else "cuda"), lora, budget)
 
 
+def run_family_setting(
+    name: str, work: Path, rows: Path, steps: int, tiny: bool, timeout: int, log_file: Path
+) -> dict:
+    """Runs one `FAMILY_SETTINGS` setting through the entry point on the family's model folder under `work`
+    (written when absent) and `rows`; returns its result row (`sft_metrics` with the family's FLOPs)."""
+    family, overrides, variant = FAMILY_SETTINGS[name]
+    folder = write_family_model(work / f"{family}_random", family, tiny)
+    model = f"model={family}_tiny" if tiny else f"model={FAMILY_MODELS[family][0]}"
+    cpu = ["device=cpu"] if tiny else []
+    sft_args = [model, f"model.path={folder}", *cpu, *COMMON, *overrides, *sft_run(rows, steps)]
+    sample_rows = [json.loads(line) for line in rows.read_text().splitlines()[:64]]
+    flops = family_flops(family, folder, sample_rows, resolved_checkpointing(overrides, "lora_qkv", tiny))
+    run_dir = work / "runs" / name
+    result = run_pipeline(name, sft_args, run_dir, log_file, timeout)
+    result.update(mode=f"{family}/lora_qkv", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
+    return result
+
+
 def sft_run(rows: Path, steps: int) -> list[str]:
     """Returns the overrides of a setting's sft-only run over `rows`."""
     return [f"dataset.path={rows}", "stages=[sft]", f"trainer.max_steps={steps}"]
@@ -570,21 +598,11 @@ def main() -> None:
     tokenizer = MiniCPMVTokenizer.from_pretrained(model_dir)
     processor = MiniCPMVImageProcessor.from_pretrained(model_dir)
 
-    common = [
-        "trainer=default",
-        "dataset=custom",
-        "tracking=none",
-        "trainer.logging_steps=1",
-        "trainer.eval_steps=100000",
-        "trainer.save_steps=100000",
-        "trainer.max_eval_samples=16",
-    ]
-    cpu = ["device=cpu"] if args.tiny else []
     base = [
         "model=minicpm_v2_tiny" if args.tiny else "model=minicpm_v2",
         f"model.path={model_dir}",
-        *cpu,
-        *common,
+        *(["device=cpu"] if args.tiny else []),
+        *COMMON,
     ]
     results = []
     for name in args.settings:
@@ -599,26 +617,9 @@ def main() -> None:
             result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
             result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
         elif name in FAMILY_SETTINGS:
-            family, overrides, variant = FAMILY_SETTINGS[name]
             steps = args.plain_steps if "plain" in name else args.steps
-            folder = write_family_model(work / f"{family}_random", family, args.tiny)
-            model = f"model={family}_tiny" if args.tiny else f"model={FAMILY_MODELS[family][0]}"
-            sft_args = [
-                model,
-                f"model.path={folder}",
-                *cpu,
-                *common,
-                *overrides,
-                *sft_run(data[variant], steps),
-            ]
-            sample_rows = [json.loads(line) for line in data[variant].read_text().splitlines()[:64]]
-            flops = family_flops(
-                family, folder, sample_rows, resolved_checkpointing(overrides, "lora_qkv", args.tiny)
-            )
-            result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
-            result.update(
-                mode=f"{family}/lora_qkv", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops)
-            )
+            variant = FAMILY_SETTINGS[name][2]
+            result = run_family_setting(name, work, data[variant], steps, args.tiny, args.timeout, log_file)
         else:
             rows = args.stage_rows if name != "infer_load" else 1
             stage = name.split("_")[0]

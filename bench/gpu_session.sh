@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests on the tiny twin, then bench rows. Usage (on the GPU machine, project root):
-#   bash bench/gpu_session.sh tests|train CASES...|infer|entry SETTINGS...|serve [ARGS]
+#   bash bench/gpu_session.sh tests|train CASES...|infer|entry SETTINGS...|serve [ARGS]|peers [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
@@ -16,4 +16,12 @@ case $what in
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call
   entry) python3 -m bench.entry_bench --out "$OUT" --work /tmp/entry-work --timeout "${SETTING_TIMEOUT:-900}" --settings "$@" ;;
   serve) python3 bench/serve_bench.py --out "$OUT/serve.json" "$@" ;;
+  # our row beside TRL's and ms-swift's on the same folders and rows (bench/peers.py); each peer's wheels
+  # (bench/peers_wheels.sh, carried in .peers_whl) go to their own --target dir, never into .site
+  peers)
+    for peer in trl swift; do
+      python3 -m pip install -q --no-index --no-deps --no-compile --target ".peers/$peer" .peers_whl/$peer/*.whl || exit 1
+    done
+    PEERS_TRL=$PWD/.peers/trl PEERS_SWIFT=$PWD/.peers/swift python3 -m bench.peers --out "$OUT" --work /tmp/entry-work \
+      --timeout "${SETTING_TIMEOUT:-200}" "$@" ;;
 esac
