@@ -96,26 +96,40 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "full_eager": (["+experiment=full", "trainer.compile=false"], "coco", "full"),
 }
 # HF-native families at a real checkpoint's sizes (random weights, native layout): name -> (family, overrides,
-# variant)
-FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = {
-    "qwen2_5_vl_qkv_plain": ("qwen2_5_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
-    "qwen2_5_vl_qkv_default": ("qwen2_5_vl", ["+experiment=lora_qkv"], "coco"),
-    "qwen2_5_vl_qkv_profile": ("qwen2_5_vl", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
-    # transformers' own vision attention (one SDPA call per image or window) against the varlen default
-    "qwen2_5_vl_qkv_sdpa": ("qwen2_5_vl", ["+experiment=lora_qkv", "model.vision_attention=sdpa"], "coco"),
-    "qwen3_vl_qkv_plain": ("qwen3_vl", ["+experiment=lora_qkv", *PLAIN], "coco"),
-    "qwen3_vl_qkv_sdpa": ("qwen3_vl", ["+experiment=lora_qkv", "model.vision_attention=sdpa"], "coco"),
-    "qwen3_vl_qkv_default": ("qwen3_vl", ["+experiment=lora_qkv"], "coco"),
-    "qwen3_vl_qkv_profile": ("qwen3_vl", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
-    "minicpm_v4_6_qkv_plain": ("minicpm_v4_6", ["+experiment=lora_qkv", *PLAIN], "coco"),
-    "minicpm_v4_6_qkv_default": ("minicpm_v4_6", ["+experiment=lora_qkv"], "coco"),
-    "minicpm_v4_6_qkv_sdpa": (
-        "minicpm_v4_6",
-        ["+experiment=lora_qkv", "model.vision_attention=sdpa"],
-        "coco",
-    ),
-    "minicpm_v4_6_qkv_profile": ("minicpm_v4_6", ["+experiment=lora_qkv", "trainer.profile_steps=3"], "coco"),
+# variant). Every family x {qkv, all, full} as shipped (`_default`) and in ms-swift's regime (`_plain`), and
+# for LoRA-qkv each speed lever switched off alone (the lever's one switch), a profile, and transformers'
+# vision attention.
+HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
+EXPERIMENTS = {"qkv": "lora_qkv", "all": "lora_all", "full": "full"}
+LEVERS_OFF = {
+    "nopack": ["trainer.packing=false"],  # padding-free packing (and so compile) off
+    "nocompile": ["trainer.compile=false"],
+    "tokens": ["trainer.patch_weight=0"],  # the budget counts language-model tokens only
+    "sdpa": ["model.vision_attention=sdpa"],
+    "profile": ["trainer.profile_steps=3"],
 }
+FAMILY_LEVERS_OFF = {"minicpm_v4_6": {}}
+
+
+def _family_settings() -> dict[str, tuple[str, list[str], str]]:
+    settings = {}
+    for family in HF_FAMILIES:
+        for short, experiment in EXPERIMENTS.items():
+            settings[f"{family}_{short}_plain"] = (family, [f"+experiment={experiment}", *PLAIN], "coco")
+            settings[f"{family}_{short}_default"] = (family, [f"+experiment={experiment}"], "coco")
+        for lever, overrides in {**LEVERS_OFF, **FAMILY_LEVERS_OFF.get(family, {})}.items():
+            settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
+    return settings
+
+
+FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = _family_settings()
+
+
+def experiment_of(overrides: list[str]) -> str:
+    """Returns a setting's experiment (lora_qkv, lora_all or full) from its overrides."""
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("+experiment="))
+
+
 # every sft run of the script: one log line a step, no evaluation or checkpoint inside the measured steps
 COMMON = [
     "trainer=default",
@@ -402,12 +416,21 @@ def _param_counts(config) -> dict:
     }
 
 
-def family_row_flops(family, config, processor, rows: list[dict], checkpointing: bool) -> float:
-    """Returns the mean LoRA-qkv training FLOPs of the rows for an HF-native family: the language model's
-    linears 2 x params per token plus full-attention layers 4 x T x (heads x head_dim) per token, x2 (forward
-    and input gradients), x4/3 with checkpointing; lm_head 2 x vocab x hidden x2 on the supervised tokens only
-    (the positions it computes); the vision tower's and projector's linears 2 x params per patch, forward
-    only (frozen). Linear-attention recurrences and vision attention are left out: an underestimate."""
+# (language model, vision tower) passes per token: forward 1, input gradients 1, weight gradients 1 (LoRA's own
+# weight gradients are negligible); a frozen tower without LoRA runs forward only
+PASSES = {"lora_qkv": (2, 1), "lora_all": (2, 2), "full": (3, 3)}
+
+
+def family_row_flops(
+    family, config, processor, rows: list[dict], checkpointing: bool, mode: str = "lora_qkv"
+) -> float:
+    """Returns the mean training FLOPs of the rows for an HF-native family under `mode` (lora_qkv, lora_all,
+    full): the language model's linears 2 x params per token plus full-attention layers 4 x T x (heads x
+    head_dim) per token, x its passes (PASSES: 2 for LoRA, forward and input gradients; 3 for full), x4/3
+    with checkpointing; lm_head 2 x vocab x hidden x the passes on the supervised tokens only (the positions
+    it computes); the vision tower's and projector's linears 2 x params per patch x theirs (forward only
+    under LoRA-qkv, frozen). Linear-attention recurrences and vision attention are left out: an
+    underestimate."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
@@ -425,6 +448,7 @@ def family_row_flops(family, config, processor, rows: list[dict], checkpointing:
             if isinstance(m, torch.nn.Linear) and n.startswith(prefixes) and n != "lm_head"
         )
 
+    llm_passes, vision_passes = PASSES[mode]
     text = config.get_text_config()
     llm = linear(p for p in groups.llm if p != "lm_head")
     vision = linear(groups.vision) + linear(p for p in groups.projector if not p.startswith(groups.vision))
@@ -441,14 +465,17 @@ def family_row_flops(family, config, processor, rows: list[dict], checkpointing:
         t = len(sample.input_ids)
         supervised = sum(label != IGNORE_INDEX for label in sample.labels)
         per_token = 2 * llm + 4 * t * width * full_layers
-        step = 2 * (t * per_token + supervised * head) * (4 / 3 if checkpointing else 1.0)
+        recompute = 4 / 3 if checkpointing else 1.0
+        step = llm_passes * (t * per_token + supervised * head) * recompute
         sizes = sample.pixel_inputs.get("image_grid_thw", sample.pixel_inputs.get("target_sizes"))
         patches = int(sizes.prod(-1).sum()) if sizes is not None else 0
-        total += step + 2 * vision * patches
+        total += step + 2 * vision * patches * vision_passes * (recompute if vision_passes > 1 else 1.0)
     return total / max(len(rows), 1)
 
 
-def family_flops(family_name: str, folder: Path, rows: list[dict], checkpointing: bool) -> float:
+def family_flops(
+    family_name: str, folder: Path, rows: list[dict], checkpointing: bool, mode: str = "lora_qkv"
+) -> float:
     """`family_row_flops` for the model folder of an HF-native family."""
     from transformers import AutoConfig, AutoProcessor
 
@@ -456,7 +483,7 @@ def family_flops(family_name: str, folder: Path, rows: list[dict], checkpointing
 
     family = get_family(family_name)
     config, processor = AutoConfig.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
-    return family_row_flops(family, config, processor, rows, checkpointing)
+    return family_row_flops(family, config, processor, rows, checkpointing, mode)
 
 
 # ----- one setting, in its own process
@@ -484,10 +511,12 @@ def run_family_setting(
     cpu = ["device=cpu"] if tiny else []
     sft_args = [model, f"model.path={folder}", *cpu, *COMMON, *overrides, *sft_run(rows, steps)]
     sample_rows = [json.loads(line) for line in rows.read_text().splitlines()[:64]]
-    flops = family_flops(family, folder, sample_rows, resolved_checkpointing(overrides, "lora_qkv", tiny))
+    mode = experiment_of(overrides)
+    checkpointing = resolved_checkpointing(overrides, mode, tiny)
+    flops = family_flops(family, folder, sample_rows, checkpointing, mode)
     run_dir = work / "runs" / name
     result = run_pipeline(name, sft_args, run_dir, log_file, timeout)
-    result.update(mode=f"{family}/lora_qkv", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
+    result.update(mode=f"{family}/{mode}", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
     return result
 
 
