@@ -48,6 +48,12 @@ class ModelConfig:
     # all images (or windows) where torch's kernel runs (Ampere+ CUDA, bf16/fp16), else transformers' SDPA loop
     # over them; varlen; sdpa. MiniCPM-V-2's own tower ignores it.
     vision_attention: str = "auto"
+    # HF-native families' training kernels: auto (liger-kernel's fused norms and MLPs on a GPU where it is
+    # installed and the layers are not compiled) | liger | off; see pipeline/families/kernels.py
+    fused_kernels: str = "auto"
+    # MiniCPM-V 4.6's linear-attention layers: auto (flash-linear-attention's kernels where installed, on a
+    # GPU) | fla | torch (transformers' PyTorch code); see pipeline/families/linear_attention.py
+    linear_attention: str = "auto"
     # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none);
     # the defaults are ms-swift's for MiniCPM-V-2
     lora_lr: float = 1e-4
@@ -244,6 +250,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.fused": ("auto", True, False),
     "model.gradient_checkpointing": ("auto", True, False),
     "model.vision_attention": ("auto", "varlen", "sdpa"),
+    "model.fused_kernels": ("auto", "liger", "off"),
+    "model.linear_attention": ("auto", "fla", "torch"),
     "trainer.compile": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -574,6 +582,12 @@ def _check_family(tree: dict) -> list[str]:
         ("trainer.compile=true", "compiles", "sft" in uses and tree["trainer"]["compile"] is True),
         ("trainer.packing=true", "packs", "sft" in uses and tree["trainer"]["packing"] is True),
         ("dataset.truncation=truncate", "truncates", tree["dataset"]["truncation"] != "delete"),
+        ("model.fused_kernels=liger", "fuses_kernels", "sft" in uses and model["fused_kernels"] == "liger"),
+        (
+            f"model.linear_attention={model['linear_attention']}",
+            "linear_attention",
+            model["linear_attention"] != "auto",
+        ),
         (
             f"trainer.patch_weight={tree['trainer']['patch_weight']}",
             "counts_patches",

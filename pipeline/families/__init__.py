@@ -35,16 +35,20 @@ TRUNCATION_POLICIES = ("delete", "truncate")
 
 
 def get_family(
-    name: str, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"
+    name: str,
+    settings: Mapping[str, Any] | None = None,
+    vision_attention: str = "auto",
+    **kernels: str,
 ) -> Family:
-    """Returns the family named `name`, configured with its resolution settings and its vision towers'
-    attention (model.vision_attention); unknown names are refused."""
+    """Returns the family named `name`, configured with its resolution settings, its vision towers'
+    attention (model.vision_attention) and its kernel choices (`kernels`: fused_kernels, linear_attention);
+    unknown names are refused."""
     from .base import FamilyError
 
     if name not in FAMILIES:
         raise FamilyError(f"model.family={name} is not a known family; valid: {', '.join(FAMILIES)}")
     module, cls = FAMILIES[name].split(":")
-    family = getattr(importlib.import_module(module), cls)(settings, vision_attention)
+    family = getattr(importlib.import_module(module), cls)(settings, vision_attention, **kernels)
     if family.name != name:
         raise FamilyError(
             f"family class {FAMILIES[name]} calls itself {family.name!r}, registered as {name!r}"
@@ -64,7 +68,11 @@ def family_from_config(model: Any) -> Family:
     capabilities name) and its vision towers' attention."""
     family = get_family(model.family, None)
     return get_family(
-        model.family, family.settings_from_config(model), str(model.get("vision_attention", "auto"))
+        model.family,
+        family.settings_from_config(model),
+        str(model.get("vision_attention", "auto")),
+        fused_kernels=str(model.get("fused_kernels", "auto")),
+        linear_attention=str(model.get("linear_attention", "auto")),
     )
 
 

@@ -83,6 +83,9 @@ class Capabilities:
     # turns packing on for it on a GPU
     packs_padding_free: bool = False
     counts_patches: bool = False  # trainer.patch_weight: its token budget counts vision patches
+    fuses_kernels: bool = False  # model.fused_kernels: liger's fused norms and MLPs (apply_fused_kernels)
+    # model.linear_attention: its language model has linear-attention layers (flash-linear-attention or not)
+    linear_attention: bool = False
     truncates: bool = (
         False  # dataset.truncation other than `delete` (cut a too-long row instead of dropping it)
     )
@@ -320,10 +323,19 @@ class Family(ABC):
     # every family); a family whose twin learns at another one states it here.
     twin_pretrain_lr: ClassVar[float] = 3e-3
 
-    def __init__(self, settings: Mapping[str, Any] | None = None, vision_attention: str = "auto"):
+    def __init__(
+        self,
+        settings: Mapping[str, Any] | None = None,
+        vision_attention: str = "auto",
+        *,
+        fused_kernels: str = "auto",
+        linear_attention: str = "auto",
+    ):
         self.settings = dict(settings or {})
         # how an HF-native family's vision tower attends (model.vision_attention; see vision_attention.py)
         self.vision_attention = vision_attention
+        self.fused_kernels = fused_kernels  # model.fused_kernels (kernels.py)
+        self.linear_attention = linear_attention  # model.linear_attention (linear_attention.py)
         unknown = sorted(set(self.settings) - set(self.setting_keys))
         if unknown:
             valid = ", ".join(self.setting_keys) or "none"
@@ -610,6 +622,11 @@ class Family(ABC):
         raise FamilyError(
             f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
         )
+
+    def apply_fused_kernels(self, bundle: Bundle, compiled: bool) -> bool:
+        """Applies fused training kernels to the loaded model where model.fused_kernels and the device allow
+        (capabilities.fuses_kernels); `compiled`: whether its layers will be compiled. Returns whether."""
+        return False
 
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         """Returns how the loaded model's vision tower attends ("varlen", "sdpa"), or None where the family

@@ -34,7 +34,7 @@ from transformers.generation.streamers import BaseStreamer
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
-from . import packing, vision_attention
+from . import kernels, packing, vision_attention
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -487,6 +487,21 @@ class HFNativeFamily(Family):
         )
         config.bias = lora.bias
         return self.apply_lora(model, config)
+
+    # liger-kernel's function for this family (liger_kernel.transformers.<name>; None: none) and the submodule
+    # of the loaded model it patches ("": the whole model)
+    liger_patch: ClassVar[str | None] = None
+    liger_target: ClassVar[str] = ""
+
+    def apply_fused_kernels(self, bundle: Bundle, compiled: bool) -> bool:
+        """Applies liger's fused norms and MLPs to the loaded model where model.fused_kernels resolves on
+        (kernels.py); returns whether."""
+        device = self.device_of(bundle)
+        if not kernels.resolve(self.fused_kernels, device, self.liger_patch, compiled):
+            return False
+        assert self.liger_patch is not None
+        kernels.apply(self.liger_patch, bundle.core.get_submodule(self.liger_target))
+        return True
 
     # where the language model's decoder layers are (under the unwrapped transformers model)
     decoder_layers: ClassVar[str] = "model.language_model.layers"

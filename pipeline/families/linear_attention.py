@@ -12,20 +12,39 @@ forward (cu_seq_lens_q in its kwargs) is exact:
   joined back, which is the sample's result alone by construction.
 
 Unpacked forwards (no cu_seq_lens: eval, generation with its cache) go to the layer's forward unchanged.
+
+`model.linear_attention` (the choice `enable` binds to each layer): auto = flash-linear-attention's kernels
+where they run (the package installed, a CUDA device; transformers picks them for unpacked rows itself) and
+transformers' PyTorch code elsewhere; fla = the same, refused where they cannot run; torch = transformers'
+PyTorch code always (the switch that turns the lever off), for packed and unpacked rows alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from collections.abc import Callable
+import inspect
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import FamilyError
 from .packing import SEGMENT_KEYS
+
+CHOICES = ("auto", "fla", "torch")
+# transformers' Qwen3.5 functions that pick flash-linear-attention's (or causal-conv1d's) kernel when installed
+KERNEL_FUNCTIONS = (
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+)
+_TORCH_ONLY = threading.RLock()
 
 
 def _is_gated_delta_net(module: nn.Module) -> bool:
@@ -34,27 +53,74 @@ def _is_gated_delta_net(module: nn.Module) -> bool:
     return isinstance(module, Qwen3_5GatedDeltaNet)
 
 
-def enable(language_model: nn.Module) -> int:
-    """Wraps the forward of every GatedDeltaNet layer of the language model for packed rows (idempotent);
-    returns how many layers are wrapped."""
+def fla_installed() -> bool:
+    return importlib.util.find_spec("fla") is not None
+
+
+def check(choice: str, device: torch.device) -> None:
+    """Refuses a model.linear_attention value that is not a choice, or fla where its kernels cannot run."""
+    if choice not in CHOICES:
+        raise FamilyError(
+            f"model.linear_attention={choice} is not a valid choice; valid: {', '.join(CHOICES)}"
+        )
+    if choice == "fla" and not (device.type == "cuda" and fla_installed()):
+        why = "it runs on a CUDA device only" if device.type != "cuda" else "the fla package is not installed"
+        raise FamilyError(
+            f"model.linear_attention=fla cannot run here: {why} (pip install 'pipeline[gpu]'); "
+            "set model.linear_attention=auto or torch"
+        )
+
+
+def enable(language_model: nn.Module, choice: str = "auto") -> int:
+    """Wraps the forward of every GatedDeltaNet layer of the language model for packed rows and binds the
+    model.linear_attention `choice` to it (again with another choice: rebinds); returns how many layers."""
     count = 0
     for module in language_model.modules():
         if not _is_gated_delta_net(module):
             continue
-        if not isinstance(module.forward, functools.partial):
-            module.forward = functools.partial(_packed_or_plain, module, module.forward)
+        forward = module.forward
+        if isinstance(forward, functools.partial) and forward.func is _packed_or_plain:
+            forward = forward.args[1]  # the layer's own forward
+        module.forward = functools.partial(_packed_or_plain, module, forward, choice)
         count += 1
     return count
 
 
+def choice_of(language_model: nn.Module) -> str | None:
+    """Returns the model.linear_attention choice bound to the language model's layers (None: not wrapped)."""
+    for module in language_model.modules():
+        forward = getattr(module, "forward", None)
+        if isinstance(forward, functools.partial) and forward.func is _packed_or_plain:
+            return forward.args[2]
+    return None
+
+
 def fla_runs(hidden_states: torch.Tensor) -> bool:
     """Returns whether flash-linear-attention's variable-length kernels serve this row (CUDA, fla found)."""
-    return hidden_states.is_cuda and importlib.util.find_spec("fla") is not None
+    return hidden_states.is_cuda and fla_installed()
+
+
+@contextlib.contextmanager
+def torch_only() -> Iterator[None]:
+    """Runs transformers' Qwen3.5 linear-attention code on its PyTorch functions inside (model.linear_attention
+    =torch), whatever kernel packages are installed; one forward at a time."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
+
+    with _TORCH_ONLY:
+        saved = {name: getattr(modeling, name) for name in KERNEL_FUNCTIONS if hasattr(modeling, name)}
+        try:
+            for name, fn in saved.items():
+                setattr(modeling, name, inspect.unwrap(fn))
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(modeling, name, fn)
 
 
 def _packed_or_plain(
     module: nn.Module,
     forward: Callable[..., torch.Tensor],
+    choice: str,
     hidden_states: torch.Tensor,
     cache: Any = None,
     attention_mask: torch.Tensor | None = None,
@@ -62,20 +128,23 @@ def _packed_or_plain(
 ) -> torch.Tensor:
     """The wrapped forward: unpacked rows go to `forward` as they are; a packed row (cu_seq_lens_q) runs on
     fla's variable-length kernels where they serve, else one sample at a time."""
+    context = torch_only() if choice == "torch" else contextlib.nullcontext()
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        return forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        with context:
+            return forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     if cache is not None or attention_mask is not None or hidden_states.shape[0] != 1:
         raise ValueError("a packed row of a linear-attention layer is one row, without a cache or a mask")
-    if fla_runs(hidden_states):
+    if choice != "torch" and fla_runs(hidden_states):
         return _fla_forward(module, hidden_states, cu)
     rest = {k: v for k, v in kwargs.items() if k not in SEGMENT_KEYS}
     bounds = [int(b) for b in cu.tolist()]
-    pieces = [
-        forward(hidden_states[:, start:end], cache=None, attention_mask=None, **rest)
-        for start, end in zip(bounds, bounds[1:], strict=False)
-        if end > start
-    ]
+    with context:
+        pieces = [
+            forward(hidden_states[:, start:end], cache=None, attention_mask=None, **rest)
+            for start, end in zip(bounds, bounds[1:], strict=False)
+            if end > start
+        ]
     return torch.cat(pieces, dim=1)
 
 

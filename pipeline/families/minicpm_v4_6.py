@@ -12,8 +12,10 @@ image goes, expanded by the processor, and the thinking switch: with `enable_thi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from . import linear_attention
@@ -56,10 +58,14 @@ class MiniCPMV4_6(HFNativeFamily):
         compiles=True,
         compiled_shapes="packed",
         counts_patches=True,
+        fuses_kernels=True,
+        linear_attention=True,
     )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE
+    liger_patch = "apply_liger_kernel_to_qwen3_5"
+    liger_target = "model.language_model"  # its Qwen3.5 language model
     end_of_turn = "<|im_end|>"
     min_transformers = ("5.19", "older releases fail on an image sliced into pieces of different sizes")
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
@@ -79,7 +85,17 @@ class MiniCPMV4_6(HFNativeFamily):
         plain 0, 1, 2, ... per sample: the Qwen3.5 text model gives every token, image or text, the same
         position on its four rows when none are passed, which is what the model does for a sample alone."""
         super().enable_packing(language_model)
-        linear_attention.enable(language_model)
+        linear_attention.enable(language_model, self.linear_attention)
+
+    def load(
+        self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> tuple[nn.Module, Any]:
+        """Loads the model with model.linear_attention bound to its linear-attention layers
+        (linear_attention.py: flash-linear-attention's kernels or transformers' PyTorch code)."""
+        linear_attention.check(self.linear_attention, torch.device(device))
+        model, processor = super().load(path, dtype, device)
+        linear_attention.enable(self.language_model(model), self.linear_attention)
+        return model, processor
 
     def lora_target_names(self, model: nn.Module, preset: str) -> list[str]:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

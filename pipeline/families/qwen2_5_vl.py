@@ -41,8 +41,10 @@ class Qwen2_5_VL(QwenVL):
         compiles=True,
         compiled_shapes="packed",
         counts_patches=True,
+        fuses_kernels=True,
     )
     chat_template = CHAT_TEMPLATE
+    liger_patch = "apply_liger_kernel_to_qwen2_5_vl"
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))

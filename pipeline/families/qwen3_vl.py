@@ -41,9 +41,11 @@ class Qwen3_VL(QwenVL):
         compiles=True,
         compiled_shapes="packed",
         counts_patches=True,
+        fuses_kernels=True,
     )
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
+    liger_patch = "apply_liger_kernel_to_qwen3_vl"
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=PROJECTORS, llm=(LLM, "lm_head"))

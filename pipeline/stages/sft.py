@@ -247,6 +247,7 @@ def build_model(cfg: DictConfig, family: Family, plan: TrainingPlan, model_path:
     bundle = family.load_bundle(
         model_path, dtype=plan.weights_dtype, device=plan.launch.device, allow_download=cfg.model.trust_hub
     )
+    fused = family.apply_fused_kernels(bundle, compiled=plan.compile)  # before LoRA wraps the modules
     module = family.prepare_training(
         bundle, cfg.lora, plan.gradient_checkpointing, base_model_name(cfg, bundle)
     )
@@ -257,7 +258,12 @@ def build_model(cfg: DictConfig, family: Family, plan: TrainingPlan, model_path:
         family.compile_model(bundle, plan.cuda_graphs)
     counts = count_parameters(module)
     vision = family.vision_attention_of(bundle)
-    log.info("model: %s%s", counts, f"; vision attention: {vision}" if vision else "")
+    log.info(
+        "model: %s%s; fused kernels: %s",
+        counts,
+        f"; vision attention: {vision}" if vision else "",
+        "liger" if fused else "off",
+    )
     return PreparedModel(bundle, module, counts)
 
 
