@@ -64,6 +64,7 @@ PLAIN = [
     "trainer.num_workers=0",
     "trainer.compile=false",
     "model.vision_attention=sdpa",
+    "model.fused_kernels=off",
 ]
 SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "qkv_plain": (["+experiment=lora_qkv", *PLAIN], "coco", "lora_qkv"),
@@ -102,13 +103,14 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
 HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
 EXPERIMENTS = {"qkv": "lora_qkv", "all": "lora_all", "full": "full"}
 LEVERS_OFF = {
-    "nopack": ["trainer.packing=false"],  # padding-free packing (and so compile) off
-    "nocompile": ["trainer.compile=false"],
+    "nopack": ["trainer.packing=false"],  # padding-free packing (and so compile) off; liger on (auto)
+    "nocompile": ["trainer.compile=false"],  # packed rows, eager layers, liger's fused norms and MLPs (auto)
+    "eager": ["trainer.compile=false", "model.fused_kernels=off"],  # packed rows, transformers' modules
     "tokens": ["trainer.patch_weight=0"],  # the budget counts language-model tokens only
     "sdpa": ["model.vision_attention=sdpa"],
     "profile": ["trainer.profile_steps=3"],
 }
-FAMILY_LEVERS_OFF = {"minicpm_v4_6": {}}
+FAMILY_LEVERS_OFF = {"minicpm_v4_6": {"torchla": ["model.linear_attention=torch"]}}
 
 
 def _family_settings() -> dict[str, tuple[str, list[str], str]]:
