@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests on the tiny twin, then bench rows. Usage (on the GPU machine, project root):
-#   bash bench/gpu_session.sh tests|train CASES...|infer|entry SETTINGS...|serve [ARGS]|peers [ARGS]
+#   bash bench/gpu_session.sh tests|kernels|train CASES...|infer|entry SETTINGS...|serve [ARGS]|peers [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
@@ -11,6 +11,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=$1; shift
 case $what in
   tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/entry/test_gpu.py -x "$@" 2>&1 | tail -40 ;;
+  # the HF-native families' GPU paths: varlen packed attention, flash-linear-attention, liger (tiny twins)
+  kernels) python3 -m pytest -q -p no:cacheprovider -m gpu tests/families/test_packing_gpu.py \
+    tests/families/test_kernels_gpu.py "$@" 2>&1 | tee "$OUT/kernels_tests.txt" ;;
   train) python3 -m bench.bench --only train --steps 4 --cases "$@" --out "$OUT/train.json" ;;
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call
