@@ -10,8 +10,8 @@
 
 Liger's patch is applied to the loaded model instance: its norms' and MLPs' forwards become liger's Triton
 kernels, the same computation (a GPU test compares losses and gradients within bf16 rounding). Liger's
-functions also replace the module classes in transformers' modeling module, so a model of that family built
-later in the same process is fused as well. Rotary embeddings stay transformers' (the Qwen VLs' mRoPE is
+functions also replace classes and functions in transformers' modeling module; those are put back at once,
+so only that model is fused (a model built later in the process is transformers' own). Rotary embeddings stay transformers' (the Qwen VLs' mRoPE is
 applied inside attention in transformers 5, where liger's rope patch no longer reaches) and the loss stays
 the project's (it feeds only the supervised positions to lm_head). Training only: evaluation and generation
 load the model without it.
@@ -22,6 +22,7 @@ pip install 'pipeline[gpu]' installs liger-kernel (and flash-linear-attention, f
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 from torch import nn
@@ -66,4 +67,11 @@ def apply(patch: str, target: nn.Module) -> None:
     apply_liger_kernel_to_qwen2_5_vl) to the model instance `target`: norms and MLPs only."""
     import liger_kernel.transformers as liger
 
-    getattr(liger, patch)(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=target)
+    modeling = sys.modules[type(target).__module__]
+    saved = dict(vars(modeling))
+    try:
+        getattr(liger, patch)(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=target)
+    finally:
+        for name, value in saved.items():
+            if getattr(modeling, name, None) is not value:
+                setattr(modeling, name, value)

@@ -126,3 +126,29 @@ def test_linear_attention_choice_is_bound_to_the_layers_and_torch_runs_transform
         for name, fn in original.items():
             assert getattr(modeling, name) is inspect.unwrap(fn)  # transformers' own PyTorch function
     assert {name: getattr(modeling, name) for name in original} == original
+
+
+def test_liger_patches_the_model_instance_only(family_twin, monkeypatch):
+    """liger's functions also swap classes in transformers' modeling module; `kernels.apply` puts those back,
+    so only the given model is fused (a stand-in for liger_kernel.transformers records what it was given)."""
+    import sys
+    import types
+
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    original = modeling.Qwen2_5_VLRMSNorm
+    given = []
+
+    def fake_patch(rope, cross_entropy, fused_linear_cross_entropy, model):
+        assert not (rope or cross_entropy or fused_linear_cross_entropy)
+        modeling.Qwen2_5_VLRMSNorm = object  # what liger's functions do to the module
+        given.append(model)
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_qwen2_5_vl = fake_patch
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    family = get_family("qwen2_5_vl")
+    bundle = family.load_bundle(family_twin("qwen2_5_vl"))
+    kernels.apply(family.liger_patch, bundle.core)
+    assert given == [bundle.core] and modeling.Qwen2_5_VLRMSNorm is original
