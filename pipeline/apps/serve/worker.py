@@ -237,6 +237,7 @@ class Worker:
             if len(pending) > 1 and not any(job.ids for job in jobs):  # no request has seen a token yet
                 log.warning("a batch of %d requests failed (%s); answering each alone", len(jobs), exc)
                 for job in pending:
+                    self.batches.append(1)
                     self._answer_isolated([job])
                 return
             log.exception("generation failed for %d request(s)", len(jobs))
