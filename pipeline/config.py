@@ -185,18 +185,20 @@ class ServeConfig:
     url_timeout: float = 10.0  # seconds to wait for an image URL
     allow_local_files: bool = False  # accept file:// URLs and local paths as images
     # Limits checked before the work they protect (pipeline/apps/serve/limits.py). With these defaults one
-    # request holds at most about 1 GB above idle: its body (read no further than the cap, held about three
-    # times over while parsed), its images decoded (3 bytes a pixel) and as the family's tensors, its text
-    # encoded (about 0.7 GB at worst for 1 MiB), besides the model's own generation.
+    # request makes the server hold at most about 1.2 GB above idle, besides the model's generation: its body
+    # (read no further than the cap, about 0.1 GB while parsed), its text while encoded (at worst ~0.7 KB a
+    # byte: 0.37 GB), its images decoded (3 bytes a pixel: 0.1 GB) and as the family's tensors (Qwen's
+    # processor: 24 bytes a pixel it keeps, at most 12.8 Mpx an image: 0.6 GB).
     # The body cap is flat, not images x max_image_bytes: 32 MiB holds two images at the byte cap, or 16
     # photos of 1.5 MB, as base64.
     max_body_bytes: int = 32 * 1024 * 1024
     max_queue: int = 64  # requests waiting beside those generated together; one more gets 429 + Retry-After
-    max_image_pixels: int = 25_000_000  # an image's width x height, from its header (a 24 MP photo fits)
+    max_image_pixels: int = 24_000_000  # an image's width x height, from its header (a 6000x4000 photo fits)
     max_request_pixels: int = 32_000_000  # all of a request's images together
     # the UTF-8 bytes of a request's text; the model's positions x 32 bytes bound it too (no prompt over that
-    # fits). 1 MiB is 8 bytes a token at Qwen2.5-VL's 128k positions: real text takes 3 to 5.
-    max_prompt_bytes: int = 1024 * 1024
+    # fits). 512 KiB holds ~120k tokens of English (Qwen's tokenizer: ~4.3 bytes a token); raise it for a
+    # longer context, at up to 0.7 GB of encoding memory a MiB.
+    max_prompt_bytes: int = 512 * 1024
 
 
 @dataclass

@@ -35,8 +35,9 @@ from pipeline.apps.serve.limits import (
     PixelBudget,
     ServeLimits,
     check_image_header,
+    check_prompt_text,
 )
-from pipeline.apps.serve.schema import RequestError
+from pipeline.apps.serve.schema import ChatCompletionRequest, RequestError
 from pipeline.apps.serve.worker import Decoding, Event, Job, Worker
 from pipeline.families import get_family
 from tests.apps.test_serve import options, png_data_url
@@ -457,3 +458,20 @@ def test_pixels_are_counted_from_headers_per_image_and_per_request(tmp_path: Pat
     assert budget.used == 1900
     with pytest.raises(RequestError, match=rf"more than {PIL_OPEN_LIMIT} pixels.*serve.max_image_pixels"):
         check_image_header(_png((20000, 10000)), "bomb", budget)  # PIL refuses it before its size is known
+
+
+def test_the_prompt_text_is_bounded_by_the_positions_and_by_serve_max_prompt_bytes():
+    def request(text: str) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": text}]})
+
+    limits = ServeLimits(max_prompt_bytes=1000)
+    assert check_prompt_text(request("é" * 50), "ab", 10, limits) == 102  # UTF-8 bytes, the system's too
+    assert check_prompt_text(request("x" * 320), None, 10, limits) == 320  # 10 tokens x 32 bytes may fit
+    with pytest.raises(RequestError, match="321 bytes .UTF-8., over what the model's 10 prompt positions"):
+        check_prompt_text(request("x" * 321), None, 10, limits)
+    with pytest.raises(
+        RequestError,
+        match=r"1001 bytes .UTF-8., over this server's 1000-byte limit "
+        r"\(serve.max_prompt_bytes\)",
+    ):
+        check_prompt_text(request("x" * 1001), None, 1000, limits)

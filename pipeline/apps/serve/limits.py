@@ -26,6 +26,8 @@ from PIL import Image
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.config import ServeConfig
+
 from .schema import ChatCompletionRequest, RequestError, TextPart, error_body
 
 CHAT_PATH = "/v1/chat/completions"
@@ -41,13 +43,14 @@ _BUFFER_NAME = re.compile(r" <_io.BytesIO object at 0x[0-9a-f]+>")
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """The request limits of the `serve` config section (see ServeConfig in pipeline/config.py)."""
+    """The request limits of the `serve` config section; the defaults are ServeConfig's, where they are
+    explained (pipeline/config.py)."""
 
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_queue: int = 64
-    max_image_pixels: int = 25_000_000
-    max_request_pixels: int = 32_000_000
-    max_prompt_bytes: int = 1024 * 1024
+    max_body_bytes: int = ServeConfig.max_body_bytes
+    max_queue: int = ServeConfig.max_queue
+    max_image_pixels: int = ServeConfig.max_image_pixels
+    max_request_pixels: int = ServeConfig.max_request_pixels
+    max_prompt_bytes: int = ServeConfig.max_prompt_bytes
 
     @classmethod
     def from_config(cls, serve: Any) -> ServeLimits:
