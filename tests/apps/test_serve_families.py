@@ -42,7 +42,11 @@ def data_url(image: Image.Image) -> str:
 
 
 def image_part(seed: int) -> dict:
-    return {"type": "image_url", "image_url": {"url": data_url(picture(seed))}}
+    return image_part_of(picture(seed))
+
+
+def image_part_of(image: Image.Image) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(image)}}
 
 
 def text(value: str) -> dict:
@@ -217,6 +221,16 @@ def test_images_over_the_request_pixel_limit_are_refused_from_their_headers(serv
         "48000000 pixels, over this server's 32000000-pixel limit per request (serve.max_request_pixels)"
         in (reply.json()["error"]["message"])
     )
+    assert chat(client, CONVERSATION).choices[0].message.content
+
+
+def test_an_image_the_processor_refuses_gets_a_400_of_its_own(server, client):
+    thin = [{"role": "user", "content": [text("What is it?"), image_part_of(Image.new("RGB", (2, 600)))]}]
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": thin}, timeout=60
+    )
+    assert reply.status_code == 400, reply.text
+    assert "cannot encode this request: absolute aspect ratio" in reply.json()["error"]["message"]
     assert chat(client, CONVERSATION).choices[0].message.content
 
 

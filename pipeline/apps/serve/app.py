@@ -118,8 +118,8 @@ def encode_request(
     max_new_tokens: int,
 ) -> EncodedPrompt:
     """Returns the generation prompt of a request's conversation (system prompt first when given); raises
-    RequestError when the family refuses it, or when the prompt leaves no room for max_new_tokens
-    (code context_length_exceeded)."""
+    RequestError when the family refuses it (its processor too: a ValueError, such as an image's shape), or
+    when the prompt leaves no room for max_new_tokens (code context_length_exceeded)."""
     placement = family.capabilities.image_placement
     messages = conversation.chat_messages(system, placement)
     try:
@@ -130,6 +130,11 @@ def encode_request(
     except FamilyError as err:
         hint = " (each image_url part is an <image> tag where it stands)" if placement == "inline" else ""
         raise RequestError(f"messages: {err}{hint}", param="messages") from None
+    except ValueError as err:  # what the family's processor refuses in this request (an image's shape)
+        log.warning("a request the family cannot encode: %s", err)
+        raise RequestError(
+            f"messages: {family.label} cannot encode this request: {err}", param="messages"
+        ) from None
 
 
 def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Family) -> FastAPI:
