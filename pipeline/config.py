@@ -190,6 +190,21 @@ class ServeConfig:
     max_image_bytes: int = 10 * 1024 * 1024
     url_timeout: float = 10.0  # seconds to wait for an image URL
     allow_local_files: bool = False  # accept file:// URLs and local paths as images
+    # Limits checked before the work they protect (pipeline/apps/serve/limits.py). With these defaults one
+    # request makes the server hold at most about 1.2 GB above idle, besides the model's generation: its body
+    # (read no further than the cap, about 0.1 GB while parsed), its text while encoded (at worst ~0.7 KB a
+    # byte: 0.37 GB), its images decoded (3 bytes a pixel: 0.1 GB) and as the family's tensors (Qwen's
+    # processor: 24 bytes a pixel it keeps, at most 12.8 Mpx an image: 0.6 GB).
+    # The body cap is flat, not images x max_image_bytes: 32 MiB holds two images at the byte cap, or 16
+    # photos of 1.5 MB, as base64.
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_queue: int = 64  # requests waiting beside those generated together; one more gets 429 + Retry-After
+    max_image_pixels: int = 24_000_000  # an image's width x height, from its header (a 6000x4000 photo fits)
+    max_request_pixels: int = 32_000_000  # all of a request's images together
+    # the UTF-8 bytes of a request's text; the model's positions x 32 bytes bound it too (no prompt over that
+    # fits). 512 KiB holds ~120k tokens of English (Qwen's tokenizer: ~4.3 bytes a token); raise it for a
+    # longer context, at up to 0.7 GB of encoding memory a MiB.
+    max_prompt_bytes: int = 512 * 1024
 
 
 @dataclass
@@ -303,6 +318,11 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("serve.max_new_tokens", 1, None),
     ("serve.max_image_bytes", 1, None),
     ("serve.url_timeout", 0.001, None),
+    ("serve.max_body_bytes", 1, None),
+    ("serve.max_queue", 0, None),
+    ("serve.max_image_pixels", 1, 2 * 89_478_485),  # PIL refuses to open a larger image at all
+    ("serve.max_request_pixels", 1, None),
+    ("serve.max_prompt_bytes", 1, None),
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -61,6 +61,7 @@ def check_port_free(host: str, port: int) -> None:
 def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Serves until stopped and returns {"serve": the URL it served on}."""
     from pipeline.apps.serve.app import ServeOptions, create_app, run_server
+    from pipeline.apps.serve.limits import ServeLimits
 
     family = family_from_config(cfg.model)
     check_port_free(str(cfg.serve.host), int(cfg.serve.port))
@@ -90,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         allow_local_files=cfg.serve.allow_local_files,
         system=cfg.dataset.system,
         seed=int(cfg.seed),
+        limits=ServeLimits.from_config(cfg.serve),
     )
     model_id = served_model_id(cfg, ckpt)
     app = create_app(bundle, options, model_id, family)

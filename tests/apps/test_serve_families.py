@@ -42,7 +42,11 @@ def data_url(image: Image.Image) -> str:
 
 
 def image_part(seed: int) -> dict:
-    return {"type": "image_url", "image_url": {"url": data_url(picture(seed))}}
+    return image_part_of(picture(seed))
+
+
+def image_part_of(image: Image.Image) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(image)}}
 
 
 def text(value: str) -> dict:
@@ -197,6 +201,37 @@ def test_more_images_than_the_family_takes_are_refused_naming_the_limit(server, 
     assert (
         image_tokens > 0 and full.usage.prompt_tokens == one.usage.prompt_tokens + (LIMIT - 1) * image_tokens
     )
+
+
+def test_images_over_the_request_pixel_limit_are_refused_from_their_headers(server, client):
+    """Sixteen PNGs of 16 Mpx and one colour in a body of a few kB: the third header passes the request's
+    limit (serve.max_request_pixels), before it is decoded."""
+    buffer = io.BytesIO()
+    Image.new("1", (4000, 4000), 0).save(buffer, format="PNG")
+    large = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()},
+    }
+    many = [{"role": "user", "content": [text("Count them.")] + [large] * LIMIT}]
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": many}, timeout=60
+    )
+    assert reply.status_code == 400, reply.text
+    assert (
+        "48000000 pixels, over this server's 32000000-pixel limit per request (serve.max_request_pixels)"
+        in (reply.json()["error"]["message"])
+    )
+    assert chat(client, CONVERSATION).choices[0].message.content
+
+
+def test_an_image_the_processor_refuses_gets_a_400_of_its_own(server, client):
+    thin = [{"role": "user", "content": [text("What is it?"), image_part_of(Image.new("RGB", (2, 600)))]}]
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": thin}, timeout=60
+    )
+    assert reply.status_code == 400, reply.text
+    assert "cannot encode this request: absolute aspect ratio" in reply.json()["error"]["message"]
+    assert chat(client, CONVERSATION).choices[0].message.content
 
 
 def test_a_literal_image_tag_is_refused_and_a_seed_repeats_a_sampled_answer(server, client):

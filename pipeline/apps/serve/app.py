@@ -11,7 +11,8 @@ whether requests decode together (capabilities.batches_requests).
 
 Every refusal is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
 status; checks that need no model (fields, roles, images, the prompt's length) run before a request waits
-for the worker.
+for the worker, and the limits of limits.py (the body, the requests held, the seed, the prompt's text, the
+images' pixels) before the work they protect.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.families.base import Bundle, ContextLengthError, EncodedPrompt, Family, FamilyError
 
 from .images import ImageLimits, load_request_image
+from .limits import (
+    RETRY_AFTER_S,
+    Admission,
+    PixelBudget,
+    RequestGuard,
+    ServeLimits,
+    check_prompt_text,
+    check_seed,
+)
 from .schema import (
     ChatCompletionRequest,
     Conversation,
@@ -58,7 +68,7 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "index.html"
 OPEN_PATHS = ("/health",)  # answered without the API key
 ROUTES = ("GET /", "GET /health", "GET /v1/models", "POST /v1/chat/completions")
-_BODY_SLACK = 1024 * 1024  # room for the text of a request besides its image
+ENCODING_AT_ONCE = 2  # requests encoded at the same time (each holds its images' pixels as tensors meanwhile)
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class ServeOptions:
     allow_local_files: bool
     system: str | None = None  # the system prompt of a request that sends none
     seed: int = 0
+    limits: ServeLimits = ServeLimits()  # the body, the requests held, the prompt's text, the images' pixels
 
 
 def _error(
@@ -107,8 +118,8 @@ def encode_request(
     max_new_tokens: int,
 ) -> EncodedPrompt:
     """Returns the generation prompt of a request's conversation (system prompt first when given); raises
-    RequestError when the family refuses it, or when the prompt leaves no room for max_new_tokens
-    (code context_length_exceeded)."""
+    RequestError when the family refuses it (its processor too: a ValueError, such as an image's shape), or
+    when the prompt leaves no room for max_new_tokens (code context_length_exceeded)."""
     placement = family.capabilities.image_placement
     messages = conversation.chat_messages(system, placement)
     try:
@@ -119,6 +130,11 @@ def encode_request(
     except FamilyError as err:
         hint = " (each image_url part is an <image> tag where it stands)" if placement == "inline" else ""
         raise RequestError(f"messages: {err}{hint}", param="messages") from None
+    except ValueError as err:  # what the family's processor refuses in this request (an image's shape)
+        log.warning("a request the family cannot encode: %s", err)
+        raise RequestError(
+            f"messages: {family.label} cannot encode this request: {err}", param="messages"
+        ) from None
 
 
 def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Family) -> FastAPI:
@@ -126,10 +142,9 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
     starts with the app."""
     max_images = family.max_images
     limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)
-    max_body = options.max_image_bytes * max_images * 4 // 3 + _BODY_SLACK
-    image_cap = f"serve.max_image_bytes={options.max_image_bytes}"
-    if max_images > 1:
-        image_cap = f"{max_images} images of {image_cap}"
+    generating = options.max_batch_size if family.capabilities.batches_requests else 1
+    admission = Admission(generating, options.limits.max_queue)
+    encoding = asyncio.Semaphore(ENCODING_AT_ONCE)
     state: dict = {}
     created = int(time.time())
 
@@ -143,9 +158,11 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
             state["worker"].close()
 
     app = FastAPI(title="pipeline serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # added before the key check below, so it runs after it: a request without the key is refused unread
+    app.add_middleware(RequestGuard, max_body_bytes=options.limits.max_body_bytes, admission=admission)
 
     @app.middleware("http")
-    async def check_key_and_size(request: Request, call_next):
+    async def check_key(request: Request, call_next):
         if options.api_key is not None and request.url.path not in OPEN_PATHS:
             if not _authorized(request.headers.get("authorization"), options.api_key):
                 if request.url.path.startswith("/v1/"):
@@ -162,18 +179,11 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
                     code="invalid_api_key",
                     **{"WWW-Authenticate": 'Basic realm="pipeline serve"'},
                 )
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            return _error(
-                f"the request body is {length} bytes, over this server's {max_body}-byte limit "
-                f"({image_cap} plus {_BODY_SLACK} for text)",
-                413,
-            )
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_errors(list(exc.errors()))
+        message, param = describe_validation_errors(list(exc.errors()), request.headers.get("content-type"))
         return _error(message, 400, param)
 
     @app.exception_handler(RequestError)
@@ -195,8 +205,13 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
         return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_id}
+    async def health():
+        held = {"model": model_id, "requests": admission.active, "max_requests": admission.capacity}
+        if admission.full:  # new chat requests get 429 now
+            return JSONResponse(
+                {"status": "saturated", **held}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        return {"status": "ok", **held}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -241,11 +256,23 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
             if temperature > 0
             else Decoding()
         )
-        images = [await run_in_threadpool(load_request_image, url, limits) for url in conversation.image_urls]
+        check_seed(body.seed)
         system = conversation.system if conversation.system is not None else options.system
-        prompt = await run_in_threadpool(
-            encode_request, family, bundle, conversation, system, images, max_tokens
-        )
+        try:
+            token_limit = family.prompt_limit(bundle, max_tokens)
+        except ContextLengthError as err:
+            raise RequestError(str(err), param="max_tokens", code="context_length_exceeded") from None
+        server_system = options.system if conversation.system is None else None  # the request's is in body
+        check_prompt_text(body, server_system, token_limit, options.limits)
+        budget = PixelBudget(options.limits)
+        images = [
+            await run_in_threadpool(load_request_image, url, limits, budget)
+            for url in conversation.image_urls
+        ]
+        async with encoding:
+            prompt = await run_in_threadpool(
+                encode_request, family, bundle, conversation, system, images, max_tokens
+            )
         loop = asyncio.get_running_loop()
         job = Job(prompt, decoding, max_tokens, stop, body.seed, loop, asyncio.Queue())
         state["worker"].submit(job)
@@ -262,7 +289,7 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
             while True:
                 event: Event = await job.events.get()
                 if event.error is not None:
-                    return _error(event.error, 500)
+                    return _error(event.error, event.status)
                 text.append(event.delta)
                 if event.finish_reason is not None:
                     return reply.completion("".join(text), event)
@@ -327,7 +354,7 @@ async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator
         while True:
             event: Event = await job.events.get()
             if event.error is not None:
-                yield f"data: {json.dumps(error_body(event.error, 500))}\n\n"
+                yield f"data: {json.dumps(error_body(event.error, event.status))}\n\n"
                 break
             if event.delta:
                 yield reply.chunk({"content": event.delta})

@@ -1,5 +1,6 @@
 """Turning a request's `image_url` into a decoded RGB image: a data: URL, an http(s) URL, or (when allowed) a
-local file, each refused with a clear message when it is not a usable image."""
+local file, each refused with a clear message when it is not a usable image. With a request's PixelBudget
+(limits.py) an image's pixels are read from its header and counted before it is decoded."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 from pipeline.data.images import ImageLoadError, decode_image, fetch_url, load_image
 from pipeline.data.rows import is_url
 
+from .limits import PixelBudget, check_image_header
 from .schema import RequestError
 
 _DATA_URL = re.compile(
@@ -41,8 +43,9 @@ def _short(url: str) -> str:
     return url if len(url) <= 80 else url[:60] + "..." + url[-12:]
 
 
-def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
-    """Returns the image of a `data:image/...;base64,` URL; raises RequestError when it is not one."""
+def decode_data_url(url: str, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
+    """Returns the image of a `data:image/...;base64,` URL (its header counted against `budget` before it is
+    decoded); raises RequestError when it is not one, or is over a limit."""
     match = _DATA_URL.match(url)
     if match is None or not match.group("b64"):
         raise RequestError(
@@ -75,8 +78,11 @@ def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
             status=413,
             param="image_url",
         )
+    name = f"the {mime} data URL"
+    if budget is not None:
+        check_image_header(data, name, budget)
     try:
-        return decode_image(io.BytesIO(data), name=f"the {mime} data URL")
+        return decode_image(io.BytesIO(data), name=name)
     except ImageLoadError as exc:
         raise _refused(exc) from None
 
@@ -87,10 +93,11 @@ def _local_path(url: str) -> Path:
     return Path(url)
 
 
-def load_request_image(url: str, limits: ImageLimits) -> Image.Image:
-    """Returns the decoded RGB image that a request's image_url names; raises RequestError otherwise."""
+def load_request_image(url: str, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
+    """Returns the decoded RGB image that a request's image_url names, its pixels counted against `budget`
+    from its header before it is decoded; raises RequestError otherwise."""
     if url.startswith("data:"):
-        return decode_data_url(url, limits)
+        return decode_data_url(url, limits, budget)
     if is_url(url):
         try:
             data = fetch_url(url, timeout=limits.url_timeout, max_bytes=limits.max_bytes, retries=0)
@@ -122,7 +129,10 @@ def load_request_image(url: str, limits: ImageLimits) -> Image.Image:
             status=403,
             param="image_url",
         )
+    path = _local_path(url)
+    if budget is not None and path.is_file():  # a missing file is load_image's to report
+        check_image_header(path, _short(url), budget)
     try:
-        return load_image(_local_path(url), max_bytes=limits.max_bytes)
+        return load_image(path, max_bytes=limits.max_bytes)
     except ImageLoadError as exc:
         raise RequestError(f"image_url: {exc}", param="image_url") from None

@@ -218,13 +218,36 @@ def _location(loc: tuple) -> list[str]:
     return out
 
 
-def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
-    """Returns one message naming every field at fault (and the first field), from pydantic's error list."""
+_SEND_JSON = "send a JSON object with a messages list and the header 'Content-Type: application/json'"
+_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _whole_body_error(error: dict, content_type: str | None) -> str | None:
+    """Returns the message for an error about the body as a whole (empty, not JSON, not an object), else None."""
+    if tuple(error.get("loc", ())) != ("body",):
+        return None
+    if error.get("type") == "missing":
+        return f"the request body is empty: {_SEND_JSON}"
+    value = error.get("input")
+    if isinstance(value, (bytes, bytearray)):  # a body not sent as JSON is not parsed as JSON
+        sent = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+        return f"the request body was not read as JSON (it came with {sent}): {_SEND_JSON}"
+    if type(value) in _JSON_TYPES:
+        return f"invalid request: the body is {_JSON_TYPES[type(value)]}, not a JSON object: {_SEND_JSON}"
+    return None
+
+
+def describe_validation_errors(errors: list[dict], content_type: str | None = None) -> tuple[str, str | None]:
+    """Returns one message naming every field at fault (and the first field), from pydantic's error list;
+    `content_type` is the request's header, named when the body was not sent as JSON."""
     parts = []
     for error in errors:
         if error.get("type") == "json_invalid":
             ctx = error.get("ctx") or {}
             return f"the request body is not valid JSON: {ctx.get('error', error.get('msg'))}", None
+        whole = _whole_body_error(error, content_type)
+        if whole is not None:
+            return whole, None
         loc = _location(tuple(error.get("loc", ())))
         where = _dotted(loc) or "body"
         message = error.get("msg", "invalid")

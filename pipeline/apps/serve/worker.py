@@ -8,6 +8,10 @@ the batch once every request is finished or gone. Requests share a batch when th
 sampling with the same temperature and top_p); each keeps its own max_tokens, stop strings and seed, so a
 greedy answer is the one the request gets served alone. Any other family answers one request at a time
 through its streaming generate (Family.stream_tokens), stopped at the token that finishes the request.
+
+Requests are isolated: one whose own setup fails (its seed) gets its own error and leaves its batch; when a
+batch fails before any request has a token, each of its requests is tried alone, so that only the request at
+fault fails.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500  # the HTTP status of an error: 4xx when the request itself is at fault
 
 
 @dataclass
@@ -120,6 +125,13 @@ def advance_job(job: Job, token: int, end_ids: Collection[int], decode: Callable
         job.sent = ready
 
 
+def _fail(job: Job, message: str, status: int = 500) -> None:
+    """Ends `job` with an error (unless it has ended already)."""
+    if not job.done:
+        job.done = True
+        job.emit(Event(error=message, status=status))
+
+
 def finish_job(job: Job, reason: str, decode: Callable[[list[int]], str], text: str | None = None) -> None:
     """Ends `job` with `reason`, sending the rest of its text (`text`, else its ids decoded)."""
     text = decode(job.ids) if text is None else text
@@ -168,8 +180,12 @@ class Worker:
         self._thread.join(timeout=30)
 
     def _seed_of(self, job: Job) -> int:
-        """Returns the seed a sampling request draws with: its own, else the next of the server's."""
-        return job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        """Returns the seed a sampling request draws with: its own, else the next of the server's; raises
+        ValueError (RuntimeError from torch) for a seed torch's generators do not take."""
+        if job.seed is None:
+            return int(torch.randint(2**62, (1,), generator=self._seeds))
+        torch.Generator().manual_seed(job.seed)  # the check: the server checks seeds, but callers may not
+        return job.seed
 
     # ----- the worker thread
     def _take(self) -> list[Job] | None:
@@ -203,14 +219,7 @@ class Worker:
                 continue
             self.batches.append(len(jobs))  # before answering: a request's last event may end a caller's wait
             started = time.perf_counter()
-            try:
-                self._answer(jobs)
-            except Exception as exc:  # these requests fail; the server goes on
-                log.exception("generation failed for %d request(s)", len(jobs))
-                for job in jobs:
-                    if not job.done:
-                        job.done = True
-                        job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            self._answer_isolated(jobs)
             log.info(
                 "%d request(s) answered in %.2f s (%d tokens)",
                 len(jobs),
@@ -218,12 +227,45 @@ class Worker:
                 sum(len(job.ids) for job in jobs),
             )
 
+    def _answer_isolated(self, jobs: list[Job]) -> None:
+        """Answers `jobs`, failing only the requests at fault: a batch that fails before any of its requests
+        got a token is answered again one request at a time."""
+        try:
+            self._answer(jobs)
+        except Exception as exc:
+            pending = [job for job in jobs if not job.done]
+            if len(pending) > 1 and not any(job.ids for job in jobs):  # no request has seen a token yet
+                log.warning("a batch of %d requests failed (%s); answering each alone", len(jobs), exc)
+                for job in pending:
+                    self.batches.append(1)
+                    self._answer_isolated([job])
+                return
+            log.exception("generation failed for %d request(s)", len(jobs))
+            for job in jobs:
+                _fail(job, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _seeded(self, jobs: list[Job]) -> tuple[list[Job], list[int]]:
+        """Returns the jobs whose seed torch takes and their seeds (one per request, so that a seeded answer
+        does not depend on its batch); each other job fails alone with a 400."""
+        kept, seeds = [], []
+        for job in jobs:
+            try:
+                seeds.append(self._seed_of(job))
+            except (ValueError, RuntimeError, OverflowError) as exc:
+                _fail(job, f"seed={job.seed} cannot seed a generator: {exc}", status=400)
+                continue
+            kept.append(job)
+        return kept, seeds
+
     def _answer(self, jobs: list[Job]) -> None:
         """Generates for `jobs` (one batch, or one job), handing each its tokens as they come."""
         decoding = jobs[0].decoding
+        seeds = None
+        if decoding.do_sample:
+            jobs, seeds = self._seeded(jobs)
+            if not jobs:
+                return
         settings = decoding.settings(max(job.max_new_tokens for job in jobs))
-        # one seed per request, so that a seeded answer does not depend on its batch
-        seeds = [self._seed_of(job) for job in jobs] if decoding.do_sample else None
 
         def on_step(tokens: Sequence[int]) -> bool:
             for job, token in zip(jobs, tokens, strict=True):
