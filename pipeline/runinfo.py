@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.utils.io import atomic_write_json, atomic_write_text
+from pipeline.utils.secrets import redact_config, redact_overrides
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -74,12 +75,14 @@ def command_line(overrides: Sequence[str]) -> str:
 def collect_run_info(
     cfg: DictConfig, argv: Sequence[str], device: str, overrides: Sequence[str] = ()
 ) -> dict:
-    """Return the facts `run.json` records at the start of a run; status starts as "running"."""
+    """Return the facts `run.json` records at the start of a run; status starts as "running". Secrets on the
+    command line (utils/secrets.py) are recorded redacted."""
     git = git_commit()
+    overrides = redact_overrides(overrides)
     return {
         "status": "running",
         "command": command_line(overrides),  # this job's own overrides, also for one job of a sweep
-        "argv": list(argv),
+        "argv": redact_overrides(argv),
         "overrides": list(overrides),
         "python": sys.executable,
         "python_version": platform.python_version(),
@@ -97,7 +100,8 @@ def collect_run_info(
 
 
 def write_run_start(run_dir: Path, cfg: DictConfig, info: dict) -> None:
-    """Write the resolved `config.yaml` and the initial `run.json` into `run_dir` (both atomically).
+    """Write the resolved `config.yaml` (its secrets redacted) and the initial `run.json` into `run_dir` (both
+    atomically).
 
     Rerunning into an existing run folder (to resume it) keeps the earlier attempts' records in
     run.json's `previous_attempts`.
@@ -112,7 +116,7 @@ def write_run_start(run_dir: Path, cfg: DictConfig, info: dict) -> None:
         if old:
             earlier = old.pop("previous_attempts", [])
             info = {**info, "previous_attempts": [*earlier, old]}
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(redact_config(cfg), resolve=True))
     atomic_write_json(existing, info)
 
 
