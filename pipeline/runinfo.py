@@ -104,7 +104,8 @@ def write_run_start(run_dir: Path, cfg: DictConfig, info: dict) -> None:
     atomically).
 
     Rerunning into an existing run folder (to resume it) keeps the earlier attempts' records in
-    run.json's `previous_attempts`.
+    run.json's `previous_attempts`; one still "running" died without saying so and is recorded "killed"
+    (see ended_attempt).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = run_dir / RUN_FILE
@@ -115,9 +116,39 @@ def write_run_start(run_dir: Path, cfg: DictConfig, info: dict) -> None:
             old = {}
         if old:
             earlier = old.pop("previous_attempts", [])
-            info = {**info, "previous_attempts": [*earlier, old]}
+            info = {**info, "previous_attempts": [ended_attempt(a) for a in [*earlier, old]]}
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(redact_config(cfg), resolve=True))
     atomic_write_json(existing, info)
+
+
+def _process_exists(pid: int) -> bool:
+    """Returns True when a process with this id runs on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def ended_attempt(record: dict) -> dict:
+    """Returns an earlier attempt's run.json record as that attempt ended.
+
+    An attempt stops at "running" when its process is killed outright (SIGKILL, out of memory, a lost
+    machine): nothing in it can record the end. It is marked "killed" when its process is gone from this
+    host, or when it ran on another host (the new attempt holds the run folder's lock, which a living
+    attempt would hold); the time its death was noticed goes to `killed_noticed`. Other records are kept.
+    """
+    if not isinstance(record, dict) or record.get("status") != "running":
+        return record
+    pid = record.get("pid")
+    same_host = record.get("hostname") == socket.gethostname()
+    if same_host and isinstance(pid, int) and pid != os.getpid() and _process_exists(pid):
+        return record
+    return {**record, "status": "killed", "killed_noticed": now_iso()}
 
 
 def update_run_info(run_dir: Path, **fields: Any) -> dict:
