@@ -682,7 +682,7 @@ def serve_api_key(serve: DictConfig | dict, environ: Mapping[str, str] | None = 
             f"serve.api_key_env={env} but ${env} {state}; export {env}=<key> before starting the server, "
             "or set serve.api_key_env=null to serve without a key"
         )
-    return value
+    return value.strip()  # a newline from a key file would never match the header, which is stripped
 
 
 def validate(cfg: DictConfig) -> None:
