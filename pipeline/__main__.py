@@ -60,6 +60,7 @@ from pipeline.stages import StageFn, get_stage
 from pipeline.stages.state import RunState
 from pipeline.sweep import record_job, sweep_group_name
 from pipeline.utils.lock import LOCK_FILE, FolderBusy, folder_lock
+from pipeline.utils.secrets import redact_config
 from pipeline.utils.tracking import build_tracker
 
 log = logging.getLogger("pipeline")
@@ -237,7 +238,9 @@ def _run_in_folder(
         seed_everything(int(cfg.seed))
         state = RunState.resolve(cfg)
         # One tracking run for the whole pipeline: sft's curves and eval's metrics land together.
-        tracker = build_tracker(cfg.tracking, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        tracker = build_tracker(
+            cfg.tracking, run_dir, OmegaConf.to_container(redact_config(cfg), resolve=True)
+        )
         state.tracker = tracker
         for name, stage in stages:
             log.info("stage %s: writing into %s", name, run_dir / name)

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from pipeline.families import DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
+from pipeline.utils.secrets import REDACTED
 
 if TYPE_CHECKING:
     import torch
@@ -185,6 +186,9 @@ class ServeConfig:
     host: str = "127.0.0.1"  # 0.0.0.0 listens on every interface
     port: int = 8000
     api_key: str | None = None  # a bearer key every route but /health asks for; None = no key
+    # the environment variable holding that key, e.g. PIPELINE_API_KEY (as vLLM reads VLLM_API_KEY); read when
+    # the server starts, so the key is in no config, command line or run folder; null = use api_key
+    api_key_env: str | None = None
     max_batch_size: int = 8  # concurrent requests generated together
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for, and its default
     max_image_bytes: int = 10 * 1024 * 1024
@@ -467,7 +471,12 @@ def _check_ranges(tree: dict) -> list[str]:
     weight = tree["trainer"]["patch_weight"]
     if weight != "auto" and (isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0):
         problems.append(f"trainer.patch_weight={_show(weight)} must be auto or a number >= 0")
-    if tree["trainer"]["max_steps"] <= 0 and tree["trainer"]["epochs"] <= 0:
+    if tree["trainer"]["max_steps"] < -1:
+        problems.append(
+            f"trainer.max_steps={tree['trainer']['max_steps']} is not valid; use -1 (train for trainer.epochs) "
+            "or a number of optimizer steps > 0"
+        )
+    elif tree["trainer"]["max_steps"] <= 0 and tree["trainer"]["epochs"] <= 0:
         problems.append("trainer.epochs and trainer.max_steps are both <= 0; set one of them > 0")
     if len(tree["optim"]["betas"]) != 2:
         problems.append(f"optim.betas={_show_list(tree['optim']['betas'])} must hold exactly two numbers")
@@ -661,6 +670,55 @@ def _check_lora(tree: dict) -> list[str]:
     ]
 
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_serve_key(serve: dict) -> list[str]:
+    """Returns the problems of the server's key settings: an empty key (an unset shell variable in
+    `serve.api_key=$KEY` gives one) would let every client in, so it is refused rather than taken as "no key"."""
+    key, env = serve["api_key"], serve["api_key_env"]
+    if key is not None and env is not None:
+        return [
+            "serve.api_key and serve.api_key_env are both set; keep one (serve.api_key_env keeps the key out of "
+            "the command line and the run folder)"
+        ]
+    if key is not None and not str(key).strip():
+        return [
+            "serve.api_key is empty (an unset shell variable in serve.api_key=$KEY gives that), which would let "
+            "every client in; give the key, set serve.api_key_env=<variable> to read it from the environment, "
+            "or leave serve.api_key=null for a server without a key"
+        ]
+    if key == REDACTED:
+        return [
+            f"serve.api_key={REDACTED} is the placeholder run folders record in place of the key; give the key "
+            "itself, or serve.api_key_env=<variable>"
+        ]
+    if env is not None and not ENV_NAME.match(str(env)):
+        return [f"serve.api_key_env={_show(env)} is not an environment variable name, e.g. PIPELINE_API_KEY"]
+    return []
+
+
+def serve_api_key(serve: DictConfig | dict, environ: Mapping[str, str] | None = None) -> str | None:
+    """Returns the key the server asks for (None: no key): `serve.api_key`, or the value of the environment
+    variable `serve.api_key_env` names; raises ConfigError for an empty key or a variable unset or empty."""
+    serve = dict(serve)
+    problems = _check_serve_key(serve)
+    if problems:
+        raise ConfigError(problems)
+    env = serve["api_key_env"]
+    if env is None:
+        return serve["api_key"]
+    environ = os.environ if environ is None else environ
+    value = environ.get(str(env), "")
+    if not value.strip():
+        state = "is empty" if str(env) in environ else "is not set"
+        raise ConfigError(
+            f"serve.api_key_env={env} but ${env} {state}; export {env}=<key> before starting the server, "
+            "or set serve.api_key_env=null to serve without a key"
+        )
+    return value.strip()  # a newline from a key file would never match the header, which is stripped
+
+
 def validate(cfg: DictConfig) -> None:
     """Return None when `cfg` is usable; raise ConfigError naming every bad key and what it accepts."""
     tree = _to_plain(cfg)
@@ -671,6 +729,12 @@ def validate(cfg: DictConfig) -> None:
     problems += _check_choices(tree)
     problems += _check_ranges(tree)
     problems += _check_lora(tree)
+    problems += _check_serve_key(tree["serve"])
+    if not problems and "serve" in tree["stages"]:
+        try:
+            serve_api_key(tree["serve"])
+        except ConfigError as err:
+            problems += err.problems
     if "eval" in tree["stages"]:
         problems += objective_problems(tree["eval"]["objective"], tree["eval"]["generate"])
     if not problems:

@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.utils.io import atomic_write_json, atomic_write_text
+from pipeline.utils.secrets import redact_config, redact_overrides
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -74,12 +75,14 @@ def command_line(overrides: Sequence[str]) -> str:
 def collect_run_info(
     cfg: DictConfig, argv: Sequence[str], device: str, overrides: Sequence[str] = ()
 ) -> dict:
-    """Return the facts `run.json` records at the start of a run; status starts as "running"."""
+    """Return the facts `run.json` records at the start of a run; status starts as "running". Secrets on the
+    command line (utils/secrets.py) are recorded redacted."""
     git = git_commit()
+    overrides = redact_overrides(overrides)
     return {
         "status": "running",
         "command": command_line(overrides),  # this job's own overrides, also for one job of a sweep
-        "argv": list(argv),
+        "argv": redact_overrides(argv),
         "overrides": list(overrides),
         "python": sys.executable,
         "python_version": platform.python_version(),
@@ -97,10 +100,12 @@ def collect_run_info(
 
 
 def write_run_start(run_dir: Path, cfg: DictConfig, info: dict) -> None:
-    """Write the resolved `config.yaml` and the initial `run.json` into `run_dir` (both atomically).
+    """Write the resolved `config.yaml` (its secrets redacted) and the initial `run.json` into `run_dir` (both
+    atomically).
 
     Rerunning into an existing run folder (to resume it) keeps the earlier attempts' records in
-    run.json's `previous_attempts`.
+    run.json's `previous_attempts`; one still "running" died without saying so and is recorded "killed"
+    (see ended_attempt).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = run_dir / RUN_FILE
@@ -111,9 +116,39 @@ def write_run_start(run_dir: Path, cfg: DictConfig, info: dict) -> None:
             old = {}
         if old:
             earlier = old.pop("previous_attempts", [])
-            info = {**info, "previous_attempts": [*earlier, old]}
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+            info = {**info, "previous_attempts": [ended_attempt(a) for a in [*earlier, old]]}
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(redact_config(cfg), resolve=True))
     atomic_write_json(existing, info)
+
+
+def _process_exists(pid: int) -> bool:
+    """Returns True when a process with this id runs on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def ended_attempt(record: dict) -> dict:
+    """Returns an earlier attempt's run.json record as that attempt ended.
+
+    An attempt stops at "running" when its process is killed outright (SIGKILL, out of memory, a lost
+    machine): nothing in it can record the end. It is marked "killed" when its process is gone from this
+    host, or when it ran on another host (the new attempt holds the run folder's lock, which a living
+    attempt would hold); the time its death was noticed goes to `killed_noticed`. Other records are kept.
+    """
+    if not isinstance(record, dict) or record.get("status") != "running":
+        return record
+    pid = record.get("pid")
+    same_host = record.get("hostname") == socket.gethostname()
+    if same_host and isinstance(pid, int) and pid != os.getpid() and _process_exists(pid):
+        return record
+    return {**record, "status": "killed", "killed_noticed": now_iso()}
 
 
 def update_run_info(run_dir: Path, **fields: Any) -> dict:

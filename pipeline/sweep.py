@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from pipeline.distributed import is_main_process
 from pipeline.runinfo import RUN_FILE
 from pipeline.utils.io import atomic_write_json, atomic_write_text
+from pipeline.utils.secrets import redact_overrides
 
 RESULT_FILE = "result.json"
 SUMMARY_CSV = "summary.csv"
@@ -75,7 +76,7 @@ def write_job_result(
             metrics = json.loads(run_file.read_text(encoding="utf-8")).get("metrics") or {}
     record = {
         "job": job,
-        "overrides": list(overrides),
+        "overrides": redact_overrides(overrides),
         "status": status,
         "objective": None if objective is None else float(objective),
         "objective_name": objective_name,

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.utils.io import file_mode
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEMO_DIR = REPO_ROOT / "data" / "demo"
 DEFAULT_ROWS = 240
@@ -268,8 +270,11 @@ def ensure_demo(folder: Path | None = None, n: int = DEFAULT_ROWS, *, force: boo
 
 
 def _write_atomic(path: Path, write) -> str:
+    """Returns the sha256 of `path` after writing it through a temp file and a rename; the file gets the mode
+    a plain open() gives (0666 less the umask), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
         os.replace(tmp, path)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -80,16 +82,51 @@ def load_image(
             raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
     path = Path(ref).expanduser()
     if not path.is_file():
-        reason = "is a folder, not an image file" if path.is_dir() else "file not found"
-        raise ImageLoadError(f"{ref}: {reason}")
+        raise ImageLoadError(f"{ref}: {_not_a_file(path)}")
     size = path.stat().st_size
     if size > max_bytes:
         raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
-    return decode_image(path, name=ref, max_pixels=max_pixels)
+    return decode_image(path, name=ref, max_pixels=max_pixels, limit_key=_limit_key(max_pixels))
 
 
-def decode_image(source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Return the RGB image decoded from a file or buffer, after a header pixel check and a verify pass."""
+def _limit_key(max_pixels: int) -> str | None:
+    """Returns what sets the data loader's pixel limit, for its refusals: MAX_PIXELS unless a caller chose."""
+    return "MAX_PIXELS in pipeline/data/images.py" if max_pixels == MAX_PIXELS else None
+
+
+def _not_a_file(path: Path) -> str:
+    """Returns why a local image path is not a readable file: a folder, a symlink loop, a link to nothing, or
+    nothing there (is_file() says False for all of them)."""
+    if path.is_dir():
+        return "is a folder, not an image file"
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop (its links lead back to themselves); point the link at the image file"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if exc.errno != errno.ENOENT:
+            return f"cannot be read ({exc.strerror})"
+        return "file not found"
+    return "is not a regular file"
+
+
+def _over_pixel_limit(name: str, pixels: str, max_pixels: int, limit_key: str | None) -> str:
+    """Returns the message for an image over the pixel limit: the project's limit (not PIL's) and, when
+    given, the key or constant that sets it."""
+    where = f" ({limit_key})" if limit_key else ""
+    return (
+        f"{name}: {pixels} pixels is over the {max_pixels}-pixel limit{where}; refused as a possible "
+        "decompression bomb: downscale the image"
+    )
+
+
+def decode_image(
+    source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_PIXELS, limit_key: str | None = None
+) -> Image.Image:
+    """Return the RGB image decoded from a file or buffer, after a header pixel check and a verify pass;
+    `limit_key` names what sets max_pixels in the refusal."""
     try:
         with warnings.catch_warnings():
             # The pixel cap below replaces PIL's own bomb warning with an error that names the file.
@@ -98,8 +135,7 @@ def decode_image(source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_
                 width, height = probe.size
                 if width * height > max_pixels:
                     raise ImageLoadError(
-                        f"{name}: {width}x{height} = {width * height} pixels is over the {max_pixels}-pixel "
-                        "limit (refused as a possible decompression bomb)"
+                        _over_pixel_limit(name, f"{width}x{height} = {width * height}", max_pixels, limit_key)
                     )
                 probe.verify()  # checks chunk CRCs and structure without decoding all pixels
             if isinstance(source, io.BytesIO):
@@ -109,8 +145,10 @@ def decode_image(source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_
                 return image.convert("RGB")
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # PIL's own cap, far above the project's, refused first
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = counted.group(1) if counted else f"over {Image.MAX_IMAGE_PIXELS * 2}"
+        raise ImageLoadError(_over_pixel_limit(name, pixels, max_pixels, limit_key)) from exc
     except Exception as exc:  # PIL reports broken files through many exception types
         raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 

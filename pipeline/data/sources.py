@@ -336,6 +336,8 @@ def sample_rows(
 COCO_QUERY = "please describe the image."
 COCO_KEYS = ("path", "image_root", "allow_download", "cache_dir", "timeout")
 _COCO_CSV_COLUMNS = {"uniq_id", "image_id", "caption", "image"}
+# the columns each layout's reader takes its captions and images from
+_COCO_COLUMNS = {"csv": ("caption", "image"), "arrow": ("caption", "image"), "parquet": ("image", "answer")}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -372,7 +374,7 @@ def check_coco(cfg: Mapping) -> None:
     """Return None when the COCO source's path is set and holds its files (none is read)."""
     if not cfg.get("path"):
         raise DatasetError(coco_help("'path' is not set"))
-    find_coco_files(Path(str(cfg["path"])).expanduser())
+    check_coco_columns(*find_coco_files(Path(str(cfg["path"])).expanduser()))
 
 
 @register_source("coco_en_2_mini", keys=COCO_KEYS, check=check_coco)
@@ -381,6 +383,7 @@ def load_coco(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Probl
     if not cfg.get("path"):
         raise DatasetError(coco_help("'path' is not set"))
     layout, files = find_coco_files(Path(str(cfg["path"])).expanduser())
+    check_coco_columns(layout, files)
     log.info("coco_en_2_mini: reading %s layout from %s", layout, ", ".join(map(str, files[:3])))
     split = "val" if layout == "parquet" else "validation"
     records = _COCO_READERS[layout](files)
@@ -414,6 +417,43 @@ def find_coco_files(path: Path) -> tuple[str, list[Path]]:
         return "parquet", _one_folder(parquet, "parquet")
     found = "only the train split's CSV" if csvs else "no COCO caption files"
     raise DatasetError(coco_help(f"{found} under {path}"))
+
+
+def check_coco_columns(layout: str, files: list[Path]) -> None:
+    """Returns None when every file has the columns its layout's reader takes captions and images from;
+    raises DatasetError naming the file, the columns expected and the ones found (a file of another data set
+    would otherwise give one "empty caption" problem per row). Reads the header or schema only."""
+    expected = _COCO_COLUMNS[layout]
+    for file in files:
+        found = _coco_file_columns(layout, file)
+        missing = [column for column in expected if column not in found]
+        if missing:
+            raise DatasetError(
+                f"coco_en_2_mini: {file} is not a COCO caption {layout} file: it has no "
+                f"{', '.join(map(repr, missing))} column (expected {', '.join(map(repr, expected))}; found "
+                f"{', '.join(map(repr, found)) or 'none'}). Point dataset.path (the source's 'path') at the "
+                "COCO caption files, or read your own data with dataset=custom and dataset.columns mapping "
+                "its columns"
+            )
+
+
+def _coco_file_columns(layout: str, file: Path) -> list[str]:
+    """Returns the column names of a CSV header, an arrow file's schema or a parquet file's schema."""
+    if layout == "csv":
+        with file.open(encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle), [])
+    if layout == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.ParquetFile(file).schema_arrow.names)
+    import pyarrow as pa
+
+    with pa.memory_map(str(file)) as source:
+        try:
+            return list(pa.ipc.open_stream(source).schema.names)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return list(pa.ipc.open_file(source).schema.names)
 
 
 def _one_folder(files: list[Path], kind: str) -> list[Path]:

@@ -241,7 +241,8 @@ def _image_reason(ref: str, cache_dir: Path | None) -> str | None:
 def check_lengths(
     rows: list[Row], count_tokens: Callable[[Row], int | None], max_length: int | None
 ) -> list[tuple[int, Problem]]:
-    """Return (row index, problem) for rows that cannot be encoded or encode to over max_length tokens."""
+    """Return (row index, problem) for rows that cannot be encoded or encode to over max_length tokens (the
+    counter gives a row that cannot be kept under dataset.truncation its full length)."""
     found = []
     for index, row in enumerate(rows):
         count = count_tokens(row)
@@ -249,7 +250,8 @@ def check_lengths(
         if count is None:
             found.append((index, Problem(row.origin, "row cannot be encoded with this model's template")))
         elif max_length is not None and count > max_length:
-            found.append((index, Problem(row.origin, f"{count} tokens is over max_length={max_length}")))
+            reason = f"{count} tokens is over dataset.max_length={max_length}; raise it or shorten the row"
+            found.append((index, Problem(row.origin, reason)))
     return found
 
 

@@ -548,7 +548,8 @@ class Family(ABC):
         self, bundle: Bundle, max_length: int, truncation: str, images: ImageSource
     ) -> Callable[[RowLike], int | None]:
         """Returns `count(row)`: the row's encoded length (image tokens included, read from image headers
-        where the family can), or None when the row cannot be kept under `truncation`."""
+        where the family can) as it will be trained, i.e. after `truncation` cut it; a row that cannot be kept
+        under max_length gets its full length, which is over max_length (validation reports both numbers)."""
 
     def patch_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int] | None:
         """Returns `count(row)`: the patches the vision tower processes for the row's images, or None where

@@ -541,15 +541,16 @@ class HFNativeFamily(Family):
     def token_counter(
         self, bundle: Bundle, max_length: int, truncation: str, images: ImageSource
     ) -> Callable[[RowLike], int | None]:
-        """Counts a row's tokens (None when it exceeds max_length): from the rendered text and the images'
-        header sizes where the family allows (`counts_from_sizes`), else by encoding it."""
+        """Counts a row's tokens (over max_length for a row too long to keep: validation names both numbers):
+        from the rendered text and the images' header sizes where the family allows (`counts_from_sizes`),
+        else by encoding it."""
         processor = bundle.processor
 
         def count(row: RowLike) -> int | None:
             n = self._count_from_sizes(processor, row, images) if self.counts_from_sizes else None
             if n is None:
                 n = len(self._encode_row(processor, row, row_images(row, images), generation=False))
-            return n if n <= max_length else None
+            return n
 
         return count
 

@@ -2,7 +2,8 @@
 
     python -m pipeline stages=[serve] ckpt=outputs/<exp>/<time> serve.port=8000     # a run's sft/best
     python -m pipeline stages=[serve] ckpt=outputs/.../checkpoint-40-merged          # a merged folder
-    python -m pipeline stages=[serve] ckpt=base serve.api_key=secret serve.host=0.0.0.0
+    PIPELINE_API_KEY=... python -m pipeline stages=[serve] ckpt=base serve.api_key_env=PIPELINE_API_KEY \
+        serve.host=0.0.0.0
 
 Which weights: this run's merged model, else this run's (or `ckpt`'s) checkpoint; ckpt=base serves model.path
 as it is. Every family serves: MiniCPM-V-2 batches concurrent requests, the others answer one at a time.
@@ -20,13 +21,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.apps.generation import load_inference_bundle
-from pipeline.config import ConfigError, resolve_device
+from pipeline.config import ConfigError, resolve_device, serve_api_key
 from pipeline.families import family_from_config
 from pipeline.stages.state import RunState
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "serve.log"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOGGERS = (__name__, "pipeline.apps.serve", "uvicorn")  # what serve.log holds (uvicorn's children propagate)
 
 
@@ -58,12 +60,20 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def _key_note(cfg: DictConfig) -> str:
+    """Returns what the log says of the key: whether one is required and where it came from, never the key."""
+    if cfg.serve.api_key_env is not None:
+        return f" (API key required: the value of ${cfg.serve.api_key_env})"
+    return "" if cfg.serve.api_key is None else " (API key required: serve.api_key)"
+
+
 def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     """Serves until stopped and returns {"serve": the URL it served on}."""
     from pipeline.apps.serve.app import ServeOptions, create_app, run_server
     from pipeline.apps.serve.limits import ServeLimits
 
     family = family_from_config(cfg.model)
+    api_key = serve_api_key(cfg.serve)  # from serve.api_key_env's variable when set; checked before loading
     check_port_free(str(cfg.serve.host), int(cfg.serve.port))
     serve_dir = Path(run_dir) / "serve"
     serve_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +93,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         allow_download=cfg.model.trust_hub,
     )
     options = ServeOptions(
-        api_key=cfg.serve.api_key,
+        api_key=api_key,
         max_batch_size=cfg.serve.max_batch_size,
         max_new_tokens=cfg.serve.max_new_tokens,
         max_image_bytes=cfg.serve.max_image_bytes,
@@ -94,6 +104,12 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         limits=ServeLimits.from_config(cfg.serve),
     )
     model_id = served_model_id(cfg, ckpt)
+    if api_key is None and str(cfg.serve.host) not in LOOPBACK_HOSTS:
+        log.warning(
+            "serve.host=%s without an API key: anyone who reaches this port can use the model; "
+            "set serve.api_key_env=<variable> (README: serving safely)",
+            cfg.serve.host,
+        )
     app = create_app(bundle, options, model_id, family)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     handler = _log_to_file(serve_dir / LOG_FILE)
@@ -105,7 +121,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
             url,
             url,
             url,
-            "" if cfg.serve.api_key is None else " (API key required)",
+            _key_note(cfg),
         )
         stopped_by = run_server(app, str(cfg.serve.host), int(cfg.serve.port))
         log.info("server stopped%s", f" by {stopped_by}" if stopped_by else "")

@@ -51,6 +51,7 @@ from pipeline.training.plan import (
 )
 from pipeline.training.plot import plot_losses
 from pipeline.utils.io import atomic_write_json
+from pipeline.utils.secrets import redact_config
 from pipeline.utils.tracking import Tracker, build_tracker
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def stage_tracker(
     if not own:
         yield state.tracker
         return
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(redact_config(cfg), resolve=True)
     tracker = build_tracker(cfg.tracking, run_dir, resolved, is_main_process=accelerator.is_main_process)
     try:
         yield tracker

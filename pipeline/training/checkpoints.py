@@ -51,6 +51,7 @@ from pipeline.families.checkpoints import (
     read_json_file,
 )
 from pipeline.utils.io import file_mode
+from pipeline.utils.secrets import redact_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -212,7 +213,7 @@ def save_training_checkpoint(
             torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
         (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
         for name in TOKENIZER_FILES:
             if (base_path / name).is_file() and not (tmp / name).exists():

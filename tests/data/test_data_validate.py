@@ -233,7 +233,7 @@ def test_token_lengths_are_checked_through_the_injected_counter(tmp_path: Path) 
     kept, problems = validate_rows(rows, count_tokens=count_tokens, max_length=10, on_error="skip")
     assert [r.origin for r in kept] == ["f:1"]
     assert [str(p) for p in problems] == [
-        "f:2: 50 tokens is over max_length=10",
+        "f:2: 50 tokens is over dataset.max_length=10; raise it or shorten the row",
         "f:3: row cannot be encoded with this model's template",
         f"f:4: image {tmp_path / 'gone.png'}: file not found",
     ]  # in row order, whichever check found them

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -91,3 +93,13 @@ def test_command_line_writes_the_set(tmp_path: Path, capsys) -> None:
     assert "12 rows" in capsys.readouterr().out
     lines = (tmp_path / "cli" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 12 and json.loads(lines[0])["images"] == ["images/00000.png"]
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        folder = ensure_demo(tmp_path / "demo", n=12)
+    finally:
+        os.umask(previous)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+    assert modes == {0o640}  # 0666 less the umask, as a plain open() gives; not mkstemp's 0600

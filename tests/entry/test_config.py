@@ -279,6 +279,7 @@ def test_empty_stage_list_is_valid(compose):
         ("+foo=1", "foo is not a known key"),
         ("+lora.rank=4", "lora.rank is not a known key; valid keys of lora"),
         ("dataset.sources=[{name:nope}]", "dataset.sources[0].name=nope is not a valid dataset"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is not valid; use -1 (train for trainer.epochs)"),
     ],
 )
 def test_bad_values_name_key_and_choices(compose, override, fragment):

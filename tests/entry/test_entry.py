@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from pipeline.__main__ import run_pipeline
 from pipeline.config import ConfigError
 from pipeline.runinfo import (
     adopt_earlier_run,
+    ended_attempt,
     find_run_dir,
     load_run_config,
     overridden_sections,
@@ -243,6 +245,42 @@ def test_rerun_into_the_same_folder_keeps_earlier_attempts(compose, fake_stages,
     run_pipeline(compose(["stages=[sft]"]), tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "ok" and [a["status"] for a in info["previous_attempts"]] == ["ok"]
+
+
+def test_an_attempt_killed_outright_is_recorded_as_killed(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", f"output_root={tmp_path}"]
+    prelude = _fake_stage_prelude("infer", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    killed = _run_entry(["stages=[infer]", "ckpt=base", *args], tmp_path, prelude)
+    assert killed.returncode == -9
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # it could not say more
+    done = _run_entry(["stages=[]", *args], tmp_path)
+    assert done.returncode == 0, done.stderr
+    info = json.loads((run_dir / "run.json").read_text())
+    (earlier,) = info["previous_attempts"]
+    assert info["status"] == "ok" and earlier["status"] == "killed" and earlier["killed_noticed"]
+
+
+def test_only_attempts_whose_process_is_gone_become_killed():
+    host = socket.gethostname()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert ended_attempt({"status": "running", "pid": alive.pid, "hostname": host})["status"] == "running"
+        assert (
+            ended_attempt({"status": "running", "pid": finished.pid, "hostname": host})["status"] == "killed"
+        )
+        # on another host the pid says nothing; the run folder's lock, held by the new attempt, does
+        assert (
+            ended_attempt({"status": "running", "pid": alive.pid, "hostname": "other"})["status"] == "killed"
+        )
+        assert (
+            ended_attempt({"status": "failed", "pid": finished.pid, "hostname": host})["status"] == "failed"
+        )
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_overridden_sections():

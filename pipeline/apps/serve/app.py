@@ -92,21 +92,27 @@ def _error(
     return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers or None)
 
 
-def _authorized(header: str | None, key: str) -> bool:
-    """Returns True for `Bearer <key>`, or HTTP Basic with the key as password (what a browser sends)."""
-    if not header:
+def _authorized(header: str | None, key: str | None) -> bool:
+    """Returns True for `Bearer <key>`, or HTTP Basic with the key as password (what a browser sends).
+
+    An empty or absent credential never passes, nor does any credential when the key itself is empty (the
+    config refuses one; this holds for any caller of create_app). The comparison takes the same time
+    wherever the credential first differs from the key.
+    """
+    if not header or not key:
         return False
     scheme, _, value = header.partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer":
-        return hmac.compare_digest(value.encode(), key.encode())
-    if scheme.lower() == "basic":
+        given = value
+    elif scheme.lower() == "basic":
         try:
-            _, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            _, _, given = base64.b64decode(value, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        return hmac.compare_digest(password.encode(), key.encode())
-    return False
+    else:
+        return False
+    return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
 
 def encode_request(

@@ -27,7 +27,8 @@ def slice_grid_for_size(processor: MiniCPMVImageProcessor, width: int, height: i
 class TokenCounter:
     """Counts a row's tokens after tokenization, image tokens included, reading only the image header.
 
-    Returns None when the row cannot be kept under the truncation policy.
+    Returns the kept length under the truncation policy, or the full length (over max_length) when the row
+    cannot be kept.
     """
 
     def __init__(
@@ -64,7 +65,7 @@ class TokenCounter:
             image_placeholder=placeholder,
         )
         kept = truncate(enc, self.max_length, self.truncation)
-        return None if kept is None else len(kept.input_ids)
+        return len(enc.input_ids) if kept is None else len(kept.input_ids)
 
 
 class SFTDataset(Dataset):
