@@ -157,20 +157,28 @@ def run_stage(stage, cfg: DictConfig, run_dir: Path, **fields: object) -> dict:
 
 
 class FileServer:
-    """An HTTP server on localhost serving `files` (path -> bytes, 404 for anything else) on a thread; `hits`
-    lists the paths asked for, `files` may change while it serves. Stop it with `close()`."""
+    """An HTTP server on localhost serving `files` (path -> bytes, 404 for anything else) on a thread, and
+    `redirects` (path -> the Location of a 302); `hits` lists the paths asked for, `files` may change while it
+    serves. Stop it with `close()`."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], redirects: dict[str, str] | None = None) -> None:
         import http.server
         import threading
 
         owner = self
         self.files = dict(files)
+        self.redirects = dict(redirects or {})
         self.hits: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.hits.append(self.path)
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = owner.files.get(self.path)
                 if body is None:
                     self.send_error(404)

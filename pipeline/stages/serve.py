@@ -88,6 +88,9 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         max_image_bytes=cfg.serve.max_image_bytes,
         url_timeout=cfg.serve.url_timeout,
         allow_local_files=cfg.serve.allow_local_files,
+        allowed_url_hosts=tuple(cfg.serve.allowed_url_hosts),
+        allow_private_urls=cfg.serve.allow_private_urls,
+        url_fetch_workers=cfg.serve.url_fetch_workers,
         system=cfg.dataset.system,
         seed=int(cfg.seed),
     )

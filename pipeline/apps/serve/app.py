@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.families.base import Bundle, ContextLengthError, EncodedPrompt, Family, FamilyError
 
-from .images import ImageLimits, load_request_image
+from .images import ImageLimits, RequestImages
 from .schema import (
     ChatCompletionRequest,
     Conversation,
@@ -73,6 +73,9 @@ class ServeOptions:
     allow_local_files: bool
     system: str | None = None  # the system prompt of a request that sends none
     seed: int = 0
+    allowed_url_hosts: tuple[str, ...] = ()  # image URL hosts (any public host when empty)
+    allow_private_urls: bool = False  # image URLs at private addresses too (a trusted network)
+    url_fetch_workers: int = 4  # image URLs fetched at once
 
 
 def _error(
@@ -125,7 +128,15 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
     """Returns the ASGI app serving `bundle` (a model of `family`) under the name `model_id`; its worker
     starts with the app."""
     max_images = family.max_images
-    limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)
+    limits = ImageLimits(
+        options.max_image_bytes,
+        options.url_timeout,
+        options.allow_local_files,
+        tuple(options.allowed_url_hosts),
+        options.allow_private_urls,
+        options.url_fetch_workers,
+    )
+    request_images = RequestImages(limits)  # URLs on their own threads, so slow ones hold no one else
     max_body = options.max_image_bytes * max_images * 4 // 3 + _BODY_SLACK
     image_cap = f"serve.max_image_bytes={options.max_image_bytes}"
     if max_images > 1:
@@ -241,7 +252,7 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
             if temperature > 0
             else Decoding()
         )
-        images = [await run_in_threadpool(load_request_image, url, limits) for url in conversation.image_urls]
+        images = await request_images.load(conversation.image_urls)
         system = conversation.system if conversation.system is not None else options.system
         prompt = await run_in_threadpool(
             encode_request, family, bundle, conversation, system, images, max_tokens
