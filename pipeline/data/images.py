@@ -113,10 +113,12 @@ def is_public_address(address: str) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return is_public_address(str(ip.ipv4_mapped))  # the IPv4 address itself is connected to
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = [ip.ipv4_mapped, ip.sixtofour]
+        embedded = [ip.sixtofour]
         if ip.teredo is not None:
             embedded += list(ip.teredo)
         if ip in _NAT64:
@@ -369,6 +371,8 @@ class _PinnedConnection(http.client.HTTPConnection):
                 raise
             except OSError as exc:
                 sock.close()
+                if isinstance(exc, TimeoutError):
+                    self._wait()  # raises _Deadline when the deadline is what cut it short
                 error = exc
         assert error is not None
         raise error
@@ -407,7 +411,11 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int | None:
         self._sock.settimeout(self._waits())
-        return self._raw.readinto(memoryview(buffer)[:_RECV_BYTES])
+        try:
+            return self._raw.readinto(memoryview(buffer)[:_RECV_BYTES])
+        except TimeoutError:
+            self._waits()  # raises _Deadline when the deadline is what cut this read short
+            raise
 
     def close(self) -> None:
         self._raw.close()

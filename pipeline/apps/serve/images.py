@@ -67,11 +67,13 @@ def url_refused(index: int) -> RequestError:
     )
 
 
-def _refused(exc: ImageLoadError) -> RequestError:
+def _without_buffer(exc: ImageLoadError) -> str:
     # PIL names the buffer it read by its memory address, which tells a client nothing
-    return RequestError(
-        f"image_url: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(exc))}", param="image_url"
-    )
+    return re.sub(r" <_io.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+
+
+def _refused(exc: ImageLoadError) -> RequestError:
+    return RequestError(f"image_url: {_without_buffer(exc)}", param="image_url")
 
 
 def _short(url: str) -> str:
@@ -138,7 +140,7 @@ def fetch_url_image(url: str, limits: ImageLimits, index: int = 0) -> Image.Imag
         )
         return decode_image(io.BytesIO(data), name=_short(url))
     except ImageLoadError as exc:
-        log.warning("image_url %d refused: %s", index, _refused(exc))
+        log.warning("image_url %d refused: %s", index, _without_buffer(exc))
     except Exception as exc:  # a URL http.client cannot send, say: the client gets the same answer
         log.warning("image_url %d refused: %s: %s: %s", index, _short(url), type(exc).__name__, exc)
     raise url_refused(index)
