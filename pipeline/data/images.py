@@ -105,6 +105,9 @@ def _host_matches(host: str, entry: str) -> bool:
     return host == entry
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # IPv6 addresses that stand for the IPv4 address in their end
+
+
 def is_public_address(address: str) -> bool:
     """Returns whether an IP address is globally routable unicast, and so is every IPv4 address it embeds
     (IPv4-mapped, 6to4, Teredo, NAT64 forms): no loopback, private, link-local, shared (100.64/10),
@@ -125,9 +128,6 @@ def is_public_address(address: str) -> bool:
             embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         return all(is_public_address(str(v4)) for v4 in embedded if v4 is not None)
     return True
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def url_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -296,7 +296,7 @@ def _get(
         raise UrlRefusedError(f"{url}: the URL names no host")
     if not policy.host_allowed(host):
         raise UrlRefusedError(f"{url}: the host {host} is not on the list of allowed hosts")
-    addresses = _resolve(host, port, url)
+    addresses = _resolve(host, port)
     allowed = [a for a in addresses if policy.address_allowed(host, a[4][0])]
     if not allowed:
         shown = ", ".join(sorted({a[4][0] for a in addresses}))
@@ -321,11 +321,11 @@ def _get(
         raise
 
 
-def _resolve(host: str, port: int, url: str) -> list[tuple]:
+def _resolve(host: str, port: int) -> list[tuple]:
     try:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ImageLoadError(f"{url}: cannot resolve {host} ({exc})") from None
+        raise OSError(f"cannot resolve {host} ({exc})") from None  # may be transient: tried again
 
 
 def _check_deadline(end: float, deadline: float) -> float:
