@@ -8,6 +8,7 @@ list, and which checkpoint the stages will read. Both happen before any work sta
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -192,7 +193,15 @@ class ServeConfig:
     max_batch_size: int = 8  # concurrent requests generated together
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for, and its default
     max_image_bytes: int = 10 * 1024 * 1024
-    url_timeout: float = 10.0  # seconds to wait for an image URL
+    # seconds for the whole fetch of an image URL (connect, headers, body, redirects), however slowly it comes
+    url_timeout: float = 10.0
+    # image URLs are fetched only from public addresses (resolved here, checked again on every redirect);
+    # allowed_url_hosts: when not empty, only these hosts (names or IPs, `*.example.org` for subdomains),
+    # each trusted at whatever address it resolves to; allow_private_urls: true on a trusted network
+    # lifts the public-address rule for every host
+    allowed_url_hosts: list[str] = field(default_factory=list)
+    allow_private_urls: bool = False
+    url_fetch_workers: int = 4  # image URLs fetched at once, on threads of their own
     allow_local_files: bool = False  # accept file:// URLs and local paths as images
     # Limits checked before the work they protect (pipeline/apps/serve/limits.py). With these defaults one
     # request makes the server hold at most about 1.2 GB above idle, besides the model's generation: its body
@@ -327,6 +336,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("serve.max_image_pixels", 1, 2 * 89_478_485),  # PIL refuses to open a larger image at all
     ("serve.max_request_pixels", 1, None),
     ("serve.max_prompt_bytes", 1, None),
+    ("serve.url_fetch_workers", 1, None),
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -478,9 +488,35 @@ def _check_ranges(tree: dict) -> list[str]:
         )
     elif tree["trainer"]["max_steps"] <= 0 and tree["trainer"]["epochs"] <= 0:
         problems.append("trainer.epochs and trainer.max_steps are both <= 0; set one of them > 0")
+    problems += _check_url_hosts(tree["serve"]["allowed_url_hosts"])
     if len(tree["optim"]["betas"]) != 2:
         problems.append(f"optim.betas={_show_list(tree['optim']['betas'])} must hold exactly two numbers")
     return problems
+
+
+_URL_HOST_NAME = re.compile(r"^(\*\.)?[^\s/@:?#*\[\]]+$")
+
+
+def _is_url_host(host: str) -> bool:
+    """A host name (`*.` in front for its subdomains), an IPv4 address, or an IPv6 address (brackets or not)."""
+    if ":" not in host:
+        return bool(_URL_HOST_NAME.match(host))
+    try:
+        ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _check_url_hosts(hosts: list[str]) -> list[str]:
+    """serve.allowed_url_hosts holds host names or IP addresses, without scheme, port or path."""
+    bad = [host for host in hosts if not _is_url_host(host)]
+    if not bad:
+        return []
+    return [
+        f"serve.allowed_url_hosts: {', '.join(map(repr, bad))} is not a host name or IP address; list hosts "
+        "alone (images.example.org, 10.0.0.5, *.example.org for its subdomains), without scheme, port or path"
+    ]
 
 
 def _show_list(values: list) -> str:

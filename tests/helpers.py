@@ -157,20 +157,30 @@ def run_stage(stage, cfg: DictConfig, run_dir: Path, **fields: object) -> dict:
 
 
 class FileServer:
-    """An HTTP server on localhost serving `files` (path -> bytes, 404 for anything else) on a thread; `hits`
-    lists the paths asked for, `files` may change while it serves. Stop it with `close()`."""
+    """An HTTP server on localhost serving `files` (path -> bytes, 404 for anything else) on a thread, and
+    `redirects` (path -> the Location of a 302); `hits` lists the paths asked for, `files` may change while it
+    serves. Stop it with `close()`."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], redirects: dict[str, str] | None = None) -> None:
         import http.server
         import threading
 
         owner = self
         self.files = dict(files)
+        self.redirects = dict(redirects or {})
         self.hits: list[str] = []
+        self.hosts: list[str | None] = []  # the Host header of each request
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.hits.append(self.path)
+                owner.hosts.append(self.headers.get("Host"))
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = owner.files.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -190,3 +200,56 @@ class FileServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class Trickle:
+    """A server on localhost that answers every connection with `lead` at once, then one byte of an endless
+    answer every `every` seconds until the client hangs up or `close()`; `open` counts the connections
+    being answered now, `most` the most there were at once."""
+
+    def __init__(self, lead: bytes = b"", every: float = 0.5) -> None:
+        import threading
+
+        self.lead, self.every = lead, every
+        self.open = self.most = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(32)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/slow.png"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+        try:
+            conn.recv(4096)  # the request
+            if self.lead:
+                conn.sendall(self.lead)
+            answer = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n" if not self.lead else b""
+            position = 0
+            while not self._stop.wait(self.every):
+                conn.sendall(answer[position : position + 1] if position < len(answer) else b"\x00")
+                position += 1
+        except OSError:
+            pass  # the client hung up
+        finally:
+            conn.close()
+            with self._lock:
+                self.open -= 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import http.client
 import io
+import ipaddress
 import os
 import re
+import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -19,11 +24,14 @@ from pipeline.data.rows import is_url
 from pipeline.utils.io import atomic_write_bytes
 
 MAX_BYTES = 32 * 1024 * 1024
-# Downloads: seconds to connect and for each read (the whole body gets DEADLINE_READS times that), and how
-# often a transient failure (timeout, reset, 5xx, 408, 429) is tried again.
+# Downloads: seconds to connect and for each wait for bytes, DEADLINE_READS times that for the whole of one
+# attempt (connect, headers and body, redirects included), and how often a transient failure (timeout,
+# reset, 5xx, 408, 429) is tried again.
 TIMEOUT_S = 10.0
 DEADLINE_READS = 6
 RETRIES = 2
+MAX_REDIRECTS = 5
+_RECV_BYTES = 64 * 1024  # the most one read asks the socket for; the deadline is checked before each
 # Downloaded and extracted data live under DATA_CACHE_DIR; URL images in URL_CACHE_DIR, under the sha256 of
 # the URL: the up-front check fills it, training, evaluation and inference read it.
 DATA_CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "cache"
@@ -38,8 +46,90 @@ class ImageLoadError(OSError):
     """An image reference cannot be turned into pixels; the message names the path or URL and why."""
 
 
-class _SlowBody(TimeoutError):
-    """The server answered, but sent the body too slowly."""
+class UrlRefusedError(ImageLoadError):
+    """A URL the fetch policy does not allow: its scheme, its host, or the address its host resolves to."""
+
+
+class _Deadline(TimeoutError):
+    """The fetch ran past its deadline (bytes may still have been arriving, slowly)."""
+
+
+class _HTTPStatus(Exception):
+    """The server answered with a status other than 200 (and not a redirect to follow)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"HTTP {code} {reason}".strip())
+        self.code = code
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Where an http(s) image URL may be fetched from; checked on the URL and again on every redirect.
+
+    Every fetch resolves the host itself and connects to the address it checked (the Host header and TLS
+    SNI name the host), so a name that resolves to a public address at the check and to a private one at
+    the connect (DNS rebinding) is not fetched from the private one.
+
+    allow_private: fetch from any address. False: only from globally routable unicast addresses (no
+        loopback, private, link-local, shared, multicast, reserved or unspecified address, nor an IPv6 form
+        that embeds one: IPv4-mapped, 6to4, Teredo, NAT64).
+    allowed_hosts: when not empty, only these hosts (exact names or IP addresses, case-insensitive, any
+        port; `*.example.org` for every subdomain of example.org). A listed host is trusted: it is fetched
+        at whatever address it resolves to, private ones included.
+
+    Dataset rows use TRUSTED_URLS: the URLs in a user's own data files are as trusted as the user's local
+    paths, so images on an intranet server keep working, as they do in ms-swift and LLaMA-Factory. The
+    server uses a policy built from its serve.* keys, since its URLs come from whoever can send a request.
+    """
+
+    allow_private: bool = True
+    allowed_hosts: tuple[str, ...] = ()
+
+    def host_allowed(self, host: str) -> bool:
+        """Returns whether `host` (lowercase, without brackets) passes allowed_hosts."""
+        if not self.allowed_hosts:
+            return True
+        return any(_host_matches(host, entry.lower().strip("[]")) for entry in self.allowed_hosts)
+
+    def address_allowed(self, host: str, address: str) -> bool:
+        """Returns whether `host` may be fetched at `address` (an IP address string from getaddrinfo)."""
+        if self.allow_private or (self.allowed_hosts and self.host_allowed(host)):
+            return True
+        return is_public_address(address)
+
+
+TRUSTED_URLS = UrlPolicy(allow_private=True)
+
+
+def _host_matches(host: str, entry: str) -> bool:
+    if entry.startswith("*."):
+        return host.endswith(entry[1:])
+    return host == entry
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # IPv6 addresses that stand for the IPv4 address in their end
+
+
+def is_public_address(address: str) -> bool:
+    """Returns whether an IP address is globally routable unicast, and so is every IPv4 address it embeds
+    (IPv4-mapped, 6to4, Teredo, NAT64 forms): no loopback, private, link-local, shared (100.64/10),
+    multicast, reserved or unspecified address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return is_public_address(str(ip.ipv4_mapped))  # the IPv4 address itself is connected to
+    if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.sixtofour]
+        if ip.teredo is not None:
+            embedded += list(ip.teredo)
+        if ip in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(is_public_address(str(v4)) for v4 in embedded if v4 is not None)
+    return True
 
 
 def url_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -154,50 +244,220 @@ def decode_image(
 
 
 def fetch_url(
-    url: str, *, timeout: float | None = None, max_bytes: int = MAX_BYTES, retries: int | None = None
+    url: str,
+    *,
+    timeout: float | None = None,
+    max_bytes: int = MAX_BYTES,
+    retries: int | None = None,
+    deadline: float | None = None,
+    policy: UrlPolicy = TRUSTED_URLS,
 ) -> bytes:
-    """Return the body of an http(s) URL, retrying transient failures and refusing bodies over max_bytes."""
+    """Return the body of an http(s) URL, retrying transient failures and refusing bodies over max_bytes.
+
+    `timeout` bounds the connect and each wait for bytes; `deadline` (default DEADLINE_READS x timeout)
+    bounds the whole of one attempt, connect, headers, body and redirects together, however slowly the
+    bytes come. `policy` says which hosts and addresses may be fetched (UrlRefusedError otherwise).
+    """
     timeout = TIMEOUT_S if timeout is None else timeout
+    deadline = DEADLINE_READS * timeout if deadline is None else deadline
     retries = RETRIES if retries is None else retries
-    last_error: Exception | None = None
+    last_error: Exception | str | None = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
         try:
-            return _fetch_once(url, timeout=timeout, max_bytes=max_bytes)
-        except urllib.error.HTTPError as exc:
+            return _fetch_once(url, timeout=timeout, deadline=deadline, max_bytes=max_bytes, policy=policy)
+        except _HTTPStatus as exc:
             last_error = exc
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
                 break  # the server answered definitively; retrying will not help
         except ImageLoadError:
             raise
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        except _Deadline as exc:
             last_error = exc
-    if isinstance(last_error, urllib.error.URLError) and isinstance(last_error.reason, TimeoutError):
-        last_error = last_error.reason
-    if isinstance(last_error, TimeoutError) and not isinstance(last_error, _SlowBody):
-        last_error = f"no answer within {timeout:g} s ({last_error or 'timed out'})"
+        except (TimeoutError, http.client.HTTPException, OSError) as exc:
+            last_error = exc
+            if isinstance(exc, TimeoutError):
+                last_error = f"no answer within {timeout:g} s ({exc or 'timed out'})"
     raise ImageLoadError(f"{url}: download failed after {attempt + 1} attempt(s): {last_error}")
 
 
-def _fetch_once(url: str, *, timeout: float, max_bytes: int) -> bytes:
-    """Return the body; `timeout` bounds the connection and each read, DEADLINE_READS x it the whole body."""
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    deadline = time.monotonic() + DEADLINE_READS * timeout
+def _fetch_once(url: str, *, timeout: float, deadline: float, max_bytes: int, policy: UrlPolicy) -> bytes:
+    """Return the body, following up to MAX_REDIRECTS redirects, each target checked against `policy`."""
+    end = time.monotonic() + deadline
+    for _ in range(MAX_REDIRECTS + 1):
+        connection, response = _get(url, timeout=timeout, end=end, deadline=deadline, policy=policy)
+        try:
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise _HTTPStatus(response.status, "redirect without a Location")
+                url = urllib.parse.urljoin(url, location.strip())
+                continue
+            if response.status != 200:
+                raise _HTTPStatus(response.status, response.reason)
+            return _read_body(response, url, max_bytes)
+        finally:
+            response.close()
+            connection.close()
+    raise ImageLoadError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
+def _read_body(response: http.client.HTTPResponse, url: str, max_bytes: int) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageLoadError(f"{url}: Content-Length {declared} is over the {max_bytes}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise ImageLoadError(f"{url}: Content-Length {declared} is over the {max_bytes}-byte limit")
-        while chunk := response.read(min(1 << 20, max_bytes + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_bytes:
-                raise ImageLoadError(f"{url}: body is over the {max_bytes}-byte limit")
-            if time.monotonic() > deadline:
-                raise _SlowBody(f"the body took over {DEADLINE_READS * timeout:g} s")
+    while chunk := response.read(min(1 << 20, max_bytes + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise ImageLoadError(f"{url}: body is over the {max_bytes}-byte limit")
     return b"".join(chunks)
+
+
+def _get(
+    url: str, *, timeout: float, end: float, deadline: float, policy: UrlPolicy
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Sends GET `url` to an address of its host that `policy` allows; returns the connection and the
+    response (headers read, body not), for the caller to close."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UrlRefusedError(f"{url}: only http and https URLs are fetched, not {scheme or 'no scheme'!r}")
+    try:
+        host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:
+        raise UrlRefusedError(f"{url}: {exc}") from None
+    if not host:
+        raise UrlRefusedError(f"{url}: the URL names no host")
+    if not policy.host_allowed(host):
+        raise UrlRefusedError(f"{url}: the host {host} is not on the list of allowed hosts")
+    addresses = _resolve(host, port)
+    allowed = [a for a in addresses if policy.address_allowed(host, a[4][0])]
+    if not allowed:
+        shown = ", ".join(sorted({a[4][0] for a in addresses}))
+        raise UrlRefusedError(f"{url}: {host} resolves to {shown}, not a public address")
+    _check_deadline(end, deadline)
+    connection = _PinnedConnection(host, port, allowed, timeout=timeout, end=end, deadline=deadline)
+    if scheme == "https":
+        connection.tls = ssl.create_default_context()
+    # spaces and non-ASCII characters percent-encoded, as a browser sends them; what is encoded stays
+    target = urllib.parse.quote(
+        urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")), safe="!#$%&'()*+,/:;=?@[]~"
+    )
+    try:
+        connection.request(
+            "GET",
+            target,
+            headers={"User-Agent": _USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
+        )
+        return connection, connection.getresponse()
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _resolve(host: str, port: int) -> list[tuple]:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise OSError(f"cannot resolve {host} ({exc})") from None  # may be transient: tried again
+
+
+def _check_deadline(end: float, deadline: float) -> float:
+    """Returns the seconds left before `end`; raises _Deadline when none are."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise _Deadline(f"the download took over {deadline:g} s")
+    return left
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """An HTTP(S) connection to addresses resolved and checked beforehand (the Host header and SNI name the
+    host); every wait for bytes is cut at the fetch's deadline."""
+
+    def __init__(
+        self, host: str, port: int, addresses: list[tuple], *, timeout: float, end: float, deadline: float
+    ):
+        super().__init__(host, port, timeout=timeout)
+        self.addresses = addresses
+        self.tls: ssl.SSLContext | None = None
+        self.end, self.deadline = end, deadline
+        self.response_class = functools.partial(_DeadlineResponse, waits=self._wait)
+
+    def _wait(self) -> float:
+        """The socket timeout for the next wait: `timeout`, less when the deadline comes first."""
+        return min(self.timeout, _check_deadline(self.end, self.deadline))
+
+    def connect(self) -> None:
+        error: OSError | None = None
+        for family, kind, proto, _, address in self.addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self._wait())
+                sock.connect(address)
+                if self.tls is not None:
+                    # the handshake as a whole is bounded by the socket timeout (CPython counts it so)
+                    sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                sock.settimeout(self._wait())  # sending the request: one call, bounded as a whole
+                self.sock = sock
+                return
+            except _Deadline:
+                sock.close()
+                raise
+            except OSError as exc:
+                sock.close()
+                if isinstance(exc, TimeoutError):
+                    self._wait()  # raises _Deadline when the deadline is what cut it short
+                error = exc
+        assert error is not None
+        raise error
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """A response read through _DeadlineReader."""
+
+    def __init__(self, sock: socket.socket, *args, waits, **kwargs) -> None:
+        super().__init__(_DeadlineSocket(sock, waits), *args, **kwargs)
+
+
+class _DeadlineSocket:
+    """What HTTPResponse needs of a socket (makefile), reading through _DeadlineReader."""
+
+    def __init__(self, sock: socket.socket, waits) -> None:
+        self._sock, self._waits = sock, waits
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        # the socket's own unbuffered file keeps it open until the response is closed, as makefile does
+        return io.BufferedReader(
+            _DeadlineReader(self._sock, self._sock.makefile("rb", buffering=0), self._waits)
+        )
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads of at most _RECV_BYTES, each waiting at most `waits()` seconds, which raises _Deadline
+    once the fetch's deadline has passed: a server that drips one byte at a time is cut at the deadline."""
+
+    def __init__(self, sock: socket.socket, raw: io.RawIOBase, waits) -> None:
+        super().__init__()
+        self._sock, self._raw, self._waits = sock, raw, waits
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        self._sock.settimeout(self._waits())
+        try:
+            return self._raw.readinto(memoryview(buffer)[:_RECV_BYTES])
+        except TimeoutError:
+            self._waits()  # raises _Deadline when the deadline is what cut this read short
+            raise
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def url_cache_path(url: str, cache_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from pipeline.data.rows import DatasetError
 from pipeline.stages import sft
 from pipeline.training.checkpoints import list_checkpoints
 from pipeline.training.loop import TrainingError
-from tests.helpers import FileServer, run_stage, workdir_config, write_rows
+from tests.helpers import FileServer, Trickle, run_stage, workdir_config, write_rows
 
 
 def _png(size: tuple[int, int] = (40, 30), color: str = "red") -> bytes:
@@ -175,3 +175,15 @@ def test_a_url_that_serves_no_image_is_not_kept_in_the_cache(files_server, tmp_p
     assert list((tmp_path / "url-cache").iterdir()) == []
     files_server.files["/page.png"] = _png()  # fixed on the server: the next use downloads it again
     assert images.load_image(f"{server}/page.png").size == (40, 30)
+
+
+def test_a_dataset_url_that_trickles_is_cut_at_the_deadline_and_private_hosts_are_allowed(server):
+    # a row's URL is the user's own, as trusted as a local path: loopback is fetched (the server's URLs are
+    # not: tests/apps/test_serve_urls.py)
+    assert images.load_image(f"{server}/red.png").size == (40, 30)
+    source = Trickle(b"HTTP/1.0 200 OK\r\n\r\n", every=0.1)  # each read gets a byte well within the timeout
+    try:
+        with pytest.raises(images.ImageLoadError, match="download failed after 1 attempt.*took over 1 s"):
+            images.fetch_url(source.url, timeout=0.3, deadline=1.0, retries=0)
+    finally:
+        source.close()

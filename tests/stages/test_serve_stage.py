@@ -48,7 +48,14 @@ def test_serve_config_is_typed_and_checked(workdir: Path):
     assert "serve" in STAGES and "serve" not in compose_config().stages
     with pytest.raises(ConfigError, match="ckpt is required when stages=\\[serve\\]"):
         validate(config(workdir))
-    bad = ("serve.port=70000", "serve.max_batch_size=0", "serve.max_new_tokens=0", "serve.url_timeout=0")
+    bad = (
+        "serve.port=70000",
+        "serve.max_batch_size=0",
+        "serve.max_new_tokens=0",
+        "serve.url_timeout=0",
+        "serve.url_fetch_workers=0",
+        "serve.allowed_url_hosts=[images.example.org,'http://cdn.example.org/',10.0.0.5:8080]",
+    )
     with pytest.raises(ConfigError) as raised:
         validate(config(workdir, "ckpt=base", *bad))
     for value in (
@@ -56,8 +63,16 @@ def test_serve_config_is_typed_and_checked(workdir: Path):
         "serve.max_batch_size=0",
         "serve.max_new_tokens=0",
         "serve.url_timeout=0.0",
+        "serve.url_fetch_workers=0",
     ):
         assert f"{value} is out of range" in str(raised.value)
+    assert (
+        "serve.allowed_url_hosts: 'http://cdn.example.org/', '10.0.0.5:8080' is not a host name or IP address"
+        in str(raised.value)
+    )
+    assert cfg.serve.allowed_url_hosts == [] and cfg.serve.allow_private_urls is False
+    with pytest.raises(Exception, match="serve.allow_private_urls"):
+        config(workdir, "ckpt=base", "serve.allow_private_urls=sometimes")
     with pytest.raises(ConfigError, match="serve.bogus is not a known key; valid keys of serve: host, port"):
         validate(config(workdir, "ckpt=base", "+serve.bogus=1"))
     with pytest.raises(Exception, match="serve.port"):

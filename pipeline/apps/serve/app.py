@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.families.base import Bundle, ContextLengthError, EncodedPrompt, Family, FamilyError
 
-from .images import ImageLimits, load_request_image
+from .images import ImageLimits, RequestImages
 from .limits import (
     RETRY_AFTER_S,
     Admission,
@@ -84,6 +84,9 @@ class ServeOptions:
     system: str | None = None  # the system prompt of a request that sends none
     seed: int = 0
     limits: ServeLimits = ServeLimits()  # the body, the requests held, the prompt's text, the images' pixels
+    allowed_url_hosts: tuple[str, ...] = ()  # image URL hosts (any public host when empty)
+    allow_private_urls: bool = False  # image URLs at private addresses too (a trusted network)
+    url_fetch_workers: int = 4  # image URLs fetched at once
 
 
 def _error(
@@ -147,7 +150,15 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
     """Returns the ASGI app serving `bundle` (a model of `family`) under the name `model_id`; its worker
     starts with the app."""
     max_images = family.max_images
-    limits = ImageLimits(options.max_image_bytes, options.url_timeout, options.allow_local_files)
+    limits = ImageLimits(
+        options.max_image_bytes,
+        options.url_timeout,
+        options.allow_local_files,
+        tuple(options.allowed_url_hosts),
+        options.allow_private_urls,
+        options.url_fetch_workers,
+    )
+    request_images = RequestImages(limits)  # URLs on their own threads, so slow ones hold no one else
     generating = options.max_batch_size if family.capabilities.batches_requests else 1
     admission = Admission(generating, options.limits.max_queue)
     encoding = asyncio.Semaphore(ENCODING_AT_ONCE)
@@ -270,11 +281,7 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
             raise RequestError(str(err), param="max_tokens", code="context_length_exceeded") from None
         server_system = options.system if conversation.system is None else None  # the request's is in body
         check_prompt_text(body, server_system, token_limit, options.limits)
-        budget = PixelBudget(options.limits)
-        images = [
-            await run_in_threadpool(load_request_image, url, limits, budget)
-            for url in conversation.image_urls
-        ]
+        images = await request_images.load(conversation.image_urls, PixelBudget(options.limits))
         async with encoding:
             prompt = await run_in_threadpool(
                 encode_request, family, bundle, conversation, system, images, max_tokens

@@ -1,24 +1,42 @@
 """Turning a request's `image_url` into a decoded RGB image: a data: URL, an http(s) URL, or (when allowed) a
 local file, each refused with a clear message when it is not a usable image. With a request's PixelBudget
-(limits.py) an image's pixels are read from its header and counted before it is decoded."""
+(limits.py) an image's pixels are read from its header and counted before it is decoded.
+
+http(s) URLs come from whoever can send a request, so they are fetched with care (RequestImages):
+- only from public addresses unless serve.allow_private_urls or serve.allowed_url_hosts says otherwise, the
+  host resolved here and the checked address connected to, again on every redirect (pipeline.data.images);
+- within one deadline for the whole fetch, serve.url_timeout, however slowly the bytes come;
+- on their own serve.url_fetch_workers threads, so slow sources cannot hold the threads that encode prompts
+  (text-only requests never wait for them);
+- refused with one message whatever went wrong (refused address, no answer, timeout, not an image), naming
+  only the image's index: which hosts and ports answer, and how, is not for a client to learn. The reason
+  goes to the server's log.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
+import logging
 import re
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from pipeline.data.images import ImageLoadError, decode_image, fetch_url, load_image
+from pipeline.data.images import ImageLoadError, UrlPolicy, decode_image, fetch_url, load_image
 from pipeline.data.rows import is_url
 
 from .limits import PixelBudget, check_image_header
 from .schema import RequestError
+
+log = logging.getLogger(__name__)
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,"
@@ -27,16 +45,37 @@ _DATA_URL = re.compile(
 
 @dataclass(frozen=True)
 class ImageLimits:
+    """The serve.* keys on request images."""
+
     max_bytes: int
-    url_timeout: float
+    url_timeout: float  # seconds for the whole fetch of one image URL: connect, headers and body
     allow_local_files: bool
+    allowed_url_hosts: tuple[str, ...] = ()  # empty: any host at a public address
+    allow_private_urls: bool = False  # true: any address (a trusted network)
+    url_fetch_workers: int = 4  # image URLs fetched at once
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        return UrlPolicy(allow_private=self.allow_private_urls, allowed_hosts=tuple(self.allowed_url_hosts))
+
+
+def url_refused(index: int) -> RequestError:
+    """The one answer to an image URL that could not be used, whatever the reason (the log has it)."""
+    return RequestError(
+        f"image_url {index}: the image could not be fetched (the request's images count from 0; this server "
+        "fetches http(s) images from the hosts it allows, within serve.url_timeout and serve.max_image_bytes)",
+        param="image_url",
+        code="image_url_unavailable",
+    )
+
+
+def _without_buffer(exc: ImageLoadError) -> str:
+    # PIL names the buffer it read by its memory address, which tells a client nothing
+    return re.sub(r" <_io.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
 
 
 def _refused(exc: ImageLoadError) -> RequestError:
-    # PIL names the buffer it read by its memory address, which tells a client nothing
-    return RequestError(
-        f"image_url: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(exc))}", param="image_url"
-    )
+    return RequestError(f"image_url: {_without_buffer(exc)}", param="image_url")
 
 
 def _short(url: str) -> str:
@@ -93,27 +132,44 @@ def _local_path(url: str) -> Path:
     return Path(url)
 
 
-def load_request_image(url: str, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
+def fetch_url_image(
+    url: str, limits: ImageLimits, index: int = 0, budget: PixelBudget | None = None
+) -> Image.Image:
+    """Returns the decoded RGB image at an http(s) URL, its pixels counted against `budget` from its header
+    before it is decoded; raises url_refused(index) when it cannot be had, and logs why."""
+    try:
+        data = fetch_url(
+            url,
+            timeout=limits.url_timeout,
+            deadline=limits.url_timeout,
+            max_bytes=limits.max_bytes,
+            retries=0,
+            policy=limits.url_policy,
+        )
+    except ImageLoadError as exc:
+        log.warning("image_url %d refused: %s", index, _without_buffer(exc))
+        raise url_refused(index) from None
+    except Exception as exc:  # a URL http.client cannot send, say: the client gets the same answer
+        log.warning("image_url %d refused: %s: %s: %s", index, _short(url), type(exc).__name__, exc)
+        raise url_refused(index) from None
+    if budget is not None:  # fetched: its size is the request's to know (a RequestError naming the limit)
+        check_image_header(data, f"image_url {index}", budget)
+    try:
+        return decode_image(io.BytesIO(data), name=_short(url))
+    except ImageLoadError as exc:
+        log.warning("image_url %d refused: %s", index, _without_buffer(exc))
+    raise url_refused(index)
+
+
+def load_request_image(
+    url: str, limits: ImageLimits, budget: PixelBudget | None = None, index: int = 0
+) -> Image.Image:
     """Returns the decoded RGB image that a request's image_url names, its pixels counted against `budget`
     from its header before it is decoded; raises RequestError otherwise."""
     if url.startswith("data:"):
         return decode_data_url(url, limits, budget)
     if is_url(url):
-        try:
-            data = fetch_url(url, timeout=limits.url_timeout, max_bytes=limits.max_bytes, retries=0)
-        except ImageLoadError as exc:
-            message = str(exc)
-            if "timed out" in message:
-                message = f"{_short(url)}: no answer within serve.url_timeout={limits.url_timeout:g} s"
-            elif "over the" in message:
-                raise RequestError(
-                    f"image_url: {message} (serve.max_image_bytes)", status=413, param="image_url"
-                ) from None
-            raise RequestError(f"image_url: {message}", param="image_url") from None
-        try:
-            return decode_image(io.BytesIO(data), name=_short(url))
-        except ImageLoadError as exc:
-            raise _refused(exc) from None
+        return fetch_url_image(url, limits, index, budget)
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("", "file") and not re.match(r"^[A-Za-z]:[\\/]", url):
         raise RequestError(
@@ -136,3 +192,68 @@ def load_request_image(url: str, limits: ImageLimits, budget: PixelBudget | None
         return load_image(path, max_bytes=limits.max_bytes)
     except ImageLoadError as exc:
         raise RequestError(f"image_url: {exc}", param="image_url") from None
+
+
+class RequestImages:
+    """Loads a request's images: http(s) URLs on a pool of limits.url_fetch_workers threads of their own,
+    data: URLs and local files on the server's shared threads as before (they wait on no one).
+
+    A URL waits at most serve.url_timeout for a free fetcher, then gets a 503: when slow sources hold every
+    fetcher, requests with URLs are turned away, and the others go on as if nothing happened.
+    """
+
+    def __init__(self, limits: ImageLimits) -> None:
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(limits.url_fetch_workers, thread_name_prefix="image-url")
+        self._free: asyncio.Semaphore | None = None  # made on the event loop, at the first URL
+
+    async def load(self, urls: list[str], budget: PixelBudget | None = None) -> list[Image.Image]:
+        """Returns the images of `urls` in order, their pixels counted against the request's `budget`;
+        raises RequestError for the first that cannot be used."""
+        images = []
+        for index, url in enumerate(urls):
+            if is_url(url):
+                images.append(await self._fetch(url, index, budget))
+            else:
+                images.append(await run_in_threadpool(load_request_image, url, self.limits, budget, index))
+        return images
+
+    async def _fetch(self, url: str, index: int, budget: PixelBudget | None) -> Image.Image:
+        loop = asyncio.get_running_loop()
+        if self._free is None:
+            self._free = asyncio.Semaphore(self.limits.url_fetch_workers)
+        free = self._free
+        try:
+            await asyncio.wait_for(free.acquire(), timeout=self.limits.url_timeout)
+        except asyncio.TimeoutError:
+            log.warning(
+                "image_url %d refused: all %d URL fetchers stayed busy for %g s (serve.url_fetch_workers)",
+                index,
+                self.limits.url_fetch_workers,
+                self.limits.url_timeout,
+            )
+            raise RequestError(
+                "every image URL fetcher of this server is busy; try again shortly, or send the image as a "
+                "data:image/...;base64, URL",
+                status=503,
+                param="image_url",
+                code="image_url_fetchers_busy",
+            ) from None
+        try:
+            future = self._pool.submit(fetch_url_image, url, self.limits, index, budget)
+        except BaseException:
+            free.release()
+            raise
+        # the fetcher is free again when its thread is done, even if this request has gone
+        future.add_done_callback(lambda _: _release_on(loop, free))
+        # the fetch keeps its own deadline; this bound only keeps a client from waiting past it
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.limits.url_timeout + 1.0)
+        except asyncio.TimeoutError:
+            log.warning("image_url %d refused: its fetch ran past serve.url_timeout", index)
+            raise url_refused(index) from None
+
+
+def _release_on(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: the server has stopped
+        loop.call_soon_threadsafe(slots.release)
