@@ -92,11 +92,20 @@ def listed(loaded):
 @pytest.fixture
 def files():
     served = FileServer(
-        {"/red.png": _png(), "/page.html": b"<html>not an image</html>"},
+        {"/red.png": _png(), "/page.html": b"<html>not an image</html>", "/huge.png": _huge_png()},
         redirects={"/here": "/red.png"},
     )
     yield served
     served.close()
+
+
+def _huge_png() -> bytes:
+    """A one-colour PNG of 30 Mpx (a few KB): over serve.max_image_pixels' default of 24 Mpx."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def user(content) -> dict:
@@ -284,3 +293,9 @@ def test_refused_unreachable_silent_and_not_an_image_get_the_same_answer(public_
     assert len({reply.text for reply in replies.values()}) == 1
     for reason in cases:
         assert reason in caplog.text
+
+
+def test_a_fetched_image_over_the_pixel_limit_is_refused_from_its_header_naming_the_key(trusted, files):
+    reply = post(trusted, image_request(f"{files.url}/huge.png"))
+    assert reply.status_code == 400, reply.text
+    assert "serve.max_image_pixels" in reply.json()["error"]["message"]

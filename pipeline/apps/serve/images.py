@@ -152,7 +152,15 @@ def fetch_url_image(
     except Exception as exc:  # a URL http.client cannot send, say: the client gets the same answer
         log.warning("image_url %d refused: %s: %s: %s", index, _short(url), type(exc).__name__, exc)
         raise url_refused(index) from None
-    if budget is not None:  # fetched: its size is the request's to know (a RequestError naming the limit)
+    if budget is not None:
+        try:  # a body that is no image gets the one answer every unusable URL gets
+            Image.open(io.BytesIO(data)).close()
+        except Image.DecompressionBombError:
+            pass  # an image, too large: the budget names the limit
+        except Exception as exc:
+            log.warning("image_url %d refused: %s: cannot decode image (%s)", index, _short(url), exc)
+            raise url_refused(index) from None
+        # fetched and an image: over a pixel limit is the request's to know (a RequestError naming the key)
         check_image_header(data, f"image_url {index}", budget)
     try:
         return decode_image(io.BytesIO(data), name=_short(url))
