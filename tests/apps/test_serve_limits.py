@@ -212,6 +212,11 @@ def test_the_attack_set_is_refused_while_ordinary_requests_are_answered_in_bound
             post(server, b'{"messages": [{"role": "user", "content": "a\\ud800"}]}')
         ),
         "not JSON": lambda: _http(post(server, b"messages=hello", "application/x-www-form-urlencoded")),
+        # the server's own port on loopback: refused on its resolved address, before any connection
+        "loopback image URL": lambda: _http(post(server, with_image(f"{server.url}/health"))),
+        "link-local image URL": lambda: _http(
+            post(server, with_image("http://169.254.169.254/latest/meta-data/x.png"))
+        ),
     }
     expected = {
         "Content-Length over the cap": (413, "serve.max_body_bytes"),
@@ -221,6 +226,8 @@ def test_the_attack_set_is_refused_while_ordinary_requests_are_answered_in_bound
         "seed over 64 bits": (400, "64-bit range"),
         "lone surrogate": (400, "lone surrogate"),
         "not JSON": (400, "Content-Type: application/json"),
+        "loopback image URL": (400, "the image could not be fetched"),
+        "link-local image URL": (400, "the image could not be fetched"),
     }
     for i in range(4):  # warm up: the first requests allocate what every later one reuses
         assert ordinary(server, i).status_code == 200
