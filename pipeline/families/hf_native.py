@@ -39,6 +39,7 @@ from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
     Bundle,
+    Capabilities,
     ContextLengthError,
     EncodedSample,
     Family,
@@ -180,6 +181,24 @@ class _TokenStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def native_capabilities(display_name: str, **extra: Any) -> Capabilities:
+    """Returns what every HF-native family can do (padding-free packing, layers compiled for packed rows,
+    vision patches in the token budget, liger's fused kernels; 16 images), with the family's `extra`."""
+    return Capabilities(
+        display_name=display_name,
+        **{
+            "max_images": 16,
+            "packs": True,
+            "packs_padding_free": True,
+            "compiles": True,
+            "compiled_shapes": "packed",
+            "counts_patches": True,
+            "fuses_kernels": True,
+            **extra,
+        },
+    )
 
 
 class HFNativeFamily(Family):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import linear_attention
-from .base import Capabilities, EncodedSample, FreezeGroups
-from .hf_native import HFNativeFamily
+from .base import EncodedSample, FreezeGroups
+from .hf_native import HFNativeFamily, native_capabilities
 
 CHAT_TEMPLATE = (
     "{% set think = enable_thinking is defined and enable_thinking %}"
@@ -50,17 +50,7 @@ TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 14)
 class MiniCPMV4_6(HFNativeFamily):
     name = "minicpm_v4_6"
     model_type = "minicpmv4_6"
-    capabilities = Capabilities(
-        display_name="MiniCPM-V 4.6",
-        max_images=16,
-        packs=True,
-        packs_padding_free=True,
-        compiles=True,
-        compiled_shapes="packed",
-        counts_patches=True,
-        fuses_kernels=True,
-        linear_attention=True,
-    )
+    capabilities = native_capabilities("MiniCPM-V 4.6", linear_attention=True)
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE

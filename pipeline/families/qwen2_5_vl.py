@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Capabilities, FreezeGroups
+from .base import FreezeGroups
+from .hf_native import native_capabilities
 from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 # The official Qwen2.5-VL-Instruct chat template (as published with the checkpoints).
@@ -33,16 +34,7 @@ PROJECTOR = "model.visual.merger"
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
-    capabilities = Capabilities(
-        display_name="Qwen2.5-VL",
-        max_images=16,
-        packs=True,
-        packs_padding_free=True,
-        compiles=True,
-        compiled_shapes="packed",
-        counts_patches=True,
-        fuses_kernels=True,
-    )
+    capabilities = native_capabilities("Qwen2.5-VL")
     chat_template = CHAT_TEMPLATE
     liger_patch = "apply_liger_kernel_to_qwen2_5_vl"
 

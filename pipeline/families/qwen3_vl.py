@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Capabilities, FreezeGroups
+from .base import FreezeGroups
+from .hf_native import native_capabilities
 from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 CHAT_TEMPLATE = (
@@ -33,16 +34,7 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 
 class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
-    capabilities = Capabilities(
-        display_name="Qwen3-VL",
-        max_images=16,
-        packs=True,
-        packs_padding_free=True,
-        compiles=True,
-        compiled_shapes="packed",
-        counts_patches=True,
-        fuses_kernels=True,
-    )
+    capabilities = native_capabilities("Qwen3-VL")
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
     liger_patch = "apply_liger_kernel_to_qwen3_vl"
