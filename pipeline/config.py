@@ -102,6 +102,10 @@ class DatasetConfig:
 @dataclass
 class OptimConfig:
     lr: float | None = None  # None = ms-swift's: 1e-4 with LoRA, 1e-5 for full fine-tuning (lora=none)
+    # the vision tower's and the projector's (resampler / merger) own rates, ms-swift's names; None = lr.
+    # Under LoRA they apply to the adapters in those parts (lora=all), under full fine-tuning to their weights.
+    vit_lr: float | None = None
+    aligner_lr: float | None = None
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -300,6 +304,8 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("dataset.max_length", 16, None),
     ("dataset.max_rows", 1, None),
     ("optim.lr", 1e-12, None),
+    ("optim.vit_lr", 0, None),
+    ("optim.aligner_lr", 0, None),
     ("optim.weight_decay", 0.0, None),
     ("optim.eps", 0.0, None),
     ("optim.warmup_ratio", 0.0, 0.999),

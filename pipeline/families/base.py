@@ -491,6 +491,13 @@ class Family(ABC):
         except RuntimeError as err:  # size mismatch
             raise FamilyError(f"{self.name}: adapter {folder} does not fit this base model: {err}") from err
 
+    def parameter_parts(self, model: nn.Module) -> dict[int, str | None]:
+        """Returns id(parameter) -> its part (vision, projector or llm; None outside them) of the model as it
+        trains, LoRA-wrapped or not (optim.vit_lr / optim.aligner_lr)."""
+        core = model.get_base_model() if isinstance(model, PeftModel) else model
+        groups = self.freeze_groups()
+        return {id(param): groups.of(name) for name, param in core.named_parameters()}
+
     def set_full_finetune(self, model: nn.Module, frozen: Sequence[str] = ()) -> None:
         """Makes every parameter trainable except those of the frozen groups (vision, projector, llm)."""
         groups = self.freeze_groups()

@@ -77,7 +77,8 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
     model = build_model(cfg, family, plan, state.model_path)
     data = build_data(cfg, family, model.bundle, rows, plan, sft_dir)
-    engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set))
+    parts = family.parameter_parts(model.module) if plan.part_lrs else None
+    engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set), parts)
     with stage_tracker(cfg, Path(run_dir), state, accelerator) as tracker:
         outputs = RunOutputs(sft_dir, cfg, model.bundle.base_path, tracker)
         trainer = Trainer(engine, data, family_hooks(family, model.bundle), plan.loop, outputs)
@@ -151,12 +152,18 @@ def name_deepspeed_accelerator(uses_deepspeed: bool) -> None:
 
 
 def prepare_engine(
-    accelerator: Accelerator, model: nn.Module, cfg: DictConfig, plan: TrainingPlan, n_rows: int
+    accelerator: Accelerator,
+    model: nn.Module,
+    cfg: DictConfig,
+    plan: TrainingPlan,
+    n_rows: int,
+    parts: dict[int, str | None] | None = None,
 ) -> TrainingEngine:
-    """Returns the model with AdamW (at the plan's learning rate) prepared by accelerate, and the
-    learning-rate schedule over the run's planned steps."""
+    """Returns the model with AdamW (at the plan's learning rates; `parts`: each parameter's part, for the
+    vision tower's and the projector's own) prepared by accelerate, and the learning-rate schedule over the
+    run's planned steps."""
     optim = OmegaConf.create({**OmegaConf.to_container(cfg.optim, resolve=True), "lr": plan.lr})
-    optimizer = build_optimizer(model, optim, plan.launch.device)
+    optimizer = build_optimizer(model, optim, plan.launch.device, parts)
     model, optimizer = accelerator.prepare(model, optimizer)
     total = planned_steps(n_rows, plan.loop, plan.launch.processes)
     scheduler = build_scheduler(optimizer, optim, max(total, 1))

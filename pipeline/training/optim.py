@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,27 +33,53 @@ def count_parameters(model: nn.Module) -> TrainableSummary:
     return TrainableSummary(trainable, total)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Returns AdamW groups: matrices decay, biases / norm weights / 1-d tensors do not."""
-    decay, no_decay = [], []
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    part_lrs: Mapping[str, float] | None = None,
+    part_of: Mapping[int, str | None] | None = None,
+) -> list[dict]:
+    """Returns AdamW groups: matrices decay, biases / norm weights / 1-d tensors do not; and, where
+    `part_lrs` gives a part (vision, projector) its own rate, that part's parameters (`part_of`: id(param) ->
+    part) in groups of their own at that rate (the others at `lr`)."""
+    part_lrs, part_of = dict(part_lrs or {}), dict(part_of or {})
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower():
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    if not decay and not no_decay:
+        part = part_of.get(id(param))
+        key = part if part in part_lrs else ""
+        decays = not (param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower())
+        groups.setdefault((key, decays), []).append(param)
+    if not groups:
         raise ValueError("no trainable parameters: check lora.* and the freeze switches")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    out = []
+    for key in ["", *part_lrs]:
+        for decays in (True, False):
+            params = groups.get((key, decays), [])
+            if not params and key:
+                continue  # a part with its own rate but nothing trainable in it
+            group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+            if key:
+                group.update(lr=part_lrs[key], part=key)
+            elif lr is not None:
+                group["lr"] = lr
+            out.append(group)
+    return out
 
 
-def build_optimizer(model: nn.Module, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
-    """Returns AdamW over the trainable parameters (the fused kernel on CUDA unless turned off)."""
+def build_optimizer(
+    model: nn.Module, optim_cfg, device: torch.device, part_of: Mapping[int, str | None] | None = None
+) -> torch.optim.Optimizer:
+    """Returns AdamW over the trainable parameters (the fused kernel on CUDA unless turned off), the vision
+    tower and the projector at optim.vit_lr / optim.aligner_lr where set (`part_of`: id(param) -> part)."""
     fused = optim_cfg.fused
     use_fused = device.type == "cuda" if fused in ("auto", None) else bool(fused)
+    given = (("vision", optim_cfg.get("vit_lr")), ("projector", optim_cfg.get("aligner_lr")))
+    part_lrs = {part: float(rate) for part, rate in given if rate is not None}
     return torch.optim.AdamW(
-        parameter_groups(model, optim_cfg.weight_decay),
+        parameter_groups(model, optim_cfg.weight_decay, optim_cfg.lr, part_lrs, part_of),
         lr=optim_cfg.lr,
         betas=tuple(optim_cfg.betas),
         eps=optim_cfg.eps,

@@ -20,7 +20,8 @@ optimizer, `loop` to the Trainer.
     data workers             trainer.num_workers auto: see resolve_num_workers
     grad_accum               trainer.grad_accum null: ms-swift's ceil(16 / (batch_size x processes))
     save_steps, eval batch   null: eval_steps and batch_size, as ms-swift
-    learning rate            optim.lr null: the model's recipe, model.lora_lr (LoRA) or model.full_lr (full)
+    learning rate            optim.lr null: the model's recipe, model.lora_lr (LoRA) or model.full_lr (full);
+                             optim.vit_lr / optim.aligner_lr: the vision tower's / projector's own
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class TrainingPlan:
     cuda_graphs: bool  # compiled layers replayed as CUDA graphs
     lr: float
     loop: LoopSettings
+    # the rates of the vision tower and the projector where optim.vit_lr / optim.aligner_lr set them
+    part_lrs: tuple[tuple[str, float], ...] = ()
 
     @property
     def rows_per_step(self) -> int:
@@ -136,7 +139,8 @@ class TrainingPlan:
             f"mixed precision: {launch.mixed_precision}; weights in {str(self.weights_dtype).split('.')[-1]}",
             f"compile: {on(self.compile)}; CUDA graphs: {on(self.cuda_graphs)}; "
             f"gradient checkpointing: {on(self.gradient_checkpointing)}",
-            f"optimizer: AdamW, lr {self.lr:g}",
+            f"optimizer: AdamW, lr {self.lr:g}"
+            + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs),
             f"optimizer step: {self.rows_per_step} rows (batch {loop.batch_size} x grad_accum "
             f"{loop.grad_accum} x {launch.processes} process(es)); micro-batches: {micro}; "
             f"{loop.num_workers} data worker(s)",
@@ -206,6 +210,7 @@ def plan_training(
         compile=compiled,
         cuda_graphs=graphs,
         lr=resolve_lr(cfg),
+        part_lrs=resolve_part_lrs(cfg),
         loop=loop,
     )
 
@@ -237,6 +242,13 @@ def resolve_weights_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     if cfg.lora.name == "none":
         return torch.float32
     return resolve_dtype(cfg, device)
+
+
+def resolve_part_lrs(cfg: DictConfig) -> tuple[tuple[str, float], ...]:
+    """Returns ((part, lr), ...) for the parts whose rate optim.vit_lr ("vision") and optim.aligner_lr
+    ("projector") set; the others train at the run's lr."""
+    given = (("vision", cfg.optim.get("vit_lr")), ("projector", cfg.optim.get("aligner_lr")))
+    return tuple((part, float(lr)) for part, lr in given if lr is not None)
 
 
 def resolve_lr(cfg: DictConfig) -> float:
