@@ -164,6 +164,19 @@ def _gather_options(model) -> StateDictOptions:
     )
 
 
+def _frozen_tensors_of_saved_modules(model, weights: dict) -> dict[str, torch.Tensor]:
+    """Returns the frozen tensors of a LoRA model's `modules_to_save` copies that `weights` lacks (the gather
+    skips frozen parameters, and PEFT saves such a module whole: MiniCPM-V-2's resampler holds a frozen
+    position table)."""
+    if not isinstance(model, PeftModel):
+        return {}
+    return {
+        name: tensor.detach().cpu()
+        for name, tensor in model.state_dict().items()
+        if ".modules_to_save." in name and name not in weights
+    }
+
+
 def _inner_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
 
@@ -201,6 +214,7 @@ def save_training_checkpoint(
         weights, optim_state = _deepspeed_weights(engine, model), None
     else:
         weights = get_model_state_dict(model, options=_gather_options(model))
+        weights.update(_frozen_tensors_of_saved_modules(model, weights))
         optim_state = get_optimizer_state_dict(
             model, _inner_optimizer(optimizer), options=_gather_options(model)
         )
