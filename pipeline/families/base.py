@@ -631,6 +631,11 @@ class Family(ABC):
             f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
         )
 
+    def check_kernels(self, device: torch.device, compiled: bool) -> None:
+        """Refuses, before any weight loads, a kernel choice (model.fused_kernels) that cannot run on `device`
+        (a family without fused kernels: config validation refuses `liger` already)."""
+        return None
+
     def apply_fused_kernels(self, bundle: Bundle, compiled: bool) -> bool:
         """Applies fused training kernels to the loaded model where model.fused_kernels and the device allow
         (capabilities.fuses_kernels); `compiled`: whether its layers will be compiled. Returns whether."""

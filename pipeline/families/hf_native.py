@@ -512,6 +512,9 @@ class HFNativeFamily(Family):
     liger_patch: ClassVar[str | None] = None
     liger_target: ClassVar[str] = ""
 
+    def check_kernels(self, device: torch.device, compiled: bool) -> None:
+        kernels.resolve(self.fused_kernels, device, self.liger_patch, compiled)
+
     def apply_fused_kernels(self, bundle: Bundle, compiled: bool) -> bool:
         """Applies liger's fused norms and MLPs to the loaded model where model.fused_kernels resolves on
         (kernels.py); returns whether."""

@@ -73,6 +73,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         compiled_shapes=caps.compiled_shapes,
     )
     log.info("%s", plan.describe())
+    family.check_kernels(plan.launch.device, plan.compile)  # before any weight loads
 
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
     model = build_model(cfg, family, plan, state.model_path)

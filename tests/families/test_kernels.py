@@ -152,3 +152,24 @@ def test_liger_patches_the_model_instance_only(family_twin, monkeypatch):
     bundle = family.load_bundle(family_twin("qwen2_5_vl"))
     kernels.apply(family.liger_patch, bundle.core)
     assert given == [bundle.core] and modeling.Qwen2_5_VLRMSNorm is original
+
+
+def test_sft_refuses_liger_where_it_cannot_run_before_any_weight_loads(family_twin, tmp_path, monkeypatch):
+    from pipeline.stages import sft
+    from tests.helpers import run_stage, twin_config
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the kernel choice was checked")
+
+    monkeypatch.setattr(type(get_family("qwen2_5_vl")), "load_bundle", no_load)
+    cfg = twin_config(
+        family_twin("qwen2_5_vl"),
+        "model=qwen2_5_vl_tiny",
+        "device=cpu",
+        "stages=[sft]",
+        "model.fused_kernels=liger",
+    )
+    with pytest.raises(
+        FamilyError, match="model.fused_kernels=liger cannot run here: it runs on a CUDA device"
+    ):
+        run_stage(sft, cfg, tmp_path / "run")

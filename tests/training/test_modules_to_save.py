@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from pipeline.families import get_family
 from pipeline.stages import sft
 from tests.helpers import run_stage, twin_config
+from tests.training.test_part_lrs import SHORT_SFT
 
 PROJECTOR = {  # family -> (model config, the projector's module name)
     "minicpm_v2": ("minicpm_v2_tiny", "resampler"),
@@ -28,14 +29,9 @@ def test_the_projector_trains_whole_and_is_saved_whole(family_twin, tmp_path, na
         f"model={model}",
         "+experiment=lora_qkv",
         f"lora.modules_to_save=[{projector}]",
-        "device=cpu",
-        "stages=[sft]",
-        "dataset.max_rows=8",
-        "trainer.max_steps=2",
-        "trainer.batch_size=2",
-        "trainer.grad_accum=1",
+        *SHORT_SFT,
         "trainer.eval_steps=2",
-        "trainer.save_steps=2",
+        "trainer.save_steps=2",  # the checkpoint read below
         "optim.warmup_ratio=0",
     )
     run_stage(sft, cfg, tmp_path / "run")
