@@ -507,23 +507,23 @@ class HFNativeFamily(Family):
         config.bias = lora.bias
         return self.apply_lora(model, config)
 
-    # liger-kernel's function for this family (liger_kernel.transformers.<name>; None: none) and the submodule
-    # of the loaded model it patches ("": the whole model)
-    liger_patch: ClassVar[str | None] = None
-    liger_target: ClassVar[str] = ""
+    # how the family's RMSNorm computes, for liger's fused kernels (kernels.NormKind; None: no fused kernels),
+    # and the submodule of the loaded model whose norms and MLPs are fused ("": the whole model)
+    fused_norm: ClassVar[kernels.NormKind | None] = None
+    fused_target: ClassVar[str] = ""
 
     def check_kernels(self, device: torch.device, compiled: bool) -> None:
-        kernels.resolve(self.fused_kernels, device, self.liger_patch, compiled)
+        kernels.resolve(self.fused_kernels, device, self.fused_norm, compiled)
 
     def apply_fused_kernels(self, bundle: Bundle, compiled: bool) -> bool:
-        """Applies liger's fused norms and MLPs to the loaded model where model.fused_kernels resolves on
+        """Binds liger's fused norms and MLPs to the loaded model where model.fused_kernels resolves on
         (kernels.py); returns whether."""
         device = self.device_of(bundle)
-        if not kernels.resolve(self.fused_kernels, device, self.liger_patch, compiled):
+        if not kernels.resolve(self.fused_kernels, device, self.fused_norm, compiled):
             return False
-        assert self.liger_patch is not None
-        kernels.apply(self.liger_patch, bundle.core.get_submodule(self.liger_target))
-        return True
+        assert self.fused_norm is not None
+        norms, mlps = kernels.apply(self.fused_norm, bundle.core.get_submodule(self.fused_target))
+        return norms > 0 and mlps > 0
 
     # where the language model's decoder layers are (under the unwrapped transformers model)
     decoder_layers: ClassVar[str] = "model.language_model.layers"

@@ -13,10 +13,13 @@ forward (cu_seq_lens_q in its kwargs) is exact:
 
 Unpacked forwards (no cu_seq_lens: eval, generation with its cache) go to the layer's forward unchanged.
 
-`model.linear_attention` (the choice `enable` binds to each layer): auto = flash-linear-attention's kernels
-where they run (the package installed, a CUDA device; transformers picks them for unpacked rows itself) and
-transformers' PyTorch code elsewhere; fla = the same, refused where they cannot run; torch = transformers'
-PyTorch code always (the switch that turns the lever off), for packed and unpacked rows alike.
+`model.linear_attention` (the choice `enable` binds to each layer, resolved at load by `resolve`): auto =
+flash-linear-attention's kernels where they run (the package installed, a CUDA device, and a small gated
+delta rule forward and backward passing on that device: fla refuses its gated backward on Hopper under
+Triton 3.4-3.7.0, where it computes wrong gradients; transformers picks the kernels for unpacked rows itself)
+and transformers' PyTorch code elsewhere, with a warning saying why; fla = the same, refused where they cannot
+run; torch = transformers' PyTorch code always (the switch that turns the lever off), for packed and unpacked
+rows alike.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 import importlib.util
 import inspect
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,16 +63,67 @@ def fla_installed() -> bool:
 
 def check(choice: str, device: torch.device) -> None:
     """Refuses a model.linear_attention value that is not a choice, or fla where its kernels cannot run."""
+    resolve(choice, device, quiet=True)
+
+
+@functools.cache
+def fla_trains(device: torch.device) -> str | None:
+    """Runs one small gated delta rule forward and backward on fla's kernels on `device` (bf16, the training
+    dtype) and returns None where that works, else fla's error: fla raises rather than compute wrong gradients
+    on some GPU and Triton pairs (Hopper under Triton 3.4-3.7.0)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=generator, dtype=torch.bfloat16)
+
+    q, k, v = (draw(1, 64, 1, 64).requires_grad_() for _ in range(3))
+    g = F.logsigmoid(draw(1, 64, 1)).requires_grad_()
+    beta = torch.sigmoid(draw(1, 64, 1)).requires_grad_()
+    try:
+        out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+        out.float().sum().backward()
+        torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 - any failure means: not on this device
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def resolve(choice: str, device: torch.device, quiet: bool = False) -> str:
+    """The model.linear_attention choice bound for a model on `device`: `choice` itself, except that auto
+    becomes torch, with a warning, where fla is installed but fails its check on this CUDA device (see the
+    module's docstring). Refuses a value that is not a choice, and fla where its kernels cannot run."""
     if choice not in CHOICES:
         raise FamilyError(
             f"model.linear_attention={choice} is not a valid choice; valid: {', '.join(CHOICES)}"
         )
-    if choice == "fla" and not (device.type == "cuda" and fla_installed()):
+    if choice == "torch" or (choice == "auto" and not (device.type == "cuda" and fla_installed())):
+        return choice
+    if device.type != "cuda" or not fla_installed():
         why = "it runs on a CUDA device only" if device.type != "cuda" else "the fla package is not installed"
         raise FamilyError(
             f"model.linear_attention=fla cannot run here: {why} (pip install 'pipeline[gpu]'); "
             "set model.linear_attention=auto or torch"
         )
+    failure = fla_trains(
+        device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    )
+    if failure is None:
+        return choice
+    if choice == "fla":
+        raise FamilyError(
+            f"model.linear_attention=fla cannot run on this GPU: flash-linear-attention's gated delta rule "
+            f"failed its check ({failure}); set model.linear_attention=torch, or upgrade Triton / install "
+            "tilelang as fla's message says"
+        )
+    if not quiet:
+        warnings.warn(
+            f"model.linear_attention=auto: flash-linear-attention's kernels fail on this GPU ({failure}); the "
+            "linear-attention layers run on transformers' PyTorch code (slower)",
+            stacklevel=2,
+        )
+    return "torch"
 
 
 def enable(language_model: nn.Module, choice: str = "auto") -> int:

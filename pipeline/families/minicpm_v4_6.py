@@ -54,8 +54,8 @@ class MiniCPMV4_6(HFNativeFamily):
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     chat_template = CHAT_TEMPLATE
-    liger_patch = "apply_liger_kernel_to_qwen3_5"
-    liger_target = "model.language_model"  # its Qwen3.5 language model
+    fused_norm = (1.0, "gemma")  # Qwen3.5: x * (1 + weight), all in fp32
+    fused_target = "model.language_model"  # its Qwen3.5 language model
     end_of_turn = "<|im_end|>"
     min_transformers = ("5.19", "older releases fail on an image sliced into pieces of different sizes")
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
@@ -75,16 +75,17 @@ class MiniCPMV4_6(HFNativeFamily):
         plain 0, 1, 2, ... per sample: the Qwen3.5 text model gives every token, image or text, the same
         position on its four rows when none are passed, which is what the model does for a sample alone."""
         super().enable_packing(language_model)
-        linear_attention.enable(language_model, self.linear_attention)
+        bound = linear_attention.choice_of(language_model)  # resolved at load
+        linear_attention.enable(language_model, bound or self.linear_attention)
 
     def load(
         self, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> tuple[nn.Module, Any]:
         """Loads the model with model.linear_attention bound to its linear-attention layers
         (linear_attention.py: flash-linear-attention's kernels or transformers' PyTorch code)."""
-        linear_attention.check(self.linear_attention, torch.device(device))
+        choice = linear_attention.resolve(self.linear_attention, torch.device(device))
         model, processor = super().load(path, dtype, device)
-        linear_attention.enable(self.language_model(model), self.linear_attention)
+        linear_attention.enable(self.language_model(model), choice)
         return model, processor
 
     def lora_target_names(self, model: nn.Module, preset: str) -> list[str]:

@@ -36,7 +36,8 @@ class Qwen2_5_VL(QwenVL):
     model_type = "qwen2_5_vl"
     capabilities = native_capabilities("Qwen2.5-VL")
     chat_template = CHAT_TEMPLATE
-    liger_patch = "apply_liger_kernel_to_qwen2_5_vl"
+    fused_norm = (0.0, "llama")
+    fused_target = "model.language_model"
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))

@@ -37,7 +37,8 @@ class Qwen3_VL(QwenVL):
     capabilities = native_capabilities("Qwen3-VL")
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
-    liger_patch = "apply_liger_kernel_to_qwen3_vl"
+    fused_norm = (0.0, "llama")
+    fused_target = "model.language_model"
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=PROJECTORS, llm=(LLM, "lm_head"))

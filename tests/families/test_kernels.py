@@ -17,48 +17,53 @@ from pipeline.families.base import FamilyError
 from tests.helpers import compose_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-PATCH = "apply_liger_kernel_to_qwen2_5_vl"
+NORM = (0.0, "llama")
 
 
 def test_fused_kernels_resolve_where_liger_runs_and_the_layers_are_not_compiled(monkeypatch):
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
-    assert kernels.resolve("auto", CUDA, PATCH, compiled=False) is True
-    assert kernels.resolve("auto", CUDA, PATCH, compiled=True) is False  # the compiler fuses them already
-    assert kernels.resolve("liger", CUDA, PATCH, compiled=True) is True  # asked for: applied anyway
-    assert kernels.resolve("auto", CPU, PATCH, compiled=False) is False
+    assert kernels.resolve("auto", CUDA, NORM, compiled=False) is True
+    assert kernels.resolve("auto", CUDA, NORM, compiled=True) is False  # the compiler fuses them already
+    assert kernels.resolve("liger", CUDA, NORM, compiled=True) is True  # asked for: applied anyway
+    assert kernels.resolve("auto", CPU, NORM, compiled=False) is False
     assert kernels.resolve("auto", CUDA, None, compiled=False) is False
-    assert kernels.resolve("off", CUDA, PATCH, compiled=False) is False
+    assert kernels.resolve("off", CUDA, NORM, compiled=False) is False
     with pytest.raises(
         FamilyError, match="model.fused_kernels=liger cannot run here: it runs on a CUDA device"
     ):
-        kernels.resolve("liger", CPU, PATCH, compiled=False)
-    with pytest.raises(FamilyError, match="no liger patch"):
+        kernels.resolve("liger", CPU, NORM, compiled=False)
+    with pytest.raises(FamilyError, match="no fused kernels"):
         kernels.resolve("liger", CUDA, None, compiled=False)
     with pytest.raises(
         FamilyError, match=r"model.fused_kernels=fast is not a valid choice; valid: auto, liger"
     ):
-        kernels.resolve("fast", CUDA, PATCH, compiled=False)
+        kernels.resolve("fast", CUDA, NORM, compiled=False)
     monkeypatch.setattr(kernels, "liger_installed", lambda: False)
-    assert kernels.resolve("auto", CUDA, PATCH, compiled=False) is False
+    assert kernels.resolve("auto", CUDA, NORM, compiled=False) is False
     with pytest.raises(
         FamilyError, match=re.escape("liger-kernel is not installed: pip install 'pipeline[gpu]'")
     ):
-        kernels.resolve("liger", CUDA, PATCH, compiled=False)
+        kernels.resolve("liger", CUDA, NORM, compiled=False)
 
 
 @pytest.mark.parametrize(
     ("name", "patch", "target"),
     [
-        ("qwen2_5_vl", "apply_liger_kernel_to_qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
-        ("qwen3_vl", "apply_liger_kernel_to_qwen3_vl", "Qwen3VLForConditionalGeneration"),
-        ("minicpm_v4_6", "apply_liger_kernel_to_qwen3_5", "Qwen3_5TextModel"),
+        ("qwen2_5_vl", (0.0, "llama"), "Qwen2_5_VLTextModel"),
+        ("qwen3_vl", (0.0, "llama"), "Qwen3VLTextModel"),
+        ("minicpm_v4_6", (1.0, "gemma"), "Qwen3_5TextModel"),
     ],
 )
 def test_the_family_applies_its_liger_patch_to_the_loaded_model_where_it_resolves_on(
     family_twin, monkeypatch, name, patch, target
 ):
     applied = []
-    monkeypatch.setattr(kernels, "apply", lambda fn, module: applied.append((fn, type(module).__name__)))
+
+    def record(norm, module):
+        applied.append((norm, type(module).__name__))
+        return 1, 1
+
+    monkeypatch.setattr(kernels, "apply", record)
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
     for choice, device, compiled, expected in (
         ("auto", CUDA, False, True),
@@ -128,30 +133,65 @@ def test_linear_attention_choice_is_bound_to_the_layers_and_torch_runs_transform
     assert {name: getattr(modeling, name) for name in original} == original
 
 
-def test_liger_patches_the_model_instance_only(family_twin, monkeypatch):
-    """liger's functions also swap classes in transformers' modeling module; `kernels.apply` puts those back,
-    so only the given model is fused (a stand-in for liger_kernel.transformers records what it was given)."""
+def fake_liger_ops(monkeypatch) -> list[tuple]:
+    """liger_kernel.ops as far as kernels.apply uses it, computing what liger's kernels compute (RMSNorm with
+    an offset and a casting mode; silu(a) * b) in PyTorch; records the norm arguments it was given."""
     import sys
     import types
 
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+    calls = []
 
-    original = modeling.Qwen2_5_VLRMSNorm
-    given = []
+    class RMSNorm:
+        @staticmethod
+        def apply(x, weight, eps, offset, casting, in_place):
+            calls.append((offset, casting))
+            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            if casting == "gemma":
+                return (normed * (offset + weight.float())).to(x.dtype)
+            return (offset + weight) * normed.to(x.dtype)
 
-    def fake_patch(rope, cross_entropy, fused_linear_cross_entropy, model):
-        assert not (rope or cross_entropy or fused_linear_cross_entropy)
-        modeling.Qwen2_5_VLRMSNorm = object  # what liger's functions do to the module
-        given.append(model)
+    class SiLUMul:
+        @staticmethod
+        def apply(a, b):
+            return torch.nn.functional.silu(a) * b
 
-    fake = types.ModuleType("liger_kernel.transformers")
-    fake.apply_liger_kernel_to_qwen2_5_vl = fake_patch
-    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    family = get_family("qwen2_5_vl")
-    bundle = family.load_bundle(family_twin("qwen2_5_vl"))
-    kernels.apply(family.liger_patch, bundle.core)
-    assert given == [bundle.core] and modeling.Qwen2_5_VLRMSNorm is original
+    for name, attrs in (
+        ("liger_kernel", {}),
+        ("liger_kernel.ops", {}),
+        ("liger_kernel.ops.rms_norm", {"LigerRMSNormFunction": RMSNorm}),
+        ("liger_kernel.ops.swiglu", {"LigerSiLUMulFunction": SiLUMul}),
+    ):
+        module = types.ModuleType(name)
+        vars(module).update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpm_v4_6"])
+def test_liger_is_bound_to_every_norm_and_mlp_of_the_language_model_of_that_instance_only(
+    family_twin, monkeypatch, name
+):
+    """Every RMSNorm and gated SiLU MLP of the language model gets the fused forward with the family's offset
+    and casting (Qwen3.5's 1 + weight in fp32), the fused model computes what transformers' modules do, and a
+    model loaded after it is transformers' own."""
+    calls = fake_liger_ops(monkeypatch)
+    family = get_family(name)
+    plain, fused = (family.load_bundle(family_twin(name)) for _ in range(2))
+    language_model = fused.core.get_submodule(family.fused_target)
+    want_norms = sum(kernels.is_rms_norm(m) for m in language_model.modules())
+    want_mlps = sum(kernels.is_gated_silu_mlp(m) for m in language_model.modules())
+    assert want_norms > 0 and want_mlps > 0
+    assert kernels.apply(family.fused_norm, language_model) == (want_norms, want_mlps)
+    ids = torch.tensor([[5, 9, 3, 17, 2, 11]])
+    with torch.no_grad():
+        want = plain.core.get_submodule(family.fused_target)(input_ids=ids).last_hidden_state
+        got = language_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls and set(calls) == {family.fused_norm}
+    calls.clear()
+    with torch.no_grad():
+        plain.core.get_submodule(family.fused_target)(input_ids=ids)
+    assert calls == []
 
 
 def test_sft_refuses_liger_where_it_cannot_run_before_any_weight_loads(family_twin, tmp_path, monkeypatch):
@@ -173,3 +213,22 @@ def test_sft_refuses_liger_where_it_cannot_run_before_any_weight_loads(family_tw
         FamilyError, match="model.fused_kernels=liger cannot run here: it runs on a CUDA device"
     ):
         run_stage(sft, cfg, tmp_path / "run")
+
+
+def test_linear_attention_auto_falls_back_to_pytorch_where_fla_fails_its_check_and_fla_is_refused(
+    monkeypatch,
+):
+    """fla refuses its gated backward on some GPU and Triton pairs (Hopper under Triton 3.4-3.7.0): auto then
+    binds transformers' PyTorch code with a warning that says why, and an explicit fla is refused."""
+    failure = "RuntimeError: Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results"
+    monkeypatch.setattr(linear_attention, "fla_installed", lambda: True)
+    monkeypatch.setattr(linear_attention, "fla_trains", lambda device: failure)
+    gpu = torch.device("cuda", 0)
+    with pytest.warns(UserWarning, match="fail on this GPU .*Hopper.*transformers' PyTorch code"):
+        assert linear_attention.resolve("auto", gpu) == "torch"
+    with pytest.raises(FamilyError, match="model.linear_attention=fla cannot run on this GPU: .*Hopper"):
+        linear_attention.resolve("fla", gpu)
+    assert linear_attention.resolve("torch", gpu) == "torch"
+    assert linear_attention.resolve("auto", CPU) == "auto"  # per-sample PyTorch code on a packed row
+    monkeypatch.setattr(linear_attention, "fla_trains", lambda device: None)
+    assert linear_attention.resolve("auto", gpu) == "auto" and linear_attention.resolve("fla", gpu) == "fla"

@@ -12,6 +12,7 @@ import torch
 from pipeline.families import get_family
 from tests.families.test_families import nonzero_adapter
 from tests.families.test_packing import HF_FAMILIES, cosine, mixed_samples, sums_and_grads
+from tests.families.test_packing_gpu import skip_unless_fla_trains
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,8 +49,8 @@ def test_liger_fused_kernels_train_as_transformers_modules(family_twin, name):
     assert_same_training(plain, *models, bundle.processor)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="flash-linear-attention is not installed")
 def test_minicpm_v4_6_trains_alike_on_fla_and_on_transformers_pytorch_code(family_twin):
+    skip_unless_fla_trains()
     folder = family_twin("minicpm_v4_6")
     torch_family = get_family("minicpm_v4_6", linear_attention="torch")
     fla_family = get_family("minicpm_v4_6", linear_attention="fla")
