@@ -631,6 +631,11 @@ class Family(ABC):
             f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
         )
 
+    def packs_padding_free_on(self, device: torch.device) -> bool:
+        """Whether trainer.packing=auto packs this family's rows on `device` (capabilities.packs_padding_free;
+        a family whose packed rows need a kernel that fails on the device says no)."""
+        return self.capabilities.packs_padding_free
+
     def check_kernels(self, device: torch.device, compiled: bool) -> None:
         """Refuses, before any weight loads, a kernel choice (model.fused_kernels) that cannot run on `device`
         (a family without fused kernels: config validation refuses `liger` already)."""

@@ -69,6 +69,18 @@ class MiniCPMV4_6(HFNativeFamily):
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))
 
+    def packs_padding_free_on(self, device: torch.device) -> bool:
+        """Not where flash-linear-attention fails on the GPU (model.linear_attention=auto resolving to
+        PyTorch code there): a packed row would run its linear-attention layers one sample at a time in
+        Python, slower than the padded batch (measured on an H200: no step in 45 s against 16.5 samples/s
+        padded); model.linear_attention=torch asks for that same PyTorch code."""
+        if (
+            device.type == "cuda"
+            and linear_attention.resolve(self.linear_attention, device, quiet=True) == "torch"
+        ):
+            return False
+        return super().packs_padding_free_on(device)
+
     def enable_packing(self, language_model: nn.Module) -> None:
         """The attention layers as every family's; the linear-attention layers restart their convolution
         and state at every sample of a packed row (pipeline/families/linear_attention.py). Positions are

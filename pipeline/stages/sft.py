@@ -65,11 +65,12 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
     caps = family.capabilities
+    launch = launch_of(accelerator)
     plan = plan_training(
         cfg,
-        launch_of(accelerator),
+        launch,
         compiles=caps.compiles,
-        packs_padding_free=caps.packs_padding_free,
+        packs_padding_free=family.packs_padding_free_on(launch.device),
         compiled_shapes=caps.compiled_shapes,
     )
     log.info("%s", plan.describe())

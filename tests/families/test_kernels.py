@@ -232,3 +232,17 @@ def test_linear_attention_auto_falls_back_to_pytorch_where_fla_fails_its_check_a
     assert linear_attention.resolve("auto", CPU) == "auto"  # per-sample PyTorch code on a packed row
     monkeypatch.setattr(linear_attention, "fla_trains", lambda device: None)
     assert linear_attention.resolve("auto", gpu) == "auto" and linear_attention.resolve("fla", gpu) == "fla"
+
+
+def test_minicpm_v4_6_packs_only_where_its_linear_attention_runs_on_kernels(monkeypatch):
+    """trainer.packing=auto: a packed row on transformers' PyTorch linear-attention code runs one sample at a
+    time, so MiniCPM-V 4.6 packs on a GPU only where flash-linear-attention runs there."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(linear_attention, "fla_installed", lambda: True)
+    monkeypatch.setattr(linear_attention, "fla_trains", lambda device: None)
+    assert get_family("minicpm_v4_6").packs_padding_free_on(gpu) is True
+    assert get_family("minicpm_v4_6", linear_attention="torch").packs_padding_free_on(gpu) is False
+    monkeypatch.setattr(linear_attention, "fla_trains", lambda device: "RuntimeError: not on Hopper")
+    assert get_family("minicpm_v4_6").packs_padding_free_on(gpu) is False
+    assert get_family("qwen2_5_vl").packs_padding_free_on(gpu) is True
+    assert get_family("minicpm_v2").packs_padding_free_on(gpu) is False
