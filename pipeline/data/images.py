@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.data.arrow_images import EmbeddedImageError, is_embedded, read_embedded
 from pipeline.data.rows import is_url
 from pipeline.utils.io import atomic_write_bytes
 
@@ -138,7 +139,10 @@ def url_cache_dir(cache_dir: Path | None = None) -> Path:
 
 
 def local_image_file(ref: str, cache_dir: Path | None = None) -> Path | None:
-    """Return the local file holding an image reference (a URL's cached copy), or None when there is none."""
+    """Return the local file holding an image reference (a URL's cached copy), or None when there is none (an
+    image embedded in an Arrow file has none)."""
+    if is_embedded(ref):
+        return None
     path = url_cache_path(ref, url_cache_dir(cache_dir)) if is_url(ref) else Path(ref).expanduser()
     return path if path.is_file() else None
 
@@ -152,7 +156,7 @@ def load_image(
     retries: int | None = None,
     max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
-    """Return the image at a local path or http(s) URL, fully decoded and converted to RGB.
+    """Return the image at a local path, an http(s) URL or in an Arrow file, fully decoded and converted to RGB.
 
     Conversion is a plain ``convert("RGB")`` (alpha dropped, no EXIF rotation), as the official
     MiniCPM-V-2 code does, so training and inference see the same pixels. URLs are downloaded once, with a
@@ -160,6 +164,13 @@ def load_image(
     and read from there afterwards.
     """
     ref = os.fspath(ref)
+    if is_embedded(ref):
+        return decode_image(
+            io.BytesIO(embedded_bytes(ref, max_bytes)),
+            name=ref,
+            max_pixels=max_pixels,
+            limit_key=_limit_key(max_pixels),
+        )
     if is_url(ref):
         path = fetch_url_to_cache(
             ref, url_cache_dir(cache_dir), timeout=timeout, max_bytes=max_bytes, retries=retries
@@ -177,6 +188,20 @@ def load_image(
     if size > max_bytes:
         raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
     return decode_image(path, name=ref, max_pixels=max_pixels, limit_key=_limit_key(max_pixels))
+
+
+def embedded_bytes(ref: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """Returns the bytes of an image embedded in an Arrow file (pipeline.data.arrow_images); raises
+    ImageLoadError naming the reference when they cannot be read or are over max_bytes."""
+    try:
+        data, _ = read_embedded(ref)
+    except EmbeddedImageError as exc:
+        raise ImageLoadError(str(exc)) from exc
+    if not data:
+        raise ImageLoadError(f"{ref}: the cell holds no image bytes")
+    if len(data) > max_bytes:
+        raise ImageLoadError(f"{ref}: image is {len(data)} bytes, over the {max_bytes}-byte limit")
+    return data
 
 
 def _limit_key(max_pixels: int) -> str | None:
@@ -501,7 +526,11 @@ class ImageFiles:
         return load_image(ref, cache_dir=self.cache_dir)
 
     def size(self, ref: str) -> tuple[int, int] | None:
-        """Returns (width, height) from the header of the local file (a URL's cached copy), None if absent."""
+        """Returns (width, height) from the header of the local file (a URL's cached copy, an embedded image's
+        bytes), None if absent."""
+        if is_embedded(ref):
+            with Image.open(io.BytesIO(embedded_bytes(ref))) as img:
+                return img.size
         local = local_image_file(ref, self.cache_dir)
         if local is None:
             return None

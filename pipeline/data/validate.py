@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import ON_ERROR_CHOICES
+from pipeline.data.arrow_images import is_embedded
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.images import ImageLoadError, load_image
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
@@ -181,8 +182,9 @@ def _images(n: int) -> str:
 
 
 def resolve_image_ref(ref: str, base_dir: Path) -> str:
-    """Return a URL unchanged, or a local path made absolute relative to base_dir."""
-    if is_url(ref):
+    """Return a URL (or an image embedded in an Arrow file) unchanged, or a local path made absolute relative
+    to base_dir."""
+    if is_url(ref) or is_embedded(ref):
         return ref
     path = Path(ref).expanduser()
     if not path.is_absolute():
