@@ -190,6 +190,36 @@ def load_image(
     return decode_image(path, name=ref, max_pixels=max_pixels, limit_key=_limit_key(max_pixels))
 
 
+def read_image_header(
+    ref: str,
+    *,
+    cache_dir: Path | None = None,
+    max_bytes: int = MAX_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[int, int]:
+    """Returns (width, height) of the image at a local path, an http(s) URL (downloaded into the cache first)
+    or in an Arrow file, from its header: check_image_header's checks, no pixel decoded; raises
+    ImageLoadError naming the reference."""
+    limit_key = _limit_key(max_pixels)
+    if is_embedded(ref):
+        data = io.BytesIO(embedded_bytes(ref, max_bytes))
+        return check_image_header(data, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+    if is_url(ref):
+        path = fetch_url_to_cache(ref, url_cache_dir(cache_dir), max_bytes=max_bytes)
+        try:
+            return check_image_header(path, name=ref, max_pixels=max_pixels)
+        except ImageLoadError as exc:
+            path.unlink(missing_ok=True)  # no image (an error page?): fetched again next time
+            raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise ImageLoadError(f"{ref}: {_not_a_file(path)}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
+    return check_image_header(path, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+
+
 def embedded_bytes(ref: str, max_bytes: int = MAX_BYTES) -> bytes:
     """Returns the bytes of an image embedded in an Arrow file (pipeline.data.arrow_images); raises
     ImageLoadError naming the reference when they cannot be read or are over max_bytes."""
@@ -266,6 +296,48 @@ def decode_image(
         raise ImageLoadError(_over_pixel_limit(name, pixels, max_pixels, limit_key)) from exc
     except Exception as exc:  # PIL reports broken files through many exception types
         raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+# How far from its end a file's end marker is looked for (some writers append a few bytes after it).
+TRAILER_BYTES = 4096
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def check_image_header(
+    source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_PIXELS, limit_key: str | None = None
+) -> tuple[int, int]:
+    """Returns (width, height) read from an image's header, without decoding its pixels; raises
+    ImageLoadError naming it when it is no image, over the pixel limit, or cut short (a JPEG or PNG whose end
+    marker is missing from its last bytes: what an interrupted download or copy leaves)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as probe:
+                width, height = probe.size
+                kind = probe.format
+    except Image.DecompressionBombError as exc:
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = counted.group(1) if counted else f"over {Image.MAX_IMAGE_PIXELS * 2}"
+        raise ImageLoadError(_over_pixel_limit(name, pixels, max_pixels, limit_key)) from exc
+    except Exception as exc:  # PIL reports unreadable headers through many exception types
+        raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            _over_pixel_limit(name, f"{width}x{height} = {width * height}", max_pixels, limit_key)
+        )
+    marker = _END_MARKERS.get(kind or "")
+    if marker is not None and marker not in _tail(source):
+        raise ImageLoadError(f"{name}: cannot decode image (truncated: the {kind} end marker is missing)")
+    return width, height
+
+
+def _tail(source: Path | io.BytesIO) -> bytes:
+    """Returns the last TRAILER_BYTES bytes of a file or buffer."""
+    if isinstance(source, io.BytesIO):
+        return source.getbuffer()[-TRAILER_BYTES:].tobytes()
+    with open(source, "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - TRAILER_BYTES))
+        return handle.read()
 
 
 def fetch_url(
