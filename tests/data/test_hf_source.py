@@ -3,8 +3,6 @@ columns, splits, max_rows, images embedded (read on demand) or by path, problems
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import pytest
 
