@@ -149,6 +149,7 @@ def data_files_split(paths: Sequence[Path], split: str = "train", cache_dir: str
     """Returns .arrow files as they are, or .parquet files as the Arrow copy datasets makes of them (once:
     it is cached by the files' identity)."""
     paths = _local_files(list(paths))
+    cache_dir = str(Path(cache_dir).expanduser()) if cache_dir else None
     label = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent}/[{len(paths)} files]"
     base_dir = paths[0].parent.resolve()
     if paths[0].suffix.lower() == ".arrow":

@@ -142,7 +142,7 @@ def check_custom(cfg: Mapping) -> None:
     _custom_files(cfg)
 
 
-@register_source("custom", keys=("path", "columns"), check=check_custom)
+@register_source("custom", keys=("path", "columns", "cache_dir"), check=check_custom)
 def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
     """Return rows and problems from the .jsonl/.json (or .parquet/.arrow) files given by the config's ``path``.
 
@@ -158,7 +158,8 @@ def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Pro
         if budget is not None and budget <= 0:
             break
         if is_hf_file(path):
-            file_rows, file_problems = read_split(data_files_split([path]), columns, budget)
+            split = data_files_split([path], cache_dir=cfg.get("cache_dir"))
+            file_rows, file_problems = read_split(split, columns, budget)
         else:
             file_rows, file_problems = read_custom_file(path, max_records=budget, columns=columns)
         rows += file_rows

@@ -40,7 +40,9 @@ def test_custom_reads_parquet_and_arrow_files_and_mixes_them_with_jsonl(tmp_path
     arrow = next((write_hf_dataset(hf_caption_dataset(2), tmp_path / "a", "disk")).glob("*.arrow"))
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text('{"query": "q", "response": "r"}\n', encoding="utf-8")
-    rows, _ = load_rows({"name": "custom", "path": [str(parquet), str(arrow), str(jsonl)]})
+    rows, _ = load_rows(
+        {"name": "custom", "path": [str(parquet), str(arrow), str(jsonl)], "cache_dir": cache}
+    )
     assert [row.origin for row in rows] == [
         f"{parquet}:train[0]",
         f"{parquet}:train[1]",
