@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pipeline.config import ON_ERROR_CHOICES
 from pipeline.data.arrow_images import is_embedded
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
@@ -226,7 +228,8 @@ def check_lengths(
     """Return (row index, problem) for rows that cannot be encoded or encode to over max_length tokens (the
     counter gives a row that cannot be kept under dataset.truncation its full length)."""
     found = []
-    for index, row in enumerate(rows):
+    shown = tqdm(rows, desc="counting tokens", disable=len(rows) < 5000)
+    for index, row in enumerate(shown):
         count = count_tokens(row)
         row.num_tokens = count  # kept: training cuts its token-budget micro-batches by it
         if count is None:
