@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 HF_KEYS = ("path", "split", "subset", "columns", "trust_hub", "cache_dir")
 FILE_SUFFIXES = (".parquet", ".arrow")
+# what a missing path ending so was meant to be: a data file (reported as not found), never a hub id
+DATA_FILE_SUFFIXES = (*FILE_SUFFIXES, ".json", ".jsonl", ".csv", ".tsv", ".txt")
 # a save_to_disk folder holds one of these; any other folder is read as data files by datasets.load_dataset
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
 IMAGE_COLUMNS = ("images", "image")  # looked for, in this order, when `columns` maps none to "images"
@@ -63,7 +65,7 @@ def offline_help(path: str) -> str:
 
 
 def _looks_like_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).suffix
+    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
 
 
 def _paths(value: object) -> list[str]:
@@ -91,7 +93,7 @@ def check_hf(cfg: Mapping) -> None:
     local = Path(paths[0]).expanduser()
     if local.is_dir():
         return
-    if local.exists() or local.suffix:
+    if local.exists() or local.suffix.lower() in DATA_FILE_SUFFIXES:
         _local_files([local])
     elif not _looks_like_hub_id(paths[0]):
         raise DatasetError(f"{local}: not found (the 'hf' source's 'path')")

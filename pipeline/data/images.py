@@ -198,16 +198,16 @@ def read_image_header(
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[int, int]:
     """Returns (width, height) of the image at a local path, an http(s) URL (downloaded into the cache first)
-    or in an Arrow file, from its header: check_image_header's checks, no pixel decoded; raises
+    or in an Arrow file, from its header: checked_image_size's checks, no pixel decoded; raises
     ImageLoadError naming the reference."""
     limit_key = _limit_key(max_pixels)
     if is_embedded(ref):
         data = io.BytesIO(embedded_bytes(ref, max_bytes))
-        return check_image_header(data, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+        return checked_image_size(data, name=ref, max_pixels=max_pixels, limit_key=limit_key)
     if is_url(ref):
         path = fetch_url_to_cache(ref, url_cache_dir(cache_dir), max_bytes=max_bytes)
         try:
-            return check_image_header(path, name=ref, max_pixels=max_pixels)
+            return checked_image_size(path, name=ref, max_pixels=max_pixels)
         except ImageLoadError as exc:
             path.unlink(missing_ok=True)  # no image (an error page?): fetched again next time
             raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
@@ -217,7 +217,7 @@ def read_image_header(
     size = path.stat().st_size
     if size > max_bytes:
         raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
-    return check_image_header(path, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+    return checked_image_size(path, name=ref, max_pixels=max_pixels, limit_key=limit_key)
 
 
 def embedded_bytes(ref: str, max_bytes: int = MAX_BYTES) -> bytes:
@@ -303,7 +303,7 @@ TRAILER_BYTES = 4096
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
 
-def check_image_header(
+def checked_image_size(
     source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_PIXELS, limit_key: str | None = None
 ) -> tuple[int, int]:
     """Returns (width, height) read from an image's header, without decoding its pixels; raises
