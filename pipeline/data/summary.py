@@ -72,7 +72,7 @@ def describe_summary(summary: dict[str, Any]) -> str:
     """Returns the summary as the few lines the log shows, ending with what to lower when memory is tight."""
     rows, tokens, images = summary["rows"], summary["tokens_per_row"], summary["images_per_row"]
     lines = [
-        f"dataset: {rows['train']} train rows, {rows['validation']} validation rows"
+        f"dataset summary: {rows['train']} train rows, {rows['validation']} validation rows"
         + (f", {rows['skipped']} skipped" if rows["skipped"] else ""),
     ]
     if tokens:
