@@ -94,9 +94,17 @@ class DatasetConfig:
     on_error: str = "raise"  # raise | skip (skipped rows are listed in the run folder)
     image_root: str | None = None
     allow_download: bool = False  # true: fetch images missing under image_root from their URL
-    check_images: bool = True  # decode every image before training; false skips it (large sets you trust)
+    check_images: bool = (
+        True  # read every image's header before training; false skips it (large sets you trust)
+    )
     max_rows: int | None = None
     system: str | None = None
+    # dataset=hf (Hugging Face datasets): the split and subset (config name) to read, and whether a hub id may
+    # be downloaded (as model.trust_hub); cache_dir: where datasets keeps its Arrow copies (null = its own)
+    split: str = "train"
+    subset: str | None = None
+    trust_hub: bool = False
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -275,7 +283,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.family": tuple(FAMILIES),
     "lora.name": (*LORA_PRESETS, "none"),
     "lora.bias": ("none", "all", "lora_only"),
-    "dataset.name": ("demo", "custom", "coco_en_2_mini"),
+    "dataset.name": ("demo", "custom", "hf", "coco_en_2_mini"),
     "dataset.truncation": TRUNCATION_POLICIES,
     "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
@@ -601,7 +609,12 @@ def _check_dataset(tree: dict) -> list[str]:
     if uses_data and data["name"] == "custom" and not data["path"] and not data["sources"]:
         problems.append(
             "dataset.path is required for dataset=custom: set dataset.path=/path/to/data.jsonl "
-            "(or a list of .jsonl/.json files)"
+            "(or a list of .jsonl/.json/.parquet/.arrow files)"
+        )
+    if uses_data and data["name"] == "hf" and not data["path"] and not data["sources"]:
+        problems.append(
+            "dataset.path is required for dataset=hf: .parquet/.arrow files, a save_to_disk folder, a folder "
+            "of data files, or a hub id (with dataset.trust_hub=true)"
         )
     infer_input = tree["infer"]["input"]
     if "infer" in tree["stages"] and not tree["infer"]["interactive"] and infer_input is not None:
@@ -609,10 +622,10 @@ def _check_dataset(tree: dict) -> list[str]:
             problems.append(f"infer.input={infer_input} is not a .jsonl or .json file")
         elif not Path(infer_input).expanduser().is_file():
             problems.append(f"infer.input={infer_input}: file not found")
-    if data["columns"] and data["name"] != "custom" and not data["sources"]:
+    if data["columns"] and data["name"] not in ("custom", "hf") and not data["sources"]:
         problems.append(
             f"dataset.columns renames the keys of custom files; dataset={data['name']} has none "
-            "(use dataset=custom)"
+            "(use dataset=custom or dataset=hf)"
         )
     for i, source in enumerate(data["sources"]):
         key = f"dataset.sources[{i}]"

@@ -253,3 +253,43 @@ class Trickle:
     def close(self) -> None:
         self._stop.set()
         self._sock.close()
+
+
+# ----- Hugging Face datasets
+
+
+def colour_image(k: int, size: tuple[int, int] = (40, 30)):
+    """A small PIL image whose colour depends on k."""
+    from PIL import Image
+
+    return Image.new("RGB", size, ((k * 60) % 256, (k * 110) % 256, (k * 170) % 256))
+
+
+def hf_caption_dataset(n: int, *, image_list: bool = False):
+    """A datasets.Dataset of n query/response rows with a datasets.Image column ("image", or a list of one
+    image "images" when `image_list`), built the ordinary way: from PIL images, which datasets stores as bytes."""
+    import datasets
+
+    image = datasets.Image()
+    features = {"query": datasets.Value("string"), "response": datasets.Value("string")}
+    columns = {
+        "query": [f"what colour is picture {k}?" for k in range(n)],
+        "response": [f"colour {k}" for k in range(n)],
+    }
+    if image_list:
+        features["images"] = datasets.List(image)
+        columns["images"] = [[colour_image(k)] for k in range(n)]
+    else:
+        features["image"] = image
+        columns["image"] = [colour_image(k) for k in range(n)]
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def write_hf_dataset(dataset, folder: Path, form: str) -> Path:
+    """Returns the path a dataset was written to in `form`: "parquet" (to_parquet) or "disk" (save_to_disk)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if form == "parquet":
+        dataset.to_parquet(str(folder / "train.parquet"))
+        return folder / "train.parquet"
+    dataset.save_to_disk(str(folder / "saved"))
+    return folder / "saved"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.data.arrow_images import EmbeddedImageError, is_embedded, read_embedded
 from pipeline.data.rows import is_url
 from pipeline.utils.io import atomic_write_bytes
 
@@ -138,7 +139,10 @@ def url_cache_dir(cache_dir: Path | None = None) -> Path:
 
 
 def local_image_file(ref: str, cache_dir: Path | None = None) -> Path | None:
-    """Return the local file holding an image reference (a URL's cached copy), or None when there is none."""
+    """Return the local file holding an image reference (a URL's cached copy), or None when there is none (an
+    image embedded in an Arrow file has none)."""
+    if is_embedded(ref):
+        return None
     path = url_cache_path(ref, url_cache_dir(cache_dir)) if is_url(ref) else Path(ref).expanduser()
     return path if path.is_file() else None
 
@@ -152,7 +156,7 @@ def load_image(
     retries: int | None = None,
     max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
-    """Return the image at a local path or http(s) URL, fully decoded and converted to RGB.
+    """Return the image at a local path, an http(s) URL or in an Arrow file, fully decoded and converted to RGB.
 
     Conversion is a plain ``convert("RGB")`` (alpha dropped, no EXIF rotation), as the official
     MiniCPM-V-2 code does, so training and inference see the same pixels. URLs are downloaded once, with a
@@ -160,6 +164,13 @@ def load_image(
     and read from there afterwards.
     """
     ref = os.fspath(ref)
+    if is_embedded(ref):
+        return decode_image(
+            io.BytesIO(embedded_bytes(ref, max_bytes)),
+            name=ref,
+            max_pixels=max_pixels,
+            limit_key=_limit_key(max_pixels),
+        )
     if is_url(ref):
         path = fetch_url_to_cache(
             ref, url_cache_dir(cache_dir), timeout=timeout, max_bytes=max_bytes, retries=retries
@@ -177,6 +188,50 @@ def load_image(
     if size > max_bytes:
         raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
     return decode_image(path, name=ref, max_pixels=max_pixels, limit_key=_limit_key(max_pixels))
+
+
+def read_image_header(
+    ref: str,
+    *,
+    cache_dir: Path | None = None,
+    max_bytes: int = MAX_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[int, int]:
+    """Returns (width, height) of the image at a local path, an http(s) URL (downloaded into the cache first)
+    or in an Arrow file, from its header: checked_image_size's checks, no pixel decoded; raises
+    ImageLoadError naming the reference."""
+    limit_key = _limit_key(max_pixels)
+    if is_embedded(ref):
+        data = io.BytesIO(embedded_bytes(ref, max_bytes))
+        return checked_image_size(data, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+    if is_url(ref):
+        path = fetch_url_to_cache(ref, url_cache_dir(cache_dir), max_bytes=max_bytes)
+        try:
+            return checked_image_size(path, name=ref, max_pixels=max_pixels)
+        except ImageLoadError as exc:
+            path.unlink(missing_ok=True)  # no image (an error page?): fetched again next time
+            raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise ImageLoadError(f"{ref}: {_not_a_file(path)}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
+    return checked_image_size(path, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+
+
+def embedded_bytes(ref: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """Returns the bytes of an image embedded in an Arrow file (pipeline.data.arrow_images); raises
+    ImageLoadError naming the reference when they cannot be read or are over max_bytes."""
+    try:
+        data, _ = read_embedded(ref)
+    except EmbeddedImageError as exc:
+        raise ImageLoadError(str(exc)) from exc
+    if not data:
+        raise ImageLoadError(f"{ref}: the cell holds no image bytes")
+    if len(data) > max_bytes:
+        raise ImageLoadError(f"{ref}: image is {len(data)} bytes, over the {max_bytes}-byte limit")
+    return data
 
 
 def _limit_key(max_pixels: int) -> str | None:
@@ -241,6 +296,48 @@ def decode_image(
         raise ImageLoadError(_over_pixel_limit(name, pixels, max_pixels, limit_key)) from exc
     except Exception as exc:  # PIL reports broken files through many exception types
         raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+# How far from its end a file's end marker is looked for (some writers append a few bytes after it).
+TRAILER_BYTES = 4096
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def checked_image_size(
+    source: Path | io.BytesIO, *, name: str, max_pixels: int = MAX_PIXELS, limit_key: str | None = None
+) -> tuple[int, int]:
+    """Returns (width, height) read from an image's header, without decoding its pixels; raises
+    ImageLoadError naming it when it is no image, over the pixel limit, or cut short (a JPEG or PNG whose end
+    marker is missing from its last bytes: what an interrupted download or copy leaves)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as probe:
+                width, height = probe.size
+                kind = probe.format
+    except Image.DecompressionBombError as exc:
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = counted.group(1) if counted else f"over {Image.MAX_IMAGE_PIXELS * 2}"
+        raise ImageLoadError(_over_pixel_limit(name, pixels, max_pixels, limit_key)) from exc
+    except Exception as exc:  # PIL reports unreadable headers through many exception types
+        raise ImageLoadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            _over_pixel_limit(name, f"{width}x{height} = {width * height}", max_pixels, limit_key)
+        )
+    marker = _END_MARKERS.get(kind or "")
+    if marker is not None and marker not in _tail(source):
+        raise ImageLoadError(f"{name}: cannot decode image (truncated: the {kind} end marker is missing)")
+    return width, height
+
+
+def _tail(source: Path | io.BytesIO) -> bytes:
+    """Returns the last TRAILER_BYTES bytes of a file or buffer."""
+    if isinstance(source, io.BytesIO):
+        return source.getbuffer()[-TRAILER_BYTES:].tobytes()
+    with open(source, "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - TRAILER_BYTES))
+        return handle.read()
 
 
 def fetch_url(
@@ -501,7 +598,11 @@ class ImageFiles:
         return load_image(ref, cache_dir=self.cache_dir)
 
     def size(self, ref: str) -> tuple[int, int] | None:
-        """Returns (width, height) from the header of the local file (a URL's cached copy), None if absent."""
+        """Returns (width, height) from the header of the local file (a URL's cached copy, an embedded image's
+        bytes), None if absent."""
+        if is_embedded(ref):
+            with Image.open(io.BytesIO(embedded_bytes(ref))) as img:
+                return img.size
         local = local_image_file(ref, self.cache_dir)
         if local is None:
             return None

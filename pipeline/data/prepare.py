@@ -78,7 +78,12 @@ def _plain(dataset_cfg: DictConfig | Mapping[str, Any]) -> dict:
 
 
 def _val_source(cfg: Mapping[str, Any]) -> dict:
-    return {"name": "custom", "path": cfg["val_path"], "columns": cfg.get("columns") or None}
+    return {
+        "name": "custom",
+        "path": cfg["val_path"],
+        "columns": cfg.get("columns") or None,
+        "cache_dir": cfg.get("cache_dir"),
+    }
 
 
 def check_dataset(dataset_cfg: DictConfig | Mapping[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Dataset sources by name (custom files, COCO captions, the bundled demo) and mixing several of them."""
+"""Dataset sources by name (custom files, Hugging Face datasets, COCO captions, the bundled demo) and mixing
+several of them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data.arrow_images import arrow_file_columns, open_arrow_table
 from pipeline.data.formats import check_columns, rename_columns
+from pipeline.data.hf_source import HF_KEYS, check_hf, data_files_split, is_hf_file, load_hf, read_split
 from pipeline.data.images import DATA_CACHE_DIR, ImageLoadError, fetch_url_to_cache
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.split import stable_order
@@ -139,11 +142,12 @@ def check_custom(cfg: Mapping) -> None:
     _custom_files(cfg)
 
 
-@register_source("custom", keys=("path", "columns"), check=check_custom)
+@register_source("custom", keys=("path", "columns", "cache_dir"), check=check_custom)
 def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
-    """Return rows and problems from the .jsonl/.json files given by the config's ``path``.
+    """Return rows and problems from the .jsonl/.json (or .parquet/.arrow) files given by the config's ``path``.
 
-    Records may be in any format of pipeline.data.formats; ``columns`` renames their keys first.
+    Records may be in any format of pipeline.data.formats; ``columns`` renames their keys first. Parquet and
+    arrow files are read as the 'hf' source reads them (their split is named "train").
     """
     paths, columns = _custom_files(cfg)
     rows: list[Row] = []
@@ -153,7 +157,11 @@ def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Pro
         budget = None if max_rows is None else max_rows - len(rows) - len({p.origin for p in problems})
         if budget is not None and budget <= 0:
             break
-        file_rows, file_problems = read_custom_file(path, max_records=budget, columns=columns)
+        if is_hf_file(path):
+            split = data_files_split([path], cache_dir=cfg.get("cache_dir"))
+            file_rows, file_problems = read_split(split, columns, budget)
+        else:
+            file_rows, file_problems = read_custom_file(path, max_records=budget, columns=columns)
         rows += file_rows
         problems += file_problems
     return rows, problems
@@ -162,13 +170,19 @@ def load_custom(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Pro
 def _as_paths(value: object, *, key: str, source: str) -> list[Path]:
     if value is None or value == "" or value == []:
         raise DatasetError(
-            f"dataset source '{source}' needs '{key}': a .jsonl or .json file, or a list of them"
+            f"dataset source '{source}' needs '{key}': a .jsonl, .json, .parquet or .arrow file, or a list of them"
         )
     values = [value] if isinstance(value, str | os.PathLike) else list(value)
     paths = [Path(str(item)).expanduser() for item in values]
     for path in paths:
-        if path.suffix.lower() not in (".jsonl", ".json"):
-            raise DatasetError(f"{path}: unsupported data file type '{path.suffix}'; use .jsonl or .json")
+        if path.is_dir():
+            raise DatasetError(
+                f"{path}: a folder; read a save_to_disk folder or a folder of data files with dataset=hf"
+            )
+        if path.suffix.lower() not in (".jsonl", ".json") and not is_hf_file(path):
+            raise DatasetError(
+                f"{path}: unsupported data file type '{path.suffix}'; use .jsonl, .json, .parquet or .arrow"
+            )
         if not path.is_file():
             raise DatasetError(f"{path}: data file not found (from the '{source}' source's '{key}')")
     return paths
@@ -233,6 +247,9 @@ def _json_records(path: Path):
         return
     for number, record in enumerate(data, start=1):
         yield f"{path}:item {number}", record
+
+
+register_source("hf", keys=HF_KEYS, check=check_hf)(load_hf)
 
 
 @register_source("demo", keys=("path", "num_rows"))
@@ -446,14 +463,7 @@ def _coco_file_columns(layout: str, file: Path) -> list[str]:
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(file).schema_arrow.names)
-    import pyarrow as pa
-
-    with pa.memory_map(str(file)) as source:
-        try:
-            return list(pa.ipc.open_stream(source).schema.names)
-        except pa.ArrowInvalid:
-            source.seek(0)
-            return list(pa.ipc.open_file(source).schema.names)
+    return arrow_file_columns(file)
 
 
 def _one_folder(files: list[Path], kind: str) -> list[Path]:
@@ -499,26 +509,13 @@ def _read_coco_csv(files: list[Path]) -> Iterator[CocoRecord]:
 
 
 def _read_coco_arrow(files: list[Path]) -> Iterator[CocoRecord]:
-    import pyarrow as pa  # installed with datasets; imported here so other sources do not pay for it
-
     index = 0
     for file in files:
-        with pa.memory_map(str(file)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)  # what datasets writes
-            except pa.ArrowInvalid:
-                source.seek(0)
-                reader = pa.ipc.open_file(source)
-            batches = (
-                reader
-                if isinstance(reader, pa.ipc.RecordBatchStreamReader)
-                else (reader.get_batch(i) for i in range(reader.num_record_batches))
-            )
-            for batch in batches:
-                for record in batch.to_pylist():
-                    ref, data = _image_field(record.get("image"))
-                    yield CocoRecord(index, _split_captions(record.get("caption")), ref, data)
-                    index += 1
+        for batch in open_arrow_table(str(file)).select(["caption", "image"]).to_batches(max_chunksize=64):
+            for record in batch.to_pylist():
+                ref, data = _image_field(record.get("image"))
+                yield CocoRecord(index, _split_captions(record.get("caption")), ref, data)
+                index += 1
 
 
 def _read_coco_parquet(files: list[Path]) -> Iterator[CocoRecord]:

@@ -6,14 +6,14 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pipeline.config import ON_ERROR_CHOICES
+from pipeline.data.arrow_images import is_embedded
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
-from pipeline.data.images import ImageLoadError, load_image
+from pipeline.data.image_check import check_image_refs
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.families.base import IMAGE_TAG
 from pipeline.utils.io import atomic_write_text
@@ -181,8 +181,9 @@ def _images(n: int) -> str:
 
 
 def resolve_image_ref(ref: str, base_dir: Path) -> str:
-    """Return a URL unchanged, or a local path made absolute relative to base_dir."""
-    if is_url(ref):
+    """Return a URL (or an image embedded in an Arrow file) unchanged, or a local path made absolute relative
+    to base_dir."""
+    if is_url(ref) or is_embedded(ref):
         return ref
     path = Path(ref).expanduser()
     if not path.is_absolute():
@@ -203,25 +204,16 @@ def check_images(
     cache_dir: Path | None = None,
     workers: int | None = None,
 ) -> list[tuple[int, Problem]]:
-    """Return (row index, problem) for every row whose image cannot be fetched and fully decoded.
+    """Return (row index, problem) for every row whose image cannot be fetched or whose header is bad.
 
-    One pass over every distinct image, local or URL, however many rows use it, on a thread pool (PIL
-    releases the GIL while decoding; downloads wait on the network). URLs are downloaded, with a timeout,
-    retries and a size cap, into the on-disk cache (``cache_dir``, default images.URL_CACHE_DIR) that
-    training, evaluation and inference then read, so each is fetched once.
+    One pass over every distinct image, local, URL or embedded in an Arrow file, however many rows use it
+    (pipeline.data.image_check: headers only, in parallel, remembered by file identity across runs). URLs
+    are downloaded, with a timeout, retries and a size cap, into the on-disk cache (``cache_dir``, default
+    images.URL_CACHE_DIR) that training, evaluation and inference then read, so each is fetched once.
     """
-    refs = sorted({ref for row in rows for ref in row.images})
-    urls = sum(is_url(ref) for ref in refs)
-    workers = workers or (16 if urls else min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = pool.map(lambda ref: _image_reason(ref, cache_dir), refs)
-        bar = tqdm(
-            outcomes,
-            total=len(refs),
-            desc="fetching and checking images" if urls else "checking images",
-            disable=len(refs) < 1000 and urls < 20,
-        )
-        reasons = dict(zip(refs, bar, strict=True))
+    reasons = check_image_refs(
+        (ref for row in rows for ref in row.images), cache_dir=cache_dir, workers=workers
+    )
     return [
         (index, Problem(row.origin, reasons[ref]))
         for index, row in enumerate(rows)
@@ -230,21 +222,14 @@ def check_images(
     ]
 
 
-def _image_reason(ref: str, cache_dir: Path | None) -> str | None:
-    try:
-        load_image(ref, cache_dir=cache_dir)
-    except ImageLoadError as exc:
-        return f"image {exc}"
-    return None
-
-
 def check_lengths(
     rows: list[Row], count_tokens: Callable[[Row], int | None], max_length: int | None
 ) -> list[tuple[int, Problem]]:
     """Return (row index, problem) for rows that cannot be encoded or encode to over max_length tokens (the
     counter gives a row that cannot be kept under dataset.truncation its full length)."""
     found = []
-    for index, row in enumerate(rows):
+    shown = tqdm(rows, desc="counting tokens", disable=len(rows) < 5000)
+    for index, row in enumerate(shown):
         count = count_tokens(row)
         row.num_tokens = count  # kept: training cuts its token-budget micro-batches by it
         if count is None:

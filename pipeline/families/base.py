@@ -318,6 +318,9 @@ class Family(ABC):
 
     # The resolution settings the family's processor takes from the config (see settings_from_config).
     setting_keys: ClassVar[tuple[str, ...]] = ()
+    # The config key to lower when images take too much memory, and what it bounds (the dataset summary
+    # names it): fewer pixels or slices per image, fewer image tokens.
+    resolution_setting: ClassVar[str] = ""
 
     # The peak learning rate of the tiny twin's pre-training (pipeline/training/twin.py: one recipe for
     # every family); a family whose twin learns at another one states it here.
@@ -557,6 +560,11 @@ class Family(ABC):
         """Returns `count(row)`: the row's encoded length (image tokens included, read from image headers
         where the family can) as it will be trained, i.e. after `truncation` cut it; a row that cannot be kept
         under max_length gets its full length, which is over max_length (validation reports both numbers)."""
+
+    def image_token_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int] | None:
+        """Returns `count(row)`: the tokens the language model sees for the row's images, from their header
+        sizes; None where the family cannot count them without encoding (the dataset summary then says so)."""
+        return None
 
     def patch_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int] | None:
         """Returns `count(row)`: the patches the vision tower processes for the row's images, or None where

@@ -596,6 +596,20 @@ class HFNativeFamily(Family):
             n += sum(per_image) - len(sizes)  # each image token becomes that image's count
         return n
 
+    def image_token_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int] | None:
+        """Counts a row's image tokens from its images' header sizes where the processor says how many tokens
+        a size makes (`counts_from_sizes`); None otherwise."""
+        if not self.counts_from_sizes:
+            return None
+        processor = bundle.processor
+
+        def count(row: RowLike) -> int:
+            sizes = [images.size(ref) for ref in row.images]  # the headers only
+            hw = [(size[1], size[0]) for size in sizes if size is not None]
+            return sum(processor._get_num_multimodal_tokens(image_sizes=hw).num_image_tokens) if hw else 0
+
+        return count
+
     def patch_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int]:
         """Counts the vision tower's patches of a row: from its images' header sizes where the processor
         says how many patches a size makes (`counts_from_sizes`), else from the encoded row's pixels."""

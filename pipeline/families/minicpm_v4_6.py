@@ -53,6 +53,9 @@ class MiniCPMV4_6(HFNativeFamily):
     capabilities = native_capabilities("MiniCPM-V 4.6", linear_attention=True)
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
+    resolution_setting = (
+        "model.processor_kwargs.max_slice_nums (slices per image; each slice adds its image tokens)"
+    )
     chat_template = CHAT_TEMPLATE
     fused_norm = (1.0, "gemma")  # Qwen3.5: x * (1 + weight), all in fp32
     fused_target = "model.language_model"  # its Qwen3.5 language model

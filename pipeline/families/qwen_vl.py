@@ -83,6 +83,9 @@ class QwenVL(HFNativeFamily):
 
     max_length = 32768
     setting_keys = ("min_pixels", "max_pixels")
+    resolution_setting = (
+        "model.processor_kwargs.max_pixels (pixels per image; its image tokens scale with them)"
+    )
     counts_from_sizes = True
     end_of_turn = "<|im_end|>"
     pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": 0, "image_grid_thw": 0}

@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.config import resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
+from pipeline.data.summary import report_summary, summarize_dataset
 from pipeline.families import family_from_config, image_limit
 from pipeline.families.base import Family
 from pipeline.runinfo import seed_everything
@@ -193,8 +194,9 @@ def build_data(
     sft_dir: Path,
 ) -> TrainingData:
     """Returns the training and validation sets of the rows that fit (problems into
-    sft/dataset_problems.jsonl), encoded by the family, with its collates (of static shapes for compiled
-    layers) and, for micro-batches cut by a token budget, every row's token count."""
+    sft/dataset_problems.jsonl, the dataset summary into sft/dataset_summary.json), encoded by the family on
+    access, with its collates (of static shapes for compiled layers) and, for micro-batches cut by a token
+    budget, every row's token count. Up front, each row is only counted (text tokens and image headers)."""
     loop = plan.loop
     images = ImageFiles()
     splits = split_dataset(
@@ -204,6 +206,16 @@ def build_data(
         family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images),
         problems_path=sft_dir / "dataset_problems.jsonl",
     )
+    summary = summarize_dataset(
+        [*rows.rows, *(rows.val_rows or [])],
+        splits.train,
+        splits.val,
+        max_length=cfg.dataset.max_length,
+        skipped=len({problem.origin for problem in splits.problems}),
+        image_tokens=family.image_token_counter(bundle, images),
+        resolution_setting=family.resolution_setting,
+    )
+    report_summary(summary, sft_dir / "dataset_summary.json")
 
     def encoded(split):
         return family.dataset(bundle, split, cfg.dataset.max_length, cfg.dataset.truncation, images)

@@ -199,7 +199,7 @@ def test_missing_data_file_and_wrong_suffix_are_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="nope.jsonl: data file not found"):
         load_rows({"name": "custom", "path": str(tmp_path / "nope.jsonl")})
     (tmp_path / "rows.txt").write_text("")
-    with pytest.raises(DatasetError, match="use .jsonl or .json"):
+    with pytest.raises(DatasetError, match="use .jsonl, .json, .parquet or .arrow"):
         load_rows({"name": "custom", "path": str(tmp_path / "rows.txt")})
     with pytest.raises(DatasetError, match="needs 'path'"):
         load_rows({"name": "custom"})

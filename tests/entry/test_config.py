@@ -28,6 +28,7 @@ APPENDED_GROUPS = {"experiment", "hparams_search"}
 # keys a file needs before it validates (a required path has no useful default)
 EXTRA_OVERRIDES = {
     "dataset/custom": ["dataset.path=rows.jsonl"],
+    "dataset/hf": ["dataset.path=org/name", "dataset.trust_hub=true"],
     "lora/none": ["stages=[sft,eval,infer]"],  # full fine-tuning has no adapter to merge
 }
 # plugins a file builds on; its test is skipped when the extra is not installed

@@ -45,7 +45,7 @@ from . import merge as merge_checks
 from .bundle import ModelBundle, base_model_path, load_bundle
 from .checkpoint import load_model, read_checkpoint_shapes, read_weights, resolve_model_path, save_checkpoint
 from .collate import Sample, collate_for_generation, collate_for_training, collate_packed, encode_example
-from .dataset import SFTDataset, TokenCounter
+from .dataset import SFTDataset, TokenCounter, slice_grid_for_size
 from .generation import GenerationSettings, generate
 from .lora import apply_lora, build_lora_config, set_full_finetune
 from .processor import MiniCPMVImageProcessor
@@ -84,6 +84,7 @@ class MiniCPMV2(Family):
     )
     max_length = 2048
     setting_keys = ("max_slice_nums", "slice_mode")
+    resolution_setting = "model.max_slice_nums (slices per image; each slice adds query_num image tokens)"
 
     @classmethod
     def settings_from_config(cls, model: Any) -> dict[str, Any]:
@@ -299,6 +300,18 @@ class MiniCPMV2(Family):
         self, bundle: ModelBundle, max_length: int, truncation: str, images: ImageSource
     ) -> TokenCounter:
         return TokenCounter(bundle.tokenizer, bundle.processor, max_length, truncation, images)
+
+    def image_token_counter(self, bundle: ModelBundle, images: ImageSource) -> Callable[[RowLike], int]:
+        """Counts the image placeholder's tokens of a row (its one image's slices), from the image header."""
+
+        def count(row: RowLike) -> int:
+            size = images.size(row.images[0]) if row.images else None
+            if size is None:
+                return 0
+            grid = slice_grid_for_size(bundle.processor, *size)
+            return len(bundle.processor.placeholder_ids(bundle.tokenizer, grid))
+
+        return count
 
     def dataset(
         self,
