@@ -8,6 +8,7 @@ list, and which checkpoint the stages will read. Both happen before any work sta
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -56,6 +57,9 @@ class ModelConfig:
     # MiniCPM-V 4.6's linear-attention layers: auto (flash-linear-attention's kernels where installed, on a
     # GPU) | fla | torch (transformers' PyTorch code); see pipeline/families/linear_attention.py
     linear_attention: str = "auto"
+    # QLoRA: the language model's linear layers in 4-bit NF4 or 8-bit (bitsandbytes) for LoRA training, eval,
+    # infer and serve; merge folds the adapter into the full-precision base (pipeline/families/quantization.py)
+    quantization: str = "none"
     # learning rates of this model's recipe, taken when optim.lr is null: LoRA, and full fine-tuning (lora=none);
     # the defaults are ms-swift's for MiniCPM-V-2
     lora_lr: float = 1e-4
@@ -292,6 +296,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.vision_attention": ("auto", "varlen", "sdpa"),
     "model.fused_kernels": ("auto", "liger", "off"),
     "model.linear_attention": ("auto", "fla", "torch"),
+    "model.quantization": ("none", "nf4", "int8"),
     "trainer.compile": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -709,6 +714,14 @@ FREEZE_KEYS = ("freeze_vision", "freeze_resampler", "freeze_llm")
 
 def _check_lora(tree: dict) -> list[str]:
     lora = tree["lora"]
+    quantization = tree["model"]["quantization"]
+    if lora["name"] == "none" and quantization != "none" and "sft" in tree["stages"]:
+        return [
+            f"model.quantization={quantization} trains adapters on a frozen quantized base: choose lora=qkv or "
+            "lora=all (full fine-tuning, lora=none, updates the base weights themselves)"
+        ]
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        return [f"model.quantization={quantization} needs bitsandbytes: pip install bitsandbytes"]
     if lora["name"] == "none":
         if lora["bias"] != "none":
             return [

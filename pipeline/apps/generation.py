@@ -52,6 +52,7 @@ def load_inference_bundle(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     allow_download: bool = False,
+    quantization: str = "none",
 ) -> tuple[Bundle, Family]:
     """Returns (the model in eval mode on `device`, its family): the base model at `model_path`, or with the
     checkpoint `ckpt` (an adapter or merged checkpoint folder, an earlier run folder (its sft/best, else
@@ -66,7 +67,11 @@ def load_inference_bundle(
         ckpt = resolve_ckpt(ckpt) if Path(ckpt).expanduser().exists() else Path(ckpt).expanduser()
     else:
         ckpt = None
-    bundle = family.load_bundle(model_path, ckpt, dtype=dtype, device=device, allow_download=allow_download)
+    quantized = quantization != "none"
+    load_on = torch.device("cpu") if quantized else device
+    bundle = family.load_bundle(model_path, ckpt, dtype=dtype, device=load_on, allow_download=allow_download)
+    if quantized:
+        family.quantize(bundle, quantization, dtype, device)
     bundle.model.eval()
     log.info("loaded %s model from %s%s", bundle.kind, bundle.base_path, f" + {ckpt}" if ckpt else "")
     return bundle, family

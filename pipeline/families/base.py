@@ -639,6 +639,14 @@ class Family(ABC):
             f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
         )
 
+    def quantize(self, bundle: Any, choice: str, compute_dtype: torch.dtype, device: torch.device) -> int:
+        """Gives the loaded model (on the CPU) a quantized language model (model.quantization=nf4|int8: its
+        linear layers in bitsandbytes' 4- or 8-bit layers, computing in `compute_dtype`) and moves it to
+        `device`; returns how many layers were quantized (quantization.py)."""
+        from . import quantization
+
+        return quantization.quantize(bundle.core, self.freeze_groups().llm, choice, compute_dtype, device)
+
     def packs_padding_free_on(self, device: torch.device) -> bool:
         """Whether trainer.packing=auto packs this family's rows on `device` (capabilities.packs_padding_free;
         a family whose packed rows need a kernel that fails on the device says no)."""

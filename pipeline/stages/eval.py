@@ -188,6 +188,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         dtype=str(cfg.model.dtype),
         allow_download=cfg.model.trust_hub,
         family=family_from_config(cfg.model),
+        quantization=cfg.model.quantization,
     )
 
     # ----- setup: model and held-out rows

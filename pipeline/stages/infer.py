@@ -176,6 +176,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         device=device,
         dtype=str(cfg.model.dtype),
         allow_download=cfg.model.trust_hub,
+        quantization=cfg.model.quantization,
     )
     log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
 

@@ -91,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         device=resolve_device(cfg),
         dtype=str(cfg.model.dtype),
         allow_download=cfg.model.trust_hub,
+        quantization=cfg.model.quantization,
     )
     options = ServeOptions(
         api_key=api_key,

@@ -70,7 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     plan = plan_training(
         cfg,
         launch,
-        compiles=caps.compiles,
+        compiles=caps.compiles and cfg.model.quantization == "none",  # bitsandbytes' layers run eagerly
         packs_padding_free=family.packs_padding_free_on(launch.device),
         compiled_shapes=caps.compiled_shapes,
     )
@@ -266,9 +266,19 @@ class PreparedModel:
 def build_model(cfg: DictConfig, family: Family, plan: TrainingPlan, model_path: str) -> PreparedModel:
     """Loads the base model at `model_path` (the run state's) in the plan's weights dtype onto the run's
     device and prepares it for training."""
-    bundle = family.load_bundle(
-        model_path, dtype=plan.weights_dtype, device=plan.launch.device, allow_download=cfg.model.trust_hub
+    quantization = cfg.model.quantization
+    device = plan.launch.device
+    bundle = (
+        family.load_bundle(  # a quantized base is loaded on the CPU and quantized on its way to the device
+            model_path,
+            dtype=plan.weights_dtype,
+            device=torch.device("cpu") if quantization != "none" else device,
+            allow_download=cfg.model.trust_hub,
+        )
     )
+    if quantization != "none":
+        layers = family.quantize(bundle, quantization, plan.weights_dtype, device)
+        log.info("model: %d language-model linear layers in %s (bitsandbytes)", layers, quantization)
     fused = family.apply_fused_kernels(bundle, compiled=plan.compile)  # before LoRA wraps the modules
     module = family.prepare_training(
         bundle, cfg.lora, plan.gradient_checkpointing, base_model_name(cfg, bundle)
