@@ -195,6 +195,7 @@ class HFStepDecoder(StepDecoder):
             self._forward_step(tokens)
         return chosen
 
+    @torch.inference_mode()
     def drop(self, rows: Sequence[int]) -> None:
         gone = set(rows)
         keep = [i for i, row in enumerate(self._rows) if row.id not in gone]
