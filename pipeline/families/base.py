@@ -20,7 +20,8 @@ say it):
                  generate_batch
     chat, serve  encode_chat (a conversation as a prompt), stream_tokens (one prompt's tokens as they come),
                  end_ids, decode, batch_decoder (a BatchDecoder: several prompts decoded together, step by
-                 step, where capabilities.batches_requests)
+                 step, where capabilities.batches_requests; a StepDecoder, which prompts join and leave
+                 between steps, where capabilities.continuous_batching)
     merge        merge, dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
     twin         build_tiny (random weights; pipeline.training.twin pre-trains every family's twin)
 
