@@ -7,7 +7,9 @@ weights, official layout) on COCO-shaped data, each setting in its own process, 
 What it does, in one call:
 1. writes the full-size model with random weights in the official layout (two safetensors shards, the
    tiny twin's tokenizer files, the official slicing settings) with the project's own classes; lm_head rows
-   past the tokenizer's vocabulary are zeroed so that generation picks ids the tokenizer can decode;
+   past the tokenizer's vocabulary are zeroed so that generation picks ids the tokenizer can decode, and the
+   end-of-answer id's row too, so that every generated answer runs to max_new_tokens (a logit of 0 among
+   random ones is never the largest);
 2. generates COCO-shaped data: 640x480 JPEG photos (quality 90), one 8-16-word caption each, the query
    `please describe the image.` (source + 2 slices, about 225 tokens a row); a `mixed` variant (30% of the
    rows two or three rounds, 10% text-only) and a `large` one (1344x1008 photos, source + 6 slices);
@@ -169,6 +171,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
         model = MiniCPMV(MiniCPMVConfig()).to(torch.bfloat16)
     with torch.no_grad():
         model.llm.lm_head.weight[tokenizer.vocab_size :] = 0
+        model.llm.lm_head.weight[tokenizer.eos_id] = 0  # no answer ends early: every row makes max_new_tokens
     save_checkpoint(model, folder, max_shard_bytes=DEFAULT_SHARD_BYTES, source_folder=tokens)
     MiniCPMVImageProcessor().save_pretrained(folder)
     del model
@@ -306,6 +309,9 @@ def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = end
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():  # generation picks ids the tokenizer can decode, never the end of a turn
+        model.get_output_embeddings().weight[len(tokenizer) :] = 0
+        model.get_output_embeddings().weight[end] = 0
     family.save(model.eval(), processor, folder)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

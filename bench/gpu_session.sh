@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests on the tiny twin, then bench rows. Usage (on the GPU machine, project root):
-#   bash bench/gpu_session.sh tests|kernels|train CASES...|infer|entry SETTINGS...|serve [ARGS]|peers [ARGS]
+#   bash bench/gpu_session.sh tests|kernels|train CASES...|infer|entry SETTINGS...|serve [ARGS]|gen [ARGS]|peers [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
@@ -11,14 +11,19 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=$1; shift
 case $what in
   tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/entry/test_gpu.py -x "$@" 2>&1 | tail -40 ;;
-  # the HF-native families' GPU paths: varlen packed attention, flash-linear-attention, liger (tiny twins)
+  # the HF-native families' GPU paths: varlen packed attention, flash-linear-attention, liger, the static-cache
+  # compiled decode and the running batch (tiny twins)
   kernels) python3 -m pytest -q -p no:cacheprovider -m gpu tests/families/test_packing_gpu.py \
-    tests/families/test_kernels_gpu.py "$@" 2>&1 | tee "$OUT/kernels_tests.txt" ;;
+    tests/families/test_kernels_gpu.py tests/families/test_decoding_gpu.py "$@" 2>&1 | tee "$OUT/kernels_tests.txt" ;;
   train) python3 -m bench.bench --only train --steps 4 --cases "$@" --out "$OUT/train.json" ;;
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call
   entry) python3 -m bench.entry_bench --out "$OUT" --work /tmp/entry-work --timeout "${SETTING_TIMEOUT:-900}" --settings "$@" ;;
   serve) python3 bench/serve_bench.py --out "$OUT/serve.json" "$@" ;;
+  # generation: every family's infer stage (200 COCO-shaped rows, batch 16, 64 new tokens; load and generation
+  # apart), the server at 1/8/32 clients against one at a time (MiniCPM-V-2, Qwen2.5-VL-3B), the static-cache
+  # comparison; full-size random weights written under /tmp/gen-work; within --budget (530 s) of one call
+  gen) python3 -m bench.gen_bench --out "$OUT" --work /tmp/gen-work "$@" ;;
   # our row beside TRL's and ms-swift's on the same folders and rows (bench/peers.py); each peer's wheels
   # (bench/peers_wheels.sh, carried in .peers_whl) go to their own --target dir, never into .site
   peers)

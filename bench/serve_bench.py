@@ -3,8 +3,11 @@ clients, against the same requests served one at a time, in one run against one 
 
     python bench/serve_bench.py                                   # the tiny twin (a CPU smoke check)
     python bench/serve_bench.py --requests 128 --max-tokens 128 -- model=minicpm_v2 model.path=/models/MiniCPM-V-2
+    python -m bench.serve_bench --model qwen2_5_vl --work /tmp/w  # Qwen2.5-VL-3B's sizes, random weights
+    python -m bench.serve_bench --model qwen2_5_vl --tiny         # its tiny twin on the CPU
 
-Everything after `--` goes to the entry point as overrides (default: ckpt=base on the tiny twin). Each request
+Everything after `--` goes to the entry point as overrides (default: ckpt=base on the tiny twin); `--model`
+serves a model folder bench/entry_bench.py writes (full-size random weights, or `--tiny`'s twin) under `--work`. Each request
 is one image (448x448 PNG as a data: URL, a different colour each) and a different question, answered
 greedily with max_tokens; the server's batch limit is the largest concurrency. "one at a time" sends each
 request after the previous answer (no batching possible); each concurrency level sends all requests through
@@ -134,34 +137,36 @@ def measure(url: str, requests: list[dict], clients: int) -> tuple[dict, list[st
     return row, [r["text"] for r in results]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--image-side", type=int, default=448)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--warmup", type=int, default=4, help="requests sent before measuring")
-    parser.add_argument("--startup-timeout", type=float, default=600)
-    parser.add_argument("--out", default="bench/serve-results.json")
-    parser.add_argument("overrides", nargs="*", help="entry-point overrides (after --)")
-    args = parser.parse_args()
-
-    requests = make_requests(args.requests, args.max_tokens, args.image_side)
+def bench_server(
+    overrides: list[str],
+    n_requests: int = 64,
+    max_tokens: int = 64,
+    concurrency: list[int] | tuple[int, ...] = (1, 8, 32),
+    warmup: int = 4,
+    image_side: int = 448,
+    startup_timeout: float = 600,
+) -> dict:
+    """Returns the rows of one server (started with `overrides`): the requests one at a time, then through
+    each number of concurrent clients; the server's log is kept in a temporary folder named in the result."""
+    requests = make_requests(n_requests, max_tokens, image_side)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    process = start_server(port, args.overrides, max(args.concurrency), args.max_tokens, work)
+    started = time.perf_counter()
+    process = start_server(port, overrides, max(concurrency), max_tokens, work)
     rows = []
     try:
-        wait_until_up(url, process, args.startup_timeout, work / "server.log")
-        warm = make_requests(args.warmup, args.max_tokens, args.image_side)
+        wait_until_up(url, process, startup_timeout, work / "server.log")
+        up_s = time.perf_counter() - started
+        warm = make_requests(warmup, max_tokens, image_side)
         measure(url, warm, 0)
         measure(url, warm, len(warm))  # warm the batched shapes (and, on a GPU, the graph capture) too
         serial, reference = measure(url, requests, 0)
         rows.append({**serial, "vs_one_at_a_time": 1.0, "same_answers": len(requests)})
-        for clients in args.concurrency:
+        for clients in concurrency:
             row, answers = measure(url, requests, clients)
             row["vs_one_at_a_time"] = round(row["requests_per_s"] / serial["requests_per_s"], 2)
+            row["tokens_vs_one_at_a_time"] = round(row["tokens_per_s"] / serial["tokens_per_s"], 2)
             row["same_answers"] = sum(a == b for a, b in zip(answers, reference, strict=True))
             rows.append(row)
     finally:
@@ -172,22 +177,77 @@ def main() -> None:
             process.kill()
     import torch
 
-    result = {
+    return {
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "overrides": args.overrides or ["ckpt=base"],
-        "max_tokens": args.max_tokens,
-        "image_side": args.image_side,
+        "overrides": overrides or ["ckpt=base"],
+        "max_tokens": max_tokens,
+        "image_side": image_side,
+        "server_up_s": round(up_s, 1),
+        "server_log": str(work / "server.log"),
         "rows": rows,
     }
-    print(f"{'clients':>14} {'req/s':>8} {'tok/s':>9} {'x serial':>8} {'p50 s':>7} {'same':>6}")
-    for row in rows:
-        print(
+
+
+def table(result: dict) -> str:
+    """Returns the rows of `bench_server` as a text table."""
+    lines = [f"{'clients':>14} {'req/s':>8} {'tok/s':>9} {'x serial':>8} {'p50 s':>7} {'same':>6}"]
+    for row in result["rows"]:
+        lines.append(
             f"{row['clients']!s:>14} {row['requests_per_s']:>8.2f} {row['tokens_per_s']:>9.1f} "
             f"{row['vs_one_at_a_time']:>8.2f} {row['latency_p50_s']:>7.2f} {row['same_answers']:>3}/{row['requests']}"
         )
+    return "\n".join(lines)
+
+
+# --model: the model folders bench/entry_bench.py writes (full-size random weights, or --tiny's twins)
+MODELS = {"minicpm_v2": "minicpm_v2", "qwen2_5_vl": "qwen2_5_vl_3b"}
+
+
+def model_overrides(model: str, work: Path, tiny: bool) -> list[str]:
+    """Returns the entry-point overrides serving `model` (MODELS) from a folder under `work`, written there
+    when absent: the full-size random-weight model (bench/entry_bench.py), or with `tiny` its tiny twin on
+    the CPU."""
+    from bench.entry_bench import write_family_model, write_model
+
+    if model == "minicpm_v2":
+        folder = write_model(work / ("tiny" if tiny else "minicpm_v2_random"), tiny)
+    else:
+        folder = write_family_model(work / f"{model}_{'tiny' if tiny else 'random'}", model, tiny)
+    config = f"{model}_tiny" if tiny else MODELS[model]
+    return [f"model={config}", f"model.path={folder}", "ckpt=base", *(["device=cpu"] if tiny else [])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--image-side", type=int, default=448)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--warmup", type=int, default=4, help="requests sent before measuring")
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--model", choices=sorted(MODELS), help="serve this model, written under --work")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench-work")
+    parser.add_argument("--tiny", action="store_true", help="with --model: its tiny twin on the CPU")
+    parser.add_argument("--out", default="bench/serve-results.json")
+    parser.add_argument("overrides", nargs="*", help="entry-point overrides (after --)")
+    args = parser.parse_args()
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides = model_overrides(args.model, args.work, args.tiny) + overrides
+    result = bench_server(
+        overrides,
+        args.requests,
+        args.max_tokens,
+        args.concurrency,
+        args.warmup,
+        args.image_side,
+        args.startup_timeout,
+    )
+    print(table(result))
     atomic_write_json(args.out, result)
     print(f"written to {args.out}")
 

@@ -20,7 +20,8 @@ say it):
                  generate_batch
     chat, serve  encode_chat (a conversation as a prompt), stream_tokens (one prompt's tokens as they come),
                  end_ids, decode, batch_decoder (a BatchDecoder: several prompts decoded together, step by
-                 step, where capabilities.batches_requests)
+                 step, where capabilities.batches_requests; a StepDecoder, which prompts join and leave
+                 between steps, where capabilities.continuous_batching)
     merge        merge, dummy_samples, logits_fn, check_merged, save_merged, load_merged, weight_files
     twin         build_tiny (random weights; pipeline.training.twin pre-trains every family's twin)
 
@@ -92,7 +93,11 @@ class Capabilities:
     # serve: concurrent requests decode together in one batch (Family.batch_decoder); without it the server
     # answers one request at a time through Family.stream_tokens
     batches_requests: bool = False
-    cuda_graph_decode: bool = False  # generation replays its decode steps as CUDA graphs on a GPU
+    # serve: requests join and leave a running batch between decode steps (continuous batching: its
+    # batch_decoder is a StepDecoder); without it a batch runs until every request in it has ended
+    continuous_batching: bool = False
+    # eval and infer (generate_batch) replay their decode steps as CUDA graphs over a static cache on a GPU
+    cuda_graph_decode: bool = False
     # the model.* config keys its processor settings come from (see Family.settings_from_config)
     config_keys: tuple[str, ...] = ("processor_kwargs",)
     # Where the chat and the server put a conversation's images: "inline" tags each where it is given (a
@@ -102,6 +107,8 @@ class Capabilities:
     image_placement: str = "inline"
 
     def __post_init__(self) -> None:
+        if self.continuous_batching and not self.batches_requests:
+            raise ValueError("continuous_batching needs batches_requests (a batch to join)")
         if self.compiled_shapes not in COMPILED_SHAPES:
             raise ValueError(
                 f"compiled_shapes must be one of {COMPILED_SHAPES}, got {self.compiled_shapes!r}"
@@ -305,6 +312,63 @@ class BatchDecoder(ABC):
         padding after it) and returns whether to go on; decoding also ends once every row has reached an end
         id. With `seeds` (one per prompt, when sampling) a row samples from its own seed, so its answer is
         the same alone or in any batch."""
+
+
+class StepDecoder(BatchDecoder):
+    """A running batch that prompts join and leave between decode steps (continuous batching): what a family
+    with capabilities.continuous_batching gives the server. Every row decodes under the settings of `start`
+    (greedy, or sampling alike) up to its own max_new_tokens; rows are named by the ids `add` returns.
+
+    `decode` (a fixed batch, the BatchDecoder contract) runs on these steps."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id  # what `decode` hands on for a row that has ended
+
+    @abstractmethod
+    def start(self, settings: GenerationSettings) -> None:
+        """Empties the batch; the rows added next decode under `settings` (its max_new_tokens is unused:
+        each row brings its own)."""
+
+    @abstractmethod
+    def add(
+        self, prompts: Sequence[EncodedPrompt], max_new_tokens: Sequence[int], seeds: Sequence[int | None]
+    ) -> list[int]:
+        """Prefills `prompts` (together) and joins them to the batch; returns their row ids. A row samples from
+        its own seed (None: the process's random state), so that its answer is the same alone or joined to
+        any batch at any step. On an error the batch is left as it was."""
+
+    @abstractmethod
+    def step(self) -> dict[int, int]:
+        """Chooses the next token of every row and returns {row id: token id}; a row whose token is an end id,
+        or its max_new_tokens-th, leaves the batch."""
+
+    @abstractmethod
+    def drop(self, rows: Sequence[int]) -> None:
+        """Removes rows from the batch (ended by the caller: a stop string, a client gone); ids no longer in
+        the batch are ignored."""
+
+    @property
+    @abstractmethod
+    def rows(self) -> list[int]:
+        """Returns the ids of the rows in the batch, in the order they joined."""
+
+    def decode(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        settings: GenerationSettings,
+        seeds: Sequence[int] | None,
+        on_step: Callable[[list[int]], bool],
+    ) -> None:
+        self.start(settings)
+        try:
+            n = len(prompts)
+            ids = self.add(prompts, [settings.max_new_tokens] * n, list(seeds) if seeds else [None] * n)
+            while self.rows:
+                chosen = self.step()
+                if not on_step([chosen.get(row, self.pad_id) for row in ids]):
+                    break
+        finally:
+            self.start(settings)  # the cache goes with the rows
 
 
 class Family(ABC):

@@ -54,6 +54,7 @@ from .base import (
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
 from .layer_compile import compile_for_training
+from .step_decoding import HFStepDecoder
 from .tiny_tokenizer import train_bpe_tokenizer
 
 # Files a hub download of an HF-native checkpoint needs (weights, configs, tokenizer, template).
@@ -185,7 +186,8 @@ class _TokenStreamer(BaseStreamer):
 
 def native_capabilities(display_name: str, **extra: Any) -> Capabilities:
     """Returns what every HF-native family can do (padding-free packing, layers compiled for packed rows,
-    vision patches in the token budget, liger's fused kernels; 16 images), with the family's `extra`."""
+    vision patches in the token budget, liger's fused kernels, served requests in a running batch; 16
+    images), with the family's `extra`."""
     return Capabilities(
         display_name=display_name,
         **{
@@ -196,6 +198,9 @@ def native_capabilities(display_name: str, **extra: Any) -> Capabilities:
             "compiled_shapes": "packed",
             "counts_patches": True,
             "fuses_kernels": True,
+            "batches_requests": True,
+            "continuous_batching": True,
+            "cuda_graph_decode": True,
             **extra,
         },
     )
@@ -380,6 +385,18 @@ class HFNativeFamily(Family):
         batch = pad_batch(samples, processor.tokenizer.pad_token_id, left=True, with_labels=False)
         return {**batch, **self._join_pixels(samples)}
 
+    # eval and infer (generate_batch) decode over transformers' static cache, their decode step compiled by
+    # `generate` (mode reduce-overhead: replayed as CUDA graphs): None = on CUDA (as MiniCPM-V-2's own static
+    # decode), True / False = always / never (never: the growing dynamic cache, eager)
+    static_decode: ClassVar[bool | None] = None
+    # the static cache's length is the batch's longest prompt plus max_new_tokens rounded up to this, so that
+    # batches of similar lengths reuse one compiled step (and one cache) instead of compiling their own
+    static_cache_multiple: ClassVar[int] = 256
+
+    def decodes_static(self, device: torch.device) -> bool:
+        """Returns whether generate_batch decodes over a compiled static cache on `device` (static_decode)."""
+        return device.type == "cuda" if self.static_decode is None else self.static_decode
+
     @torch.no_grad()
     def generate(
         self,
@@ -387,11 +404,18 @@ class HFNativeFamily(Family):
         processor: Any,
         batch: Mapping[str, Any],
         max_new_tokens: int = 64,
+        static: bool = False,
         **settings: Any,
     ) -> list[str]:
+        """Returns the answers of a left-padded batch through transformers' `generate`; `static`: over a static
+        cache of a rounded length (static_cache_multiple), its decode step compiled (on CUDA: CUDA graphs)."""
         device = next(model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         settings.setdefault("do_sample", False)
+        if static:
+            multiple = self.static_cache_multiple
+            length = inputs["input_ids"].shape[1] + max_new_tokens
+            settings.update(cache_implementation="static", max_cache_len=-(-length // multiple) * multiple)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **settings
         )
@@ -783,12 +807,14 @@ class HFNativeFamily(Family):
         seed = None
         if settings.do_sample and generator is not None:
             seed = int(torch.randint(2**62, (1,), generator=generator))
-        with seeded_sampling(seed, self.device_of(bundle)):
+        device = self.device_of(bundle)
+        with seeded_sampling(seed, device):
             return self.generate(
                 bundle.model,
                 bundle.processor,
                 batch,
                 max_new_tokens=settings.max_new_tokens,
+                static=self.decodes_static(device),
                 **generate_options(settings),
             )
 
@@ -836,6 +862,23 @@ class HFNativeFamily(Family):
                 )
         except _Stopped:
             pass
+
+    def batch_decoder(self, bundle: Bundle) -> HFStepDecoder:
+        """Returns the running batch the server joins requests to (step_decoding.py)."""
+        return HFStepDecoder(
+            bundle.model,
+            functools.partial(self.collate_for_generation, bundle.processor),
+            self.generation_positions(bundle),
+            self.end_ids(bundle),
+            self.pad_id(bundle),
+            keeps_logits(bundle.model),
+        )
+
+    def generation_positions(self, bundle: Bundle) -> packing.Positions:
+        """Returns `positions(padded) -> (R, B, L)`: the position rows the model gives each prompt of a
+        left-padded generation batch alone (those of packed rows: they are computed per row from its
+        attention mask, so padding on either side leaves them alike)."""
+        return self.packed_positions(bundle)
 
     def dummy_samples(self, bundle: Bundle, n: int, seed: int) -> list[EncodedSample]:
         """Returns `n` encoded conversations about seeded noise images, for checking a merge without data."""

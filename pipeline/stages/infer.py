@@ -7,7 +7,8 @@
 Which weights: infer.ckpt, else this run's merged model, else this run's (or `ckpt`'s) checkpoint, else the
 base model. infer.input is a .jsonl (or .json list) in any row format of the custom dataset (query/response,
 messages, ShareGPT, Alpaca); the response is optional there and, when given, is written as the label. Reads: model, dataset, infer, seed. Writes run_dir/infer/results.jsonl,
-one row per answer {system, query, response, label, history, images} (interactive: one row per turn).
+one row per answer {system, query, response, label, history, images} (interactive: one row per turn), and
+run_dir/infer/timing.json {load_s, generate_s, rows}: the model's load and the generation, timed apart.
 Returns {"infer": results path}.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,11 +40,12 @@ from pipeline.families import family_from_config, image_limit
 from pipeline.families.base import Bundle, Family
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stages.state import RunState
-from pipeline.utils.io import append_jsonl, atomic_write_text
+from pipeline.utils.io import append_jsonl, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
+TIMING_FILE = "timing.json"  # seconds spent loading the model and generating, apart
 
 
 class _InvalidJson(str):
@@ -169,6 +172,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     ckpt = state.weights_for("infer", cfg)
     settings = settings_from_config(cfg)
     inputs = None if cfg.infer.interactive else read_inputs(cfg)  # read and checked before the weights
+    started = time.perf_counter()
     bundle, family = load_inference_bundle(
         state.model_path,
         ckpt,
@@ -178,6 +182,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         allow_download=cfg.model.trust_hub,
         quantization=cfg.model.quantization,
     )
+    load_s = time.perf_counter() - started
     log.info("infer with %s", ckpt if ckpt is not None else f"the base model {bundle.base_path}")
 
     if cfg.infer.interactive:
@@ -194,8 +199,18 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
 
     rows, labels = input_rows(cfg, family, bundle, infer_dir, inputs)
     generator = torch.Generator(family.device_of(bundle)).manual_seed(int(cfg.seed))
+    started = time.perf_counter()
     responses = generate_for_rows(
         family, bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
+    )
+    timing = {
+        "load_s": round(load_s, 3),
+        "generate_s": round(time.perf_counter() - started, 3),
+        "rows": len(rows),
+    }
+    atomic_write_json(infer_dir / TIMING_FILE, timing)
+    log.info(
+        "infer: model loaded in %.1f s; %d row(s) answered in %.1f s", load_s, len(rows), timing["generate_s"]
     )
     lines = [
         json.dumps(result_record(row, response, label), ensure_ascii=False)

@@ -78,12 +78,14 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     serve_dir = Path(run_dir) / "serve"
     serve_dir.mkdir(parents=True, exist_ok=True)
     ckpt = state.weights_for("serve", cfg)
-    if not family.capabilities.batches_requests:
-        log.info(
-            "%s (model.family=%s) answers one request at a time (serve.max_batch_size is not used)",
-            family.capabilities.display_name,
-            family.name,
-        )
+    capabilities = family.capabilities
+    if not capabilities.batches_requests:
+        how = "answers one request at a time (serve.max_batch_size is not used)"
+    elif capabilities.continuous_batching:
+        how = f"decodes up to {cfg.serve.max_batch_size} requests together; new ones join between steps"
+    else:
+        how = f"decodes up to {cfg.serve.max_batch_size} requests together, a batch at a time"
+    log.info("%s (model.family=%s) %s", capabilities.display_name, family.name, how)
     bundle, family = load_inference_bundle(
         state.model_path,
         ckpt,

@@ -288,7 +288,7 @@ def test_the_serve_stage_validates_and_serves_the_family(varied_twin, tmp_path, 
     assert run_stage(serve, cfg, tmp_path / "run", ckpt=None) == {"serve": f"http://127.0.0.1:{port}"}
     assert seen["models"] == [(MODEL, LIMIT)]
     assert seen["answer"].usage.completion_tokens == 3
-    assert "answers one request at a time" in caplog.text
+    assert "decodes up to 8 requests together; new ones join between steps" in caplog.text
 
 
 def test_the_page_learns_the_limit_and_sends_several_images(server, client, tmp_path):

@@ -410,15 +410,16 @@ def test_a_bad_seed_in_a_batch_fails_alone(loaded):
         worker.close()
 
 
-def test_a_bad_seed_fails_alone_where_requests_are_answered_one_at_a_time(family_twin):
+def test_a_bad_seed_fails_alone_where_requests_join_a_running_batch(family_twin):
     family = get_family("qwen2_5_vl")
     bundle = family.load_bundle(str(family_twin("qwen2_5_vl")))
     worker = Worker(family, bundle, max_batch_size=8)
     try:
-        assert worker.max_batch_size == 1
+        assert family.capabilities.continuous_batching and worker.max_batch_size == 8
         prompts = _prompts((bundle, family), 3)
         jobs = [_job(p, seed=seed, sample=True) for p, seed in zip(prompts, (3, -(2**70), 4), strict=True)]
         last = _answer_together(worker, jobs)
+        assert worker.batches[0] == 3
         assert last[1].error is not None and last[1].status == 400 and "seed=" in last[1].error
         assert [event.finish_reason in ("stop", "length") for event in (last[0], last[2])] == [True, True], (
             last

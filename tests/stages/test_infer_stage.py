@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,9 @@ def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, t
     assert rows[1]["history"] == [["What is 2 plus 3?", "the sum"]]
     assert rows[2]["system"] == "Answer briefly."
     assert all(isinstance(row["response"], str) for row in rows)
+    timing = json.loads((tmp_path / "infer" / "timing.json").read_text())  # the load and the generation apart
+    assert set(timing) == {"load_s", "generate_s", "rows"} and timing["rows"] == 3
+    assert timing["load_s"] > 0 and timing["generate_s"] > 0
 
 
 def test_greedy_answers_are_the_same_on_a_second_run(workdir: Path, tmp_path: Path):

@@ -1,17 +1,20 @@
 """The worker: one thread owns the model and answers every request, for every family, streaming each request's
 text back to it as it grows.
 
-A family that batches served requests (capabilities.batches_requests: MiniCPM-V-2) gets every waiting request
-that can share a batch, up to serve.max_batch_size, decoded together step by step by its BatchDecoder (on a
-GPU over its static cache and CUDA graph); after each step the worker hands each request its token and ends
-the batch once every request is finished or gone. Requests share a batch when they decode alike (greedy, or
-sampling with the same temperature and top_p); each keeps its own max_tokens, stop strings and seed, so a
-greedy answer is the one the request gets served alone. Any other family answers one request at a time
-through its streaming generate (Family.stream_tokens), stopped at the token that finishes the request.
+A family that batches served requests (capabilities.batches_requests) gets every waiting request that can
+share a batch, up to serve.max_batch_size, decoded together step by step by its BatchDecoder. Where the family
+batches continuously (capabilities.continuous_batching: the HF-native families), requests that arrive while a
+batch runs join it between two steps, and a request leaves it as soon as it ends, freeing its place; otherwise
+(MiniCPM-V-2: a static cache and CUDA graph on a GPU) a batch runs until every request in it is finished or
+gone, and the requests that came meanwhile form the next one. After each step the worker hands each request
+its token. Requests share a batch when they decode alike (greedy, or sampling with the same temperature and
+top_p); each keeps its own max_tokens, stop strings and seed, so a greedy answer is the one the request gets
+served alone. A family without a batch decoder answers one request at a time through its streaming generate
+(Family.stream_tokens), stopped at the token that finishes the request.
 
 Requests are isolated: one whose own setup fails (its seed) gets its own error and leaves its batch; when a
-batch fails before any request has a token, each of its requests is tried alone, so that only the request at
-fault fails.
+batch (or a group of requests joining one) fails before any of its requests has a token, each of them is tried
+alone, so that only the request at fault fails.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from functools import partial
 
 import torch
 
-from pipeline.families.base import BatchDecoder, Bundle, EncodedPrompt, Family
+from pipeline.families.base import BatchDecoder, Bundle, EncodedPrompt, Family, StepDecoder
 from pipeline.families.generation_settings import GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -157,7 +160,9 @@ class Worker:
         self.max_batch_size = max_batch_size if self.decoder is not None else 1
         self.end_ids = family.end_ids(bundle)
         self.decode: Callable[[list[int]], str] = partial(family.decode, bundle)
-        self.batches: list[int] = []  # the size of every batch taken (for logs and tests)
+        # the number of requests taken together each time: a batch, or a group joining a running batch
+        # (for logs and tests)
+        self.batches: list[int] = []
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of the requests that give none
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()
@@ -208,6 +213,16 @@ class Worker:
             self._pending = rest
         return [job for job in batch if not job.cancelled.is_set()]
 
+    def _take_joining(self, decoding: Decoding, room: int) -> list[Job]:
+        """Returns the waiting jobs that can join a running batch of `decoding` now, oldest first, up to
+        `room`: those before the first waiting job that decodes otherwise (it starts the next batch, so that
+        a stream of alike requests does not keep it waiting)."""
+        taken: list[Job] = []
+        with self._wake:
+            while self._pending and len(taken) < room and self._pending[0].decoding == decoding:
+                taken.append(self._pending.popleft())
+        return [job for job in taken if not job.cancelled.is_set()]
+
     def _run(self) -> None:
         # a new thread starts with OpenMP's default team size, not the caller's setting
         torch.set_num_threads(self._threads)
@@ -217,15 +232,95 @@ class Worker:
                 return
             if not jobs:
                 continue
-            self.batches.append(len(jobs))  # before answering: a request's last event may end a caller's wait
             started = time.perf_counter()
-            self._answer_isolated(jobs)
+            if isinstance(self.decoder, StepDecoder) and self.family.capabilities.continuous_batching:
+                answered = self._run_batch(self.decoder, jobs)
+            else:
+                self.batches.append(len(jobs))  # before answering: a request's last event may end a wait
+                self._answer_isolated(jobs)
+                answered = jobs
             log.info(
                 "%d request(s) answered in %.2f s (%d tokens)",
-                len(jobs),
+                len(answered),
                 time.perf_counter() - started,
-                sum(len(job.ids) for job in jobs),
+                sum(len(job.ids) for job in answered),
             )
+
+    # ----- continuous batching: requests join and leave a running batch between steps
+    def _run_batch(self, decoder: StepDecoder, first: list[Job]) -> list[Job]:
+        """Runs one batch from `first` until no request is left in it, letting waiting requests that decode
+        alike join between steps; returns every request it answered."""
+        decoding = first[0].decoding
+        # the settings' max_new_tokens is unused: each row brings its own
+        decoder.start(decoding.settings(max(job.max_new_tokens for job in first)))
+        active: dict[int, Job] = {}
+        answered: list[Job] = []
+        joining = first
+        try:
+            while joining or active:
+                if joining:
+                    self.batches.append(len(joining))
+                    answered += joining
+                    self._join(decoder, joining, active)
+                if not active:
+                    break
+                try:
+                    chosen = decoder.step()
+                except Exception as exc:
+                    log.exception("generation failed for %d request(s)", len(active))
+                    for job in active.values():
+                        _fail(job, f"generation failed: {type(exc).__name__}: {exc}")
+                    return answered
+                for row, token in chosen.items():
+                    if not active[row].done:
+                        advance_job(active[row], token, self.end_ids, self.decode)
+                in_batch = set(decoder.rows)
+                for row, job in list(active.items()):
+                    if row not in in_batch and not job.done:  # the decoder ended it at its max_new_tokens
+                        finish_job(job, "length", self.decode)
+                    if job.done:
+                        del active[row]
+                decoder.drop([row for row in in_batch if row not in active])
+                joining = (
+                    [] if self._stopping else self._take_joining(decoding, self.max_batch_size - len(active))
+                )
+        finally:
+            decoder.start(decoding.settings(1))  # the cache goes with the rows
+        return answered
+
+    def _join(self, decoder: StepDecoder, jobs: list[Job], active: dict[int, Job]) -> None:
+        """Adds `jobs` to the running batch (each in `active` under its row id); when they fail to join
+        together, each is tried alone, and a request that fails alone gets its own error."""
+        seeds: list[int | None] = [None] * len(jobs)
+        if jobs[0].decoding.do_sample:
+            jobs, sampled = self._seeded(jobs)
+            seeds = list(sampled)
+            if not jobs:
+                return
+        try:
+            rows = decoder.add([job.prompt for job in jobs], [job.max_new_tokens for job in jobs], seeds)
+        except Exception as exc:
+            if len(jobs) > 1:
+                log.warning("%d requests failed to join the batch (%s); adding each alone", len(jobs), exc)
+                for job, seed in zip(jobs, seeds, strict=True):
+                    self._join_alone(decoder, job, seed, active)
+                return
+            log.exception("a request failed to join the batch")
+            _fail(jobs[0], f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        active.update(zip(rows, jobs, strict=True))
+
+    def _join_alone(self, decoder: StepDecoder, job: Job, seed: int | None, active: dict[int, Job]) -> None:
+        self.batches.append(1)
+        try:
+            (row,) = decoder.add([job.prompt], [job.max_new_tokens], [seed])
+        except Exception as exc:
+            log.exception("a request failed to join the batch")
+            _fail(job, f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        active[row] = job
+
+    # ----- batches that run to their end
 
     def _answer_isolated(self, jobs: list[Job]) -> None:
         """Answers `jobs`, failing only the requests at fault: a batch that fails before any of its requests
