@@ -127,6 +127,17 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
 
 
 FAMILY_SETTINGS: dict[str, tuple[str, list[str], str]] = _family_settings()
+# QLoRA (issue rows): Qwen2.5-VL-7B LoRA-qkv on a 4-bit base in trainer=low_memory against the bf16 base in the
+# same regime, and the 3B's nf4 row beside its bf16 default
+FAMILY_OF = {"qwen2_5_vl_7b": "qwen2_5_vl"}
+LOW_MEMORY = ["+experiment=lora_qkv", "trainer=low_memory"]
+FAMILY_SETTINGS.update(
+    {
+        "qwen2_5_vl_7b_qkv_nf4": ("qwen2_5_vl_7b", [*LOW_MEMORY, "model.quantization=nf4"], "coco"),
+        "qwen2_5_vl_7b_qkv_bf16": ("qwen2_5_vl_7b", LOW_MEMORY, "coco"),
+        "qwen2_5_vl_qkv_nf4": ("qwen2_5_vl", ["+experiment=lora_qkv", "model.quantization=nf4"], "coco"),
+    }
+)
 
 
 def experiment_of(overrides: list[str]) -> str:
@@ -210,6 +221,22 @@ def _qwen2_5_vl_3b(tokenizer, end: int):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tiny_ids(tokenizer)), processor
 
 
+def _qwen2_5_vl_7b(tokenizer, end: int):
+    """Qwen2.5-VL-7B-Instruct's published sizes (8.3 B parameters: Qwen2.5-7B's language model, the 3B's vision
+    tower projecting to 3584) and its image processor (QLoRA's bench rows)."""
+    from transformers import Qwen2_5_VLConfig
+
+    config, processor = _qwen2_5_vl_3b(tokenizer, end)
+    text = _qwen_text(
+        end, tokenizer.pad_token_id, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )  # fmt: skip
+    vision = config.vision_config.to_dict()
+    vision["out_hidden_size"] = 3584
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tiny_ids(tokenizer)), processor
+
+
 def _qwen3_vl_4b(tokenizer, end: int):
     """Qwen3-VL-4B-Instruct's sizes (Qwen3-4B's language model; a 24-layer, 1024-wide tower with patch 16
     and deepstack from layers 5, 11, 17) and its image processor."""
@@ -279,6 +306,7 @@ def tiny_ids(tokenizer) -> dict:
 # family -> (its config in conf/model/, the writer of its real sizes)
 FAMILY_MODELS = {
     "qwen2_5_vl": ("qwen2_5_vl_3b", _qwen2_5_vl_3b),
+    "qwen2_5_vl_7b": ("qwen2_5_vl_7b", _qwen2_5_vl_7b),
     "qwen3_vl": ("qwen3_vl_4b", _qwen3_vl_4b),
     "minicpm_v4_6": ("minicpm_v4_6", _minicpm_v4_6),
 }
@@ -293,7 +321,7 @@ def write_family_model(folder: Path, family_name: str, tiny: bool) -> Path:
     from pipeline.families.checkpoints import MODEL_CONFIG
     from pipeline.families.tiny_tokenizer import train_bpe_tokenizer
 
-    family = get_family(family_name)
+    family = get_family(FAMILY_OF.get(family_name, family_name))
     if (folder / MODEL_CONFIG).is_file():
         return folder
     if tiny:
@@ -489,7 +517,7 @@ def family_flops(
 
     from pipeline.families import get_family
 
-    family = get_family(family_name)
+    family = get_family(FAMILY_OF.get(family_name, family_name))
     config, processor = AutoConfig.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
     return family_row_flops(family, config, processor, rows, checkpointing, mode)
 
@@ -515,7 +543,7 @@ def run_family_setting(
     (written when absent) and `rows`; returns its result row (`sft_metrics` with the family's FLOPs)."""
     family, overrides, variant = FAMILY_SETTINGS[name]
     folder = write_family_model(work / f"{family}_random", family, tiny)
-    model = f"model={family}_tiny" if tiny else f"model={FAMILY_MODELS[family][0]}"
+    model = f"model={FAMILY_OF.get(family, family)}_tiny" if tiny else f"model={FAMILY_MODELS[family][0]}"
     cpu = ["device=cpu"] if tiny else []
     sft_args = [model, f"model.path={folder}", *cpu, *COMMON, *overrides, *sft_run(rows, steps)]
     sample_rows = [json.loads(line) for line in rows.read_text().splitlines()[:64]]

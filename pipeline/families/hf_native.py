@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -393,9 +394,19 @@ class HFNativeFamily(Family):
     # batches of similar lengths reuse one compiled step (and one cache) instead of compiling their own
     static_cache_multiple: ClassVar[int] = 256
 
-    def decodes_static(self, device: torch.device) -> bool:
-        """Returns whether generate_batch decodes over a compiled static cache on `device` (static_decode)."""
+    def decodes_static(self, device: torch.device, model: nn.Module | None = None) -> bool:
+        """Returns whether generate_batch decodes over a compiled static cache on `device` (static_decode):
+        never for a quantized base (bitsandbytes' layers run eagerly) nor after the compiled decode failed
+        once in this process (static_decode_failed)."""
+        if self.static_decode_failed or (model is not None and getattr(model, "is_loaded_in_4bit", False)):
+            return False
+        if model is not None and getattr(model, "is_loaded_in_8bit", False):
+            return False
         return device.type == "cuda" if self.static_decode is None else self.static_decode
+
+    # set when the compiled static-cache decode raised: the rest of the process decodes eagerly (a warning
+    # says why), so that an eval or an infer run is never lost to the compiler
+    static_decode_failed: ClassVar[bool] = False
 
     @torch.no_grad()
     def generate(
@@ -808,13 +819,32 @@ class HFNativeFamily(Family):
         if settings.do_sample and generator is not None:
             seed = int(torch.randint(2**62, (1,), generator=generator))
         device = self.device_of(bundle)
+        static = self.decodes_static(device, bundle.core)
+        if static:
+            try:
+                with seeded_sampling(seed, device):
+                    return self.generate(
+                        bundle.model,
+                        bundle.processor,
+                        batch,
+                        max_new_tokens=settings.max_new_tokens,
+                        static=True,
+                        **generate_options(settings),
+                    )
+            except Exception as error:  # noqa: BLE001 - the compiler's failures have many types
+                type(self).static_decode_failed = True
+                warnings.warn(
+                    f"{self.name}: the compiled static-cache decode failed ({type(error).__name__}: {error}); "
+                    "decoding with transformers' dynamic cache from now on",
+                    stacklevel=2,
+                )
         with seeded_sampling(seed, device):
             return self.generate(
                 bundle.model,
                 bundle.processor,
                 batch,
                 max_new_tokens=settings.max_new_tokens,
-                static=self.decodes_static(device),
+                static=False,
                 **generate_options(settings),
             )
 
