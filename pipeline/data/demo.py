@@ -182,19 +182,15 @@ PRETRAIN_TASKS = {
 
 
 def _pair_row(kind: str):
-    """A demo question whose chosen answer is the sentence with the image's colour; the rejected one is the
-    bare colour (the pre-trained twin's habit) on even rows, the sentence with another colour on odd ones."""
+    """A demo question whose chosen answer is the sentence with the image's colour, and the rejected one the
+    same sentence with another colour (a hallucination, as RLAIF-V's rejected answers are)."""
     ask = DEMO_TASKS[kind]
 
     def make(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
         row, image = ask(rng, index)
         color = row["response"].removeprefix("The colour is ").removesuffix(".")
-        if index % 2 == 0:
-            rejected = color
-        else:
-            other = rng.choice([name for name in COLORS if name != color])
-            rejected = describe_colour(Scene("text", other, 1))
-        return {**row, "rejected_response": rejected}, image
+        other = rng.choice([name for name in COLORS if name != color])
+        return {**row, "rejected_response": describe_colour(Scene("text", other, 1))}, image
 
     return make
 

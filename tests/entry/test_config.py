@@ -110,7 +110,9 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     settings = plan_of(cfg).loop
     assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
-    assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s not in ("dpo", "serve")]  # those only when asked
+    assert cfg.seed == 42 and list(cfg.stages) == [
+        s for s in STAGES if s not in ("dpo", "serve")
+    ]  # those only when asked
 
 
 def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(compose, monkeypatch):
