@@ -250,7 +250,7 @@ def test_unknown_group_choice_lists_the_real_options(compose):
 
 def test_unknown_stage_names_valid_stages(compose):
     cfg = compose(["stages=[sft,bogus]"])
-    with pytest.raises(ConfigError, match="'bogus'.*sft, eval, merge, infer"):
+    with pytest.raises(ConfigError, match="'bogus'.*sft, dpo, eval, merge, infer"):
         validate(cfg)
 
 
