@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests on the tiny twin, then bench rows. Usage (on the GPU machine, project root):
-#   bash bench/gpu_session.sh tests|kernels|train CASES...|infer|entry SETTINGS...|serve [ARGS]|gen [ARGS]|peers [ARGS]
+#   bash bench/gpu_session.sh tests|kernels|train CASES...|infer|entry SETTINGS...|serve [ARGS]|gen [ARGS]|peers [ARGS]|dpo [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
@@ -32,4 +32,10 @@ case $what in
     done
     PEERS_TRL=$PWD/.peers/trl PEERS_SWIFT=$PWD/.peers/swift python3 -m bench.peers --out "$OUT" --work /tmp/entry-work \
       --timeout "${SETTING_TIMEOUT:-200}" "$@" ;;
+  # DPO (LoRA-qkv) through python -m pipeline +experiment=dpo beside TRL's DPOTrainer (bench/dpo_bench.py);
+  # TRL's wheels as for peers
+  dpo)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target .peers/trl .peers_whl/trl/*.whl || exit 1
+    PEERS_TRL=$PWD/.peers/trl python3 -m bench.dpo_bench --out "$OUT" --work /tmp/entry-work \
+      --timeout "${SETTING_TIMEOUT:-900}" "$@" ;;
 esac

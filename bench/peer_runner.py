@@ -1,5 +1,5 @@
 """One peer trainer's run, in its own process and on its own packages: TRL's `SFTTrainer` or ms-swift's
-`swift sft`, called in this process on a model folder and rows written by bench/entry_bench.py, so that this
+`swift sft` (bench/peers.py), or TRL's `DPOTrainer` (bench/dpo_bench.py), called in this process on a model folder and rows written by bench/entry_bench.py, so that this
 process can time the optimizer steps and read the peak GPU memory.
 
     python -m bench.peer_runner SPEC.json      # SPEC written by bench/peers.py; the result goes to spec["out"]
@@ -171,6 +171,79 @@ def run_trl(spec: dict, result: dict[str, Any]) -> None:
     trainer.train()
 
 
+# ----- TRL's DPO
+def run_trl_dpo(spec: dict, result: dict[str, Any]) -> None:
+    """DPOTrainer on pairs in TRL's conversational vision layout (prompt with an image part, chosen, rejected,
+    images) with a PEFT LoRA config: its reference is the model with the adapter disabled, as ours."""
+    from datasets import Dataset, Image, List
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    settings = spec["settings"]
+
+    def answer(text: str) -> list[dict]:
+        return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": row["query"]}],
+                    }
+                ],
+                "chosen": answer(row["response"]),
+                "rejected": answer(row["rejected_response"]),
+                "images": row["images"],
+            }
+            for row in read_rows(spec)
+        ]
+    ).cast_column("images", List(Image()))
+    dtype = torch.float32 if spec["tiny"] else torch.bfloat16
+    model = AutoModelForImageTextToText.from_pretrained(
+        spec["model"], dtype=dtype, attn_implementation=settings["attn_implementation"]
+    )
+    processor = AutoProcessor.from_pretrained(spec["model"])
+    lora = spec["lora"]
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_regex"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    config = DPOConfig(
+        output_dir=str(Path(spec["work"]) / "output"),
+        max_steps=spec["steps"],
+        beta=settings["beta"],
+        loss_type=settings["loss_type"],
+        per_device_train_batch_size=settings["per_device_train_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        bf16=not spec["tiny"],
+        use_cpu=spec["tiny"],
+        max_length=settings["max_length"],
+        learning_rate=settings["learning_rate"],
+        weight_decay=settings["weight_decay"],
+        warmup_steps=settings["warmup_steps"],
+        lr_scheduler_type=settings["lr_scheduler_type"],
+        max_grad_norm=settings["max_grad_norm"],
+        dataloader_num_workers=0 if spec["tiny"] else settings["dataloader_num_workers"],
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=peft_config
+    )
+    trainer.train()
+
+
 # ----- ms-swift
 def swift_dataset(spec: dict) -> Path:
     """Writes the rows as ms-swift's jsonl: `messages` with an `<image>` tag in the user turn, and `images`."""
@@ -249,8 +322,8 @@ def run_swift(spec: dict, result: dict[str, Any]) -> None:
     sft_main(result["arguments"])
 
 
-RUNNERS = {"trl": run_trl, "swift": run_swift}
-VERSIONS = {"trl": "trl", "swift": "ms-swift"}
+RUNNERS = {"trl": run_trl, "trl_dpo": run_trl_dpo, "swift": run_swift}
+VERSIONS = {"trl": "trl", "trl_dpo": "trl", "swift": "ms-swift"}
 
 
 def versions(peer: str) -> dict[str, str]:

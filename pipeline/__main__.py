@@ -1,6 +1,7 @@
 """Entry point: `python -m pipeline [overrides]` composes the config and runs the stages in one run folder.
 
     python -m pipeline +experiment=lora_qkv                       # sft -> eval -> merge -> infer
+    python -m pipeline +experiment=dpo ckpt=outputs/lora_qkv/<time>  # dpo on pairs -> eval -> merge -> infer
     python -m pipeline -m +experiment=lora_qkv lora.r=8,16        # a sweep: one run folder per job
     python -m pipeline stages=[eval] ckpt=outputs/<exp>/<time>/sft/checkpoint-40
 
@@ -49,6 +50,7 @@ from pipeline.distributed import (
 )
 from pipeline.runinfo import (
     LOG_FILE,
+    REUSED_SECTIONS,
     adopt_earlier_run,
     collect_run_info,
     now_iso,
@@ -56,6 +58,7 @@ from pipeline.runinfo import (
     update_run_info,
     write_run_start,
 )
+from pipeline.stage_names import TRAINING_STAGES
 from pipeline.stages import StageFn, get_stage
 from pipeline.stages.state import RunState
 from pipeline.sweep import record_job, sweep_group_name
@@ -160,7 +163,9 @@ def prepare_run(
     earlier = None
     ckpt = cfg.ckpt if cfg.ckpt is not None else cfg.infer.ckpt
     if "sft" not in cfg.stages and ckpt not in (None, BASE_CKPT):
-        earlier = adopt_earlier_run(cfg, ckpt, overrides)
+        # dpo trains on the earlier run's weights (its model and tuning), on its own pairs
+        sections = ("model", "lora") if "dpo" in cfg.stages else REUSED_SECTIONS
+        earlier = adopt_earlier_run(cfg, ckpt, overrides, sections)
     validate(cfg)
     if reads_dataset(cfg):
         from pipeline.data.prepare import check_dataset  # the data code loads only when a run needs it
@@ -175,10 +180,11 @@ def prepare_run(
 
 
 def reads_dataset(cfg: DictConfig) -> bool:
-    """Return True when a stage of the run reads the configured dataset (sft, eval, infer over its split)."""
+    """Return True when a stage of the run reads the configured dataset (sft, dpo, eval, infer over its
+    split)."""
     stages = set(cfg.stages)
     infer_split = "infer" in stages and cfg.infer.input is None and not cfg.infer.interactive
-    return bool(stages & {"sft", "eval"}) or infer_split
+    return bool(stages & {*TRAINING_STAGES, "eval"}) or infer_split
 
 
 def _run_on_other_process(cfg: DictConfig, run_dir: Path, stages: list[tuple[str, StageFn]]) -> None:

@@ -25,7 +25,14 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pipeline.families import DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import GenerationSettings
-from pipeline.stage_names import GENERATION_METRICS, LOSS_METRICS, STAGES
+from pipeline.stage_names import (
+    DEFAULT_STAGES,
+    GENERATION_METRICS,
+    LOSS_METRICS,
+    PREFERENCE_METRICS,
+    STAGES,
+    TRAINING_STAGES,
+)
 from pipeline.utils.secrets import REDACTED
 
 if TYPE_CHECKING:
@@ -163,6 +170,24 @@ class TrainerConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """The dpo stage's objective (ms-swift's `swift rlhf` names and defaults)."""
+
+    # sigmoid (DPO) | ipo (IPO, on the answers' mean token log-probabilities) | simpo (SimPO, reference-free)
+    loss_type: str = "sigmoid"
+    beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo
+    # weight of an SFT term on the chosen answer (its mean token negative log-likelihood), as RLAIF-V mixes
+    # it in; None = none
+    rpo_alpha: float | None = None
+    label_smoothing: float = 0.0  # sigmoid and simpo: the share of pairs taken as mislabelled (cDPO)
+    simpo_gamma: float = 1.0  # simpo: the target reward margin
+    # where the reference log-probabilities come from: auto = the same weights with the adapter disabled when
+    # a new LoRA adapter trains, else (full fine-tuning, or training on from an SFT adapter) computed once
+    # before training and cached in the run folder; no_adapter; cached. simpo needs none.
+    reference: str = "auto"
+
+
+@dataclass
 class EvalConfig:
     objective: str = "eval_loss"  # a metric name written by eval; what sweeps optimise
     direction: str = "minimize"
@@ -250,11 +275,14 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    # an ordered subset of sft, eval, merge, infer, serve; serve runs until stopped, so only when listed
-    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "serve"])
+    # an ordered subset of sft, dpo, eval, merge, infer, serve; dpo (preference pairs) and serve (runs until
+    # stopped) only when listed
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = 42
     experiment_name: str = "default"
-    ckpt: str | None = None  # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"
+    # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"; dpo: the weights it starts from
+    # (None = the base model)
+    ckpt: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_root: str = "outputs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -262,6 +290,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     infer: InferConfig = field(default_factory=InferConfig)
@@ -287,7 +316,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.family": tuple(FAMILIES),
     "lora.name": (*LORA_PRESETS, "none"),
     "lora.bias": ("none", "all", "lora_only"),
-    "dataset.name": ("demo", "custom", "hf", "coco_en_2_mini"),
+    "dataset.name": ("demo", "demo_pairs", "custom", "hf", "coco_en_2_mini"),
     "dataset.truncation": TRUNCATION_POLICIES,
     "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
@@ -300,6 +329,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.compile": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "preference.loss_type": ("sigmoid", "ipo", "simpo"),
+    "preference.reference": ("auto", "no_adapter", "cached"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
@@ -334,6 +365,10 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.micro_batch_tokens", 0, None),
     ("trainer.profile_steps", 0, None),
     ("trainer.max_eval_samples", 1, None),
+    ("preference.beta", 1e-6, None),
+    ("preference.rpo_alpha", 0.0, None),
+    ("preference.label_smoothing", 0.0, 0.5),
+    ("preference.simpo_gamma", 0.0, None),
     ("eval.max_samples", 1, None),
     ("eval.batch_size", 1, None),
     ("eval.max_new_tokens", 1, None),
@@ -562,8 +597,14 @@ def _check_ckpt(tree: dict) -> list[str]:
     ckpt = tree["ckpt"]
     lora = tree["lora"]["name"]
     problems = []
-    if "sft" in stages:
-        if ckpt is not None:
+    training = [s for s in stages if s in TRAINING_STAGES]
+    if len(training) > 1:
+        return [
+            f"stages={_show_list(stages)} lists both sft and dpo; run sft first, then dpo from its run: "
+            "+experiment=dpo ckpt=<the sft run folder>"
+        ]
+    if training:
+        if "sft" in stages and ckpt is not None:
             problems.append(
                 f"ckpt={ckpt} is only read when sft does not run; to continue training set "
                 "trainer.resume=<checkpoint>, to start from other weights set model.path"
@@ -573,6 +614,10 @@ def _check_ckpt(tree: dict) -> list[str]:
                 "stages includes merge but lora=none (full fine-tuning) has no adapter to merge; "
                 "drop merge from stages"
             )
+        if "dpo" in stages:
+            problems += _check_preference(tree)
+            if ckpt not in (None, BASE_CKPT) and not Path(ckpt).exists():
+                problems.append(f"ckpt={ckpt} does not exist; give an sft checkpoint folder or run folder")
         return problems
     infer_only = stages == ["infer"] and tree["infer"]["ckpt"] is not None
     needs_ckpt = [s for s in stages if s in ("eval", "merge", "infer", "serve")]
@@ -592,6 +637,17 @@ def _check_ckpt(tree: dict) -> list[str]:
     return problems
 
 
+def _check_preference(tree: dict) -> list[str]:
+    """The dpo stage's objective: a reference the tuning mode can give."""
+    preference = tree["preference"]
+    if preference["reference"] == "no_adapter" and tree["lora"]["name"] == "none":
+        return [
+            "preference.reference=no_adapter needs a LoRA adapter to disable; with lora=none (full fine-tuning) "
+            "the reference log-probabilities are cached before training (preference.reference=auto or cached)"
+        ]
+    return []
+
+
 def _check_model(tree: dict) -> list[str]:
     model = tree["model"]
     path = Path(str(model["path"])).expanduser()
@@ -609,7 +665,7 @@ def _check_model(tree: dict) -> list[str]:
 
 def _check_dataset(tree: dict) -> list[str]:
     data = tree["dataset"]
-    uses_data = any(s in tree["stages"] for s in ("sft", "eval", "infer"))
+    uses_data = any(s in tree["stages"] for s in (*TRAINING_STAGES, "eval", "infer"))
     problems = []
     if uses_data and data["name"] == "custom" and not data["path"] and not data["sources"]:
         problems.append(
@@ -667,11 +723,12 @@ def _check_family(tree: dict) -> list[str]:
         problems.append(f"model.processor_kwargs: {err}")
     # What only some families can do: refused before any work starts, naming the families that can.
     uses = set(tree["stages"])
+    trains = bool(uses & set(TRAINING_STAGES))
     needs = [
-        ("trainer.compile=true", "compiles", "sft" in uses and tree["trainer"]["compile"] is True),
-        ("trainer.packing=true", "packs", "sft" in uses and tree["trainer"]["packing"] is True),
+        ("trainer.compile=true", "compiles", trains and tree["trainer"]["compile"] is True),
+        ("trainer.packing=true", "packs", trains and tree["trainer"]["packing"] is True),
         ("dataset.truncation=truncate", "truncates", tree["dataset"]["truncation"] != "delete"),
-        ("model.fused_kernels=liger", "fuses_kernels", "sft" in uses and model["fused_kernels"] == "liger"),
+        ("model.fused_kernels=liger", "fuses_kernels", trains and model["fused_kernels"] == "liger"),
         (
             f"model.linear_attention={model['linear_attention']}",
             "linear_attention",
@@ -680,7 +737,7 @@ def _check_family(tree: dict) -> list[str]:
         (
             f"trainer.patch_weight={tree['trainer']['patch_weight']}",
             "counts_patches",
-            "sft" in uses and tree["trainer"]["patch_weight"] not in ("auto", 0, 0.0),
+            trains and tree["trainer"]["patch_weight"] not in ("auto", 0, 0.0),
         ),
     ]
     for what, can, used in needs:
@@ -700,9 +757,11 @@ def objective_problems(objective: str, generate: bool, written: Collection[str] 
         if objective in written:
             return []
         hint = " (written only when some reference holds a number)" if objective == "numeric_accuracy" else ""
+        if objective in PREFERENCE_METRICS:
+            hint = " (written only when the held-out rows are preference pairs)"
         wrote = ", ".join(sorted(written))
         return [f"eval.objective={objective} is not among the metrics eval wrote: {wrote}{hint}"]
-    available = LOSS_METRICS + (GENERATION_METRICS if generate else ())
+    available = LOSS_METRICS + (GENERATION_METRICS if generate else ()) + PREFERENCE_METRICS
     if objective in available:
         return []
     hint = " (generation metrics need eval.generate=true)" if objective in GENERATION_METRICS else ""

@@ -20,9 +20,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError
+from pipeline.stage_names import TRAINING_STAGES
 
 # stages that run on every process (they synchronise through accelerate); the others run on rank 0 only
-DISTRIBUTED_STAGES = frozenset({"sft"})
+DISTRIBUTED_STAGES = frozenset(TRAINING_STAGES)
 # the same variables accelerate reads, so both agree on who is who (torchrun, then MPI launchers)
 RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")

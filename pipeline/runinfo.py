@@ -190,20 +190,22 @@ def _read_pointer(pointer: Path) -> Path | None:
 
 
 def resolve_ckpt(path: str | os.PathLike) -> Path:
-    """Return the checkpoint folder meant by `path`: itself, or for a run folder sft/best (else sft/last)."""
+    """Return the checkpoint folder meant by `path`: itself, or for a run folder the best (else last)
+    checkpoint of its training stage (dpo/, else sft/)."""
     given = Path(path).expanduser()
     if not given.exists():
         raise FileNotFoundError(
             f"checkpoint {given} does not exist; give a checkpoint folder or a run folder"
         )
-    if (given / "sft").is_dir():
+    stage = next((name for name in ("dpo", "sft") if (given / name).is_dir()), None)
+    if stage is not None:
         for name in ("best", "last"):
-            target = _read_pointer(given / "sft" / name)
+            target = _read_pointer(given / stage / name)
             if target is not None:
                 return target
         raise FileNotFoundError(
-            f"run folder {given} has no sft/best or sft/last checkpoint; "
-            f"point ckpt at {given}/sft/checkpoint-N"
+            f"run folder {given} has no {stage}/best or {stage}/last checkpoint; "
+            f"point ckpt at {given}/{stage}/checkpoint-N"
         )
     return given.resolve()
 
@@ -218,18 +220,25 @@ def overridden_sections(overrides: Iterable[str]) -> set[str]:
     return touched
 
 
-def adopt_earlier_run(cfg: DictConfig, ckpt: str | os.PathLike, overrides: Iterable[str]) -> Path | None:
-    """Return the earlier run folder of `ckpt` after copying its model and dataset sections into `cfg`.
+def adopt_earlier_run(
+    cfg: DictConfig,
+    ckpt: str | os.PathLike,
+    overrides: Iterable[str],
+    sections: Sequence[str] = REUSED_SECTIONS,
+) -> Path | None:
+    """Return the earlier run folder of `ckpt` after copying its `sections` (model and dataset) into `cfg`.
 
     Like ms-swift's --load_dataset_config, a checkpoint evaluated or served on its own keeps the data split
     and base model it was trained with; a section the user overrides on the command line is left as given.
+    dpo from an sft run takes that run's model and lora sections (it trains on the sft adapter), not its
+    data.
     """
     run_dir = find_run_dir(ckpt)
     if run_dir is None:
         return None
     earlier = OmegaConf.load(run_dir / CONFIG_FILE)
     skip = overridden_sections(overrides)
-    for section in REUSED_SECTIONS:
+    for section in sections:
         if section in skip or section not in earlier:
             continue
         try:

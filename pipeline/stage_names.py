@@ -5,8 +5,14 @@ The stage registry (pipeline.stages) and the eval stage read them from here, so 
 
 from __future__ import annotations
 
-STAGES: tuple[str, ...] = ("sft", "eval", "merge", "infer", "serve")
+STAGES: tuple[str, ...] = ("sft", "dpo", "eval", "merge", "infer", "serve")
+# the stages that train (every process of a multi-process run takes part); a run holds at most one of them
+TRAINING_STAGES: tuple[str, ...] = ("sft", "dpo")
+# what a run does when `stages` is not given: dpo only when asked (+experiment=dpo), serve runs until stopped
+DEFAULT_STAGES: tuple[str, ...] = ("sft", "eval", "merge", "infer")
 
 LOSS_METRICS: tuple[str, ...] = ("eval_loss", "perplexity", "token_acc")
 # numeric_accuracy is only written when some reference holds a number
 GENERATION_METRICS: tuple[str, ...] = ("bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy")
+# written when the held-out rows are preference pairs (a chosen and a rejected answer)
+PREFERENCE_METRICS: tuple[str, ...] = ("pref_accuracy", "pref_margin")

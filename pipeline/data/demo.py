@@ -1,17 +1,19 @@
-"""The bundled demo set and the tiny twin's pre-training set: small generated images with short answers.
+"""The bundled demo sets and the tiny twin's pre-training set: small generated images with short answers.
 
-Both are drawn from the same kind of image (one to four shapes of one kind and colour, or one digit) and ask
+All are drawn from the same kind of image (one to four shapes of one kind and colour, or one digit) and ask
 about what the image shows, so every answer depends on the image. They differ in what they ask and how the
 answer is worded:
 
-- pre-training (``generate_pretrain``): four separate questions with one-word answers: the colour (``red``),
-  the count (``3``), the kind (``circle``), the digit (``7``);
-- the demo set (``generate_demo``), the fine-tuning task: a description that combines count, colour and kind
-  in one sentence (``3 red circles.``), and the digit in a sentence (``The digit is 7.``).
+- pre-training (``generate_pretrain``): the colour as one word (``red``), and, from text alone, the sentence
+  ``The colour is red.``;
+- the demo set (``generate_demo``), the fine-tuning task: the colour of the image in that sentence;
+- the preference demo set (``generate_demo_pairs``), for dpo: the same question, the sentence with the right
+  colour chosen, and rejected either the bare colour (what the pre-trained twin answers) or the sentence with
+  another colour (a hallucination).
 
-Regenerate the demo folder with ``python -m pipeline.data.demo [--out DIR] [--n N] [--force]``. Everything is
-drawn with PIL primitives and PIL's built-in bitmap font from a fixed seed, so both sets are identical on
-every machine.
+Regenerate a demo folder with ``python -m pipeline.data.demo [--pairs] [--out DIR] [--n N] [--force]``.
+Everything is drawn with PIL primitives and PIL's built-in bitmap font from a fixed seed, so every set is
+identical on every machine.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from pipeline.utils.io import file_mode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEMO_DIR = REPO_ROOT / "data" / "demo"
+DEFAULT_PAIRS_DIR = REPO_ROOT / "data" / "demo_pairs"
 DEFAULT_ROWS = 240
 SEED = 20240501
+PAIRS_SEED = 20240502
 VERSION = 2  # bump whenever the generated content changes, so old folders are regenerated
 
 COLORS = {
@@ -177,6 +181,23 @@ PRETRAIN_TASKS = {
 }
 
 
+def _pair_row(kind: str):
+    """A demo question whose chosen answer is the sentence with the image's colour, and the rejected one the
+    same sentence with another colour (a hallucination, as RLAIF-V's rejected answers are)."""
+    ask = DEMO_TASKS[kind]
+
+    def make(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
+        row, image = ask(rng, index)
+        color = row["response"].removeprefix("The colour is ").removesuffix(".")
+        other = rng.choice([name for name in COLORS if name != color])
+        return {**row, "rejected_response": describe_colour(Scene("text", other, 1))}, image
+
+    return make
+
+
+PAIR_TASKS = {kind: _pair_row(kind) for kind in DEMO_TASKS}
+
+
 def _generate(
     n: int, seed: int, tasks: dict, cycle: tuple[str, ...]
 ) -> tuple[list[dict], dict[str, Image.Image]]:
@@ -197,6 +218,14 @@ def _generate(
 def generate_demo(n: int = DEFAULT_ROWS, seed: int = SEED) -> tuple[list[dict], dict[str, Image.Image]]:
     """Return the demo rows (custom format, image paths relative to the folder) and their images by path."""
     return _generate(n, seed, DEMO_TASKS, CYCLE)
+
+
+def generate_demo_pairs(
+    n: int = DEFAULT_ROWS, seed: int = PAIRS_SEED
+) -> tuple[list[dict], dict[str, Image.Image]]:
+    """Return the preference demo rows (ms-swift's pair format: query, response = the chosen answer,
+    rejected_response, images) and their images by path."""
+    return _generate(n, seed, PAIR_TASKS, CYCLE)
 
 
 def generate_pretrain(n: int, seed: int) -> tuple[list[dict], dict[str, Image.Image]]:
@@ -222,13 +251,13 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def is_complete(folder: Path, n: int = DEFAULT_ROWS) -> bool:
-    """Return True when folder holds a finished demo set of this version and size, every file intact."""
+def is_complete(folder: Path, n: int = DEFAULT_ROWS, seed: int = SEED) -> bool:
+    """Return True when folder holds a finished demo set of this version, seed and size, every file intact."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if manifest.get("version") != VERSION or manifest.get("n") != n or manifest.get("seed") != SEED:
+    if manifest.get("version") != VERSION or manifest.get("n") != n or manifest.get("seed") != seed:
         return False
     files = manifest.get("files") or {}
     return "train.jsonl" in files and all(
@@ -242,9 +271,19 @@ def ensure_demo(folder: Path | None = None, n: int = DEFAULT_ROWS, *, force: boo
     Every file is written atomically and the manifest last, so an interrupted run is redone next time.
     """
     folder = Path(folder) if folder is not None else DEFAULT_DEMO_DIR
-    if not force and is_complete(folder, n):
+    return _ensure(folder, n, force, SEED, generate_demo)
+
+
+def ensure_demo_pairs(folder: Path | None = None, n: int = DEFAULT_ROWS, *, force: bool = False) -> Path:
+    """Return the preference demo folder (data/demo_pairs), written like ensure_demo's unless complete."""
+    folder = Path(folder) if folder is not None else DEFAULT_PAIRS_DIR
+    return _ensure(folder, n, force, PAIRS_SEED, generate_demo_pairs)
+
+
+def _ensure(folder: Path, n: int, force: bool, seed: int, generate: Callable[[int], tuple]) -> Path:
+    if not force and is_complete(folder, n, seed):
         return folder
-    rows, images = generate_demo(n)
+    rows, images = generate(n)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     files = {}
     for name, image in images.items():
@@ -259,7 +298,7 @@ def ensure_demo(folder: Path | None = None, n: int = DEFAULT_ROWS, *, force: boo
             stale.unlink()  # left by an earlier, larger set
     manifest = {
         "version": VERSION,
-        "seed": SEED,
+        "seed": seed,
         "n": n,
         "content_hash": content_hash(rows, images),
         "files": files,
@@ -288,14 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     """Generate (or confirm) the demo set from the command line."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.data.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_DEMO_DIR, help="folder to write (default: data/demo)"
+        "--out", type=Path, default=None, help="folder to write (default: data/demo, or data/demo_pairs)"
     )
+    parser.add_argument("--pairs", action="store_true", help="the preference demo set (dpo) instead")
     parser.add_argument("--n", type=int, default=DEFAULT_ROWS, help="number of rows (default: 240)")
     parser.add_argument("--force", action="store_true", help="rewrite even when the folder is complete")
     args = parser.parse_args(argv)
-    folder = ensure_demo(args.out, args.n, force=args.force)
+    ensure = ensure_demo_pairs if args.pairs else ensure_demo
+    folder = ensure(args.out, args.n, force=args.force)
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    print(f"demo set: {folder / 'train.jsonl'} ({args.n} rows, content hash {manifest['content_hash'][:16]})")
+    what = "preference demo set" if args.pairs else "demo set"
+    print(f"{what}: {folder / 'train.jsonl'} ({args.n} rows, content hash {manifest['content_hash'][:16]})")
 
 
 if __name__ == "__main__":

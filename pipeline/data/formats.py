@@ -12,6 +12,9 @@ Each record is recognised by its keys (the first match wins, in this order):
                      "images": [...]}     query = instruction, or instruction + "\\n" + input when input is given
     query/response  {"query": ..., "response": ..., "history": [[q, a], ...], "images": [...], "system": ...}
 
+Preference pairs (pipeline/data/pairs.py) add a rejected answer to these: ``rejected_response`` beside any
+format above (ms-swift's), or ``prompt``/``chosen``/``rejected`` (TRL's).
+
 ``columns`` ({name in the file: name above}, like ms-swift's ``--columns``) renames a record's top-level keys
 first. A conversation must alternate user and assistant turns after an optional leading system turn, and end
 with the assistant's (the last pair becomes query/response, the earlier ones the history).
@@ -36,7 +39,9 @@ _MARKERS = (
     ("conversation", "conversation"),
     ("alpaca", "instruction"),
 )
-COLUMN_TARGETS = tuple(sorted({key for keys in FORMAT_KEYS.values() for key in keys}))
+# the keys a preference pair adds: ms-swift's rejected_response, TRL's prompt/chosen/rejected
+PAIR_KEYS = ("prompt", "chosen", "rejected", "rejected_response")
+COLUMN_TARGETS = tuple(sorted({key for keys in FORMAT_KEYS.values() for key in keys} | set(PAIR_KEYS)))
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
 SYSTEM_ROLE = "system"

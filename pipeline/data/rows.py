@@ -17,6 +17,9 @@ class Row:
     origin: str  # "path/to/file.jsonl:17" (1-based line), "coco:validation:3", ... used in every message
     references: list[str] | None = None  # every reference answer when a source has several (COCO captions)
     num_tokens: int | None = None  # encoded length, image tokens included; set by validation
+    # a preference pair's rejected answer (pipeline/data/pairs.py); `response` is then the chosen one, which
+    # sft trains on and eval scores against
+    rejected: str | None = None
 
 
 @dataclass

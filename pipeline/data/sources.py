@@ -263,6 +263,17 @@ def load_demo(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Probl
     return read_custom_file(folder / "train.jsonl", max_records=max_rows)
 
 
+@register_source("demo_pairs", keys=("path", "num_rows"))
+def load_demo_pairs(cfg: Mapping, max_rows: int | None) -> tuple[list[Row], list[Problem]]:
+    """Return the bundled preference pairs (data/README.md), generating them first when missing or incomplete."""
+    from pipeline.data.demo import DEFAULT_PAIRS_DIR, DEFAULT_ROWS, ensure_demo_pairs  # drawing code: on use
+
+    folder = ensure_demo_pairs(
+        Path(cfg.get("path") or DEFAULT_PAIRS_DIR), n=int(cfg.get("num_rows") or DEFAULT_ROWS)
+    )
+    return read_custom_file(folder / "train.jsonl", max_records=max_rows)
+
+
 def load_mixture(
     sources: Sequence[Mapping],
     seed: int,

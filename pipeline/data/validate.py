@@ -14,6 +14,7 @@ from pipeline.config import ON_ERROR_CHOICES
 from pipeline.data.arrow_images import is_embedded
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.image_check import check_image_refs
+from pipeline.data.pairs import is_pair_record, pair_to_query_response, pair_unknown_keys
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.families.base import IMAGE_TAG
 from pipeline.utils.io import atomic_write_text
@@ -57,7 +58,10 @@ def check_on_error(on_error: str) -> str:
 
 
 def unknown_keys(record: object) -> set[str]:
-    """Return the keys of a record that its format (see pipeline.data.formats) does not define (ignored)."""
+    """Return the keys of a record that its format (see pipeline.data.formats and pipeline.data.pairs) does
+    not define (ignored)."""
+    if is_pair_record(record):
+        return pair_unknown_keys(record)
     return unknown_format_keys(record)
 
 
@@ -75,10 +79,13 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
 
     Relative image paths resolve against ``base_dir`` (the data file's folder); URLs are kept as they are.
     With ``need_response=False`` (prompts to answer) the response may be left out; the Row's is then "".
+    A preference pair (pipeline.data.pairs) becomes a Row with its chosen answer as the response and its
+    rejected one as `rejected`.
     """
     if not isinstance(record, Mapping):
         return [f"row is a JSON {_json_type(record)}, expected an object with 'query' and 'response'"]
-    record = to_query_response(record, need_response)
+    pair = is_pair_record(record)
+    record = pair_to_query_response(record) if pair else to_query_response(record, need_response)
     if isinstance(record, list):
         return record
     keys = ("query", "response") if need_response or record.get("response") is not None else ("query",)
@@ -91,6 +98,8 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
         reasons.append(f"'system' must be a string or null, got {_json_type(system)}")
     if not reasons:
         reasons += _tag_reasons(record["query"], record.get("response"), history, images)
+    if pair and not reasons:
+        reasons += _pair_reasons(record["response"], record["rejected"])
     if reasons:
         return reasons
     return Row(
@@ -100,7 +109,16 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
         images=images,
         system=system or None,
         origin=origin,
+        rejected=record.get("rejected") if pair else None,
     )
+
+
+def _pair_reasons(chosen: str, rejected: str) -> list[str]:
+    if IMAGE_TAG in rejected:
+        return [f"{IMAGE_TAG} in the rejected answer; the tag places the image in a query"]
+    if chosen.strip() == rejected.strip():
+        return ["the chosen and the rejected answer are the same text; a pair needs two different answers"]
+    return []
 
 
 def _tag_reasons(

@@ -14,7 +14,8 @@ say it):
     data         check_conversation, encode, token_counter, dataset (rows -> samples; images through an
                  ImageSource the data layer gives)
     training     prepare_training (LoRA presets / freeze groups), training_collate, eval_collate, loss_outputs
-                 (LossSums), checkpoint_writer / checkpoint_reader (full weights in the native layout),
+                 (LossSums), sequence_logps (each sample's summed log-probability: preference training),
+                 checkpoint_writer / checkpoint_reader (full weights in the native layout),
                  compile_model, vision_attention_of, device_of, pad_id
     generation   prompt_limit, encode_row (a dataset row as a prompt), collate_for_generation, generate,
                  generate_batch
@@ -51,6 +52,12 @@ from pipeline.families.generation_settings import GenerationSettings
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (padding, prompts, images)
 IMAGE_TAG = "<image>"  # where an image goes in a user message
+# A training batch of preference pairs (pipeline/training/preference.py) holds, under PAIRS, how many pairs n
+# it holds: samples i and n + i are pair i's chosen and rejected answer to the same prompt and images, so a
+# family runs the vision tower once per pair (sequence_logps). PAIR_INDEX: each pair's number in its dataset.
+PAIRS = "pairs"
+PAIR_INDEX = "pair_index"
+PAIR_KEYS = (PAIRS, PAIR_INDEX)
 ROLES = ("system", "user", "assistant")
 
 Message = Mapping[str, str]
@@ -201,6 +208,22 @@ class LossSums:
     loss_sum: torch.Tensor
     num_tokens: torch.Tensor
     num_correct: torch.Tensor
+
+
+@dataclass
+class SequenceLogps:
+    """Each sample's log-probability of its supervised tokens (an answer given its prompt), summed, and how many
+    tokens that is; in the batch's sample order."""
+
+    logps: torch.Tensor  # [samples], fp32
+    tokens: torch.Tensor  # [samples]
+
+
+def shared_halves(pairs: int, total: int, what: str) -> int:
+    """Returns half of `total` (the chosen answers' share of a pair batch's images), refusing an odd one."""
+    if total % 2:
+        raise FamilyError(f"a batch of {pairs} preference pairs holds {total} {what}, not two equal halves")
+    return total // 2
 
 
 @dataclass(frozen=True)
@@ -676,6 +699,13 @@ class Family(ABC):
     @abstractmethod
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> LossSums:
         """Returns one forward's summed next-token loss, supervised token count and correct predictions."""
+
+    @abstractmethod
+    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
+        """Returns each sample's summed next-token log-probability over its supervised tokens, for a batch of
+        training_collate (right-padded or packed). In a batch of preference pairs (batch[PAIRS] = n) samples i
+        and n + i share their images: the vision tower runs on the first n samples' images only and its
+        features serve both."""
 
     @abstractmethod
     def checkpoint_writer(

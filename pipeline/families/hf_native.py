@@ -39,6 +39,8 @@ from . import kernels, packing, vision_attention
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
+    PAIR_KEYS,
+    PAIRS,
     Bundle,
     Capabilities,
     ContextLengthError,
@@ -49,9 +51,11 @@ from .base import (
     LossSums,
     Message,
     RowLike,
+    SequenceLogps,
     messages_from_row,
     pad_batch,
     row_images,
+    shared_halves,
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
 from .layer_compile import compile_for_training
@@ -118,6 +122,14 @@ def keeps_logits(model: nn.Module) -> bool:
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
+
+
+def _twice(features: Any) -> Any:
+    """Returns per-image features (a tuple or list of tensors, or one tensor of every image's rows) followed by
+    themselves: the same images for the rejected answers as for the chosen ones."""
+    if isinstance(features, torch.Tensor):
+        return torch.cat([features, features])
+    return type(features)([*features, *features])
 
 
 def generate_options(settings: Any) -> dict[str, Any]:
@@ -734,7 +746,24 @@ class HFNativeFamily(Family):
 
         A packed row (packing.is_packed) runs without an attention mask and without a cache; its segments
         go to the language model alone (packing.packed_forward)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits, labels, _ = self._supervised_logits(model, batch, dict(batch))
+        mask = labels != IGNORE_INDEX
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
+
+    def _supervised_logits(
+        self, model: nn.Module, batch: Mapping[str, Any], inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the fp32 logits [B, K, vocab] of the positions whose next token is supervised in some row
+        (every position where the model cannot keep only some), their labels [B, K] and the positions [K]
+        (indices into the shifted labels). `inputs` is what the model's forward gets (labels dropped here)."""
+        inputs.pop("labels", None)
         context: contextlib.AbstractContextManager = contextlib.nullcontext()
         if packing.is_packed(batch):
             segments = {k: inputs.pop(k) for k in packing.SEGMENT_KEYS}
@@ -755,15 +784,53 @@ class HFNativeFamily(Family):
             else:
                 logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                 labels = targets.to(logits.device)
-        mask = labels != IGNORE_INDEX
-        loss_sum = F.cross_entropy(
+                keep = torch.arange(labels.shape[1])
+        return logits, labels, keep.to(logits.device)
+
+    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
+        """Each sample's summed log-probability of its supervised tokens (see Family.sequence_logps); in a
+        packed row a position belongs to the sample its predicted token is in (cu_seq_lens)."""
+        pairs = int(batch.get(PAIRS) or 0)
+        inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
+        if pairs and "pixel_values" in inputs:
+            inputs = self._with_shared_images(model, inputs, pairs)
+        logits, labels, keep = self._supervised_logits(model, batch, inputs)
+        token_logps = -F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        correct = ((logits.argmax(-1) == labels) & mask).sum()
-        return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
+            reduction="none",
+        ).view_as(labels)
+        mask = labels != IGNORE_INDEX
+        if packing.is_packed(batch):
+            starts = batch["cu_seq_lens_q"].to(logits.device).long()
+            owner = (torch.searchsorted(starts, keep + 1, right=True) - 1).expand_as(labels)
+            samples = int(batch[packing.NUM_SAMPLES])
+        else:
+            owner = torch.arange(labels.shape[0], device=logits.device)[:, None].expand_as(labels)
+            samples = labels.shape[0]
+        logps = token_logps.new_zeros(samples).index_add(0, owner[mask], token_logps[mask])
+        tokens = token_logps.new_zeros(samples).index_add(0, owner[mask], torch.ones_like(token_logps[mask]))
+        return SequenceLogps(logps=logps, tokens=tokens)
+
+    def _with_shared_images(self, model: nn.Module, inputs: dict[str, Any], pairs: int) -> dict[str, Any]:
+        """Returns the forward's inputs with the image features computed once per pair: the vision tower (and
+        projector) runs on the first half of every pixel input (the chosen answers' images; the rejected
+        answers' are the same) and its output, repeated, goes to the model as its precomputed encoder output
+        (transformers' `mm_encoder_outputs`), in place of the pixels."""
+        half = {}
+        for key, dim in self.pixel_concat.items():
+            if key in inputs:
+                value = inputs[key]
+                size = shared_halves(pairs, value.shape[dim], key)
+                half[key] = value.narrow(dim if dim >= 0 else value.dim() + dim, 0, size)
+        features = unwrapped(model).get_image_features(**half, return_dict=True)
+        features.pooler_output = _twice(features.pooler_output)
+        if getattr(features, "deepstack_features", None) is not None:  # Qwen3-VL's per-layer features
+            features.deepstack_features = [_twice(layer) for layer in features.deepstack_features]
+        shared = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        shared["mm_encoder_outputs"] = {"image": features}
+        return shared
 
     def checkpoint_writer(self, bundle: Bundle) -> Callable:
         def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:

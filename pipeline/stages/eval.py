@@ -7,6 +7,9 @@ Which weights: this run's sft checkpoint, else `ckpt` ("base" = model.path as it
 eval.max_samples validation rows of the dataset split (the same split sft held out, for the same seed).
 Loss metrics are token-weighted over every response token (as in training); with eval.generate each row's
 last response is generated greedily from its prompt (query, history, image) and scored against its references.
+When the held-out rows are preference pairs (the response is the chosen answer), the model's preference is
+scored too: pref_accuracy, the share of pairs whose chosen answer it gives the higher log-probability (summed
+over the answer's tokens), and pref_margin, the mean of that difference.
 After fine-tuning (eval.compare_base) the base model is scored on the same rows as well: the before/after
 table (eval loss and task metrics of both, three answers with their images) is written to comparison.json
 and printed at the end of the run; `stages=[eval] ckpt=base` reproduces its "base" column.
@@ -17,6 +20,7 @@ run_dir/eval/predictions.jsonl (base_predictions.jsonl, comparison.json when com
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +38,7 @@ from pipeline.data.rows import DatasetError, Row
 from pipeline.families import family_from_config, image_limit
 from pipeline.families.base import Bundle, Family
 from pipeline.stages.state import RunState
+from pipeline.training.preference import PairCollate, PairSample
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 from pipeline.utils.metrics import compute_generation_metrics
 
@@ -43,7 +48,8 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 BASE_PREDICTIONS_FILE = "base_predictions.jsonl"
 COMPARISON_FILE = "comparison.json"
-COMPARED = ("eval_loss", "token_acc", "exact_match", "numeric_accuracy")  # the before/after table's rows
+# the before/after table's rows
+COMPARED = ("eval_loss", "token_acc", "exact_match", "numeric_accuracy", "pref_accuracy", "pref_margin")
 N_EXAMPLES = 3  # answers shown in the before/after table
 
 
@@ -83,6 +89,34 @@ def loss_metrics(
     }
 
 
+@torch.no_grad()
+def preference_metrics(
+    family: Family, bundle: Bundle, rows: list[Row], batch_size: int, max_length: int, truncation: str
+) -> dict[str, float]:
+    """Returns pref_accuracy (the share of the rows' preference pairs whose chosen answer has the higher
+    summed log-probability) and pref_margin (the mean difference); nothing when no row is a pair."""
+    pairs = [row for row in rows if row.rejected is not None]
+    if not pairs:
+        return {}
+    images = ImageFiles()
+    chosen = family.dataset(bundle, pairs, max_length, truncation, images)
+    rejected_rows = [dataclasses.replace(row, response=row.rejected, num_tokens=None) for row in pairs]
+    rejected = family.dataset(bundle, rejected_rows, max_length, truncation, images)
+    collate = PairCollate(family.eval_collate(bundle))
+    device = family.device_of(bundle)
+    margins: list[float] = []
+    for indices in tqdm(_batches(len(pairs), batch_size), desc="eval pairs", unit="batch", leave=False):
+        batch = collate([PairSample(i, chosen[i], rejected[i]) for i in indices])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        logps = family.sequence_logps(bundle.core, batch).logps.float()
+        n = len(indices)
+        margins += (logps[:n] - logps[n:]).tolist()
+    return {
+        "pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "pref_margin": sum(margins) / len(margins),
+    }
+
+
 def prediction_record(row: Row, response: str) -> dict:
     """Returns one predictions.jsonl row: the prompt, the generated response and the label."""
     record = {
@@ -113,6 +147,11 @@ def score(
     )
     num_tokens = scores.pop("num_tokens")
     metrics: dict[str, float] = dict(scores)
+    metrics.update(
+        preference_metrics(
+            family, bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation
+        )
+    )
     predictions: list[str] = []
     if cfg.eval.generate:
         settings = generation_settings({"max_new_tokens": cfg.eval.max_new_tokens})

@@ -263,25 +263,27 @@ class PreparedModel:
     counts: TrainableSummary
 
 
-def build_model(cfg: DictConfig, family: Family, plan: TrainingPlan, model_path: str) -> PreparedModel:
+def build_model(
+    cfg: DictConfig, family: Family, plan: TrainingPlan, model_path: str, base_name: str | None = None
+) -> PreparedModel:
     """Loads the base model at `model_path` (the run state's) in the plan's weights dtype onto the run's
-    device and prepares it for training."""
+    device and prepares it for training; `base_name`: how an adapter names its base (default: model.path's
+    hub id or folder). A quantized base (model.quantization) is loaded on the CPU and quantized on its way to
+    the device."""
     quantization = cfg.model.quantization
     device = plan.launch.device
-    bundle = (
-        family.load_bundle(  # a quantized base is loaded on the CPU and quantized on its way to the device
-            model_path,
-            dtype=plan.weights_dtype,
-            device=torch.device("cpu") if quantization != "none" else device,
-            allow_download=cfg.model.trust_hub,
-        )
+    bundle = family.load_bundle(
+        model_path,
+        dtype=plan.weights_dtype,
+        device=torch.device("cpu") if quantization != "none" else device,
+        allow_download=cfg.model.trust_hub,
     )
     if quantization != "none":
         layers = family.quantize(bundle, quantization, plan.weights_dtype, device)
         log.info("model: %d language-model linear layers in %s (bitsandbytes)", layers, quantization)
     fused = family.apply_fused_kernels(bundle, compiled=plan.compile)  # before LoRA wraps the modules
     module = family.prepare_training(
-        bundle, cfg.lora, plan.gradient_checkpointing, base_model_name(cfg, bundle)
+        bundle, cfg.lora, plan.gradient_checkpointing, base_name or base_model_name(cfg, bundle)
     )
     if plan.compile:
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound), batches
@@ -360,9 +362,9 @@ def summarize(
     }
 
 
-def report(cfg: DictConfig, sft_dir: Path, summary: dict, tracker: Tracker) -> None:
+def report(cfg: DictConfig, sft_dir: Path, summary: dict, tracker: Tracker, stage: str = "sft") -> None:
     """Writes loss.png and summary.json, gives the tracker the summary (and the last checkpoint when
-    tracking.log_model), and logs where the checkpoints are. Main process only."""
+    tracking.log_model), and logs where the training stage's checkpoints are. Main process only."""
     plot_losses(sft_dir / "logging.jsonl", sft_dir / "loss.png")
     atomic_write_json(sft_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if k != "eval_history"})
@@ -370,7 +372,8 @@ def report(cfg: DictConfig, sft_dir: Path, summary: dict, tracker: Tracker) -> N
     if cfg.tracking.log_model and last.exists():
         tracker.log_artifact(last.resolve(), name=f"{cfg.experiment_name}-adapter", type="model")
     log.info(
-        "sft: %d steps, last %s, best %s",
+        "%s: %d steps, last %s, best %s",
+        stage,
         summary["global_step"],
         summary["last_checkpoint"],
         summary["best_checkpoint"],

@@ -5,9 +5,9 @@
     state.update(get_stage("sft")(cfg, run_dir, state))   # each stage returns what it adds
     state.weights_for("infer", cfg)          # the one rule for which weights a stage reads
 
-The rule: a stage after sft reads this run's sft checkpoint (its best, else its last); without sft, the
-`ckpt` key (a checkpoint folder, an earlier run folder, or "base"); None means the base model at
-model.path. infer and serve read this run's merged folder when merge ran; `infer.ckpt` overrides the
+The rule: a stage after sft or dpo reads this run's checkpoint of that stage (its best, else its last);
+without them, the `ckpt` key (a checkpoint folder, an earlier run folder, or "base"); None means the base
+model at model.path. dpo itself starts from the `ckpt` key (an sft checkpoint, or the base model). infer and serve read this run's merged folder when merge ran; `infer.ckpt` overrides the
 weights infer reads. merge needs an adapter and refuses the base model by name.
 """
 
@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from pipeline.config import BASE_CKPT
 from pipeline.families import family_from_config
 from pipeline.runinfo import resolve_ckpt
+from pipeline.stage_names import TRAINING_STAGES
 from pipeline.training.twin import twin_folder
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ class RunState:
     """What the stages of one run share (see the module docstring for the rule of the weights)."""
 
     model_path: str  # the base model: a local folder (a twin built when asked) or a hub id
-    ckpt: Path | None = None  # sft's checkpoint, else the `ckpt` key resolved; None = the base model
-    ckpt_set: bool = False  # whether `ckpt` was given or sft ran (else: the base model, nothing asked)
+    ckpt: Path | None = None  # sft's (dpo's) checkpoint, else the `ckpt` key resolved; None = the base model
+    ckpt_set: bool = False  # whether `ckpt` was given or training ran (else: the base model, nothing asked)
     merged: Path | None = None  # this run's merged folder
     metrics: dict[str, float] = field(default_factory=dict)  # every stage's metrics, merged key by key
-    sft: dict[str, Any] | None = None  # sft's summary
+    sft: dict[str, Any] | None = None  # the training stage's summary (sft or dpo)
     tracker: Any = None  # the run-wide tracker (pipeline.utils.tracking), when the entry point opened one
     outputs: dict[str, Any] = field(default_factory=dict)  # what else a stage returned, by key
 
@@ -48,7 +49,7 @@ class RunState:
     def resolve(cls, cfg: DictConfig) -> RunState:
         """Returns the state the first stage starts from: the base model's folder (the family's tiny twin
         built there first when model.build_if_missing and it is missing) and, when sft does not run, the
-        checkpoint the `ckpt` key names."""
+        checkpoint the `ckpt` key names (for dpo: the weights it starts from)."""
         family = family_from_config(cfg.model)
         model_path = str(twin_folder(family, str(cfg.model.path), bool(cfg.model.build_if_missing)))
         state = cls(model_path=model_path)
@@ -65,8 +66,10 @@ class RunState:
                 self.metrics.update(value)
             elif key == "ckpt":
                 self.ckpt, self.ckpt_set = value, True
-            elif key in ("merged", "sft"):
-                setattr(self, key, value)
+            elif key == "merged":
+                self.merged = value
+            elif key in TRAINING_STAGES:
+                self.sft = value
             else:
                 self.outputs[key] = value
 
@@ -76,6 +79,9 @@ class RunState:
             return None if cfg.infer.ckpt == BASE_CKPT else resolve_ckpt(cfg.infer.ckpt)
         if stage in READS_MERGED and self.merged is not None:
             return Path(self.merged)
-        if stage == "eval" and self.ckpt is None and "sft" in cfg.stages and self.ckpt_set:
-            log.warning("sft saved no checkpoint in this run; evaluating the base model %s", cfg.model.path)
+        trained = [s for s in TRAINING_STAGES if s in cfg.stages]
+        if stage == "eval" and self.ckpt is None and trained and self.ckpt_set:
+            log.warning(
+                "%s saved no checkpoint in this run; evaluating the base model %s", trained[0], cfg.model.path
+            )
         return self.ckpt

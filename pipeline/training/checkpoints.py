@@ -316,6 +316,17 @@ def load_training_checkpoint(
     return read_trainer_state(ckpt)
 
 
+def load_adapter_weights(ckpt: Path, model: PeftModel) -> None:
+    """Loads an adapter checkpoint's weights (no optimizer state) into the model's own adapter of the same
+    settings: training goes on from them (dpo from an sft adapter). Refuses other LoRA settings, naming them."""
+    check_same_tuning(ckpt, model)
+    weights = adapter_to_model_keys(model, load_file(str(ckpt / ADAPTER_WEIGHTS)))
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            own[name].copy_(value.to(own[name].dtype))
+
+
 def _why(err: Exception) -> str:
     """Return the error's type and first line."""
     text = str(err).strip()

@@ -12,6 +12,10 @@ window of `batch_size * grad_accum * world_size` rows at s, and rank r takes eve
 it. An incomplete last window is dropped. Resuming at step s therefore needs no replay of the loader.
 How a rank's rows of the window are cut into micro-batches (fixed groups of batch_size, or groups filled to
 a token budget) is decided by pipeline/training/batching.py; the loss is the same either way.
+
+What the loop minimises is its `Objective`: sft's is the token loss (`TokenLoss`: summed over supervised
+tokens, normalised by the window's supervised tokens); dpo's (pipeline/training/preference.py) sums a loss
+over preference pairs, normalised by the window's pairs. A row of the data is then a pair.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -33,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline.families.base import IGNORE_INDEX
+from pipeline.families.base import IGNORE_INDEX, PAIRS
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     STATE_FILE,
@@ -106,6 +110,47 @@ class FamilyHooks:
     forward: Callable[[nn.Module, dict], LossSums]
     write_full: WriteFull
     read_full: ReadFull
+
+
+@dataclass
+class ObjectiveSums:
+    """One micro-batch's loss summed over its units (supervised tokens for sft, pairs for dpo), and the
+    statistics logged beside it (the objective's stat_names), summed over the same units."""
+
+    loss_sum: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """What the loop minimises: a loss summed over the units of each micro-batch, normalised by the units of
+    the whole accumulation window on all processes; its statistics are logged as means over the units (in
+    the bar, logging.jsonl and the tracker; `eval_<name>` on the validation rows)."""
+
+    name: str  # the training stage's name: the bar's label
+    stat_names: tuple[str, ...]
+
+    def units(self, batch: dict) -> int:
+        """Returns how many units (what the loss is normalised by) a collated micro-batch holds."""
+
+    def sums(self, model: nn.Module, batch: dict) -> ObjectiveSums:
+        """Returns the micro-batch's loss and statistics, summed over its units."""
+
+
+class TokenLoss:
+    """sft's objective: the family's cross-entropy summed over the supervised tokens; token accuracy beside it."""
+
+    name = "sft"
+    stat_names = ("token_acc",)
+
+    def __init__(self, forward: Callable[[nn.Module, dict], LossSums]) -> None:
+        self.forward = forward
+
+    def units(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def sums(self, model: nn.Module, batch: dict) -> ObjectiveSums:
+        out = self.forward(model, batch)
+        return ObjectiveSums(out.loss_sum, {"token_acc": out.num_correct})
 
 
 @dataclass(frozen=True)
@@ -198,7 +243,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def batch_samples(batch: dict) -> int:
     """Returns the samples a collated micro-batch holds: its rows, or the samples of a packed row (its
-    `num_samples`, or MiniCPM-V-2's segment_ids)."""
+    `num_samples`, or MiniCPM-V-2's segment_ids); for preference pairs, the pairs."""
+    if PAIRS in batch:
+        return int(batch[PAIRS])
     if "num_samples" in batch:
         return int(batch["num_samples"])
     if "segment_ids" in batch:
@@ -233,6 +280,7 @@ class Trainer:
         family: FamilyHooks,
         settings: LoopSettings,
         outputs: RunOutputs,
+        objective: Objective | None = None,
     ) -> None:
         accelerator = engine.accelerator
         self.acc = accelerator
@@ -241,6 +289,7 @@ class Trainer:
         self.scheduler = engine.scheduler
         self.data = data
         self.family = family
+        self.objective = objective if objective is not None else TokenLoss(family.forward)
         self.s = settings
         self.outputs = outputs
         self.sft_dir = outputs.folder
@@ -348,12 +397,13 @@ class Trainer:
     # ----- one optimizer step
     def _step(self, micro: list[dict]) -> dict:
         device = self.acc.device
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        total = torch.tensor(float(local_tokens), device=device)
+        objective = self.objective
+        local_units = sum(objective.units(b) for b in micro)
+        total = torch.tensor(float(local_units), device=device)
         total = self.acc.reduce(total, reduction="sum") if self.world > 1 else total
-        total_tokens = max(float(total), 1.0)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
+        total_units = max(float(total), 1.0)
+        # the loss, then every statistic, summed over this rank's units
+        sums = torch.zeros(1 + len(objective.stat_names), device=device)
         seen_tokens = 0
         padded_tokens = 0
         if self.s.preallocate_grads:
@@ -365,9 +415,9 @@ class Trainer:
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
-                out = self.family.forward(self.model, batch)
-            # DDP averages gradients over ranks; multiplying by world keeps the global token mean.
-            scaled = out.loss_sum * self.world / total_tokens
+                out = objective.sums(self.model, batch)
+            # DDP averages gradients over ranks; multiplying by world keeps the global mean over units.
+            scaled = out.loss_sum * self.world / total_units
             if self.deepspeed is not None:
                 # the window is this loop's (DeepSpeed's own accumulation count stays 1, so no rescaling);
                 # at its last micro-batch the engine reduces, clips and steps the optimizer
@@ -377,12 +427,16 @@ class Trainer:
                     self.deepspeed.step()
             else:
                 self.acc.backward(scaled)
-            loss_sum += out.loss_sum.detach().float()
-            correct += out.num_correct.detach().float()
+            sums += torch.stack(
+                [
+                    out.loss_sum.detach().float(),
+                    *(out.stats[k].detach().float() for k in objective.stat_names),
+                ]
+            ).to(device)
         if self.world > 1:
-            loss_sum = self.acc.reduce(loss_sum, reduction="sum")
-            correct = self.acc.reduce(correct, reduction="sum")
-        loss = float(loss_sum) / total_tokens
+            sums = self.acc.reduce(sums, reduction="sum")
+        loss_sum, *stat_sums = sums.tolist()
+        loss = loss_sum / total_units
         if not math.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss} at step {self.state.global_step + 1}: lower optim.lr, check the data rows of "
@@ -399,7 +453,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=not self.s.preallocate_grads)
         return {
             "loss": loss,
-            "token_acc": float(correct) / total_tokens,
+            **{
+                name: value / total_units for name, value in zip(objective.stat_names, stat_sums, strict=True)
+            },
             "grad_norm": grad_norm,
             "tokens": seen_tokens,
             "padded_tokens": padded_tokens,
@@ -407,7 +463,7 @@ class Trainer:
             "samples": sum(batch_samples(b) for b in micro),
         }
 
-    # ----- evaluation (loss and token accuracy on the validation rows)
+    # ----- evaluation (the objective's loss and statistics on the validation rows)
     @torch.no_grad()
     def evaluate(self) -> dict:
         val_set = self.data.val_set
@@ -434,18 +490,24 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.s.seed),
         )
         self.model.eval()
-        sums = torch.zeros(3, device=self.acc.device)
+        objective = self.objective
+        # the loss, the units, then every statistic
+        sums = torch.zeros(2 + len(objective.stat_names), device=self.acc.device)
         for i, batch in enumerate(loader):
+            batch = _to_device(batch, self.acc.device)
             with self.acc.autocast():
-                out = self.family.forward(self.model, _to_device(batch, self.acc.device))
+                out = objective.sums(self.model, batch)
             if i < counted:
-                sums += torch.stack([out.loss_sum.float(), out.num_tokens.float(), out.num_correct.float()])
+                stats = [out.stats[k].float() for k in objective.stat_names]
+                units = torch.tensor(float(objective.units(batch)), device=self.acc.device)
+                sums += torch.stack([out.loss_sum.float(), units, *stats]).to(self.acc.device)
         self.model.train()
         if self.world > 1:
             sums = self.acc.reduce(sums, reduction="sum")
-        loss_sum, tokens, correct = sums.tolist()
-        tokens = max(tokens, 1.0)
-        return {"eval_loss": loss_sum / tokens, "eval_token_acc": correct / tokens}
+        loss_sum, units, *stat_sums = sums.tolist()
+        units = max(units, 1.0)
+        stats = {f"eval_{k}": v / units for k, v in zip(objective.stat_names, stat_sums, strict=True)}
+        return {"eval_loss": loss_sum / units, **stats}
 
     # ----- checkpointing
     def save(self) -> Path | None:
@@ -526,7 +588,7 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps,
             initial=start,
-            desc="sft",
+            desc=self.objective.name,
             disable=not self.acc.is_main_process,
             dynamic_ncols=True,
         )
@@ -568,7 +630,10 @@ class Trainer:
                             "step": step,
                             "epoch": round(step / self.per_epoch, 4),
                             "loss": sum(r["loss"] for r in window) / len(window),
-                            "token_acc": sum(r["token_acc"] for r in window) / len(window),
+                            **{
+                                name: sum(r[name] for r in window) / len(window)
+                                for name in self.objective.stat_names
+                            },
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": window[-1]["grad_norm"],
                             **throughput(window, elapsed, self.world),

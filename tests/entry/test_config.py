@@ -111,7 +111,9 @@ def test_defaults_match_ms_swift_for_minicpm_v2(compose):
     settings = plan_of(cfg).loop
     assert (settings.save_steps, settings.eval_batch_size, settings.grad_accum) == (50, 1, 16)  # as ms-swift
     assert cfg.dataset.max_length == 2048 and cfg.dataset.test_ratio == 0.01
-    assert cfg.seed == 42 and list(cfg.stages) == [s for s in STAGES if s != "serve"]  # serve only when asked
+    assert cfg.seed == 42 and list(cfg.stages) == [
+        s for s in STAGES if s not in ("dpo", "serve")
+    ]  # those only when asked
 
 
 def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(compose, monkeypatch):
@@ -249,7 +251,7 @@ def test_unknown_group_choice_lists_the_real_options(compose):
 
 def test_unknown_stage_names_valid_stages(compose):
     cfg = compose(["stages=[sft,bogus]"])
-    with pytest.raises(ConfigError, match="'bogus'.*sft, eval, merge, infer"):
+    with pytest.raises(ConfigError, match="'bogus'.*sft, dpo, eval, merge, infer"):
         validate(cfg)
 
 

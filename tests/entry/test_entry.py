@@ -86,7 +86,7 @@ def test_invalid_value_leaves_no_run_folder(tmp_path):
     done = _run_entry(["stages=[sft,bogus]", f"output_root={out}"], tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: stages: unknown stage 'bogus'; valid stages, in this order: sft, eval, merge, infer, serve"
+        "error: stages: unknown stage 'bogus'; valid stages, in this order: sft, dpo, eval, merge, infer, serve"
     ]
     assert not any(p.is_dir() for p in out.glob("*/*")), "a rejected config must not leave a run folder"
 
@@ -186,7 +186,7 @@ def test_ckpt_base_hands_no_checkpoint_and_run_folder_resolves(compose, fake_sta
 
 
 def test_get_stage_refuses_unknown_names_and_finds_run(monkeypatch):
-    with pytest.raises(UnknownStageError, match="valid stages, in run order: sft, eval, merge, infer"):
+    with pytest.raises(UnknownStageError, match="valid stages, in run order: sft, dpo, eval, merge, infer"):
         get_stage("train")
     module = types.ModuleType("pipeline.stages.infer")
     module.run = lambda cfg, run_dir, state: {"ok": True}

@@ -27,6 +27,8 @@ from torch import nn
 
 from pipeline.families.base import (
     IMAGE_TAG,
+    PAIR_KEYS,
+    PAIRS,
     BatchDecoder,
     Bundle,
     Capabilities,
@@ -37,7 +39,9 @@ from pipeline.families.base import (
     ImageSource,
     Message,
     RowLike,
+    SequenceLogps,
     check_messages,
+    shared_halves,
 )
 from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # the official layout's
 
@@ -66,6 +70,17 @@ class MiniCPMV2Processor:
     def save_pretrained(self, folder: str | Path) -> None:
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
+
+
+def shared_pixels(pixel_values: list[list[Any]], pairs: int, packed: bool) -> list[list[Any]]:
+    """Returns a pair batch's pixel lists with the rejected answers' images replaced by the chosen answers'
+    own tensors (equal values, from the same image): one list per sample (padded; samples n + i take sample
+    i's), or one list of every sample's images in order (packed; its second half takes the first's)."""
+    if not packed:
+        return pixel_values[:pairs] * 2
+    flat = pixel_values[0]
+    half = shared_halves(pairs, len(flat), "images")
+    return [flat[:half] * 2]
 
 
 class MiniCPMV2(Family):
@@ -336,6 +351,17 @@ class MiniCPMV2(Family):
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
         # the model sums its loss over the supervised tokens itself; its output has LossSums' fields
         return model(**batch)
+
+    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
+        """Each sample's summed log-probability of its supervised tokens (the model sums them by row, or by a
+        packed row's segment). A pair's rejected answer gets its chosen answer's image tensors, which the
+        model's vision tower encodes once (MiniCPMV.encode_images)."""
+        pairs = int(batch.get(PAIRS) or 0)
+        inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
+        if pairs:
+            inputs["pixel_values"] = shared_pixels(inputs["pixel_values"], pairs, "segment_ids" in inputs)
+        out = model(**inputs, sample_sums=True)
+        return SequenceLogps(logps=-out.sample_loss_sum, tokens=out.sample_tokens)
 
     def checkpoint_writer(
         self, bundle: ModelBundle

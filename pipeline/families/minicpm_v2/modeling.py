@@ -38,6 +38,9 @@ class MiniCPMVOutput:
     num_tokens: torch.Tensor | None = None  # supervised tokens in the batch
     num_correct: torch.Tensor | None = None  # supervised tokens predicted right by argmax
     logits: torch.Tensor | None = None  # fp32 [B, T, V], only when asked for
+    # each sample's summed cross-entropy and supervised tokens [samples], only when asked for (sample_sums)
+    sample_loss_sum: torch.Tensor | None = None
+    sample_tokens: torch.Tensor | None = None
 
 
 class MiniCPMV(PreTrainedModel):
@@ -120,12 +123,15 @@ class MiniCPMV(PreTrainedModel):
 
     # ----- vision
     def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Returns one [query_num, hidden] tensor per [3, H, W] image, in input order."""
+        """Returns one [query_num, hidden] tensor per [3, H, W] image, in input order. A tensor given more than
+        once (a preference pair's images, shared by its two answers) goes through the tower once."""
         dtype = self.vpm.pos_embed.dtype
         device = self.vpm.pos_embed.device
+        first: dict[int, int] = {}  # id(tensor) -> its first index
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
-            by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
+            if first.setdefault(id(img), i) == i:
+                by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
         patch = self.vpm.patch_embed.patch_size[0]
         for idx in by_size.values():
@@ -135,7 +141,7 @@ class MiniCPMV(PreTrainedModel):
             queries = self.resampler(feats, patch_grid(pixels, patch))
             for j, i in enumerate(idx):
                 out[i] = queries[j]
-        return out  # type: ignore[return-value]
+        return [out[first[id(img)]] for img in images]  # type: ignore[misc]
 
     def _dummy_vision_term(self, like: torch.Tensor) -> torch.Tensor:
         # A blank image through the vision path, added as 0 x its mean: no effect on the result, but the
@@ -205,10 +211,11 @@ class MiniCPMV(PreTrainedModel):
         return_logits: bool = False,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        sample_sums: bool = False,
         **_: object,
     ) -> MiniCPMVOutput:
         """Scores a right-padded batch, or a packed one (`segment_ids` and `position_ids` from
-        collate_packed: attention stays within each sample)."""
+        collate_packed: attention stays within each sample); `sample_sums` adds each sample's summed loss."""
         embeds = self.embed(input_ids, pixel_values, image_bound)
         if segment_ids is not None:
             if position_ids is None:
@@ -223,10 +230,42 @@ class MiniCPMV(PreTrainedModel):
         out = MiniCPMVOutput()
         if return_logits:
             out.logits = self.llm.logits(hidden)
-        if labels is not None:
+        if labels is not None and sample_sums:
+            owners = segment_ids if segment_ids is not None else torch.arange(len(labels))[:, None]
+            out.sample_loss_sum, out.sample_tokens = self.sample_loss(
+                hidden, labels, owners.expand_as(labels)
+            )
+        elif labels is not None:
             out.loss_sum, out.num_tokens, out.num_correct = self.lm_loss(hidden, labels)
             out.loss = out.loss_sum / out.num_tokens.clamp(min=1)
         return out
+
+    def sample_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns each sample's summed CE and supervised token count over shifted labels; `owners` [B, T]
+        numbers the sample of every token (the row, or a packed row's segment). Logits in chunks, as lm_loss."""
+        shift_labels = labels[:, 1:].to(hidden.device)
+        keep = shift_labels != IGNORE_INDEX
+        h = hidden[:, :-1][keep]
+        y = shift_labels[keep]
+        owner = owners[:, 1:].to(hidden.device)[keep]
+        samples = int(owners.max()) + 1 if owners.numel() else 0
+        sums = hidden.new_zeros(samples, dtype=torch.float32)
+        if gathers_weights(self.llm.lm_head):  # ZeRO-3 / FSDP: as many lm_head calls as the other processes
+            chunks = -(-h.shape[0] // LOSS_CHUNK_ROWS)
+            for _ in range(most_over_ranks(chunks, hidden.device) - chunks):
+                sums = sums + self.llm.logits(h[:0]).sum() * 0.0
+        for start in range(0, h.shape[0], LOSS_CHUNK_ROWS):
+            logits = self.llm.logits(h[start : start + LOSS_CHUNK_ROWS])
+            losses = F.cross_entropy(logits, y[start : start + LOSS_CHUNK_ROWS], reduction="none")
+            sums = sums.index_add(0, owner[start : start + LOSS_CHUNK_ROWS], losses.float())
+        if h.shape[0] == 0:
+            sums = sums + hidden.sum().float() * 0.0  # keeps the graph connected
+        tokens = torch.zeros(samples, device=hidden.device).index_add(
+            0, owner, torch.ones_like(y, dtype=torch.float)
+        )
+        return sums, tokens
 
     def lm_loss(
         self, hidden: torch.Tensor, labels: torch.Tensor

@@ -1,0 +1,331 @@
+"""dpo: preference training (DPO, IPO, SimPO) on pairs of a chosen and a rejected answer, for every family.
+
+    python -m pipeline +experiment=dpo                                  # the tiny twin, the bundled pairs
+    python -m pipeline +experiment=dpo ckpt=outputs/lora_qkv/<time>     # after sft: that model is the reference
+    python -m pipeline +experiment=dpo dataset=custom dataset.path=pairs.jsonl preference.loss_type=ipo
+
+Where it starts (`ckpt`): the base model (unset or `base`); an sft adapter checkpoint (or its run folder),
+whose adapter trains on, with that run's LoRA settings; or a full sft checkpoint, which is then the model a
+new adapter (or full fine-tuning) starts from. The reference is that starting model (pipeline/training/
+preference.py): under a new LoRA adapter the same weights with the adapter disabled; otherwise log-
+probabilities computed in one pass before training and cached in dpo/reference_logps.safetensors.
+The loop, its plan, its checkpoints and resume are sft's (pipeline/training/loop.py), with the preference
+objective. Reads: model, lora, dataset (preference pairs: pipeline/data/pairs.py), preference, optim,
+trainer, tracking, ckpt. Writes into run_dir/dpo what sft writes into run_dir/sft (checkpoints, logging.jsonl
+with the rewards of the chosen and rejected answers, their margin, the accuracy and the log-probabilities,
+loss.png, summary.json). Returns {"ckpt": best (else last) checkpoint, "dpo": summary}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError
+from pipeline.data.images import ImageFiles
+from pipeline.data.prepare import RawRows, split_dataset
+from pipeline.data.rows import DatasetError, Problem, Row, is_url
+from pipeline.data.validate import apply_on_error
+from pipeline.families import family_from_config
+from pipeline.families.base import Family
+from pipeline.families.checkpoints import adapter_base, checkpoint_kind
+from pipeline.runinfo import seed_everything
+from pipeline.stages.sft import (
+    build_model,
+    chosen_checkpoint,
+    family_hooks,
+    launch_of,
+    prepare_engine,
+    read_rows,
+    report,
+    resolve_patch_weight,
+    stage_tracker,
+    start_accelerator,
+    summarize,
+)
+from pipeline.stages.state import RunState
+from pipeline.training.batching import budget_sizes
+from pipeline.training.checkpoints import load_adapter_weights
+from pipeline.training.loop import RunOutputs, Trainer, TrainingData, TrainingEngine
+from pipeline.training.plan import TrainingPlan, plan_training
+from pipeline.training.preference import (
+    CACHE_FILE,
+    CachedReference,
+    NoAdapterReference,
+    PairCollate,
+    PairDataset,
+    PreferenceLoss,
+    PreferenceSettings,
+    Reference,
+    cache_key,
+    compute_reference_table,
+    reference_table,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
+    """Trains on the preference pairs and returns {"ckpt": Path, "dpo": summary}."""
+    dpo_dir = Path(run_dir) / "dpo"
+    dpo_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    accelerator = start_accelerator(cfg)
+    family = family_from_config(cfg.model)
+    caps = family.capabilities
+    plan = plan_training(
+        cfg,
+        launch_of(accelerator),
+        compiles=caps.compiles,
+        packs_padding_free=caps.packs_padding_free,
+        compiled_shapes=caps.compiled_shapes,
+    )
+    log.info("%s", plan.describe())
+    family.check_kernels(plan.launch.device, plan.compile)
+    start = starting_point(state)
+    settings = PreferenceSettings.from_config(cfg.preference)
+    kind = reference_kind(cfg, settings, start)
+    log.info("dpo: %s, beta %g, from %s; reference: %s", settings.loss_type, settings.beta, start, kind)
+
+    rows = read_pairs(cfg, dpo_dir)  # read and checked before any weight loads
+    model = build_model(cfg, family, plan, start.model_path, base_name=start.base_name)
+    if start.adapter is not None:
+        load_adapter_weights(start.adapter, model.module)
+    data = build_pair_data(cfg, family, model.bundle, rows, plan, dpo_dir)
+    parts = family.parameter_parts(model.module) if plan.part_lrs else None
+    engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set), parts)
+    reference = build_reference(kind, cfg, family, engine, data, plan, dpo_dir, start)
+    objective = PreferenceLoss(family.sequence_logps, settings, reference)
+    with stage_tracker(cfg, Path(run_dir), state, accelerator) as tracker:
+        outputs = RunOutputs(dpo_dir, cfg, model.bundle.base_path, tracker)
+        trainer = Trainer(engine, data, family_hooks(family, model.bundle), plan.loop, outputs, objective)
+        resumed = trainer.resume(cfg.trainer.resume)
+        started = time.perf_counter()
+        final = trainer.train()
+        summary = summarize(trainer, final, model.counts, resumed, time.perf_counter() - started)
+        if accelerator.is_main_process:
+            report(cfg, dpo_dir, summary, tracker, stage="dpo")
+    return {"ckpt": chosen_checkpoint(dpo_dir), "dpo": summary}
+
+
+# ----- where training starts, and its reference
+@dataclass(frozen=True)
+class StartingPoint:
+    """The weights dpo starts from: a model folder (the base, or a full sft checkpoint) and, to train on, an
+    sft adapter."""
+
+    model_path: str
+    adapter: Path | None = None
+    full: Path | None = None  # the full sft checkpoint model_path is
+
+    @property
+    def base_name(self) -> str | None:
+        """How a new adapter names its base: the full checkpoint it trains on, else the default."""
+        return str(self.full) if self.full is not None else None
+
+    def __str__(self) -> str:
+        return str(self.adapter or self.full or f"the base model {self.model_path}")
+
+
+def starting_point(state: RunState) -> StartingPoint:
+    """Returns what the `ckpt` key names (RunState.resolve resolved it; None: the base model)."""
+    ckpt = state.ckpt
+    if ckpt is None:
+        return StartingPoint(state.model_path)
+    if checkpoint_kind(Path(ckpt)) == "full":
+        return StartingPoint(str(ckpt), full=Path(ckpt))
+    return StartingPoint(str(adapter_base(Path(ckpt), Path(state.model_path))), adapter=Path(ckpt))
+
+
+def reference_kind(cfg: DictConfig, settings: PreferenceSettings, start: StartingPoint) -> str | None:
+    """Returns where the reference comes from: "no_adapter" (the policy with its adapter disabled), "cached"
+    (computed before training), or None for a reference-free loss; preference.reference=auto picks the first
+    when a new LoRA adapter trains (no bias of the base trains with it), else the cache."""
+    if not settings.needs_reference:
+        return None
+    new_adapter = cfg.lora.name != "none" and start.adapter is None and cfg.lora.bias == "none"
+    asked = str(cfg.preference.reference)
+    if asked == "no_adapter" and not new_adapter:
+        why = "training on an sft adapter" if start.adapter is not None else f"lora.bias={cfg.lora.bias}"
+        raise ConfigError(
+            f"preference.reference=no_adapter: {why}, the model with its adapter disabled is not the model "
+            "training starts from; use preference.reference=cached (or auto)"
+        )
+    if asked == "auto":
+        return "no_adapter" if new_adapter else "cached"
+    return asked
+
+
+def build_reference(
+    kind: str | None,
+    cfg: DictConfig,
+    family: Family,
+    engine: TrainingEngine,
+    data: TrainingData,
+    plan: TrainingPlan,
+    dpo_dir: Path,
+    start: StartingPoint,
+) -> Reference | None:
+    """Returns the reference: the adapter disabled, or the table of every pair's log-probabilities under the
+    starting model, read from the run folder's cache or computed now (before any resume loads trained
+    weights)."""
+    accelerator = engine.accelerator
+    if kind is None:
+        return None
+    if kind == "no_adapter":
+        return NoAdapterReference(family.sequence_logps, accelerator.unwrap_model)
+    datasets = [data.train_set, data.val_set] if data.val_set is not None else [data.train_set]
+    pairs = sum(len(d) for d in datasets)
+    loop = plan.loop
+    budget = (loop.eval_batch_size, loop.micro_batch_tokens, 1)
+
+    def compute():
+        return compute_reference_table(
+            engine.model,
+            family.sequence_logps,
+            datasets,
+            data.eval_collate,
+            accelerator,
+            budget,
+            loop.num_workers,
+        )
+
+    key = cache_key(cache_identity(cfg, family, plan, start, datasets))
+    table = reference_table(dpo_dir / CACHE_FILE, key, compute, pairs, accelerator)
+    return CachedReference(table.to(accelerator.device))
+
+
+def cache_identity(
+    cfg: DictConfig, family: Family, plan: TrainingPlan, start: StartingPoint, datasets: Sequence[PairDataset]
+) -> dict:
+    """Returns what the cached reference depends on: every pair (its text and its images' files), the
+    starting weights' files, the family's encoding settings and the precision."""
+    pairs = []
+    for dataset in datasets:
+        for row in dataset.rows:
+            pairs.append([row.origin, row.system, row.history, row.query, row.response, row.rejected])
+            pairs.append([_file_identity(ref) for ref in row.images])
+    return {
+        "pairs": pairs,
+        "model": _weights_identity(Path(start.model_path)),
+        "adapter": _weights_identity(start.adapter) if start.adapter is not None else None,
+        "family": family.name,
+        "settings": family.settings,
+        "max_length": cfg.dataset.max_length,
+        "truncation": cfg.dataset.truncation,
+        "dtype": str(plan.weights_dtype),
+        "mixed_precision": plan.launch.mixed_precision,
+    }
+
+
+def _weights_identity(folder: Path) -> list:
+    return [
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(folder).glob("*.safetensors"))
+    ]
+
+
+def _file_identity(ref: str) -> list:
+    if is_url(ref) or not Path(ref).is_file():
+        return [ref]
+    stat = Path(ref).stat()
+    return [ref, stat.st_size, stat.st_mtime_ns]
+
+
+# ----- the pairs
+def read_pairs(cfg: DictConfig, dpo_dir: Path) -> RawRows:
+    """Returns the dataset's rows, read and checked (no model needed), every one a preference pair: a row
+    without a rejected answer is a problem naming its file:line (dropped under dataset.on_error=skip)."""
+    raw = read_rows(cfg, dpo_dir)
+    kept = []
+    for rows in (raw.rows, raw.val_rows):
+        if rows is None:
+            kept.append(None)
+            continue
+        found = [
+            (
+                i,
+                Problem(
+                    row.origin, "not a preference pair: no rejected answer (rejected_response, or rejected)"
+                ),
+            )
+            for i, row in enumerate(rows)
+            if row.rejected is None
+        ]
+        good, problems = apply_on_error(rows, found, cfg.dataset.on_error)
+        raw.problems += problems
+        kept.append(good)
+    if not kept[0]:
+        raise DatasetError(f"dataset {cfg.dataset.name} holds no preference pairs to train on")
+    return RawRows(kept[0], kept[1], raw.problems)
+
+
+class PairCounter:
+    """Counts a pair's two answers with the family's token counter: returns the longer (validation: both must
+    fit dataset.max_length) and keeps both for the token budget."""
+
+    def __init__(self, count: Callable[[Row], int | None]) -> None:
+        self.count = count
+        self.sizes: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, row: Row) -> int | None:
+        chosen = self.count(row)
+        rejected = self.count(dataclasses.replace(row, response=row.rejected))
+        if chosen is None or rejected is None:
+            return None
+        self.sizes[id(row)] = (chosen, rejected)
+        return max(chosen, rejected)
+
+
+def build_pair_data(
+    cfg: DictConfig, family: Family, bundle: Any, rows: RawRows, plan: TrainingPlan, dpo_dir: Path
+) -> TrainingData:
+    """Returns the training and validation pairs that fit (problems into dpo/dataset_problems.jsonl),
+    encoded by the family, with its collates made pair collates and each pair's size in the token budget
+    (its two answers' tokens, its vision patches once)."""
+    loop = plan.loop
+    images = ImageFiles()
+    counter = PairCounter(
+        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images)
+    )
+    splits = split_dataset(
+        rows, cfg.dataset, cfg.seed, counter, problems_path=dpo_dir / "dataset_problems.jsonl"
+    )
+    weight = resolve_patch_weight(cfg.trainer.patch_weight, family, bundle) if loop.token_budget else 0.0
+    patches = family.patch_counter(bundle, images) if weight > 0 else None
+
+    def pair_set(split: list[Row], offset: int) -> PairDataset:
+        sizes = [counter.sizes[id(row)] for row in split]
+        chosen = [dataclasses.replace(row, num_tokens=c) for row, (c, _) in zip(split, sizes, strict=True)]
+        rejected = [
+            dataclasses.replace(row, response=row.rejected, num_tokens=r)
+            for row, (_, r) in zip(split, sizes, strict=True)
+        ]
+
+        def encoded(answers: list[Row]):
+            return family.dataset(bundle, answers, cfg.dataset.max_length, cfg.dataset.truncation, images)
+
+        budget = budget_sizes(
+            [c + r for c, r in sizes], [patches(row) for row in split] if patches else None, weight
+        )
+        return PairDataset(encoded(chosen), encoded(rejected), budget, offset, rows=split)
+
+    train_set = pair_set(splits.train, 0)
+    val_set = pair_set(splits.val, len(train_set))
+    log.info("dpo: %d training pairs, %d validation pairs", len(train_set), len(val_set))
+    return TrainingData(
+        train_set,
+        val_set,
+        collate=PairCollate(
+            family.training_collate(bundle, loop.pad_to_multiple, loop.packing, plan.compile)
+        ),
+        eval_collate=PairCollate(family.eval_collate(bundle)),
+        lengths=train_set.token_counts() if loop.token_budget else None,
+        val_lengths=val_set.token_counts() if loop.token_budget else None,
+    )

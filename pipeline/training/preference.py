@@ -1,0 +1,382 @@
+"""Preference training: the objective dpo gives the training loop, its pair batches and its reference.
+
+A training row is a preference pair: a prompt with its images and two answers, the chosen and the rejected.
+Both answers of a pair go into the same micro-batch, as two samples of the family's own collate (right-padded
+or packed), the chosen answers of the micro-batch's n pairs first and their rejected answers after them, so
+that the family runs the vision tower once per pair (Family.sequence_logps) and the token budget counts both
+answers (a pair's size is its two token counts plus its vision patches once). Each answer's log-probability
+is the sum over its tokens under the policy (the model being trained) and under the reference.
+
+Losses (`preference.loss_type`; TRL's and ms-swift's definitions), with r = beta x (policy - reference):
+
+    sigmoid  DPO: -log sigmoid(r_chosen - r_rejected), label-smoothed (cDPO) when label_smoothing > 0
+    ipo      IPO: (h - 1 / (2 beta))^2 with h the log-ratio margin of the answers' mean token log-probs
+    simpo    SimPO, reference-free: -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma)
+
+`rpo_alpha` adds that weight x the chosen answer's mean token negative log-likelihood (ms-swift's RPO term,
+the SFT loss RLAIF-V mixes in). Every term is summed over pairs, so the loop normalises the loss by the pairs
+of the whole accumulation window on all processes, as it does sft's by tokens: 1 and N processes give the
+same gradient for the same global batch.
+
+The reference (`Reference`): the same weights with the LoRA adapter disabled (`NoAdapterReference`: no
+second copy in memory), or log-probabilities computed once before training and cached in the run folder
+(`CachedReference`, `reference_table`): full fine-tuning, and training on from an sft adapter, whose model
+is the reference. The cache file carries a key over the pairs and the model it was computed with, so a
+resumed run reuses it and a changed one recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.families.base import PAIR_INDEX, PAIRS, SequenceLogps
+from pipeline.training.batching import plan_window
+from pipeline.training.loop import ObjectiveSums, loader_options
+from pipeline.utils.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+REFERENCE_FREE = ("simpo",)
+# the losses whose answers are scored by their mean token log-probability rather than the sum
+MEAN_LOGPS = ("ipo", "simpo")
+CACHE_FILE = "reference_logps.safetensors"
+STATS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+# `logps(model, batch)`: each sample's summed log-probability (Family.sequence_logps)
+LogpsFn = Callable[[nn.Module, dict], SequenceLogps]
+
+
+@dataclass(frozen=True)
+class PreferenceSettings:
+    """The objective's settings, resolved from the preference config group."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    rpo_alpha: float | None = None
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 1.0
+
+    @classmethod
+    def from_config(cls, preference: Any) -> PreferenceSettings:
+        """Returns the settings of the `preference` config node; beta null = ms-swift's (2.0 for simpo, else
+        0.1)."""
+        loss = str(preference.loss_type)
+        if loss not in LOSS_TYPES:
+            raise ValueError(f"preference.loss_type={loss} is not one of {', '.join(LOSS_TYPES)}")
+        beta = preference.beta if preference.beta is not None else (2.0 if loss == "simpo" else 0.1)
+        return cls(
+            loss_type=loss,
+            beta=float(beta),
+            rpo_alpha=float(preference.rpo_alpha) if preference.rpo_alpha else None,
+            label_smoothing=float(preference.label_smoothing),
+            simpo_gamma=float(preference.simpo_gamma),
+        )
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE
+
+
+def preference_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    settings: PreferenceSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns each pair's loss, and the rewards of its chosen and rejected answer (detached).
+
+    The log-probabilities are per pair [n]: summed over the answer's tokens (sigmoid), or their means (ipo,
+    simpo); the reference's are None for a reference-free loss."""
+    beta, smoothing = settings.beta, settings.label_smoothing
+    if settings.loss_type == "simpo":
+        margin = beta * (chosen - rejected) - settings.simpo_gamma
+        losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
+        return losses, (beta * chosen).detach(), (beta * rejected).detach()
+    if ref_chosen is None or ref_rejected is None:
+        raise ValueError(f"preference.loss_type={settings.loss_type} needs the reference's log-probabilities")
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    logits = chosen_ratio - rejected_ratio
+    if settings.loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+# ----- the reference
+class Reference:
+    """Where the reference log-probabilities of a pair batch come from: `logps(model, batch)` returns each
+    sample's summed log-probability [2n] (no gradient)."""
+
+    def logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoAdapterReference(Reference):
+    """The policy's own weights with its LoRA adapter disabled (PEFT's `disable_adapter`): the model the
+    adapter started from, with no second copy in memory."""
+
+    def __init__(self, logps_fn: LogpsFn, unwrap: Callable[[nn.Module], nn.Module]) -> None:
+        self.logps_fn = logps_fn
+        self.unwrap = unwrap  # the PeftModel under DDP / FSDP / DeepSpeed's wrapper
+
+    @torch.no_grad()
+    def logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        peft_model = self.unwrap(model)
+        with peft_model.disable_adapter():
+            return self.logps_fn(peft_model, batch).logps.detach()
+
+
+class CachedReference(Reference):
+    """Log-probabilities computed once before training (`reference_table`), looked up by pair index."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table  # [pairs, 2]: chosen, rejected
+
+    def logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        index = batch[PAIR_INDEX].to(self.table.device)
+        rows = self.table[index]
+        device = batch["input_ids"].device
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
+
+
+class PreferenceLoss:
+    """dpo's objective for the training loop (pipeline.training.loop.Objective): the preference loss summed
+    over the micro-batch's pairs, with the rewards, their margin, the accuracy (the share of pairs whose chosen
+    answer gets the larger reward) and the policy's log-probabilities logged beside it."""
+
+    name = "dpo"
+
+    def __init__(self, logps_fn: LogpsFn, settings: PreferenceSettings, reference: Reference | None) -> None:
+        if settings.needs_reference and reference is None:
+            raise ValueError(f"preference.loss_type={settings.loss_type} needs a reference")
+        self.logps_fn = logps_fn
+        self.settings = settings
+        self.reference = reference if settings.needs_reference else None
+        self.stat_names = STATS + (("nll",) if settings.rpo_alpha else ())
+
+    def units(self, batch: dict) -> int:
+        return int(batch[PAIRS])
+
+    def sums(self, model: nn.Module, batch: dict) -> ObjectiveSums:
+        n = int(batch[PAIRS])
+        policy = self.logps_fn(model, batch)
+        tokens = policy.tokens.clamp(min=1)
+        mean = self.settings.loss_type in MEAN_LOGPS
+        scores = policy.logps / tokens if mean else policy.logps
+        ref_chosen = ref_rejected = None
+        if self.reference is not None:
+            ref = self.reference.logps(model, batch).to(scores.dtype)
+            ref = ref / tokens if mean else ref
+            ref_chosen, ref_rejected = ref[:n], ref[n:]
+        losses, chosen_rewards, rejected_rewards = preference_losses(
+            scores[:n], scores[n:], ref_chosen, ref_rejected, self.settings
+        )
+        loss_sum = losses.sum()
+        logps = policy.logps.detach()
+        stats = {
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "logps/chosen": logps[:n].sum(),
+            "logps/rejected": logps[n:].sum(),
+        }
+        if self.settings.rpo_alpha:
+            nll = -(policy.logps[:n] / tokens[:n]).sum()  # each chosen answer's mean token NLL
+            loss_sum = loss_sum + self.settings.rpo_alpha * nll
+            stats["nll"] = nll.detach()
+        return ObjectiveSums(loss_sum, stats)
+
+
+# ----- pair batches
+@dataclass
+class PairSample:
+    """One encoded pair: its number in the dataset, and its chosen and rejected answers encoded by the family
+    (each the whole conversation, prompt and images included)."""
+
+    index: int
+    chosen: Any
+    rejected: Any
+
+
+class PairDataset(Dataset):
+    """Pairs encoded on access from two of the family's datasets over the same rows (one answering with the
+    chosen answer, one with the rejected); `offset` numbers the pairs after another split's (the reference
+    table holds the training pairs, then the validation pairs); `rows`: the pairs' rows, as read."""
+
+    def __init__(
+        self,
+        chosen: Dataset,
+        rejected: Dataset,
+        sizes: Sequence[int],
+        offset: int = 0,
+        rows: Sequence[Any] = (),
+    ) -> None:
+        if len(chosen) != len(rejected) or len(chosen) != len(sizes):
+            raise ValueError(f"{len(chosen)} chosen, {len(rejected)} rejected answers and {len(sizes)} sizes")
+        self.rows = list(rows)
+        self.chosen = chosen
+        self.rejected = rejected
+        self.sizes = list(sizes)
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, index: int) -> PairSample:
+        return PairSample(self.offset + index, self.chosen[index], self.rejected[index])
+
+    def token_counts(self) -> list[int]:
+        """Returns every pair's size in the token budget: both answers' tokens."""
+        return list(self.sizes)
+
+
+class PairCollate:
+    """Collates pairs with the family's collate: the chosen answers of the n pairs, then their rejected answers
+    (samples i and n + i are pair i), plus PAIRS = n and PAIR_INDEX (each pair's number)."""
+
+    def __init__(self, collate: Callable[[list], dict]) -> None:
+        self.collate = collate
+
+    def __call__(self, pairs: list[PairSample]) -> dict:
+        batch = self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        batch[PAIRS] = len(pairs)
+        batch[PAIR_INDEX] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+        return batch
+
+
+# ----- the cached reference
+def cache_key(identity: dict) -> str:
+    """Returns the sha256 of what a reference table depends on (the pairs, the model, the encoding)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_cached_table(path: Path, key: str, pairs: int) -> torch.Tensor | None:
+    """Returns the reference table cached at `path` when it was computed for `key`, else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("key") != key:
+                log.info(
+                    "reference log-probabilities in %s are for other pairs or weights: recomputing", path
+                )
+                return None
+            table = handle.get_tensor("logps")
+    except (OSError, ValueError, RuntimeError) as err:  # a damaged file is computed again
+        log.warning("reference log-probabilities in %s cannot be read (%s): recomputing", path, err)
+        return None
+    return table if table.shape == (pairs, 2) else None
+
+
+def write_cached_table(path: Path, table: torch.Tensor, key: str) -> None:
+    """Writes the reference table with its key, atomically (safetensors)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({"logps": table.contiguous()}, metadata={"key": key}))
+
+
+@torch.no_grad()
+def compute_reference_table(
+    model: nn.Module,
+    logps_fn: LogpsFn,
+    datasets: Sequence[PairDataset],
+    collate: Callable[[list], dict],
+    accelerator: Accelerator,
+    budget: tuple[int, int, int],
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """Returns [pairs, 2]: every pair's reference log-probabilities (chosen, rejected) under `model` as it is,
+    in eval mode: one pass over the pairs of every dataset (numbered by their offsets), each process scoring
+    every world-th pair (and as many micro-batches as the process with the most, for engines that gather
+    weights: the extra ones count for nothing), summed across processes. `budget` is (batch_size, micro_batch_tokens, pad_to_multiple) of the training plan."""
+    batch_size, tokens, multiple = budget
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = sum(len(d) for d in datasets)
+    table = torch.zeros(total, 2, device=accelerator.device)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=total, desc="reference log-probs", unit="pair", disable=not accelerator.is_main_process)
+    for dataset in datasets:
+        if len(dataset) == 0:
+            continue
+        rows = list(range(len(dataset)))
+        plans = plan_window(
+            [rows[r::world] for r in range(world)], dataset.token_counts(), batch_size, tokens, multiple
+        )
+        counted = len(plans[rank])
+        batches = plans[rank] + [[0]] * (max(len(p) for p in plans) - counted)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            **loader_options(num_workers, accelerator.device.type == "cuda"),
+        )
+        for i, batch in enumerate(loader):
+            batch = {
+                k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            }
+            with accelerator.autocast():
+                logps = logps_fn(model, batch).logps.float()
+            if i >= counted:
+                continue
+            n = int(batch[PAIRS])
+            index = batch[PAIR_INDEX]
+            table[index, 0] = logps[:n]
+            table[index, 1] = logps[n:]
+            bar.update(n * world)
+    bar.close()
+    model.train(was_training)
+    if world > 1:
+        table = accelerator.reduce(table, reduction="sum")  # every pair was scored by one process
+    return table.cpu()
+
+
+def reference_table(
+    path: Path,
+    key: str,
+    compute: Callable[[], torch.Tensor],
+    pairs: int,
+    accelerator: Accelerator,
+) -> torch.Tensor:
+    """Returns the reference table cached at `path` for `key`, else computes it and writes it there (rank 0,
+    atomically), so a resumed run reuses it."""
+    table = read_cached_table(path, key, pairs)
+    found = torch.tensor([0.0 if table is None else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:  # every process computes its share, or none does
+        found = accelerator.reduce(found, reduction="min")
+    if table is not None and float(found) == 1.0:
+        log.info("reference log-probabilities of %d pairs read from %s", pairs, path)
+        return table
+    table = compute()
+    if accelerator.is_main_process:
+        write_cached_table(path, table, key)
+        log.info("reference log-probabilities of %d pairs cached in %s", pairs, path)
+    accelerator.wait_for_everyone()
+    return table

@@ -1,0 +1,164 @@
+"""The dpo stage on the tiny twins (CPU, fp32): every family through `+experiment=dpo` then merge and infer,
+exact resume, the cached reference of full fine-tuning, and training on from an sft adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.__main__ import run_pipeline
+from pipeline.config import ConfigError, validate
+from pipeline.stages import dpo
+from pipeline.training import loop
+from pipeline.training.checkpoints import list_checkpoints
+from pipeline.training.preference import CACHE_FILE, read_cached_table
+from tests.helpers import compose_config, copy_twin, log_records, losses_by_step, read_rows, run_stage
+
+# A few steps on a few pairs of the bundled preference demo: enough to pass through every stage.
+QUICK = [
+    "device=cpu",
+    "dataset.max_rows=12",
+    "dataset.test_ratio=0.25",
+    "trainer.max_steps=2",
+    "trainer.batch_size=2",
+    "trainer.eval_steps=2",
+    "trainer.logging_steps=1",
+    "eval.max_samples=2",
+    "eval.max_new_tokens=2",
+    "eval.compare_base=false",
+    "infer.max_samples=2",
+    "infer.max_new_tokens=2",
+    "merge.verify_samples=1",
+]
+FAMILIES = ("minicpm_v2", "qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen")
+
+
+def config(twin: Path, name: str, run_dir: Path, *extra: str):
+    return compose_config(
+        [
+            "+experiment=dpo",
+            f"model={name}_tiny",
+            f"model.path={twin}",
+            f"output_root={run_dir.parent}",
+            *QUICK,
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_trains_on_pairs_then_merges_and_answers(name, family_twin, tmp_path):
+    twin = copy_twin(family_twin(name), tmp_path / f"{name}_tiny")
+    run_dir = tmp_path / "run"
+    run_pipeline(config(twin, name, run_dir), run_dir)
+
+    records = log_records(run_dir / "dpo")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r[key]) for r in steps for key in REWARDS)
+    assert (
+        records[0]["step"] == 0 and records[0]["eval_rewards/margins"] == 0.0
+    )  # the policy is the reference
+    assert (run_dir / "dpo" / "checkpoint-2" / "adapter_config.json").is_file()
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["pref_accuracy"] <= 1.0 and math.isfinite(metrics["pref_margin"])
+    assert Path(metrics["checkpoint"]).parent == (run_dir / "dpo").resolve()
+    merged = json.loads((run_dir / "merge" / "merge_info.json").read_text())
+    assert Path(merged["output"]).is_dir()
+    results = read_rows(run_dir / "infer" / "results.jsonl")
+    assert len(results) == 2 and all(isinstance(r["response"], str) for r in results)
+
+
+def test_resume_repeats_the_uninterrupted_losses(family_twin, tmp_path, monkeypatch):
+    twin = copy_twin(family_twin("qwen2_5_vl"), tmp_path / "qwen2_5_vl_tiny")
+    steps = ["trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=4", "stages=[dpo]"]
+    whole = tmp_path / "whole"
+    run_stage(dpo, config(twin, "qwen2_5_vl", whole, *steps), whole)
+    reference = losses_by_step(whole / "dpo")
+
+    crashed = tmp_path / "crashed"
+    real_step = loop.Trainer._step
+    calls = {"n": 0}
+
+    def crash_at_step_3(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(dpo, config(twin, "qwen2_5_vl", crashed, *steps), crashed)
+    monkeypatch.setattr(loop.Trainer, "_step", real_step)
+    assert [p.name for p in list_checkpoints(crashed / "dpo")] == ["checkpoint-2"]
+
+    out = run_stage(dpo, config(twin, "qwen2_5_vl", crashed, *steps), crashed)
+    assert out["dpo"]["resumed_from"].endswith("checkpoint-2")
+    resumed = losses_by_step(crashed / "dpo")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_full_finetuning_caches_the_reference_once(family_twin, tmp_path, caplog):
+    twin = copy_twin(family_twin("minicpm_v2"), tmp_path / "minicpm_v2_tiny")
+    run_dir = tmp_path / "full"
+    cfg = config(twin, "minicpm_v2", run_dir, "lora=none", "stages=[dpo]")
+    run_stage(dpo, cfg, run_dir)
+    cache = run_dir / "dpo" / CACHE_FILE
+    written = cache.stat().st_mtime_ns
+    records = log_records(run_dir / "dpo")
+    assert records[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # the cache is the start
+    assert (run_dir / "dpo" / "checkpoint-2" / "config.json").is_file()  # full weights
+
+    # the same run again (a new plan in the same folder): the reference is read, not computed
+    with caplog.at_level(logging.INFO, logger="pipeline.training.preference"):
+        run_stage(
+            dpo,
+            config(twin, "minicpm_v2", run_dir, "lora=none", "stages=[dpo]", "trainer.resume=never"),
+            run_dir,
+        )
+    assert cache.stat().st_mtime_ns == written
+    assert "read from" in caplog.text
+    assert read_cached_table(cache, "the key of other pairs or weights", 9) is None
+
+
+def test_dpo_trains_on_an_sft_adapter_with_that_model_as_reference(family_twin, tmp_path):
+    twin = copy_twin(family_twin("qwen2_5_vl"), tmp_path / "qwen2_5_vl_tiny")
+    sft_run = tmp_path / "sft"
+    sft_cfg = compose_config(
+        [
+            "+experiment=lora_qkv",
+            "model=qwen2_5_vl_tiny",
+            f"model.path={twin}",
+            "dataset=demo_pairs",  # sft trains on the chosen answers
+            "stages=[sft]",
+            *QUICK,
+        ]
+    )
+    run_pipeline(sft_cfg, sft_run)
+    run_dir = tmp_path / "dpo"
+    cfg = config(twin, "qwen2_5_vl", run_dir, f"ckpt={sft_run}", "stages=[dpo]")
+    out = run_stage(dpo, cfg, run_dir)
+    assert (run_dir / "dpo" / CACHE_FILE).is_file()  # the sft model's log-probs, cached
+    first = log_records(run_dir / "dpo")[0]
+    assert first["step"] == 0 and first["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    saved = json.loads((Path(out["ckpt"]) / "adapter_config.json").read_text())
+    sft_saved = json.loads((sft_run / "sft" / "checkpoint-2" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["target_modules"]) == (sft_saved["r"], sft_saved["target_modules"])
+
+
+def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused():
+    with pytest.raises(ConfigError, match="both sft and dpo"):
+        validate(compose_config(["+experiment=dpo", "stages=[sft,dpo]"]))
+    with pytest.raises(ConfigError, match="no_adapter needs a LoRA adapter"):
+        validate(
+            compose_config(
+                ["+experiment=dpo", "lora=none", "preference.reference=no_adapter", "stages=[dpo]"]
+            )
+        )

@@ -1,0 +1,188 @@
+"""The preference objective on the tiny twins (CPU, fp32): each answer's log-probability, the losses and their
+gradients against a direct computation, the same sums however the pairs are batched, and the vision tower
+run once per pair."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.data.demo import ensure_demo_pairs
+from pipeline.data.images import ImageFiles
+from pipeline.data.sources import read_custom_file
+from pipeline.families import get_family
+from pipeline.families.base import PAIRS
+from pipeline.training.preference import (
+    CachedReference,
+    NoAdapterReference,
+    PairCollate,
+    PairSample,
+    PreferenceLoss,
+    PreferenceSettings,
+)
+
+FAMILIES = ("minicpm_v2", "qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
+LORA = OmegaConf.create(
+    {
+        "name": "all",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": None,
+        "modules_to_save": [],
+        "bias": "none",
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def pair_rows(tmp_path_factory) -> list:
+    """Eight of the bundled demo's preference pairs (an image each, one of them larger and sliced)."""
+    folder = ensure_demo_pairs(tmp_path_factory.mktemp("pairs") / "demo_pairs", n=8)
+    rows, problems = read_custom_file(folder / "train.jsonl")
+    assert not problems and all(row.rejected for row in rows)
+    return rows
+
+
+def encoded_pairs(family, bundle, rows) -> list[PairSample]:
+    images = ImageFiles()
+    chosen = family.dataset(bundle, rows, 4096, "delete", images)
+    rejected = family.dataset(
+        bundle, [dataclasses.replace(r, response=r.rejected) for r in rows], 4096, "delete", images
+    )
+    return [PairSample(i, chosen[i], rejected[i]) for i in range(len(rows))]
+
+
+def loaded(family_twin, name: str, lora: bool = True):
+    family = get_family(name)
+    bundle = family.load_bundle(family_twin(name))
+    torch.manual_seed(0)
+    model = family.prepare_training(bundle, LORA, False, str(bundle.base_path)) if lora else bundle.model
+    if lora:  # LoRA's B starts at zero: move it, so that the policy differs from the reference
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(std=0.02)
+    return family, bundle, model.train()
+
+
+def alone(family, bundle, model, sample) -> torch.Tensor:
+    """One encoded answer's summed log-probability over its supervised tokens, from its full logits."""
+    logits = family.logits_fn(bundle, torch.device("cpu"))(model, sample)
+    labels = torch.tensor(sample.labels[1:])
+    mask = labels != -100
+    return logits[:-1].log_softmax(-1)[mask].gather(-1, labels[mask][:, None]).sum()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_pair_batch_scores_each_answer_as_alone_with_the_vision_tower_run_once(
+    name, family_twin, pair_rows
+):
+    family, bundle, model = loaded(family_twin, name)
+    model.eval()
+    pairs = encoded_pairs(family, bundle, pair_rows[:3])
+    calls = []
+    vision = bundle.core.get_submodule(family.freeze_groups().vision[0])
+    hook = vision.register_forward_hook(lambda module, args, out: calls.append(args[0]))
+    with torch.no_grad():
+        batch = PairCollate(family.eval_collate(bundle))(pairs)
+        scored = family.sequence_logps(model, batch)
+    hook.remove()
+    with torch.no_grad():
+        direct = [alone(family, bundle, model, p.chosen) for p in pairs]
+        direct += [alone(family, bundle, model, p.rejected) for p in pairs]
+    torch.testing.assert_close(scored.logps, torch.stack(direct), rtol=1e-4, atol=1e-4)
+    # what the tower takes: images (MiniCPM-V-2), patch rows (the Qwen VLs), patches along the last axis (4.6)
+    size = (lambda x: int(x.shape[-1])) if name == "minicpm_v4_6" else (lambda x: int(x.shape[0]))
+    chosen = family.eval_collate(bundle)([p.chosen for p in pairs])["pixel_values"]
+    once = sum(len(images) for images in chosen) if isinstance(chosen, list) else size(chosen)
+    assert sum(size(x) for x in calls) == once  # the chosen answers' images only: once per pair
+
+
+def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torch.Tensor:
+    """The loss of the pairs written out from the answers' summed log-probabilities [2n]."""
+    n = len(policy) // 2
+    mean = settings.loss_type in ("ipo", "simpo")
+    pol = policy / tokens if mean else policy
+    beta, ls = settings.beta, settings.label_smoothing
+    if settings.loss_type == "simpo":
+        h = beta * (pol[:n] - pol[n:]) - settings.simpo_gamma
+        loss = (-(1 - ls) * torch.log(torch.sigmoid(h)) - ls * torch.log(torch.sigmoid(-h))).sum()
+    else:
+        ref = reference / tokens if mean else reference
+        h = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+        if settings.loss_type == "ipo":
+            loss = ((h - 1 / (2 * beta)) ** 2).sum()
+        else:
+            loss = (
+                -(1 - ls) * torch.log(torch.sigmoid(beta * h)) - ls * torch.log(torch.sigmoid(-beta * h))
+            ).sum()
+    if settings.rpo_alpha:
+        loss = loss + settings.rpo_alpha * (-(policy[:n] / tokens[:n])).sum()
+    return loss
+
+
+SETTINGS = {
+    "sigmoid": PreferenceSettings("sigmoid", beta=0.1, label_smoothing=0.1),
+    "ipo": PreferenceSettings("ipo", beta=0.5),
+    "simpo": PreferenceSettings("simpo", beta=2.0, simpo_gamma=0.5),
+    "sigmoid+rpo": PreferenceSettings("sigmoid", beta=0.1, rpo_alpha=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_loss_and_gradient_equal_a_direct_computation(case, family_twin, pair_rows):
+    settings = SETTINGS[case]
+    family, bundle, model = loaded(family_twin, "qwen2_5_vl")
+    pairs = encoded_pairs(family, bundle, pair_rows[:3])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    objective = PreferenceLoss(
+        family.sequence_logps, settings, NoAdapterReference(family.sequence_logps, lambda m: m)
+    )
+    out = objective.sums(model, PairCollate(family.eval_collate(bundle))(pairs))
+    grads = torch.autograd.grad(out.loss_sum, trainable)
+
+    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    policy = torch.stack([alone(family, bundle, model, a) for a in answers])
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.stack([alone(family, bundle, model, a) for a in answers])
+    tokens = torch.tensor([float(sum(label != -100 for label in a.labels[1:])) for a in answers])
+    expected = direct_loss(settings, policy, reference, tokens)
+    expected_grads = torch.autograd.grad(expected, trainable)
+
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    margins = out.stats["rewards/margins"] / len(pairs)
+    assert torch.isfinite(margins) and 0 <= float(out.stats["rewards/accuracies"]) <= len(pairs)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpm_v2"])
+def test_the_sums_are_the_same_in_one_batch_in_two_and_packed(name, family_twin, pair_rows):
+    """The token budget cuts a step's pairs into micro-batches and packing lays each into one row: the loss
+    summed over the step's pairs and its gradient are the same every way (the loop divides by the pairs)."""
+    family, bundle, model = loaded(family_twin, name)
+    pairs = encoded_pairs(family, bundle, pair_rows[:4])
+    settings = PreferenceSettings("sigmoid", beta=0.1)
+    # a cached reference: any fixed numbers serve to compare the ways of batching
+    table = torch.linspace(-30.0, -5.0, 2 * len(pairs)).view(len(pairs), 2)
+    objective = PreferenceLoss(family.sequence_logps, settings, CachedReference(table))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def total(groups, collate) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = sum(objective.sums(model, PairCollate(collate)(group)).loss_sum for group in groups)
+        return loss, list(torch.autograd.grad(loss, trainable))
+
+    padded = family.training_collate(bundle)
+    whole, whole_grads = total([pairs], padded)
+    halves, halves_grads = total([pairs[:2], pairs[2:]], padded)
+    packed, packed_grads = total([pairs], family.training_collate(bundle, packed=True))
+    for loss, grads in ((halves, halves_grads), (packed, packed_grads)):
+        torch.testing.assert_close(loss, whole, rtol=1e-4, atol=1e-5)
+        for got, want in zip(grads, whole_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    assert PairCollate(padded)(pairs)[PAIRS] == len(pairs)
