@@ -298,6 +298,7 @@ def write_hf_dataset(dataset, folder: Path, form: str) -> Path:
 
 # ----- videos
 
+
 def write_test_video(
     path: str | os.PathLike, frames: int = 8, width: int = 64, height: int = 48, fps: int = 4, seed: int = 0
 ) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,6 +17,7 @@ class Row:
     origin: str  # "path/to/file.jsonl:17" (1-based line), "coco:validation:3", ... used in every message
     references: list[str] | None = None  # every reference answer when a source has several (COCO captions)
     num_tokens: int | None = None  # encoded length, image tokens included; set by validation
+    videos: list[str] = field(default_factory=list)  # absolute local paths or http(s) URLs (<video> tags)
 
 
 @dataclass

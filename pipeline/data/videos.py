@@ -137,4 +137,3 @@ def decode_frames(ref: str, indices: Sequence[int], cache_dir: Path | None = Non
     finally:
         container.close()
     return np.stack([picked[int(i)] for i in indices])
-

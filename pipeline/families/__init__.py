@@ -49,9 +49,7 @@ def get_family(
     if name not in FAMILIES:
         raise FamilyError(f"model.family={name} is not a known family; valid: {', '.join(FAMILIES)}")
     module, cls = FAMILIES[name].split(":")
-    family = getattr(importlib.import_module(module), cls)(
-        settings, vision_attention, video=video, **kernels
-    )
+    family = getattr(importlib.import_module(module), cls)(settings, vision_attention, video=video, **kernels)
     if family.name != name:
         raise FamilyError(
             f"family class {FAMILIES[name]} calls itself {family.name!r}, registered as {name!r}"

@@ -773,6 +773,13 @@ class Family(ABC):
         """Returns a row's generation prompt (its response left out) encoded, ready for
         collate_for_generation; raises an error naming the row when it exceeds `max_length` tokens."""
 
+    def encode_row_from(self, bundle: Bundle, row: RowLike, source: ImageSource, max_length: int) -> Any:
+        """Returns encode_row's prompt with the row's images (and videos, where the family takes them) read
+        from `source`; a family without video refuses a row that has some, naming it."""
+        if row_video_refs(row):
+            raise FamilyError(f"{row.origin}: {self.video_limits().describe()}")
+        return self.encode_row(bundle, row, row_images(row, source), max_length)
+
     @abstractmethod
     def generate_batch(
         self, bundle: Bundle, samples: Sequence[Any], settings: Any, generator: torch.Generator | None = None

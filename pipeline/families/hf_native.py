@@ -845,6 +845,12 @@ class HFNativeFamily(Family):
             )
         return sample
 
+    def encode_row_from(
+        self, bundle: Bundle, row: RowLike, source: ImageSource, max_length: int
+    ) -> EncodedSample:
+        videos = self.row_videos(bundle.processor, row, source)
+        return self.encode_row(bundle, row, row_images(row, source), max_length, videos)
+
     @torch.no_grad()
     def generate_batch(
         self,

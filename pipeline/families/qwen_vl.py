@@ -134,7 +134,9 @@ class QwenVL(HFNativeFamily):
             size = video_processor.size
             video_processor.size = SizeDict(shortest_edge=min(size.shortest_edge, most), longest_edge=most)
         if getattr(video_processor, "cap_pixels_per_frame", False) is None:
-            video_processor.cap_pixels_per_frame = False  # size.longest_edge as it is (no warning on each call)
+            video_processor.cap_pixels_per_frame = (
+                False  # size.longest_edge as it is (no warning on each call)
+            )
 
     def video_frame_picker(self, processor: Any) -> Callable[[VideoInfo], Sequence[int]]:
         """Samples as the video processor does (its `sample_frames` at its fps and frame bounds); a stream
