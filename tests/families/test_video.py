@@ -102,3 +102,14 @@ def test_minicpm_v2_refuses_a_video_row(family_twin, tmp_path):
         FamilyError, match=r"rows.jsonl:3: MiniCPM-V-2 \(model.family=minicpm_v2\) takes no video"
     ):
         family.encode_row_from(bundle, row, ImageFiles(), 512)
+
+
+def test_the_config_validates_the_video_keys():
+    from pipeline.config import ConfigError, validate
+    from tests.helpers import compose_config
+
+    validate(compose_config(["model=qwen3_vl_tiny", "model.video_fps=1", "model.video_max_frames=8"]))
+    with pytest.raises(ConfigError, match="model.video_fps: MiniCPM-V-2 .*takes no video"):
+        validate(compose_config(["model.video_fps=1"]))
+    with pytest.raises(ConfigError, match="model.video_max_frames=0 is out of range"):
+        validate(compose_config(["model=qwen2_5_vl_tiny", "model.video_max_frames=0"]))
