@@ -172,7 +172,7 @@ def _parse_images(
     if value is None:
         return [], []
     if not isinstance(value, list):
-        return [], [f"'{key}' must be a list of {what} path or URL strings, got {_json_type(value)}"]
+        return [], [f"'{key}' must be a list of path or URL strings, got {_json_type(value)}"]
     bad = [k for k, ref in enumerate(value) if not (isinstance(ref, str) and ref.strip())]
     if bad:
         return [], [
