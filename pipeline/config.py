@@ -54,6 +54,13 @@ class ModelConfig:
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
     # a transformers-native family's resolution settings (e.g. max_pixels); MiniCPM-V-2 uses the keys above
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # video frame sampling of the families that take video (null = the processor's own default): frames per
+    # second (Qwen VLs: 2), the most frames per video (Qwen VLs: 768; MiniCPM-V 4.6: 128, at one a second),
+    # and the video processor's pixel bound (its size.longest_edge: Qwen2.5-VL per frame, Qwen3-VL over all
+    # sampled frames); a family refuses a key it does not read
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_max_pixels: int | None = None
     # the HF-native families' vision towers: auto = one variable-length FlashAttention call per layer over
     # all images (or windows) where torch's kernel runs (Ampere+ CUDA, bf16/fp16), else transformers' SDPA loop
     # over them; varlen; sdpa. MiniCPM-V-2's own tower ignores it.
@@ -110,6 +117,9 @@ class DatasetConfig:
     )
     max_rows: int | None = None
     system: str | None = None
+    # the longest video (seconds) a row may hold; longer ones are problems (null = no limit). The processors
+    # sample at most video_max_frames frames, so a longer video is seen ever more sparsely
+    max_video_seconds: float | None = 3600.0
     # dataset=hf (Hugging Face datasets): the split and subset (config name) to read, and whether a hub id may
     # be downloaded (as model.trust_hub); cache_dir: where datasets keeps its Arrow copies (null = its own)
     split: str = "train"
@@ -339,6 +349,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # (key, lowest allowed value, highest allowed value or None); None values are skipped
 RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("model.max_slice_nums", 1, None),
+    ("model.video_fps", 1e-3, None),
+    ("model.video_max_frames", 1, None),
+    ("model.video_max_pixels", 1, None),
+    ("dataset.max_video_seconds", 1e-3, None),
     ("model.lora_lr", 1e-12, None),
     ("model.full_lr", 1e-12, None),
     ("lora.r", 1, None),
@@ -706,7 +720,7 @@ def _check_dataset(tree: dict) -> list[str]:
 
 def _check_family(tree: dict) -> list[str]:
     model = tree["model"]
-    from pipeline.families import families_that, get_family  # imports the family's module only
+    from pipeline.families import families_that, get_family, video_settings  # the family's module only
     from pipeline.families.base import FamilyError
 
     family = get_family(model["family"])
@@ -721,6 +735,10 @@ def _check_family(tree: dict) -> list[str]:
         get_family(family.name, family.settings_from_config(OmegaConf.create(model)))
     except FamilyError as err:
         problems.append(f"model.processor_kwargs: {err}")
+    try:
+        get_family(family.name, None, video=video_settings(OmegaConf.create(model)))
+    except FamilyError as err:
+        problems.append(str(err))
     # What only some families can do: refused before any work starts, naming the families that can.
     uses = set(tree["stages"])
     trains = bool(uses & set(TRAINING_STAGES))

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -293,3 +294,29 @@ def write_hf_dataset(dataset, folder: Path, form: str) -> Path:
         return folder / "train.parquet"
     dataset.save_to_disk(str(folder / "saved"))
     return folder / "saved"
+
+
+# ----- videos
+
+
+def write_test_video(
+    path: str | os.PathLike, frames: int = 8, width: int = 64, height: int = 48, fps: int = 4, seed: int = 0
+) -> Path:
+    """Return `path` after writing a small video of moving coloured noise there (mpeg4, by PyAV)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            image = np.roll(base, shift=3 * k, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

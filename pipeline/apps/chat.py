@@ -34,9 +34,18 @@ import torch
 from PIL import Image
 
 from pipeline.apps.generation import generation_settings, load_inference_bundle
-from pipeline.data.images import load_image
+from pipeline.data.images import ImageFiles, load_image
 from pipeline.families import family_of_folder
-from pipeline.families.base import IMAGE_TAG, Bundle, EncodedPrompt, Family
+from pipeline.families.base import (
+    IMAGE_TAG,
+    VIDEO_TAG,
+    Bundle,
+    EncodedPrompt,
+    Family,
+    FamilyError,
+    Video,
+    load_video,
+)
 from pipeline.families.generation_settings import GenerationSettings
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a partly generated multi-byte character decodes to
@@ -162,6 +171,8 @@ class Chat:
         self._loaded: dict[str | int, Image.Image] = {}  # images read so far, by path or URL
         self._images: list[tuple[ImageRef, Image.Image]] = []  # the conversation's images, in order
         self._turn_images: list[int] = []  # how many of them each turn gave
+        self._videos: list[Video] = []  # the conversation's videos (their sampled frames), in order
+        self._turn_videos: list[int] = []  # how many of them each turn gave
         self._history: list[list[str]] | None = None  # what the last call returned: the conversation so far
 
     def load_image(self, ref: ImageRef) -> Image.Image:
@@ -182,6 +193,15 @@ class Chat:
         self.reset()
         self._loaded.update(kept)
         self._turn_images = [0] * len(history)
+        self._turn_videos = [0] * len(history)
+
+    def load_video(self, ref: str | os.PathLike) -> Video:
+        """Returns the video `ref` (path or URL) names with the frames the family samples, decoded; raises
+        FamilyError for a family without video, VideoLoadError naming the path or URL."""
+        if self.family.capabilities.max_videos == 0:
+            raise FamilyError(self.family.video_limits().describe())
+        pick = self.family.video_frame_picker(self.bundle.processor)
+        return load_video(str(ref), ImageFiles(self.image_cache), pick)
 
     def _new_images(self, refs: list[ImageRef]) -> list[ImageRef]:
         """Returns the images of `refs` this turn adds: all of them inline; where the images open the first
@@ -203,13 +223,21 @@ class Chat:
         )
 
     def _messages(
-        self, history: list[list[str]], query: str, turn_images: list[int], system: str | None
+        self,
+        history: list[list[str]],
+        query: str,
+        turn_images: list[int],
+        system: str | None,
+        turn_videos: list[int] | None = None,
     ) -> list[dict[str, str]]:
-        """Returns the conversation's messages; inline, each turn's images are tagged before its query when
-        the query has no tag of its own."""
+        """Returns the conversation's messages; inline, each turn's images (then videos) are tagged before its
+        query when the query has no tag of its own."""
         messages = [{"role": "system", "content": system}] if system else []
         turns = [*history, [query, None]]
-        for (turn_query, response), count in zip(turns, turn_images, strict=True):
+        videos = turn_videos or [0] * len(turns)
+        for (turn_query, response), count, video_count in zip(turns, turn_images, videos, strict=True):
+            if video_count and VIDEO_TAG not in turn_query:
+                turn_query = VIDEO_TAG * video_count + turn_query
             if self.image_placement == "inline" and count and IMAGE_TAG not in turn_query:
                 turn_query = IMAGE_TAG * count + turn_query
             messages.append({"role": "user", "content": turn_query})
@@ -224,9 +252,11 @@ class Chat:
         images: ImageRef | Sequence[ImageRef] | None = None,
         history: Sequence[Sequence[str]] | None = None,
         system: str | None = None,
+        videos: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> Iterator[tuple[str, list[list[str]]]]:
         """Yields (response so far, history with the new pair) each time the decoded response grows; `images`
-        are this turn's. The last value holds the whole response; it equals what `infer` returns."""
+        and `videos` (paths or URLs; families with capabilities.max_videos) are this turn's. The last value
+        holds the whole response; it equals what `infer` returns."""
         history = [list(pair) for pair in (history or [])]
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query must be a non-empty string")
@@ -242,15 +272,31 @@ class Chat:
         total = len(self._images) + len(new)
         if total > self.max_images:
             raise self._too_many(total)
+        video_refs = (
+            [] if videos is None else [videos] if isinstance(videos, str | os.PathLike) else list(videos)
+        )
+        if len(self._videos) + len(video_refs) > self.family.capabilities.max_videos:
+            raise ValueError(
+                f"{self.family.label} takes {self.family.capabilities.videos_in_words()} per conversation; "
+                "start a new conversation (history=None) for more"
+            )
         conversation_images = [*self._images, *((ref, self.load_image(ref)) for ref in new)]
         turn_images = [*self._turn_images, len(new)]
+        conversation_videos = [*self._videos, *(self.load_video(ref) for ref in video_refs)]
+        turn_videos = [*self._turn_videos, len(video_refs)]
         system = self.system if system is None else system
-        messages = self._messages(history, query, turn_images, system or None)
+        messages = self._messages(history, query, turn_images, system or None, turn_videos)
+        video_inputs = {"videos": conversation_videos} if conversation_videos else {}
         prompt = self.family.encode_chat(
-            self.bundle, messages, [image for _, image in conversation_images], self.max_prompt_length
+            self.bundle,
+            messages,
+            [image for _, image in conversation_images],
+            self.max_prompt_length,
+            **video_inputs,
         )
         for text in _texts(self._token_stream(prompt), self._decode, self.end_ids):
             self._images, self._turn_images = conversation_images, turn_images
+            self._videos, self._turn_videos = conversation_videos, turn_videos
             self._history = [*history, [query, text]]
             yield text, [list(pair) for pair in self._history]
 
@@ -260,10 +306,11 @@ class Chat:
         images: ImageRef | Sequence[ImageRef] | None = None,
         history: Sequence[Sequence[str]] | None = None,
         system: str | None = None,
+        videos: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> tuple[str, list[list[str]]]:
         """Returns (response, history with [query, response] appended)."""
         response, new_history = "", []
-        for step in self.infer_stream(query, images, history, system):
+        for step in self.infer_stream(query, images, history, system, videos):
             response, new_history = step
         return response, new_history
 

@@ -21,7 +21,7 @@ from pipeline.config import BASE_CKPT, resolve_device, resolve_dtype
 from pipeline.data.images import ImageFiles
 from pipeline.data.rows import Row
 from pipeline.families import family_of_folder
-from pipeline.families.base import Bundle, Family, ImageSource, row_images
+from pipeline.families.base import Bundle, Family, ImageSource
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.runinfo import resolve_ckpt
 from pipeline.utils.prefetch import prepared_batches
@@ -107,7 +107,7 @@ def generate_for_rows(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def prepare(i: int) -> Any:
-        return family.encode_row(bundle, rows[i], row_images(rows[i], images), limit)
+        return family.encode_row_from(bundle, rows[i], images, limit)
 
     # on the CPU the generation itself wants every core: rows are prepared in turn there by default
     prefetch = family.device_of(bundle).type == "cuda" if prefetch is None else prefetch

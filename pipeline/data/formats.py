@@ -14,6 +14,8 @@ Each record is recognised by its keys (the first match wins, in this order):
 
 Preference pairs (pipeline/data/pairs.py) add a rejected answer to these: ``rejected_response`` beside any
 format above (ms-swift's), or ``prompt``/``chosen``/``rejected`` (TRL's).
+Every format may also hold "videos": [...] (paths or URLs) beside "images", placed by `<video>` tags as images
+are by `<image>` tags (ms-swift's layout).
 
 ``columns`` ({name in the file: name above}, like ms-swift's ``--columns``) renames a record's top-level keys
 first. A conversation must alternate user and assistant turns after an optional leading system turn, and end
@@ -26,11 +28,11 @@ import json
 from collections.abc import Mapping
 
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages", "images", "system"),
-    "conversations": ("conversations", "images", "system"),
-    "conversation": ("conversation", "images", "system"),
-    "alpaca": ("instruction", "input", "output", "history", "images", "system"),
-    "query/response": ("query", "response", "history", "images", "system"),
+    "messages": ("messages", "images", "videos", "system"),
+    "conversations": ("conversations", "images", "videos", "system"),
+    "conversation": ("conversation", "images", "videos", "system"),
+    "alpaca": ("instruction", "input", "output", "history", "images", "videos", "system"),
+    "query/response": ("query", "response", "history", "images", "videos", "system"),
 }
 # the key that marks each format, in the order formats are recognised
 _MARKERS = (
@@ -94,7 +96,7 @@ def to_query_response(record: Mapping, need_response: bool = True) -> dict | lis
     kind = detect_format(record)
     if kind == "query/response":
         return dict(record)
-    extra = {key: record[key] for key in ("images", "system") if key in record}
+    extra = {key: record[key] for key in ("images", "videos", "system") if key in record}
     if kind == "alpaca":
         return _from_alpaca(record, extra, need_response)
     turns = record[kind]

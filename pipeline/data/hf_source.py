@@ -10,7 +10,8 @@ id). Rows are read from the text columns a batch at a time, in any row format of
 (after `columns` renames them). An image column (`datasets.Image`: bytes, or a path; one or a list; or plain
 path strings) becomes image references: a path stays a path, embedded bytes become an `arrow:` reference
 (pipeline.data.arrow_images) that is read and decoded only when its sample is built, in a DataLoader worker.
-Origins name the split and the row index: `train.parquet:train[17]`.
+A "videos" column (path or URL strings, a list per row or one per row; `columns` may map another name to it)
+gives each row's videos. Origins name the split and the row index: `train.parquet:train[17]`.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ def _records(
                 record = {key: value for key, value in renamed.items() if value is not None}
                 if images is not None and images[k] is not None:
                     record["images"] = images[k]
+                if isinstance(record.get("videos"), str):  # a column of one video path per row
+                    record["videos"] = [record["videos"]]
                 yield index, record
                 index += 1
     _warn_ignored(split, ignored)

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -127,27 +128,33 @@ def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"{shard:02d}.json"
 
 
-def _read_shard(path: Path) -> dict[str, list]:
+def _read_shard(path: Path, version: str = VERSION) -> dict[str, list]:
     """Returns a shard's entries; an unreadable or other-version shard counts as empty (it is rewritten)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != VERSION:
+    if not isinstance(data, dict) or data.get("version") != version:
         return {}
     entries = data.get("entries")
     return entries if isinstance(entries, dict) else {}
 
 
-def _load_shards(folder: Path, refs: list[str]) -> dict[int, dict[str, list]]:
+def _load_shards(folder: Path, refs: list[str], version: str = VERSION) -> dict[int, dict[str, list]]:
     needed = {_shard_of(ref) for ref in refs}
     return {
-        shard: _read_shard(_shard_path(folder, shard)) if shard in needed else {} for shard in range(SHARDS)
+        shard: _read_shard(_shard_path(folder, shard), version) if shard in needed else {}
+        for shard in range(SHARDS)
     }
 
 
-def _store(folder: Path, reasons: dict[str, str | None], identities: dict[str, Identity | None]) -> None:
-    """Adds the outcomes of files that have an identity to their shards, each rewritten whole."""
+def _store(
+    folder: Path,
+    reasons: dict[str, Any],
+    identities: dict[str, Identity | None],
+    version: str = VERSION,
+) -> None:
+    """Adds the outcomes (JSON values) of files that have an identity to their shards, each rewritten whole."""
     by_shard: dict[int, dict[str, list]] = {}
     for ref, reason in reasons.items():
         identity = identities.get(ref)
@@ -155,9 +162,12 @@ def _store(folder: Path, reasons: dict[str, str | None], identities: dict[str, I
             by_shard.setdefault(_shard_of(ref), {})[ref] = [*identity, reason]
     for shard, entries in by_shard.items():
         path = _shard_path(folder, shard)
-        merged = {**_read_shard(path), **entries}  # read again: another run may have written meanwhile
+        merged = {
+            **_read_shard(path, version),
+            **entries,
+        }  # read again: another run may have written meanwhile
         try:
-            atomic_write_json(path, {"version": VERSION, "entries": merged}, indent=None)
+            atomic_write_json(path, {"version": version, "entries": merged}, indent=None)
         except OSError as exc:  # a read-only cache costs a re-check next time, nothing else
             log.warning("cannot remember image checks in %s (%s)", path, exc)
             return

@@ -15,13 +15,16 @@ import ssl
 import time
 import urllib.parse
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from pipeline.data.arrow_images import EmbeddedImageError, is_embedded, read_embedded
 from pipeline.data.rows import is_url
+from pipeline.families.base import VideoInfo
 from pipeline.utils.io import atomic_write_bytes
 
 MAX_BYTES = 32 * 1024 * 1024
@@ -587,8 +590,9 @@ def fetch_url_to_cache(
 
 
 class ImageFiles:
-    """The images of a run's rows, as the families read them (pipeline.families.base.ImageSource): local
-    files and http(s) URLs, the URLs cached under `cache_dir` (default URL_CACHE_DIR)."""
+    """The images and videos of a run's rows, as the families read them (pipeline.families.base.ImageSource):
+    local files and http(s) URLs, the URLs cached under `cache_dir` (default URL_CACHE_DIR); videos through
+    pipeline.data.videos."""
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_dir
@@ -608,3 +612,15 @@ class ImageFiles:
             return None
         with Image.open(local) as img:
             return img.size
+
+    def video_info(self, ref: str) -> VideoInfo:
+        """Returns the video's stream header; raises VideoLoadError naming the path or URL."""
+        from pipeline.data.videos import read_video_header  # PyAV: loaded when a video is read
+
+        return read_video_header(ref, self.cache_dir)
+
+    def video_frames(self, ref: str, indices: Sequence[int]) -> np.ndarray:
+        """Returns the frames at `indices`, decoded to RGB; raises VideoLoadError naming the path or URL."""
+        from pipeline.data.videos import decode_frames
+
+        return decode_frames(ref, indices, self.cache_dir)

@@ -21,6 +21,7 @@ from pipeline.data.sources import (
 )
 from pipeline.data.split import split_rows
 from pipeline.data.validate import validate_rows, write_problems
+from pipeline.families.base import VideoLimits
 
 log = logging.getLogger(__name__)
 # Keys of the dataset config that describe how rows are used rather than where a source is.
@@ -33,6 +34,7 @@ USAGE_KEYS = {
     "on_error",
     "max_rows",
     "system",
+    "max_video_seconds",
 }
 
 
@@ -101,20 +103,24 @@ def read_dataset(
     dataset_cfg: DictConfig | Mapping[str, Any],
     seed: int,
     image_limit: tuple[int, str] | None = None,
+    video_limit: VideoLimits | None = None,
 ) -> RawRows:
-    """Returns the rows of the dataset (and of val_path), checked for structure and images; needs no model.
+    """Returns the rows of the dataset (and of val_path), checked for structure, images and videos; needs no
+    model.
 
-    `image_limit` is (images per conversation, model name) of the family that reads them (None: unchecked)."""
+    `image_limit` is (images per conversation, model name) of the family that reads them, `video_limit` what
+    it takes of videos (None: unchecked)."""
     cfg = _plain(dataset_cfg)
     on_error = cfg.get("on_error", "raise")
+    media = dict(
+        image_limit=image_limit, video_limit=video_limit, max_video_seconds=cfg.get("max_video_seconds")
+    )
     rows, problems = load_mixture(
-        source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"), image_limit=image_limit
+        source_entries(cfg), seed, on_error=on_error, max_rows=cfg.get("max_rows"), **media
     )
     val_rows = None
     if cfg.get("val_path"):
-        val_rows, val_problems = load_mixture(
-            [_val_source(cfg)], seed, on_error=on_error, image_limit=image_limit
-        )
+        val_rows, val_problems = load_mixture([_val_source(cfg)], seed, on_error=on_error, **media)
         problems += val_problems
     return RawRows(rows, val_rows, problems)
 
@@ -159,7 +165,8 @@ def prepare_splits(
     counter: Callable[[Row], int | None],
     image_limit: tuple[int, str] | None = None,
     problems_path: Path | None = None,
+    video_limit: VideoLimits | None = None,
 ) -> Splits:
     """Returns validated train/val rows (read_dataset, then split_dataset); problems go to `problems_path`."""
-    raw = read_dataset(dataset_cfg, seed, image_limit)
+    raw = read_dataset(dataset_cfg, seed, image_limit, video_limit)
     return split_dataset(raw, dataset_cfg, seed, counter, problems_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Row:
     # a preference pair's rejected answer (pipeline/data/pairs.py); `response` is then the chosen one, which
     # sft trains on and eval scores against
     rejected: str | None = None
+    videos: list[str] = field(default_factory=list)  # absolute local paths or http(s) URLs (<video> tags)
 
 
 @dataclass

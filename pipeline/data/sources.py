@@ -26,11 +26,14 @@ from pipeline.data.validate import (
     apply_on_error,
     check_images,
     check_on_error,
+    check_videos,
     describe_unknown_keys,
     image_count_problems,
     record_to_row,
     unknown_keys,
+    video_count_problems,
 )
+from pipeline.families.base import VideoLimits
 from pipeline.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -99,13 +102,16 @@ def load_rows(
     on_error: str = "raise",
     max_rows: int | None = None,
     image_limit: tuple[int, str] | None = None,
+    video_limit: VideoLimits | None = None,
+    max_video_seconds: float | None = None,
 ) -> tuple[list[Row], list[Problem]]:
     """Return the usable rows of one source and the problems found (raise DatasetError on_error="raise").
 
     Structure and images are checked here; token lengths need the tokenizer and are checked by the caller
     with ``validate.validate_rows(..., count_tokens=...)``. ``max_rows`` (or the config's ``max_rows``) caps
     the records read, so a quick run does not parse or check a whole large source. ``image_limit`` is
-    (images per conversation, the model's name) of the family that will read the rows (None: unchecked).
+    (images per conversation, the model's name) of the family that will read the rows (None: unchecked);
+    ``video_limit`` what it takes of videos (None: unchecked), and ``max_video_seconds`` the longest video.
     """
     check_on_error(on_error)
     if not isinstance(source_cfg, Mapping) or "name" not in source_cfg:
@@ -119,6 +125,17 @@ def load_rows(
     found = check_images(rows) if source_cfg.get("check_images", True) else []
     if image_limit is not None:
         found += image_count_problems(rows, *image_limit)
+    if video_limit is not None:
+        found += video_count_problems(rows, video_limit)
+    refused = {index for index, _ in found}
+    with_videos = [index for index, row in enumerate(rows) if row.videos and index not in refused]
+    if with_videos and source_cfg.get("check_images", True):
+        found += [
+            (with_videos[position], problem)
+            for position, problem in check_videos(
+                [rows[i] for i in with_videos], max_seconds=max_video_seconds, limits=video_limit
+            )
+        ]
     kept, problems = apply_on_error(rows, found, on_error, earlier=problems)
     if not kept:
         where = f" at {source_cfg.get('path')}" if source_cfg.get("path") else ""
@@ -282,6 +299,8 @@ def load_mixture(
     max_rows: int | None = None,
     defaults: Mapping | None = None,
     image_limit: tuple[int, str] | None = None,
+    video_limit: VideoLimits | None = None,
+    max_video_seconds: float | None = None,
 ) -> tuple[list[Row], list[Problem]]:
     """Return the rows of several sources concatenated, each sampled by its ``n`` or ``ratio``; and problems.
 
@@ -297,7 +316,12 @@ def load_mixture(
     for index, entry in enumerate(sources):
         cfg = with_defaults(entry, defaults, index)
         source_rows, source_problems = load_rows(
-            cfg, on_error=on_error, max_rows=max_rows, image_limit=image_limit
+            cfg,
+            on_error=on_error,
+            max_rows=max_rows,
+            image_limit=image_limit,
+            video_limit=video_limit,
+            max_video_seconds=max_video_seconds,
         )
         label = f"sources[{index}]"
         taken = sample_rows(source_rows, n=cfg.get("n"), ratio=cfg.get("ratio"), seed=seed, label=label)

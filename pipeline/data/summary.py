@@ -58,6 +58,10 @@ def summarize_dataset(
             "max": max(images, default=0),
             "rows_with_images": sum(n > 0 for n in images),
         },
+        "videos_per_row": {
+            "max": max((len(row.videos) for row in kept), default=0),
+            "rows_with_videos": sum(bool(row.videos) for row in kept),
+        },
         "image_tokens_per_row": percentiles(image_counts) if image_counts is not None else None,
         "image_token_share": (
             round(sum(image_counts) / max(1, sum(row.num_tokens or 0 for row in kept)), 3)
@@ -84,6 +88,12 @@ def describe_summary(summary: dict[str, Any]) -> str:
         f"  images per row: mean {images['mean']:g}, max {images['max']} "
         f"({images['rows_with_images']} row(s) with images)"
     )
+    videos = summary.get("videos_per_row") or {}
+    if videos.get("rows_with_videos"):
+        lines.append(
+            f"  videos per row: max {videos['max']} ({videos['rows_with_videos']} row(s) with videos; their "
+            "tokens are counted with the text, by encoding the sampled frames)"
+        )
     image_tokens = summary["image_tokens_per_row"]
     if image_tokens:
         share = summary["image_token_share"]

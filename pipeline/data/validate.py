@@ -16,7 +16,8 @@ from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format
 from pipeline.data.image_check import check_image_refs
 from pipeline.data.pairs import is_pair_record, pair_to_query_response, pair_unknown_keys
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
-from pipeline.families.base import IMAGE_TAG
+from pipeline.data.video_check import video_headers
+from pipeline.families.base import IMAGE_TAG, VIDEO_TAG, VideoInfo, VideoLimits
 from pipeline.utils.io import atomic_write_text
 
 __all__ = [
@@ -28,11 +29,13 @@ __all__ = [
     "check_images",
     "check_lengths",
     "check_on_error",
+    "check_videos",
     "format_problems",
     "image_count_problems",
     "record_to_row",
     "unknown_keys",
     "validate_rows",
+    "video_count_problems",
     "write_problems",
 ]
 
@@ -44,6 +47,7 @@ MAX_LISTED = 20
 _KEY_HINTS = {
     "image": "images",
     "img": "images",
+    "video": "videos",
     "answer": "response",
     "question": "query",
     "prompt": "query",
@@ -92,12 +96,14 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
     reasons = [reason for key in keys if (reason := _text_reason(record, key))]
     history, history_reasons = _parse_history(record.get("history"))
     images, image_reasons = _parse_images(record.get("images"), base_dir)
+    videos, video_reasons = _parse_images(record.get("videos"), base_dir, key="videos", what="video")
     system = record.get("system")
-    reasons += history_reasons + image_reasons
+    reasons += history_reasons + image_reasons + video_reasons
     if system is not None and not isinstance(system, str):
         reasons.append(f"'system' must be a string or null, got {_json_type(system)}")
     if not reasons:
         reasons += _tag_reasons(record["query"], record.get("response"), history, images)
+        reasons += _tag_reasons(record["query"], record.get("response"), history, videos, VIDEO_TAG, "video")
     if pair and not reasons:
         reasons += _pair_reasons(record["response"], record["rejected"])
     if reasons:
@@ -110,6 +116,7 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
         system=system or None,
         origin=origin,
         rejected=record.get("rejected") if pair else None,
+        videos=videos,
     )
 
 
@@ -122,15 +129,20 @@ def _pair_reasons(chosen: str, rejected: str) -> list[str]:
 
 
 def _tag_reasons(
-    query: str, response: str | None, history: list[tuple[str, str]], images: list[str]
+    query: str,
+    response: str | None,
+    history: list[tuple[str, str]],
+    images: list[str],
+    tag: str = IMAGE_TAG,
+    what: str = "image",
 ) -> list[str]:
     reasons = []
-    if IMAGE_TAG in (response or "") or any(IMAGE_TAG in r for _, r in history):
-        reasons.append(f"{IMAGE_TAG} in a response; the tag places the image in a query (or a history query)")
-    tags = query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in history)
+    if tag in (response or "") or any(tag in r for _, r in history):
+        reasons.append(f"{tag} in a response; the tag places the {what} in a query (or a history query)")
+    tags = query.count(tag) + sum(q.count(tag) for q, _ in history)
     if tags > len(images):
         reasons.append(
-            f"{tags} {IMAGE_TAG} tag(s) but {len(images)} image(s) in 'images'; each tag marks where one image "
+            f"{tags} {tag} tag(s) but {len(images)} {what}(s) in '{what}s'; each tag marks where one {what} "
             "goes"
         )
     return reasons
@@ -170,16 +182,19 @@ def _parse_history(value: object) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, reasons
 
 
-def _parse_images(value: object, base_dir: Path) -> tuple[list[str], list[str]]:
-    """Returns the row's image references (how many a model takes is checked by `image_count_problems`)."""
+def _parse_images(
+    value: object, base_dir: Path, key: str = "images", what: str = "image"
+) -> tuple[list[str], list[str]]:
+    """Returns the row's image (or video) references (how many a model takes is checked by
+    `image_count_problems` and `video_count_problems`)."""
     if value is None:
         return [], []
     if not isinstance(value, list):
-        return [], [f"'images' must be a list of path or URL strings, got {_json_type(value)}"]
+        return [], [f"'{key}' must be a list of path or URL strings, got {_json_type(value)}"]
     bad = [k for k, ref in enumerate(value) if not (isinstance(ref, str) and ref.strip())]
     if bad:
         return [], [
-            f"images[{bad[0]}] must be a non-empty path or URL string, got {_json_type(value[bad[0]])}"
+            f"{key}[{bad[0]}] must be a non-empty path or URL string, got {_json_type(value[bad[0]])}"
         ]
     return [resolve_image_ref(ref, base_dir) for ref in value], []
 
@@ -192,6 +207,52 @@ def image_count_problems(rows: list[Row], max_images: int, model: str) -> list[t
         for index, row in enumerate(rows)
         if len(row.images) > max_images
     ]  # fmt: skip
+
+
+def video_count_problems(rows: list[Row], limits: VideoLimits) -> list[tuple[int, Problem]]:
+    """Returns (row index, problem) for every row with more videos than the family takes (none, for a family
+    without video)."""
+    return [
+        (index, Problem(row.origin, f"{len(row.videos)} video(s); {limits.describe()}"))
+        for index, row in enumerate(rows)
+        if len(row.videos) > limits.max_videos
+    ]
+
+
+def check_videos(
+    rows: list[Row],
+    *,
+    max_seconds: float | None = None,
+    limits: VideoLimits | None = None,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+) -> list[tuple[int, Problem]]:
+    """Returns (row index, problem) for every row whose video cannot be read (missing, not a video, no frame)
+    or is longer than `max_seconds` (dataset.max_video_seconds; the family's `limits` say how it samples).
+
+    One header read per distinct video, remembered across runs (pipeline.data.video_check)."""
+    headers = video_headers((ref for row in rows for ref in row.videos), cache_dir=cache_dir, workers=workers)
+    found = []
+    for index, row in enumerate(rows):
+        for ref in row.videos:
+            reason = _video_reason(ref, headers.get(ref), max_seconds, limits)
+            if reason:
+                found.append((index, Problem(row.origin, reason)))
+    return found
+
+
+def _video_reason(
+    ref: str, header: VideoInfo | str | None, max_seconds: float | None, limits: VideoLimits | None
+) -> str | None:
+    if header is None or isinstance(header, str):
+        return header or f"video {ref}: not checked"
+    if max_seconds is not None and header.duration > max_seconds:
+        sampling = f"; {limits.model}: {limits.sampling}" if limits is not None and limits.sampling else ""
+        return (
+            f"video {ref}: {header.duration:.1f} s long, over dataset.max_video_seconds={max_seconds:g}"
+            f"{sampling}; raise the key or cut the video"
+        )
+    return None
 
 
 def _images(n: int) -> str:

@@ -38,17 +38,18 @@ def get_family(
     name: str,
     settings: Mapping[str, Any] | None = None,
     vision_attention: str = "auto",
+    video: Mapping[str, Any] | None = None,
     **kernels: str,
 ) -> Family:
     """Returns the family named `name`, configured with its resolution settings, its vision towers'
-    attention (model.vision_attention) and its kernel choices (`kernels`: fused_kernels, linear_attention);
-    unknown names are refused."""
+    attention (model.vision_attention), its video frame sampling (`video`: the model.video_* keys) and its
+    kernel choices (`kernels`: fused_kernels, linear_attention); unknown names are refused."""
     from .base import FamilyError
 
     if name not in FAMILIES:
         raise FamilyError(f"model.family={name} is not a known family; valid: {', '.join(FAMILIES)}")
     module, cls = FAMILIES[name].split(":")
-    family = getattr(importlib.import_module(module), cls)(settings, vision_attention, **kernels)
+    family = getattr(importlib.import_module(module), cls)(settings, vision_attention, video=video, **kernels)
     if family.name != name:
         raise FamilyError(
             f"family class {FAMILIES[name]} calls itself {family.name!r}, registered as {name!r}"
@@ -63,6 +64,20 @@ def image_limit(model: Any) -> tuple[int, str]:
     return capabilities.max_images, capabilities.display_name
 
 
+VIDEO_KEYS = ("video_fps", "video_max_frames", "video_max_pixels")  # model.* keys of frame sampling
+
+
+def video_settings(model: Any) -> dict[str, Any]:
+    """Returns the model.video_* keys of a `model` config node that are set (null: the processor's default)."""
+    return {key: model.get(key) for key in VIDEO_KEYS if model.get(key) is not None}
+
+
+def video_limit(model: Any) -> Any:
+    """Returns the VideoLimits (videos per conversation, frame sampling in words) of a `model` config node's
+    family, for data validation before any weight loads."""
+    return get_family(model.family, None, video=video_settings(model)).video_limits()
+
+
 def family_from_config(model: Any) -> Family:
     """Returns the family of a `model` config node with its resolution settings (the model.* keys its
     capabilities name) and its vision towers' attention."""
@@ -71,6 +86,7 @@ def family_from_config(model: Any) -> Family:
         model.family,
         family.settings_from_config(model),
         str(model.get("vision_attention", "auto")),
+        video=video_settings(model),
         fused_kernels=str(model.get("fused_kernels", "auto")),
         linear_attention=str(model.get("linear_attention", "auto")),
     )

@@ -58,6 +58,8 @@ IMAGE_TAG = "<image>"  # where an image goes in a user message
 PAIRS = "pairs"
 PAIR_INDEX = "pair_index"
 PAIR_KEYS = (PAIRS, PAIR_INDEX)
+
+VIDEO_TAG = "<video>"  # where a video goes in a user message (ms-swift's tag)
 ROLES = ("system", "user", "assistant")
 
 Message = Mapping[str, str]
@@ -82,6 +84,9 @@ class Capabilities:
 
     display_name: str  # how logs, errors and the server name the model family ("MiniCPM-V-2")
     max_images: int  # images per conversation
+    max_videos: int = 0  # videos per conversation (0: the family takes no video)
+    # the model.video_* keys its frame sampling reads (Family.video_settings); () without video
+    video_config_keys: tuple[str, ...] = ()
     compiles: bool = False  # trainer.compile: its blocks compile for training (compile_model)
     # The batches its compiled blocks take: "padded" = any batch (on a GPU replayed as CUDA graphs, batches
     # padded to a multiple of 128); "packed" = packed rows only, rounded up to a few static lengths
@@ -129,6 +134,12 @@ class Capabilities:
         """Returns the images a conversation takes, in words ("one image", "at most 16 images")."""
         return "one image" if self.max_images == 1 else f"at most {self.max_images} images"
 
+    def videos_in_words(self) -> str:
+        """Returns the videos a conversation takes, in words ("no video", "at most 4 videos")."""
+        if self.max_videos == 0:
+            return "no video"
+        return "one video" if self.max_videos == 1 else f"at most {self.max_videos} videos"
+
 
 @dataclass
 class Bundle:
@@ -156,6 +167,7 @@ class RowLike(Protocol):
     system: str | None
     images: Sequence[str]
     origin: str  # "file:line", for error messages
+    # videos: Sequence[str] where the row has any (read through `row_video_refs`: not every row type has it)
 
 
 class EncodedPrompt(Protocol):
@@ -172,6 +184,49 @@ class ImageSource(Protocol):
 
     def size(self, ref: str) -> tuple[int, int] | None:
         """Returns (width, height) from the image's header, or None when it is not local yet."""
+
+    def video_info(self, ref: str) -> VideoInfo:
+        """Returns the video's stream header (frames, fps, duration, size); raises an OSError naming it."""
+
+    def video_frames(self, ref: str, indices: Sequence[int]) -> Any:
+        """Returns the frames at `indices` (in that order, repeats allowed) as a uint8 array (T, H, W, 3);
+        raises an OSError naming the video when it cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """A video's stream header: what frame sampling and the up-front check read, without decoding."""
+
+    frames: int  # frames in the stream
+    fps: float  # its average frame rate
+    duration: float  # seconds
+    width: int
+    height: int
+
+
+@dataclass
+class Video:
+    """A video as a family encodes it: the sampled frames (uint8 array (T, H, W, 3)), which frames of the
+    stream they are, and its header (the processors derive timestamps from both)."""
+
+    frames: Any
+    indices: list[int]
+    info: VideoInfo
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What a family takes of videos, for data validation before any model loads."""
+
+    model: str  # the display name errors use ("Qwen2.5-VL (model.family=qwen2_5_vl)")
+    max_videos: int  # per conversation; 0 = no video
+    sampling: str  # how frames are sampled, in words, with the keys that set it
+
+    def describe(self) -> str:
+        """Returns the limits as one sentence for error messages."""
+        if self.max_videos == 0:
+            return f"{self.model} takes no video (only Qwen2.5-VL, Qwen3-VL and MiniCPM-V 4.6 do)"
+        return f"{self.model} takes at most {self.max_videos} video(s) per conversation; {self.sampling}"
 
 
 @dataclass(frozen=True)
@@ -267,6 +322,8 @@ def check_messages(
             raise FamilyError(f"{family}: message {i} is a system message; only the first message may be one")
         if role != "user" and image_tag in content:
             raise FamilyError(f"{family}: message {i} ({role}) holds {image_tag}; images go in user messages")
+        if role != "user" and VIDEO_TAG in content:
+            raise FamilyError(f"{family}: message {i} ({role}) holds {VIDEO_TAG}; videos go in user messages")
         messages.append({"role": role, "content": content})
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if not turns or turns[0] != "user":
@@ -282,16 +339,18 @@ def check_messages(
 
 
 def normalise_conversation(
-    family: str, conversation: Sequence[Message], n_images: int, image_tag: str = IMAGE_TAG
+    family: str, conversation: Sequence[Message], n_images: int, image_tag: str = IMAGE_TAG, n_videos: int = 0
 ) -> list[dict[str, str]]:
-    """Returns the messages as plain dicts with every image tagged, checking roles and tag counts."""
+    """Returns the messages as plain dicts with every image (and video) tagged, checking roles and tag counts;
+    untagged ones open the first user message, images before videos."""
     messages = check_messages(family, conversation, image_tag)
-    tags = sum(m["content"].count(image_tag) for m in messages)
-    if tags == 0 and n_images:
-        first = next(m for m in messages if m["role"] == "user")
-        first["content"] = image_tag * n_images + first["content"]
-    elif tags != n_images:
-        raise FamilyError(f"{family}: the conversation has {tags} {image_tag} tag(s) but {n_images} image(s)")
+    first = next((m for m in messages if m["role"] == "user"), None)
+    for tag, count, what in ((VIDEO_TAG, n_videos, "video"), (image_tag, n_images, "image")):
+        tags = sum(m["content"].count(tag) for m in messages)
+        if tags == 0 and count and first is not None:
+            first["content"] = tag * count + first["content"]
+        elif tags != count:
+            raise FamilyError(f"{family}: the conversation has {tags} {tag} tag(s) but {count} {what}(s)")
     return messages
 
 
@@ -307,6 +366,18 @@ def messages_from_row(
     if response is not None:
         messages.append({"role": "assistant", "content": response})
     return messages
+
+
+def row_video_refs(row: Any) -> list[str]:
+    """Returns a row's video references ([] for a row type without videos)."""
+    return list(getattr(row, "videos", None) or ())
+
+
+def load_video(ref: str, source: ImageSource, pick: Callable[[VideoInfo], Sequence[int]]) -> Video:
+    """Returns the video `ref` with the frames `pick` chooses from its header (the family's sampling)."""
+    info = source.video_info(ref)
+    indices = [int(i) for i in pick(info)]
+    return Video(source.video_frames(ref, indices), indices, info)
 
 
 def row_images(row: RowLike, images: ImageSource) -> list[Image.Image]:
@@ -420,8 +491,19 @@ class Family(ABC):
         *,
         fused_kernels: str = "auto",
         linear_attention: str = "auto",
+        video: Mapping[str, Any] | None = None,
     ):
         self.settings = dict(settings or {})
+        # the model.video_* settings that are set (video_fps, video_max_frames, video_max_pixels; None values
+        # dropped: the processor's default); keys the family does not read are refused
+        self.video_settings = {key: value for key, value in (video or {}).items() if value is not None}
+        unread = sorted(set(self.video_settings) - set(self.capabilities.video_config_keys))
+        if unread:
+            takes = ", ".join(f"model.{key}" for key in self.capabilities.video_config_keys)
+            raise FamilyError(
+                f"{', '.join(f'model.{key}' for key in unread)}: {self.label} does not read "
+                + (f"it; it reads {takes}" if takes else "it; it takes no video")
+            )
         # how an HF-native family's vision tower attends (model.vision_attention; see vision_attention.py)
         self.vision_attention = vision_attention
         self.fused_kernels = fused_kernels  # model.fused_kernels (kernels.py)
@@ -456,7 +538,7 @@ class Family(ABC):
         return FamilyLimits(max_images=self.max_images, max_length=self.max_length)
 
     def check_conversation(
-        self, conversation: Sequence[Message], images: Sequence[Any]
+        self, conversation: Sequence[Message], images: Sequence[Any], videos: Sequence[Any] = ()
     ) -> list[dict[str, str]]:
         """Returns the normalised messages; raises FamilyError when they break the family's rules."""
         limits = self.limits()
@@ -465,19 +547,41 @@ class Family(ABC):
                 f"{self.name}: {len(images)} images in one conversation; this family takes "
                 f"{limits.describe()}"
             )
-        return normalise_conversation(self.name, conversation, len(images))
+        if len(videos) > self.capabilities.max_videos:
+            raise FamilyError(
+                f"{self.label}: {len(videos)} video(s) in one conversation; {self.video_limits().describe()}"
+            )
+        return normalise_conversation(self.name, conversation, len(images), n_videos=len(videos))
 
     def prepare_messages(
-        self, conversation: Sequence[Message], images: Sequence[Any], generation: bool
+        self,
+        conversation: Sequence[Message],
+        images: Sequence[Any],
+        generation: bool,
+        videos: Sequence[Any] = (),
     ) -> list[dict[str, str]]:
         """Returns the checked messages to render: a generation prompt drops a final assistant message, a
         training conversation must end with one."""
-        messages = self.check_conversation(conversation, images)
+        messages = self.check_conversation(conversation, images, videos)
         if generation and messages[-1]["role"] == "assistant":
             return messages[:-1]
         if not generation and messages[-1]["role"] != "assistant":
             raise FamilyError(f"{self.name}: a training conversation must end with an assistant message")
         return messages
+
+    # -- video (families with capabilities.max_videos) ----------------------------------------------
+    def video_limits(self) -> VideoLimits:
+        """Returns what the family takes of videos, for data validation and errors."""
+        return VideoLimits(self.label, self.capabilities.max_videos, self.video_sampling())
+
+    def video_sampling(self) -> str:
+        """Returns how the family samples a video's frames, in words, naming the config keys that set it."""
+        return ""
+
+    def video_frame_picker(self, processor: Any) -> Callable[[VideoInfo], Sequence[int]]:
+        """Returns `pick(info)`: the indices of the frames the family's processor samples from a video with
+        that header (under the model.video_* settings)."""
+        raise FamilyError(f"{self.label} takes no video; {self.video_limits().describe()}")
 
     # -- the model --------------------------------------------------------------------------------
     @abstractmethod
@@ -771,6 +875,13 @@ class Family(ABC):
     def encode_row(self, bundle: Bundle, row: RowLike, images: Sequence[Image.Image], max_length: int) -> Any:
         """Returns a row's generation prompt (its response left out) encoded, ready for
         collate_for_generation; raises an error naming the row when it exceeds `max_length` tokens."""
+
+    def encode_row_from(self, bundle: Bundle, row: RowLike, source: ImageSource, max_length: int) -> Any:
+        """Returns encode_row's prompt with the row's images (and videos, where the family takes them) read
+        from `source`; a family without video refuses a row that has some, naming it."""
+        if row_video_refs(row):
+            raise FamilyError(f"{row.origin}: {self.video_limits().describe()}")
+        return self.encode_row(bundle, row, row_images(row, source), max_length)
 
     @abstractmethod
     def generate_batch(

@@ -18,6 +18,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ from .base import (
     IMAGE_TAG,
     PAIR_KEYS,
     PAIRS,
+    VIDEO_TAG,
     Bundle,
     Capabilities,
     ContextLengthError,
@@ -52,9 +54,13 @@ from .base import (
     Message,
     RowLike,
     SequenceLogps,
+    Video,
+    VideoInfo,
+    load_video,
     messages_from_row,
     pad_batch,
     row_images,
+    row_video_refs,
     shared_halves,
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
@@ -88,19 +94,39 @@ def resolve_hf_folder(path: str, allow_download: bool, family: str) -> Path:
     return Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
 
 
+_MEDIA_TAGS = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
+
+
 def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """Returns the messages in transformers' content-list form, each <image> tag an image item."""
+    """Returns the messages in transformers' content-list form, each <image> tag an image item and each
+    <video> tag a video item."""
     out = []
     for message in messages:
-        parts = message["content"].split(IMAGE_TAG)
         content: list[dict[str, str]] = []
-        for k, text in enumerate(parts):
-            if k:
+        for part in _MEDIA_TAGS.split(message["content"]):
+            if part == IMAGE_TAG:
                 content.append({"type": "image"})
-            if text:
-                content.append({"type": "text", "text": text})
+            elif part == VIDEO_TAG:
+                content.append({"type": "video"})
+            elif part:
+                content.append({"type": "text", "text": part})
         out.append({"role": message["role"], "content": content})
     return out
+
+
+def stream_metadata(info: VideoInfo, indices: Sequence[int] | None = None) -> Any:
+    """Returns transformers' VideoMetadata of a video stream's header (and of the frames taken, `indices`):
+    what the video processors sample by and derive timestamps and frame rates from."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(
+        total_num_frames=info.frames,
+        fps=info.fps,
+        duration=info.duration,
+        width=info.width,
+        height=info.height,
+        frames_indices=None if indices is None else list(indices),
+    )
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -200,11 +226,12 @@ class _TokenStreamer(BaseStreamer):
 def native_capabilities(display_name: str, **extra: Any) -> Capabilities:
     """Returns what every HF-native family can do (padding-free packing, layers compiled for packed rows,
     vision patches in the token budget, liger's fused kernels, served requests in a running batch; 16
-    images), with the family's `extra`."""
+    images, 4 videos), with the family's `extra`."""
     return Capabilities(
         display_name=display_name,
         **{
             "max_images": 16,
+            "max_videos": 4,
             "packs": True,
             "packs_padding_free": True,
             "compiles": True,
@@ -323,16 +350,27 @@ class HFNativeFamily(Family):
         conversation: Sequence[Message],
         images: Sequence[Image.Image] = (),
         generation: bool = False,
+        videos: Sequence[Video] = (),
     ) -> EncodedSample:
-        messages = self.prepare_messages(conversation, images, generation)
+        """Encodes as Family.encode; `videos` hold frames already sampled (video_frame_picker), which the
+        processor takes as they are with the stream's metadata (no decoding or sampling of its own)."""
+        messages = self.prepare_messages(conversation, images, generation, videos)
         hf_messages = to_hf_messages(messages)
         text = self.render(processor, hf_messages, generation_prompt=generation)
         spans = [] if generation else self.assistant_spans(processor, hf_messages, text)
+        video_inputs: dict[str, Any] = {}
+        if videos:
+            video_inputs = dict(
+                videos=[video.frames for video in videos],
+                video_metadata=[stream_metadata(video.info, video.indices) for video in videos],
+                do_sample_frames=False,
+            )
         out = processor(
             text=[text],
             images=[list(images)] if images else None,
             return_text_replacement_offsets=True,
             return_tensors="pt",
+            **video_inputs,
         )
         ids = out["input_ids"][0].tolist()
         labels = self._labels(processor, text, spans, out["text_replacement_offsets"][0], ids)
@@ -593,15 +631,39 @@ class HFNativeFamily(Family):
         return next(bundle.core.parameters()).device
 
     def _encode_row(
-        self, processor: Any, row: RowLike, images: Sequence[Image.Image], generation: bool
+        self,
+        processor: Any,
+        row: RowLike,
+        images: Sequence[Image.Image],
+        generation: bool,
+        videos: Sequence[Video] = (),
     ) -> EncodedSample:
         """Returns a dataset row encoded (a generation prompt without its response when `generation`)."""
         response = None if generation else row.response
         conversation = messages_from_row(row.query, response, row.history, row.system)
         try:
-            return self.encode(processor, conversation, images, generation=generation)
+            return self.encode(processor, conversation, images, generation=generation, videos=videos)
         except FamilyError as err:
             raise FamilyError(f"{row.origin}: {err}") from err
+
+    def row_videos(self, processor: Any, row: RowLike, source: ImageSource) -> list[Video]:
+        """Returns a row's videos with the frames the processor samples, decoded; an unreadable one raises an
+        error that names the row."""
+        refs = row_video_refs(row)
+        if not refs:
+            return []
+        pick = self.video_frame_picker(processor)
+        try:
+            return [load_video(ref, source, pick) for ref in refs]
+        except OSError as exc:
+            raise type(exc)(f"{row.origin}: {exc}") from exc
+
+    def _encode_row_from(
+        self, processor: Any, row: RowLike, source: ImageSource, generation: bool
+    ) -> EncodedSample:
+        """Returns a dataset row encoded with its images and videos read from `source`."""
+        videos = self.row_videos(processor, row, source)
+        return self._encode_row(processor, row, row_images(row, source), generation, videos)
 
     # True where the template holds one image token per image that the processor repeats once per image
     # token (the Qwen VLs): a row is then counted from its text and its images' header sizes alone
@@ -617,14 +679,17 @@ class HFNativeFamily(Family):
 
         def count(row: RowLike) -> int | None:
             n = self._count_from_sizes(processor, row, images) if self.counts_from_sizes else None
-            if n is None:
-                n = len(self._encode_row(processor, row, row_images(row, images), generation=False))
+            if n is None:  # videos too: their timestamps and frame sizes are the processor's to lay out
+                n = len(self._encode_row_from(processor, row, images, generation=False))
             return n
 
         return count
 
     def _count_from_sizes(self, processor: Any, row: RowLike, images: ImageSource) -> int | None:
-        """Returns a row's token count without decoding its images, or None when an image is not local yet."""
+        """Returns a row's token count without decoding its images, or None when an image is not local yet (or
+        the row has videos: those are encoded to count them)."""
+        if row_video_refs(row):
+            return None
         sizes = []
         for ref in row.images:
             size = images.size(ref)  # the header only
@@ -663,23 +728,26 @@ class HFNativeFamily(Family):
         processor = bundle.processor
 
         def count(row: RowLike) -> int:
-            if not row.images:
+            if not row.images and not row_video_refs(row):
                 return 0
-            if self.counts_from_sizes:
+            if self.counts_from_sizes and not row_video_refs(row):
                 sizes = [images.size(ref) for ref in row.images]  # the headers only
                 if all(size is not None for size in sizes):
                     hw = [(size[1], size[0]) for size in sizes]
                     return sum(processor._get_num_multimodal_tokens(image_sizes=hw).num_image_patches)
-            sample = self._encode_row(processor, row, row_images(row, images), generation=False)
+            sample = self._encode_row_from(processor, row, images, generation=False)
             return self.sample_patches(processor, sample)
 
         return count
 
     def sample_patches(self, processor: Any, sample: EncodedSample) -> int:
-        """Returns the vision tower's patches of an encoded sample: the rows of its pixel_values (one per
-        patch, the Qwen VLs' layout)."""
-        pixels = sample.pixel_inputs.get("pixel_values")
-        return 0 if pixels is None else int(pixels.shape[0])
+        """Returns the vision tower's patches of an encoded sample: the rows of its pixel_values and
+        pixel_values_videos (one per patch, the Qwen VLs' layout)."""
+        return sum(
+            int(sample.pixel_inputs[key].shape[0])
+            for key in ("pixel_values", "pixel_values_videos")
+            if key in sample.pixel_inputs
+        )
 
     def dataset(
         self, bundle: Bundle, rows: Sequence[RowLike], max_length: int, truncation: str, images: ImageSource
@@ -863,15 +931,26 @@ class HFNativeFamily(Family):
         return positions - max_new_tokens
 
     def encode_row(
-        self, bundle: Bundle, row: RowLike, images: Sequence[Image.Image], max_length: int
+        self,
+        bundle: Bundle,
+        row: RowLike,
+        images: Sequence[Image.Image],
+        max_length: int,
+        videos: Sequence[Video] = (),
     ) -> EncodedSample:
-        sample = self._encode_row(bundle.processor, row, images, generation=True)
+        sample = self._encode_row(bundle.processor, row, images, generation=True, videos=videos)
         if len(sample) > max_length:
             raise ContextLengthError(
                 f"{row.origin} is too long: its prompt of {len(sample)} tokens exceeds {max_length} (the "
                 "model's positions less max_new_tokens); shorten it or lower max_new_tokens"
             )
         return sample
+
+    def encode_row_from(
+        self, bundle: Bundle, row: RowLike, source: ImageSource, max_length: int
+    ) -> EncodedSample:
+        videos = self.row_videos(bundle.processor, row, source)
+        return self.encode_row(bundle, row, row_images(row, source), max_length, videos)
 
     @torch.no_grad()
     def generate_batch(
@@ -917,11 +996,16 @@ class HFNativeFamily(Family):
 
     # -- chat and serve -------------------------------------------------------------------------------
     def encode_chat(
-        self, bundle: Bundle, messages: Sequence[Message], images: Sequence[Image.Image], max_length: int
+        self,
+        bundle: Bundle,
+        messages: Sequence[Message],
+        images: Sequence[Image.Image],
+        max_length: int,
+        videos: Sequence[Video] = (),
     ) -> EncodedSample:
         if messages and messages[-1].get("role") != "user":
             raise FamilyError(f"{self.name}: a generation prompt ends with a user message")
-        sample = self.encode(bundle.processor, messages, list(images), generation=True)
+        sample = self.encode(bundle.processor, messages, list(images), generation=True, videos=videos)
         if len(sample) > max_length:
             raise ContextLengthError(
                 f"the conversation is too long: its prompt of {len(sample)} tokens exceeds {max_length} (the "
@@ -1066,8 +1150,9 @@ class EncodedRows(TorchDataset):
 
     def __getitem__(self, index: int) -> EncodedSample:
         row = self.rows[index]
-        images = row_images(row, self.images)
-        sample = self.family._encode_row(self.processor, row, images, generation=not self.with_response)
+        sample = self.family._encode_row_from(
+            self.processor, row, self.images, generation=not self.with_response
+        )
         if len(sample) > self.max_length:
             # Validation removed every row that does not fit, so this means the file changed since.
             raise ValueError(

@@ -3,7 +3,9 @@
 Several images per conversation; each is sliced like MiniCPM-V-2 (`max_slice_nums`, `scale_resolution`)
 and reduced 16x (`downsample_mode: 16x`) or 4x (model.processor_kwargs). The language model mixes
 full-attention layers (q/k/v projections) and linear-attention layers (one fused q/k/v projection,
-`in_proj_qkv`); `lora=qkv` targets both kinds.
+`in_proj_qkv`); `lora=qkv` targets both kinds. Videos: one frame per second (its processor's rule), at most
+model.video_max_frames (128 by default; a longer video is sampled evenly over its length), each frame an
+image of its own (`<|video_pad|>` tokens).
 
 The tiny twin's chat template is built for the published format (ChatML turns, `<|image_pad|>` where an
 image goes, expanded by the processor, and the thinking switch: with `enable_thinking` false an empty
@@ -12,6 +14,7 @@ image goes, expanded by the processor, and the thinking switch: with `enable_thi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,8 +22,8 @@ import torch
 from torch import nn
 
 from . import linear_attention
-from .base import EncodedSample, FreezeGroups
-from .hf_native import HFNativeFamily, native_capabilities
+from .base import EncodedSample, FreezeGroups, VideoInfo
+from .hf_native import HFNativeFamily, native_capabilities, stream_metadata
 
 CHAT_TEMPLATE = (
     "{% set think = enable_thinking is defined and enable_thinking %}"
@@ -50,7 +53,9 @@ TINY_PATCH = 8  # the tiny vision tower's patch size (the real one's is 14)
 class MiniCPMV4_6(HFNativeFamily):
     name = "minicpm_v4_6"
     model_type = "minicpmv4_6"
-    capabilities = native_capabilities("MiniCPM-V 4.6", linear_attention=True)
+    capabilities = native_capabilities(
+        "MiniCPM-V 4.6", linear_attention=True, video_config_keys=("video_max_frames",)
+    )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
     resolution_setting = (
@@ -62,12 +67,41 @@ class MiniCPMV4_6(HFNativeFamily):
     end_of_turn = "<|im_end|>"
     min_transformers = ("5.19", "older releases fail on an image sliced into pieces of different sizes")
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
-    pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": -1, "target_sizes": 0}
+    # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor; video frames too.
+    pixel_concat: ClassVar[dict[str, int]] = {
+        "pixel_values": -1,
+        "target_sizes": 0,
+        "pixel_values_videos": -1,
+        "target_sizes_videos": 0,
+    }
 
     def sample_patches(self, processor: Any, sample: EncodedSample) -> int:
-        # every slice's patches side by side along the last axis of one (1, C, patch, L) tensor
-        pixels = sample.pixel_inputs.get("pixel_values")
-        return 0 if pixels is None else int(pixels.shape[-1]) // int(processor.image_processor.patch_size)
+        # every slice's (and frame's) patches side by side along the last axis of one (1, C, patch, L) tensor
+        patch = int(processor.image_processor.patch_size)
+        return sum(
+            int(sample.pixel_inputs[key].shape[-1]) // patch
+            for key in ("pixel_values", "pixel_values_videos")
+            if key in sample.pixel_inputs
+        )
+
+    def video_sampling(self) -> str:
+        frames = self.video_settings.get("video_max_frames")
+        shown = frames if frames is not None else "its processor's default (128)"
+        return f"one frame per second is sampled, at most model.video_max_frames={shown}"
+
+    def configure_processor(self, processor: Any) -> Any:
+        if "video_max_frames" in self.video_settings:
+            processor.video_processor.max_num_frames = int(self.video_settings["video_max_frames"])
+        return processor
+
+    def video_frame_picker(self, processor: Any) -> Callable[[VideoInfo], Sequence[int]]:
+        """Samples as the video processor does (`sample_frames`: one frame a second, at most max_num_frames)."""
+        video_processor = processor.video_processor
+
+        def pick(info: VideoInfo) -> list[int]:
+            return [int(i) for i in video_processor.sample_frames(stream_metadata(info))] or [0]
+
+        return pick
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))

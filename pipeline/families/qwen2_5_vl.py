@@ -1,16 +1,18 @@
 """Qwen2.5-VL (3B, 7B): transformers' `qwen2_5_vl`, any number of images at their native resolution.
 
 Images become patches of 14 px merged 2x2 into one LLM token each (28 px per token); the processor's
-`min_pixels` / `max_pixels` (model.processor_kwargs) bound each image's size and so its token count.
+`min_pixels` / `max_pixels` (model.processor_kwargs) bound each image's size and so its token count. Videos:
+frames sampled at model.video_fps (2 by default), two frames per temporal patch, each frame bounded by
+model.video_max_pixels.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import FreezeGroups
 from .hf_native import native_capabilities
-from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, tiny_text_config, tiny_token_ids
+from .qwen_vl import LLM, TINY_PATCH, VIDEO_KEYS, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 # The official Qwen2.5-VL-Instruct chat template (as published with the checkpoints).
 CHAT_TEMPLATE = (
@@ -34,10 +36,12 @@ PROJECTOR = "model.visual.merger"
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
-    capabilities = native_capabilities("Qwen2.5-VL")
+    capabilities = native_capabilities("Qwen2.5-VL", video_config_keys=VIDEO_KEYS)
     chat_template = CHAT_TEMPLATE
     fused_norm = (0.0, "llama")
     fused_target = "model.language_model"
+    # a video's seconds per temporal patch: its mRoPE temporal positions are spaced by it
+    pixel_concat: ClassVar[dict[str, int]] = {**QwenVL.pixel_concat, "second_per_grid_ts": 0}
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))

@@ -2,7 +2,9 @@
 
 Images become 16 px patches merged 2x2 into one LLM token each (32 px per token), bounded by
 `min_pixels` / `max_pixels` (model.processor_kwargs); features of a few vision layers also enter the
-language model (deepstack), through mergers that count as the projector.
+language model (deepstack), through mergers that count as the projector. Videos: frames sampled at
+model.video_fps (2 by default), two per temporal patch, each pair introduced by its timestamp ("<0.2
+seconds>"), all frames together bounded by model.video_max_pixels.
 
 The tiny twin's chat template is built for the published Instruct format: ChatML turns with no default
 system message, `<|vision_start|><|image_pad|><|vision_end|>` where an image goes.
@@ -14,7 +16,7 @@ from typing import Any
 
 from .base import FreezeGroups
 from .hf_native import native_capabilities
-from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, tiny_text_config, tiny_token_ids
+from .qwen_vl import LLM, TINY_PATCH, VIDEO_KEYS, VISION, QwenVL, tiny_text_config, tiny_token_ids
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -34,7 +36,7 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 
 class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
-    capabilities = native_capabilities("Qwen3-VL")
+    capabilities = native_capabilities("Qwen3-VL", video_config_keys=VIDEO_KEYS)
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
     fused_norm = (0.0, "llama")

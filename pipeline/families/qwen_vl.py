@@ -1,16 +1,17 @@
-"""The Qwen VLs' shared facts (Qwen2.5-VL and Qwen3-VL): ChatML turns, image pixel bounds, the module names of
-the language model and the vision tower, LoRA's q/k/v, and the tiny twins' language-model sizes and tokens."""
+"""The Qwen VLs' shared facts (Qwen2.5-VL and Qwen3-VL): ChatML turns, image pixel bounds, video frame sampling,
+the module names of the language model and the vision tower, LoRA's q/k/v, and the tiny twins' language-model
+sizes and tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .base import Bundle
-from .hf_native import HFNativeFamily
+from .base import Bundle, VideoInfo
+from .hf_native import HFNativeFamily, stream_metadata
 from .packing import Positions, text_positions
 
 LLM = "model.language_model"
@@ -18,6 +19,10 @@ VISION = "model.visual"
 QKV = ("q_proj", "k_proj", "v_proj")
 # the tiny vision towers' patch size (the real ones': 14 for Qwen2.5-VL, 16 for Qwen3-VL)
 TINY_PATCH = 8
+# frames sampled per second where the checkpoint's video processor states none (Qwen2.5-VL's): qwen-vl-utils'
+# FPS, which ms-swift samples at
+DEFAULT_VIDEO_FPS = 2.0
+VIDEO_KEYS = ("video_fps", "video_max_frames", "video_max_pixels")
 
 
 def tiny_text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
@@ -72,6 +77,8 @@ class MRopePositions:
             input_ids=padded["input_ids"],
             mm_token_type_ids=padded["mm_token_type_ids"],
             image_grid_thw=padded.get("image_grid_thw"),
+            video_grid_thw=padded.get("video_grid_thw"),
+            second_per_grid_ts=padded.get("second_per_grid_ts"),  # Qwen2.5-VL's temporal spacing
             attention_mask=padded["attention_mask"],
         )
         return torch.cat([text_positions(padded), rope.to(torch.long)])
@@ -88,11 +95,61 @@ class QwenVL(HFNativeFamily):
     )
     counts_from_sizes = True
     end_of_turn = "<|im_end|>"
-    pixel_concat: ClassVar[dict[str, int]] = {"pixel_values": 0, "image_grid_thw": 0}
+    pixel_concat: ClassVar[dict[str, int]] = {
+        "pixel_values": 0,
+        "image_grid_thw": 0,
+        "pixel_values_videos": 0,
+        "video_grid_thw": 0,
+    }
     token_input_keys = ("mm_token_type_ids",)
 
     def processor_options(self) -> dict[str, Any]:
         return {}  # min_pixels / max_pixels are applied to the loaded processor's size below
+
+    def video_sampling(self) -> str:
+        fps = self.video_settings.get("video_fps")
+        frames = self.video_settings.get("video_max_frames")
+        pixels = self.video_settings.get("video_max_pixels")
+        return (
+            f"frames are sampled at model.video_fps={fps if fps is not None else 'the processor default (2)'} "
+            f"per second, at most model.video_max_frames={frames if frames is not None else 'its default (768)'}"
+            f", within model.video_max_pixels={pixels if pixels is not None else 'its default'}"
+        )
+
+    def configure_video_processor(self, video_processor: Any) -> None:
+        """Applies the model.video_* settings to the video processor: `fps` and `max_frames` (its sampling),
+        `size.longest_edge` (video_max_pixels: Qwen2.5-VL's bound per frame, Qwen3-VL's over all sampled
+        frames, each processor's own rule; its lower bound is kept at or below it)."""
+        from transformers.image_utils import SizeDict
+
+        settings = self.video_settings
+        if getattr(video_processor, "fps", None) is None:
+            video_processor.fps = DEFAULT_VIDEO_FPS
+        if "video_fps" in settings:
+            video_processor.fps = float(settings["video_fps"])
+        if "video_max_frames" in settings:
+            video_processor.max_frames = int(settings["video_max_frames"])
+        if "video_max_pixels" in settings:
+            most = int(settings["video_max_pixels"])
+            size = video_processor.size
+            video_processor.size = SizeDict(shortest_edge=min(size.shortest_edge, most), longest_edge=most)
+        if getattr(video_processor, "cap_pixels_per_frame", False) is None:
+            video_processor.cap_pixels_per_frame = (
+                False  # size.longest_edge as it is (no warning on each call)
+            )
+
+    def video_frame_picker(self, processor: Any) -> Callable[[VideoInfo], Sequence[int]]:
+        """Samples as the video processor does (its `sample_frames` at its fps and frame bounds); a stream
+        shorter than one temporal patch repeats its last frame to fill one (the processors need a whole one)."""
+        video_processor = processor.video_processor
+
+        def pick(info: VideoInfo) -> list[int]:
+            patch = int(video_processor.temporal_patch_size)
+            if info.frames < patch:
+                return [min(k, info.frames - 1) for k in range(patch)]
+            return [int(i) for i in video_processor.sample_frames(stream_metadata(info))]
+
+        return pick
 
     def configure_processor(self, processor: Any) -> Any:
         # transformers 5 keeps the pixel bounds as the image processor's size (shortest/longest edge)
@@ -105,6 +162,7 @@ class QwenVL(HFNativeFamily):
         if "max_pixels" in self.settings:
             bounds["longest_edge"] = self.settings["max_pixels"]
         processor.image_processor.size = SizeDict(**bounds)
+        self.configure_video_processor(processor.video_processor)
         return processor
 
     def packed_positions(self, bundle: Bundle) -> Positions:

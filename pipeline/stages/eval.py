@@ -35,7 +35,7 @@ from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.families import family_from_config, image_limit
+from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Bundle, Family
 from pipeline.stages.state import RunState
 from pipeline.training.preference import PairCollate, PairSample
@@ -231,7 +231,9 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     )
 
     # ----- setup: model and held-out rows
-    raw_rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model))  # checked before any weight loads
+    raw_rows = read_dataset(
+        cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model)
+    )  # checked before any weight loads
     bundle, family = load_inference_bundle(state.model_path, ckpt, **load)
     splits = split_dataset(
         raw_rows,

@@ -35,9 +35,9 @@ from pipeline.config import resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
-from pipeline.data.validate import image_count_problems, record_to_row
-from pipeline.families import family_from_config, image_limit
-from pipeline.families.base import Bundle, Family
+from pipeline.data.validate import check_videos, image_count_problems, record_to_row, video_count_problems
+from pipeline.families import family_from_config, image_limit, video_limit
+from pipeline.families.base import Bundle, Family, VideoLimits
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stages.state import RunState
 from pipeline.utils.io import append_jsonl, atomic_write_json, atomic_write_text
@@ -58,10 +58,11 @@ def settings_from_config(cfg: DictConfig) -> GenerationSettings:
 
 
 def read_infer_input(
-    path: str | Path, limit: tuple[int, str] | None = None
+    path: str | Path, limit: tuple[int, str] | None = None, videos: VideoLimits | None = None
 ) -> tuple[list[Row], list[str | None]]:
     """Returns the rows of a custom-format .jsonl/.json file and their labels (None where no response is given);
-    `limit` is (images per conversation, model name) of the family that answers them.
+    `limit` is (images per conversation, model name) of the family that answers them, `videos` what it takes
+    of videos (their headers are checked too).
 
     Raises DatasetError naming the file, line and problem of every unusable record.
     """
@@ -99,6 +100,10 @@ def read_infer_input(
         parsed = record_to_row(record, origin, path.parent.resolve(), need_response=False)
         if isinstance(parsed, Row) and limit is not None and len(parsed.images) > limit[0]:
             parsed = [problem.reason for _, problem in image_count_problems([parsed], *limit)]
+        if isinstance(parsed, Row) and parsed.videos:
+            found = video_count_problems([parsed], videos) if videos is not None else []
+            found = found or check_videos([parsed], limits=videos)
+            parsed = [problem.reason for _, problem in found] or parsed
         if isinstance(parsed, Row):
             rows.append(parsed)
             labels.append(parsed.response or None)
@@ -117,8 +122,8 @@ def read_infer_input(
 def read_inputs(cfg: DictConfig) -> tuple[list[Row], list[str | None]] | RawRows:
     """Returns the rows of infer.input and their labels, else the dataset's rows (to split once tokenized)."""
     if cfg.infer.input is not None:
-        return read_infer_input(cfg.infer.input, image_limit(cfg.model))
-    return read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model))
+        return read_infer_input(cfg.infer.input, image_limit(cfg.model), video_limit(cfg.model))
+    return read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model))
 
 
 def input_rows(
@@ -160,6 +165,7 @@ def result_record(row: Row, response: str, label: str | None) -> dict:
         "label": label,
         "history": [list(pair) for pair in row.history],
         "images": list(row.images),
+        **({"videos": list(row.videos)} if row.videos else {}),
     }
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.config import BASE_CKPT, DTYPE_NAMES, dtype_named, resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import prepare_splits
-from pipeline.families import family_from_config, image_limit
+from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Bundle, Family, FamilyError
 from pipeline.families.checkpoints import (
     BASE_POINTER,
@@ -131,6 +131,7 @@ def verification_samples(
             family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images),
             image_limit(cfg.model),
             problems_path=problems_path,
+            video_limit=video_limit(cfg.model),
         )
         rows = (splits.val or splits.train)[:n]
     except (OSError, ValueError) as err:  # a missing or broken data set: the merge itself does not need it

@@ -28,7 +28,7 @@ from pipeline.config import resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.summary import report_summary, summarize_dataset
-from pipeline.families import family_from_config, image_limit
+from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Family
 from pipeline.runinfo import seed_everything
 from pipeline.stages.state import RunState
@@ -177,7 +177,7 @@ def prepare_engine(
 def read_rows(cfg: DictConfig, sft_dir: Path) -> RawRows:
     """Returns the dataset's rows, read and checked (no model needed); refuses a checkpoint to resume that
     was trained with other tuning settings, before any weight loads too."""
-    rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model))
+    rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model))
     resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
     if resume_from is not None:
         lora = None if cfg.lora.name == "none" else {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha}
