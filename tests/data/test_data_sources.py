@@ -298,7 +298,7 @@ def test_explicit_validation_rows_are_used_as_given() -> None:
 
 def test_sources_module_has_one_registry() -> None:
     assert sources.get_source("custom").keys == ("path", "columns", "cache_dir")
-    assert sources.source_names() == ("coco_en_2_mini", "custom", "demo", "hf")
+    assert sources.source_names() == ("coco_en_2_mini", "custom", "demo", "demo_pairs", "hf")
 
 
 def test_the_logged_row_count_is_the_one_after_sampling(tmp_path, caplog):
