@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
-from . import kernels, packing, vision_attention
+from . import kernels, packing, quantization, vision_attention
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -448,9 +448,7 @@ class HFNativeFamily(Family):
         """Returns whether generate_batch decodes over a compiled static cache on `device` (static_decode):
         never for a quantized base (bitsandbytes' layers run eagerly) nor after the compiled decode failed
         once in this process (static_decode_failed)."""
-        if self.static_decode_failed or (model is not None and getattr(model, "is_loaded_in_4bit", False)):
-            return False
-        if model is not None and getattr(model, "is_loaded_in_8bit", False):
+        if self.static_decode_failed or (model is not None and quantization.is_quantized(model)):
             return False
         return device.type == "cuda" if self.static_decode is None else self.static_decode
 
@@ -965,18 +963,21 @@ class HFNativeFamily(Family):
         if settings.do_sample and generator is not None:
             seed = int(torch.randint(2**62, (1,), generator=generator))
         device = self.device_of(bundle)
-        static = self.decodes_static(device, bundle.core)
-        if static:
+
+        def decode(static: bool) -> list[str]:
+            with seeded_sampling(seed, device):
+                return self.generate(
+                    bundle.model,
+                    bundle.processor,
+                    batch,
+                    max_new_tokens=settings.max_new_tokens,
+                    static=static,
+                    **generate_options(settings),
+                )
+
+        if self.decodes_static(device, bundle.core):
             try:
-                with seeded_sampling(seed, device):
-                    return self.generate(
-                        bundle.model,
-                        bundle.processor,
-                        batch,
-                        max_new_tokens=settings.max_new_tokens,
-                        static=True,
-                        **generate_options(settings),
-                    )
+                return decode(static=True)
             except Exception as error:  # noqa: BLE001 - the compiler's failures have many types
                 type(self).static_decode_failed = True
                 warnings.warn(
@@ -984,15 +985,7 @@ class HFNativeFamily(Family):
                     "decoding with transformers' dynamic cache from now on",
                     stacklevel=2,
                 )
-        with seeded_sampling(seed, device):
-            return self.generate(
-                bundle.model,
-                bundle.processor,
-                batch,
-                max_new_tokens=settings.max_new_tokens,
-                static=False,
-                **generate_options(settings),
-            )
+        return decode(static=False)
 
     # -- chat and serve -------------------------------------------------------------------------------
     def encode_chat(

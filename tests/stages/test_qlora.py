@@ -22,23 +22,9 @@ from pipeline.config import ConfigError, validate  # noqa: E402
 from pipeline.families import FAMILIES, get_family, quantization  # noqa: E402
 from pipeline.families.hf_native import HFNativeFamily  # noqa: E402
 from tests.helpers import compose_config, copy_twin, log_records, read_rows  # noqa: E402
+from tests.stages.test_families_pipeline import QUICK  # noqa: E402
 
 MODEL_OF = {name: f"{name}_tiny" for name in FAMILIES}
-QUICK = [
-    "device=cpu",
-    "dataset.max_rows=12",
-    "dataset.test_ratio=0.25",
-    "trainer.max_steps=2",
-    "trainer.batch_size=2",
-    "trainer.eval_steps=2",
-    "trainer.max_eval_samples=2",
-    "eval.max_samples=2",
-    "eval.max_new_tokens=2",
-    "eval.compare_base=false",
-    "infer.max_samples=2",
-    "infer.max_new_tokens=2",
-    "merge.verify_samples=1",
-]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
