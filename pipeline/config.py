@@ -8,7 +8,6 @@ list, and which checkpoint the stages will read. Both happen before any work sta
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import ipaddress
 import os
 import re
@@ -797,8 +796,14 @@ def _check_lora(tree: dict) -> list[str]:
             f"model.quantization={quantization} trains adapters on a frozen quantized base: choose lora=qkv or "
             "lora=all (full fine-tuning, lora=none, updates the base weights themselves)"
         ]
-    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        return [f"model.quantization={quantization} needs bitsandbytes: pip install bitsandbytes"]
+    if quantization != "none":
+        from pipeline.families import quantization as quantized_base
+        from pipeline.families.base import FamilyError
+
+        try:
+            quantized_base.check(quantization)  # bitsandbytes installed
+        except FamilyError as err:
+            return [str(err)]
     if lora["name"] == "none":
         if lora["bias"] != "none":
             return [

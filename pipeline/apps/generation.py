@@ -67,11 +67,9 @@ def load_inference_bundle(
         ckpt = resolve_ckpt(ckpt) if Path(ckpt).expanduser().exists() else Path(ckpt).expanduser()
     else:
         ckpt = None
-    quantized = quantization != "none"
-    load_on = torch.device("cpu") if quantized else device
-    bundle = family.load_bundle(model_path, ckpt, dtype=dtype, device=load_on, allow_download=allow_download)
-    if quantized:
-        family.quantize(bundle, quantization, dtype, device)
+    bundle = family.load_quantized(
+        model_path, ckpt, quantization=quantization, dtype=dtype, device=device, allow_download=allow_download
+    )
     bundle.model.eval()
     log.info("loaded %s model from %s%s", bundle.kind, bundle.base_path, f" + {ckpt}" if ckpt else "")
     return bundle, family

@@ -837,10 +837,28 @@ class Family(ABC):
             f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
         )
 
+    def load_quantized(
+        self,
+        path: str | Path,
+        ckpt: str | Path | None = None,
+        *,
+        quantization: str,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        allow_download: bool = False,
+    ) -> Any:
+        """`load_bundle` with the language model quantized where model.quantization asks (nf4 | int8: its linear
+        layers in bitsandbytes' 4- or 8-bit layers, computing in `dtype`): loaded on the CPU and quantized on
+        its way to `device`, so the device never holds the full-precision language model (quantization.py)."""
+        if quantization == "none":
+            return self.load_bundle(path, ckpt, dtype=dtype, device=device, allow_download=allow_download)
+        bundle = self.load_bundle(path, ckpt, dtype=dtype, device="cpu", allow_download=allow_download)
+        self.quantize(bundle, quantization, dtype, torch.device(device))
+        return bundle
+
     def quantize(self, bundle: Any, choice: str, compute_dtype: torch.dtype, device: torch.device) -> int:
-        """Gives the loaded model (on the CPU) a quantized language model (model.quantization=nf4|int8: its
-        linear layers in bitsandbytes' 4- or 8-bit layers, computing in `compute_dtype`) and moves it to
-        `device`; returns how many layers were quantized (quantization.py)."""
+        """Gives the loaded model (on the CPU) a quantized language model and moves it to `device`; returns
+        how many layers were quantized (quantization.py)."""
         from . import quantization
 
         return quantization.quantize(bundle.core, self.freeze_groups().llm, choice, compute_dtype, device)

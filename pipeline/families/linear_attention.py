@@ -61,11 +61,6 @@ def fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def check(choice: str, device: torch.device) -> None:
-    """Refuses a model.linear_attention value that is not a choice, or fla where its kernels cannot run."""
-    resolve(choice, device, quiet=True)
-
-
 @functools.cache
 def fla_trains(device: torch.device) -> str | None:
     """Runs one small gated delta rule forward and backward on fla's kernels on `device` (bf16, the training

@@ -270,17 +270,13 @@ def build_model(
     device and prepares it for training; `base_name`: how an adapter names its base (default: model.path's
     hub id or folder). A quantized base (model.quantization) is loaded on the CPU and quantized on its way to
     the device."""
-    quantization = cfg.model.quantization
-    device = plan.launch.device
-    bundle = family.load_bundle(
+    bundle = family.load_quantized(
         model_path,
+        quantization=cfg.model.quantization,
         dtype=plan.weights_dtype,
-        device=torch.device("cpu") if quantization != "none" else device,
+        device=plan.launch.device,
         allow_download=cfg.model.trust_hub,
     )
-    if quantization != "none":
-        layers = family.quantize(bundle, quantization, plan.weights_dtype, device)
-        log.info("model: %d language-model linear layers in %s (bitsandbytes)", layers, quantization)
     fused = family.apply_fused_kernels(bundle, compiled=plan.compile)  # before LoRA wraps the modules
     module = family.prepare_training(
         bundle, cfg.lora, plan.gradient_checkpointing, base_name or base_model_name(cfg, bundle)
@@ -292,11 +288,13 @@ def build_model(
         family.compile_model(bundle, plan.cuda_graphs)
     counts = count_parameters(module)
     vision = family.vision_attention_of(bundle)
+    quantized = cfg.model.quantization
     log.info(
-        "model: %s%s; fused kernels: %s",
+        "model: %s%s; fused kernels: %s%s",
         counts,
         f"; vision attention: {vision}" if vision else "",
         "liger" if fused else "off",
+        f"; language model in {quantized} (bitsandbytes)" if quantized != "none" else "",
     )
     return PreparedModel(bundle, module, counts)
 
