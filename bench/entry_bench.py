@@ -615,6 +615,27 @@ def sft_metrics(run_dir: Path, flops: float) -> dict:
     return out
 
 
+def run_info(**extra: object) -> dict:
+    """What a bench call's results record of where they were measured: date, device, versions, command."""
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        **extra,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/entry-bench")))
@@ -730,22 +751,7 @@ def main() -> None:
         (out / "entry_results.partial.json").write_text(json.dumps(results, indent=2) + "\n")
 
     add_speedups(results)
-    info = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "rows": args.rows,
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info = run_info(rows=args.rows)
     (out / "entry_results.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
     table = markdown(results)
     (out / "entry_results.md").write_text(table + "\n")

@@ -35,17 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from bench import serve_bench
-from bench.entry_bench import FAMILY_MODELS, run_pipeline, write_data, write_family_model, write_model
+from bench.entry_bench import (
+    FAMILY_MODELS,
+    run_info,
+    run_pipeline,
+    write_data,
+    write_family_model,
+    write_model,
+)
 
 FAMILIES = ("minicpm_v2", "qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
 PARTS = ("infer", "serve", "static")
@@ -278,22 +280,9 @@ def main() -> None:
     clock = Clock(args.budget)
     scale = 0.1 if args.tiny else 1.0
     data = write_data(work, "coco", args.rows, args.tiny)
-    info = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "infer": {"rows": args.rows, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens},
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info = run_info(
+        infer={"rows": args.rows, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    )
     results: dict = {"info": info, "infer": [], "serve": []}
 
     def save() -> None:

@@ -29,13 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -47,6 +45,7 @@ from bench.entry_bench import (
     REPO,
     family_flops,
     run_family_setting,
+    run_info,
     write_data,
     write_family_model,
 )
@@ -338,23 +337,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("sources", "arguments")}), flush=True)
             (args.out / "peers_results.partial.json").write_text(json.dumps(results, indent=2) + "\n")
-    info = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "rows": args.rows,
-        "global_batch": GLOBAL_BATCH,
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info = run_info(rows=args.rows, global_batch=GLOBAL_BATCH)
     (args.out / "peers_results.json").write_text(
         json.dumps({"info": info, "results": results}, indent=2) + "\n"
     )
