@@ -25,21 +25,18 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from bench.entry_bench import (
     COMMON,
     FAMILY_MODELS,
-    REPO,
     run_pipeline,
     write_data,
     write_family_model,
     write_model,
 )
-from bench.peers import GLOBAL_BATCH, LORA, TRL, peer_metrics, target_regex
+from bench.peers import GLOBAL_BATCH, LORA, TRL, launch_runner, peer_metrics, target_regex
 
 FAMILIES = ("qwen2_5_vl", "minicpm_v2")
 TRL_DPO = {**TRL, "beta": 0.1, "loss_type": "sigmoid", "learning_rate": 1e-4}
@@ -124,22 +121,8 @@ def run_trl(family: str, pairs: Path, steps: int, args: argparse.Namespace, log_
         "work": str(work),
         "out": str(work / "result.json"),
     }
-    (work / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    (work / "result.json").unlink(missing_ok=True)
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(args.trl_path or ""), str(REPO), os.environ.get("PYTHONPATH", "")] if p
-    )
-    command = [sys.executable, "-m", "bench.peer_runner", str(work / "spec.json")]
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout
-        )
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = 124
-        out = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+    rc, out, command = launch_runner(spec, work, args.trl_path, args.timeout)
     with log_file.open("a") as f:
         f.write(f"===== {family}_trl_dpo (rc {rc})\n" + " ".join(command) + "\n\n" + out + "\n")
     raw = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else {}

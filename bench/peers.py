@@ -190,23 +190,9 @@ def run_peer(
         "work": str(work),
         "out": str(work / "result.json"),
     }
-    (work / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    (work / "result.json").unlink(missing_ok=True)
     path = args.trl_path if runner == "trl" else args.swift_path
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(path or ""), str(REPO), os.environ.get("PYTHONPATH", "")] if p
-    )
-    command = [sys.executable, "-m", "bench.peer_runner", str(work / "spec.json")]
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout
-        )
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = 124
-        out = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+    rc, out, command = launch_runner(spec, work, path, args.timeout)
     wall = time.perf_counter() - started
     with log_file.open("a") as f:
         f.write(f"===== {family}_{name} (rc {rc}, {wall:.0f} s)\n" + " ".join(command) + "\n\n" + out + "\n")
@@ -217,6 +203,26 @@ def run_peer(
     elif "error" not in result and rc != 0:
         result["error"] = out.strip().splitlines()[-1] if out.strip() else f"exit status {rc}, no output"
     return result
+
+
+def launch_runner(
+    spec: dict, work: Path, packages: str | Path | None, timeout: float
+) -> tuple[int, str, list[str]]:
+    """Returns (exit status, 124 on timeout; stdout and stderr; the command) of bench.peer_runner run on
+    `spec` (written to work/spec.json; its result goes to spec["out"]) with `packages` first on PYTHONPATH."""
+    (work / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    Path(spec["out"]).unlink(missing_ok=True)
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(packages or ""), str(REPO), os.environ.get("PYTHONPATH", "")] if p
+    )
+    command = [sys.executable, "-m", "bench.peer_runner", str(work / "spec.json")]
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr, command
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+        return 124, out, command
 
 
 def peer_metrics(raw: dict, flops: float) -> dict:

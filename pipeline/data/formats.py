@@ -101,7 +101,7 @@ def to_query_response(record: Mapping, need_response: bool = True) -> dict | lis
         return _from_alpaca(record, extra, need_response)
     turns = record[kind]
     if not isinstance(turns, list) or not turns:
-        return [f"'{kind}' must be a non-empty list of turns, got {_show(turns)}"]
+        return [f"'{kind}' must be a non-empty list of turns, got {show_value(turns)}"]
     if kind == "conversation":
         return _from_pairs(turns, extra, need_response)
     # messages use role/content and conversations from/value, but each is also seen with the other's keys
@@ -117,9 +117,9 @@ def _from_alpaca(record: Mapping, extra: dict, need_response: bool) -> dict | li
     instruction, given = record.get("instruction"), record.get("input")
     reasons = []
     if not isinstance(instruction, str) or not instruction.strip():
-        reasons.append(f"'instruction' must be a non-empty string, got {_show(instruction)}")
+        reasons.append(f"'instruction' must be a non-empty string, got {show_value(instruction)}")
     if given is not None and not isinstance(given, str):
-        reasons.append(f"'input' must be a string or null, got {_show(given)}")
+        reasons.append(f"'input' must be a string or null, got {show_value(given)}")
     if "output" not in record and need_response:
         reasons.append("missing key 'output' (a non-empty string)")
     if reasons:
@@ -139,11 +139,11 @@ def _from_pairs(turns: list, extra: dict, need_response: bool) -> dict | list[st
         keys = ("human",) if last and not need_response else ("human", "assistant")
         if not isinstance(turn, Mapping) or any(key not in turn for key in keys):
             reasons.append(
-                f"conversation[{index}] must be an object with 'human' and 'assistant', got {_show(turn)}"
+                f"conversation[{index}] must be an object with 'human' and 'assistant', got {show_value(turn)}"
             )
             continue
         reasons += [
-            f"conversation[{index}].{key} must be a non-empty string, got {_show(turn[key])}"
+            f"conversation[{index}].{key} must be a non-empty string, got {show_value(turn[key])}"
             for key in keys
             if not _is_text(turn[key])
         ]
@@ -164,10 +164,12 @@ def _from_turns(
     for index, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or role_key not in turn or text_key not in turn:
             return [
-                f"{kind}[{index}] must be an object with '{role_key}' and '{text_key}', got {_show(turn)}"
+                f"{kind}[{index}] must be an object with '{role_key}' and '{text_key}', got {show_value(turn)}"
             ]
         if not _is_text(turn[text_key]):
-            return [f"{kind}[{index}].{text_key} must be a non-empty string, got {_show(turn[text_key])}"]
+            return [
+                f"{kind}[{index}].{text_key} must be a non-empty string, got {show_value(turn[text_key])}"
+            ]
         roles.append(turn[role_key])
         texts.append(turn[text_key])
     out = dict(extra)
@@ -182,7 +184,7 @@ def _from_turns(
         wanted = USER_ROLES if position % 2 == 0 else ASSISTANT_ROLES
         if roles[index] not in wanted:
             return [
-                f"{kind}[{index}] has {role_key} {_show(roles[index])} where {' or '.join(map(repr, wanted))} "
+                f"{kind}[{index}] has {role_key} {show_value(roles[index])} where {' or '.join(map(repr, wanted))} "
                 f"was expected; turns alternate user and assistant after an optional system turn"
             ]
     if not body or (len(body) % 2 == 1 and need_response):
@@ -199,5 +201,6 @@ def _is_text(value: object) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
+    """Returns a value as the start of its JSON, for an error message to show what was found."""
     return json.dumps(value, ensure_ascii=False, default=str)[:80]

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,17 +60,7 @@ def check_image_refs(
     """
     refs = sorted(set(refs))
     folder = Path(check_cache) if check_cache is not None else CHECK_CACHE_DIR
-    stats: dict[str, Identity | None] = {}
-    shards = _load_shards(folder, refs)
-    reasons: dict[str, str | None] = {}
-    todo = []
-    for ref in refs:
-        identity = _identity(ref, cache_dir, stats)
-        entry = shards[_shard_of(ref)].get(ref)
-        if identity is not None and entry is not None and entry[:3] == identity:
-            reasons[ref] = entry[3]
-        else:
-            todo.append(ref)
+    reasons, todo = recall(folder, refs, cache_dir, VERSION)
     urls = sum(is_url(ref) for ref in todo)
     workers = workers or (16 if urls else min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -82,9 +72,7 @@ def check_image_refs(
         )
         found = dict(zip(todo, bar, strict=True))
     reasons.update(found)
-    if todo:
-        stats.clear()  # URLs now have their cached copies
-        _store(folder, found, {ref: _identity(ref, cache_dir, stats) for ref in todo})
+    remember(folder, found, cache_dir, VERSION)
     log.info(
         "images: %d distinct, %d checked, %d remembered from earlier runs (%s)",
         len(refs),
@@ -101,6 +89,33 @@ def _reason(ref: str, cache_dir: Path | None) -> str | None:
     except ImageLoadError as exc:
         return f"image {exc}"
     return None
+
+
+def recall(
+    folder: Path, refs: Sequence[str], cache_dir: Path | None, version: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Returns ({reference: its remembered outcome} for the references whose file is the one it was checked
+    from, the other references: the ones to check now), from the shards in `folder` of `version`."""
+    stats: dict[str, Identity | None] = {}
+    shards = _load_shards(folder, refs, version)
+    found: dict[str, Any] = {}
+    todo = []
+    for ref in refs:
+        identity = _identity(ref, cache_dir, stats)
+        entry = shards[_shard_of(ref)].get(ref)
+        if identity is not None and entry is not None and entry[:3] == identity:
+            found[ref] = entry[3]
+        else:
+            todo.append(ref)
+    return found, todo
+
+
+def remember(folder: Path, outcomes: dict[str, Any], cache_dir: Path | None, version: str) -> None:
+    """Keeps the outcomes (JSON values) just checked in `folder`'s shards of `version`, each under the
+    identity of its file as it is now (a URL's cached copy now exists)."""
+    if outcomes:
+        stats: dict[str, Identity | None] = {}
+        _store(folder, outcomes, {ref: _identity(ref, cache_dir, stats) for ref in outcomes}, version)
 
 
 def _identity(ref: str, cache_dir: Path | None, stats: dict[str, Identity | None]) -> Identity | None:
@@ -140,7 +155,7 @@ def _read_shard(path: Path, version: str = VERSION) -> dict[str, list]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _load_shards(folder: Path, refs: list[str], version: str = VERSION) -> dict[int, dict[str, list]]:
+def _load_shards(folder: Path, refs: Sequence[str], version: str = VERSION) -> dict[int, dict[str, list]]:
     needed = {_shard_of(ref) for ref in refs}
     return {
         shard: _read_shard(_shard_path(folder, shard), version) if shard in needed else {}

@@ -596,6 +596,8 @@ class ImageFiles:
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = cache_dir
+        # each video's header, read once per process: the token counter and every epoch's samples sample from it
+        self._video_infos: dict[str, VideoInfo] = {}
 
     def load(self, ref: str) -> Image.Image:
         """Returns the image, decoded to RGB; raises ImageLoadError naming the path or URL."""
@@ -615,9 +617,11 @@ class ImageFiles:
 
     def video_info(self, ref: str) -> VideoInfo:
         """Returns the video's stream header; raises VideoLoadError naming the path or URL."""
-        from pipeline.data.videos import read_video_header  # PyAV: loaded when a video is read
+        if ref not in self._video_infos:
+            from pipeline.data.videos import read_video_header  # PyAV: loaded when a video is read
 
-        return read_video_header(ref, self.cache_dir)
+            self._video_infos[ref] = read_video_header(ref, self.cache_dir)
+        return self._video_infos[ref]
 
     def video_frames(self, ref: str, indices: Sequence[int]) -> np.ndarray:
         """Returns the frames at `indices`, decoded to RGB; raises VideoLoadError naming the path or URL."""

@@ -19,10 +19,9 @@ images, token lengths) applies to pairs as they are, sft trains on the chosen an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
-from pipeline.data.formats import FORMAT_KEYS, detect_format, to_query_response
+from pipeline.data.formats import FORMAT_KEYS, detect_format, show_value, to_query_response
 from pipeline.families.base import IMAGE_TAG
 
 # the prompt's key in TRL's layout, and the one RLAIF-V-like rows renamed to the query/response layout use
@@ -59,7 +58,9 @@ def pair_to_query_response(record: Mapping) -> dict | list[str]:
     if isinstance(converted, list):
         return converted
     if not isinstance(rejected, str) or not rejected.strip():
-        return [f"'{key}' must be a non-empty string (the rejected answer), got {_show(record.get(key))}"]
+        return [
+            f"'{key}' must be a non-empty string (the rejected answer), got {show_value(record.get(key))}"
+        ]
     if "images" in converted and isinstance(converted["images"], str):
         converted["images"] = [converted["images"]]  # RLAIF-V's one image per row
     return {**converted, "rejected": rejected}
@@ -75,7 +76,9 @@ def _from_prompt_chosen_rejected(record: Mapping) -> dict | list[str]:
         ]
     chosen = _answer_text(record.get("chosen"))
     if not isinstance(chosen, str) or not chosen.strip():
-        return [f"'chosen' must be a non-empty string (the chosen answer), got {_show(record.get('chosen'))}"]
+        return [
+            f"'chosen' must be a non-empty string (the chosen answer), got {show_value(record.get('chosen'))}"
+        ]
     prompt = record[prompt_key]
     extra = {key: record[key] for key in ("images", "system") if key in record}
     if isinstance(prompt, str):
@@ -83,12 +86,12 @@ def _from_prompt_chosen_rejected(record: Mapping) -> dict | list[str]:
             return [f"'{prompt_key}' is empty; it must be a non-empty string or a list of messages"]
         return {**extra, "query": prompt, "response": chosen}
     if not isinstance(prompt, list) or not prompt:
-        return [f"'{prompt_key}' must be a non-empty string or a list of messages, got {_show(prompt)}"]
+        return [f"'{prompt_key}' must be a non-empty string or a list of messages, got {show_value(prompt)}"]
     messages = []
     for index, message in enumerate(prompt):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             return [
-                f"{prompt_key}[{index}] must be an object with 'role' and 'content', got {_show(message)}"
+                f"{prompt_key}[{index}] must be an object with 'role' and 'content', got {show_value(message)}"
             ]
         messages.append({"role": message["role"], "content": _content_text(message["content"])})
     converted = to_query_response(
@@ -120,7 +123,3 @@ def _content_text(content: object) -> object:
         else:
             return content  # not parts: left as it is, so the error shows it
     return "".join(texts)
-
-
-def _show(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)[:80]

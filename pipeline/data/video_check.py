@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.image_check import _identity, _load_shards, _shard_of, _store
+from pipeline.data.image_check import recall, remember
 from pipeline.data.images import DATA_CACHE_DIR
 from pipeline.data.rows import is_url
 from pipeline.data.videos import MAX_FRAME_PIXELS, VideoLoadError, read_video_header
@@ -45,17 +45,11 @@ def video_headers(
     if not refs:
         return {}
     folder = Path(check_cache) if check_cache is not None else VIDEO_CHECK_DIR
-    stats: dict = {}
-    shards = _load_shards(folder, refs, VERSION)
-    found: dict[str, VideoInfo | str] = {}
-    todo = []
-    for ref in refs:
-        identity = _identity(ref, cache_dir, stats)
-        entry = shards[_shard_of(ref)].get(ref)
-        if identity is not None and entry is not None and entry[:3] == identity:
-            found[ref] = VideoInfo(**entry[3]) if isinstance(entry[3], dict) else str(entry[3])
-        else:
-            todo.append(ref)
+    remembered, todo = recall(folder, refs, cache_dir, VERSION)
+    found: dict[str, VideoInfo | str] = {
+        ref: VideoInfo(**entry) if isinstance(entry, dict) else str(entry)
+        for ref, entry in remembered.items()
+    }
     urls = sum(is_url(ref) for ref in todo)
     workers = workers or (8 if urls else min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -69,10 +63,12 @@ def video_headers(
         )
     checked = dict(zip(todo, outcomes, strict=True))
     found.update(checked)
-    if todo:
-        stats.clear()  # URLs now have their cached copies
-        stored = {ref: asdict(v) if isinstance(v, VideoInfo) else v for ref, v in checked.items()}
-        _store(folder, stored, {ref: _identity(ref, cache_dir, stats) for ref in todo}, VERSION)
+    remember(
+        folder,
+        {ref: asdict(v) if isinstance(v, VideoInfo) else v for ref, v in checked.items()},
+        cache_dir,
+        VERSION,
+    )
     log.info(
         "videos: %d distinct, %d checked, %d remembered from earlier runs",
         len(refs),

@@ -25,7 +25,6 @@ from pipeline.families.base import VideoInfo
 MAX_VIDEO_BYTES = 2 * 1024**3  # a URL's download cap (local files are read as they are)
 # a frame over this many pixels is refused (8K is 33 Mpx); its sampled frames are all held in memory
 MAX_FRAME_PIXELS = 40_000_000
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg", ".flv", ".gif")
 
 
 class VideoLoadError(ImageLoadError):

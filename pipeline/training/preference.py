@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline.config import CHOICES
 from pipeline.families.base import PAIR_INDEX, PAIRS, SequenceLogps
 from pipeline.training.batching import plan_window
 from pipeline.training.loop import ObjectiveSums, loader_options
@@ -49,7 +50,7 @@ from pipeline.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+LOSS_TYPES = CHOICES["preference.loss_type"]
 REFERENCE_FREE = ("simpo",)
 # the losses whose answers are scored by their mean token log-probability rather than the sum
 MEAN_LOGPS = ("ipo", "simpo")
