@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.families import DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
-from pipeline.families.generation_settings import GenerationSettings
+from pipeline.families.generation_settings import DECODE_MODES, GenerationSettings
 from pipeline.stage_names import (
     DEFAULT_STAGES,
     GENERATION_METRICS,
@@ -70,6 +70,11 @@ class ModelConfig:
     # MiniCPM-V 4.6's linear-attention layers: auto (flash-linear-attention's kernels where installed, on a
     # GPU) | fla | torch (transformers' PyTorch code); see pipeline/families/linear_attention.py
     linear_attention: str = "auto"
+    # how eval and infer decode a batch: auto (the family's default: on a GPU a static cache, its step replayed
+    # as a CUDA graph (MiniCPM-V-2) or compiled (the HF-native families); on the CPU the growing cache) |
+    # static (a preallocated cache, one captured or compiled step per batch shape) | dynamic (the growing
+    # cache, eager)
+    decode: str = "auto"
     # QLoRA: the language model's linear layers in 4-bit NF4 or 8-bit (bitsandbytes) for LoRA training, eval,
     # infer and serve; merge folds the adapter into the full-precision base (pipeline/families/quantization.py)
     quantization: str = "none"
@@ -334,6 +339,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.vision_attention": ("auto", "varlen", "sdpa"),
     "model.fused_kernels": ("auto", "liger", "off"),
     "model.linear_attention": ("auto", "fla", "torch"),
+    "model.decode": DECODE_MODES,
     "model.quantization": ("none", "nf4", "int8"),
     "trainer.compile": ("auto", True, False),
     "trainer.packing": ("auto", True, False),

@@ -43,7 +43,7 @@ def get_family(
 ) -> Family:
     """Returns the family named `name`, configured with its resolution settings, its vision towers'
     attention (model.vision_attention), its video frame sampling (`video`: the model.video_* keys) and its
-    kernel choices (`kernels`: fused_kernels, linear_attention); unknown names are refused."""
+    kernel choices (`kernels`: fused_kernels, linear_attention, decode); unknown names are refused."""
     from .base import FamilyError
 
     if name not in FAMILIES:
@@ -89,6 +89,7 @@ def family_from_config(model: Any) -> Family:
         video=video_settings(model),
         fused_kernels=str(model.get("fused_kernels", "auto")),
         linear_attention=str(model.get("linear_attention", "auto")),
+        decode=str(model.get("decode", "auto")),
     )
 
 

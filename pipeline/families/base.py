@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from pipeline.families import LORA_PRESETS
-from pipeline.families.generation_settings import GenerationSettings
+from pipeline.families.generation_settings import DECODE_MODES, GenerationSettings
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (padding, prompts, images)
 IMAGE_TAG = "<image>"  # where an image goes in a user message
@@ -491,6 +491,7 @@ class Family(ABC):
         *,
         fused_kernels: str = "auto",
         linear_attention: str = "auto",
+        decode: str = "auto",
         video: Mapping[str, Any] | None = None,
     ):
         self.settings = dict(settings or {})
@@ -508,6 +509,9 @@ class Family(ABC):
         self.vision_attention = vision_attention
         self.fused_kernels = fused_kernels  # model.fused_kernels (kernels.py)
         self.linear_attention = linear_attention  # model.linear_attention (linear_attention.py)
+        if decode not in DECODE_MODES:
+            raise FamilyError(f"model.decode={decode} is not a decode mode; valid: {', '.join(DECODE_MODES)}")
+        self.decode = decode  # model.decode: auto | static | dynamic (generate_batch's cache)
         unknown = sorted(set(self.settings) - set(self.setting_keys))
         if unknown:
             valid = ", ".join(self.setting_keys) or "none"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# model.decode: the family's default (auto), a preallocated cache decoded with fixed shapes (static), or the
+# growing cache (dynamic)
+DECODE_MODES = ("auto", "static", "dynamic")
+
 
 @dataclass
 class GenerationSettings:

@@ -445,16 +445,20 @@ class HFNativeFamily(Family):
     static_cache_multiple: ClassVar[int] = 256
 
     def decodes_static(self, device: torch.device, model: nn.Module | None = None) -> bool:
-        """Returns whether generate_batch decodes over a compiled static cache on `device` (static_decode):
-        never for a quantized base (bitsandbytes' layers run eagerly) nor after the compiled decode failed
-        once in this process (static_decode_failed)."""
+        """Returns whether generate_batch decodes over a compiled static cache on `device`: model.decode
+        (static / dynamic), else static_decode; never for a quantized base (bitsandbytes' layers run eagerly)
+        nor after the compiled decode failed once in this process (static_decode_failed)."""
         if self.static_decode_failed or (model is not None and quantization.is_quantized(model)):
             return False
+        if self.decode != "auto":
+            return self.decode == "static"
         return device.type == "cuda" if self.static_decode is None else self.static_decode
 
     # set when the compiled static-cache decode raised: the rest of the process decodes eagerly (a warning
     # says why), so that an eval or an infer run is never lost to the compiler
     static_decode_failed: ClassVar[bool] = False
+    # the most rows a static decode of this family object has run (shorter batches are filled up to it)
+    _static_rows: int = 0
 
     @torch.no_grad()
     def generate(
@@ -958,18 +962,24 @@ class HFNativeFamily(Family):
         settings: Any,
         generator: torch.Generator | None = None,
     ) -> list[str]:
-        batch = self.collate_for_generation(bundle.processor, samples)
         seed = None
         if settings.do_sample and generator is not None:
             seed = int(torch.randint(2**62, (1,), generator=generator))
         device = self.device_of(bundle)
 
         def decode(static: bool) -> list[str]:
+            rows = list(samples)
+            if static:
+                # a compiled step is specialised to its batch's rows: a shorter batch (the last of a file) is
+                # filled with copies of its last row up to the most rows decoded so far, so that it replays
+                # the step compiled for them instead of compiling its own; the copies' answers are dropped
+                self._static_rows = max(self._static_rows, len(rows))
+                rows += [rows[-1]] * (self._static_rows - len(rows))
             with seeded_sampling(seed, device):
                 return self.generate(
                     bundle.model,
                     bundle.processor,
-                    batch,
+                    self.collate_for_generation(bundle.processor, rows),
                     max_new_tokens=settings.max_new_tokens,
                     static=static,
                     **generate_options(settings),
@@ -977,7 +987,7 @@ class HFNativeFamily(Family):
 
         if self.decodes_static(device, bundle.core):
             try:
-                return decode(static=True)
+                return decode(static=True)[: len(samples)]
             except Exception as error:  # noqa: BLE001 - the compiler's failures have many types
                 type(self).static_decode_failed = True
                 warnings.warn(

@@ -145,6 +145,22 @@ def test_eval_and_infer_batches_are_left_padded_and_answer_as_each_row_alone(loa
     assert len(set(together)) >= 3, together  # the answers tell the rows apart
 
 
+def test_the_static_cache_answers_as_the_growing_one_a_short_last_batch_too(loaded):
+    """model.decode=static (on the CPU: the preallocated cache, uncompiled): the batches, and the shorter
+    last one (filled with copies of its last row by the HF-native families, to reuse the compiled step),
+    answer as model.decode=dynamic does."""
+    family, bundle = loaded
+    rows = rows_of(family)
+    answers = {}
+    for mode in ("dynamic", "static"):
+        configured = get_family(family.name, decode=mode)
+        answers[mode] = generate_for_rows(
+            configured, bundle, rows, GREEDY, batch_size=len(rows) - 1, images=Pictures()
+        )
+    assert answers["static"] == answers["dynamic"]
+    assert len(set(answers["static"])) >= 3, answers
+
+
 # ----- serve: the batch decoder
 def test_served_prompts_answer_as_alone_in_a_batch_and_joining_one_mid_decode(loaded):
     family, bundle = loaded

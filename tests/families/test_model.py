@@ -279,6 +279,25 @@ def test_static_shape_decoding_equals_growing_cache(model):
     assert torch.equal(growing, static)
 
 
+def test_one_static_decoder_serves_the_batches_of_its_shape(model):
+    """The static decoder (cache, inputs, on CUDA its graph) is kept for the next batch of the same rows and
+    cache length: other batches, with other padding and a shorter prompt, answer as the growing cache."""
+    from pipeline.families.minicpm_v2.generation import HELD
+
+    settings = GenerationSettings(max_new_tokens=5)
+    decoders = []
+    for seed, cut, padded in ((0, 0, 2), (1, 0, 3), (2, 1, 0)):
+        ids, pixels, bounds, _ = batch(seed)
+        ids = ids[:, : ids.shape[1] - cut]  # a shorter prompt, within the same rounded cache length
+        mask = torch.ones_like(ids)
+        mask[seed % 2, :padded] = 0
+        growing = generate(model, ids, mask, pixels, bounds, settings, static=False)
+        static = generate(model, ids, mask, pixels, bounds, settings, static=True, cuda_graph=False)
+        assert torch.equal(growing, static)
+        decoders.append(HELD[model])
+    assert decoders[0] is decoders[1] is decoders[2]
+
+
 def test_right_padding_changes_nothing_for_the_real_tokens(model):
     ids, pixels, bounds, labels = batch()
     padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)

@@ -7,6 +7,7 @@ path is tested against).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,22 +27,72 @@ class StaticDecoder:
     The step attends over the whole cache buffer with a mask that admits the prompt's real tokens and the
     tokens generated so far, so no shape changes from step to step; on CUDA the step is captured once and
     replayed, which removes the per-kernel launch cost that dominates decoding at small batch sizes.
+
+    A decoder (its cache, its input tensors and its graph) serves every batch of its rows and cache length:
+    `held` keeps the model's last one (in HELD, which holds no model alive), and `start` points it at the next
+    batch's prompt, so a file of equal batches captures one graph, not one a batch. The cache's slots past a
+    prompt keep the previous batch's keys until overwritten; the mask never admits them.
     """
 
-    def __init__(self, model: MiniCPMV, cache: KVCache, prompt_mask: torch.Tensor, use_graph: bool) -> None:
-        b, t = prompt_mask.shape
-        device = prompt_mask.device
-        self.model = model
+    def __init__(self, model: MiniCPMV, cache: KVCache, use_graph: bool) -> None:
+        b, device = cache.keys[0].shape[0], cache.keys[0].device
+        self.model = weakref.proxy(model)
         self.cache = cache
-        self.cur = t  # next cache slot to write
-        cache.static_index = torch.tensor([t], dtype=torch.long, device=device)
+        self.use_graph = use_graph
+        self.cur = 0  # next cache slot to write
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # that slot, as the graph reads it
         self.mask = torch.zeros(b, 1, 1, cache.max_length, dtype=torch.bool, device=device)
-        self.mask[:, 0, 0, :t] = prompt_mask.bool()
-        self.pos = (prompt_mask.long().sum(-1, keepdim=True)).clone()  # next position id per row [B, 1]
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=device)  # next position id per row
         self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.graph = None
         self.out = None
-        if use_graph:
+
+    @classmethod
+    def held(
+        cls,
+        model: MiniCPMV,
+        rows: int,
+        length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        use_graph: bool,
+    ) -> StaticDecoder:
+        """Returns the decoder of `rows` rows over a cache of `length` slots, its cache emptied for a prefill:
+        the model's last one where it has that shape, else a new one (which replaces it)."""
+        held = HELD.get(model)
+        cache = held.cache if held is not None else None
+        shape = (rows, length, dtype, device)
+        if (
+            held is None
+            or held.use_graph != use_graph
+            or (cache.keys[0].shape[0], cache.max_length) != shape[:2]
+        ):
+            held = None
+        elif (cache.keys[0].dtype, cache.keys[0].device) != shape[2:]:
+            held = None
+        if held is None:
+            HELD.pop(model, None)  # the old cache and graph go before the new ones are allocated
+            cfg = model.config
+            cache = KVCache(
+                cfg.num_hidden_layers, rows, cfg.num_key_value_heads, length, cfg.head_dim, dtype, device
+            )
+            held = cls(model, cache, use_graph)
+            HELD[model] = held
+        held.cache.static_index = None
+        held.cache.length = 0
+        return held
+
+    def start(self, prompt_mask: torch.Tensor) -> None:
+        """Points the decoder at a batch whose prompts [B, T] (left-padded) the cache holds after prefill;
+        captures the graph on the first batch."""
+        t = prompt_mask.shape[1]
+        self.cur = t
+        self.index.fill_(t)
+        self.cache.static_index = self.index
+        self.mask.zero_()
+        self.mask[:, 0, 0, :t] = prompt_mask.bool()
+        self.pos.copy_(prompt_mask.long().sum(-1, keepdim=True))
+        if self.use_graph and self.graph is None:
             self._capture()
 
     def _forward(self) -> torch.Tensor:
@@ -67,7 +118,7 @@ class StaticDecoder:
         if self.cur >= self.cache.max_length:
             raise RuntimeError(f"KV cache overflow: slot {self.cur} >= max_length {self.cache.max_length}")
         self.tok.copy_(tok[:, None])
-        self.cache.static_index.fill_(self.cur)
+        self.index.fill_(self.cur)
         self.mask[:, 0, 0, self.cur] = True
         if self.graph is not None:
             self.graph.replay()
@@ -77,6 +128,14 @@ class StaticDecoder:
         self.pos += 1
         self.cur += 1
         return logits
+
+
+# each model's last decoder (StaticDecoder.held)
+HELD: weakref.WeakKeyDictionary[MiniCPMV, StaticDecoder] = weakref.WeakKeyDictionary()
+
+# a static cache's length is the prompt's plus the tokens to generate, rounded up to this: batches of nearby
+# prompt lengths share one decoder (one CUDA graph)
+STATIC_LENGTH_MULTIPLE = 64
 
 
 @torch.no_grad()
@@ -113,8 +172,12 @@ def generate(
     embed_scale = model.config.scale_emb
     embeds = model.embed(input_ids, pixel_values, image_bound)
     dtype = embeds.dtype
-    cache = None
-    if use_cache:
+    cache = decoder = None
+    if use_cache and static and settings.max_new_tokens > 1:
+        length = -(-(t + settings.max_new_tokens) // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
+        decoder = StaticDecoder.held(model, b, length, dtype, device, cuda_graph)
+        cache = decoder.cache
+    elif use_cache:
         cfg = model.config
         cache = KVCache(
             cfg.num_hidden_layers,
@@ -131,9 +194,8 @@ def generate(
     pos, attn = positions_and_mask(mask, t, dtype)
     hidden = model.llm.model(embeds, pos.to(device), attn, cache)
     logits = model.llm.logits(hidden[:, -1])
-    decoder = None
-    if use_cache and static and settings.max_new_tokens > 1:
-        decoder = StaticDecoder(model, cache, mask, use_graph=cuda_graph)
+    if decoder is not None:
+        decoder.start(mask)
     past = t
     for step in range(settings.max_new_tokens):
         tok = next_tokens(logits, generated, settings, generator)
