@@ -20,12 +20,14 @@ every answer runs to its token limit (the tiny twins keep theirs). Rows are COCO
 - serve (`--parts serve`): bench/serve_bench.py's rows for each of `--serve-models`: `--requests` requests
   (448 px image, a question each, greedy, `--serve-tokens` tokens) one at a time, then through 1, 8 and 32
   clients; `x serial` is tokens/s over the one-at-a-time figure.
-- static (`--parts static`): Qwen2.5-VL-3B's generation alone (`generate_for_rows`, in this process) over
-  `--static-rows` rows with the static cache and compiled step (HFNativeFamily.static_decode, the default on
-  CUDA) against the dynamic cache, eager: what eval and infer gain from it.
+- profile (`--parts profile`): MiniCPM-V-2's generation in this process (`generate_for_rows`, as infer runs
+  it), two batches under torch.profiler after two warm ones: OUT/gen_profile_minicpm_v2.txt.
+- the HF-native families' infer rows run under each `--decodes` mode (model.decode: `dynamic`, the growing cache,
+  eager; `auto`, on a GPU the static cache with transformers' compiled step): the first batch (its compile) and
+  the time spent waiting for prepared rows are reported apart (infer/timing.json).
 
-Items run most wanted first (`plan`: MiniCPM-V-2's infer stage, both servers, the other families' infer
-stages, the static comparison), each only while `--budget` seconds are not spent; one that does not fit is
+Items run most wanted first (`plan`: MiniCPM-V-2's profile and infer stage, both servers, the other families'
+infer stages), each only while `--budget` seconds are not spent; one that does not fit is
 listed as skipped, to be run by a second call with `--parts` / `--families` / `--serve-models`. Results: OUT/gen_results.json
 (written after every item) and OUT/gen_results.md.
 """
@@ -50,9 +52,9 @@ from bench.entry_bench import (
 )
 
 FAMILIES = ("minicpm_v2", "qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
-PARTS = ("infer", "serve", "static")
+PARTS = ("profile", "infer", "serve")
 # the least time an item needs to be worth starting, in seconds (the tiny twins: a tenth)
-MIN_SECONDS = {"infer": 60, "serve": 120, "static": 90}
+MIN_SECONDS = {"profile": 30, "infer": 60, "serve": 120}
 
 
 class Clock:
@@ -94,14 +96,22 @@ def count_tokens(family: str, folder: Path):
 
 # ----- infer
 def infer_row(
-    family: str, work: Path, data: Path, args: argparse.Namespace, timeout: float, log: Path
+    family: str,
+    work: Path,
+    data: Path,
+    args: argparse.Namespace,
+    timeout: float,
+    log: Path,
+    decode: str = "auto",
 ) -> dict:
-    """Runs the infer stage of `family` through the entry point; returns its row."""
+    """Runs the infer stage of `family` through the entry point under model.decode=`decode`; returns its row."""
     folder = model_folder(family, work, args.tiny)
-    run_dir = work / "runs" / f"infer_{family}"
+    name = f"infer_{family}" + ("" if decode == "auto" else f"_{decode}")
+    run_dir = work / "runs" / name
     overrides = [
         f"model={model_config(family, args.tiny)}",
         f"model.path={folder}",
+        f"model.decode={decode}",
         *(["device=cpu"] if args.tiny else []),
         "tracking=none",
         "stages=[infer]",
@@ -114,8 +124,8 @@ def infer_row(
         f"infer.max_new_tokens={args.max_new_tokens}",
         "infer.stream=false",
     ]
-    result = run_pipeline(f"infer_{family}", overrides, run_dir, log, int(timeout))
-    result["family"] = family
+    result = run_pipeline(name, overrides, run_dir, log, int(timeout))
+    result.update(family=family, decode=decode)
     results, timing = run_dir / "infer" / "results.jsonl", run_dir / "infer" / "timing.json"
     if result["rc"] != 0 or not results.is_file() or not timing.is_file():
         return result
@@ -131,6 +141,8 @@ def infer_row(
         retokenized=retokenized,
         load_s=times["load_s"],
         generate_s=times["generate_s"],
+        first_batch_s=times.get("first_batch_s"),
+        prepare_wait_s=times.get("prepare_wait_s"),
         stage_s=round(stage_s, 1) if stage_s else None,
         new_tokens_per_s=round(new_tokens / times["generate_s"], 1),
         new_tokens_per_s_stage=round(new_tokens / stage_s, 1) if stage_s else None,
@@ -154,51 +166,71 @@ def serve_row(family: str, work: Path, args: argparse.Namespace, timeout: float)
     return {"family": family, **result}
 
 
-# ----- static against dynamic decode (in this process)
-def static_rows(work: Path, data: Path, args: argparse.Namespace) -> dict:
-    """Returns Qwen2.5-VL's generation alone over `--static-rows` rows, static (compiled) against dynamic."""
+# ----- a profile of MiniCPM-V-2's batches (in this process)
+def profile_rows(work: Path, data: Path, args: argparse.Namespace, out: Path) -> dict:
+    """Profiles MiniCPM-V-2's generation (generate_for_rows, as infer runs it) over two batches after two warm
+    ones; writes torch.profiler's tables (by device time and by CPU time) to OUT/gen_profile_minicpm_v2.txt and
+    returns the batches' seconds, the device's busy seconds and the wait for prepared rows."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
     from pipeline.apps.generation import generate_for_rows, load_inference_bundle
     from pipeline.data.validate import record_to_row
     from pipeline.families.generation_settings import GenerationSettings
 
-    folder = model_folder("qwen2_5_vl", work, args.tiny)
-    records = [json.loads(line) for line in data.read_text().splitlines()[: args.static_rows]]
+    folder = model_folder("minicpm_v2", work, args.tiny)
+    records = [json.loads(line) for line in data.read_text().splitlines()[: 4 * args.batch_size]]
     rows = [
         record_to_row(record, f"{data}:{k + 1}", data.parent, need_response=False)
         for k, record in enumerate(records)
     ]
     bundle, family = load_inference_bundle(folder, device="cpu" if args.tiny else "auto")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    count = count_tokens("qwen2_5_vl", folder)
-    out: dict = {"family": "qwen2_5_vl", "rows": len(rows)}
-    for name, static in (("dynamic", False), ("static", True)):
-        family.static_decode = static
-        try:
-            for attempt in ("first", "second"):  # the first static run compiles
-                started = time.perf_counter()
-                answers = generate_for_rows(family, bundle, rows, settings, args.batch_size)
-                seconds = time.perf_counter() - started
-                tokens = (
-                    sum(count(answer) for answer in answers) if args.tiny else len(rows) * args.max_new_tokens
-                )
-                out[f"{name}_{attempt}_s"] = round(seconds, 2)
-                out[f"{name}_{attempt}_tokens_per_s"] = round(tokens / seconds, 1)
-                if name == "dynamic":
-                    break
-        except Exception as exc:  # the row records why, the other parts go on
-            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    family.static_decode = None
-    return out
+    half = 2 * args.batch_size
+    warm: dict = {}
+    generate_for_rows(family, bundle, rows[:half], settings, args.batch_size, timing=warm)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    timing: dict = {}
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        generate_for_rows(family, bundle, rows[half:], settings, args.batch_size, timing=timing)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+    seconds = time.perf_counter() - started
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if torch.cuda.is_available() else 0
+    text = [
+        f"MiniCPM-V-2, 2 batches of {args.batch_size} rows, {args.max_new_tokens} new tokens, profiled: {seconds:.2f} s"
+        f" wall, {device_us / 1e6:.2f} s of device kernels; warm batches {warm}; profiled {timing}",
+        "",
+        "by device time:",
+        events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60),
+        "by CPU time:",
+        events.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60),
+    ]
+    (out / "gen_profile_minicpm_v2.txt").write_text("\n".join(text) + "\n")
+    del bundle
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {
+        "family": "minicpm_v2",
+        "rows": len(rows) - half,
+        "profiled_s": round(seconds, 2),
+        "device_busy_s": round(device_us / 1e6, 2),
+        "warm": warm,
+        **timing,
+    }
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Returns the items to run, (part, family), most wanted first: MiniCPM-V-2's infer stage and both servers,
-    then the other families' infer stages, then the static-cache comparison (of the parts asked for)."""
-    order = [("infer", "minicpm_v2"), ("serve", "minicpm_v2"), ("serve", "qwen2_5_vl")]
-    order += [("infer", family) for family in FAMILIES if family != "minicpm_v2"]
-    order += [("static", "qwen2_5_vl")]
-    wanted = {"infer": args.families, "serve": args.serve_models, "static": ["qwen2_5_vl"]}
-    return [(part, what) for part, what in order if part in args.parts and what in wanted[part]]
+def plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Returns the items to run, (part, family, model.decode), most wanted first: MiniCPM-V-2's profile and infer
+    stage, both servers, then the other families' infer stages under each of `--decodes` (of the parts asked
+    for)."""
+    order = [("profile", "minicpm_v2", "auto"), ("infer", "minicpm_v2", "auto")]
+    order += [("serve", "minicpm_v2", "auto"), ("serve", "qwen2_5_vl", "auto")]
+    order += [
+        ("infer", family, decode) for family in FAMILIES if family != "minicpm_v2" for decode in args.decodes
+    ]
+    wanted = {"infer": args.families, "serve": args.serve_models, "profile": ["minicpm_v2"]}
+    return [item for item in order if item[0] in args.parts and item[1] in wanted[item[0]]]
 
 
 # ----- the report
@@ -211,17 +243,19 @@ def markdown(results: dict) -> str:
             f"infer stage, {setup['rows']} COCO-shaped rows, batch {setup['batch_size']}, up to "
             f"{setup['max_new_tokens']} new tokens, greedy:",
             "",
-            "| family | process s | stage s | load s | generation s | new tokens | new tokens/s (generation) | "
-            "new tokens/s (stage) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| family | model.decode | process s | stage s | load s | generation s | first batch s | "
+            "waiting for rows s | new tokens | new tokens/s (generation) | new tokens/s (stage) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in infer:
             if "skipped" in r or r.get("rc") != 0:
-                lines.append(f"| {r['family']} | {r.get('skipped') or r.get('error', 'failed')} |||||||")
+                reason = str(r.get("skipped") or r.get("error", "failed")).replace("\n", " ")[:200]
+                lines.append(f"| {r['family']} | {r.get('decode', 'auto')} | {reason} |||||||||")
                 continue
             lines.append(
-                f"| {r['family']} | {r['wall_s']} | {r['stage_s']} | {r['load_s']} | {r['generate_s']} | "
-                f"{r['new_tokens']} | {r['new_tokens_per_s']} | {r['new_tokens_per_s_stage']} |"
+                f"| {r['family']} | {r.get('decode', 'auto')} | {r['wall_s']} | {r['stage_s']} | {r['load_s']} | "
+                f"{r['generate_s']} | {r.get('first_batch_s')} | {r.get('prepare_wait_s')} | {r['new_tokens']} | "
+                f"{r['new_tokens_per_s']} | {r['new_tokens_per_s_stage']} |"
             )
     for r in results.get("serve", []):
         lines += ["", f"serve, {r['family']} ({r.get('max_tokens', '?')} tokens a request):", ""]
@@ -238,14 +272,14 @@ def markdown(results: dict) -> str:
                 f"{row.get('tokens_vs_one_at_a_time', 1.0)} | {row['latency_p50_s']} | {row['latency_max_s']} | "
                 f"{row['same_answers']}/{row['requests']} |"
             )
-    static = results.get("static")
-    if static:
+    profiled = results.get("profile")
+    if profiled:
         lines += [
             "",
-            "Qwen2.5-VL generation alone, static (compiled) against dynamic cache:",
+            "MiniCPM-V-2's generation profiled (gen_profile_minicpm_v2.txt):",
             "",
             "```",
-            json.dumps(static),
+            json.dumps(profiled),
             "```",
         ]
     return "\n".join(lines)
@@ -266,7 +300,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="serve: requests per level")
     parser.add_argument("--serve-tokens", type=int, default=48, help="serve: max_tokens of a request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--static-rows", type=int, default=64)
+    parser.add_argument(
+        "--decodes",
+        nargs="+",
+        choices=("auto", "static", "dynamic"),
+        default=["dynamic", "auto"],
+        help="model.decode of the HF-native families' infer rows (MiniCPM-V-2: auto)",
+    )
     parser.add_argument("--budget", type=float, default=530, help="seconds for the whole call")
     parser.add_argument("--tiny", action="store_true", help="the tiny twins on the CPU: a smoke run")
     args = parser.parse_args()
@@ -293,26 +333,26 @@ def main() -> None:
             print(f"== {part} {what} ({clock.left():.0f} s left)", flush=True)
             return True
         skipped = {"family": what, "skipped": f"out of time ({clock.left():.0f} s of --budget left)"}
-        results[part].append(skipped) if part != "static" else results.update(static=skipped)
+        results[part].append(skipped) if part != "profile" else results.update(profile=skipped)
         return False
 
-    for part, what in plan(args):
+    for part, what, decode in plan(args):
         if not fits(part, what):
             continue
         try:
             if part == "infer":
-                results["infer"].append(infer_row(what, work, data, args, clock.left(), log))
+                results["infer"].append(infer_row(what, work, data, args, clock.left(), log, decode))
             elif part == "serve":
                 results["serve"].append(serve_row(what, work, args, clock.left()))
             else:
-                results["static"] = static_rows(work, data, args)
+                results["profile"] = profile_rows(work, data, args, out)
         except (Exception, SystemExit) as exc:  # one item's failure is its row; the others go on
-            error = {"family": what, "error": f"{type(exc).__name__}: {exc}"[:3000]}
+            error = {"family": what, "decode": decode, "error": f"{type(exc).__name__}: {exc}"[:3000]}
             with log.open("a") as f:
                 f.write(f"===== {part} {what}\n{traceback.format_exc()}\n")
-            results[part].append(error) if part != "static" else results.update(static=error)
+            results[part].append(error) if part != "profile" else results.update(profile=error)
         save()
-        last = results["static"] if part == "static" else results[part][-1]
+        last = results["profile"] if part == "profile" else results[part][-1]
         print(json.dumps(last)[:2000], flush=True)
     results["info"]["seconds"] = round(time.perf_counter() - clock.start, 1)
     save()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def generate_for_rows(
     images: ImageSource | None = None,
     desc: str = "generate",
     prefetch: bool | None = None,
+    timing: dict[str, float] | None = None,
 ) -> list[str]:
     """Returns one generated response per row (in row order), prompting each with its query, history, system
     and images.
@@ -93,7 +95,9 @@ def generate_for_rows(
     Rows are batched by prompt length (left-padded). With `prefetch` (None: on a GPU) the next batches'
     images are loaded and encoded on CPU threads while the current batch generates; the answers are the
     same as one batch after the other. A row too long for the model's positions, or with an unreadable
-    image, raises an error naming it."""
+    image, raises an error naming it. `timing`, where given, receives the seconds spent waiting for prepared
+    rows (`prepare_wait_s`: the generation waited on the CPU), generating (`decode_s`) and in the first batch
+    (`first_batch_s`: with its warm-up, e.g. a graph capture or a compile)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = images or ImageFiles()
@@ -110,9 +114,20 @@ def generate_for_rows(
     # on the CPU the generation itself wants every core: rows are prepared in turn there by default
     prefetch = family.device_of(bundle).type == "cuda" if prefetch is None else prefetch
     outputs: list[str] = [""] * len(rows)
-    prepared = prepared_batches(batches, prepare, prefetch)
-    for indices, samples in tqdm(prepared, total=len(batches), desc=desc, unit="batch", leave=False):
+    prepared = iter(prepared_batches(batches, prepare, prefetch))
+    spent = {"prepare_wait_s": 0.0, "decode_s": 0.0, "first_batch_s": 0.0}
+    for b in tqdm(range(len(batches)), desc=desc, unit="batch", leave=False):
+        started = time.perf_counter()
+        indices, samples = next(prepared)
+        ready = time.perf_counter()
         answers = family.generate_batch(bundle, samples, settings, generator)
+        done = time.perf_counter()
+        spent["prepare_wait_s"] += ready - started
+        spent["decode_s"] += done - ready
+        if b == 0:
+            spent["first_batch_s"] = done - started
         for i, text in zip(indices, answers, strict=True):
             outputs[i] = text
+    if timing is not None:
+        timing.update({key: round(value, 3) for key, value in spent.items()})
     return outputs

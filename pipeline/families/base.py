@@ -511,7 +511,7 @@ class Family(ABC):
         self.linear_attention = linear_attention  # model.linear_attention (linear_attention.py)
         if decode not in DECODE_MODES:
             raise FamilyError(f"model.decode={decode} is not a decode mode; valid: {', '.join(DECODE_MODES)}")
-        self.decode = decode  # model.decode: auto | static | dynamic (generate_batch's cache)
+        self.decode_mode = decode  # model.decode: auto | static | dynamic (generate_batch's cache)
         unknown = sorted(set(self.settings) - set(self.setting_keys))
         if unknown:
             valid = ", ".join(self.setting_keys) or "none"

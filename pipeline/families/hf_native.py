@@ -450,8 +450,8 @@ class HFNativeFamily(Family):
         nor after the compiled decode failed once in this process (static_decode_failed)."""
         if self.static_decode_failed or (model is not None and quantization.is_quantized(model)):
             return False
-        if self.decode != "auto":
-            return self.decode == "static"
+        if self.decode_mode != "auto":
+            return self.decode_mode == "static"
         return device.type == "cuda" if self.static_decode is None else self.static_decode
 
     # set when the compiled static-cache decode raised: the rest of the process decodes eagerly (a warning

@@ -206,12 +206,14 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     rows, labels = input_rows(cfg, family, bundle, infer_dir, inputs)
     generator = torch.Generator(family.device_of(bundle)).manual_seed(int(cfg.seed))
     started = time.perf_counter()
+    spent: dict[str, float] = {}
     responses = generate_for_rows(
-        family, bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer"
+        family, bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer", timing=spent
     )
     timing = {
         "load_s": round(load_s, 3),
         "generate_s": round(time.perf_counter() - started, 3),
+        **spent,
         "rows": len(rows),
     }
     atomic_write_json(infer_dir / TIMING_FILE, timing)

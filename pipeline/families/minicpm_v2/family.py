@@ -405,7 +405,7 @@ class MiniCPMV2(Family):
             eos_token_id=tok.eos_id,
             pad_token_id=tok.pad_id,
             generator=generator,
-            static=None if self.decode == "auto" else self.decode == "static",
+            static=None if self.decode_mode == "auto" else self.decode_mode == "static",
         )
         return [tok.decode(response_ids(ids, tok.eos_id)) for ids in new.tolist()]
 
