@@ -38,7 +38,7 @@ DEFAULT_PAIRS_DIR = REPO_ROOT / "data" / "demo_pairs"
 DEFAULT_ROWS = 240
 SEED = 20240501
 PAIRS_SEED = 20240502
-VERSION = 2  # bump whenever the generated content changes, so old folders are regenerated
+VERSION = 3  # bump whenever the generated content changes, so old folders are regenerated
 
 COLORS = {
     "red": (220, 40, 40),
@@ -65,6 +65,9 @@ SAY = "Say that the colour is {color}."
 # One cycle of 4 demo rows: 3 shapes images, 1 digit image; of pre-training rows: also 2 text-only rows.
 CYCLE = ("shapes", "shapes", "digit", "shapes")
 PRETRAIN_CYCLE = ("shapes", "say", "shapes", "digit", "say", "shapes")
+# the preference demo's rejected answers: the bare colour (the pre-trained twin's style), or the sentence with
+# another colour
+REJECTED = ("bare", "wrong")
 
 
 @dataclass(frozen=True)
@@ -181,21 +184,26 @@ PRETRAIN_TASKS = {
 }
 
 
-def _pair_row(kind: str):
-    """A demo question whose chosen answer is the sentence with the image's colour, and the rejected one the
-    same sentence with another colour (a hallucination, as RLAIF-V's rejected answers are)."""
+def _pair_row(kind: str, rejected: str):
+    """A demo question whose chosen answer is the sentence with the image's colour. The rejected one is the
+    bare colour ("bare": the pre-trained twin's own style, what it answers before dpo) or the same sentence
+    with another colour ("wrong": a hallucination, as RLAIF-V's rejected answers are)."""
     ask = DEMO_TASKS[kind]
 
     def make(rng: random.Random, index: int) -> tuple[dict, Image.Image]:
         row, image = ask(rng, index)
         color = row["response"].removeprefix("The colour is ").removesuffix(".")
+        if rejected == "bare":
+            return {**row, "rejected_response": color}, image
         other = rng.choice([name for name in COLORS if name != color])
         return {**row, "rejected_response": describe_colour(Scene("text", other, 1))}, image
 
     return make
 
 
-PAIR_TASKS = {kind: _pair_row(kind) for kind in DEMO_TASKS}
+PAIR_TASKS = {f"{kind}/{rejected}": _pair_row(kind, rejected) for kind in DEMO_TASKS for rejected in REJECTED}
+# the demo's cycle of images, their pairs rejecting the bare colour and the wrong colour in turn
+PAIR_CYCLE = tuple(f"{kind}/{REJECTED[index % len(REJECTED)]}" for index, kind in enumerate(CYCLE))
 
 
 def _generate(
@@ -225,7 +233,7 @@ def generate_demo_pairs(
 ) -> tuple[list[dict], dict[str, Image.Image]]:
     """Return the preference demo rows (ms-swift's pair format: query, response = the chosen answer,
     rejected_response, images) and their images by path."""
-    return _generate(n, seed, PAIR_TASKS, CYCLE)
+    return _generate(n, seed, PAIR_TASKS, PAIR_CYCLE)
 
 
 def generate_pretrain(n: int, seed: int) -> tuple[list[dict], dict[str, Image.Image]]:

@@ -101,12 +101,15 @@ def test_bad_pairs_are_named_by_file_and_line(folder):
         assert f"bad.jsonl:{line}: {reason}" in message
 
 
-def test_the_preference_demo_prefers_the_right_colour_in_a_sentence():
+def test_the_preference_demo_prefers_the_sentence_to_the_bare_colour_and_to_another_colour():
     rows, images = generate_demo_pairs(8)
     assert len(rows) == 8 and len(images) == 8
-    for row in rows:
-        assert row["response"].startswith("The colour is ") and row["rejected_response"].startswith(
-            "The colour is "
-        )
-        assert row["response"] != row["rejected_response"]
+    for index, row in enumerate(rows):
+        assert row["response"].startswith("The colour is ")
+        color = row["response"].removeprefix("The colour is ").removesuffix(".")
+        if index % 2 == 0:  # the pre-trained twin's own answer: the bare colour
+            assert row["rejected_response"] == color
+        else:  # the sentence with another colour
+            assert row["rejected_response"].startswith("The colour is ")
+            assert row["rejected_response"] != row["response"]
     assert generate_demo_pairs(8)[0] == rows  # the same on every call
