@@ -140,7 +140,7 @@ class TrainingPlan:
         lines = [
             f"engine: {launch.engine}, {launch.processes} process(es), device {launch.device}; "
             f"mixed precision: {launch.mixed_precision}; weights in {str(self.weights_dtype).split('.')[-1]}",
-            f"compile: {on(self.compile)} (vision blocks: {on(self.compile_vision)}); "
+            f"compile: {on(self.compile)}{' (vision blocks too)' if self.compile_vision else ''}; "
             f"CUDA graphs: {on(self.cuda_graphs)}; "
             f"gradient checkpointing: {on(self.gradient_checkpointing)}",
             f"optimizer: AdamW, lr {self.lr:g}"
