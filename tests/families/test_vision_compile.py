@@ -122,6 +122,23 @@ def test_the_padded_tower_gives_the_unpadded_image_features(family_twin, name):
 
 
 @pytest.mark.parametrize("name", QWEN_VLS)
+def test_a_video_and_an_image_padded_give_their_unpadded_features(family_twin, name):
+    """Frames of a video are pieces of their own in full attention (and windowed frame by frame): the
+    padding after them changes none of their features."""
+    family = get_family(name)
+    model, _ = family.load(family_twin(name))
+    vision_attention.enable(model)
+    tower = model.get_submodule(family.vision_tower).train()
+    grid = torch.tensor([[3, 4, 6], [1, 8, 4]])  # a clip of 3 temporal patches, then an image
+    width = tower.patch_embed.proj.weight[0].numel()
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=torch.Generator().manual_seed(0))
+    reference = tower(pixels, grid_thw=grid)
+    vision_compile.pad_tower(tower, windows=family.vision_windows)
+    padded = tower(pixels, grid_thw=grid)
+    torch.testing.assert_close(padded.pooler_output, reference.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", QWEN_VLS)
 def test_compiled_vision_blocks_train_as_the_eager_tower_and_replay_for_other_images(family_twin, name):
     family, model, processor = loaded(family_twin, name, "all")
     first, second = batch_of(family, processor, FIRST, seed=0), batch_of(family, processor, SECOND, seed=5)
