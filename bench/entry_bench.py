@@ -112,7 +112,13 @@ LEVERS_OFF = {
     "sdpa": ["model.vision_attention=sdpa"],
     "profile": ["trainer.profile_steps=3"],
 }
-FAMILY_LEVERS_OFF = {"minicpm_v4_6": {"torchla": ["model.linear_attention=torch"]}}
+# the Qwen VLs' vision blocks eager beside compiled decoder layers (trainer.compile_vision's switch)
+NO_VISION_COMPILE = {"novisioncompile": ["trainer.compile_vision=false"]}
+FAMILY_LEVERS_OFF = {
+    "minicpm_v4_6": {"torchla": ["model.linear_attention=torch"]},
+    "qwen2_5_vl": NO_VISION_COMPILE,
+    "qwen3_vl": NO_VISION_COMPILE,
+}
 
 
 def _family_settings() -> dict[str, tuple[str, list[str], str]]:

@@ -177,6 +177,10 @@ class TrainerConfig:
     patch_weight: Any = "auto"
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
+    # The Qwen VLs' vision blocks compiled with the language model's layers, on patch sequences padded to a
+    # few static lengths (pipeline/families/vision_compile.py): auto = on where trainer.compile is and the
+    # tower attends by variable-length attention (model.vision_attention); true; false = eager blocks
+    compile_vision: Any = "auto"
     max_eval_samples: int | None = None
     # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/
     # (ops.txt, trace.json)
@@ -342,6 +346,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.decode": DECODE_MODES,
     "model.quantization": ("none", "nf4", "int8"),
     "trainer.compile": ("auto", True, False),
+    "trainer.compile_vision": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "preference.loss_type": ("sigmoid", "ipo", "simpo"),
@@ -749,6 +754,11 @@ def _check_family(tree: dict) -> list[str]:
     trains = bool(uses & set(TRAINING_STAGES))
     needs = [
         ("trainer.compile=true", "compiles", trains and tree["trainer"]["compile"] is True),
+        (
+            "trainer.compile_vision=true",
+            "compiles_vision",
+            trains and tree["trainer"]["compile_vision"] is True,
+        ),
         ("trainer.packing=true", "packs", trains and tree["trainer"]["packing"] is True),
         ("dataset.truncation=truncate", "truncates", tree["dataset"]["truncation"] != "delete"),
         ("model.fused_kernels=liger", "fuses_kernels", trains and model["fused_kernels"] == "liger"),

@@ -91,6 +91,9 @@ class Capabilities:
     # The batches its compiled blocks take: "padded" = any batch (on a GPU replayed as CUDA graphs, batches
     # padded to a multiple of 128); "packed" = packed rows only, rounded up to a few static lengths
     compiled_shapes: str = "padded"
+    # trainer.compile_vision: its vision tower's blocks compile too, on patch sequences padded to static
+    # shapes (compile_model's `vision`; where its tower attends by variable-length attention)
+    compiles_vision: bool = False
     packs: bool = False  # trainer.packing: several rows in one sequence without padding
     # its packed rows are attended by variable-length attention (no T x T mask): trainer.packing=auto
     # turns packing on for it on a GPU
@@ -834,9 +837,10 @@ class Family(ABC):
     def pad_id(self, bundle: Bundle) -> int:
         """Returns the padding token id."""
 
-    def compile_model(self, bundle: Bundle, graphs: bool) -> int:
+    def compile_model(self, bundle: Bundle, graphs: bool, vision: bool = False) -> int:
         """Compiles the loaded model's blocks in place for training (where capabilities.compiles); with
-        `graphs` they replay as CUDA graphs. Returns how many blocks."""
+        `graphs` they replay as CUDA graphs; with `vision` the vision tower's blocks too (where
+        compiles_vision_on). Returns how many blocks."""
         raise FamilyError(
             f"trainer.compile=true: {self.capabilities.display_name} (model.family={self.name}) does not compile"
         )
@@ -871,6 +875,11 @@ class Family(ABC):
         """Whether trainer.packing=auto packs this family's rows on `device` (capabilities.packs_padding_free;
         a family whose packed rows need a kernel that fails on the device says no)."""
         return self.capabilities.packs_padding_free
+
+    def compiles_vision_on(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether compile_model can compile the vision tower's blocks for weights of `dtype` on `device`
+        (capabilities.compiles_vision, and a tower that attends by variable-length attention there)."""
+        return False
 
     def check_kernels(self, device: torch.device, compiled: bool) -> None:
         """Refuses, before any weight loads, a kernel choice (model.fused_kernels) that cannot run on `device`

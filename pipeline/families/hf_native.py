@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
-from . import kernels, packing, quantization, vision_attention
+from . import kernels, packing, quantization, vision_attention, vision_compile
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -614,13 +614,43 @@ class HFNativeFamily(Family):
 
     # where the language model's decoder layers are (under the unwrapped transformers model)
     decoder_layers: ClassVar[str] = "model.language_model.layers"
+    # the vision tower whose blocks compile on padded patch sequences (vision_compile; None: none does),
+    # and whether its blocks also attend by windows (Qwen2.5-VL)
+    vision_tower: ClassVar[str | None] = None
+    vision_windows: ClassVar[bool] = False
 
-    def compile_model(self, bundle: Bundle, graphs: bool) -> int:
+    def compile_model(self, bundle: Bundle, graphs: bool, vision: bool = False) -> int:
         """Compiles the language model's decoder layers for training steps with static shapes (packed rows
-        of a few bucketed lengths; see layer_compile). No CUDA graphs (`graphs` must be false)."""
+        of a few bucketed lengths; see layer_compile), and with `vision` the vision tower's blocks (its
+        patch sequence padded to a few lengths; see vision_compile). No CUDA graphs (`graphs` must be
+        false). Returns how many decoder layers."""
         if graphs:
             raise FamilyError(f"{self.name}: compiled layers are not replayed as CUDA graphs")
+        if vision:
+            self.compile_vision(bundle)
         return compile_for_training(bundle.core.get_submodule(self.decoder_layers))
+
+    def compile_vision(self, bundle: Bundle, backend: Any = None) -> int:
+        """Pads the vision tower's patch sequence to static shapes in training steps and compiles its blocks
+        (one shared function; `backend`: torch.compile's, None: inductor); returns how many blocks."""
+        if not self.capabilities.compiles_vision or self.vision_tower is None:
+            raise FamilyError(f"trainer.compile_vision=true: {self.name}'s vision blocks do not compile")
+        used = vision_attention.implementation(bundle.core)
+        if used != vision_attention.VARLEN:
+            raise FamilyError(
+                f"trainer.compile_vision=true: {self.name}'s vision blocks compile over one variable-length "
+                f"attention call per block (model.vision_attention=varlen); this tower attends by {used}"
+            )
+        tower = bundle.core.get_submodule(self.vision_tower)
+        vision_compile.pad_tower(tower, windows=self.vision_windows)
+        return compile_for_training(tower.blocks, backend=backend, part="vision")
+
+    def compiles_vision_on(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return (
+            self.capabilities.compiles_vision
+            and vision_compile.available()
+            and vision_attention.resolve(self.vision_attention, device, dtype)
+        )
 
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         used = vision_attention.implementation(bundle.core)

@@ -29,13 +29,24 @@ def _layer_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(layer).forward(layer, *args, **kwargs)
 
 
-def compile_for_training(layers: Sequence[nn.Module], backend: str | None = None) -> int:
+def _vision_block_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+# torch.compile keeps its traced graphs (and counts them against its recompile limit) per function: the
+# vision blocks get a function of their own, so their graphs neither crowd the decoder layers' nor are
+# looked up for them
+FORWARDS = {"layers": _layer_forward, "vision": _vision_block_forward}
+
+
+def compile_for_training(layers: Sequence[nn.Module], backend: Any = None, part: str = "layers") -> int:
     """Makes every layer's training-step forward one shared compiled function; returns how many layers.
-    `backend`: torch.compile's backend (None: inductor)."""
+    `backend`: torch.compile's backend (None: inductor); `part`: whose function ("layers": the decoder
+    layers', "vision": the vision blocks')."""
     options: dict[str, Any] = {"dynamic": False}
     if backend is not None:
         options["backend"] = backend
-    compiled = torch.compile(_layer_forward, **options)
+    compiled = torch.compile(FORWARDS[part], **options)
     for layer in layers:
         layer.forward = _dispatching_forward(layer, compiled)
     return len(layers)

@@ -36,10 +36,11 @@ PROJECTOR = "model.visual.merger"
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
-    capabilities = native_capabilities("Qwen2.5-VL", video_config_keys=VIDEO_KEYS)
+    capabilities = native_capabilities("Qwen2.5-VL", video_config_keys=VIDEO_KEYS, compiles_vision=True)
     chat_template = CHAT_TEMPLATE
     fused_norm = (0.0, "llama")
     fused_target = "model.language_model"
+    vision_windows = True  # all but fullatt_block_indexes' blocks attend within 112-pixel windows
     # a video's seconds per temporal patch: its mRoPE temporal positions are spaced by it
     pixel_concat: ClassVar[dict[str, int]] = {**QwenVL.pixel_concat, "second_per_grid_ts": 0}
 

@@ -36,7 +36,7 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 
 class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
-    capabilities = native_capabilities("Qwen3-VL", video_config_keys=VIDEO_KEYS)
+    capabilities = native_capabilities("Qwen3-VL", video_config_keys=VIDEO_KEYS, compiles_vision=True)
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
     fused_norm = (0.0, "llama")

@@ -102,6 +102,7 @@ class QwenVL(HFNativeFamily):
         "video_grid_thw": 0,
     }
     token_input_keys = ("mm_token_type_ids",)
+    vision_tower = VISION  # its blocks compile on padded patch sequences (trainer.compile_vision)
 
     def processor_options(self) -> dict[str, Any]:
         return {}  # min_pixels / max_pixels are applied to the loaded processor's size below

@@ -9,7 +9,8 @@ When the attention implementation's name says "flash", they pass the boundaries 
 `enable(model)` registers such an implementation (`VARLEN`) and sets it on the vision tower's config only
 (the language model keeps SDPA). It runs torch's own variable-length FlashAttention kernel
 (`torch.nn.attention.varlen`, CUDA, bf16/fp16); elsewhere (CPU, fp32) the same attention is computed one
-piece at a time with SDPA, with the same results. The setting lives on the loaded model only: saved
+piece at a time with SDPA, with the same results (inside compiled vision blocks: one SDPA call with a
+block-diagonal mask, so that the graph does not depend on where the pieces end). The setting lives on the loaded model only: saved
 configs never name it (transformers does not serialise the attention implementation).
 
 `model.vision_attention`: auto (varlen where the kernel runs: an Ampere-or-newer CUDA card, bf16/fp16
@@ -97,16 +98,35 @@ def varlen_attention(
         else:  # the default scale is dim ** -0.5: fold any other into the queries
             out = fn(q * (scale * q.shape[-1] ** 0.5), k, v, cu_q, cu_k, max_q, max_k)
         return out.unsqueeze(0), None
+    if torch.compiler.is_compiling():  # compiled vision blocks off the kernel (CPU, fp32)
+        return _masked_attention(q, k, v, cu_seq_lens_q, scale).unsqueeze(0), None
     bounds_q, bounds_k = cu_seq_lens_q.tolist(), cu_k.tolist()
     pieces = []
     for i in range(len(bounds_q) - 1):
         sq, sk = slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])
+        if sq.stop == sq.start:  # an empty piece (cu_seqlens padded to a fixed count)
+            continue
         pieces.append(
             F.scaled_dot_product_attention(
                 q[sq].transpose(0, 1), k[sk].transpose(0, 1), v[sk].transpose(0, 1), scale=scale
             ).transpose(0, 1)
         )
     return torch.cat(pieces).unsqueeze(0), None
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The same attention as one SDPA call with a block-diagonal mask built from `cu_seqlens` by tensor ops
+    (q/k/v (T, heads, dim) -> (T, heads, dim)): what compiled blocks run where the kernel does not, since the
+    loop over the pieces would specialise the compiled graph on every boundary. T x T memory: for the CPU."""
+    positions = torch.arange(q.shape[0], device=q.device)
+    piece = torch.bucketize(positions, cu_seqlens[1:].to(device=q.device, dtype=positions.dtype), right=True)
+    mask = piece[:, None] == piece[None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)
 
 
 def register() -> None:

@@ -54,7 +54,7 @@ from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
 from pipeline.training.checkpoints import load_adapter_weights
 from pipeline.training.loop import RunOutputs, Trainer, TrainingData, TrainingEngine
-from pipeline.training.plan import TrainingPlan, plan_training
+from pipeline.training.plan import TrainingPlan, plan_training, resolve_weights_dtype
 from pipeline.training.preference import (
     CACHE_FILE,
     CachedReference,
@@ -80,12 +80,14 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
     caps = family.capabilities
+    launch = launch_of(accelerator)
     plan = plan_training(
         cfg,
-        launch_of(accelerator),
+        launch,
         compiles=caps.compiles,
         packs_padding_free=caps.packs_padding_free,
         compiled_shapes=caps.compiled_shapes,
+        compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)

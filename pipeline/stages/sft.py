@@ -49,6 +49,7 @@ from pipeline.training.plan import (
     TrainingPlan,
     plan_training,
     resolve_mixed_precision,
+    resolve_weights_dtype,
 )
 from pipeline.training.plot import plot_losses
 from pipeline.utils.io import atomic_write_json
@@ -73,6 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         compiles=caps.compiles and cfg.model.quantization == "none",  # bitsandbytes' layers run eagerly
         packs_padding_free=family.packs_padding_free_on(launch.device),
         compiled_shapes=caps.compiled_shapes,
+        compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)  # before any weight loads
@@ -285,7 +287,7 @@ def build_model(
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound), batches
         # padded to a multiple of 128 (the plan's pad_to_multiple) so that only a few shapes are recorded.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        family.compile_model(bundle, plan.cuda_graphs)
+        family.compile_model(bundle, plan.cuda_graphs, vision=plan.compile_vision)
     counts = count_parameters(module)
     vision = family.vision_attention_of(bundle)
     quantized = cfg.model.quantization

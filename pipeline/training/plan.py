@@ -11,6 +11,7 @@ optimizer, `loop` to the Trainer.
     mixed precision          trainer.mixed_precision auto: bf16 on a GPU that has it (else fp16), none on CPU
     weights dtype            LoRA: model.dtype (auto: bf16, else fp16, on a GPU; fp32 on CPU); full: fp32
     compile                  trainer.compile auto: see resolve_compile
+    vision blocks compiled   trainer.compile_vision auto: see resolve_compile_vision
     packing                  trainer.packing auto: see resolve_packing
     gradient checkpointing   model.gradient_checkpointing auto: see resolve_checkpointing
     CUDA graphs              compiled on a GPU, for a family whose compiled layers take any padded batch
@@ -113,6 +114,8 @@ class TrainingPlan:
     loop: LoopSettings
     # the rates of the vision tower and the projector where optim.vit_lr / optim.aligner_lr set them
     part_lrs: tuple[tuple[str, float], ...] = ()
+    # the family also compiles its vision tower's blocks, on padded patch sequences (trainer.compile_vision)
+    compile_vision: bool = False
 
     @property
     def rows_per_step(self) -> int:
@@ -137,7 +140,8 @@ class TrainingPlan:
         lines = [
             f"engine: {launch.engine}, {launch.processes} process(es), device {launch.device}; "
             f"mixed precision: {launch.mixed_precision}; weights in {str(self.weights_dtype).split('.')[-1]}",
-            f"compile: {on(self.compile)}; CUDA graphs: {on(self.cuda_graphs)}; "
+            f"compile: {on(self.compile)}{' (vision blocks too)' if self.compile_vision else ''}; "
+            f"CUDA graphs: {on(self.cuda_graphs)}; "
             f"gradient checkpointing: {on(self.gradient_checkpointing)}",
             f"optimizer: AdamW, lr {self.lr:g}"
             + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs),
@@ -155,12 +159,14 @@ def plan_training(
     compiles: bool,
     packs_padding_free: bool = False,
     compiled_shapes: str = "padded",
+    compiles_vision: bool = False,
 ) -> TrainingPlan:
     """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
     its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
     (for trainer.packing=auto); `compiled_shapes`, "padded" = its compiled layers take any batch and replay
     as CUDA graphs on a GPU, "packed" = they take packed rows of static lengths only (no CUDA graphs), so
-    compile needs packing."""
+    compile needs packing; `compiles_vision`, whether it can compile its vision tower's blocks in this run
+    (Family.compiles_vision_on)."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
     packing = resolve_packing(t.packing, device, packs_padding_free, int(t.micro_batch_tokens))
@@ -208,6 +214,7 @@ def plan_training(
             cfg.model.gradient_checkpointing, device, cfg.lora.name, int(t.micro_batch_tokens)
         ),
         compile=compiled,
+        compile_vision=resolve_compile_vision(t.get("compile_vision", "auto"), compiled, compiles_vision),
         cuda_graphs=graphs,
         lr=resolve_lr(cfg),
         part_lrs=resolve_part_lrs(cfg),
@@ -287,6 +294,29 @@ def resolve_compile(value: Any, device: torch.device, compiles: bool, processes:
         return bool(value)
     single = compiles and processes == 1 and not sharded
     return device.type == "cuda" and single and compiles_on(device)
+
+
+def resolve_compile_vision(value: Any, compiled: bool, compiles_vision: bool) -> bool:
+    """Returns whether the family's vision blocks compile too: false as given; auto = where the layers
+    compile (`compiled`) and the family can compile its vision blocks in this run (`compiles_vision`: the
+    Qwen VLs with a tower that attends by variable-length attention); true needs both and says which is
+    missing."""
+    if value is False:
+        return False
+    if value == "auto":
+        return compiled and compiles_vision
+    if not compiled:
+        raise ValueError(
+            "trainer.compile_vision=true compiles the vision blocks with the model's layers: trainer.compile "
+            "resolves off for this run (set trainer.compile=true, or trainer.compile_vision=auto)"
+        )
+    if not compiles_vision:
+        raise ValueError(
+            "trainer.compile_vision=true: this model's vision blocks compile only over variable-length "
+            "attention (model.vision_attention=varlen: a CUDA card of compute capability 8.0+, bf16/fp16 "
+            "weights); set trainer.compile_vision=auto or false"
+        )
+    return True
 
 
 def resolve_packing(

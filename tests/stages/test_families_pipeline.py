@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -195,7 +196,7 @@ def test_every_family_packs_and_packing_needs_a_token_budget():
 
 
 @pytest.mark.parametrize("model", ["qwen2_5_vl_tiny", "minicpm_v4_6_tiny"])
-def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path):
+def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path, caplog):
     """sft through the entry point's stage with trainer.packing=true on rows of different lengths (images of
     several sizes, two images, none): the steps' losses and gradient norms are the padded run's (fp32 on
     the CPU), with no padding but a packed row's tail."""
@@ -242,6 +243,20 @@ def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path):
             assert c["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, c)
             assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, c)
             assert c["padding_pct"] > 0
+        # and the vision blocks compiled too, on patch sequences padded to a static length (the varlen
+        # vision attention's CPU path): the same steps again
+        caplog.set_level(logging.INFO, logger="pipeline")
+        vision = steps(
+            "true",
+            tmp_path / "vision",
+            "trainer.compile=true",
+            "trainer.compile_vision=true",
+            "model.vision_attention=varlen",
+        )
+        for b, v in zip(packed, vision, strict=True):
+            assert v["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, v)
+            assert v["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, v)
+        assert "compile: on (vision blocks too)" in caplog.text
 
 
 def test_the_chat_runs_another_family_and_validation_takes_it():

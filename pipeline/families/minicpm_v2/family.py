@@ -302,9 +302,11 @@ class MiniCPMV2(Family):
     def pad_id(self, bundle: ModelBundle) -> int:
         return bundle.tokenizer.pad_id
 
-    def compile_model(self, bundle: ModelBundle, graphs: bool) -> int:
+    def compile_model(self, bundle: ModelBundle, graphs: bool, vision: bool = False) -> int:
         """Compiles every LLM decoder layer and vision block in place; with `graphs` the decoder layers are
-        replayed as CUDA graphs (the step is otherwise launch-bound). Returns how many LLM layers."""
+        replayed as CUDA graphs (the step is otherwise launch-bound). Its vision blocks take any batch and
+        always compile with the rest (`vision`, trainer.compile_vision, is for the HF-native towers).
+        Returns how many LLM layers."""
         bundle.core.compile_blocks("reduce-overhead" if graphs else None)
         return len(bundle.core.llm.model.layers)
 
