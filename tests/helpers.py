@@ -320,3 +320,13 @@ def write_test_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def loss_and_grads(family, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns (the summed loss, every parameter's gradient) of one backward pass of `batch` through the family's
+    loss (mean over its tokens)."""
+    model.zero_grad(set_to_none=True)
+    sums = family.loss_outputs(model, batch)
+    (sums.loss_sum / sums.num_tokens).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sums.loss_sum.detach(), grads

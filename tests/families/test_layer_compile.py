@@ -12,20 +12,13 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from pipeline.families import get_family
 from pipeline.families.base import messages_from_row
 from pipeline.families.layer_compile import compile_for_training, is_compiled_for_training
+from tests.helpers import loss_and_grads
 
 HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
 
 
 def picture(seed: int) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (48, 64, 3), dtype=np.uint8))
-
-
-def loss_and_grads(family, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    sums = family.loss_outputs(model, batch)
-    (sums.loss_sum / sums.num_tokens).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return sums.loss_sum.detach(), grads
 
 
 @pytest.mark.parametrize("name", HF_FAMILIES)

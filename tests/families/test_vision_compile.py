@@ -15,6 +15,7 @@ from pipeline.families.base import Bundle, messages_from_row
 from pipeline.families.layer_compile import is_compiled_for_training
 from pipeline.training.plan import resolve_compile_vision
 from tests.families.test_families import picture
+from tests.helpers import loss_and_grads
 
 QWEN_VLS = ("qwen2_5_vl", "qwen3_vl")
 # two micro-batches of two images each: other sizes, the same padded length and counts of pieces
@@ -75,14 +76,6 @@ def loaded(family_twin, name: str, preset: str):
             torch.nn.init.normal_(p, std=0.05)
     model.train()
     return family, model, processor
-
-
-def loss_and_grads(family, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    sums = family.loss_outputs(model, batch)
-    (sums.loss_sum / sums.num_tokens).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return sums.loss_sum.detach(), grads
 
 
 def assert_same(loss, grads, ref_loss, ref_grads) -> None:

@@ -47,6 +47,12 @@ class StaticDecoder:
         self.graph = None
         self.out = None
 
+    @property
+    def key(self) -> tuple:
+        """Returns what a batch must match to reuse this decoder: (rows, cache length, dtype, device, graph)."""
+        keys = self.cache.keys[0]
+        return (keys.shape[0], self.cache.max_length, keys.dtype, keys.device, self.use_graph)
+
     @classmethod
     def held(
         cls,
@@ -60,15 +66,7 @@ class StaticDecoder:
         """Returns the decoder of `rows` rows over a cache of `length` slots, its cache emptied for a prefill:
         the model's last one where it has that shape, else a new one (which replaces it)."""
         held = HELD.get(model)
-        cache = held.cache if held is not None else None
-        shape = (rows, length, dtype, device)
-        if (
-            held is None
-            or held.use_graph != use_graph
-            or (cache.keys[0].shape[0], cache.max_length) != shape[:2]
-        ):
-            held = None
-        elif (cache.keys[0].dtype, cache.keys[0].device) != shape[2:]:
+        if held is not None and held.key != (rows, length, dtype, device, use_graph):
             held = None
         if held is None:
             HELD.pop(model, None)  # the old cache and graph go before the new ones are allocated
