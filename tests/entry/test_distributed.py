@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import distributed
 from pipeline.config import ConfigError
-from pipeline.stages import sft
+from pipeline.stages import dpo, sft
 from pipeline.training.loop import window_indices
 from tests.helpers import (
     CONF_DIR,
@@ -198,6 +198,41 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tiny_t
         tiny_twin, tmp_path / "single", *common, "trainer.batch_size=2", "trainer.grad_accum=2"
     )
     assert_same_curve(log_records(run_dir / "sft"), single, steps=4)
+
+
+def test_dpo_in_two_processes_trains_like_one_with_the_cached_reference_gathered(tiny_twin, tmp_path):
+    # full fine-tuning: each process scores every other pair for the reference table, which is gathered; the
+    # loss is normalised over the pairs of both processes
+    common = ["+experiment=dpo", f"model.path={tiny_twin}", "lora=none", "dataset.max_rows=24", *EXACT,
+              "optim.lr=1e-4", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.eval_steps=3"]  # fmt: skip
+    out = tmp_path / "outputs"
+    done = run_python(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            *common,
+            f"output_root={out}",
+            "stages=[dpo]",
+            "trainer.grad_accum=1",
+            "device=cpu",
+        ],  # fmt: skip
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run_dir,) = run_folders(out)
+    single_dir = tmp_path / "single"
+    run_stage(dpo, compose_config([*common, "trainer.grad_accum=2", "device=cpu"]), single_dir)
+    multi, single = log_records(run_dir / "dpo"), log_records(single_dir / "dpo")
+    assert_same_curve(multi, single, steps=3)
+    for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
+        got = {r["step"]: r[key] for r in multi if key in r}
+        want = {r["step"]: r[key] for r in single if key in r}
+        assert got.keys() == want.keys() == {1, 2, 3}
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), key
 
 
 def write_mixed_dataset(folder: Path, text_only: set[int], n_rows: int) -> tuple[Path, Path]:
