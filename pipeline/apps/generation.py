@@ -120,7 +120,7 @@ def generate_for_rows(
         started = time.perf_counter()
         indices, samples = next(prepared)
         ready = time.perf_counter()
-        answers = family.generate_batch(bundle, samples, settings, generator)
+        answers = family.generate_batch(bundle, samples, settings, generator, batches=len(batches))
         done = time.perf_counter()
         spent["prepare_wait_s"] += ready - started
         spent["decode_s"] += done - ready

@@ -916,10 +916,18 @@ class Family(ABC):
 
     @abstractmethod
     def generate_batch(
-        self, bundle: Bundle, samples: Sequence[Any], settings: Any, generator: torch.Generator | None = None
+        self,
+        bundle: Bundle,
+        samples: Sequence[Any],
+        settings: Any,
+        generator: torch.Generator | None = None,
+        *,
+        batches: int | None = None,
     ) -> list[str]:
         """Returns the decoded answer of each encoded prompt (one batch, left-padded on the family's device)
-        under the generation settings (pipeline.families.generation_settings.GenerationSettings)."""
+        under the generation settings (pipeline.families.generation_settings.GenerationSettings). `batches`:
+        how many batches the whole job holds, where known (model.decode=auto weighs a decode warm-up against
+        it)."""
 
     # -- chat and serve: one conversation's prompt, its tokens as they come ------------------------------
     @abstractmethod

@@ -440,19 +440,29 @@ class HFNativeFamily(Family):
     # `generate` (mode reduce-overhead: replayed as CUDA graphs): None = on CUDA (as MiniCPM-V-2's own static
     # decode), True / False = always / never (never: the growing dynamic cache, eager)
     static_decode: ClassVar[bool | None] = None
+    # model.decode=auto on CUDA compiles the static decode only for a job of at least this many batches (where
+    # known): the compile costs 40-60 s once per process, each batch after it ~2.5 s less than the dynamic
+    # cache (Qwen2.5-VL-3B / Qwen3-VL-4B at batch 16, 64 new tokens: break-even at about 16 batches; 200 rows,
+    # 13 batches: dynamic 261 new tokens/s against 228 compiled, bench/RESULTS.md)
+    static_min_batches: ClassVar[int] = 24
     # the static cache's length is the batch's longest prompt plus max_new_tokens rounded up to this, so that
     # batches of similar lengths reuse one compiled step (and one cache) instead of compiling their own
     static_cache_multiple: ClassVar[int] = 256
 
-    def decodes_static(self, device: torch.device, model: nn.Module | None = None) -> bool:
+    def decodes_static(
+        self, device: torch.device, model: nn.Module | None = None, batches: int | None = None
+    ) -> bool:
         """Returns whether generate_batch decodes over a compiled static cache on `device`: model.decode
-        (static / dynamic), else static_decode; never for a quantized base (bitsandbytes' layers run eagerly)
-        nor after the compiled decode failed once in this process (static_decode_failed)."""
+        (static / dynamic), else static_decode, else (auto) on CUDA for a job of unknown size or of at least
+        static_min_batches `batches`; never for a quantized base (bitsandbytes' layers run eagerly) nor after
+        the compiled decode failed once in this process (static_decode_failed)."""
         if self.static_decode_failed or (model is not None and quantization.is_quantized(model)):
             return False
         if self.decode_mode != "auto":
             return self.decode_mode == "static"
-        return device.type == "cuda" if self.static_decode is None else self.static_decode
+        if self.static_decode is not None:
+            return self.static_decode
+        return device.type == "cuda" and (batches is None or batches >= self.static_min_batches)
 
     # set when the compiled static-cache decode raised: the rest of the process decodes eagerly (a warning
     # says why), so that an eval or an infer run is never lost to the compiler
@@ -991,6 +1001,8 @@ class HFNativeFamily(Family):
         samples: Sequence[EncodedSample],
         settings: Any,
         generator: torch.Generator | None = None,
+        *,
+        batches: int | None = None,
     ) -> list[str]:
         seed = None
         if settings.do_sample and generator is not None:
@@ -1015,7 +1027,7 @@ class HFNativeFamily(Family):
                     **generate_options(settings),
                 )
 
-        if self.decodes_static(device, bundle.core):
+        if self.decodes_static(device, bundle.core, batches):
             try:
                 return decode(static=True)[: len(samples)]
             except Exception as error:  # noqa: BLE001 - the compiler's failures have many types

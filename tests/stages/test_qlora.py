@@ -113,6 +113,13 @@ def test_static_decode_is_off_for_a_quantized_base_and_after_a_compile_failure(f
     bundle = family.load_bundle(family_twin("qwen2_5_vl"))
     cuda = torch.device("cuda")
     assert family.decodes_static(cuda, bundle.core)
+    # auto compiles only for a job long enough to earn the compile back; model.decode=static always does
+    few, many = HFNativeFamily.static_min_batches - 1, HFNativeFamily.static_min_batches
+    assert not family.decodes_static(cuda, bundle.core, batches=few)
+    assert family.decodes_static(cuda, bundle.core, batches=many)
+    assert get_family("qwen2_5_vl", decode="static").decodes_static(cuda, bundle.core, batches=1)
+    assert not get_family("qwen2_5_vl", decode="dynamic").decodes_static(cuda, bundle.core, batches=many)
+    assert not family.decodes_static(torch.device("cpu"), bundle.core, batches=many)
     family.quantize(bundle, "nf4", torch.float32, torch.device("cpu"))
     assert not family.decodes_static(cuda, bundle.core)
     monkeypatch.setattr(HFNativeFamily, "static_decode_failed", True)

@@ -394,6 +394,8 @@ class MiniCPMV2(Family):
         samples: Sequence[Sample],
         settings: GenerationSettings,
         generator: torch.Generator | None = None,
+        *,
+        batches: int | None = None,  # its CUDA graph is captured in milliseconds: static on a GPU for any job
     ) -> list[str]:
         tok = bundle.tokenizer
         batch = batch_to_device(collate_for_generation(list(samples), tok.pad_id), self.device_of(bundle))
