@@ -279,6 +279,26 @@ def test_static_shape_decoding_equals_growing_cache(model):
     assert torch.equal(growing, static)
 
 
+def test_static_decoding_that_checks_for_the_end_every_few_steps_stops_where_the_growing_cache_does(model):
+    # the static decode asks whether every row has ended only every FINISH_CHECK_EVERY steps; what it runs
+    # past the last end is cut, so the answer (and its length) is the growing cache's
+    from pipeline.families.minicpm_v2.generation import FINISH_CHECK_EVERY
+
+    ids, pixels, bounds, _ = batch()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    n = 3 * FINISH_CHECK_EVERY
+    free = generate(model, ids, mask, pixels, bounds, GenerationSettings(max_new_tokens=n), static=False)
+    ends = [int(free[0, 1]), int(free[1, 2])]  # row 0 ends by its 2nd token, row 1 by its 3rd
+    settings = GenerationSettings(max_new_tokens=n)
+    growing = generate(model, ids, mask, pixels, bounds, settings, eos_token_id=ends, static=False)
+    static = generate(
+        model, ids, mask, pixels, bounds, settings, eos_token_id=ends, static=True, cuda_graph=False
+    )
+    assert torch.equal(growing, static)
+    assert static.shape[1] <= 3 < FINISH_CHECK_EVERY
+
+
 def test_one_static_decoder_serves_the_batches_of_its_shape(model):
     """The static decoder (cache, inputs, on CUDA its graph) is kept for the next batch of the same rows and
     cache length: other batches, with other padding and a shorter prompt, answer as the growing cache."""

@@ -83,6 +83,12 @@ class StaticDecoder:
     def start(self, prompt_mask: torch.Tensor) -> None:
         """Points the decoder at a batch whose prompts [B, T] (left-padded) the cache holds after prefill;
         captures the graph on the first batch."""
+        self._point_at(prompt_mask)
+        if self.use_graph and self.graph is None:
+            self._capture()
+            self._point_at(prompt_mask)  # the warm-up steps moved the slot, the mask and the positions
+
+    def _point_at(self, prompt_mask: torch.Tensor) -> None:
         t = prompt_mask.shape[1]
         self.cur = t
         self.index.fill_(t)
@@ -90,17 +96,21 @@ class StaticDecoder:
         self.mask.zero_()
         self.mask[:, 0, 0, :t] = prompt_mask.bool()
         self.pos.copy_(prompt_mask.long().sum(-1, keepdim=True))
-        if self.use_graph and self.graph is None:
-            self._capture()
 
     def _forward(self) -> torch.Tensor:
+        # One step, all on the device (so that the graph holds it whole): admit the slot `index` in the mask,
+        # write the token's keys there, then advance the slot and the positions.
         llm = self.model.llm
+        self.mask.index_fill_(3, self.index, True)
         embeds = llm.model.embed_tokens(self.tok) * self.model.config.scale_emb
         hidden = llm.model(embeds, self.pos, self.mask, self.cache)
-        return llm.logits(hidden[:, -1])
+        logits = llm.logits(hidden[:, -1])
+        self.index += 1
+        self.pos += 1
+        return logits
 
     def _capture(self) -> None:
-        # Warm-up writes land in the slot the first real step overwrites, and are masked until then.
+        # Warm-up writes land in the slots the first real steps overwrite, and are masked until then.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -116,14 +126,11 @@ class StaticDecoder:
         if self.cur >= self.cache.max_length:
             raise RuntimeError(f"KV cache overflow: slot {self.cur} >= max_length {self.cache.max_length}")
         self.tok.copy_(tok[:, None])
-        self.index.fill_(self.cur)
-        self.mask[:, 0, 0, self.cur] = True
         if self.graph is not None:
             self.graph.replay()
             logits = self.out
         else:
             logits = self._forward()
-        self.pos += 1
         self.cur += 1
         return logits
 
@@ -134,6 +141,9 @@ HELD: weakref.WeakKeyDictionary[MiniCPMV, StaticDecoder] = weakref.WeakKeyDictio
 # a static cache's length is the prompt's plus the tokens to generate, rounded up to this: batches of nearby
 # prompt lengths share one decoder (one CUDA graph)
 STATIC_LENGTH_MULTIPLE = 64
+# the static decode asks whether every row has ended only every this many steps: each question waits for the
+# device, which otherwise runs ahead of the host (steps past the end write pads and are cut off the result)
+FINISH_CHECK_EVERY = 8
 
 
 @torch.no_grad()
@@ -186,8 +196,11 @@ def generate(
             dtype,
             device,
         )
-    generated = torch.empty(b, 0, dtype=torch.long, device=device)
+    n_max = settings.max_new_tokens
+    out = torch.full((b, n_max), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    check_every = FINISH_CHECK_EVERY if decoder is not None and on_step is None else 1
+    steps = 0
     # Prefill (and every step without a cache or without static shapes) goes through the plain forward.
     pos, attn = positions_and_mask(mask, t, dtype)
     hidden = model.llm.model(embeds, pos.to(device), attn, cache)
@@ -195,14 +208,15 @@ def generate(
     if decoder is not None:
         decoder.start(mask)
     past = t
-    for step in range(settings.max_new_tokens):
-        tok = next_tokens(logits, generated, settings, generator)
+    for step in range(n_max):
+        tok = next_tokens(logits, out[:, :step], settings, generator)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-        generated = torch.cat([generated, tok[:, None]], dim=1)
+        out[:, step] = tok
+        steps = step + 1
         if on_step is not None:
             on_step(tok)
         finished = finished | torch.isin(tok, eos)
-        if step == settings.max_new_tokens - 1 or bool(finished.all()):
+        if step == n_max - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
             break
         if decoder is not None:
             logits = decoder.step(tok)
@@ -219,4 +233,13 @@ def generate(
         logits = model.llm.logits(hidden[:, -1])
         if use_cache:
             past = cache.length
-    return generated
+    return _through_last_end(out[:, :steps], eos)
+
+
+def _through_last_end(generated: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Returns `generated` [B, n] up to the step at which its last row ended (its first end id), or whole
+    where a row never ended: the steps a decode ran past that are pads only."""
+    ended = torch.isin(generated, eos)
+    if generated.shape[1] == 0 or not bool(ended.any(1).all()):
+        return generated
+    return generated[:, : int(ended.int().argmax(1).max()) + 1]
