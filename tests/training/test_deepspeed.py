@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
 from pipeline.families.minicpm_v2.configuration import MiniCPMVConfig
+from pipeline.stages import dpo
 from pipeline.training.loop import window_indices
 from tests.entry.test_distributed import (
     BIN,
@@ -20,7 +21,15 @@ from tests.entry.test_distributed import (
     train_single,
     write_mixed_dataset,
 )
-from tests.helpers import REPO_ROOT, free_port, log_records, run_folders, run_python
+from tests.helpers import (
+    REPO_ROOT,
+    compose_config,
+    free_port,
+    log_records,
+    run_folders,
+    run_python,
+    run_stage,
+)
 
 pytest.importorskip("deepspeed")  # installed by `make test` (Makefile); a bare environment skips
 
@@ -33,10 +42,10 @@ def cpu_config(stage: int, folder: Path) -> Path:
     return path
 
 
-def ds_launch(config: Path, cwd: Path, *overrides: str):
+def ds_launch(config: Path, cwd: Path, *overrides: str, stage: str = "sft"):
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
            "--main_process_port", str(free_port()), "-m", "pipeline", *overrides, "tracking=none",
-           "stages=[sft]"]  # fmt: skip
+           f"stages=[{stage}]"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
         return run_python(cmd, cwd, timeout=420)
@@ -101,6 +110,26 @@ def test_zero_resumes_exactly_with_whole_weights(briefly_pretrained_twin, tmp_pa
     final_b = load_file(str(next((resumed / "sft" / "checkpoint-4").glob(pattern))))
     for name, tensor in final_a.items():
         assert (final_b[name] - tensor).abs().max() <= 1e-5 * (1 + tensor.abs().max()), name
+
+
+@pytest.mark.parametrize("lora", ["qkv", "none"])
+def test_zero3_dpo_trains_like_one_process(briefly_pretrained_twin, tmp_path, lora):
+    # ZeRO-3 partitions the weights: the reference pass (the adapter disabled, or the table of log-probs
+    # computed before training for full fine-tuning) gathers them on every process like the policy's
+    common = ["+experiment=dpo", f"model.path={briefly_pretrained_twin}", f"lora={lora}", "dataset.max_rows=24",
+              *EXACT, "optim.lr=1e-4", "trainer.max_steps=3", "trainer.batch_size=1", "trainer.eval_steps=3"]  # fmt: skip
+    out = tmp_path / "outputs"
+    done = ds_launch(
+        cpu_config(3, tmp_path), tmp_path, *common, f"output_root={out}", "trainer.grad_accum=2", stage="dpo"
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run_dir,) = run_folders(out)
+    single_dir = tmp_path / "single"
+    run_stage(dpo, compose_config([*common, "trainer.grad_accum=4", "device=cpu"]), single_dir)
+    multi, single = log_records(run_dir / "dpo"), log_records(single_dir / "dpo")
+    assert_same_curve(multi, single, steps=3)
+    margins = lambda records: {r["step"]: r["rewards/margins"] for r in records if "loss" in r}  # noqa: E731
+    assert margins(multi) == pytest.approx(margins(single), rel=1e-4, abs=1e-5)
 
 
 def test_deepspeed_state_of_another_process_count_is_refused_naming_both(tmp_path):
