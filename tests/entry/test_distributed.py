@@ -54,11 +54,20 @@ def assert_same_curve(multi: list[dict], single: list[dict], steps: int) -> None
     assert sorted(losses(multi, "loss")) == list(range(1, steps + 1))
 
 
-def train_single(twin: Path, folder: Path, *overrides: str) -> list[dict]:
-    """Train in this process (one process) and return its logging.jsonl records."""
+def train_single(twin: Path, folder: Path, *overrides: str, stage=sft) -> list[dict]:
+    """Train with `stage` (sft or dpo) in this process (one process) and return its logging.jsonl records."""
     cfg = compose_config([f"model.path={twin}", *overrides])
-    run_stage(sft, cfg, folder)
-    return log_records(folder / "sft")
+    run_stage(stage, cfg, folder)
+    return log_records(folder / stage.__name__.rsplit(".", 1)[-1])
+
+
+def assert_same_rewards(multi: list[dict], single: list[dict], keys: tuple[str, ...], steps: int) -> None:
+    """The preference statistics `keys` of every train step agree to a relative 1e-4."""
+    for key in keys:
+        got = {r["step"]: r[key] for r in multi if key in r}
+        want = {r["step"]: r[key] for r in single if key in r}
+        assert got.keys() == want.keys() == set(range(1, steps + 1))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), key
 
 
 # ----- the run folder every process agrees on (no model)
@@ -203,8 +212,8 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tiny_t
 def test_dpo_in_two_processes_trains_like_one_with_the_cached_reference_gathered(tiny_twin, tmp_path):
     # full fine-tuning: each process scores every other pair for the reference table, which is gathered; the
     # loss is normalised over the pairs of both processes
-    common = ["+experiment=dpo", f"model.path={tiny_twin}", "lora=none", "dataset.max_rows=24", *EXACT,
-              "optim.lr=1e-4", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.eval_steps=3"]  # fmt: skip
+    common = ["+experiment=dpo", "lora=none", "dataset.max_rows=24", *EXACT, "optim.lr=1e-4",
+              "trainer.max_steps=3", "trainer.batch_size=2", "trainer.eval_steps=3"]  # fmt: skip
     out = tmp_path / "outputs"
     done = run_python(
         [
@@ -215,6 +224,7 @@ def test_dpo_in_two_processes_trains_like_one_with_the_cached_reference_gathered
             "-m",
             "pipeline",
             *common,
+            f"model.path={tiny_twin}",
             f"output_root={out}",
             "stages=[dpo]",
             "trainer.grad_accum=1",
@@ -224,15 +234,12 @@ def test_dpo_in_two_processes_trains_like_one_with_the_cached_reference_gathered
     )
     assert done.returncode == 0, done.stderr[-4000:]
     (run_dir,) = run_folders(out)
-    single_dir = tmp_path / "single"
-    run_stage(dpo, compose_config([*common, "trainer.grad_accum=2", "device=cpu"]), single_dir)
-    multi, single = log_records(run_dir / "dpo"), log_records(single_dir / "dpo")
+    single = train_single(
+        tiny_twin, tmp_path / "single", *common, "trainer.grad_accum=2", "device=cpu", stage=dpo
+    )
+    multi = log_records(run_dir / "dpo")
     assert_same_curve(multi, single, steps=3)
-    for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
-        got = {r["step"]: r[key] for r in multi if key in r}
-        want = {r["step"]: r[key] for r in single if key in r}
-        assert got.keys() == want.keys() == {1, 2, 3}
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), key
+    assert_same_rewards(multi, single, ("rewards/margins", "rewards/accuracies", "logps/chosen"), steps=3)
 
 
 def write_mixed_dataset(folder: Path, text_only: set[int], n_rows: int) -> tuple[Path, Path]:

@@ -18,18 +18,11 @@ from tests.entry.test_distributed import (
     BIN,
     EXACT,
     assert_same_curve,
+    assert_same_rewards,
     train_single,
     write_mixed_dataset,
 )
-from tests.helpers import (
-    REPO_ROOT,
-    compose_config,
-    free_port,
-    log_records,
-    run_folders,
-    run_python,
-    run_stage,
-)
+from tests.helpers import REPO_ROOT, free_port, log_records, run_folders, run_python
 
 pytest.importorskip("deepspeed")  # installed by `make test` (Makefile); a bare environment skips
 
@@ -116,20 +109,18 @@ def test_zero_resumes_exactly_with_whole_weights(briefly_pretrained_twin, tmp_pa
 def test_zero3_dpo_trains_like_one_process(briefly_pretrained_twin, tmp_path, lora):
     # ZeRO-3 partitions the weights: the reference pass (the adapter disabled, or the table of log-probs
     # computed before training for full fine-tuning) gathers them on every process like the policy's
-    common = ["+experiment=dpo", f"model.path={briefly_pretrained_twin}", f"lora={lora}", "dataset.max_rows=24",
-              *EXACT, "optim.lr=1e-4", "trainer.max_steps=3", "trainer.batch_size=1", "trainer.eval_steps=3"]  # fmt: skip
+    common = ["+experiment=dpo", f"lora={lora}", "dataset.max_rows=24", *EXACT, "optim.lr=1e-4",
+              "trainer.max_steps=3", "trainer.batch_size=1", "trainer.eval_steps=3"]  # fmt: skip
     out = tmp_path / "outputs"
-    done = ds_launch(
-        cpu_config(3, tmp_path), tmp_path, *common, f"output_root={out}", "trainer.grad_accum=2", stage="dpo"
-    )
+    done = ds_launch(cpu_config(3, tmp_path), tmp_path, *common, f"model.path={briefly_pretrained_twin}",
+                     f"output_root={out}", "trainer.grad_accum=2", stage="dpo")  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     (run_dir,) = run_folders(out)
-    single_dir = tmp_path / "single"
-    run_stage(dpo, compose_config([*common, "trainer.grad_accum=4", "device=cpu"]), single_dir)
-    multi, single = log_records(run_dir / "dpo"), log_records(single_dir / "dpo")
+    single = train_single(briefly_pretrained_twin, tmp_path / "single", *common, "trainer.grad_accum=4",
+                          "device=cpu", stage=dpo)  # fmt: skip
+    multi = log_records(run_dir / "dpo")
     assert_same_curve(multi, single, steps=3)
-    margins = lambda records: {r["step"]: r["rewards/margins"] for r in records if "loss" in r}  # noqa: E731
-    assert margins(multi) == pytest.approx(margins(single), rel=1e-4, abs=1e-5)
+    assert_same_rewards(multi, single, ("rewards/margins",), steps=3)
 
 
 def test_deepspeed_state_of_another_process_count_is_refused_naming_both(tmp_path):
