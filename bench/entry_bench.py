@@ -114,6 +114,9 @@ LEVERS_OFF = {
 }
 # the Qwen VLs' vision blocks eager beside compiled decoder layers (trainer.compile_vision's switch)
 NO_VISION_COMPILE = {"novisioncompile": ["trainer.compile_vision=false"]}
+# a larger token budget: one micro-batch of a 16-row step, so fewer kernel launches per sample (the 2026-12-05
+# Qwen2.5-VL profile was launch-bound), against the shipped 4096
+BUDGETS = {"budget16k": ["trainer.micro_batch_tokens=16384"]}
 FAMILY_LEVERS_OFF = {
     "minicpm_v4_6": {"torchla": ["model.linear_attention=torch"]},
     "qwen2_5_vl": NO_VISION_COMPILE,
@@ -127,7 +130,7 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
         for short, experiment in EXPERIMENTS.items():
             settings[f"{family}_{short}_plain"] = (family, [f"+experiment={experiment}", *PLAIN], "coco")
             settings[f"{family}_{short}_default"] = (family, [f"+experiment={experiment}"], "coco")
-        for lever, overrides in {**LEVERS_OFF, **FAMILY_LEVERS_OFF.get(family, {})}.items():
+        for lever, overrides in {**LEVERS_OFF, **BUDGETS, **FAMILY_LEVERS_OFF.get(family, {})}.items():
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
     return settings
 
