@@ -621,6 +621,9 @@ def sft_metrics(run_dir: Path, flops: float) -> dict:
     summary = run_dir / "sft" / "summary.json"
     if summary.is_file():
         out["peak_gb"] = json.loads(summary.read_text()).get("peak_memory_gb")
+    elif steps and "memory_gb" in steps[-1]:  # a run cut by its time limit: the peak of its last logged step
+        out["peak_gb"] = round(max(r.get("memory_gb", 0.0) for r in steps), 2)
+        out["peak_of_steps"] = len(steps)
     return out
 
 

@@ -299,23 +299,37 @@ def test_static_decoding_that_checks_for_the_end_every_few_steps_stops_where_the
     assert static.shape[1] <= 3 < FINISH_CHECK_EVERY
 
 
-def test_one_static_decoder_serves_the_batches_of_its_shape(model):
-    """The static decoder (cache, inputs, on CUDA its graph) is kept for the next batch of the same rows and
-    cache length: other batches, with other padding and a shorter prompt, answer as the growing cache."""
+def test_one_static_decoder_serves_the_batches_that_fit_it(model):
+    """The static decoder (cache, inputs, on CUDA its graph) is kept for the next batch of at most its rows
+    and cache length: other batches, with other padding, a shorter prompt or fewer rows (a file's last batch,
+    a server's smaller batch), answer as the growing cache; a batch that does not fit grows it."""
     from pipeline.families.minicpm_v2.generation import HELD
 
     settings = GenerationSettings(max_new_tokens=5)
     decoders = []
-    for seed, cut, padded in ((0, 0, 2), (1, 0, 3), (2, 1, 0)):
+    for seed, cut, padded, rows in ((0, 0, 2, 1), (1, 0, 3, 2), (2, 1, 0, 2), (3, 0, 0, 1), (4, 0, 4, 1)):
         ids, pixels, bounds, _ = batch(seed)
-        ids = ids[:, : ids.shape[1] - cut]  # a shorter prompt, within the same rounded cache length
+        ids = ids[:rows, : ids.shape[1] - cut]  # a shorter prompt, within the same rounded cache length
+        pixels, bounds = pixels[:rows], bounds[:rows]
         mask = torch.ones_like(ids)
-        mask[seed % 2, :padded] = 0
+        mask[seed % rows, :padded] = 0
+        if seed == 0:
+            HELD.pop(model, None)  # from no decoder: the first is of one row
         growing = generate(model, ids, mask, pixels, bounds, settings, static=False)
         static = generate(model, ids, mask, pixels, bounds, settings, static=True, cuda_graph=False)
         assert torch.equal(growing, static)
         decoders.append(HELD[model])
-    assert decoders[0] is decoders[1] is decoders[2]
+    assert decoders[0].cache.keys[0].shape[0] == 1
+    assert all(d is decoders[1] for d in decoders[1:])  # grown once, for two rows, then kept
+    ids, pixels, bounds, _ = batch(5)
+    longer = GenerationSettings(max_new_tokens=100)  # past the held cache's length: a larger decoder
+    growing = generate(model, ids[:1], None, pixels[:1], bounds[:1], longer, static=False)
+    static = generate(model, ids[:1], None, pixels[:1], bounds[:1], longer, static=True, cuda_graph=False)
+    assert torch.equal(growing, static)
+    grown = HELD[model]
+    assert grown is not decoders[1]
+    assert grown.cache.keys[0].shape[0] == 2  # it keeps the rows of the one it replaced
+    assert grown.cache.max_length > decoders[1].cache.max_length
 
 
 def test_right_padding_changes_nothing_for_the_real_tokens(model):

@@ -28,10 +28,12 @@ class StaticDecoder:
     tokens generated so far, so no shape changes from step to step; on CUDA the step is captured once and
     replayed, which removes the per-kernel launch cost that dominates decoding at small batch sizes.
 
-    A decoder (its cache, its input tensors and its graph) serves every batch of its rows and cache length:
-    `held` keeps the model's last one (in HELD, which holds no model alive), and `start` points it at the next
-    batch's prompt, so a file of equal batches captures one graph, not one a batch. The cache's slots past a
-    prompt keep the previous batch's keys until overwritten; the mask never admits them.
+    A decoder (its cache, its input tensors and its graph) serves every batch of at most its rows and cache
+    length: `held` keeps the model's last one (in HELD, which holds no model alive), and `start` points it at
+    the next batch's prompt, so a file of batches captures one graph, not one a batch, and a smaller last
+    batch or a server's batches of every size replay it too. Rows past a batch's decode throwaway tokens over
+    a one-slot mask; the cache's slots past a prompt keep the previous batch's keys until overwritten, and the
+    mask never admits them.
     """
 
     def __init__(self, model: MiniCPMV, cache: KVCache, use_graph: bool) -> None:
@@ -39,6 +41,7 @@ class StaticDecoder:
         self.model = weakref.proxy(model)
         self.cache = cache
         self.use_graph = use_graph
+        self.rows = b  # the current batch's rows (the first of the decoder's)
         self.cur = 0  # next cache slot to write
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # that slot, as the graph reads it
         self.mask = torch.zeros(b, 1, 1, cache.max_length, dtype=torch.bool, device=device)
@@ -47,11 +50,14 @@ class StaticDecoder:
         self.graph = None
         self.out = None
 
-    @property
-    def key(self) -> tuple:
-        """Returns what a batch must match to reuse this decoder: (rows, cache length, dtype, device, graph)."""
+    def fits(self, rows: int, length: int, dtype: torch.dtype, device: torch.device, use_graph: bool) -> bool:
+        """Returns whether a batch of `rows` rows over `length` cache slots can run on this decoder."""
         keys = self.cache.keys[0]
-        return (keys.shape[0], self.cache.max_length, keys.dtype, keys.device, self.use_graph)
+        return (
+            rows <= keys.shape[0]
+            and length <= self.cache.max_length
+            and (keys.dtype, keys.device, self.use_graph) == (dtype, device, use_graph)
+        )
 
     @classmethod
     def held(
@@ -63,13 +69,17 @@ class StaticDecoder:
         device: torch.device,
         use_graph: bool,
     ) -> StaticDecoder:
-        """Returns the decoder of `rows` rows over a cache of `length` slots, its cache emptied for a prefill:
-        the model's last one where it has that shape, else a new one (which replaces it)."""
+        """Returns a decoder for `rows` rows over a cache of at least `length` slots, its cache emptied for a
+        prefill: the model's last one where the batch fits it, else a new one (which replaces it) large enough
+        for both, so that a server's decoder grows to its largest batch and then stays."""
         held = HELD.get(model)
-        if held is not None and held.key != (rows, length, dtype, device, use_graph):
-            held = None
-        if held is None:
+        if held is None or not held.fits(rows, length, dtype, device, use_graph):
+            rows = 1 << (rows - 1).bit_length()  # a power of two: a server's batch sizes share few graphs
+            if held is not None and held.fits(1, 1, dtype, device, use_graph):  # grown, not replaced
+                rows = max(rows, held.cache.keys[0].shape[0])
+                length = max(length, held.cache.max_length)
             HELD.pop(model, None)  # the old cache and graph go before the new ones are allocated
+            held = None
             cfg = model.config
             cache = KVCache(
                 cfg.num_hidden_layers, rows, cfg.num_key_value_heads, length, cfg.head_dim, dtype, device
@@ -81,21 +91,24 @@ class StaticDecoder:
         return held
 
     def start(self, prompt_mask: torch.Tensor) -> None:
-        """Points the decoder at a batch whose prompts [B, T] (left-padded) the cache holds after prefill;
-        captures the graph on the first batch."""
+        """Points the decoder at a batch whose prompts [B, T] (left-padded) the cache's first B rows hold after
+        prefill; captures the graph on the first batch."""
         self._point_at(prompt_mask)
         if self.use_graph and self.graph is None:
             self._capture()
             self._point_at(prompt_mask)  # the warm-up steps moved the slot, the mask and the positions
 
     def _point_at(self, prompt_mask: torch.Tensor) -> None:
-        t = prompt_mask.shape[1]
+        b, t = prompt_mask.shape
+        self.rows = b
         self.cur = t
         self.index.fill_(t)
         self.cache.static_index = self.index
         self.mask.zero_()
-        self.mask[:, 0, 0, :t] = prompt_mask.bool()
-        self.pos.copy_(prompt_mask.long().sum(-1, keepdim=True))
+        self.mask[:b, 0, 0, :t] = prompt_mask.bool()
+        self.mask[b:, 0, 0, 0] = True  # rows past the batch: any finite attention, never read
+        self.pos.zero_()
+        self.pos[:b] = prompt_mask.long().sum(-1, keepdim=True)
 
     def _forward(self) -> torch.Tensor:
         # One step, all on the device (so that the graph holds it whole): admit the slot `index` in the mask,
@@ -125,14 +138,14 @@ class StaticDecoder:
         """Returns fp32 logits [B, V] for feeding `tok` [B] at the next slot."""
         if self.cur >= self.cache.max_length:
             raise RuntimeError(f"KV cache overflow: slot {self.cur} >= max_length {self.cache.max_length}")
-        self.tok.copy_(tok[:, None])
+        self.tok[: self.rows].copy_(tok[:, None])
         if self.graph is not None:
             self.graph.replay()
             logits = self.out
         else:
             logits = self._forward()
         self.cur += 1
-        return logits
+        return logits[: self.rows]
 
 
 # each model's last decoder (StaticDecoder.held)
@@ -185,6 +198,7 @@ def generate(
         length = -(-(t + settings.max_new_tokens) // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
         decoder = StaticDecoder.held(model, b, length, dtype, device, cuda_graph)
         cache = decoder.cache
+        cache.rows = b
     elif use_cache:
         cfg = model.config
         cache = KVCache(

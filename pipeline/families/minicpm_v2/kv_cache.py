@@ -3,6 +3,9 @@
 Two ways to write: by slice at the current length (prefill, and decode with shapes that grow), or - once
 `static_index` is set - at a position held in a device tensor, returning the whole buffers (decode with
 fixed shapes, which a CUDA graph can capture; the caller masks the unwritten tail).
+
+A cache may hold more rows than a batch: `rows` is the batch's, whose slice writes (prefill, growing decode)
+touch only its first rows; a static write fills every row (the rows past the batch compute throwaway tokens).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_length = max_length
+        self.rows = batch_size  # the batch's rows (the first of the buffers'), for slice writes
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
         self._pending = 0
         self.static_index: torch.Tensor | None = None  # [1] long, on the buffers' device
@@ -39,10 +43,11 @@ class KVCache:
         end = self.length + t
         if end > self.max_length:
             raise RuntimeError(f"KV cache overflow: {end} tokens > max_length {self.max_length}")
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
+        keys, values = self.keys[layer][: self.rows], self.values[layer][: self.rows]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
         self._pending = t
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self) -> None:
         """Marks the tokens of the last forward as stored (called once per forward, after every layer)."""
