@@ -131,7 +131,9 @@ def run_trl(family: str, pairs: Path, steps: int, args: argparse.Namespace, log_
     row.update({k: v for k, v in metrics.items() if k in ("steps", "first_losses", "peak_gb")})
     if "samples_per_s" in metrics:
         row["pairs_per_s"] = metrics["samples_per_s"]  # GLOBAL_BATCH pairs a step
-    if rc != 0:
+    if rc == 124:  # its steps so far (the runner writes them after each) still give its rates
+        row["error"] = f"timed out after {args.timeout} s, {len(raw.get('step_seconds', []))} step(s) done"
+    elif rc != 0:
         row["error"] = raw.get("error") or (
             out.strip().splitlines()[-1] if out.strip() else f"exit status {rc}"
         )

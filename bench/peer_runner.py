@@ -46,6 +46,32 @@ class StepRecorder:
         self._real: Any = 0
         self._padded = 0
         self.trainable_params: int | None = None
+        self.out: Path | None = (
+            None  # where each step's record so far goes (a run cut by a time limit keeps it)
+        )
+        self.result: dict[str, Any] = {}
+
+    def record(self) -> dict[str, Any]:
+        """Returns the result with the steps so far and the peak GPU memory so far."""
+        return {
+            **self.result,
+            "step_seconds": self.step_seconds,
+            "step_tokens": self.step_tokens,
+            "step_padded": self.step_padded,
+            "losses": self.losses,
+            "trainable_params": self.trainable_params,
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+            if torch.cuda.is_available()
+            else None,
+        }
+
+    def write(self) -> None:
+        """Writes `record()` to `out` atomically."""
+        if self.out is None:
+            return
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record(), indent=2) + "\n")
+        os.replace(tmp, self.out)
 
     def count(self, module, args, kwargs) -> None:
         """Forward pre-hook (with_kwargs): adds the batch's real and padded tokens without a host sync."""
@@ -65,6 +91,8 @@ class StepRecorder:
             self.step_tokens.append(int(self._real))
             self.step_padded.append(self._padded)
         self._last, self._real, self._padded = now, 0, 0
+        if not first:
+            self.write()
 
     def callback(self):
         from transformers import TrainerCallback
@@ -343,21 +371,15 @@ def main() -> None:
     peer = spec["peer"]
     recorder = StepRecorder()
     result: dict[str, Any] = {"peer": peer, "versions": versions(peer)}
+    recorder.out, recorder.result = Path(spec["out"]), result
     try:
         recorder.install()
         RUNNERS[peer](spec, result)
     except BaseException as err:  # SystemExit too: argument parsers exit on a bad flag
         result["error"] = f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000]
         traceback.print_exc()
-    result.update(
-        step_seconds=recorder.step_seconds,
-        step_tokens=recorder.step_tokens,
-        step_padded=recorder.step_padded,
-        losses=recorder.losses,
-        trainable_params=recorder.trainable_params,
-        peak_gb=round(torch.cuda.max_memory_allocated() / 1024**3, 3) if torch.cuda.is_available() else None,
-    )
-    Path(spec["out"]).write_text(json.dumps(result, indent=2) + "\n")
+    result = recorder.record()
+    recorder.write()
     print(json.dumps({k: v for k, v in result.items() if k != "arguments"}), flush=True)
     if "error" in result:
         sys.exit(1)

@@ -198,8 +198,9 @@ def run_peer(
         f.write(f"===== {family}_{name} (rc {rc}, {wall:.0f} s)\n" + " ".join(command) + "\n\n" + out + "\n")
     result = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else {}
     result.update(rc=rc, wall_s=round(wall, 1), settings=spec["settings"])
-    if rc == 124:
-        result.setdefault("error", f"timed out after {args.timeout} s")
+    if rc == 124:  # its steps so far (the runner writes them after each) still give its rates
+        steps = len(result.get("step_seconds", []))
+        result.setdefault("error", f"timed out after {args.timeout} s, {steps} step(s) done")
     elif "error" not in result and rc != 0:
         result["error"] = out.strip().splitlines()[-1] if out.strip() else f"exit status {rc}, no output"
     return result
