@@ -96,6 +96,8 @@ def run_ours(family: str, pairs: Path, steps: int, args: argparse.Namespace, log
     summary = run_dir / "dpo" / "summary.json"
     if summary.is_file():
         row["peak_gb"] = json.loads(summary.read_text()).get("peak_memory_gb")
+    elif steps_done and "memory_gb" in steps_done[-1]:  # cut by its time limit: the peak of its logged steps
+        row["peak_gb"] = round(max(r.get("memory_gb", 0.0) for r in steps_done), 2)
     return row
 
 
