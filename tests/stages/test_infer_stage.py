@@ -69,9 +69,9 @@ def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, t
     timing = json.loads((tmp_path / "infer" / "timing.json").read_text())  # the load and the generation apart
     assert set(timing) == {"load_s", "generate_s", "prepare_wait_s", "decode_s", "first_batch_s", "rows"}
     assert timing["rows"] == 3 and timing["load_s"] > 0 and timing["generate_s"] > 0
-    assert (
-        0 < timing["first_batch_s"] <= timing["prepare_wait_s"] + timing["decode_s"] <= timing["generate_s"]
-    )
+    parts = timing["prepare_wait_s"] + timing["decode_s"]
+    ms = 1e-3  # each figure is rounded to the millisecond
+    assert 0 < timing["first_batch_s"] <= parts + 2 * ms and parts <= timing["generate_s"] + 2 * ms
 
 
 def test_greedy_answers_are_the_same_on_a_second_run(workdir: Path, tmp_path: Path):
