@@ -1,8 +1,8 @@
 """Batched generation for every family's twin (on the CPU), through the family interface: eval's and infer's
 batches (left-padded rows of different lengths, with images or text only) answer as each row alone; the
-server's batch decoder answers as alone too, where requests join a running batch between steps (the
-continuous families) and where a batch is formed at once (MiniCPM-V-2); a seeded sample is the same alone and
-in any batch; and the worker lets requests that arrive mid-decode join the batch running.
+server's batch decoder answers as alone too, in a batch formed at once and where requests join a running batch
+between steps (MiniCPM-V-2's moving to a larger static decoder when they need it); a seeded sample is the same
+alone and in any batch; and the worker lets requests that arrive mid-decode join the batch running.
 
 The transformers-native twins' weights are redrawn larger (the `varied_twin` fixture), so that their answers
 depend on the prompt and the images.
@@ -270,3 +270,33 @@ def test_requests_that_come_mid_decode_join_the_running_batch(loaded):
     assert answers[:2] == expected[:2]
     short = GenerationSettings(max_new_tokens=3)
     assert answers[2] == family.generate_batch(bundle, [prompts[2]], short)[0]  # its own max_tokens
+
+
+def test_minicpm_v2s_running_batch_moves_to_a_larger_decoder_and_answers_as_alone(family_twin):
+    """Requests that need more rows and a longer cache than the running batch's decoder join it: the rows move
+    to a larger decoder mid-decode, each at its own slot and position, and every answer is the one alone."""
+    family = get_family("minicpm_v2")
+    bundle = family.load_bundle(family_twin("minicpm_v2"))
+    prompts = prompts_of(family, bundle)[:3]
+    budgets = [MAX_TOKENS, 70, 70]  # the later two need a cache past the first's 64 slots
+    expected = [
+        family.generate_batch(bundle, [p], GenerationSettings(max_new_tokens=n))[0]
+        for p, n in zip(prompts, budgets, strict=True)
+    ]
+    decoder = family.batch_decoder(bundle)
+    assert isinstance(decoder, StepDecoder)
+    decoder.start(GREEDY)
+    tokens: dict[int, list[int]] = {}
+    (first,) = decoder.add(prompts[:1], budgets[:1], [None])
+    small = decoder._decoder
+    for _ in range(3):
+        for row, token in decoder.step().items():
+            tokens.setdefault(row, []).append(token)
+    later = decoder.add(prompts[1:], budgets[1:], [None, None])
+    large = decoder._decoder
+    assert (small.mask.shape[0], large.mask.shape[0]) == (1, 4)  # rows in powers of two
+    assert large.cache.max_length > small.cache.max_length == 64
+    while decoder.rows:
+        for row, token in decoder.step().items():
+            tokens.setdefault(row, []).append(token)
+    assert texts(family, bundle, tokens, [first, *later]) == expected

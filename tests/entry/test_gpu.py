@@ -270,3 +270,53 @@ def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(pretrain
     family.stream_tokens(bundle, prompts[0], settings, streamed.append)
     assert len(captures) == 1  # the chat's one prompt replayed the batch's graph (its first row)
     assert streamed == eager(prompts[:1])[0, : len(streamed)].tolist()
+
+
+def test_requests_joining_the_servers_running_batch_decode_through_the_cuda_graph(
+    pretrained_twin, monkeypatch
+):
+    """MiniCPM-V-2's running batch on CUDA: requests that join mid-decode (needing more rows, so the rows move to
+    a larger decoder and a new graph) answer as each alone over the eager loop."""
+    from pipeline.apps.generation import load_inference_bundle
+    from pipeline.families.minicpm_v2 import generation
+    from pipeline.families.minicpm_v2.collate import collate_for_generation
+    from tests.apps.test_batched_generation import run_joining
+
+    captures = []
+    capture = generation.StaticDecoder._capture
+
+    def counted(self):
+        captures.append(self)
+        capture(self)
+
+    monkeypatch.setattr(generation.StaticDecoder, "_capture", counted)
+    generation.HELD.clear()
+    bundle, family = load_inference_bundle(str(pretrained_twin), device="cuda", dtype="float32")
+    questions = ["What is 2 plus 3?", "Name a colour.", "Count to four.", "Describe a square."]
+    limit = family.prompt_limit(bundle, 24)
+    prompts = [family.encode_chat(bundle, [{"role": "user", "content": q}], [], limit) for q in questions]
+    settings = GenerationSettings(max_new_tokens=24)
+    tok = bundle.tokenizer
+    expected = []
+    for prompt in prompts:  # each alone, over the eager loop
+        inputs = collate_for_generation([prompt], tok.pad_id)
+        ids = generate(
+            bundle.core,
+            inputs["input_ids"].cuda(),
+            inputs["attention_mask"].cuda(),
+            inputs["pixel_values"],
+            inputs["image_bound"],
+            settings=settings,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+            static=False,
+            cuda_graph=False,
+        )[0].tolist()
+        expected.append(ids[: ids.index(tok.eos_id) + 1] if tok.eos_id in ids else ids)
+    family.batch_decoder(bundle).decode(prompts[:1], settings, None, lambda tokens: True)  # a one-row graph
+    captures.clear()
+    joined = run_joining(
+        family.batch_decoder(bundle), prompts, settings, [None] * 4, {0: 0, 1: 2, 2: 2, 3: 5}
+    )
+    assert len(captures) == 1  # the one-row decoder's graph was captured before: only the grown one's
+    assert joined == expected

@@ -54,7 +54,7 @@ from .generation import GenerationSettings, generate
 from .lora import apply_lora, build_lora_config, set_full_finetune
 from .processor import MiniCPMVImageProcessor
 from .prompting import batch_to_device, encode_prompt, prompt_limit, response_ids
-from .serving import MiniCPMV2BatchDecoder, stream_tokens
+from .serving import MiniCPMV2StepDecoder, stream_tokens
 from .tiny import build_tiny_twin
 from .tokenizer import MiniCPMVTokenizer
 
@@ -93,6 +93,7 @@ class MiniCPMV2(Family):
         packs=True,
         truncates=True,
         batches_requests=True,
+        continuous_batching=True,
         cuda_graph_decode=True,
         config_keys=("max_slice_nums", "slice_mode"),
         image_placement="first_query",
@@ -456,7 +457,7 @@ class MiniCPMV2(Family):
         stream_tokens(bundle, prompt, settings, on_token, stop, seed)
 
     def batch_decoder(self, bundle: ModelBundle) -> BatchDecoder:
-        return MiniCPMV2BatchDecoder(bundle)
+        return MiniCPMV2StepDecoder(bundle)
 
     def dummy_samples(self, bundle: ModelBundle, n: int, seed: int) -> list[Sample]:
         return merge_checks.dummy_samples(bundle.tokenizer, bundle.processor, n, seed)

@@ -43,7 +43,9 @@ class StaticDecoder:
         self.use_graph = use_graph
         self.rows = b  # the current batch's rows (the first of the decoder's)
         self.cur = 0  # next cache slot to write
-        self.index = torch.zeros(1, dtype=torch.long, device=device)  # that slot, as the graph reads it
+        self.index = torch.zeros(
+            b, dtype=torch.long, device=device
+        )  # each row's next slot, as the graph reads it
         self.mask = torch.zeros(b, 1, 1, cache.max_length, dtype=torch.bool, device=device)
         self.pos = torch.zeros(b, 1, dtype=torch.long, device=device)  # next position id per row
         self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
@@ -113,14 +115,58 @@ class StaticDecoder:
     def _forward(self) -> torch.Tensor:
         # One step, all on the device (so that the graph holds it whole): admit the slot `index` in the mask,
         # write the token's keys there, then advance the slot and the positions.
+        # A row's slot stops at the last one (rows no request holds run on; they never reach it otherwise).
         llm = self.model.llm
-        self.mask.index_fill_(3, self.index, True)
+        self.mask.scatter_(3, self.index.view(-1, 1, 1, 1), True)
         embeds = llm.model.embed_tokens(self.tok) * self.model.config.scale_emb
         hidden = llm.model(embeds, self.pos, self.mask, self.cache)
         logits = llm.logits(hidden[:, -1])
-        self.index += 1
+        self.index.add_(1).clamp_(max=self.cache.max_length - 1)
         self.pos += 1
         return logits
+
+    def capture_empty(self) -> None:
+        """Captures the graph (once) before any row is placed: the warm-up steps write only slot 0."""
+        if self.use_graph and self.graph is None:
+            self._point_at(torch.ones(self.mask.shape[0], 1, dtype=torch.long, device=self.mask.device))
+            self._capture()
+
+    def place(self, slots: list[int], prefilled: KVCache, prompt_mask: torch.Tensor) -> None:
+        """Puts prompts prefilled alone (`prefilled`: their cache, [n] rows of T slots; `prompt_mask` [n, T],
+        left-padded) into the rows `slots`, at slots 0..T-1 as a batch of their own would hold them; each
+        row then decodes from its own slot and position."""
+        t = prompt_mask.shape[1]
+        rows = torch.tensor(slots, dtype=torch.long, device=self.mask.device)
+        for layer, (keys, values) in enumerate(zip(self.cache.keys, self.cache.values, strict=True)):
+            keys[rows, :, :t] = prefilled.keys[layer][:, :, :t]
+            values[rows, :, :t] = prefilled.values[layer][:, :, :t]
+        mask = torch.zeros(len(slots), self.cache.max_length, dtype=torch.bool, device=self.mask.device)
+        mask[:, :t] = prompt_mask.bool()
+        self.mask[rows, 0, 0] = mask
+        self.pos[rows] = prompt_mask.long().sum(-1, keepdim=True)
+        self.index[rows] = t
+        self.cache.static_index = self.index
+
+    def take_rows(self, old: StaticDecoder) -> None:
+        """Copies every row of a smaller decoder (cache, mask, slot, position, token) into this one's first."""
+        b, length = old.mask.shape[0], old.cache.max_length
+        for new_k, new_v, k, v in zip(
+            self.cache.keys, self.cache.values, old.cache.keys, old.cache.values, strict=True
+        ):
+            new_k[:b, :, :length] = k
+            new_v[:b, :, :length] = v
+        self.mask[:b, :, :, :length] = old.mask
+        self.index[:b] = old.index
+        self.pos[:b] = old.pos
+        self.tok[:b] = old.tok
+        self.cache.static_index = self.index
+
+    def replay(self) -> torch.Tensor:
+        """Returns fp32 logits [rows, V] of one step of every row (each its token in `tok`)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        return self._forward()
 
     def _capture(self) -> None:
         # Warm-up writes land in the slots the first real steps overwrite, and are masked until then.
