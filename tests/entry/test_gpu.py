@@ -225,12 +225,11 @@ def test_served_greedy_answers_are_the_same_alone_and_batched_on_cuda(pretrained
         server.stop()
 
 
-def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(pretrained_twin, monkeypatch):
-    """MiniCPM-V-2 behind the family interface: its BatchDecoder (the server's batches) and stream_tokens (the
-    chat) run generate's static-cache decode replayed as a CUDA graph; their tokens equal the eager loop's."""
+def _graph_twin(pretrained_twin, monkeypatch) -> tuple:
+    """Returns (bundle, family, prompts, settings, captures) of the twin on CUDA in fp32: four chat prompts,
+    24 greedy tokens, and the StaticDecoder objects whose CUDA graph is captured from then on."""
     from pipeline.apps.generation import load_inference_bundle
     from pipeline.families.minicpm_v2 import generation
-    from pipeline.families.minicpm_v2.collate import collate_for_generation
 
     captures = []
     capture = generation.StaticDecoder._capture
@@ -241,35 +240,44 @@ def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(pretrain
 
     monkeypatch.setattr(generation.StaticDecoder, "_capture", counted)
     bundle, family = load_inference_bundle(str(pretrained_twin), device="cuda", dtype="float32")
-    tok = bundle.tokenizer
     questions = ["What is 2 plus 3?", "Name a colour.", "Count to four.", "Describe a square."]
     limit = family.prompt_limit(bundle, 24)
     prompts = [family.encode_chat(bundle, [{"role": "user", "content": q}], [], limit) for q in questions]
-    settings = GenerationSettings(max_new_tokens=24)
+    return bundle, family, prompts, GenerationSettings(max_new_tokens=24), captures
 
-    def eager(samples) -> torch.Tensor:
-        inputs = collate_for_generation(samples, tok.pad_id)
-        return generate(
-            bundle.core,
-            inputs["input_ids"].cuda(),
-            inputs["attention_mask"].cuda(),
-            inputs["pixel_values"],
-            inputs["image_bound"],
-            settings=settings,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
-            static=False,
-            cuda_graph=False,
-        ).cpu()
 
+def _eager(bundle, samples, settings) -> torch.Tensor:
+    """Returns the eager loop's tokens [B, new] for `samples` decoded as one batch (no static cache, no graph)."""
+    from pipeline.families.minicpm_v2.collate import collate_for_generation
+
+    tok = bundle.tokenizer
+    inputs = collate_for_generation(samples, tok.pad_id)
+    return generate(
+        bundle.core,
+        inputs["input_ids"].cuda(),
+        inputs["attention_mask"].cuda(),
+        inputs["pixel_values"],
+        inputs["image_bound"],
+        settings=settings,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        static=False,
+        cuda_graph=False,
+    ).cpu()
+
+
+def test_the_chat_and_the_servers_batches_decode_through_the_cuda_graph(pretrained_twin, monkeypatch):
+    """MiniCPM-V-2 behind the family interface: its batch decoder (the server's batches) and stream_tokens (the
+    chat) decode over the static cache replayed as a CUDA graph; their tokens equal the eager loop's."""
+    bundle, family, prompts, settings, captures = _graph_twin(pretrained_twin, monkeypatch)
     steps: list[list[int]] = []
     family.batch_decoder(bundle).decode(prompts, settings, None, lambda tokens: steps.append(tokens) or True)
     assert len(captures) == 1  # the batch decoded through the graph
-    assert torch.equal(torch.tensor(steps).T, eager(prompts))
+    assert torch.equal(torch.tensor(steps).T, _eager(bundle, prompts, settings))
     streamed: list[int] = []
     family.stream_tokens(bundle, prompts[0], settings, streamed.append)
     assert len(captures) == 1  # the chat's one prompt replayed the batch's graph (its first row)
-    assert streamed == eager(prompts[:1])[0, : len(streamed)].tolist()
+    assert streamed == _eager(bundle, prompts[:1], settings)[0, : len(streamed)].tolist()
 
 
 def test_requests_joining_the_servers_running_batch_decode_through_the_cuda_graph(
@@ -277,46 +285,17 @@ def test_requests_joining_the_servers_running_batch_decode_through_the_cuda_grap
 ):
     """MiniCPM-V-2's running batch on CUDA: requests that join mid-decode (needing more rows, so the rows move to
     a larger decoder and a new graph) answer as each alone over the eager loop."""
-    from pipeline.apps.generation import load_inference_bundle
-    from pipeline.families.minicpm_v2 import generation
-    from pipeline.families.minicpm_v2.collate import collate_for_generation
     from tests.apps.test_batched_generation import run_joining
 
-    captures = []
-    capture = generation.StaticDecoder._capture
-
-    def counted(self):
-        captures.append(self)
-        capture(self)
-
-    monkeypatch.setattr(generation.StaticDecoder, "_capture", counted)
-    generation.HELD.clear()
-    bundle, family = load_inference_bundle(str(pretrained_twin), device="cuda", dtype="float32")
-    questions = ["What is 2 plus 3?", "Name a colour.", "Count to four.", "Describe a square."]
-    limit = family.prompt_limit(bundle, 24)
-    prompts = [family.encode_chat(bundle, [{"role": "user", "content": q}], [], limit) for q in questions]
-    settings = GenerationSettings(max_new_tokens=24)
-    tok = bundle.tokenizer
+    bundle, family, prompts, settings, captures = _graph_twin(pretrained_twin, monkeypatch)
+    end = bundle.tokenizer.eos_id
     expected = []
-    for prompt in prompts:  # each alone, over the eager loop
-        inputs = collate_for_generation([prompt], tok.pad_id)
-        ids = generate(
-            bundle.core,
-            inputs["input_ids"].cuda(),
-            inputs["attention_mask"].cuda(),
-            inputs["pixel_values"],
-            inputs["image_bound"],
-            settings=settings,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
-            static=False,
-            cuda_graph=False,
-        )[0].tolist()
-        expected.append(ids[: ids.index(tok.eos_id) + 1] if tok.eos_id in ids else ids)
+    for prompt in prompts:  # each alone, up to its end id
+        ids = _eager(bundle, [prompt], settings)[0].tolist()
+        expected.append(ids[: ids.index(end) + 1] if end in ids else ids)
     family.batch_decoder(bundle).decode(prompts[:1], settings, None, lambda tokens: True)  # a one-row graph
     captures.clear()
-    joined = run_joining(
-        family.batch_decoder(bundle), prompts, settings, [None] * 4, {0: 0, 1: 2, 2: 2, 3: 5}
-    )
+    at = {0: 0, 1: 2, 2: 2, 3: 5}  # one alone, two joining it (four rows: a larger decoder), then the last
+    joined = run_joining(family.batch_decoder(bundle), prompts, settings, [None] * 4, at)
     assert len(captures) == 1  # the one-row decoder's graph was captured before: only the grown one's
     assert joined == expected
