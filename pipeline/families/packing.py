@@ -29,13 +29,13 @@ import contextvars
 import importlib.util
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import vision_attention
 from .base import IGNORE_INDEX, EncodedSample
 
 PACKED = "varlen_causal_packed"  # no "flash" in the name: transformers then treats it as a plain function
@@ -178,8 +178,7 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
 # -- the language model's attention -------------------------------------------------------------------
 
 
-@cache
-def _kernel() -> tuple[Callable, frozenset[str]] | None:
+def _find_kernel() -> tuple[Callable, frozenset[str]] | None:
     """Returns (torch's varlen_attn, the names of its parameters), or None when this torch has none."""
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return None
@@ -188,11 +187,18 @@ def _kernel() -> tuple[Callable, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# Looked up once, at import: compiled layers read it as a constant (torch.compile would trace a
+# functools.cache'd lookup again in every graph).
+_KERNEL = _find_kernel()
+
+
+def _kernel() -> tuple[Callable, frozenset[str]] | None:
+    return _KERNEL
+
+
 def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Returns whether torch's variable-length FlashAttention runs for `dtype` on `device`."""
-    from .vision_attention import kernel_runs as runs
-
-    return _kernel() is not None and runs(device, dtype)
+    return _kernel() is not None and vision_attention.kernel_runs(device, dtype)
 
 
 def _kernel_attention(
@@ -247,6 +253,25 @@ def _segment_attention(
     return torch.cat(pieces)
 
 
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, scale: float, dropout: float
+) -> torch.Tensor:
+    """The same attention as one SDPA call with a causal block-diagonal mask built from `cu_seq_lens` by tensor
+    ops: q (Hq, T, D), k/v (Hkv, T, D) -> (T, Hq, D). What compiled layers run where the kernel does not: the
+    loop over segments reads their bounds on the host, which breaks the graph and specialises it on every
+    boundary. T x T memory: for the CPU."""
+    groups = q.shape[0] // k.shape[0]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+    positions = torch.arange(q.shape[1], device=q.device)
+    segment = torch.bucketize(
+        positions, cu_seq_lens[1:].to(device=q.device, dtype=positions.dtype), right=True
+    )
+    mask = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.transpose(0, 1)
+
+
 def packed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -282,8 +307,10 @@ def packed_attention(
         longest = int(max_length_q) if max_length_q else int((cu[1:] - cu[:-1]).max())
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
         return _kernel_attention(q, k, v, cu, longest, scale).unsqueeze(0), None
-    bounds = cu_seq_lens_q.tolist()
-    out = _segment_attention(query[0], key[0], value[0], bounds, scale, dropout if module.training else 0.0)
+    dropout = dropout if module.training else 0.0
+    if torch.compiler.is_compiling():  # compiled layers off the kernel (CPU, fp32): no loop over segments
+        return _masked_attention(query[0], key[0], value[0], cu_seq_lens_q, scale, dropout).unsqueeze(0), None
+    out = _segment_attention(query[0], key[0], value[0], cu_seq_lens_q.tolist(), scale, dropout)
     return out.unsqueeze(0), None
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from functools import cache
 from typing import Any
 
 import torch
@@ -32,14 +31,22 @@ VARLEN = "varlen_flash_vision"  # "flash" in the name: the towers pass their cu_
 CHOICES = ("auto", "varlen", "sdpa")
 
 
-@cache
-def _kernel() -> tuple[Any, bool] | None:
+def _find_kernel() -> tuple[Any, bool] | None:
     """Returns (torch's varlen_attn, whether it takes `scale`), or None when this torch has none."""
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return None
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn, "scale" in inspect.signature(varlen_attn).parameters
+
+
+# Looked up once, at import: compiled vision blocks read it as a constant (torch.compile would trace a
+# functools.cache'd lookup again in every graph).
+_KERNEL = _find_kernel()
+
+
+def _kernel() -> tuple[Any, bool] | None:
+    return _KERNEL
 
 
 def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -50,9 +57,16 @@ def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return _ampere_or_newer(device.index or 0)
 
 
-@cache
+_CAPABLE: dict[int, bool] = {}
+
+
+# Called inside compiled layers and vision blocks: torch.compile ignores `functools.cache` and would put the
+# device query into the graph (a graph break in every layer); its result is a constant of the run instead.
+@torch.compiler.assume_constant_result
 def _ampere_or_newer(index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
+    return _CAPABLE[index]
 
 
 def resolve(value: str, device: torch.device, dtype: torch.dtype) -> bool:

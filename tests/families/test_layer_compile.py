@@ -1,5 +1,6 @@
 """The HF-native families' decoder layers compiled for training steps: same loss and gradients as eager, one
-traced graph shared by every layer, evaluation and generation left on the eager layers."""
+traced graph shared by every layer and no graph break inside it (padded and packed rows; the attention kernel's
+device check stays out of the graph), evaluation and generation left on the eager layers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import torch
 from PIL import Image
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from pipeline.families import get_family
+from pipeline.families import get_family, vision_attention
+from pipeline.families.base import Bundle
 from pipeline.families.base import messages_from_row
 from pipeline.families.layer_compile import compile_for_training, is_compiled_for_training
+from tests.families.test_families import nonzero_adapter
+from tests.families.test_packing import mixed_samples
 from tests.helpers import loss_and_grads
 
 HF_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
@@ -75,3 +79,55 @@ def test_the_family_compiles_its_decoder_layers_without_cuda_graphs(family_twin)
     n = family.compile_model(bundle, graphs=False)
     layers = bundle.core.get_submodule(family.decoder_layers)
     assert n == len(layers) and all(is_compiled_for_training(layer) for layer in layers)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_compiled_layers_trace_a_packed_row_whole(family_twin, name):
+    """A packed row (the training steps' shape on a GPU) through the compiled layers: one graph for every
+    layer, no break (the segments' attention is one masked SDPA call off the kernel, not a host loop), and
+    the eager packed row's loss and gradients."""
+    family = get_family(name)
+    model, processor = family.load(family_twin(name))
+    model = nonzero_adapter(family, model, "qkv", seed=0)
+    model.enable_input_require_grads()
+    model.train()
+    family.prepare_packing(model)
+    bundle = Bundle(model, processor, family_twin(name), "base")
+    collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8, static=True)
+    batch = collate(mixed_samples(family, processor))
+    eager_loss, eager_grads = loss_and_grads(family, model, batch)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_for_training(model.get_base_model().get_submodule(family.decoder_layers), backend=counter)
+    loss, grads = loss_and_grads(family, model, batch)
+    assert counter.frame_count == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_attention_kernels_device_check_stays_out_of_the_compiled_graph(monkeypatch):
+    """The varlen kernel's check (compute capability 8.0+) runs inside compiled layers and vision blocks; the
+    device query must not become part of their graph (torch.compile ignores functools.cache, and a query it
+    cannot trace breaks the graph in every layer): it runs once, outside, and its answer is a constant."""
+    calls = []
+
+    def capability(index=None):
+        calls.append(index)
+        torch._dynamo.graph_break()  # what tracing such a query costs
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(vision_attention, "_CAPABLE", {})
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if vision_attention.kernel_runs(torch.device("cuda", 0), torch.bfloat16) else x + 1
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    assert torch.equal(torch.compile(step, backend=counter)(torch.ones(2)), torch.full((2,), 2.0))
+    assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
+    assert calls == [0]
