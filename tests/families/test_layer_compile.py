@@ -11,8 +11,7 @@ from PIL import Image
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from pipeline.families import get_family, vision_attention
-from pipeline.families.base import Bundle
-from pipeline.families.base import messages_from_row
+from pipeline.families.base import Bundle, messages_from_row
 from pipeline.families.layer_compile import compile_for_training, is_compiled_for_training
 from tests.families.test_families import nonzero_adapter
 from tests.families.test_packing import mixed_samples
