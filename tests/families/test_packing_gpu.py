@@ -99,3 +99,38 @@ def test_a_packed_row_trains_as_the_padded_batch_in_bf16(family_twin, name):
     a = torch.cat([got[n].float().flatten() for n in want])
     b = torch.cat([want[n].float().flatten() for n in want])
     assert cosine(a, b) > 0.99
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_compiled_layers_trace_a_packed_row_whole_over_the_varlen_kernel(family_twin, name):
+    """The training step's shape on the GPU (bf16, a static packed row, torch's varlen kernel): one graph for
+    every decoder layer, no graph break, and the eager row's loss."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from pipeline.families.layer_compile import compile_for_training
+    from tests.families.test_families import nonzero_adapter
+
+    if not packing.kernel_runs(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("torch's varlen kernel does not run on this card / torch")
+    family = get_family(name)
+    folder = family_twin(name)
+    model, processor = family.load(folder, torch.bfloat16, "cuda")
+    model = nonzero_adapter(family, model, "qkv", seed=0)
+    model.enable_input_require_grads()
+    model.train()
+    family.prepare_packing(model)
+    collate = family.training_collate(
+        Bundle(model, processor, folder, "base"), pad_to_multiple=64, packed=True, segments=8, static=True
+    )
+    batch = {
+        k: v.to("cuda") if isinstance(v, torch.Tensor) else v
+        for k, v in collate(mixed_samples(family, processor)).items()
+    }
+    eager, _, _ = sums_and_grads(family, model, batch)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_for_training(model.get_base_model().get_submodule(family.decoder_layers), backend=counter)
+    loss, _, _ = sums_and_grads(family, model, batch)
+    assert counter.frame_count == 1, counter.frame_count
+    assert not torch._dynamo.utils.counters["graph_break"], list(torch._dynamo.utils.counters["graph_break"])
+    assert float(loss) == pytest.approx(float(eager), rel=1e-2)
