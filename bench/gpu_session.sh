@@ -14,7 +14,7 @@ case $what in
   # the HF-native families' GPU paths: varlen packed attention, flash-linear-attention, liger, the static-cache
   # compiled decode and the running batch (tiny twins)
   kernels) python3 -m pytest -q -p no:cacheprovider -m gpu tests/families/test_packing_gpu.py \
-    tests/families/test_kernels_gpu.py tests/families/test_decoding_gpu.py "$@" 2>&1 | tee "$OUT/kernels_tests.txt" ;;
+    tests/families/test_kernels_gpu.py tests/families/test_decoding_gpu.py tests/families/test_vision_compile_gpu.py "$@" 2>&1 | tee "$OUT/kernels_tests.txt" ;;
   train) python3 -m bench.bench --only train --steps 4 --cases "$@" --out "$OUT/train.json" ;;
   infer) python3 -m bench.bench --only infer --out "$OUT/infer.json" ;;
   # the real job through python -m pipeline; model and data are built under /tmp/entry-work in the call
