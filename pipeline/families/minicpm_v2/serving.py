@@ -104,7 +104,7 @@ class MiniCPMV2StepDecoder(StepDecoder):
         self.settings = settings
         self._rows = []
         self._logits = None
-        self._decoder = None  # the model keeps it (StaticDecoder.held) for the next batch
+        self._decoder = None  # on a GPU the model keeps it (StaticDecoder.held) for the next batch
 
     @property
     def rows(self) -> list[int]:
@@ -157,15 +157,25 @@ class MiniCPMV2StepDecoder(StepDecoder):
         if old is not None and old.fits(rows, length, dtype, self.device, use_graph):
             return old
         if old is None:
-            decoder = StaticDecoder.held(self.core, rows, length, dtype, self.device, use_graph)
-            decoder.capture_empty()
+            decoder = self._new_decoder(rows, length, dtype, use_graph)
         else:
-            needed = max(length, old.cache.max_length)
-            decoder = StaticDecoder.held(self.core, rows, needed, dtype, self.device, use_graph)
-            decoder.capture_empty()
+            decoder = self._new_decoder(rows, max(length, old.cache.max_length), dtype, use_graph)
             decoder.take_rows(old)
         self._decoder = decoder
         return decoder
+
+    def _new_decoder(self, rows: int, length: int, dtype: torch.dtype, use_graph: bool) -> StaticDecoder:
+        if use_graph:  # the model's held decoder: its graph serves every later batch that fits it
+            decoder = StaticDecoder.held(self.core, rows, length, dtype, self.device, use_graph)
+            decoder.capture_empty()
+            return decoder
+        # no graph to keep (CPU): one just large enough, since every row of it is computed at every step
+        cfg = self.core.config
+        rows = 1 << (rows - 1).bit_length()
+        cache = KVCache(
+            cfg.num_hidden_layers, rows, cfg.num_key_value_heads, length, cfg.head_dim, dtype, self.device
+        )
+        return StaticDecoder(self.core, cache, use_graph=False)
 
     @torch.no_grad()
     def step(self) -> dict[int, int]:
