@@ -198,6 +198,9 @@ def _packed_or_plain(
     return torch.cat(pieces, dim=1)
 
 
+# Inside compiled decoder layers fla runs as it is (its own Triton kernels; its launchers read the segment
+# bounds on the host): one clean break around it rather than a trace into its Python.
+@torch.compiler.disable
 def _fla_forward(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The GatedDeltaNet layer's computation (as transformers' Qwen3.5 forward, without a cache) with the
     convolution and the gated delta rule on fla's kernels, restarted at every boundary in `cu_seqlens`.
