@@ -19,18 +19,34 @@ see the same model as without compile.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+CHECKPOINT_WRAPPER = "forward_with_checkpointing"  # transformers' wrapper of a checkpointed layer's forward
+
+
+def _unchecked(cls: type) -> Any:
+    """Returns the class's forward without transformers' activation-checkpointing wrapper (recent releases
+    checkpoint inside `forward` rather than around `__call__`), else its forward."""
+    forward = cls.forward
+    return forward.__wrapped__ if _is_checkpoint_wrapper(forward) else forward
+
+
+def _is_checkpoint_wrapper(forward: Any) -> bool:
+    # `functools.wraps` gave the wrapper the wrapped forward's name: its code keeps its own
+    code = getattr(forward, "__code__", None)
+    return code is not None and code.co_name == CHECKPOINT_WRAPPER and hasattr(forward, "__wrapped__")
+
 
 def _layer_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return type(layer).forward(layer, *args, **kwargs)
+    return _unchecked(type(layer))(layer, *args, **kwargs)
 
 
 def _vision_block_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return type(layer).forward(layer, *args, **kwargs)
+    return _unchecked(type(layer))(layer, *args, **kwargs)
 
 
 # torch.compile keeps its traced graphs (and counts them against its recompile limit) per function: the
@@ -54,9 +70,13 @@ def compile_for_training(layers: Sequence[nn.Module], backend: Any = None, part:
 
 def _dispatching_forward(layer: nn.Module, compiled: Any) -> Any:
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if layer.training and torch.is_grad_enabled():
-            return compiled(layer, *args, **kwargs)
-        return _layer_forward(layer, *args, **kwargs)
+        if not (layer.training and torch.is_grad_enabled()):
+            return type(layer).forward(layer, *args, **kwargs)
+        if getattr(layer, "gradient_checkpointing", False) and _is_checkpoint_wrapper(type(layer).forward):
+            # the checkpoint around the compiled call, as releases that checkpoint `__call__` place it: inside,
+            # it would be traced as a higher-order op that refuses the layers' side effects (a graph break)
+            return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
+        return compiled(layer, *args, **kwargs)
 
     forward.compiled_for_training = True  # type: ignore[attr-defined]
     return forward

@@ -52,7 +52,7 @@ from pipeline.training.checkpoints import (
     save_training_checkpoint,
 )
 from pipeline.training.plan import LoopSettings
-from pipeline.training.profiling import StepProfiler
+from pipeline.training.profiling import StepProfiler, compile_counts, compile_stats, graph_break_reasons
 from pipeline.utils.io import append_jsonl, atomic_write_text
 
 if TYPE_CHECKING:
@@ -309,6 +309,8 @@ class Trainer:
         self.total_steps = planned_steps(n_rows, settings, self.world)
         self.state = TrainerState(total_steps=self.total_steps)
         self.log_path = self.sft_dir / "logging.jsonl"
+        self._compiled_before = compile_counts()  # another run in this process (a sweep) compiled those
+        self._warned_breaks = False
         # Engines that gather weights in every forward need the same number of micro-batches on every rank.
         self.equal_micro_batches = self.world > 1 and accelerator.distributed_type in (
             DistributedType.FSDP,
@@ -552,6 +554,16 @@ class Trainer:
                     step=record["step"],
                 )
 
+    def _warn_graph_breaks(self) -> None:
+        """Warns once when compiled code broke into pieces (slower steps than a whole graph), with why."""
+        if self._warned_breaks or not compile_stats(self._compiled_before).get("graph_breaks"):
+            return
+        self._warned_breaks = True
+        log.warning(
+            "torch.compile split compiled code at graph breaks (steps run slower than whole graphs): %s",
+            "; ".join(graph_break_reasons()),
+        )
+
     def _saving_on_bad_data(self, groups: Iterator[list[dict]]) -> Iterator[list[dict]]:
         """Yields the loader's groups; when one cannot be built (an image broken or gone since it was
         checked), saves the steps done so far before raising TrainingError naming the row.
@@ -640,8 +652,10 @@ class Trainer:
                             "micro_batches": round(sum(r["micro_batches"] for r in window) / len(window), 2),
                             "epoch_eta_s": round(speed.epoch_eta(step), 1),
                             "memory_gb": round(_memory_gb(self.acc.device), 3),
+                            **compile_stats(self._compiled_before),
                         }
                     )
+                    self._warn_graph_breaks()
                     window, t_window = [], time.perf_counter()
                 do_eval = step % self.s.eval_steps == 0 or step == self.total_steps
                 do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested

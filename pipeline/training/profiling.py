@@ -76,3 +76,29 @@ class StepProfiler:
         prof.export_chrome_trace(str(partial))
         os.replace(partial, trace)  # never a half-written timeline
         self.written = True
+
+
+def compile_counts() -> tuple[int, int]:
+    """Returns (graphs traced, graph breaks) by torch.compile in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0)), int(sum(counters["graph_break"].values()))
+
+
+def compile_stats(since: tuple[int, int] = (0, 0)) -> dict[str, int]:
+    """Returns what torch.compile did since the counts `since` (compile_counts()): `compiled_graphs` (graphs
+    traced) and `graph_breaks` (places a traced function fell back to Python); empty where it traced nothing.
+    A compiled layer that breaks runs as several graphs, each with its own guards, wrappers and backward, and
+    no fusion across them: the numbers show whether the compiled step is whole."""
+    graphs, breaks = compile_counts()
+    if graphs <= since[0]:
+        return {}
+    return {"compiled_graphs": graphs - since[0], "graph_breaks": breaks - since[1]}
+
+
+def graph_break_reasons(limit: int = 3) -> list[str]:
+    """Returns the first line of the most frequent graph-break reasons in this process (for the log)."""
+    from torch._dynamo.utils import counters
+
+    reasons = sorted(counters["graph_break"].items(), key=lambda item: -item[1])[:limit]
+    return [f"{count}x {reason.strip().splitlines()[0][:200]}" for reason, count in reasons]

@@ -130,3 +130,29 @@ def test_the_attention_kernels_device_check_stays_out_of_the_compiled_graph(monk
     assert torch.equal(torch.compile(step, backend=counter)(torch.ones(2)), torch.full((2,), 2.0))
     assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
     assert calls == [0]
+
+
+def test_checkpointed_layers_compile_whole_with_the_checkpoint_around_them(family_twin):
+    """With activation checkpointing (full fine-tuning, trainer=low_memory) the checkpoint stays outside the
+    compiled call: traced inside (transformers checkpointing within `forward`), it is a higher-order op that
+    refuses the layer's side effects and the whole layer fell back to eager. The recomputation replays the
+    compiled graph; loss and gradients are the eager checkpointed run's."""
+    family = get_family("qwen2_5_vl")
+    model, processor = family.load(family_twin("qwen2_5_vl"))
+    model = nonzero_adapter(family, model, "qkv", seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    batch = family.collate_for_training(processor, mixed_samples(family, processor)[:2])
+    eager_loss, eager_grads = loss_and_grads(family, model, batch)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_for_training(model.get_base_model().get_submodule(family.decoder_layers), backend=counter)
+    loss, grads = loss_and_grads(family, model, batch)
+    assert counter.frame_count == 1
+    assert not torch._dynamo.utils.counters["graph_break"], list(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[key], rtol=1e-4, atol=1e-5, msg=key)

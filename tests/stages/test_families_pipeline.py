@@ -243,6 +243,9 @@ def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path, capl
             assert c["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, c)
             assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, c)
             assert c["padding_pct"] > 0
+            # the log says the compiled layers traced whole (their graphs, no break)
+            assert c["compiled_graphs"] >= 1 and c["graph_breaks"] == 0, c
+        assert "compiled_graphs" not in packed[0]
         # and the vision blocks compiled too, on patch sequences padded to a static length (the varlen
         # vision attention's CPU path): the same steps again
         caplog.set_level(logging.INFO, logger="pipeline")
@@ -256,7 +259,9 @@ def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path, capl
         for b, v in zip(packed, vision, strict=True):
             assert v["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, v)
             assert v["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, v)
+            assert v["compiled_graphs"] > compiled[0]["compiled_graphs"] and v["graph_breaks"] == 0, v
         assert "compile: on (vision blocks too)" in caplog.text
+        assert "graph breaks" not in caplog.text
 
 
 def test_the_chat_runs_another_family_and_validation_takes_it():
