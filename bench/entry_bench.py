@@ -618,6 +618,8 @@ def sft_metrics(run_dir: Path, flops: float) -> dict:
         "epoch_minutes": round(COCO_TRAIN_ROWS / samples / 60, 1),
         "first_losses": [round(r["loss"], 4) for r in steps[:3]],
     }
+    if "compiled_graphs" in steps[-1]:  # torch.compile's work: whole graphs, or graphs broken into pieces
+        out.update(compiled_graphs=steps[-1]["compiled_graphs"], graph_breaks=steps[-1]["graph_breaks"])
     summary = run_dir / "sft" / "summary.json"
     if summary.is_file():
         out["peak_gb"] = json.loads(summary.read_text()).get("peak_memory_gb")
