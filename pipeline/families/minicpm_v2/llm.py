@@ -88,8 +88,11 @@ class MiniCPMAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.num_kv_heads != self.num_heads
         if attn_mask is None:
-            # No padding and no cached prefix: the fused causal kernel.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+            # No padding and no cached prefix: the fused causal kernel (one new token over a cache attends to
+            # all of it). Without a cache the test is not on `t`, which compiled under dynamic shapes is
+            # symbolic, and SDPA takes no symbolic bool.
+            causal = cache is None or t > 1
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
