@@ -94,18 +94,7 @@ def test_compiled_layers_trace_a_packed_row_whole(family_twin, name):
     bundle = Bundle(model, processor, family_twin(name), "base")
     collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8, static=True)
     batch = collate(mixed_samples(family, processor))
-    eager_loss, eager_grads = loss_and_grads(family, model, batch)
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compile_for_training(model.get_base_model().get_submodule(family.decoder_layers), backend=counter)
-    loss, grads = loss_and_grads(family, model, batch)
-    assert counter.frame_count == 1
-    assert not torch._dynamo.utils.counters["graph_break"]
-    torch.testing.assert_close(loss, eager_loss)
-    assert grads.keys() == eager_grads.keys() and grads
-    for key, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_compiles_whole(family, model, batch)
 
 
 def test_the_attention_kernels_device_check_stays_out_of_the_compiled_graph(monkeypatch):
@@ -144,8 +133,13 @@ def test_checkpointed_layers_compile_whole_with_the_checkpoint_around_them(famil
     model.enable_input_require_grads()
     model.train()
     batch = family.collate_for_training(processor, mixed_samples(family, processor)[:2])
-    eager_loss, eager_grads = loss_and_grads(family, model, batch)
+    assert_compiles_whole(family, model, batch)
 
+
+def assert_compiles_whole(family, model, batch) -> None:
+    """Compiles the model's decoder layers and checks one training step of `batch`: one traced graph for
+    every layer, no graph break, the eager step's loss and gradients."""
+    eager_loss, eager_grads = loss_and_grads(family, model, batch)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compile_for_training(model.get_base_model().get_submodule(family.decoder_layers), backend=counter)
