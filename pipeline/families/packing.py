@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
-import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -178,27 +176,9 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
 # -- the language model's attention -------------------------------------------------------------------
 
 
-def _find_kernel() -> tuple[Callable, frozenset[str]] | None:
-    """Returns (torch's varlen_attn, the names of its parameters), or None when this torch has none."""
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-        return None
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-
-
-# Looked up once, at import: compiled layers read it as a constant (torch.compile would trace a
-# functools.cache'd lookup again in every graph).
-_KERNEL = _find_kernel()
-
-
-def _kernel() -> tuple[Callable, frozenset[str]] | None:
-    return _KERNEL
-
-
 def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Returns whether torch's variable-length FlashAttention runs for `dtype` on `device`."""
-    return _kernel() is not None and vision_attention.kernel_runs(device, dtype)
+    return vision_attention.kernel_runs(device, dtype)
 
 
 def _kernel_attention(
@@ -208,7 +188,7 @@ def _kernel_attention(
     `is_causal` (2.9/2.10) or `window_size=(-1, 0)` (2.11+); `scale` where it is taken (else folded into
     the queries); `enable_gqa` where it is taken (else the key/value heads are repeated). q (T, Hq, D),
     k/v (T, Hkv, D); returns (T, Hq, D)."""
-    fn, params = _kernel()
+    fn, params = vision_attention._kernel()
     options: dict[str, Any] = {}
     if "is_causal" in params:
         options["is_causal"] = True
@@ -253,25 +233,6 @@ def _segment_attention(
     return torch.cat(pieces)
 
 
-def _masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, scale: float, dropout: float
-) -> torch.Tensor:
-    """The same attention as one SDPA call with a causal block-diagonal mask built from `cu_seq_lens` by tensor
-    ops: q (Hq, T, D), k/v (Hkv, T, D) -> (T, Hq, D). What compiled layers run where the kernel does not: the
-    loop over segments reads their bounds on the host, which breaks the graph and specialises it on every
-    boundary. T x T memory: for the CPU."""
-    groups = q.shape[0] // k.shape[0]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-    positions = torch.arange(q.shape[1], device=q.device)
-    segment = torch.bucketize(
-        positions, cu_seq_lens[1:].to(device=q.device, dtype=positions.dtype), right=True
-    )
-    mask = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-    return out.transpose(0, 1)
-
-
 def packed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -309,7 +270,11 @@ def packed_attention(
         return _kernel_attention(q, k, v, cu, longest, scale).unsqueeze(0), None
     dropout = dropout if module.training else 0.0
     if torch.compiler.is_compiling():  # compiled layers off the kernel (CPU, fp32): no loop over segments
-        return _masked_attention(query[0], key[0], value[0], cu_seq_lens_q, scale, dropout).unsqueeze(0), None
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+        out = vision_attention.block_diagonal_attention(
+            q, k, v, cu_seq_lens_q, scale, causal=True, dropout=dropout
+        )
+        return out.unsqueeze(0), None
     out = _segment_attention(query[0], key[0], value[0], cu_seq_lens_q.tolist(), scale, dropout)
     return out.unsqueeze(0), None
 

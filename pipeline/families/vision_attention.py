@@ -31,21 +31,23 @@ VARLEN = "varlen_flash_vision"  # "flash" in the name: the towers pass their cu_
 CHOICES = ("auto", "varlen", "sdpa")
 
 
-def _find_kernel() -> tuple[Any, bool] | None:
-    """Returns (torch's varlen_attn, whether it takes `scale`), or None when this torch has none."""
+def _find_kernel() -> tuple[Any, frozenset[str]] | None:
+    """Returns (torch's varlen_attn, the names of its parameters), or None when this torch has none."""
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return None
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn, "scale" in inspect.signature(varlen_attn).parameters
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-# Looked up once, at import: compiled vision blocks read it as a constant (torch.compile would trace a
-# functools.cache'd lookup again in every graph).
+# Looked up once, at import: compiled layers and vision blocks read it as a constant (torch.compile would
+# trace a functools.cache'd lookup again in every graph).
 _KERNEL = _find_kernel()
 
 
-def _kernel() -> tuple[Any, bool] | None:
+def _kernel() -> tuple[Any, frozenset[str]] | None:
+    """Returns torch's variable-length FlashAttention and its parameters' names (the language model's packed
+    attention, pipeline/families/packing.py, calls it too), or None."""
     return _KERNEL
 
 
@@ -103,7 +105,8 @@ def varlen_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
     if kernel_runs(q.device, q.dtype):
-        fn, takes_scale = _kernel()
+        fn, params = _kernel()
+        takes_scale = "scale" in params
         cu_q, cu_k = cu_seq_lens_q.to(torch.int32), cu_k.to(torch.int32)
         max_q = int(max_length_q) if max_length_q else int((cu_q[1:] - cu_q[:-1]).max())
         max_k = int(max_length_k) if max_length_k else int((cu_k[1:] - cu_k[:-1]).max())
@@ -113,7 +116,7 @@ def varlen_attention(
             out = fn(q * (scale * q.shape[-1] ** 0.5), k, v, cu_q, cu_k, max_q, max_k)
         return out.unsqueeze(0), None
     if torch.compiler.is_compiling():  # compiled vision blocks off the kernel (CPU, fp32)
-        return _masked_attention(q, k, v, cu_seq_lens_q, scale).unsqueeze(0), None
+        return block_diagonal_attention(q, k, v, cu_seq_lens_q, scale).unsqueeze(0), None
     bounds_q, bounds_k = cu_seq_lens_q.tolist(), cu_k.tolist()
     pieces = []
     for i in range(len(bounds_q) - 1):
@@ -128,17 +131,34 @@ def varlen_attention(
     return torch.cat(pieces).unsqueeze(0), None
 
 
-def _masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+def block_diagonal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """The same attention as one SDPA call with a block-diagonal mask built from `cu_seqlens` by tensor ops
-    (q/k/v (T, heads, dim) -> (T, heads, dim)): what compiled blocks run where the kernel does not, since the
-    loop over the pieces would specialise the compiled graph on every boundary. T x T memory: for the CPU."""
+    (q (T, heads, dim), k/v (T, kv heads, dim) -> (T, heads, dim); `causal` within each piece): what compiled
+    blocks and layers run where the kernel does not, since a loop over the pieces reads their bounds on the
+    host, which breaks the graph and specialises it on every boundary. T x T memory: for the CPU."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     positions = torch.arange(q.shape[0], device=q.device)
     piece = torch.bucketize(positions, cu_seqlens[1:].to(device=q.device, dtype=positions.dtype), right=True)
     mask = piece[:, None] == piece[None, :]
+    if causal:
+        mask = mask & (positions[:, None] >= positions[None, :])
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scale,
     )
     return out.transpose(0, 1)
 

@@ -87,11 +87,12 @@ def compile_counts() -> tuple[int, int]:
 
 def compile_stats(since: tuple[int, int] = (0, 0)) -> dict[str, int]:
     """Returns what torch.compile did since the counts `since` (compile_counts()): `compiled_graphs` (graphs
-    traced) and `graph_breaks` (places a traced function fell back to Python); empty where it traced nothing.
+    traced) and `graph_breaks` (places a traced function fell back to Python); empty where it did neither
+    (a function that breaks before any graph falls back to Python whole: graphs 0, breaks > 0).
     A compiled layer that breaks runs as several graphs, each with its own guards, wrappers and backward, and
     no fusion across them: the numbers show whether the compiled step is whole."""
     graphs, breaks = compile_counts()
-    if graphs <= since[0]:
+    if (graphs, breaks) == since:
         return {}
     return {"compiled_graphs": graphs - since[0], "graph_breaks": breaks - since[1]}
 

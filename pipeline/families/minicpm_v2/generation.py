@@ -43,9 +43,8 @@ class StaticDecoder:
         self.use_graph = use_graph
         self.rows = b  # the current batch's rows (the first of the decoder's)
         self.cur = 0  # next cache slot to write
-        self.index = torch.zeros(
-            b, dtype=torch.long, device=device
-        )  # each row's next slot, as the graph reads it
+        # each row's next slot to write, as the graph reads it
+        self.index = torch.zeros(b, dtype=torch.long, device=device)
         self.mask = torch.zeros(b, 1, 1, cache.max_length, dtype=torch.bool, device=device)
         self.pos = torch.zeros(b, 1, dtype=torch.long, device=device)  # next position id per row
         self.tok = torch.zeros(b, 1, dtype=torch.long, device=device)
