@@ -3,14 +3,15 @@ text back to it as it grows.
 
 A family that batches served requests (capabilities.batches_requests) gets every waiting request that can
 share a batch, up to serve.max_batch_size, decoded together step by step by its BatchDecoder. Where the family
-batches continuously (capabilities.continuous_batching: every family built in, MiniCPM-V-2 over its static
-cache and CUDA graph on a GPU), requests that arrive while a batch runs join it between two steps, and a
-request leaves it as soon as it ends, freeing its place; otherwise a batch runs until every request in it is
-finished or gone, and the requests that came meanwhile form the next one. After each step the worker hands
-each request its token. Requests share a batch when they decode alike (greedy, or sampling with the same temperature and
-top_p); each keeps its own max_tokens, stop strings and seed, so a greedy answer is the one the request gets
-served alone. A family without a batch decoder answers one request at a time through its streaming generate
-(Family.stream_tokens), stopped at the token that finishes the request.
+batches continuously (capabilities.continuous_batching: every family built in, each over its own cache, a
+static one replayed as a CUDA graph where the family has it), requests that arrive while a batch runs join it
+between two steps, and a request leaves it as soon as it ends, freeing its place; otherwise a batch runs until
+every request in it is finished or gone, and the requests that came meanwhile form the next one. After each
+step the worker hands each request its token. Requests share a batch when they decode alike (greedy, or
+sampling with the same temperature and top_p); each keeps its own max_tokens, stop strings and seed, so a
+greedy answer is the one the request gets served alone. A family without a batch decoder answers one request
+at a time through its streaming generate (Family.stream_tokens), stopped at the token that finishes the
+request.
 
 Requests are isolated: one whose own setup fails (its seed) gets its own error and leaves its batch; when a
 batch (or a group of requests joining one) fails before any of its requests has a token, each of them is tried
