@@ -263,14 +263,14 @@ def markdown(results: dict) -> str:
             lines.append(f"not measured: {r.get('skipped') or r.get('error')}")
             continue
         lines += [
-            "| clients | requests/s | tokens/s | x one at a time (tokens/s) | p50 s | max s | same answers |",
-            "|---|---|---|---|---|---|---|",
+            "| clients | requests/s | tokens/s | x one at a time (tokens/s) | p50 s | max s | same answers | same prefix |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in r["rows"]:
             lines.append(
                 f"| {row['clients']} | {row['requests_per_s']} | {row['tokens_per_s']} | "
                 f"{row.get('tokens_vs_one_at_a_time', 1.0)} | {row['latency_p50_s']} | {row['latency_max_s']} | "
-                f"{row['same_answers']}/{row['requests']} |"
+                f"{row['same_answers']}/{row['requests']} | {row.get('same_prefix', 1.0)} |"
             )
     profiled = results.get("profile")
     if profiled:
