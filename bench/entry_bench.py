@@ -114,9 +114,9 @@ LEVERS_OFF = {
 }
 # the Qwen VLs' vision blocks eager beside compiled decoder layers (trainer.compile_vision's switch)
 NO_VISION_COMPILE = {"novisioncompile": ["trainer.compile_vision=false"]}
-# a larger token budget: one micro-batch of a 16-row step, so fewer kernel launches per sample (the 2026-12-05
-# Qwen2.5-VL profile was launch-bound), against the shipped 4096
-BUDGETS = {"budget16k": ["trainer.micro_batch_tokens=16384"]}
+# token budgets given: 16384 (auto's choice for LoRA on 80 GB cards: one micro-batch of a 16-row step, fewer
+# launches per sample; the 2026-12-05 Qwen2.5-VL profile was launch-bound) and 4096 (auto's on smaller cards)
+BUDGETS = {"budget16k": ["trainer.micro_batch_tokens=16384"], "budget4k": ["trainer.micro_batch_tokens=4096"]}
 FAMILY_LEVERS_OFF = {
     "minicpm_v4_6": {"torchla": ["model.linear_attention=torch"]},
     "qwen2_5_vl": NO_VISION_COMPILE,
@@ -535,14 +535,15 @@ def family_flops(
 def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
     """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
     resolves it), for the FLOP count."""
-    from pipeline.training.plan import resolve_checkpointing
+    from pipeline.training.plan import resolve_checkpointing, resolve_micro_batch_tokens
 
     given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+"))
     value = {"true": True, "false": False}.get(given.get("model.gradient_checkpointing", ""), "auto")
-    budget = 1024 if given.get("trainer") == "low_memory" else 4096
-    budget = int(given.get("trainer.micro_batch_tokens", budget))
     lora = {"lora_qkv": "qkv", "lora_all": "all", "full": "none"}[mode]
-    return resolve_checkpointing(value, torch.device("cpu" if tiny else "cuda"), lora, budget)
+    device = torch.device("cpu" if tiny else "cuda")
+    budget = "1024" if given.get("trainer") == "low_memory" else "auto"
+    budget = resolve_micro_batch_tokens(given.get("trainer.micro_batch_tokens", budget), device, lora)
+    return resolve_checkpointing(value, device, lora, budget)
 
 
 def run_family_setting(

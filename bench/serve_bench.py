@@ -141,7 +141,7 @@ def same_prefix(answers: list[str], reference: list[str]) -> float:
     """Returns the mean share of each reference answer that `answers` repeats from its start."""
     shares = []
     for answer, ref in zip(answers, reference, strict=True):
-        common = next((i for i, (a, b) in enumerate(zip(answer, ref)) if a != b), min(len(answer), len(ref)))
+        common = len(os.path.commonprefix([answer, ref]))
         shares.append(common / max(len(ref), 1))
     return round(statistics.fmean(shares), 3)
 
@@ -208,7 +208,9 @@ def bench_server(
 
 def table(result: dict) -> str:
     """Returns the rows of `bench_server` as a text table."""
-    lines = [f"{'clients':>20} {'req/s':>8} {'tok/s':>9} {'x serial':>8} {'p50 s':>7} {'same':>6} {'prefix':>6}"]
+    lines = [
+        f"{'clients':>20} {'req/s':>8} {'tok/s':>9} {'x serial':>8} {'p50 s':>7} {'same':>6} {'prefix':>6}"
+    ]
     for row in result["rows"]:
         lines.append(
             f"{row['clients']!s:>20} {row['requests_per_s']:>8.2f} {row['tokens_per_s']:>9.1f} "

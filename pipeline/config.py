@@ -163,8 +163,9 @@ class TrainerConfig:
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     num_workers: Any = "auto"  # auto (0 on CPU; on a GPU from the CPU count, up to 8) | N
     # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
-    # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size.
-    micro_batch_tokens: int = 4096
+    # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size; auto =
+    # 16384 for LoRA on a GPU of 60 GiB or more (80 GB cards), else 4096.
+    micro_batch_tokens: Any = "auto"
     # Each micro-batch one row of its samples back to back (no padding; attention kept within each sample).
     # auto: on where the family attends packed rows by variable-length attention (the HF-native families;
     # MiniCPM-V-2's packing builds a mask) on a CUDA device with micro_batch_tokens > 0; off on the CPU and
@@ -386,7 +387,6 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.eval_steps", 1, None),
     ("trainer.save_steps", 1, None),
     ("trainer.save_total_limit", 1, None),
-    ("trainer.micro_batch_tokens", 0, None),
     ("trainer.profile_steps", 0, None),
     ("trainer.max_eval_samples", 1, None),
     ("preference.beta", 1e-6, None),
@@ -551,7 +551,10 @@ def _check_ranges(tree: dict) -> list[str]:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             problems.append(f"{key}={value} is out of range; must be {bound}")
-    if tree["trainer"]["packing"] is True and tree["trainer"]["micro_batch_tokens"] <= 0:
+    budget = tree["trainer"]["micro_batch_tokens"]
+    if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        problems.append(f"trainer.micro_batch_tokens={_show(budget)} must be auto or an integer >= 0")
+    elif tree["trainer"]["packing"] is True and budget != "auto" and budget <= 0:
         problems.append("trainer.packing=true needs trainer.micro_batch_tokens > 0 (the packed row's length)")
     workers = tree["trainer"]["num_workers"]
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):

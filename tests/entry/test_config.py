@@ -202,6 +202,43 @@ def test_packing_auto_resolves_by_family_device_and_budget(compose):
     assert "micro-batches: packed rows of up to 4096 tokens (padding-free)" in text
 
 
+def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monkeypatch):
+    """trainer.micro_batch_tokens=auto: 16384 for LoRA on a card of 60 GiB or more, 4096 on smaller cards,
+    for full fine-tuning and on the CPU; a number stays as given; the plan and checkpointing follow it."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    total = {"gib": 80}
+
+    class Properties:
+        major, minor = 9, 0
+
+        @property
+        def total_memory(self) -> int:
+            return total["gib"] * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    qkv = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_qkv"])
+    assert qkv.trainer.micro_batch_tokens == "auto"
+    large = plan_training(qkv, Launch(cuda), compiles=False, packs_padding_free=True)
+    assert large.loop.micro_batch_tokens == 16384 and large.loop.packing and not large.gradient_checkpointing
+    assert "packed rows of up to 16384 tokens" in large.describe()
+    full = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=full"])
+    assert plan_training(full, Launch(cuda), compiles=False).loop.micro_batch_tokens == 4096
+    assert plan_of(qkv, cpu).loop.micro_batch_tokens == 4096
+    given = compose(["model=qwen2_5_vl_tiny", "+experiment=lora_qkv", "trainer.micro_batch_tokens=2048"])
+    assert plan_training(given, Launch(cuda), compiles=False).loop.micro_batch_tokens == 2048
+    low = compose(["model=qwen2_5_vl_tiny", "trainer=low_memory", "+experiment=lora_qkv"])
+    assert plan_training(low, Launch(cuda), compiles=False).loop.micro_batch_tokens == 1024
+    total["gib"] = 24
+    assert plan_training(qkv, Launch(cuda), compiles=False).loop.micro_batch_tokens == 4096
+    for bad in ("lots", "-1", "true"):
+        with pytest.raises(
+            ConfigError, match=r"trainer\.micro_batch_tokens=.* must be auto or an integer >= 0"
+        ):
+            validate(compose([f"trainer.micro_batch_tokens={bad}"]))
+
+
 def test_compile_and_checkpointing_take_only_auto_true_false(compose):
     for key in ("trainer.compile", "model.gradient_checkpointing", "trainer.packing"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
