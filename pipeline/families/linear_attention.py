@@ -8,8 +8,9 @@ forward (cu_seq_lens_q in its kwargs) is exact:
 - where flash-linear-attention (`fla`) is installed and the row is on CUDA, the layer runs on its
   variable-length kernels (`causal_conv1d` and `chunk_gated_delta_rule` with cu_seqlens), which restart
   the convolution and the state at every boundary (`_fla_forward`, the one place that names fla);
-- elsewhere the layer's own forward runs once per sample (empty segments skipped) and the outputs are
-  joined back, which is the sample's result alone by construction.
+- elsewhere the layer's own forward runs once on the row's samples as a right-padded batch (empty segments
+  skipped) and their tokens are joined back: causal convolution and recurrence never see a sample's padding,
+  so each is its result alone.
 
 Unpacked forwards (no cu_seq_lens: eval, generation with its cache) go to the layer's forward unchanged.
 
@@ -177,7 +178,7 @@ def _packed_or_plain(
     **kwargs: Any,
 ) -> torch.Tensor:
     """The wrapped forward: unpacked rows go to `forward` as they are; a packed row (cu_seq_lens_q) runs on
-    fla's variable-length kernels where they serve, else one sample at a time."""
+    fla's variable-length kernels where they serve, else as a right-padded batch of its samples."""
     context = torch_only() if choice == "torch" else contextlib.nullcontext()
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
@@ -189,13 +190,13 @@ def _packed_or_plain(
         return _fla_forward(module, hidden_states, cu)
     rest = {k: v for k, v in kwargs.items() if k not in SEGMENT_KEYS}
     bounds = [int(b) for b in cu.tolist()]
+    spans = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
+    # The samples as one right-padded batch, one forward: the convolution and the recurrence are causal, so
+    # the padding after a sample never reaches its tokens (the per-sample result, without a loop of forwards).
+    batch = nn.utils.rnn.pad_sequence([hidden_states[0, start:end] for start, end in spans], batch_first=True)
     with context:
-        pieces = [
-            forward(hidden_states[:, start:end], cache=None, attention_mask=None, **rest)
-            for start, end in zip(bounds, bounds[1:], strict=False)
-            if end > start
-        ]
-    return torch.cat(pieces, dim=1)
+        out = forward(batch, cache=None, attention_mask=None, **rest)
+    return torch.cat([out[i, : end - start] for i, (start, end) in enumerate(spans)], dim=0).unsqueeze(0)
 
 
 # Inside compiled decoder layers fla runs as it is (its own Triton kernels; its launchers read the segment
