@@ -108,6 +108,42 @@ def test_qlora_runs_every_stage_and_merges_onto_the_full_precision_base(family_t
     assert len(read_rows(run_dir / "infer" / "results.jsonl")) == 2
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpm_v2"])
+def test_a_quantized_base_compiles_whole_when_asked_and_trains_the_eager_steps(family_twin, tmp_path, name):
+    """trainer.compile=true on a 4-bit base (auto leaves it off until timed on a GPU): the decoder layers,
+    bitsandbytes' quantized linears and peft's LoRA on them, trace as one graph without a break (inductor on
+    the CPU) and train the eager run's steps within the compiler's float reordering."""
+    from pipeline.stages import sft
+    from tests.helpers import run_stage
+
+    twin = copy_twin(family_twin(name), tmp_path / MODEL_OF[name])
+
+    def steps(run_dir: Path, *extra: str) -> list[dict]:
+        cfg = compose_config(
+            [
+                "+experiment=lora_qkv",
+                f"model={MODEL_OF[name]}",
+                f"model.path={twin}",
+                "model.quantization=nf4",
+            ]
+            + [*QUICK, "trainer.logging_steps=1", "lora.dropout=0.0", *extra]
+        )
+        run_stage(sft, cfg, run_dir)
+        return [r for r in log_records(run_dir / "sft") if "loss" in r]
+
+    packed = (
+        ["trainer.packing=true"] if name == "qwen2_5_vl" else []
+    )  # the HF-native families compile packed rows
+    eager = steps(tmp_path / "eager", *packed, "trainer.compile=false")
+    compiled = steps(tmp_path / "compiled", *packed, "trainer.compile=true")
+    assert len(eager) == len(compiled) == 2
+    for e, c in zip(eager, compiled, strict=True):
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-4), (e, c)
+        assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-3), (e, c)
+        assert c["compiled_graphs"] >= 1 and c["graph_breaks"] == 0, c
+    assert "compiled_graphs" not in eager[0]
+
+
 def test_static_decode_is_off_for_a_quantized_base_and_after_a_compile_failure(family_twin, monkeypatch):
     family = get_family("qwen2_5_vl")
     bundle = family.load_bundle(family_twin("qwen2_5_vl"))
