@@ -189,13 +189,23 @@ def _packed_or_plain(
     if choice != "torch" and fla_runs(hidden_states):
         return _fla_forward(module, hidden_states, cu)
     rest = {k: v for k, v in kwargs.items() if k not in SEGMENT_KEYS}
+    with context:
+        return _padded_forward(forward, hidden_states, cu, rest)
+
+
+# The samples' bounds are read on the host: inside compiled decoder layers this runs as it is, one clean break
+# around it rather than a trace that breaks at every data-dependent step.
+@torch.compiler.disable
+def _padded_forward(
+    forward: Callable[..., torch.Tensor], hidden_states: torch.Tensor, cu: torch.Tensor, rest: dict[str, Any]
+) -> torch.Tensor:
+    """Returns the layer's output on a packed row [1, T, D], computed on its samples as one right-padded batch:
+    the convolution and the recurrence are causal, so the padding after a sample never reaches its tokens (each
+    sample's result alone, without a loop of forwards)."""
     bounds = [int(b) for b in cu.tolist()]
     spans = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
-    # The samples as one right-padded batch, one forward: the convolution and the recurrence are causal, so
-    # the padding after a sample never reaches its tokens (the per-sample result, without a loop of forwards).
     batch = nn.utils.rnn.pad_sequence([hidden_states[0, start:end] for start, end in spans], batch_first=True)
-    with context:
-        out = forward(batch, cache=None, attention_mask=None, **rest)
+    out = forward(batch, cache=None, attention_mask=None, **rest)
     return torch.cat([out[i, : end - start] for i, (start, end) in enumerate(spans)], dim=0).unsqueeze(0)
 
 

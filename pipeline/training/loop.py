@@ -52,7 +52,13 @@ from pipeline.training.checkpoints import (
     save_training_checkpoint,
 )
 from pipeline.training.plan import LoopSettings
-from pipeline.training.profiling import StepProfiler, compile_counts, compile_stats, graph_break_reasons
+from pipeline.training.profiling import (
+    StepProfiler,
+    compile_counts,
+    compile_stats,
+    deliberate,
+    graph_break_reasons,
+)
 from pipeline.utils.io import append_jsonl, atomic_write_text
 
 if TYPE_CHECKING:
@@ -559,9 +565,15 @@ class Trainer:
         if self._warned_breaks or not compile_stats(self._compiled_before).get("graph_breaks"):
             return
         self._warned_breaks = True
+        reasons = graph_break_reasons()
+        if deliberate(reasons):
+            # kernels kept outside the graph on purpose (flash-linear-attention, the PyTorch fallback of packed
+            # linear-attention layers): the code around them compiles whole
+            log.info("torch.compile runs around functions kept out of its graphs: %s", "; ".join(reasons))
+            return
         log.warning(
             "torch.compile split compiled code at graph breaks (steps run slower than whole graphs): %s",
-            "; ".join(graph_break_reasons()),
+            "; ".join(reasons),
         )
 
     def _saving_on_bad_data(self, groups: Iterator[list[dict]]) -> Iterator[list[dict]]:

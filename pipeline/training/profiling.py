@@ -97,9 +97,19 @@ def compile_stats(since: tuple[int, int] = (0, 0)) -> dict[str, int]:
     return {"compiled_graphs": graphs - since[0], "graph_breaks": breaks - since[1]}
 
 
+# how torch.compile names the break at a torch.compiler.disable'd function (one kept out of the graph on purpose)
+DELIBERATE_BREAK = "torch.compiler.disable()"
+
+
 def graph_break_reasons(limit: int = 3) -> list[str]:
     """Returns the first line of the most frequent graph-break reasons in this process (for the log)."""
     from torch._dynamo.utils import counters
 
     reasons = sorted(counters["graph_break"].items(), key=lambda item: -item[1])[:limit]
     return [f"{count}x {reason.strip().splitlines()[0][:200]}" for reason, count in reasons]
+
+
+def deliberate(reasons: list[str]) -> bool:
+    """Returns whether every graph-break reason is a function kept out of the graph on purpose
+    (torch.compiler.disable: a kernel that runs as it is), so the code around it compiled whole."""
+    return bool(reasons) and all(DELIBERATE_BREAK in reason for reason in reasons)

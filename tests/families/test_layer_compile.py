@@ -150,3 +150,37 @@ def assert_compiles_whole(family, model, batch) -> None:
     assert grads.keys() == eager_grads.keys() and grads
     for key, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_minicpm_v4_6_packed_row_compiles_around_the_linear_attention_fallback(family_twin):
+    """Without flash-linear-attention (the CPU; Hopper under an older Triton) a packed row's linear-attention
+    layers run transformers' PyTorch code on a padded batch of the row's samples, whose bounds are read on the
+    host. Inside compiled layers that is one deliberate break around it (torch.compiler.disable), not breaks
+    at every data-dependent step with a recompile for every packing; the eager packed row's loss and
+    gradients."""
+    family = get_family("minicpm_v4_6")
+    model, processor = family.load(family_twin("minicpm_v4_6"))
+    model = nonzero_adapter(family, model, "qkv", seed=0)
+    model.enable_input_require_grads()
+    model.train()
+    family.prepare_packing(model)
+    bundle = Bundle(model, processor, family_twin("minicpm_v4_6"), "base")
+    collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8, static=True)
+    samples = mixed_samples(family, processor)
+    eager_loss, eager_grads = loss_and_grads(family, model, collate(samples))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_for_training(model.get_base_model().get_submodule(family.decoder_layers), backend=counter)
+    loss, grads = loss_and_grads(family, model, collate(samples))
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("disable" in reason for reason in breaks), list(breaks)
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[key], rtol=1e-4, atol=1e-5, msg=key)
+    # other packings of the same bucket trace nothing new (the graphs after the break settle on the second)
+    loss_and_grads(family, model, collate(samples[::-1]))
+    frames = counter.frame_count
+    for order in (samples[1:] + samples[:1], samples):
+        loss_and_grads(family, model, collate(order))
+    assert counter.frame_count == frames

@@ -32,3 +32,30 @@ def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp
     # every planned step still ran and was logged
     logged = log_records(run / "sft")
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_graph_break_reasons_tell_a_function_kept_out_of_the_graph_from_a_real_break():
+    """The training log warns about graph breaks, but not about functions kept out of the graph on purpose
+    (torch.compiler.disable: fla's kernels, the packed linear-attention fallback)."""
+    import torch
+
+    from pipeline.training.profiling import deliberate, graph_break_reasons
+
+    @torch.compiler.disable
+    def outside(x):
+        return x + 1
+
+    def kept_out(x):
+        return outside(x * 2) * 3
+
+    def broken(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y * 3
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.compile(kept_out, backend="eager")(torch.ones(2))
+    assert deliberate(graph_break_reasons())
+    torch.compile(broken, backend="eager")(torch.ones(2))
+    assert not deliberate(graph_break_reasons()) and not deliberate([])
