@@ -118,7 +118,9 @@ NO_VISION_COMPILE = {"novisioncompile": ["trainer.compile_vision=false"]}
 # launches per sample; the 2026-12-05 Qwen2.5-VL profile was launch-bound) and 4096 (auto's on smaller cards)
 BUDGETS = {"budget16k": ["trainer.micro_batch_tokens=16384"], "budget4k": ["trainer.micro_batch_tokens=4096"]}
 FAMILY_LEVERS_OFF = {
-    "minicpm_v4_6": {"torchla": ["model.linear_attention=torch"]},
+    # packed where fla does not run (auto leaves 4.6 padded there): compiled layers around the linear-attention
+    # layers' PyTorch code on a padded batch of the row's samples
+    "minicpm_v4_6": {"torchla": ["model.linear_attention=torch"], "packed": ["trainer.packing=true"]},
     "qwen2_5_vl": NO_VISION_COMPILE,
     "qwen3_vl": NO_VISION_COMPILE,
 }

@@ -109,9 +109,10 @@ class MiniCPMV4_6(HFNativeFamily):
     def packs_padding_free_on(self, device: torch.device) -> bool:
         """Not where flash-linear-attention fails on the GPU (model.linear_attention=auto resolving to
         PyTorch code there): a packed row then runs its linear-attention layers on transformers' PyTorch
-        code over a padded batch of its samples, which is unmeasured on a GPU (when it ran them one sample
-        at a time, an H200 made no step in 45 s against 16.5 samples/s padded), so auto keeps the padded
-        batch there; trainer.packing=true asks for it; model.linear_attention=torch asks for that code."""
+        code over a padded batch of its samples, outside the compiled graph, which is unmeasured on a GPU
+        (when it ran them one sample at a time, traced by the compiler, an H200 made no step in 45 s against
+        16.5 samples/s padded), so auto keeps the padded batch there; trainer.packing=true asks for it;
+        model.linear_attention=torch asks for that code."""
         if (
             device.type == "cuda"
             and linear_attention.resolve(self.linear_attention, device, quiet=True) == "torch"
