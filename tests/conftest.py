@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +30,15 @@ from tests.helpers import build_varied_twin, compose_config, copy_twin  # noqa: 
 
 torch.set_num_threads(1)
 # (the pipeline's model code is imported by the twin fixtures when first asked for, not by every test)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_counters() -> None:
+    """torch.compile counts graphs and graph breaks for the whole process: each test starts from zero, so a
+    test that asserts no break (or reads the reasons the training log warns with) sees its own only."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is not None:
+        utils.counters.clear()
 
 
 @pytest.fixture
