@@ -176,9 +176,8 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
 # -- the language model's attention -------------------------------------------------------------------
 
 
-def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Returns whether torch's variable-length FlashAttention runs for `dtype` on `device`."""
-    return vision_attention.kernel_runs(device, dtype)
+# whether torch's variable-length FlashAttention runs for a dtype on a device: the vision towers' check
+kernel_runs = vision_attention.kernel_runs
 
 
 def _kernel_attention(

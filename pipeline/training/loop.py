@@ -560,13 +560,14 @@ class Trainer:
                     step=record["step"],
                 )
 
-    def _warn_graph_breaks(self) -> None:
-        """Warns once when compiled code broke into pieces (slower steps than a whole graph), with why."""
-        if self._warned_breaks or not compile_stats(self._compiled_before).get("graph_breaks"):
+    def _warn_graph_breaks(self, stats: dict[str, int]) -> None:
+        """Warns once when compiled code broke into pieces (slower steps than a whole graph), with why;
+        `stats`: compile_stats of this run."""
+        if self._warned_breaks or not stats.get("graph_breaks"):
             return
         self._warned_breaks = True
         reasons = graph_break_reasons()
-        if deliberate(reasons):
+        if deliberate(graph_break_reasons(limit=None)):  # every reason, not only the ones shown
             # kernels kept outside the graph on purpose (flash-linear-attention, the PyTorch fallback of packed
             # linear-attention layers): the code around them compiles whole
             log.info("torch.compile runs around functions kept out of its graphs: %s", "; ".join(reasons))
@@ -649,6 +650,7 @@ class Trainer:
                 bar.set_postfix_str(f"loss {result['loss']:.4f}, {speed.describe(step)}", refresh=False)
                 if step % self.s.logging_steps == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - t_window, 1e-9)
+                    compiled = compile_stats(self._compiled_before)
                     self._log(
                         {
                             "step": step,
@@ -664,10 +666,10 @@ class Trainer:
                             "micro_batches": round(sum(r["micro_batches"] for r in window) / len(window), 2),
                             "epoch_eta_s": round(speed.epoch_eta(step), 1),
                             "memory_gb": round(_memory_gb(self.acc.device), 3),
-                            **compile_stats(self._compiled_before),
+                            **compiled,
                         }
                     )
-                    self._warn_graph_breaks()
+                    self._warn_graph_breaks(compiled)
                     window, t_window = [], time.perf_counter()
                 do_eval = step % self.s.eval_steps == 0 or step == self.total_steps
                 do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested

@@ -101,8 +101,9 @@ def compile_stats(since: tuple[int, int] = (0, 0)) -> dict[str, int]:
 DELIBERATE_BREAK = "torch.compiler.disable()"
 
 
-def graph_break_reasons(limit: int = 3) -> list[str]:
-    """Returns the first line of the most frequent graph-break reasons in this process (for the log)."""
+def graph_break_reasons(limit: int | None = 3) -> list[str]:
+    """Returns the first line of the most frequent graph-break reasons in this process (for the log; every
+    one with limit=None)."""
     from torch._dynamo.utils import counters
 
     reasons = sorted(counters["graph_break"].items(), key=lambda item: -item[1])[:limit]

@@ -85,6 +85,13 @@ def test_compiled_layers_trace_a_packed_row_whole(family_twin, name):
     """A packed row (the training steps' shape on a GPU) through the compiled layers: one graph for every
     layer, no break (the segments' attention is one masked SDPA call off the kernel, not a host loop), and
     the eager packed row's loss and gradients."""
+    family, model, collate, samples = packed_training(family_twin, name)
+    assert_compiles_whole(family, model, collate(samples))
+
+
+def packed_training(family_twin, name: str):
+    """Returns (family, model with a nonzero LoRA-qkv adapter in training mode, ready to pack; the collate of
+    packed rows at static shapes; mixed samples) for a family's twin."""
     family = get_family(name)
     model, processor = family.load(family_twin(name))
     model = nonzero_adapter(family, model, "qkv", seed=0)
@@ -93,8 +100,7 @@ def test_compiled_layers_trace_a_packed_row_whole(family_twin, name):
     family.prepare_packing(model)
     bundle = Bundle(model, processor, family_twin(name), "base")
     collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8, static=True)
-    batch = collate(mixed_samples(family, processor))
-    assert_compiles_whole(family, model, batch)
+    return family, model, collate, mixed_samples(family, processor)
 
 
 def test_the_attention_kernels_device_check_stays_out_of_the_compiled_graph(monkeypatch):
@@ -158,15 +164,7 @@ def test_minicpm_v4_6_packed_row_compiles_around_the_linear_attention_fallback(f
     host. Inside compiled layers that is one deliberate break around it (torch.compiler.disable), not breaks
     at every data-dependent step with a recompile for every packing; the eager packed row's loss and
     gradients."""
-    family = get_family("minicpm_v4_6")
-    model, processor = family.load(family_twin("minicpm_v4_6"))
-    model = nonzero_adapter(family, model, "qkv", seed=0)
-    model.enable_input_require_grads()
-    model.train()
-    family.prepare_packing(model)
-    bundle = Bundle(model, processor, family_twin("minicpm_v4_6"), "base")
-    collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8, static=True)
-    samples = mixed_samples(family, processor)
+    family, model, collate, samples = packed_training(family_twin, "minicpm_v4_6")
     eager_loss, eager_grads = loss_and_grads(family, model, collate(samples))
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
