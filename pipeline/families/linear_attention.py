@@ -31,8 +31,9 @@ import importlib.util
 import inspect
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -209,17 +210,62 @@ def _padded_forward(
     return torch.cat([out[i, : end - start] for i, (start, end) in enumerate(spans)], dim=0).unsqueeze(0)
 
 
+FLA_CHUNK = 64  # the chunk length of fla's convolution and gated delta rule kernels (their default)
+
+
+def chunk_indices(bounds: torch.Tensor, chunk: int = FLA_CHUNK) -> torch.Tensor:
+    """Returns [chunks, 2] int64: (segment, chunk within that segment) for every `chunk`-token chunk of every
+    segment of `bounds` (cu_seqlens; an empty segment has none), in order: the chunk table fla's
+    variable-length kernels are launched over, computed on the host from host bounds."""
+    bounds = bounds.to(device="cpu", dtype=torch.long)
+    counts = (bounds[1:] - bounds[:-1] + chunk - 1).div(chunk, rounding_mode="floor")
+    segment = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    firsts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # each chunk's segment's first chunk
+    return torch.stack([segment, torch.arange(len(segment)) - firsts], 1)
+
+
+class RowSegments:
+    """A packed row's bounds in the forms fla's kernels take (`fla_kwargs`): int64 on the row's device,
+    int64 on the host, and the chunk table. Built once per row (`of`), from one read of the bounds to the
+    host, and shared by every linear-attention layer of that row, forward and backward: given none of them,
+    fla derives the chunk table in every call from the device bounds, which reads them back to the host
+    (a stream sync each time: 18 layers x forward and backward per micro-batch for MiniCPM-V 4.6), and its
+    per-tensor caches miss whenever the bounds arrive as a new tensor."""
+
+    _last: ClassVar[tuple[Any, RowSegments] | None] = None  # (weak reference to the source bounds, segments)
+
+    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device) -> None:
+        self.host = cu_seqlens.detach().to(device="cpu", dtype=torch.long)
+        self.device = self.host.to(device, non_blocking=True)
+        self.chunks = chunk_indices(self.host).to(device, non_blocking=True)
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, device: torch.device) -> RowSegments:
+        """The segments of the row whose bounds are `cu_seqlens` (the same tensor object for every layer of a
+        forward): the last row's again where it is the same tensor, else built anew."""
+        last = cls._last
+        if last is not None and last[0]() is cu_seqlens and last[1].device.device == device:
+            return last[1]
+        segments = cls(cu_seqlens, device)
+        cls._last = (weakref.ref(cu_seqlens), segments)
+        return segments
+
+    def fla_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"cu_seqlens": self.device, "cu_seqlens_cpu": self.host, "chunk_indices": self.chunks}
+
+
 # Inside compiled decoder layers fla runs as it is (its own Triton kernels; its launchers read the segment
 # bounds on the host): one clean break around it rather than a trace into its Python.
 @torch.compiler.disable
 def _fla_forward(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The GatedDeltaNet layer's computation (as transformers' Qwen3.5 forward, without a cache) with the
-    convolution and the gated delta rule on fla's kernels, restarted at every boundary in `cu_seqlens`.
-    Runs on CUDA only (not covered by the CPU tests; a GPU test compares it with the per-sample path)."""
+    convolution and the gated delta rule on fla's kernels, restarted at every boundary in `cu_seqlens`
+    (their `RowSegments`). Runs on CUDA (a GPU test compares it with the per-sample path; the CPU tests
+    check what it hands fla)."""
     from fla.modules.convolution import causal_conv1d
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    cu = cu_seqlens.to(device=hidden_states.device, dtype=torch.long)
+    segments = RowSegments.of(cu_seqlens, hidden_states.device).fla_kwargs()
     batch, length, _ = hidden_states.shape
     mixed_qkv = module.in_proj_qkv(hidden_states)  # (1, T, conv_dim)
     z = module.in_proj_z(hidden_states).reshape(batch, length, -1, module.head_v_dim)
@@ -230,7 +276,7 @@ def _fla_forward(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: tor
         weight=module.conv1d.weight.squeeze(1),
         bias=module.conv1d.bias,
         activation=module.activation,
-        cu_seqlens=cu,
+        **segments,
     )
     query, key, value = torch.split(mixed_qkv, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
     query = query.reshape(batch, length, -1, module.head_k_dim)
@@ -250,7 +296,7 @@ def _fla_forward(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: tor
         initial_state=None,
         output_final_state=False,
         use_qk_l2norm_in_kernel=True,
-        cu_seqlens=cu,
+        **segments,
     )
     out = module.norm(out.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))
     return module.out_proj(out.reshape(batch, length, -1))

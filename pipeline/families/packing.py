@@ -97,6 +97,27 @@ class PackedCollate:
         )
 
 
+LADDER_STEP = 128  # the finest rounding of a static length (the varlen kernels' tile multiple)
+
+
+def static_length(total: int, bucket: int) -> int:
+    """Returns the static length a packed row of `total` tokens is rounded up to for compiled layers: a
+    multiple of `bucket` (the plan's `static_bucket`: a quarter of the micro-batch budget) from `bucket` up,
+    and below it a ladder of four lengths per doubling in multiples of 128 (1024, 1280, 1536, 1792, 2048,
+    2560, ...). Rows much shorter than the budget (a family whose images cost the budget many vision patches
+    but few language-model tokens) are then padded by at most a quarter of their length rather than up to a
+    whole bucket, and a run still compiles only the few lengths its rows fall on."""
+    if bucket <= 1:
+        return total
+    if total >= bucket:
+        return -(-total // bucket) * bucket
+    octave = (
+        1 << max(total - 1, 1).bit_length() - 1
+    )  # the power of two below total (total in (octave, 2 x octave])
+    step = max(LADDER_STEP, octave // 4)
+    return min(-(-total // step) * step, bucket)
+
+
 def pack(
     padded: Mapping[str, Any],
     positions: torch.Tensor,
@@ -108,9 +129,10 @@ def pack(
 ) -> dict[str, Any]:
     """Returns the right-padded batch `padded` as one packed row (see the module's docstring).
 
-    `static` (compiled layers, which trace one graph per distinct shape and integer): cu_seq_lens padded
-    with empty segments to a power-of-two count (at least 8; unless `segments` fixes it), and max_length_*
-    the row's length, so that a row's shapes depend on its `pad_to_multiple`-rounded length alone.
+    `static` (compiled layers, which trace one graph per distinct shape and integer): the row's length
+    rounded up by `static_length` (`pad_to_multiple` the bucket), cu_seq_lens padded with empty segments to a
+    power-of-two count (at least 8; unless `segments` fixes it), and max_length_* the row's length, so that a
+    row's shapes depend on its static length alone.
 
     `positions` (R, B, L) holds the position rows of every padded row; the packed position_ids are (R, 1, T)
     (R = 4: [text; t; h; w], which transformers' Qwen text models take as such), or (1, T) when R = 1.
@@ -122,7 +144,9 @@ def pack(
     if any(n == 0 for n in lengths):
         raise ValueError("cannot pack an empty sample")
     total = sum(lengths)
-    length = -(-total // pad_to_multiple) * pad_to_multiple
+    length = (
+        static_length(total, pad_to_multiple) if static else -(-total // pad_to_multiple) * pad_to_multiple
+    )
     tail = length - total
     bounds = [0]
     for n in lengths:

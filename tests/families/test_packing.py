@@ -4,6 +4,8 @@ and no attention mask built."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,3 +216,110 @@ def test_too_many_samples_for_the_fixed_segments_are_refused(twins):
     collate = family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=3)
     with pytest.raises(ValueError, match="needs 5 segments; only 3 were asked for"):
         collate(mixed_samples(family, processor))
+
+
+def fake_fla(monkeypatch, calls: list) -> None:
+    """Installs stand-ins for the two fla functions `_fla_forward` calls, computed per segment with PyTorch
+    (transformers' gated delta rule, a depthwise causal convolution), recording what each call was handed."""
+    import sys
+    import types
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
+
+    rule = inspect.unwrap(modeling.torch_chunk_gated_delta_rule)
+
+    def spans(kwargs):
+        bounds = kwargs["cu_seqlens_cpu"].tolist()
+        return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+    def causal_conv1d(x, weight, bias=None, activation=None, **kwargs):
+        calls.append(("conv", kwargs))
+        width = weight.shape[1]
+        outs = []
+        for a, b in spans(kwargs):
+            seg = x[:, a:b].transpose(1, 2)
+            y = F.conv1d(seg, weight.unsqueeze(1), bias, padding=width - 1, groups=weight.shape[0])
+            outs.append(y[..., : b - a].transpose(1, 2))
+        out = torch.cat(outs, dim=1)
+        return (F.silu(out) if activation in ("silu", "swish") else out), None
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False, **kwargs):
+        calls.append(("rule", kwargs))
+        outs = [
+            rule(
+                q[:, a:b], k[:, a:b], v[:, a:b], g=g[:, a:b], beta=beta[:, a:b], use_qk_l2norm_in_kernel=True
+            )[0]
+            for a, b in spans(kwargs)
+        ]
+        return torch.cat(outs, dim=1), None
+
+    for name, attrs in {
+        "fla": {},
+        "fla.modules": {},
+        "fla.modules.convolution": {"causal_conv1d": causal_conv1d},
+        "fla.ops": {},
+        "fla.ops.gated_delta_rule": {"chunk_gated_delta_rule": chunk_gated_delta_rule},
+    }.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__name__=name, **attrs))
+
+
+def test_fla_forward_hands_every_layer_of_a_row_one_prepared_set_of_bounds(twins, monkeypatch):
+    """MiniCPM-V 4.6's linear-attention layers on fla's kernels (here PyTorch stand-ins of the same contract)
+    equal each sample run alone, and every layer of a packed row is handed the same bounds tensors, built
+    once from one read of the row's bounds: int64 on the device, int64 on the host, and the chunk table
+    (segment, chunk within it) for fla's 64-token chunks. Without them fla reads the bounds back to the host
+    in every call, a stream sync each time."""
+    family, model, _ = loaded(twins, "minicpm_v4_6")
+    layers = [m for m in model.modules() if linear_attention._is_gated_delta_net(m)][:2]
+    calls: list = []
+    fake_fla(monkeypatch, calls)
+    built = []
+    monkeypatch.setattr(linear_attention, "chunk_indices", lambda b, c=64: built.append(b) or table(b, c))
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 150, model.config.get_text_config().hidden_size)
+    bounds = [0, 40, 41, 110, 150, 150]  # a one-token sample and an empty tail segment
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    with torch.no_grad():
+        for layer in layers:
+            got = linear_attention._fla_forward(layer, hidden, cu)
+            want = torch.cat(
+                [layer(hidden[:, a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a], 1
+            )
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(built) == 1 and len(calls) == 2 * len(layers)
+        first = calls[0][1]
+        assert all(all(c[1][key] is first[key] for key in first) for c in calls)
+        assert first["cu_seqlens"].dtype == first["cu_seqlens_cpu"].dtype == torch.int64
+        assert first["cu_seqlens_cpu"].device.type == "cpu" and first["cu_seqlens_cpu"].tolist() == bounds
+        assert first["chunk_indices"].tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [3, 0]]
+        linear_attention._fla_forward(layers[0], hidden, cu.clone())  # another row: built anew
+    assert len(built) == 2
+
+
+table = linear_attention.chunk_indices
+
+
+def test_the_chunk_table_lists_every_chunk_of_every_segment():
+    bounds = torch.tensor([0, 64, 65, 65, 300, 428], dtype=torch.int32)
+    want = [
+        [s, c]
+        for s, (a, b) in enumerate(zip(bounds.tolist(), bounds.tolist()[1:], strict=False))
+        for c in range(-(-(b - a) // 64))
+    ]
+    assert linear_attention.chunk_indices(bounds).tolist() == want
+    assert linear_attention.chunk_indices(bounds, 16).shape == (4 + 1 + 0 + 15 + 8, 2)
+
+
+def test_static_lengths_pad_short_rows_by_at_most_a_quarter_and_stay_few():
+    """Compiled layers take packed rows at a few static lengths: multiples of the bucket (a quarter of the
+    budget) from the bucket up, and below it four lengths per doubling in multiples of 128, so a row far
+    shorter than the budget (MiniCPM-V 4.6: most of its budget is vision patches) is not padded to a bucket."""
+    bucket = 4096
+    lengths = {packing.static_length(n, bucket) for n in range(1, 3 * bucket + 1)}
+    for n in range(1, 3 * bucket + 1, 7):
+        got = packing.static_length(n, bucket)
+        assert got >= n and got % 128 == 0
+        assert got - n <= (max(n // 4, 127) if n < bucket else bucket - 1)
+    assert packing.static_length(1108, bucket) == 1280 and packing.static_length(5000, bucket) == 8192
+    assert len(lengths) <= 4 * 5 + 3  # 128 .. 4096 (five doublings) and 8192, 12288
+    assert packing.static_length(77, 1) == 77

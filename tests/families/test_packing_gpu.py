@@ -71,6 +71,11 @@ def test_fla_linear_attention_equals_the_per_sample_layer(family_twin):
         grads.append(h.grad)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-3)
     assert cosine(grads[0], grads[1]) > 0.999
+    # the chunk table handed to fla (built once per row on the host) is the one fla derives itself
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    want = prepare_chunk_indices(cu.long(), linear_attention.FLA_CHUNK).cpu()
+    assert torch.equal(linear_attention.chunk_indices(cu.cpu()), want)
 
 
 @pytest.mark.parametrize("name", HF_FAMILIES)
