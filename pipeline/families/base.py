@@ -487,6 +487,21 @@ class Family(ABC):
     # every family); a family whose twin learns at another one states it here.
     twin_pretrain_lr: ClassVar[float] = 3e-3
 
+    # Batch keys that stay on the host when a batch moves to the model's device (`to_device`): small integer
+    # tables the model reads element by element in Python (per-image patch grids), where each read of a
+    # device tensor would be a stream sync.
+    host_inputs: ClassVar[frozenset[str]] = frozenset()
+
+    def to_device(self, batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """Returns the batch with its tensors on `device`, except `host_inputs` (the model moves what it needs
+        of those itself)."""
+        return {
+            key: value.to(device, non_blocking=True)
+            if isinstance(value, torch.Tensor) and key not in self.host_inputs
+            else value
+            for key, value in batch.items()
+        }
+
     def __init__(
         self,
         settings: Mapping[str, Any] | None = None,

@@ -145,6 +145,32 @@ def keeps_logits(model: nn.Module) -> bool:
     return _forward_takes(type(unwrapped(model)), "logits_to_keep")
 
 
+def selects_positions(model: nn.Module) -> str | None:
+    """How only the supervised positions reach lm_head: "kwarg" where the forward takes `logits_to_keep`,
+    "hook" where it does not but the model names its output head (a forward pre-hook on the head picks the
+    positions: MiniCPM-V 4.6, whose full logits over a 4096-token row are 4 GB in fp32), None: every
+    position."""
+    if keeps_logits(model):
+        return "kwarg"
+    core = unwrapped(model)
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    return "hook" if isinstance(head, nn.Module) else None
+
+
+@contextlib.contextmanager
+def positions_through(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Inside, `head` (the output head) computes its outputs at positions `keep` of its input [B, T, D] only."""
+
+    def pick(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][:, keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
@@ -483,7 +509,7 @@ class HFNativeFamily(Family):
         """Returns the answers of a left-padded batch through transformers' `generate`; `static`: over a static
         cache of a rounded length (static_cache_multiple), its decode step compiled (on CUDA: CUDA graphs)."""
         device = next(model.parameters()).device
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs = self.to_device(batch, device)
         settings.setdefault("do_sample", False)
         if static:
             multiple = self.static_cache_multiple
@@ -849,10 +875,11 @@ class HFNativeFamily(Family):
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> LossSums:
         """Returns the summed next-token loss, the supervised token count and the correct predictions.
 
-        Where the model's forward takes `logits_to_keep` (the Qwen VLs), only the positions whose next
-        token is supervised in some row of the batch go through lm_head: a caption row supervises some 20
-        of its ~470 tokens, and the vocabulary is 151,936 wide (the full fp32 logits of a 4096-token
-        micro-batch alone are 2.5 GB). Same sums as the full logits (tested).
+        Only the positions whose next token is supervised in some row of the batch go through lm_head
+        (`selects_positions`: the forward's `logits_to_keep` for the Qwen VLs, a pre-hook on the head for
+        MiniCPM-V 4.6): a caption row supervises some 20 of its ~470 tokens, and the vocabulary is 151,936
+        wide (248,320 for MiniCPM-V 4.6; the full fp32 logits of a 4096-token micro-batch alone are 2.5 and
+        4 GB). Same sums as the full logits (tested).
 
         A packed row (packing.is_packed) runs without an attention mask and without a cache; its segments
         go to the language model alone (packing.packed_forward)."""
@@ -883,13 +910,18 @@ class HFNativeFamily(Family):
             context = packing.packed_forward(self.language_model(model), segments)
         targets = batch["labels"][:, 1:]
         with context:
-            if keeps_logits(model):
+            selects = selects_positions(model)
+            if selects is not None:
                 keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
                 if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
                     keep = keep.new_zeros(1)
-                logits = model(
-                    **inputs, logits_to_keep=keep.to(batch["input_ids"].device), use_cache=False
-                ).logits.float()
+                keep_on_device = keep.to(batch["input_ids"].device)
+                if selects == "kwarg":
+                    out = model(**inputs, logits_to_keep=keep_on_device, use_cache=False)
+                else:
+                    with positions_through(unwrapped(model).get_output_embeddings(), keep_on_device):
+                        out = model(**inputs, use_cache=False)
+                logits = out.logits.float()
                 labels = targets[:, keep.to(targets.device)].to(logits.device)
             else:
                 logits = model(**inputs, use_cache=False).logits[:, :-1].float()
@@ -1132,7 +1164,7 @@ class HFNativeFamily(Family):
     ) -> torch.Tensor:
         batch = self.collate_for_training(processor, [sample])
         batch.pop("labels")
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs = self.to_device(batch, device)
         return model(**inputs).logits[0].float().cpu()
 
     def check_merged(self, model: nn.Module, base: Path) -> None:

@@ -75,6 +75,10 @@ class MiniCPMV4_6(HFNativeFamily):
         "target_sizes_videos": 0,
     }
 
+    # every slice's patch grid: the vision tower and the merger read them image by image in Python
+    # (transformers moves what it needs to the device itself)
+    host_inputs: ClassVar[frozenset[str]] = frozenset({"target_sizes", "target_sizes_videos"})
+
     def sample_patches(self, processor: Any, sample: EncodedSample) -> int:
         # every slice's (and frame's) patches side by side along the last axis of one (1, C, patch, L) tensor
         patch = int(processor.image_processor.patch_size)

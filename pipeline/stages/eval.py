@@ -69,7 +69,7 @@ def loss_metrics(
     loss_sum = tokens = correct = 0.0
     for indices in tqdm(_batches(len(dataset), batch_size), desc="eval loss", unit="batch", leave=False):
         batch = collate([dataset[i] for i in indices])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = family.to_device(batch, device)
         out = family.loss_outputs(model, batch)
         loss_sum += float(out.loss_sum)
         tokens += float(out.num_tokens)
@@ -107,7 +107,7 @@ def preference_metrics(
     margins: list[float] = []
     for indices in tqdm(_batches(len(pairs), batch_size), desc="eval pairs", unit="batch", leave=False):
         batch = collate([PairSample(i, chosen[i], rejected[i]) for i in indices])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = family.to_device(batch, device)
         logps = family.sequence_logps(bundle.core, batch).logps.float()
         n = len(indices)
         margins += (logps[:n] - logps[n:]).tolist()

@@ -116,6 +116,7 @@ class FamilyHooks:
     forward: Callable[[nn.Module, dict], LossSums]
     write_full: WriteFull
     read_full: ReadFull
+    host_inputs: frozenset[str] = frozenset()  # batch keys left on the host (Family.host_inputs)
 
 
 @dataclass
@@ -239,10 +240,13 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
     return options
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    """Returns the batch with every tensor on `device` (lists of tensors are the model's to move)."""
+def _to_device(batch: dict, device: torch.device, host: frozenset[str] = frozenset()) -> dict:
+    """Returns the batch with every tensor on `device` but those named in `host` (lists of tensors are the
+    model's to move)."""
     return {
-        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        key: value.to(device, non_blocking=True)
+        if isinstance(value, torch.Tensor) and key not in host
+        else value
         for key, value in batch.items()
     }
 
@@ -419,7 +423,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             seen_tokens += int(batch["attention_mask"].sum())
             padded_tokens += batch["attention_mask"].numel()
-            batch = _to_device(batch, device)
+            batch = _to_device(batch, device, self.family.host_inputs)
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
@@ -502,7 +506,7 @@ class Trainer:
         # the loss, the units, then every statistic
         sums = torch.zeros(2 + len(objective.stat_names), device=self.acc.device)
         for i, batch in enumerate(loader):
-            batch = _to_device(batch, self.acc.device)
+            batch = _to_device(batch, self.acc.device, self.family.host_inputs)
             with self.acc.autocast():
                 out = objective.sums(self.model, batch)
             if i < counted:

@@ -540,8 +540,9 @@ def test_a_family_newer_than_the_installed_transformers_is_refused_naming_the_ve
 
 @pytest.mark.parametrize("name", HF_FAMILIES)
 def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monkeypatch, name):
-    """The Qwen VLs put only the supervised positions through lm_head (logits_to_keep); the sums and the
-    gradients equal the full-logit computation's, and the mean equals transformers' own loss."""
+    """Only the supervised positions go through lm_head (the Qwen VLs: logits_to_keep; MiniCPM-V 4.6, whose
+    forward has no such argument: a pre-hook on its head); the sums and the gradients equal the full-logit
+    computation's, and the mean equals transformers' own loss."""
     from pipeline.families import hf_native
 
     family, folder = twins[name]
@@ -552,7 +553,10 @@ def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monk
         family.encode(processor, messages_from_row("Two plus two?", "Four, as always."), []),
     ]
     batch = family.collate_for_training(processor, samples)
-    assert hf_native.keeps_logits(model) is (name != "minicpm_v4_6")
+    assert hf_native.selects_positions(model) == ("hook" if name == "minicpm_v4_6" else "kwarg")
+    head = model.get_output_embeddings()
+    shapes = []
+    handle = head.register_forward_hook(lambda module, args, out: shapes.append(args[0].shape[1]))
 
     def sums_and_grads():
         model.zero_grad()
@@ -562,8 +566,10 @@ def test_loss_sums_on_the_supervised_positions_equal_the_full_logits(twins, monk
         return out, grads
 
     kept, kept_grads = sums_and_grads()
-    monkeypatch.setattr(hf_native, "keeps_logits", lambda model: False)
+    monkeypatch.setattr(hf_native, "selects_positions", lambda model: None)
     full, full_grads = sums_and_grads()
+    handle.remove()
+    assert shapes[0] < shapes[1] == batch["input_ids"].shape[1]  # the head saw the kept positions only
     assert kept.num_tokens.item() == full.num_tokens.item() > 10
     assert kept.num_correct.item() == full.num_correct.item()
     torch.testing.assert_close(kept.loss_sum, full.loss_sum, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ pytestmark = [
 
 def loss_and_grads(family, model, processor):
     batch = family.collate_for_training(processor, mixed_samples(family, processor))
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = family.to_device(batch, "cuda")  # as the training loop moves it (host_inputs stay)
     model.train()
     return sums_and_grads(family, model, batch)
 

@@ -323,3 +323,15 @@ def test_static_lengths_pad_short_rows_by_at_most_a_quarter_and_stay_few():
     assert packing.static_length(1108, bucket) == 1280 and packing.static_length(5000, bucket) == 8192
     assert len(lengths) <= 4 * 5 + 3  # 128 .. 4096 (five doublings) and 8192, 12288
     assert packing.static_length(77, 1) == 77
+
+
+def test_minicpm_v4_6_keeps_its_patch_grids_on_the_host(twins):
+    """The batch mover keeps MiniCPM-V 4.6's per-slice patch grids (`target_sizes`) on the host, where its
+    vision tower and merger read them slice by slice (on a GPU each read of a device tensor is a stream
+    sync); every other tensor moves. (The GPU tests train it this way against the padded batch.)"""
+    family, _, processor = loaded(twins, "minicpm_v4_6")
+    batch = family.collate_for_training(processor, mixed_samples(family, processor))
+    moved = family.to_device(batch, "meta")
+    assert moved["target_sizes"].device.type == "cpu" and moved["input_ids"].device.type == "meta"
+    assert moved["pixel_values"].device.type == "meta"
+    assert get_family("qwen2_5_vl").to_device(batch, "meta")["target_sizes"].device.type == "meta"

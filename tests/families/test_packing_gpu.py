@@ -92,7 +92,7 @@ def test_a_packed_row_trains_as_the_padded_batch_in_bf16(family_twin, name):
     samples = mixed_samples(family, processor)
 
     def on_cuda(batch: dict) -> dict:
-        return {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return family.to_device(batch, "cuda")  # as the training loop moves it (host_inputs stay)
 
     want_loss, want_tokens, want = sums_and_grads(
         family, model, on_cuda(family.training_collate(bundle)(samples))
@@ -127,10 +127,7 @@ def test_compiled_layers_trace_a_packed_row_whole_over_the_varlen_kernel(family_
     collate = family.training_collate(
         Bundle(model, processor, folder, "base"), pad_to_multiple=64, packed=True, segments=8, static=True
     )
-    batch = {
-        k: v.to("cuda") if isinstance(v, torch.Tensor) else v
-        for k, v in collate(mixed_samples(family, processor)).items()
-    }
+    batch = family.to_device(collate(mixed_samples(family, processor)), "cuda")
     eager, _, _ = sums_and_grads(family, model, batch)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
