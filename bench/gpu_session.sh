@@ -19,6 +19,21 @@ fi
 export PYTHONPATH=$PWD:$PWD/.site:$PWD/.gpu_extra$extra PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# Triton's autotuning results (fla's kernels keep theirs on disk: small JSON files, one per kernel and shape
+# key): a fresh machine spends minutes benchmarking every config of every kernel before MiniCPM-V 4.6's first
+# step. Each call returns them in $OUT/triton_autotune.tar; carried back as .triton_autotune/ (same image and
+# fla), the next fresh machine starts from them and only compiles the chosen configs.
+triton_cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f .triton_autotune/triton_autotune.tar ]; then
+  mkdir -p "$triton_cache" && tar -xf .triton_autotune/triton_autotune.tar -C "$triton_cache" \
+    && echo "triton autotune results restored: $(tar -tf .triton_autotune/triton_autotune.tar | grep -c autotune.json)"
+fi
+save_autotune() {
+  [ -d "$triton_cache" ] || return 0
+  (cd "$triton_cache" && find . -name '*.autotune.json' | tar -cf "$OUT/triton_autotune.tar" -T -) 2>/dev/null || true
+}
+trap save_autotune EXIT
+trap "exit 143" TERM INT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=$1; shift
 case $what in
