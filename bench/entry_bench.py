@@ -116,7 +116,13 @@ LEVERS_OFF = {
 NO_VISION_COMPILE = {"novisioncompile": ["trainer.compile_vision=false"]}
 # token budgets given: 16384 (auto's choice for LoRA on 80 GB cards: one micro-batch of a 16-row step, fewer
 # launches per sample; the 2026-12-05 Qwen2.5-VL profile was launch-bound) and 4096 (auto's on smaller cards)
-BUDGETS = {"budget16k": ["trainer.micro_batch_tokens=16384"], "budget4k": ["trainer.micro_batch_tokens=4096"]}
+# and 65536 (MiniCPM-V 4.6: its 16 rows of ~3,900 vision patches each in one micro-batch rather than four; its
+# step is bound by fla's per-call host work, 18 layers x each micro-batch)
+BUDGETS = {
+    "budget16k": ["trainer.micro_batch_tokens=16384"],
+    "budget4k": ["trainer.micro_batch_tokens=4096"],
+    "budget64k": ["trainer.micro_batch_tokens=65536"],
+}
 FAMILY_LEVERS_OFF = {
     # packed where fla does not run (auto leaves 4.6 padded there): compiled layers around the linear-attention
     # layers' PyTorch code on a padded batch of the row's samples
