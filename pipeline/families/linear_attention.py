@@ -17,7 +17,8 @@ Unpacked forwards (no cu_seq_lens: eval, generation with its cache) go to the la
 `model.linear_attention` (the choice `enable` binds to each layer, resolved at load by `resolve`): auto =
 flash-linear-attention's kernels where they run (the package installed, a CUDA device, and a small gated
 delta rule forward and backward passing on that device: fla refuses its gated backward on Hopper under
-Triton 3.4-3.7.0, where it computes wrong gradients; transformers picks the kernels for unpacked rows itself)
+Triton 3.4-3.7.0, where its Triton kernel computes wrong gradients, unless tilelang is installed (and nvcc
+found), which fla then uses for that kernel; transformers picks the kernels for unpacked rows itself)
 and transformers' PyTorch code elsewhere, with a warning saying why; fla = the same, refused where they cannot
 run; torch = transformers' PyTorch code always (the switch that turns the lever off), for packed and unpacked
 rows alike.
@@ -117,7 +118,8 @@ def resolve(choice: str, device: torch.device, quiet: bool = False) -> str:
     if not quiet:
         warnings.warn(
             f"model.linear_attention=auto: flash-linear-attention's kernels fail on this GPU ({failure}); the "
-            "linear-attention layers run on transformers' PyTorch code (slower)",
+            "linear-attention layers run on transformers' PyTorch code (slower; on Hopper, pip install tilelang "
+            "with nvcc on the machine gives fla the kernel it asks for)",
             stacklevel=2,
         )
     return "torch"
