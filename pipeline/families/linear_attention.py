@@ -30,6 +30,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import logging
 import threading
 import warnings
 import weakref
@@ -42,6 +43,8 @@ from torch import nn
 
 from .base import FamilyError
 from .packing import SEGMENT_KEYS
+
+logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "fla", "torch")
 # transformers' Qwen3.5 functions that pick flash-linear-attention's (or causal-conv1d's) kernel when installed
@@ -108,6 +111,11 @@ def resolve(choice: str, device: torch.device, quiet: bool = False) -> str:
         device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
     )
     if failure is None:
+        if not quiet:
+            logger.info(
+                "linear attention: flash-linear-attention's kernels; on a machine's first run they benchmark "
+                "their configurations before the first steps (minutes; Triton keeps the results for later runs)"
+            )
         return choice
     if choice == "fla":
         raise FamilyError(
