@@ -158,7 +158,7 @@ def selects_positions(model: nn.Module) -> str | None:
 
 
 @contextlib.contextmanager
-def positions_through(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+def positions_through(head: nn.Module, keep: torch.Tensor | slice) -> Iterator[None]:
     """Inside, `head` (the output head) computes its outputs at positions `keep` of its input [B, T, D] only."""
 
     def pick(module: nn.Module, args: tuple) -> tuple:
@@ -515,9 +515,18 @@ class HFNativeFamily(Family):
             multiple = self.static_cache_multiple
             length = inputs["input_ids"].shape[1] + max_new_tokens
             settings.update(cache_implementation="static", max_cache_len=-(-length // multiple) * multiple)
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **settings
-        )
+        # a forward without logits_to_keep (MiniCPM-V 4.6) would put every prompt position through the head at
+        # prefill; generation reads the last one only (the batch is left-padded)
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if selects_positions(model) == "hook":
+            context = positions_through(unwrapped(model).get_output_embeddings(), slice(-1, None))
+        with context:
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=processor.tokenizer.pad_token_id,
+                **settings,
+            )
         new = output[:, inputs["input_ids"].shape[1] :]
         return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 

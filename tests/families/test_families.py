@@ -325,6 +325,31 @@ def test_generation_returns_the_decoded_new_text(loaded, name):
     assert alone == texts[1:]
 
 
+def test_minicpm_v4_6_generation_puts_only_the_last_position_through_its_head(loaded, monkeypatch):
+    """MiniCPM-V 4.6's forward has no logits_to_keep: generation hooks its head to the last position of every
+    forward (prefill included), with the same greedy answers as the full logits."""
+    from pipeline.families import hf_native
+
+    family, model, processor = loaded["minicpm_v4_6"]
+    prompts = [
+        family.encode(processor, CONVERSATION[:2], [picture()], generation=True),
+        family.encode(processor, [{"role": "user", "content": "Two plus two?"}], [], generation=True),
+    ]
+    batch = family.collate_for_generation(processor, prompts)
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    try:
+        hooked = family.generate(model, processor, batch, max_new_tokens=4)
+        assert seen and set(seen) == {1}
+        seen.clear()
+        monkeypatch.setattr(hf_native, "selects_positions", lambda model: None)
+        full = family.generate(model, processor, batch, max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert seen[0] == batch["input_ids"].shape[1]  # without the hook the prefill takes every position
+    assert hooked == full
+
+
 def test_minicpm_v2_encodes_exactly_as_the_project_template(loaded):
     family, _, processor = loaded["minicpm_v2"]
     image = picture(80, 120)
