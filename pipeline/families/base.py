@@ -494,7 +494,7 @@ class Family(ABC):
 
     def to_device(self, batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
         """Returns the batch with its tensors on `device`, except `host_inputs` (the model moves what it needs
-        of those itself)."""
+        of those itself; lists of tensors are the model's to move)."""
         return {
             key: value.to(device, non_blocking=True)
             if isinstance(value, torch.Tensor) and key not in self.host_inputs

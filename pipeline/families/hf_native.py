@@ -158,13 +158,14 @@ def selects_positions(model: nn.Module) -> str | None:
 
 
 @contextlib.contextmanager
-def positions_through(head: nn.Module, keep: torch.Tensor | slice) -> Iterator[None]:
-    """Inside, `head` (the output head) computes its outputs at positions `keep` of its input [B, T, D] only."""
+def positions_through(model: nn.Module, keep: torch.Tensor | slice) -> Iterator[None]:
+    """Inside, the model's output head computes its outputs at positions `keep` of its input [B, T, D] only
+    (for a model that `selects_positions` by "hook")."""
 
     def pick(module: nn.Module, args: tuple) -> tuple:
         return (args[0][:, keep], *args[1:])
 
-    handle = head.register_forward_pre_hook(pick)
+    handle = unwrapped(model).get_output_embeddings().register_forward_pre_hook(pick)
     try:
         yield
     finally:
@@ -519,7 +520,7 @@ class HFNativeFamily(Family):
         # prefill; generation reads the last one only (the batch is left-padded)
         context: contextlib.AbstractContextManager = contextlib.nullcontext()
         if selects_positions(model) == "hook":
-            context = positions_through(unwrapped(model).get_output_embeddings(), slice(-1, None))
+            context = positions_through(model, slice(-1, None))
         with context:
             output = model.generate(
                 **inputs,
@@ -928,7 +929,7 @@ class HFNativeFamily(Family):
                 if selects == "kwarg":
                     out = model(**inputs, logits_to_keep=keep_on_device, use_cache=False)
                 else:
-                    with positions_through(unwrapped(model).get_output_embeddings(), keep_on_device):
+                    with positions_through(model, keep_on_device):
                         out = model(**inputs, use_cache=False)
                 logits = out.logits.float()
                 labels = targets[:, keep.to(targets.device)].to(logits.device)

@@ -245,23 +245,23 @@ class RowSegments:
     _last: ClassVar[tuple[Any, RowSegments] | None] = None  # (weak reference to the source bounds, segments)
 
     def __init__(self, cu_seqlens: torch.Tensor, device: torch.device) -> None:
-        self.host = cu_seqlens.detach().to(device="cpu", dtype=torch.long)
-        self.device = self.host.to(device, non_blocking=True)
-        self.chunks = chunk_indices(self.host).to(device, non_blocking=True)
+        self.on_host = cu_seqlens.detach().to(device="cpu", dtype=torch.long)
+        self.on_device = self.on_host.to(device, non_blocking=True)
+        self.chunks = chunk_indices(self.on_host).to(device, non_blocking=True)
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor, device: torch.device) -> RowSegments:
         """The segments of the row whose bounds are `cu_seqlens` (the same tensor object for every layer of a
         forward): the last row's again where it is the same tensor, else built anew."""
         last = cls._last
-        if last is not None and last[0]() is cu_seqlens and last[1].device.device == device:
+        if last is not None and last[0]() is cu_seqlens and last[1].on_device.device == device:
             return last[1]
         segments = cls(cu_seqlens, device)
         cls._last = (weakref.ref(cu_seqlens), segments)
         return segments
 
     def fla_kwargs(self) -> dict[str, torch.Tensor]:
-        return {"cu_seqlens": self.device, "cu_seqlens_cpu": self.host, "chunk_indices": self.chunks}
+        return {"cu_seqlens": self.on_device, "cu_seqlens_cpu": self.on_host, "chunk_indices": self.chunks}
 
 
 # Inside compiled decoder layers fla runs as it is (its own Triton kernels; its launchers read the segment

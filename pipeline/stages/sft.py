@@ -315,7 +315,7 @@ def family_hooks(family: Family, bundle: Any) -> FamilyHooks:
         forward=family.loss_outputs,
         write_full=family.checkpoint_writer(bundle),
         read_full=family.checkpoint_reader(bundle),
-        host_inputs=family.host_inputs,
+        to_device=family.to_device,
     )
 
 

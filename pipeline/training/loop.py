@@ -116,7 +116,8 @@ class FamilyHooks:
     forward: Callable[[nn.Module, dict], LossSums]
     write_full: WriteFull
     read_full: ReadFull
-    host_inputs: frozenset[str] = frozenset()  # batch keys left on the host (Family.host_inputs)
+    # a batch onto the model's device (Family.to_device: the family's host-side inputs stay where they are)
+    to_device: Callable[[dict, torch.device], dict]
 
 
 @dataclass
@@ -238,17 +239,6 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
     if num_workers > 0:
         options["prefetch_factor"] = 4
     return options
-
-
-def _to_device(batch: dict, device: torch.device, host: frozenset[str] = frozenset()) -> dict:
-    """Returns the batch with every tensor on `device` but those named in `host` (lists of tensors are the
-    model's to move)."""
-    return {
-        key: value.to(device, non_blocking=True)
-        if isinstance(value, torch.Tensor) and key not in host
-        else value
-        for key, value in batch.items()
-    }
 
 
 def batch_samples(batch: dict) -> int:
@@ -423,7 +413,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             seen_tokens += int(batch["attention_mask"].sum())
             padded_tokens += batch["attention_mask"].numel()
-            batch = _to_device(batch, device, self.family.host_inputs)
+            batch = self.family.to_device(batch, device)
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
             with ctx, self.acc.autocast():
@@ -506,7 +496,7 @@ class Trainer:
         # the loss, the units, then every statistic
         sums = torch.zeros(2 + len(objective.stat_names), device=self.acc.device)
         for i, batch in enumerate(loader):
-            batch = _to_device(batch, self.acc.device, self.family.host_inputs)
+            batch = self.family.to_device(batch, self.acc.device)
             with self.acc.autocast():
                 out = objective.sums(self.model, batch)
             if i < counted:
