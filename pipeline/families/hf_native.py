@@ -172,6 +172,16 @@ def positions_through(model: nn.Module, keep: torch.Tensor | slice) -> Iterator[
         handle.remove()
 
 
+def last_position_only(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Returns a context inside which a forward without `logits_to_keep` (a model that `selects_positions` by
+    "hook") puts only the last position through its head: a left-padded prompt's prefill then makes one row
+    of logits per prompt, not one per prompt position (MiniCPM-V 4.6: 248,320 words each). A null context
+    for the other models (they are asked for `logits_to_keep` itself)."""
+    if selects_positions(model) == "hook":
+        return positions_through(model, slice(-1, None))
+    return contextlib.nullcontext()
+
+
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
@@ -518,10 +528,7 @@ class HFNativeFamily(Family):
             settings.update(cache_implementation="static", max_cache_len=-(-length // multiple) * multiple)
         # a forward without logits_to_keep (MiniCPM-V 4.6) would put every prompt position through the head at
         # prefill; generation reads the last one only (the batch is left-padded)
-        context: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if selects_positions(model) == "hook":
-            context = positions_through(model, slice(-1, None))
-        with context:
+        with last_position_only(model):
             output = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -1140,6 +1147,7 @@ class HFNativeFamily(Family):
             self.end_ids(bundle),
             self.pad_id(bundle),
             keeps_logits(bundle.model),
+            functools.partial(last_position_only, bundle.model),
         )
 
     def generation_positions(self, bundle: Bundle) -> packing.Positions:

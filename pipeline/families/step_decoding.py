@@ -24,6 +24,7 @@ is eager (no CUDA graph): rows join and leave, so the shapes change at every ste
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,9 @@ class HFStepDecoder(StepDecoder):
 
     `collate` left-pads prompts into the model's inputs (pixels joined); `positions` gives a padded batch's
     position rows (R, B, L) as the model computes them for each prompt alone (R = 1: plain positions; the Qwen
-    VLs: 4, the text row then t, h, w); `keeps_logits`: the forward takes `logits_to_keep`."""
+    VLs: 4, the text row then t, h, w); `keeps_logits`: the forward takes `logits_to_keep`; `last_only`: a
+    context inside which the forward's head computes the last position only (for a forward without
+    `logits_to_keep`: a prefill's logits are then one row per prompt, not one per prompt position)."""
 
     def __init__(
         self,
@@ -124,6 +127,7 @@ class HFStepDecoder(StepDecoder):
         end_ids: frozenset[int],
         pad_id: int,
         keeps_logits: bool,
+        last_only: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         super().__init__(pad_id)
         self.model = model
@@ -131,6 +135,7 @@ class HFStepDecoder(StepDecoder):
         self.positions = positions
         self.end_ids = end_ids
         self.keeps_logits = keeps_logits
+        self.last_only = last_only
         self.device = next(model.parameters()).device
         self.settings = GenerationSettings()
         self._next_id = 0
@@ -217,8 +222,10 @@ class HFStepDecoder(StepDecoder):
         return output.logits[:, -1].float(), _output_cache(output), inputs["attention_mask"], next_position
 
     def _forward(self, inputs: dict[str, Any]) -> Any:
-        extra = {"logits_to_keep": 1} if self.keeps_logits else {}
-        return self.model(**inputs, use_cache=True, **extra)
+        if self.keeps_logits:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1)
+        with self.last_only():
+            return self.model(**inputs, use_cache=True)
 
     def _forward_step(self, tokens: torch.Tensor) -> None:
         """Feeds each remaining row its chosen token; the logits become those of the next choice."""

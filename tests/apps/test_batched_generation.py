@@ -190,6 +190,27 @@ def test_served_prompts_answer_as_alone_in_a_batch_and_joining_one_mid_decode(lo
     assert decoder.rows == []
 
 
+def test_the_running_batch_puts_one_position_a_row_through_the_head(loaded):
+    """The server's running batch reads each row's last logits only, and its head computes only those: at
+    prefill, where a prompt is hundreds of positions (MiniCPM-V 4.6's forward has no logits_to_keep, so its
+    head is hooked; its full prefill logits are 248,320 words a position), and at every step."""
+    family, bundle = loaded
+    if not family.capabilities.continuous_batching or family.name == "minicpm_v2":
+        pytest.skip("MiniCPM-V-2's static decoder computes its own head (its own tests)")
+    decoder = family.batch_decoder(bundle)
+    prompts = prompts_of(family, bundle)
+    seen: list[tuple[int, int]] = []
+    head = bundle.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape[:2])))
+    try:
+        steps: list[list[int]] = []
+        decoder.decode(prompts, GREEDY, None, lambda tokens: steps.append(tokens) or True)
+    finally:
+        handle.remove()
+    assert seen[0] == (len(prompts), 1) and max(len(p.input_ids) for p in prompts) > 1
+    assert all(positions == 1 for _, positions in seen) and len(seen) >= len(steps)
+
+
 def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(loaded):
     family, bundle = loaded
     prompts = prompts_of(family, bundle)
