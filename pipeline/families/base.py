@@ -785,20 +785,32 @@ class Family(ABC):
         return None
 
     def patch_weight(self, bundle: Bundle) -> float:
-        """Returns what one vision-tower patch counts as in the token budget (trainer.patch_weight auto):
-        the tower's parameters over the language model's (without its embeddings), i.e. a patch's forward
-        FLOPs relative to a token's. Families without `patch_counter` count no patch."""
+        """Returns what one vision-tower patch counts as in the token budget (trainer.patch_weight auto): a
+        patch's FLOPs relative to a language-model token's in a training step. The tower's parameters that a
+        patch passes through (`patch_share`) over the language model's (without its embeddings); a third of
+        that where no parameter of the tower trains (lora=qkv: the tower runs forward only, 2 FLOPs a
+        parameter against a trained token's 6, and keeps no activations for a backward). Families without
+        `patch_counter` count no patch."""
         if not self.capabilities.counts_patches:
             return 0.0
         groups = self.freeze_groups()
-        vision = llm = 0
+        vision = 0.0
+        llm = 0
+        trains = False
         for name, param in bundle.core.named_parameters():
             group = groups.of(name)
             if group == "vision":
-                vision += param.numel()
+                vision += param.numel() * self.patch_share(bundle, name)
+                trains = trains or param.requires_grad
             elif group == "llm" and "embed_tokens" not in name and not name.startswith("lm_head"):
                 llm += param.numel()
-        return vision / llm if llm else 0.0
+        ratio = vision / llm if llm else 0.0
+        return ratio if trains else ratio / 3
+
+    def patch_share(self, bundle: Bundle, name: str) -> float:
+        """Returns the share of the tower's patches that pass through its parameter `name` (1: every patch;
+        a tower that merges patches part way counts its later blocks at the merged share)."""
+        return 1.0
 
     @abstractmethod
     def dataset(

@@ -223,7 +223,7 @@ def plan_training(
         launch=launch,
         weights_dtype=resolve_weights_dtype(cfg, device),
         gradient_checkpointing=resolve_checkpointing(
-            cfg.model.gradient_checkpointing, device, cfg.lora.name, budget
+            cfg.model.gradient_checkpointing, device, cfg.lora.name, budget, lora_trains_tower(cfg.lora)
         ),
         compile=compiled,
         compile_vision=resolve_compile_vision(t.get("compile_vision", "auto"), compiled, compiles_vision),
@@ -368,11 +368,31 @@ def compiles_on(device: torch.device) -> bool:
     )
 
 
-def resolve_checkpointing(value: Any, device: torch.device, lora: str, micro_batch_tokens: int) -> bool:
-    """Returns whether sft checkpoints activations: true/false as given; auto = off for LoRA on a CUDA
-    device with micro-batches of more than 1024 tokens (their activations are bounded by the budget:
-    18 GB peak for MiniCPM-V-2 at trainer=default's 4096), on for full fine-tuning, budgets of 1024 or
-    less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's default)."""
+def resolve_checkpointing(
+    value: Any, device: torch.device, lora: str, micro_batch_tokens: int, tower_trains: bool = False
+) -> bool:
+    """Returns whether sft checkpoints activations: true/false as given; auto = off for LoRA that leaves
+    the vision tower frozen (lora=qkv) on a CUDA device with micro-batches of more than 1024 tokens (their
+    activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at trainer=default's 4096); on for
+    LoRA that trains the tower (`tower_trains`, lora=all: the tower's activations of every slice of every
+    row in a micro-batch are kept for the backward, which the language-model token budget does not bound:
+    MiniCPM-V-2 lora=all ran out of an 80 GB H100 at its first step without checkpointing), full
+    fine-tuning, budgets of 1024 or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and
+    the CPU (ms-swift's default)."""
     if value != "auto":
         return bool(value)
-    return not (device.type == "cuda" and lora != "none" and micro_batch_tokens > CHECKPOINT_BUDGET)
+    return not (
+        device.type == "cuda"
+        and lora != "none"
+        and not tower_trains
+        and micro_batch_tokens > CHECKPOINT_BUDGET
+    )
+
+
+def lora_trains_tower(lora: Any) -> bool:
+    """Returns whether the LoRA config `lora` (cfg.lora) trains weights of the vision tower: lora=all and
+    full fine-tuning do (unless lora.freeze_vision); lora=qkv with its preset targets does not; custom
+    target_modules are taken to (they may name the tower's modules)."""
+    if lora.name == "none":
+        return not lora.get("freeze_vision", False)
+    return lora.name != "qkv" or bool(lora.get("target_modules"))

@@ -16,6 +16,7 @@ from pipeline.training import plan
 from pipeline.training.plan import (
     Launch,
     TrainingPlan,
+    lora_trains_tower,
     plan_training,
     resolve_checkpointing,
     resolve_compile,
@@ -147,8 +148,21 @@ def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(comp
     assert checkpointing_of(qkv, cpu) is True
     assert resolve_checkpointing(True, cuda, "qkv", 4096) is True
     assert resolve_checkpointing(False, cpu, "none", 0) is False
-    qwen = compose(["model=qwen2_5_vl_tiny", "+experiment=lora_all"])
-    assert plan_of(qwen, cuda, compiles=False).gradient_checkpointing is False
+    # LoRA that trains the vision tower checkpoints too: the token budget does not bound its activations
+    # (MiniCPM-V-2 lora=all ran out of an 80 GB card at its first step without checkpointing)
+    for model in ("minicpm_v2", "qwen2_5_vl_tiny"):
+        assert (
+            plan_of(compose([f"model={model}", "+experiment=lora_all"]), cuda).gradient_checkpointing is True
+        )
+        tower_qkv = compose(
+            [f"model={model}", "+experiment=lora_qkv", "lora.target_modules=[vpm.blocks.0.attn.qkv]"]
+        )
+        assert plan_of(tower_qkv, cuda).gradient_checkpointing is True
+    assert checkpointing_of(qkv, cuda) is False
+    frozen_full = compose(
+        ["model=minicpm_v2", "trainer=default", "+experiment=full", "lora.freeze_vision=true"]
+    )
+    assert lora_trains_tower(frozen_full.lora) is False and lora_trains_tower(full.lora) is True
 
 
 def test_the_training_plan_pads_and_preallocates_for_cuda_graphs_and_says_what_it_chose(compose, monkeypatch):

@@ -46,13 +46,34 @@ def test_a_rows_patches_equal_its_encoded_pixels_and_weigh_by_the_towers_size(fa
         assert count(row) == encoded and (encoded > len(sample) // 2 if sizes else encoded == 0)
 
     groups = family.freeze_groups()
-    vision = sum(p.numel() for n, p in bundle.core.named_parameters() if groups.of(n) == "vision")
+    vision = sum(
+        p.numel() * family.patch_share(bundle, n)
+        for n, p in bundle.core.named_parameters()
+        if groups.of(n) == "vision"
+    )
     llm = sum(
         p.numel()
         for n, p in bundle.core.named_parameters()
         if groups.of(n) == "llm" and "embed_tokens" not in n and not n.startswith("lm_head")
     )
-    assert 0 < family.patch_weight(bundle) == pytest.approx(vision / llm)
+    assert 0 < family.patch_weight(bundle) == pytest.approx(vision / llm)  # the tower trains (lora=all, full)
+    # a frozen tower (lora=qkv) runs forward only: a third of a trained patch's FLOPs
+    for name, param in bundle.core.named_parameters():
+        param.requires_grad_(groups.of(name) != "vision")
+    assert family.patch_weight(bundle) == pytest.approx(vision / llm / 3)
+
+
+def test_minicpm_v4_6s_blocks_after_the_window_merger_count_a_quarter_of_the_patches(family_twin):
+    """MiniCPM-V 4.6's tower merges 2 x 2 windows of patches after block `insert_layer_id` (the 7th of 27 in
+    the published model; the twin's first of two): the blocks after it run on a quarter of the patches."""
+    family = get_family("minicpm_v4_6")
+    bundle = family.load_bundle(family_twin("minicpm_v4_6"))
+    assert bundle.core.config.insert_layer_id == 0
+    layers = "model.vision_tower.encoder.layers."
+    assert family.patch_share(bundle, f"{layers}0.mlp.fc1.weight") == 1.0
+    assert family.patch_share(bundle, f"{layers}1.mlp.fc1.weight") == 0.25
+    assert family.patch_share(bundle, "model.vision_tower.embeddings.patch_embedding.weight") == 1.0
+    assert get_family("qwen2_5_vl").patch_share(bundle, f"{layers}1.mlp.fc1.weight") == 1.0
 
 
 def test_minicpm_v2_counts_language_model_tokens_only(tiny_twin):

@@ -4,6 +4,7 @@ gives the loss and gradients of the plain one-row-at-a-time regime on the same r
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,19 @@ def test_a_budget_counting_vision_patches_cuts_more_micro_batches_for_the_same_s
             t["grad_norm"], rel=1e-4
         )
         assert p["micro_batches"] > t["micro_batches"]
+
+
+def test_a_frozen_towers_patches_count_a_third_in_the_budget(family_twin, tmp_path, caplog):
+    """trainer.patch_weight=auto through the sft stage: with lora=qkv the vision tower runs forward only, so
+    a patch counts a third of what it counts when lora=all trains the tower (the same tower, the weight
+    read off the prepared model: its adapters counted, its frozen parameters seen as frozen)."""
+    twin = family_twin("qwen2_5_vl")
+    weights = {}
+    for lora in ("lora_qkv", "lora_all"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.stages.sft"):
+            step_records(twin, tmp_path / lora, "model=qwen2_5_vl_tiny", f"+experiment={lora}")
+        said = [r.getMessage() for r in caplog.records if "vision patches x" in r.getMessage()]
+        assert len(said) == 1, said
+        weights[lora] = float(said[0].rsplit("x", 1)[1])
+    assert weights["lora_qkv"] == pytest.approx(weights["lora_all"] / 3, rel=0.15)
