@@ -102,22 +102,21 @@ LADDER_STEP = 128  # the finest rounding of a static length (the varlen kernels'
 
 def static_length(total: int, bucket: int) -> int:
     """Returns the static length a packed row of `total` tokens is rounded up to for compiled layers: a
-    multiple of `bucket` (the plan's `static_bucket`: a quarter of the micro-batch budget) from `bucket` up;
-    below it a ladder of four lengths per doubling in multiples of 128 (for a bucket of 4096: 1024, 1280,
-    1536, 1792, 2048, 2560, 3072, 3584), down to a quarter of the bucket, which shorter rows take. Rows much
-    shorter than the budget (a family whose images cost the budget many vision patches but few language-model
-    tokens: MiniCPM-V 4.6) are then padded by at most a quarter of their length rather than up to a whole
-    bucket, and a run compiles at most eight lengths below the bucket."""
+    ladder of four lengths per doubling in multiples of 128 (for a bucket of 4096: 1024, 1280, 1536, 1792,
+    2048, 2560, 3072, 3584, 4096, 5120, 6144, ...), from a quarter of the bucket (the plan's
+    `static_bucket`: a quarter of the micro-batch budget), which shorter rows take. A row is padded by less
+    than a quarter of its length, whatever its share of the budget (MiniCPM-V 4.6's rows spend the budget
+    mostly on vision patches: 1,108 language-model tokens went to 4,096 when rows were rounded to multiples
+    of the bucket; Qwen3-VL's sixteen 360-token rows, 5,800 tokens, to 8,192), and a run compiles at most
+    four lengths per doubling of its rows' lengths."""
     if bucket <= 1:
         return total
-    if total >= bucket:
-        return -(-total // bucket) * bucket
     floor = min(max(bucket // 4, LADDER_STEP), bucket)
     if total <= floor:
         return floor
     octave = 1 << (total - 1).bit_length() - 1  # the power of two below total: total in (octave, 2 x octave]
     step = max(LADDER_STEP, octave // 4)
-    return min(-(-total // step) * step, bucket)
+    return -(-total // step) * step
 
 
 def pack(

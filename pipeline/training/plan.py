@@ -143,8 +143,8 @@ class TrainingPlan:
             micro = f"up to {loop.micro_batch_tokens} padded tokens"
         if loop.pad_to_multiple > 1 and loop.packing and self.compile and not self.cuda_graphs:
             micro += (
-                f", rounded up to static lengths (multiples of {loop.pad_to_multiple}; shorter rows to four "
-                "lengths per doubling)"
+                f", rounded up to static lengths (four per doubling, from {max(loop.pad_to_multiple // 4, 128)} "
+                "tokens)"
             )
         elif loop.pad_to_multiple > 1:
             micro += f", padded to a multiple of {loop.pad_to_multiple}"
@@ -235,10 +235,9 @@ def plan_training(
 
 
 def static_bucket(micro_batch_tokens: int) -> int:
-    """Returns the bucket packed rows of compiled layers are rounded up by: a quarter of the micro-batch
-    budget in multiples of 128 (a budget of 4096 gives rows of 1024, 2048, 3072 or 4096 tokens: at most a
-    quarter of a budget of padding; rows shorter than a bucket take the finer ladder of
-    pipeline/families/packing.py's `static_length`)."""
+    """Returns the bucket of the static lengths packed rows of compiled layers are rounded up to: a quarter
+    of the micro-batch budget in multiples of 128; the lengths are pipeline/families/packing.py's
+    `static_length` ladder (four per doubling) from a quarter of the bucket up."""
     quarter = max(int(micro_batch_tokens), 4 * GRAPH_PAD_MULTIPLE) // 4
     return -(-quarter // GRAPH_PAD_MULTIPLE) * GRAPH_PAD_MULTIPLE
 
