@@ -66,7 +66,6 @@ class MiniCPMV4_6(HFNativeFamily):
     fused_target = "model.language_model"  # its Qwen3.5 language model
     end_of_turn = "<|im_end|>"
     min_transformers = ("5.19", "older releases fail on an image sliced into pieces of different sizes")
-    # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor.
     # Every image of a batch is packed along the last axis of one (1, C, patch, L) tensor; video frames too.
     pixel_concat: ClassVar[dict[str, int]] = {
         "pixel_values": -1,

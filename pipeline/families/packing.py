@@ -100,6 +100,11 @@ class PackedCollate:
 LADDER_STEP = 128  # the finest rounding of a static length (the varlen kernels' tile multiple)
 
 
+def static_floor(bucket: int) -> int:
+    """Returns the shortest static length of a bucket (`static_length`): a quarter of it, at least 128."""
+    return min(max(bucket // 4, LADDER_STEP), bucket)
+
+
 def static_length(total: int, bucket: int) -> int:
     """Returns the static length a packed row of `total` tokens is rounded up to for compiled layers: a
     ladder of four lengths per doubling in multiples of 128 (for a bucket of 4096: 1024, 1280, 1536, 1792,
@@ -111,7 +116,7 @@ def static_length(total: int, bucket: int) -> int:
     four lengths per doubling of its rows' lengths."""
     if bucket <= 1:
         return total
-    floor = min(max(bucket // 4, LADDER_STEP), bucket)
+    floor = static_floor(bucket)
     if total <= floor:
         return floor
     octave = 1 << (total - 1).bit_length() - 1  # the power of two below total: total in (octave, 2 x octave]

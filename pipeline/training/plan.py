@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.config import resolve_dtype
+from pipeline.families.packing import static_floor
 
 # ms-swift's default global batch: its gradient_accumulation_steps defaults to ceil(16 / batch / processes)
 DEFAULT_GLOBAL_BATCH = 16
@@ -143,7 +144,7 @@ class TrainingPlan:
             micro = f"up to {loop.micro_batch_tokens} padded tokens"
         if loop.pad_to_multiple > 1 and loop.packing and self.compile and not self.cuda_graphs:
             micro += (
-                f", rounded up to static lengths (four per doubling, from {max(loop.pad_to_multiple // 4, 128)} "
+                f", rounded up to static lengths (four per doubling, from {static_floor(loop.pad_to_multiple)} "
                 "tokens)"
             )
         elif loop.pad_to_multiple > 1:
