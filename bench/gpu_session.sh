@@ -5,16 +5,18 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
 # tilelang and its libraries (bench/tilelang_bundle.sh, carried in .tl): flash-linear-attention's kernel for
-# the gated delta rule backward on Hopper, where Triton 3.4-3.7.0 computes it wrong and fla refuses it
+# the gated delta rule backward on Hopper, where Triton 3.4-3.7.0 computes it wrong and fla refuses it. A warm
+# machine keeps .tlsite (git-ignored) from an earlier call, so a call whose carry has no room for .tl (peers:
+# .whl and .peers_whl) still runs fla as shipped when it follows one that carried it
 extra=
-if [ -f .tl/tl.tar.xz ]; then
+if [ -f .tl/tl.tar.xz ] || [ -d .tlsite/tilelang ]; then
   [ -d .tlsite/tilelang ] || { mkdir -p .tlsite && tar -xJf .tl/tl.tar.xz -C .tlsite; }
   extra=:$PWD/.tlsite
   if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ]; then  # tilelang compiles its kernels with nvcc
     nvcc=$(find /usr/local /opt -name nvcc -type f -path '*/bin/nvcc' 2>/dev/null | head -1)
     [ -n "$nvcc" ] && export CUDA_HOME=$(dirname "$(dirname "$nvcc")")
   fi
-  echo "tilelang bundle unpacked; nvcc: $(command -v nvcc || echo "${CUDA_HOME:-none}")"
+  echo "tilelang bundle in .tlsite; nvcc: $(command -v nvcc || echo "${CUDA_HOME:-none}")"
 fi
 export PYTHONPATH=$PWD:$PWD/.site:$PWD/.gpu_extra$extra PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/out}
