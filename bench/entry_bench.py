@@ -114,7 +114,7 @@ LEVERS_OFF = {
     "sdpa": ["model.vision_attention=sdpa"],
     "profile": ["trainer.profile_steps=3"],
 }
-# the Qwen VLs' vision blocks eager beside compiled decoder layers (trainer.compile_vision's switch)
+# the vision blocks eager beside compiled decoder layers (trainer.compile_vision's switch)
 NO_VISION_COMPILE = {"novisioncompile": ["trainer.compile_vision=false"]}
 # token budgets given: 16384 (auto's choice for LoRA on 80 GB cards: one micro-batch of a 16-row step, fewer
 # launches per sample; the 2026-12-05 Qwen2.5-VL profile was launch-bound) and 4096 (auto's on smaller cards)
@@ -128,7 +128,11 @@ BUDGETS = {
 FAMILY_LEVERS_OFF = {
     # packed where fla does not run (auto leaves 4.6 padded there): compiled layers around the linear-attention
     # layers' PyTorch code on a padded batch of the row's samples
-    "minicpm_v4_6": {"torchla": ["model.linear_attention=torch"], "packed": ["trainer.packing=true"]},
+    "minicpm_v4_6": {
+        "torchla": ["model.linear_attention=torch"],
+        "packed": ["trainer.packing=true"],
+        **NO_VISION_COMPILE,
+    },
     "qwen2_5_vl": NO_VISION_COMPILE,
     "qwen3_vl": NO_VISION_COMPILE,
 }

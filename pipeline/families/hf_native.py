@@ -695,8 +695,17 @@ class HFNativeFamily(Family):
                 f"attention call per block (model.vision_attention=varlen); this tower attends by {used}"
             )
         tower = bundle.core.get_submodule(self.vision_tower)
+        self.pad_vision_tower(tower)
+        return compile_for_training(self.vision_blocks(tower), backend=backend, part="vision")
+
+    def pad_vision_tower(self, tower: nn.Module) -> None:
+        """Gives the vision tower a forward that pads its patch sequence to static shapes in training steps
+        (the Qwen VLs' towers: vision_compile.pad_tower)."""
         vision_compile.pad_tower(tower, windows=self.vision_windows)
-        return compile_for_training(tower.blocks, backend=backend, part="vision")
+
+    def vision_blocks(self, tower: nn.Module) -> Sequence[nn.Module]:
+        """Returns the vision tower's blocks that compile (`compile_vision`)."""
+        return tower.blocks
 
     def compiles_vision_on(self, device: torch.device, dtype: torch.dtype) -> bool:
         return (

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import linear_attention
+from . import linear_attention, vision_compile
 from .base import EncodedSample, FreezeGroups, VideoInfo
 from .hf_native import HFNativeFamily, native_capabilities, stream_metadata
 
@@ -54,7 +55,7 @@ class MiniCPMV4_6(HFNativeFamily):
     name = "minicpm_v4_6"
     model_type = "minicpmv4_6"
     capabilities = native_capabilities(
-        "MiniCPM-V 4.6", linear_attention=True, video_config_keys=("video_max_frames",)
+        "MiniCPM-V 4.6", linear_attention=True, video_config_keys=("video_max_frames",), compiles_vision=True
     )
     max_length = 32768
     setting_keys = ("max_slice_nums", "scale_resolution", "slice_mode")
@@ -119,6 +120,14 @@ class MiniCPMV4_6(HFNativeFamily):
 
     def freeze_groups(self) -> FreezeGroups:
         return FreezeGroups(vision=(VISION,), projector=(PROJECTOR,), llm=(LLM, "lm_head"))
+
+    vision_tower = VISION  # its encoder layers compile on padded patch sequences (trainer.compile_vision)
+
+    def pad_vision_tower(self, tower: nn.Module) -> None:
+        pad_tower(tower)
+
+    def vision_blocks(self, tower: nn.Module) -> Sequence[nn.Module]:
+        return tower.encoder.layers
 
     def packs_padding_free_on(self, device: torch.device) -> bool:
         """Not where flash-linear-attention fails on the GPU (model.linear_attention=auto resolving to
@@ -234,3 +243,75 @@ class MiniCPMV4_6(HFNativeFamily):
 
 
 TINY_RESOLUTION = 64  # the tiny twin's slice resolution (the real one's is 448)
+
+
+def pad_tower(tower: nn.Module) -> None:
+    """Gives the SigLIP tower a forward that, in a training step (training mode, gradients on), runs its
+    encoder layers on a patch sequence of a few static lengths, so that compiled layers trace a graph per
+    length rather than per micro-batch (the Qwen VLs' towers: vision_compile.py, whose lengths and piece
+    tables this uses).
+
+    The patches are padded up to `vision_compile.bucket_length` as one more image of zero pixels, `window`
+    patches high (the window merger's side, 2), so the position table, the window merger and the
+    downsampling cover it as they cover the images; its patches attend among themselves only (pieces of
+    their own in `cu_seqlens`, then empty pieces up to a power-of-two count); the longest piece each
+    attention is told of is a bucketed length too. Its rows are dropped from the last hidden state, so the
+    merger, the image features and every gradient are those of the unpadded tower. Evaluation, generation
+    and calls with keyword arguments of their own run the tower as it is."""
+    original = tower.forward
+
+    def forward(pixel_values: torch.Tensor, target_sizes: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        use_merger = kwargs.pop("use_vit_merger", True)
+        if not (tower.training and torch.is_grad_enabled()) or target_sizes is None or kwargs:
+            return original(pixel_values, target_sizes=target_sizes, use_vit_merger=use_merger, **kwargs)
+        return _padded_forward(tower, pixel_values, target_sizes, use_merger)
+
+    forward.padded_for_training = True  # type: ignore[attr-defined]
+    tower.forward = forward
+
+
+def _pieces(sizes: torch.Tensor, total: int) -> tuple[torch.Tensor, int]:
+    """Returns the cu_seqlens of images of patch grids `sizes` (h, w; on the host) followed by padding up to
+    `total` patches, and the longest piece the attention is told of (a bucketed length)."""
+    areas = (sizes[:, 0] * sizes[:, 1]).to(torch.int32)
+    real = int(areas.sum())
+    bounds = torch.cat([areas.new_zeros(1), areas.cumsum(0, dtype=torch.int32)])
+    longest = min(vision_compile.bucket_length(int(areas.max())), total)
+    return vision_compile.padded_bounds(bounds, real, total, longest), longest
+
+
+def _padded_forward(
+    tower: nn.Module, pixel_values: torch.Tensor, target_sizes: torch.Tensor, use_merger: bool
+):
+    """The tower's forward (embeddings, encoder layers, the window merger after `insert_layer_id`, the
+    final norm) on the patch sequence padded to a static length; returns its output without the padding."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config = tower.config
+    sizes = target_sizes.cpu()
+    real = int((sizes[:, 0] * sizes[:, 1]).sum())
+    total = vision_compile.bucket_length(real)
+    window = int(config.window_kernel_size[0]) if use_merger else 1
+    if (total - real) % (window * window):
+        raise ValueError(f"the vision tower's {real} patches are not whole {window} x {window} windows")
+    padded = (
+        torch.cat([sizes, sizes.new_tensor([[window, (total - real) // window]])]) if total > real else sizes
+    )
+    patch = int(config.patch_size)
+    pixels = F.pad(pixel_values, (0, (total - real) * patch))
+    hidden = tower.embeddings(pixels, target_sizes=padded)
+    device = hidden.device
+    cu_seqlens, longest = _pieces(sizes, total)
+    cu_seqlens = cu_seqlens.to(device)
+    insert = int(config.insert_layer_id) if use_merger else -1
+    for index, layer in enumerate(tower.encoder.layers):
+        hidden = layer(hidden, attention_mask=None, cu_seqlens=cu_seqlens, max_seqlen=longest)
+        if index == insert:
+            hidden = tower.vit_merger(hidden, padded)
+            # one patch a window from here (transformers' get_downsampled_inputs)
+            sizes, padded = sizes // window, padded // window
+            real, total = real // (window * window), total // (window * window)
+            cu_seqlens, longest = _pieces(sizes, total)
+            cu_seqlens = cu_seqlens.to(device)
+    hidden = tower.post_layernorm(hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=hidden[:, :real])

@@ -170,6 +170,93 @@ def test_compiled_vision_blocks_train_as_the_eager_tower_and_replay_for_other_im
     assert counter.frame_count == traced  # evaluation runs the eager blocks on the unpadded tower
 
 
+# MiniCPM-V 4.6: two micro-batches of two images each (slices of 8 x 8 patches and smaller), other patch counts,
+# the same padded lengths (256, then 64 after the window merger) and counts of pieces
+FIRST_4_6 = ((64, 48), (48, 96))
+SECOND_4_6 = ((64, 64), (40, 56))
+
+
+def minicpm_v4_6_features(model, batch, use_merger: bool = True):
+    downsample = None if use_merger else "4x"
+    return model.model.get_image_features(batch["pixel_values"], batch["target_sizes"], downsample)
+
+
+@pytest.mark.parametrize("use_merger", [True, False], ids=["16x", "4x"])
+def test_minicpm_v4_6_padded_tower_gives_the_unpadded_image_features(family_twin, use_merger):
+    """The padding (one more image of zero pixels, two patches high) sits after the images in every table:
+    the position ids, the window merger's windows, the pieces of full attention before and after the merger;
+    its rows are dropped before the merger, so the slices' features are the unpadded tower's."""
+    family = get_family("minicpm_v4_6")
+    model, processor = family.load(family_twin("minicpm_v4_6"))
+    vision_attention.enable(model)
+    batch = batch_of(family, processor, FIRST_4_6, seed=0)
+    tower = model.get_submodule(family.vision_tower).train()
+    reference = minicpm_v4_6_features(model, batch, use_merger)
+    family.pad_vision_tower(tower)
+    assert vision_compile.is_padded_for_training(tower)
+    lengths = []
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
+        for layer in tower.encoder.layers
+    ]
+    padded = minicpm_v4_6_features(model, batch, use_merger)
+    with torch.no_grad():
+        minicpm_v4_6_features(model, batch, use_merger)  # no training step: the tower as it is
+    for hook in hooks:
+        hook.remove()
+    real = batch["pixel_values"].shape[-1] // processor.image_processor.patch_size
+    assert real < 256
+    assert lengths == ([256, 64, real, real // 4] if use_merger else [256, 256, real, real])
+    torch.testing.assert_close(padded.last_hidden_state, reference.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert len(padded.pooler_output) == len(reference.pooler_output) == batch["target_sizes"].shape[0]
+    for ours, theirs in zip(padded.pooler_output, reference.pooler_output, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_minicpm_v4_6_compiled_encoder_layers_train_as_the_eager_tower_and_replay(family_twin):
+    """lora=all: the loss and every gradient (the tower's LoRA before and after its window merger, the
+    merger's, the projector's) equal the eager unpadded model's; other images of the same buckets replay the
+    traced graphs; evaluation runs the eager layers."""
+    family, model, processor = loaded(family_twin, "minicpm_v4_6", "all")
+    first, second = (batch_of(family, processor, s, seed=k) for s, k in ((FIRST_4_6, 0), (SECOND_4_6, 5)))
+    assert first["pixel_values"].shape != second["pixel_values"].shape
+    assert first["target_sizes"].tolist() != second["target_sizes"].tolist()
+    eager = [loss_and_grads(family, model, b) for b in (first, second)]
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    tower = model.get_base_model().get_submodule(family.vision_tower)
+    bundle = Bundle(model, processor, family_twin("minicpm_v4_6"), "base")
+    assert family.compile_vision(bundle, backend=counter) == len(tower.encoder.layers) == 2
+    assert all(is_compiled_for_training(layer) for layer in tower.encoder.layers)
+
+    def same(ours, reference) -> None:
+        (loss, grads), (ref_loss, ref_grads) = ours, reference
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for part in (
+            "vision_tower.encoder.layers.0.",
+            "vision_tower.encoder.layers.1.",
+            "vit_merger.",
+            "model.merger.",
+        ):
+            assert any(part in n for n in grads), part
+        for key, grad in grads.items():
+            cosine = float(F.cosine_similarity(grad.flatten(), ref_grads[key].flatten(), dim=0))
+            assert cosine >= 0.999, key
+            torch.testing.assert_close(grad, ref_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+    same(loss_and_grads(family, model, first), eager[0])
+    traced = counter.frame_count
+    assert traced == 2  # the layer before the merger (256 patches, no gradient in) and the one after (64)
+    same(loss_and_grads(family, model, second), eager[1])
+    assert counter.frame_count == traced
+    model.eval()
+    with torch.no_grad():
+        family.loss_outputs(model, first)
+    assert counter.frame_count == traced
+
+
 def test_the_family_refuses_to_compile_a_tower_on_sdpa(family_twin):
     family = get_family("qwen3_vl")
     bundle = family.load_bundle(family_twin("qwen3_vl"))
@@ -177,4 +264,4 @@ def test_the_family_refuses_to_compile_a_tower_on_sdpa(family_twin):
     assert family.compiles_vision_on(torch.device("cpu"), torch.float32) is False  # auto: no kernel here
     with pytest.raises(Exception, match="model.vision_attention=varlen"):
         family.compile_vision(bundle)
-    assert not get_family("minicpm_v4_6").capabilities.compiles_vision
+    assert get_family("minicpm_v4_6").capabilities.compiles_vision

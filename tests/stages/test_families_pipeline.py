@@ -235,33 +235,36 @@ def test_packed_sft_steps_equal_the_padded_ones(model, twin_root, tmp_path, capl
         assert b["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4), (p, b)
         assert b["micro_batches"] == p["micro_batches"] == 1
         assert b["padding_pct"] == 0 < p["padding_pct"]
-    if model == "qwen2_5_vl_tiny":
-        # compiled decoder layers (inductor on the CPU): rows padded to a static bucket (a quarter of the
-        # budget, 512), the same steps within the compiler's float reordering
-        compiled = steps("true", tmp_path / "compiled", "trainer.compile=true")
-        for b, c in zip(packed, compiled, strict=True):
-            assert c["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, c)
-            assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, c)
-            assert c["padding_pct"] > 0
-            # the log says the compiled layers traced whole (their graphs, no break)
-            assert c["compiled_graphs"] >= 1 and c["graph_breaks"] == 0, c
-        assert "compiled_graphs" not in packed[0]
-        # and the vision blocks compiled too, on patch sequences padded to a static length (the varlen
-        # vision attention's CPU path): the same steps again
-        caplog.set_level(logging.INFO, logger="pipeline")
-        vision = steps(
-            "true",
-            tmp_path / "vision",
-            "trainer.compile=true",
-            "trainer.compile_vision=true",
-            "model.vision_attention=varlen",
-        )
-        for b, v in zip(packed, vision, strict=True):
-            assert v["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, v)
-            assert v["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, v)
-            assert v["compiled_graphs"] > compiled[0]["compiled_graphs"] and v["graph_breaks"] == 0, v
-        assert "compile: on (vision blocks too)" in caplog.text
-        assert "graph breaks" not in caplog.text
+    # compiled decoder layers (inductor on the CPU): rows padded to a static bucket (a quarter of the
+    # budget, 512), the same steps within the compiler's float reordering. MiniCPM-V 4.6's linear-attention
+    # layers run outside the graph on purpose (one deliberate break a layer, which the log counts but does not
+    # warn of: the last assertion); every other layer traces whole
+    deliberate = model == "minicpm_v4_6_tiny"
+    compiled = steps("true", tmp_path / "compiled", "trainer.compile=true")
+    for b, c in zip(packed, compiled, strict=True):
+        assert c["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, c)
+        assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, c)
+        assert c["padding_pct"] > 0
+        assert c["compiled_graphs"] >= 1 and (c["graph_breaks"] == 0 or deliberate), c
+    assert "compiled_graphs" not in packed[0]
+    # and the vision blocks compiled too, on patch sequences padded to a static length (the varlen
+    # vision attention's CPU path): the same steps again
+    caplog.set_level(logging.INFO, logger="pipeline")
+    vision = steps(
+        "true",
+        tmp_path / "vision",
+        "trainer.compile=true",
+        "trainer.compile_vision=true",
+        "model.vision_attention=varlen",
+    )
+    for b, v in zip(packed, vision, strict=True):
+        assert v["loss"] == pytest.approx(b["loss"], rel=1e-4), (b, v)
+        assert v["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, v)
+        # the decoder layers replay the graphs the run above traced (same process, same shapes): what this
+        # run traced is the vision blocks', whole
+        assert v["compiled_graphs"] >= 1 and v["graph_breaks"] == 0, v
+    assert "compile: on (vision blocks too)" in caplog.text
+    assert "graph breaks" not in caplog.text
 
 
 def test_the_chat_runs_another_family_and_validation_takes_it():
