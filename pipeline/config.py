@@ -179,7 +179,7 @@ class TrainerConfig:
     patch_weight: Any = "auto"
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
-    # The Qwen VLs' vision blocks compiled with the language model's layers, on patch sequences padded to a
+    # The HF-native vision towers' blocks compiled with the language model's layers, on patch sequences padded to a
     # few static lengths (pipeline/families/vision_compile.py): auto = on where trainer.compile is and the
     # tower attends by variable-length attention (model.vision_attention); true; false = eager blocks
     compile_vision: Any = "auto"
