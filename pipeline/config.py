@@ -179,9 +179,9 @@ class TrainerConfig:
     patch_weight: Any = "auto"
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"
-    # The HF-native vision towers' blocks compiled with the language model's layers, on patch sequences padded to a
-    # few static lengths (pipeline/families/vision_compile.py): auto = on where trainer.compile is and the
-    # tower attends by variable-length attention (model.vision_attention); true; false = eager blocks
+    # The HF-native vision towers' blocks compiled with the language model's layers, on patch sequences
+    # padded to a few static lengths (pipeline/families/vision_compile.py): auto = on where trainer.compile
+    # is and the tower attends by variable-length attention (model.vision_attention); true; false = eager
     compile_vision: Any = "auto"
     max_eval_samples: int | None = None
     # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/
