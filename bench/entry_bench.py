@@ -625,6 +625,13 @@ def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path,
     return result
 
 
+def drop_checkpoints(run_dir: Path) -> None:
+    """Deletes a measured run's checkpoints: a full fine-tuning checkpoint of MiniCPM-V-2 (fp32 weights and
+    Adam's moments) is some 40 GB, and two of them fill the GPU machine's 64 GiB disk."""
+    for folder in sorted((run_dir / "sft").glob("checkpoint-*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def sft_metrics(run_dir: Path, flops: float) -> dict:
     log = run_dir / "sft" / "logging.jsonl"
     if not log.is_file():
@@ -786,6 +793,7 @@ def main() -> None:
             (out / "profiles").mkdir(exist_ok=True)
             shutil.copyfile(ops, out / "profiles" / f"{name}.txt")
             result["profile"] = f"profiles/{name}.txt"
+        drop_checkpoints(run_dir)
         results.append(result)
         print(json.dumps(result), flush=True)
         # written after every setting: a call cut short keeps what it measured

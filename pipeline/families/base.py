@@ -94,6 +94,8 @@ class Capabilities:
     # trainer.compile_vision: its vision tower's blocks compile too, on patch sequences padded to static
     # shapes (compile_model's `vision`; where its tower attends by variable-length attention)
     compiles_vision: bool = False
+    # trainer.compile_vision=auto turns it on (where it measured faster); false: only =true does
+    compiles_vision_by_default: bool = True
     packs: bool = False  # trainer.packing: several rows in one sequence without padding
     # its packed rows are attended by variable-length attention (no T x T mask): trainer.packing=auto
     # turns packing on for it on a GPU

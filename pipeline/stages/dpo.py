@@ -88,6 +88,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         packs_padding_free=caps.packs_padding_free,
         compiled_shapes=caps.compiled_shapes,
         compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
+        vision_by_default=caps.compiles_vision_by_default,
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)

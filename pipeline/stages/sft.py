@@ -75,6 +75,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         packs_padding_free=family.packs_padding_free_on(launch.device),
         compiled_shapes=caps.compiled_shapes,
         compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
+        vision_by_default=caps.compiles_vision_by_default,
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)  # before any weight loads

@@ -172,13 +172,14 @@ def plan_training(
     packs_padding_free: bool = False,
     compiled_shapes: str = "padded",
     compiles_vision: bool = False,
+    vision_by_default: bool = True,
 ) -> TrainingPlan:
     """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
     its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
     (for trainer.packing=auto); `compiled_shapes`, "padded" = its compiled layers take any batch and replay
     as CUDA graphs on a GPU, "packed" = they take packed rows of static lengths only (no CUDA graphs), so
     compile needs packing; `compiles_vision`, whether it can compile its vision tower's blocks in this run
-    (Family.compiles_vision_on)."""
+    (Family.compiles_vision_on), and `vision_by_default`, whether trainer.compile_vision=auto does."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
     budget = resolve_micro_batch_tokens(t.micro_batch_tokens, device, cfg.lora.name)
@@ -227,7 +228,9 @@ def plan_training(
             cfg.model.gradient_checkpointing, device, cfg.lora.name, budget, lora_trains_tower(cfg.lora)
         ),
         compile=compiled,
-        compile_vision=resolve_compile_vision(t.get("compile_vision", "auto"), compiled, compiles_vision),
+        compile_vision=resolve_compile_vision(
+            t.get("compile_vision", "auto"), compiled, compiles_vision, vision_by_default
+        ),
         cuda_graphs=graphs,
         lr=resolve_lr(cfg),
         part_lrs=resolve_part_lrs(cfg),
@@ -309,15 +312,18 @@ def resolve_compile(value: Any, device: torch.device, compiles: bool, processes:
     return device.type == "cuda" and single and compiles_on(device)
 
 
-def resolve_compile_vision(value: Any, compiled: bool, compiles_vision: bool) -> bool:
+def resolve_compile_vision(
+    value: Any, compiled: bool, compiles_vision: bool, by_default: bool = True
+) -> bool:
     """Returns whether the family's vision blocks compile too: false as given; auto = where the layers
-    compile (`compiled`) and the family can compile its vision blocks in this run (`compiles_vision`: the
-    Qwen VLs with a tower that attends by variable-length attention); true needs both and says which is
+    compile (`compiled`) and the family can compile its vision blocks in this run (`compiles_vision`: a
+    tower that attends by variable-length attention) and compiles them by default (`by_default`: the Qwen
+    VLs; not MiniCPM-V 4.6, where it measured no faster); true needs the first two and says which is
     missing."""
     if value is False:
         return False
     if value == "auto":
-        return compiled and compiles_vision
+        return compiled and compiles_vision and by_default
     if not compiled:
         raise ValueError(
             "trainer.compile_vision=true compiles the vision blocks with the model's layers: trainer.compile "

@@ -46,6 +46,12 @@ def test_compile_vision_auto_follows_compile_and_true_says_what_is_missing():
     assert resolve_compile_vision("auto", False, True) is False
     assert resolve_compile_vision(False, True, True) is False
     assert resolve_compile_vision(True, True, True) is True
+    # a family that compiles its blocks on request only (MiniCPM-V 4.6: measured no faster): auto leaves
+    # them eager, true compiles them
+    assert resolve_compile_vision("auto", True, True, by_default=False) is False
+    assert resolve_compile_vision(True, True, True, by_default=False) is True
+    assert not get_family("minicpm_v4_6").capabilities.compiles_vision_by_default
+    assert all(get_family(name).capabilities.compiles_vision_by_default for name in QWEN_VLS)
     with pytest.raises(ValueError, match="trainer.compile resolves off"):
         resolve_compile_vision(True, False, True)
     with pytest.raises(ValueError, match="model.vision_attention=varlen"):
