@@ -96,9 +96,24 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     "all_eager": (["+experiment=lora_all", "trainer.compile=false"], "coco", "lora_all"),
     # without the activation checkpointing that lora=all now gets by default (out of an 80 GB H100 at step 1)
     "all_nockpt": (["+experiment=lora_all", "model.gradient_checkpointing=false"], "coco", "lora_all"),
+    # the recompute's levers: no checkpointing with ~4 rows a micro-batch (MiniCPM-V-2's budget counts ~250
+    # language-model tokens a row, not the tower's ~3,060 patches, whose activations are what fill the card),
+    # and the vision tower's blocks checkpointed with the language model's not (model.gradient_checkpointing=
+    # vision: the language model's activations are bounded by the budget)
+    "all_nockpt_1k": (
+        ["+experiment=lora_all", "model.gradient_checkpointing=false", "trainer.micro_batch_tokens=1024"],
+        "coco",
+        "lora_all",
+    ),
+    "all_vision_ckpt": (["+experiment=lora_all", "model.gradient_checkpointing=vision"], "coco", "lora_all"),
+    "all_profile": (["+experiment=lora_all", "trainer.profile_steps=3"], "coco", "lora_all"),
     "full_plain": (["+experiment=full", *PLAIN], "coco", "full"),
     "full_default": (["+experiment=full"], "coco", "full"),
     "full_eager": (["+experiment=full", "trainer.compile=false"], "coco", "full"),
+    # the language model not recomputed: its activations at 4096 tokens beside ~55 GB of fp32 weights,
+    # gradients and moments (an H200; tight on 80 GB)
+    "full_vision_ckpt": (["+experiment=full", "model.gradient_checkpointing=vision"], "coco", "full"),
+    "full_profile": (["+experiment=full", "trainer.profile_steps=3"], "coco", "full"),
 }
 # HF-native families at a real checkpoint's sizes (random weights, native layout): name -> (family, overrides,
 # variant). Every family x {qkv, all, full} as shipped (`_default`) and in ms-swift's regime (`_plain`), and
@@ -433,7 +448,13 @@ def write_data(folder: Path, variant: str, rows: int, tiny: bool) -> Path:
 
 
 # ----- FLOPs of a row
-def row_flops(config, rows: list[dict], mode: str, checkpointing: bool, tokenizer, processor) -> float:
+def recompute_factors(checkpointing: bool | str) -> tuple[float, float]:
+    """Returns the (language model, vision tower) FLOP factors of a run's activation checkpointing: 4/3 for
+    a part whose blocks are recomputed (True: both; "vision": the tower only), else 1."""
+    return (4 / 3 if checkpointing is True else 1.0, 4 / 3 if checkpointing else 1.0)
+
+
+def row_flops(config, rows: list[dict], mode: str, checkpointing: bool | str, tokenizer, processor) -> float:
     """Returns the mean training FLOPs of the given rows (see the module docstring)."""
     from PIL import Image
 
@@ -462,8 +483,8 @@ def row_flops(config, rows: list[dict], mode: str, checkpointing: bool, tokenize
             vfwd += 2 * patches * core_params["kv"] + 2 * config.query_num * core_params["resampler"]
             vfwd += 4 * config.query_num * patches * h
             vision += vfwd * {"lora_qkv": 1, "lora_all": 2, "full": 3}[mode]
-        factor = 4 / 3 if checkpointing else 1.0
-        total += llm * factor + vision * (factor if mode != "lora_qkv" else 1.0)
+        llm_factor, vision_factor = recompute_factors(checkpointing)
+        total += llm * llm_factor + vision * (vision_factor if mode != "lora_qkv" else 1.0)
     return total / max(len(rows), 1)
 
 
@@ -493,7 +514,7 @@ PASSES = {"lora_qkv": (2, 1), "lora_all": (2, 2), "full": (3, 3)}
 
 
 def family_row_flops(
-    family, config, processor, rows: list[dict], checkpointing: bool, mode: str = "lora_qkv"
+    family, config, processor, rows: list[dict], checkpointing: bool | str, mode: str = "lora_qkv"
 ) -> float:
     """Returns the mean training FLOPs of the rows for an HF-native family under `mode` (lora_qkv, lora_all,
     full): the language model's linears 2 x params per token plus full-attention layers 4 x T x (heads x
@@ -536,16 +557,18 @@ def family_row_flops(
         t = len(sample.input_ids)
         supervised = sum(label != IGNORE_INDEX for label in sample.labels)
         per_token = 2 * llm + 4 * t * width * full_layers
-        recompute = 4 / 3 if checkpointing else 1.0
+        recompute, vision_recompute = recompute_factors(checkpointing)
         step = llm_passes * (t * per_token + supervised * head) * recompute
         sizes = sample.pixel_inputs.get("image_grid_thw", sample.pixel_inputs.get("target_sizes"))
         patches = int(sizes.prod(-1).sum()) if sizes is not None else 0
-        total += step + 2 * vision * patches * vision_passes * (recompute if vision_passes > 1 else 1.0)
+        total += step + 2 * vision * patches * vision_passes * (
+            vision_recompute if vision_passes > 1 else 1.0
+        )
     return total / max(len(rows), 1)
 
 
 def family_flops(
-    family_name: str, folder: Path, rows: list[dict], checkpointing: bool, mode: str = "lora_qkv"
+    family_name: str, folder: Path, rows: list[dict], checkpointing: bool | str, mode: str = "lora_qkv"
 ) -> float:
     """`family_row_flops` for the model folder of an HF-native family."""
     from transformers import AutoConfig, AutoProcessor
@@ -558,13 +581,15 @@ def family_flops(
 
 
 # ----- one setting, in its own process
-def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool:
+def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool | str:
     """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
     resolves it), for the FLOP count."""
     from pipeline.training.plan import resolve_checkpointing, resolve_micro_batch_tokens
 
     given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+"))
-    value = {"true": True, "false": False}.get(given.get("model.gradient_checkpointing", ""), "auto")
+    value = {"true": True, "false": False, "vision": "vision"}.get(
+        given.get("model.gradient_checkpointing", ""), "auto"
+    )
     lora = {"lora_qkv": "qkv", "lora_all": "all", "full": "none"}[mode]
     device = torch.device("cpu" if tiny else "cuda")
     budget = "1024" if given.get("trainer") == "low_memory" else "auto"

@@ -46,8 +46,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bf16 on a GPU with bf16, fp16 on other GPUs, fp32 on CPU
     max_slice_nums: int = 9
     slice_mode: bool = True
-    # auto: off for LoRA on a CUDA device with micro-batches of more than 1024 tokens (trainer=default:
-    # activations bounded by the budget), on otherwise (full fine-tuning, low_memory, the plain regime, CPU)
+    # auto: off for LoRA that leaves the vision tower frozen on a CUDA device with micro-batches of more than
+    # 1024 tokens (trainer=default: activations bounded by the budget), on otherwise (lora=all, full
+    # fine-tuning, low_memory, the plain regime, CPU); vision: the vision tower's blocks only
     gradient_checkpointing: Any = "auto"
     build_if_missing: bool = False  # build the family's tiny twin when `path` is its cache place and absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
@@ -341,7 +342,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", True, False),
-    "model.gradient_checkpointing": ("auto", True, False),
+    "model.gradient_checkpointing": ("auto", True, False, "vision"),
     "model.vision_attention": ("auto", "varlen", "sdpa"),
     "model.fused_kernels": ("auto", "liger", "off"),
     "model.linear_attention": ("auto", "fla", "torch"),

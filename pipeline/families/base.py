@@ -763,10 +763,11 @@ class Family(ABC):
 
     @abstractmethod
     def prepare_training(
-        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool, base_name: str
+        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool | str, base_name: str
     ) -> nn.Module:
         """Returns the model to train: LoRA of the `lora` config node's preset or targets applied (PEFT), or
-        every parameter trainable but the frozen groups (lora=none); checkpointing switched on when asked."""
+        every parameter trainable but the frozen groups (lora=none); activation checkpointing switched on
+        when asked (True: every block; "vision": the vision tower's blocks only)."""
 
     @abstractmethod
     def token_counter(

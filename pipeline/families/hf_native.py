@@ -608,7 +608,7 @@ class HFNativeFamily(Family):
         return Bundle(model, processor, base, "adapter")
 
     def prepare_training(
-        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool, base_name: str
+        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool | str, base_name: str
     ) -> nn.Module:
         model = bundle.model
         if gradient_checkpointing:
@@ -618,6 +618,10 @@ class HFNativeFamily(Family):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if gradient_checkpointing == "vision":  # the language model's layers run as they are
+                for module in self.language_model(model).modules():
+                    if hasattr(module, "gradient_checkpointing"):
+                        module.gradient_checkpointing = False
             if lora.name != "none":
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if lora.name == "none":

@@ -114,7 +114,7 @@ class TrainingPlan:
 
     launch: Launch
     weights_dtype: torch.dtype  # the dtype the weights are held in while training
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str  # True, False or "vision" (the vision tower's blocks only)
     compile: bool  # the family compiles its layers (trainer.compile)
     cuda_graphs: bool  # compiled layers replayed as CUDA graphs
     lr: float
@@ -154,7 +154,7 @@ class TrainingPlan:
             f"mixed precision: {launch.mixed_precision}; weights in {str(self.weights_dtype).split('.')[-1]}",
             f"compile: {on(self.compile)}{' (vision blocks too)' if self.compile_vision else ''}; "
             f"CUDA graphs: {on(self.cuda_graphs)}; "
-            f"gradient checkpointing: {on(self.gradient_checkpointing)}",
+            f"gradient checkpointing: {checkpointing_text(self.gradient_checkpointing)}",
             f"optimizer: AdamW, lr {self.lr:g}"
             + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs),
             f"optimizer step: {self.rows_per_step} rows (batch {loop.batch_size} x grad_accum "
@@ -374,10 +374,18 @@ def compiles_on(device: torch.device) -> bool:
     )
 
 
+def checkpointing_text(value: bool | str) -> str:
+    """Returns how the plan's log line names a resolved model.gradient_checkpointing."""
+    return "vision tower only" if value == "vision" else ("on" if value else "off")
+
+
 def resolve_checkpointing(
     value: Any, device: torch.device, lora: str, micro_batch_tokens: int, tower_trains: bool = False
-) -> bool:
-    """Returns whether sft checkpoints activations: true/false as given; auto = off for LoRA that leaves
+) -> bool | str:
+    """Returns whether sft checkpoints activations: true/false as given; "vision" = the vision tower's
+    blocks only (their activations grow with the patches, which the language model's token budget does not
+    bound; the language model's are bounded, and skipping their recompute saves a forward pass of it);
+    auto = off for LoRA that leaves
     the vision tower frozen (lora=qkv) on a CUDA device with micro-batches of more than 1024 tokens (their
     activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at trainer=default's 4096); on for
     LoRA that trains the tower (`tower_trains`, lora=all: the tower's activations of every slice of every
@@ -385,6 +393,8 @@ def resolve_checkpointing(
     MiniCPM-V-2 lora=all ran out of an 80 GB H100 at its first step without checkpointing), full
     fine-tuning, budgets of 1024 or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and
     the CPU (ms-swift's default)."""
+    if value == "vision":
+        return "vision"
     if value != "auto":
         return bool(value)
     return not (

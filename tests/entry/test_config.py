@@ -159,6 +159,10 @@ def test_compile_and_checkpointing_auto_resolve_by_device_tuning_and_budget(comp
         )
         assert plan_of(tower_qkv, cuda).gradient_checkpointing is True
     assert checkpointing_of(qkv, cuda) is False
+    # "vision": the tower's blocks only, wherever it is asked for
+    tower_only = compose(["model=minicpm_v2", "+experiment=lora_all", "model.gradient_checkpointing=vision"])
+    assert checkpointing_of(tower_only, cuda) == "vision" == checkpointing_of(tower_only, cpu)
+    assert "gradient checkpointing: vision tower only" in plan_of(tower_only, cuda).describe()
     frozen_full = compose(
         ["model=minicpm_v2", "trainer=default", "+experiment=full", "lora.freeze_vision=true"]
     )

@@ -116,9 +116,13 @@ def test_lora_qkv_runs_sft_eval_merge_infer(model, twin_root, tmp_path):
     assert (run_dir / "infer" / "results.jsonl").is_file()
 
 
-def test_lora_all_targets_the_vision_tower_too(twin_root, tmp_path):
+def test_lora_all_targets_the_vision_tower_too(twin_root, tmp_path, caplog):
+    """lora=all through the entry point, with the vision tower's blocks checkpointed and the language
+    model's not (model.gradient_checkpointing=vision; tests/families/test_vision_checkpointing.py)."""
     model = "qwen2_5_vl_tiny"
-    run_dir = run(model, "lora_all", twin_root, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.sft"):
+        run_dir = run(model, "lora_all", twin_root, tmp_path / "run", "model.gradient_checkpointing=vision")
+    assert "gradient checkpointing: vision tower only" in caplog.text
     ckpt = run_dir / "sft" / "checkpoint-2"
     base = AutoModelForImageTextToText.from_pretrained(twin_root / model)
     targets = adapted_modules(ckpt, base)

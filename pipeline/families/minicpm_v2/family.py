@@ -277,10 +277,12 @@ class MiniCPMV2(Family):
         )
 
     def prepare_training(
-        self, bundle: ModelBundle, lora: Any, gradient_checkpointing: bool, base_name: str
+        self, bundle: ModelBundle, lora: Any, gradient_checkpointing: bool | str, base_name: str
     ) -> nn.Module:
         core = bundle.model
-        if gradient_checkpointing:
+        if gradient_checkpointing == "vision":
+            core.vision_checkpointing_enable()
+        elif gradient_checkpointing:
             core.gradient_checkpointing_enable()
         if lora.name == "none":
             set_full_finetune(core, lora.freeze_vision, lora.freeze_resampler, lora.freeze_llm)

@@ -102,6 +102,11 @@ class MiniCPMV(PreTrainedModel):
         self.llm.model.gradient_checkpointing = True
         self.vpm.set_grad_checkpointing(True)
 
+    def vision_checkpointing_enable(self) -> None:
+        """Checkpoints the vision tower's blocks only (model.gradient_checkpointing=vision)."""
+        self.llm.model.gradient_checkpointing = False
+        self.vpm.set_grad_checkpointing(True)
+
     def gradient_checkpointing_disable(self) -> None:
         self.llm.model.gradient_checkpointing = False
         self.vpm.set_grad_checkpointing(False)
