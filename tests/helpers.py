@@ -16,12 +16,24 @@ from pathlib import Path
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import register_configs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
+# the `lora` config node of lora=all at rank 4 without dropout, for Family.prepare_training in model-level tests
+LORA_ALL = OmegaConf.create(
+    {
+        "name": "all",
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": None,
+        "modules_to_save": [],
+        "bias": "none",
+    }
+)
 
 
 # ----- configs

@@ -61,12 +61,14 @@ def train_single(twin: Path, folder: Path, *overrides: str, stage=sft) -> list[d
     return log_records(folder / stage.__name__.rsplit(".", 1)[-1])
 
 
-def assert_same_rewards(multi: list[dict], single: list[dict], keys: tuple[str, ...], steps: int) -> None:
-    """The preference statistics `keys` of every train step agree to a relative 1e-4."""
+def assert_same_rewards(
+    multi: list[dict], single: list[dict], keys: tuple[str, ...], steps: int, first: int = 1
+) -> None:
+    """The preference statistics `keys` of every train step from `first` on agree to a relative 1e-4."""
     for key in keys:
-        got = {r["step"]: r[key] for r in multi if key in r}
-        want = {r["step"]: r[key] for r in single if key in r}
-        assert got.keys() == want.keys() == set(range(1, steps + 1))
+        got = {r["step"]: r[key] for r in multi if key in r and r["step"] >= first}
+        want = {r["step"]: r[key] for r in single if key in r and r["step"] >= first}
+        assert got.keys() == want.keys() == set(range(first, steps + 1))
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5), key
 
 
@@ -239,7 +241,10 @@ def test_dpo_in_two_processes_trains_like_one_with_the_cached_reference_gathered
     )
     multi = log_records(run_dir / "dpo")
     assert_same_curve(multi, single, steps=3)
-    assert_same_rewards(multi, single, ("rewards/margins", "rewards/accuracies", "logps/chosen"), steps=3)
+    assert_same_rewards(multi, single, ("rewards/margins", "logps/chosen"), steps=3)
+    # at step 1 the policy is the reference: its margins are float noise around 0 (equal to 1e-5 above), so the
+    # share of them above 0 is noise too; the steps after it compare
+    assert_same_rewards(multi, single, ("rewards/accuracies",), steps=3, first=2)
 
 
 def write_mixed_dataset(folder: Path, text_only: set[int], n_rows: int) -> tuple[Path, Path]:

@@ -8,12 +8,12 @@ from collections import Counter
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from pipeline.data.demo import ensure_demo
 from pipeline.data.images import ImageFiles
 from pipeline.data.sources import read_custom_file
 from pipeline.families import get_family
+from tests.helpers import LORA_ALL
 
 # (the first norm of the first language-model decoder layer, the first norm of the first vision block) under
 # each family's unwrapped model: a norm inside the block, because transformers checkpoints a layer's forward
@@ -26,17 +26,6 @@ WATCHED = {
         "model.vision_tower.encoder.layers.0.layer_norm1",
     ),
 }
-LORA_ALL = OmegaConf.create(
-    {
-        "name": "all",
-        "r": 4,
-        "alpha": 8,
-        "dropout": 0.0,
-        "target_modules": None,
-        "modules_to_save": [],
-        "bias": "none",
-    }
-)
 
 
 @pytest.fixture(scope="module")

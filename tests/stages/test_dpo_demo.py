@@ -1,16 +1,23 @@
 """The preference demo teaches something: dpo from the pre-trained twin on the bundled pairs lifts the held-out
-preference accuracy to 0.9 or more, moves its greedy answers from the bare colour to the chosen sentence, and the
-run ends with the before/after table."""
+preference accuracy to 0.9 or more, moves its greedy answers from the bare colour to the chosen sentence (some
+of them with dpo's defaults, nearly all with the SFT term on the chosen answer), and the run ends with the
+before/after table."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_entry, run_folders
 
 
+# Without an SFT term, how many greedy answers end on the chosen sentence after 60 steps depends on the CPU's
+# float kernels (0.96 of the held-out rows on one machine, 0.42 on an AVX-512-FP16 one; data/README.md); the
+# preference accuracy does not. With preference.rpo_alpha=1.0 they all move (0.96-1.00 over seeds 1, 2, 42).
+@pytest.mark.parametrize(("extra", "min_exact"), [((), 0.0), (("preference.rpo_alpha=1.0",), 0.9)])
 def test_dpo_on_the_preference_demo_lifts_the_preference_accuracy_and_moves_the_answers(
-    pretrained_twin, tmp_path
+    pretrained_twin, tmp_path, extra, min_exact
 ):
     out = tmp_path / "out"
     args = [
@@ -18,6 +25,7 @@ def test_dpo_on_the_preference_demo_lifts_the_preference_accuracy_and_moves_the_
         "stages=[dpo,eval]",
         "model.gradient_checkpointing=false",
         f"output_root={out}",
+        *extra,
     ]
     proc = run_entry(args, tmp_path, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -28,10 +36,9 @@ def test_dpo_on_the_preference_demo_lifts_the_preference_accuracy_and_moves_the_
     assert base["pref_accuracy"] <= 0.5, comparison
     assert tuned["pref_accuracy"] >= 0.9, comparison
     assert tuned["pref_margin"] > base["pref_margin"] + 5, comparison
-    # greedy answers: the bare colour before (no exact match), mostly the chosen sentence after
+    # greedy answers: the bare colour before (no exact match), the chosen sentence after
     assert base["exact_match"] == 0.0, comparison
-    assert tuned["exact_match"] >= 0.5, comparison
-    assert any(example["finetuned"] == example["label"] for example in comparison["examples"]), comparison
+    assert tuned["exact_match"] > min_exact, comparison
     table = proc.stdout[proc.stdout.index("before/after fine-tuning") :]
     assert "pref_accuracy" in table and "exact_match" in table and "fine-tuned" in table
     records = [json.loads(line) for line in (run_dir / "dpo" / "logging.jsonl").read_text().splitlines()]

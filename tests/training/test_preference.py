@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from pipeline.data.demo import ensure_demo_pairs
 from pipeline.data.images import ImageFiles
@@ -23,19 +22,9 @@ from pipeline.training.preference import (
     PreferenceLoss,
     PreferenceSettings,
 )
+from tests.helpers import LORA_ALL
 
 FAMILIES = ("minicpm_v2", "qwen2_5_vl", "qwen3_vl", "minicpm_v4_6")
-LORA = OmegaConf.create(
-    {
-        "name": "all",
-        "r": 4,
-        "alpha": 8,
-        "dropout": 0.0,
-        "target_modules": None,
-        "modules_to_save": [],
-        "bias": "none",
-    }
-)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def loaded(family_twin, name: str, lora: bool = True):
     family = get_family(name)
     bundle = family.load_bundle(family_twin(name))
     torch.manual_seed(0)
-    model = family.prepare_training(bundle, LORA, False, str(bundle.base_path)) if lora else bundle.model
+    model = family.prepare_training(bundle, LORA_ALL, False, str(bundle.base_path)) if lora else bundle.model
     if lora:  # LoRA's B starts at zero: move it, so that the policy differs from the reference
         with torch.no_grad():
             for param_name, param in model.named_parameters():
