@@ -161,6 +161,16 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             settings[f"{family}_{short}_default"] = (family, [f"+experiment={experiment}"], "coco")
         for lever, overrides in {**LEVERS_OFF, **BUDGETS, **FAMILY_LEVERS_OFF.get(family, {})}.items():
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
+        # a trained tower's recompute only (model.gradient_checkpointing=vision), against `_default`'s every
+        # block; and the profile of each
+        for short in ("all", "full"):
+            experiment = f"+experiment={EXPERIMENTS[short]}"
+            settings[f"{family}_{short}_vision_ckpt"] = (
+                family,
+                [experiment, "model.gradient_checkpointing=vision"],
+                "coco",
+            )
+            settings[f"{family}_{short}_profile"] = (family, [experiment, *LEVERS_OFF["profile"]], "coco")
     return settings
 
 
