@@ -136,6 +136,19 @@ def test_sharded_run_resumes_like_an_uninterrupted_one(pretrained_twin, tmp_path
         )
 
 
+def launch_default(twin: Path, experiment: str, run: Path, budget: int, *extra: str) -> dict[int, float]:
+    """Runs 4 steps of `experiment` with trainer=default on the GPU (no dropout, a checkpoint and an
+    evaluation every 2 steps) into `run`; returns its train losses by step."""
+    cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model.path={twin}",
+           "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
+           "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.logging_steps=1",
+           "trainer.max_eval_samples=8", "lora.dropout=0", f"trainer.micro_batch_tokens={budget}",
+           f"hydra.run.dir={run}", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses_by_step(run / "sft")
+
+
 @pytest.mark.parametrize("experiment", ["lora_qkv", "lora_all", "full"])
 @pytest.mark.parametrize("budget", [4096, 0])
 def test_compile_with_trainer_default_settings_through_the_entry_point(
@@ -146,14 +159,7 @@ def test_compile_with_trainer_default_settings_through_the_entry_point(
     and a resume: the losses follow the plain run's within bf16 rounding, and the resumed run repeats them."""
 
     def launch(run: Path, *extra: str) -> dict[int, float]:
-        cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model.path={pretrained_twin}",
-               "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
-               "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.logging_steps=1",
-               "trainer.max_eval_samples=8", "lora.dropout=0", f"trainer.micro_batch_tokens={budget}",
-               f"hydra.run.dir={run}", *extra]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return losses_by_step(run / "sft")
+        return launch_default(pretrained_twin, experiment, run, budget, *extra)
 
     plain = launch(tmp_path / "plain", "trainer.compile=false")
     compiled = launch(tmp_path / "compiled", "trainer.compile=true")
@@ -166,6 +172,22 @@ def test_compile_with_trainer_default_settings_through_the_entry_point(
     again = launch(resumed, "trainer.compile=true")
     for step in (3, 4):
         assert again[step] == pytest.approx(compiled[step], rel=1e-2), (step, compiled, again)
+
+
+@pytest.mark.parametrize("experiment", ["lora_all", "full"])
+def test_vision_only_checkpointing_compiled_follows_every_block_checkpointed(
+    pretrained_twin, tmp_path, experiment
+):
+    """model.gradient_checkpointing=vision with compile and CUDA graphs (the language model's layers
+    replayed uncheckpointed, the tower's blocks recomputed) follows the eager run that checkpoints every
+    block within bf16 rounding."""
+    every = launch_default(pretrained_twin, experiment, tmp_path / "every", 4096, "trainer.compile=false",
+                           "model.gradient_checkpointing=true")  # fmt: skip
+    tower = launch_default(pretrained_twin, experiment, tmp_path / "tower", 4096, "trainer.compile=true",
+                           "model.gradient_checkpointing=vision")  # fmt: skip
+    assert sorted(every) == sorted(tower) == [1, 2, 3, 4]
+    for step in every:
+        assert tower[step] == pytest.approx(every[step], rel=3e-2, abs=2e-2), (step, every, tower)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "minicpm_v4_6"])
