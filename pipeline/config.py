@@ -183,7 +183,8 @@ class TrainerConfig:
     # The HF-native vision towers' blocks compiled with the language model's layers, on patch sequences
     # padded to a few static lengths (pipeline/families/vision_compile.py): auto = on where trainer.compile
     # is, the tower attends by variable-length attention (model.vision_attention) and the family compiles its
-    # tower by default (the Qwen VLs; MiniCPM-V 4.6's measured no faster); true; false = eager
+    # tower by default (Capabilities.compiles_vision_by_default: off where it measured no faster); true;
+    # false = eager
     compile_vision: Any = "auto"
     max_eval_samples: int | None = None
     # > 0: torch.profiler over that many optimizer steps (after 3 unrecorded ones), into sft/profile/

@@ -317,9 +317,9 @@ def resolve_compile_vision(
 ) -> bool:
     """Returns whether the family's vision blocks compile too: false as given; auto = where the layers
     compile (`compiled`) and the family can compile its vision blocks in this run (`compiles_vision`: a
-    tower that attends by variable-length attention) and compiles them by default (`by_default`: the Qwen
-    VLs; not MiniCPM-V 4.6, where it measured no faster); true needs the first two and says which is
-    missing."""
+    tower that attends by variable-length attention) and compiles them by default (`by_default`:
+    Capabilities.compiles_vision_by_default, off where a compiled tower measured no faster); true needs the
+    first two and says which is missing."""
     if value is False:
         return False
     if value == "auto":
@@ -385,10 +385,9 @@ def resolve_checkpointing(
     """Returns whether sft checkpoints activations: true/false as given; "vision" = the vision tower's
     blocks only (their activations grow with the patches, which the language model's token budget does not
     bound; the language model's are bounded, and skipping their recompute saves a forward pass of it);
-    auto = off for LoRA that leaves
-    the vision tower frozen (lora=qkv) on a CUDA device with micro-batches of more than 1024 tokens (their
-    activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at trainer=default's 4096); on for
-    LoRA that trains the tower (`tower_trains`, lora=all: the tower's activations of every slice of every
+    auto = off for LoRA that leaves the vision tower frozen (lora=qkv) on a CUDA device with micro-batches
+    of more than 1024 tokens (their activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at
+    trainer=default's 4096); on for LoRA that trains the tower (`tower_trains`, lora=all: the tower's activations of every slice of every
     row in a micro-batch are kept for the backward, which the language-model token budget does not bound:
     MiniCPM-V-2 lora=all ran out of an 80 GB H100 at its first step without checkpointing), full
     fine-tuning, budgets of 1024 or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and
