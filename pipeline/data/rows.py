@@ -17,6 +17,9 @@ class Row:
     origin: str  # "path/to/file.jsonl:17" (1-based line), "coco:validation:3", ... used in every message
     references: list[str] | None = None  # every reference answer when a source has several (COCO captions)
     num_tokens: int | None = None  # encoded length, image tokens included; set by validation
+    # the vision tower's patches, where validation encoded the row to count its tokens: the token budget
+    # reads them instead of encoding the row a second time
+    num_patches: int | None = None
     # a preference pair's rejected answer (pipeline/data/pairs.py); `response` is then the chosen one, which
     # sft trains on and eval scores against
     rejected: str | None = None

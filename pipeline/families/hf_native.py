@@ -772,13 +772,17 @@ class HFNativeFamily(Family):
     ) -> Callable[[RowLike], int | None]:
         """Counts a row's tokens (over max_length for a row too long to keep: validation names both numbers):
         from the rendered text and the images' header sizes where the family allows (`counts_from_sizes`),
-        else by encoding it."""
+        else by encoding it. A row encoded to count it keeps its vision patches as `num_patches` (where its
+        type has the field), so that the token budget (`patch_counter`) does not encode it a second time."""
         processor = bundle.processor
 
         def count(row: RowLike) -> int | None:
             n = self._count_from_sizes(processor, row, images) if self.counts_from_sizes else None
             if n is None:  # videos too: their timestamps and frame sizes are the processor's to lay out
-                n = len(self._encode_row_from(processor, row, images, generation=False))
+                sample = self._encode_row_from(processor, row, images, generation=False)
+                n = len(sample)
+                if hasattr(row, "num_patches"):
+                    row.num_patches = self.sample_patches(processor, sample)
             return n
 
         return count
@@ -822,12 +826,16 @@ class HFNativeFamily(Family):
 
     def patch_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int]:
         """Counts the vision tower's patches of a row: from its images' header sizes where the processor
-        says how many patches a size makes (`counts_from_sizes`), else from the encoded row's pixels."""
+        says how many patches a size makes (`counts_from_sizes`), else from the encoded row's pixels: those
+        that validation's token count kept (`num_patches`), or by encoding the row now."""
         processor = bundle.processor
 
         def count(row: RowLike) -> int:
             if not row.images and not row_video_refs(row):
                 return 0
+            known = getattr(row, "num_patches", None)
+            if known is not None:
+                return known
             if self.counts_from_sizes and not row_video_refs(row):
                 sizes = [images.size(ref) for ref in row.images]  # the headers only
                 if all(size is not None for size in sizes):

@@ -64,6 +64,32 @@ def test_a_rows_patches_equal_its_encoded_pixels_and_weigh_by_the_towers_size(fa
     assert family.patch_weight(bundle) == pytest.approx(vision / llm / 3)
 
 
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_row_encoded_to_count_its_tokens_is_not_encoded_again_for_its_patches(
+    family_twin, tmp_path, monkeypatch, name
+):
+    """A family that counts a row by encoding it (MiniCPM-V 4.6: its slices are laid out in the text) keeps
+    the patches of that encoding for the token budget: one encoding per row before training, not two, with
+    the same count. A family that counts from image headers (the Qwen VLs) encodes none."""
+    family = get_family(name)
+    bundle = family.load_bundle(family_twin(name))
+    images = ImageFiles()
+    rows = [row_with_images(tmp_path, sizes) for sizes in ([(200, 120)], [(64, 64), (150, 90)])]
+    fresh = [row_with_images(tmp_path, sizes) for sizes in ([(200, 120)], [(64, 64), (150, 90)])]
+    expected = [family.patch_counter(bundle, images)(row) for row in fresh]  # encodes where it must
+
+    encodings = []
+    encode = family._encode_row_from
+    monkeypatch.setattr(family, "_encode_row_from", lambda *a, **k: encodings.append(1) or encode(*a, **k))
+    tokens = [family.token_counter(bundle, 2048, "delete", images)(row) for row in rows]
+    counted = len(encodings)
+    patches = [family.patch_counter(bundle, images)(row) for row in rows]
+    assert patches == expected and all(n > 0 for n in tokens)
+    assert len(encodings) == counted  # the budget encoded nothing more
+    assert counted == (0 if family.counts_from_sizes else len(rows))
+    assert [row.num_patches for row in rows] == ([None, None] if family.counts_from_sizes else expected)
+
+
 def test_minicpm_v4_6s_blocks_after_the_window_merger_count_a_quarter_of_the_patches(family_twin):
     """MiniCPM-V 4.6's tower merges 2 x 2 windows of patches after block `insert_layer_id` (the 7th of 27 in
     the published model; the twin's first of two): the blocks after it run on a quarter of the patches."""
