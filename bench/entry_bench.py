@@ -661,9 +661,12 @@ def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path,
 
 
 def drop_checkpoints(run_dir: Path) -> None:
-    """Deletes a measured run's checkpoints: a full fine-tuning checkpoint of MiniCPM-V-2 (fp32 weights and
-    Adam's moments) is some 40 GB, and two of them fill the GPU machine's 64 GiB disk."""
-    for folder in sorted((run_dir / "sft").glob("checkpoint-*")):
+    """Deletes a measured run's checkpoints, the partial one of a run its time limit stopped mid-save
+    included: a full fine-tuning checkpoint of MiniCPM-V-2 (fp32 weights and Adam's moments) is some 40 GB,
+    and two of them fill the GPU machine's 64 GiB disk (2026-12-06: Qwen2.5-VL-3B's and Qwen3-VL-4B's, cut
+    while saving, left theirs and the next three settings failed writing their own)."""
+    sft = run_dir / "sft"
+    for folder in sorted([*sft.glob("checkpoint-*"), *sft.glob(".tmp-checkpoint-*")]):
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -99,6 +99,18 @@ def list_checkpoints(sft_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def remove_partial_checkpoints(sft_dir: Path) -> list[Path]:
+    """Removes the temporary folders of checkpoints whose writing an earlier process did not finish (killed
+    mid-save) and returns them; only the process that holds the run folder calls it."""
+    if not sft_dir.is_dir():
+        return []
+    partial = sorted(p for p in sft_dir.glob(".tmp-checkpoint-*") if p.is_dir())
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("removed %s: a checkpoint an earlier attempt did not finish writing", folder)
+    return partial
+
+
 def _save_rng(path: Path) -> None:
     state = {
         "python": random.getstate(),
@@ -205,55 +217,89 @@ def save_training_checkpoint(
     rank, _ = _rank_world()
     final = sft_dir / f"checkpoint-{state.global_step}"
     tmp = sft_dir / f".tmp-checkpoint-{state.global_step}"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    if engine is not None:
-        weights, optim_state = _deepspeed_weights(engine, model), None
-    else:
-        weights = get_model_state_dict(model, options=_gather_options(model))
-        weights.update(_frozen_tensors_of_saved_modules(model, weights))
-        optim_state = get_optimizer_state_dict(
-            model, _inner_optimizer(optimizer), options=_gather_options(model)
-        )
-    if rank == 0:
-        if isinstance(model, PeftModel):
-            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+    try:
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        if engine is not None:
+            weights, optim_state = _deepspeed_weights(engine, model), None
         else:
-            write_full(model, tmp, weights)
-        if optim_state is not None:
-            torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
-        (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
-        for name in TOKENIZER_FILES:
-            if (base_path / name).is_file() and not (tmp / name).exists():
-                shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
-    del weights, optim_state
-    _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
-    _save_rng(tmp / rng_file(rank))
-    if engine is not None:
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    _barrier()
-    if rank == 0:
-        mode = file_mode()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                # safetensors writes 0600 whatever the umask; every file gets the mode open() would give
-                os.chmod(f, mode)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():  # an earlier, interrupted run reached the same step: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+            weights = get_model_state_dict(model, options=_gather_options(model))
+            weights.update(_frozen_tensors_of_saved_modules(model, weights))
+            optim_state = get_optimizer_state_dict(
+                model, _inner_optimizer(optimizer), options=_gather_options(model)
+            )
+        if rank == 0:
+            if isinstance(model, PeftModel):
+                model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+            else:
+                write_full(model, tmp, weights)
+            if optim_state is not None:
+                torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
+            (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
+            for name in TOKENIZER_FILES:
+                if (base_path / name).is_file() and not (tmp / name).exists():
+                    shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
+        del weights, optim_state
+        _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
+        _save_rng(tmp / rng_file(rank))
+        if engine is not None:
+            engine.save_checkpoint(
+                str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True
+            )
+        _barrier()
+        if rank == 0:
+            mode = file_mode()
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    # safetensors writes 0600 whatever the umask; every file gets the mode open() would give
+                    os.chmod(f, mode)
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():  # an earlier, interrupted run reached the same step: replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except BaseException as exc:
+        if rank == 0:  # the partial folder would only take the disk's space: the earlier checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):  # an interrupt: stop as asked
+            raise
+        raise CheckpointWriteError(_write_failure(sft_dir, final, exc)) from exc
     _barrier()
     return final
 
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+
+
+class CheckpointWriteError(OSError):
+    """A training checkpoint could not be written (a full disk, say): its partial folder is removed, the
+    earlier checkpoints are kept, and the message names the folder, the cause and where to resume."""
+
+
+def _write_failure(sft_dir: Path, final: Path, exc: Exception) -> str:
+    """Returns the message of a checkpoint that could not be written: what failed and why, the space left
+    on the disk, and the newest complete checkpoint a rerun resumes from."""
+    reason = f"{type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
+    try:
+        free = f"; {shutil.disk_usage(sft_dir).free / 1e9:.1f} GB are free on its disk"
+    except OSError:
+        free = ""
+    earlier = [ckpt for ckpt in list_checkpoints(sft_dir) if ckpt != final]
+    if earlier:
+        resume = (
+            f"the newest complete checkpoint, {earlier[-1]}, is kept: make room (or save less often: "
+            "trainer.save_steps, trainer.save_total_limit) and rerun the same command into the same run folder "
+            "to resume from it"
+        )
+    else:
+        resume = "no earlier checkpoint of this run exists"
+    return f"{final}: the checkpoint could not be written ({reason}); its partial folder was removed{free}. {resume}"
 
 
 def _deepspeed_weights(engine, model) -> dict[str, torch.Tensor]:

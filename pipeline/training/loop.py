@@ -48,6 +48,7 @@ from pipeline.training.checkpoints import (
     list_checkpoints,
     load_training_checkpoint,
     point,
+    remove_partial_checkpoints,
     rotate_checkpoints,
     save_training_checkpoint,
 )
@@ -320,7 +321,11 @@ class Trainer:
 
     # ----- resume
     def resume(self, resume: str) -> Path | None:
-        """Restores the newest complete checkpoint (auto) or the one given; returns it, or None."""
+        """Restores the newest complete checkpoint (auto) or the one given; returns it, or None. A partial
+        checkpoint folder an earlier attempt left (killed while saving) is removed first: it is never resumed
+        from, and a full fine-tuning one holds as much disk as a whole checkpoint."""
+        if self.acc.is_main_process:
+            remove_partial_checkpoints(self.sft_dir)
         ckpt = checkpoint_to_resume(resume, self.sft_dir)
         if ckpt is None:
             return None

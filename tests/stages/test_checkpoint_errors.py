@@ -3,6 +3,7 @@ weight loads; a folder without preprocessor_config.json still loads."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.families.checkpoints import CheckpointError
@@ -18,6 +20,7 @@ from pipeline.families.minicpm_v2.checkpoint import load_model
 from pipeline.families.minicpm_v2.family import MiniCPMV2
 from pipeline.families.minicpm_v2.tiny import build_tiny_twin
 from pipeline.stages import sft
+from pipeline.training.checkpoints import CheckpointWriteError
 from tests.helpers import run_stage, workdir_config, write_rows
 
 UMASK = 0o027
@@ -172,3 +175,38 @@ def test_checkpoint_and_model_files_get_their_mode_from_the_umask(workdir):
         for path in folder.iterdir():
             if path.is_file() and not path.is_symlink():
                 assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK, path
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_folder_and_names_where_to_resume(
+    workdir, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        target = Path(f)
+        if target.parent.name == ".tmp-checkpoint-2" and target.name == "optimizer.pt":
+            target.write_bytes(b"\0" * 4096)  # what a disk that fills up mid-write leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as caught:
+        run_stage(sft, _cfg(workdir), run)
+    message = str(caught.value)
+    sft_dir = run / "sft"
+    assert message.startswith(f"{sft_dir / 'checkpoint-2'}: the checkpoint could not be written (OSError: ")
+    assert "No space left on device" in message and "GB are free on its disk" in message
+    assert f"the newest complete checkpoint, {sft_dir / 'checkpoint-1'}, is kept" in message
+    assert not (sft_dir / ".tmp-checkpoint-2").exists() and not (sft_dir / "checkpoint-2").exists()
+    assert (sft_dir / "checkpoint-1" / "trainer_state.json").is_file()
+
+    # a save killed outright (no exception handler ran) leaves its temporary folder: the next attempt
+    # removes it, resumes from checkpoint-1 and finishes
+    monkeypatch.undo()
+    stale = sft_dir / ".tmp-checkpoint-2"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    out = run_stage(sft, _cfg(workdir), run)
+    assert out["sft"]["global_step"] == 2 and out["sft"]["resumed_from"] == str(sft_dir / "checkpoint-1")
+    assert not stale.exists() and (sft_dir / "checkpoint-2" / "trainer_state.json").is_file()
