@@ -171,6 +171,11 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
                 "coco",
             )
             settings[f"{family}_{short}_profile"] = (family, [experiment, *LEVERS_OFF["profile"]], "coco")
+            # the budget of a trained tower: larger (auto gives full fine-tuning 4096, and MiniCPM-V 4.6's rows,
+            # ~3,250 patches at its patch weight, then run one a micro-batch) or counting tokens only
+            for lever in ("budget16k", "budget64k"):
+                settings[f"{family}_{short}_{lever}"] = (family, [experiment, *BUDGETS[lever]], "coco")
+            settings[f"{family}_{short}_tokens"] = (family, [experiment, *LEVERS_OFF["tokens"]], "coco")
     return settings
 
 

@@ -146,3 +146,29 @@ def adapter_base(ckpt: Path, fallback: Path) -> Path:
             return recorded
         log.warning("base model %s recorded in %s is gone; using %s", recorded, pointer, fallback)
     return fallback
+
+
+def parameters_in_folder(path: str | Path) -> int | None:
+    """Returns how many parameters the safetensors files of a model folder hold, read from their headers (no
+    tensor is loaded); None for a hub id not yet downloaded, a folder without safetensors files or one whose
+    headers cannot be read (the caller then does without the count)."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shape = handle.get_slice(key).get_shape()
+                    count = 1
+                    for size in shape:
+                        count *= int(size)
+                    total += count
+    except Exception as err:  # a damaged file is named when the model loads; the plan does without
+        log.debug("cannot count the parameters of %s: %s", folder, err)
+        return None
+    return total

@@ -35,7 +35,7 @@ from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.validate import apply_on_error
 from pipeline.families import family_from_config
 from pipeline.families.base import Family
-from pipeline.families.checkpoints import adapter_base, checkpoint_kind
+from pipeline.families.checkpoints import adapter_base, checkpoint_kind, parameters_in_folder
 from pipeline.runinfo import seed_everything
 from pipeline.stages.sft import (
     build_model,
@@ -89,6 +89,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         compiled_shapes=caps.compiled_shapes,
         compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
         vision_by_default=caps.compiles_vision_by_default,
+        parameters=parameters_in_folder(state.model_path),  # full fine-tuning's budget on large cards
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)

@@ -30,6 +30,7 @@ from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.summary import report_summary, summarize_dataset
 from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Family
+from pipeline.families.checkpoints import parameters_in_folder
 from pipeline.runinfo import seed_everything
 from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         compiled_shapes=caps.compiled_shapes,
         compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
         vision_by_default=caps.compiles_vision_by_default,
+        parameters=parameters_in_folder(state.model_path),  # full fine-tuning's budget on large cards
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)  # before any weight loads

@@ -51,6 +51,12 @@ GRAPH_PAD_MULTIPLE = 128
 DEFAULT_BUDGET = 4096
 LARGE_CARD_BUDGET = 16384
 LARGE_CARD_GIB = 60
+# full fine-tuning's state per trained parameter: fp32 weight, its gradient and AdamW's two moments; auto gives
+# it LARGE_CARD_BUDGET where that state takes at most FULL_STATE_SHARE of a large card (MiniCPM-V 4.6's 1.3B
+# parameters: ~21 GB of 80), DEFAULT_BUDGET where the card is mostly state (MiniCPM-V-2 ~54 GB, Qwen2.5-VL-3B
+# ~60, Qwen3-VL-4B ~71: 62-73 GB peak at 4096 on an H100, bench/RESULTS.md)
+FULL_STATE_BYTES = 16
+FULL_STATE_SHARE = 0.5
 # engines that shard weights (and optimizer state) over the processes
 SHARDING_ENGINES = ("FSDP", "DEEPSPEED")
 
@@ -173,16 +179,20 @@ def plan_training(
     compiled_shapes: str = "padded",
     compiles_vision: bool = False,
     vision_by_default: bool = True,
+    parameters: int | None = None,
 ) -> TrainingPlan:
     """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
     its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
     (for trainer.packing=auto); `compiled_shapes`, "padded" = its compiled layers take any batch and replay
     as CUDA graphs on a GPU, "packed" = they take packed rows of static lengths only (no CUDA graphs), so
     compile needs packing; `compiles_vision`, whether it can compile its vision tower's blocks in this run
-    (Family.compiles_vision_on), and `vision_by_default`, whether trainer.compile_vision=auto does."""
+    (Family.compiles_vision_on), and `vision_by_default`, whether trainer.compile_vision=auto does;
+    `parameters`, the base model's parameter count where it is known before loading (for full fine-tuning's
+    budget: resolve_micro_batch_tokens)."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
-    budget = resolve_micro_batch_tokens(t.micro_batch_tokens, device, cfg.lora.name)
+    shards = processes if launch.sharded else 1
+    budget = resolve_micro_batch_tokens(t.micro_batch_tokens, device, cfg.lora.name, parameters, shards)
     packing = resolve_packing(t.packing, device, packs_padding_free, budget)
     packed_only = compiled_shapes == "packed"
     compiled = resolve_compile(
@@ -338,16 +348,26 @@ def resolve_compile_vision(
     return True
 
 
-def resolve_micro_batch_tokens(value: Any, device: torch.device, lora: str) -> int:
-    """Returns trainer.micro_batch_tokens: as given; auto = LARGE_CARD_BUDGET for LoRA on a CUDA device of at
-    least LARGE_CARD_GIB (fewer, larger micro-batches: fewer launches per sample, same loss), else
-    DEFAULT_BUDGET (full fine-tuning keeps its memory for weights and optimizer state; smaller cards)."""
+def resolve_micro_batch_tokens(
+    value: Any, device: torch.device, lora: str, parameters: int | None = None, shards: int = 1
+) -> int:
+    """Returns trainer.micro_batch_tokens: as given; auto = LARGE_CARD_BUDGET on a CUDA device of at least
+    LARGE_CARD_GIB (fewer, larger micro-batches: fewer launches per sample, same loss) for LoRA, and for full
+    fine-tuning where its state (FULL_STATE_BYTES a parameter of the `parameters`, split over `shards`
+    processes under FSDP/DeepSpeed) takes at most FULL_STATE_SHARE of the card; else DEFAULT_BUDGET (a card
+    mostly taken by full fine-tuning's state, an unknown parameter count, smaller cards, the CPU)."""
     if value != "auto":
         return int(value)
-    if device.type == "cuda" and lora != "none" and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if torch.cuda.get_device_properties(index).total_memory >= LARGE_CARD_GIB * 2**30:
-            return LARGE_CARD_BUDGET
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return DEFAULT_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    card = torch.cuda.get_device_properties(index).total_memory
+    if card < LARGE_CARD_GIB * 2**30:
+        return DEFAULT_BUDGET
+    if lora != "none":
+        return LARGE_CARD_BUDGET
+    if parameters is not None and parameters * FULL_STATE_BYTES / max(shards, 1) <= FULL_STATE_SHARE * card:
+        return LARGE_CARD_BUDGET
     return DEFAULT_BUDGET
 
 

@@ -221,8 +221,10 @@ def test_packing_auto_resolves_by_family_device_and_budget(compose):
 
 
 def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monkeypatch):
-    """trainer.micro_batch_tokens=auto: 16384 for LoRA on a card of 60 GiB or more, 4096 on smaller cards,
-    for full fine-tuning and on the CPU; a number stays as given; the plan and checkpointing follow it."""
+    """trainer.micro_batch_tokens=auto: 16384 for LoRA on a card of 60 GiB or more, and for full fine-tuning
+    there where its state (16 bytes a parameter, split over sharding processes) takes at most half the card;
+    4096 on smaller cards, for full fine-tuning of a model whose state fills the card or whose size is not
+    known, and on the CPU; a number stays as given; the plan and checkpointing follow it."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     total = {"gib": 80}
 
@@ -242,7 +244,16 @@ def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monke
     assert large.loop.micro_batch_tokens == 16384 and large.loop.packing and not large.gradient_checkpointing
     assert "packed rows of up to 16384 tokens" in large.describe()
     full = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=full"])
-    assert plan_training(full, Launch(cuda), compiles=False).loop.micro_batch_tokens == 4096
+    assert plan_training(full, Launch(cuda), compiles=False).loop.micro_batch_tokens == 4096  # size unknown
+
+    def full_budget(parameters: int, launch: Launch | None = None) -> int:
+        launch = launch or Launch(cuda)
+        return plan_training(full, launch, compiles=False, parameters=parameters).loop.micro_batch_tokens
+
+    # MiniCPM-V 4.6 (1.30 B: ~21 GB of state) and Qwen2.5-VL-3B (3.75 B: ~60 GB) on an 80 GiB card
+    assert full_budget(1_300_000_000) == 16384 and full_budget(3_750_000_000) == 4096
+    assert full_budget(3_750_000_000, Launch(cuda, 4, "FSDP")) == 16384  # a quarter of the state each
+    assert full_budget(3_750_000_000, Launch(cuda, 4, "MULTI_GPU")) == 4096  # DDP: the whole state each
     assert plan_of(qkv, cpu).loop.micro_batch_tokens == 4096
     given = compose(["model=qwen2_5_vl_tiny", "+experiment=lora_qkv", "trainer.micro_batch_tokens=2048"])
     assert plan_training(given, Launch(cuda), compiles=False).loop.micro_batch_tokens == 2048
@@ -250,6 +261,7 @@ def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monke
     assert plan_training(low, Launch(cuda), compiles=False).loop.micro_batch_tokens == 1024
     total["gib"] = 24
     assert plan_training(qkv, Launch(cuda), compiles=False).loop.micro_batch_tokens == 4096
+    assert full_budget(100_000_000) == 4096
     for bad in ("lots", "-1", "true"):
         with pytest.raises(
             ConfigError, match=r"trainer\.micro_batch_tokens=.* must be auto or an integer >= 0"

@@ -646,3 +646,18 @@ def test_vision_attention_auto_picks_the_kernel_only_where_it_runs(monkeypatch):
     assert va.resolve("auto", cuda, torch.float16) is False
     with pytest.raises(ValueError, match="model.vision_attention=flash is not a valid choice"):
         va.resolve("flash", cpu, torch.float32)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_model_folder_tells_its_parameter_count_before_loading(loaded, twins, tmp_path, name):
+    """The plan sizes full fine-tuning's token budget from the base folder's parameter count, read from the
+    safetensors headers: every parameter of the loaded model, tied weights once."""
+    from pipeline.families.checkpoints import parameters_in_folder
+
+    model = loaded[name][1]
+    assert parameters_in_folder(twins[name][1]) == sum(p.numel() for p in model.parameters())
+    assert parameters_in_folder(tmp_path) is None and parameters_in_folder("org/not-downloaded") is None
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    assert (
+        parameters_in_folder(tmp_path) is None
+    )  # the model's loader names a damaged file; the plan does without

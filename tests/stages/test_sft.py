@@ -39,7 +39,15 @@ SHORT = (
 )
 
 
-def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
+def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path, monkeypatch):
+    planned = {}
+
+    def plan_training(*args, **kwargs):
+        planned.update(kwargs)
+        return real_plan(*args, **kwargs)
+
+    real_plan = sft.plan_training
+    monkeypatch.setattr(sft, "plan_training", plan_training)
     cfg = make_cfg(twin, *SHORT, "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.save_total_limit=2")
     out = run_stage(sft, cfg, tmp_path)
     sft_dir = tmp_path / "sft"
@@ -69,6 +77,8 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path):
     assert (sft_dir / "loss.png").stat().st_size > 1000
     summary = json.loads((sft_dir / "summary.json").read_text())
     assert summary["global_step"] == 6 and summary["trainable_params"] < summary["total_params"]
+    # the plan knew the base model's size before it loaded (full fine-tuning's budget on large cards)
+    assert planned["parameters"] == summary["total_params"] - summary["trainable_params"]
     assert out["ckpt"] == (sft_dir / "best").resolve()
 
 
