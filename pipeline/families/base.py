@@ -921,6 +921,12 @@ class Family(ABC):
         (capabilities.fuses_kernels); `compiled`: whether its layers will be compiled. Returns whether."""
         return False
 
+    def attend_in(self, bundle: Bundle, compute_dtype: torch.dtype) -> None:
+        """Tells the loaded model the dtype its training computes in (TrainingPlan.compute_dtype), where that
+        differs from its weights' (full fine-tuning's fp32 weights under bf16 autocast): a vision attention
+        that auto resolved by the weights' dtype resolves again by it. Default: nothing to do."""
+        return None
+
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         """Returns how the loaded model's vision tower attends ("varlen", "sdpa"), or None where the family
         has no choice of it (MiniCPM-V-2's own tower)."""

@@ -718,6 +718,16 @@ class HFNativeFamily(Family):
             and vision_attention.resolve(self.vision_attention, device, dtype)
         )
 
+    def attend_in(self, bundle: Bundle, compute_dtype: torch.dtype) -> None:
+        """Full fine-tuning loads fp32 weights, for which model.vision_attention=auto leaves transformers'
+        attention (a Python loop over every image or window, one SDPA call each); under bf16 autocast the
+        queries are bf16 and the variable-length kernel runs, so auto resolves by the compute dtype here.
+        Outside autocast (eval) the same attention falls back to one SDPA call a piece, as transformers'."""
+        if vision_attention.implementation(bundle.core) == vision_attention.VARLEN:
+            return
+        if vision_attention.resolve(self.vision_attention, self.device_of(bundle), compute_dtype):
+            vision_attention.enable(bundle.core)
+
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         used = vision_attention.implementation(bundle.core)
         return "varlen" if used == vision_attention.VARLEN else str(used or "sdpa")

@@ -282,6 +282,7 @@ def build_model(
         device=plan.launch.device,
         allow_download=cfg.model.trust_hub,
     )
+    family.attend_in(bundle, plan.compute_dtype)
     fused = family.apply_fused_kernels(bundle, compiled=plan.compile)  # before LoRA wraps the modules
     module = family.prepare_training(
         bundle, cfg.lora, plan.gradient_checkpointing, base_name or base_model_name(cfg, bundle)

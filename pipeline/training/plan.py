@@ -57,6 +57,8 @@ LARGE_CARD_GIB = 60
 # ~60, Qwen3-VL-4B ~71: 62-73 GB peak at 4096 on an H100, bench/RESULTS.md)
 FULL_STATE_BYTES = 16
 FULL_STATE_SHARE = 0.5
+# the dtype autocast computes in, by accelerate's mixed-precision mode
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # engines that shard weights (and optimizer state) over the processes
 SHARDING_ENGINES = ("FSDP", "DEEPSPEED")
 
@@ -129,6 +131,14 @@ class TrainingPlan:
     part_lrs: tuple[tuple[str, float], ...] = ()
     # the family also compiles its vision tower's blocks, on padded patch sequences (trainer.compile_vision)
     compile_vision: bool = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model's matrix products run in: the weights' where they are half precision (LoRA on
+        a GPU), else the mixed-precision autocast's (full fine-tuning's fp32 weights under bf16), else fp32."""
+        if self.weights_dtype in (torch.bfloat16, torch.float16):
+            return self.weights_dtype
+        return AUTOCAST_DTYPES.get(self.launch.mixed_precision, self.weights_dtype)
 
     @property
     def rows_per_step(self) -> int:

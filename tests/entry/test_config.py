@@ -554,3 +554,19 @@ def test_a_family_that_compiles_packed_rows_compiles_them_in_static_buckets_with
     # MiniCPM-V-2 (any padded batch): CUDA graphs, batches padded to a multiple of 128
     v2 = plan_training(padded, Launch(cuda, 1), compiles=True, compiled_shapes="padded")
     assert v2.compile and v2.cuda_graphs and v2.loop.pad_to_multiple == 128
+
+
+def test_the_compute_dtype_is_the_half_precision_weights_or_else_the_autocast(compose):
+    """What the family's vision attention resolves by at training time (Family.attend_in): full
+    fine-tuning's fp32 weights compute in the autocast's dtype on a GPU, in fp32 on the CPU."""
+    cuda = torch.device("cuda")
+    full = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=full"])
+    for mixed, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("no", torch.float32)):
+        plan = plan_training(full, Launch(cuda, mixed_precision=mixed), compiles=False)
+        assert plan.weights_dtype == torch.float32 and plan.compute_dtype == dtype
+    assert plan_of(full, torch.device("cpu")).compute_dtype == torch.float32
+    half = compose(["model=qwen2_5_vl_tiny", "+experiment=lora_qkv", "model.dtype=float16"])
+    assert (
+        plan_training(half, Launch(cuda, mixed_precision="bf16"), compiles=False).compute_dtype
+        == torch.float16
+    )

@@ -190,23 +190,40 @@ def test_vision_only_checkpointing_compiled_follows_every_block_checkpointed(
         assert tower[step] == pytest.approx(every[step], rel=3e-2, abs=2e-2), (step, every, tower)
 
 
+def _train_family_twin(run: Path, family: str, experiment: str, *extra: str) -> tuple[dict[int, float], str]:
+    """Four steps of `experiment` on the family's tiny twin through the entry point on the GPU; returns the
+    losses by step and the run's console output."""
+    cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model={family}_tiny",
+           "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
+           "trainer.logging_steps=1", "trainer.save_steps=100", "trainer.eval_steps=100", "lora.dropout=0",
+           f"hydra.run.dir={run}", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses_by_step(run / "sft"), proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "minicpm_v4_6"])
 def test_varlen_vision_attention_of_other_families_through_the_entry_point(tmp_path, family):
     """trainer=default on an HF-native family's tiny twin in bf16: the default run (model.vision_attention
     auto = torch's variable-length FlashAttention kernel) follows transformers' own SDPA loop over the
     images within bf16 rounding, and each run's log says which it used."""
+    plain, plain_log = _train_family_twin(
+        tmp_path / "plain", family, "lora_qkv", "model.vision_attention=sdpa"
+    )
+    fast, fast_log = _train_family_twin(tmp_path / "fast", family, "lora_qkv")
+    assert "vision attention: sdpa" in plain_log and "vision attention: varlen" in fast_log
+    assert sorted(plain) == sorted(fast) == [1, 2, 3, 4]
+    for step in plain:
+        assert fast[step] == pytest.approx(plain[step], rel=3e-2, abs=2e-2), (step, plain, fast)
 
-    def launch(run: Path, *extra: str) -> tuple[dict[int, float], str]:
-        cmd = [sys.executable, "-m", "pipeline", "+experiment=lora_qkv", f"model={family}_tiny",
-               "trainer=default", "device=cuda", "tracking=none", "stages=[sft]", "trainer.max_steps=4",
-               "trainer.logging_steps=1", "trainer.save_steps=100", "trainer.eval_steps=100", "lora.dropout=0",
-               f"hydra.run.dir={run}", *extra]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return losses_by_step(run / "sft"), proc.stdout + proc.stderr
 
-    plain, plain_log = launch(tmp_path / "plain", "model.vision_attention=sdpa")
-    fast, fast_log = launch(tmp_path / "fast")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "minicpm_v4_6"])
+def test_full_fine_tuning_attends_by_the_varlen_kernel_under_autocast(tmp_path, family):
+    """Full fine-tuning holds fp32 weights under bf16 autocast: its vision tower attends by the
+    variable-length kernel too (auto resolves by the compute dtype), within bf16 rounding of
+    transformers' loop."""
+    plain, plain_log = _train_family_twin(tmp_path / "plain", family, "full", "model.vision_attention=sdpa")
+    fast, fast_log = _train_family_twin(tmp_path / "fast", family, "full")
     assert "vision attention: sdpa" in plain_log and "vision attention: varlen" in fast_log
     assert sorted(plain) == sorted(fast) == [1, 2, 3, 4]
     for step in plain:

@@ -661,3 +661,23 @@ def test_a_model_folder_tells_its_parameter_count_before_loading(loaded, twins, 
     assert (
         parameters_in_folder(tmp_path) is None
     )  # the model's loader names a damaged file; the plan does without
+
+
+def test_fp32_weights_under_bf16_autocast_attend_by_the_kernel_of_their_compute_dtype(twins, monkeypatch):
+    """Full fine-tuning loads fp32 weights (and a quantized base loads on the CPU), for which
+    model.vision_attention=auto resolved to transformers' loop at load; the sft stage then tells the model the
+    dtype its training computes in, and auto resolves by that."""
+    from pipeline.families import vision_attention as va
+
+    family, folder = twins["qwen2_5_vl"]
+    bundle = family.load_bundle(str(folder))  # its own copy: the attention setting is changed below
+    assert family.vision_attention_of(bundle) == "sdpa"
+    family.attend_in(bundle, torch.float32)  # no autocast: the loop stays
+    assert family.vision_attention_of(bundle) == "sdpa"
+    monkeypatch.setattr(va, "kernel_runs", lambda device, dtype: dtype in (torch.bfloat16, torch.float16))
+    family.attend_in(bundle, torch.bfloat16)
+    assert family.vision_attention_of(bundle) == "varlen"
+    sdpa_only = get_family("qwen2_5_vl", vision_attention="sdpa")  # the switch that turns the lever off
+    other = sdpa_only.load_bundle(str(folder))
+    sdpa_only.attend_in(other, torch.bfloat16)
+    assert sdpa_only.vision_attention_of(other) == "sdpa"
