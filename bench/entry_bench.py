@@ -176,6 +176,9 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             for lever in ("budget16k", "budget64k"):
                 settings[f"{family}_{short}_{lever}"] = (family, [experiment, *BUDGETS[lever]], "coco")
             settings[f"{family}_{short}_tokens"] = (family, [experiment, *LEVERS_OFF["tokens"]], "coco")
+        # full fine-tuning's fp32 weights with transformers' vision attention (auto's choice for them until
+        # it resolved by the compute dtype), against `_full_default`'s variable-length kernel
+        settings[f"{family}_full_sdpa"] = (family, ["+experiment=full", *LEVERS_OFF["sdpa"]], "coco")
     return settings
 
 
