@@ -892,6 +892,7 @@ class Family(ABC):
             return self.load_bundle(path, ckpt, dtype=dtype, device=device, allow_download=allow_download)
         bundle = self.load_bundle(path, ckpt, dtype=dtype, device="cpu", allow_download=allow_download)
         self.quantize(bundle, quantization, dtype, torch.device(device))
+        self.attend_in(bundle, dtype)  # what loading on the CPU resolved, again on `device`
         return bundle
 
     def quantize(self, bundle: Any, choice: str, compute_dtype: torch.dtype, device: torch.device) -> int:

@@ -664,19 +664,29 @@ def test_a_model_folder_tells_its_parameter_count_before_loading(loaded, twins, 
 
 
 def test_fp32_weights_under_bf16_autocast_attend_by_the_kernel_of_their_compute_dtype(twins, monkeypatch):
-    """Full fine-tuning loads fp32 weights (and a quantized base loads on the CPU), for which
-    model.vision_attention=auto resolved to transformers' loop at load; the sft stage then tells the model the
-    dtype its training computes in, and auto resolves by that."""
+    """Full fine-tuning loads fp32 weights, and a quantized base loads on the CPU: for both
+    model.vision_attention=auto resolved to transformers' loop at load. The sft stage tells the model the dtype
+    its training computes in, and a quantized load resolves again on its device; auto resolves by them."""
     from pipeline.families import vision_attention as va
 
     family, folder = twins["qwen2_5_vl"]
-    bundle = family.load_bundle(str(folder))  # its own copy: the attention setting is changed below
+    cuda = torch.device("cuda")
+    # the kernel "runs" on a CUDA device in half precision; the model stays on the CPU but says it is on CUDA
+    monkeypatch.setattr(
+        va, "kernel_runs", lambda device, dtype: device.type == "cuda" and dtype.itemsize == 2
+    )
+    monkeypatch.setattr(type(family), "device_of", lambda self, bundle: cuda)
+    bundle = family.load_bundle(str(folder))  # fp32: its own copy, the attention setting is changed below
     assert family.vision_attention_of(bundle) == "sdpa"
     family.attend_in(bundle, torch.float32)  # no autocast: the loop stays
     assert family.vision_attention_of(bundle) == "sdpa"
-    monkeypatch.setattr(va, "kernel_runs", lambda device, dtype: dtype in (torch.bfloat16, torch.float16))
     family.attend_in(bundle, torch.bfloat16)
     assert family.vision_attention_of(bundle) == "varlen"
+
+    monkeypatch.setattr(type(family), "quantize", lambda self, bundle, choice, dtype, device: 0)
+    quantized = family.load_quantized(str(folder), quantization="nf4", dtype=torch.bfloat16, device=cuda)
+    assert family.vision_attention_of(quantized) == "varlen"  # loaded on the CPU, resolved again on CUDA
+
     sdpa_only = get_family("qwen2_5_vl", vision_attention="sdpa")  # the switch that turns the lever off
     other = sdpa_only.load_bundle(str(folder))
     sdpa_only.attend_in(other, torch.bfloat16)
