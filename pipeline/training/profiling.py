@@ -13,6 +13,7 @@ Only the main process profiles.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -101,13 +102,23 @@ def compile_stats(since: tuple[int, int] = (0, 0)) -> dict[str, int]:
 DELIBERATE_BREAK = "torch.compiler.disable()"
 
 
+# where torch.compile's reason names the function it would not trace ("Developer debug context: module: fla.x,
+# qualname: f, skip reason: ...")
+_SKIPPED_FUNCTION = re.compile(r"module: ([\w.]+), qualname: ([\w.<>]+)")
+
+
 def graph_break_reasons(limit: int | None = 3) -> list[str]:
-    """Returns the first line of the most frequent graph-break reasons in this process (for the log; every
-    one with limit=None)."""
+    """Returns the first line of the most frequent graph-break reasons in this process, with the function a
+    break would not trace where the reason names it (for the log; every one with limit=None)."""
     from torch._dynamo.utils import counters
 
     reasons = sorted(counters["graph_break"].items(), key=lambda item: -item[1])[:limit]
-    return [f"{count}x {reason.strip().splitlines()[0][:200]}" for reason, count in reasons]
+    lines = []
+    for reason, count in reasons:
+        line = f"{count}x {reason.strip().splitlines()[0][:200]}"
+        where = _SKIPPED_FUNCTION.search(reason)
+        lines.append(f"{line} ({where.group(1)}.{where.group(2)})" if where else line)
+    return lines
 
 
 def deliberate(reasons: list[str]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -59,3 +60,12 @@ def test_graph_break_reasons_tell_a_function_kept_out_of_the_graph_from_a_real_b
     assert deliberate(graph_break_reasons())
     torch.compile(broken, backend="eager")(torch.ones(2))
     assert not deliberate(graph_break_reasons()) and not deliberate([])
+
+    def untraceable(x):  # a C function Dynamo skips: the warning names it
+        threading.get_ident()
+        return x * 3
+
+    torch._dynamo.utils.counters.clear()
+    torch.compile(untraceable, backend="eager")(torch.ones(2))
+    (reason,) = graph_break_reasons()
+    assert reason.startswith("1x ") and reason.endswith(" (_thread.get_ident)")
