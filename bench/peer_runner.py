@@ -336,6 +336,24 @@ def tiny_pixel_bounds(folder: Path) -> None:
         os.environ["MIN_PIXELS"] = str(size.get("shortest_edge", 0))
 
 
+def folder_placeholder_ids(folder: Path, result: dict[str, Any]) -> None:
+    """ms-swift's Qwen2-VL family of templates (Qwen2.5-VL's and Qwen3-VL's) find the image and video
+    placeholders by the published vocabulary's ids (class attributes, 151655 / 151656) to expand them to one
+    token per merged patch; the bench's random-weight folders have their own tokenizer, whose placeholders
+    sit at other ids (the folder's config.json names them). Without this the rows kept one placeholder token
+    each: Qwen3-VL failed ("Image features and image tokens do not match") and Qwen2.5-VL trained on ~91
+    tokens a row instead of ~480 (2026-12-05). The templates are told the folder's ids; nothing else changes."""
+    from swift.template.templates import qwen
+
+    config = json.loads((folder / "config.json").read_text())
+    ids = {key: config[key] for key in ("image_token_id", "video_token_id") if key in config}
+    if not ids:
+        return
+    for key, value in ids.items():
+        setattr(qwen.Qwen2VLTemplate, key, value)
+    result["resolved"] = {**result.get("resolved", {}), "placeholder_ids": ids}
+
+
 def run_swift(spec: dict, result: dict[str, Any]) -> None:
     import importlib.util
 
@@ -346,6 +364,8 @@ def run_swift(spec: dict, result: dict[str, Any]) -> None:
         result["resolved"] = {"use_liger_kernel": "off: liger-kernel is not installed"}
     if spec["tiny"]:
         tiny_pixel_bounds(Path(spec["model"]))
+    if spec["swift_model_type"] in ("qwen2_5_vl", "qwen3_vl"):
+        folder_placeholder_ids(Path(spec["model"]), result)
     result["arguments"] = swift_arguments(spec, swift_dataset(spec))
     sft_main(result["arguments"])
 
