@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -162,12 +163,7 @@ def parameters_in_folder(path: str | Path) -> int | None:
     try:
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    shape = handle.get_slice(key).get_shape()
-                    count = 1
-                    for size in shape:
-                        count *= int(size)
-                    total += count
+                total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
     except Exception as err:  # a damaged file is named when the model loads; the plan does without
         log.debug("cannot count the parameters of %s: %s", folder, err)
         return None

@@ -353,8 +353,7 @@ class HFNativeFamily(Family):
             AutoProcessor.from_pretrained(folder, **self.processor_options())
         )
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
-        if vision_attention.resolve(self.vision_attention, torch.device(device), dtype):
-            vision_attention.enable(model)
+        self._resolve_vision_attention(model, torch.device(device), dtype)
         return model.to(device).eval(), processor
 
     # -- encoding ---------------------------------------------------------------------------------
@@ -723,10 +722,13 @@ class HFNativeFamily(Family):
         attention (a Python loop over every image or window, one SDPA call each); under bf16 autocast the
         queries are bf16 and the variable-length kernel runs, so auto resolves by the compute dtype here.
         Outside autocast (eval) the same attention falls back to one SDPA call a piece, as transformers'."""
-        if vision_attention.implementation(bundle.core) == vision_attention.VARLEN:
-            return
-        if vision_attention.resolve(self.vision_attention, self.device_of(bundle), compute_dtype):
-            vision_attention.enable(bundle.core)
+        self._resolve_vision_attention(bundle.core, self.device_of(bundle), compute_dtype)
+
+    def _resolve_vision_attention(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        """Gives the vision tower the variable-length attention where model.vision_attention resolves to it
+        for computing in `dtype` on `device` (setting it again is harmless); else leaves it as it is."""
+        if vision_attention.resolve(self.vision_attention, device, dtype):
+            vision_attention.enable(model)
 
     def vision_attention_of(self, bundle: Bundle) -> str | None:
         used = vision_attention.implementation(bundle.core)
