@@ -35,7 +35,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,10 @@ def resolve(choice: str, device: torch.device, quiet: bool = False) -> str:
 
 def enable(language_model: nn.Module, choice: str = "auto") -> int:
     """Wraps the forward of every GatedDeltaNet layer of the language model for packed rows and binds the
-    model.linear_attention `choice` to it (again with another choice: rebinds); returns how many layers."""
+    model.linear_attention `choice` to it (again with another choice: rebinds); returns how many layers.
+    Whether the kernel packages are installed is bound too, looked up here, eagerly: inside a compiled layer
+    the package lookup (importlib) would split the graph at every linear-attention layer."""
+    installed = KernelPackages.find()
     count = 0
     for module in language_model.modules():
         if not _is_gated_delta_net(module):
@@ -143,7 +146,7 @@ def enable(language_model: nn.Module, choice: str = "auto") -> int:
         forward = module.forward
         if isinstance(forward, functools.partial) and forward.func is _packed_or_plain:
             forward = forward.args[1]  # the layer's own forward
-        module.forward = functools.partial(_packed_or_plain, module, forward, choice)
+        module.forward = functools.partial(_packed_or_plain, module, forward, choice, installed)
         count += 1
     return count
 
@@ -157,9 +160,17 @@ def choice_of(language_model: nn.Module) -> str | None:
     return None
 
 
-def fla_runs(hidden_states: torch.Tensor) -> bool:
-    """Returns whether flash-linear-attention's variable-length kernels serve this row (CUDA, fla found)."""
-    return hidden_states.is_cuda and fla_installed()
+class KernelPackages(NamedTuple):
+    """Which packages with kernels for these layers are installed: fla, and any that transformers' Qwen3.5
+    code picks by itself for unpacked rows (fla, causal-conv1d); all of them run on CUDA tensors only."""
+
+    fla: bool
+    any: bool
+
+    @classmethod
+    def find(cls) -> KernelPackages:
+        fla = fla_installed()
+        return cls(fla, fla or importlib.util.find_spec("causal_conv1d") is not None)
 
 
 @contextlib.contextmanager
@@ -183,21 +194,26 @@ def _packed_or_plain(
     module: nn.Module,
     forward: Callable[..., torch.Tensor],
     choice: str,
+    installed: KernelPackages,
     hidden_states: torch.Tensor,
     cache: Any = None,
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """The wrapped forward: unpacked rows go to `forward` as they are; a packed row (cu_seq_lens_q) runs on
-    fla's variable-length kernels where they serve, else as a right-padded batch of its samples."""
-    context = torch_only() if choice == "torch" else contextlib.nullcontext()
+    fla's variable-length kernels where they serve (a CUDA row, fla installed), else as a right-padded batch of
+    its samples. A row on the CPU runs transformers' PyTorch code where kernel packages are installed: some
+    transformers releases (5.24) hand CPU tensors to fla's Triton kernels, which refuse them (a twin built on
+    the CPU of a GPU machine)."""
+    on_pytorch = choice == "torch" or (installed.any and not hidden_states.is_cuda)
+    context = torch_only() if on_pytorch else contextlib.nullcontext()
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         with context:
             return forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     if cache is not None or attention_mask is not None or hidden_states.shape[0] != 1:
         raise ValueError("a packed row of a linear-attention layer is one row, without a cache or a mask")
-    if choice != "torch" and fla_runs(hidden_states):
+    if choice != "torch" and installed.fla and hidden_states.is_cuda:
         return _fla_forward(module, hidden_states, cu)
     rest = {k: v for k, v in kwargs.items() if k not in SEGMENT_KEYS}
     with context:

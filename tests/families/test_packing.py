@@ -4,6 +4,7 @@ and no attention mask built."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -342,3 +343,37 @@ def test_minicpm_v4_6_keeps_its_patch_grids_on_the_host(twins):
     assert moved["target_sizes"].device.type == "cpu" and moved["input_ids"].device.type == "meta"
     assert moved["pixel_values"].device.type == "meta"
     assert get_family("qwen2_5_vl").to_device(batch, "meta")["target_sizes"].device.type == "meta"
+
+
+def test_cpu_rows_run_pytorch_code_where_kernel_packages_are_installed(twins, monkeypatch):
+    """On a GPU machine with fla installed, transformers 5.24's Qwen3.5 code hands CPU tensors to fla's Triton
+    kernels, which refuse them (the tiny twin is built on the CPU there). MiniCPM-V 4.6's linear-attention
+    layers run CPU rows, unpacked and packed, on transformers' PyTorch code where kernel packages are
+    installed: here stand-ins that refuse CPU tensors as Triton does."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
+
+    family, model, processor = loaded(twins, "minicpm_v4_6")
+    bundle = Bundle(model, processor, twins["minicpm_v4_6"], "base")
+    samples = mixed_samples(family, processor)
+    padded = family.training_collate(bundle)(samples)
+    with torch.no_grad():
+        want = family.loss_outputs(model, padded).loss_sum
+
+    def refusing(name):
+        @functools.wraps(getattr(modeling, name))  # __wrapped__: transformers' function, as a kernel has
+        def kernel(*args, **kwargs):
+            raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+
+        return kernel
+
+    for name in linear_attention.KERNEL_FUNCTIONS:
+        monkeypatch.setattr(modeling, name, refusing(name))
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot be accessed from Triton"):
+        family.loss_outputs(model, padded)  # wrapped when no kernel package was found: the stand-ins run
+    monkeypatch.setattr(linear_attention, "fla_installed", lambda: True)
+    model, processor = family.load(twins["minicpm_v4_6"])  # auto on the CPU, the packages now "installed"
+    assert linear_attention.choice_of(family.language_model(model)) == "auto"
+    bundle = Bundle(model, processor, twins["minicpm_v4_6"], "base")
+    with torch.no_grad():
+        for batch in (padded, family.training_collate(bundle, packed=True)(samples)):
+            torch.testing.assert_close(family.loss_outputs(model, batch).loss_sum, want)
