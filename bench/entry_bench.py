@@ -694,6 +694,8 @@ def sft_metrics(run_dir: Path, flops: float) -> dict:
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady)),
         "padding_pct": round(statistics.median(r.get("padding_pct", 0.0) for r in steady), 1),
         "micro_batches": statistics.median(r.get("micro_batches", 0) for r in steady),
+        # the share of the steps' time the loop waited on the data loader (an input-bound row: more workers)
+        "data_wait_pct": round(statistics.median(r.get("data_wait_pct", 0.0) for r in steady), 1),
         "mfu_pct": round(100 * samples * flops / (PEAK_TFLOPS * 1e12), 1) if flops else None,
         "epoch_minutes": round(COCO_TRAIN_ROWS / samples / 60, 1),
         "first_losses": [round(r["loss"], 4) for r in steps[:3]],

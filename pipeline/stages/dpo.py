@@ -35,13 +35,14 @@ from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.validate import apply_on_error
 from pipeline.families import family_from_config
 from pipeline.families.base import Family
-from pipeline.families.checkpoints import adapter_base, checkpoint_kind, parameters_in_folder
+from pipeline.families.checkpoints import adapter_base, checkpoint_kind
 from pipeline.runinfo import seed_everything
 from pipeline.stages.sft import (
     build_model,
     chosen_checkpoint,
     family_hooks,
     launch_of,
+    plan_stage,
     prepare_engine,
     read_rows,
     report,
@@ -54,7 +55,7 @@ from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
 from pipeline.training.checkpoints import load_adapter_weights
 from pipeline.training.loop import RunOutputs, Trainer, TrainingData, TrainingEngine
-from pipeline.training.plan import TrainingPlan, plan_training, resolve_weights_dtype
+from pipeline.training.plan import TrainingPlan
 from pipeline.training.preference import (
     CACHE_FILE,
     CachedReference,
@@ -79,20 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     seed_everything(cfg.seed)
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
-    caps = family.capabilities
-    launch = launch_of(accelerator)
-    plan = plan_training(
-        cfg,
-        launch,
-        compiles=caps.compiles,
-        packs_padding_free=caps.packs_padding_free,
-        compiled_shapes=caps.compiled_shapes,
-        compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
-        vision_by_default=caps.compiles_vision_by_default,
-        parameters=parameters_in_folder(state.model_path),  # full fine-tuning's budget on large cards
-    )
-    log.info("%s", plan.describe())
-    family.check_kernels(plan.launch.device, plan.compile)
+    plan = plan_stage(cfg, family, launch_of(accelerator), state.model_path)
     start = starting_point(state)
     settings = PreferenceSettings.from_config(cfg.preference)
     kind = reference_kind(cfg, settings, start)

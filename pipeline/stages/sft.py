@@ -67,20 +67,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     seed_everything(cfg.seed)  # LoRA dropout and init draw from the global RNG: same seed, same run
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
-    caps = family.capabilities
-    launch = launch_of(accelerator)
-    plan = plan_training(
-        cfg,
-        launch,
-        compiles=caps.compiles and cfg.model.quantization == "none",  # bitsandbytes' layers run eagerly
-        packs_padding_free=family.packs_padding_free_on(launch.device),
-        compiled_shapes=caps.compiled_shapes,
-        compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
-        vision_by_default=caps.compiles_vision_by_default,
-        parameters=parameters_in_folder(state.model_path),  # full fine-tuning's budget on large cards
-    )
-    log.info("%s", plan.describe())
-    family.check_kernels(plan.launch.device, plan.compile)  # before any weight loads
+    plan = plan_stage(cfg, family, launch_of(accelerator), state.model_path)
 
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
     model = build_model(cfg, family, plan, state.model_path)
@@ -97,6 +84,25 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         if accelerator.is_main_process:
             report(cfg, sft_dir, summary, tracker)
     return {"ckpt": chosen_checkpoint(sft_dir), "sft": summary}
+
+
+def plan_stage(cfg: DictConfig, family: Family, launch: Launch, model_path: str) -> TrainingPlan:
+    """Returns the training plan of a stage that trains `family` from `model_path` (sft, dpo), after logging
+    it and checking the family's kernels against it, before any weight loads."""
+    caps = family.capabilities
+    plan = plan_training(
+        cfg,
+        launch,
+        compiles=caps.compiles and cfg.model.quantization == "none",  # bitsandbytes' layers run eagerly
+        packs_padding_free=family.packs_padding_free_on(launch.device),
+        compiled_shapes=caps.compiled_shapes,
+        compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
+        vision_by_default=caps.compiles_vision_by_default,
+        parameters=parameters_in_folder(model_path),  # full fine-tuning's budget on large cards
+    )
+    log.info("%s", plan.describe())
+    family.check_kernels(plan.launch.device, plan.compile)
+    return plan
 
 
 # ----- the engine

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -242,6 +243,48 @@ def loader_options(num_workers: int, on_cuda: bool) -> dict:
     return options
 
 
+# A logging window whose steps waited this share of their time on the data loader warns (once a run, on a GPU)
+DATA_WAIT_WARN_PCT = 20.0
+
+
+class LoaderWait:
+    """The time the loop spends waiting for the data loader's next step of micro-batches, and its share of a
+    logging window (`data_wait_pct` in the log): near 0 the loader keeps ahead of the device; a large share is
+    the device idling while rows are read, decoded and collated (a GPU step is queued asynchronously, and each
+    step reads its loss back, so the host's wait is the device's)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.waited = 0.0
+        self._mark = 0.0
+
+    def next(self, groups: Iterator[list[dict]]) -> list[dict]:
+        started = self.clock()
+        try:
+            return next(groups)
+        finally:
+            self.waited += self.clock() - started
+
+    def window_pct(self, elapsed: float) -> float:
+        """Returns the share (%) of `elapsed` seconds spent waiting since the last call."""
+        waited, self._mark = self.waited - self._mark, self.waited
+        return round(100.0 * min(waited / max(elapsed, 1e-9), 1.0), 1)
+
+
+def loader_wait_warning(pct: float, workers: int, device: torch.device) -> str | None:
+    """Returns what to tell a user whose GPU steps waited `pct`% of their time on `workers` data workers, or
+    None where that is no bottleneck worth a warning (below DATA_WAIT_WARN_PCT, or the CPU, where the loop
+    and the loader share the same cores)."""
+    if device.type != "cuda" or pct < DATA_WAIT_WARN_PCT:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        f"the GPU waited on the data loader for {pct:.0f}% of the steps' time: {workers} data worker(s) read, "
+        f"decode and collate rows slower than the model trains. Raise trainer.num_workers (this machine has "
+        f"{cores} CPU cores), or store the images nearer the size the model sees"
+    )
+
+
 def batch_samples(batch: dict) -> int:
     """Returns the samples a collated micro-batch holds: its rows, or the samples of a packed row (its
     `num_samples`, or MiniCPM-V-2's segment_ids); for preference pairs, the pairs."""
@@ -312,6 +355,8 @@ class Trainer:
         self.log_path = self.sft_dir / "logging.jsonl"
         self._compiled_before = compile_counts()  # another run in this process (a sweep) compiled those
         self._warned_breaks = False
+        self.loader_wait = LoaderWait()
+        self._warned_wait = False
         # Engines that gather weights in every forward need the same number of micro-batches on every rank.
         self.equal_micro_batches = self.world > 1 and accelerator.distributed_type in (
             DistributedType.FSDP,
@@ -576,6 +621,13 @@ class Trainer:
             "; ".join(reasons),
         )
 
+    def _warn_data_wait(self, pct: float) -> None:
+        """Warns once a run when a logging window's steps waited on the data loader (loader_wait_warning)."""
+        message = None if self._warned_wait else loader_wait_warning(pct, self.s.num_workers, self.acc.device)
+        if message:
+            self._warned_wait = True
+            log.warning(message)
+
     def _saving_on_bad_data(self, groups: Iterator[list[dict]]) -> Iterator[list[dict]]:
         """Yields the loader's groups; when one cannot be built (an image broken or gone since it was
         checked), saves the steps done so far before raising TrainingError naming the row.
@@ -585,7 +637,7 @@ class Trainer:
         """
         while True:
             try:
-                group = next(groups)
+                group = self.loader_wait.next(groups)
             except StopIteration:
                 return
             except Exception as err:
@@ -650,6 +702,7 @@ class Trainer:
                 if step % self.s.logging_steps == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - t_window, 1e-9)
                     compiled = compile_stats(self._compiled_before)
+                    waited = self.loader_wait.window_pct(elapsed)
                     self._log(
                         {
                             "step": step,
@@ -665,10 +718,14 @@ class Trainer:
                             "micro_batches": round(sum(r["micro_batches"] for r in window) / len(window), 2),
                             "epoch_eta_s": round(speed.epoch_eta(step), 1),
                             "memory_gb": round(_memory_gb(self.acc.device), 3),
+                            "data_wait_pct": waited,
                             **compiled,
                         }
                     )
                     self._warn_graph_breaks(compiled)
+                    # the window that holds the run's first step holds the workers' start-up too
+                    if step - len(window) > start:
+                        self._warn_data_wait(waited)
                     window, t_window = [], time.perf_counter()
                 do_eval = step % self.s.eval_steps == 0 or step == self.total_steps
                 do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested

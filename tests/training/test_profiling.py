@@ -21,6 +21,7 @@ def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp
     folder = run / "sft" / "profile"
     if steps == 0:
         assert not folder.exists()
+        assert all(0.0 <= r["data_wait_pct"] <= 100.0 for r in log_records(run / "sft") if "loss" in r)
         return
     ops = (folder / "ops.txt").read_text()
     assert ops.startswith("torch.profiler over 2 optimizer step(s) after 3 unrecorded ones")
@@ -33,6 +34,8 @@ def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp
     # every planned step still ran and was logged
     logged = log_records(run / "sft")
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # and each step's record says how much of it waited on the data loader
+    assert all(0.0 <= r["data_wait_pct"] <= 100.0 for r in logged if "loss" in r)
 
 
 def test_graph_break_reasons_tell_a_function_kept_out_of_the_graph_from_a_real_break():
