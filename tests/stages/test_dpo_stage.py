@@ -162,3 +162,31 @@ def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused()
                 ["+experiment=dpo", "lora=none", "preference.reference=no_adapter", "stages=[dpo]"]
             )
         )
+
+
+def test_dpo_plans_its_training_as_sft_does(monkeypatch, tmp_path):
+    """One plan for both training stages (sft.plan_stage): on a recent GPU a quantized base runs eagerly
+    (bitsandbytes' layers), and MiniCPM-V 4.6 packs only where its linear attention runs on kernels."""
+    import torch
+
+    from pipeline.families import family_from_config, linear_attention, vision_attention
+    from pipeline.stages import sft
+    from pipeline.training import plan
+    from pipeline.training.plan import Launch
+
+    assert dpo.plan_stage is sft.plan_stage
+    monkeypatch.setattr(plan, "compiles_on", lambda device: device.type == "cuda")
+    monkeypatch.setattr(vision_attention, "kernel_runs", lambda device, dtype: True)
+    launch = Launch(torch.device("cuda", 0), mixed_precision="bf16")
+
+    def planned(*overrides):
+        cfg = compose_config(["+experiment=dpo", "trainer=default", *overrides])
+        return dpo.plan_stage(cfg, family_from_config(cfg.model), launch, str(tmp_path / "no-folder"))
+
+    assert planned("model=qwen2_5_vl_tiny").compile is True
+    assert planned("model=qwen2_5_vl_tiny", "model.quantization=nf4").compile is False
+    monkeypatch.setattr(linear_attention, "fla_installed", lambda: True)
+    monkeypatch.setattr(linear_attention, "fla_trains", lambda device: None)
+    assert planned("model=minicpm_v4_6_tiny").loop.packing is True
+    monkeypatch.setattr(linear_attention, "fla_trains", lambda device: "RuntimeError: not on this GPU")
+    assert planned("model=minicpm_v4_6_tiny").loop.packing is False
