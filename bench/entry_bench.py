@@ -898,8 +898,9 @@ def add_speedups(results: list[dict]) -> None:
 
 def markdown(results: list[dict]) -> str:
     head = (
-        "| setting | data | samples/s | x plain | tokens/s | pad % | MFU % | peak GB | min/epoch | first losses |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| setting | data | samples/s | x plain | tokens/s | pad % | MFU % | data wait % | peak GB | min/epoch "
+        "| first losses |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in results:
@@ -908,7 +909,7 @@ def markdown(results: list[dict]) -> str:
         lines.append(
             f"| {r['setting']} | {r['data']} | {r.get('samples_per_s', 'fail')} | {r.get('speedup', '')} | "
             f"{r.get('tokens_per_s', '')} | {r.get('padding_pct', '')} | {r.get('mfu_pct', '')} | "
-            f"{r.get('peak_gb', '')} | {r.get('epoch_minutes', '')} | {r.get('first_losses', r.get('error', ''))} |"
+            f"{r.get('data_wait_pct', '')} | {r.get('peak_gb', '')} | {r.get('epoch_minutes', '')} | {r.get('first_losses', r.get('error', ''))} |"
         )
     stages = [r for r in results if "mode" not in r]
     if stages:
