@@ -377,3 +377,26 @@ def test_cpu_rows_run_pytorch_code_where_kernel_packages_are_installed(twins, mo
     with torch.no_grad():
         for batch in (padded, family.training_collate(bundle, packed=True)(samples)):
             torch.testing.assert_close(family.loss_outputs(model, batch).loss_sum, want)
+
+
+def test_kernel_packages_are_looked_up_when_the_layers_are_wrapped_not_in_their_forwards(twins, monkeypatch):
+    """The lookup (importlib) inside a compiled decoder layer split its graph at every linear-attention layer:
+    it happens when the layers are wrapped (at load, and once more when the first packed row switches the
+    model to packing), and no forward, packed or not, looks again."""
+    family, model, processor = loaded(twins, "minicpm_v4_6")
+    lookups: list[int] = []
+    monkeypatch.setattr(linear_attention, "fla_installed", lambda: lookups.append(1) or False)
+    assert linear_attention.enable(family.language_model(model)) >= 1 and len(lookups) == 1
+    bundle = Bundle(model, processor, twins["minicpm_v4_6"], "base")
+    samples = mixed_samples(family, processor)
+    batches = [
+        family.training_collate(bundle)(samples),
+        family.training_collate(bundle, packed=True)(samples),
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            family.loss_outputs(model, batch)
+        wrapped = len(lookups)  # the first packed row wrapped the layers for packing
+        for batch in batches:
+            family.loss_outputs(model, batch)
+    assert wrapped == len(lookups) == 2
