@@ -176,6 +176,14 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             for lever in ("budget16k", "budget64k"):
                 settings[f"{family}_{short}_{lever}"] = (family, [experiment, *BUDGETS[lever]], "coco")
             settings[f"{family}_{short}_tokens"] = (family, [experiment, *LEVERS_OFF["tokens"]], "coco")
+            # the trained tower's blocks compiled (MiniCPM-V 4.6's auto leaves them eager: measured no faster
+            # frozen, under LoRA-qkv, where they run forward only; trained, they run forward, recompute and
+            # backward, with LoRA in every linear)
+            settings[f"{family}_{short}_vision_compiled"] = (
+                family,
+                [experiment, "trainer.compile_vision=true"],
+                "coco",
+            )
         # full fine-tuning's fp32 weights with transformers' vision attention (auto's choice for them until
         # it resolved by the compute dtype), against `_full_default`'s variable-length kernel
         settings[f"{family}_full_sdpa"] = (family, ["+experiment=full", *LEVERS_OFF["sdpa"]], "coco")
