@@ -105,6 +105,11 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
         "coco",
         "lora_all",
     ),
+    "all_nockpt_2k": (
+        ["+experiment=lora_all", "model.gradient_checkpointing=false", "trainer.micro_batch_tokens=2048"],
+        "coco",
+        "lora_all",
+    ),
     "all_vision_ckpt": (["+experiment=lora_all", "model.gradient_checkpointing=vision"], "coco", "lora_all"),
     "all_profile": (["+experiment=lora_all", "trainer.profile_steps=3"], "coco", "lora_all"),
     "full_plain": (["+experiment=full", *PLAIN], "coco", "full"),
