@@ -22,21 +22,9 @@ from pathlib import Path
 
 import torch
 
-from bench.entry_bench import FAMILY_MODELS, write_data
-from pipeline.families import get_family
+from bench.count_bench import processor_of
+from bench.entry_bench import write_data
 from pipeline.families.base import messages_from_row
-from pipeline.families.tiny_tokenizer import train_bpe_tokenizer
-
-
-def family_processor(name: str):
-    """Returns the family and its real image processor over the family's offline twin tokenizer."""
-    family = get_family(name)
-    tokenizer = train_bpe_tokenizer(
-        family.tiny_special_tokens, family.tiny_extra_special_tokens, family.tiny_added_tokens
-    )
-    _, processor = FAMILY_MODELS[name][1](tokenizer, tokenizer.convert_tokens_to_ids(family.end_of_turn))
-    processor.chat_template = family.chat_template
-    return family, processor
 
 
 def encode_rate(name: str, rows: list[dict], repeats: int = 3) -> dict:
@@ -44,7 +32,7 @@ def encode_rate(name: str, rows: list[dict], repeats: int = 3) -> dict:
     rate, after one warm-up row), and the median row's tokens."""
     from PIL import Image
 
-    family, processor = family_processor(name)
+    family, processor = processor_of(name)
 
     def encode(row: dict):
         with Image.open(row["images"][0]) as image:

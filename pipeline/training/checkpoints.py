@@ -17,13 +17,14 @@ processes resumes on 1 process and merges like any other. Under several processe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -214,16 +215,53 @@ def save_training_checkpoint(
     rank, _ = _rank_world()
     final = sft_dir / f"checkpoint-{state.global_step}"
     tmp = sft_dir / f".tmp-checkpoint-{state.global_step}"
-    try:
-        _write_checkpoint(
-            tmp, final, rank, model, optimizer, scheduler, state, run_cfg, base_path, write_full, engine
-        )
-    except BaseException as exc:
-        if rank == 0:  # the partial folder would only take the disk's space: the earlier checkpoints stay
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, Exception):  # an interrupt: stop as asked
-            raise
-        raise CheckpointWriteError(_write_failure(sft_dir, final, exc)) from exc
+    with _partial_removed_on_failure(sft_dir, tmp, final, rank):
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        if engine is not None:
+            weights, optim_state = _deepspeed_weights(engine, model), None
+        else:
+            weights = get_model_state_dict(model, options=_gather_options(model))
+            weights.update(_frozen_tensors_of_saved_modules(model, weights))
+            optim_state = get_optimizer_state_dict(
+                model, _inner_optimizer(optimizer), options=_gather_options(model)
+            )
+        if rank == 0:
+            if isinstance(model, PeftModel):
+                model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+            else:
+                write_full(model, tmp, weights)
+            if optim_state is not None:
+                torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
+            (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
+            for name in TOKENIZER_FILES:
+                if (base_path / name).is_file() and not (tmp / name).exists():
+                    shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
+        del weights, optim_state
+        _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
+        _save_rng(tmp / rng_file(rank))
+        if engine is not None:
+            engine.save_checkpoint(
+                str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True
+            )
+        _barrier()
+        if rank == 0:
+            mode = file_mode()
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    # safetensors writes 0600 whatever the umask; every file gets the mode open() would give
+                    os.chmod(f, mode)
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():  # an earlier, interrupted run reached the same step: replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
     _barrier()
     return final
 
@@ -231,64 +269,19 @@ def save_training_checkpoint(
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 
 
-def _write_checkpoint(
-    tmp: Path,
-    final: Path,
-    rank: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    state: TrainerState,
-    run_cfg: DictConfig,
-    base_path: Path,
-    write_full: WriteFull,
-    engine,
-) -> None:
-    """save_training_checkpoint's work: every file into `tmp`, then `tmp` renamed to `final`."""
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    if engine is not None:
-        weights, optim_state = _deepspeed_weights(engine, model), None
-    else:
-        weights = get_model_state_dict(model, options=_gather_options(model))
-        weights.update(_frozen_tensors_of_saved_modules(model, weights))
-        optim_state = get_optimizer_state_dict(
-            model, _inner_optimizer(optimizer), options=_gather_options(model)
-        )
-    if rank == 0:
-        if isinstance(model, PeftModel):
-            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
-        else:
-            write_full(model, tmp, weights)
-        if optim_state is not None:
-            torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
-        (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
-        for name in TOKENIZER_FILES:
-            if (base_path / name).is_file() and not (tmp / name).exists():
-                shutil.copyfile(base_path / name, tmp / name)  # a new file: mode from the umask
-    del weights, optim_state
-    _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
-    _save_rng(tmp / rng_file(rank))
-    if engine is not None:
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    _barrier()
-    if rank == 0:
-        mode = file_mode()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                # safetensors writes 0600 whatever the umask; every file gets the mode open() would give
-                os.chmod(f, mode)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():  # an earlier, interrupted run reached the same step: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+@contextlib.contextmanager
+def _partial_removed_on_failure(sft_dir: Path, tmp: Path, final: Path, rank: int) -> Iterator[None]:
+    """Around a checkpoint's write: where it fails, the partial folder `tmp` goes (it would only take the
+    disk's space; the earlier checkpoints stay) and CheckpointWriteError says what failed and where to resume
+    from; after an interrupt the folder goes too and the interrupt is raised as it is."""
+    try:
+        yield
+    except BaseException as exc:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):  # an interrupt: stop as asked
+            raise
+        raise CheckpointWriteError(_write_failure(sft_dir, final, exc)) from exc
 
 
 class CheckpointWriteError(OSError):
