@@ -101,6 +101,10 @@ class Capabilities:
     # turns packing on for it on a GPU
     packs_padding_free: bool = False
     counts_patches: bool = False  # trainer.patch_weight: its token budget counts vision patches
+    # trainer.micro_batch_tokens and model.gradient_checkpointing auto for LoRA that trains its vision tower,
+    # on a card of at least 75 GiB: the budget of language-model tokens whose micro-batches keep the tower's
+    # activations without checkpointing (its image tokens bound its patches); 0: every block checkpointed
+    trained_tower_budget: int = 0
     fuses_kernels: bool = False  # model.fused_kernels: liger's fused norms and MLPs (apply_fused_kernels)
     # model.linear_attention: its language model has linear-attention layers (flash-linear-attention or not)
     linear_attention: bool = False

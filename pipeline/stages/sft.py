@@ -99,6 +99,7 @@ def plan_stage(cfg: DictConfig, family: Family, launch: Launch, model_path: str)
         compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
         vision_by_default=caps.compiles_vision_by_default,
         parameters=parameters_in_folder(model_path),  # full fine-tuning's budget on large cards
+        trained_tower_budget=caps.trained_tower_budget,
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)

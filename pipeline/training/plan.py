@@ -57,6 +57,11 @@ LARGE_CARD_GIB = 60
 # ~60, Qwen3-VL-4B ~71: 62-73 GB peak at 4096 on an H100, bench/RESULTS.md)
 FULL_STATE_BYTES = 16
 FULL_STATE_SHARE = 0.5
+# LoRA that trains the vision tower keeps the tower's activations without checkpointing on a card of at least
+# TOWER_CARD_GIB where its family declares the budget that bounds them (Capabilities.trained_tower_budget):
+# MiniCPM-V-2 lora=all at 2048 tokens, 43.2 GB peak and 24.43 samples/s against 19.13 with every block
+# checkpointed in one micro-batch (H100 80GB; bench/RESULTS.md, "Eleventh GPU calls")
+TOWER_CARD_GIB = 75
 # the dtype autocast computes in, by accelerate's mixed-precision mode
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # engines that shard weights (and optimizer state) over the processes
@@ -190,6 +195,7 @@ def plan_training(
     compiles_vision: bool = False,
     vision_by_default: bool = True,
     parameters: int | None = None,
+    trained_tower_budget: int = 0,
 ) -> TrainingPlan:
     """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
     its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
@@ -198,11 +204,16 @@ def plan_training(
     compile needs packing; `compiles_vision`, whether it can compile its vision tower's blocks in this run
     (Family.compiles_vision_on), and `vision_by_default`, whether trainer.compile_vision=auto does;
     `parameters`, the base model's parameter count where it is known before loading (for full fine-tuning's
-    budget: resolve_micro_batch_tokens)."""
+    budget: resolve_micro_batch_tokens); `trained_tower_budget`, the budget within which LoRA that trains
+    the family's vision tower keeps its activations on a large card (Capabilities.trained_tower_budget)."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
     shards = processes if launch.sharded else 1
-    budget = resolve_micro_batch_tokens(t.micro_batch_tokens, device, cfg.lora.name, parameters, shards)
+    tower_trains = lora_trains_tower(cfg.lora)
+    tower_budget = tower_budget_on(device, cfg.lora.name, tower_trains, trained_tower_budget)
+    budget = resolve_micro_batch_tokens(
+        t.micro_batch_tokens, device, cfg.lora.name, parameters, shards, tower_budget
+    )
     packing = resolve_packing(t.packing, device, packs_padding_free, budget)
     packed_only = compiled_shapes == "packed"
     compiled = resolve_compile(
@@ -245,7 +256,7 @@ def plan_training(
         launch=launch,
         weights_dtype=resolve_weights_dtype(cfg, device),
         gradient_checkpointing=resolve_checkpointing(
-            cfg.model.gradient_checkpointing, device, cfg.lora.name, budget, lora_trains_tower(cfg.lora)
+            cfg.model.gradient_checkpointing, device, cfg.lora.name, budget, tower_trains, tower_budget
         ),
         compile=compiled,
         compile_vision=resolve_compile_vision(
@@ -359,19 +370,24 @@ def resolve_compile_vision(
 
 
 def resolve_micro_batch_tokens(
-    value: Any, device: torch.device, lora: str, parameters: int | None = None, shards: int = 1
+    value: Any,
+    device: torch.device,
+    lora: str,
+    parameters: int | None = None,
+    shards: int = 1,
+    tower_budget: int = 0,
 ) -> int:
-    """Returns trainer.micro_batch_tokens: as given; auto = LARGE_CARD_BUDGET on a CUDA device of at least
+    """Returns trainer.micro_batch_tokens: as given; auto = `tower_budget` where it is set (tower_budget_on:
+    LoRA that trains the vision tower without checkpointing); LARGE_CARD_BUDGET on a CUDA device of at least
     LARGE_CARD_GIB (fewer, larger micro-batches: fewer launches per sample, same loss) for LoRA, and for full
     fine-tuning where its state (FULL_STATE_BYTES a parameter of the `parameters`, split over `shards`
     processes under FSDP/DeepSpeed) takes at most FULL_STATE_SHARE of the card; else DEFAULT_BUDGET (a card
     mostly taken by full fine-tuning's state, an unknown parameter count, smaller cards, the CPU)."""
     if value != "auto":
         return int(value)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return DEFAULT_BUDGET
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    card = torch.cuda.get_device_properties(index).total_memory
+    if tower_budget:
+        return tower_budget
+    card = card_bytes(device)
     if card < LARGE_CARD_GIB * 2**30:
         return DEFAULT_BUDGET
     if lora != "none":
@@ -410,7 +426,12 @@ def checkpointing_text(value: bool | str) -> str:
 
 
 def resolve_checkpointing(
-    value: Any, device: torch.device, lora: str, micro_batch_tokens: int, tower_trains: bool = False
+    value: Any,
+    device: torch.device,
+    lora: str,
+    micro_batch_tokens: int,
+    tower_trains: bool = False,
+    tower_budget: int = 0,
 ) -> bool | str:
     """Returns whether sft checkpoints activations: true/false as given; "vision" = the vision tower's
     blocks only (their activations grow with the patches, which the language model's token budget does not
@@ -419,19 +440,37 @@ def resolve_checkpointing(
     of more than 1024 tokens (their activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at
     trainer=default's 4096); on for LoRA that trains the tower (`tower_trains`, lora=all: the tower's activations of every slice of every
     row in a micro-batch are kept for the backward, which the language-model token budget does not bound:
-    MiniCPM-V-2 lora=all ran out of an 80 GB H100 at its first step without checkpointing), full
-    fine-tuning, budgets of 1024 or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and
-    the CPU (ms-swift's default)."""
+    MiniCPM-V-2 lora=all ran out of an 80 GB H100 at its first step without checkpointing) unless the
+    budget is within `tower_budget` (tower_budget_on: the family's budget that bounds the tower's activations,
+    on a large card), full fine-tuning, budgets of 1024 or less (trainer=low_memory), the plain regime
+    (micro_batch_tokens=0) and the CPU (ms-swift's default)."""
     if value == "vision":
         return "vision"
     if value != "auto":
         return bool(value)
+    tower_kept = not tower_trains or micro_batch_tokens <= tower_budget
     return not (
-        device.type == "cuda"
-        and lora != "none"
-        and not tower_trains
-        and micro_batch_tokens > CHECKPOINT_BUDGET
+        device.type == "cuda" and lora != "none" and tower_kept and micro_batch_tokens > CHECKPOINT_BUDGET
     )
+
+
+def card_bytes(device: torch.device) -> int:
+    """Returns the memory of the CUDA card `device` in bytes; 0 for the CPU or where CUDA is not available."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def tower_budget_on(device: torch.device, lora: str, tower_trains: bool, trained_tower_budget: int) -> int:
+    """Returns the micro-batch budget within which LoRA that trains the vision tower (`tower_trains`) keeps
+    the tower's activations without checkpointing: the family's `trained_tower_budget` (a budget of
+    language-model tokens that bounds the tower's patches too: MiniCPM-V-2's slices are 64 tokens and at most
+    1,024 patches each) on a card of at least TOWER_CARD_GIB; 0 (checkpointing) for full fine-tuning, whose
+    state fills the card, smaller cards, the CPU and families that declare none."""
+    if not (tower_trains and trained_tower_budget > 0 and lora != "none"):
+        return 0
+    return trained_tower_budget if card_bytes(device) >= TOWER_CARD_GIB * 2**30 else 0
 
 
 def lora_trains_tower(lora: Any) -> bool:

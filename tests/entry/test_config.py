@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, objective_problems, resolve_device, resolve_dtype, validate
+from pipeline.families import family_from_config
 from pipeline.stages import STAGES
+from pipeline.stages.sft import plan_stage
 from pipeline.training import plan
 from pipeline.training.plan import (
     Launch,
@@ -570,3 +572,58 @@ def test_the_compute_dtype_is_the_half_precision_weights_or_else_the_autocast(co
         plan_training(half, Launch(cuda, mixed_precision="bf16"), compiles=False).compute_dtype
         == torch.float16
     )
+
+
+def test_lora_that_trains_the_tower_keeps_its_activations_where_the_family_bounds_them(compose, monkeypatch):
+    """model.gradient_checkpointing and trainer.micro_batch_tokens auto for LoRA that trains the vision tower:
+    on a card of 75 GiB or more, a family that declares the budget bounding its tower's activations
+    (MiniCPM-V-2: 2048 language-model tokens, whose slices bound the patches) trains within it without
+    checkpointing; smaller cards, full fine-tuning, a larger budget given by hand and families that declare
+    none checkpoint every block, as before."""
+    cuda = torch.device("cuda")
+    total = {"gib": 80}
+
+    class Properties:
+        major, minor = 9, 0
+
+        @property
+        def total_memory(self) -> int:
+            return total["gib"] * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(plan, "compiles_on", lambda device: True)
+
+    def planned(overrides: list[str]) -> tuple[int, bool | str]:
+        cfg = compose(["trainer=default", *overrides])
+        family = family_from_config(cfg.model)
+        result = plan_stage(cfg, family, Launch(cuda), "/no/such/folder")
+        return result.loop.micro_batch_tokens, result.gradient_checkpointing
+
+    v2_all = ["model=minicpm_v2", "+experiment=lora_all"]
+    assert family_from_config(compose(v2_all).model).capabilities.trained_tower_budget == 2048
+    assert planned(v2_all) == (2048, False)
+    assert (
+        "gradient checkpointing: off"
+        in plan_stage(
+            compose(["trainer=default", *v2_all]),
+            family_from_config(compose(v2_all).model),
+            Launch(cuda),
+            "/x",
+        ).describe()
+    )
+    # custom targets in the tower train it as lora=all does
+    tower_qkv = ["model=minicpm_v2", "+experiment=lora_qkv", "lora.target_modules=[vpm.blocks.0.attn.qkv]"]
+    assert planned(tower_qkv) == (2048, False)
+    assert planned(["model=minicpm_v2", "+experiment=lora_qkv"]) == (16384, False)  # a frozen tower
+    # a budget above the family's, given by hand, checkpoints; one within it does not
+    assert planned([*v2_all, "trainer.micro_batch_tokens=4096"]) == (4096, True)
+    assert planned([*v2_all, "trainer.micro_batch_tokens=1536"]) == (1536, False)
+    assert planned([*v2_all, "trainer.micro_batch_tokens=1024"]) == (1024, True)  # low_memory's budget
+    assert planned([*v2_all, "model.gradient_checkpointing=true"]) == (2048, True)
+    assert planned(["model=minicpm_v2", "+experiment=full"])[1] is True  # full fine-tuning's state fills it
+    # a family that declares no such budget checkpoints its trained tower at the large-card budget
+    assert planned(["model=qwen2_5_vl_tiny", "+experiment=lora_all"]) == (16384, True)
+    total["gib"] = 48
+    assert planned(v2_all) == (4096, True)

@@ -91,6 +91,9 @@ class MiniCPMV2(Family):
         max_images=1,
         compiles=True,
         packs=True,
+        # a slice is 64 image tokens and at most 1,024 patches: 2048 tokens held 8 COCO-shaped rows, 43.2 GB
+        # peak with lora=all and no recompute, 24.43 samples/s against 19.13 checkpointed (H100 80GB)
+        trained_tower_budget=2048,
         truncates=True,
         batches_requests=True,
         continuous_batching=True,
