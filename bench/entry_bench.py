@@ -189,6 +189,19 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
                 [experiment, "trainer.compile_vision=true"],
                 "coco",
             )
+        # lora=all without the recompute in micro-batches that bound the trained tower's activations
+        # (MiniCPM-V-2's auto regime since it measured 1.28x its checkpointed step: Capabilities.
+        # trained_tower_budget); these families' budgets count the tower's patches too (trainer.patch_weight)
+        for lever, budget in (("nockpt_4k", 4096), ("nockpt_8k", 8192)):
+            settings[f"{family}_all_{lever}"] = (
+                family,
+                [
+                    "+experiment=lora_all",
+                    "model.gradient_checkpointing=false",
+                    f"trainer.micro_batch_tokens={budget}",
+                ],
+                "coco",
+            )
         # full fine-tuning's fp32 weights with transformers' vision attention (auto's choice for them until
         # it resolved by the compute dtype), against `_full_default`'s variable-length kernel
         settings[f"{family}_full_sdpa"] = (family, ["+experiment=full", *LEVERS_OFF["sdpa"]], "coco")
