@@ -222,13 +222,10 @@ def test_packing_auto_resolves_by_family_device_and_budget(compose):
     assert "micro-batches: packed rows of up to 4096 tokens (padding-free)" in text
 
 
-def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monkeypatch):
-    """trainer.micro_batch_tokens=auto: 16384 for LoRA on a card of 60 GiB or more, and for full fine-tuning
-    there where its state (16 bytes a parameter, split over sharding processes) takes at most half the card;
-    4096 on smaller cards, for full fine-tuning of a model whose state fills the card or whose size is not
-    known, and on the CPU; a number stays as given; the plan and checkpointing follow it."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    total = {"gib": 80}
+def fake_card(monkeypatch, gib: int) -> dict[str, int]:
+    """Makes torch.cuda report one Hopper card of `gib` GiB; returns {"gib": ...}, which a test changes to
+    change the card's memory."""
+    total = {"gib": gib}
 
     class Properties:
         major, minor = 9, 0
@@ -240,6 +237,16 @@ def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    return total
+
+
+def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monkeypatch):
+    """trainer.micro_batch_tokens=auto: 16384 for LoRA on a card of 60 GiB or more, and for full fine-tuning
+    there where its state (16 bytes a parameter, split over sharding processes) takes at most half the card;
+    4096 on smaller cards, for full fine-tuning of a model whose state fills the card or whose size is not
+    known, and on the CPU; a number stays as given; the plan and checkpointing follow it."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    total = fake_card(monkeypatch, 80)
     qkv = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_qkv"])
     assert qkv.trainer.micro_batch_tokens == "auto"
     large = plan_training(qkv, Launch(cuda), compiles=False, packs_padding_free=True)
@@ -581,18 +588,7 @@ def test_lora_that_trains_the_tower_keeps_its_activations_where_the_family_bound
     checkpointing; smaller cards, full fine-tuning, a larger budget given by hand and families that declare
     none checkpoint every block, as before."""
     cuda = torch.device("cuda")
-    total = {"gib": 80}
-
-    class Properties:
-        major, minor = 9, 0
-
-        @property
-        def total_memory(self) -> int:
-            return total["gib"] * 2**30
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    total = fake_card(monkeypatch, 80)
     monkeypatch.setattr(plan, "compiles_on", lambda device: True)
 
     def planned(overrides: list[str]) -> tuple[int, bool | str]:
