@@ -16,6 +16,7 @@ from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
 from pipeline.families.minicpm_v2.generation import GenerationSettings, generate
 from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.stages import sft
+from pipeline.training.plan import TOWER_CARD_GIB
 from tests.helpers import eval_losses, losses_by_step, run_stage, twin_config
 from tests.stages.test_sft import SHORT
 
@@ -136,7 +137,9 @@ def test_sharded_run_resumes_like_an_uninterrupted_one(pretrained_twin, tmp_path
         )
 
 
-def launch_default(twin: Path, experiment: str, run: Path, budget: int, *extra: str) -> dict[int, float]:
+def launch_default(
+    twin: Path, experiment: str, run: Path, budget: int | str, *extra: str
+) -> dict[int, float]:
     """Runs 4 steps of `experiment` with trainer=default on the GPU (no dropout, a checkpoint and an
     evaluation every 2 steps) into `run`; returns its train losses by step."""
     cmd = [sys.executable, "-m", "pipeline", f"+experiment={experiment}", f"model.path={twin}",
@@ -188,6 +191,24 @@ def test_vision_only_checkpointing_compiled_follows_every_block_checkpointed(
     assert sorted(every) == sorted(tower) == [1, 2, 3, 4]
     for step in every:
         assert tower[step] == pytest.approx(every[step], rel=3e-2, abs=2e-2), (step, every, tower)
+
+
+def test_lora_all_on_a_large_card_trains_without_recompute_as_every_block_checkpointed_does(
+    pretrained_twin, tmp_path
+):
+    """lora=all with trainer=default's auto on a card of 75 GiB or more: MiniCPM-V-2's tower budget (micro-
+    batches of 2048 tokens, no checkpointing, compiled layers with CUDA graphs) follows the eager run that
+    checkpoints every block in one micro-batch within bf16 rounding, and the log says what auto chose."""
+    if torch.cuda.get_device_properties(0).total_memory < TOWER_CARD_GIB * 2**30:
+        pytest.skip(f"auto keeps checkpointing below {TOWER_CARD_GIB} GiB")
+    every = launch_default(pretrained_twin, "lora_all", tmp_path / "every", 16384, "trainer.compile=false",
+                           "model.gradient_checkpointing=true")  # fmt: skip
+    auto = launch_default(pretrained_twin, "lora_all", tmp_path / "auto", "auto")
+    assert sorted(every) == sorted(auto) == [1, 2, 3, 4]
+    for step in every:
+        assert auto[step] == pytest.approx(every[step], rel=3e-2, abs=2e-2), (step, every, auto)
+    log = (tmp_path / "auto" / "run.log").read_text()
+    assert "gradient checkpointing: off" in log and "up to 2048 padded tokens" in log, log[-3000:]
 
 
 def _train_family_twin(run: Path, family: str, experiment: str, *extra: str) -> tuple[dict[int, float], str]:
