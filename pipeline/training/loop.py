@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +52,7 @@ from pipeline.training.checkpoints import (
     rotate_checkpoints,
     save_training_checkpoint,
 )
-from pipeline.training.plan import LoopSettings
+from pipeline.training.plan import LoopSettings, cpu_cores
 from pipeline.training.profiling import (
     StepProfiler,
     compile_counts,
@@ -277,7 +276,7 @@ def loader_wait_warning(pct: float, workers: int, device: torch.device) -> str |
     and the loader share the same cores)."""
     if device.type != "cuda" or pct < DATA_WAIT_WARN_PCT:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     return (
         f"the GPU waited on the data loader for {pct:.0f}% of the steps' time: {workers} data worker(s) read, "
         f"decode and collate rows slower than the model trains. Raise trainer.num_workers (this machine has "

@@ -328,8 +328,12 @@ def resolve_num_workers(value: Any, device: torch.device, processes: int = 1) ->
         return int(value)
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(processes, 1) - 1))
+    return max(0, min(8, cpu_cores() // max(processes, 1) - 1))
+
+
+def cpu_cores() -> int:
+    """Returns the CPU cores this process may run on (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_compile(value: Any, device: torch.device, compiles: bool, processes: int, sharded: bool) -> bool:
@@ -438,12 +442,13 @@ def resolve_checkpointing(
     bound; the language model's are bounded, and skipping their recompute saves a forward pass of it);
     auto = off for LoRA that leaves the vision tower frozen (lora=qkv) on a CUDA device with micro-batches
     of more than 1024 tokens (their activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at
-    trainer=default's 4096); on for LoRA that trains the tower (`tower_trains`, lora=all: the tower's activations of every slice of every
-    row in a micro-batch are kept for the backward, which the language-model token budget does not bound:
-    MiniCPM-V-2 lora=all ran out of an 80 GB H100 at its first step without checkpointing) unless the
-    budget is within `tower_budget` (tower_budget_on: the family's budget that bounds the tower's activations,
-    on a large card), full fine-tuning, budgets of 1024 or less (trainer=low_memory), the plain regime
-    (micro_batch_tokens=0) and the CPU (ms-swift's default)."""
+    trainer=default's 4096), and for LoRA that trains the tower (`tower_trains`, lora=all) where the budget
+    is within `tower_budget` (tower_budget_on: the family's budget that bounds the tower's activations, on
+    a large card); on for LoRA that trains the tower otherwise (the tower's activations of every slice of
+    every row in a micro-batch are kept for the backward: MiniCPM-V-2 lora=all ran out of an 80 GB H100 at
+    its first step with 16 rows in one micro-batch and no checkpointing), full fine-tuning, budgets of 1024
+    or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's
+    default)."""
     if value == "vision":
         return "vision"
     if value != "auto":
