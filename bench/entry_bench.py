@@ -34,6 +34,7 @@ x2 with LoRA on the tower, x3 full), all over 989 TFLOP/s (H100/H200 dense bf16)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -118,6 +119,13 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     # the language model not recomputed: its activations at 4096 tokens beside ~55 GB of fp32 weights,
     # gradients and moments (an H200; tight on 80 GB)
     "full_vision_ckpt": (["+experiment=full", "model.gradient_checkpointing=vision"], "coco", "full"),
+    # no recompute at all in lora=all's 2048-token regime: ~54 GB of state beside its ~36 GB of activations (an
+    # H200; over 80 GB)
+    "full_nockpt_2k": (
+        ["+experiment=full", "model.gradient_checkpointing=false", "trainer.micro_batch_tokens=2048"],
+        "coco",
+        "full",
+    ),
     "full_profile": (["+experiment=full", "trainer.profile_steps=3"], "coco", "full"),
 }
 # HF-native families at a real checkpoint's sizes (random weights, native layout): name -> (family, overrides,
@@ -189,14 +197,17 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
                 [experiment, "trainer.compile_vision=true"],
                 "coco",
             )
-        # lora=all without the recompute in micro-batches that bound the trained tower's activations
-        # (MiniCPM-V-2's auto regime since it measured 1.28x its checkpointed step: Capabilities.
-        # trained_tower_budget); these families' budgets count the tower's patches too (trainer.patch_weight)
-        for lever, budget in (("nockpt_4k", 4096), ("nockpt_8k", 8192)):
-            settings[f"{family}_all_{lever}"] = (
+        # a trained tower without the recompute in micro-batches that bound its activations (MiniCPM-V-2's
+        # lora=all auto regime since it measured 1.28x its checkpointed step: Capabilities.
+        # trained_tower_budget); these families' budgets count the tower's patches too (trainer.patch_weight).
+        # Full fine-tuning too, where its state leaves the room (MiniCPM-V 4.6: ~21 GB of fp32 state)
+        for short, (lever, budget) in itertools.product(
+            ("all", "full"), (("nockpt_4k", 4096), ("nockpt_8k", 8192))
+        ):
+            settings[f"{family}_{short}_{lever}"] = (
                 family,
                 [
-                    "+experiment=lora_all",
+                    f"+experiment={EXPERIMENTS[short]}",
                     "model.gradient_checkpointing=false",
                     f"trainer.micro_batch_tokens={budget}",
                 ],
