@@ -39,7 +39,9 @@ trap "exit 143" TERM INT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 what=$1; shift
 case $what in
-  tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/entry/test_gpu.py -x "$@" 2>&1 | tail -40 ;;
+  # the whole log in $OUT as it runs: a call stopped at its limit still returns what had passed
+  tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/entry/test_gpu.py -x "$@" 2>&1 \
+    | tee "$OUT/gpu_tests.txt" | tail -40 ;;
   # the HF-native families' GPU paths: varlen packed attention, flash-linear-attention, liger, the static-cache
   # compiled decode and the running batch (tiny twins)
   kernels) python3 -m pytest -q -p no:cacheprovider -m gpu tests/families/test_packing_gpu.py \
