@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -636,9 +637,14 @@ def family_flops(
 
 
 # ----- one setting, in its own process
+# the training plan's log line of model.gradient_checkpointing as resolved (TrainingPlan.describe)
+PLANNED_CHECKPOINTING = re.compile(r"gradient checkpointing: (on|off|vision tower only)")
+
+
 def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool | str:
     """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
-    resolves it), for the FLOP count."""
+    resolves it, without the family's capabilities or the card's memory), for the FLOP count of a run
+    whose log has no training plan (one that failed before it)."""
     from pipeline.training.plan import resolve_checkpointing, resolve_micro_batch_tokens
 
     given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+"))
@@ -664,10 +670,12 @@ def run_family_setting(
     sft_args = [model, f"model.path={folder}", *cpu, *COMMON, *overrides, *sft_run(rows, steps)]
     sample_rows = [json.loads(line) for line in rows.read_text().splitlines()[:64]]
     mode = experiment_of(overrides)
-    checkpointing = resolved_checkpointing(overrides, mode, tiny)
-    flops = family_flops(family, folder, sample_rows, checkpointing, mode)
     run_dir = work / "runs" / name
     result = run_pipeline(name, sft_args, run_dir, log_file, timeout)
+    checkpointing = result.get("checkpointing")
+    if checkpointing is None:
+        checkpointing = resolved_checkpointing(overrides, mode, tiny)
+    flops = family_flops(family, folder, sample_rows, checkpointing, mode)
     result.update(mode=f"{family}/{mode}", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
     return result
 
@@ -697,6 +705,9 @@ def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path,
     with log_file.open("a") as f:
         f.write(f"===== {name} (rc {rc}, {wall:.0f} s)\n" + " ".join(command) + "\n\n" + out + "\n")
     result = {"setting": name, "rc": rc, "wall_s": round(wall, 1)}
+    planned = PLANNED_CHECKPOINTING.search(out)
+    if planned:  # what the run's training plan resolved, for its FLOPs
+        result["checkpointing"] = {"on": True, "off": False}.get(planned.group(1), "vision")
     if rc != 0:
         result["error"] = out.strip().splitlines()[-1] if out.strip() else "no output"
     run_json = run_dir / "run.json"
@@ -829,11 +840,13 @@ def main() -> None:
         if name in SETTINGS:
             overrides, variant, mode = SETTINGS[name]
             steps = args.plain_steps if "plain" in name else args.steps
-            checkpointing = resolved_checkpointing(overrides, mode, args.tiny)
             sample_rows = [json.loads(line) for line in data[variant].read_text().splitlines()[:64]]
-            flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
             sft_args = [*base, *overrides, *sft_run(data[variant], steps)]
             result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
+            checkpointing = result.get("checkpointing")
+            if checkpointing is None:
+                checkpointing = resolved_checkpointing(overrides, mode, args.tiny)
+            flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
             result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
         elif name in FAMILY_SETTINGS:
             steps = args.plain_steps if "plain" in name else args.steps

@@ -105,6 +105,11 @@ class Capabilities:
     # on a card of at least 75 GiB: the budget of language-model tokens whose micro-batches keep the tower's
     # activations without checkpointing (its image tokens bound its patches); 0: every block checkpointed
     trained_tower_budget: int = 0
+    # model.gradient_checkpointing auto for LoRA that trains its vision tower beyond trained_tower_budget (on a
+    # CUDA device, micro-batches of more than 1024 tokens): checkpoint the tower's blocks only and keep the
+    # language model's activations, which the token budget bounds (its recompute is the step's cost);
+    # false: every block checkpointed
+    checkpoints_tower_only: bool = False
     fuses_kernels: bool = False  # model.fused_kernels: liger's fused norms and MLPs (apply_fused_kernels)
     # model.linear_attention: its language model has linear-attention layers (flash-linear-attention or not)
     linear_attention: bool = False

@@ -100,6 +100,7 @@ def plan_stage(cfg: DictConfig, family: Family, launch: Launch, model_path: str)
         vision_by_default=caps.compiles_vision_by_default,
         parameters=parameters_in_folder(model_path),  # full fine-tuning's budget on large cards
         trained_tower_budget=caps.trained_tower_budget,
+        checkpoints_tower_only=caps.checkpoints_tower_only,
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)

@@ -196,6 +196,7 @@ def plan_training(
     vision_by_default: bool = True,
     parameters: int | None = None,
     trained_tower_budget: int = 0,
+    checkpoints_tower_only: bool = False,
 ) -> TrainingPlan:
     """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
     its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
@@ -205,7 +206,9 @@ def plan_training(
     (Family.compiles_vision_on), and `vision_by_default`, whether trainer.compile_vision=auto does;
     `parameters`, the base model's parameter count where it is known before loading (for full fine-tuning's
     budget: resolve_micro_batch_tokens); `trained_tower_budget`, the budget within which LoRA that trains
-    the family's vision tower keeps its activations on a large card (Capabilities.trained_tower_budget)."""
+    the family's vision tower keeps its activations on a large card (Capabilities.trained_tower_budget), and
+    `checkpoints_tower_only`, whether such LoRA beyond that budget checkpoints the tower's blocks only
+    (Capabilities.checkpoints_tower_only)."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
     shards = processes if launch.sharded else 1
@@ -256,7 +259,13 @@ def plan_training(
         launch=launch,
         weights_dtype=resolve_weights_dtype(cfg, device),
         gradient_checkpointing=resolve_checkpointing(
-            cfg.model.gradient_checkpointing, device, cfg.lora.name, budget, tower_trains, tower_budget
+            cfg.model.gradient_checkpointing,
+            device,
+            cfg.lora.name,
+            budget,
+            tower_trains,
+            tower_budget,
+            checkpoints_tower_only,
         ),
         compile=compiled,
         compile_vision=resolve_compile_vision(
@@ -436,6 +445,7 @@ def resolve_checkpointing(
     micro_batch_tokens: int,
     tower_trains: bool = False,
     tower_budget: int = 0,
+    tower_only: bool = False,
 ) -> bool | str:
     """Returns whether sft checkpoints activations: true/false as given; "vision" = the vision tower's
     blocks only (their activations grow with the patches, which the language model's token budget does not
@@ -444,19 +454,22 @@ def resolve_checkpointing(
     of more than 1024 tokens (their activations are bounded by the budget: 18 GB peak for MiniCPM-V-2 at
     trainer=default's 4096), and for LoRA that trains the tower (`tower_trains`, lora=all) where the budget
     is within `tower_budget` (tower_budget_on: the family's budget that bounds the tower's activations, on
-    a large card); on for LoRA that trains the tower otherwise (the tower's activations of every slice of
+    a large card); for LoRA that trains the tower otherwise, "vision" where its family keeps the language
+    model's activations (`tower_only`, Capabilities.checkpoints_tower_only: MiniCPM-V 4.6, whose recompute
+    runs its linear-attention kernels twice) and on elsewhere (the tower's activations of every slice of
     every row in a micro-batch are kept for the backward: MiniCPM-V-2 lora=all ran out of an 80 GB H100 at
-    its first step with 16 rows in one micro-batch and no checkpointing), full fine-tuning, budgets of 1024
-    or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's
+    its first step with 16 rows in one micro-batch and no checkpointing); on for full fine-tuning, budgets of
+    1024 or less (trainer=low_memory), the plain regime (micro_batch_tokens=0) and the CPU (ms-swift's
     default)."""
     if value == "vision":
         return "vision"
     if value != "auto":
         return bool(value)
-    tower_kept = not tower_trains or micro_batch_tokens <= tower_budget
-    return not (
-        device.type == "cuda" and lora != "none" and tower_kept and micro_batch_tokens > CHECKPOINT_BUDGET
-    )
+    if not (device.type == "cuda" and lora != "none" and micro_batch_tokens > CHECKPOINT_BUDGET):
+        return True
+    if not tower_trains or micro_batch_tokens <= tower_budget:
+        return False
+    return "vision" if tower_only else True
 
 
 def card_bytes(device: torch.device) -> int:

@@ -617,3 +617,37 @@ def test_lora_that_trains_the_tower_keeps_its_activations_where_the_family_bound
     assert planned(["model=qwen2_5_vl_tiny", "+experiment=lora_all"]) == (16384, True)
     total["gib"] = 48
     assert planned(v2_all) == (4096, True)
+
+
+def test_a_family_whose_recompute_costs_most_checkpoints_only_its_trained_tower(compose, monkeypatch):
+    """model.gradient_checkpointing auto for LoRA that trains the vision tower, where the family declares
+    Capabilities.checkpoints_tower_only (MiniCPM-V 4.6: recomputing its language model runs its
+    linear-attention kernels twice): the tower's blocks only ("vision"), on every card size; LoRA that leaves
+    the tower frozen keeps every activation, and full fine-tuning, trainer=low_memory's budget and the CPU
+    checkpoint every block, as for the other families."""
+    cuda = torch.device("cuda")
+    total = fake_card(monkeypatch, 80)
+    monkeypatch.setattr(plan, "compiles_on", lambda device: True)
+
+    def checkpointing(overrides: list[str], device: torch.device = cuda) -> bool | str:
+        cfg = compose(["model=minicpm_v4_6_tiny", "trainer=default", *overrides])
+        family = family_from_config(cfg.model)
+        assert family.capabilities.checkpoints_tower_only
+        result = plan_stage(cfg, family, Launch(device), "/no/such/folder")
+        if result.gradient_checkpointing == "vision":
+            assert "gradient checkpointing: vision tower only" in result.describe()
+        return result.gradient_checkpointing
+
+    all_ = ["+experiment=lora_all"]
+    assert checkpointing(all_) == "vision"
+    total["gib"] = 24  # a smaller card: its budget (4096) bounds the language model's activations too
+    assert checkpointing(all_) == "vision"
+    assert checkpointing(["+experiment=lora_qkv"]) is False
+    assert checkpointing(["+experiment=full"]) is True
+    assert checkpointing([*all_, "trainer=low_memory"]) is True
+    assert checkpointing(all_, torch.device("cpu")) is True
+    assert checkpointing([*all_, "model.gradient_checkpointing=true"]) is True
+    # the other families keep checkpointing every block of a trained tower beyond their budget
+    qwen = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_all"])
+    assert not family_from_config(qwen.model).capabilities.checkpoints_tower_only
+    assert plan_training(qwen, Launch(cuda), compiles=False).gradient_checkpointing is True
