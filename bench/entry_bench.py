@@ -251,7 +251,9 @@ def experiment_of(overrides: list[str]) -> str:
     return next(o.split("=", 1)[1] for o in overrides if o.startswith("+experiment="))
 
 
-# every sft run of the script: one log line a step, no evaluation or checkpoint inside the measured steps
+# every sft run of the script: one log line a step, no evaluation or checkpoint inside the measured steps; the
+# final checkpoint (after them) without the optimizer's state: Qwen3-VL-4B full fine-tuning's, with AdamW's
+# moments (~53 GB), did not fit the GPU machine's 64 GiB disk beside the models (2026-12-06)
 COMMON = [
     "trainer=default",
     "dataset=custom",
@@ -260,6 +262,7 @@ COMMON = [
     "trainer.eval_steps=100000",
     "trainer.save_steps=100000",
     "trainer.max_eval_samples=16",
+    "trainer.save_only_model=true",
 ]
 STAGE_SETTINGS = ("eval_base", "infer_base", "infer_load")
 DEFAULT_SETTINGS = ("qkv_plain", "qkv_default", "all_plain", "all_default", "full_plain", "full_default")

@@ -160,6 +160,10 @@ class TrainerConfig:
     eval_steps: int = 50
     save_steps: int | None = None  # None = eval_steps, as ms-swift
     save_total_limit: int | None = 2
+    # ms-swift's save_only_model: checkpoints without the optimizer's state (full fine-tuning's AdamW moments
+    # are twice its fp32 weights). A run resumed from one continues from its weights, step, schedule, data
+    # order and random state, with the optimizer's moments starting again from zero (a warning says so)
+    save_only_model: bool = False
     resume: str = "auto"  # auto (the latest checkpoint of this run folder) | never | <checkpoint path>
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     num_workers: Any = "auto"  # auto (0 on CPU; on a GPU from the CPU count, up to 8) | N

@@ -202,8 +202,10 @@ def save_training_checkpoint(
     *,
     write_full: WriteFull,
     engine=None,
+    only_model: bool = False,
 ) -> Path:
     """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
+    `only_model` (trainer.save_only_model) leaves the optimizer's state out (see load_training_checkpoint).
 
     A LoRA model's adapter goes in PEFT's layout; full weights in the model family's, through its
     `write_full(model, folder, state_dict)`.
@@ -226,8 +228,12 @@ def save_training_checkpoint(
         else:
             weights = get_model_state_dict(model, options=_gather_options(model))
             weights.update(_frozen_tensors_of_saved_modules(model, weights))
-            optim_state = get_optimizer_state_dict(
-                model, _inner_optimizer(optimizer), options=_gather_options(model)
+            optim_state = (
+                None
+                if only_model
+                else get_optimizer_state_dict(
+                    model, _inner_optimizer(optimizer), options=_gather_options(model)
+                )
             )
         if rank == 0:
             if isinstance(model, PeftModel):
@@ -246,7 +252,7 @@ def save_training_checkpoint(
         del weights, optim_state
         _barrier()  # the full model's writer replaces the folder: each rank's files go in after it
         _save_rng(tmp / rng_file(rank))
-        if engine is not None:
+        if engine is not None and not only_model:
             engine.save_checkpoint(
                 str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True
             )
@@ -352,13 +358,29 @@ def load_training_checkpoint(
 
     Collective under several processes: rank 0 reads the weights and optimizer state and broadcasts them,
     each process keeps its shard (FSDP) or a copy (DDP), and restores its own RNG file.
+
+    A checkpoint written with trainer.save_only_model holds no optimizer state: the optimizer keeps the
+    zero moments of its start, with a warning, and DeepSpeed cannot resume from it (its engine restores
+    weights and optimizer together).
     """
     rank, world = _rank_world()
     check_same_tuning(ckpt, model)
+    only_model = written_without_optimizer(ckpt)
+    if only_model:
+        log.warning(
+            "%s holds no optimizer state (trainer.save_only_model=true): training resumes from its weights, "
+            "step, schedule and data order, with the optimizer's moments starting again from zero",
+            ckpt,
+        )
     if engine is not None:
+        if only_model:
+            raise CheckpointError(
+                f"{ckpt}: written with trainer.save_only_model=true, it holds no DeepSpeed state to resume "
+                f"from; start anew from its weights (model.path, or trainer.resume=never)"
+            )
         _load_deepspeed(ckpt, engine, world)
     else:
-        _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1, read_full)
+        _load_weights_and_optimizer(ckpt, model, optimizer, rank, world > 1, read_full, not only_model)
     scheduler.load_state_dict(_torch_file(ckpt / "scheduler.pt", "the learning-rate schedule's state"))
     own = ckpt / rng_file(rank)
     rng = own if own.is_file() else ckpt / rng_file(0)
@@ -525,8 +547,18 @@ def _load_deepspeed(ckpt: Path, engine, world: int) -> None:
         engine.empty_partition_cache()
 
 
+def written_without_optimizer(ckpt: Path) -> bool:
+    """Returns whether the checkpoint was written with trainer.save_only_model (its config.yaml says so): it
+    has no optimizer state by design, where a missing optimizer.pt otherwise is a damaged checkpoint."""
+    try:
+        saved = OmegaConf.load(ckpt / "config.yaml")
+    except Exception:  # an older or damaged checkpoint: its optimizer state is expected, and read as such
+        return False
+    return bool(OmegaConf.select(saved, "trainer.save_only_model", default=False))
+
+
 def _load_weights_and_optimizer(
-    ckpt: Path, model, optimizer, rank: int, spread: bool, read_full: ReadFull
+    ckpt: Path, model, optimizer, rank: int, spread: bool, read_full: ReadFull, with_optimizer: bool = True
 ) -> None:
     weights: dict[str, torch.Tensor] = {}
     strict = not isinstance(model, PeftModel)
@@ -541,6 +573,8 @@ def _load_weights_and_optimizer(
         weights,
         options=StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=spread),
     )
+    if not with_optimizer:
+        return
     optim_state = (
         _torch_file(ckpt / "optimizer.pt", "the optimizer's state") if rank == 0 or not spread else {}
     )

@@ -574,6 +574,7 @@ class Trainer:
             self.outputs.base_path,
             write_full=self.family.write_full,
             engine=self.deepspeed,
+            only_model=self.s.save_only_model,
         )
         if self.acc.is_main_process:
             point(self.sft_dir / "last", path)

@@ -114,6 +114,7 @@ class LoopSettings:
     # next micro-batch's replay reuses. Gradients that already exist are added to in place, so with gradient
     # accumulation every trainable parameter holds its own .grad from the first micro-batch on.
     preallocate_grads: bool = False
+    save_only_model: bool = False  # checkpoints without the optimizer's state (trainer.save_only_model)
 
     @property
     def token_budget(self) -> bool:
@@ -243,6 +244,7 @@ def plan_training(
         eval_steps=t.eval_steps,
         save_steps=t.save_steps if t.save_steps is not None else t.eval_steps,
         save_total_limit=t.save_total_limit,
+        save_only_model=t.save_only_model,
         eval_batch_size=t.eval_batch_size if t.eval_batch_size is not None else t.batch_size,
         max_eval_samples=t.max_eval_samples,
         max_grad_norm=cfg.optim.max_grad_norm,

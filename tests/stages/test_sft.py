@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pipeline.stages import eval as eval_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import sft
 from pipeline.training import loop
-from pipeline.training.checkpoints import list_checkpoints
+from pipeline.training.checkpoints import CheckpointError, list_checkpoints
 from tests.helpers import eval_losses, losses_by_step, run_stage
 from tests.helpers import twin_config as make_cfg  # the name the stage calls below use
 
@@ -109,6 +110,50 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_losses(twin, tmp_path, m
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_a_model_only_checkpoint_resumes_with_fresh_optimizer_moments(twin, tmp_path, monkeypatch, caplog):
+    """trainer.save_only_model=true (ms-swift's save_only_model): checkpoints hold the weights, the schedule,
+    the step and the random state but no optimizer state; a crashed run resumes from one with a warning, its
+    next step's loss that of the uninterrupted run (the same weights and rows), and trains to its end."""
+    only_model = (*SHORT, "trainer.save_only_model=true")
+    whole = tmp_path / "whole"
+    run_stage(sft, make_cfg(twin, *only_model), whole)
+    reference = losses_by_step(whole / "sft")
+    for ckpt in list_checkpoints(whole / "sft"):
+        assert not (ckpt / "optimizer.pt").exists() and (ckpt / "adapter_model.safetensors").is_file()
+        assert (ckpt / "scheduler.pt").is_file() and (ckpt / "trainer_state.json").is_file()
+
+    crashed = tmp_path / "crashed"
+    real_step = loop.Trainer._step
+    calls = {"n": 0}
+
+    def crash_at_step_5(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(sft, make_cfg(twin, *only_model), crashed)
+    monkeypatch.setattr(loop.Trainer, "_step", real_step)
+    with caplog.at_level("WARNING", logger="pipeline.training.checkpoints"):
+        out = run_stage(sft, make_cfg(twin, *only_model), crashed)  # trainer.resume=auto
+    assert out["sft"]["resumed_from"].endswith("checkpoint-3")
+    assert "holds no optimizer state (trainer.save_only_model=true)" in caplog.text
+    resumed = losses_by_step(crashed / "sft")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 5):  # step 4's loss is computed before its update: the weights of checkpoint-3
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    # a checkpoint with the optimizer's state, whose optimizer.pt is lost, is damaged, not model-only
+    normal = tmp_path / "normal"
+    run_stage(sft, make_cfg(twin, *SHORT), normal)
+    third, sixth = list_checkpoints(normal / "sft")
+    shutil.rmtree(sixth)
+    (third / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        run_stage(sft, make_cfg(twin, *SHORT), normal)
 
 
 def test_sigterm_saves_a_checkpoint_then_stops(twin, tmp_path, monkeypatch):
