@@ -83,25 +83,30 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path, monkeypatch):
     assert out["ckpt"] == (sft_dir / "best").resolve()
 
 
+def crash_at_micro_step(n: int, monkeypatch, cfg, run_dir: Path) -> None:
+    """Runs the sft stage with `cfg` into `run_dir`, crashing it at its `n`-th micro-step."""
+    real_step = loop.Trainer._step
+    calls = {"n": 0}
+
+    def crashing(self, micro):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return real_step(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(sft, cfg, run_dir)
+    monkeypatch.setattr(loop.Trainer, "_step", real_step)
+
+
 def test_resume_after_a_crash_repeats_the_uninterrupted_losses(twin, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     run_stage(sft, make_cfg(twin, *SHORT), whole)
     reference = losses_by_step(whole / "sft")
 
     crashed = tmp_path / "crashed"
-    real_step = loop.Trainer._step
-    calls = {"n": 0}
-
-    def crash_at_step_5(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "_step", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stage(sft, make_cfg(twin, *SHORT), crashed)
-    monkeypatch.setattr(loop.Trainer, "_step", real_step)
+    crash_at_micro_step(5, monkeypatch, make_cfg(twin, *SHORT), crashed)
     assert [p.name for p in list_checkpoints(crashed / "sft")] == ["checkpoint-3"]
 
     out = run_stage(sft, make_cfg(twin, *SHORT), crashed)  # trainer.resume=auto
@@ -125,19 +130,7 @@ def test_a_model_only_checkpoint_resumes_with_fresh_optimizer_moments(twin, tmp_
         assert (ckpt / "scheduler.pt").is_file() and (ckpt / "trainer_state.json").is_file()
 
     crashed = tmp_path / "crashed"
-    real_step = loop.Trainer._step
-    calls = {"n": 0}
-
-    def crash_at_step_5(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "_step", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stage(sft, make_cfg(twin, *only_model), crashed)
-    monkeypatch.setattr(loop.Trainer, "_step", real_step)
+    crash_at_micro_step(5, monkeypatch, make_cfg(twin, *only_model), crashed)
     with caplog.at_level("WARNING", logger="pipeline.training.checkpoints"):
         out = run_stage(sft, make_cfg(twin, *only_model), crashed)  # trainer.resume=auto
     assert out["sft"]["resumed_from"].endswith("checkpoint-3")
