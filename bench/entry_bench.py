@@ -640,8 +640,14 @@ def family_flops(
 
 
 # ----- one setting, in its own process
-# the training plan's log line of model.gradient_checkpointing as resolved (TrainingPlan.describe)
-PLANNED_CHECKPOINTING = re.compile(r"gradient checkpointing: (on|off|vision tower only)")
+def planned_checkpointing(log: str) -> bool | str | None:
+    """Returns model.gradient_checkpointing as a run's training plan resolved it, read from its log line
+    (TrainingPlan.describe); None where the log has no plan."""
+    from pipeline.training.plan import checkpointing_text
+
+    names = {checkpointing_text(value): value for value in (True, False, "vision")}
+    found = re.search("gradient checkpointing: (" + "|".join(map(re.escape, names)) + ")", log)
+    return names[found.group(1)] if found else None
 
 
 def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool | str:
@@ -708,9 +714,9 @@ def run_pipeline(name: str, overrides: list[str], run_dir: Path, log_file: Path,
     with log_file.open("a") as f:
         f.write(f"===== {name} (rc {rc}, {wall:.0f} s)\n" + " ".join(command) + "\n\n" + out + "\n")
     result = {"setting": name, "rc": rc, "wall_s": round(wall, 1)}
-    planned = PLANNED_CHECKPOINTING.search(out)
-    if planned:  # what the run's training plan resolved, for its FLOPs
-        result["checkpointing"] = {"on": True, "off": False}.get(planned.group(1), "vision")
+    planned = planned_checkpointing(out)
+    if planned is not None:  # what the run's training plan resolved, for its FLOPs
+        result["checkpointing"] = planned
     if rc != 0:
         result["error"] = out.strip().splitlines()[-1] if out.strip() else "no output"
     run_json = run_dir / "run.json"
