@@ -134,3 +134,17 @@ def test_deepspeed_state_of_another_process_count_is_refused_naming_both(tmp_pat
         load_training_checkpoint(
             tmp_path / "checkpoint-2", None, None, None, read_full=lambda folder: {}, engine=object()
         )
+
+
+def test_a_model_only_checkpoint_is_refused_under_deepspeed_naming_the_setting(tmp_path):
+    """trainer.save_only_model=true writes no DeepSpeed state; the engine restores weights and optimizer
+    together, so resuming under DeepSpeed from such a checkpoint says why and how to start anew."""
+    from pipeline.training.checkpoints import CheckpointError, load_training_checkpoint
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text("trainer:\n  save_only_model: true\n")
+    with pytest.raises(
+        CheckpointError, match=r"save_only_model=true.*no DeepSpeed state.*trainer.resume=never"
+    ):
+        load_training_checkpoint(ckpt, None, None, None, read_full=lambda folder: {}, engine=object())
