@@ -3,7 +3,13 @@
 #   bash bench/gpu_session.sh tests|kernels|train CASES...|infer|entry SETTINGS...|serve [ARGS]|gen [ARGS]|peers [ARGS]|dpo [ARGS]
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
+# a warm machine keeps .site from its last call: reinstall only when the carried wheels differ (the install
+# took ~20 s a call and printed a warning for every package already there)
+stamp=$(ls -l .whl/*.whl | awk '{print $5, $NF}' | sha1sum | cut -d' ' -f1)
+if [ "$(cat .site/.wheels 2>/dev/null)" != "$stamp" ]; then
+  rm -rf .site && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
+  echo "$stamp" > .site/.wheels
+fi
 # tilelang and its libraries (bench/tilelang_bundle.sh, carried in .tl): flash-linear-attention's kernel for
 # the gated delta rule backward on Hopper, where Triton 3.4-3.7.0 computes it wrong and fla refuses it. A warm
 # machine keeps .tlsite (git-ignored) from an earlier call, so a call whose carry has no room for .tl (peers:
