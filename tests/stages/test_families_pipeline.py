@@ -135,9 +135,12 @@ def test_lora_all_targets_the_vision_tower_too(twin_root, tmp_path, caplog):
 
 def test_full_finetuning_writes_the_native_layout(twin_root, tmp_path):
     model = "qwen2_5_vl_tiny"
-    run_dir = run(model, "full", twin_root, tmp_path / "run", "lora.freeze_vision=true")
+    # trainer.save_only_model: the weights without AdamW's moments (the resume that keeps them is tested below)
+    run_dir = run(
+        model, "full", twin_root, tmp_path / "run", "lora.freeze_vision=true", "trainer.save_only_model=true"
+    )
     ckpt = run_dir / "sft" / "checkpoint-2"
-    assert not (ckpt / "adapter_config.json").exists()
+    assert not (ckpt / "adapter_config.json").exists() and not (ckpt / "optimizer.pt").exists()
     trained = AutoModelForImageTextToText.from_pretrained(ckpt)
     AutoProcessor.from_pretrained(ckpt)
     base = AutoModelForImageTextToText.from_pretrained(twin_root / model)
