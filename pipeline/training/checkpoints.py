@@ -4,8 +4,9 @@ A checkpoint folder `sft/checkpoint-N/` holds the weights (a PEFT adapter in saf
 model in its family's own layout, written and read back by the family's writer and reader),
 `optimizer.pt` / `scheduler.pt` / `rng_state.pt` (plain tensors and numbers, read back with
 `weights_only=True`; `rng_state_<rank>.pt` for every further process), `trainer_state.json`, the run's
-resolved `config.yaml` and `base_model.json`. It is built under a temporary
-name and renamed into place, so a folder named `checkpoint-N` is always complete.
+resolved `config.yaml` and `base_model.json` (no `optimizer.pt` where that config has
+trainer.save_only_model). It is built under a temporary name and renamed into place, so a folder named
+`checkpoint-N` is always complete.
 
 One format whatever the engine: weights and optimizer state go through torch's distributed-checkpoint
 state-dict API (`get_model_state_dict` / `set_model_state_dict` and the optimizer pair), which gathers
