@@ -57,8 +57,9 @@ class MiniCPMV4_6(HFNativeFamily):
     # its vision layers compile (trainer.compile_vision=true), but auto leaves them eager: on an H100 the
     # compiled tower (frozen, LoRA-qkv) measured 68.43 samples/s against 68.15 eager (bench/RESULTS.md,
     # 2026-12-06), not worth the padding and the compile time of a fresh machine. LoRA that trains its tower
-    # (lora=all) checkpoints the tower's blocks only: 10.93 samples/s at 10.3 GB peak against 6.79 at 8.2 GB
-    # with every block checkpointed, on one H100 in one call (16384-token micro-batches; bench/RESULTS.md)
+    # (lora=all) checkpoints the tower's blocks only: 10.93 samples/s at 10.3 GB peak against 6.79 (the same
+    # H100) and 9.04 (another) at 8.2 GB with every block checkpointed (16384-token micro-batches;
+    # bench/RESULTS.md, "Thirteenth GPU calls")
     capabilities = native_capabilities(
         "MiniCPM-V 4.6",
         linear_attention=True,
