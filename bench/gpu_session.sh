@@ -4,7 +4,7 @@
 # Expects ../shared/device/README.md's wheels in .whl (carried); results go to $OUT.
 set -uo pipefail
 # a warm machine keeps .site from its last call: reinstall only when the carried wheels differ (the install
-# took ~20 s a call and printed a warning for every package already there)
+# ran on every call and printed a warning for every package already there)
 stamp=$(ls -l .whl/*.whl | awk '{print $5, $NF}' | sha1sum | cut -d' ' -f1)
 if [ "$(cat .site/.wheels 2>/dev/null)" != "$stamp" ]; then
   rm -rf .site && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
