@@ -650,23 +650,6 @@ def planned_checkpointing(log: str) -> bool | str | None:
     return names[found.group(1)] if found else None
 
 
-def resolved_checkpointing(overrides: list[str], mode: str, tiny: bool) -> bool | str:
-    """Returns whether a setting's run checkpoints activations (model.gradient_checkpointing as the stage
-    resolves it, without the family's capabilities or the card's memory), for the FLOP count of a run
-    whose log has no training plan (one that failed before it)."""
-    from pipeline.training.plan import resolve_checkpointing, resolve_micro_batch_tokens
-
-    given = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("+"))
-    value = {"true": True, "false": False, "vision": "vision"}.get(
-        given.get("model.gradient_checkpointing", ""), "auto"
-    )
-    lora = {"lora_qkv": "qkv", "lora_all": "all", "full": "none"}[mode]
-    device = torch.device("cpu" if tiny else "cuda")
-    budget = "1024" if given.get("trainer") == "low_memory" else "auto"
-    budget = resolve_micro_batch_tokens(given.get("trainer.micro_batch_tokens", budget), device, lora)
-    return resolve_checkpointing(value, device, lora, budget)
-
-
 def run_family_setting(
     name: str, work: Path, rows: Path, steps: int, tiny: bool, timeout: int, log_file: Path
 ) -> dict:
@@ -681,10 +664,9 @@ def run_family_setting(
     mode = experiment_of(overrides)
     run_dir = work / "runs" / name
     result = run_pipeline(name, sft_args, run_dir, log_file, timeout)
+    # none where the run stopped before its plan was logged: then it has no steps to count
     checkpointing = result.get("checkpointing")
-    if checkpointing is None:
-        checkpointing = resolved_checkpointing(overrides, mode, tiny)
-    flops = family_flops(family, folder, sample_rows, checkpointing, mode)
+    flops = None if checkpointing is None else family_flops(family, folder, sample_rows, checkpointing, mode)
     result.update(mode=f"{family}/{mode}", data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
     return result
 
@@ -853,9 +835,11 @@ def main() -> None:
             sft_args = [*base, *overrides, *sft_run(data[variant], steps)]
             result = run_pipeline(name, sft_args, run_dir, log_file, args.timeout)
             checkpointing = result.get("checkpointing")
-            if checkpointing is None:
-                checkpointing = resolved_checkpointing(overrides, mode, args.tiny)
-            flops = row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
+            flops = (
+                None
+                if checkpointing is None
+                else row_flops(config, sample_rows, mode, checkpointing, tokenizer, processor)
+            )
             result.update(mode=mode, data=variant, flops_per_row=flops, **sft_metrics(run_dir, flops))
         elif name in FAMILY_SETTINGS:
             steps = args.plain_steps if "plain" in name else args.steps

@@ -58,6 +58,7 @@ from pipeline.utils.secrets import redact_config
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+RUN_CONFIG = "config.yaml"  # the run's resolved config, in every checkpoint
 # the base model's tokenizer and processor files, copied beside the weights when the writer left them out
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -245,7 +246,7 @@ def save_training_checkpoint(
                 torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
+            (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(redact_config(run_cfg), resolve=True))
             (tmp / BASE_POINTER).write_text(json.dumps({"base_model_path": str(base_path.resolve())}) + "\n")
             for name in TOKENIZER_FILES:
                 if (base_path / name).is_file() and not (tmp / name).exists():
@@ -552,7 +553,7 @@ def written_without_optimizer(ckpt: Path) -> bool:
     """Returns whether the checkpoint was written with trainer.save_only_model (its config.yaml says so): it
     has no optimizer state by design, where a missing optimizer.pt otherwise is a damaged checkpoint."""
     try:
-        saved = OmegaConf.load(ckpt / "config.yaml")
+        saved = OmegaConf.load(ckpt / RUN_CONFIG)
     except Exception:  # an older or damaged checkpoint: its optimizer state is expected, and read as such
         return False
     return bool(OmegaConf.select(saved, "trainer.save_only_model", default=False))
