@@ -179,8 +179,9 @@ class TrainerConfig:
     # What one vision-tower patch counts as in micro_batch_tokens (the budget then bounds the work of the
     # language model and of the vision tower together): auto = a patch's FLOPs relative to a token's for the
     # families that count patches (the HF-native ones: the tower's parameters a patch passes through over the
-    # language model's, a third of that for a frozen tower, which runs forward only; MiniCPM-V-2 counts
-    # language-model tokens only, as measured); 0 = tokens only; or a number >= 0.
+    # language model's, a third of that for a frozen tower, which runs forward only, an eighth for a trained
+    # tower whose blocks are checkpointed, which keep their inputs only; MiniCPM-V-2 counts language-model
+    # tokens only, as measured); 0 = tokens only; or a number >= 0.
     patch_weight: Any = "auto"
     # auto: on for MiniCPM-V-2 on one CUDA device (compiled layers replayed as CUDA graphs), off otherwise
     compile: Any = "auto"

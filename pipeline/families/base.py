@@ -59,6 +59,11 @@ PAIRS = "pairs"
 PAIR_INDEX = "pair_index"
 PAIR_KEYS = (PAIRS, PAIR_INDEX)
 
+# what a trained vision-tower patch counts in the token budget where the tower's blocks are checkpointed, as a
+# share of what it counts kept (Family.patch_weight): a kept block saves some 16-20 tensors of the patch's
+# width for its backward (norms, q/k/v, attention, the MLP's two, LoRA's inputs), a checkpointed one only
+# its input; an eighth leaves room for the one block recomputed at a time
+CHECKPOINTED_PATCH_SHARE = 1 / 8
 VIDEO_TAG = "<video>"  # where a video goes in a user message (ms-swift's tag)
 ROLES = ("system", "user", "assistant")
 
@@ -796,13 +801,15 @@ class Family(ABC):
         the family's token budget counts language-model tokens only (not capabilities.counts_patches)."""
         return None
 
-    def patch_weight(self, bundle: Bundle) -> float:
+    def patch_weight(self, bundle: Bundle, tower_checkpointed: bool = False) -> float:
         """Returns what one vision-tower patch counts as in the token budget (trainer.patch_weight auto): a
-        patch's FLOPs relative to a language-model token's in a training step. The tower's parameters that a
-        patch passes through (`patch_share`) over the language model's (without its embeddings); a third of
-        that where no parameter of the tower trains (lora=qkv: the tower runs forward only, 2 FLOPs a
-        parameter against a trained token's 6, and keeps no activations for a backward). Families without
-        `patch_counter` count no patch."""
+        patch's FLOPs relative to a language-model token's in a training step, which its kept activations
+        follow. The tower's parameters that a patch passes through (`patch_share`) over the language model's
+        (without its embeddings); a third of that where no parameter of the tower trains (lora=qkv: the
+        tower runs forward only, 2 FLOPs a parameter against a trained token's 6, and keeps no activations
+        for a backward); CHECKPOINTED_PATCH_SHARE of it where the tower trains with its blocks checkpointed
+        (`tower_checkpointed`: they keep their inputs only, so the budget's language-model tokens, not the
+        patches, bound the micro-batch's memory). Families without `patch_counter` count no patch."""
         if not self.capabilities.counts_patches:
             return 0.0
         groups = self.freeze_groups()
@@ -817,7 +824,9 @@ class Family(ABC):
             elif group == "llm" and "embed_tokens" not in name and not name.startswith("lm_head"):
                 llm += param.numel()
         ratio = vision / llm if llm else 0.0
-        return ratio if trains else ratio / 3
+        if not trains:
+            return ratio / 3
+        return ratio * CHECKPOINTED_PATCH_SHARE if tower_checkpointed else ratio
 
     def patch_share(self, bundle: Bundle, name: str) -> float:
         """Returns the share of the tower's patches that pass through its parameter `name` (1: every patch;

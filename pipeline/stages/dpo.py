@@ -289,7 +289,11 @@ def build_pair_data(
     splits = split_dataset(
         rows, cfg.dataset, cfg.seed, counter, problems_path=dpo_dir / "dataset_problems.jsonl"
     )
-    weight = resolve_patch_weight(cfg.trainer.patch_weight, family, bundle) if loop.token_budget else 0.0
+    weight = (
+        resolve_patch_weight(cfg.trainer.patch_weight, family, bundle, bool(plan.gradient_checkpointing))
+        if loop.token_budget
+        else 0.0
+    )
     patches = family.patch_counter(bundle, images) if weight > 0 else None
 
     def pair_set(split: list[Row], offset: int) -> PairDataset:

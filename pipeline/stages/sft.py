@@ -236,10 +236,17 @@ def build_data(
     train_set, val_set = encoded(splits.train), encoded(splits.val)
     lengths = val_lengths = None
     if loop.token_budget:
-        weight = resolve_patch_weight(cfg.trainer.patch_weight, family, bundle)
+        weight = resolve_patch_weight(
+            cfg.trainer.patch_weight, family, bundle, bool(plan.gradient_checkpointing)
+        )
         counter = family.patch_counter(bundle, images) if weight > 0 else None
         if counter is not None:
-            log.info("token budget: language-model tokens + vision patches x %.3g", weight)
+            kept = resolve_patch_weight(cfg.trainer.patch_weight, family, bundle)
+            log.info(
+                "token budget: language-model tokens + vision patches x %.3g%s",
+                weight,
+                f" (the trained tower's blocks checkpointed; {kept:.3g} kept)" if weight < kept else "",
+            )
 
         def sizes(split, dataset):
             patches = [counter(row) for row in split] if counter is not None else None
@@ -256,11 +263,12 @@ def build_data(
     )
 
 
-def resolve_patch_weight(value: Any, family: Family, bundle: Any) -> float:
+def resolve_patch_weight(value: Any, family: Family, bundle: Any, tower_checkpointed: bool = False) -> float:
     """Returns trainer.patch_weight: as given; auto = the family's (its vision tower's parameters over its
-    language model's); 0 for a family that counts tokens only (config validation refuses a weight there)."""
+    language model's; less where the plan checkpoints the trained tower's blocks, `tower_checkpointed`:
+    Family.patch_weight); 0 for a family that counts tokens only (config validation refuses a weight there)."""
     if value == "auto":
-        return family.patch_weight(bundle)
+        return family.patch_weight(bundle, tower_checkpointed)
     weight = float(value)
     return weight if family.capabilities.counts_patches else 0.0
 

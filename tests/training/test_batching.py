@@ -170,17 +170,30 @@ def test_a_budget_counting_vision_patches_cuts_more_micro_batches_for_the_same_s
         assert p["micro_batches"] > t["micro_batches"]
 
 
-def test_a_frozen_towers_patches_count_a_third_in_the_budget(family_twin, tmp_path, caplog):
+def test_a_frozen_towers_patches_count_a_third_and_a_checkpointed_ones_an_eighth(
+    family_twin, tmp_path, caplog
+):
     """trainer.patch_weight=auto through the sft stage: with lora=qkv the vision tower runs forward only, so
-    a patch counts a third of what it counts when lora=all trains the tower (the same tower, the weight
-    read off the prepared model: its adapters counted, its frozen parameters seen as frozen)."""
+    a patch counts a third of what it counts when lora=all trains the tower without checkpointing (the same
+    tower, the weight read off the prepared model: its adapters counted, its frozen parameters seen as
+    frozen); lora=all with the tower's blocks checkpointed (every block, or the tower's only) counts an
+    eighth: its patches keep their blocks' inputs only."""
     twin = family_twin("qwen2_5_vl")
     weights = {}
-    for lora in ("lora_qkv", "lora_all"):
+    runs = {
+        "qkv": ("+experiment=lora_qkv",),
+        "all": ("+experiment=lora_all", "model.gradient_checkpointing=false"),
+        "all_checkpointed": ("+experiment=lora_all", "model.gradient_checkpointing=true"),
+        "all_tower_checkpointed": ("+experiment=lora_all", "model.gradient_checkpointing=vision"),
+    }
+    for run, overrides in runs.items():
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="pipeline.stages.sft"):
-            step_records(twin, tmp_path / lora, "model=qwen2_5_vl_tiny", f"+experiment={lora}")
+            step_records(twin, tmp_path / run, "model=qwen2_5_vl_tiny", "trainer.max_steps=1", *overrides)
         said = [r.getMessage() for r in caplog.records if "vision patches x" in r.getMessage()]
         assert len(said) == 1, said
-        weights[lora] = float(said[0].rsplit("x", 1)[1])
-    assert weights["lora_qkv"] == pytest.approx(weights["lora_all"] / 3, rel=0.15)
+        weights[run] = float(said[0].split("vision patches x")[1].split()[0])
+        assert ("checkpointed" in said[0]) == run.endswith("checkpointed"), said[0]
+    assert weights["qkv"] == pytest.approx(weights["all"] / 3, rel=0.15)
+    for run in ("all_checkpointed", "all_tower_checkpointed"):
+        assert weights[run] == pytest.approx(weights["all"] / 8, rel=0.01)
