@@ -336,6 +336,7 @@ def family_hooks(family: Family, bundle: Any) -> FamilyHooks:
         write_full=family.checkpoint_writer(bundle),
         read_full=family.checkpoint_reader(bundle),
         to_device=family.to_device,
+        resolution_setting=family.resolution_setting,
     )
 
 

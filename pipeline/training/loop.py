@@ -119,6 +119,8 @@ class FamilyHooks:
     read_full: ReadFull
     # a batch onto the model's device (Family.to_device: the family's host-side inputs stay where they are)
     to_device: Callable[[dict, torch.device], dict]
+    # the setting that sets how many image tokens a picture costs (Family.resolution_setting), for advice
+    resolution_setting: str = ""
 
 
 @dataclass
@@ -294,6 +296,39 @@ def batch_samples(batch: dict) -> int:
     if "segment_ids" in batch:
         return int(batch["segment_ids"].max()) + 1
     return len(batch["input_ids"])
+
+
+def out_of_memory_advice(
+    when: str, settings: LoopSettings, batches: list[dict], resolution_setting: str, evaluating: bool = False
+) -> str:
+    """Returns what to tell a user whose run ran out of GPU memory `when` ("at step 3") in one of the collated
+    micro-batches `batches`: which knob bounds a micro-batch in this run's regime, with a value to try, then
+    the others, cheapest first. With a token budget (`micro_batch_tokens`, the default) the budget bounds a
+    micro-batch, training's and evaluation's, and the batch sizes do not; in the fixed regime
+    trainer.batch_size does (trainer.eval_batch_size `evaluating`)."""
+    largest = max((batch["attention_mask"].numel() for batch in batches), default=0)
+    where = f"{when} (its largest of {len(batches)} micro-batch(es): {largest} padded tokens)"
+    if settings.micro_batch_tokens > 0:
+        budget = settings.micro_batch_tokens
+        first = (
+            f"trainer.micro_batch_tokens={max(budget // 2, 128)} (now {budget}: the tokens a micro-batch holds, "
+            f"its vision patches counted at trainer.patch_weight)"
+        )
+    elif evaluating:
+        first = f"a smaller trainer.eval_batch_size (now {settings.eval_batch_size})"
+    else:
+        first = (
+            f"a smaller trainer.batch_size (now {settings.batch_size}) with a larger trainer.grad_accum (the "
+            f"same rows a step)"
+        )
+    knobs = [
+        first,
+        *([] if evaluating else ["model.gradient_checkpointing=true"]),
+        "a smaller dataset.max_length",
+        *([f"{resolution_setting.split(' ')[0]} (fewer image tokens)"] if resolution_setting else []),
+        *([] if evaluating else ["lora=qkv instead of all/none"]),
+    ]
+    return f"out of GPU memory {where}. Knobs, cheapest first: " + ", ".join(knobs)
 
 
 def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:
@@ -546,8 +581,13 @@ class Trainer:
         sums = torch.zeros(2 + len(objective.stat_names), device=self.acc.device)
         for i, batch in enumerate(loader):
             batch = self.family.to_device(batch, self.acc.device)
-            with self.acc.autocast():
-                out = objective.sums(self.model, batch)
+            try:
+                with self.acc.autocast():
+                    out = objective.sums(self.model, batch)
+            except torch.OutOfMemoryError as err:
+                when = f"evaluating at step {self.state.global_step}"
+                advice = out_of_memory_advice(when, self.s, [batch], self.family.resolution_setting, True)
+                raise TrainingError(advice) from err
             if i < counted:
                 stats = [out.stats[k].float() for k in objective.stat_names]
                 units = torch.tensor(float(objective.units(batch)), device=self.acc.device)
@@ -686,10 +726,12 @@ class Trainer:
                     result = self._step(micro)
                 except torch.OutOfMemoryError as err:
                     raise TrainingError(
-                        f"out of GPU memory at step {self.state.global_step + 1}. Knobs, cheapest first: "
-                        f"model.gradient_checkpointing=true, a smaller trainer.batch_size with a larger "
-                        f"trainer.grad_accum, a smaller dataset.max_length, model.max_slice_nums (fewer image "
-                        f"slices), lora=qkv instead of all/none"
+                        out_of_memory_advice(
+                            f"at step {self.state.global_step + 1}",
+                            self.s,
+                            micro,
+                            self.family.resolution_setting,
+                        )
                     ) from err
                 self.state.global_step += 1
                 profiler.step()

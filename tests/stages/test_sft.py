@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.data.rows import DatasetError
 from pipeline.stages import eval as eval_stage
@@ -206,6 +208,86 @@ def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monk
     monkeypatch.setattr(MiniCPMV, "lm_loss", nan_loss)
     with pytest.raises(loop.TrainingError, match=r"loss is nan at step 1: lower optim.lr"):
         run_stage(sft, make_cfg(twin, *SHORT), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("regime", "first_knob"),
+    [
+        ((), r"trainer\.micro_batch_tokens=2048 \(now 4096: the tokens a micro-batch holds"),
+        (("trainer.micro_batch_tokens=0",), r"a smaller trainer\.batch_size \(now 2\) with a larger"),
+    ],
+)
+def test_out_of_memory_names_the_knob_that_bounds_a_micro_batch_in_its_regime(
+    twin, tmp_path, monkeypatch, regime, first_knob
+):
+    """With the token budget (auto: 4096 on the CPU and small cards) a micro-batch is bounded by
+    trainer.micro_batch_tokens, not trainer.batch_size; the plain regime's by batch_size. The family's
+    resolution setting is named too."""
+    from pipeline.families.minicpm_v2.modeling import MiniCPMV
+
+    real = MiniCPMV.lm_loss
+
+    def out_of_memory(self, hidden, labels):
+        if torch.is_grad_enabled():  # training's forward; the first evaluation runs
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, hidden, labels)
+
+    monkeypatch.setattr(MiniCPMV, "lm_loss", out_of_memory)
+    with pytest.raises(loop.TrainingError) as caught:
+        run_stage(sft, make_cfg(twin, *SHORT, "trainer.micro_batch_tokens=auto", *regime), tmp_path)
+    said = str(caught.value)
+    assert re.match(
+        r"out of GPU memory at step 1 \(its largest of \d+ micro-batch\(es\): \d+ padded tokens\)", said
+    )
+    assert re.search(r"Knobs, cheapest first: " + first_knob, said), said
+    assert "model.max_slice_nums (fewer image tokens)" in said
+    assert ("trainer.batch_size" in said) == bool(regime)
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_a_run_stopped_out_of_memory_resumes_with_the_smaller_budget_it_was_told(twin, tmp_path, monkeypatch):
+    """Out of memory at step 5 (checkpoint-3 written): the rerun with the advised trainer.micro_batch_tokens
+    resumes from checkpoint-3 and ends the run; its steps equal an uninterrupted run's (the budget cuts the
+    same rows into other micro-batches, with the same token-weighted loss)."""
+    real = loop.Trainer._step
+
+    def out_of_memory_at_step_5(self, micro):
+        if self.state.global_step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, micro)
+
+    common = (*SHORT, "lora.dropout=0.0")
+    whole = tmp_path / "whole"
+    run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=auto"), whole)
+    monkeypatch.setattr(loop.Trainer, "_step", out_of_memory_at_step_5)
+    with pytest.raises(loop.TrainingError, match=r"at step 5 .*trainer\.micro_batch_tokens=2048 \(now 4096"):
+        run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=auto"), tmp_path / "run")
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "sft")] == ["checkpoint-3"]
+    monkeypatch.setattr(loop.Trainer, "_step", real)
+    run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=2048"), tmp_path / "run")
+    resumed, uninterrupted = losses_by_step(tmp_path / "run" / "sft"), losses_by_step(whole / "sft")
+    assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5)
+
+
+def test_out_of_memory_while_evaluating_names_the_evaluations_knobs(twin, tmp_path, monkeypatch):
+    from pipeline.families.minicpm_v2.modeling import MiniCPMV
+
+    def out_of_memory(self, hidden, labels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MiniCPMV, "lm_loss", out_of_memory)
+    with pytest.raises(loop.TrainingError) as caught:
+        run_stage(
+            sft, make_cfg(twin, *SHORT, "trainer.micro_batch_tokens=0", "trainer.eval_batch_size=2"), tmp_path
+        )
+    said = str(caught.value)
+    assert said.startswith("out of GPU memory evaluating at step 0 (its largest of 1 micro-batch(es): ")
+    assert (
+        "Knobs, cheapest first: a smaller trainer.eval_batch_size (now 2), a smaller dataset.max_length"
+        in said
+    )
+    assert "gradient_checkpointing" not in said
 
 
 @pytest.mark.parametrize("stage", ["sft", "eval", "infer"])
