@@ -61,8 +61,8 @@ class MiniCPMV4_6(HFNativeFamily):
     # H100) and 9.04 (another) at 8.2 GB with every block checkpointed (three 16384-token micro-batches a
     # step; bench/RESULTS.md, "Thirteenth GPU calls"). Its checkpointed patches then count an eighth in the
     # budget (base.CHECKPOINTED_PATCH_SHARE): a 16-row step of COCO photos is one micro-batch, 18.90 samples/s
-    # at 20.7 GB against 9.61 in three (lora=all, one H100), and full fine-tuning 20.95 at 32.4 GB against 13.31 (another)
-    # ("Fourteenth GPU calls")
+    # at 20.7 GB against 9.61 in three (lora=all, one H100), and full fine-tuning 20.95 at 32.4 GB against
+    # 13.31 (another H100; "Fourteenth GPU calls")
     capabilities = native_capabilities(
         "MiniCPM-V 4.6",
         linear_attention=True,
