@@ -40,6 +40,7 @@ from pipeline.families.base import Bundle, Family
 from pipeline.stages.state import RunState
 from pipeline.training.preference import PairCollate, PairSample
 from pipeline.utils.io import atomic_write_json, atomic_write_text
+from pipeline.utils.memory import advice_on_out_of_memory, halved, resolution_knob
 from pipeline.utils.metrics import compute_generation_metrics
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,19 @@ def score(
     cfg: DictConfig, family: Family, bundle: Bundle, rows: list[Row]
 ) -> tuple[dict[str, float], int, list[str]]:
     """Returns the metrics of `bundle` on `rows`, the scored token count and the generated answers."""
+    knobs = [
+        halved("eval.batch_size", cfg.eval.batch_size),
+        *([halved("eval.max_new_tokens", cfg.eval.max_new_tokens)] if cfg.eval.generate else []),
+        "a smaller dataset.max_length",
+        *resolution_knob(family.resolution_setting),
+    ]
+    with advice_on_out_of_memory(f"in the eval stage ({len(rows)} rows)", knobs):
+        return _score(cfg, family, bundle, rows)
+
+
+def _score(
+    cfg: DictConfig, family: Family, bundle: Bundle, rows: list[Row]
+) -> tuple[dict[str, float], int, list[str]]:
     scores = loss_metrics(
         family, bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation
     )

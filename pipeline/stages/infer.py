@@ -41,6 +41,7 @@ from pipeline.families.base import Bundle, Family, VideoLimits
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.stages.state import RunState
 from pipeline.utils.io import append_jsonl, atomic_write_json, atomic_write_text
+from pipeline.utils.memory import advice_on_out_of_memory, halved, resolution_knob
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,22 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     generator = torch.Generator(family.device_of(bundle)).manual_seed(int(cfg.seed))
     started = time.perf_counter()
     spent: dict[str, float] = {}
-    responses = generate_for_rows(
-        family, bundle, rows, settings, cfg.infer.batch_size, generator=generator, desc="infer", timing=spent
-    )
+    knobs = [
+        halved("infer.batch_size", cfg.infer.batch_size),
+        halved("infer.max_new_tokens", settings.max_new_tokens),
+        *resolution_knob(family.resolution_setting),
+    ]
+    with advice_on_out_of_memory(f"in the infer stage ({len(rows)} rows)", knobs):
+        responses = generate_for_rows(
+            family,
+            bundle,
+            rows,
+            settings,
+            cfg.infer.batch_size,
+            generator=generator,
+            desc="infer",
+            timing=spent,
+        )
     timing = {
         "load_s": round(load_s, 3),
         "generate_s": round(time.perf_counter() - started, 3),

@@ -61,6 +61,7 @@ from pipeline.training.profiling import (
     graph_break_reasons,
 )
 from pipeline.utils.io import append_jsonl, atomic_write_text
+from pipeline.utils.memory import resolution_knob
 
 if TYPE_CHECKING:
     from pipeline.families.base import LossSums
@@ -325,7 +326,7 @@ def out_of_memory_advice(
         first,
         *([] if evaluating else ["model.gradient_checkpointing=true"]),
         "a smaller dataset.max_length",
-        *([f"{resolution_setting.split(' ')[0]} (fewer image tokens)"] if resolution_setting else []),
+        *resolution_knob(resolution_setting),
         *([] if evaluating else ["lora=qkv instead of all/none"]),
     ]
     return f"out of GPU memory {where}. Knobs, cheapest first: " + ", ".join(knobs)

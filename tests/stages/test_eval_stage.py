@@ -131,6 +131,32 @@ def test_eval_loss_is_token_weighted_over_every_response_token(workdir: Path, tm
     assert metrics["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("generate", "knobs"),
+    [
+        ("false", "eval.batch_size=1 (now 3), a smaller dataset.max_length, model.max_slice_nums"),
+        ("true", "eval.batch_size=1 (now 3), eval.max_new_tokens="),
+    ],
+)
+def test_out_of_memory_in_eval_names_the_stage_and_its_settings(
+    workdir, tmp_path, monkeypatch, generate, knobs
+):
+    from pipeline.families.minicpm_v2.family import MiniCPMV2
+    from pipeline.utils.memory import OutOfGPUMemory
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MiniCPMV2, "generate_batch" if generate == "true" else "loss_outputs", out_of_memory)
+    cfg = config(workdir, "stages=[eval]", "ckpt=base", f"eval.generate={generate}", "eval.batch_size=3")
+    with pytest.raises(OutOfGPUMemory) as caught:
+        run_stage(eval_stage, cfg, tmp_path)
+    said = str(caught.value)
+    assert said.startswith("out of GPU memory in the eval stage (")
+    assert "Knobs, cheapest first: " + knobs in said, said
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+
+
 def test_checkpoint_comes_from_state_else_from_ckpt(workdir: Path, sft_run):
     run_dir, state = sft_run
 

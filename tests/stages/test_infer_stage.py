@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.rows import DatasetError
@@ -52,6 +53,23 @@ def config(workdir: Path, *overrides: str):
         "infer.batch_size=2",
         *overrides,
     )
+
+
+def test_out_of_memory_in_infer_names_the_stage_and_its_settings(workdir, tmp_path, monkeypatch):
+    from pipeline.families.minicpm_v2.family import MiniCPMV2
+    from pipeline.utils.memory import OutOfGPUMemory
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MiniCPMV2, "generate_batch", out_of_memory)
+    with pytest.raises(OutOfGPUMemory) as caught:
+        run_stage(infer, config(workdir, f"infer.input={workdir / 'queries.jsonl'}"), tmp_path)
+    assert str(caught.value) == (
+        "out of GPU memory in the infer stage (3 rows). Knobs, cheapest first: infer.batch_size=1 (now 2), "
+        "infer.max_new_tokens=3 (now 6), model.max_slice_nums (fewer image tokens)"
+    )
+    assert not (tmp_path / "infer" / "results.jsonl").exists()
 
 
 def test_batch_infer_from_a_jsonl_file_writes_one_row_per_query(workdir: Path, tmp_path: Path):
