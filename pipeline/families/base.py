@@ -107,9 +107,14 @@ class Capabilities:
     packs_padding_free: bool = False
     counts_patches: bool = False  # trainer.patch_weight: its token budget counts vision patches
     # trainer.micro_batch_tokens and model.gradient_checkpointing auto for LoRA that trains its vision tower,
-    # on a card of at least 75 GiB: the budget of language-model tokens whose micro-batches keep the tower's
-    # activations without checkpointing (its image tokens bound its patches); 0: every block checkpointed
+    # on a card of at least trained_tower_card_gib: the budget of language-model tokens whose micro-batches
+    # keep the tower's activations without checkpointing (its image tokens bound its patches); 0: every
+    # block checkpointed
     trained_tower_budget: int = 0
+    trained_tower_card_gib: int = 75
+    # the largest model (parameters, from the model folder's safetensors headers) trained_tower_budget is
+    # declared for: a larger one (or one whose size is not known before loading) checkpoints; 0: any size
+    trained_tower_max_parameters: int = 0
     # model.gradient_checkpointing auto for LoRA that trains its vision tower beyond trained_tower_budget (on a
     # CUDA device, micro-batches of more than 1024 tokens): checkpoint the tower's blocks only and keep the
     # language model's activations, which the token budget bounds (its recompute is the step's cost);

@@ -98,9 +98,12 @@ def plan_stage(cfg: DictConfig, family: Family, launch: Launch, model_path: str)
         compiled_shapes=caps.compiled_shapes,
         compiles_vision=family.compiles_vision_on(launch.device, resolve_weights_dtype(cfg, launch.device)),
         vision_by_default=caps.compiles_vision_by_default,
-        parameters=parameters_in_folder(model_path),  # full fine-tuning's budget on large cards
+        # full fine-tuning's budget on large cards, and the size a trained tower's budget is declared for
+        parameters=parameters_in_folder(model_path),
         trained_tower_budget=caps.trained_tower_budget,
         checkpoints_tower_only=caps.checkpoints_tower_only,
+        trained_tower_card_gib=caps.trained_tower_card_gib,
+        trained_tower_max_parameters=caps.trained_tower_max_parameters,
     )
     log.info("%s", plan.describe())
     family.check_kernels(plan.launch.device, plan.compile)

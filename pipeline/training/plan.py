@@ -198,6 +198,8 @@ def plan_training(
     parameters: int | None = None,
     trained_tower_budget: int = 0,
     checkpoints_tower_only: bool = False,
+    trained_tower_card_gib: int = TOWER_CARD_GIB,
+    trained_tower_max_parameters: int = 0,
 ) -> TrainingPlan:
     """Returns the run's training plan, from the model family's capabilities: `compiles`, whether it compiles
     its layers when trainer.compile asks for it; `packs_padding_free`, whether it packs rows without a mask
@@ -207,14 +209,23 @@ def plan_training(
     (Family.compiles_vision_on), and `vision_by_default`, whether trainer.compile_vision=auto does;
     `parameters`, the base model's parameter count where it is known before loading (for full fine-tuning's
     budget: resolve_micro_batch_tokens); `trained_tower_budget`, the budget within which LoRA that trains
-    the family's vision tower keeps its activations on a large card (Capabilities.trained_tower_budget), and
+    the family's vision tower keeps its activations on a card of `trained_tower_card_gib` or more, for models
+    of up to `trained_tower_max_parameters` (Capabilities.trained_tower_budget and the two after it), and
     `checkpoints_tower_only`, whether such LoRA beyond that budget checkpoints the tower's blocks only
     (Capabilities.checkpoints_tower_only)."""
     device, processes = launch.device, launch.processes
     t = cfg.trainer
     shards = processes if launch.sharded else 1
     tower_trains = lora_trains_tower(cfg.lora)
-    tower_budget = tower_budget_on(device, cfg.lora.name, tower_trains, trained_tower_budget)
+    tower_budget = tower_budget_on(
+        device,
+        cfg.lora.name,
+        tower_trains,
+        trained_tower_budget,
+        trained_tower_card_gib,
+        trained_tower_max_parameters,
+        parameters,
+    )
     budget = resolve_micro_batch_tokens(
         t.micro_batch_tokens, device, cfg.lora.name, parameters, shards, tower_budget
     )
@@ -482,15 +493,27 @@ def card_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(index).total_memory
 
 
-def tower_budget_on(device: torch.device, lora: str, tower_trains: bool, trained_tower_budget: int) -> int:
+def tower_budget_on(
+    device: torch.device,
+    lora: str,
+    tower_trains: bool,
+    trained_tower_budget: int,
+    card_gib: int = TOWER_CARD_GIB,
+    max_parameters: int = 0,
+    parameters: int | None = None,
+) -> int:
     """Returns the micro-batch budget within which LoRA that trains the vision tower (`tower_trains`) keeps
     the tower's activations without checkpointing: the family's `trained_tower_budget` (a budget of
     language-model tokens that bounds the tower's patches too: MiniCPM-V-2's slices are 64 tokens and at most
-    1,024 patches each) on a card of at least TOWER_CARD_GIB; 0 (checkpointing) for full fine-tuning, whose
-    state fills the card, smaller cards, the CPU and families that declare none."""
+    1,024 patches each) on a card of at least `card_gib` (the family's; TOWER_CARD_GIB unless it declares
+    more) for a model of at most `max_parameters` (0: any; a family that declares a limit needs the model's
+    `parameters` known); 0 (checkpointing) for full fine-tuning, whose state fills the card, smaller cards,
+    larger models, the CPU and families that declare none."""
     if not (tower_trains and trained_tower_budget > 0 and lora != "none"):
         return 0
-    return trained_tower_budget if card_bytes(device) >= TOWER_CARD_GIB * 2**30 else 0
+    if max_parameters and (parameters is None or parameters > max_parameters):
+        return 0
+    return trained_tower_budget if card_bytes(device) >= card_gib * 2**30 else 0
 
 
 def lora_trains_tower(lora: Any) -> bool:

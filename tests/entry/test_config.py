@@ -13,6 +13,7 @@ from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, objective_problems, resolve_device, resolve_dtype, validate
 from pipeline.families import family_from_config
 from pipeline.stages import STAGES
+from pipeline.stages import sft as sft_stage
 from pipeline.stages.sft import plan_stage
 from pipeline.training import plan
 from pipeline.training.plan import (
@@ -613,10 +614,25 @@ def test_lora_that_trains_the_tower_keeps_its_activations_where_the_family_bound
     assert planned([*v2_all, "trainer.micro_batch_tokens=1024"]) == (1024, True)  # low_memory's budget
     assert planned([*v2_all, "model.gradient_checkpointing=true"]) == (2048, True)
     assert planned(["model=minicpm_v2", "+experiment=full"])[1] is True  # full fine-tuning's state fills it
-    # a family that declares no such budget checkpoints its trained tower at the large-card budget
-    assert planned(["model=qwen2_5_vl_tiny", "+experiment=lora_all"]) == (16384, True)
+    # the Qwen VLs declare theirs for cards of 120 GiB or more and models of up to 5 B parameters: on this
+    # card they checkpoint their trained tower at the large-card budget
+    qwen_all = ["model=qwen2_5_vl_tiny", "+experiment=lora_all"]
+    assert planned(qwen_all) == (16384, True)
     total["gib"] = 48
     assert planned(v2_all) == (4096, True)
+    # on an H200-sized card: within their budget for a 3.75 B model, whose size the model folder tells
+    total["gib"] = 140
+    monkeypatch.setattr(sft_stage, "parameters_in_folder", lambda path: 3_750_000_000)
+    assert planned(qwen_all) == (8192, False)
+    assert planned(["model=qwen3_vl_tiny", "+experiment=lora_all"]) == (8192, False)
+    assert planned(["model=qwen2_5_vl_tiny", "+experiment=lora_qkv"]) == (16384, False)  # a frozen tower
+    assert planned(["model=qwen2_5_vl_tiny", "+experiment=full"])[1] is True
+    # a larger model, or one whose size is not known before loading, checkpoints every block
+    monkeypatch.setattr(sft_stage, "parameters_in_folder", lambda path: 8_300_000_000)
+    assert planned(qwen_all) == (16384, True)
+    monkeypatch.setattr(sft_stage, "parameters_in_folder", lambda path: None)
+    assert planned(qwen_all) == (16384, True)
+    assert planned(v2_all) == (2048, False)  # MiniCPM-V-2 declares no size limit
 
 
 def test_a_family_whose_recompute_costs_most_checkpoints_only_its_trained_tower(compose, monkeypatch):
