@@ -11,17 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .base import FreezeGroups
-from .hf_native import native_capabilities
-from .qwen_vl import (
-    LLM,
-    TINY_PATCH,
-    TRAINED_TOWER,
-    VIDEO_KEYS,
-    VISION,
-    QwenVL,
-    tiny_text_config,
-    tiny_token_ids,
-)
+from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, qwen_capabilities, tiny_text_config, tiny_token_ids
 
 # The official Qwen2.5-VL-Instruct chat template (as published with the checkpoints).
 CHAT_TEMPLATE = (
@@ -45,9 +35,7 @@ PROJECTOR = "model.visual.merger"
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
-    capabilities = native_capabilities(
-        "Qwen2.5-VL", video_config_keys=VIDEO_KEYS, compiles_vision=True, **TRAINED_TOWER
-    )
+    capabilities = qwen_capabilities("Qwen2.5-VL")
     chat_template = CHAT_TEMPLATE
     fused_norm = (0.0, "llama")
     fused_target = "model.language_model"

@@ -15,17 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import FreezeGroups
-from .hf_native import native_capabilities
-from .qwen_vl import (
-    LLM,
-    TINY_PATCH,
-    TRAINED_TOWER,
-    VIDEO_KEYS,
-    VISION,
-    QwenVL,
-    tiny_text_config,
-    tiny_token_ids,
-)
+from .qwen_vl import LLM, TINY_PATCH, VISION, QwenVL, qwen_capabilities, tiny_text_config, tiny_token_ids
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,9 +35,7 @@ PROJECTORS = (f"{VISION}.merger", f"{VISION}.deepstack_merger_list")
 
 class Qwen3_VL(QwenVL):
     name = "qwen3_vl"
-    capabilities = native_capabilities(
-        "Qwen3-VL", video_config_keys=VIDEO_KEYS, compiles_vision=True, **TRAINED_TOWER
-    )
+    capabilities = qwen_capabilities("Qwen3-VL")
     model_type = "qwen3_vl"
     chat_template = CHAT_TEMPLATE
     fused_norm = (0.0, "llama")

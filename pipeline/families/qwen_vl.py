@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Bundle, VideoInfo
-from .hf_native import HFNativeFamily, stream_metadata
+from .base import Bundle, Capabilities, VideoInfo
+from .hf_native import HFNativeFamily, native_capabilities, stream_metadata
 from .packing import Positions, text_positions
 
 LLM = "model.language_model"
@@ -19,20 +19,29 @@ VISION = "model.visual"
 QKV = ("q_proj", "k_proj", "v_proj")
 # the tiny vision towers' patch size (the real ones': 14 for Qwen2.5-VL, 16 for Qwen3-VL)
 TINY_PATCH = 8
-# LoRA that trains the tower (lora=all) keeps every activation in micro-batches of up to 8192 tokens on cards
-# of 120 GiB or more (an H200), for the sizes measured: without the recompute Qwen2.5-VL-3B ran 23.31
-# samples/s at 58.1 GB against 17.35 with every block checkpointed, Qwen3-VL-4B 35.03 at 67.5 GB against
-# 25.73 (one H100 80GB; bench/RESULTS.md, "Fourteenth GPU calls"). A kept language-model token is up to ~6.7 MB
-# there, so 80 GB cards, larger models and 16384-token micro-batches keep checkpointing every block
-TRAINED_TOWER = {
-    "trained_tower_budget": 8192,
-    "trained_tower_card_gib": 120,
-    "trained_tower_max_parameters": 5_000_000_000,
-}
+
 # frames sampled per second where the checkpoint's video processor states none (Qwen2.5-VL's): qwen-vl-utils'
 # FPS, which ms-swift samples at
 DEFAULT_VIDEO_FPS = 2.0
 VIDEO_KEYS = ("video_fps", "video_max_frames", "video_max_pixels")
+
+
+def qwen_capabilities(display_name: str) -> Capabilities:
+    """Returns what a Qwen VL can do: every HF-native family's capabilities, its video settings, its compiled
+    vision blocks, and its trained tower's budget. LoRA that trains the tower (lora=all) keeps every
+    activation in micro-batches of up to 8192 tokens on cards of 120 GiB or more (an H200), for the sizes
+    measured: without the recompute Qwen2.5-VL-3B ran 23.31 samples/s at 58.1 GB against 17.35 with every
+    block checkpointed, Qwen3-VL-4B 35.03 at 67.5 GB against 25.73 (one H100 80GB; bench/RESULTS.md,
+    "Fourteenth GPU calls"). A kept language-model token is up to ~6.7 MB there, so 80 GB cards, larger models
+    and 16384-token micro-batches keep checkpointing every block."""
+    return native_capabilities(
+        display_name,
+        video_config_keys=VIDEO_KEYS,
+        compiles_vision=True,
+        trained_tower_budget=8192,
+        trained_tower_card_gib=120,
+        trained_tower_max_parameters=5_000_000_000,
+    )
 
 
 def tiny_text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
