@@ -61,7 +61,7 @@ from pipeline.training.profiling import (
     graph_break_reasons,
 )
 from pipeline.utils.io import append_jsonl, atomic_write_text
-from pipeline.utils.memory import resolution_knob
+from pipeline.utils.memory import out_of_memory_message, resolution_knob
 
 if TYPE_CHECKING:
     from pipeline.families.base import LossSums
@@ -329,7 +329,7 @@ def out_of_memory_advice(
         *resolution_knob(resolution_setting),
         *([] if evaluating else ["lora=qkv instead of all/none"]),
     ]
-    return f"out of GPU memory {where}. Knobs, cheapest first: " + ", ".join(knobs)
+    return out_of_memory_message(where, knobs)
 
 
 def checkpoint_to_resume(resume: str, sft_dir: Path) -> Path | None:

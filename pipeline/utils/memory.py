@@ -20,9 +20,12 @@ def advice_on_out_of_memory(where: str, knobs: Sequence[str]) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as err:
-        raise OutOfGPUMemory(
-            f"out of GPU memory {where}. Knobs, cheapest first: " + ", ".join(knobs)
-        ) from err
+        raise OutOfGPUMemory(out_of_memory_message(where, knobs)) from err
+
+
+def out_of_memory_message(where: str, knobs: Sequence[str]) -> str:
+    """Returns what a run that ran out of GPU memory `where` says: there, and the `knobs`, cheapest first."""
+    return f"out of GPU memory {where}. Knobs, cheapest first: " + ", ".join(knobs)
 
 
 def halved(key: str, value: int) -> str:
