@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.families import DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
+from pipeline.families import CHUNKED_LOSS_MODES, DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import DECODE_MODES, GenerationSettings
 from pipeline.stage_names import (
@@ -76,6 +76,10 @@ class ModelConfig:
     # static (a preallocated cache, one captured or compiled step per batch shape) | dynamic (the growing
     # cache, eager)
     decode: str = "auto"
+    # the HF-native families' loss over many supervised positions (long answers): auto (the output head scores
+    # them a chunk at a time, recomputed in the backward, where their fp32 logits would exceed 1 GiB and the
+    # weights are not sharded) | off; see pipeline/families/chunked_loss.py
+    chunked_loss: str = "auto"
     # QLoRA: the language model's linear layers in 4-bit NF4 or 8-bit (bitsandbytes) for LoRA training, eval,
     # infer and serve; merge folds the adapter into the full-precision base (pipeline/families/quantization.py)
     quantization: str = "none"
@@ -354,6 +358,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.fused_kernels": ("auto", "liger", "off"),
     "model.linear_attention": ("auto", "fla", "torch"),
     "model.decode": DECODE_MODES,
+    "model.chunked_loss": CHUNKED_LOSS_MODES,
     "model.quantization": ("none", "nf4", "int8"),
     "trainer.compile": ("auto", True, False),
     "trainer.compile_vision": ("auto", True, False),

@@ -531,6 +531,7 @@ class Family(ABC):
         fused_kernels: str = "auto",
         linear_attention: str = "auto",
         decode: str = "auto",
+        chunked_loss: str = "auto",
         video: Mapping[str, Any] | None = None,
     ):
         self.settings = dict(settings or {})
@@ -551,6 +552,9 @@ class Family(ABC):
         if decode not in DECODE_MODES:
             raise FamilyError(f"model.decode={decode} is not a decode mode; valid: {', '.join(DECODE_MODES)}")
         self.decode_mode = decode  # model.decode: auto | static | dynamic (generate_batch's cache)
+        # model.chunked_loss: auto | off, the HF-native families' loss of many supervised positions a chunk
+        # at a time (chunked_loss.py); MiniCPM-V-2's own loss reads it not
+        self.chunked_loss = chunked_loss
         unknown = sorted(set(self.settings) - set(self.setting_keys))
         if unknown:
             valid = ", ".join(self.setting_keys) or "none"

@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 from pipeline.families.generation_settings import GenerationSettings
 from pipeline.utils.io import atomic_dir
 
-from . import kernels, packing, quantization, vision_attention, vision_compile
+from . import chunked_loss, kernels, packing, quantization, vision_attention, vision_compile
 from .base import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -935,6 +935,8 @@ class HFNativeFamily(Family):
         go to the language model alone (packing.packed_forward)."""
         logits, labels, _ = self._supervised_logits(model, batch, dict(batch))
         mask = labels != IGNORE_INDEX
+        if isinstance(logits, chunked_loss.HeadLosses):  # a long-answer batch, scored a chunk at a time
+            return LossSums(loss_sum=logits.losses.sum(), num_tokens=mask.sum(), num_correct=logits.correct)
         loss_sum = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             labels.reshape(-1),
@@ -946,10 +948,12 @@ class HFNativeFamily(Family):
 
     def _supervised_logits(
         self, model: nn.Module, batch: Mapping[str, Any], inputs: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | chunked_loss.HeadLosses, torch.Tensor, torch.Tensor]:
         """Returns the fp32 logits [B, K, vocab] of the positions whose next token is supervised in some row
         (every position where the model cannot keep only some), their labels [B, K] and the positions [K]
-        (indices into the shifted labels). `inputs` is what the model's forward gets (labels dropped here)."""
+        (indices into the shifted labels). `inputs` is what the model's forward gets (labels dropped here).
+        Where those logits would be large (model.chunked_loss, chunked_loss.py), the head scores the
+        positions a chunk at a time and their losses come back (HeadLosses) in place of the logits."""
         inputs.pop("labels", None)
         context: contextlib.AbstractContextManager = contextlib.nullcontext()
         if packing.is_packed(batch):
@@ -966,13 +970,25 @@ class HFNativeFamily(Family):
                 if keep.numel() == 0:  # nothing supervised: one position keeps the graph connected
                     keep = keep.new_zeros(1)
                 keep_on_device = keep.to(batch["input_ids"].device)
-                if selects == "kwarg":
-                    out = model(**inputs, logits_to_keep=keep_on_device, use_cache=False)
-                else:
-                    with positions_through(model, keep_on_device):
-                        out = model(**inputs, use_cache=False)
+                labels = targets[:, keep.to(targets.device)]
+                head = unwrapped(model).get_output_embeddings()
+                chunk = chunked_loss.chunk_positions(
+                    self.chunked_loss,
+                    labels.numel(),
+                    unwrapped(model).config.get_text_config().vocab_size,
+                    chunked_loss.holds_sharded_weights(model, head),
+                )
+                scoring = chunked_loss.head_losses(head, labels, chunk) if chunk else contextlib.nullcontext()
+                with scoring as scores:
+                    if selects == "kwarg":
+                        out = model(**inputs, logits_to_keep=keep_on_device, use_cache=False)
+                    else:
+                        with positions_through(model, keep_on_device):
+                            out = model(**inputs, use_cache=False)
+                if scores is not None:
+                    return scores, labels.to(scores.losses.device), keep.to(scores.losses.device)
                 logits = out.logits.float()
-                labels = targets[:, keep.to(targets.device)].to(logits.device)
+                labels = labels.to(logits.device)
             else:
                 logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                 labels = targets.to(logits.device)
@@ -987,19 +1003,22 @@ class HFNativeFamily(Family):
         if pairs and "pixel_values" in inputs:
             inputs = self._with_shared_images(model, inputs, pairs)
         logits, labels, keep = self._supervised_logits(model, batch, inputs)
-        token_logps = -F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(labels)
+        if isinstance(logits, chunked_loss.HeadLosses):
+            token_logps = -logits.losses
+        else:
+            token_logps = -F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view_as(labels)
         mask = labels != IGNORE_INDEX
         if packing.is_packed(batch):
-            starts = batch["cu_seq_lens_q"].to(logits.device).long()
+            starts = batch["cu_seq_lens_q"].to(labels.device).long()
             owner = (torch.searchsorted(starts, keep + 1, right=True) - 1).expand_as(labels)
             samples = int(batch[packing.NUM_SAMPLES])
         else:
-            owner = torch.arange(labels.shape[0], device=logits.device)[:, None].expand_as(labels)
+            owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
             samples = labels.shape[0]
         logps = token_logps.new_zeros(samples).index_add(0, owner[mask], token_logps[mask])
         tokens = token_logps.new_zeros(samples).index_add(0, owner[mask], torch.ones_like(token_logps[mask]))

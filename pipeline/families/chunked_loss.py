@@ -1,0 +1,113 @@
+"""The loss of a long-answer micro-batch a chunk of positions at a time (model.chunked_loss).
+
+Only the supervised positions go through the output head (hf_native: `logits_to_keep`, or a pre-hook on the
+head). A caption row supervises some 20 positions; a row with a long answer supervises hundreds or thousands,
+and then their fp32 logits dominate the step's memory: 16,384 supervised positions of a 151,936-word vocabulary
+(the Qwen VLs) are 10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy keeps the log-softmax and
+its gradient beside them. Where a micro-batch's supervised logits would exceed LOGITS_BYTES, the head's
+forward computes the token losses itself, CHUNK_BYTES of logits at a time, each chunk recomputed during the
+backward (non-reentrant checkpoint), so at most one chunk's logits exist at any time. The sums, the correct
+predictions and every gradient equal the one-piece computation's (tests/families/test_chunked_loss.py).
+
+auto: chunk past LOGITS_BYTES, except where the head's weights are sharded (FSDP, DeepSpeed ZeRO-3: a chunk
+recomputed during the backward would find them released); off: one piece, always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import CHUNKED_LOSS_MODES
+from .base import IGNORE_INDEX
+
+# auto chunks a micro-batch whose supervised positions' fp32 logits would exceed this (a COCO caption step of
+# 16 rows: ~320 positions, 0.2 GB with the Qwen VLs' vocabulary, stays one piece)
+LOGITS_BYTES = 2**30
+# the fp32 logits of one chunk (~440 positions of the Qwen VLs' vocabulary, ~270 of MiniCPM-V 4.6's)
+CHUNK_BYTES = 2**28
+# wrappers (by class name: none of them need be importable) whose modules hold sharded parameters
+SHARDING_WRAPPERS = frozenset({"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
+
+
+def chunk_positions(mode: str, positions: int, vocab: int, sharded: bool) -> int:
+    """Returns how many positions one chunk of the head's loss holds, or 0 for one piece: `positions`
+    supervised positions of a `vocab`-word head under model.chunked_loss `mode`."""
+    if mode not in CHUNKED_LOSS_MODES:
+        raise ValueError(f"model.chunked_loss={mode} is not a mode; valid: {', '.join(CHUNKED_LOSS_MODES)}")
+    if mode == "off" or sharded or positions * vocab * 4 <= LOGITS_BYTES:
+        return 0
+    return max(1, CHUNK_BYTES // (vocab * 4))
+
+
+def holds_sharded_weights(model: nn.Module, head: nn.Module) -> bool:
+    """Returns whether `model` (under any DDP / FSDP / DeepSpeed / PEFT wrapper) shards its parameters: a
+    sharding wrapper on the way down to the model, or a head parameter that is a DTensor (FSDP2) or a ZeRO-3
+    partition (`ds_id`)."""
+    module: object = model
+    while isinstance(module, nn.Module):
+        if any(cls.__name__ in SHARDING_WRAPPERS for cls in type(module).__mro__):
+            return True
+        module = getattr(module, "module", None)
+    return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in head.parameters(recurse=True))
+
+
+@dataclass
+class HeadLosses:
+    """What the chunked head computed: each supervised position's loss [B, K] (fp32, 0 where ignored) and
+    the count of positions whose most likely word is the label."""
+
+    losses: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+
+
+def _scored(
+    forward: Callable, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = forward(hidden).float()
+    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+    return losses, correct
+
+
+@contextlib.contextmanager
+def head_losses(head: nn.Module, labels: torch.Tensor, chunk: int) -> Iterator[HeadLosses]:
+    """Inside, `head` given hidden states [B, K, D] computes the losses of their K positions against `labels`
+    [B, K] into the yielded HeadLosses, `chunk` positions at a time (each chunk's logits recomputed in the
+    backward when gradients are on), and returns an empty [B, K, 0] tensor for the logits."""
+    result = HeadLosses()
+    had_own = "forward" in head.__dict__
+    forward = head.forward
+
+    def chunked(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets = labels.reshape(-1).to(hidden.device)
+        if flat.shape[0] != targets.shape[0]:
+            raise ValueError(f"the head got {flat.shape[0]} positions for {targets.shape[0]} labels")
+        losses, correct = [], []
+        for start in range(0, flat.shape[0], chunk):
+            piece = (flat[start : start + chunk], targets[start : start + chunk])
+            if torch.is_grad_enabled():
+                piece_losses, piece_correct = checkpoint(_scored, forward, *piece, use_reentrant=False)
+            else:
+                piece_losses, piece_correct = _scored(forward, *piece)
+            losses.append(piece_losses)
+            correct.append(piece_correct)
+        result.losses = torch.cat(losses).view(labels.shape)
+        result.correct = torch.stack(correct).sum()
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    head.forward = chunked
+    try:
+        yield result
+    finally:
+        if had_own:
+            head.forward = forward
+        else:
+            del head.forward
