@@ -12,7 +12,8 @@ What it does, in one call:
    random ones is never the largest);
 2. generates COCO-shaped data: 640x480 JPEG photos (quality 90), one 8-16-word caption each, the query
    `please describe the image.` (source + 2 slices, about 225 tokens a row); a `mixed` variant (30% of the
-   rows two or three rounds, 10% text-only) and a `large` one (1344x1008 photos, source + 6 slices);
+   rows two or three rounds, 10% text-only), a `large` one (1344x1008 photos, source + 6 slices) and a
+   `longanswer` one (the COCO photos, each answered by ~50 sentences: ~750 supervised tokens a row);
 3. runs `python -m pipeline ... model=minicpm_v2 trainer=default dataset=custom stages=[sft]` per setting:
    `*_plain` is the regime ms-swift runs (batch 1 x grad-accum 16, one row per forward, gradient
    checkpointing, no compile, no data workers) and the baseline; `*_default` is trainer=default as shipped;
@@ -175,6 +176,13 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             settings[f"{family}_{short}_default"] = (family, [f"+experiment={experiment}"], "coco")
         for lever, overrides in {**LEVERS_OFF, **BUDGETS, **FAMILY_LEVERS_OFF.get(family, {})}.items():
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
+        # long answers (~12k supervised tokens a 16-row step): the loss in chunks (auto) against one piece
+        settings[f"{family}_qkv_longanswer"] = (family, ["+experiment=lora_qkv"], "longanswer")
+        settings[f"{family}_qkv_longanswer_onepiece"] = (
+            family,
+            ["+experiment=lora_qkv", "model.chunked_loss=off"],
+            "longanswer",
+        )
         # a trained tower's recompute only (model.gradient_checkpointing=vision), against `_default`'s every
         # block; and the profile of each
         for short in ("all", "full"):
@@ -480,7 +488,7 @@ def write_data(folder: Path, variant: str, rows: int, tiny: bool) -> Path:
     path = folder / f"{variant}.jsonl"
     if path.is_file():
         return path
-    size = {"coco": (640, 480), "mixed": (640, 480), "large": (1344, 1008)}[variant]
+    size = {"coco": (640, 480), "mixed": (640, 480), "large": (1344, 1008), "longanswer": (640, 480)}[variant]
     if tiny:  # the twin slices at 112 px: the same slice counts at a quarter of the side
         size = (size[0] // 4, size[1] // 4)
     images = folder / f"images-{variant}"
@@ -492,6 +500,8 @@ def write_data(folder: Path, variant: str, rows: int, tiny: bool) -> Path:
     lines = []
     for image in paths:
         row = {"query": QUERY, "response": _caption(rng), "images": [image]}
+        if variant == "longanswer":  # a detailed description: ~50 sentences, ~750 supervised tokens a row
+            row["response"] = " ".join(_caption(rng) for _ in range(50))
         if variant == "mixed":
             draw = rng.random()
             if draw < 0.1:  # text-only
