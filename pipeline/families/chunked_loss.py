@@ -9,8 +9,8 @@ forward computes the token losses itself, CHUNK_BYTES of logits at a time, each 
 backward (non-reentrant checkpoint), so at most one chunk's logits exist at any time. The sums, the correct
 predictions and every gradient equal the one-piece computation's (tests/families/test_chunked_loss.py).
 
-auto: chunk past LOGITS_BYTES, except where the head's weights are sharded (FSDP, DeepSpeed ZeRO-3: a chunk
-recomputed during the backward would find them released); off: one piece, always.
+auto: chunk past LOGITS_BYTES, except under FSDP and DeepSpeed (their weights may be sharded, and a chunk
+recomputed during the backward would find the head's released; not tried there); off: one piece, always.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def chunk_positions(mode: str, positions: int, vocab: int, sharded: bool) -> int
 
 
 def holds_sharded_weights(model: nn.Module, head: nn.Module) -> bool:
-    """Returns whether `model` (under any DDP / FSDP / DeepSpeed / PEFT wrapper) shards its parameters: a
-    sharding wrapper on the way down to the model, or a head parameter that is a DTensor (FSDP2) or a ZeRO-3
-    partition (`ds_id`)."""
+    """Returns whether `model` (under any DDP / FSDP / DeepSpeed / PEFT wrapper) may shard its parameters: an
+    FSDP or DeepSpeed wrapper on the way down to the model, or a head parameter that is a DTensor (FSDP2) or a
+    ZeRO-3 partition (`ds_id`)."""
     module: object = model
     while isinstance(module, nn.Module):
         if any(cls.__name__ in SHARDING_WRAPPERS for cls in type(module).__mro__):
