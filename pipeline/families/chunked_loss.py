@@ -16,6 +16,7 @@ recomputed during the backward would find the head's released; not tried there);
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ from .base import IGNORE_INDEX
 LOGITS_BYTES = 2**30
 # the fp32 logits of one chunk (~440 positions of the Qwen VLs' vocabulary, ~270 of MiniCPM-V 4.6's)
 CHUNK_BYTES = 2**28
+log = logging.getLogger(__name__)
+_told: set[int] = set()  # the chunk sizes the log has named (once each per process)
 # wrappers (by class name: none of them need be importable) whose modules hold sharded parameters
 SHARDING_WRAPPERS = frozenset({"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
 
@@ -43,7 +46,17 @@ def chunk_positions(mode: str, positions: int, vocab: int, sharded: bool) -> int
         raise ValueError(f"model.chunked_loss={mode} is not a mode; valid: {', '.join(CHUNKED_LOSS_MODES)}")
     if mode == "off" or sharded or positions * vocab * 4 <= LOGITS_BYTES:
         return 0
-    return max(1, CHUNK_BYTES // (vocab * 4))
+    chunk = max(1, CHUNK_BYTES // (vocab * 4))
+    if chunk not in _told:
+        _told.add(chunk)
+        log.info(
+            "the loss of %d supervised positions (%.1f GB of fp32 logits in one piece) is scored %d positions "
+            "at a time, each chunk recomputed in the backward (model.chunked_loss=off: one piece)",
+            positions,
+            positions * vocab * 4 / 1e9,
+            chunk,
+        )
+    return chunk
 
 
 def holds_sharded_weights(model: nn.Module, head: nn.Module) -> bool:

@@ -5,6 +5,8 @@ padded and packed, with gradients and without; the head never sees more than a c
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -154,9 +156,10 @@ def test_sharded_weights_are_seen_through_wrappers():
     assert chunked_loss.holds_sharded_weights(plain, head)
 
 
-def test_the_sft_stage_trains_the_same_with_the_loss_in_chunks(family_twin, tmp_path, monkeypatch):
+def test_the_sft_stage_trains_the_same_with_the_loss_in_chunks(family_twin, tmp_path, monkeypatch, caplog):
     """Through the sft stage (LoRA on every linear layer, the token budget's packed micro-batches): the
-    logged losses of chunked and one-piece runs are equal; `model.chunked_loss=off` turns it off."""
+    logged losses of chunked and one-piece runs are equal, and the log says once that the loss is chunked;
+    `model.chunked_loss=off` turns it off."""
     twin = family_twin("qwen2_5_vl")
     overrides = ("model=qwen2_5_vl_tiny", "device=cpu", "+experiment=lora_all", "trainer.max_steps=2")
     overrides += ("trainer.logging_steps=1", "trainer.eval_steps=100", "trainer.save_steps=100")
@@ -170,11 +173,16 @@ def test_the_sft_stage_trains_the_same_with_the_loss_in_chunks(family_twin, tmp_
         return scored(forward, hidden, labels)
 
     monkeypatch.setattr(chunked_loss, "_scored", counted)
+    monkeypatch.setattr(chunked_loss, "_told", set())
     losses = {}
     for mode in ("auto", "off"):
         seen.clear()
-        run_stage(sft, twin_config(twin, *overrides, f"model.chunked_loss={mode}"), tmp_path / mode)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.families.chunked_loss"):
+            run_stage(sft, twin_config(twin, *overrides, f"model.chunked_loss={mode}"), tmp_path / mode)
         losses[mode] = losses_by_step(tmp_path / mode / "sft")
         assert (max(seen, default=0) == CHUNK) == (mode == "auto"), (mode, seen[:5])
+        said = [r.getMessage() for r in caplog.records if "scored 5 positions at a time" in r.getMessage()]
+        assert len(said) == (mode == "auto"), said  # the log says so, once
     assert sorted(losses["auto"]) == [1, 2]
     assert losses["auto"] == pytest.approx(losses["off"], rel=1e-5)
