@@ -39,12 +39,13 @@ _told: set[int] = set()  # the chunk sizes the log has named (once each per proc
 SHARDING_WRAPPERS = frozenset({"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
 
 
-def chunk_positions(mode: str, positions: int, vocab: int, sharded: bool) -> int:
+def chunk_positions(mode: str, positions: int, vocab: int, one_piece: bool) -> int:
     """Returns how many positions one chunk of the head's loss holds, or 0 for one piece: `positions`
-    supervised positions of a `vocab`-word head under model.chunked_loss `mode`."""
+    supervised positions of a `vocab`-word head under model.chunked_loss `mode`; `one_piece`: the model
+    cannot be chunked (holds_sharded_weights, transforms_logits)."""
     if mode not in CHUNKED_LOSS_MODES:
         raise ValueError(f"model.chunked_loss={mode} is not a mode; valid: {', '.join(CHUNKED_LOSS_MODES)}")
-    if mode == "off" or sharded or positions * vocab * 4 <= LOGITS_BYTES:
+    if mode == "off" or one_piece or positions * vocab * 4 <= LOGITS_BYTES:
         return 0
     chunk = max(1, CHUNK_BYTES // (vocab * 4))
     if chunk not in _told:
@@ -69,6 +70,14 @@ def holds_sharded_weights(model: nn.Module, head: nn.Module) -> bool:
             return True
         module = getattr(module, "module", None)
     return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in head.parameters(recurse=True))
+
+
+def transforms_logits(text_config: object) -> bool:
+    """Returns whether the language model changes its head's output before returning it as logits (a logit
+    scale or soft-capping, as some model types do; none of the families here): chunking scores the head's
+    output itself, so such a model keeps its logits in one piece."""
+    scale = getattr(text_config, "logit_scale", None)
+    return getattr(text_config, "final_logit_softcapping", None) is not None or scale not in (None, 1, 1.0)
 
 
 @dataclass

@@ -972,11 +972,13 @@ class HFNativeFamily(Family):
                 keep_on_device = keep.to(batch["input_ids"].device)
                 labels = targets[:, keep.to(targets.device)]
                 head = unwrapped(model).get_output_embeddings()
+                text_config = unwrapped(model).config.get_text_config()
                 chunk = chunked_loss.chunk_positions(
                     self.chunked_loss,
                     labels.numel(),
-                    unwrapped(model).config.get_text_config().vocab_size,
-                    chunked_loss.holds_sharded_weights(model, head),
+                    text_config.vocab_size,
+                    chunked_loss.holds_sharded_weights(model, head)
+                    or chunked_loss.transforms_logits(text_config),
                 )
                 scoring = chunked_loss.head_losses(head, labels, chunk) if chunk else contextlib.nullcontext()
                 with scoring as scores:

@@ -6,6 +6,7 @@ padded and packed, with gradients and without; the head never sees more than a c
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,14 +125,21 @@ def test_a_chunked_loss_equals_the_one_piece_loss_and_gradients(twins, name, pre
 
 def test_auto_chunks_only_large_unsharded_logits():
     vocab = 151_936
-    one_piece = chunked_loss.LOGITS_BYTES // (4 * vocab)
-    assert chunked_loss.chunk_positions("auto", one_piece, vocab, sharded=False) == 0
-    chunk = chunked_loss.chunk_positions("auto", 16_384, vocab, sharded=False)
-    assert chunk == chunked_loss.CHUNK_BYTES // (4 * vocab) and 0 < chunk < one_piece
-    assert chunked_loss.chunk_positions("auto", 16_384, vocab, sharded=True) == 0
-    assert chunked_loss.chunk_positions("off", 16_384, vocab, sharded=False) == 0
+    most = chunked_loss.LOGITS_BYTES // (4 * vocab)  # the most positions auto leaves in one piece
+    assert chunked_loss.chunk_positions("auto", most, vocab, one_piece=False) == 0
+    chunk = chunked_loss.chunk_positions("auto", 16_384, vocab, one_piece=False)
+    assert chunk == chunked_loss.CHUNK_BYTES // (4 * vocab) and 0 < chunk < most
+    assert chunked_loss.chunk_positions("auto", 16_384, vocab, one_piece=True) == 0
+    assert chunked_loss.chunk_positions("off", 16_384, vocab, one_piece=False) == 0
     with pytest.raises(ValueError, match="model.chunked_loss=on .*auto, off"):
-        chunked_loss.chunk_positions("on", 16_384, vocab, sharded=False)
+        chunked_loss.chunk_positions("on", 16_384, vocab, one_piece=False)
+
+
+def test_a_model_that_scales_or_caps_its_logits_keeps_them_in_one_piece():
+    assert not chunked_loss.transforms_logits(SimpleNamespace(vocab_size=8))
+    assert not chunked_loss.transforms_logits(SimpleNamespace(logit_scale=1.0, final_logit_softcapping=None))
+    assert chunked_loss.transforms_logits(SimpleNamespace(final_logit_softcapping=30.0))
+    assert chunked_loss.transforms_logits(SimpleNamespace(logit_scale=0.0625))
 
 
 def test_sharded_weights_are_seen_through_wrappers():
