@@ -32,7 +32,8 @@ FAMILIES: dict[str, str] = {
 LORA_PRESETS = ("qkv", "all")  # lora.name's adapters (lora.name=none is full fine-tuning)
 # dataset.truncation: drop a conversation longer than max_length, or cut it (MiniCPM-V-2's template only)
 TRUNCATION_POLICIES = ("delete", "truncate")
-# model.chunked_loss: the HF-native families' loss of many supervised positions a chunk at a time (chunked_loss.py)
+# model.chunked_loss: the HF-native families' loss of many supervised positions a chunk at a time
+# (chunked_loss.py)
 CHUNKED_LOSS_MODES = ("auto", "off")
 
 
@@ -45,7 +46,8 @@ def get_family(
 ) -> Family:
     """Returns the family named `name`, configured with its resolution settings, its vision towers'
     attention (model.vision_attention), its video frame sampling (`video`: the model.video_* keys) and its
-    kernel choices (`kernels`: fused_kernels, linear_attention, decode, chunked_loss); unknown names are refused."""
+    kernel choices (`kernels`: fused_kernels, linear_attention, decode, chunked_loss); unknown names are
+    refused."""
     from .base import FamilyError
 
     if name not in FAMILIES:

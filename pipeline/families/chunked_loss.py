@@ -1,13 +1,14 @@
 """The loss of a long-answer micro-batch a chunk of positions at a time (model.chunked_loss).
 
 Only the supervised positions go through the output head (hf_native: `logits_to_keep`, or a pre-hook on the
-head). A caption row supervises some 20 positions; a row with a long answer supervises hundreds or thousands,
-and then their fp32 logits dominate the step's memory: 16,384 supervised positions of a 151,936-word vocabulary
-(the Qwen VLs) are 10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy keeps the log-softmax and
-its gradient beside them. Where a micro-batch's supervised logits would exceed LOGITS_BYTES, the head's
-forward computes the token losses itself, CHUNK_BYTES of logits at a time, each chunk recomputed during the
-backward (non-reentrant checkpoint), so at most one chunk's logits exist at any time. The sums, the correct
-predictions and every gradient equal the one-piece computation's (tests/families/test_chunked_loss.py).
+head). A caption row supervises some 20 positions; a row with a long answer supervises hundreds or
+thousands, and then their fp32 logits dominate the step's memory: 16,384 supervised positions of a
+151,936-word vocabulary (the Qwen VLs) are 10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy
+keeps the log-softmax and its gradient beside them. Where a micro-batch's supervised logits would exceed
+LOGITS_BYTES, the head's forward computes the token losses itself, CHUNK_BYTES of logits at a time, each chunk
+recomputed during the backward (non-reentrant checkpoint), so at most one chunk's logits exist at any time.
+The sums, the correct predictions and every gradient equal the one-piece computation's
+(tests/families/test_chunked_loss.py).
 
 auto: chunk past LOGITS_BYTES, except under FSDP and DeepSpeed (their weights may be sharded, and a chunk
 recomputed during the backward would find the head's released; not tried there); off: one piece, always.
@@ -51,8 +52,8 @@ def chunk_positions(mode: str, positions: int, vocab: int, one_piece: bool) -> i
     if chunk not in _told:
         _told.add(chunk)
         log.info(
-            "the loss of %d supervised positions (%.1f GB of fp32 logits in one piece) is scored %d positions "
-            "at a time, each chunk recomputed in the backward (model.chunked_loss=off: one piece)",
+            "the loss of %d supervised positions (%.1f GB of fp32 logits in one piece) is scored %d "
+            "positions at a time, each chunk recomputed in the backward (model.chunked_loss=off: one piece)",
             positions,
             positions * vocab * 4 / 1e9,
             chunk,

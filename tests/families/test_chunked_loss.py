@@ -1,7 +1,8 @@
-"""The loss of many supervised positions a chunk at a time (pipeline/families/chunked_loss.py, model.chunked_loss)
-on the HF-native families' tiny twins, CPU, fp32: the summed loss, the correct predictions, every gradient (the
-output head's included) and each sample's log-probability equal those of the logits computed in one piece,
-padded and packed, with gradients and without; the head never sees more than a chunk of positions at once."""
+"""The loss of many supervised positions a chunk at a time (pipeline/families/chunked_loss.py,
+model.chunked_loss) on the HF-native families' tiny twins, CPU, fp32: the summed loss, the correct
+predictions, every gradient (the output head's included) and each sample's log-probability equal those of
+the logits computed in one piece, padded and packed, with gradients and without; the head never sees more
+than a chunk of positions at once."""
 
 from __future__ import annotations
 
