@@ -114,8 +114,8 @@ def head_losses(head: nn.Module, labels: torch.Tensor, chunk: int) -> Iterator[H
         if flat.shape[0] != targets.shape[0]:
             raise ValueError(f"the head got {flat.shape[0]} positions for {targets.shape[0]} labels")
         losses, correct = [], []
-        for start in range(0, flat.shape[0], chunk):
-            piece = (flat[start : start + chunk], targets[start : start + chunk])
+        # split, not slices: its backward joins the chunks' gradients once (a slice's makes a full-size one)
+        for piece in zip(flat.split(chunk), targets.split(chunk), strict=True):
             if torch.is_grad_enabled():
                 piece_losses, piece_correct = checkpoint(_scored, forward, *piece, use_reentrant=False)
             else:
