@@ -354,6 +354,7 @@ def test_empty_stage_list_is_valid(compose):
         ("tracking.backend=mlflow", "valid: none, wandb, tensorboard"),
         ("optim.fused=maybe", "valid: auto, true, false"),
         ("model.decode=graph", "model.decode=graph is not a valid choice; valid: auto, static, dynamic"),
+        ("model.chunked_loss=on", "model.chunked_loss=on is not a valid choice; valid: auto, off"),
         ("lora.r=0", "lora.r=0 is out of range"),
         ("infer.top_p=1.5", "infer.top_p=1.5 is out of range"),
         ("merge.shard_size=lots", "merge.shard_size=lots"),
