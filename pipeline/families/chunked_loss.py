@@ -28,16 +28,17 @@ from torch.utils.checkpoint import checkpoint
 
 from . import CHUNKED_LOSS_MODES
 from .base import IGNORE_INDEX
+from .sharding import gathers_weights
 
 # auto chunks a micro-batch whose supervised positions' fp32 logits would exceed this (a COCO caption step of
 # 16 rows: ~320 positions, 0.2 GB with the Qwen VLs' vocabulary, stays one piece)
 LOGITS_BYTES = 2**30
 # the fp32 logits of one chunk (~440 positions of the Qwen VLs' vocabulary, ~270 of MiniCPM-V 4.6's)
 CHUNK_BYTES = 2**28
+# wrappers (by class name: DeepSpeed need not be installed) whose modules hold sharded parameters
+SHARDING_WRAPPERS = frozenset({"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
 log = logging.getLogger(__name__)
 _told: set[int] = set()  # the chunk sizes the log has named (once each per process)
-# wrappers (by class name: none of them need be importable) whose modules hold sharded parameters
-SHARDING_WRAPPERS = frozenset({"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"})
 
 
 def chunk_positions(mode: str, positions: int, vocab: int, one_piece: bool) -> int:
@@ -63,14 +64,15 @@ def chunk_positions(mode: str, positions: int, vocab: int, one_piece: bool) -> i
 
 def holds_sharded_weights(model: nn.Module, head: nn.Module) -> bool:
     """Returns whether `model` (under any DDP / FSDP / DeepSpeed / PEFT wrapper) may shard its parameters: an
-    FSDP or DeepSpeed wrapper on the way down to the model, or a head parameter that is a DTensor (FSDP2) or a
-    ZeRO-3 partition (`ds_id`)."""
+    FSDP or DeepSpeed wrapper on the way down to the model, a head whose weights the engine gathers in its own
+    calls (sharding.gathers_weights: an FSDP unit, a ZeRO-3 partition), or a head parameter that is a DTensor
+    (FSDP2)."""
     module: object = model
     while isinstance(module, nn.Module):
         if any(cls.__name__ in SHARDING_WRAPPERS for cls in type(module).__mro__):
             return True
         module = getattr(module, "module", None)
-    return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in head.parameters(recurse=True))
+    return gathers_weights(head) or any(type(p).__name__ == "DTensor" for p in head.parameters())
 
 
 def transforms_logits(text_config: object) -> bool:

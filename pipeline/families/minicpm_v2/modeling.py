@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers import PreTrainedModel
 
 from pipeline.families.base import IGNORE_INDEX
+from pipeline.families.sharding import gathers_weights, most_over_ranks
 
 from .configuration import MiniCPMVConfig
 from .llm import MiniCPMForCausalLM, MiniCPMRMSNorm
@@ -301,21 +300,6 @@ class MiniCPMV(PreTrainedModel):
             # Keep the graph connected so that backward works on a batch without supervised tokens.
             loss_sum = loss_sum + hidden.sum().float() * 0.0
         return loss_sum, keep.sum(), correct
-
-
-def gathers_weights(module: nn.Module) -> bool:
-    """Whether a sharding engine gathers this module's weights in its own forward (and backward): an FSDP
-    unit, or any module under DeepSpeed ZeRO-3. Every process must then call it as often as the others."""
-    if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
-        return True
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def most_over_ranks(count: int, device: torch.device) -> int:
-    """The largest `count` over all processes (one all-reduce)."""
-    most = torch.tensor([count], device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most.item())
 
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,25 @@
+"""What a family's forward needs to know of a sharding engine (FSDP, DeepSpeed ZeRO-3): whether a module's
+weights are gathered in its own calls, and the largest count over the processes (so that every process makes
+as many such calls as the others)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+
+def gathers_weights(module: nn.Module) -> bool:
+    """Whether a sharding engine gathers this module's weights in its own forward (and backward): an FSDP
+    unit, or any module under DeepSpeed ZeRO-3. Every process must then call it as often as the others."""
+    if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+        return True
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def most_over_ranks(count: int, device: torch.device) -> int:
+    """The largest `count` over all processes (one all-reduce)."""
+    most = torch.tensor([count], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
