@@ -76,9 +76,9 @@ class ModelConfig:
     # static (a preallocated cache, one captured or compiled step per batch shape) | dynamic (the growing
     # cache, eager)
     decode: str = "auto"
-    # the HF-native families' loss over many supervised positions (long answers): auto (the output head scores
-    # them a chunk at a time, recomputed in the backward, where their fp32 logits would exceed 1 GiB, not
-    # under FSDP or DeepSpeed) | off; see pipeline/families/chunked_loss.py
+    # every family's loss over many supervised positions (long answers): auto (the output head scores them a
+    # chunk at a time, recomputed in the backward, where their fp32 logits would exceed 1 GiB, not under FSDP
+    # or DeepSpeed) | off; see pipeline/families/chunked_loss.py
     chunked_loss: str = "auto"
     # QLoRA: the language model's linear layers in 4-bit NF4 or 8-bit (bitsandbytes) for LoRA training, eval,
     # infer and serve; merge folds the adapter into the full-precision base (pipeline/families/quantization.py)

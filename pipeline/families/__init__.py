@@ -32,8 +32,7 @@ FAMILIES: dict[str, str] = {
 LORA_PRESETS = ("qkv", "all")  # lora.name's adapters (lora.name=none is full fine-tuning)
 # dataset.truncation: drop a conversation longer than max_length, or cut it (MiniCPM-V-2's template only)
 TRUNCATION_POLICIES = ("delete", "truncate")
-# model.chunked_loss: the HF-native families' loss of many supervised positions a chunk at a time
-# (chunked_loss.py)
+# model.chunked_loss: every family's loss of many supervised positions a chunk at a time (chunked_loss.py)
 CHUNKED_LOSS_MODES = ("auto", "off")
 
 

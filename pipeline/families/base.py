@@ -552,8 +552,8 @@ class Family(ABC):
         if decode not in DECODE_MODES:
             raise FamilyError(f"model.decode={decode} is not a decode mode; valid: {', '.join(DECODE_MODES)}")
         self.decode_mode = decode  # model.decode: auto | static | dynamic (generate_batch's cache)
-        # model.chunked_loss: auto | off, the HF-native families' loss of many supervised positions a chunk
-        # at a time (chunked_loss.py); MiniCPM-V-2's own loss reads it not
+        # model.chunked_loss: auto | off, the loss of many supervised positions a chunk at a time, each
+        # chunk's logits recomputed in the backward (chunked_loss.py)
         self.chunked_loss = chunked_loss
         unknown = sorted(set(self.settings) - set(self.setting_keys))
         if unknown:

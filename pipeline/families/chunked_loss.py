@@ -1,7 +1,7 @@
 """The loss of a long-answer micro-batch a chunk of positions at a time (model.chunked_loss).
 
 Only the supervised positions go through the output head (hf_native: `logits_to_keep`, or a pre-hook on the
-head). A caption row supervises some 20 positions; a row with a long answer supervises hundreds or
+head; MiniCPM-V-2's model selects them itself, and its position_losses calls scored_in_chunks). A caption row supervises some 20 positions; a row with a long answer supervises hundreds or
 thousands, and then their fp32 logits dominate the step's memory: 16,384 supervised positions of a
 151,936-word vocabulary (the Qwen VLs) are 10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy
 keeps the log-softmax and its gradient beside them. Where a micro-batch's supervised logits would exceed
@@ -101,6 +101,26 @@ def _scored(
     return losses, correct
 
 
+def scored_in_chunks(
+    forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns each position's loss [N] (fp32, 0 where the label is ignored) and the count of correct
+    predictions, for hidden states [N, D] and labels [N]: `forward` (the head, hidden states to logits) runs
+    on `chunk` positions at a time, each chunk's logits recomputed in the backward when gradients are on."""
+    losses, correct = [], []
+    # split, not slices: its backward joins the chunks' gradients once (a slice's makes a full-size one)
+    for piece in zip(hidden.split(chunk), labels.split(chunk), strict=True):
+        if torch.is_grad_enabled():
+            piece_losses, piece_correct = checkpoint(_scored, forward, *piece, use_reentrant=False)
+        else:
+            piece_losses, piece_correct = _scored(forward, *piece)
+        losses.append(piece_losses)
+        correct.append(piece_correct)
+    if not losses:  # no positions: an empty loss that keeps the graph connected
+        return hidden.sum(-1).float() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+    return torch.cat(losses), torch.stack(correct).sum()
+
+
 @contextlib.contextmanager
 def head_losses(head: nn.Module, labels: torch.Tensor, chunk: int) -> Iterator[HeadLosses]:
     """Inside, `head` given hidden states [B, K, D] computes the losses of their K positions against `labels`
@@ -115,17 +135,8 @@ def head_losses(head: nn.Module, labels: torch.Tensor, chunk: int) -> Iterator[H
         targets = labels.reshape(-1).to(hidden.device)
         if flat.shape[0] != targets.shape[0]:
             raise ValueError(f"the head got {flat.shape[0]} positions for {targets.shape[0]} labels")
-        losses, correct = [], []
-        # split, not slices: its backward joins the chunks' gradients once (a slice's makes a full-size one)
-        for piece in zip(flat.split(chunk), targets.split(chunk), strict=True):
-            if torch.is_grad_enabled():
-                piece_losses, piece_correct = checkpoint(_scored, forward, *piece, use_reentrant=False)
-            else:
-                piece_losses, piece_correct = _scored(forward, *piece)
-            losses.append(piece_losses)
-            correct.append(piece_correct)
-        result.losses = torch.cat(losses).view(labels.shape)
-        result.correct = torch.stack(correct).sum()
+        losses, result.correct = scored_in_chunks(forward, flat, targets, chunk)
+        result.losses = losses.view(labels.shape)
         return hidden.new_zeros(*hidden.shape[:-1], 0)
 
     head.forward = chunked

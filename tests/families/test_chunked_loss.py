@@ -2,23 +2,27 @@
 model.chunked_loss) on the HF-native families' tiny twins, CPU, fp32: the summed loss, the correct
 predictions, every gradient (the output head's included) and each sample's log-probability equal those of
 the logits computed in one piece, padded and packed, with gradients and without; the head never sees more
-than a chunk of positions at once."""
+than a chunk of positions at once. MiniCPM-V-2's own loss (MiniCPMV.position_losses) likewise against its
+slices without the recompute, and through the sft stage."""
 
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig
 
 from pipeline.families import chunked_loss, get_family
 from pipeline.families.base import Bundle
 from pipeline.families.hf_native import unwrapped
+from pipeline.families.minicpm_v2.modeling import MiniCPMV
 from pipeline.stages import sft
 from tests.families.test_families import nonzero_adapter
+from tests.families.test_model import batch as minicpm_v2_batch
+from tests.families.test_model import small_config as minicpm_v2_config
 from tests.families.test_packing import HF_FAMILIES, mixed_samples
 from tests.helpers import losses_by_step, run_stage, twin_config
 
@@ -38,7 +42,8 @@ def chunk_every_batch(monkeypatch, vocab: int) -> None:
 
 def record_head_calls(model: nn.Module) -> list[int]:
     """Returns a list that gets the number of positions of each computation of the output head's forward."""
-    head = unwrapped(model).get_output_embeddings()
+    core = unwrapped(model)  # MiniCPM-V-2's model keeps its head in its llm
+    head = core.llm.lm_head if isinstance(core, MiniCPMV) else core.get_output_embeddings()
     forward = head.forward
     seen: list[int] = []
 
@@ -124,6 +129,47 @@ def test_a_chunked_loss_equals_the_one_piece_loss_and_gradients(twins, name, pre
     assert head.forward.__name__ == "counted"  # the chunking put back what it found
 
 
+def test_minicpm_v2s_own_loss_in_chunks_equals_its_slices(monkeypatch):
+    """MiniCPM-V-2's model sums its loss itself (every weight trained, the head's included): scored in
+    chunks with the recompute (loss_chunking=auto, as the family passes model.chunked_loss) its sums, correct
+    count, gradients, each sample's sum (preference training) and the no-grad sums equal those of its
+    slices without the recompute (off)."""
+    torch.manual_seed(0)
+    model = MiniCPMV(minicpm_v2_config()).train()
+    ids, pixels, bounds, labels = minicpm_v2_batch()
+    inputs = {"input_ids": ids, "pixel_values": pixels, "image_bound": bounds, "labels": labels}
+    positions = int((labels[:, 1:] != -100).sum())
+    seen = record_head_calls(model)
+
+    def run(mode: str) -> tuple:
+        model.zero_grad()
+        out = model(**inputs, loss_chunking=mode)
+        out.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sums = model(**inputs, sample_sums=True, loss_chunking=mode).sample_loss_sum.detach()
+        with torch.no_grad():
+            evaluated = model(**inputs, loss_chunking=mode).loss_sum
+        return out.loss_sum.detach(), int(out.num_correct), grads, sums, evaluated
+
+    monkeypatch.setattr("pipeline.families.minicpm_v2.modeling.LOSS_CHUNK_ROWS", 7)
+    want_loss, want_correct, want, want_sums, want_eval = run("off")
+    assert max(seen) == 7 and positions > 2 * CHUNK  # its slices, each computed once
+    chunk_every_batch(monkeypatch, 300)
+    seen.clear()
+    loss, correct, got, sums, evaluated = run("auto")
+    # the loss's chunks forward and again in the backward, then each sample's sums' and the eval's forward
+    assert max(seen) <= CHUNK and sum(seen) == 4 * positions, seen
+    assert correct == want_correct
+    for a, b in ((loss, want_loss), (sums, want_sums), (evaluated, want_eval)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys() and "llm.lm_head.weight" in want
+    for n in want:
+        scale = float(want[n].abs().max())
+        torch.testing.assert_close(
+            got[n], want[n], rtol=1e-4, atol=1e-4 * scale + 1e-7, msg=lambda m, n=n: f"{n}: {m}"
+        )
+
+
 def test_auto_chunks_only_large_unsharded_logits():
     vocab = 151_936
     most = chunked_loss.LOGITS_BYTES // (4 * vocab)  # the most positions auto leaves in one piece
@@ -165,15 +211,19 @@ def test_sharded_weights_are_seen_through_wrappers():
     assert chunked_loss.holds_sharded_weights(plain, head)
 
 
-def test_the_sft_stage_trains_the_same_with_the_loss_in_chunks(family_twin, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpm_v2"])
+def test_the_sft_stage_trains_the_same_with_the_loss_in_chunks(
+    name, family_twin, tmp_path, monkeypatch, caplog
+):
     """Through the sft stage (LoRA on every linear layer, the token budget's packed micro-batches): the
     logged losses of chunked and one-piece runs are equal, and the log says once that the loss is chunked;
     `model.chunked_loss=off` turns it off."""
-    twin = family_twin("qwen2_5_vl")
-    overrides = ("model=qwen2_5_vl_tiny", "device=cpu", "+experiment=lora_all", "trainer.max_steps=2")
+    twin = family_twin(name)
+    overrides = (f"model={name}_tiny", "device=cpu", "+experiment=lora_all", "trainer.max_steps=2")
     overrides += ("trainer.logging_steps=1", "trainer.eval_steps=100", "trainer.save_steps=100")
     overrides += ("trainer.packing=true", "lora.dropout=0.0")
-    chunk_every_batch(monkeypatch, AutoConfig.from_pretrained(twin).get_text_config().vocab_size)
+    config = json.loads((twin / "config.json").read_text())
+    chunk_every_batch(monkeypatch, config.get("text_config", config)["vocab_size"])
     seen: list[int] = []
     scored = chunked_loss._scored
 

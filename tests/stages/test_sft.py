@@ -201,8 +201,8 @@ def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monk
 
     real = MiniCPMV.lm_loss
 
-    def nan_loss(self, hidden, labels):
-        loss_sum, tokens, correct = real(self, hidden, labels)
+    def nan_loss(self, hidden, labels, chunking="off"):
+        loss_sum, tokens, correct = real(self, hidden, labels, chunking)
         return loss_sum * float("nan"), tokens, correct
 
     monkeypatch.setattr(MiniCPMV, "lm_loss", nan_loss)
@@ -227,10 +227,10 @@ def test_out_of_memory_names_the_knob_that_bounds_a_micro_batch_in_its_regime(
 
     real = MiniCPMV.lm_loss
 
-    def out_of_memory(self, hidden, labels):
+    def out_of_memory(self, hidden, labels, chunking="off"):
         if torch.is_grad_enabled():  # training's forward; the first evaluation runs
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, hidden, labels)
+        return real(self, hidden, labels, chunking)
 
     monkeypatch.setattr(MiniCPMV, "lm_loss", out_of_memory)
     with pytest.raises(loop.TrainingError) as caught:
@@ -273,7 +273,7 @@ def test_a_run_stopped_out_of_memory_resumes_with_the_smaller_budget_it_was_told
 def test_out_of_memory_while_evaluating_names_the_evaluations_knobs(twin, tmp_path, monkeypatch):
     from pipeline.families.minicpm_v2.modeling import MiniCPMV
 
-    def out_of_memory(self, hidden, labels):
+    def out_of_memory(self, hidden, labels, chunking="off"):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(MiniCPMV, "lm_loss", out_of_memory)

@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel
 from PIL import Image
 from torch import nn
 
+from pipeline.families import chunked_loss
 from pipeline.families.base import (
     IMAGE_TAG,
     PAIR_KEYS,
@@ -358,7 +359,16 @@ class MiniCPMV2(Family):
 
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
         # the model sums its loss over the supervised tokens itself; its output has LossSums' fields
-        return model(**batch)
+        return model(**batch, loss_chunking=self.loss_chunking(model))
+
+    def loss_chunking(self, model: nn.Module) -> str:
+        """model.chunked_loss for the model's own loss (MiniCPMV.position_losses): off under FSDP and
+        DeepSpeed (chunked_loss.holds_sharded_weights), as for the other families."""
+        core = model
+        while isinstance(getattr(core, "module", None), nn.Module):
+            core = core.module
+        core = core.get_base_model() if isinstance(core, PeftModel) else core
+        return "off" if chunked_loss.holds_sharded_weights(model, core.llm.lm_head) else self.chunked_loss
 
     def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
         """Each sample's summed log-probability of its supervised tokens (the model sums them by row, or by a
@@ -368,7 +378,7 @@ class MiniCPMV2(Family):
         inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
         if pairs:
             inputs["pixel_values"] = shared_pixels(inputs["pixel_values"], pairs, "segment_ids" in inputs)
-        out = model(**inputs, sample_sums=True)
+        out = model(**inputs, sample_sums=True, loss_chunking=self.loss_chunking(model))
         return SequenceLogps(logps=-out.sample_loss_sum, tokens=out.sample_tokens)
 
     def checkpoint_writer(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from pipeline.families import chunked_loss
 from pipeline.families.base import IGNORE_INDEX
 from pipeline.families.sharding import gathers_weights, most_over_ranks
 
@@ -216,10 +217,12 @@ class MiniCPMV(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         sample_sums: bool = False,
+        loss_chunking: str = "off",
         **_: object,
     ) -> MiniCPMVOutput:
         """Scores a right-padded batch, or a packed one (`segment_ids` and `position_ids` from
-        collate_packed: attention stays within each sample); `sample_sums` adds each sample's summed loss."""
+        collate_packed: attention stays within each sample); `sample_sums` adds each sample's summed loss;
+        `loss_chunking`: model.chunked_loss (position_losses)."""
         embeds = self.embed(input_ids, pixel_values, image_bound)
         if segment_ids is not None:
             if position_ids is None:
@@ -237,69 +240,72 @@ class MiniCPMV(PreTrainedModel):
         if labels is not None and sample_sums:
             owners = segment_ids if segment_ids is not None else torch.arange(len(labels))[:, None]
             out.sample_loss_sum, out.sample_tokens = self.sample_loss(
-                hidden, labels, owners.expand_as(labels)
+                hidden, labels, owners.expand_as(labels), loss_chunking
             )
         elif labels is not None:
-            out.loss_sum, out.num_tokens, out.num_correct = self.lm_loss(hidden, labels)
+            out.loss_sum, out.num_tokens, out.num_correct = self.lm_loss(hidden, labels, loss_chunking)
             out.loss = out.loss_sum / out.num_tokens.clamp(min=1)
         return out
 
     def sample_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor
+        self, hidden: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor, chunking: str = "off"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns each sample's summed CE and supervised token count over shifted labels; `owners` [B, T]
-        numbers the sample of every token (the row, or a packed row's segment). Logits in chunks, as lm_loss."""
+        numbers the sample of every token (the row, or a packed row's segment). Logits as in lm_loss."""
         shift_labels = labels[:, 1:].to(hidden.device)
         keep = shift_labels != IGNORE_INDEX
-        h = hidden[:, :-1][keep]
-        y = shift_labels[keep]
         owner = owners[:, 1:].to(hidden.device)[keep]
+        losses, _, connected = self.position_losses(hidden[:, :-1][keep], shift_labels[keep], chunking)
         samples = int(owners.max()) + 1 if owners.numel() else 0
-        sums = hidden.new_zeros(samples, dtype=torch.float32)
-        if gathers_weights(self.llm.lm_head):  # ZeRO-3 / FSDP: as many lm_head calls as the other processes
-            chunks = -(-h.shape[0] // LOSS_CHUNK_ROWS)
-            for _ in range(most_over_ranks(chunks, hidden.device) - chunks):
-                sums = sums + self.llm.logits(h[:0]).sum() * 0.0
-        for start in range(0, h.shape[0], LOSS_CHUNK_ROWS):
-            logits = self.llm.logits(h[start : start + LOSS_CHUNK_ROWS])
-            losses = F.cross_entropy(logits, y[start : start + LOSS_CHUNK_ROWS], reduction="none")
-            sums = sums.index_add(0, owner[start : start + LOSS_CHUNK_ROWS], losses.float())
-        if h.shape[0] == 0:
-            sums = sums + hidden.sum().float() * 0.0  # keeps the graph connected
+        sums = hidden.new_zeros(samples, dtype=torch.float32).index_add(0, owner, losses) + connected
         tokens = torch.zeros(samples, device=hidden.device).index_add(
-            0, owner, torch.ones_like(y, dtype=torch.float)
+            0, owner, torch.ones_like(losses, dtype=torch.float)
         )
         return sums, tokens
 
     def lm_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor
+        self, hidden: torch.Tensor, labels: torch.Tensor, chunking: str = "off"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (summed CE, supervised token count, correct count) over shifted labels.
 
-        Logits are computed only at supervised positions and in chunks, so the [B, T, vocab] fp32 tensor
-        is never materialised.
+        Logits are computed only at supervised positions and a slice of them at a time (position_losses),
+        so the [B, T, vocab] fp32 tensor is never materialised.
         """
         shift_labels = labels[:, 1:].to(hidden.device)
         keep = shift_labels != IGNORE_INDEX
-        h = hidden[:, :-1][keep]
-        y = shift_labels[keep]
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        losses, correct, connected = self.position_losses(hidden[:, :-1][keep], shift_labels[keep], chunking)
+        return losses.sum() + connected, keep.sum(), correct
+
+    def position_losses(
+        self, h: torch.Tensor, y: torch.Tensor, chunking: str = "off"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the CE of each supervised position [N] (fp32; hidden states `h` [N, D], labels `y` [N]),
+        the count of correct predictions and a zero that keeps the graph connected (to the hidden states
+        when N is 0, and to the extra head calls of a sharded head) for the caller to add to its sum.
+
+        model.chunked_loss (`chunking`, passed by the family; "off" when called directly): auto scores
+        positions whose fp32 logits would exceed chunked_loss.LOGITS_BYTES a chunk at a time, each chunk
+        recomputed in the backward, so one chunk's logits exist at a time; otherwise the logits are computed
+        LOSS_CHUNK_ROWS positions at a time and each slice's kept for the backward (the same sums)."""
+        zero = h.sum().float() * 0.0 if h.shape[0] == 0 else h.new_zeros((), dtype=torch.float32)
+        vocab = self.llm.lm_head.out_features
+        chunk = chunked_loss.chunk_positions(chunking, h.shape[0], vocab, gathers_weights(self.llm.lm_head))
+        if chunk:
+            losses, correct = chunked_loss.scored_in_chunks(self.llm.logits, h, y, chunk)
+            return losses, correct, zero
         if gathers_weights(self.llm.lm_head):
             # ZeRO-3 gathers lm_head's weight in each call: every process makes as many calls as the one
-            # with the most chunks (the extra ones on no rows), so that the processes' gathering pairs up
-            chunks = -(-h.shape[0] // LOSS_CHUNK_ROWS)
-            for _ in range(most_over_ranks(chunks, hidden.device) - chunks):
-                loss_sum = loss_sum + self.llm.logits(h[:0]).sum() * 0.0
+            # with the most slices (the extra ones on no rows), so that the processes' gathering pairs up
+            slices = -(-h.shape[0] // LOSS_CHUNK_ROWS)
+            for _ in range(most_over_ranks(slices, h.device) - slices):
+                zero = zero + self.llm.logits(h[:0]).sum() * 0.0
+        losses, correct = [], torch.zeros((), dtype=torch.long, device=h.device)
         for start in range(0, h.shape[0], LOSS_CHUNK_ROWS):
             logits = self.llm.logits(h[start : start + LOSS_CHUNK_ROWS])
             target = y[start : start + LOSS_CHUNK_ROWS]
-            loss_sum = loss_sum + F.cross_entropy(logits, target, reduction="sum")
+            losses.append(F.cross_entropy(logits, target, reduction="none"))
             correct = correct + (logits.argmax(-1) == target).sum()
-        if h.shape[0] == 0:
-            # Keep the graph connected so that backward works on a batch without supervised tokens.
-            loss_sum = loss_sum + hidden.sum().float() * 0.0
-        return loss_sum, keep.sum(), correct
+        return (torch.cat(losses) if losses else h.new_zeros(0, dtype=torch.float32)), correct, zero
 
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
