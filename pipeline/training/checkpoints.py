@@ -83,6 +83,9 @@ class TrainerState:
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # eval results by step
     total_steps: int | None = None  # the steps its run planned (None in checkpoints older than this field)
+    # the token budget trainer.micro_batch_tokens=auto halved to after running out of GPU memory (None: the
+    # planned one), which a resumed run starts from
+    micro_batch_tokens: int | None = None
 
 
 def checkpoint_step(path: Path) -> int | None:

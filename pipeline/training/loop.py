@@ -20,6 +20,7 @@ over preference pairs, normalised by the window's pairs. A row of the data is th
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -419,6 +420,10 @@ class Trainer:
             engine=self.deepspeed,
         )
         self.state.total_steps = self.total_steps
+        halved = self.state.micro_batch_tokens
+        if halved and self.s.halves_on_oom and halved < self.s.micro_batch_tokens:
+            log.info("resuming at the token budget the run halved to: %d", halved)
+            self.s = self.s.at_budget(halved)
         if self.acc.is_main_process and self.log_path.exists():
             # Drop log lines written after the checkpoint, so the log reads as one uninterrupted run.
             kept = [
@@ -551,8 +556,26 @@ class Trainer:
         }
 
     # ----- evaluation (the objective's loss and statistics on the validation rows)
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        """Returns the objective's eval loss and statistics over the validation rows ({} without any); out
+        of GPU memory, at half the token budget where it may halve (LoopSettings.halved)."""
+        while True:
+            try:
+                return self._evaluate()
+            except torch.OutOfMemoryError as err:
+                smaller = self.s.halved()
+                if smaller is None:
+                    when = f"evaluating at step {self.state.global_step}"
+                    batch = getattr(err, "batch", None)
+                    advice = out_of_memory_advice(
+                        when, self.s, [batch] if batch else [], self.family.resolution_setting, True
+                    )
+                    raise TrainingError(advice + self._halved_note()) from err
+            self.model.train()
+            self._halve_budget(smaller, f"evaluating at step {self.state.global_step}")
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         val_set = self.data.val_set
         if val_set is None or len(val_set) == 0:
             return {}
@@ -586,9 +609,8 @@ class Trainer:
                 with self.acc.autocast():
                     out = objective.sums(self.model, batch)
             except torch.OutOfMemoryError as err:
-                when = f"evaluating at step {self.state.global_step}"
-                advice = out_of_memory_advice(when, self.s, [batch], self.family.resolution_setting, True)
-                raise TrainingError(advice) from err
+                err.batch = batch  # for the advice: its size
+                raise
             if i < counted:
                 stats = [out.stats[k].float() for k in objective.stat_names]
                 units = torch.tensor(float(objective.units(batch)), device=self.acc.device)
@@ -696,6 +718,35 @@ class Trainer:
                 ) from err
             yield group
 
+    # ----- out of GPU memory under trainer.micro_batch_tokens=auto
+    def _halve_budget(self, smaller: LoopSettings, when: str) -> None:
+        """Drops what the failed step or evaluation left (its gradients, the allocator's cached blocks) and
+        goes on at the budget of `smaller`: the step is redone with the same rows in smaller micro-batches
+        (the same loss: it is summed over the step's tokens), and checkpoints record the budget for a resume."""
+        self.optimizer.zero_grad(set_to_none=not self.s.preallocate_grads)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning(
+            "out of GPU memory %s with micro-batches of up to %d tokens: trainer.micro_batch_tokens=auto "
+            "retries at %d (set trainer.micro_batch_tokens=%d to start there)",
+            when,
+            self.s.micro_batch_tokens,
+            smaller.micro_batch_tokens,
+            smaller.micro_batch_tokens,
+        )
+        self.s = smaller
+        self.state.micro_batch_tokens = smaller.micro_batch_tokens
+
+    def _halved_note(self) -> str:
+        """What the out-of-memory advice adds where auto halved the budget before giving up."""
+        if self.state.micro_batch_tokens is None:
+            return ""
+        return (
+            f" (trainer.micro_batch_tokens=auto halved the budget down to {self.s.micro_batch_tokens} tokens, "
+            f"its smallest)"
+        )
+
     # ----- the loop
     def train(self) -> TrainerState:
         self.model.train()
@@ -722,18 +773,26 @@ class Trainer:
             self.s.profile_steps, self.sft_dir / "profile", self.acc.device, self.acc.is_main_process
         )
         with SignalGuard() as guard, profiler:
-            for micro in self._saving_on_bad_data(self._loader(start)):
+            groups = self._saving_on_bad_data(self._loader(start))
+            while (micro := next(groups, None)) is not None:
+                smaller = None
                 try:
                     result = self._step(micro)
                 except torch.OutOfMemoryError as err:
-                    raise TrainingError(
-                        out_of_memory_advice(
+                    smaller = self.s.halved()
+                    if smaller is None:
+                        advice = out_of_memory_advice(
                             f"at step {self.state.global_step + 1}",
                             self.s,
                             micro,
                             self.family.resolution_setting,
                         )
-                    ) from err
+                        raise TrainingError(advice + self._halved_note()) from err
+                if smaller is not None:  # outside the handler: the failed step's tensors are released
+                    groups.close()
+                    self._halve_budget(smaller, f"at step {self.state.global_step + 1}")
+                    groups = self._saving_on_bad_data(self._loader(self.state.global_step))
+                    continue
                 self.state.global_step += 1
                 profiler.step()
                 self.state.tokens_seen += result["tokens"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -62,6 +62,9 @@ FULL_STATE_SHARE = 0.5
 # MiniCPM-V-2 lora=all at 2048 tokens, 43.2 GB peak and 24.43 samples/s against 19.13 with every block
 # checkpointed in one micro-batch (H100 80GB; bench/RESULTS.md, "Eleventh GPU calls")
 TOWER_CARD_GIB = 75
+# trainer.micro_batch_tokens=auto halves the budget of a step that ran out of GPU memory down to this (below
+# it a micro-batch holds a row or two of most data: the run stops with the out-of-memory advice instead)
+SMALLEST_HALVED_BUDGET = 512
 # the dtype autocast computes in, by accelerate's mixed-precision mode
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # engines that shard weights (and optimizer state) over the processes
@@ -115,11 +118,29 @@ class LoopSettings:
     # accumulation every trainable parameter holds its own .grad from the first micro-batch on.
     preallocate_grads: bool = False
     save_only_model: bool = False  # checkpoints without the optimizer's state (trainer.save_only_model)
+    # trainer.micro_batch_tokens=auto in one process: a step (or an evaluation) that runs out of GPU memory is
+    # retried at half the budget, down to SMALLEST_HALVED_BUDGET (halved)
+    halves_on_oom: bool = False
+    # pad_to_multiple is static_bucket(micro_batch_tokens) (compiled packed rows), so it follows the budget
+    buckets_follow_budget: bool = False
 
     @property
     def token_budget(self) -> bool:
         """Whether micro-batches are cut by tokens (and so need every row's token count)."""
         return self.micro_batch_tokens > 0
+
+    def halved(self) -> LoopSettings | None:
+        """Returns these settings at half the token budget (halves_on_oom), or None where the budget may not
+        halve (given explicitly, several processes) or is down to SMALLEST_HALVED_BUDGET."""
+        if not self.halves_on_oom or self.micro_batch_tokens < 2 * SMALLEST_HALVED_BUDGET:
+            return None
+        return self.at_budget(self.micro_batch_tokens // 2)
+
+    def at_budget(self, budget: int) -> LoopSettings:
+        """Returns these settings with micro-batches of up to `budget` tokens (and the static buckets that
+        follow it)."""
+        pad = static_bucket(budget) if self.buckets_follow_budget else self.pad_to_multiple
+        return replace(self, micro_batch_tokens=budget, pad_to_multiple=pad)
 
 
 @dataclass(frozen=True)
@@ -267,6 +288,9 @@ def plan_training(
         pad_to_multiple=pad_to_multiple,
         # DeepSpeed's engine keeps gradients in its own buffers
         preallocate_grads=graphs and not launch.deepspeed,
+        # one process: several would have to agree on the retry (the others wait in their collectives)
+        halves_on_oom=t.micro_batch_tokens == "auto" and budget > 0 and processes == 1,
+        buckets_follow_budget=compiled and packed_only,
     )
     return TrainingPlan(
         launch=launch,

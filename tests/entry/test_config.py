@@ -279,6 +279,34 @@ def test_the_token_budget_auto_resolves_by_card_memory_and_tuning(compose, monke
             validate(compose([f"trainer.micro_batch_tokens={bad}"]))
 
 
+def test_only_an_auto_budget_of_one_process_halves_on_out_of_memory(compose, monkeypatch):
+    """auto (16384 on an 80 GiB card) may halve down to 512, then no more; a budget given explicitly, the
+    plain regime and several processes (which would have to agree on it) never halve; the static buckets of
+    compiled packed rows follow the halved budget, CUDA graphs' multiple of 128 stays."""
+    cuda = torch.device("cuda")
+    fake_card(monkeypatch, 80)
+    monkeypatch.setattr(plan, "compiles_on", lambda device: device.type == "cuda")
+    qkv = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_qkv"])
+    loop = plan_training(
+        qkv, Launch(cuda), compiles=True, packs_padding_free=True, compiled_shapes="packed"
+    ).loop
+    assert loop.halves_on_oom and (loop.micro_batch_tokens, loop.pad_to_multiple) == (
+        16384,
+        static_bucket(16384),
+    )
+    budgets = []
+    while loop is not None:
+        budgets.append((loop.micro_batch_tokens, loop.pad_to_multiple))
+        loop = loop.halved()
+    assert budgets == [(n, static_bucket(n)) for n in (16384, 8192, 4096, 2048, 1024, 512)]
+    graphs = plan_training(qkv, Launch(cuda), compiles=True, compiled_shapes="padded").loop
+    assert graphs.pad_to_multiple == 128 and graphs.halved().pad_to_multiple == 128
+    assert plan_training(qkv, Launch(cuda, 2, "MULTI_GPU"), compiles=False).loop.halved() is None
+    for fixed in ("trainer.micro_batch_tokens=8192", "trainer.micro_batch_tokens=0"):
+        given = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_qkv", fixed])
+        assert plan_training(given, Launch(cuda), compiles=False).loop.halved() is None
+
+
 def test_compile_and_checkpointing_take_only_auto_true_false(compose):
     for key in ("trainer.compile", "model.gradient_checkpointing", "trainer.packing"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -18,7 +18,7 @@ from pipeline.stages import infer as infer_stage
 from pipeline.stages import sft
 from pipeline.training import loop
 from pipeline.training.checkpoints import CheckpointError, list_checkpoints
-from tests.helpers import eval_losses, losses_by_step, run_stage
+from tests.helpers import eval_losses, log_records, losses_by_step, run_stage
 from tests.helpers import twin_config as make_cfg  # the name the stage calls below use
 
 
@@ -213,16 +213,17 @@ def test_a_nan_loss_stops_training_with_the_step_and_advice(twin, tmp_path, monk
 @pytest.mark.parametrize(
     ("regime", "first_knob"),
     [
-        ((), r"trainer\.micro_batch_tokens=2048 \(now 4096: the tokens a micro-batch holds"),
+        (("trainer.micro_batch_tokens=4096",), r"trainer\.micro_batch_tokens=2048 \(now 4096: the tokens a"),
         (("trainer.micro_batch_tokens=0",), r"a smaller trainer\.batch_size \(now 2\) with a larger"),
+        ((), r"trainer\.micro_batch_tokens=256 \(now 512: the tokens a micro-batch holds"),
     ],
 )
 def test_out_of_memory_names_the_knob_that_bounds_a_micro_batch_in_its_regime(
     twin, tmp_path, monkeypatch, regime, first_knob
 ):
-    """With the token budget (auto: 4096 on the CPU and small cards) a micro-batch is bounded by
-    trainer.micro_batch_tokens, not trainer.batch_size; the plain regime's by batch_size. The family's
-    resolution setting is named too."""
+    """With a token budget a micro-batch is bounded by trainer.micro_batch_tokens, not trainer.batch_size;
+    the plain regime's by batch_size. auto (4096 on the CPU and small cards) first halves its budget down to
+    512, and says so. The family's resolution setting is named too."""
     from pipeline.families.minicpm_v2.modeling import MiniCPMV
 
     real = MiniCPMV.lm_loss
@@ -241,7 +242,9 @@ def test_out_of_memory_names_the_knob_that_bounds_a_micro_batch_in_its_regime(
     )
     assert re.search(r"Knobs, cheapest first: " + first_knob, said), said
     assert "model.max_slice_nums (fewer image tokens)" in said
-    assert ("trainer.batch_size" in said) == bool(regime)
+    assert ("trainer.batch_size" in said) == ("trainer.micro_batch_tokens=0" in regime)
+    halved = "(trainer.micro_batch_tokens=auto halved the budget down to 512 tokens, its smallest)"
+    assert (halved in said) == (not regime), said
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
 
 
@@ -261,13 +264,87 @@ def test_a_run_stopped_out_of_memory_resumes_with_the_smaller_budget_it_was_told
     run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=auto"), whole)
     monkeypatch.setattr(loop.Trainer, "_step", out_of_memory_at_step_5)
     with pytest.raises(loop.TrainingError, match=r"at step 5 .*trainer\.micro_batch_tokens=2048 \(now 4096"):
-        run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=auto"), tmp_path / "run")
+        run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=4096"), tmp_path / "run")
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "sft")] == ["checkpoint-3"]
     monkeypatch.setattr(loop.Trainer, "_step", real)
     run_stage(sft, make_cfg(twin, *common, "trainer.micro_batch_tokens=2048"), tmp_path / "run")
     resumed, uninterrupted = losses_by_step(tmp_path / "run" / "sft"), losses_by_step(whole / "sft")
     assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
     assert resumed == pytest.approx(uninterrupted, rel=1e-5)
+
+
+def test_the_auto_budget_halves_and_redoes_a_step_out_of_memory_and_resumes_at_it(
+    twin, tmp_path, monkeypatch, caplog
+):
+    """trainer.micro_batch_tokens=auto: step 2 (16 rows, ~700 tokens) runs out of memory at 4096, 2048 and
+    1024 tokens a micro-batch; it is redone at 512 with the same rows, the run goes on at 512 and
+    checkpoint-3 records it. Killed at step 5, the same command resumes at 512 from checkpoint-3. Every
+    step's loss equals an uninterrupted run's at 4096 (the loss is summed over the step's tokens), in more
+    micro-batches from step 2 on."""
+    real = loop.Trainer._step
+    killed = {"on": True}
+
+    def small_memory(self, micro):
+        if self.state.global_step == 1 and self.s.micro_batch_tokens > 512:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if killed["on"] and self.state.global_step == 4:
+            raise RuntimeError("killed")
+        return real(self, micro)
+
+    common = (*SHORT, "lora.dropout=0.0", "trainer.micro_batch_tokens=auto", "trainer.grad_accum=8")
+    whole = tmp_path / "whole"
+    run_stage(sft, make_cfg(twin, *common), whole)
+    monkeypatch.setattr(loop.Trainer, "_step", small_memory)
+    with (
+        caplog.at_level("WARNING", logger="pipeline.training.loop"),
+        pytest.raises(RuntimeError, match="killed"),
+    ):
+        run_stage(sft, make_cfg(twin, *common), tmp_path / "run")
+    said = [r.getMessage() for r in caplog.records if "out of GPU memory at step 2" in r.getMessage()]
+    assert [re.search(r"up to (\d+) tokens: .* retries at (\d+)", m).groups() for m in said] == [
+        ("4096", "2048"),
+        ("2048", "1024"),
+        ("1024", "512"),
+    ]
+    state = json.loads((tmp_path / "run" / "sft" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["micro_batch_tokens"] == 512
+    killed["on"] = False
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.training.loop"):
+        run_stage(sft, make_cfg(twin, *common), tmp_path / "run")
+    assert any(
+        "resuming at the token budget the run halved to: 512" in r.getMessage() for r in caplog.records
+    )
+    resumed, uninterrupted = losses_by_step(tmp_path / "run" / "sft"), losses_by_step(whole / "sft")
+    assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5)
+    micro = {
+        name: {r["step"]: r["micro_batches"] for r in log_records(folder / "sft") if "micro_batches" in r}
+        for name, folder in (("run", tmp_path / "run"), ("whole", whole))
+    }
+    assert micro["run"][1] == micro["whole"][1]
+    assert all(micro["run"][step] > micro["whole"][step] for step in range(2, 7)), micro
+
+
+def test_the_auto_budget_halves_for_an_evaluation_out_of_memory(twin, tmp_path, monkeypatch, caplog):
+    """The evaluation before the first step runs out of memory at auto's 4096 tokens: it is redone at 2048,
+    and training goes on at 2048 (the one budget bounds both), which its checkpoint records."""
+    real = loop.Trainer._evaluate
+
+    def small_memory(self):
+        if self.s.micro_batch_tokens > 2048:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "_evaluate", small_memory)
+    overrides = (*SHORT, "trainer.micro_batch_tokens=auto", "trainer.max_steps=3")
+    with caplog.at_level("WARNING", logger="pipeline.training.loop"):
+        run_stage(sft, make_cfg(twin, *overrides), tmp_path)
+    said = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
+    assert len(said) == 1 and "evaluating at step 0 with micro-batches of up to 4096 tokens" in said[0], said
+    assert sorted(eval_losses(tmp_path / "sft")) == [0, 3]
+    state = json.loads((tmp_path / "sft" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["micro_batch_tokens"] == 2048
 
 
 def test_out_of_memory_while_evaluating_names_the_evaluations_knobs(twin, tmp_path, monkeypatch):
