@@ -129,6 +129,10 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
         "full",
     ),
     "full_profile": (["+experiment=full", "trainer.profile_steps=3"], "coco", "full"),
+    # long answers (~12k supervised tokens a 16-row step): its own loss in chunks with the recompute (auto)
+    # against its 4096-position slices kept for the backward (off)
+    "qkv_longanswer": (["+experiment=lora_qkv"], "longanswer", "lora_qkv"),
+    "qkv_longanswer_slices": (["+experiment=lora_qkv", "model.chunked_loss=off"], "longanswer", "lora_qkv"),
 }
 # HF-native families at a real checkpoint's sizes (random weights, native layout): name -> (family, overrides,
 # variant). Every family x {qkv, all, full} as shipped (`_default`) and in ms-swift's regime (`_plain`), and
