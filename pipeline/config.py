@@ -174,7 +174,7 @@ class TrainerConfig:
     # Micro-batches filled to this many padded tokens instead of batch_size rows (the optimizer step still
     # sees batch_size x grad_accum rows and the same loss); 0 = fixed micro-batches of batch_size; auto =
     # 16384 for LoRA on a GPU of 60 GiB or more (80 GB cards), else 4096 (pipeline/training/plan.py); in one
-    # process, auto halves its budget for a step that runs out of GPU memory, down to 512.
+    # process without CUDA graphs, auto halves its budget for a step that runs out of GPU memory, down to 512.
     micro_batch_tokens: Any = "auto"
     # Each micro-batch one row of its samples back to back (no padding; attention kept within each sample).
     # auto: on where the family attends packed rows by variable-length attention (the HF-native families;

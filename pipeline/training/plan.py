@@ -118,8 +118,8 @@ class LoopSettings:
     # accumulation every trainable parameter holds its own .grad from the first micro-batch on.
     preallocate_grads: bool = False
     save_only_model: bool = False  # checkpoints without the optimizer's state (trainer.save_only_model)
-    # trainer.micro_batch_tokens=auto in one process: a step (or an evaluation) that runs out of GPU memory is
-    # retried at half the budget, down to SMALLEST_HALVED_BUDGET (halved)
+    # trainer.micro_batch_tokens=auto in one process without CUDA graphs: a step (or an evaluation) that runs
+    # out of GPU memory is retried at half the budget, down to SMALLEST_HALVED_BUDGET (halved)
     halves_on_oom: bool = False
     # pad_to_multiple is static_bucket(micro_batch_tokens) (compiled packed rows), so it follows the budget
     buckets_follow_budget: bool = False
@@ -288,8 +288,9 @@ def plan_training(
         pad_to_multiple=pad_to_multiple,
         # DeepSpeed's engine keeps gradients in its own buffers
         preallocate_grads=graphs and not launch.deepspeed,
-        # one process: several would have to agree on the retry (the others wait in their collectives)
-        halves_on_oom=t.micro_batch_tokens == "auto" and budget > 0 and processes == 1,
+        # one process: several would have to agree on the retry (the others wait in their collectives); not
+        # where CUDA graphs replay (a recording cut short by running out of memory is not known to recover)
+        halves_on_oom=t.micro_batch_tokens == "auto" and budget > 0 and processes == 1 and not graphs,
         buckets_follow_budget=compiled and packed_only,
     )
     return TrainingPlan(
