@@ -267,6 +267,9 @@ class ServeConfig:
     max_batch_size: int = 8  # concurrent requests generated together
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for, and its default
     max_image_bytes: int = 10 * 1024 * 1024
+    # a video_url's bytes (a data URL's decoded base64, or an http(s) URL's body; families that take video);
+    # its sampled frames count with the images against max_image_pixels and max_request_pixels
+    max_video_bytes: int = 64 * 1024 * 1024
     # seconds for the whole fetch of an image URL (connect, headers, body, redirects), however slowly it comes
     url_timeout: float = 10.0
     # image URLs are fetched only from public addresses (resolved here, checked again on every redirect);
@@ -423,6 +426,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("serve.max_batch_size", 1, None),
     ("serve.max_new_tokens", 1, None),
     ("serve.max_image_bytes", 1, None),
+    ("serve.max_video_bytes", 1, None),
     ("serve.url_timeout", 0.001, None),
     ("serve.max_body_bytes", 1, None),
     ("serve.max_queue", 0, None),

@@ -100,6 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         max_batch_size=cfg.serve.max_batch_size,
         max_new_tokens=cfg.serve.max_new_tokens,
         max_image_bytes=cfg.serve.max_image_bytes,
+        max_video_bytes=cfg.serve.max_video_bytes,
         url_timeout=cfg.serve.url_timeout,
         allow_local_files=cfg.serve.allow_local_files,
         allowed_url_hosts=tuple(cfg.serve.allowed_url_hosts),

@@ -28,7 +28,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.families.base import Bundle, ContextLengthError, EncodedPrompt, Family, FamilyError
+from pipeline.families.base import Bundle, ContextLengthError, EncodedPrompt, Family, FamilyError, Video
 
 from .images import ImageLimits, RequestImages
 from .limits import (
@@ -61,6 +61,7 @@ from .schema import (
     stop_sequences,
     to_conversation,
 )
+from .videos import RequestVideos, VideoSource
 from .worker import Decoding, Event, Job, Worker
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class ServeOptions:
     allowed_url_hosts: tuple[str, ...] = ()  # image URL hosts (any public host when empty)
     allow_private_urls: bool = False  # image URLs at private addresses too (a trusted network)
     url_fetch_workers: int = 4  # image URLs fetched at once
+    max_video_bytes: int = 64 * 1024 * 1024  # a video_url's bytes
 
 
 def _error(
@@ -125,14 +127,18 @@ def encode_request(
     system: str | None,
     images: list,
     max_new_tokens: int,
+    videos: Sequence[Video] = (),
 ) -> EncodedPrompt:
-    """Returns the generation prompt of a request's conversation (system prompt first when given); raises
-    RequestError when the family refuses it (its processor too: a ValueError, such as an image's shape), or
-    when the prompt leaves no room for max_new_tokens (code context_length_exceeded)."""
+    """Returns the generation prompt of a request's conversation (system prompt first when given) with its
+    images and videos; raises RequestError when the family refuses it (its processor too: a ValueError, such
+    as an image's shape), or when the prompt leaves no room for max_new_tokens (code
+    context_length_exceeded)."""
     placement = family.capabilities.image_placement
     messages = conversation.chat_messages(system, placement)
     try:
         limit = family.prompt_limit(bundle, max_new_tokens)
+        if videos:  # only the families that take videos (capabilities.max_videos) encode them
+            return family.encode_chat(bundle, messages, images, limit, videos=videos)
         return family.encode_chat(bundle, messages, images, limit)
     except ContextLengthError as err:
         raise RequestError(str(err), param="messages", code="context_length_exceeded") from None
@@ -159,6 +165,15 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
         options.url_fetch_workers,
     )
     request_images = RequestImages(limits)  # URLs on their own threads, so slow ones hold no one else
+    max_videos = family.capabilities.max_videos
+    request_videos = (
+        RequestVideos(
+            VideoSource(limits, options.max_video_bytes, family.video_frame_picker(bundle.processor)),
+            request_images,
+        )
+        if max_videos
+        else None
+    )
     generating = options.max_batch_size if family.capabilities.batches_requests else 1
     admission = Admission(generating, options.limits.max_queue)
     encoding = asyncio.Semaphore(ENCODING_AT_ONCE)
@@ -241,6 +256,7 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
                     "created": created,
                     "owned_by": "pipeline",
                     "max_images": max_images,  # images per conversation (the page reads it)
+                    "max_videos": max_videos,  # videos per conversation (0: the model takes none)
                 }
             ],
         }
@@ -258,7 +274,7 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
                 param="model",
                 code="model_not_found",
             )
-        conversation = to_conversation(body, max_images, family.label)
+        conversation = to_conversation(body, max_images, family.label, max_videos)
         stop = stop_sequences(body)
         max_tokens = body.max_completion_tokens or body.max_tokens or options.max_new_tokens
         if max_tokens > options.max_new_tokens:
@@ -281,10 +297,12 @@ def create_app(bundle: Bundle, options: ServeOptions, model_id: str, family: Fam
             raise RequestError(str(err), param="max_tokens", code="context_length_exceeded") from None
         server_system = options.system if conversation.system is None else None  # the request's is in body
         check_prompt_text(body, server_system, token_limit, options.limits)
-        images = await request_images.load(conversation.image_urls, PixelBudget(options.limits))
+        budget = PixelBudget(options.limits)
+        images = await request_images.load(conversation.image_urls, budget)
+        videos = await request_videos.load(conversation.video_urls, budget) if conversation.video_urls else []
         async with encoding:
             prompt = await run_in_threadpool(
-                encode_request, family, bundle, conversation, system, images, max_tokens
+                encode_request, family, bundle, conversation, system, images, max_tokens, videos
             )
         loop = asyncio.get_running_loop()
         job = Job(prompt, decoding, max_tokens, stop, body.seed, loop, asyncio.Queue())

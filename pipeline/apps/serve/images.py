@@ -23,9 +23,11 @@ import io
 import logging
 import re
 import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
@@ -37,6 +39,7 @@ from .limits import PixelBudget, check_image_header
 from .schema import RequestError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,"
@@ -59,13 +62,13 @@ class ImageLimits:
         return UrlPolicy(allow_private=self.allow_private_urls, allowed_hosts=tuple(self.allowed_url_hosts))
 
 
-def url_refused(index: int) -> RequestError:
-    """The one answer to an image URL that could not be used, whatever the reason (the log has it)."""
+def url_refused(index: int, kind: str = "image") -> RequestError:
+    """The one answer to an image (video) URL that could not be used, whatever the reason (the log has it)."""
     return RequestError(
-        f"image_url {index}: the image could not be fetched (the request's images count from 0; this server "
-        "fetches http(s) images from the hosts it allows, within serve.url_timeout and serve.max_image_bytes)",
-        param="image_url",
-        code="image_url_unavailable",
+        f"{kind}_url {index}: the {kind} could not be fetched (the request's {kind}s count from 0; this server "
+        f"fetches http(s) {kind}s from the hosts it allows, within serve.url_timeout and serve.max_{kind}_bytes)",
+        param=f"{kind}_url",
+        code=f"{kind}_url_unavailable",
     )
 
 
@@ -78,45 +81,55 @@ def _refused(exc: ImageLoadError) -> RequestError:
     return RequestError(f"image_url: {_without_buffer(exc)}", param="image_url")
 
 
-def _short(url: str) -> str:
+def short_url(url: str) -> str:
     return url if len(url) <= 80 else url[:60] + "..." + url[-12:]
 
 
-def decode_data_url(url: str, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
-    """Returns the image of a `data:image/...;base64,` URL (its header counted against `budget` before it is
-    decoded); raises RequestError when it is not one, or is over a limit."""
+def data_url_bytes(url: str, kind: str, max_bytes: int, limit_key: str) -> tuple[str, bytes]:
+    """Returns (the MIME type, the bytes) of a `data:<kind>/...;base64,` URL; raises RequestError (param
+    `<kind>_url`) when it is not one of that kind, or holds more than `max_bytes` (the `limit_key` setting),
+    refused from the base64's length before it is decoded."""
+    param = f"{kind}_url"
+    example = "png" if kind == "image" else "mp4"
     match = _DATA_URL.match(url)
     if match is None or not match.group("b64"):
         raise RequestError(
-            "image_url: a data URL must look like data:image/png;base64,<base64 data>", param="image_url"
+            f"{param}: a data URL must look like data:{kind}/{example};base64,<base64 data>", param=param
         )
     mime = match.group("mime") or ""
-    if not mime.startswith("image/"):
+    if not mime.startswith(f"{kind}/"):
+        article = "an" if kind[0] in "aeiou" else "a"
         raise RequestError(
-            f"image_url: a data URL of type {mime or 'none'!r} is not an image", param="image_url"
+            f"{param}: a data URL of type {mime or 'none'!r} is not {article} {kind}", param=param
         )
     payload = url[match.end() :]
-    # 4 base64 characters hold 3 bytes: refuse an oversized image before decoding it
-    if len(payload) * 3 // 4 > limits.max_bytes + 3:
+    # 4 base64 characters hold 3 bytes
+    if len(payload) * 3 // 4 > max_bytes + 3:
         raise RequestError(
-            f"image_url: the image is about {len(payload) * 3 // 4} bytes, over this server's "
-            f"{limits.max_bytes}-byte limit (serve.max_image_bytes)",
+            f"{param}: the {kind} is about {len(payload) * 3 // 4} bytes, over this server's {max_bytes}-byte "
+            f"limit ({limit_key})",
             status=413,
-            param="image_url",
+            param=param,
         )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(
-            f"image_url: the data URL's base64 is invalid or truncated ({exc})", param="image_url"
+            f"{param}: the data URL's base64 is invalid or truncated ({exc})", param=param
         ) from None
-    if len(data) > limits.max_bytes:
+    if len(data) > max_bytes:
         raise RequestError(
-            f"image_url: the image is {len(data)} bytes, over this server's {limits.max_bytes}-byte "
-            "limit (serve.max_image_bytes)",
+            f"{param}: the {kind} is {len(data)} bytes, over this server's {max_bytes}-byte limit ({limit_key})",
             status=413,
-            param="image_url",
+            param=param,
         )
+    return mime, data
+
+
+def decode_data_url(url: str, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
+    """Returns the image of a `data:image/...;base64,` URL (its header counted against `budget` before it is
+    decoded); raises RequestError when it is not one, or is over a limit."""
+    mime, data = data_url_bytes(url, "image", limits.max_bytes, "serve.max_image_bytes")
     name = f"the {mime} data URL"
     if budget is not None:
         check_image_header(data, name, budget)
@@ -126,7 +139,7 @@ def decode_data_url(url: str, limits: ImageLimits, budget: PixelBudget | None = 
         raise _refused(exc) from None
 
 
-def _local_path(url: str) -> Path:
+def local_path(url: str) -> Path:
     if url.startswith("file:"):
         return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     return Path(url)
@@ -150,7 +163,7 @@ def fetch_url_image(
         log.warning("image_url %d refused: %s", index, _without_buffer(exc))
         raise url_refused(index) from None
     except Exception as exc:  # a URL http.client cannot send, say: the client gets the same answer
-        log.warning("image_url %d refused: %s: %s: %s", index, _short(url), type(exc).__name__, exc)
+        log.warning("image_url %d refused: %s: %s: %s", index, short_url(url), type(exc).__name__, exc)
         raise url_refused(index) from None
     if budget is not None:
         try:  # a body that is no image gets the one answer every unusable URL gets
@@ -158,12 +171,12 @@ def fetch_url_image(
         except Image.DecompressionBombError:
             pass  # an image, too large: the budget names the limit
         except Exception as exc:
-            log.warning("image_url %d refused: %s: cannot decode image (%s)", index, _short(url), exc)
+            log.warning("image_url %d refused: %s: cannot decode image (%s)", index, short_url(url), exc)
             raise url_refused(index) from None
         # fetched and an image: over a pixel limit is the request's to know (a RequestError naming the key)
         check_image_header(data, f"image_url {index}", budget)
     try:
-        return decode_image(io.BytesIO(data), name=_short(url))
+        return decode_image(io.BytesIO(data), name=short_url(url))
     except ImageLoadError as exc:
         log.warning("image_url %d refused: %s", index, _without_buffer(exc))
     raise url_refused(index)
@@ -187,15 +200,15 @@ def load_request_image(
         )
     if not limits.allow_local_files:
         raise RequestError(
-            f"image_url: {_short(url)} is a local file, and this server does not read local files "
+            f"image_url: {short_url(url)} is a local file, and this server does not read local files "
             "(serve.allow_local_files=false); send the image as a data:image/...;base64, URL or an "
             "http(s) URL",
             status=403,
             param="image_url",
         )
-    path = _local_path(url)
+    path = local_path(url)
     if budget is not None and path.is_file():  # a missing file is load_image's to report
-        check_image_header(path, _short(url), budget)
+        check_image_header(path, short_url(url), budget)
     try:
         return load_image(path, max_bytes=limits.max_bytes)
     except ImageLoadError as exc:
@@ -227,28 +240,37 @@ class RequestImages:
         return images
 
     async def _fetch(self, url: str, index: int, budget: PixelBudget | None) -> Image.Image:
+        return await self.on_fetcher(index, "image", fetch_url_image, url, self.limits, index, budget)
+
+    async def on_fetcher(self, index: int, kind: str, fetch: Callable[..., T], *args: Any) -> T:
+        """Returns `fetch(*args)` run on a URL fetcher's thread: the request's `index`-th `kind` URL (image,
+        video) waits at most serve.url_timeout for a free fetcher (503 past it), and for the fetch itself
+        (url_refused past it)."""
         loop = asyncio.get_running_loop()
         if self._free is None:
             self._free = asyncio.Semaphore(self.limits.url_fetch_workers)
         free = self._free
+        param = f"{kind}_url"
         try:
             await asyncio.wait_for(free.acquire(), timeout=self.limits.url_timeout)
         except asyncio.TimeoutError:
             log.warning(
-                "image_url %d refused: all %d URL fetchers stayed busy for %g s (serve.url_fetch_workers)",
+                "%s %d refused: all %d URL fetchers stayed busy for %g s (serve.url_fetch_workers)",
+                param,
                 index,
                 self.limits.url_fetch_workers,
                 self.limits.url_timeout,
             )
+            example = "image/..." if kind == "image" else "video/..."
             raise RequestError(
-                "every image URL fetcher of this server is busy; try again shortly, or send the image as a "
-                "data:image/...;base64, URL",
+                f"every {kind} URL fetcher of this server is busy; try again shortly, or send the {kind} as a "
+                f"data:{example};base64, URL",
                 status=503,
-                param="image_url",
-                code="image_url_fetchers_busy",
+                param=param,
+                code=f"{param}_fetchers_busy",
             ) from None
         try:
-            future = self._pool.submit(fetch_url_image, url, self.limits, index, budget)
+            future = self._pool.submit(fetch, *args)
         except BaseException:
             free.release()
             raise
@@ -258,8 +280,8 @@ class RequestImages:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.limits.url_timeout + 1.0)
         except asyncio.TimeoutError:
-            log.warning("image_url %d refused: its fetch ran past serve.url_timeout", index)
-            raise url_refused(index) from None
+            log.warning("%s %d refused: its fetch ran past serve.url_timeout", param, index)
+            raise url_refused(index, kind) from None
 
 
 def _release_on(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:

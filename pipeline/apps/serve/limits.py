@@ -10,7 +10,9 @@ Every limit is checked from what is cheap to read, before the costly step it pro
 - the prompt's text: valid Unicode, and no longer in UTF-8 bytes than `serve.max_prompt_bytes` or the
   model's prompt positions times BYTES_PER_TOKEN, before the conversation is encoded (`check_prompt_text`);
 - images: their pixels read from the header alone, at most `serve.max_image_pixels` each and
-  `serve.max_request_pixels` for the request, before any image is decoded (`check_image_header`).
+  `serve.max_request_pixels` for the request, before any image is decoded (`check_image_header`);
+- videos: at most `serve.max_video_bytes`, and the frames the family samples counted with the images'
+  pixels from the stream's header, before any frame is decoded (`PixelBudget.take_frames`).
 """
 
 from __future__ import annotations
@@ -259,6 +261,26 @@ class PixelBudget:
                 param="image_url",
             )
         self.used += pixels
+
+    def take_frames(self, width: int, height: int, frames: int, name: str) -> None:
+        """Counts a video's `frames` sampled frames of width x height (each held decoded while the prompt is
+        encoded) with the request's images; raises RequestError (400) when a frame is over the per-image
+        limit or all of them take the request over its limit."""
+        pixels = width * height
+        if pixels > self.per_image:
+            raise RequestError(
+                f"video_url: {name} has frames of {width}x{height} = {pixels} pixels, over this server's "
+                f"{self.per_image}-pixel limit per image (serve.max_image_pixels)",
+                param="video_url",
+            )
+        if self.used + frames * pixels > self.per_request:
+            raise RequestError(
+                f"video_url: {name}'s {frames} sampled frames of {width}x{height} take the request's images and "
+                f"frames to {self.used + frames * pixels} pixels, over this server's {self.per_request}-pixel "
+                "limit per request (serve.max_request_pixels); send a shorter or smaller video",
+                param="video_url",
+            )
+        self.used += frames * pixels
 
 
 def check_image_header(source: bytes | Path, name: str, budget: PixelBudget) -> tuple[int, int]:

@@ -2,17 +2,18 @@
 
 Field types are strict (a string where a number belongs is refused, not converted), unknown fields are
 refused by name, and `to_conversation` checks what a type cannot express: the order of roles and the
-number of images.
+number of images and videos.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.families.base import IMAGE_TAG  # where an image part stands in a message's text
+# where an image (a video) part stands in a message's text
+from pipeline.families.base import IMAGE_TAG, VIDEO_TAG
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
@@ -46,7 +47,18 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):
+    """A video, as vLLM's OpenAI-compatible server takes it: a data:video/...;base64, URL or an http(s) URL."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -77,14 +89,15 @@ class ChatCompletionRequest(_Strict):
 @dataclass
 class Conversation:
     """A request's conversation: its system text, its turns' text ([query, response] pairs and the last query,
-    text parts joined by newlines), the messages after the system one with an <image> tag where each image
-    part stood, and the image URLs in order."""
+    text parts joined by newlines), the messages after the system one with an <image> (<video>) tag where each
+    image (video) part stood, and the image and video URLs in order."""
 
     system: str | None
     history: list[list[str]]
     query: str
     messages: list[dict[str, str]]
     image_urls: list[str]
+    video_urls: list[str] = field(default_factory=list)
 
     def chat_messages(self, system: str | None, image_placement: str) -> list[dict[str, str]]:
         """Returns the messages a family encodes (Family.encode_chat), the system message first when there is
@@ -98,25 +111,30 @@ class Conversation:
         return head + [{"role": "user", "content": self.query}]
 
 
-def _text_of(content: str | list, where: str, allow_image: bool) -> tuple[str, list[str], str]:
-    """Returns the text of a message's content (text parts joined by newlines), its image URLs, and its text
-    with an <image> tag in place of each image part (a tag joins its neighbours without a newline)."""
+def _text_of(content: str | list, where: str, allow_media: bool) -> tuple[str, list[str], list[str], str]:
+    """Returns the text of a message's content (text parts joined by newlines), its image URLs, its video
+    URLs, and its text with an <image> (<video>) tag in place of each image (video) part (a tag joins its
+    neighbours without a newline)."""
     if isinstance(content, str):
-        return content, [], content
-    texts, images, tagged = [], [], ""
+        return content, [], [], content
+    texts, images, videos, tagged = [], [], [], ""
     previous_text = False
     for part in content:
         if isinstance(part, TextPart):
             texts.append(part.text)
             tagged += ("\n" if previous_text else "") + part.text
             previous_text = True
-        elif allow_image:
+            continue
+        if not allow_media:
+            raise RequestError(f"{where}: only user messages may hold images and videos", param=where)
+        if isinstance(part, VideoPart):
+            videos.append(part.video_url.url)
+            tagged += VIDEO_TAG
+        else:
             images.append(part.image_url.url)
             tagged += IMAGE_TAG
-            previous_text = False
-        else:
-            raise RequestError(f"{where}: only user messages may hold images", param=where)
-    return "\n".join(texts), images, tagged
+        previous_text = False
+    return "\n".join(texts), images, videos, tagged
 
 
 def _too_many_images(model: str, max_images: int, found: int) -> RequestError:
@@ -128,18 +146,31 @@ def _too_many_images(model: str, max_images: int, found: int) -> RequestError:
     )
 
 
-def to_conversation(request: ChatCompletionRequest, max_images: int, model: str) -> Conversation:
-    """Returns the conversation of `request`; raises RequestError when the roles or images do not fit the
-    model (`model` names it in the error, `max_images` is its limit).
+def _too_many_videos(model: str, max_videos: int, found: int) -> RequestError:
+    limit = (
+        "no video" if max_videos == 0 else "one video" if max_videos == 1 else f"at most {max_videos} videos"
+    )
+    return RequestError(
+        f"{model} takes {limit} per conversation; the messages hold {found} video(s)",
+        param="messages",
+        code="too_many_videos",
+    )
+
+
+def to_conversation(
+    request: ChatCompletionRequest, max_images: int, model: str, max_videos: int = 0
+) -> Conversation:
+    """Returns the conversation of `request`; raises RequestError when the roles, images or videos do not fit
+    the model (`model` names it in the error, `max_images` and `max_videos` are its limits).
 
     Accepted: an optional system message first, then user and assistant messages alternating, ending with
-    a user message; at most `max_images` images in all.
+    a user message; at most `max_images` images and `max_videos` videos in all.
     """
     messages = list(request.messages)
     system = None
     tagged: list[dict[str, str]] = []
     if messages[0].role == "system":
-        system, _, _ = _text_of(messages[0].content, "messages[0]", allow_image=False)
+        system, _, _, _ = _text_of(messages[0].content, "messages[0]", allow_media=False)
         messages = messages[1:]
         offset = 1
     else:
@@ -148,6 +179,7 @@ def to_conversation(request: ChatCompletionRequest, max_images: int, model: str)
         raise RequestError("messages holds only a system message; add a user message", param="messages")
     turns: list[str] = []
     images: list[str] = []
+    videos: list[str] = []
     for i, message in enumerate(messages):
         where = f"messages[{i + offset}]"
         expected = "user" if i % 2 == 0 else "assistant"
@@ -157,12 +189,13 @@ def to_conversation(request: ChatCompletionRequest, max_images: int, model: str)
                 "system message, user and assistant messages alternate, starting and ending with user",
                 param=where,
             )
-        text, found, with_tags = _text_of(message.content, where, allow_image=message.role == "user")
+        text, found, found_videos, with_tags = _text_of(message.content, where, message.role == "user")
         if message.role == "user" and not text.strip():
             raise RequestError(f"{where}: a user message needs some text", param=where)
         turns.append(text)
         tagged.append({"role": message.role, "content": with_tags})
         images += found
+        videos += found_videos
     if len(turns) % 2 == 0:
         raise RequestError(
             f"messages[{len(request.messages) - 1}] is an assistant message; the last message must be "
@@ -171,8 +204,17 @@ def to_conversation(request: ChatCompletionRequest, max_images: int, model: str)
         )
     if len(images) > max_images:
         raise _too_many_images(model, max_images, len(images))
+    if len(videos) > max_videos:
+        raise _too_many_videos(model, max_videos, len(videos))
     history = [[turns[j], turns[j + 1]] for j in range(0, len(turns) - 1, 2)]
-    return Conversation(system=system, history=history, query=turns[-1], messages=tagged, image_urls=images)
+    return Conversation(
+        system=system,
+        history=history,
+        query=turns[-1],
+        messages=tagged,
+        image_urls=images,
+        video_urls=videos,
+    )
 
 
 def stop_sequences(request: ChatCompletionRequest) -> list[str]:
@@ -193,8 +235,11 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-_PART_TAGS = ("text", "image_url")
-_CONTENT_TYPES = 'a string or a list of parts ({"type": "text", "text": ...} or {"type": "image_url", ...})'
+_PART_TAGS = ("text", "image_url", "video_url")
+_CONTENT_TYPES = (
+    'a string or a list of parts ({"type": "text", "text": ...}, {"type": "image_url", ...} or '
+    '{"type": "video_url", ...})'
+)
 
 
 def _location(loc: tuple) -> list[str]:
