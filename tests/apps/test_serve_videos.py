@@ -23,6 +23,10 @@ from tests.helpers import FileServer, compose_config, free_port, run_stage, writ
 MODEL = "qwen2_5_vl_tiny"
 MAX_TOKENS = 8
 QUESTION = "What happens?"
+UNAVAILABLE = (
+    "video_url 0: the video could not be fetched (the request's videos count from 0; this server fetches "
+    "http(s) videos from the hosts it allows, within serve.url_timeout and serve.max_video_bytes)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +98,17 @@ def test_a_video_answer_equals_the_familys_own_generation_from_a_data_url_and_a_
         fetched = ask(server, f"{files.url}/a.mp4")
         assert fetched.status_code == 200, fetched.text
         assert fetched.json()["choices"][0]["message"]["content"] == expected
-        # not a video: named as such, by its index, without the server's temporary file
+        # a body that is no video gets the one answer every unusable URL gets
         refused = ask(server, f"{files.url}/page.html")
     finally:
         files.close()
     assert refused.status_code == 400, refused.text
-    message = refused.json()["error"]["message"]
-    assert message.startswith("video_url: video_url 0: not a readable video"), message
-    assert "/tmp" not in message and refused.json()["error"]["param"] == "video_url"
+    assert refused.json()["error"]["message"] == UNAVAILABLE
+    # a data URL that is no video: named as such, without the server's temporary file
+    garbage = ask(server, "data:video/mp4;base64," + base64.b64encode(b"not a video at all").decode())
+    message = garbage.json()["error"]["message"]
+    assert message.startswith("video_url: the video/mp4 data URL: not a readable video"), message
+    assert "/tmp" not in message and garbage.json()["error"]["param"] == "video_url"
     # the frames are read: another video gives another answer
     other = ask(server, data_url(clips["b"]))
     assert other.json()["choices"][0]["message"]["content"] != expected
@@ -121,10 +128,7 @@ def test_the_limits_name_their_keys(family, bundle, clips, tmp_path):
         assert reply.status_code == 413 and "(serve.max_video_bytes)" in reply.json()["error"]["message"]
         fetched = ask(small, f"{files.url}/a.mp4")  # public addresses only: loopback is refused
         assert fetched.status_code == 400
-        assert fetched.json()["error"]["message"] == (
-            "video_url 0: the video could not be fetched (the request's videos count from 0; this server "
-            "fetches http(s) videos from the hosts it allows, within serve.url_timeout and serve.max_video_bytes)"
-        )
+        assert fetched.json()["error"]["message"] == UNAVAILABLE
         local = ask(small, str(clips["a"]))
         assert (
             local.status_code == 403 and "serve.allow_local_files=false" in local.json()["error"]["message"]

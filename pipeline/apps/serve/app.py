@@ -5,8 +5,8 @@ worker that owns the model (worker.py), for every family through its interface.
     app = create_app(bundle, ServeOptions(...), model_id="checkpoint-40", family=family)
     server = ServerThread(app, "127.0.0.1", 8000)   # or run_server(app, host, port) in the foreground
 
-What differs between families comes from the family: its name in errors (Family.label), its images per
-conversation and where they go (capabilities), the prompt (Family.encode_chat within Family.prompt_limit),
+What differs between families comes from the family: its name in errors (Family.label), its images and
+videos per conversation and where they go (capabilities; videos.py samples a video's frames as the family does), the prompt (Family.encode_chat within Family.prompt_limit),
 whether requests decode together (capabilities.batches_requests).
 
 Every refusal is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx

@@ -145,20 +145,27 @@ def local_path(url: str) -> Path:
     return Path(url)
 
 
+def fetch_request_url(url: str, limits: ImageLimits, max_bytes: int) -> bytes:
+    """Returns the body of a request's http(s) URL under the server's rules: one try, within
+    serve.url_timeout for the whole fetch, at most `max_bytes`, from the hosts and addresses the config
+    allows (limits.url_policy); raises what pipeline.data.images.fetch_url raises."""
+    return fetch_url(
+        url,
+        timeout=limits.url_timeout,
+        deadline=limits.url_timeout,
+        max_bytes=max_bytes,
+        retries=0,
+        policy=limits.url_policy,
+    )
+
+
 def fetch_url_image(
     url: str, limits: ImageLimits, index: int = 0, budget: PixelBudget | None = None
 ) -> Image.Image:
     """Returns the decoded RGB image at an http(s) URL, its pixels counted against `budget` from its header
     before it is decoded; raises url_refused(index) when it cannot be had, and logs why."""
     try:
-        data = fetch_url(
-            url,
-            timeout=limits.url_timeout,
-            deadline=limits.url_timeout,
-            max_bytes=limits.max_bytes,
-            retries=0,
-            policy=limits.url_policy,
-        )
+        data = fetch_request_url(url, limits, limits.max_bytes)
     except ImageLoadError as exc:
         log.warning("image_url %d refused: %s", index, _without_buffer(exc))
         raise url_refused(index) from None

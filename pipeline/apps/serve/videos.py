@@ -5,7 +5,8 @@
   past the cap.
 - http(s) URLs are fetched as image URLs are (images.py): public addresses only unless serve.allowed_url_hosts
   or serve.allow_private_urls says otherwise, within serve.url_timeout, on the URL fetchers' threads, and
-  refused with one message whatever went wrong (the reason goes to the server's log).
+  refused with one message whatever went wrong, a body that is no video included (the reason goes to the
+  server's log).
 - The frames the family samples (Family.video_frame_picker, under the model.video_* settings) are counted
   with the request's images against serve.max_image_pixels and serve.max_request_pixels from the stream's
   header, before any frame is decoded (PixelBudget.take_frames); only those frames are decoded.
@@ -25,12 +26,20 @@ from pathlib import Path
 
 from fastapi.concurrency import run_in_threadpool
 
-from pipeline.data.images import ImageLoadError, fetch_url
+from pipeline.data.images import ImageLoadError
 from pipeline.data.rows import is_url
 from pipeline.data.videos import decode_frames, read_video_header
 from pipeline.families.base import Video, VideoInfo
 
-from .images import ImageLimits, RequestImages, data_url_bytes, local_path, short_url, url_refused
+from .images import (
+    ImageLimits,
+    RequestImages,
+    data_url_bytes,
+    fetch_request_url,
+    local_path,
+    short_url,
+    url_refused,
+)
 from .limits import PixelBudget
 from .schema import RequestError
 
@@ -54,39 +63,38 @@ class VideoSource:
 def fetch_video_bytes(url: str, source: VideoSource, index: int) -> bytes:
     """Returns the body of an http(s) video URL; raises url_refused(index, "video") when it cannot be had, and
     logs why."""
-    limits = source.limits
     try:
-        return fetch_url(
-            url,
-            timeout=limits.url_timeout,
-            deadline=limits.url_timeout,
-            max_bytes=source.max_bytes,
-            retries=0,
-            policy=limits.url_policy,
-        )
+        return fetch_request_url(url, source.limits, source.max_bytes)
     except Exception as exc:  # refused address, no answer, too large, a URL http.client cannot send
         log.warning("video_url %d refused: %s: %s: %s", index, short_url(url), type(exc).__name__, exc)
         raise url_refused(index, "video") from None
 
 
 def decode_request_video(
-    data: bytes | Path, name: str, source: VideoSource, budget: PixelBudget, suffix: str = ".mp4"
+    data: bytes | Path,
+    name: str,
+    source: VideoSource,
+    budget: PixelBudget,
+    suffix: str = ".mp4",
+    fetched: int | None = None,
 ) -> Video:
     """Returns the frames the family samples from a video (its bytes, or a local file), counted against the
     request's `budget` from the stream's header before they are decoded; raises RequestError naming the
-    video (`name`) when it is no readable video or is over a limit."""
+    video (`name`) when it is no readable video or is over a limit. A body fetched from the request's
+    `fetched`-th video URL that is no readable video gets url_refused's one answer (what a host serves is
+    not for a client to learn); over a limit, it is the request's to know."""
     if isinstance(data, Path):
-        return _decoded(data, name, source, budget)
+        return _decoded(data, name, source, budget, fetched)
     handle, temporary = tempfile.mkstemp(prefix="video-url-", suffix=suffix)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
-        return _decoded(Path(temporary), name, source, budget)
+        return _decoded(Path(temporary), name, source, budget, fetched)
     finally:
         Path(temporary).unlink(missing_ok=True)
 
 
-def _decoded(path: Path, name: str, source: VideoSource, budget: PixelBudget) -> Video:
+def _decoded(path: Path, name: str, source: VideoSource, budget: PixelBudget, fetched: int | None) -> Video:
     try:
         info = read_video_header(str(path))
         indices = [int(i) for i in source.pick(info)]
@@ -94,6 +102,9 @@ def _decoded(path: Path, name: str, source: VideoSource, budget: PixelBudget) ->
         frames = decode_frames(str(path), indices)
     except ImageLoadError as exc:  # VideoLoadError: the message names the file, which the client never saw
         reason = str(exc).replace(str(path), name)
+        if fetched is not None:
+            log.warning("video_url %d refused: %s", fetched, reason)
+            raise url_refused(fetched, "video") from None
         raise RequestError(f"video_url: {reason}", param="video_url") from None
     return Video(frames, indices, info)
 
@@ -152,7 +163,7 @@ class RequestVideos:
                 suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix) else ".mp4"
                 videos.append(
                     await run_in_threadpool(
-                        decode_request_video, data, f"video_url {index}", self.source, budget, suffix
+                        decode_request_video, data, f"video_url {index}", self.source, budget, suffix, index
                     )
                 )
             else:
