@@ -207,3 +207,46 @@ def test_the_serve_stage_serves_videos_within_its_byte_cap(varied_twin, clips, m
     assert seen["within"].status_code == 200, seen["within"].text
     assert seen["within"].json()["usage"]["completion_tokens"] > 0
     assert seen["over"].status_code == 413 and "(serve.max_video_bytes)" in seen["over"].text
+
+
+def test_the_page_sends_a_video_and_learns_the_video_limit(server, clips):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.apps.test_serve_page import ask_on_page, find_browser
+
+    binary, driver_path = find_browser()
+    chrome = webdriver.ChromeOptions()
+    chrome.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        chrome.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=chrome)
+    limit = get_family("qwen2_5_vl").capabilities.max_videos
+    try:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "model").text == MODEL)
+        assert browser.execute_script("return maxVideos") == limit
+        assert browser.find_element(By.ID, "file").get_attribute("accept") == "image/*,video/*"
+        browser.find_element(By.ID, "file").send_keys(str(clips["a"]))
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#thumbs video"))
+        shown = ask_on_page(browser, QUESTION)
+        sent = browser.find_element(By.CSS_SELECTOR, ".msg.user video").get_attribute("src")
+        assert sent == data_url(clips["a"])
+        # the page puts the attachments before the question
+        content = [{"type": "video_url", "video_url": {"url": sent}}, {"type": "text", "text": QUESTION}]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        expected = reply.json()["choices"][0]["message"]["content"]
+        assert shown == expected.strip() and shown
+        # one sent: three more fit the conversation, the next one is refused naming the limit
+        browser.find_element(By.ID, "file").send_keys("\n".join([str(clips["b"])] * (limit - 1)))
+        WebDriverWait(browser, 10).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs video")) == limit - 1
+        )
+        browser.find_element(By.ID, "file").send_keys(str(clips["b"]))
+        error = WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert f"at most {limit} videos per conversation" in error[0].text
+    finally:
+        browser.quit()
