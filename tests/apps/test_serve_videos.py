@@ -250,3 +250,24 @@ def test_the_page_sends_a_video_and_learns_the_video_limit(server, clips):
         assert f"at most {limit} videos per conversation" in error[0].text
     finally:
         browser.quit()
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "minicpm_v4_6"])
+def test_every_video_family_serves_the_frames_it_samples(name, varied_twin, clips, tmp_path):
+    """The other families that take videos answer a video request with their own greedy generation of the
+    same sampled frames (each its own video prompt: Qwen3-VL's timestamps, MiniCPM-V 4.6's frames)."""
+    other = get_family(name)
+    loaded = other.load_bundle(str(varied_twin(name)))
+    expected, prompt = reference(other, loaded, clips["a"], tmp_path)
+    running = ServerThread(
+        create_app(loaded, options(max_new_tokens=MAX_TOKENS), f"{name}_tiny", other),
+        "127.0.0.1",
+        free_port(),
+    )
+    try:
+        reply = ask(running, data_url(clips["a"]), model=f"{name}_tiny")
+    finally:
+        running.stop()
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == expected and expected.strip()
+    assert reply.json()["usage"]["prompt_tokens"] == prompt
