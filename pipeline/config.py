@@ -104,6 +104,11 @@ class LoraConfig:
     # which biases train beside the adapters: none | all | lora_only (PEFT's `bias`, ms-swift's
     # lora_bias_trainable)
     bias: str = "none"
+    # DoRA (ms-swift's --use_dora): each adapted weight's magnitude trains apart from its direction; merges
+    # into the base like LoRA
+    use_dora: bool = False
+    # rank-stabilised LoRA (--use_rslora): the update scaled by alpha / sqrt(r) instead of alpha / r
+    use_rslora: bool = False
 
 
 @dataclass
@@ -151,6 +156,9 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float = 0.5
     fused: Any = "auto"  # auto | true | false
+    # LoRA+ (ms-swift's --lorap_lr_ratio, LLaMA-Factory's loraplus_lr_ratio; its paper suggests 16): the
+    # adapters' B matrices learn at this multiple of their part's rate; None = the same rate as A
+    loraplus_lr_ratio: float | None = None
 
 
 @dataclass
@@ -397,6 +405,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("optim.eps", 0.0, None),
     ("optim.warmup_ratio", 0.0, 0.999),
     ("optim.max_grad_norm", 0.0, None),
+    ("optim.loraplus_lr_ratio", 1e-6, None),
     ("trainer.epochs", 0, None),
     ("trainer.batch_size", 1, None),
     ("trainer.grad_accum", 1, None),
@@ -848,7 +857,13 @@ def _check_lora(tree: dict) -> list[str]:
                 f"lora.bias={lora['bias']} applies to LoRA only; full fine-tuning (lora=none) trains every bias "
                 "of the parts not frozen"
             ]
-        return []
+        variants = [f"lora.{key}=true" for key in ("use_dora", "use_rslora") if lora[key]]
+        if tree["optim"]["loraplus_lr_ratio"] is not None:
+            variants.append(f"optim.loraplus_lr_ratio={tree['optim']['loraplus_lr_ratio']:g}")
+        return [
+            f"{variant} applies to LoRA only (lora=qkv or lora=all); lora=none is full fine-tuning"
+            for variant in variants
+        ]
     # As ms-swift (`freeze_parameters` is for --sft_type full): with LoRA only the adapters train.
     return [
         f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora={lora['name']} only the "

@@ -392,6 +392,14 @@ def messages_from_row(
     return messages
 
 
+def with_lora_variant(config: LoraConfig, lora: Any) -> LoraConfig:
+    """Returns the PEFT LoraConfig with the variant the `lora` config node asks for: DoRA (lora.use_dora)
+    and rank-stabilised scaling (lora.use_rslora); PEFT computes, saves, loads and merges both."""
+    config.use_dora = bool(lora.get("use_dora", False))
+    config.use_rslora = bool(lora.get("use_rslora", False))
+    return config
+
+
 def row_video_refs(row: Any) -> list[str]:
     """Returns a row's video references ([] for a row type without videos)."""
     return list(getattr(row, "videos", None) or ())

@@ -62,6 +62,7 @@ from .base import (
     row_images,
     row_video_refs,
     shared_halves,
+    with_lora_variant,
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
 from .layer_compile import compile_for_training
@@ -648,7 +649,7 @@ class HFNativeFamily(Family):
             base_model_path=base_name,
         )
         config.bias = lora.bias
-        return self.apply_lora(model, config)
+        return self.apply_lora(model, with_lora_variant(config, lora))
 
     # how the family's RMSNorm computes, for liger's fused kernels (kernels.NormKind; None: no fused kernels),
     # and the submodule of the loaded model whose norms and MLPs are fused ("": the whole model)

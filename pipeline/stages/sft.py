@@ -196,7 +196,16 @@ def read_rows(cfg: DictConfig, sft_dir: Path) -> RawRows:
     rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model))
     resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
     if resume_from is not None:
-        lora = None if cfg.lora.name == "none" else {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha}
+        lora = (
+            None
+            if cfg.lora.name == "none"
+            else {
+                "r": cfg.lora.r,
+                "lora_alpha": cfg.lora.alpha,
+                "use_dora": bool(cfg.lora.use_dora),
+                "use_rslora": bool(cfg.lora.use_rslora),
+            }
+        )
         check_tuning_settings(resume_from, lora)
     return rows
 

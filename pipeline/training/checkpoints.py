@@ -477,7 +477,12 @@ def check_same_tuning(ckpt: Path, model) -> None:
     current = model.peft_config["default"]
     check_tuning_settings(
         ckpt,
-        {"r": current.r, "lora_alpha": current.lora_alpha},
+        {
+            "r": current.r,
+            "lora_alpha": current.lora_alpha,
+            "use_dora": current.use_dora,
+            "use_rslora": current.use_rslora,
+        },
         {"target_modules": current.target_modules, "modules_to_save": current.modules_to_save},
     )
 
@@ -485,7 +490,8 @@ def check_same_tuning(ckpt: Path, model) -> None:
 def check_tuning_settings(ckpt: Path, lora: dict | None, modules: dict | None = None) -> None:
     """Raise CheckpointError when `ckpt` was trained with other settings than these (no model needed).
 
-    `lora` holds the config's {"r", "lora_alpha"} (None: full fine-tuning); `modules`, when known, the
+    `lora` holds the config's {"r", "lora_alpha", "use_dora", "use_rslora"} (None: full fine-tuning);
+    `modules`, when known, the
     PEFT config's {"target_modules", "modules_to_save"}.
     """
     is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
@@ -503,9 +509,14 @@ def check_tuning_settings(ckpt: Path, lora: dict | None, modules: dict | None = 
         )
     saved = check_adapter_folder(ckpt)
     differences = []
-    for key, label in (("r", "lora.r"), ("lora_alpha", "lora.alpha")):
+    for key, label in (
+        ("r", "lora.r"),
+        ("lora_alpha", "lora.alpha"),
+        ("use_dora", "lora.use_dora"),
+        ("use_rslora", "lora.use_rslora"),
+    ):
         short = key.replace("lora_", "")
-        if key in saved and saved[key] != lora[key]:
+        if key in saved and key in lora and saved[key] != lora[key]:
             differences.append(
                 f"the checkpoint has {short}={saved[key]}, the config asks {short}={lora[key]} ({label})"
             )

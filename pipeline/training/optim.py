@@ -39,33 +39,42 @@ def parameter_groups(
     lr: float | None = None,
     part_lrs: Mapping[str, float] | None = None,
     part_of: Mapping[int, str | None] | None = None,
+    loraplus_ratio: float | None = None,
 ) -> list[dict]:
-    """Returns AdamW groups: matrices decay, biases / norm weights / 1-d tensors do not; and, where
-    `part_lrs` gives a part (vision, projector) its own rate, that part's parameters (`part_of`: id(param) ->
-    part) in groups of their own at that rate (the others at `lr`)."""
+    """Returns AdamW groups: matrices decay, biases / norm weights / 1-d tensors do not; where `part_lrs`
+    gives a part (vision, projector) its own rate, that part's parameters (`part_of`: id(param) -> part) in
+    groups of their own at that rate (the others at `lr`); with `loraplus_ratio` (LoRA+), the adapters' B
+    matrices in groups of their own at that multiple of their part's rate."""
     part_lrs, part_of = dict(part_lrs or {}), dict(part_of or {})
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    if loraplus_ratio is not None and lr is None:
+        raise ValueError("LoRA+ (optim.loraplus_lr_ratio) needs the resolved optim.lr")
+    groups: dict[tuple[str, bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         part = part_of.get(id(param))
         key = part if part in part_lrs else ""
         decays = not (param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower())
-        groups.setdefault((key, decays), []).append(param)
+        faster = loraplus_ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name)
+        groups.setdefault((key, decays, faster), []).append(param)
     if not groups:
         raise ValueError("no trainable parameters: check lora.* and the freeze switches")
     out = []
     for key in ["", *part_lrs]:
         for decays in (True, False):
-            params = groups.get((key, decays), [])
-            if not params and key:
-                continue  # a part with its own rate but nothing trainable in it
-            group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
-            if key:
-                group.update(lr=part_lrs[key], part=key)
-            elif lr is not None:
-                group["lr"] = lr
-            out.append(group)
+            for faster in (False, True):
+                params = groups.get((key, decays, faster), [])
+                if not params and (key or faster):
+                    continue  # a part with its own rate, or LoRA+'s B matrices, with nothing trainable in it
+                group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+                rate = part_lrs[key] if key else lr
+                if faster:
+                    group.update(lr=rate * loraplus_ratio, loraplus=True)
+                elif rate is not None:
+                    group["lr"] = rate
+                if key:
+                    group["part"] = key
+                out.append(group)
     return out
 
 
@@ -73,13 +82,22 @@ def build_optimizer(
     model: nn.Module, optim_cfg, device: torch.device, part_of: Mapping[int, str | None] | None = None
 ) -> torch.optim.Optimizer:
     """Returns AdamW over the trainable parameters (the fused kernel on CUDA unless turned off), the vision
-    tower and the projector at optim.vit_lr / optim.aligner_lr where set (`part_of`: id(param) -> part)."""
+    tower and the projector at optim.vit_lr / optim.aligner_lr where set (`part_of`: id(param) -> part), the
+    adapters' B matrices at optim.loraplus_lr_ratio times their rate where set (LoRA+)."""
     fused = optim_cfg.fused
     use_fused = device.type == "cuda" if fused in ("auto", None) else bool(fused)
     given = (("vision", optim_cfg.get("vit_lr")), ("projector", optim_cfg.get("aligner_lr")))
     part_lrs = {part: float(rate) for part, rate in given if rate is not None}
+    ratio = optim_cfg.get("loraplus_lr_ratio")
     return torch.optim.AdamW(
-        parameter_groups(model, optim_cfg.weight_decay, optim_cfg.lr, part_lrs, part_of),
+        parameter_groups(
+            model,
+            optim_cfg.weight_decay,
+            optim_cfg.lr,
+            part_lrs,
+            part_of,
+            None if ratio is None else float(ratio),
+        ),
         lr=optim_cfg.lr,
         betas=tuple(optim_cfg.betas),
         eps=optim_cfg.eps,

@@ -43,6 +43,7 @@ from pipeline.families.base import (
     SequenceLogps,
     check_messages,
     shared_halves,
+    with_lora_variant,
 )
 from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # the official layout's
 
@@ -304,7 +305,7 @@ class MiniCPMV2(Family):
             base_model_path=base_name,
             bias=lora.bias,
         )
-        return apply_lora(core, lora_cfg)
+        return apply_lora(core, with_lora_variant(lora_cfg, lora))
 
     def pad_id(self, bundle: ModelBundle) -> int:
         return bundle.tokenizer.pad_id
