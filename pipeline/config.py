@@ -156,7 +156,7 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float = 0.5
     fused: Any = "auto"  # auto | true | false
-    # LoRA+ (ms-swift's --lorap_lr_ratio, LLaMA-Factory's loraplus_lr_ratio; its paper suggests 16): the
+    # LoRA+ (ms-swift 2.x's --lora_lr_ratio, LLaMA-Factory's loraplus_lr_ratio; its paper suggests 16): the
     # adapters' B matrices learn at this multiple of their part's rate; None = the same rate as A
     loraplus_lr_ratio: float | None = None
 
