@@ -129,6 +129,9 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
         "full",
     ),
     "full_profile": (["+experiment=full", "trainer.profile_steps=3"], "coco", "full"),
+    # LoRA's variants (lora.use_dora: each adapted weight's norm in every forward; LoRA+ costs nothing)
+    "qkv_dora": (["+experiment=lora_qkv", "lora.use_dora=true"], "coco", "lora_qkv"),
+    "all_dora": (["+experiment=lora_all", "lora.use_dora=true"], "coco", "lora_all"),
     # long answers (~12k supervised tokens a 16-row step): its own loss in chunks with the recompute (auto)
     # against its 4096-position slices kept for the backward (off)
     "qkv_longanswer": (["+experiment=lora_qkv"], "longanswer", "lora_qkv"),
@@ -180,6 +183,7 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             settings[f"{family}_{short}_default"] = (family, [f"+experiment={experiment}"], "coco")
         for lever, overrides in {**LEVERS_OFF, **BUDGETS, **FAMILY_LEVERS_OFF.get(family, {})}.items():
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
+        settings[f"{family}_qkv_dora"] = (family, ["+experiment=lora_qkv", "lora.use_dora=true"], "coco")
         # long answers (~12k supervised tokens a 16-row step): the loss in chunks (auto) against one piece
         settings[f"{family}_qkv_longanswer"] = (family, ["+experiment=lora_qkv"], "longanswer")
         settings[f"{family}_qkv_longanswer_onepiece"] = (
