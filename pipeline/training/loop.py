@@ -833,8 +833,13 @@ class Trainer:
                 do_save = step % self.s.save_steps == 0 or step == self.total_steps or guard.requested
                 if do_eval:
                     paused = time.perf_counter()
+                    budget = self.s.micro_batch_tokens
                     metrics = self.evaluate()
                     speed.pause(time.perf_counter() - paused)
+                    if self.s.micro_batch_tokens != budget and step < self.total_steps:
+                        # the evaluation halved the budget: the steps ahead are cut into micro-batches anew
+                        groups.close()
+                        groups = self._saving_on_bad_data(self._loader(step))
                     if metrics:
                         self._record_eval(metrics, saving=bool(do_save))
                         self._log({"step": step, **metrics})

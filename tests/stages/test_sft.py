@@ -327,24 +327,27 @@ def test_the_auto_budget_halves_and_redoes_a_step_out_of_memory_and_resumes_at_i
 
 
 def test_the_auto_budget_halves_for_an_evaluation_out_of_memory(twin, tmp_path, monkeypatch, caplog):
-    """The evaluation before the first step runs out of memory at auto's 4096 tokens: it is redone at 2048,
-    and training goes on at 2048 (the one budget bounds both), which its checkpoint records."""
+    """The evaluation at step 3 runs out of memory at auto's 4096 tokens and at 2048, 1024: it is redone at
+    512, and the steps after it run at 512 too (the one budget bounds both), in more micro-batches; the
+    checkpoint records it."""
     real = loop.Trainer._evaluate
 
     def small_memory(self):
-        if self.s.micro_batch_tokens > 2048:
+        if self.state.global_step == 3 and self.s.micro_batch_tokens > 512:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self)
 
     monkeypatch.setattr(loop.Trainer, "_evaluate", small_memory)
-    overrides = (*SHORT, "trainer.micro_batch_tokens=auto", "trainer.max_steps=3")
+    overrides = (*SHORT, "trainer.micro_batch_tokens=auto", "trainer.grad_accum=8", "lora.dropout=0.0")
     with caplog.at_level("WARNING", logger="pipeline.training.loop"):
         run_stage(sft, make_cfg(twin, *overrides), tmp_path)
     said = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
-    assert len(said) == 1 and "evaluating at step 0 with micro-batches of up to 4096 tokens" in said[0], said
-    assert sorted(eval_losses(tmp_path / "sft")) == [0, 3]
-    state = json.loads((tmp_path / "sft" / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["micro_batch_tokens"] == 2048
+    assert len(said) == 3 and all("evaluating at step 3 with micro-batches" in m for m in said), said
+    assert sorted(eval_losses(tmp_path / "sft")) == [0, 3, 6]
+    micro = {r["step"]: r["micro_batches"] for r in log_records(tmp_path / "sft") if "micro_batches" in r}
+    assert [micro[step] for step in range(1, 7)] == [1, 1, 1, 2, 2, 2], micro
+    state = json.loads((tmp_path / "sft" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["micro_batch_tokens"] == 512
 
 
 def test_out_of_memory_while_evaluating_names_the_evaluations_knobs(twin, tmp_path, monkeypatch):
