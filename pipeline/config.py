@@ -189,6 +189,10 @@ class TrainerConfig:
     # MiniCPM-V-2's packing builds a mask) on a CUDA device with micro_batch_tokens > 0; off on the CPU and
     # in the plain regime. true needs micro_batch_tokens > 0 (the packed row's length).
     packing: Any = "auto"
+    # NEFTune (ms-swift's --neftune_noise_alpha, its paper suggests 5): uniform noise of at most
+    # alpha / sqrt(length x hidden size) added to the text embeddings while training, `length` each sample's
+    # own tokens (padded or packed alike); null = none
+    neftune_noise_alpha: float | None = None
     # What one vision-tower patch counts as in micro_batch_tokens (the budget then bounds the work of the
     # language model and of the vision tower together): auto = a patch's FLOPs relative to a token's for the
     # families that count patches (the HF-native ones: the tower's parameters a patch passes through over the
@@ -415,6 +419,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.save_steps", 1, None),
     ("trainer.save_total_limit", 1, None),
     ("trainer.profile_steps", 0, None),
+    ("trainer.neftune_noise_alpha", 0.0, None),
     ("trainer.max_eval_samples", 1, None),
     ("preference.beta", 1e-6, None),
     ("preference.rpo_alpha", 0.0, None),

@@ -531,6 +531,13 @@ class Family(ABC):
             for key, value in batch.items()
         }
 
+    def token_sample_lengths(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Returns, for each token of a collated training batch [B, T], the length of the sample it belongs to
+        (0 on padding): NEFTune's scale (trainer.neftune_noise_alpha). This base reads padded rows, one sample
+        a row (attention_mask); a family that packs rows overrides it."""
+        mask = batch["attention_mask"].long()
+        return mask * mask.sum(1, keepdim=True)
+
     def __init__(
         self,
         settings: Mapping[str, Any] | None = None,

@@ -947,6 +947,17 @@ class HFNativeFamily(Family):
         correct = ((logits.argmax(-1) == labels) & mask).sum()
         return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
 
+    def token_sample_lengths(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """A packed row's tokens belong to the samples its segment boundaries (cu_seq_lens_q) give, its tail
+        padding to none; padded rows as Family's."""
+        if not packing.is_packed(batch):
+            return super().token_sample_lengths(batch)
+        bounds = batch["cu_seq_lens_q"].long().cpu()
+        sizes = bounds.diff()
+        lengths = torch.zeros(batch["input_ids"].shape, dtype=torch.long)
+        lengths[0, : int(bounds[-1])] = sizes.repeat_interleave(sizes)
+        return lengths
+
     def _supervised_logits(
         self, model: nn.Module, batch: Mapping[str, Any], inputs: dict[str, Any]
     ) -> tuple[torch.Tensor | chunked_loss.HeadLosses, torch.Tensor, torch.Tensor]:

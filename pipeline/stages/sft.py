@@ -349,6 +349,7 @@ def family_hooks(family: Family, bundle: Any) -> FamilyHooks:
         read_full=family.checkpoint_reader(bundle),
         to_device=family.to_device,
         resolution_setting=family.resolution_setting,
+        sample_lengths=family.token_sample_lengths,
     )
 
 

@@ -53,6 +53,7 @@ from pipeline.training.checkpoints import (
     rotate_checkpoints,
     save_training_checkpoint,
 )
+from pipeline.training.neftune import EmbeddingNoise
 from pipeline.training.plan import LoopSettings, cpu_cores
 from pipeline.training.profiling import (
     StepProfiler,
@@ -123,6 +124,8 @@ class FamilyHooks:
     to_device: Callable[[dict, torch.device], dict]
     # the setting that sets how many image tokens a picture costs (Family.resolution_setting), for advice
     resolution_setting: str = ""
+    # each token's sample length in a collated batch (Family.token_sample_lengths), for NEFTune's noise
+    sample_lengths: Callable[[dict], torch.Tensor] | None = None
 
 
 @dataclass
@@ -399,6 +402,15 @@ class Trainer:
             DistributedType.DEEPSPEED,
         )
         self._order: tuple[int, list[int]] | None = None
+        # NEFTune: noise on the input embeddings while training (trainer.neftune_noise_alpha)
+        self.noise = None
+        if settings.neftune_alpha > 0:
+            if family.sample_lengths is None:
+                raise TrainingError(
+                    "trainer.neftune_noise_alpha: this objective's batches give no sample lengths"
+                )
+            embeddings = accelerator.unwrap_model(self.model).get_input_embeddings()
+            self.noise = EmbeddingNoise(embeddings, settings.neftune_alpha)
 
     # ----- resume
     def resume(self, resume: str) -> Path | None:
@@ -503,10 +515,11 @@ class Trainer:
         for i, batch in enumerate(micro):
             seen_tokens += int(batch["attention_mask"].sum())
             padded_tokens += batch["attention_mask"].numel()
+            noise = _null() if self.noise is None else self.noise.lengths(self.family.sample_lengths(batch))
             batch = self.family.to_device(batch, device)
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
-            with ctx, self.acc.autocast():
+            with ctx, noise, self.acc.autocast():
                 out = objective.sums(self.model, batch)
             # DDP averages gradients over ranks; multiplying by world keeps the global mean over units.
             scaled = out.loss_sum * self.world / total_units

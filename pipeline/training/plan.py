@@ -123,6 +123,7 @@ class LoopSettings:
     halves_on_oom: bool = False
     # pad_to_multiple is static_bucket(micro_batch_tokens) (compiled packed rows), so it follows the budget
     buckets_follow_budget: bool = False
+    neftune_alpha: float = 0.0  # trainer.neftune_noise_alpha (0: no noise on the embeddings)
 
     @property
     def token_budget(self) -> bool:
@@ -199,7 +200,8 @@ class TrainingPlan:
             f"CUDA graphs: {on(self.cuda_graphs)}; "
             f"gradient checkpointing: {checkpointing_text(self.gradient_checkpointing)}",
             f"optimizer: AdamW, lr {self.lr:g}"
-            + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs),
+            + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs)
+            + (f"; NEFTune noise alpha {loop.neftune_alpha:g}" if loop.neftune_alpha else ""),
             f"optimizer step: {self.rows_per_step} rows (batch {loop.batch_size} x grad_accum "
             f"{loop.grad_accum} x {launch.processes} process(es)); micro-batches: {micro}; "
             f"{loop.num_workers} data worker(s)",
@@ -292,6 +294,7 @@ def plan_training(
         # where CUDA graphs replay (a recording cut short by running out of memory is not known to recover)
         halves_on_oom=t.micro_batch_tokens == "auto" and budget > 0 and processes == 1 and not graphs,
         buckets_follow_budget=compiled and packed_only,
+        neftune_alpha=float(t.get("neftune_noise_alpha") or 0.0),
     )
     return TrainingPlan(
         launch=launch,

@@ -358,6 +358,16 @@ class MiniCPMV2(Family):
     def eval_collate(self, bundle: ModelBundle) -> Callable:
         return partial(collate_for_training, pad_id=bundle.tokenizer.pad_id)
 
+    def token_sample_lengths(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """A packed row (collate_packed) numbers each token's sample in segment_ids (-1: tail padding); padded
+        rows as Family's."""
+        if "segment_ids" not in batch:
+            return super().token_sample_lengths(batch)
+        segments = batch["segment_ids"].long().cpu()
+        real = segments >= 0
+        sizes = torch.bincount(segments[real], minlength=int(segments.max()) + 1 if real.any() else 0)
+        return torch.where(real, sizes[segments.clamp(min=0)], 0)
+
     def loss_outputs(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
         # the model sums its loss over the supervised tokens itself; its output has LossSums' fields
         return model(**batch, loss_chunking=self.loss_chunking(model))
