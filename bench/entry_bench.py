@@ -185,12 +185,10 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
         settings[f"{family}_qkv_dora"] = (family, ["+experiment=lora_qkv", "lora.use_dora=true"], "coco")
         # long answers (~12k supervised tokens a 16-row step): the loss in chunks (auto) against one piece
-        settings[f"{family}_qkv_longanswer"] = (family, ["+experiment=lora_qkv"], "longanswer")
-        settings[f"{family}_qkv_longanswer_onepiece"] = (
-            family,
-            ["+experiment=lora_qkv", "model.chunked_loss=off"],
-            "longanswer",
-        )
+        # (their rows, ~2,050 tokens with the image's, pass the default dataset.max_length of 2048)
+        long = ["+experiment=lora_qkv", "dataset.max_length=4096"]
+        settings[f"{family}_qkv_longanswer"] = (family, long, "longanswer")
+        settings[f"{family}_qkv_longanswer_onepiece"] = (family, [*long, "model.chunked_loss=off"], "longanswer")
         # a trained tower's recompute only (model.gradient_checkpointing=vision), against `_default`'s every
         # block; and the profile of each
         for short in ("all", "full"):

@@ -210,6 +210,16 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
 kernel_runs = vision_attention.kernel_runs
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Returns the attention's inputs in autocast's lower precision where autocast is on for their device
+    (the dtype torch's scaled_dot_product_attention computes in there), else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 def _kernel_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int, scale: float
 ) -> torch.Tensor:
@@ -289,6 +299,9 @@ def packed_attention(
         )
     if attention_mask is not None or query.shape[0] != 1:
         raise ValueError(f"{PACKED}: a packed batch is one row with no attention mask (cu_seq_lens instead)")
+    # as torch's SDPA does under autocast (the padded path): fp32 weights (full fine-tuning) give fp32
+    # queries once RoPE's fp32 tables have touched them, which the kernel takes only in half precision
+    query, key, value = autocast_inputs(query, key, value)
     if kwargs.get("sliding_window") is not None:
         raise ValueError(f"{PACKED}: sliding-window attention is not supported for packed rows")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling

@@ -202,6 +202,32 @@ def test_the_segment_attention_equals_causal_sdpa_per_sample():
             torch.testing.assert_close(out[0, s], want[0].transpose(0, 1))
 
 
+def test_the_packed_attention_computes_in_autocasts_precision_as_sdpa_does(monkeypatch):
+    """fp32 queries under autocast (full fine-tuning's fp32 weights, RoPE's fp32 tables) are attended in
+    autocast's dtype, as the padded path's SDPA attends them, and come back in it: the varlen kernel is
+    asked for that dtype (on a GPU: bf16, which it takes; fp32 it does not); without autocast they stay
+    fp32 (the CPU's training)."""
+    asked: list[torch.dtype] = []
+    monkeypatch.setattr(packing, "kernel_runs", lambda device, dtype: asked.append(dtype) or False)
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 6, 16], dtype=torch.int32)
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    module = torch.nn.Module().eval()
+    plain, _ = packing.packed_attention(module, q, k, v, None, cu_seq_lens_q=bounds, max_length_q=10)
+    assert plain.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, _ = packing.packed_attention(module, q, k, v, None, cu_seq_lens_q=bounds, max_length_q=10)
+        for start, end in ((0, 6), (6, 16)):
+            s = slice(start, end)
+            want = F.scaled_dot_product_attention(
+                q[:, :, s], k[:, :, s], v[:, :, s], is_causal=True, enable_gqa=True
+            )
+            assert want.dtype == cast.dtype == torch.bfloat16
+            torch.testing.assert_close(cast[0, s], want[0].transpose(0, 1), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(cast.float(), plain, rtol=5e-2, atol=5e-2)
+    assert asked == [torch.float32, torch.bfloat16]
+
+
 def test_linear_attention_layers_are_wrapped_once(twins):
     family, model, _ = loaded(twins, "minicpm_v4_6")
     language_model = family.language_model(model)

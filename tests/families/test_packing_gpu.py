@@ -136,3 +136,50 @@ def test_compiled_layers_trace_a_packed_row_whole_over_the_varlen_kernel(family_
     assert counter.frame_count == 1, counter.frame_count
     assert not torch._dynamo.utils.counters["graph_break"], list(torch._dynamo.utils.counters["graph_break"])
     assert float(loss) == pytest.approx(float(eager), rel=1e-2)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_fp32_weights_under_autocast_take_the_varlen_kernel(family_twin, name, monkeypatch):
+    """Full fine-tuning's step (fp32 weights, bf16 autocast): the packed row's attention runs torch's varlen
+    kernel in bf16, as SDPA computes the padded batch's, not fp32 block-diagonal math; compiled, one graph
+    for every decoder layer, no graph break; the padded batch's loss."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from pipeline.families.layer_compile import compile_for_training
+
+    if not packing.kernel_runs(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("torch's varlen kernel does not run on this card / torch")
+    family = get_family(name)
+    folder = family_twin(name)
+    model, processor = family.load(folder, torch.float32, "cuda")
+    model.requires_grad_(True)
+    model.train()
+    family.prepare_packing(model)
+    bundle = Bundle(model, processor, folder, "base")
+    samples = mixed_samples(family, processor)
+    padded = family.to_device(family.training_collate(bundle)(samples), "cuda")
+    packed = family.to_device(
+        family.training_collate(bundle, pad_to_multiple=64, packed=True, segments=8, static=True)(samples),
+        "cuda",
+    )
+    asked: list[torch.dtype] = []
+    real = packing._kernel_attention
+
+    def recorded(q, *args, **kwargs):
+        asked.append(q.dtype)
+        return real(q, *args, **kwargs)
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = float(family.loss_outputs(model, padded).loss_sum)
+        monkeypatch.setattr(packing, "_kernel_attention", recorded)
+        eager = float(family.loss_outputs(model, packed).loss_sum)
+        monkeypatch.setattr(packing, "_kernel_attention", real)
+    assert asked and set(asked) == {torch.bfloat16}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_for_training(model.get_submodule(family.decoder_layers), backend=counter)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled = float(family.loss_outputs(model, packed).loss_sum)
+    assert counter.frame_count == 1, counter.frame_count
+    assert not torch._dynamo.utils.counters["graph_break"], list(torch._dynamo.utils.counters["graph_break"])
+    assert eager == pytest.approx(want, rel=2e-2) and compiled == pytest.approx(eager, rel=1e-2)
