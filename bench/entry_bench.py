@@ -188,7 +188,11 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
         # (their rows, ~2,050 tokens with the image's, pass the default dataset.max_length of 2048)
         long = ["+experiment=lora_qkv", "dataset.max_length=4096"]
         settings[f"{family}_qkv_longanswer"] = (family, long, "longanswer")
-        settings[f"{family}_qkv_longanswer_onepiece"] = (family, [*long, "model.chunked_loss=off"], "longanswer")
+        settings[f"{family}_qkv_longanswer_onepiece"] = (
+            family,
+            [*long, "model.chunked_loss=off"],
+            "longanswer",
+        )
         # a trained tower's recompute only (model.gradient_checkpointing=vision), against `_default`'s every
         # block; and the profile of each
         for short in ("all", "full"):
