@@ -118,8 +118,8 @@ class LoopSettings:
     # accumulation every trainable parameter holds its own .grad from the first micro-batch on.
     preallocate_grads: bool = False
     save_only_model: bool = False  # checkpoints without the optimizer's state (trainer.save_only_model)
-    # trainer.micro_batch_tokens=auto in one process without CUDA graphs: a step (or an evaluation) that runs
-    # out of GPU memory is retried at half the budget, down to SMALLEST_HALVED_BUDGET (halved)
+    # trainer.micro_batch_tokens=auto in one process without CUDA graphs, FSDP or DeepSpeed: a step (or an
+    # evaluation) that runs out of GPU memory is retried at half the budget, down to SMALLEST_HALVED_BUDGET
     halves_on_oom: bool = False
     # pad_to_multiple is static_bucket(micro_batch_tokens) (compiled packed rows), so it follows the budget
     buckets_follow_budget: bool = False
@@ -291,8 +291,13 @@ def plan_training(
         # DeepSpeed's engine keeps gradients in its own buffers
         preallocate_grads=graphs and not launch.deepspeed,
         # one process: several would have to agree on the retry (the others wait in their collectives); not
-        # where CUDA graphs replay (a recording cut short by running out of memory is not known to recover)
-        halves_on_oom=t.micro_batch_tokens == "auto" and budget > 0 and processes == 1 and not graphs,
+        # where CUDA graphs replay (a recording cut short by running out of memory is not known to recover), nor
+        # under FSDP / DeepSpeed (their engines keep gradient buffers and counters of their own)
+        halves_on_oom=t.micro_batch_tokens == "auto"
+        and budget > 0
+        and processes == 1
+        and not graphs
+        and not launch.sharded,
         buckets_follow_budget=compiled and packed_only,
         neftune_alpha=float(t.get("neftune_noise_alpha") or 0.0),
     )

@@ -305,6 +305,7 @@ def test_only_an_auto_budget_of_one_process_halves_on_out_of_memory(compose, mon
     eager = plan_training(qkv, Launch(cuda), compiles=False, compiled_shapes="padded").loop
     assert eager.halved().micro_batch_tokens == 8192 and eager.halved().pad_to_multiple == 1
     assert plan_training(qkv, Launch(cuda, 2, "MULTI_GPU"), compiles=False).loop.halved() is None
+    assert plan_training(qkv, Launch(cuda, 1, "DEEPSPEED"), compiles=False).loop.halved() is None
     for fixed in ("trainer.micro_batch_tokens=8192", "trainer.micro_batch_tokens=0"):
         given = compose(["model=qwen2_5_vl_tiny", "trainer=default", "+experiment=lora_qkv", fixed])
         assert plan_training(given, Launch(cuda), compiles=False).loop.halved() is None
