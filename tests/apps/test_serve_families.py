@@ -292,19 +292,12 @@ def test_the_serve_stage_validates_and_serves_the_family(varied_twin, tmp_path, 
 
 
 def test_the_page_learns_the_limit_and_sends_several_images(server, client, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.apps.test_serve_page import ask_on_page, find_browser
+    from tests.apps.test_serve_page import ask_on_page, headless_chrome
 
-    binary, driver_path = find_browser()
-    chrome = webdriver.ChromeOptions()
-    chrome.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        chrome.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=chrome)
+    browser = headless_chrome()
     try:
         paths = []
         for seed in (4, 5):

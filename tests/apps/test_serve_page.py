@@ -76,8 +76,8 @@ def servers(workdir: Path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
+def headless_chrome() -> webdriver.Chrome:
+    """Returns a headless Chromium driven by chromedriver (find_browser); quit() it when done."""
     binary, driver_path = find_browser()
     chrome = webdriver.ChromeOptions()
     chrome.binary_location = binary
@@ -89,7 +89,12 @@ def browser():
         "--window-size=1000,700",
     ):
         chrome.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=chrome)
+    return webdriver.Chrome(service=Service(executable_path=driver_path), options=chrome)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = headless_chrome()
     yield driver
     driver.quit()
 

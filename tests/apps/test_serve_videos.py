@@ -210,19 +210,12 @@ def test_the_serve_stage_serves_videos_within_its_byte_cap(varied_twin, clips, m
 
 
 def test_the_page_sends_a_video_and_learns_the_video_limit(server, clips):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.apps.test_serve_page import ask_on_page, find_browser
+    from tests.apps.test_serve_page import ask_on_page, headless_chrome
 
-    binary, driver_path = find_browser()
-    chrome = webdriver.ChromeOptions()
-    chrome.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        chrome.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=chrome)
+    browser = headless_chrome()
     limit = get_family("qwen2_5_vl").capabilities.max_videos
     try:
         browser.get(server.url + "/")
