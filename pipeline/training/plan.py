@@ -121,8 +121,6 @@ class LoopSettings:
     # trainer.micro_batch_tokens=auto in one process without CUDA graphs, FSDP or DeepSpeed: a step (or an
     # evaluation) that runs out of GPU memory is retried at half the budget, down to SMALLEST_HALVED_BUDGET
     halves_on_oom: bool = False
-    # pad_to_multiple is static_bucket(micro_batch_tokens) (compiled packed rows), so it follows the budget
-    buckets_follow_budget: bool = False
     neftune_alpha: float = 0.0  # trainer.neftune_noise_alpha (0: no noise on the embeddings)
 
     @property
@@ -138,10 +136,10 @@ class LoopSettings:
         return self.at_budget(self.micro_batch_tokens // 2)
 
     def at_budget(self, budget: int) -> LoopSettings:
-        """Returns these settings with micro-batches of up to `budget` tokens (and the static buckets that
-        follow it)."""
-        pad = static_bucket(budget) if self.buckets_follow_budget else self.pad_to_multiple
-        return replace(self, micro_batch_tokens=budget, pad_to_multiple=pad)
+        """Returns these settings with micro-batches of up to `budget` tokens. The padding stays: the collate
+        the run built pads to it, and compiled packed rows keep the static lengths of the budget the run
+        started with (their ladder covers any shorter row, and the shapes compiled so far stay in use)."""
+        return replace(self, micro_batch_tokens=budget)
 
 
 @dataclass(frozen=True)
@@ -298,7 +296,6 @@ def plan_training(
         and processes == 1
         and not graphs
         and not launch.sharded,
-        buckets_follow_budget=compiled and packed_only,
         neftune_alpha=float(t.get("neftune_noise_alpha") or 0.0),
     )
     return TrainingPlan(
