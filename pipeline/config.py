@@ -155,7 +155,11 @@ class OptimConfig:
     scheduler: str = "cosine"
     warmup_ratio: float = 0.05
     max_grad_norm: float = 0.5
-    fused: Any = "auto"  # auto | true | false
+    # adamw_torch (torch's AdamW, ms-swift's and transformers' default) | adamw_bnb_8bit (bitsandbytes' 8-bit
+    # AdamW: its two moments in 8 bits for tensors of 4096 elements or more, a quarter of their memory; for
+    # full fine-tuning, whose moments are half its state)
+    name: str = "adamw_torch"
+    fused: Any = "auto"  # auto | true | false (adamw_torch only)
     # LoRA+ (ms-swift 2.x's --lora_lr_ratio, LLaMA-Factory's loraplus_lr_ratio; its paper suggests 16): the
     # adapters' B matrices learn at this multiple of their part's rate; None = the same rate as A
     loraplus_lr_ratio: float | None = None
@@ -359,6 +363,7 @@ ON_ERROR_CHOICES = ("raise", "skip")  # dataset.on_error: stop at a bad row, or 
 # model.dtype's names besides auto, and the checkpoints' torch_dtype: torch's own name of each dtype
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
+OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # optim.name (transformers' names for them)
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", *DTYPE_NAMES),
     "model.family": tuple(FAMILIES),
@@ -368,6 +373,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "dataset.truncation": TRUNCATION_POLICIES,
     "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
+    "optim.name": OPTIMIZERS,
     "optim.fused": ("auto", True, False),
     "model.gradient_checkpointing": ("auto", True, False, "vision"),
     "model.vision_attention": ("auto", "varlen", "sdpa"),

@@ -83,25 +83,27 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Returns AdamW over the trainable parameters (the fused kernel on CUDA unless turned off), the vision
     tower and the projector at optim.vit_lr / optim.aligner_lr where set (`part_of`: id(param) -> part), the
-    adapters' B matrices at optim.loraplus_lr_ratio times their rate where set (LoRA+)."""
+    adapters' B matrices at optim.loraplus_lr_ratio times their rate where set (LoRA+); bitsandbytes' 8-bit
+    AdamW for optim.name=adamw_bnb_8bit."""
     fused = optim_cfg.fused
     use_fused = device.type == "cuda" if fused in ("auto", None) else bool(fused)
     given = (("vision", optim_cfg.get("vit_lr")), ("projector", optim_cfg.get("aligner_lr")))
     part_lrs = {part: float(rate) for part, rate in given if rate is not None}
     ratio = optim_cfg.get("loraplus_lr_ratio")
+    groups = parameter_groups(
+        model,
+        optim_cfg.weight_decay,
+        optim_cfg.lr,
+        part_lrs,
+        part_of,
+        None if ratio is None else float(ratio),
+    )
+    if optim_cfg.get("name", "adamw_torch") == "adamw_bnb_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     return torch.optim.AdamW(
-        parameter_groups(
-            model,
-            optim_cfg.weight_decay,
-            optim_cfg.lr,
-            part_lrs,
-            part_of,
-            None if ratio is None else float(ratio),
-        ),
-        lr=optim_cfg.lr,
-        betas=tuple(optim_cfg.betas),
-        eps=optim_cfg.eps,
-        fused=use_fused or None,
+        groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=use_fused or None
     )
 
 

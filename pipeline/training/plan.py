@@ -56,6 +56,8 @@ LARGE_CARD_GIB = 60
 # parameters: ~21 GB of 80), DEFAULT_BUDGET where the card is mostly state (MiniCPM-V-2 ~54 GB, Qwen2.5-VL-3B
 # ~60, Qwen3-VL-4B ~71: 62-73 GB peak at 4096 on an H100, bench/RESULTS.md)
 FULL_STATE_BYTES = 16
+# with bitsandbytes' 8-bit AdamW (optim.name=adamw_bnb_8bit): fp32 weight and gradient, two 8-bit moments
+FULL_STATE_BYTES_8BIT = 10
 FULL_STATE_SHARE = 0.5
 # LoRA that trains the vision tower keeps the tower's activations without checkpointing on a card of at least
 # TOWER_CARD_GIB where its family declares the budget that bounds them (Capabilities.trained_tower_budget):
@@ -157,6 +159,7 @@ class TrainingPlan:
     part_lrs: tuple[tuple[str, float], ...] = ()
     # the family also compiles its vision tower's blocks, on padded patch sequences (trainer.compile_vision)
     compile_vision: bool = False
+    optimizer: str = "adamw_torch"  # optim.name
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -197,7 +200,8 @@ class TrainingPlan:
             f"compile: {on(self.compile)}{' (vision blocks too)' if self.compile_vision else ''}; "
             f"CUDA graphs: {on(self.cuda_graphs)}; "
             f"gradient checkpointing: {checkpointing_text(self.gradient_checkpointing)}",
-            f"optimizer: AdamW, lr {self.lr:g}"
+            f"optimizer: {'AdamW 8-bit (bitsandbytes)' if self.optimizer == 'adamw_bnb_8bit' else 'AdamW'}, "
+            f"lr {self.lr:g}"
             + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs)
             + (f"; NEFTune noise alpha {loop.neftune_alpha:g}" if loop.neftune_alpha else ""),
             f"optimizer step: {self.rows_per_step} rows (batch {loop.batch_size} x grad_accum "
@@ -248,7 +252,13 @@ def plan_training(
         parameters,
     )
     budget = resolve_micro_batch_tokens(
-        t.micro_batch_tokens, device, cfg.lora.name, parameters, shards, tower_budget
+        t.micro_batch_tokens,
+        device,
+        cfg.lora.name,
+        parameters,
+        shards,
+        tower_budget,
+        FULL_STATE_BYTES_8BIT if cfg.optim.get("name") == "adamw_bnb_8bit" else FULL_STATE_BYTES,
     )
     packing = resolve_packing(t.packing, device, packs_padding_free, budget)
     packed_only = compiled_shapes == "packed"
@@ -318,6 +328,7 @@ def plan_training(
         lr=resolve_lr(cfg),
         part_lrs=resolve_part_lrs(cfg),
         loop=loop,
+        optimizer=str(cfg.optim.get("name", "adamw_torch")),
     )
 
 
@@ -432,13 +443,15 @@ def resolve_micro_batch_tokens(
     parameters: int | None = None,
     shards: int = 1,
     tower_budget: int = 0,
+    state_bytes: int = FULL_STATE_BYTES,
 ) -> int:
     """Returns trainer.micro_batch_tokens: as given; auto = `tower_budget` where it is set (tower_budget_on:
     LoRA that trains the vision tower without checkpointing); LARGE_CARD_BUDGET on a CUDA device of at least
     LARGE_CARD_GIB (fewer, larger micro-batches: fewer launches per sample, same loss) for LoRA, and for full
-    fine-tuning where its state (FULL_STATE_BYTES a parameter of the `parameters`, split over `shards`
-    processes under FSDP/DeepSpeed) takes at most FULL_STATE_SHARE of the card; else DEFAULT_BUDGET (a card
-    mostly taken by full fine-tuning's state, an unknown parameter count, smaller cards, the CPU)."""
+    fine-tuning where its state (`state_bytes` a parameter of the `parameters`: FULL_STATE_BYTES, or
+    FULL_STATE_BYTES_8BIT with 8-bit AdamW; split over `shards` processes under FSDP/DeepSpeed) takes at most
+    FULL_STATE_SHARE of the card; else DEFAULT_BUDGET (a card mostly taken by full fine-tuning's state, an
+    unknown parameter count, smaller cards, the CPU)."""
     if value != "auto":
         return int(value)
     if tower_budget:
@@ -448,7 +461,7 @@ def resolve_micro_batch_tokens(
         return DEFAULT_BUDGET
     if lora != "none":
         return LARGE_CARD_BUDGET
-    if parameters is not None and parameters * FULL_STATE_BYTES / max(shards, 1) <= FULL_STATE_SHARE * card:
+    if parameters is not None and parameters * state_bytes / max(shards, 1) <= FULL_STATE_SHARE * card:
         return LARGE_CARD_BUDGET
     return DEFAULT_BUDGET
 
