@@ -129,6 +129,19 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
         "full",
     ),
     "full_profile": (["+experiment=full", "trainer.profile_steps=3"], "coco", "full"),
+    # bitsandbytes' 8-bit AdamW: ~34 GB of state instead of ~54, which auto answers with 16384-token
+    # micro-batches; and the same without the recompute in lora=all's 2048-token regime
+    "full_8bit": (["+experiment=full", "optim.name=adamw_bnb_8bit"], "coco", "full"),
+    "full_8bit_nockpt_2k": (
+        [
+            "+experiment=full",
+            "optim.name=adamw_bnb_8bit",
+            "model.gradient_checkpointing=false",
+            "trainer.micro_batch_tokens=2048",
+        ],
+        "coco",
+        "full",
+    ),
     # LoRA's variants (lora.use_dora: each adapted weight's norm in every forward; LoRA+ costs nothing)
     "qkv_dora": (["+experiment=lora_qkv", "lora.use_dora=true"], "coco", "lora_qkv"),
     "all_dora": (["+experiment=lora_all", "lora.use_dora=true"], "coco", "lora_all"),
@@ -184,6 +197,7 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
         for lever, overrides in {**LEVERS_OFF, **BUDGETS, **FAMILY_LEVERS_OFF.get(family, {})}.items():
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
         settings[f"{family}_qkv_dora"] = (family, ["+experiment=lora_qkv", "lora.use_dora=true"], "coco")
+        settings[f"{family}_full_8bit"] = (family, ["+experiment=full", "optim.name=adamw_bnb_8bit"], "coco")
         # long answers (~12k supervised tokens a 16-row step): the loss in chunks (auto) against one piece
         # (their rows, ~2,050 tokens with the image's, pass the default dataset.max_length of 2048)
         long = ["+experiment=lora_qkv", "dataset.max_length=4096"]
