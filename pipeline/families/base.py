@@ -392,6 +392,16 @@ def messages_from_row(
     return messages
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """Returns the family's model under any PEFT / DDP / DeepSpeed wrapper."""
+    core = model
+    while hasattr(core, "module") and isinstance(core.module, nn.Module):
+        core = core.module
+    if isinstance(core, PeftModel):
+        core = core.get_base_model()
+    return core
+
+
 def with_lora_variant(config: LoraConfig, lora: Any) -> LoraConfig:
     """Returns the PEFT LoraConfig with the variant the `lora` config node asks for: DoRA (lora.use_dora)
     and rank-stabilised scaling (lora.use_rslora); PEFT computes, saves, loads and merges both."""

@@ -1,10 +1,11 @@
 """The loss of a long-answer micro-batch a chunk of positions at a time (model.chunked_loss).
 
 Only the supervised positions go through the output head (hf_native: `logits_to_keep`, or a pre-hook on the
-head; MiniCPM-V-2's model selects them itself, and its position_losses calls scored_in_chunks). A caption row supervises some 20 positions; a row with a long answer supervises hundreds or
-thousands, and then their fp32 logits dominate the step's memory: 16,384 supervised positions of a
-151,936-word vocabulary (the Qwen VLs) are 10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy
-keeps the log-softmax and its gradient beside them. Where a micro-batch's supervised logits would exceed
+head; MiniCPM-V-2's model selects them itself, and its position_losses calls scored_in_chunks). A caption row
+supervises some 20 positions; a row with a long answer supervises hundreds or thousands, and then their fp32
+logits dominate the step's memory: 16,384 supervised positions of a 151,936-word vocabulary (the Qwen VLs) are
+10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy keeps the log-softmax and its gradient beside
+them. Where a micro-batch's supervised logits would exceed
 LOGITS_BYTES, the head's forward computes the token losses itself, CHUNK_BYTES of logits at a time, each chunk
 recomputed during the backward (non-reentrant checkpoint), so at most one chunk's logits exist at any time.
 The sums, the correct predictions and every gradient equal the one-piece computation's

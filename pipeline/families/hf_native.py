@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
@@ -62,6 +61,7 @@ from .base import (
     row_images,
     row_video_refs,
     shared_halves,
+    unwrapped,
     with_lora_variant,
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
@@ -128,16 +128,6 @@ def stream_metadata(info: VideoInfo, indices: Sequence[int] | None = None) -> An
         height=info.height,
         frames_indices=None if indices is None else list(indices),
     )
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """Returns the transformers model under any PEFT / DDP / DeepSpeed wrapper."""
-    core = model
-    while hasattr(core, "module") and isinstance(core.module, nn.Module):
-        core = core.module
-    if isinstance(core, PeftModel):
-        core = core.get_base_model()
-    return core
 
 
 def keeps_logits(model: nn.Module) -> bool:

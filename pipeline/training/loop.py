@@ -122,10 +122,10 @@ class FamilyHooks:
     read_full: ReadFull
     # a batch onto the model's device (Family.to_device: the family's host-side inputs stay where they are)
     to_device: Callable[[dict, torch.device], dict]
+    # each token's sample length in a collated batch (Family.token_sample_lengths), for NEFTune's noise
+    sample_lengths: Callable[[dict], torch.Tensor]
     # the setting that sets how many image tokens a picture costs (Family.resolution_setting), for advice
     resolution_setting: str = ""
-    # each token's sample length in a collated batch (Family.token_sample_lengths), for NEFTune's noise
-    sample_lengths: Callable[[dict], torch.Tensor] | None = None
 
 
 @dataclass
@@ -405,10 +405,6 @@ class Trainer:
         # NEFTune: noise on the input embeddings while training (trainer.neftune_noise_alpha)
         self.noise = None
         if settings.neftune_alpha > 0:
-            if family.sample_lengths is None:
-                raise TrainingError(
-                    "trainer.neftune_noise_alpha: this objective's batches give no sample lengths"
-                )
             embeddings = accelerator.unwrap_model(self.model).get_input_embeddings()
             self.noise = EmbeddingNoise(embeddings, settings.neftune_alpha)
 

@@ -56,8 +56,8 @@ LARGE_CARD_GIB = 60
 # parameters: ~21 GB of 80), DEFAULT_BUDGET where the card is mostly state (MiniCPM-V-2 ~54 GB, Qwen2.5-VL-3B
 # ~60, Qwen3-VL-4B ~71: 62-73 GB peak at 4096 on an H100, bench/RESULTS.md)
 FULL_STATE_BYTES = 16
-# with bitsandbytes' 8-bit AdamW (optim.name=adamw_bnb_8bit): fp32 weight and gradient, two 8-bit moments
-FULL_STATE_BYTES_8BIT = 10
+# by optim.name: bitsandbytes' 8-bit AdamW keeps the fp32 weight and gradient and two 8-bit moments
+STATE_BYTES = {"adamw_torch": FULL_STATE_BYTES, "adamw_bnb_8bit": 10}
 FULL_STATE_SHARE = 0.5
 # LoRA that trains the vision tower keeps the tower's activations without checkpointing on a card of at least
 # TOWER_CARD_GIB where its family declares the budget that bounds them (Capabilities.trained_tower_budget):
@@ -258,7 +258,7 @@ def plan_training(
         parameters,
         shards,
         tower_budget,
-        FULL_STATE_BYTES_8BIT if cfg.optim.get("name") == "adamw_bnb_8bit" else FULL_STATE_BYTES,
+        STATE_BYTES[cfg.optim.get("name", "adamw_torch")],
     )
     packing = resolve_packing(t.packing, device, packs_padding_free, budget)
     packed_only = compiled_shapes == "packed"
@@ -448,8 +448,8 @@ def resolve_micro_batch_tokens(
     """Returns trainer.micro_batch_tokens: as given; auto = `tower_budget` where it is set (tower_budget_on:
     LoRA that trains the vision tower without checkpointing); LARGE_CARD_BUDGET on a CUDA device of at least
     LARGE_CARD_GIB (fewer, larger micro-batches: fewer launches per sample, same loss) for LoRA, and for full
-    fine-tuning where its state (`state_bytes` a parameter of the `parameters`: FULL_STATE_BYTES, or
-    FULL_STATE_BYTES_8BIT with 8-bit AdamW; split over `shards` processes under FSDP/DeepSpeed) takes at most
+    fine-tuning where its state (`state_bytes` a parameter of the `parameters`: STATE_BYTES by optimizer;
+    split over `shards` processes under FSDP/DeepSpeed) takes at most
     FULL_STATE_SHARE of the card; else DEFAULT_BUDGET (a card mostly taken by full fine-tuning's state, an
     unknown parameter count, smaller cards, the CPU)."""
     if value != "auto":

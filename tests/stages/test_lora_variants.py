@@ -17,21 +17,11 @@ from pipeline.stages import sft
 from pipeline.training.checkpoints import CheckpointError
 from pipeline.training.optim import parameter_groups
 from tests.helpers import compose_config, copy_twin, run_stage
+from tests.stages.test_families_pipeline import QUICK as FAMILY_QUICK
 
 MODELS = {"minicpm_v2_tiny": "minicpm_v2", "qwen2_5_vl_tiny": "qwen2_5_vl"}
-QUICK = [
-    "device=cpu",
-    "stages=[sft,merge]",
-    "dataset.max_rows=12",
-    "dataset.test_ratio=0.25",
-    "trainer.max_steps=2",
-    "trainer.batch_size=2",
-    "trainer.eval_steps=2",
-    "trainer.max_eval_samples=2",
-    "merge.verify_samples=1",
-    "optim.lr=1e-2",
-    "optim.warmup_ratio=0",
-]
+# the HF families' quick run (a few steps on a few rows), sft then merge, at a rate that moves the adapters
+QUICK = [*FAMILY_QUICK, "stages=[sft,merge]", "optim.lr=1e-2", "optim.warmup_ratio=0"]
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,25 @@ def decode_data_url(url: str, limits: ImageLimits, budget: PixelBudget | None = 
         raise _refused(exc) from None
 
 
-def local_path(url: str) -> Path:
+def allowed_local_path(url: str, kind: str, limits: ImageLimits) -> Path:
+    """Returns the local file a request's `kind` URL (image, video) names, a path or a file:// URL; raises
+    RequestError for another scheme, and (403) when the server reads no local files
+    (serve.allow_local_files=false)."""
+    param = f"{kind}_url"
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("", "file") and not re.match(r"^[A-Za-z]:[\\/]", url):
+        raise RequestError(
+            f"{param}: unsupported URL scheme {scheme!r}; use a data:{kind}/...;base64, URL or an http(s) URL",
+            param=param,
+        )
+    if not limits.allow_local_files:
+        raise RequestError(
+            f"{param}: {short_url(url)} is a local file, and this server does not read local files "
+            f"(serve.allow_local_files=false); send the {kind} as a data:{kind}/...;base64, URL or an "
+            "http(s) URL",
+            status=403,
+            param=param,
+        )
     if url.startswith("file:"):
         return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     return Path(url)
@@ -198,22 +216,7 @@ def load_request_image(
         return decode_data_url(url, limits, budget)
     if is_url(url):
         return fetch_url_image(url, limits, index, budget)
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme not in ("", "file") and not re.match(r"^[A-Za-z]:[\\/]", url):
-        raise RequestError(
-            f"image_url: unsupported URL scheme {scheme!r}; use a data:image/...;base64, URL or an "
-            "http(s) URL",
-            param="image_url",
-        )
-    if not limits.allow_local_files:
-        raise RequestError(
-            f"image_url: {short_url(url)} is a local file, and this server does not read local files "
-            "(serve.allow_local_files=false); send the image as a data:image/...;base64, URL or an "
-            "http(s) URL",
-            status=403,
-            param="image_url",
-        )
-    path = local_path(url)
+    path = allowed_local_path(url, "image", limits)
     if budget is not None and path.is_file():  # a missing file is load_image's to report
         check_image_header(path, short_url(url), budget)
     try:

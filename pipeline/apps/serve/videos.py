@@ -34,9 +34,9 @@ from pipeline.families.base import Video, VideoInfo
 from .images import (
     ImageLimits,
     RequestImages,
+    allowed_local_path,
     data_url_bytes,
     fetch_request_url,
-    local_path,
     short_url,
     url_refused,
 )
@@ -115,20 +115,7 @@ def load_request_video(url: str, source: VideoSource, budget: PixelBudget, index
     if url.startswith("data:"):
         mime, data = data_url_bytes(url, "video", source.max_bytes, "serve.max_video_bytes")
         return decode_request_video(data, f"the {mime} data URL", source, budget, SUFFIXES.get(mime, ".mp4"))
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme not in ("", "file") and not re.match(r"^[A-Za-z]:[\\/]", url):
-        raise RequestError(
-            f"video_url: unsupported URL scheme {scheme!r}; use a data:video/...;base64, URL or an http(s) URL",
-            param="video_url",
-        )
-    if not source.limits.allow_local_files:
-        raise RequestError(
-            f"video_url: {short_url(url)} is a local file, and this server does not read local files "
-            "(serve.allow_local_files=false); send the video as a data:video/...;base64, URL or an http(s) URL",
-            status=403,
-            param="video_url",
-        )
-    path = local_path(url)
+    path = allowed_local_path(url, "video", source.limits)
     if not path.is_file():
         raise RequestError(f"video_url: {short_url(url)}: video file not found", param="video_url")
     if path.stat().st_size > source.max_bytes:

@@ -43,6 +43,7 @@ from pipeline.families.base import (
     SequenceLogps,
     check_messages,
     shared_halves,
+    unwrapped,
     with_lora_variant,
 )
 from pipeline.families.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES  # the official layout's
@@ -375,11 +376,8 @@ class MiniCPMV2(Family):
     def loss_chunking(self, model: nn.Module) -> str:
         """model.chunked_loss for the model's own loss (MiniCPMV.position_losses): off under FSDP and
         DeepSpeed (chunked_loss.holds_sharded_weights), as for the other families."""
-        core = model
-        while isinstance(getattr(core, "module", None), nn.Module):
-            core = core.module
-        core = core.get_base_model() if isinstance(core, PeftModel) else core
-        return "off" if chunked_loss.holds_sharded_weights(model, core.llm.lm_head) else self.chunked_loss
+        head = unwrapped(model).llm.lm_head
+        return "off" if chunked_loss.holds_sharded_weights(model, head) else self.chunked_loss
 
     def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
         """Each sample's summed log-probability of its supervised tokens (the model sums them by row, or by a
