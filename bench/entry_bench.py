@@ -129,6 +129,19 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
         "full",
     ),
     "full_profile": (["+experiment=full", "trainer.profile_steps=3"], "coco", "full"),
+    # a share of the language model's layers recomputed (the tower's blocks and the first ones): 80 GB holds the
+    # activations of some of its 40 layers beside ~54 GB of state (4096 tokens) or of more (2048)
+    "full_ckpt_half": (["+experiment=full", "model.gradient_checkpointing=0.5"], "coco", "full"),
+    "full_ckpt_half_2k": (
+        ["+experiment=full", "model.gradient_checkpointing=0.5", "trainer.micro_batch_tokens=2048"],
+        "coco",
+        "full",
+    ),
+    "full_8bit_ckpt_quarter": (
+        ["+experiment=full", "optim.name=adamw_bnb_8bit", "model.gradient_checkpointing=0.25"],
+        "coco",
+        "full",
+    ),
     # bitsandbytes' 8-bit AdamW: ~34 GB of state instead of ~54, which auto answers with 16384-token
     # micro-batches; and the same without the recompute in lora=all's 2048-token regime
     "full_8bit": (["+experiment=full", "optim.name=adamw_bnb_8bit"], "coco", "full"),
@@ -198,6 +211,12 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
         settings[f"{family}_qkv_dora"] = (family, ["+experiment=lora_qkv", "lora.use_dora=true"], "coco")
         settings[f"{family}_full_8bit"] = (family, ["+experiment=full", "optim.name=adamw_bnb_8bit"], "coco")
+        # half of the language model's layers recomputed rather than all (model.gradient_checkpointing=0.5)
+        settings[f"{family}_full_ckpt_half"] = (
+            family,
+            ["+experiment=full", "model.gradient_checkpointing=0.5"],
+            "coco",
+        )
         # long answers (~12k supervised tokens a 16-row step): the loss in chunks (auto) against one piece
         # (their rows, ~2,050 tokens with the image's, pass the default dataset.max_length of 2048)
         long = ["+experiment=lora_qkv", "dataset.max_length=4096"]

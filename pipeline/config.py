@@ -48,7 +48,9 @@ class ModelConfig:
     slice_mode: bool = True
     # auto: off for LoRA that leaves the vision tower frozen on a CUDA device with micro-batches of more than
     # 1024 tokens (trainer=default: activations bounded by the budget), on otherwise (lora=all, full
-    # fine-tuning, low_memory, the plain regime, CPU); vision: the vision tower's blocks only
+    # fine-tuning, low_memory, the plain regime, CPU); vision: the vision tower's blocks only; a number
+    # between 0 and 1: the vision tower's blocks and that share of the language model's decoder layers (the
+    # first ones; the others keep their activations and skip the recompute)
     gradient_checkpointing: Any = "auto"
     build_if_missing: bool = False  # build the family's tiny twin when `path` is its cache place and absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
@@ -363,6 +365,7 @@ ON_ERROR_CHOICES = ("raise", "skip")  # dataset.on_error: stop at a bad row, or 
 # model.dtype's names besides auto, and the checkpoints' torch_dtype: torch's own name of each dtype
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
+CHECKPOINTING_CHOICES = ("auto", True, False, "vision")  # model.gradient_checkpointing, or a share in (0, 1)
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # optim.name (transformers' names for them)
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", *DTYPE_NAMES),
@@ -375,7 +378,6 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.name": OPTIMIZERS,
     "optim.fused": ("auto", True, False),
-    "model.gradient_checkpointing": ("auto", True, False, "vision"),
     "model.vision_attention": ("auto", "varlen", "sdpa"),
     "model.fused_kernels": ("auto", "liger", "off"),
     "model.linear_attention": ("auto", "fla", "torch"),
@@ -568,6 +570,15 @@ def _check_choices(tree: dict) -> list[str]:
         if not any(value == a and type(value) is type(a) for a in allowed):
             valid = ", ".join(_show(a) for a in allowed)
             problems.append(f"{key}={_show(value)} is not a valid choice; valid: {valid}")
+    checkpointing = tree["model"]["gradient_checkpointing"]
+    if not (
+        any(checkpointing == a and type(checkpointing) is type(a) for a in CHECKPOINTING_CHOICES)
+        or (isinstance(checkpointing, float) and 0 < checkpointing < 1)
+    ):
+        problems.append(
+            f"model.gradient_checkpointing={_show(checkpointing)} is not valid; valid: auto, true, false, vision "
+            "or a share between 0 and 1 of the language model's layers to checkpoint (e.g. 0.5)"
+        )
     if not DEVICE_PATTERN.match(str(tree["device"])):
         problems.append(f"device={tree['device']} is not valid; valid: auto, cpu, cuda, cuda:N")
     if not DEVICE_PATTERN.match(str(tree["merge"]["device"])):

@@ -68,6 +68,10 @@ VIDEO_TAG = "<video>"  # where a video goes in a user message (ms-swift's tag)
 ROLES = ("system", "user", "assistant")
 
 Message = Mapping[str, str]
+# model.gradient_checkpointing as the training plan resolved it: True (every block), False (none), "vision"
+# (the vision tower's blocks only) or a share in (0, 1): the vision tower's blocks and that share of the
+# language model's decoder layers, the first ones (checkpointed_layers)
+Checkpointing = bool | str | float
 
 
 class FamilyError(ValueError):
@@ -400,6 +404,18 @@ def unwrapped(model: nn.Module) -> nn.Module:
     if isinstance(core, PeftModel):
         core = core.get_base_model()
     return core
+
+
+def checkpointed_layers(checkpointing: Checkpointing, count: int) -> int:
+    """Returns how many of a language model's `count` decoder layers, the first ones, `checkpointing`
+    recomputes in the backward: all for True, none for False and "vision", and for a share in (0, 1) that
+    share of them rounded, at least one and at most all but one. Every kept layer holds its activations
+    until the backward; every checkpointed one only its input, and runs its forward twice."""
+    if isinstance(checkpointing, bool):
+        return count if checkpointing else 0
+    if isinstance(checkpointing, str):
+        return 0
+    return min(max(round(checkpointing * count), 1), count - 1) if count > 1 else count
 
 
 def with_lora_variant(config: LoraConfig, lora: Any) -> LoraConfig:
@@ -811,11 +827,12 @@ class Family(ABC):
 
     @abstractmethod
     def prepare_training(
-        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool | str, base_name: str
+        self, bundle: Bundle, lora: Any, gradient_checkpointing: Checkpointing, base_name: str
     ) -> nn.Module:
         """Returns the model to train: LoRA of the `lora` config node's preset or targets applied (PEFT), or
         every parameter trainable but the frozen groups (lora=none); activation checkpointing switched on
-        when asked (True: every block; "vision": the vision tower's blocks only)."""
+        when asked (True: every block; "vision": the vision tower's blocks only; a share: the vision
+        tower's blocks and the first checkpointed_layers of the language model's decoder layers)."""
 
     @abstractmethod
     def token_counter(

@@ -44,6 +44,7 @@ from .base import (
     VIDEO_TAG,
     Bundle,
     Capabilities,
+    Checkpointing,
     ContextLengthError,
     EncodedSample,
     Family,
@@ -55,6 +56,7 @@ from .base import (
     SequenceLogps,
     Video,
     VideoInfo,
+    checkpointed_layers,
     load_video,
     messages_from_row,
     pad_batch,
@@ -598,7 +600,7 @@ class HFNativeFamily(Family):
         return Bundle(model, processor, base, "adapter")
 
     def prepare_training(
-        self, bundle: Bundle, lora: Any, gradient_checkpointing: bool | str, base_name: str
+        self, bundle: Bundle, lora: Any, gradient_checkpointing: Checkpointing, base_name: str
     ) -> nn.Module:
         model = bundle.model
         if gradient_checkpointing:
@@ -612,6 +614,10 @@ class HFNativeFamily(Family):
                 for module in self.language_model(model).modules():
                     if hasattr(module, "gradient_checkpointing"):
                         module.gradient_checkpointing = False
+            elif not isinstance(gradient_checkpointing, bool):  # a share: the first layers only
+                layers = unwrapped(model).get_submodule(self.decoder_layers)
+                for layer in list(layers)[checkpointed_layers(gradient_checkpointing, len(layers)) :]:
+                    layer.gradient_checkpointing = False
             if lora.name != "none":
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if lora.name == "none":

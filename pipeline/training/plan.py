@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.config import resolve_dtype
+from pipeline.families.base import Checkpointing
 from pipeline.families.packing import static_floor
 
 # ms-swift's default global batch: its gradient_accumulation_steps defaults to ceil(16 / batch / processes)
@@ -150,7 +151,9 @@ class TrainingPlan:
 
     launch: Launch
     weights_dtype: torch.dtype  # the dtype the weights are held in while training
-    gradient_checkpointing: bool | str  # True, False or "vision" (the vision tower's blocks only)
+    # True, False, "vision" (the vision tower's blocks only) or a share in (0, 1): the vision tower's blocks
+    # and that share of the language model's decoder layers (families.base.checkpointed_layers)
+    gradient_checkpointing: Checkpointing
     compile: bool  # the family compiles its layers (trainer.compile)
     cuda_graphs: bool  # compiled layers replayed as CUDA graphs
     lr: float
@@ -489,9 +492,13 @@ def compiles_on(device: torch.device) -> bool:
     )
 
 
-def checkpointing_text(value: bool | str) -> str:
+def checkpointing_text(value: Checkpointing) -> str:
     """Returns how the plan's log line names a resolved model.gradient_checkpointing."""
-    return "vision tower only" if value == "vision" else ("on" if value else "off")
+    if value == "vision":
+        return "vision tower only"
+    if not isinstance(value, bool):
+        return f"the vision tower and {value:g} of the language model's layers (the first ones)"
+    return "on" if value else "off"
 
 
 def resolve_checkpointing(
@@ -502,8 +509,10 @@ def resolve_checkpointing(
     tower_trains: bool = False,
     tower_budget: int = 0,
     tower_only: bool = False,
-) -> bool | str:
-    """Returns whether sft checkpoints activations: true/false as given; "vision" = the vision tower's
+) -> Checkpointing:
+    """Returns whether sft checkpoints activations: true/false as given; a share in (0, 1) as given (the
+    vision tower's blocks and that share of the language model's decoder layers, the first ones: a card with
+    room for some of their activations recomputes fewer of them); "vision" = the vision tower's
     blocks only (their activations grow with the patches, which the language model's token budget does not
     bound; the language model's are bounded, and skipping their recompute saves a forward pass of it);
     auto = off for LoRA that leaves the vision tower frozen (lora=qkv) on a CUDA device with micro-batches
@@ -519,6 +528,8 @@ def resolve_checkpointing(
     default)."""
     if value == "vision":
         return "vision"
+    if isinstance(value, float) and 0 < value < 1:
+        return value
     if value != "auto":
         return bool(value)
     if not (device.type == "cuda" and lora != "none" and micro_batch_tokens > CHECKPOINT_BUDGET):

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipeline.__main__ import describe_error
 from pipeline.config import ConfigError, objective_problems, resolve_device, resolve_dtype, validate
 from pipeline.families import family_from_config
+from pipeline.families.base import checkpointed_layers
 from pipeline.stages import STAGES
 from pipeline.stages import sft as sft_stage
 from pipeline.stages.sft import plan_stage
@@ -315,6 +316,26 @@ def test_compile_and_checkpointing_take_only_auto_true_false(compose):
     for key in ("trainer.compile", "model.gradient_checkpointing", "trainer.packing"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(compose([f"{key}=sometimes"]))
+    # checkpointing also takes a share of the language model's layers, strictly between 0 and 1
+    for share in ("1.5", "0.0", "1", "-0.5"):
+        with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing=.* share between 0 and 1"):
+            validate(compose([f"model.gradient_checkpointing={share}"]))
+
+
+def test_a_share_of_checkpointed_layers_resolves_as_given_and_names_the_first_layers(compose):
+    cuda = torch.device("cuda")
+    full = compose(
+        ["model=minicpm_v2", "trainer=default", "+experiment=full", "model.gradient_checkpointing=0.5"]
+    )
+    validate(full)
+    resolved = plan_of(full, cuda)
+    assert resolved.gradient_checkpointing == 0.5
+    assert "the vision tower and 0.5 of the language model's layers" in resolved.describe()
+    assert resolve_checkpointing(0.25, torch.device("cpu"), "qkv", 0) == 0.25
+    # how many layers a share checkpoints: the first ones, rounded, never none nor all of them
+    assert [checkpointed_layers(0.5, n) for n in (40, 36, 3, 2, 1)] == [20, 18, 2, 1, 1]
+    assert [checkpointed_layers(0.01, 40), checkpointed_layers(0.99, 40)] == [1, 39]
+    assert [checkpointed_layers(c, 40) for c in (True, False, "vision")] == [40, 0, 0]
 
 
 def test_embedded_default_is_the_tiny_twin_on_cpu_settings(compose, monkeypatch):

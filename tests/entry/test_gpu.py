@@ -193,6 +193,29 @@ def test_vision_only_checkpointing_compiled_follows_every_block_checkpointed(
         assert tower[step] == pytest.approx(every[step], rel=3e-2, abs=2e-2), (step, every, tower)
 
 
+def test_a_share_of_checkpointed_layers_compiled_follows_every_block_checkpointed(pretrained_twin, tmp_path):
+    """Full fine-tuning with model.gradient_checkpointing=0.5, compiled with CUDA graphs (the first half of
+    the language model's layers replayed under their checkpoint, the rest as they are) follows the eager run
+    that checkpoints every block within bf16 rounding, on MiniCPM-V-2 and on Qwen2.5-VL's packed layers."""
+    every = launch_default(pretrained_twin, "full", tmp_path / "every", 4096, "trainer.compile=false",
+                           "model.gradient_checkpointing=true")  # fmt: skip
+    half = launch_default(pretrained_twin, "full", tmp_path / "half", 4096, "trainer.compile=true",
+                          "model.gradient_checkpointing=0.5")  # fmt: skip
+    qwen_every, _ = _train_family_twin(tmp_path / "qwen-every", "qwen2_5_vl", "full",
+                                       "trainer.compile=false", "model.gradient_checkpointing=true")  # fmt: skip
+    qwen_half, log = _train_family_twin(tmp_path / "qwen-half", "qwen2_5_vl", "full",
+                                        "model.gradient_checkpointing=0.5")  # fmt: skip
+    assert "0.5 of the language model's layers" in log
+    for reference, shared in ((every, half), (qwen_every, qwen_half)):
+        assert sorted(reference) == sorted(shared) == [1, 2, 3, 4]
+        for step in reference:
+            assert shared[step] == pytest.approx(reference[step], rel=3e-2, abs=2e-2), (
+                step,
+                reference,
+                shared,
+            )
+
+
 def test_lora_all_on_a_large_card_trains_without_recompute_as_every_block_checkpointed_does(
     pretrained_twin, tmp_path
 ):

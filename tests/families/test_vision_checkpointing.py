@@ -1,6 +1,7 @@
-"""model.gradient_checkpointing=vision on the tiny twins (CPU, fp32): the vision tower's blocks are recomputed in
-the backward and the language model's layers are not, and the loss and every gradient under lora=all equal
-those of the run without checkpointing and of the run that checkpoints every block."""
+"""model.gradient_checkpointing=vision and a share of the layers on the tiny twins (CPU, fp32): the vision
+tower's blocks are recomputed in the backward and the language model's layers are not (vision), or only its
+first ones are (a share), and the loss and every gradient under lora=all equal those of the run without
+checkpointing and of the run that checkpoints every block."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ WATCHED = {
 }
 
 
+# the language model's decoder layers under each family's unwrapped model
+LAYERS = {
+    "minicpm_v2": "llm.model.layers",
+    "qwen2_5_vl": "model.language_model.layers",
+    "minicpm_v4_6": "model.language_model.layers",
+}
+
+
 @pytest.fixture(scope="module")
 def demo_rows(tmp_path_factory) -> list:
     folder = ensure_demo(tmp_path_factory.mktemp("demo") / "demo", n=8)
@@ -36,8 +45,9 @@ def demo_rows(tmp_path_factory) -> list:
     return [row for row in rows if row.images][:3]
 
 
-def run_step(family, folder, rows, checkpointing) -> tuple[torch.Tensor, dict, Counter]:
-    """One lora=all training step's summed loss, its gradients and how often the watched norms ran."""
+def run_step(family, folder, rows, checkpointing, watch=None) -> tuple[torch.Tensor, dict, Counter]:
+    """One lora=all training step's summed loss, its gradients and how often the watched norms ran (`watch`:
+    part -> module path; the family's WATCHED as llm and vision by default)."""
     bundle = family.load_bundle(folder)
     torch.manual_seed(0)
     model = family.prepare_training(bundle, LORA_ALL, checkpointing, str(bundle.base_path)).train()
@@ -47,7 +57,8 @@ def run_step(family, folder, rows, checkpointing) -> tuple[torch.Tensor, dict, C
                 param.normal_(std=0.05)
     calls: Counter = Counter()
     core = bundle.model
-    for part, path in zip(("llm", "vision"), WATCHED[family.name], strict=True):
+    watch = watch or dict(zip(("llm", "vision"), WATCHED[family.name], strict=True))
+    for part, path in watch.items():
         core.get_submodule(path).register_forward_pre_hook(lambda *_, part=part: calls.update([part]))
     samples = family.dataset(bundle, rows, 4096, "delete", ImageFiles())
     batch = family.training_collate(bundle)([samples[i] for i in range(len(rows))])
@@ -77,10 +88,34 @@ def test_vision_checkpointing_recomputes_the_tower_only_and_keeps_loss_and_gradi
     ]
     assert vision_grads and len(plain) > len(vision_grads)
     for loss, grads in ((every_loss, every), (vision_loss, vision)):
-        torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
-        assert grads.keys() == plain.keys()
-        for n in plain:
-            scale = float(plain[n].abs().max()) + 1e-8
-            torch.testing.assert_close(
-                grads[n], plain[n], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=n: f"{n}: {m}"
-            )
+        assert_same(loss, grads, plain_loss, plain)
+
+
+def assert_same(loss, grads, plain_loss, plain) -> None:
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == plain.keys()
+    for n in plain:
+        scale = float(plain[n].abs().max()) + 1e-8
+        torch.testing.assert_close(
+            grads[n], plain[n], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=n: f"{n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(WATCHED))
+def test_a_share_recomputes_the_tower_and_the_first_layers_only_and_keeps_loss_and_gradients(
+    family_twin, demo_rows, name
+):
+    family = get_family(name)
+    folder = family_twin(name)
+    count = len(family.load_bundle(folder).model.get_submodule(LAYERS[name]))
+    assert count >= 2
+    first, last = (f"{LAYERS[name]}.{i}.input_layernorm" for i in (0, count - 1))
+    watch = {"first": first, "last": last, "vision": WATCHED[name][1]}
+    plain_loss, plain, plain_calls = run_step(family, folder, demo_rows, False, watch)
+    share_loss, share, share_calls = run_step(family, folder, demo_rows, 0.5, watch)
+
+    assert plain_calls == Counter(first=1, last=1, vision=1)
+    # the first layer is checkpointed (its forward runs again in the backward), the last keeps its activations
+    assert share_calls == Counter(first=2, last=1, vision=2)
+    assert any("lora_" in n and any(k in n for k in ("vpm.", "visual.", "vision_tower.")) for n in plain)
+    assert_same(share_loss, share, plain_loss, plain)

@@ -189,6 +189,24 @@ def test_full_finetuning_lowers_eval_loss_markedly(twin, tmp_path):
     assert losses[30] < 0.95 * losses[0], losses
 
 
+def test_full_finetuning_with_a_share_of_checkpointed_layers_trains_as_without(twin, tmp_path, caplog):
+    """model.gradient_checkpointing=0.5 through the entry: the same losses as without checkpointing (the
+    recompute changes where activations come from, not their values), and the plan says what it checkpoints."""
+    from pipeline.__main__ import run_pipeline
+
+    steps = ("trainer.max_steps=3", "trainer.logging_steps=1", "trainer.batch_size=2", "stages=[sft]")
+    losses = {}
+    for share in ("0.5", "false"):
+        run_dir = tmp_path / share
+        cfg = make_cfg(twin, "+experiment=full", *steps, f"model.gradient_checkpointing={share}")
+        with caplog.at_level("INFO"):
+            run_pipeline(cfg, run_dir)
+        losses[share] = losses_by_step(run_dir / "sft")
+    assert len(losses["false"]) == 3
+    assert losses["0.5"] == pytest.approx(losses["false"], rel=1e-5)
+    assert "the vision tower and 0.5 of the language model's layers (the first ones)" in caplog.text
+
+
 @pytest.mark.parametrize("preset", ["lora_qkv", "lora_all"])
 def test_lora_lowers_eval_loss_measurably(twin, tmp_path, preset):
     run_stage(sft, make_cfg(twin, f"+experiment={preset}", *LEARN, "optim.lr=3e-3"), tmp_path)

@@ -33,6 +33,7 @@ from pipeline.families.base import (
     BatchDecoder,
     Bundle,
     Capabilities,
+    Checkpointing,
     EncodedSample,
     Family,
     FamilyError,
@@ -42,6 +43,7 @@ from pipeline.families.base import (
     RowLike,
     SequenceLogps,
     check_messages,
+    checkpointed_layers,
     shared_halves,
     unwrapped,
     with_lora_variant,
@@ -283,13 +285,14 @@ class MiniCPMV2(Family):
         )
 
     def prepare_training(
-        self, bundle: ModelBundle, lora: Any, gradient_checkpointing: bool | str, base_name: str
+        self, bundle: ModelBundle, lora: Any, gradient_checkpointing: Checkpointing, base_name: str
     ) -> nn.Module:
         core = bundle.model
         if gradient_checkpointing == "vision":
             core.vision_checkpointing_enable()
         elif gradient_checkpointing:
-            core.gradient_checkpointing_enable()
+            count = len(core.llm.model.layers)
+            core.gradient_checkpointing_enable(llm_layers=checkpointed_layers(gradient_checkpointing, count))
         if lora.name == "none":
             set_full_finetune(core, lora.freeze_vision, lora.freeze_resampler, lora.freeze_llm)
             return core

@@ -134,6 +134,9 @@ class MiniCPMModel(nn.Module):
         self.layers = nn.ModuleList(MiniCPMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MiniCPMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # with gradient_checkpointing, how many decoder layers (the first ones) are checkpointed: the rest
+        # keep their activations for the backward (model.gradient_checkpointing as a share)
+        self.checkpointed_layers = config.num_hidden_layers
         # Set by compile_layers(): compiled layers, and compiled "checkpointed layer" functions so that the
         # recomputation lives inside the compiled graph. Plain lists: the wrappers share the layers'
         # parameters and must not add state_dict keys.
@@ -174,7 +177,7 @@ class MiniCPMModel(nn.Module):
         training_step = self.training and torch.is_grad_enabled() and cache is None
         compiled = training_step and self.compiled_layers is not None
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and training_step:
+            if self.gradient_checkpointing and training_step and i < self.checkpointed_layers:
                 if compiled:
                     x = self.compiled_checkpointed[i](x, cos, sin, attn_mask)
                 else:

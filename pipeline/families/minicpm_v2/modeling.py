@@ -98,8 +98,14 @@ class MiniCPMV(PreTrainedModel):
         return self.llm.lm_head
 
     # ----- gradient checkpointing in the LLM and the vision tower
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, llm_layers: int | None = None
+    ) -> None:
+        """Checkpoints the vision tower's blocks and the first `llm_layers` of the LLM's decoder layers (None:
+        all of them)."""
         self.llm.model.gradient_checkpointing = True
+        layers = len(self.llm.model.layers)
+        self.llm.model.checkpointed_layers = layers if llm_layers is None else min(llm_layers, layers)
         self.vpm.set_grad_checkpointing(True)
 
     def vision_checkpointing_enable(self) -> None:
