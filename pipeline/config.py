@@ -304,7 +304,8 @@ class ServeConfig:
     # byte: 0.37 GB), its images decoded (3 bytes a pixel: 0.1 GB) and as the family's tensors (Qwen's
     # processor: 24 bytes a pixel it keeps, at most 12.8 Mpx an image: 0.6 GB).
     # The body cap is flat, not images x max_image_bytes: 32 MiB holds two images at the byte cap, or 16
-    # photos of 1.5 MB, as base64.
+    # photos of 1.5 MB, as base64; a video sent inline as a data URL is held to it too (about 24 MB of video:
+    # raise it for larger ones, or send them as http(s) URLs, which max_video_bytes bounds).
     max_body_bytes: int = 32 * 1024 * 1024
     max_queue: int = 64  # requests waiting beside those generated together; one more gets 429 + Retry-After
     max_image_pixels: int = 24_000_000  # an image's width x height, from its header (a 6000x4000 photo fits)
