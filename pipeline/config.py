@@ -50,7 +50,9 @@ class ModelConfig:
     # 1024 tokens (trainer=default: activations bounded by the budget), on otherwise (lora=all, full
     # fine-tuning, low_memory, the plain regime, CPU); vision: the vision tower's blocks only; a number
     # between 0 and 1: the vision tower's blocks and that share of the language model's decoder layers (the
-    # first ones; the others keep their activations and skip the recompute)
+    # first ones; the others keep their activations and skip the recompute: MiniCPM-V-2 full fine-tuning at
+    # 0.5 ran 1.03x every block's speed for 7.5 GB more on an H100, Qwen2.5-VL-3B's no faster, so auto does
+    # not choose it; bench/RESULTS.md "Seventeenth GPU calls")
     gradient_checkpointing: Any = "auto"
     build_if_missing: bool = False  # build the family's tiny twin when `path` is its cache place and absent
     trust_hub: bool = False  # allow downloading `path` from the hub when it is not a local folder
