@@ -184,12 +184,7 @@ def load_image(
             # what the server sent is no image (an error page?): fetch it again next time, not this copy
             path.unlink(missing_ok=True)
             raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
-    path = Path(ref).expanduser()
-    if not path.is_file():
-        raise ImageLoadError(f"{ref}: {_not_a_file(path)}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
+    path = _local_file(ref, max_bytes)
     return decode_image(path, name=ref, max_pixels=max_pixels, limit_key=_limit_key(max_pixels))
 
 
@@ -214,13 +209,21 @@ def read_image_header(
         except ImageLoadError as exc:
             path.unlink(missing_ok=True)  # no image (an error page?): fetched again next time
             raise ImageLoadError(f"{exc} (downloaded; the copy was dropped from the cache)") from exc
+    return checked_image_size(
+        _local_file(ref, max_bytes), name=ref, max_pixels=max_pixels, limit_key=limit_key
+    )
+
+
+def _local_file(ref: str, max_bytes: int) -> Path:
+    """Returns the local image file `ref` names; raises ImageLoadError naming it where it is no file or holds
+    more than `max_bytes`."""
     path = Path(ref).expanduser()
     if not path.is_file():
         raise ImageLoadError(f"{ref}: {_not_a_file(path)}")
     size = path.stat().st_size
     if size > max_bytes:
         raise ImageLoadError(f"{ref}: file is {size} bytes, over the {max_bytes}-byte limit")
-    return checked_image_size(path, name=ref, max_pixels=max_pixels, limit_key=limit_key)
+    return path
 
 
 def embedded_bytes(ref: str, max_bytes: int = MAX_BYTES) -> bytes:
