@@ -44,7 +44,8 @@ def ds_launch(config: Path, cwd: Path, *overrides: str, stage: str = "sft"):
         return run_python(cmd, cwd, timeout=420)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-2 runs the same path with unsharded weights: it stays in `make test-all` (the fast suite keeps ZeRO-3)
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_with_text_only_and_image_rows_trains_like_one_process(briefly_pretrained_twin, tmp_path, stage):
     # lora=all trains the vision tower too; under ZeRO-3 its weights are partitioned, so a rank whose batch
     # has no image must still gather them with the others. Two micro-batches per step: the loop's window.
@@ -71,7 +72,15 @@ def test_zero_with_text_only_and_image_rows_trains_like_one_process(briefly_pret
         assert norms(multi)[step] == pytest.approx(norm, rel=1e-3), step
 
 
-@pytest.mark.parametrize(("stage", "experiment"), [(2, "full"), (3, "full"), (3, "lora_all")])
+# the fast suite keeps ZeRO-3's whole-weight gather of full fine-tuning; the others run in `make test-all`
+@pytest.mark.parametrize(
+    ("stage", "experiment"),
+    [
+        pytest.param(2, "full", marks=pytest.mark.slow),
+        (3, "full"),
+        pytest.param(3, "lora_all", marks=pytest.mark.slow),
+    ],
+)
 def test_zero_resumes_exactly_with_whole_weights(briefly_pretrained_twin, tmp_path, stage, experiment):
     config = cpu_config(stage, tmp_path)
     common = [f"+experiment={experiment}", f"model.path={briefly_pretrained_twin}", "dataset.max_rows=48", *EXACT, "trainer.max_steps=4",
@@ -105,7 +114,7 @@ def test_zero_resumes_exactly_with_whole_weights(briefly_pretrained_twin, tmp_pa
         assert (final_b[name] - tensor).abs().max() <= 1e-5 * (1 + tensor.abs().max()), name
 
 
-@pytest.mark.parametrize("lora", ["qkv", "none"])
+@pytest.mark.parametrize("lora", ["qkv", pytest.param("none", marks=pytest.mark.slow)])
 def test_zero3_dpo_trains_like_one_process(briefly_pretrained_twin, tmp_path, lora):
     # ZeRO-3 partitions the weights: the reference pass (the adapter disabled, or the table of log-probs
     # computed before training for full fine-tuning) gathers them on every process like the policy's
