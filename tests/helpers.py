@@ -9,7 +9,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -342,3 +343,23 @@ def loss_and_grads(family, model, batch) -> tuple[torch.Tensor, dict[str, torch.
     (sums.loss_sum / sums.num_tokens).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return sums.loss_sum.detach(), grads
+
+
+@contextmanager
+def step_fails_at(monkeypatch, step: int, message: str) -> Iterator[None]:
+    """Within it, the training loop's micro-step after optimizer step `step` raises RuntimeError(message) (a
+    crash mid-run); the real step is back after it."""
+    from pipeline.training import loop
+
+    real = loop.Trainer._step
+
+    def failing(self, micro):
+        if self.state.global_step == step:
+            raise RuntimeError(message)
+        return real(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "_step", failing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loop.Trainer, "_step", real)

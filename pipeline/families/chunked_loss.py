@@ -5,9 +5,9 @@ head; MiniCPM-V-2's model selects them itself, and its position_losses calls sco
 supervises some 20 positions; a row with a long answer supervises hundreds or thousands, and then their fp32
 logits dominate the step's memory: 16,384 supervised positions of a 151,936-word vocabulary (the Qwen VLs) are
 10 GB, of MiniCPM-V 4.6's 248,320 words 16 GB, and cross-entropy keeps the log-softmax and its gradient beside
-them. Where a micro-batch's supervised logits would exceed
-LOGITS_BYTES, the head's forward computes the token losses itself, CHUNK_BYTES of logits at a time, each chunk
-recomputed during the backward (non-reentrant checkpoint), so at most one chunk's logits exist at any time.
+them. Where a micro-batch's supervised logits would exceed LOGITS_BYTES, the head's forward computes the token
+losses itself, CHUNK_BYTES of logits at a time, each chunk recomputed during the backward (non-reentrant
+checkpoint), so at most one chunk's logits exist at any time.
 The sums, the correct predictions and every gradient equal the one-piece computation's
 (tests/families/test_chunked_loss.py).
 

@@ -615,7 +615,7 @@ class HFNativeFamily(Family):
                     if hasattr(module, "gradient_checkpointing"):
                         module.gradient_checkpointing = False
             elif not isinstance(gradient_checkpointing, bool):  # a share: the first layers only
-                layers = unwrapped(model).get_submodule(self.decoder_layers)
+                layers = bundle.core.get_submodule(self.decoder_layers)
                 for layer in list(layers)[checkpointed_layers(gradient_checkpointing, len(layers)) :]:
                     layer.gradient_checkpointing = False
             if lora.name != "none":

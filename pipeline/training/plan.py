@@ -59,6 +59,7 @@ LARGE_CARD_GIB = 60
 FULL_STATE_BYTES = 16
 # by optim.name: bitsandbytes' 8-bit AdamW keeps the fp32 weight and gradient and two 8-bit moments
 STATE_BYTES = {"adamw_torch": FULL_STATE_BYTES, "adamw_bnb_8bit": 10}
+OPTIMIZER_LABELS = {"adamw_torch": "AdamW", "adamw_bnb_8bit": "AdamW 8-bit (bitsandbytes)"}  # the plan's log
 FULL_STATE_SHARE = 0.5
 # LoRA that trains the vision tower keeps the tower's activations without checkpointing on a card of at least
 # TOWER_CARD_GIB where its family declares the budget that bounds them (Capabilities.trained_tower_budget):
@@ -203,8 +204,7 @@ class TrainingPlan:
             f"compile: {on(self.compile)}{' (vision blocks too)' if self.compile_vision else ''}; "
             f"CUDA graphs: {on(self.cuda_graphs)}; "
             f"gradient checkpointing: {checkpointing_text(self.gradient_checkpointing)}",
-            f"optimizer: {'AdamW 8-bit (bitsandbytes)' if self.optimizer == 'adamw_bnb_8bit' else 'AdamW'}, "
-            f"lr {self.lr:g}"
+            f"optimizer: {OPTIMIZER_LABELS[self.optimizer]}, lr {self.lr:g}"
             + "".join(f"; {part} lr {lr:g}" for part, lr in self.part_lrs)
             + (f"; NEFTune noise alpha {loop.neftune_alpha:g}" if loop.neftune_alpha else ""),
             f"optimizer step: {self.rows_per_step} rows (batch {loop.batch_size} x grad_accum "
@@ -254,6 +254,7 @@ def plan_training(
         trained_tower_max_parameters,
         parameters,
     )
+    optimizer = str(cfg.optim.get("name", "adamw_torch"))
     budget = resolve_micro_batch_tokens(
         t.micro_batch_tokens,
         device,
@@ -261,7 +262,7 @@ def plan_training(
         parameters,
         shards,
         tower_budget,
-        STATE_BYTES[cfg.optim.get("name", "adamw_torch")],
+        STATE_BYTES[optimizer],
     )
     packing = resolve_packing(t.packing, device, packs_padding_free, budget)
     packed_only = compiled_shapes == "packed"
@@ -331,7 +332,7 @@ def plan_training(
         lr=resolve_lr(cfg),
         part_lrs=resolve_part_lrs(cfg),
         loop=loop,
-        optimizer=str(cfg.optim.get("name", "adamw_torch")),
+        optimizer=optimizer,
     )
 
 

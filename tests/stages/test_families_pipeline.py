@@ -18,7 +18,15 @@ from pipeline.apps.chat import Chat
 from pipeline.apps.chat_cli import main as chat_main
 from pipeline.config import ConfigError, validate
 from pipeline.families import get_family, image_limit
-from tests.helpers import compose_config, copy_twin, log_records, read_rows, run_stage, write_rows
+from tests.helpers import (
+    compose_config,
+    copy_twin,
+    log_records,
+    read_rows,
+    run_stage,
+    step_fails_at,
+    write_rows,
+)
 
 # A few steps on a few rows: enough to pass through every stage, not to learn.
 QUICK = [
@@ -153,7 +161,6 @@ def test_full_finetuning_writes_the_native_layout(twin_root, tmp_path):
 
 def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_path, monkeypatch):
     from pipeline.stages import sft
-    from pipeline.training import loop
 
     model = "qwen2_5_vl_tiny"
     cfg = compose_config(
@@ -161,17 +168,8 @@ def test_an_interrupted_full_run_resumes_with_the_same_losses(twin_root, tmp_pat
         + ["trainer.max_steps=4", "trainer.save_steps=2", "trainer.logging_steps=1"]
     )
     run_stage(sft, cfg, tmp_path / "whole")
-    real = loop.Trainer._step
-
-    def crash_after_step_2(self, micro):
-        if self.state.global_step == 2:
-            raise RuntimeError("power cut")
-        return real(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "_step", crash_after_step_2)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with step_fails_at(monkeypatch, 2, "power cut"), pytest.raises(RuntimeError, match="power cut"):
         run_stage(sft, cfg, tmp_path / "cut")
-    monkeypatch.setattr(loop.Trainer, "_step", real)
     out = run_stage(sft, cfg, tmp_path / "cut")  # trainer.resume=auto
     assert out["sft"]["resumed_from"].endswith("checkpoint-2")
     whole, resumed = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "cut")

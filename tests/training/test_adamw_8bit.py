@@ -11,10 +11,9 @@ import torch
 
 from pipeline.config import ConfigError, validate
 from pipeline.stages import sft
-from pipeline.training import loop
 from pipeline.training.plan import Launch, plan_training
 from tests.entry.test_config import fake_card
-from tests.helpers import compose_config, losses_by_step, run_stage, twin_config
+from tests.helpers import compose_config, losses_by_step, run_stage, step_fails_at, twin_config
 
 FULL = (
     "device=cpu",
@@ -38,7 +37,7 @@ def test_8bit_adamw_trains_full_finetuning_and_resumes_exactly(family_twin, tmp_
 
     twin = family_twin("minicpm_v2")
     optimizers = []
-    real_build, real_step = sft.build_optimizer, loop.Trainer._step
+    real_build = sft.build_optimizer
 
     def recording(*args, **kwargs):
         optimizers.append(real_build(*args, **kwargs))
@@ -53,15 +52,8 @@ def test_8bit_adamw_trains_full_finetuning_and_resumes_exactly(family_twin, tmp_
     whole = losses_by_step(tmp_path / "whole" / "sft")
     assert sorted(whole) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(x) for x in whole.values())
 
-    def killed_at_step_5(self, micro):
-        if self.state.global_step == 4:
-            raise RuntimeError("killed")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "_step", killed_at_step_5)
-    with pytest.raises(RuntimeError, match="killed"):
+    with step_fails_at(monkeypatch, 4, "killed"), pytest.raises(RuntimeError, match="killed"):
         run_stage(sft, twin_config(twin, *FULL), tmp_path / "run")
-    monkeypatch.setattr(loop.Trainer, "_step", real_step)
     run_stage(sft, twin_config(twin, *FULL), tmp_path / "run")
     assert losses_by_step(tmp_path / "run" / "sft") == pytest.approx(whole, rel=1e-6)
 
