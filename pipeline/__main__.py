@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -60,11 +60,13 @@ from pipeline.runinfo import (
 )
 from pipeline.stage_names import TRAINING_STAGES
 from pipeline.stages import StageFn, get_stage
-from pipeline.stages.state import RunState
 from pipeline.sweep import record_job, sweep_group_name
 from pipeline.utils.lock import LOCK_FILE, FolderBusy, folder_lock
 from pipeline.utils.secrets import redact_config
 from pipeline.utils.tracking import build_tracker
+
+if TYPE_CHECKING:
+    from pipeline.stages.state import RunState
 
 log = logging.getLogger("pipeline")
 # Absolute, so the entry also works when imported (a console script, tests) and not only via `python -m`.
@@ -192,6 +194,8 @@ def _run_on_other_process(cfg: DictConfig, run_dir: Path, stages: list[tuple[str
 
     Rank 0 writes run.json, config.yaml and the logs, and runs the single-process stages (eval, merge, infer).
     """
+    from pipeline.stages.state import RunState  # the model's code: only once a run gets this far
+
     seed_everything(int(cfg.seed))
     state = RunState.resolve(cfg)
     for name, stage in stages:
@@ -241,6 +245,8 @@ def _run_in_folder(
         log.info("run folder %s, device %s, stages %s", run_dir, device, list(cfg.stages))
         if earlier is not None:
             log.info("model and dataset settings taken from the earlier run %s", earlier)
+        from pipeline.stages.state import RunState  # the model's code: only once a run gets this far
+
         seed_everything(int(cfg.seed))
         state = RunState.resolve(cfg)
         # One tracking run for the whole pipeline: sft's curves and eval's metrics land together.

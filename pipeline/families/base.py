@@ -34,21 +34,24 @@ any tag go at the start of the first user message, as ms-swift places them.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from pipeline.families import LORA_PRESETS
 from pipeline.families.generation_settings import DECODE_MODES, GenerationSettings
+
+if TYPE_CHECKING:  # peft loads when a model is wrapped or an adapter read, not for the config check
+    from peft import LoraConfig, PeftModel
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (padding, prompts, images)
 IMAGE_TAG = "<image>"  # where an image goes in a user message
@@ -183,7 +186,7 @@ class Bundle:
     def core(self) -> nn.Module:
         """Returns the model under any PEFT wrapper."""
         model = self.model
-        return model.get_base_model() if isinstance(model, PeftModel) else model
+        return model.get_base_model() if is_peft_model(model) else model
 
 
 class RowLike(Protocol):
@@ -401,9 +404,15 @@ def unwrapped(model: nn.Module) -> nn.Module:
     core = model
     while hasattr(core, "module") and isinstance(core.module, nn.Module):
         core = core.module
-    if isinstance(core, PeftModel):
+    if is_peft_model(core):
         core = core.get_base_model()
     return core
+
+
+def is_peft_model(model: object) -> bool:
+    """Whether `model` is wrapped by PEFT (before peft is imported no model can be: it is not loaded to ask)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def checkpointed_layers(checkpointing: Checkpointing, count: int) -> int:
@@ -750,6 +759,8 @@ class Family(ABC):
             hits = self.lora_target_names(model, preset)
         else:
             raise FamilyError(f"{self.name}: lora preset must be one of {list(LORA_PRESETS)}, got {preset!r}")
+        from peft import LoraConfig
+
         config = LoraConfig(
             r=r,
             lora_alpha=alpha,
@@ -763,11 +774,15 @@ class Family(ABC):
 
     def apply_lora(self, model: nn.Module, config: LoraConfig) -> PeftModel:
         """Returns the PEFT-wrapped model; only the LoRA weights require grad."""
+        from peft import get_peft_model
+
         return get_peft_model(model, config)
 
     def load_adapter(self, model: nn.Module, folder: str | Path, trainable: bool = False) -> PeftModel:
         """Returns the base model with the LoRA adapter of a PEFT folder (what `save_pretrained` of the
         wrapped model wrote) applied; an adapter of another base model is refused naming both."""
+        from peft import PeftModel
+
         try:
             return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
         except RuntimeError as err:  # size mismatch
@@ -776,7 +791,7 @@ class Family(ABC):
     def parameter_parts(self, model: nn.Module) -> dict[int, str | None]:
         """Returns id(parameter) -> its part (vision, projector or llm; None outside them) of the model as it
         trains, LoRA-wrapped or not (optim.vit_lr / optim.aligner_lr)."""
-        core = model.get_base_model() if isinstance(model, PeftModel) else model
+        core = model.get_base_model() if is_peft_model(model) else model
         groups = self.freeze_groups()
         return {id(param): groups.of(name) for name, param in core.named_parameters()}
 

@@ -1,7 +1,7 @@
 """The run state: what the stages of one run share, resolved once by the entry point, read by every stage.
 
-    state = RunState.resolve(cfg)            # the base model's folder (a tiny twin is built here when
-                                             # asked) and the checkpoint given by `ckpt`
+    state = RunState.resolve(cfg)            # the checkpoint given by `ckpt`; the base model's folder on
+    state.model_path                         # first use (a tiny twin is built there when asked)
     state.update(get_stage("sft")(cfg, run_dir, state))   # each stage returns what it adds
     state.weights_for("infer", cfg)          # the one rule for which weights a stage reads
 
@@ -21,10 +21,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.config import BASE_CKPT
-from pipeline.families import family_from_config
 from pipeline.runinfo import resolve_ckpt
 from pipeline.stage_names import TRAINING_STAGES
-from pipeline.training.twin import twin_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ READS_MERGED = ("infer", "serve")
 class RunState:
     """What the stages of one run share (see the module docstring for the rule of the weights)."""
 
-    model_path: str  # the base model: a local folder (a twin built when asked) or a hub id
+    model: DictConfig  # the run's model section: the base model's folder is resolved from it (model_path)
     ckpt: Path | None = None  # sft's (dpo's) checkpoint, else the `ckpt` key resolved; None = the base model
     ckpt_set: bool = False  # whether `ckpt` was given or training ran (else: the base model, nothing asked)
     merged: Path | None = None  # this run's merged folder
@@ -44,19 +42,32 @@ class RunState:
     sft: dict[str, Any] | None = None  # the training stage's summary (sft or dpo)
     tracker: Any = None  # the run-wide tracker (pipeline.utils.tracking), when the entry point opened one
     outputs: dict[str, Any] = field(default_factory=dict)  # what else a stage returned, by key
+    _model_path: str | None = field(default=None, repr=False)
 
     @classmethod
     def resolve(cls, cfg: DictConfig) -> RunState:
-        """Returns the state the first stage starts from: the base model's folder (the family's tiny twin
-        built there first when model.build_if_missing and it is missing) and, when sft does not run, the
-        checkpoint the `ckpt` key names (for dpo: the weights it starts from)."""
-        family = family_from_config(cfg.model)
-        model_path = str(twin_folder(family, str(cfg.model.path), bool(cfg.model.build_if_missing)))
-        state = cls(model_path=model_path)
+        """Returns the state the first stage starts from: when sft does not run, the checkpoint the `ckpt`
+        key names (for dpo: the weights it starts from); the base model's folder comes on first use."""
+        state = cls(model=cfg.model)
         if "sft" not in cfg.stages and cfg.ckpt is not None:
             state.ckpt_set = True
             state.ckpt = None if cfg.ckpt == BASE_CKPT else resolve_ckpt(cfg.ckpt)
         return state
+
+    @property
+    def model_path(self) -> str:
+        """The base model: a local folder (the family's tiny twin built there first when
+        model.build_if_missing and it is missing) or a hub id. Resolved when a stage first reads it, so a
+        run reaches its first stage without loading the model's code."""
+        if self._model_path is None:
+            from pipeline.families import family_from_config
+            from pipeline.training.twin import twin_folder
+
+            family = family_from_config(self.model)
+            self._model_path = str(
+                twin_folder(family, str(self.model.path), bool(self.model.build_if_missing))
+            )
+        return self._model_path
 
     def update(self, result: dict[str, Any] | None) -> None:
         """Takes in what a stage returned: its checkpoint, merged folder, summary and metrics (merged key by

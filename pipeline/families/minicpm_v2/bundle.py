@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 
+from pipeline.families.base import is_peft_model
 from pipeline.families.checkpoints import CheckpointError, adapter_base, check_adapter_folder, checkpoint_kind
 
 from .checkpoint import load_model, resolve_model_path
 from .modeling import MiniCPMV
 from .processor import MiniCPMVImageProcessor
 from .tokenizer import MiniCPMVTokenizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ class ModelBundle:
     def core(self) -> MiniCPMV:
         """Returns the MiniCPMV module under any PEFT wrapper."""
         model = self.model
-        return model.get_base_model() if isinstance(model, PeftModel) else model
+        return model.get_base_model() if is_peft_model(model) else model
 
 
 def base_model_path(model_path: str, allow_download: bool) -> Path:
@@ -64,6 +68,8 @@ def load_bundle(
             base = source = adapter_base(ckpt, base)
     model = load_model(source, dtype=dtype, device=device)
     if kind == "adapter":
+        from peft import PeftModel
+
         try:
             model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=trainable_adapter)
         except RuntimeError as err:  # size mismatch: an adapter of another base model

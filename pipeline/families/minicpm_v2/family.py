@@ -18,10 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel
 from PIL import Image
 from torch import nn
 
@@ -44,6 +43,7 @@ from pipeline.families.base import (
     SequenceLogps,
     check_messages,
     checkpointed_layers,
+    is_peft_model,
     shared_halves,
     unwrapped,
     with_lora_variant,
@@ -62,6 +62,9 @@ from .prompting import batch_to_device, encode_prompt, prompt_limit, response_id
 from .serving import MiniCPMV2StepDecoder, stream_tokens
 from .tiny import build_tiny_twin
 from .tokenizer import MiniCPMVTokenizer
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 
 @dataclass
@@ -192,7 +195,7 @@ class MiniCPMV2(Family):
         max_new_tokens: int = 64,
         **settings: Any,
     ) -> list[str]:
-        core = model.get_base_model() if isinstance(model, PeftModel) else model
+        core = model.get_base_model() if is_peft_model(model) else model
         tok = processor.tokenizer
         new = generate(
             core,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from pipeline.families import LORA_PRESETS
 
 from .modeling import MiniCPMV
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 # ms-swift's default for this model (LoRATM.llama): the LLM's q/k/v projections.
 QKV_PATTERN = r"llm\.model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -65,6 +68,8 @@ def build_lora_config(
     ``bias``: "none", "all" (every bias of the model trains, as ms-swift's lora_bias_trainable=all) or
     "lora_only" (the biases of the adapted layers); trained biases are saved with the adapter.
     """
+    from peft import LoraConfig
+
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -83,6 +88,8 @@ def apply_lora(model: MiniCPMV, config: LoraConfig) -> PeftModel:
     PEFT names the base in adapter_config.json after the model's `name_or_path`, so the base named in
     `config` (a folder or hub id) is written there, where `PeftModel`/`AutoPeftModel` look for it.
     """
+    from peft import get_peft_model
+
     if config.base_model_name_or_path:
         model.name_or_path = config.base_model_name_or_path
     peft_model = get_peft_model(model, config)
