@@ -118,3 +118,23 @@ def test_deepspeed_does_not_announce_the_cpu_on_a_run_without_it(tmp_path):
         assert done.returncode == 0, done.stderr
         warned = "Setting accelerator to CPU" in done.stdout + done.stderr
         assert warned == uses_deepspeed  # with DeepSpeed in use its own detection is left alone
+
+
+def test_the_entry_loads_no_model_code_before_a_run_reaches_its_stages(tmp_path):
+    # a mistyped override is answered by Hydra before any job: it must not wait on torch and the model's code
+    probe = (
+        "import sys\nimport pipeline.__main__\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_the_run_state_resolves_the_base_model_folder_when_a_stage_first_reads_it(compose, tmp_path):
+    from pipeline.stages.state import RunState
+
+    cfg = compose(["stages=[infer]", "ckpt=base", f"model.path={tmp_path / 'model'}"])
+    state = RunState.resolve(cfg)
+    assert state._model_path is None and state.ckpt_set and state.ckpt is None
+    assert state.model_path == str(tmp_path / "model")  # not the twin's cache place: returned as given
