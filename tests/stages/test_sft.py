@@ -78,6 +78,8 @@ def test_checkpoints_pointers_logs_and_rotation(twin, tmp_path, monkeypatch):
     assert sorted(losses_by_step(sft_dir)) == [1, 2, 3, 4, 5, 6]
     assert 0 in eval_losses(sft_dir)  # the starting point is evaluated too
     assert (sft_dir / "loss.png").stat().st_size > 1000
+    assert not (sft_dir / "profile").exists()  # trainer.profile_steps=0: no profiler
+    assert all(0.0 <= r["data_wait_pct"] <= 100.0 for r in log_records(sft_dir) if "loss" in r)
     summary = json.loads((sft_dir / "summary.json").read_text())
     assert summary["global_step"] == 6 and summary["trainable_params"] < summary["total_params"]
     # the plan knew the base model's size before it loaded (full fine-tuning's budget on large cards)

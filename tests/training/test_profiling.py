@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
-
 from tests.helpers import REPO_ROOT, log_records, run_entry
 
 
-@pytest.mark.parametrize("steps", [2, 0])
-def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp_path, steps):
+def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp_path):
+    # (without trainer.profile_steps no profile folder is written: tests/stages/test_sft.py)
+    steps = 2
     run = tmp_path / "run"
     args = ["+experiment=lora_qkv", f"model.path={pretrained_twin}", "tracking=none", "stages=[sft]",
             "device=cpu", "trainer.max_steps=6", "trainer.logging_steps=1", "trainer.eval_steps=100",
@@ -19,10 +18,6 @@ def test_profile_steps_write_the_ops_table_and_the_timeline(pretrained_twin, tmp
     proc = run_entry(args, REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = run / "sft" / "profile"
-    if steps == 0:
-        assert not folder.exists()
-        assert all(0.0 <= r["data_wait_pct"] <= 100.0 for r in log_records(run / "sft") if "loss" in r)
-        return
     ops = (folder / "ops.txt").read_text()
     assert ops.startswith("torch.profiler over 2 optimizer step(s) after 3 unrecorded ones")
     # the model's own work is in the table: matmuls of the LLM and the optimizer's update
