@@ -8,10 +8,11 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 DEEPSPEED_PKG ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 TEST_ENV := WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# the CPU suites run in this many processes (pytest-xdist, each test file's tests stolen by whichever is idle):
+# the CPU suites run in this many processes (pytest-xdist; an idle one takes tests queued for a busy one):
 # two halve the fast suite's time on a 2-core machine, where much of a test waits on the processes it starts;
 # TEST_WORKERS=0 runs them in this one process
 TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: install browser run test test-all test-gpu bench bench-serve lint format clean clean-outputs
 
@@ -39,10 +40,10 @@ run: $(VENV)/.installed
 	$(BIN)/python -m pipeline +experiment=lora_qkv
 
 test: $(VENV)/.installed
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(PARALLEL)
 
 test-all: $(VENV)/.installed
-	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist worksteal
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not gpu" $(PARALLEL)
 
 # on a CUDA machine: the compiled training path, CUDA-graph decode and accelerate's FSDP on the tiny twin
 test-gpu: $(VENV)/.installed

@@ -185,8 +185,7 @@ class Bundle:
     @property
     def core(self) -> nn.Module:
         """Returns the model under any PEFT wrapper."""
-        model = self.model
-        return model.get_base_model() if is_peft_model(model) else model
+        return peft_base(self.model)
 
 
 class RowLike(Protocol):
@@ -404,15 +403,14 @@ def unwrapped(model: nn.Module) -> nn.Module:
     core = model
     while hasattr(core, "module") and isinstance(core.module, nn.Module):
         core = core.module
-    if is_peft_model(core):
-        core = core.get_base_model()
-    return core
+    return peft_base(core)
 
 
-def is_peft_model(model: object) -> bool:
-    """Whether `model` is wrapped by PEFT (before peft is imported no model can be: it is not loaded to ask)."""
+def peft_base(model: nn.Module) -> nn.Module:
+    """Returns the model under a PEFT wrapper, else `model` (before peft is imported no model can be wrapped:
+    it is not loaded to ask)."""
     peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
+    return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else model
 
 
 def checkpointed_layers(checkpointing: Checkpointing, count: int) -> int:
@@ -791,7 +789,7 @@ class Family(ABC):
     def parameter_parts(self, model: nn.Module) -> dict[int, str | None]:
         """Returns id(parameter) -> its part (vision, projector or llm; None outside them) of the model as it
         trains, LoRA-wrapped or not (optim.vit_lr / optim.aligner_lr)."""
-        core = model.get_base_model() if is_peft_model(model) else model
+        core = peft_base(model)
         groups = self.freeze_groups()
         return {id(param): groups.of(name) for name, param in core.named_parameters()}
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.families.base import is_peft_model
+from pipeline.families.base import peft_base
 from pipeline.families.checkpoints import CheckpointError, adapter_base, check_adapter_folder, checkpoint_kind
 
 from .checkpoint import load_model, resolve_model_path
@@ -34,8 +34,7 @@ class ModelBundle:
     @property
     def core(self) -> MiniCPMV:
         """Returns the MiniCPMV module under any PEFT wrapper."""
-        model = self.model
-        return model.get_base_model() if is_peft_model(model) else model
+        return peft_base(self.model)
 
 
 def base_model_path(model_path: str, allow_download: bool) -> Path:

@@ -43,7 +43,7 @@ from pipeline.families.base import (
     SequenceLogps,
     check_messages,
     checkpointed_layers,
-    is_peft_model,
+    peft_base,
     shared_halves,
     unwrapped,
     with_lora_variant,
@@ -195,7 +195,7 @@ class MiniCPMV2(Family):
         max_new_tokens: int = 64,
         **settings: Any,
     ) -> list[str]:
-        core = model.get_base_model() if is_peft_model(model) else model
+        core = peft_base(model)
         tok = processor.tokenizer
         new = generate(
             core,
