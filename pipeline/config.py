@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pipeline.families import CHUNKED_LOSS_MODES, DEFAULT_FAMILY, FAMILIES, LORA_PRESETS, TRUNCATION_POLICIES
 from pipeline.families.checkpoints import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.families.generation_settings import DECODE_MODES, GenerationSettings
+from pipeline.families.lora_init import init_problem, is_residual, normal_init
 from pipeline.stage_names import (
     DEFAULT_STAGES,
     GENERATION_METRICS,
@@ -113,6 +114,10 @@ class LoraConfig:
     use_dora: bool = False
     # rank-stabilised LoRA (--use_rslora): the update scaled by alpha / sqrt(r) instead of alpha / r
     use_rslora: bool = False
+    # how the adapter starts (ms-swift's --init_lora_weights): true (B zero) | gaussian | pissa | pissa_niter_<N> |
+    # olora; pissa/olora start it from the base weights' principal directions and train on the residual, and
+    # every checkpoint stores it as a rank-2r LoRA of the original base (pipeline/training/residual_lora.py)
+    init_weights: str = "true"
 
 
 @dataclass
@@ -883,19 +888,53 @@ def _check_lora(tree: dict) -> list[str]:
                 "of the parts not frozen"
             ]
         variants = [f"lora.{key}=true" for key in ("use_dora", "use_rslora") if lora[key]]
+        if normal_init(lora["init_weights"]) != "true":
+            variants.append(f"lora.init_weights={lora['init_weights']}")
         if tree["optim"]["loraplus_lr_ratio"] is not None:
             variants.append(f"optim.loraplus_lr_ratio={tree['optim']['loraplus_lr_ratio']:g}")
         return [
             f"{variant} applies to LoRA only (lora=qkv or lora=all); lora=none is full fine-tuning"
             for variant in variants
         ]
+    problems = _check_lora_init(tree)
     # As ms-swift (`freeze_parameters` is for --sft_type full): with LoRA only the adapters train.
-    return [
+    return problems + [
         f"lora.{key}=true applies to full fine-tuning (lora=none) only; with lora={lora['name']} only the "
         "adapters train: choose what they cover with lora.target_modules"
         for key in FREEZE_KEYS
         if lora[key]
     ]
+
+
+def _check_lora_init(tree: dict) -> list[str]:
+    """Returns the problems of lora.init_weights: its value, and what an adapter started from the base weights
+    (pissa, olora: the base becomes the residual) cannot go with."""
+    lora, value = tree["lora"], tree["lora"]["init_weights"]
+    problem = init_problem(value)
+    if problem:
+        return [problem]
+    if not is_residual(value):
+        return []
+    problems = []
+    if lora["use_dora"]:
+        problems.append(
+            f"lora.init_weights={value} with lora.use_dora=true: DoRA's magnitudes are taken from the residual "
+            "base, so its checkpoints could not be written as a LoRA of the original model; choose one"
+        )
+    quantization = tree["model"]["quantization"]
+    if quantization != "none":
+        problems.append(
+            f"lora.init_weights={value} with model.quantization={quantization}: the residual base would be "
+            "quantized again at every start, so a resumed run would not continue the weights it stopped with; "
+            "use lora.init_weights=true with a quantized base"
+        )
+    if "dpo" in tree["stages"]:
+        problems.append(
+            f"lora.init_weights={value} with the dpo stage: its reference model is the policy with the adapter "
+            "turned off, which here is the residual base rather than the model; use lora.init_weights=true for "
+            "preference training (a pissa/olora sft checkpoint loads as a plain LoRA of twice the rank)"
+        )
+    return problems
 
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

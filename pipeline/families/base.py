@@ -49,6 +49,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from pipeline.families import LORA_PRESETS
 from pipeline.families.generation_settings import DECODE_MODES, GenerationSettings
+from pipeline.families.lora_init import peft_init
 
 if TYPE_CHECKING:  # peft loads when a model is wrapped or an adapter read, not for the config check
     from peft import LoraConfig, PeftModel
@@ -426,10 +427,12 @@ def checkpointed_layers(checkpointing: Checkpointing, count: int) -> int:
 
 
 def with_lora_variant(config: LoraConfig, lora: Any) -> LoraConfig:
-    """Returns the PEFT LoraConfig with the variant the `lora` config node asks for: DoRA (lora.use_dora)
-    and rank-stabilised scaling (lora.use_rslora); PEFT computes, saves, loads and merges both."""
+    """Returns the PEFT LoraConfig with the variant the `lora` config node asks for: DoRA (lora.use_dora),
+    rank-stabilised scaling (lora.use_rslora) and how the adapter starts (lora.init_weights); PEFT computes,
+    saves, loads and merges them."""
     config.use_dora = bool(lora.get("use_dora", False))
     config.use_rslora = bool(lora.get("use_rslora", False))
+    config.init_lora_weights = peft_init(lora.get("init_weights", "true"))
     return config
 
 

@@ -31,6 +31,7 @@ from pipeline.data.summary import report_summary, summarize_dataset
 from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Family
 from pipeline.families.checkpoints import parameters_in_folder
+from pipeline.families.lora_init import is_residual
 from pipeline.runinfo import seed_everything
 from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
@@ -53,6 +54,7 @@ from pipeline.training.plan import (
     resolve_weights_dtype,
 )
 from pipeline.training.plot import plot_losses
+from pipeline.training.residual_lora import ResidualAdapter
 from pipeline.utils.io import atomic_write_json
 from pipeline.utils.secrets import redact_config
 from pipeline.utils.tracking import Tracker, build_tracker
@@ -70,12 +72,13 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     plan = plan_stage(cfg, family, launch_of(accelerator), state.model_path)
 
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
-    model = build_model(cfg, family, plan, state.model_path)
+    resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
+    model = build_model(cfg, family, plan, state.model_path, resume_from=resume_from)
     data = build_data(cfg, family, model.bundle, rows, plan, sft_dir)
     parts = family.parameter_parts(model.module) if plan.part_lrs else None
     engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set), parts)
     with stage_tracker(cfg, Path(run_dir), state, accelerator) as tracker:
-        outputs = RunOutputs(sft_dir, cfg, model.bundle.base_path, tracker)
+        outputs = RunOutputs(sft_dir, cfg, model.bundle.base_path, tracker, model.residual)
         trainer = Trainer(engine, data, family_hooks(family, model.bundle), plan.loop, outputs)
         resumed = trainer.resume(cfg.trainer.resume)
         started = time.perf_counter()
@@ -204,6 +207,7 @@ def read_rows(cfg: DictConfig, sft_dir: Path) -> RawRows:
                 "lora_alpha": cfg.lora.alpha,
                 "use_dora": bool(cfg.lora.use_dora),
                 "use_rslora": bool(cfg.lora.use_rslora),
+                "residual": is_residual(cfg.lora.init_weights),
             }
         )
         check_tuning_settings(resume_from, lora)
@@ -294,15 +298,24 @@ class PreparedModel:
     bundle: Any
     module: nn.Module
     counts: TrainableSummary
+    # an adapter started from the base weights (lora.init_weights=pissa/olora): its initial half, which every
+    # checkpoint stores beside the trained one
+    residual: ResidualAdapter | None = None
 
 
 def build_model(
-    cfg: DictConfig, family: Family, plan: TrainingPlan, model_path: str, base_name: str | None = None
+    cfg: DictConfig,
+    family: Family,
+    plan: TrainingPlan,
+    model_path: str,
+    base_name: str | None = None,
+    resume_from: Path | None = None,
 ) -> PreparedModel:
     """Loads the base model at `model_path` (the run state's) in the plan's weights dtype onto the run's
     device and prepares it for training; `base_name`: how an adapter names its base (default: model.path's
     hub id or folder). A quantized base (model.quantization) is loaded on the CPU and quantized on its way to
-    the device."""
+    the device. An adapter started from the base weights (lora.init_weights=pissa/olora) that resumes from
+    `resume_from` gets the residual base it stopped with from the checkpoint, not from a new decomposition."""
     bundle = family.load_quantized(
         model_path,
         quantization=cfg.model.quantization,
@@ -312,9 +325,22 @@ def build_model(
     )
     family.attend_in(bundle, plan.compute_dtype)
     fused = family.apply_fused_kernels(bundle, compiled=plan.compile)  # before LoRA wraps the modules
+    residual = cfg.lora.name != "none" and is_residual(cfg.lora.init_weights)
+    lora = cfg.lora
+    if residual and resume_from is not None:
+        lora = OmegaConf.merge(cfg.lora, {"init_weights": "true"})  # the checkpoint holds the start
+    elif residual:
+        log.info("lora.init_weights=%s: decomposing the adapted base weights", cfg.lora.init_weights)
     module = family.prepare_training(
-        bundle, cfg.lora, plan.gradient_checkpointing, base_name or base_model_name(cfg, bundle)
+        bundle, lora, plan.gradient_checkpointing, base_name or base_model_name(cfg, bundle)
     )
+    adapter_start = None
+    if residual:
+        adapter_start = (
+            ResidualAdapter.restore(module, resume_from)
+            if resume_from is not None
+            else ResidualAdapter.snapshot(module, cfg.lora.init_weights)
+        )
     if plan.compile:
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound), batches
         # padded to a multiple of 128 (the plan's pad_to_multiple) so that only a few shapes are recorded.
@@ -330,7 +356,7 @@ def build_model(
         "liger" if fused else "off",
         f"; language model in {quantized} (bitsandbytes)" if quantized != "none" else "",
     )
-    return PreparedModel(bundle, module, counts)
+    return PreparedModel(bundle, module, counts, adapter_start)
 
 
 def base_model_name(cfg: DictConfig, bundle) -> str:

@@ -52,6 +52,7 @@ from pipeline.families.checkpoints import (
     check_adapter_folder,
     read_json_file,
 )
+from pipeline.training.residual_lora import ResidualAdapter, residual_settings, trained_half
 from pipeline.utils.io import file_mode
 from pipeline.utils.secrets import redact_config
 
@@ -208,9 +209,12 @@ def save_training_checkpoint(
     write_full: WriteFull,
     engine=None,
     only_model: bool = False,
+    residual: ResidualAdapter | None = None,
 ) -> Path:
     """Writes `sft_dir/checkpoint-<step>` atomically and returns it. Collective: every process calls it.
     `only_model` (trainer.save_only_model) leaves the optimizer's state out (see load_training_checkpoint).
+    `residual`: the initial half of an adapter started from the base weights (lora.init_weights=pissa/olora);
+    the adapter is then stored as a LoRA of twice the rank on the original base (residual_lora.py).
 
     A LoRA model's adapter goes in PEFT's layout; full weights in the model family's, through its
     `write_full(model, folder, state_dict)`.
@@ -243,6 +247,8 @@ def save_training_checkpoint(
         if rank == 0:
             if isinstance(model, PeftModel):
                 model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
+                if residual is not None:
+                    residual.convert(tmp)
             else:
                 write_full(model, tmp, weights)
             if optim_state is not None:
@@ -398,8 +404,10 @@ def load_training_checkpoint(
 
 def load_adapter_weights(ckpt: Path, model: PeftModel) -> None:
     """Loads an adapter checkpoint's weights (no optimizer state) into the model's own adapter of the same
-    settings: training goes on from them (dpo from an sft adapter). Refuses other LoRA settings, naming them."""
-    check_same_tuning(ckpt, model)
+    settings: training goes on from them (dpo from an sft adapter). Refuses other LoRA settings, naming them.
+    An adapter started from the base weights is read as what its checkpoint stores: a LoRA of twice its
+    training rank on the original base."""
+    check_same_tuning(ckpt, model, resuming=False)
     weights = adapter_to_model_keys(model, load_file(str(ckpt / ADAPTER_WEIGHTS)))
     own = dict(model.named_parameters())
     with torch.no_grad():
@@ -464,7 +472,7 @@ def check_resume_plan(ckpt: Path, total_steps: int) -> None:
     )
 
 
-def check_same_tuning(ckpt: Path, model) -> None:
+def check_same_tuning(ckpt: Path, model, resuming: bool = True) -> None:
     """Raise CheckpointError when the checkpoint was trained with other tuning settings than `model` has.
 
     A LoRA checkpoint must match the config's rank, alpha, targets and fully trained modules, and a full
@@ -484,10 +492,13 @@ def check_same_tuning(ckpt: Path, model) -> None:
             "use_rslora": current.use_rslora,
         },
         {"target_modules": current.target_modules, "modules_to_save": current.modules_to_save},
+        resuming,
     )
 
 
-def check_tuning_settings(ckpt: Path, lora: dict | None, modules: dict | None = None) -> None:
+def check_tuning_settings(
+    ckpt: Path, lora: dict | None, modules: dict | None = None, resuming: bool = True
+) -> None:
     """Raise CheckpointError when `ckpt` was trained with other settings than these (no model needed).
 
     `lora` holds the config's {"r", "lora_alpha", "use_dora", "use_rslora"} (None: full fine-tuning);
@@ -508,7 +519,16 @@ def check_tuning_settings(ckpt: Path, lora: dict | None, modules: dict | None = 
             "for LoRA; resume with lora=none, or start anew (trainer.resume=never or another run folder)"
         )
     saved = check_adapter_folder(ckpt)
+    residual = residual_settings(ckpt)
+    if resuming:  # a residual adapter trains at the rank it records, and its checkpoints store twice that
+        saved = {**saved, **(residual or {}), "residual": residual is not None}
     differences = []
+    if "residual" in lora and lora["residual"] != saved.get("residual", False):
+        kind = {True: "from the base weights (pissa/olora)", False: "as a plain LoRA"}
+        differences.append(
+            f"the checkpoint's adapter started {kind[bool(saved.get('residual'))]}, the config's starts "
+            f"{kind[bool(lora['residual'])]} (lora.init_weights)"
+        )
     for key, label in (
         ("r", "lora.r"),
         ("lora_alpha", "lora.alpha"),
@@ -580,8 +600,8 @@ def _load_weights_and_optimizer(
     strict = not isinstance(model, PeftModel)
     if isinstance(model, PeftModel):
         adapter = ckpt / ADAPTER_WEIGHTS  # whole and matching the config: check_same_tuning
-        if rank == 0 or not spread:
-            weights = adapter_to_model_keys(model, load_file(str(adapter)))
+        if rank == 0 or not spread:  # a residual adapter's trained half (residual_lora.py)
+            weights = adapter_to_model_keys(model, trained_half(ckpt, load_file(str(adapter))))
     elif rank == 0 or not spread:
         weights = read_full(ckpt)
     set_model_state_dict(

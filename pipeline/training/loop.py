@@ -62,6 +62,7 @@ from pipeline.training.profiling import (
     deliberate,
     graph_break_reasons,
 )
+from pipeline.training.residual_lora import ResidualAdapter
 from pipeline.utils.io import append_jsonl, atomic_write_text
 from pipeline.utils.memory import out_of_memory_message, resolution_knob
 
@@ -178,6 +179,8 @@ class RunOutputs:
     run_cfg: DictConfig
     base_path: Path
     tracker: Tracker | None = None
+    # an adapter started from the base weights: each checkpoint stores it as a LoRA of the original base
+    residual: ResidualAdapter | None = None
 
 
 def steps_per_epoch(n_rows: int, settings: LoopSettings, world: int) -> int:
@@ -647,6 +650,7 @@ class Trainer:
             write_full=self.family.write_full,
             engine=self.deepspeed,
             only_model=self.s.save_only_model,
+            residual=self.outputs.residual,
         )
         if self.acc.is_main_process:
             point(self.sft_dir / "last", path)
