@@ -189,6 +189,11 @@ class TrainerConfig:
     # are twice its fp32 weights). A run resumed from one continues from its weights, step, schedule, data
     # order and random state, with the optimizer's moments starting again from zero (a warning says so)
     save_only_model: bool = False
+    # Early stopping (transformers' EarlyStoppingCallback settings, ms-swift's --early_stop_interval): training
+    # ends, with a checkpoint, after this many evaluations in a row that do not lower the best eval loss so far
+    # by more than early_stopping_threshold; null = never. A resumed run keeps the count.
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
     resume: str = "auto"  # auto (the latest checkpoint of this run folder) | never | <checkpoint path>
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     num_workers: Any = "auto"  # auto (0 on CPU; on a GPU from the CPU count, up to 8) | N
@@ -434,6 +439,8 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.eval_steps", 1, None),
     ("trainer.save_steps", 1, None),
     ("trainer.save_total_limit", 1, None),
+    ("trainer.early_stopping_patience", 1, None),
+    ("trainer.early_stopping_threshold", 0.0, None),
     ("trainer.profile_steps", 0, None),
     ("trainer.neftune_noise_alpha", 0.0, None),
     ("trainer.max_eval_samples", 1, None),

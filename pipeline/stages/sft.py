@@ -419,6 +419,7 @@ def summarize(
         "train_rows": len(trainer.data.train_set),
         "val_rows": len(trainer.data.val_set),
         "resumed_from": str(resumed) if resumed else None,
+        "stopped_early_at": final.stopped_early_at,  # trainer.early_stopping_patience (None: ran its plan)
         "eval_history": final.history,
     }
 

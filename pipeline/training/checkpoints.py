@@ -87,6 +87,11 @@ class TrainerState:
     # the token budget trainer.micro_batch_tokens=auto halved to after running out of GPU memory (None: the
     # planned one), which a resumed run starts from
     micro_batch_tokens: int | None = None
+    # early stopping (trainer.early_stopping_patience): the best eval loss any evaluation reached, how many
+    # evaluations since have not improved on it, and the step at which the run stopped for that (None: it did not)
+    patience_best: float | None = None
+    evals_without_gain: int = 0
+    stopped_early_at: int | None = None
 
 
 def checkpoint_step(path: Path) -> int | None:

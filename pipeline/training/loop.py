@@ -393,6 +393,12 @@ class Trainer:
                 f"lower trainer.batch_size / trainer.grad_accum or add data"
             )
         self.total_steps = planned_steps(n_rows, settings, self.world)
+        if settings.early_stopping_patience is not None and len(data.val_set) == 0:
+            raise TrainingError(
+                f"trainer.early_stopping_patience={settings.early_stopping_patience} watches the eval loss, and "
+                "the run has no validation rows: set dataset.test_ratio > 0 or dataset.val_path, or "
+                "trainer.early_stopping_patience=null"
+            )
         self.state = TrainerState(total_steps=self.total_steps)
         self.log_path = self.sft_dir / "logging.jsonl"
         self._compiled_before = compile_counts()  # another run in this process (a sweep) compiled those
@@ -776,6 +782,18 @@ class Trainer:
         speed = Speedometer(self.per_epoch, self.world)
         t_window = time.perf_counter()
         t_start = time.perf_counter()
+        if self._patience_spent():
+            log.info(
+                "the run stopped early at step %d (%d evaluations without a better eval loss, "
+                "trainer.early_stopping_patience=%d): nothing left to train; a larger patience or "
+                "trainer.early_stopping_patience=null goes on from its last checkpoint",
+                self.state.stopped_early_at or start,
+                self.state.evals_without_gain,
+                self.s.early_stopping_patience,
+            )
+            bar.close()
+            return self.state
+        self.state.stopped_early_at = None  # a run that stopped early and goes on with more patience
         if start == 0:
             # The starting point, so every run shows how far training moved the eval loss.
             metrics = self.evaluate()
@@ -854,6 +872,8 @@ class Trainer:
                         groups.close()
                         groups = self._saving_on_bad_data(self._loader(step))
                     if metrics:
+                        stop_early = self._count_patience(metrics["eval_loss"])
+                        do_save = do_save or stop_early
                         self._record_eval(metrics, saving=bool(do_save))
                         self._log({"step": step, **metrics})
                         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -872,8 +892,39 @@ class Trainer:
                     )
                 if step >= self.total_steps:
                     break
+                if self.state.stopped_early_at == step:
+                    log.info(
+                        "early stopping at step %d of %d: %d evaluations without an eval loss below %.6g "
+                        "(trainer.early_stopping_patience); checkpoint %s",
+                        step,
+                        self.total_steps,
+                        self.state.evals_without_gain,
+                        self.state.patience_best,
+                        last_saved,
+                    )
+                    break
         bar.close()
         return self.state
+
+    def _count_patience(self, loss: float) -> bool:
+        """Counts an evaluation for early stopping; returns whether the run stops at this step (its state then
+        says so, and the checkpoint written at this step records it)."""
+        patience = self.s.early_stopping_patience
+        if patience is None:
+            return False
+        best = self.state.patience_best
+        if best is None or loss < best - self.s.early_stopping_threshold:
+            self.state.patience_best, self.state.evals_without_gain = loss, 0
+        else:
+            self.state.evals_without_gain += 1
+        if self._patience_spent() and self.state.global_step < self.total_steps:
+            self.state.stopped_early_at = self.state.global_step
+            return True
+        return False
+
+    def _patience_spent(self) -> bool:
+        patience = self.s.early_stopping_patience
+        return patience is not None and self.state.evals_without_gain >= patience
 
 
 def throughput(results: list[dict], seconds: float, world: int) -> dict:

@@ -126,6 +126,10 @@ class LoopSettings:
     # evaluation) that runs out of GPU memory is retried at half the budget, down to SMALLEST_HALVED_BUDGET
     halves_on_oom: bool = False
     neftune_alpha: float = 0.0  # trainer.neftune_noise_alpha (0: no noise on the embeddings)
+    # trainer.early_stopping_patience (None: never) and _threshold: evaluations in a row without a better eval
+    # loss (by more than the threshold) after which training ends
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
 
     @property
     def token_budget(self) -> bool:
@@ -291,6 +295,8 @@ def plan_training(
         save_steps=t.save_steps if t.save_steps is not None else t.eval_steps,
         save_total_limit=t.save_total_limit,
         save_only_model=t.save_only_model,
+        early_stopping_patience=t.early_stopping_patience,
+        early_stopping_threshold=float(t.early_stopping_threshold),
         eval_batch_size=t.eval_batch_size if t.eval_batch_size is not None else t.batch_size,
         max_eval_samples=t.max_eval_samples,
         max_grad_norm=cfg.optim.max_grad_norm,
