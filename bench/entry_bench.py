@@ -158,6 +158,9 @@ SETTINGS: dict[str, tuple[list[str], str, str]] = {
     # LoRA's variants (lora.use_dora: each adapted weight's norm in every forward; LoRA+ costs nothing)
     "qkv_dora": (["+experiment=lora_qkv", "lora.use_dora=true"], "coco", "lora_qkv"),
     "all_dora": (["+experiment=lora_all", "lora.use_dora=true"], "coco", "lora_all"),
+    # an adapter started from the base weights (lora.init_weights): the decomposition before the first step
+    # (its time in the run log), then the same step as LoRA's
+    "all_pissa": (["+experiment=lora_all", "lora.init_weights=pissa_niter_4"], "coco", "lora_all"),
     # long answers (~12k supervised tokens a 16-row step): its own loss in chunks with the recompute (auto)
     # against its 4096-position slices kept for the backward (off)
     "qkv_longanswer": (["+experiment=lora_qkv"], "longanswer", "lora_qkv"),
@@ -210,6 +213,11 @@ def _family_settings() -> dict[str, tuple[str, list[str], str]]:
         for lever, overrides in {**LEVERS_OFF, **BUDGETS, **FAMILY_LEVERS_OFF.get(family, {})}.items():
             settings[f"{family}_qkv_{lever}"] = (family, ["+experiment=lora_qkv", *overrides], "coco")
         settings[f"{family}_qkv_dora"] = (family, ["+experiment=lora_qkv", "lora.use_dora=true"], "coco")
+        settings[f"{family}_all_pissa"] = (
+            family,
+            ["+experiment=lora_all", "lora.init_weights=pissa_niter_4"],
+            "coco",
+        )
         settings[f"{family}_full_8bit"] = (family, ["+experiment=full", "optim.name=adamw_bnb_8bit"], "coco")
         # half of the language model's layers recomputed rather than all (model.gradient_checkpointing=0.5)
         settings[f"{family}_full_ckpt_half"] = (

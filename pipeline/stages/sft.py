@@ -329,8 +329,7 @@ def build_model(
     lora = cfg.lora
     if residual and resume_from is not None:
         lora = OmegaConf.merge(cfg.lora, {"init_weights": "true"})  # the checkpoint holds the start
-    elif residual:
-        log.info("lora.init_weights=%s: decomposing the adapted base weights", cfg.lora.init_weights)
+    started = time.perf_counter()
     module = family.prepare_training(
         bundle, lora, plan.gradient_checkpointing, base_name or base_model_name(cfg, bundle)
     )
@@ -340,6 +339,13 @@ def build_model(
             ResidualAdapter.restore(module, resume_from)
             if resume_from is not None
             else ResidualAdapter.snapshot(module, cfg.lora.init_weights)
+        )
+        log.info(
+            "lora.init_weights=%s: %d adapted weights %s in %.1f s",
+            cfg.lora.init_weights,
+            len(adapter_start.initial) // 2,
+            "made residual again from the checkpoint" if resume_from is not None else "decomposed",
+            time.perf_counter() - started,
         )
     if plan.compile:
         # On a GPU: compiled layers replayed as CUDA graphs (the step is otherwise launch-bound), batches
