@@ -149,9 +149,8 @@ def trained_half(ckpt: Path, weights: dict[str, torch.Tensor]) -> dict[str, torc
     out = {}
     for key, value in weights.items():
         if key.endswith(".lora_A.weight"):
-            out[key] = value[:r]
+            value = value[:r]
         elif key.endswith(".lora_B.weight"):
-            out[key] = value[:, :r]
-        else:
-            out[key] = value
+            value = value[:, :r]
+        out[key] = value.contiguous()  # a slice of B has gaps: broadcast to other processes needs it whole
     return out

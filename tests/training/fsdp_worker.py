@@ -1,12 +1,14 @@
 """One process of the FSDP checkpoint test (tests/training/test_fsdp.py starts two with torchrun, gloo, on the CPU).
 
-    torchrun --nproc_per_node 2 tests/training/fsdp_worker.py {lora,full} OUT_DIR
+    torchrun --nproc_per_node 2 tests/training/fsdp_worker.py {lora,pissa,full} OUT_DIR
 
 Every decoder layer and vision block is its own FSDP2 unit (as bench/accelerate/fsdp.yaml wraps them), so
 each process holds half of every weight and of its AdamW state. Run A trains 4 steps and saves a
 checkpoint after step 2; run B, a fresh sharded model, resumes from that checkpoint and trains steps 3-4.
 Rank 0 writes both runs' losses and, for each parameter, the local shard's and the full shape to
 OUT_DIR/result.json, and the losses of a step where one rank's batch has no image, sharded and unsharded. Every rank sees the same batches, so the loss curve is also a one-process run's.
+`pissa`: LoRA started from the base weights (lora.init_weights=pissa): its checkpoint holds the rank-2r
+adapter of the original base, and run B rebuilds the residual base from it before sharding.
 """
 
 from __future__ import annotations
@@ -35,22 +37,38 @@ from pipeline.training.checkpoints import (  # noqa: E402
     load_training_checkpoint,
     save_training_checkpoint,
 )
+from pipeline.training.residual_lora import ResidualAdapter  # noqa: E402
 from tests.families.test_model import batch, small_config  # noqa: E402
 
 STEPS, SAVE_AT = 4, 2
 
 
-def build(mode: str, sharded: bool):
+def build(mode: str, sharded: bool, resume_from: Path | None = None):
     """The small model with LoRA on q/k/v (or all weights trainable), AdamW and a linear schedule."""
+    return build_with_start(mode, sharded, resume_from)[:3]
+
+
+def build_with_start(mode: str, sharded: bool, resume_from: Path | None = None):
+    """build(), and for `pissa` the adapter's initial half (decomposed now, or from `resume_from`)."""
     torch.manual_seed(0)
     model = MiniCPMV(small_config())
-    if mode == "lora":
+    start = None
+    if mode in ("lora", "pissa"):
         for p in model.parameters():
             p.requires_grad_(False)
-        model = apply_lora(model, build_lora_config(model, "qkv", r=4, alpha=8, dropout=0.0))
+        config = build_lora_config(model, "qkv", r=4, alpha=8, dropout=0.0)
+        if mode == "pissa" and resume_from is None:
+            config.init_lora_weights = "pissa"
+        model = apply_lora(model, config)
+        if mode == "pissa":
+            start = (
+                ResidualAdapter.restore(model, resume_from)
+                if resume_from is not None
+                else ResidualAdapter.snapshot(model, "pissa")
+            )
     else:
         set_full_finetune(model)
-    core = model.get_base_model() if mode == "lora" else model
+    core = model if mode == "full" else model.get_base_model()
     if sharded:
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for unit in [*core.llm.model.layers, *core.vpm.blocks]:
@@ -59,7 +77,7 @@ def build(mode: str, sharded: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2 if mode == "lora" else 1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / (2 * STEPS))
-    return model, optimizer, scheduler
+    return model, optimizer, scheduler, start
 
 
 def writer(base: Path):
@@ -140,21 +158,29 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     run_cfg = OmegaConf.create({"mode": mode})
 
-    model, optimizer, scheduler = build(mode, sharded=True)
+    model, optimizer, scheduler, start = build_with_start(mode, sharded=True)
     losses_a = []
     for step in range(1, STEPS + 1):
         losses_a.append(train_step(model, optimizer, scheduler, step))
         if step == SAVE_AT:
             state = TrainerState(global_step=step)
             save_training_checkpoint(
-                sft_dir, model, optimizer, scheduler, state, run_cfg, base, write_full=writer(base)
+                sft_dir,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                run_cfg,
+                base,
+                write_full=writer(base),
+                residual=start,
             )
     shapes = full_shapes(model)
     del model, optimizer, scheduler
 
-    model, optimizer, scheduler = build(mode, sharded=True)
-    torch.manual_seed(1234)  # the checkpoint's RNG must win over whatever state the process is in
     ckpt = sft_dir / f"checkpoint-{SAVE_AT}"
+    model, optimizer, scheduler = build(mode, sharded=True, resume_from=ckpt if mode == "pissa" else None)
+    torch.manual_seed(1234)  # the checkpoint's RNG must win over whatever state the process is in
     state = load_training_checkpoint(ckpt, model, optimizer, scheduler, read_full=reader())
     losses_b = [
         train_step(model, optimizer, scheduler, step) for step in range(state.global_step + 1, STEPS + 1)

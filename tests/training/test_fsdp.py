@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module", params=["lora", "full"])
+# pissa: LoRA started from the base weights, whose checkpoint is a rank-2r adapter of the original base
+@pytest.fixture(scope="module", params=["lora", "full", pytest.param("pissa", marks=pytest.mark.slow)])
 def sharded_run(request, tmp_path_factory) -> tuple[str, Path, dict]:
     mode = request.param
     out = tmp_path_factory.mktemp(f"fsdp-{mode}")
@@ -59,6 +60,8 @@ def test_the_checkpoint_holds_whole_tensors(sharded_run):
     else:
         saved = load_file(str(ckpt / "adapter_model.safetensors"))
         full = {n: s[1] for n, s in result["shapes"].items()}
+        if mode == "pissa":  # [A; A0] and [B, -B0]: the rank doubled
+            full = {n: [2 * s[0], s[1]] if ".lora_A." in n else [s[0], 2 * s[1]] for n, s in full.items()}
         assert len(saved) == len(full)
         assert sorted(list(t.shape) for t in saved.values()) == sorted(full.values())
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -71,8 +74,10 @@ def test_the_checkpoint_holds_whole_tensors(sharded_run):
 def test_the_sharded_checkpoint_resumes_in_one_process(sharded_run):
     mode, out, result = sharded_run
     torch.set_num_threads(1)
-    model, optimizer, scheduler = fsdp_worker.build(mode, sharded=False)
     ckpt = out / "sft" / f"checkpoint-{fsdp_worker.SAVE_AT}"
+    model, optimizer, scheduler = fsdp_worker.build(
+        mode, sharded=False, resume_from=ckpt if mode == "pissa" else None
+    )
     state = load_training_checkpoint(ckpt, model, optimizer, scheduler, read_full=fsdp_worker.reader())
     assert state.global_step == fsdp_worker.SAVE_AT
     losses = [
