@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 
 # pissa: LoRA started from the base weights, whose checkpoint is a rank-2r adapter of the original base
-@pytest.fixture(scope="module", params=["lora", "full", pytest.param("pissa", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["lora", "full", "pissa"])
 def sharded_run(request, tmp_path_factory) -> tuple[str, Path, dict]:
     mode = request.param
     out = tmp_path_factory.mktemp(f"fsdp-{mode}")
