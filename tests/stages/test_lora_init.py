@@ -6,7 +6,6 @@ and what cannot go with it is refused naming the keys."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,24 +16,11 @@ from pipeline.families import get_family
 from pipeline.stages import sft
 from pipeline.training.checkpoints import CheckpointError
 from pipeline.training.residual_lora import MARKER
-from tests.helpers import compose_config, copy_twin, losses_by_step, run_stage, step_fails_at
-from tests.stages.test_lora_variants import QUICK
+from tests.helpers import compose_config, losses_by_step, run_stage, step_fails_at
+from tests.stages import test_lora_variants as variants
+from tests.stages.test_lora_variants import MODELS, config
 
-MODELS = {"minicpm_v2_tiny": "minicpm_v2", "qwen2_5_vl_tiny": "qwen2_5_vl"}
-
-
-@pytest.fixture(scope="module")
-def twin_root(tmp_path_factory, family_twin) -> Path:
-    root = tmp_path_factory.mktemp("init-twins")
-    for model, family in MODELS.items():
-        copy_twin(family_twin(family), root / model)
-    return root
-
-
-def config(model: str, twin_root: Path, *extra: str):
-    return compose_config(
-        ["+experiment=lora_all", f"model={model}", f"model.path={twin_root / model}", *QUICK, *extra]
-    )
+twin_root = variants.twin_root  # the same two twins, as a fixture of this module
 
 
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
