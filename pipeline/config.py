@@ -347,8 +347,8 @@ class Config:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = 42
     experiment_name: str = "default"
-    # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"; dpo: the weights it starts from
-    # (None = the base model)
+    # eval/merge/infer/serve without sft: checkpoint, run folder, or "base"; sft and dpo: the weights they train
+    # on from, an adapter (trained on as that adapter) or full weights, with a fresh optimizer (None = the base)
     ckpt: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_root: str = "outputs"
@@ -696,10 +696,10 @@ def _check_ckpt(tree: dict) -> list[str]:
             "+experiment=dpo ckpt=<the sft run folder>"
         ]
     if training:
-        if "sft" in stages and ckpt is not None:
+        if ckpt not in (None, BASE_CKPT) and not Path(ckpt).exists():
             problems.append(
-                f"ckpt={ckpt} is only read when sft does not run; to continue training set "
-                "trainer.resume=<checkpoint>, to start from other weights set model.path"
+                f"ckpt={ckpt} does not exist; give a checkpoint folder or run folder to train on from "
+                "(trainer.resume=<checkpoint> continues an interrupted run instead)"
             )
         if "merge" in stages and lora == "none":
             problems.append(
@@ -708,8 +708,6 @@ def _check_ckpt(tree: dict) -> list[str]:
             )
         if "dpo" in stages:
             problems += _check_preference(tree)
-            if ckpt not in (None, BASE_CKPT) and not Path(ckpt).exists():
-                problems.append(f"ckpt={ckpt} does not exist; give an sft checkpoint folder or run folder")
         return problems
     infer_only = stages == ["infer"] and tree["infer"]["ckpt"] is not None
     needs_ckpt = [s for s in stages if s in ("eval", "merge", "infer", "serve")]

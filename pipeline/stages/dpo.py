@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,9 @@ from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.validate import apply_on_error
 from pipeline.families import family_from_config
 from pipeline.families.base import Family
-from pipeline.families.checkpoints import adapter_base, checkpoint_kind
 from pipeline.runinfo import seed_everything
 from pipeline.stages.sft import (
+    StartingPoint,
     build_model,
     chosen_checkpoint,
     family_hooks,
@@ -49,6 +48,7 @@ from pipeline.stages.sft import (
     resolve_patch_weight,
     stage_tracker,
     start_accelerator,
+    starting_point,
     summarize,
 )
 from pipeline.stages.state import RunState
@@ -81,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     accelerator = start_accelerator(cfg)
     family = family_from_config(cfg.model)
     plan = plan_stage(cfg, family, launch_of(accelerator), state.model_path)
-    start = starting_point(state)
+    start = starting_point(state.ckpt, state.model_path)
     settings = PreferenceSettings.from_config(cfg.preference)
     kind = reference_kind(cfg, settings, start)
     log.info("dpo: %s, beta %g, from %s; reference: %s", settings.loss_type, settings.beta, start, kind)
@@ -107,35 +107,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     return {"ckpt": chosen_checkpoint(dpo_dir), "dpo": summary}
 
 
-# ----- where training starts, and its reference
-@dataclass(frozen=True)
-class StartingPoint:
-    """The weights dpo starts from: a model folder (the base, or a full sft checkpoint) and, to train on, an
-    sft adapter."""
-
-    model_path: str
-    adapter: Path | None = None
-    full: Path | None = None  # the full sft checkpoint model_path is
-
-    @property
-    def base_name(self) -> str | None:
-        """How a new adapter names its base: the full checkpoint it trains on, else the default."""
-        return str(self.full) if self.full is not None else None
-
-    def __str__(self) -> str:
-        return str(self.adapter or self.full or f"the base model {self.model_path}")
-
-
-def starting_point(state: RunState) -> StartingPoint:
-    """Returns what the `ckpt` key names (RunState.resolve resolved it; None: the base model)."""
-    ckpt = state.ckpt
-    if ckpt is None:
-        return StartingPoint(state.model_path)
-    if checkpoint_kind(Path(ckpt)) == "full":
-        return StartingPoint(str(ckpt), full=Path(ckpt))
-    return StartingPoint(str(adapter_base(Path(ckpt), Path(state.model_path))), adapter=Path(ckpt))
-
-
+# ----- the reference
 def reference_kind(cfg: DictConfig, settings: PreferenceSettings, start: StartingPoint) -> str | None:
     """Returns where the reference comes from: "no_adapter" (the policy with its adapter disabled), "cached"
     (computed before training), or None for a reference-free loss; preference.reference=auto picks the first

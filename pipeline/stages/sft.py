@@ -24,18 +24,18 @@ from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.config import resolve_device
+from pipeline.config import BASE_CKPT, ConfigError, resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.summary import report_summary, summarize_dataset
 from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Family
-from pipeline.families.checkpoints import parameters_in_folder
+from pipeline.families.checkpoints import adapter_base, checkpoint_kind, parameters_in_folder
 from pipeline.families.lora_init import is_residual
-from pipeline.runinfo import seed_everything
+from pipeline.runinfo import resolve_ckpt, seed_everything
 from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
-from pipeline.training.checkpoints import TrainerState, check_tuning_settings
+from pipeline.training.checkpoints import TrainerState, check_tuning_settings, load_adapter_weights
 from pipeline.training.loop import (
     FamilyHooks,
     RunOutputs,
@@ -71,9 +71,14 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     family = family_from_config(cfg.model)
     plan = plan_stage(cfg, family, launch_of(accelerator), state.model_path)
 
+    start = sft_start(cfg, state)
+    if start.adapter is not None or start.full is not None:
+        log.info("sft: training on from %s", start)
     rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
     resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
-    model = build_model(cfg, family, plan, state.model_path, resume_from=resume_from)
+    model = build_model(cfg, family, plan, start.model_path, start.base_name, resume_from=resume_from)
+    if start.adapter is not None and resume_from is None:
+        load_adapter_weights(start.adapter, model.module)
     data = build_data(cfg, family, model.bundle, rows, plan, sft_dir)
     parts = family.parameter_parts(model.module) if plan.part_lrs else None
     engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set), parts)
@@ -190,6 +195,55 @@ def prepare_engine(
     total = planned_steps(n_rows, plan.loop, plan.launch.processes)
     scheduler = build_scheduler(optimizer, optim, max(total, 1))
     return TrainingEngine(accelerator, model, optimizer, scheduler)
+
+
+# ----- where training starts
+@dataclass(frozen=True)
+class StartingPoint:
+    """The weights sft or dpo starts from (the `ckpt` key): a model folder (the base, or a full checkpoint)
+    and, to train on, an adapter."""
+
+    model_path: str
+    adapter: Path | None = None
+    full: Path | None = None  # the full checkpoint model_path is
+
+    @property
+    def base_name(self) -> str | None:
+        """How a new adapter names its base: the full checkpoint it trains on, else the default."""
+        return str(self.full) if self.full is not None else None
+
+    def __str__(self) -> str:
+        return str(self.adapter or self.full or f"the base model {self.model_path}")
+
+
+def starting_point(ckpt: Path | None, model_path: str) -> StartingPoint:
+    """Returns where training starts: `ckpt` (a checkpoint folder, resolved; None: the base model at
+    `model_path`)."""
+    if ckpt is None:
+        return StartingPoint(model_path)
+    if checkpoint_kind(Path(ckpt)) == "full":
+        return StartingPoint(str(ckpt), full=Path(ckpt))
+    return StartingPoint(str(adapter_base(Path(ckpt), Path(model_path))), adapter=Path(ckpt))
+
+
+def sft_start(cfg: DictConfig, state: RunState) -> StartingPoint:
+    """Returns the weights sft trains on from: the `ckpt` key's checkpoint (an adapter of the same LoRA
+    settings trains on as that adapter; a full checkpoint is the model trained), else the base model. A fresh
+    optimizer, schedule and data order either way; trainer.resume is for continuing an interrupted run."""
+    ckpt = None if cfg.ckpt in (None, BASE_CKPT) else resolve_ckpt(cfg.ckpt)
+    start = starting_point(ckpt, state.model_path)
+    if start.adapter is not None and cfg.lora.name == "none":
+        raise ConfigError(
+            f"ckpt={cfg.ckpt} is a LoRA adapter and lora=none asks for full fine-tuning: merge it first "
+            "(stages=[merge] ckpt=<it>) and train from the merged folder (model.path=<merged>), or train the "
+            "adapter on with lora=qkv/all and its settings"
+        )
+    if start.adapter is not None and is_residual(cfg.lora.init_weights):
+        raise ConfigError(
+            f"ckpt={cfg.ckpt} is an adapter to train on, and lora.init_weights={cfg.lora.init_weights} would "
+            "start a new one from the base weights; drop one of them"
+        )
+    return start
 
 
 # ----- the data

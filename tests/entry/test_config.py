@@ -457,9 +457,11 @@ def test_stages_without_sft_need_a_checkpoint(compose, tmp_path):
         validate(compose(["stages=[merge]", "ckpt=base"]))
 
 
-def test_ckpt_with_sft_and_merge_without_adapter_are_rejected(compose, tmp_path):
-    with pytest.raises(ConfigError, match="trainer.resume"):
-        validate(compose([f"ckpt={tmp_path}"]))
+def test_a_missing_ckpt_for_sft_and_merge_without_adapter_are_rejected(compose, tmp_path):
+    # sft trains on from `ckpt` (tests/stages/test_sft_from_ckpt.py); one that is not there is named, with
+    # trainer.resume for what continues an interrupted run
+    with pytest.raises(ConfigError, match=r"missing does not exist.*trainer\.resume"):
+        validate(compose([f"ckpt={tmp_path / 'missing'}"]))
     with pytest.raises(ConfigError, match="lora=none"):
         validate(compose(["lora=none"]))
 
