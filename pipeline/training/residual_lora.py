@@ -14,7 +14,6 @@ trained half back and rebuilds the residual base from the initial half: exactly 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from pipeline.families.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, read_json_file
 from pipeline.families.lora_init import normal_init
 
-log = logging.getLogger(__name__)
 MARKER = "residual_lora.json"
 
 
