@@ -933,11 +933,11 @@ def _check_lora_init(tree: dict) -> list[str]:
             "quantized again at every start, so a resumed run would not continue the weights it stopped with; "
             "use lora.init_weights=true with a quantized base"
         )
-    if "dpo" in tree["stages"]:
+    if "dpo" in tree["stages"] and tree["preference"]["reference"] == "no_adapter":
         problems.append(
-            f"lora.init_weights={value} with the dpo stage: its reference model is the policy with the adapter "
-            "turned off, which here is the residual base rather than the model; use lora.init_weights=true for "
-            "preference training (a pissa/olora sft checkpoint loads as a plain LoRA of twice the rank)"
+            f"lora.init_weights={value} with preference.reference=no_adapter: the policy with its adapter turned "
+            "off is the residual base rather than the model; use preference.reference=cached (auto picks it: "
+            "the starting model's log-probabilities, computed before training)"
         )
     return problems
 

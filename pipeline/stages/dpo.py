@@ -34,6 +34,7 @@ from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.validate import apply_on_error
 from pipeline.families import family_from_config
 from pipeline.families.base import Family
+from pipeline.families.lora_init import is_residual
 from pipeline.runinfo import seed_everything
 from pipeline.stages.sft import (
     StartingPoint,
@@ -44,6 +45,7 @@ from pipeline.stages.sft import (
     plan_stage,
     prepare_engine,
     read_rows,
+    refuse_residual_on_adapter,
     report,
     resolve_patch_weight,
     stage_tracker,
@@ -54,7 +56,7 @@ from pipeline.stages.sft import (
 from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
 from pipeline.training.checkpoints import load_adapter_weights
-from pipeline.training.loop import RunOutputs, Trainer, TrainingData, TrainingEngine
+from pipeline.training.loop import RunOutputs, Trainer, TrainingData, TrainingEngine, checkpoint_to_resume
 from pipeline.training.plan import TrainingPlan
 from pipeline.training.preference import (
     CACHE_FILE,
@@ -82,12 +84,14 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     family = family_from_config(cfg.model)
     plan = plan_stage(cfg, family, launch_of(accelerator), state.model_path)
     start = starting_point(state.ckpt, state.model_path)
+    refuse_residual_on_adapter(cfg, start)
     settings = PreferenceSettings.from_config(cfg.preference)
     kind = reference_kind(cfg, settings, start)
     log.info("dpo: %s, beta %g, from %s; reference: %s", settings.loss_type, settings.beta, start, kind)
 
     rows = read_pairs(cfg, dpo_dir)  # read and checked before any weight loads
-    model = build_model(cfg, family, plan, start.model_path, base_name=start.base_name)
+    resume_from = checkpoint_to_resume(cfg.trainer.resume, dpo_dir)
+    model = build_model(cfg, family, plan, start.model_path, start.base_name, resume_from=resume_from)
     if start.adapter is not None:
         load_adapter_weights(start.adapter, model.module)
     data = build_pair_data(cfg, family, model.bundle, rows, plan, dpo_dir)
@@ -96,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     reference = build_reference(kind, cfg, family, engine, data, plan, dpo_dir, start)
     objective = PreferenceLoss(family.sequence_logps, settings, reference)
     with stage_tracker(cfg, Path(run_dir), state, accelerator) as tracker:
-        outputs = RunOutputs(dpo_dir, cfg, model.bundle.base_path, tracker)
+        outputs = RunOutputs(dpo_dir, cfg, model.bundle.base_path, tracker, model.residual)
         trainer = Trainer(engine, data, family_hooks(family, model.bundle), plan.loop, outputs, objective)
         resumed = trainer.resume(cfg.trainer.resume)
         started = time.perf_counter()
@@ -114,10 +118,23 @@ def reference_kind(cfg: DictConfig, settings: PreferenceSettings, start: Startin
     when a new LoRA adapter trains (no bias of the base trains with it), else the cache."""
     if not settings.needs_reference:
         return None
-    new_adapter = cfg.lora.name != "none" and start.adapter is None and cfg.lora.bias == "none"
+    # a new adapter whose disabling gives back the starting model: none trained on, no bias trained with it, and
+    # not started from the base weights (lora.init_weights=pissa/olora train on the residual base)
+    new_adapter = (
+        cfg.lora.name != "none"
+        and start.adapter is None
+        and cfg.lora.bias == "none"
+        and not is_residual(cfg.lora.init_weights)
+    )
     asked = str(cfg.preference.reference)
     if asked == "no_adapter" and not new_adapter:
-        why = "training on an sft adapter" if start.adapter is not None else f"lora.bias={cfg.lora.bias}"
+        why = (
+            "training on an sft adapter"
+            if start.adapter is not None
+            else f"lora.init_weights={cfg.lora.init_weights}"
+            if is_residual(cfg.lora.init_weights)
+            else f"lora.bias={cfg.lora.bias}"
+        )
         raise ConfigError(
             f"preference.reference=no_adapter: {why}, the model with its adapter disabled is not the model "
             "training starts from; use preference.reference=cached (or auto)"

@@ -238,12 +238,18 @@ def sft_start(cfg: DictConfig, state: RunState) -> StartingPoint:
             "(stages=[merge] ckpt=<it>) and train from the merged folder (model.path=<merged>), or train the "
             "adapter on with lora=qkv/all and its settings"
         )
+    refuse_residual_on_adapter(cfg, start)
+    return start
+
+
+def refuse_residual_on_adapter(cfg: DictConfig, start: StartingPoint) -> None:
+    """Raises ConfigError where training on an adapter (ckpt=) meets lora.init_weights=pissa/olora, which
+    would start a new adapter from the base weights."""
     if start.adapter is not None and is_residual(cfg.lora.init_weights):
         raise ConfigError(
             f"ckpt={cfg.ckpt} is an adapter to train on, and lora.init_weights={cfg.lora.init_weights} would "
             "start a new one from the base weights; drop one of them"
         )
-    return start
 
 
 # ----- the data

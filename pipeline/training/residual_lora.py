@@ -86,8 +86,8 @@ class ResidualAdapter:
     def restore(cls, model, ckpt: Path) -> ResidualAdapter:
         """On a PEFT model wrapped with a fresh adapter of the checkpoint's training rank, over the original base:
         subtracts s * B0 @ A0 from every adapted base weight (the residual the run trained on, as PEFT computed
-        it), and returns the initial adapter for the run's next checkpoints. The trained half is loaded with
-        the optimizer's state (`trained_half`)."""
+        it), puts the adapter back at its initial half, and returns that half for the run's next checkpoints.
+        The trained half is loaded with the optimizer's state (`trained_half`)."""
         settings = residual_settings(ckpt)
         if settings is None:
             raise CheckpointError(
@@ -109,6 +109,10 @@ class ResidualAdapter:
                 scale = layer.scaling["default"]
                 a0_, b0_ = a0.to(weight.device, torch.float32), b0.to(weight.device, torch.float32)
                 base.weight.data = (weight.data.to(torch.float32) - scale * b0_ @ a0_).to(weight.dtype)
+                # the adapter as it started too, so that the model is the starting model until the trained half
+                # loads (a reference computed from it before training is the original model's)
+                for part, value in ((layer.lora_A["default"], a0), (layer.lora_B["default"], b0)):
+                    part.weight.data = value.to(part.weight.device, part.weight.dtype).clone()
                 initial[key_a], initial[key_b] = a0.clone(), b0.clone()
         return cls(
             normal_init(settings["init_weights"]),

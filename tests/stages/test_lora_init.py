@@ -1,7 +1,7 @@
 """lora.init_weights through the entry point: an adapter started from the base weights (PiSSA, its randomised
 SVD form, OLoRA) trains on the residual base; every checkpoint stores it as a LoRA of twice the rank on the
 original base that merges into exactly the model that trained, a crash resumes with the uninterrupted losses,
-and what cannot go with it is refused naming the keys."""
+DPO takes the original model as its reference, and what cannot go with it is refused naming the keys."""
 
 from __future__ import annotations
 
@@ -137,10 +137,6 @@ def test_the_merge_stage_verifies_a_pissa_checkpoint_and_the_init_cannot_change_
             ["lora.init_weights=pissa", "lora.use_dora=true"],
             "lora.init_weights=pissa with lora.use_dora=true",
         ),
-        (
-            ["lora.init_weights=olora", "stages=[dpo]", "dataset=demo_pairs"],
-            "lora.init_weights=olora with the dpo stage",
-        ),
     ],
 )
 def test_what_cannot_go_with_the_init_is_refused_naming_the_key(overrides, said):
@@ -148,6 +144,47 @@ def test_what_cannot_go_with_the_init_is_refused_naming_the_key(overrides, said)
         validate(compose_config(["stages=[sft]", *overrides]))
 
 
+def test_dpo_refuses_the_adapter_disabled_reference_of_a_residual_adapter():
+    cfg = compose_config(["+experiment=dpo", "lora.init_weights=olora", "preference.reference=no_adapter"])
+    with pytest.raises(ConfigError, match=r"lora\.init_weights=olora with preference\.reference=no_adapter"):
+        validate(cfg)
+    validate(compose_config(["+experiment=dpo", "lora.init_weights=olora"]))  # auto: the cached reference
+
+
 def test_the_default_and_gaussian_inits_leave_the_base_as_it_is():
     for value in ("true", "True", "gaussian"):
         validate(compose_config(["stages=[sft]", f"lora.init_weights={value}"]))
+
+
+def test_dpo_from_the_base_weights_takes_the_original_model_as_reference(family_twin, tmp_path, monkeypatch):
+    """DPO with lora.init_weights=pissa: preference.reference=auto caches the starting model's log-probabilities
+    (W_res + s * B0 @ A0, the original model), not the adapter-disabled residual; they equal those of a run whose
+    adapter starts as a plain LoRA, and a crash resumes with the uninterrupted losses."""
+    from safetensors.torch import load_file
+
+    from pipeline.stages import dpo
+    from pipeline.training.preference import CACHE_FILE
+    from tests.stages.test_dpo_stage import config as dpo_config
+
+    twin = family_twin("qwen2_5_vl")
+    common = ("preference.reference=auto", "stages=[dpo]", "trainer.max_steps=4", "trainer.save_steps=2")
+    tables = {}
+    for init in ("pissa", "true"):
+        run_dir = tmp_path / init
+        extra = (f"lora.init_weights={init}", "preference.reference=cached" if init == "true" else "")
+        cfg = dpo_config(twin, "qwen2_5_vl", run_dir, *common, *[e for e in extra if e])
+        run_stage(dpo, cfg, run_dir)
+        tables[init] = load_file(str(run_dir / "dpo" / CACHE_FILE))
+    assert tables["pissa"].keys() == tables["true"].keys()
+    for name in tables["true"]:
+        torch.testing.assert_close(tables["pissa"][name], tables["true"][name], atol=1e-4, rtol=1e-5)
+    saved = json.loads((tmp_path / "pissa" / "dpo" / "checkpoint-4" / "adapter_config.json").read_text())
+    assert saved["r"] == 16 and (tmp_path / "pissa" / "dpo" / "checkpoint-4" / MARKER).is_file()
+
+    cfg = dpo_config(twin, "qwen2_5_vl", tmp_path / "cut", *common, "lora.init_weights=pissa")
+    with step_fails_at(monkeypatch, 2, "power cut"), pytest.raises(RuntimeError, match="power cut"):
+        run_stage(dpo, cfg, tmp_path / "cut")
+    out = run_stage(dpo, cfg, tmp_path / "cut")
+    assert out["dpo"]["resumed_from"].endswith("checkpoint-2")
+    whole, resumed = losses_by_step(tmp_path / "pissa" / "dpo"), losses_by_step(tmp_path / "cut" / "dpo")
+    assert [resumed[s] for s in (1, 2, 3, 4)] == pytest.approx([whole[s] for s in (1, 2, 3, 4)], rel=1e-5)
