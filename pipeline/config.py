@@ -911,6 +911,19 @@ def _check_lora(tree: dict) -> list[str]:
     ]
 
 
+def _check_early_stopping(tree: dict) -> list[str]:
+    """Returns the problem of early stopping in a training run that holds out no validation rows (the
+    training loop refuses one whose split comes out empty too)."""
+    patience, dataset = tree["trainer"]["early_stopping_patience"], tree["dataset"]
+    training = any(s in TRAINING_STAGES for s in tree["stages"])
+    if patience is None or not training or dataset["test_ratio"] > 0 or dataset["val_path"] is not None:
+        return []
+    return [
+        f"trainer.early_stopping_patience={patience} watches the eval loss, and dataset.test_ratio=0 without "
+        "dataset.val_path holds out no validation rows: set one of them, or trainer.early_stopping_patience=null"
+    ]
+
+
 def _check_lora_init(tree: dict) -> list[str]:
     """Returns the problems of lora.init_weights: its value, and what an adapter started from the base weights
     (pissa, olora: the base becomes the residual) cannot go with."""
@@ -1001,6 +1014,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _check_choices(tree)
     problems += _check_ranges(tree)
     problems += _check_lora(tree)
+    problems += _check_early_stopping(tree)
     problems += _check_serve_key(tree["serve"])
     if not problems and "serve" in tree["stages"]:
         try:

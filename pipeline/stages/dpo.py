@@ -89,8 +89,8 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     kind = reference_kind(cfg, settings, start)
     log.info("dpo: %s, beta %g, from %s; reference: %s", settings.loss_type, settings.beta, start, kind)
 
-    rows = read_pairs(cfg, dpo_dir)  # read and checked before any weight loads
     resume_from = checkpoint_to_resume(cfg.trainer.resume, dpo_dir)
+    rows = read_pairs(cfg, resume_from)  # read and checked before any weight loads
     model = build_model(cfg, family, plan, start.model_path, start.base_name, resume_from=resume_from)
     if start.adapter is not None:
         load_adapter_weights(start.adapter, model.module)
@@ -220,10 +220,10 @@ def _file_identity(ref: str) -> list:
 
 
 # ----- the pairs
-def read_pairs(cfg: DictConfig, dpo_dir: Path) -> RawRows:
+def read_pairs(cfg: DictConfig, resume_from: Path | None) -> RawRows:
     """Returns the dataset's rows, read and checked (no model needed), every one a preference pair: a row
     without a rejected answer is a problem naming its file:line (dropped under dataset.on_error=skip)."""
-    raw = read_rows(cfg, dpo_dir)
+    raw = read_rows(cfg, resume_from)
     kept = []
     for rows in (raw.rows, raw.val_rows):
         if rows is None:

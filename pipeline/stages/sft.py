@@ -74,8 +74,8 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     start = sft_start(cfg, state)
     if start.adapter is not None or start.full is not None:
         log.info("sft: training on from %s", start)
-    rows = read_rows(cfg, sft_dir)  # read and checked before any weight loads (so is a resume's tuning)
     resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
+    rows = read_rows(cfg, resume_from)  # read and checked before any weight loads (so is a resume's tuning)
     model = build_model(cfg, family, plan, start.model_path, start.base_name, resume_from=resume_from)
     if start.adapter is not None and resume_from is None:
         load_adapter_weights(start.adapter, model.module)
@@ -253,11 +253,11 @@ def refuse_residual_on_adapter(cfg: DictConfig, start: StartingPoint) -> None:
 
 
 # ----- the data
-def read_rows(cfg: DictConfig, sft_dir: Path) -> RawRows:
-    """Returns the dataset's rows, read and checked (no model needed); refuses a checkpoint to resume that
-    was trained with other tuning settings, before any weight loads too."""
+def read_rows(cfg: DictConfig, resume_from: Path | None) -> RawRows:
+    """Returns the dataset's rows, read and checked (no model needed); refuses the checkpoint to resume
+    (`resume_from`, None: a new run) where it was trained with other tuning settings, before any weight loads
+    too."""
     rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model))
-    resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
     if resume_from is not None:
         lora = (
             None

@@ -65,3 +65,12 @@ def test_patience_without_validation_rows_is_refused_naming_the_keys(pretrained_
     cfg = make_cfg(pretrained_twin, *PLAN, "dataset.test_ratio=0", "trainer.early_stopping_patience=2")
     with pytest.raises(TrainingError, match=r"trainer\.early_stopping_patience=2 .*dataset\.test_ratio"):
         run_stage(sft, cfg, tmp_path)
+
+
+def test_patience_without_held_out_rows_is_refused_before_any_model_loads():
+    from pipeline.config import ConfigError, validate
+    from tests.helpers import compose_config
+
+    with pytest.raises(ConfigError, match=r"trainer\.early_stopping_patience=3 .*dataset\.test_ratio=0"):
+        validate(compose_config(["trainer.early_stopping_patience=3", "dataset.test_ratio=0"]))
+    validate(compose_config(["trainer.early_stopping_patience=3"]))  # the default split holds rows out
