@@ -31,6 +31,7 @@ from pipeline.stage_names import (
     LOSS_METRICS,
     PREFERENCE_METRICS,
     STAGES,
+    TRAINING_EVAL_STATS,
     TRAINING_STAGES,
 )
 from pipeline.utils.secrets import REDACTED
@@ -189,9 +190,16 @@ class TrainerConfig:
     # are twice its fp32 weights). A run resumed from one continues from its weights, step, schedule, data
     # order and random state, with the optimizer's moments starting again from zero (a warning says so)
     save_only_model: bool = False
+    # The evaluation metric that picks the best checkpoint (sft/best, what later stages read) and that early
+    # stopping watches, as transformers' and ms-swift's: `loss`, or a statistic the training stage's evaluation
+    # reports (sft: token_acc; dpo: rewards/accuracies, rewards/margins, ...), with or without `eval_`.
+    # greater_is_better: null = false for a name that ends in `loss`, else true (transformers' rule)
+    metric_for_best_model: str = "loss"
+    greater_is_better: bool | None = None
     # Early stopping (transformers' EarlyStoppingCallback settings, ms-swift's --early_stop_interval): training
-    # ends, with a checkpoint, after this many evaluations in a row that do not lower the best eval loss so far
-    # by more than early_stopping_threshold; null = never. A resumed run keeps the count.
+    # ends, with a checkpoint, after this many evaluations in a row that do not improve the best value of
+    # metric_for_best_model so far by more than early_stopping_threshold; null = never. A resumed run keeps
+    # the count.
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     resume: str = "auto"  # auto (the latest checkpoint of this run folder) | never | <checkpoint path>
@@ -919,9 +927,32 @@ def _check_early_stopping(tree: dict) -> list[str]:
     if patience is None or not training or dataset["test_ratio"] > 0 or dataset["val_path"] is not None:
         return []
     return [
-        f"trainer.early_stopping_patience={patience} watches the eval loss, and dataset.test_ratio=0 without "
-        "dataset.val_path holds out no validation rows: set one of them, or trainer.early_stopping_patience=null"
+        f"trainer.early_stopping_patience={patience} watches an evaluation metric, and dataset.test_ratio=0 "
+        "without dataset.val_path holds out no validation rows: set one of them, or "
+        "trainer.early_stopping_patience=null"
     ]
+
+
+def eval_stat_names(stage: str, rpo_alpha: float | None) -> tuple[str, ...]:
+    """Returns the metrics the training stage's periodic evaluation reports (`loss` first), without `eval_`."""
+    return ("loss", *TRAINING_EVAL_STATS[stage], *(("nll",) if stage == "dpo" and rpo_alpha else ()))
+
+
+def best_metric_name(value: str) -> str:
+    """Returns trainer.metric_for_best_model as the evaluation reports it (`eval_<name>`)."""
+    return value if value.startswith("eval_") else f"eval_{value}"
+
+
+def _check_best_metric(tree: dict) -> list[str]:
+    """Returns the problem of a trainer.metric_for_best_model that the run's training stage does not report."""
+    value = tree["trainer"]["metric_for_best_model"]
+    stage = next((s for s in tree["stages"] if s in TRAINING_STAGES), None)
+    if stage is None:
+        return []
+    names = eval_stat_names(stage, tree["preference"]["rpo_alpha"])
+    if best_metric_name(value).removeprefix("eval_") in names:
+        return []
+    return [f"trainer.metric_for_best_model={value!r}: the {stage} stage evaluates {', '.join(names)}"]
 
 
 def _check_lora_init(tree: dict) -> list[str]:
@@ -1015,6 +1046,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _check_ranges(tree)
     problems += _check_lora(tree)
     problems += _check_early_stopping(tree)
+    problems += _check_best_metric(tree)
     problems += _check_serve_key(tree["serve"])
     if not problems and "serve" in tree["stages"]:
         try:

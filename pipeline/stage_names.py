@@ -16,3 +16,17 @@ LOSS_METRICS: tuple[str, ...] = ("eval_loss", "perplexity", "token_acc")
 GENERATION_METRICS: tuple[str, ...] = ("bleu4", "rouge_l", "cider", "exact_match", "numeric_accuracy")
 # written when the held-out rows are preference pairs (a chosen and a rejected answer)
 PREFERENCE_METRICS: tuple[str, ...] = ("pref_accuracy", "pref_margin")
+
+# what a training stage's periodic evaluation reports beside `loss` (logged as eval_<name>), which
+# trainer.metric_for_best_model may name; dpo reports `nll` too when preference.rpo_alpha is set
+TRAINING_EVAL_STATS: dict[str, tuple[str, ...]] = {
+    "sft": ("token_acc",),
+    "dpo": (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ),
+}

@@ -467,7 +467,7 @@ def stage_tracker(
 def summarize(
     trainer: Trainer, final: TrainerState, counts: TrainableSummary, resumed: Path | None, seconds: float
 ) -> dict:
-    """Returns summary.json's content: steps, checkpoints, best eval loss, times, memory, sizes."""
+    """Returns summary.json's content: steps, checkpoints, the best checkpoint's metric, times, memory, sizes."""
     sft_dir = trainer.sft_dir
     last, best = sft_dir / "last", sft_dir / "best"
     on_cuda = trainer.acc.device.type == "cuda"
@@ -476,7 +476,8 @@ def summarize(
         "total_steps": trainer.total_steps,
         "last_checkpoint": str(last.resolve()) if last.exists() else None,
         "best_checkpoint": str(best.resolve()) if best.exists() else None,
-        "best_eval_loss": final.best_metric,
+        "metric_for_best_model": trainer.s.best_metric,
+        "best_metric": final.best_metric,
         "train_seconds": round(final.train_seconds, 2),
         "wall_seconds_this_process": round(seconds, 2),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if on_cuda else None,

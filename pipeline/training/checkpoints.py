@@ -78,7 +78,10 @@ ReadFull = Callable[[Path], dict[str, torch.Tensor]]
 @dataclass
 class TrainerState:
     global_step: int = 0
-    best_metric: float | None = None  # eval loss of the best checkpoint
+    # the best checkpoint's value of the metric named (trainer.metric_for_best_model as logged; None in
+    # checkpoints older than the field: eval_loss)
+    best_metric: float | None = None
+    best_metric_name: str | None = None
     best_checkpoint: str | None = None
     tokens_seen: int = 0
     train_seconds: float = 0.0
@@ -87,8 +90,9 @@ class TrainerState:
     # the token budget trainer.micro_batch_tokens=auto halved to after running out of GPU memory (None: the
     # planned one), which a resumed run starts from
     micro_batch_tokens: int | None = None
-    # early stopping (trainer.early_stopping_patience): the best eval loss any evaluation reached, how many
-    # evaluations since have not improved on it, and the step at which the run stopped for that (None: it did not)
+    # early stopping (trainer.early_stopping_patience): the best value of that metric any evaluation reached,
+    # how many evaluations since have not improved on it, and the step at which the run stopped for that (None:
+    # it did not)
     patience_best: float | None = None
     evals_without_gain: int = 0
     stopped_early_at: int | None = None

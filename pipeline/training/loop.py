@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.families.base import IGNORE_INDEX, PAIRS
+from pipeline.stage_names import TRAINING_EVAL_STATS
 from pipeline.training.batching import plan_window
 from pipeline.training.checkpoints import (
     STATE_FILE,
@@ -157,7 +158,7 @@ class TokenLoss:
     """sft's objective: the family's cross-entropy summed over the supervised tokens; token accuracy beside it."""
 
     name = "sft"
-    stat_names = ("token_acc",)
+    stat_names = TRAINING_EVAL_STATS["sft"]
 
     def __init__(self, forward: Callable[[nn.Module, dict], LossSums]) -> None:
         self.forward = forward
@@ -395,11 +396,11 @@ class Trainer:
         self.total_steps = planned_steps(n_rows, settings, self.world)
         if settings.early_stopping_patience is not None and len(data.val_set) == 0:
             raise TrainingError(
-                f"trainer.early_stopping_patience={settings.early_stopping_patience} watches the eval loss, and "
-                "the run has no validation rows: set dataset.test_ratio > 0 or dataset.val_path, or "
+                f"trainer.early_stopping_patience={settings.early_stopping_patience} watches {settings.best_metric}, "
+                "and the run has no validation rows: set dataset.test_ratio > 0 or dataset.val_path, or "
                 "trainer.early_stopping_patience=null"
             )
-        self.state = TrainerState(total_steps=self.total_steps)
+        self.state = TrainerState(total_steps=self.total_steps, best_metric_name=settings.best_metric)
         self.log_path = self.sft_dir / "logging.jsonl"
         self._compiled_before = compile_counts()  # another run in this process (a sweep) compiled those
         self._warned_breaks = False
@@ -437,6 +438,7 @@ class Trainer:
             engine=self.deepspeed,
         )
         self.state.total_steps = self.total_steps
+        self._watch_best_metric()
         halved = self.state.micro_batch_tokens
         if halved and self.s.halves_on_oom and halved < self.s.micro_batch_tokens:
             log.info("resuming at the token budget the run halved to: %d", halved)
@@ -451,6 +453,22 @@ class Trainer:
             atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
         log.info("resumed from %s at step %d", ckpt, self.state.global_step)
         return ckpt
+
+    def _watch_best_metric(self) -> None:
+        """A resumed run that names another trainer.metric_for_best_model starts the best value and early
+        stopping's count anew: the checkpoint's best was another metric's."""
+        name = self.state.best_metric_name or "eval_loss"  # checkpoints older than the field
+        self.state.best_metric_name = self.s.best_metric
+        if name == self.s.best_metric:
+            return
+        log.info(
+            "trainer.metric_for_best_model is %s, the checkpoint's best was by %s: the best checkpoint and early "
+            "stopping's count start again from the next evaluation",
+            self.s.best_metric,
+            name,
+        )
+        self.state.best_metric = self.state.patience_best = None
+        self.state.evals_without_gain = 0
 
     # ----- data
     def _micro_batches(self, step: int) -> list[list[int]]:
@@ -667,11 +685,18 @@ class Trainer:
 
     def _record_eval(self, metrics: dict, saving: bool) -> None:
         self.state.history.append({"step": self.state.global_step, **metrics})
-        loss = metrics.get("eval_loss")
+        value = metrics.get(self.s.best_metric)
         # Only a step that is also saved can become "best": the pointer must name an existing folder.
-        if saving and loss is not None and (self.state.best_metric is None or loss < self.state.best_metric):
-            self.state.best_metric = loss
+        if saving and value is not None and self._improves(value, self.state.best_metric, 0.0):
+            self.state.best_metric = value
             self.state.best_checkpoint = f"checkpoint-{self.state.global_step}"
+
+    def _improves(self, value: float, best: float | None, threshold: float) -> bool:
+        """Returns whether `value` of trainer.metric_for_best_model beats `best` (None: nothing yet) by more
+        than `threshold`, in the metric's direction."""
+        if best is None:
+            return True
+        return value > best + threshold if self.s.greater_is_better else value < best - threshold
 
     def _log(self, record: dict) -> None:
         if self.acc.is_main_process:
@@ -784,11 +809,12 @@ class Trainer:
         t_start = time.perf_counter()
         if self._patience_spent():
             log.info(
-                "the run stopped early at step %d (%d evaluations without a better eval loss, "
+                "the run stopped early at step %d (%d evaluations without a better %s, "
                 "trainer.early_stopping_patience=%d): nothing left to train; a larger patience or "
                 "trainer.early_stopping_patience=null goes on from its last checkpoint",
                 self.state.stopped_early_at or start,
                 self.state.evals_without_gain,
+                self.s.best_metric,
                 self.s.early_stopping_patience,
             )
             bar.close()
@@ -872,7 +898,7 @@ class Trainer:
                         groups.close()
                         groups = self._saving_on_bad_data(self._loader(step))
                     if metrics:
-                        stop_early = self._count_patience(metrics["eval_loss"])
+                        stop_early = self._count_patience(metrics[self.s.best_metric])
                         do_save = do_save or stop_early
                         self._record_eval(metrics, saving=bool(do_save))
                         self._log({"step": step, **metrics})
@@ -894,11 +920,12 @@ class Trainer:
                     break
                 if self.state.stopped_early_at == step:
                     log.info(
-                        "early stopping at step %d of %d: %d evaluations without an eval loss below %.6g "
+                        "early stopping at step %d of %d: %d evaluations without a better %s than %.6g "
                         "(trainer.early_stopping_patience); checkpoint %s",
                         step,
                         self.total_steps,
                         self.state.evals_without_gain,
+                        self.s.best_metric,
                         self.state.patience_best,
                         last_saved,
                     )
@@ -906,15 +933,14 @@ class Trainer:
         bar.close()
         return self.state
 
-    def _count_patience(self, loss: float) -> bool:
-        """Counts an evaluation for early stopping; returns whether the run stops at this step (its state then
-        says so, and the checkpoint written at this step records it)."""
+    def _count_patience(self, value: float) -> bool:
+        """Counts an evaluation (its value of trainer.metric_for_best_model) for early stopping; returns whether
+        the run stops at this step (its state then says so, and the checkpoint written at this step records it)."""
         patience = self.s.early_stopping_patience
         if patience is None:
             return False
-        best = self.state.patience_best
-        if best is None or loss < best - self.s.early_stopping_threshold:
-            self.state.patience_best, self.state.evals_without_gain = loss, 0
+        if self._improves(value, self.state.patience_best, self.s.early_stopping_threshold):
+            self.state.patience_best, self.state.evals_without_gain = value, 0
         else:
             self.state.evals_without_gain += 1
         if self._patience_spent() and self.state.global_step < self.total_steps:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline.config import resolve_dtype
+from pipeline.config import best_metric_name, resolve_dtype
 from pipeline.families.base import Checkpointing
 from pipeline.families.packing import static_floor
 
@@ -126,8 +126,12 @@ class LoopSettings:
     # evaluation) that runs out of GPU memory is retried at half the budget, down to SMALLEST_HALVED_BUDGET
     halves_on_oom: bool = False
     neftune_alpha: float = 0.0  # trainer.neftune_noise_alpha (0: no noise on the embeddings)
-    # trainer.early_stopping_patience (None: never) and _threshold: evaluations in a row without a better eval
-    # loss (by more than the threshold) after which training ends
+    # the evaluation metric (as logged: eval_<name>) that picks the best checkpoint and that early stopping
+    # watches, and whether a larger value is the better one (trainer.metric_for_best_model, greater_is_better)
+    best_metric: str = "eval_loss"
+    greater_is_better: bool = False
+    # trainer.early_stopping_patience (None: never) and _threshold: evaluations in a row without a better value
+    # of best_metric (by more than the threshold) after which training ends
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
 
@@ -295,6 +299,12 @@ def plan_training(
         save_steps=t.save_steps if t.save_steps is not None else t.eval_steps,
         save_total_limit=t.save_total_limit,
         save_only_model=t.save_only_model,
+        best_metric=best_metric_name(t.metric_for_best_model),
+        greater_is_better=(
+            t.greater_is_better
+            if t.greater_is_better is not None
+            else not t.metric_for_best_model.endswith("loss")
+        ),
         early_stopping_patience=t.early_stopping_patience,
         early_stopping_threshold=float(t.early_stopping_threshold),
         eval_batch_size=t.eval_batch_size if t.eval_batch_size is not None else t.batch_size,

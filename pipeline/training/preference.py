@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import CHOICES
 from pipeline.families.base import PAIR_INDEX, PAIRS, SequenceLogps
+from pipeline.stage_names import TRAINING_EVAL_STATS
 from pipeline.training.batching import plan_window
 from pipeline.training.loop import ObjectiveSums, loader_options
 from pipeline.utils.io import atomic_write_bytes
@@ -55,14 +56,7 @@ REFERENCE_FREE = ("simpo",)
 # the losses whose answers are scored by their mean token log-probability rather than the sum
 MEAN_LOGPS = ("ipo", "simpo")
 CACHE_FILE = "reference_logps.safetensors"
-STATS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
+STATS = TRAINING_EVAL_STATS["dpo"]
 
 # `logps(model, batch)`: each sample's summed log-probability (Family.sequence_logps)
 LogpsFn = Callable[[nn.Module, dict], SequenceLogps]

@@ -1,6 +1,7 @@
 """trainer.early_stopping_patience: the sft stage ends with a checkpoint after that many evaluations in a row
 without a better eval loss, the run folder says where; the same command then trains nothing more, and a run
-resumed without the patience goes on from that checkpoint to its planned steps."""
+resumed without the patience goes on from that checkpoint to its planned steps. trainer.metric_for_best_model:
+the evaluation metric, and its direction, that picks sft/best and that early stopping watches."""
 
 from __future__ import annotations
 
@@ -74,3 +75,64 @@ def test_patience_without_held_out_rows_is_refused_before_any_model_loads():
     with pytest.raises(ConfigError, match=r"trainer\.early_stopping_patience=3 .*dataset\.test_ratio=0"):
         validate(compose_config(["trainer.early_stopping_patience=3", "dataset.test_ratio=0"]))
     validate(compose_config(["trainer.early_stopping_patience=3"]))  # the default split holds rows out
+
+
+def test_the_best_checkpoint_is_picked_by_the_metric_named_in_its_direction(pretrained_twin, tmp_path):
+    every_step = (*PLAN, "trainer.save_steps=1", "trainer.save_total_limit=10", "optim.lr=5e-3")
+    for overrides, name, pick in (
+        (("trainer.metric_for_best_model=token_acc",), "eval_token_acc", max),  # inferred: greater is better
+        (
+            ("trainer.metric_for_best_model=eval_token_acc", "trainer.greater_is_better=false"),
+            "eval_token_acc",
+            min,
+        ),
+        ((), "eval_loss", min),
+    ):
+        run_dir = tmp_path / name / pick.__name__
+        out = run_stage(sft, make_cfg(pretrained_twin, *every_step, *overrides), run_dir)["sft"]
+        by_step = {h["step"]: h[name] for h in out["eval_history"] if h["step"] > 0}
+        assert len(by_step) == 8
+        best = pick(by_step.values())
+        first = min(step for step, value in by_step.items() if value == best)  # a tie does not replace it
+        assert out["metric_for_best_model"] == name and out["best_metric"] == best
+        assert out["best_checkpoint"].endswith(f"checkpoint-{first}")
+        assert (run_dir / "sft" / "best").resolve().name == f"checkpoint-{first}"
+        state = json.loads((run_dir / "sft" / f"checkpoint-{first}" / "trainer_state.json").read_text())
+        assert state["best_metric_name"] == name
+
+
+def test_a_resumed_run_that_names_another_metric_counts_its_patience_anew(pretrained_twin, tmp_path, caplog):
+    run_stage(sft, make_cfg(pretrained_twin, *PLAN, *STILL), tmp_path)  # stops at step 3 by the eval loss
+    with caplog.at_level(logging.INFO, logger="pipeline.training.loop"):
+        out = run_stage(
+            sft, make_cfg(pretrained_twin, *PLAN, *STILL, "trainer.metric_for_best_model=token_acc"), tmp_path
+        )["sft"]
+    assert "the best checkpoint and early stopping's count start again" in caplog.text
+    # evaluation 4 sets token accuracy's best, 5 and 6 do not beat it (the rate moves nothing)
+    assert out["resumed_from"].endswith("checkpoint-3") and out["stopped_early_at"] == 6
+    assert (
+        out["best_checkpoint"].endswith("checkpoint-4") and out["metric_for_best_model"] == "eval_token_acc"
+    )
+
+
+def test_a_metric_the_training_stage_does_not_report_is_refused_naming_those_it_does():
+    from pipeline.config import ConfigError, validate
+    from tests.helpers import compose_config
+
+    with pytest.raises(
+        ConfigError, match=r"metric_for_best_model='rouge_l': the sft stage evaluates loss, token_acc"
+    ):
+        validate(compose_config(["trainer.metric_for_best_model=rouge_l"]))
+    with pytest.raises(ConfigError, match=r"'rewards/accuracies': the sft stage evaluates"):
+        validate(compose_config(["trainer.metric_for_best_model=rewards/accuracies"]))
+    with pytest.raises(
+        ConfigError, match=r"'nll': the dpo stage evaluates loss, rewards/chosen, .*logps/rejected$"
+    ):
+        validate(compose_config(["+experiment=dpo", "trainer.metric_for_best_model=nll"]))
+    for ok in (
+        ["trainer.metric_for_best_model=eval_token_acc"],
+        ["+experiment=dpo", "trainer.metric_for_best_model=rewards/accuracies"],
+        ["+experiment=dpo", "trainer.metric_for_best_model=eval_nll", "preference.rpo_alpha=1.0"],
+        ["stages=[eval]", "ckpt=base", "trainer.metric_for_best_model=anything"],  # nothing trains
+    ):
+        validate(compose_config(ok))
