@@ -133,6 +133,10 @@ class DatasetConfig:
     test_ratio: float = 0.01
     max_length: int = 2048
     truncation: str = "delete"  # delete | truncate (a conversation longer than max_length)
+    # which responses of a multi-round row carry the loss (ms-swift's --loss_scale): default = every round's,
+    # last_round = the final one alone (the history is context); auto = default for sft and the eval loss,
+    # last_round for preference pairs (dpo, eval's pair metrics), as ms-swift's sft and rlhf
+    loss_scale: str = "auto"
     on_error: str = "raise"  # raise | skip (skipped rows are listed in the run folder)
     image_root: str | None = None
     allow_download: bool = False  # true: fetch images missing under image_root from their URL
@@ -395,6 +399,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "lora.bias": ("none", "all", "lora_only"),
     "dataset.name": ("demo", "demo_pairs", "custom", "hf", "coco_en_2_mini"),
     "dataset.truncation": TRUNCATION_POLICIES,
+    "dataset.loss_scale": ("auto", "default", "last_round"),
     "dataset.on_error": ON_ERROR_CHOICES,
     "optim.scheduler": ("cosine", "linear", "constant"),
     "optim.name": OPTIMIZERS,
@@ -931,6 +936,12 @@ def _check_early_stopping(tree: dict) -> list[str]:
         "without dataset.val_path holds out no validation rows: set one of them, or "
         "trainer.early_stopping_patience=null"
     ]
+
+
+def last_round_only(loss_scale: str, pairs: bool) -> bool:
+    """Returns whether dataset.loss_scale puts the loss on each row's final response alone: `pairs` for
+    preference pairs (auto: yes) or rows trained or scored on their answers (auto: every round's)."""
+    return loss_scale == "last_round" or (loss_scale == "auto" and pairs)
 
 
 def eval_stat_names(stage: str, rpo_alpha: float | None) -> tuple[str, ...]:

@@ -699,9 +699,11 @@ class Family(ABC):
         conversation: Sequence[Message],
         images: Sequence[Image.Image] = (),
         generation: bool = False,
+        last_round: bool = False,
     ) -> EncodedSample:
-        """Returns the encoded conversation; labels are the assistant turns only (none with generation=True,
-        where a final assistant message, if any, is dropped and the generation prompt appended)."""
+        """Returns the encoded conversation; labels are the assistant turns only, the last one alone with
+        `last_round` (none with generation=True, where a final assistant message, if any, is dropped and the
+        generation prompt appended)."""
 
     @abstractmethod
     def collate_for_training(self, processor: Any, samples: Sequence[EncodedSample]) -> dict[str, Any]:
@@ -908,8 +910,10 @@ class Family(ABC):
         max_length: int,
         truncation: str,
         images: ImageSource,
+        last_round: bool = False,
     ) -> TorchDataset:
-        """Returns a dataset that encodes the rows on access (in DataLoader workers), with `token_counts()`."""
+        """Returns a dataset that encodes the rows on access (in DataLoader workers), with `token_counts()`;
+        its labels are on every round's response, or on each row's last one alone with `last_round`."""
 
     @abstractmethod
     def training_collate(

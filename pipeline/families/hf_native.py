@@ -380,6 +380,7 @@ class HFNativeFamily(Family):
         images: Sequence[Image.Image] = (),
         generation: bool = False,
         videos: Sequence[Video] = (),
+        last_round: bool = False,
     ) -> EncodedSample:
         """Encodes as Family.encode; `videos` hold frames already sampled (video_frame_picker), which the
         processor takes as they are with the stream's metadata (no decoding or sampling of its own)."""
@@ -387,6 +388,8 @@ class HFNativeFamily(Family):
         hf_messages = to_hf_messages(messages)
         text = self.render(processor, hf_messages, generation_prompt=generation)
         spans = [] if generation else self.assistant_spans(processor, hf_messages, text)
+        if last_round:
+            spans = spans[-1:]
         video_inputs: dict[str, Any] = {}
         if videos:
             video_inputs = dict(
@@ -744,12 +747,15 @@ class HFNativeFamily(Family):
         images: Sequence[Image.Image],
         generation: bool,
         videos: Sequence[Video] = (),
+        last_round: bool = False,
     ) -> EncodedSample:
         """Returns a dataset row encoded (a generation prompt without its response when `generation`)."""
         response = None if generation else row.response
         conversation = messages_from_row(row.query, response, row.history, row.system)
         try:
-            return self.encode(processor, conversation, images, generation=generation, videos=videos)
+            return self.encode(
+                processor, conversation, images, generation=generation, videos=videos, last_round=last_round
+            )
         except FamilyError as err:
             raise FamilyError(f"{row.origin}: {err}") from err
 
@@ -766,11 +772,11 @@ class HFNativeFamily(Family):
             raise type(exc)(f"{row.origin}: {exc}") from exc
 
     def _encode_row_from(
-        self, processor: Any, row: RowLike, source: ImageSource, generation: bool
+        self, processor: Any, row: RowLike, source: ImageSource, generation: bool, last_round: bool = False
     ) -> EncodedSample:
         """Returns a dataset row encoded with its images and videos read from `source`."""
         videos = self.row_videos(processor, row, source)
-        return self._encode_row(processor, row, row_images(row, source), generation, videos)
+        return self._encode_row(processor, row, row_images(row, source), generation, videos, last_round)
 
     # True where the template holds one image token per image that the processor repeats once per image
     # token (the Qwen VLs): a row is then counted from its text and its images' header sizes alone
@@ -865,9 +871,15 @@ class HFNativeFamily(Family):
         )
 
     def dataset(
-        self, bundle: Bundle, rows: Sequence[RowLike], max_length: int, truncation: str, images: ImageSource
+        self,
+        bundle: Bundle,
+        rows: Sequence[RowLike],
+        max_length: int,
+        truncation: str,
+        images: ImageSource,
+        last_round: bool = False,
     ) -> EncodedRows:
-        return EncodedRows(rows, self, bundle.processor, max_length, images)
+        return EncodedRows(rows, self, bundle.processor, max_length, images, last_round=last_round)
 
     def training_collate(
         self,
@@ -1286,8 +1298,10 @@ class EncodedRows(TorchDataset):
         max_length: int,
         images: ImageSource,
         with_response: bool = True,
+        last_round: bool = False,
     ) -> None:
         self.rows = list(rows)
+        self.last_round = last_round  # labels on each row's final response alone
         self.family = family
         self.processor = processor
         self.max_length = max_length
@@ -1308,7 +1322,7 @@ class EncodedRows(TorchDataset):
     def __getitem__(self, index: int) -> EncodedSample:
         row = self.rows[index]
         sample = self.family._encode_row_from(
-            self.processor, row, self.images, generation=not self.with_response
+            self.processor, row, self.images, generation=not self.with_response, last_round=self.last_round
         )
         if len(sample) > self.max_length:
             # Validation removed every row that does not fit, so this means the file changed since.

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, last_round_only
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, split_dataset
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
@@ -201,6 +201,7 @@ def cache_identity(
         "settings": family.settings,
         "max_length": cfg.dataset.max_length,
         "truncation": cfg.dataset.truncation,
+        "last_round": last_round_only(cfg.dataset.loss_scale, pairs=True),
         "dtype": str(plan.weights_dtype),
         "mixed_precision": plan.launch.mixed_precision,
     }
@@ -284,6 +285,8 @@ def build_pair_data(
         else 0.0
     )
     patches = family.patch_counter(bundle, images) if weight > 0 else None
+    # the answers' log-probabilities are the final answer's (the history, the same in both, is context)
+    last_round = last_round_only(cfg.dataset.loss_scale, pairs=True)
 
     def pair_set(split: list[Row], offset: int) -> PairDataset:
         sizes = [counter.sizes[id(row)] for row in split]
@@ -294,7 +297,9 @@ def build_pair_data(
         ]
 
         def encoded(answers: list[Row]):
-            return family.dataset(bundle, answers, cfg.dataset.max_length, cfg.dataset.truncation, images)
+            return family.dataset(
+                bundle, answers, cfg.dataset.max_length, cfg.dataset.truncation, images, last_round=last_round
+            )
 
         budget = budget_sizes(
             [c + r for c, r in sizes], [patches(row) for row in split] if patches else None, weight

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.apps.generation import generate_for_rows, generation_settings, load_inference_bundle
-from pipeline.config import BASE_CKPT, ConfigError, objective_problems, resolve_device
+from pipeline.config import BASE_CKPT, ConfigError, last_round_only, objective_problems, resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import read_dataset, split_dataset
 from pipeline.data.rows import DatasetError, Row
@@ -60,10 +60,17 @@ def _batches(n: int, size: int) -> list[range]:
 
 @torch.no_grad()
 def loss_metrics(
-    family: Family, bundle: Bundle, rows: list[Row], batch_size: int, max_length: int, truncation: str
+    family: Family,
+    bundle: Bundle,
+    rows: list[Row],
+    batch_size: int,
+    max_length: int,
+    truncation: str,
+    last_round: bool = False,
 ) -> dict[str, float]:
-    """Returns eval_loss (mean cross-entropy per response token), perplexity, token_acc and num_tokens."""
-    dataset = family.dataset(bundle, rows, max_length, truncation, ImageFiles())
+    """Returns eval_loss (mean cross-entropy per response token: every round's, or the last one's with
+    `last_round`), perplexity, token_acc and num_tokens."""
+    dataset = family.dataset(bundle, rows, max_length, truncation, ImageFiles(), last_round=last_round)
     model = bundle.core  # PEFT injects its LoRA layers into this module, so it scores with the adapter
     device = family.device_of(bundle)
     collate = family.eval_collate(bundle)
@@ -92,17 +99,24 @@ def loss_metrics(
 
 @torch.no_grad()
 def preference_metrics(
-    family: Family, bundle: Bundle, rows: list[Row], batch_size: int, max_length: int, truncation: str
+    family: Family,
+    bundle: Bundle,
+    rows: list[Row],
+    batch_size: int,
+    max_length: int,
+    truncation: str,
+    last_round: bool = True,
 ) -> dict[str, float]:
     """Returns pref_accuracy (the share of the rows' preference pairs whose chosen answer has the higher
-    summed log-probability) and pref_margin (the mean difference); nothing when no row is a pair."""
+    summed log-probability: the final answer's, or every round's without `last_round`) and pref_margin (the
+    mean difference); nothing when no row is a pair."""
     pairs = [row for row in rows if row.rejected is not None]
     if not pairs:
         return {}
     images = ImageFiles()
-    chosen = family.dataset(bundle, pairs, max_length, truncation, images)
+    chosen = family.dataset(bundle, pairs, max_length, truncation, images, last_round=last_round)
     rejected_rows = [dataclasses.replace(row, response=row.rejected, num_tokens=None) for row in pairs]
-    rejected = family.dataset(bundle, rejected_rows, max_length, truncation, images)
+    rejected = family.dataset(bundle, rejected_rows, max_length, truncation, images, last_round=last_round)
     collate = PairCollate(family.eval_collate(bundle))
     device = family.device_of(bundle)
     margins: list[float] = []
@@ -156,14 +170,15 @@ def score(
 def _score(
     cfg: DictConfig, family: Family, bundle: Bundle, rows: list[Row]
 ) -> tuple[dict[str, float], int, list[str]]:
+    encoding = (cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation)
     scores = loss_metrics(
-        family, bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation
+        family, bundle, rows, *encoding, last_round=last_round_only(cfg.dataset.loss_scale, pairs=False)
     )
     num_tokens = scores.pop("num_tokens")
     metrics: dict[str, float] = dict(scores)
     metrics.update(
         preference_metrics(
-            family, bundle, rows, cfg.eval.batch_size, cfg.dataset.max_length, cfg.dataset.truncation
+            family, bundle, rows, *encoding, last_round=last_round_only(cfg.dataset.loss_scale, pairs=True)
         )
     )
     predictions: list[str] = []

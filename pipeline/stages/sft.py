@@ -24,7 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.config import BASE_CKPT, ConfigError, resolve_device
+from pipeline.config import BASE_CKPT, ConfigError, last_round_only, resolve_device
 from pipeline.data.images import ImageFiles
 from pipeline.data.prepare import RawRows, read_dataset, split_dataset
 from pipeline.data.summary import report_summary, summarize_dataset
@@ -306,8 +306,12 @@ def build_data(
     )
     report_summary(summary, sft_dir / "dataset_summary.json")
 
+    last_round = last_round_only(cfg.dataset.loss_scale, pairs=False)
+
     def encoded(split):
-        return family.dataset(bundle, split, cfg.dataset.max_length, cfg.dataset.truncation, images)
+        return family.dataset(
+            bundle, split, cfg.dataset.max_length, cfg.dataset.truncation, images, last_round=last_round
+        )
 
     train_set, val_set = encoded(splits.train), encoded(splits.val)
     lengths = val_lengths = None

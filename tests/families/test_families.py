@@ -146,6 +146,22 @@ def test_labels_are_the_assistant_turns_token_by_token(loaded, name, layout):
     assert list(processor(text=[direct], images=[[picture()]])["input_ids"][0]) == sample.input_ids
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_last_round_labels_the_final_answer_alone(loaded, name):
+    family, _, processor = loaded[name]
+    every = family.encode(processor, CONVERSATION, [picture()])
+    last = family.encode(processor, CONVERSATION, [picture()], last_round=True)
+    assert last.input_ids == every.input_ids
+    supervised = [k for k, label in enumerate(every.labels) if label != IGNORE_INDEX]
+    kept = [k for k, label in enumerate(last.labels) if label != IGNORE_INDEX]
+    # the same labels where it keeps any, on the last unbroken run of the first's (the final answer's turn)
+    assert all(last.labels[k] == every.labels[k] for k in kept)
+    run_start = max(k for k in supervised if k - 1 not in supervised)
+    assert kept == [k for k in supervised if k >= run_start] and 0 < len(kept) < len(supervised)
+    answer = processor.tokenizer.decode([every.input_ids[k] for k in kept])
+    assert answer.startswith("There are 3 squares.") and "red circle" not in answer
+
+
 GENERATION_PROMPT = {
     "qwen2_5_vl": "<|im_end|>\n<|im_start|>assistant\n",
     "minicpm_v4_6": "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.__main__ import run_pipeline
 from pipeline.config import ConfigError, validate
@@ -126,6 +127,35 @@ def test_full_finetuning_caches_the_reference_once(family_twin, tmp_path, caplog
     assert cache.stat().st_mtime_ns == written
     assert "read from" in caplog.text
     assert read_cached_table(cache, "the key of other pairs or weights", 9) is None
+
+
+def test_multi_round_pairs_are_scored_on_their_final_answers(family_twin, tmp_path):
+    # dataset.loss_scale=auto is the final answer's log-probability, as ms-swift's rlhf and TRL; default adds
+    # the history's responses, which are the same in both answers of a pair (and cancel in their difference)
+    from safetensors.torch import load_file
+
+    twin = copy_twin(family_twin("qwen2_5_vl"), tmp_path / "qwen2_5_vl_tiny")
+    rows = [
+        {
+            "history": [[f"Count to {k}.", " ".join(str(i) for i in range(1, k + 2))]],
+            "query": "And backwards?",
+            "response": " ".join(str(i) for i in range(k + 1, 0, -1)),
+            "rejected_response": "I cannot.",
+        }
+        for k in range(1, 7)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tables = {}
+    for scale in ("auto", "default"):
+        run_dir = tmp_path / scale
+        extra = ("stages=[dpo]", "dataset=custom", f"dataset.path={data}", "preference.reference=cached")
+        run_stage(dpo, config(twin, "qwen2_5_vl", run_dir, *extra, f"dataset.loss_scale={scale}"), run_dir)
+        tables[scale] = load_file(str(run_dir / "dpo" / CACHE_FILE))["logps"]
+    final, every = tables["auto"], tables["default"]
+    assert final.shape == (6, 2) and bool((final > every).all())  # fewer tokens: a larger log-probability
+    history = every - final
+    assert torch.allclose(history[:, 0], history[:, 1], atol=1e-4)
 
 
 def test_dpo_trains_on_an_sft_adapter_with_that_model_as_reference(family_twin, tmp_path):

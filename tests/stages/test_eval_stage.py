@@ -108,8 +108,19 @@ def test_base_model_eval_works_and_differs_from_the_adapter(workdir: Path, adapt
     assert metrics["eval_loss"] != pytest.approx(adapter_eval[1]["metrics"]["eval_loss"], rel=1e-6)
 
 
-def test_eval_loss_is_token_weighted_over_every_response_token(workdir: Path, tmp_path: Path):
-    cfg = config(workdir, "stages=[eval]", "ckpt=base", "eval.generate=false", "eval.batch_size=3")
+@pytest.mark.parametrize(("loss_scale", "last_round"), [("auto", False), ("last_round", True)])
+def test_eval_loss_is_token_weighted_over_every_response_token(
+    workdir: Path, tmp_path: Path, loss_scale: str, last_round: bool
+):
+    # with dataset.loss_scale=last_round the history's response ("the sum" of the third row) is context only
+    cfg = config(
+        workdir,
+        "stages=[eval]",
+        "ckpt=base",
+        "eval.generate=false",
+        "eval.batch_size=3",
+        f"dataset.loss_scale={loss_scale}",
+    )
     metrics = run_stage(eval_stage, cfg, tmp_path)["metrics"]
     bundle = load_bundle(str(workdir / "tiny"))
     rows = read_rows(workdir / "val.jsonl")[:4]
@@ -123,12 +134,17 @@ def test_eval_loss_is_token_weighted_over_every_response_token(workdir: Path, tm
             row["response"],
             history=row.get("history", []),
             image=image,
+            last_round=last_round,
         )
         with torch.no_grad():
-            out = bundle.model(**collate_for_training([sample], bundle.tokenizer.pad_id))
-        loss_sum += float(out.loss_sum)
-        tokens += float(out.num_tokens)
+            scored = bundle.model(**collate_for_training([sample], bundle.tokenizer.pad_id))
+        loss_sum += float(scored.loss_sum)
+        tokens += float(scored.num_tokens)
     assert metrics["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-4)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    answers = sum(len(bundle.tokenizer.encode(row["response"])) + 1 for row in rows)  # each with its </s>
+    history = 0 if last_round else len(bundle.tokenizer.encode("the sum"))
+    assert written["num_tokens"] == tokens == answers + history
 
 
 @pytest.mark.parametrize(

@@ -401,3 +401,38 @@ def test_the_dataset_is_read_and_checked_before_the_weights_load(tmp_path, stage
     module = {"sft": sft, "eval": eval_stage, "infer": infer_stage}[stage]
     with pytest.raises(DatasetError, match=r"rows.jsonl:2: 'response' is empty"):
         run_stage(module, cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize(("loss_scale", "answers"), [("auto", 2), ("last_round", 1)])
+def test_the_loss_scale_picks_the_answers_that_train(twin, tmp_path, monkeypatch, loss_scale, answers):
+    from pipeline.families import get_family
+
+    family = type(get_family("minicpm_v2"))
+    built = []
+    original = family.dataset
+
+    def keep(self, *args, **kwargs):
+        built.append(original(self, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(family, "dataset", keep)
+    rows = [
+        {"history": [[f"Name {k}.", f"It is {k}."]], "query": "Twice?", "response": f"{2 * k}."}
+        for k in range(8)
+    ]
+    data = tmp_path / "rounds.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    extra = (
+        "dataset=custom",
+        f"dataset.path={data}",
+        "dataset.test_ratio=0.25",
+        f"dataset.loss_scale={loss_scale}",
+    )
+    out = run_stage(sft, make_cfg(twin, *SHORT, "trainer.max_steps=1", *extra), tmp_path)
+    assert out["sft"]["global_step"] == 1
+    train, val = built[:2]
+    for dataset in (train, val):
+        for k in range(len(dataset)):
+            labelled = [i for i, label in enumerate(dataset[k].labels) if label != -100]
+            runs = sum(1 for i in labelled if i - 1 not in labelled)  # each answer is one unbroken run
+            assert runs == answers

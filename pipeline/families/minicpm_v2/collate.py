@@ -41,10 +41,12 @@ def encode_example(
     image: Image.Image | None = None,
     max_length: int = 2048,
     truncation: str = "delete",
+    last_round: bool = False,
 ) -> Sample | None:
     """Returns the encoded example, or None when it is too long to keep under ``truncation``.
 
-    ``response=None`` encodes a generation prompt (ending with ``<AI>``, no labels).
+    ``response=None`` encodes a generation prompt (ending with ``<AI>``, no labels); ``last_round``: labels on
+    the final response alone, not on the history's.
     """
     processed = processor(image, tokenizer) if image is not None else None
     enc = render_conversation(
@@ -54,6 +56,7 @@ def encode_example(
         history=history,
         system=system,
         image_placeholder=processed.placeholder_ids if processed is not None else None,
+        last_round=last_round,
     )
     kept = truncate(enc, max_length, truncation)
     if kept is None:

@@ -80,8 +80,10 @@ class SFTDataset(Dataset):
         truncation: str,
         images: ImageSource,
         with_response: bool = True,
+        last_round: bool = False,
     ) -> None:
         self.rows = list(rows)
+        self.last_round = last_round  # labels on each row's final response alone
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
@@ -117,6 +119,7 @@ class SFTDataset(Dataset):
             image=image,
             max_length=self.max_length,
             truncation=self.truncation,
+            last_round=self.last_round,
         )
         if sample is None:
             # Validation removed every row that cannot be kept, so this means the file changed since.

@@ -142,6 +142,7 @@ class MiniCPMV2(Family):
         conversation: Sequence[Message],
         images: Sequence[Image.Image] = (),
         generation: bool = False,
+        last_round: bool = False,
     ) -> EncodedSample:
         messages = self.prepare_messages(conversation, images, generation)
         system, rounds = self._rounds(messages)
@@ -160,6 +161,7 @@ class MiniCPMV2(Family):
             system=system,
             image=images[0] if images else None,
             max_length=self.max_length,
+            last_round=last_round,
         )
         if sample is None:
             raise FamilyError(f"{self.name}: the conversation is longer than {self.limits().describe()}")
@@ -352,8 +354,11 @@ class MiniCPMV2(Family):
         max_length: int,
         truncation: str,
         images: ImageSource,
+        last_round: bool = False,
     ) -> SFTDataset:
-        return SFTDataset(rows, bundle.tokenizer, bundle.processor, max_length, truncation, images)
+        return SFTDataset(
+            rows, bundle.tokenizer, bundle.processor, max_length, truncation, images, last_round=last_round
+        )
 
     def training_collate(
         self, bundle: ModelBundle, pad_to_multiple: int = 1, packed: bool = False, static: bool = False

@@ -109,8 +109,10 @@ def render_conversation(
     history: Sequence[Sequence[str]] = (),
     system: str | None = None,
     image_placeholder: list[int] | None = None,
+    last_round: bool = False,
 ) -> EncodedConversation:
-    """Returns the ids, labels and image bounds of a conversation (a generation prompt when response is None)."""
+    """Returns the ids, labels and image bounds of a conversation (a generation prompt when response is None);
+    labels on every round's response, or on the last one alone with `last_round` (the history is context)."""
     ids: list[int] = [tokenizer.bos_id]
     labels: list[int] = [IGNORE_INDEX]
     bounds: list[tuple[int, int]] = []
@@ -139,7 +141,10 @@ def render_conversation(
         add(tokenizer.ai_ids, labelled=False)
         if r is not None:
             # A generation prompt carries no label at all, not even on its history's responses.
-            add(tokenizer.encode(r), labelled=response is not None)
+            add(
+                tokenizer.encode(r),
+                labelled=response is not None and (not last_round or k == len(rounds) - 1),
+            )
     if response is not None:
         add([tokenizer.eos_id], labelled=True)
     return EncodedConversation(input_ids=ids, labels=labels, image_bound=bounds, placeholder_spans=spans)
