@@ -249,11 +249,16 @@ class PreferenceConfig:
     """The dpo stage's objective (ms-swift's `swift rlhf` names and defaults)."""
 
     # sigmoid (DPO) | ipo (IPO, on the answers' mean token log-probabilities) | simpo (SimPO, reference-free)
+    # | cpo (CPO, reference-free) | orpo (ORPO: the odds ratio of the answers' mean token probabilities,
+    # reference-free, with the chosen answer's NLL)
     loss_type: str = "sigmoid"
-    beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo
+    beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo (orpo: the odds ratio's weight)
     # weight of an SFT term on the chosen answer (its mean token negative log-likelihood), as RLAIF-V mixes
-    # it in; None = none
+    # it in, for DPO's losses (sigmoid, ipo); None = none
     rpo_alpha: float | None = None
+    # the same term's weight for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with: 1.0); 0 =
+    # SimPO as its paper has it
+    cpo_alpha: float = 1.0
     label_smoothing: float = 0.0  # sigmoid and simpo: the share of pairs taken as mislabelled (cDPO)
     simpo_gamma: float = 1.0  # simpo: the target reward margin
     # where the reference log-probabilities come from: auto = the same weights with the adapter disabled when
@@ -414,7 +419,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.compile_vision": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "preference.loss_type": ("sigmoid", "ipo", "simpo"),
+    "preference.loss_type": ("sigmoid", "ipo", "simpo", "cpo", "orpo"),
     "preference.reference": ("auto", "no_adapter", "cached"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -459,6 +464,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("trainer.max_eval_samples", 1, None),
     ("preference.beta", 1e-6, None),
     ("preference.rpo_alpha", 0.0, None),
+    ("preference.cpo_alpha", 0.0, None),
     ("preference.label_smoothing", 0.0, 0.5),
     ("preference.simpo_gamma", 0.0, None),
     ("eval.max_samples", 1, None),
@@ -741,8 +747,17 @@ def _check_ckpt(tree: dict) -> list[str]:
 
 
 def _check_preference(tree: dict) -> list[str]:
-    """The dpo stage's objective: a reference the tuning mode can give."""
+    """The dpo stage's objective: a reference the tuning mode can give, and an NLL weight its loss reads."""
     preference = tree["preference"]
+    loss = preference["loss_type"]
+    if preference["rpo_alpha"] and loss in ("cpo", "simpo", "orpo"):
+        weight = (
+            "is part of its loss, at weight 1" if loss == "orpo" else "is weighed by preference.cpo_alpha"
+        )
+        return [
+            f"preference.rpo_alpha={preference['rpo_alpha']} weighs the NLL term of DPO's losses (sigmoid, ipo); "
+            f"with preference.loss_type={loss} that term {weight}"
+        ]
     if preference["reference"] == "no_adapter" and tree["lora"]["name"] == "none":
         return [
             "preference.reference=no_adapter needs a LoRA adapter to disable; with lora=none (full fine-tuning) "
@@ -944,9 +959,23 @@ def last_round_only(loss_scale: str, pairs: bool) -> bool:
     return loss_scale == "last_round" or (loss_scale == "auto" and pairs)
 
 
-def eval_stat_names(stage: str, rpo_alpha: float | None) -> tuple[str, ...]:
-    """Returns the metrics the training stage's periodic evaluation reports (`loss` first), without `eval_`."""
-    return ("loss", *TRAINING_EVAL_STATS[stage], *(("nll",) if stage == "dpo" and rpo_alpha else ()))
+def nll_weight(loss_type: str, rpo_alpha: float | None, cpo_alpha: float) -> float:
+    """Returns the weight of the preference loss's term on the chosen answer's mean token negative
+    log-likelihood: preference.rpo_alpha for DPO's losses, cpo_alpha for cpo and simpo, 1 for orpo (its own)."""
+    if loss_type == "orpo":
+        return 1.0
+    if loss_type in ("cpo", "simpo"):
+        return float(cpo_alpha)
+    return float(rpo_alpha or 0.0)
+
+
+def eval_stat_names(stage: str, preference: Mapping[str, Any]) -> tuple[str, ...]:
+    """Returns the metrics the training stage's periodic evaluation reports (`loss` first), without `eval_`;
+    `preference`: the preference config node (dpo reports `nll` where its loss has that term)."""
+    nll = stage == "dpo" and nll_weight(
+        preference["loss_type"], preference["rpo_alpha"], preference["cpo_alpha"]
+    )
+    return ("loss", *TRAINING_EVAL_STATS[stage], *(("nll",) if nll else ()))
 
 
 def best_metric_name(value: str) -> str:
@@ -960,7 +989,7 @@ def _check_best_metric(tree: dict) -> list[str]:
     stage = next((s for s in tree["stages"] if s in TRAINING_STAGES), None)
     if stage is None:
         return []
-    names = eval_stat_names(stage, tree["preference"]["rpo_alpha"])
+    names = eval_stat_names(stage, tree["preference"])
     if best_metric_name(value).removeprefix("eval_") in names:
         return []
     return [f"trainer.metric_for_best_model={value!r}: the {stage} stage evaluates {', '.join(names)}"]

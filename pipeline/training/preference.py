@@ -12,9 +12,13 @@ Losses (`preference.loss_type`; TRL's and ms-swift's definitions), with r = beta
     sigmoid  DPO: -log sigmoid(r_chosen - r_rejected), label-smoothed (cDPO) when label_smoothing > 0
     ipo      IPO: (h - 1 / (2 beta))^2 with h the log-ratio margin of the answers' mean token log-probs
     simpo    SimPO, reference-free: -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma)
+    cpo      CPO, reference-free: -log sigmoid(beta x (logp chosen - logp rejected)), label-smoothed
+    orpo     ORPO, reference-free: -beta x log sigmoid(log odds chosen - log odds rejected), the odds of an
+             answer p / (1 - p) with p its mean token probability, exp(mean logp)
 
-`rpo_alpha` adds that weight x the chosen answer's mean token negative log-likelihood (ms-swift's RPO term,
-the SFT loss RLAIF-V mixes in). Every term is summed over pairs, so the loop normalises the loss by the pairs
+A term of the chosen answer's mean token negative log-likelihood is added at the weight
+pipeline.config.nll_weight gives: `rpo_alpha` for sigmoid and ipo (ms-swift's RPO term, the SFT loss RLAIF-V
+mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo. Every term is summed over pairs, so the loop normalises the loss by the pairs
 of the whole accumulation window on all processes, as it does sft's by tokens: 1 and N processes give the
 same gradient for the same global batch.
 
@@ -42,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline.config import CHOICES
+from pipeline.config import CHOICES, nll_weight
 from pipeline.families.base import PAIR_INDEX, PAIRS, SequenceLogps
 from pipeline.stage_names import TRAINING_EVAL_STATS
 from pipeline.training.batching import plan_window
@@ -52,9 +56,9 @@ from pipeline.utils.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 LOSS_TYPES = CHOICES["preference.loss_type"]
-REFERENCE_FREE = ("simpo",)
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
 # the losses whose answers are scored by their mean token log-probability rather than the sum
-MEAN_LOGPS = ("ipo", "simpo")
+MEAN_LOGPS = ("ipo", "simpo", "orpo")
 CACHE_FILE = "reference_logps.safetensors"
 STATS = TRAINING_EVAL_STATS["dpo"]
 
@@ -71,6 +75,7 @@ class PreferenceSettings:
     rpo_alpha: float | None = None
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0
+    cpo_alpha: float = 1.0
 
     @classmethod
     def from_config(cls, preference: Any) -> PreferenceSettings:
@@ -86,7 +91,13 @@ class PreferenceSettings:
             rpo_alpha=float(preference.rpo_alpha) if preference.rpo_alpha else None,
             label_smoothing=float(preference.label_smoothing),
             simpo_gamma=float(preference.simpo_gamma),
+            cpo_alpha=float(preference.cpo_alpha),
         )
+
+    @property
+    def nll_weight(self) -> float:
+        """The weight of the chosen answer's mean token NLL in the loss (0: no such term)."""
+        return nll_weight(self.loss_type, self.rpo_alpha, self.cpo_alpha)
 
     @property
     def needs_reference(self) -> bool:
@@ -102,12 +113,22 @@ def preference_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns each pair's loss, and the rewards of its chosen and rejected answer (detached).
 
-    The log-probabilities are per pair [n]: summed over the answer's tokens (sigmoid), or their means (ipo,
-    simpo); the reference's are None for a reference-free loss."""
+    The log-probabilities are per pair [n]: summed over the answer's tokens (sigmoid, cpo), or their means
+    (ipo, simpo, orpo); the reference's are None for a reference-free loss."""
     beta, smoothing = settings.beta, settings.label_smoothing
-    if settings.loss_type == "simpo":
-        margin = beta * (chosen - rejected) - settings.simpo_gamma
-        losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
+    if settings.loss_type in REFERENCE_FREE:
+        if settings.loss_type == "orpo":
+            # log(p / (1 - p)) of the mean token probability p = exp(mean logp) < 1
+            def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+                mean_logps = mean_logps.clamp(max=-1e-6)
+                return mean_logps - torch.log(-torch.expm1(mean_logps))
+
+            losses = -beta * F.logsigmoid(log_odds(chosen) - log_odds(rejected))
+        else:
+            margin = beta * (chosen - rejected)
+            if settings.loss_type == "simpo":
+                margin = margin - settings.simpo_gamma
+            losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
         return losses, (beta * chosen).detach(), (beta * rejected).detach()
     if ref_chosen is None or ref_rejected is None:
         raise ValueError(f"preference.loss_type={settings.loss_type} needs the reference's log-probabilities")
@@ -170,7 +191,7 @@ class PreferenceLoss:
         self.logps_fn = logps_fn
         self.settings = settings
         self.reference = reference if settings.needs_reference else None
-        self.stat_names = STATS + (("nll",) if settings.rpo_alpha else ())
+        self.stat_names = STATS + (("nll",) if settings.nll_weight else ())
 
     def units(self, batch: dict) -> int:
         return int(batch[PAIRS])
@@ -199,9 +220,9 @@ class PreferenceLoss:
             "logps/chosen": logps[:n].sum(),
             "logps/rejected": logps[n:].sum(),
         }
-        if self.settings.rpo_alpha:
+        if self.settings.nll_weight:
             nll = -(policy.logps[:n] / tokens[:n]).sum()  # each chosen answer's mean token NLL
-            loss_sum = loss_sum + self.settings.rpo_alpha * nll
+            loss_sum = loss_sum + self.settings.nll_weight * nll
             stats["nll"] = nll.detach()
         return ObjectiveSums(loss_sum, stats)
 

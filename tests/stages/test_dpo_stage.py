@@ -183,9 +183,38 @@ def test_dpo_trains_on_an_sft_adapter_with_that_model_as_reference(family_twin, 
     assert (saved["r"], saved["target_modules"]) == (sft_saved["r"], sft_saved["target_modules"])
 
 
+@pytest.mark.parametrize("loss_type", ["cpo", "orpo"])
+def test_reference_free_losses_train_full_weights_without_a_reference(family_twin, tmp_path, loss_type):
+    # full fine-tuning: a reference would have to be cached; cpo and orpo need none, and add the NLL term
+    twin = copy_twin(family_twin("minicpm_v2"), tmp_path / "minicpm_v2_tiny")
+    run_dir = tmp_path / loss_type
+    extra = (
+        "lora=none",
+        "stages=[dpo]",
+        f"preference.loss_type={loss_type}",
+        "trainer.metric_for_best_model=nll",
+    )
+    out = run_stage(dpo, config(twin, "minicpm_v2", run_dir, *extra), run_dir)
+    assert not (run_dir / "dpo" / CACHE_FILE).exists()
+    records = log_records(run_dir / "dpo")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r[key]) for r in steps for key in (*REWARDS, "nll"))
+    assert all(r["loss"] > r["nll"] > 0 for r in steps)  # the preference term adds to the chosen answer's NLL
+    assert out["dpo"]["metric_for_best_model"] == "eval_nll" and out["dpo"]["best_metric"] > 0
+
+
 def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused():
     with pytest.raises(ConfigError, match="both sft and dpo"):
         validate(compose_config(["+experiment=dpo", "stages=[sft,dpo]"]))
+    with pytest.raises(
+        ConfigError, match=r"rpo_alpha=0.5 weighs .*loss_type=orpo that term is part of its loss"
+    ):
+        validate(compose_config(["+experiment=dpo", "preference.loss_type=orpo", "preference.rpo_alpha=0.5"]))
+    with pytest.raises(ConfigError, match=r"loss_type=simpo that term is weighed by preference.cpo_alpha"):
+        validate(
+            compose_config(["+experiment=dpo", "preference.loss_type=simpo", "preference.rpo_alpha=0.5"])
+        )
     with pytest.raises(ConfigError, match="no_adapter needs a LoRA adapter"):
         validate(
             compose_config(

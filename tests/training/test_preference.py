@@ -94,12 +94,16 @@ def test_a_pair_batch_scores_each_answer_as_alone_with_the_vision_tower_run_once
 def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torch.Tensor:
     """The loss of the pairs written out from the answers' summed log-probabilities [2n]."""
     n = len(policy) // 2
-    mean = settings.loss_type in ("ipo", "simpo")
+    mean = settings.loss_type in ("ipo", "simpo", "orpo")
     pol = policy / tokens if mean else policy
     beta, ls = settings.beta, settings.label_smoothing
-    if settings.loss_type == "simpo":
-        h = beta * (pol[:n] - pol[n:]) - settings.simpo_gamma
+    if settings.loss_type in ("simpo", "cpo"):
+        h = beta * (pol[:n] - pol[n:]) - (settings.simpo_gamma if settings.loss_type == "simpo" else 0.0)
         loss = (-(1 - ls) * torch.log(torch.sigmoid(h)) - ls * torch.log(torch.sigmoid(-h))).sum()
+    elif settings.loss_type == "orpo":
+        p = torch.exp(pol)  # the mean token probability of each answer
+        odds = torch.log(p[:n] / (1 - p[:n])) - torch.log(p[n:] / (1 - p[n:]))
+        loss = -beta * torch.log(torch.sigmoid(odds)).sum()
     else:
         ref = reference / tokens if mean else reference
         h = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
@@ -109,15 +113,19 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
             loss = (
                 -(1 - ls) * torch.log(torch.sigmoid(beta * h)) - ls * torch.log(torch.sigmoid(-beta * h))
             ).sum()
-    if settings.rpo_alpha:
-        loss = loss + settings.rpo_alpha * (-(policy[:n] / tokens[:n])).sum()
-    return loss
+    weight = {"orpo": 1.0, "cpo": settings.cpo_alpha, "simpo": settings.cpo_alpha}.get(
+        settings.loss_type, settings.rpo_alpha or 0.0
+    )
+    return loss + weight * (-(policy[:n] / tokens[:n])).sum()
 
 
 SETTINGS = {
     "sigmoid": PreferenceSettings("sigmoid", beta=0.1, label_smoothing=0.1),
     "ipo": PreferenceSettings("ipo", beta=0.5),
-    "simpo": PreferenceSettings("simpo", beta=2.0, simpo_gamma=0.5),
+    "simpo": PreferenceSettings("simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0),
+    "simpo+nll": PreferenceSettings("simpo", beta=2.0, simpo_gamma=0.5),  # ms-swift's: cpo_alpha 1
+    "cpo": PreferenceSettings("cpo", beta=0.1, label_smoothing=0.1, cpo_alpha=0.5),
+    "orpo": PreferenceSettings("orpo", beta=0.1),
     "sigmoid+rpo": PreferenceSettings("sigmoid", beta=0.1, rpo_alpha=0.5),
 }
 
