@@ -168,6 +168,10 @@ class OptimConfig:
     eps: float = 1e-8
     scheduler: str = "cosine"
     warmup_ratio: float = 0.05
+    warmup_steps: int = 0  # > 0: that many warmup steps instead of warmup_ratio (transformers' rule)
+    # cosine: the share of each peak rate it decays to (transformers' cosine_with_min_lr, LLaMA-Factory's
+    # lr_scheduler_kwargs.min_lr_rate); 0 = down to zero
+    min_lr_rate: float = 0.0
     max_grad_norm: float = 0.5
     # adamw_torch (torch's AdamW, ms-swift's and transformers' default) | adamw_bnb_8bit (bitsandbytes' 8-bit
     # AdamW: its two moments in 8 bits for tensors of 4096 elements or more, a quarter of their memory; for
@@ -447,6 +451,8 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("optim.weight_decay", 0.0, None),
     ("optim.eps", 0.0, None),
     ("optim.warmup_ratio", 0.0, 0.999),
+    ("optim.warmup_steps", 0, None),
+    ("optim.min_lr_rate", 0.0, 0.999),
     ("optim.max_grad_norm", 0.0, None),
     ("optim.loraplus_lr_ratio", 1e-6, None),
     ("trainer.epochs", 0, None),
@@ -898,6 +904,17 @@ def objective_problems(objective: str, generate: bool, written: Collection[str] 
 FREEZE_KEYS = ("freeze_vision", "freeze_resampler", "freeze_llm")
 
 
+def _check_schedule(tree: dict) -> list[str]:
+    """Returns the problem of a floor rate for a schedule that does not decay by cosine."""
+    optim = tree["optim"]
+    if optim["min_lr_rate"] > 0 and optim["scheduler"] != "cosine":
+        return [
+            f"optim.min_lr_rate={optim['min_lr_rate']} is the floor of the cosine schedule; with "
+            f"optim.scheduler={optim['scheduler']} set optim.min_lr_rate=0 or optim.scheduler=cosine"
+        ]
+    return []
+
+
 def _check_lora(tree: dict) -> list[str]:
     lora = tree["lora"]
     quantization = tree["model"]["quantization"]
@@ -1085,6 +1102,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _check_choices(tree)
     problems += _check_ranges(tree)
     problems += _check_lora(tree)
+    problems += _check_schedule(tree)
     problems += _check_early_stopping(tree)
     problems += _check_best_metric(tree)
     problems += _check_serve_key(tree["serve"])

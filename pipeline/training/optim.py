@@ -108,10 +108,23 @@ def build_optimizer(
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int):
-    """Returns the LR schedule: linear warmup over warmup_ratio of the steps, then cosine/linear/constant."""
+    """Returns the LR schedule: linear warmup over warmup_steps (else warmup_ratio of the steps), then
+    cosine (down to min_lr_rate of each group's rate), linear or constant."""
     if optim_cfg.scheduler not in SCHEDULERS:
         raise ValueError(f"optim.scheduler must be one of {sorted(SCHEDULERS)}, got {optim_cfg.scheduler!r}")
-    warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)
+    steps = optim_cfg.get("warmup_steps", 0)
+    warmup = min(steps, total_steps) if steps > 0 else math.ceil(optim_cfg.warmup_ratio * total_steps)
+    floor = optim_cfg.get("min_lr_rate", 0.0)
+    if floor > 0:
+        if optim_cfg.scheduler != "cosine":
+            raise ValueError(f"optim.min_lr_rate={floor} applies to optim.scheduler=cosine only")
+        return get_scheduler(
+            "cosine_with_min_lr",
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs={"min_lr_rate": floor},
+        )
     return get_scheduler(
         SCHEDULERS[optim_cfg.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
