@@ -2,6 +2,7 @@
 against TRL's DPOTrainer on the same model folder and the same pairs, each in its own process, in one call.
 
     python -m bench.dpo_bench --out DIR [--families qwen2_5_vl minicpm_v2] [--steps 12] [--trl-path .peers/trl]
+    python -m bench.dpo_bench --out DIR --peers ours --loss-types sigmoid orpo cpo   # ours per loss type
     python -m bench.dpo_bench --tiny --out /tmp/dpo-smoke --steps 2      # the tiny twins on the CPU: a smoke run
 
 The model folders are bench/entry_bench.py's (the full-size models with random weights: Qwen2.5-VL-3B's sizes,
@@ -12,6 +13,10 @@ an optimizer step; both take the reference from the same weights with the adapte
 bench/peer_runner.py (its `trl_dpo` runner) with its packages first on PYTHONPATH, as bench/peers.py runs
 SFTTrainer. TRL cannot load MiniCPM-V-2 without the hub's remote code (this project implements the model
 itself), so that family's TRL row says so instead of a number.
+
+`--loss-types` runs ours once per `preference.loss_type` (sigmoid first: the rows' baseline; the
+reference-free ones, cpo, orpo and simpo, run no reference forward); their rows' `vs_sigmoid` is the pairs/s
+over the sigmoid row of the same family in the same call.
 
 A row: `setting`, `peer` (ours | trl), `pairs_per_s` (median over the steps after the first two, data loading
 included), `peak_gb`, `first_losses`, `settings`, and `error` with the reason when a run fails; `vs_ours` is a
@@ -64,9 +69,13 @@ def model_folder(family: str, work: Path, tiny: bool) -> tuple[Path, str]:
     return folder, f"{family}_tiny" if tiny else FAMILY_MODELS[family][0]
 
 
-def run_ours(family: str, pairs: Path, steps: int, args: argparse.Namespace, log_file: Path) -> dict:
-    """`python -m pipeline +experiment=dpo` on the pairs (dpo only); returns its row."""
+def run_ours(
+    family: str, pairs: Path, steps: int, args: argparse.Namespace, log_file: Path, loss_type: str = "sigmoid"
+) -> dict:
+    """`python -m pipeline +experiment=dpo` on the pairs (dpo only) with that preference.loss_type; returns its
+    row."""
     folder, model = model_folder(family, args.work, args.tiny)
+    name = f"{family}_ours" if loss_type == "sigmoid" else f"{family}_ours_{loss_type}"
     overrides = [
         "+experiment=dpo",
         f"model={model}",
@@ -77,16 +86,17 @@ def run_ours(family: str, pairs: Path, steps: int, args: argparse.Namespace, log
         "dataset.test_ratio=0",
         "stages=[dpo]",
         f"trainer.max_steps={steps}",
+        f"preference.loss_type={loss_type}",
     ]
-    run_dir = args.work / "runs" / f"dpo_{family}"
-    result = run_pipeline(f"dpo_{family}", overrides, run_dir, log_file, args.timeout)
+    run_dir = args.work / "runs" / f"dpo_{name}"
+    result = run_pipeline(f"dpo_{name}", overrides, run_dir, log_file, args.timeout)
     records = []
     log = run_dir / "dpo" / "logging.jsonl"
     if log.is_file():
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steps_done = [r for r in records if "loss" in r]
     steady = steps_done[2:] or steps_done[-1:]
-    row = {**result, "setting": f"{family}_ours", "peer": "ours", "settings": overrides}
+    row = {**result, "setting": name, "peer": "ours", "settings": overrides}
     if steady:
         row.update(
             steps=len(steps_done),
@@ -143,11 +153,15 @@ def run_trl(family: str, pairs: Path, steps: int, args: argparse.Namespace, log_
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | pairs/s | vs ours | peak GB | first losses | error |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | pairs/s | vs ours | vs sigmoid | peak GB | first losses | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['setting']} | {row.get('pairs_per_s', '')} | {row.get('vs_ours', '')} | "
-            f"{row.get('peak_gb', '')} | {row.get('first_losses', '')} | {row.get('error', '')} |"
+            f"{row.get('vs_sigmoid', '')} | {row.get('peak_gb', '')} | {row.get('first_losses', '')} | "
+            f"{row.get('error', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -159,6 +173,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--peers", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--loss-types", nargs="+", default=["sigmoid"], choices=["sigmoid", "ipo", "simpo", "cpo", "orpo"]
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny twins on the CPU (a smoke run)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--trl-path", type=Path, default=os.environ.get("PEERS_TRL"))
@@ -172,6 +189,12 @@ def main() -> None:
     for family in args.families:
         ours = run_ours(family, pairs, args.steps, args, log_file) if "ours" in args.peers else {}
         results += [ours] if ours else []
+        for loss_type in [t for t in args.loss_types if t != "sigmoid"] if "ours" in args.peers else []:
+            other = run_ours(family, pairs, args.steps, args, log_file, loss_type)
+            if ours.get("pairs_per_s") and other.get("pairs_per_s"):
+                other["vs_sigmoid"] = round(other["pairs_per_s"] / ours["pairs_per_s"], 3)
+            results.append(other)
+            (args.out / "dpo_bench.json").write_text(json.dumps(results, indent=2) + "\n")
         if "trl" in args.peers:
             trl = run_trl(family, pairs, args.steps, args, log_file)
             if ours.get("pairs_per_s") and trl.get("pairs_per_s"):
