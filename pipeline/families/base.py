@@ -854,11 +854,17 @@ class Family(ABC):
 
     @abstractmethod
     def token_counter(
-        self, bundle: Bundle, max_length: int, truncation: str, images: ImageSource
+        self,
+        bundle: Bundle,
+        max_length: int,
+        truncation: str,
+        images: ImageSource,
+        last_round: bool = False,
     ) -> Callable[[RowLike], int | None]:
         """Returns `count(row)`: the row's encoded length (image tokens included, read from image headers
         where the family can) as it will be trained, i.e. after `truncation` cut it; a row that cannot be kept
-        under max_length gets its full length, which is over max_length (validation reports both numbers)."""
+        under max_length gets its full length, which is over max_length (validation reports both numbers).
+        `last_round`: the loss is on the final answer alone, so a cut that leaves it no token keeps nothing."""
 
     def image_token_counter(self, bundle: Bundle, images: ImageSource) -> Callable[[RowLike], int] | None:
         """Returns `count(row)`: the tokens the language model sees for the row's images, from their header

@@ -783,7 +783,12 @@ class HFNativeFamily(Family):
     counts_from_sizes: ClassVar[bool] = False
 
     def token_counter(
-        self, bundle: Bundle, max_length: int, truncation: str, images: ImageSource
+        self,
+        bundle: Bundle,
+        max_length: int,
+        truncation: str,
+        images: ImageSource,
+        last_round: bool = False,  # these families never cut a row (no `truncates`): labels keep nothing
     ) -> Callable[[RowLike], int | None]:
         """Counts a row's tokens (over max_length for a row too long to keep: validation names both numbers):
         from the rendered text and the images' header sizes where the family allows (`counts_from_sizes`),

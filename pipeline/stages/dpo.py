@@ -273,8 +273,10 @@ def build_pair_data(
     (its two answers' tokens, its vision patches once)."""
     loop = plan.loop
     images = ImageFiles()
+    # the answers' log-probabilities are the final answer's (the history, the same in both, is context)
+    last_round = last_round_only(cfg.dataset.loss_scale, pairs=True)
     counter = PairCounter(
-        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images)
+        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images, last_round)
     )
     splits = split_dataset(
         rows, cfg.dataset, cfg.seed, counter, problems_path=dpo_dir / "dataset_problems.jsonl"
@@ -285,8 +287,6 @@ def build_pair_data(
         else 0.0
     )
     patches = family.patch_counter(bundle, images) if weight > 0 else None
-    # the answers' log-probabilities are the final answer's (the history, the same in both, is context)
-    last_round = last_round_only(cfg.dataset.loss_scale, pairs=True)
 
     def pair_set(split: list[Row], offset: int) -> PairDataset:
         sizes = [counter.sizes[id(row)] for row in split]

@@ -268,7 +268,14 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         raw_rows,
         cfg.dataset,
         cfg.seed,
-        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, ImageFiles()),
+        # the stricter of the two scopes (a row kept for its final answer is kept for every answer)
+        family.token_counter(
+            bundle,
+            cfg.dataset.max_length,
+            cfg.dataset.truncation,
+            ImageFiles(),
+            last_round_only(cfg.dataset.loss_scale, pairs=True),
+        ),
         problems_path=eval_dir / "dataset_problems.jsonl",
     )
     rows = splits.val if cfg.eval.max_samples is None else splits.val[: cfg.eval.max_samples]

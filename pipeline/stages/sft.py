@@ -288,11 +288,12 @@ def build_data(
     budget, every row's token count. Up front, each row is only counted (text tokens and image headers)."""
     loop = plan.loop
     images = ImageFiles()
+    last_round = last_round_only(cfg.dataset.loss_scale, pairs=False)
     splits = split_dataset(
         rows,
         cfg.dataset,
         cfg.seed,
-        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images),
+        family.token_counter(bundle, cfg.dataset.max_length, cfg.dataset.truncation, images, last_round),
         problems_path=sft_dir / "dataset_problems.jsonl",
     )
     summary = summarize_dataset(
@@ -305,8 +306,6 @@ def build_data(
         resolution_setting=family.resolution_setting,
     )
     report_summary(summary, sft_dir / "dataset_summary.json")
-
-    last_round = last_round_only(cfg.dataset.loss_scale, pairs=False)
 
     def encoded(split):
         return family.dataset(

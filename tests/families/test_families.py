@@ -162,6 +162,22 @@ def test_last_round_labels_the_final_answer_alone(loaded, name):
     assert answer.startswith("There are 3 squares.") and "red circle" not in answer
 
 
+def test_a_cut_that_leaves_the_final_answer_nothing_keeps_no_row_under_last_round(loaded):
+    # MiniCPM-V-2 truncates (dataset.truncation=truncate): the cut falls inside the long last query, so every
+    # answer's loss keeps the history's answer, the final answer's loss keeps nothing and validation says so
+    from pipeline.data.images import ImageFiles
+    from pipeline.data.rows import Row
+
+    family, model, processor = loaded["minicpm_v2"]
+    bundle = family.load_bundle(processor.folder)
+    row = Row("and now? " + "word " * 80, "yes", [("hi", "hello there")], [], None, "rows.jsonl:3")
+    every = family.token_counter(bundle, 48, "truncate", ImageFiles())(row)
+    final = family.token_counter(bundle, 48, "truncate", ImageFiles(), last_round=True)(row)
+    assert every == 48 and final > 48  # kept at the cut, against its whole length (over max_length)
+    kept = family.dataset(bundle, [row], 48, "truncate", ImageFiles())[0]
+    assert len(kept.input_ids) == 48 and any(label != IGNORE_INDEX for label in kept.labels)
+
+
 GENERATION_PROMPT = {
     "qwen2_5_vl": "<|im_end|>\n<|im_start|>assistant\n",
     "minicpm_v4_6": "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",

@@ -38,8 +38,10 @@ class TokenCounter:
         max_length: int,
         truncation: str,
         images: ImageSource,
+        last_round: bool = False,
     ) -> None:
         self.images = images
+        self.last_round = last_round  # labels on the final answer alone: a cut must leave it a token
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_length = max_length
@@ -63,6 +65,7 @@ class TokenCounter:
             history=row.history,
             system=row.system,
             image_placeholder=placeholder,
+            last_round=self.last_round,
         )
         kept = truncate(enc, self.max_length, self.truncation)
         return len(enc.input_ids) if kept is None else len(kept.input_ids)
@@ -96,7 +99,9 @@ class SFTDataset(Dataset):
 
     def token_counts(self) -> list[int]:
         """Returns every row's encoded length (counted by validation, else now from the image header)."""
-        counter = TokenCounter(self.tokenizer, self.processor, self.max_length, self.truncation, self.images)
+        counter = TokenCounter(
+            self.tokenizer, self.processor, self.max_length, self.truncation, self.images, self.last_round
+        )
         counts = []
         for row in self.rows:
             count = row.num_tokens if row.num_tokens is not None else counter(row)

@@ -331,9 +331,14 @@ class MiniCPMV2(Family):
         return bundle.core.llm.lm_head.weight.device
 
     def token_counter(
-        self, bundle: ModelBundle, max_length: int, truncation: str, images: ImageSource
+        self,
+        bundle: ModelBundle,
+        max_length: int,
+        truncation: str,
+        images: ImageSource,
+        last_round: bool = False,
     ) -> TokenCounter:
-        return TokenCounter(bundle.tokenizer, bundle.processor, max_length, truncation, images)
+        return TokenCounter(bundle.tokenizer, bundle.processor, max_length, truncation, images, last_round)
 
     def image_token_counter(self, bundle: ModelBundle, images: ImageSource) -> Callable[[RowLike], int]:
         """Counts the image placeholder's tokens of a row (its one image's slices), from the image header."""
