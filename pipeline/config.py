@@ -254,7 +254,8 @@ class PreferenceConfig:
 
     # sigmoid (DPO) | ipo (IPO, on the answers' mean token log-probabilities) | simpo (SimPO, reference-free)
     # | cpo (CPO, reference-free) | orpo (ORPO: the odds ratio of the answers' mean token probabilities,
-    # reference-free, with the chosen answer's NLL)
+    # reference-free, with the chosen answer's NLL) | TRL's other pair losses on the reference log-ratios:
+    # hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down
     loss_type: str = "sigmoid"
     beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo (orpo: the odds ratio's weight)
     # weight of an SFT term on the chosen answer (its mean token negative log-likelihood), as RLAIF-V mixes
@@ -263,7 +264,8 @@ class PreferenceConfig:
     # the same term's weight for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with: 1.0); 0 =
     # SimPO as its paper has it
     cpo_alpha: float = 1.0
-    label_smoothing: float = 0.0  # sigmoid and simpo: the share of pairs taken as mislabelled (cDPO)
+    # sigmoid, simpo, cpo, robust: the share of pairs taken as mislabelled (cDPO); exo_pair: its epsilon (> 0)
+    label_smoothing: float = 0.0
     simpo_gamma: float = 1.0  # simpo: the target reward margin
     # where the reference log-probabilities come from: auto = the same weights with the adapter disabled when
     # a new LoRA adapter trains, else (full fine-tuning, or training on from an SFT adapter) computed once
@@ -423,7 +425,21 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.compile_vision": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "preference.loss_type": ("sigmoid", "ipo", "simpo", "cpo", "orpo"),
+    "preference.loss_type": (
+        "sigmoid",
+        "ipo",
+        "simpo",
+        "cpo",
+        "orpo",
+        "hinge",
+        "robust",
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "apo_zero",
+        "apo_down",
+    ),
     "preference.reference": ("auto", "no_adapter", "cached"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -756,6 +772,16 @@ def _check_preference(tree: dict) -> list[str]:
     """The dpo stage's objective: a reference the tuning mode can give, and an NLL weight its loss reads."""
     preference = tree["preference"]
     loss = preference["loss_type"]
+    if loss == "exo_pair" and preference["label_smoothing"] <= 0:
+        return [
+            "preference.loss_type=exo_pair takes preference.label_smoothing as its epsilon, which must be > 0 "
+            "(the EXO paper recommends 1e-3)"
+        ]
+    if loss == "robust" and preference["label_smoothing"] >= 0.5:
+        return [
+            f"preference.loss_type=robust divides by 1 - 2 x preference.label_smoothing: it must be below 0.5, "
+            f"not {preference['label_smoothing']}"
+        ]
     if preference["rpo_alpha"] and loss in ("cpo", "simpo", "orpo"):
         weight = (
             "is part of its loss, at weight 1" if loss == "orpo" else "is weighed by preference.cpo_alpha"

@@ -16,6 +16,13 @@ Losses (`preference.loss_type`; TRL's and ms-swift's definitions), with r = beta
     orpo     ORPO, reference-free: -beta x log sigmoid(log odds chosen - log odds rejected), the odds of an
              answer p / (1 - p) with p its mean token probability, exp(mean logp)
 
+and TRL's other pair losses on the answers' summed log-ratios to the reference, with a = r_chosen,
+b = r_rejected, d = a - b: hinge max(0, 1 - d); robust (-(1 - e) log sigmoid(d) + e log sigmoid(-d)) /
+(1 - 2e); exo_pair sigmoid(d) (log sigmoid(d) - log(1 - e)) + sigmoid(-d) (log sigmoid(-d) - log e); nca_pair
+-log sigmoid(a) - (log sigmoid(-a) + log sigmoid(-b)) / 2; bco_pair -log sigmoid(a) - log sigmoid(-b);
+sppo_hard (a - 1/2)^2 + (b + 1/2)^2 over beta^2; apo_zero 1 - sigmoid(a) + sigmoid(b); apo_down sigmoid(a) +
+1 - sigmoid(d) (e: label_smoothing).
+
 A term of the chosen answer's mean token negative log-likelihood is added at the weight
 pipeline.config.nll_weight gives: `rpo_alpha` for sigmoid and ipo (ms-swift's RPO term, the SFT loss RLAIF-V
 mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo. Every term is summed over pairs, so the loop normalises the loss by the pairs
@@ -34,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +144,39 @@ def preference_losses(
     logits = chosen_ratio - rejected_ratio
     if settings.loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
+    elif settings.loss_type == "sppo_hard":
+        losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
     else:
-        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+        losses = reward_loss(settings.loss_type, beta * chosen_ratio, beta * rejected_ratio, smoothing)
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def reward_loss(
+    loss_type: str, chosen: torch.Tensor, rejected: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """Returns each pair's loss from the implicit rewards of its answers (beta x the log-ratio to the
+    reference) for the losses that read only those (module docstring)."""
+    margin = chosen - rejected
+    if loss_type == "hinge":
+        return torch.relu(1 - margin)
+    if loss_type == "robust":
+        return (-(1 - smoothing) * F.logsigmoid(margin) + smoothing * F.logsigmoid(-margin)) / (
+            1 - 2 * smoothing
+        )
+    if loss_type == "exo_pair":
+        kept, flipped = F.logsigmoid(margin), F.logsigmoid(-margin)
+        return kept.exp() * (kept - math.log1p(-smoothing)) + flipped.exp() * (flipped - math.log(smoothing))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(chosen) - 0.5 * (F.logsigmoid(-chosen) + F.logsigmoid(-rejected))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(chosen) - F.logsigmoid(-rejected)
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(chosen) + torch.sigmoid(rejected)
+    if loss_type == "apo_down":
+        return torch.sigmoid(chosen) + 1 - torch.sigmoid(margin)
+    if loss_type != "sigmoid":
+        raise ValueError(f"preference.loss_type={loss_type} is not a loss of the implicit rewards")
+    return -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
 
 
 # ----- the reference

@@ -204,6 +204,22 @@ def test_reference_free_losses_train_full_weights_without_a_reference(family_twi
     assert out["dpo"]["metric_for_best_model"] == "eval_nll" and out["dpo"]["best_metric"] > 0
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("preference.loss_type=apo_zero",),
+        ("preference.loss_type=exo_pair", "preference.label_smoothing=1e-3"),
+    ],
+)
+def test_other_pair_losses_train_through_the_stage(family_twin, tmp_path, extra):
+    twin = copy_twin(family_twin("qwen2_5_vl"), tmp_path / "qwen2_5_vl_tiny")
+    run_dir = tmp_path / "run"
+    out = run_stage(dpo, config(twin, "qwen2_5_vl", run_dir, "stages=[dpo]", *extra), run_dir)
+    steps = [r for r in log_records(run_dir / "dpo") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
+    assert out["dpo"]["global_step"] == 2
+
+
 def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused():
     with pytest.raises(ConfigError, match="both sft and dpo"):
         validate(compose_config(["+experiment=dpo", "stages=[sft,dpo]"]))
@@ -214,6 +230,18 @@ def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused()
     with pytest.raises(ConfigError, match=r"loss_type=simpo that term is weighed by preference.cpo_alpha"):
         validate(
             compose_config(["+experiment=dpo", "preference.loss_type=simpo", "preference.rpo_alpha=0.5"])
+        )
+    with pytest.raises(
+        ConfigError, match=r"exo_pair takes preference.label_smoothing as its epsilon, which must be > 0"
+    ):
+        validate(compose_config(["+experiment=dpo", "preference.loss_type=exo_pair"]))
+    with pytest.raises(
+        ConfigError, match=r"robust divides by 1 - 2 x preference.label_smoothing: it must be below 0.5"
+    ):
+        validate(
+            compose_config(
+                ["+experiment=dpo", "preference.loss_type=robust", "preference.label_smoothing=0.5"]
+            )
         )
     with pytest.raises(ConfigError, match="no_adapter needs a LoRA adapter"):
         validate(

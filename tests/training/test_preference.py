@@ -91,6 +91,18 @@ def test_a_pair_batch_scores_each_answer_as_alone_with_the_vision_tower_run_once
     assert sum(size(x) for x in calls) == once  # the chosen answers' images only: once per pair
 
 
+OTHER_PAIR_LOSSES = (
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+)
+
+
 def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torch.Tensor:
     """The loss of the pairs written out from the answers' summed log-probabilities [2n]."""
     n = len(policy) // 2
@@ -107,8 +119,23 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
     else:
         ref = reference / tokens if mean else reference
         h = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+        a, b = beta * (pol[:n] - ref[:n]), beta * (pol[n:] - ref[n:])  # the rewards
+        sig = torch.sigmoid
         if settings.loss_type == "ipo":
             loss = ((h - 1 / (2 * beta)) ** 2).sum()
+        elif settings.loss_type in OTHER_PAIR_LOSSES:
+            d = beta * h
+            per_pair = {
+                "hinge": lambda: torch.clamp(1 - d, min=0),
+                "robust": lambda: ((1 - ls) * -torch.log(sig(d)) - ls * -torch.log(sig(-d))) / (1 - 2 * ls),
+                "exo_pair": lambda: sig(d) * torch.log(sig(d) / (1 - ls)) + sig(-d) * torch.log(sig(-d) / ls),
+                "nca_pair": lambda: -torch.log(sig(a)) - torch.log(sig(-a)) / 2 - torch.log(sig(-b)) / 2,
+                "bco_pair": lambda: -torch.log(sig(a)) - torch.log(sig(-b)),
+                "sppo_hard": lambda: (a / beta - 1 / (2 * beta)) ** 2 + (b / beta + 1 / (2 * beta)) ** 2,
+                "apo_zero": lambda: (1 - sig(a)) + sig(b),
+                "apo_down": lambda: sig(a) + (1 - sig(a - b)),
+            }
+            loss = per_pair[settings.loss_type]().sum()
         else:
             loss = (
                 -(1 - ls) * torch.log(torch.sigmoid(beta * h)) - ls * torch.log(torch.sigmoid(-beta * h))
@@ -127,6 +154,14 @@ SETTINGS = {
     "cpo": PreferenceSettings("cpo", beta=0.1, label_smoothing=0.1, cpo_alpha=0.5),
     "orpo": PreferenceSettings("orpo", beta=0.1),
     "sigmoid+rpo": PreferenceSettings("sigmoid", beta=0.1, rpo_alpha=0.5),
+    "hinge": PreferenceSettings("hinge", beta=2.0),
+    "robust": PreferenceSettings("robust", beta=0.5, label_smoothing=0.2),
+    "exo_pair": PreferenceSettings("exo_pair", beta=0.5, label_smoothing=1e-3),
+    "nca_pair": PreferenceSettings("nca_pair", beta=0.5),
+    "bco_pair": PreferenceSettings("bco_pair", beta=0.5),
+    "sppo_hard": PreferenceSettings("sppo_hard", beta=0.5),
+    "apo_zero": PreferenceSettings("apo_zero", beta=0.5),
+    "apo_down": PreferenceSettings("apo_down", beta=0.5),
 }
 
 
