@@ -267,6 +267,11 @@ class PreferenceConfig:
     # sigmoid, simpo, cpo, robust: the share of pairs taken as mislabelled (cDPO); exo_pair: its epsilon (> 0)
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0  # simpo: the target reward margin
+    # a weighted mix of losses in place of loss_type (ms-swift's --loss_type a b c --loss_weights x y z), e.g.
+    # MPO's {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}: losses of the implicit rewards (MIXABLE_LOSSES) and `sft`,
+    # the chosen answer's mean token NLL; null = loss_type alone. Any so that `preference.loss_mix={...}`
+    # replaces it whole
+    loss_mix: Any = None
     # where the reference log-probabilities come from: auto = the same weights with the adapter disabled when
     # a new LoRA adapter trains, else (full fine-tuning, or training on from an SFT adapter) computed once
     # before training and cached in the run folder; no_adapter; cached. simpo needs none.
@@ -771,7 +776,29 @@ def _check_ckpt(tree: dict) -> list[str]:
 def _check_preference(tree: dict) -> list[str]:
     """The dpo stage's objective: a reference the tuning mode can give, and an NLL weight its loss reads."""
     preference = tree["preference"]
-    loss = preference["loss_type"]
+    loss, mix = preference["loss_type"], preference["loss_mix"]
+    if mix is not None and not (
+        isinstance(mix, Mapping)
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in mix.values())
+    ):
+        return [
+            f"preference.loss_mix={mix!r} is not a mapping of loss names to weights, e.g. {{sigmoid: 0.8, sft: 1.0}}"
+        ]
+    if mix:
+        unknown = [name for name in mix if name not in MIXABLE_LOSSES]
+        if unknown:
+            return [f"preference.loss_mix names {unknown}; it mixes {', '.join(MIXABLE_LOSSES)}"]
+        if loss != "sigmoid" or preference["rpo_alpha"]:
+            return [
+                "preference.loss_mix replaces preference.loss_type and rpo_alpha (its `sft` entry is the NLL "
+                "term): leave them at their defaults, or preference.loss_mix=null"
+            ]
+        if any(weight < 0 for weight in mix.values()) or not any(w > 0 for n, w in mix.items() if n != "sft"):
+            return [
+                f"preference.loss_mix={dict(mix)}: weights are >= 0 and at least one preference loss (not sft) "
+                "weighs more than 0"
+            ]
+        loss = "exo_pair" if "exo_pair" in mix else "robust" if "robust" in mix else loss
     if loss == "exo_pair" and preference["label_smoothing"] <= 0:
         return [
             "preference.loss_type=exo_pair takes preference.label_smoothing as its epsilon, which must be > 0 "
@@ -1002,9 +1029,30 @@ def last_round_only(loss_scale: str, pairs: bool) -> bool:
     return loss_scale == "last_round" or (loss_scale == "auto" and pairs)
 
 
-def nll_weight(loss_type: str, rpo_alpha: float | None, cpo_alpha: float) -> float:
+# the losses preference.loss_mix may weigh: those of the answers' implicit rewards (summed log-ratios to the
+# reference), and `sft`
+MIXABLE_LOSSES: tuple[str, ...] = (
+    "sigmoid",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "sft",
+)
+
+
+def nll_weight(
+    loss_type: str, rpo_alpha: float | None, cpo_alpha: float, mix: Mapping[str, float] | None = None
+) -> float:
     """Returns the weight of the preference loss's term on the chosen answer's mean token negative
-    log-likelihood: preference.rpo_alpha for DPO's losses, cpo_alpha for cpo and simpo, 1 for orpo (its own)."""
+    log-likelihood: preference.rpo_alpha for DPO's losses, cpo_alpha for cpo and simpo, 1 for orpo (its own),
+    `sft`'s weight in a loss_mix."""
+    if isinstance(mix, Mapping) and mix:  # a malformed one is the config check's to report
+        return float(mix.get("sft", 0.0))
     if loss_type == "orpo":
         return 1.0
     if loss_type in ("cpo", "simpo"):
@@ -1016,7 +1064,7 @@ def eval_stat_names(stage: str, preference: Mapping[str, Any]) -> tuple[str, ...
     """Returns the metrics the training stage's periodic evaluation reports (`loss` first), without `eval_`;
     `preference`: the preference config node (dpo reports `nll` where its loss has that term)."""
     nll = stage == "dpo" and nll_weight(
-        preference["loss_type"], preference["rpo_alpha"], preference["cpo_alpha"]
+        preference["loss_type"], preference["rpo_alpha"], preference["cpo_alpha"], preference["loss_mix"]
     )
     return ("loss", *TRAINING_EVAL_STATS[stage], *(("nll",) if nll else ()))
 

@@ -84,6 +84,7 @@ class PreferenceSettings:
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0
     cpo_alpha: float = 1.0
+    mix: tuple[tuple[str, float], ...] = ()  # preference.loss_mix: (loss, weight) in place of loss_type
 
     @classmethod
     def from_config(cls, preference: Any) -> PreferenceSettings:
@@ -100,12 +101,15 @@ class PreferenceSettings:
             label_smoothing=float(preference.label_smoothing),
             simpo_gamma=float(preference.simpo_gamma),
             cpo_alpha=float(preference.cpo_alpha),
+            mix=tuple(
+                (str(name), float(weight)) for name, weight in (preference.get("loss_mix") or {}).items()
+            ),
         )
 
     @property
     def nll_weight(self) -> float:
         """The weight of the chosen answer's mean token NLL in the loss (0: no such term)."""
-        return nll_weight(self.loss_type, self.rpo_alpha, self.cpo_alpha)
+        return nll_weight(self.loss_type, self.rpo_alpha, self.cpo_alpha, dict(self.mix))
 
     @property
     def needs_reference(self) -> bool:
@@ -144,18 +148,26 @@ def preference_losses(
     logits = chosen_ratio - rejected_ratio
     if settings.loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
-    elif settings.loss_type == "sppo_hard":
-        losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
     else:
-        losses = reward_loss(settings.loss_type, beta * chosen_ratio, beta * rejected_ratio, smoothing)
+        # sft's share (the chosen answer's NLL) is added by the objective, at nll_weight
+        parts = [(name, weight) for name, weight in settings.mix if name != "sft"] or [
+            (settings.loss_type, 1.0)
+        ]
+        losses = sum(
+            weight * reward_loss(name, chosen_ratio, rejected_ratio, beta, smoothing)
+            for name, weight in parts
+        )
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 def reward_loss(
-    loss_type: str, chosen: torch.Tensor, rejected: torch.Tensor, smoothing: float
+    loss_type: str, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float, smoothing: float
 ) -> torch.Tensor:
-    """Returns each pair's loss from the implicit rewards of its answers (beta x the log-ratio to the
-    reference) for the losses that read only those (module docstring)."""
+    """Returns each pair's loss from its answers' log-ratios to the reference, for the losses that read only
+    those and their implicit rewards, beta x the log-ratios (module docstring)."""
+    if loss_type == "sppo_hard":
+        return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    chosen, rejected = beta * chosen_ratio, beta * rejected_ratio
     margin = chosen - rejected
     if loss_type == "hinge":
         return torch.relu(1 - margin)

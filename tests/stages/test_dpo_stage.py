@@ -209,6 +209,7 @@ def test_reference_free_losses_train_full_weights_without_a_reference(family_twi
     [
         ("preference.loss_type=apo_zero",),
         ("preference.loss_type=exo_pair", "preference.label_smoothing=1e-3"),
+        ("preference.loss_mix={sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}",),  # MPO
     ],
 )
 def test_other_pair_losses_train_through_the_stage(family_twin, tmp_path, extra):
@@ -218,6 +219,7 @@ def test_other_pair_losses_train_through_the_stage(family_twin, tmp_path, extra)
     steps = [r for r in log_records(run_dir / "dpo") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
     assert out["dpo"]["global_step"] == 2
+    assert all(("nll" in r) == ("loss_mix" in extra[0]) for r in steps)  # MPO's sft share is the NLL term
 
 
 def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused():
@@ -243,6 +245,20 @@ def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused()
                 ["+experiment=dpo", "preference.loss_type=robust", "preference.label_smoothing=0.5"]
             )
         )
+    with pytest.raises(ConfigError, match=r"preference.loss_mix names \['kto'\]; it mixes sigmoid, hinge"):
+        validate(compose_config(["+experiment=dpo", "preference.loss_mix={sigmoid: 1.0, kto: 0.5}"]))
+    with pytest.raises(
+        ConfigError, match=r"preference.loss_mix='sigmoid' is not a mapping of loss names to weights"
+    ):
+        validate(compose_config(["+experiment=dpo", "preference.loss_mix=sigmoid"]))
+    with pytest.raises(ConfigError, match=r"loss_mix replaces preference.loss_type and rpo_alpha"):
+        validate(
+            compose_config(
+                ["+experiment=dpo", "preference.loss_mix={sigmoid: 1.0}", "preference.loss_type=ipo"]
+            )
+        )
+    with pytest.raises(ConfigError, match=r"at least one preference loss \(not sft\) weighs more than 0"):
+        validate(compose_config(["+experiment=dpo", "preference.loss_mix={sft: 1.0}"]))
     with pytest.raises(ConfigError, match="no_adapter needs a LoRA adapter"):
         validate(
             compose_config(

@@ -123,9 +123,10 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
         sig = torch.sigmoid
         if settings.loss_type == "ipo":
             loss = ((h - 1 / (2 * beta)) ** 2).sum()
-        elif settings.loss_type in OTHER_PAIR_LOSSES:
+        elif settings.loss_type in OTHER_PAIR_LOSSES or settings.mix:
             d = beta * h
             per_pair = {
+                "sigmoid": lambda: -(1 - ls) * torch.log(sig(d)) - ls * torch.log(sig(-d)),
                 "hinge": lambda: torch.clamp(1 - d, min=0),
                 "robust": lambda: ((1 - ls) * -torch.log(sig(d)) - ls * -torch.log(sig(-d))) / (1 - 2 * ls),
                 "exo_pair": lambda: sig(d) * torch.log(sig(d) / (1 - ls)) + sig(-d) * torch.log(sig(-d) / ls),
@@ -135,7 +136,8 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
                 "apo_zero": lambda: (1 - sig(a)) + sig(b),
                 "apo_down": lambda: sig(a) + (1 - sig(a - b)),
             }
-            loss = per_pair[settings.loss_type]().sum()
+            mix = [(k, w) for k, w in settings.mix if k != "sft"] or [(settings.loss_type, 1.0)]
+            loss = sum(w * per_pair[k]().sum() for k, w in mix)
         else:
             loss = (
                 -(1 - ls) * torch.log(torch.sigmoid(beta * h)) - ls * torch.log(torch.sigmoid(-beta * h))
@@ -143,6 +145,8 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
     weight = {"orpo": 1.0, "cpo": settings.cpo_alpha, "simpo": settings.cpo_alpha}.get(
         settings.loss_type, settings.rpo_alpha or 0.0
     )
+    if settings.mix:
+        weight = dict(settings.mix).get("sft", 0.0)
     return loss + weight * (-(policy[:n] / tokens[:n])).sum()
 
 
@@ -162,6 +166,8 @@ SETTINGS = {
     "sppo_hard": PreferenceSettings("sppo_hard", beta=0.5),
     "apo_zero": PreferenceSettings("apo_zero", beta=0.5),
     "apo_down": PreferenceSettings("apo_down", beta=0.5),
+    # MPO (ms-swift's --loss_type sigmoid bco_pair sft --loss_weights 0.8 0.2 1.0)
+    "mpo": PreferenceSettings("sigmoid", beta=0.5, mix=(("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0))),
 }
 
 
