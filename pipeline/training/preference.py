@@ -23,9 +23,12 @@ b = r_rejected, d = a - b: hinge max(0, 1 - d); robust (-(1 - e) log sigmoid(d) 
 sppo_hard (a - 1/2)^2 + (b + 1/2)^2 over beta^2; apo_zero 1 - sigmoid(a) + sigmoid(b); apo_down sigmoid(a) +
 1 - sigmoid(d) (e: label_smoothing).
 
+`loss_mix` weighs several of those last in place of loss_type (MPO: sigmoid 0.8, bco_pair 0.2, sft 1.0).
+
 A term of the chosen answer's mean token negative log-likelihood is added at the weight
 pipeline.config.nll_weight gives: `rpo_alpha` for sigmoid and ipo (ms-swift's RPO term, the SFT loss RLAIF-V
-mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo. Every term is summed over pairs, so the loop normalises the loss by the pairs
+mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo, and
+`sft`'s weight in a loss_mix. Every term is summed over pairs, so the loop normalises the loss by the pairs
 of the whole accumulation window on all processes, as it does sft's by tokens: 1 and N processes give the
 same gradient for the same global batch.
 
