@@ -408,6 +408,19 @@ DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 CHECKPOINTING_CHOICES = ("auto", True, False, "vision")  # model.gradient_checkpointing, or a share in (0, 1)
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # optim.name (transformers' names for them)
+# the preference losses that read only the answers' summed log-ratios to the reference (their implicit rewards)
+REWARD_LOSSES: tuple[str, ...] = (
+    "sigmoid",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+)
+
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", *DTYPE_NAMES),
     "model.family": tuple(FAMILIES),
@@ -430,21 +443,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.compile_vision": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "preference.loss_type": (
-        "sigmoid",
-        "ipo",
-        "simpo",
-        "cpo",
-        "orpo",
-        "hinge",
-        "robust",
-        "exo_pair",
-        "nca_pair",
-        "bco_pair",
-        "sppo_hard",
-        "apo_zero",
-        "apo_down",
-    ),
+    "preference.loss_type": ("sigmoid", "ipo", "simpo", "cpo", "orpo", *REWARD_LOSSES[1:]),
     "preference.reference": ("auto", "no_adapter", "cached"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -1029,20 +1028,8 @@ def last_round_only(loss_scale: str, pairs: bool) -> bool:
     return loss_scale == "last_round" or (loss_scale == "auto" and pairs)
 
 
-# the losses preference.loss_mix may weigh: those of the answers' implicit rewards (summed log-ratios to the
-# reference), and `sft`
-MIXABLE_LOSSES: tuple[str, ...] = (
-    "sigmoid",
-    "hinge",
-    "robust",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "sft",
-)
+# the losses preference.loss_mix may weigh: those of the answers' implicit rewards, and `sft`
+MIXABLE_LOSSES: tuple[str, ...] = (*REWARD_LOSSES, "sft")
 
 
 def nll_weight(
