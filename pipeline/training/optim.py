@@ -114,17 +114,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: in
         raise ValueError(f"optim.scheduler must be one of {sorted(SCHEDULERS)}, got {optim_cfg.scheduler!r}")
     steps = optim_cfg.get("warmup_steps", 0)
     warmup = min(steps, total_steps) if steps > 0 else math.ceil(optim_cfg.warmup_ratio * total_steps)
-    floor = optim_cfg.get("min_lr_rate", 0.0)
-    if floor > 0:
-        if optim_cfg.scheduler != "cosine":
-            raise ValueError(f"optim.min_lr_rate={floor} applies to optim.scheduler=cosine only")
-        return get_scheduler(
-            "cosine_with_min_lr",
-            optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr_rate": floor},
-        )
+    floor = optim_cfg.get("min_lr_rate", 0.0)  # > 0 with cosine only (the config check refuses the rest)
+    name, extra = (
+        ("cosine_with_min_lr", {"min_lr_rate": floor})
+        if floor > 0
+        else (SCHEDULERS[optim_cfg.scheduler], None)
+    )
     return get_scheduler(
-        SCHEDULERS[optim_cfg.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=extra,
     )

@@ -104,9 +104,7 @@ class PreferenceSettings:
             label_smoothing=float(preference.label_smoothing),
             simpo_gamma=float(preference.simpo_gamma),
             cpo_alpha=float(preference.cpo_alpha),
-            mix=tuple(
-                (str(name), float(weight)) for name, weight in (preference.get("loss_mix") or {}).items()
-            ),
+            mix=tuple((str(name), float(weight)) for name, weight in (preference.loss_mix or {}).items()),
         )
 
     @property

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from pipeline.config import REWARD_LOSSES
 from pipeline.data.demo import ensure_demo_pairs
 from pipeline.data.images import ImageFiles
 from pipeline.data.sources import read_custom_file
@@ -91,16 +92,7 @@ def test_a_pair_batch_scores_each_answer_as_alone_with_the_vision_tower_run_once
     assert sum(size(x) for x in calls) == once  # the chosen answers' images only: once per pair
 
 
-OTHER_PAIR_LOSSES = (
-    "hinge",
-    "robust",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-)
+OTHER_PAIR_LOSSES = REWARD_LOSSES[1:]  # every reward loss but sigmoid, each written out in direct_loss
 
 
 def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torch.Tensor:
