@@ -303,6 +303,10 @@ class SequenceLogps:
 
     logps: torch.Tensor  # [samples], fp32
     tokens: torch.Tensor  # [samples]
+    # What the vision tower and projector made of the batch's images, in the form the family's
+    # sequence_logps takes back (`image_features`) to score the same batch again without them; None
+    # where the family hands none back (a batch without images; the HF-native families' outside pairs).
+    image_features: Any = None
 
 
 def shared_halves(pairs: int, total: int, what: str) -> int:
@@ -798,6 +802,16 @@ class Family(ABC):
         groups = self.freeze_groups()
         return {id(param): groups.of(name) for name, param in core.named_parameters()}
 
+    def images_outside_adapter(self, model: nn.Module) -> bool:
+        """True when no parameter of the vision tower or the projector trains and the adapter wraps none of
+        their layers: the image features are then the same with the adapter disabled, so a reference that
+        disables it (preference.reference=no_adapter) can take the policy's."""
+        groups = self.freeze_groups()
+        for name, param in peft_base(model).named_parameters():
+            if groups.of(name) in ("vision", "projector") and (param.requires_grad or ".lora_" in name):
+                return False
+        return True
+
     def set_full_finetune(self, model: nn.Module, frozen: Sequence[str] = ()) -> None:
         """Makes every parameter trainable except those of the frozen groups (vision, projector, llm)."""
         groups = self.freeze_groups()
@@ -937,11 +951,15 @@ class Family(ABC):
         """Returns one forward's summed next-token loss, supervised token count and correct predictions."""
 
     @abstractmethod
-    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
+    def sequence_logps(
+        self, model: nn.Module, batch: Mapping[str, Any], image_features: Any = None
+    ) -> SequenceLogps:
         """Returns each sample's summed next-token log-probability over its supervised tokens, for a batch of
         training_collate (right-padded or packed). In a batch of preference pairs (batch[PAIRS] = n) samples i
         and n + i share their images: the vision tower runs on the first n samples' images only and its
-        features serve both."""
+        features serve both. `image_features`: what an earlier call on the same batch returned in
+        SequenceLogps.image_features, used in place of running the vision tower and projector again (the
+        reference's pass when the adapter leaves them untouched: images_outside_adapter)."""
 
     @abstractmethod
     def checkpoint_writer(

@@ -1022,13 +1022,18 @@ class HFNativeFamily(Family):
                 keep = torch.arange(labels.shape[1])
         return logits, labels, keep.to(logits.device)
 
-    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
+    def sequence_logps(
+        self, model: nn.Module, batch: Mapping[str, Any], image_features: Any = None
+    ) -> SequenceLogps:
         """Each sample's summed log-probability of its supervised tokens (see Family.sequence_logps); in a
         packed row a position belongs to the sample its predicted token is in (cu_seq_lens)."""
         pairs = int(batch.get(PAIRS) or 0)
         inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
         if pairs and "pixel_values" in inputs:
-            inputs = self._with_shared_images(model, inputs, pairs)
+            if image_features is None:
+                image_features = self._shared_image_features(model, inputs, pairs)
+            inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+            inputs["mm_encoder_outputs"] = {"image": image_features}
         logits, labels, keep = self._supervised_logits(model, batch, inputs)
         if isinstance(logits, chunked_loss.HeadLosses):
             token_logps = -logits.losses
@@ -1049,13 +1054,13 @@ class HFNativeFamily(Family):
             samples = labels.shape[0]
         logps = token_logps.new_zeros(samples).index_add(0, owner[mask], token_logps[mask])
         tokens = token_logps.new_zeros(samples).index_add(0, owner[mask], torch.ones_like(token_logps[mask]))
-        return SequenceLogps(logps=logps, tokens=tokens)
+        return SequenceLogps(logps=logps, tokens=tokens, image_features=image_features)
 
-    def _with_shared_images(self, model: nn.Module, inputs: dict[str, Any], pairs: int) -> dict[str, Any]:
-        """Returns the forward's inputs with the image features computed once per pair: the vision tower (and
-        projector) runs on the first half of every pixel input (the chosen answers' images; the rejected
-        answers' are the same) and its output, repeated, goes to the model as its precomputed encoder output
-        (transformers' `mm_encoder_outputs`), in place of the pixels."""
+    def _shared_image_features(self, model: nn.Module, inputs: dict[str, Any], pairs: int) -> Any:
+        """Returns the batch's image features (what the model takes as its precomputed encoder output,
+        transformers' `mm_encoder_outputs`, in place of the pixels), computed once per pair: the vision tower
+        (and projector) runs on the first half of every pixel input (the chosen answers' images; the rejected
+        answers' are the same) and its output is repeated."""
         half = {}
         for key, dim in self.pixel_concat.items():
             if key in inputs:
@@ -1066,9 +1071,7 @@ class HFNativeFamily(Family):
         features.pooler_output = _twice(features.pooler_output)
         if getattr(features, "deepstack_features", None) is not None:  # Qwen3-VL's per-layer features
             features.deepstack_features = [_twice(layer) for layer in features.deepstack_features]
-        shared = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        shared["mm_encoder_outputs"] = {"image": features}
-        return shared
+        return features
 
     def checkpoint_writer(self, bundle: Bundle) -> Callable:
         def write(model: nn.Module, folder: Path, state: Mapping[str, torch.Tensor]) -> None:

@@ -96,8 +96,9 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         load_adapter_weights(start.adapter, model.module)
     data = build_pair_data(cfg, family, model.bundle, rows, plan, dpo_dir)
     parts = family.parameter_parts(model.module) if plan.part_lrs else None
+    reuse_images = kind == "no_adapter" and family.images_outside_adapter(model.module)
     engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set), parts)
-    reference = build_reference(kind, cfg, family, engine, data, plan, dpo_dir, start)
+    reference = build_reference(kind, cfg, family, engine, data, plan, dpo_dir, start, reuse_images)
     objective = PreferenceLoss(family.sequence_logps, settings, reference)
     with stage_tracker(cfg, Path(run_dir), state, accelerator) as tracker:
         outputs = RunOutputs(dpo_dir, cfg, model.bundle.base_path, tracker, model.residual)
@@ -153,15 +154,20 @@ def build_reference(
     plan: TrainingPlan,
     dpo_dir: Path,
     start: StartingPoint,
+    reuse_images: bool = False,
 ) -> Reference | None:
-    """Returns the reference: the adapter disabled, or the table of every pair's log-probabilities under the
-    starting model, read from the run folder's cache or computed now (before any resume loads trained
-    weights)."""
+    """Returns the reference: the adapter disabled (on the policy's image features with `reuse_images`), or
+    the table of every pair's log-probabilities under the starting model, read from the run folder's cache or
+    computed now (before any resume loads trained weights)."""
     accelerator = engine.accelerator
     if kind is None:
         return None
     if kind == "no_adapter":
-        return NoAdapterReference(family.sequence_logps, accelerator.unwrap_model)
+        if reuse_images:
+            log.info(
+                "reference: the adapter leaves the vision tower untouched, so it takes the policy's image features"
+            )
+        return NoAdapterReference(family.sequence_logps, accelerator.unwrap_model, reuse_images)
     datasets = [data.train_set, data.val_set] if data.val_set is not None else [data.train_set]
     pairs = sum(len(d) for d in datasets)
     loop = plan.loop

@@ -74,7 +74,7 @@ CACHE_FILE = "reference_logps.safetensors"
 STATS = TRAINING_EVAL_STATS["dpo"]
 
 # `logps(model, batch)`: each sample's summed log-probability (Family.sequence_logps)
-LogpsFn = Callable[[nn.Module, dict], SequenceLogps]
+LogpsFn = Callable[..., SequenceLogps]  # (model, batch, image_features=None): Family.sequence_logps
 
 
 @dataclass(frozen=True)
@@ -194,26 +194,33 @@ def reward_loss(
 
 # ----- the reference
 class Reference:
-    """Where the reference log-probabilities of a pair batch come from: `logps(model, batch)` returns each
-    sample's summed log-probability [2n] (no gradient)."""
+    """Where the reference log-probabilities of a pair batch come from: `logps(model, batch, policy)` returns
+    each sample's summed log-probability [2n] (no gradient); `policy`: the policy's SequenceLogps of the same
+    batch."""
 
-    def logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+    def logps(self, model: nn.Module, batch: dict, policy: SequenceLogps | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
 class NoAdapterReference(Reference):
     """The policy's own weights with its LoRA adapter disabled (PEFT's `disable_adapter`): the model the
-    adapter started from, with no second copy in memory."""
+    adapter started from, with no second copy in memory. `reuse_images` (the adapter leaves the vision tower
+    and projector untouched: Family.images_outside_adapter, e.g. lora=qkv): the reference scores the batch on
+    the policy's image features instead of running the vision tower again."""
 
-    def __init__(self, logps_fn: LogpsFn, unwrap: Callable[[nn.Module], nn.Module]) -> None:
+    def __init__(
+        self, logps_fn: LogpsFn, unwrap: Callable[[nn.Module], nn.Module], reuse_images: bool = False
+    ) -> None:
         self.logps_fn = logps_fn
         self.unwrap = unwrap  # the PeftModel under DDP / FSDP / DeepSpeed's wrapper
+        self.reuse_images = reuse_images
 
     @torch.no_grad()
-    def logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+    def logps(self, model: nn.Module, batch: dict, policy: SequenceLogps | None = None) -> torch.Tensor:
         peft_model = self.unwrap(model)
+        features = policy.image_features if self.reuse_images and policy is not None else None
         with peft_model.disable_adapter():
-            return self.logps_fn(peft_model, batch).logps.detach()
+            return self.logps_fn(peft_model, batch, image_features=features).logps.detach()
 
 
 class CachedReference(Reference):
@@ -222,7 +229,7 @@ class CachedReference(Reference):
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table  # [pairs, 2]: chosen, rejected
 
-    def logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+    def logps(self, model: nn.Module, batch: dict, policy: SequenceLogps | None = None) -> torch.Tensor:
         index = batch[PAIR_INDEX].to(self.table.device)
         rows = self.table[index]
         device = batch["input_ids"].device
@@ -255,7 +262,7 @@ class PreferenceLoss:
         scores = policy.logps / tokens if mean else policy.logps
         ref_chosen = ref_rejected = None
         if self.reference is not None:
-            ref = self.reference.logps(model, batch).to(scores.dtype)
+            ref = self.reference.logps(model, batch, policy).to(scores.dtype)
             ref = ref / tokens if mean else ref
             ref_chosen, ref_rejected = ref[:n], ref[n:]
         losses, chosen_rewards, rejected_rewards = preference_losses(

@@ -53,10 +53,12 @@ def config(twin: Path, name: str, run_dir: Path, *extra: str):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_every_family_trains_on_pairs_then_merges_and_answers(name, family_twin, tmp_path):
+def test_every_family_trains_on_pairs_then_merges_and_answers(name, family_twin, tmp_path, caplog):
     twin = copy_twin(family_twin(name), tmp_path / f"{name}_tiny")
     run_dir = tmp_path / "run"
-    run_pipeline(config(twin, name, run_dir), run_dir)
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.dpo"):
+        run_pipeline(config(twin, name, run_dir), run_dir)
+    assert "takes the policy's image features" in caplog.text  # lora=qkv: the tower runs once a pair
 
     records = log_records(run_dir / "dpo")
     steps = [r for r in records if "loss" in r]

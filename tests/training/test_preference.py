@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pipeline.config import REWARD_LOSSES
 from pipeline.data.demo import ensure_demo_pairs
@@ -46,11 +47,12 @@ def encoded_pairs(family, bundle, rows) -> list[PairSample]:
     return [PairSample(i, chosen[i], rejected[i]) for i in range(len(rows))]
 
 
-def loaded(family_twin, name: str, lora: bool = True):
+def loaded(family_twin, name: str, lora: bool = True, preset: str = "all"):
     family = get_family(name)
     bundle = family.load_bundle(family_twin(name))
     torch.manual_seed(0)
-    model = family.prepare_training(bundle, LORA_ALL, False, str(bundle.base_path)) if lora else bundle.model
+    settings = OmegaConf.merge(LORA_ALL, {"name": preset})
+    model = family.prepare_training(bundle, settings, False, str(bundle.base_path)) if lora else bundle.model
     if lora:  # LoRA's B starts at zero: move it, so that the policy differs from the reference
         with torch.no_grad():
             for param_name, param in model.named_parameters():
@@ -90,6 +92,35 @@ def test_a_pair_batch_scores_each_answer_as_alone_with_the_vision_tower_run_once
     chosen = family.eval_collate(bundle)([p.chosen for p in pairs])["pixel_values"]
     once = sum(len(images) for images in chosen) if isinstance(chosen, list) else size(chosen)
     assert sum(size(x) for x in calls) == once  # the chosen answers' images only: once per pair
+
+
+def tower_calls(family, bundle) -> tuple[list, torch.utils.hooks.RemovableHandle]:
+    calls: list = []
+    vision = bundle.core.get_submodule(family.freeze_groups().vision[0])
+    return calls, vision.register_forward_hook(lambda module, args, out: calls.append(1))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_reference_scores_on_the_policy_s_image_features_when_the_adapter_leaves_the_tower_alone(
+    name, family_twin, pair_rows
+):
+    family, bundle, model = loaded(family_twin, name, preset="qkv")
+    assert family.images_outside_adapter(model)
+    assert not family.images_outside_adapter(loaded(family_twin, name)[2])  # lora=all wraps the tower
+    model.eval()
+    batch = PairCollate(family.eval_collate(bundle))(encoded_pairs(family, bundle, pair_rows[:3]))
+    calls, hook = tower_calls(family, bundle)
+    policy = family.sequence_logps(model, batch)
+    assert calls == [1] and policy.image_features is not None
+    reused = NoAdapterReference(family.sequence_logps, lambda m: m, reuse_images=True).logps(
+        model, batch, policy
+    )
+    assert calls == [1]  # the reference ran no vision tower
+    again = NoAdapterReference(family.sequence_logps, lambda m: m).logps(model, batch, policy)
+    hook.remove()
+    assert calls == [1, 1]
+    torch.testing.assert_close(reused, again, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(reused, policy.logps.detach(), atol=1e-3)  # the adapter was disabled
 
 
 OTHER_PAIR_LOSSES = REWARD_LOSSES[1:]  # every reward loss but sigmoid, each written out in direct_loss

@@ -395,16 +395,26 @@ class MiniCPMV2(Family):
         head = unwrapped(model).llm.lm_head
         return "off" if chunked_loss.holds_sharded_weights(model, head) else self.chunked_loss
 
-    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Any]) -> SequenceLogps:
+    def sequence_logps(
+        self, model: nn.Module, batch: Mapping[str, Any], image_features: Any = None
+    ) -> SequenceLogps:
         """Each sample's summed log-probability of its supervised tokens (the model sums them by row, or by a
         packed row's segment). A pair's rejected answer gets its chosen answer's image tensors, which the
-        model's vision tower encodes once (MiniCPMV.encode_images)."""
+        model's vision tower encodes once (MiniCPMV.encode_images); `image_features`: the images' queries of
+        an earlier call (MiniCPMVOutput.image_queries)."""
         pairs = int(batch.get(PAIRS) or 0)
         inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
         if pairs:
             inputs["pixel_values"] = shared_pixels(inputs["pixel_values"], pairs, "segment_ids" in inputs)
-        out = model(**inputs, sample_sums=True, loss_chunking=self.loss_chunking(model))
-        return SequenceLogps(logps=-out.sample_loss_sum, tokens=out.sample_tokens)
+        out = model(
+            **inputs,
+            sample_sums=True,
+            loss_chunking=self.loss_chunking(model),
+            image_queries=image_features,
+        )
+        return SequenceLogps(
+            logps=-out.sample_loss_sum, tokens=out.sample_tokens, image_features=out.image_queries
+        )
 
     def checkpoint_writer(
         self, bundle: ModelBundle

@@ -41,6 +41,9 @@ class MiniCPMVOutput:
     # each sample's summed cross-entropy and supervised tokens [samples], only when asked for (sample_sums)
     sample_loss_sum: torch.Tensor | None = None
     sample_tokens: torch.Tensor | None = None
+    # one [query_num, hidden] tensor per image of the batch, in order (what the vision tower and resampler
+    # made of them); None without images
+    image_queries: list[torch.Tensor] | None = None
 
 
 class MiniCPMV(PreTrainedModel):
@@ -182,13 +185,28 @@ class MiniCPMV(PreTrainedModel):
         image_bound: list[torch.Tensor] | None,
     ) -> torch.Tensor:
         """Returns input embeddings: scaled text embeddings with the (unscaled) image queries written in."""
+        return self.embed_with_queries(input_ids, pixel_values, image_bound)[0]
+
+    def embed_with_queries(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: list[list[torch.Tensor]] | None,
+        image_bound: list[torch.Tensor] | None,
+        queries: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Returns the input embeddings (embed) and the images' queries (encode_images of pixel_values' images
+        in order; None without images). `queries`: those of an earlier pass over the same images, written in
+        without running the vision tower."""
         embeds = self.llm.model.embed_tokens(input_ids) * self.config.scale_emb
         flat = [img for sample in (pixel_values or []) for img in sample]
-        for _ in range(self._blank_vision_passes(flat)):
+        for _ in range(self._blank_vision_passes([] if queries is not None else flat)):
             embeds = embeds + self._dummy_vision_term(embeds)
         if not flat:
-            return embeds
-        queries = self.encode_images(flat)
+            return embeds, None
+        if queries is None:
+            queries = self.encode_images(flat)
+        elif len(queries) != len(flat):
+            raise ValueError(f"{len(queries)} image queries given for {len(flat)} images")
         rows, cols, values = [], [], []
         k = 0
         q = self.config.query_num
@@ -209,7 +227,7 @@ class MiniCPMV(PreTrainedModel):
         if rows:
             index = (torch.cat(rows).to(embeds.device), torch.cat(cols).to(embeds.device))
             embeds = embeds.index_put(index, torch.cat(values).to(embeds.dtype))
-        return embeds
+        return embeds, queries
 
     # ----- training / scoring forward
     def forward(
@@ -224,12 +242,14 @@ class MiniCPMV(PreTrainedModel):
         segment_ids: torch.Tensor | None = None,
         sample_sums: bool = False,
         loss_chunking: str = "off",
+        image_queries: list[torch.Tensor] | None = None,
         **_: object,
     ) -> MiniCPMVOutput:
         """Scores a right-padded batch, or a packed one (`segment_ids` and `position_ids` from
         collate_packed: attention stays within each sample); `sample_sums` adds each sample's summed loss;
-        `loss_chunking`: model.chunked_loss (position_losses)."""
-        embeds = self.embed(input_ids, pixel_values, image_bound)
+        `loss_chunking`: model.chunked_loss (position_losses); `image_queries`: the images' queries from an
+        earlier pass (MiniCPMVOutput.image_queries), in place of running the vision tower."""
+        embeds, queries = self.embed_with_queries(input_ids, pixel_values, image_bound, image_queries)
         if segment_ids is not None:
             if position_ids is None:
                 raise ValueError("a packed batch (segment_ids) needs its position_ids")
@@ -240,7 +260,7 @@ class MiniCPMV(PreTrainedModel):
                 attention_mask = None
             position_ids, attn_mask = positions_and_mask(attention_mask, input_ids.shape[1], embeds.dtype)
         hidden = self.llm.model(embeds, position_ids.to(embeds.device), attn_mask)
-        out = MiniCPMVOutput()
+        out = MiniCPMVOutput(image_queries=queries)
         if return_logits:
             out.logits = self.llm.logits(hidden)
         if labels is not None and sample_sums:
