@@ -16,7 +16,9 @@ itself), so that family's TRL row says so instead of a number.
 
 `--loss-types` runs ours once per `preference.loss_type` (sigmoid first: the rows' baseline; the
 reference-free ones, cpo, orpo and simpo, run no reference forward); their rows' `vs_sigmoid` is the pairs/s
-over the sigmoid row of the same family in the same call.
+over the sigmoid row of the same family in the same call. `sigmoid_unshared` is sigmoid with
+`preference.share_image_features=false`: its reference runs the vision tower again instead of taking the
+policy's image features (the baseline of that lever).
 
 A row: `setting`, `peer` (ours | trl), `pairs_per_s` (median over the steps after the first two, data loading
 included), `peak_gb`, `first_losses`, `settings`, and `error` with the reason when a run fails; `vs_ours` is a
@@ -45,6 +47,9 @@ from bench.peers import GLOBAL_BATCH, LORA, TRL, launch_runner, peer_metrics, ta
 
 FAMILIES = ("qwen2_5_vl", "minicpm_v2")
 TRL_DPO = {**TRL, "beta": 0.1, "loss_type": "sigmoid", "learning_rate": 1e-4}
+
+
+UNSHARED = "_unshared"  # a loss type with this suffix: its reference runs the vision tower again
 
 
 def write_pairs(rows: Path, n: int) -> Path:
@@ -86,7 +91,8 @@ def run_ours(
         "dataset.test_ratio=0",
         "stages=[dpo]",
         f"trainer.max_steps={steps}",
-        f"preference.loss_type={loss_type}",
+        f"preference.loss_type={loss_type.removesuffix(UNSHARED)}",
+        *(["preference.share_image_features=false"] if loss_type.endswith(UNSHARED) else []),
     ]
     run_dir = args.work / "runs" / f"dpo_{name}"
     result = run_pipeline(f"dpo_{name}", overrides, run_dir, log_file, args.timeout)
@@ -174,7 +180,10 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument(
-        "--loss-types", nargs="+", default=["sigmoid"], choices=["sigmoid", "ipo", "simpo", "cpo", "orpo"]
+        "--loss-types",
+        nargs="+",
+        default=["sigmoid"],
+        choices=["sigmoid", f"sigmoid{UNSHARED}", "ipo", "simpo", "cpo", "orpo"],
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny twins on the CPU (a smoke run)")
     parser.add_argument("--timeout", type=int, default=900)

@@ -276,6 +276,10 @@ class PreferenceConfig:
     # a new LoRA adapter trains, else (full fine-tuning, or training on from an SFT adapter) computed once
     # before training and cached in the run folder; no_adapter; cached. simpo needs none.
     reference: str = "auto"
+    # no_adapter with an adapter that leaves the vision tower and projector untouched (lora=qkv): the
+    # reference scores each pair on the policy's image features, the tower running once a pair a step;
+    # false runs it again for the reference (the same numbers, slower)
+    share_image_features: bool = True
 
 
 @dataclass

@@ -96,7 +96,11 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         load_adapter_weights(start.adapter, model.module)
     data = build_pair_data(cfg, family, model.bundle, rows, plan, dpo_dir)
     parts = family.parameter_parts(model.module) if plan.part_lrs else None
-    reuse_images = kind == "no_adapter" and family.images_outside_adapter(model.module)
+    reuse_images = (
+        kind == "no_adapter"
+        and cfg.preference.share_image_features
+        and family.images_outside_adapter(model.module)
+    )
     engine = prepare_engine(accelerator, model.module, cfg, plan, len(data.train_set), parts)
     reference = build_reference(kind, cfg, family, engine, data, plan, dpo_dir, start, reuse_images)
     objective = PreferenceLoss(family.sequence_logps, settings, reference)
