@@ -28,6 +28,7 @@ from pipeline.families.lora_init import init_problem, is_residual, normal_init
 from pipeline.stage_names import (
     DEFAULT_STAGES,
     GENERATION_METRICS,
+    KTO_STATS,
     LOSS_METRICS,
     PREFERENCE_METRICS,
     STAGES,
@@ -254,8 +255,9 @@ class PreferenceConfig:
 
     # sigmoid (DPO) | ipo (IPO, on the answers' mean token log-probabilities) | simpo (SimPO, reference-free)
     # | cpo (CPO, reference-free) | orpo (ORPO: the odds ratio of the answers' mean token probabilities,
-    # reference-free, with the chosen answer's NLL) | TRL's other pair losses on the reference log-ratios:
-    # hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down
+    # reference-free, with the chosen answer's NLL) | kto (KTO, on binary feedback: rows labelled desirable
+    # or not, and pairs as one of each) | TRL's other pair losses on the reference log-ratios: hinge, robust,
+    # exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down
     loss_type: str = "sigmoid"
     beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo (orpo: the odds ratio's weight)
     # weight of an SFT term on the chosen answer (its mean token negative log-likelihood), as RLAIF-V mixes
@@ -267,6 +269,11 @@ class PreferenceConfig:
     # sigmoid, simpo, cpo, robust: the share of pairs taken as mislabelled (cDPO); exo_pair: its epsilon (> 0)
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0  # simpo: the target reward margin
+    # kto: the weights of the desirable and the undesirable rows' losses (ms-swift's and TRL's names); with
+    # unbalanced feedback, KTO's paper keeps desirable_weight x desirable rows / (undesirable_weight x
+    # undesirable rows) in [1, 4/3]
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     # a weighted mix of losses in place of loss_type (ms-swift's --loss_type a b c --loss_weights x y z), e.g.
     # MPO's {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}: losses of the implicit rewards (MIXABLE_LOSSES) and `sft`,
     # the chosen answer's mean token NLL; null = loss_type alone. Any so that `preference.loss_mix={...}`
@@ -447,7 +454,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.compile_vision": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "preference.loss_type": ("sigmoid", "ipo", "simpo", "cpo", "orpo", *REWARD_LOSSES[1:]),
+    "preference.loss_type": ("sigmoid", "ipo", "simpo", "cpo", "orpo", "kto", *REWARD_LOSSES[1:]),
     "preference.reference": ("auto", "no_adapter", "cached"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -802,6 +809,18 @@ def _check_preference(tree: dict) -> list[str]:
                 "weighs more than 0"
             ]
         loss = "exo_pair" if "exo_pair" in mix else "robust" if "robust" in mix else loss
+    if loss == "kto":
+        if preference["label_smoothing"] or preference["rpo_alpha"]:
+            return [
+                "preference.loss_type=kto takes neither preference.label_smoothing nor rpo_alpha (its rows are "
+                "labelled, not paired): leave them at their defaults"
+            ]
+        weights = (preference["desirable_weight"], preference["undesirable_weight"])
+        if min(weights) < 0 or max(weights) <= 0:
+            return [
+                f"preference.desirable_weight={weights[0]}, undesirable_weight={weights[1]}: each is >= 0 and "
+                "one of them > 0"
+            ]
     if loss == "exo_pair" and preference["label_smoothing"] <= 0:
         return [
             "preference.loss_type=exo_pair takes preference.label_smoothing as its epsilon, which must be > 0 "
@@ -1054,6 +1073,8 @@ def nll_weight(
 def eval_stat_names(stage: str, preference: Mapping[str, Any]) -> tuple[str, ...]:
     """Returns the metrics the training stage's periodic evaluation reports (`loss` first), without `eval_`;
     `preference`: the preference config node (dpo reports `nll` where its loss has that term)."""
+    if stage == "dpo" and preference["loss_type"] == "kto":
+        return ("loss", *KTO_STATS)
     nll = stage == "dpo" and nll_weight(
         preference["loss_type"], preference["rpo_alpha"], preference["cpo_alpha"], preference["loss_mix"]
     )

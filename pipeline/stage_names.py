@@ -30,3 +30,21 @@ TRAINING_EVAL_STATS: dict[str, tuple[str, ...]] = {
         "logps/rejected",
     ),
 }
+# dpo's statistics under preference.loss_type=kto: the desirable rows' (chosen) and the undesirable rows'
+# (rejected) rewards and log-probabilities, each a mean over its own rows (KTO_STAT_COUNTS: the statistic that
+# counts them), the KL estimate its loss subtracts, and the shares of desirable and undesirable rows
+KTO_STATS: tuple[str, ...] = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "kl",
+    "desirable",
+    "undesirable",
+)
+KTO_STAT_COUNTS: dict[str, str] = {
+    "rewards/chosen": "desirable",
+    "logps/chosen": "desirable",
+    "rewards/rejected": "undesirable",
+    "logps/rejected": "undesirable",
+}

@@ -43,7 +43,11 @@ _MARKERS = (
 )
 # the keys a preference pair adds: ms-swift's rejected_response, TRL's prompt/chosen/rejected
 PAIR_KEYS = ("prompt", "chosen", "rejected", "rejected_response")
-COLUMN_TARGETS = tuple(sorted({key for keys in FORMAT_KEYS.values() for key in keys} | set(PAIR_KEYS)))
+# the keys a row of binary feedback (KTO) adds: ms-swift's and TRL's label, TRL's prompt/completion
+FEEDBACK_KEYS = ("label", "completion")
+COLUMN_TARGETS = tuple(
+    sorted({key for keys in FORMAT_KEYS.values() for key in keys} | set(PAIR_KEYS) | set(FEEDBACK_KEYS))
+)
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
 SYSTEM_ROLE = "system"

@@ -15,6 +15,14 @@ RLAIF-V's columns (question, chosen, rejected, image) read as TRL's through `dat
 prompt, image: images}`; `images` may then be one path instead of a list. Pairs become Rows (pipeline/data/
 rows.py) whose `response` is the chosen answer and `rejected` the other, so every check of a row (file:line,
 images, token lengths) applies to pairs as they are, sft trains on the chosen answers, and eval scores them.
+
+Binary feedback (KTO: one answer and whether it is desirable) is recognised by its label:
+
+    ms-swift    any row format of pipeline.data.formats plus "label" (true or false; 1 or 0)
+    TRL         {"prompt": ..., "completion": ..., "label": ..., "images": [...]}: prompt and completion as
+                TRL's pair layout has its prompt and answers
+
+They become Rows with their `label`; the dpo stage's kto loss reads them, and pairs as two of them.
 """
 
 from __future__ import annotations
@@ -31,6 +39,43 @@ PROMPT_KEYS = ("prompt", "query")
 def is_pair_record(record: object) -> bool:
     """Returns True when a record holds a rejected answer (a preference pair in either layout)."""
     return isinstance(record, Mapping) and ("rejected_response" in record or "rejected" in record)
+
+
+def is_feedback_record(record: object) -> bool:
+    """Returns True when a record holds a label and no rejected answer (binary feedback, KTO's rows)."""
+    return isinstance(record, Mapping) and "label" in record and not is_pair_record(record)
+
+
+def feedback_unknown_keys(record: Mapping) -> set[str]:
+    """Returns the keys of a feedback record that its layout does not define (they are ignored)."""
+    if "completion" in record:
+        known = {*PROMPT_KEYS, "completion", "label", "images", "system"}
+    else:
+        rest = {key: value for key, value in record.items() if key != "label"}
+        known = set(FORMAT_KEYS[detect_format(rest)]) | {"label"}
+    return {str(key) for key in record if key not in known}
+
+
+def feedback_to_query_response(record: Mapping) -> dict | list[str]:
+    """Returns a feedback record in the query/response layout with its "label" (a bool), or the reasons it
+    cannot be read."""
+    label = record["label"]
+    if isinstance(label, bool):
+        desirable = label
+    elif isinstance(label, int) and label in (0, 1):
+        desirable = bool(label)
+    else:
+        return [f"'label' must be true or false (whether the answer is desirable), got {show_value(label)}"]
+    if "completion" in record:
+        rest = {key: value for key, value in record.items() if key not in ("completion", "label")}
+        converted = _from_prompt_answer(rest, record.get("completion"), "completion")
+    else:
+        converted = to_query_response({key: value for key, value in record.items() if key != "label"})
+    if isinstance(converted, list):
+        return converted
+    if "images" in converted and isinstance(converted["images"], str):
+        converted["images"] = [converted["images"]]
+    return {**converted, "label": desirable}
 
 
 def pair_unknown_keys(record: Mapping) -> set[str]:
@@ -68,17 +113,24 @@ def pair_to_query_response(record: Mapping) -> dict | list[str]:
 
 def _from_prompt_chosen_rejected(record: Mapping) -> dict | list[str]:
     """TRL's layout: the prompt (text or messages) and the two answers."""
+    return _from_prompt_answer(record, record.get("chosen"), "chosen")
+
+
+def _from_prompt_answer(record: Mapping, answer: object, answer_key: str) -> dict | list[str]:
+    """TRL's layouts: the prompt (text or messages) and an answer (`answer_key`: chosen, or a feedback row's
+    completion), in the query/response layout."""
+    pair = answer_key == "chosen"
+    what = "a preference pair with 'chosen' and 'rejected'" if pair else "a labelled row"
+    noun = "the chosen answer" if pair else "the answer"
     prompt_key = next((key for key in PROMPT_KEYS if key in record), None)
     if prompt_key is None:
         return [
-            "a preference pair with 'chosen' and 'rejected' needs its 'prompt' (a string or a list of "
-            "messages); rename another key to it with dataset.columns, e.g. {question: prompt}"
+            f"{what} needs its 'prompt' (a string or a list of messages); rename another key to it with "
+            "dataset.columns, e.g. {question: prompt}"
         ]
-    chosen = _answer_text(record.get("chosen"))
+    chosen = _answer_text(answer)
     if not isinstance(chosen, str) or not chosen.strip():
-        return [
-            f"'chosen' must be a non-empty string (the chosen answer), got {show_value(record.get('chosen'))}"
-        ]
+        return [f"'{answer_key}' must be a non-empty string ({noun}), got {show_value(answer)}"]
     prompt = record[prompt_key]
     extra = {key: record[key] for key in ("images", "system") if key in record}
     if isinstance(prompt, str):

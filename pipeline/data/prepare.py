@@ -20,7 +20,7 @@ from pipeline.data.sources import (
     with_defaults,
 )
 from pipeline.data.split import split_rows
-from pipeline.data.validate import validate_rows, write_problems
+from pipeline.data.validate import apply_on_error, validate_rows, write_problems
 from pipeline.families.base import VideoLimits
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,24 @@ def read_dataset(
         val_rows, val_problems = load_mixture([_val_source(cfg)], seed, on_error=on_error, **media)
         problems += val_problems
     return RawRows(rows, val_rows, problems)
+
+
+def keep_rows(raw: RawRows, problem_of: Callable[[Row], str | None], on_error: str) -> RawRows:
+    """Returns `raw` without the rows (training and validation) that `problem_of` finds a problem with, each
+    a problem naming the row's origin (dropped under on_error=skip, raised under raise)."""
+    kept: list[list[Row] | None] = []
+    problems = list(raw.problems)
+    for rows in (raw.rows, raw.val_rows):
+        if rows is None:
+            kept.append(None)
+            continue
+        found = [
+            (i, Problem(row.origin, reason)) for i, row in enumerate(rows) if (reason := problem_of(row))
+        ]
+        good, more = apply_on_error(rows, found, on_error)
+        problems += more
+        kept.append(good)
+    return RawRows(kept[0] or [], kept[1], problems)
 
 
 def split_dataset(

@@ -24,6 +24,9 @@ class Row:
     # sft trains on and eval scores against
     rejected: str | None = None
     videos: list[str] = field(default_factory=list)  # absolute local paths or http(s) URLs (<video> tags)
+    # binary feedback (KTO): whether `response` is a desirable answer (pipeline/data/pairs.py); None for a row
+    # without a label
+    label: bool | None = None
 
 
 @dataclass

@@ -14,7 +14,14 @@ from pipeline.config import ON_ERROR_CHOICES
 from pipeline.data.arrow_images import is_embedded
 from pipeline.data.formats import FORMAT_KEYS, to_query_response, unknown_format_keys
 from pipeline.data.image_check import check_image_refs
-from pipeline.data.pairs import is_pair_record, pair_to_query_response, pair_unknown_keys
+from pipeline.data.pairs import (
+    feedback_to_query_response,
+    feedback_unknown_keys,
+    is_feedback_record,
+    is_pair_record,
+    pair_to_query_response,
+    pair_unknown_keys,
+)
 from pipeline.data.rows import DatasetError, Problem, Row, is_url
 from pipeline.data.video_check import video_headers
 from pipeline.families.base import IMAGE_TAG, VIDEO_TAG, VideoInfo, VideoLimits
@@ -66,6 +73,8 @@ def unknown_keys(record: object) -> set[str]:
     not define (ignored)."""
     if is_pair_record(record):
         return pair_unknown_keys(record)
+    if is_feedback_record(record):
+        return feedback_unknown_keys(record)
     return unknown_format_keys(record)
 
 
@@ -84,12 +93,17 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
     Relative image paths resolve against ``base_dir`` (the data file's folder); URLs are kept as they are.
     With ``need_response=False`` (prompts to answer) the response may be left out; the Row's is then "".
     A preference pair (pipeline.data.pairs) becomes a Row with its chosen answer as the response and its
-    rejected one as `rejected`.
+    rejected one as `rejected`; a labelled row (binary feedback), a Row with its `label`.
     """
     if not isinstance(record, Mapping):
         return [f"row is a JSON {_json_type(record)}, expected an object with 'query' and 'response'"]
     pair = is_pair_record(record)
-    record = pair_to_query_response(record) if pair else to_query_response(record, need_response)
+    if pair:
+        record = pair_to_query_response(record)
+    elif is_feedback_record(record):
+        record = feedback_to_query_response(record)
+    else:
+        record = to_query_response(record, need_response)
     if isinstance(record, list):
         return record
     keys = ("query", "response") if need_response or record.get("response") is not None else ("query",)
@@ -117,6 +131,7 @@ def record_to_row(record: object, origin: str, base_dir: Path, need_response: bo
         origin=origin,
         rejected=record.get("rejected") if pair else None,
         videos=videos,
+        label=record.get("label"),
     )
 
 

@@ -61,7 +61,8 @@ IMAGE_TAG = "<image>"  # where an image goes in a user message
 # family runs the vision tower once per pair (sequence_logps). PAIR_INDEX: each pair's number in its dataset.
 PAIRS = "pairs"
 PAIR_INDEX = "pair_index"
-PAIR_KEYS = (PAIRS, PAIR_INDEX)
+DESIRABLE = "desirable"  # kto: each row's label [n] bool
+PAIR_KEYS = (PAIRS, PAIR_INDEX, DESIRABLE)
 
 # what a trained vision-tower patch counts in the token budget where the tower's blocks are checkpointed, as a
 # share of what it counts kept (Family.patch_weight): a kept block saves some 16-20 tensors of the patch's

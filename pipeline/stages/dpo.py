@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,9 +30,8 @@ from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, last_round_only
 from pipeline.data.images import ImageFiles
-from pipeline.data.prepare import RawRows, split_dataset
-from pipeline.data.rows import DatasetError, Problem, Row, is_url
-from pipeline.data.validate import apply_on_error
+from pipeline.data.prepare import RawRows, keep_rows, split_dataset
+from pipeline.data.rows import DatasetError, Row, is_url
 from pipeline.families import family_from_config
 from pipeline.families.base import Family
 from pipeline.families.lora_init import is_residual
@@ -232,30 +232,24 @@ def _file_identity(ref: str) -> list:
 
 # ----- the pairs
 def read_pairs(cfg: DictConfig, resume_from: Path | None) -> RawRows:
-    """Returns the dataset's rows, read and checked (no model needed), every one a preference pair: a row
-    without a rejected answer is a problem naming its file:line (dropped under dataset.on_error=skip)."""
-    raw = read_rows(cfg, resume_from)
-    kept = []
-    for rows in (raw.rows, raw.val_rows):
-        if rows is None:
-            kept.append(None)
-            continue
-        found = [
-            (
-                i,
-                Problem(
-                    row.origin, "not a preference pair: no rejected answer (rejected_response, or rejected)"
-                ),
-            )
-            for i, row in enumerate(rows)
-            if row.rejected is None
-        ]
-        good, problems = apply_on_error(rows, found, cfg.dataset.on_error)
-        raw.problems += problems
-        kept.append(good)
-    if not kept[0]:
-        raise DatasetError(f"dataset {cfg.dataset.name} holds no preference pairs to train on")
-    return RawRows(kept[0], kept[1], raw.problems)
+    """Returns the dataset's rows, read and checked (no model needed), every one a preference pair (kto: or a
+    labelled row): any other row is a problem naming its file:line (dropped under dataset.on_error=skip)."""
+    kto = cfg.preference.loss_type == "kto"
+
+    def problem_of(row: Row) -> str | None:
+        if row.rejected is not None or (kto and row.label is not None):
+            return None
+        if kto:
+            return "neither labelled (label: true or false) nor a preference pair (rejected_response, or rejected)"
+        if row.label is not None:
+            return "a labelled row (binary feedback), not a preference pair: train on it with preference.loss_type=kto"
+        return "not a preference pair: no rejected answer (rejected_response, or rejected)"
+
+    rows = keep_rows(read_rows(cfg, resume_from), problem_of, cfg.dataset.on_error)
+    if not rows.rows:
+        what = "labelled rows or preference pairs" if kto else "preference pairs"
+        raise DatasetError(f"dataset {cfg.dataset.name} holds no {what} to train on")
+    return rows
 
 
 class PairCounter:
@@ -268,11 +262,59 @@ class PairCounter:
 
     def __call__(self, row: Row) -> int | None:
         chosen = self.count(row)
+        if row.rejected is None:  # kto's labelled row: its one answer
+            if chosen is not None:
+                self.sizes[id(row)] = (chosen, 0)
+            return chosen
         rejected = self.count(dataclasses.replace(row, response=row.rejected))
         if chosen is None or rejected is None:
             return None
         self.sizes[id(row)] = (chosen, rejected)
         return max(chosen, rejected)
+
+
+# how many other rows' answers kto tries, in its cycle, for a row's KL sample that fits dataset.max_length
+KL_TRIES = 8
+
+
+def feedback_rows(
+    split: list[Row], counter: PairCounter, max_length: int, truncates: bool, seed: int
+) -> tuple[list[Row], list[tuple[int, int]]]:
+    """Returns kto's rows of a split (a pair gives its chosen answer labelled desirable and its rejected one
+    labelled undesirable) with, as `rejected`, the answer of each one's KL sample, and every row's token
+    counts (its own, its KL sample's).
+
+    The KL samples pair each row's prompt and images with another row's answer: the next row's in a cycle
+    through the split in a seeded order (TRL pairs each prompt with its batch neighbour's answer), or the
+    first of the following KL_TRIES whose sample fits max_length, else the row's own answer."""
+    rows: list[Row] = []
+    sizes: list[int] = []
+    for row in split:
+        own, other = counter.sizes[id(row)]
+        if row.rejected is None:
+            rows.append(dataclasses.replace(row, num_tokens=own))
+            sizes.append(own)
+        else:
+            rows.append(dataclasses.replace(row, rejected=None, label=True, num_tokens=own))
+            rows.append(
+                dataclasses.replace(row, response=row.rejected, rejected=None, label=False, num_tokens=other)
+            )
+            sizes += [own, other]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    place = {index: k for k, index in enumerate(order)}
+    out, counts = [], []
+    for i, row in enumerate(rows):
+        answer, kl_size = row.response, sizes[i]
+        for step in range(1, min(KL_TRIES, len(rows) - 1) + 1):
+            j = order[(place[i] + step) % len(order)]
+            size = counter.count(dataclasses.replace(row, response=rows[j].response))
+            if size is not None and (truncates or size <= max_length):
+                answer, kl_size = rows[j].response, size
+                break
+        out.append(dataclasses.replace(row, rejected=answer))
+        counts.append((sizes[i], kl_size))
+    return out, counts
 
 
 def build_pair_data(
@@ -298,8 +340,17 @@ def build_pair_data(
     )
     patches = family.patch_counter(bundle, images) if weight > 0 else None
 
+    kto = cfg.preference.loss_type == "kto"
+
     def pair_set(split: list[Row], offset: int) -> PairDataset:
-        sizes = [counter.sizes[id(row)] for row in split]
+        labels = None
+        if kto:  # each row's sample and its KL sample, the other row's answer in `rejected`
+            split, sizes = feedback_rows(
+                split, counter, cfg.dataset.max_length, cfg.dataset.truncation != "delete", cfg.seed + offset
+            )
+            labels = [bool(row.label) for row in split]
+        else:
+            sizes = [counter.sizes[id(row)] for row in split]
         chosen = [dataclasses.replace(row, num_tokens=c) for row, (c, _) in zip(split, sizes, strict=True)]
         rejected = [
             dataclasses.replace(row, response=row.rejected, num_tokens=r)
@@ -314,11 +365,18 @@ def build_pair_data(
         budget = budget_sizes(
             [c + r for c, r in sizes], [patches(row) for row in split] if patches else None, weight
         )
-        return PairDataset(encoded(chosen), encoded(rejected), budget, offset, rows=split)
+        return PairDataset(encoded(chosen), encoded(rejected), budget, offset, rows=split, labels=labels)
 
     train_set = pair_set(splits.train, 0)
     val_set = pair_set(splits.val, len(train_set))
-    log.info("dpo: %d training pairs, %d validation pairs", len(train_set), len(val_set))
+    if kto:
+        for name, dataset in (("training", train_set), ("validation", val_set)):
+            good = sum(dataset.labels or ())
+            log.info(
+                "kto: %d %s rows, %d desirable, %d undesirable", len(dataset), name, good, len(dataset) - good
+            )
+    else:
+        log.info("dpo: %d training pairs, %d validation pairs", len(train_set), len(val_set))
     return TrainingData(
         train_set,
         val_set,

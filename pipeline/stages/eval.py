@@ -278,7 +278,8 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
         ),
         problems_path=eval_dir / "dataset_problems.jsonl",
     )
-    rows = splits.val if cfg.eval.max_samples is None else splits.val[: cfg.eval.max_samples]
+    held_out = [row for row in splits.val if row.label is not False]  # an undesirable answer is no reference
+    rows = held_out if cfg.eval.max_samples is None else held_out[: cfg.eval.max_samples]
     if not rows:
         raise DatasetError(
             f"dataset {cfg.dataset.name} has no held-out rows to evaluate: set dataset.val_path=<file> or "

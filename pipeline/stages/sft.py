@@ -26,7 +26,8 @@ from torch import nn
 
 from pipeline.config import BASE_CKPT, ConfigError, last_round_only, resolve_device
 from pipeline.data.images import ImageFiles
-from pipeline.data.prepare import RawRows, read_dataset, split_dataset
+from pipeline.data.prepare import RawRows, keep_rows, read_dataset, split_dataset
+from pipeline.data.rows import Row
 from pipeline.data.summary import report_summary, summarize_dataset
 from pipeline.families import family_from_config, image_limit, video_limit
 from pipeline.families.base import Family
@@ -257,7 +258,11 @@ def read_rows(cfg: DictConfig, resume_from: Path | None) -> RawRows:
     """Returns the dataset's rows, read and checked (no model needed); refuses the checkpoint to resume
     (`resume_from`, None: a new run) where it was trained with other tuning settings, before any weight loads
     too."""
-    rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model))
+    rows = keep_rows(
+        read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model)),
+        undesirable_problem,
+        cfg.dataset.on_error,
+    )
     if resume_from is not None:
         lora = (
             None
@@ -272,6 +277,16 @@ def read_rows(cfg: DictConfig, resume_from: Path | None) -> RawRows:
         )
         check_tuning_settings(resume_from, lora)
     return rows
+
+
+def undesirable_problem(row: Row) -> str | None:
+    """The problem of a row sft must not imitate: a labelled row whose answer is undesirable."""
+    if row.label is False:
+        return (
+            "an undesirable answer (label false): sft imitates its answers; train on labelled rows with "
+            "+experiment=dpo preference.loss_type=kto"
+        )
+    return None
 
 
 def build_data(

@@ -26,7 +26,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -142,10 +142,14 @@ class ObjectiveSums:
 class Objective(Protocol):
     """What the loop minimises: a loss summed over the units of each micro-batch, normalised by the units of
     the whole accumulation window on all processes; its statistics are logged as means over the units (in
-    the bar, logging.jsonl and the tracker; `eval_<name>` on the validation rows)."""
+    the bar, logging.jsonl and the tracker; `eval_<name>` on the validation rows), or over what another of
+    its statistics counts (`stat_counts`)."""
 
     name: str  # the training stage's name: the bar's label
     stat_names: tuple[str, ...]
+    # a statistic -> the statistic that counts the units it is summed over (its mean is over those, NaN
+    # where none was seen); the others are means over all units
+    stat_counts: Mapping[str, str]
 
     def units(self, batch: dict) -> int:
         """Returns how many units (what the loss is normalised by) a collated micro-batch holds."""
@@ -159,6 +163,7 @@ class TokenLoss:
 
     name = "sft"
     stat_names = TRAINING_EVAL_STATS["sft"]
+    stat_counts: Mapping[str, str] = {}
 
     def __init__(self, forward: Callable[[nn.Module, dict], LossSums]) -> None:
         self.forward = forward
@@ -169,6 +174,24 @@ class TokenLoss:
     def sums(self, model: nn.Module, batch: dict) -> ObjectiveSums:
         out = self.forward(model, batch)
         return ObjectiveSums(out.loss_sum, {"token_acc": out.num_correct})
+
+
+def stat_means(objective: Objective, sums: Sequence[float], units: float) -> dict[str, float]:
+    """Returns the objective's statistics from their sums (in stat_names' order): each over `units`, or over
+    the sum of the statistic that counts its own units (Objective.stat_counts; NaN where that is 0)."""
+    by_name = dict(zip(objective.stat_names, sums, strict=True))
+    means = {}
+    for name, value in by_name.items():
+        count = by_name[objective.stat_counts[name]] if name in objective.stat_counts else units
+        means[name] = value / count if count > 0 else math.nan
+    return means
+
+
+def window_mean(values: Sequence[float]) -> float:
+    """Returns the mean of a logging window's values of one statistic, leaving out the steps that saw none
+    of its units (NaN); NaN when none did."""
+    seen = [v for v in values if not math.isnan(v)]
+    return sum(seen) / len(seen) if seen else math.nan
 
 
 @dataclass(frozen=True)
@@ -581,9 +604,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=not self.s.preallocate_grads)
         return {
             "loss": loss,
-            **{
-                name: value / total_units for name, value in zip(objective.stat_names, stat_sums, strict=True)
-            },
+            **stat_means(objective, stat_sums, total_units),
             "grad_norm": grad_norm,
             "tokens": seen_tokens,
             "padded_tokens": padded_tokens,
@@ -656,7 +677,7 @@ class Trainer:
             sums = self.acc.reduce(sums, reduction="sum")
         loss_sum, units, *stat_sums = sums.tolist()
         units = max(units, 1.0)
-        stats = {f"eval_{k}": v / units for k, v in zip(objective.stat_names, stat_sums, strict=True)}
+        stats = {f"eval_{k}": v for k, v in stat_means(objective, stat_sums, units).items()}
         return {"eval_loss": loss_sum / units, **stats}
 
     # ----- checkpointing
@@ -699,6 +720,8 @@ class Trainer:
         return value > best + threshold if self.s.greater_is_better else value < best - threshold
 
     def _log(self, record: dict) -> None:
+        # a statistic that saw none of its units (NaN: stat_means) is left out of the record
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
         if self.acc.is_main_process:
             append_jsonl(self.log_path, record)
             if self.tracker is not None:
@@ -868,7 +891,7 @@ class Trainer:
                             "epoch": round(step / self.per_epoch, 4),
                             "loss": sum(r["loss"] for r in window) / len(window),
                             **{
-                                name: sum(r[name] for r in window) / len(window)
+                                name: window_mean([r[name] for r in window])
                                 for name in self.objective.stat_names
                             },
                             "lr": self.scheduler.get_last_lr()[0],

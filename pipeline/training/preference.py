@@ -25,6 +25,14 @@ sppo_hard (a - 1/2)^2 + (b + 1/2)^2 over beta^2; apo_zero 1 - sigmoid(a) + sigmo
 
 `loss_mix` weighs several of those last in place of loss_type (MPO: sigmoid 0.8, bco_pair 0.2, sft 1.0).
 
+kto (KTO, TRL's KTOTrainer and ms-swift's `--rlhf_type kto`) trains on binary feedback: rows of one answer
+labelled desirable or not (a pair is one of each). Its batches are laid out as pairs too, each row's sample
+first and then its KL sample (the row's prompt and images with another row's answer, PairSample.label the
+row's label), so the vision tower runs once a row. With r = the answer's log-ratio to the reference and
+z = the KL samples' mean log-ratio over the micro-batch, clamped at 0 and without gradient (the estimate of
+KL(policy || reference) the loss is measured against): a desirable row's loss is desirable_weight x
+(1 - sigmoid(beta (r - z))), an undesirable one's undesirable_weight x (1 - sigmoid(beta (z - r))).
+
 A term of the chosen answer's mean token negative log-likelihood is added at the weight
 pipeline.config.nll_weight gives: `rpo_alpha` for sigmoid and ipo (ms-swift's RPO term, the SFT loss RLAIF-V
 mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo, and
@@ -58,8 +66,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pipeline.config import CHOICES, nll_weight
-from pipeline.families.base import PAIR_INDEX, PAIRS, SequenceLogps
-from pipeline.stage_names import TRAINING_EVAL_STATS
+from pipeline.families.base import DESIRABLE, PAIR_INDEX, PAIRS, SequenceLogps
+from pipeline.stage_names import KTO_STAT_COUNTS, KTO_STATS, TRAINING_EVAL_STATS
 from pipeline.training.batching import plan_window
 from pipeline.training.loop import ObjectiveSums, loader_options
 from pipeline.utils.io import atomic_write_bytes
@@ -88,6 +96,8 @@ class PreferenceSettings:
     simpo_gamma: float = 1.0
     cpo_alpha: float = 1.0
     mix: tuple[tuple[str, float], ...] = ()  # preference.loss_mix: (loss, weight) in place of loss_type
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0
 
     @classmethod
     def from_config(cls, preference: Any) -> PreferenceSettings:
@@ -105,6 +115,8 @@ class PreferenceSettings:
             simpo_gamma=float(preference.simpo_gamma),
             cpo_alpha=float(preference.cpo_alpha),
             mix=tuple((str(name), float(weight)) for name, weight in (preference.loss_mix or {}).items()),
+            desirable_weight=float(preference.desirable_weight),
+            undesirable_weight=float(preference.undesirable_weight),
         )
 
     @property
@@ -115,6 +127,22 @@ class PreferenceSettings:
     @property
     def needs_reference(self) -> bool:
         return self.loss_type not in REFERENCE_FREE
+
+
+def kto_losses(
+    logratios: torch.Tensor, kl_logratios: torch.Tensor, desirable: torch.Tensor, settings: PreferenceSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns each row's KTO loss [n], its reward beta x its log-ratio to the reference (detached) and the
+    KL estimate: `logratios` the rows' answers' [n], `kl_logratios` their KL samples' [n], `desirable` [n]
+    bool (see the module's docstring)."""
+    kl = kl_logratios.detach().mean().clamp(min=0)
+    beta = settings.beta
+    losses = torch.where(
+        desirable,
+        settings.desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+        settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))),
+    )
+    return losses, beta * logratios.detach(), kl
 
 
 def preference_losses(
@@ -249,7 +277,11 @@ class PreferenceLoss:
         self.logps_fn = logps_fn
         self.settings = settings
         self.reference = reference if settings.needs_reference else None
-        self.stat_names = STATS + (("nll",) if settings.nll_weight else ())
+        if settings.loss_type == "kto":
+            self.stat_names, self.stat_counts = KTO_STATS, KTO_STAT_COUNTS
+        else:
+            self.stat_names = STATS + (("nll",) if settings.nll_weight else ())
+            self.stat_counts = {}
 
     def units(self, batch: dict) -> int:
         return int(batch[PAIRS])
@@ -265,6 +297,8 @@ class PreferenceLoss:
             ref = self.reference.logps(model, batch, policy).to(scores.dtype)
             ref = ref / tokens if mean else ref
             ref_chosen, ref_rejected = ref[:n], ref[n:]
+        if self.settings.loss_type == "kto":
+            return self._kto_sums(batch, scores, scores - ref, n)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             scores[:n], scores[n:], ref_chosen, ref_rejected, self.settings
         )
@@ -284,22 +318,44 @@ class PreferenceLoss:
             stats["nll"] = nll.detach()
         return ObjectiveSums(loss_sum, stats)
 
+    def _kto_sums(self, batch: dict, logps: torch.Tensor, logratios: torch.Tensor, n: int) -> ObjectiveSums:
+        """The kto loss of the micro-batch's n rows (samples :n; their KL samples n:), summed, with its
+        statistics: the desirable and the undesirable rows' rewards and log-probabilities summed apart,
+        with their counts (Objective.stat_counts), and the KL estimate once per row."""
+        desirable = batch[DESIRABLE].to(logps.device)
+        losses, rewards, kl = kto_losses(logratios[:n], logratios[n:], desirable, self.settings)
+        own = logps[:n].detach()
+        wanted = desirable.to(own.dtype)
+        stats = {
+            "rewards/chosen": (rewards * wanted).sum(),
+            "rewards/rejected": (rewards * (1 - wanted)).sum(),
+            "logps/chosen": (own * wanted).sum(),
+            "logps/rejected": (own * (1 - wanted)).sum(),
+            "kl": kl * n,
+            "desirable": wanted.sum(),
+            "undesirable": (1 - wanted).sum(),
+        }
+        return ObjectiveSums(losses.sum(), stats)
+
 
 # ----- pair batches
 @dataclass
 class PairSample:
     """One encoded pair: its number in the dataset, and its chosen and rejected answers encoded by the family
-    (each the whole conversation, prompt and images included)."""
+    (each the whole conversation, prompt and images included). Under kto: a labelled row's sample and its KL
+    sample, with the row's `label` (desirable or not)."""
 
     index: int
     chosen: Any
     rejected: Any
+    label: bool | None = None
 
 
 class PairDataset(Dataset):
     """Pairs encoded on access from two of the family's datasets over the same rows (one answering with the
     chosen answer, one with the rejected); `offset` numbers the pairs after another split's (the reference
-    table holds the training pairs, then the validation pairs); `rows`: the pairs' rows, as read."""
+    table holds the training pairs, then the validation pairs); `rows`: the pairs' rows, as read; `labels`:
+    under kto, each row's label (its samples then the rows' and their KL samples)."""
 
     def __init__(
         self,
@@ -308,20 +364,25 @@ class PairDataset(Dataset):
         sizes: Sequence[int],
         offset: int = 0,
         rows: Sequence[Any] = (),
+        labels: Sequence[bool] | None = None,
     ) -> None:
         if len(chosen) != len(rejected) or len(chosen) != len(sizes):
             raise ValueError(f"{len(chosen)} chosen, {len(rejected)} rejected answers and {len(sizes)} sizes")
+        if labels is not None and len(labels) != len(chosen):
+            raise ValueError(f"{len(labels)} labels for {len(chosen)} rows")
         self.rows = list(rows)
         self.chosen = chosen
         self.rejected = rejected
         self.sizes = list(sizes)
         self.offset = offset
+        self.labels = None if labels is None else list(labels)
 
     def __len__(self) -> int:
         return len(self.chosen)
 
     def __getitem__(self, index: int) -> PairSample:
-        return PairSample(self.offset + index, self.chosen[index], self.rejected[index])
+        label = None if self.labels is None else self.labels[index]
+        return PairSample(self.offset + index, self.chosen[index], self.rejected[index], label)
 
     def token_counts(self) -> list[int]:
         """Returns every pair's size in the token budget: both answers' tokens."""
@@ -330,7 +391,8 @@ class PairDataset(Dataset):
 
 class PairCollate:
     """Collates pairs with the family's collate: the chosen answers of the n pairs, then their rejected answers
-    (samples i and n + i are pair i), plus PAIRS = n and PAIR_INDEX (each pair's number)."""
+    (samples i and n + i are pair i), plus PAIRS = n, PAIR_INDEX (each pair's number) and, for kto's rows,
+    DESIRABLE (each row's label)."""
 
     def __init__(self, collate: Callable[[list], dict]) -> None:
         self.collate = collate
@@ -339,6 +401,8 @@ class PairCollate:
         batch = self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
         batch[PAIRS] = len(pairs)
         batch[PAIR_INDEX] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+        if pairs and pairs[0].label is not None:
+            batch[DESIRABLE] = torch.tensor([bool(p.label) for p in pairs], dtype=torch.bool)
         return batch
 
 

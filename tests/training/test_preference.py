@@ -247,3 +247,44 @@ def test_the_sums_are_the_same_in_one_batch_in_two_and_packed(name, family_twin,
         for got, want in zip(grads, whole_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     assert PairCollate(padded)(pairs)[PAIRS] == len(pairs)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpm_v2"])
+def test_kto_loss_and_gradient_equal_a_direct_computation(name, family_twin, pair_rows):
+    """kto's rows: each row's sample (here a pair's chosen answer) then its KL sample (another answer to the
+    same prompt), labelled desirable or not; the loss measured against the KL samples' mean log-ratio."""
+    family, bundle, model = loaded(family_twin, name)
+    settings = PreferenceSettings("kto", beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    rows = [
+        dataclasses.replace(p, label=k % 2 == 0)
+        for k, p in enumerate(encoded_pairs(family, bundle, pair_rows[:4]))
+    ]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    objective = PreferenceLoss(
+        family.sequence_logps, settings, NoAdapterReference(family.sequence_logps, lambda m: m)
+    )
+    assert objective.stat_counts["rewards/chosen"] == "desirable"
+    out = objective.sums(model, PairCollate(family.eval_collate(bundle))(rows))
+    grads = torch.autograd.grad(out.loss_sum, trainable)
+
+    answers = [r.chosen for r in rows] + [r.rejected for r in rows]
+    policy = torch.stack([alone(family, bundle, model, a) for a in answers])
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.stack([alone(family, bundle, model, a) for a in answers])
+    n = len(rows)
+    ratio = policy - reference
+    kl = ratio[n:].detach().mean().clamp(min=0)
+    desirable = torch.tensor([r.label for r in rows])
+    good = 1.0 * (1 - torch.sigmoid(0.5 * (ratio[:n] - kl)))
+    bad = 1.5 * (1 - torch.sigmoid(0.5 * (kl - ratio[:n])))
+    expected = torch.where(desirable, good, bad).sum()
+    expected_grads = torch.autograd.grad(expected, trainable)
+
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    rewards = 0.5 * ratio[:n].detach()
+    torch.testing.assert_close(out.stats["rewards/chosen"], rewards[desirable].sum(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.stats["rewards/rejected"], rewards[~desirable].sum(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.stats["kl"], kl * n, rtol=1e-4, atol=1e-5)
+    assert float(out.stats["desirable"]) == 2 and float(out.stats["undesirable"]) == 2
