@@ -18,7 +18,9 @@ itself), so that family's TRL row says so instead of a number.
 reference-free ones, cpo, orpo and simpo, run no reference forward); their rows' `vs_sigmoid` is the pairs/s
 over the sigmoid row of the same family in the same call. `sigmoid_unshared` is sigmoid with
 `preference.share_image_features=false`: its reference runs the vision tower again instead of taking the
-policy's image features (the baseline of that lever).
+policy's image features (the baseline of that lever). `kto` reads each pair as two labelled rows (the
+chosen answer desirable, the rejected one not), each scored beside its KL sample: its `pairs_per_s` counts
+rows, each of two sequences as a pair is.
 
 A row: `setting`, `peer` (ours | trl), `pairs_per_s` (median over the steps after the first two, data loading
 included), `peak_gb`, `first_losses`, `settings`, and `error` with the reason when a run fails; `vs_ours` is a
@@ -183,7 +185,7 @@ def main() -> None:
         "--loss-types",
         nargs="+",
         default=["sigmoid"],
-        choices=["sigmoid", f"sigmoid{UNSHARED}", "ipo", "simpo", "cpo", "orpo"],
+        choices=["sigmoid", f"sigmoid{UNSHARED}", "ipo", "simpo", "cpo", "orpo", "kto"],
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny twins on the CPU (a smoke run)")
     parser.add_argument("--timeout", type=int, default=900)

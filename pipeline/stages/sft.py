@@ -76,7 +76,8 @@ def run(cfg: DictConfig, run_dir: Path, state: RunState) -> dict:
     if start.adapter is not None or start.full is not None:
         log.info("sft: training on from %s", start)
     resume_from = checkpoint_to_resume(cfg.trainer.resume, sft_dir)
-    rows = read_rows(cfg, resume_from)  # read and checked before any weight loads (so is a resume's tuning)
+    # read and checked before any weight loads (so is a resume's tuning); no undesirable answer to imitate
+    rows = keep_rows(read_rows(cfg, resume_from), undesirable_problem, cfg.dataset.on_error)
     model = build_model(cfg, family, plan, start.model_path, start.base_name, resume_from=resume_from)
     if start.adapter is not None and resume_from is None:
         load_adapter_weights(start.adapter, model.module)
@@ -258,11 +259,7 @@ def read_rows(cfg: DictConfig, resume_from: Path | None) -> RawRows:
     """Returns the dataset's rows, read and checked (no model needed); refuses the checkpoint to resume
     (`resume_from`, None: a new run) where it was trained with other tuning settings, before any weight loads
     too."""
-    rows = keep_rows(
-        read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model)),
-        undesirable_problem,
-        cfg.dataset.on_error,
-    )
+    rows = read_dataset(cfg.dataset, cfg.seed, image_limit(cfg.model), video_limit(cfg.model))
     if resume_from is not None:
         lora = (
             None

@@ -101,6 +101,69 @@ def test_bad_pairs_are_named_by_file_and_line(folder):
         assert f"bad.jsonl:{line}: {reason}" in message
 
 
+# one labelled row (binary feedback, KTO) in every layout: the answer and whether it is desirable
+FEEDBACK = {
+    "ms-swift messages": {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>What is it?"},
+            {"role": "assistant", "content": "A star."},
+        ],
+        "label": False,
+        "images": ["a.png"],
+    },
+    "ms-swift query/response, label 0": {
+        "query": "<image>What is it?",
+        "response": "A star.",
+        "label": 0,
+        "system": "Be brief.",
+        "images": ["a.png"],
+    },
+    "TRL prompt/completion": {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        ],
+        "completion": [{"role": "assistant", "content": "A star."}],
+        "label": False,
+        "images": ["a.png"],
+    },
+}
+
+
+@pytest.mark.parametrize("layout", list(FEEDBACK))
+def test_every_feedback_layout_reads_as_the_same_labelled_row(layout, folder):
+    rows, problems = read_custom_file(write_rows(folder / "feedback.jsonl", [FEEDBACK[layout]]))
+    assert not problems
+    (row,) = rows
+    got = (row.query, row.response, row.label, row.rejected, row.system, len(row.images))
+    assert got == ("<image>What is it?", "A star.", False, None, "Be brief.", 1)
+
+
+def test_bad_labels_are_named_by_file_and_line(folder):
+    path = write_rows(
+        folder / "bad.jsonl",
+        [
+            {"query": "q", "response": "a", "label": True},
+            {"query": "q", "response": "a", "label": "yes"},
+            {"query": "q", "response": "a", "label": 2},
+            {"completion": "a", "label": True},
+            {"prompt": "q", "completion": "", "label": False},
+        ],
+    )
+    with pytest.raises(DatasetError) as caught:
+        load_rows({"name": "custom", "path": str(path)})
+    message = str(caught.value)
+    assert "4 problem(s)" in message
+    for line, reason in (
+        (2, "'label' must be true or false (whether the answer is desirable), got \"yes\""),
+        (3, "'label' must be true or false (whether the answer is desirable), got 2"),
+        (4, "a labelled row needs its 'prompt'"),
+        (5, "'completion' must be a non-empty string (the answer)"),
+    ):
+        assert f"bad.jsonl:{line}: {reason}" in message
+
+
 def test_the_preference_demo_prefers_the_sentence_to_the_bare_colour_and_to_another_colour():
     rows, images = generate_demo_pairs(8)
     assert len(rows) == 8 and len(images) == 8
