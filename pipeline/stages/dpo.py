@@ -273,6 +273,28 @@ class PairCounter:
         return max(chosen, rejected)
 
 
+def warn_unbalanced(preference: DictConfig, labels: Sequence[bool]) -> None:
+    """Warns where the weighted desirable rows over the weighted undesirable ones fall outside [1, 4/3], the
+    range KTO's paper recommends (as TRL does), naming a desirable_weight that brings it there."""
+    good, bad = sum(labels), len(labels) - sum(labels)
+    if not good or not bad:
+        kind = "desirable" if good else "undesirable"
+        log.warning("kto: every training row is %s; KTO learns from both kinds", kind)
+        return
+    dw, uw = preference.desirable_weight, preference.undesirable_weight
+    ratio = dw * good / (uw * bad)
+    if not 1.0 <= ratio <= 4 / 3:
+        log.warning(
+            "kto: desirable_weight x %d desirable rows / (undesirable_weight x %d undesirable) = %.2f, outside "
+            "[1, 4/3] where KTO's paper keeps it; e.g. preference.desirable_weight=%.3g with undesirable_weight=%g",
+            good,
+            bad,
+            ratio,
+            uw * bad / good,
+            uw,
+        )
+
+
 # how many other rows' answers kto tries, in its cycle, for a row's KL sample that fits dataset.max_length
 KL_TRIES = 8
 
@@ -375,6 +397,7 @@ def build_pair_data(
             log.info(
                 "kto: %d %s rows, %d desirable, %d undesirable", len(dataset), name, good, len(dataset) - good
             )
+        warn_unbalanced(cfg.preference, train_set.labels or [])
     else:
         log.info("dpo: %d training pairs, %d validation pairs", len(train_set), len(val_set))
     return TrainingData(

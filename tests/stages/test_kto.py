@@ -67,6 +67,7 @@ def test_every_family_trains_on_labelled_rows_then_evaluates_the_desirable_ones(
         run_pipeline(kto_config(twin, name, run_dir, data, "dataset.max_rows=null"), run_dir)
     # 12 labelled rows and 2 pairs: 16 rows under kto, 12 of them trained on (a quarter of the 14 held out)
     assert "kto: " in caplog.text and "desirable" in caplog.text
+    assert "outside [1, 4/3] where KTO's paper keeps it" in caplog.text  # more desirable rows than that
     records = log_records(run_dir / "dpo")
     first = records[0]
     assert first["step"] == 0 and first["eval_rewards/chosen"] == 0.0 and first["eval_kl"] == 0.0
