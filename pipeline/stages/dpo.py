@@ -1,8 +1,13 @@
-"""dpo: preference training (DPO, IPO, SimPO) on pairs of a chosen and a rejected answer, for every family.
+"""dpo: preference training (DPO, IPO, SimPO, CPO, ORPO and kin) on pairs of a chosen and a rejected answer,
+and KTO on binary feedback (rows labelled desirable or not), for every family.
 
     python -m pipeline +experiment=dpo                                  # the tiny twin, the bundled pairs
     python -m pipeline +experiment=dpo ckpt=outputs/lora_qkv/<time>     # after sft: that model is the reference
     python -m pipeline +experiment=dpo dataset=custom dataset.path=pairs.jsonl preference.loss_type=ipo
+    python -m pipeline +experiment=dpo dataset=custom dataset.path=feedback.jsonl preference.loss_type=kto
+
+Under kto the rows (a pair: one desirable and one undesirable) are laid out as pairs too: each row's answer,
+then its KL sample, the row's prompt with another row's answer (feedback_rows).
 
 Where it starts (`ckpt`): the base model (unset or `base`); an sft adapter checkpoint (or its run folder),
 whose adapter trains on, with that run's LoRA settings; or a full sft checkpoint, which is then the model a

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.__main__ import run_pipeline
 from pipeline.config import ConfigError, validate
@@ -116,4 +117,24 @@ def test_sft_refuses_undesirable_answers_and_the_pair_losses_refuse_labelled_row
     with pytest.raises(ConfigError, match="preference.loss_type=kto takes neither"):
         validate(compose_config(["+experiment=dpo", "preference.loss_type=kto", "preference.rpo_alpha=1"]))
     with pytest.raises(ConfigError, match="each is >= 0 and one of them > 0"):
-        validate(compose_config(["+experiment=dpo", "preference.loss_type=kto", "preference.desirable_weight=-1"]))
+        validate(
+            compose_config(["+experiment=dpo", "preference.loss_type=kto", "preference.desirable_weight=-1"])
+        )
+
+
+def test_full_finetuning_caches_kto_s_reference_for_each_row_and_its_kl_sample(family_twin, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.training.preference import CACHE_FILE
+
+    twin = copy_twin(family_twin("qwen2_5_vl"), tmp_path / "qwen2_5_vl_tiny")
+    run_dir = tmp_path / "run"
+    data = feedback_file(tmp_path)
+    cfg = kto_config(twin, "qwen2_5_vl", run_dir, data, "stages=[dpo]", "lora=none", "dataset.max_rows=null")
+    out = run_stage(dpo, cfg, run_dir)
+    table = load_file(str(run_dir / "dpo" / CACHE_FILE))["logps"]
+    assert table.shape == (16, 2) and bool(torch.isfinite(table).all())  # 12 labelled rows, 2 pairs x 2
+    assert out["dpo"]["global_step"] == 2
+    assert log_records(run_dir / "dpo")[0]["eval_kl"] == pytest.approx(
+        0.0, abs=1e-4
+    )  # the policy is the reference
