@@ -337,7 +337,7 @@ def feedback_rows(
             j = order[(place[i] + step) % len(order)]
             size = counter.count(dataclasses.replace(row, response=rows[j].response))
             if size is not None and (truncates or size <= max_length):
-                answer, kl_size = rows[j].response, size
+                answer, kl_size = rows[j].response, min(size, max_length)  # truncated to it where longer
                 break
         out.append(dataclasses.replace(row, rejected=answer))
         counts.append((sizes[i], kl_size))
