@@ -200,3 +200,31 @@ def test_the_config_group_composes_and_requires_a_path(compose):
     with pytest.raises(ConfigError, match="dataset.path is required for dataset=hf"):
         validate(compose(["dataset=hf"]))
     assert hf_source.HF_KEYS == ("path", "split", "subset", "columns", "trust_hub", "cache_dir")
+
+
+def test_a_feedback_dataset_in_trl_s_columns_reads_as_labelled_rows(tmp_path, cache):
+    # TRL's KTO columns (prompt, completion, label) beside an image column
+    dataset = datasets.Dataset.from_dict(
+        {
+            "prompt": ["<image>What colour?", "<image>What colour?"],
+            "completion": ["Red.", "Blue."],
+            "label": [True, False],
+            "image": [colour_image(0), colour_image(1)],
+        },
+        features=datasets.Features(
+            {
+                "prompt": datasets.Value("string"),
+                "completion": datasets.Value("string"),
+                "label": datasets.Value("bool"),
+                "image": datasets.Image(),
+            }
+        ),
+    )
+    path = write_hf_dataset(dataset, tmp_path, "parquet")
+    rows, problems = load_rows({"name": "hf", "path": str(path), "cache_dir": cache})
+    assert problems == []
+    assert [(row.query, row.response, row.label) for row in rows] == [
+        ("<image>What colour?", "Red.", True),
+        ("<image>What colour?", "Blue.", False),
+    ]
+    assert all(len(row.images) == 1 for row in rows)
