@@ -45,3 +45,31 @@ def test_dpo_on_the_preference_demo_lifts_the_preference_accuracy_and_moves_the_
     records = [json.loads(line) for line in (run_dir / "dpo" / "logging.jsonl").read_text().splitlines()]
     last = [r for r in records if "eval_rewards/accuracies" in r][-1]
     assert last["eval_rewards/accuracies"] >= 0.9 and last["eval_rewards/margins"] > 0
+
+
+def test_kto_on_the_preference_demo_read_as_labelled_rows_lifts_the_preference_accuracy(
+    pretrained_twin, tmp_path
+):
+    # each pair two labelled rows; KTO's loss, 1 - sigmoid, pulls more gently than DPO's: 60 steps lift the
+    # held-out preference accuracy from 0.04 to 0.50, 120 to 0.96 (this project's CPU)
+    out = tmp_path / "out"
+    args = [
+        "+experiment=dpo",
+        "preference.loss_type=kto",
+        "trainer.max_steps=120",
+        "stages=[dpo,eval]",
+        "model.gradient_checkpointing=false",
+        f"output_root={out}",
+    ]
+    proc = run_entry(args, tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_folders(out)
+    comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
+    base, tuned = comparison["base"], comparison["finetuned"]
+    assert base["pref_accuracy"] <= 0.5 and tuned["pref_accuracy"] >= 0.8, comparison
+    assert tuned["pref_margin"] > base["pref_margin"] + 5, comparison
+    records = [json.loads(line) for line in (run_dir / "dpo" / "logging.jsonl").read_text().splitlines()]
+    last = [r for r in records if "eval_kl" in r][-1]
+    assert last["eval_rewards/chosen"] > 0 > last["eval_rewards/rejected"], (
+        last
+    )  # desirable up, undesirable down
