@@ -68,6 +68,7 @@ from .base import (
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
 from .layer_compile import compile_for_training
+from .sharding import gathers_anywhere
 from .step_decoding import HFStepDecoder
 from .tiny_tokenizer import train_bpe_tokenizer
 
@@ -178,6 +179,16 @@ def last_position_only(model: nn.Module) -> contextlib.AbstractContextManager:
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
+
+
+def tower_calls(inputs: Mapping[str, Any]) -> int:
+    """Returns how many times a forward on these inputs calls the vision tower: once for its images and once
+    for its videos."""
+    return int("pixel_values" in inputs) + int("pixel_values_videos" in inputs)
+
+
+def _as_list(value: Any) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _twice(features: Any) -> Any:
@@ -606,6 +617,12 @@ class HFNativeFamily(Family):
         self, bundle: Bundle, lora: Any, gradient_checkpointing: Checkpointing, base_name: str
     ) -> nn.Module:
         model = bundle.model
+        # a blank image's pixel inputs, for the passes a process without images makes under a sharding
+        # engine (balanced_vision_term)
+        blank = Image.new("RGB", (56, 56))
+        self._blank_pixels = self.encode(
+            bundle.processor, messages_from_row(IMAGE_TAG + "?", "."), [blank]
+        ).pixel_inputs
         if gradient_checkpointing:
             # transformers 5.x names it activation checkpointing (the old name warns of its removal)
             kwargs = {"use_reentrant": False}
@@ -947,7 +964,8 @@ class HFNativeFamily(Family):
 
         A packed row (packing.is_packed) runs without an attention mask and without a cache; its segments
         go to the language model alone (packing.packed_forward)."""
-        logits, labels, _ = self._supervised_logits(model, batch, dict(batch))
+        with self.balanced_vision(model, 0, tower_calls(batch)):
+            logits, labels, _ = self._supervised_logits(model, batch, dict(batch))
         mask = labels != IGNORE_INDEX
         if isinstance(logits, chunked_loss.HeadLosses):  # a long-answer batch, scored a chunk at a time
             return LossSums(loss_sum=logits.losses.sum(), num_tokens=mask.sum(), num_correct=logits.correct)
@@ -959,6 +977,56 @@ class HFNativeFamily(Family):
         )
         correct = ((logits.argmax(-1) == labels) & mask).sum()
         return LossSums(loss_sum=loss_sum, num_tokens=mask.sum(), num_correct=correct)
+
+    @contextlib.contextmanager
+    def balanced_vision(self, model: nn.Module, before: int, within: int) -> Iterator[torch.Tensor | float]:
+        """Makes this process call the vision tower (and projector) as often as the process with the most,
+        where a sharding engine gathers the tower's weights in its calls (FSDP, ZeRO-3), so that the
+        processes' gathers pair up: `before` the tower calls this process makes before the model's forward
+        (a pair batch's shared image features), `within` those the forward makes (after the input
+        embeddings: images, videos). The missing ones are passes of a blank image, in the same places: those
+        before it now (yielded as 0 x their output, for the caller to add to its loss), those within it
+        added to the input embeddings as 0 x their output, so that the backward gathers as the others do.
+        Yields 0.0 where nothing is missing or nothing is sharded."""
+        core = unwrapped(model)
+        tower = core.get_submodule(self.freeze_groups().vision[0])
+        if not gathers_anywhere(tower):
+            yield 0.0
+            return
+        device = next(core.parameters()).device
+        counts = torch.tensor([before, within], device=device)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+        missing_before, missing_within = (int(n) for n in counts.tolist())
+        missing_before -= before
+        missing_within -= within
+        handle = None
+        if missing_within > 0:
+
+            def add_blank_passes(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+                return output + self._blank_passes(core, missing_within, device).to(output.dtype)
+
+            handle = core.get_input_embeddings().register_forward_hook(add_blank_passes)
+        try:
+            yield self._blank_passes(core, missing_before, device) if missing_before > 0 else 0.0
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def _blank_passes(self, core: nn.Module, count: int, device: torch.device) -> torch.Tensor:
+        """Returns 0 x the summed output of `count` passes of a blank image through the vision tower and
+        projector (every output, Qwen3-VL's per-layer features too)."""
+        blank = getattr(self, "_blank_pixels", None)
+        if blank is None:
+            raise FamilyError(f"{self.name}: the vision tower's blank passes need prepare_training first")
+        term = torch.zeros((), device=device)
+        for _ in range(count):
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in blank.items()}
+            features = core.get_image_features(**inputs, return_dict=True)
+            outputs = _as_list(features.pooler_output) + list(
+                getattr(features, "deepstack_features", None) or []
+            )
+            term = term + sum(out.float().sum() for out in outputs) * 0.0
+        return term
 
     def token_sample_lengths(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """A packed row's tokens belong to the samples its segment boundaries (cu_seq_lens_q) give, its tail
@@ -1029,12 +1097,16 @@ class HFNativeFamily(Family):
         packed row a position belongs to the sample its predicted token is in (cu_seq_lens)."""
         pairs = int(batch.get(PAIRS) or 0)
         inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
-        if pairs and "pixel_values" in inputs:
-            if image_features is None:
-                image_features = self._shared_image_features(model, inputs, pairs)
-            inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
-            inputs["mm_encoder_outputs"] = {"image": image_features}
-        logits, labels, keep = self._supervised_logits(model, batch, inputs)
+        shares = bool(pairs) and "pixel_values" in inputs  # the tower runs before the forward, once a pair
+        before = int(shares and image_features is None)
+        within = tower_calls(inputs) - int(shares)
+        with self.balanced_vision(model, before, within) as balance:
+            if shares:
+                if image_features is None:
+                    image_features = self._shared_image_features(model, inputs, pairs)
+                inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+                inputs["mm_encoder_outputs"] = {"image": image_features}
+            logits, labels, keep = self._supervised_logits(model, batch, inputs)
         if isinstance(logits, chunked_loss.HeadLosses):
             token_logps = -logits.losses
         else:
@@ -1052,7 +1124,7 @@ class HFNativeFamily(Family):
         else:
             owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
             samples = labels.shape[0]
-        logps = token_logps.new_zeros(samples).index_add(0, owner[mask], token_logps[mask])
+        logps = token_logps.new_zeros(samples).index_add(0, owner[mask], token_logps[mask]) + balance
         tokens = token_logps.new_zeros(samples).index_add(0, owner[mask], torch.ones_like(token_logps[mask]))
         return SequenceLogps(logps=logps, tokens=tokens, image_features=image_features)
 

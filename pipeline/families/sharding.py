@@ -18,6 +18,14 @@ def gathers_weights(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+def gathers_anywhere(module: nn.Module) -> bool:
+    """Whether a sharding engine gathers the weights of this module or of any module in it in their own
+    calls (FSDP units inside it, or ZeRO-3)."""
+    return any(
+        gathers_weights(m) for m in module.modules() if isinstance(m, (FSDPModule, FullyShardedDataParallel))
+    ) or gathers_weights(module)
+
+
 def most_over_ranks(count: int, device: torch.device) -> int:
     """The largest `count` over all processes (one all-reduce)."""
     most = torch.tensor([count], device=device)

@@ -72,6 +72,56 @@ def test_zero_with_text_only_and_image_rows_trains_like_one_process(briefly_pret
         assert norms(multi)[step] == pytest.approx(norm, rel=1e-3), step
 
 
+def test_zero3_with_text_only_and_image_rows_trains_an_hf_family_like_one_process(family_twin, tmp_path):
+    # Qwen2.5-VL's tower runs inside its forward, after the input embeddings: a process whose batch has no
+    # image makes a blank pass there (HFNativeFamily.balanced_vision), or ZeRO-3's gathers mismatch
+    twin = family_twin("qwen2_5_vl")
+    n_rows, steps, seed = 24, 3, 42
+    row_of = lambda step, rank, micro: window_indices(n_rows, seed, 0, step, 4, rank, 2)[micro]  # noqa: E731
+    text_only = {row_of(0, 0, 0), row_of(0, 0, 1), row_of(1, 1, 0), row_of(1, 1, 1)}
+    train, val = write_mixed_dataset(tmp_path / "data", text_only, n_rows)
+    common = ["+experiment=lora_all", "model=qwen2_5_vl_tiny", "dataset=custom", f"dataset.path={train}",
+              f"dataset.val_path={val}", *EXACT, f"trainer.max_steps={steps}", "trainer.batch_size=1"]  # fmt: skip
+    out = tmp_path / "outputs"
+    done = ds_launch(cpu_config(3, tmp_path), tmp_path, *common, f"model.path={twin}", f"output_root={out}",
+                     "trainer.grad_accum=2")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run_dir,) = run_folders(out)
+    single = train_single(twin, tmp_path / "single", *common, "trainer.grad_accum=4")
+    assert_same_curve(log_records(run_dir / "sft"), single, steps=steps)
+
+
+@pytest.mark.parametrize("lora", ["all", "qkv"])
+def test_zero3_dpo_with_text_only_and_image_pairs_trains_an_hf_family_like_one_process(
+    family_twin, tmp_path, lora
+):
+    # a pair batch's image features are computed before the forward (once a pair), the blank passes of a
+    # process without images too; the reference pass (the adapter disabled) makes its own, or under
+    # lora=qkv takes the policy's features and makes none
+    import json
+
+    twin = family_twin("qwen2_5_vl")
+    n_rows, steps, seed = 24, 3, 42
+    row_of = lambda step, rank, micro: window_indices(n_rows, seed, 0, step, 4, rank, 2)[micro]  # noqa: E731
+    text_only = {row_of(0, 0, 0), row_of(0, 0, 1), row_of(1, 1, 0), row_of(1, 1, 1)}
+    train, val = write_mixed_dataset(tmp_path / "data", text_only, n_rows)
+    for path in (train, val):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**row, "rejected_response": "No."}) + "\n" for row in rows))
+    common = ["+experiment=dpo", f"lora={lora}", "model=qwen2_5_vl_tiny", "dataset=custom", f"dataset.path={train}",
+              f"dataset.val_path={val}", *EXACT, "optim.lr=1e-3", f"trainer.max_steps={steps}",
+              "trainer.batch_size=1", "trainer.eval_steps=3"]  # fmt: skip
+    out = tmp_path / "outputs"
+    done = ds_launch(cpu_config(3, tmp_path), tmp_path, *common, f"model.path={twin}", f"output_root={out}",
+                     "trainer.grad_accum=2", stage="dpo")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run_dir,) = run_folders(out)
+    single = train_single(twin, tmp_path / "single", *common, "trainer.grad_accum=4", stage=dpo)
+    multi = log_records(run_dir / "dpo")
+    assert_same_curve(multi, single, steps=steps)
+    assert_same_rewards(multi, single, ("rewards/margins",), steps=steps)
+
+
 # the fast suite keeps ZeRO-3's whole-weight gather of full fine-tuning; the others run in `make test-all`
 @pytest.mark.parametrize(
     ("stage", "experiment"),
