@@ -618,7 +618,7 @@ class HFNativeFamily(Family):
     ) -> nn.Module:
         model = bundle.model
         # a blank image's pixel inputs, for the passes a process without images makes under a sharding
-        # engine (balanced_vision_term)
+        # engine (balanced_vision)
         blank = Image.new("RGB", (56, 56))
         self._blank_pixels = self.encode(
             bundle.processor, messages_from_row(IMAGE_TAG + "?", "."), [blank]

@@ -19,11 +19,10 @@ def gathers_weights(module: nn.Module) -> bool:
 
 
 def gathers_anywhere(module: nn.Module) -> bool:
-    """Whether a sharding engine gathers the weights of this module or of any module in it in their own
-    calls (FSDP units inside it, or ZeRO-3)."""
-    return any(
-        gathers_weights(m) for m in module.modules() if isinstance(m, (FSDPModule, FullyShardedDataParallel))
-    ) or gathers_weights(module)
+    """Whether a sharding engine gathers the weights of this module, or of a module within it, in their own
+    calls (ZeRO-3, or FSDP units inside it)."""
+    units = (FSDPModule, FullyShardedDataParallel)
+    return gathers_weights(module) or any(isinstance(m, units) for m in module.modules())
 
 
 def most_over_ranks(count: int, device: torch.device) -> int:
