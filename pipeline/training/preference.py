@@ -355,7 +355,7 @@ class PairDataset(Dataset):
     """Pairs encoded on access from two of the family's datasets over the same rows (one answering with the
     chosen answer, one with the rejected); `offset` numbers the pairs after another split's (the reference
     table holds the training pairs, then the validation pairs); `rows`: the pairs' rows, as read; `labels`:
-    under kto, each row's label (its samples then the rows' and their KL samples)."""
+    under kto, each row's label (`chosen` then holds the rows' samples, `rejected` their KL samples)."""
 
     def __init__(
         self,
