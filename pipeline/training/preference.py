@@ -38,7 +38,7 @@ pipeline.config.nll_weight gives: `rpo_alpha` for sigmoid and ipo (ms-swift's RP
 mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo, and
 `sft`'s weight in a loss_mix. Every term is summed over pairs, so the loop normalises the loss by the pairs
 of the whole accumulation window on all processes, as it does sft's by tokens: 1 and N processes give the
-same gradient for the same global batch.
+same gradient for the same global batch (not kto's: its KL estimate is each micro-batch's).
 
 The reference (`Reference`): the same weights with the LoRA adapter disabled (`NoAdapterReference`: no
 second copy in memory), or log-probabilities computed once before training and cached in the run folder
