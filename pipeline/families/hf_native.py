@@ -617,12 +617,9 @@ class HFNativeFamily(Family):
         self, bundle: Bundle, lora: Any, gradient_checkpointing: Checkpointing, base_name: str
     ) -> nn.Module:
         model = bundle.model
-        # a blank image's pixel inputs, for the passes a process without images makes under a sharding
-        # engine (balanced_vision)
-        blank = Image.new("RGB", (56, 56))
-        self._blank_pixels = self.encode(
-            bundle.processor, messages_from_row(IMAGE_TAG + "?", "."), [blank]
-        ).pixel_inputs
+        # encodes the blank image of the passes a process without images makes under a sharding engine
+        # (balanced_vision), where one is needed
+        self._blank_processor = bundle.processor
         if gradient_checkpointing:
             # transformers 5.x names it activation checkpointing (the old name warns of its removal)
             kwargs = {"use_reentrant": False}
@@ -1017,7 +1014,13 @@ class HFNativeFamily(Family):
         projector (every output, Qwen3-VL's per-layer features too)."""
         blank = getattr(self, "_blank_pixels", None)
         if blank is None:
-            raise FamilyError(f"{self.name}: the vision tower's blank passes need prepare_training first")
+            processor = getattr(self, "_blank_processor", None)
+            if processor is None:
+                raise FamilyError(f"{self.name}: the vision tower's blank passes need prepare_training first")
+            conversation = messages_from_row(IMAGE_TAG + "?", ".")
+            blank = self._blank_pixels = self.encode(
+                processor, conversation, [Image.new("RGB", (56, 56))]
+            ).pixel_inputs
         term = torch.zeros((), device=device)
         for _ in range(count):
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in blank.items()}

@@ -123,6 +123,16 @@ def test_the_reference_scores_on_the_policy_s_image_features_when_the_adapter_le
     assert not torch.allclose(reused, policy.logps.detach(), atol=1e-3)  # the adapter was disabled
 
 
+def policy_and_reference(family, bundle, model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every answer's summed log-probability (the chosen ones, then the rejected) under the policy and, its
+    adapter disabled, under the reference, each from the answer's own full logits."""
+    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    policy = torch.stack([alone(family, bundle, model, a) for a in answers])
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.stack([alone(family, bundle, model, a) for a in answers])
+    return policy, reference
+
+
 OTHER_PAIR_LOSSES = REWARD_LOSSES[1:]  # every reward loss but sigmoid, each written out in direct_loss
 
 
@@ -207,10 +217,8 @@ def test_loss_and_gradient_equal_a_direct_computation(case, family_twin, pair_ro
     out = objective.sums(model, PairCollate(family.eval_collate(bundle))(pairs))
     grads = torch.autograd.grad(out.loss_sum, trainable)
 
+    policy, reference = policy_and_reference(family, bundle, model, pairs)
     answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    policy = torch.stack([alone(family, bundle, model, a) for a in answers])
-    with torch.no_grad(), model.disable_adapter():
-        reference = torch.stack([alone(family, bundle, model, a) for a in answers])
     tokens = torch.tensor([float(sum(label != -100 for label in a.labels[1:])) for a in answers])
     expected = direct_loss(settings, policy, reference, tokens)
     expected_grads = torch.autograd.grad(expected, trainable)
@@ -267,10 +275,7 @@ def test_kto_loss_and_gradient_equal_a_direct_computation(name, family_twin, pai
     out = objective.sums(model, PairCollate(family.eval_collate(bundle))(rows))
     grads = torch.autograd.grad(out.loss_sum, trainable)
 
-    answers = [r.chosen for r in rows] + [r.rejected for r in rows]
-    policy = torch.stack([alone(family, bundle, model, a) for a in answers])
-    with torch.no_grad(), model.disable_adapter():
-        reference = torch.stack([alone(family, bundle, model, a) for a in answers])
+    policy, reference = policy_and_reference(family, bundle, model, rows)
     n = len(rows)
     ratio = policy - reference
     kl = ratio[n:].detach().mean().clamp(min=0)
