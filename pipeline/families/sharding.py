@@ -30,3 +30,17 @@ def most_over_ranks(count: int, device: torch.device) -> int:
     most = torch.tensor([count], device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     return int(most.item())
+
+
+def module_classes(model: nn.Module) -> set[str]:
+    """The class names of the modules in `model` (any wrapper included)."""
+    return {type(m).__name__ for m in model.modules()}
+
+
+def shard_units(model: nn.Module) -> list[str]:
+    """The class names of the modules that a sharding engine makes its own units: those the model declares
+    whole (transformers' `_no_split_modules`: its decoder layers, vision blocks, ...) that occur in it. Read
+    through any PEFT wrapper; a class a model declares but does not build (a tower it lacks) is left out."""
+    declared = getattr(model, "_no_split_modules", None) or []
+    present = module_classes(model)
+    return sorted(name for name in declared if name in present)

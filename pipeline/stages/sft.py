@@ -30,9 +30,10 @@ from pipeline.data.prepare import RawRows, keep_rows, read_dataset, split_datase
 from pipeline.data.rows import Row
 from pipeline.data.summary import report_summary, summarize_dataset
 from pipeline.families import family_from_config, image_limit, video_limit
-from pipeline.families.base import Family
+from pipeline.families.base import Family, unwrapped
 from pipeline.families.checkpoints import adapter_base, checkpoint_kind, parameters_in_folder
 from pipeline.families.lora_init import is_residual
+from pipeline.families.sharding import module_classes, shard_units
 from pipeline.runinfo import resolve_ckpt, seed_everything
 from pipeline.stages.state import RunState
 from pipeline.training.batching import budget_sizes
@@ -169,6 +170,32 @@ def configure_deepspeed(accelerator: Accelerator, cfg: DictConfig) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def configure_fsdp(accelerator: Accelerator, model: nn.Module) -> None:
+    """Under FSDP with transformer-based wrapping, makes each of the model's own units (shard_units: every
+    family's decoder layers and vision blocks) an FSDP unit where the accelerate config names none, so one
+    config file serves every family. Raises ConfigError where the config names classes the model lacks (a
+    config written for another family), naming them and the model's units."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if getattr(policy, "__name__", "") != "transformer_auto_wrap_policy":
+        return  # size-based or no wrapping: class names play no part
+    units = shard_units(model)
+    named = plugin.transformer_cls_names_to_wrap
+    if not named:
+        plugin.transformer_cls_names_to_wrap = units
+        log.info("FSDP units: %s", ", ".join(units) or "none (the whole model is one unit)")
+        return
+    missing = [name for name in named if name not in module_classes(model)]
+    if missing:
+        raise ConfigError(
+            f"the accelerate config's fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which "
+            f"{type(unwrapped(model)).__name__} does not have (a config for another model?): its units are "
+            f"{', '.join(units)}; name those, or leave the key out and they are wrapped"
+        )
+
+
 def name_deepspeed_accelerator(uses_deepspeed: bool) -> None:
     """Tells DeepSpeed (when not in use, on a machine without CUDA) that its accelerator is the CPU.
 
@@ -193,6 +220,7 @@ def prepare_engine(
     run's planned steps."""
     optim = OmegaConf.create({**OmegaConf.to_container(cfg.optim, resolve=True), "lr": plan.lr})
     optimizer = build_optimizer(model, optim, plan.launch.device, parts)
+    configure_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     total = planned_steps(n_rows, plan.loop, plan.launch.processes)
     scheduler = build_scheduler(optimizer, optim, max(total, 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,3 +97,74 @@ def test_a_rank_without_images_keeps_step_with_the_others(sharded_run):
     assert before_sharded == pytest.approx(before_whole, rel=1e-5)
     assert after_sharded == pytest.approx(after_whole, rel=1e-5)
     assert after_sharded != before_sharded  # the training step between them did update the weights
+
+
+# ----- which modules FSDP makes its own units: the shipped configs name none, the pipeline names the model's
+UNITS = {
+    "minicpm_v2": {"MiniCPMDecoderLayer", "Block"},
+    "qwen2_5_vl": {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"},
+    "qwen3_vl": {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"},
+    # its vision embeddings and window merger too; Qwen3_5VisionBlock, declared but not built, is left out
+    "minicpm_v4_6": {
+        "Qwen3_5DecoderLayer",
+        "MiniCPMV4_6VisionEncoderLayer",
+        "MiniCPMV4_6VisionEmbeddings",
+        "MiniCPMV4_6ViTWindowAttentionMerger",
+    },
+}
+
+
+def fsdp_accelerator(names: list[str] | None = None) -> SimpleNamespace:
+    """What configure_fsdp reads of an Accelerator launched with bench/accelerate/fsdp.yaml (`names`: the
+    config's fsdp_transformer_layer_cls_to_wrap)."""
+    from accelerate import DistributedType
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=names
+    )
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+def lora_all(family: str, folder: Path) -> torch.nn.Module:
+    """The family's twin with LoRA on every linear layer (lora=all), as the sft stage wraps it."""
+    from pipeline.families import get_family
+
+    fam = get_family(family)
+    model = fam.load_bundle(folder).model
+    return fam.apply_lora(model, fam.lora_config(model, "all", r=2, alpha=4, dropout=0.0))
+
+
+@pytest.mark.parametrize("family", sorted(UNITS))
+def test_every_family_is_wrapped_in_its_own_decoder_layers_and_vision_blocks(family_twin, family):
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from pipeline.stages.sft import configure_fsdp
+
+    model = lora_all(family, family_twin(family))
+    accelerator = fsdp_accelerator()
+    configure_fsdp(accelerator, model)
+    plugin = accelerator.state.fsdp_plugin
+    assert set(plugin.transformer_cls_names_to_wrap) == UNITS[family]
+    # accelerate's own FSDP2 policy then picks those modules, every decoder layer and block among them
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    picked = [type(m).__name__ for m in model.modules() if policy(m)]
+    assert set(picked) == UNITS[family]
+    layers = model.config.get_text_config().num_hidden_layers
+    assert sum(name in UNITS[family] and "Decoder" in name for name in picked) == layers
+
+
+def test_a_config_naming_another_familys_layers_is_refused_naming_them(family_twin):
+    from pipeline.config import ConfigError
+    from pipeline.stages.sft import configure_fsdp
+
+    model = lora_all("qwen2_5_vl", family_twin("qwen2_5_vl"))
+    with pytest.raises(ConfigError) as err:
+        configure_fsdp(fsdp_accelerator(["MiniCPMDecoderLayer", "Block"]), model)
+    message = str(err.value)
+    assert "fsdp_transformer_layer_cls_to_wrap names MiniCPMDecoderLayer, Block" in message
+    assert "Qwen2_5_VLForConditionalGeneration" in message and "Qwen2_5_VLDecoderLayer" in message
+    # a config naming the model's own classes is kept as written
+    accelerator = fsdp_accelerator(["Qwen2_5_VLDecoderLayer"])
+    configure_fsdp(accelerator, model)
+    assert accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap == ["Qwen2_5_VLDecoderLayer"]
