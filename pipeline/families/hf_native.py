@@ -187,8 +187,12 @@ def tower_calls(inputs: Mapping[str, Any]) -> int:
     return int("pixel_values" in inputs) + int("pixel_values_videos" in inputs)
 
 
-def _as_list(value: Any) -> list[torch.Tensor]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Returns the tensors in `value`: one tensor, or lists and tuples of them nested (Qwen3-VL's per-layer
+    features hold a tuple per image in a list per layer)."""
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return [value] if isinstance(value, torch.Tensor) else []
 
 
 def _twice(features: Any) -> Any:
@@ -1025,8 +1029,8 @@ class HFNativeFamily(Family):
         for _ in range(count):
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in blank.items()}
             features = core.get_image_features(**inputs, return_dict=True)
-            outputs = _as_list(features.pooler_output) + list(
-                getattr(features, "deepstack_features", None) or []
+            outputs = _tensors(features.pooler_output) + _tensors(
+                getattr(features, "deepstack_features", None)
             )
             term = term + sum(out.float().sum() for out in outputs) * 0.0
         return term

@@ -168,3 +168,25 @@ def test_a_config_naming_another_familys_layers_is_refused_naming_them(family_tw
     accelerator = fsdp_accelerator(["Qwen2_5_VLDecoderLayer"])
     configure_fsdp(accelerator, model)
     assert accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap == ["Qwen2_5_VLDecoderLayer"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "minicpm_v4_6"])
+def test_an_hf_family_sharded_in_its_units_trains_a_text_only_rank_like_one_process(
+    family_twin, tmp_path, family
+):
+    # lora=all: the vision tower is sharded and trains; rank 1's micro-batch has no image, so it passes a
+    # blank one through the tower (HFNativeFamily.balanced_vision), or the ranks' gathers would not pair up
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "training" / "fsdp_family_worker.py"), family, str(family_twin(family)),
+           str(tmp_path)]  # fmt: skip
+    done = run_python(cmd, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result["units"]) == UNITS[family]
+    sharded, whole = result["losses"]
+    assert sharded == pytest.approx(whole, rel=1e-5)
+    # every trainable weight, the tower's LoRA included, gets FSDP's mean of the two ranks' gradients
+    assert result["sharded_grads"] == result["trainable"]
+    assert any(".visual." in n or "vision" in n for n in result["cosines"])
+    assert min(result["cosines"].values()) > 0.9999
+    assert result["max_abs_diff"] < 1e-5
