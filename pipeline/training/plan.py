@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline.config import best_metric_name, resolve_dtype
+from pipeline.config import ConfigError, best_metric_name, resolve_dtype
 from pipeline.families.base import Checkpointing
 from pipeline.families.packing import static_floor
 
@@ -263,6 +263,13 @@ def plan_training(
         parameters,
     )
     optimizer = str(cfg.optim.get("name", "adamw_torch"))
+    if optimizer == "adamw_bnb_8bit" and launch.engine == "FSDP":
+        # its kernels take plain tensors, and FSDP2's parameters are sharded DTensors (the first step fails)
+        raise ConfigError(
+            "optim.name=adamw_bnb_8bit: bitsandbytes' 8-bit AdamW cannot step FSDP's sharded parameters; "
+            "shard with DeepSpeed instead (bench/accelerate/deepspeed_zero3.yaml: the 8-bit AdamW runs inside "
+            "ZeRO) or set optim.name=adamw_torch"
+        )
     budget = resolve_micro_batch_tokens(
         t.micro_batch_tokens,
         device,

@@ -73,3 +73,14 @@ def test_the_auto_budget_counts_8bit_moments_and_bad_names_are_refused(compose, 
     assert tokens == 16384 and "optimizer: AdamW 8-bit (bitsandbytes)" in described
     with pytest.raises(ConfigError, match=r"optim\.name=adam"):
         validate(compose_config(["optim.name=adam"]))
+
+
+def test_8bit_adamw_under_fsdp_is_refused_naming_the_engine_to_use(compose):
+    # bitsandbytes' kernels take plain tensors, FSDP2's parameters are sharded DTensors; inside DeepSpeed's
+    # ZeRO it steps flat partitions (tests/training/test_deepspeed.py resumes it exactly)
+    cfg = compose(["model=qwen2_5_vl_tiny", "+experiment=full", "optim.name=adamw_bnb_8bit"])
+    fsdp = Launch(torch.device("cuda"), processes=2, engine="FSDP")
+    with pytest.raises(ConfigError, match=r"optim\.name=adamw_bnb_8bit.*FSDP.*deepspeed_zero3\.yaml"):
+        plan_training(cfg, fsdp, compiles=False, parameters=3_750_000_000)
+    deepspeed = Launch(torch.device("cuda"), processes=2, engine="DEEPSPEED")
+    assert "AdamW 8-bit" in plan_training(cfg, deepspeed, compiles=False, parameters=3_750_000_000).describe()

@@ -131,14 +131,18 @@ def test_zero3_dpo_with_text_only_and_image_pairs_trains_an_hf_family_like_one_p
         pytest.param(3, "lora_all", marks=pytest.mark.slow),
         # an adapter started from the base weights: the residual base rebuilt from the checkpoint on resume
         pytest.param(3, "lora_all+pissa", marks=pytest.mark.slow),
+        # bitsandbytes' 8-bit AdamW inside ZeRO (its moments of the flat partitions in 8 bits)
+        (3, "full+8bit"),
     ],
 )
 def test_zero_resumes_exactly_with_whole_weights(briefly_pretrained_twin, tmp_path, stage, experiment):
     config = cpu_config(stage, tmp_path)
-    experiment, _, init = experiment.partition("+")
+    experiment, _, variant = experiment.partition("+")
+    tuning = (
+        ["optim.name=adamw_bnb_8bit"] if variant == "8bit" else [f"lora.init_weights={variant or 'true'}"]
+    )
     common = [f"+experiment={experiment}", f"model.path={briefly_pretrained_twin}", "dataset.max_rows=48", *EXACT, "trainer.max_steps=4",
-              "trainer.save_steps=2", "trainer.batch_size=1", "trainer.grad_accum=1",
-              f"lora.init_weights={init or 'true'}"]  # fmt: skip
+              "trainer.save_steps=2", "trainer.batch_size=1", "trainer.grad_accum=1", *tuning]  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     done = ds_launch(config, tmp_path, *common, f"hydra.run.dir={whole}")
     assert done.returncode == 0, done.stderr[-4000:]
