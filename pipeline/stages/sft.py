@@ -137,6 +137,17 @@ def start_accelerator(cfg: DictConfig) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else None,
     )
     configure_deepspeed(accelerator, cfg)
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and accelerator.distributed_type != DistributedType.FSDP
+    ):
+        # accelerate shards with FSDP on GPUs only, and elsewhere quietly replicates the model instead
+        log.warning(
+            "the accelerate config asks for FSDP, which shards on GPUs only: on %s this run trains as %s "
+            "(every process holds the whole model and its optimizer state)",
+            device.type,
+            str(accelerator.distributed_type).split(".")[-1],
+        )
     return accelerator
 
 

@@ -190,3 +190,17 @@ def test_an_hf_family_sharded_in_its_units_trains_a_text_only_rank_like_one_proc
     assert any(".visual." in n or "vision" in n for n in result["cosines"])
     assert min(result["cosines"].values()) > 0.9999
     assert result["max_abs_diff"] < 1e-5
+
+
+def test_an_fsdp_config_off_the_gpu_says_that_the_run_replicates_instead(monkeypatch, caplog):
+    # accelerate shards with FSDP on GPUs only; elsewhere it would run plain data parallel without a word
+    import logging
+
+    from pipeline.stages import sft
+    from tests.helpers import compose_config
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.sft"):
+        accelerator = sft.start_accelerator(compose_config(["device=cpu"]))
+    assert str(accelerator.distributed_type).endswith("NO")
+    assert "asks for FSDP, which shards on GPUs only: on cpu this run trains as NO" in caplog.text
