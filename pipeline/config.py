@@ -256,8 +256,9 @@ class PreferenceConfig:
     # sigmoid (DPO) | ipo (IPO, on the answers' mean token log-probabilities) | simpo (SimPO, reference-free)
     # | cpo (CPO, reference-free) | orpo (ORPO: the odds ratio of the answers' mean token probabilities,
     # reference-free, with the chosen answer's NLL) | kto (KTO, on binary feedback: rows labelled desirable
-    # or not, and pairs as one of each) | TRL's other pair losses on the reference log-ratios: hinge, robust,
-    # exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down
+    # or not, and pairs as one of each) | sigmoid_norm (DPO on the answers' mean token log-ratios) | TRL's
+    # other pair losses on the reference log-ratios: hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard,
+    # apo_zero, apo_down, discopop
     loss_type: str = "sigmoid"
     beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo (orpo: the odds ratio's weight)
     # weight of an SFT term on the chosen answer (its mean token negative log-likelihood), as RLAIF-V mixes
@@ -269,6 +270,9 @@ class PreferenceConfig:
     # sigmoid, simpo, cpo, robust: the share of pairs taken as mislabelled (cDPO); exo_pair: its epsilon (> 0)
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0  # simpo: the target reward margin
+    discopop_tau: float = (
+        0.05  # discopop: the temperature of its blend of the logistic and exponential losses
+    )
     # kto: the weights of the desirable and the undesirable rows' losses (ms-swift's and TRL's names); with
     # unbalanced feedback, KTO's paper keeps desirable_weight x desirable rows / (undesirable_weight x
     # undesirable rows) in [1, 4/3]
@@ -430,6 +434,7 @@ REWARD_LOSSES: tuple[str, ...] = (
     "sppo_hard",
     "apo_zero",
     "apo_down",
+    "discopop",
 )
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -454,7 +459,16 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.compile_vision": ("auto", True, False),
     "trainer.packing": ("auto", True, False),
     "trainer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "preference.loss_type": ("sigmoid", "ipo", "simpo", "cpo", "orpo", "kto", *REWARD_LOSSES[1:]),
+    "preference.loss_type": (
+        "sigmoid",
+        "ipo",
+        "sigmoid_norm",
+        "simpo",
+        "cpo",
+        "orpo",
+        "kto",
+        *REWARD_LOSSES[1:],
+    ),
     "preference.reference": ("auto", "no_adapter", "cached"),
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
@@ -504,6 +518,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("preference.cpo_alpha", 0.0, None),
     ("preference.label_smoothing", 0.0, 0.5),
     ("preference.simpo_gamma", 0.0, None),
+    ("preference.discopop_tau", 1e-6, None),
     ("eval.max_samples", 1, None),
     ("eval.batch_size", 1, None),
     ("eval.max_new_tokens", 1, None),

@@ -11,6 +11,7 @@ Losses (`preference.loss_type`; TRL's and ms-swift's definitions), with r = beta
 
     sigmoid  DPO: -log sigmoid(r_chosen - r_rejected), label-smoothed (cDPO) when label_smoothing > 0
     ipo      IPO: (h - 1 / (2 beta))^2 with h the log-ratio margin of the answers' mean token log-probs
+    sigmoid_norm  DPO on the same mean token log-ratios: -log sigmoid(beta h)
     simpo    SimPO, reference-free: -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma)
     cpo      CPO, reference-free: -log sigmoid(beta x (logp chosen - logp rejected)), label-smoothed
     orpo     ORPO, reference-free: -beta x log sigmoid(log odds chosen - log odds rejected), the odds of an
@@ -21,7 +22,8 @@ b = r_rejected, d = a - b: hinge max(0, 1 - d); robust (-(1 - e) log sigmoid(d) 
 (1 - 2e); exo_pair sigmoid(d) (log sigmoid(d) - log(1 - e)) + sigmoid(-d) (log sigmoid(-d) - log e); nca_pair
 -log sigmoid(a) - (log sigmoid(-a) + log sigmoid(-b)) / 2; bco_pair -log sigmoid(a) - log sigmoid(-b);
 sppo_hard (a - 1/2)^2 + (b + 1/2)^2 over beta^2; apo_zero 1 - sigmoid(a) + sigmoid(b); apo_down sigmoid(a) +
-1 - sigmoid(d) (e: label_smoothing).
+1 - sigmoid(d); discopop (1 - m) (-log sigmoid(d)) + m exp(-d) with m = sigmoid(d / tau) (e: label_smoothing,
+tau: discopop_tau).
 
 `loss_mix` weighs several of those last in place of loss_type (MPO: sigmoid 0.8, bco_pair 0.2, sft 1.0).
 
@@ -77,7 +79,7 @@ log = logging.getLogger(__name__)
 LOSS_TYPES = CHOICES["preference.loss_type"]
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 # the losses whose answers are scored by their mean token log-probability rather than the sum
-MEAN_LOGPS = ("ipo", "simpo", "orpo")
+MEAN_LOGPS = ("ipo", "sigmoid_norm", "simpo", "orpo")
 CACHE_FILE = "reference_logps.safetensors"
 STATS = TRAINING_EVAL_STATS["dpo"]
 
@@ -95,6 +97,7 @@ class PreferenceSettings:
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0
     cpo_alpha: float = 1.0
+    discopop_tau: float = 0.05
     mix: tuple[tuple[str, float], ...] = ()  # preference.loss_mix: (loss, weight) in place of loss_type
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0
@@ -113,6 +116,7 @@ class PreferenceSettings:
             rpo_alpha=float(preference.rpo_alpha) if preference.rpo_alpha else None,
             label_smoothing=float(preference.label_smoothing),
             simpo_gamma=float(preference.simpo_gamma),
+            discopop_tau=float(preference.discopop_tau),
             cpo_alpha=float(preference.cpo_alpha),
             mix=tuple((str(name), float(weight)) for name, weight in (preference.loss_mix or {}).items()),
             desirable_weight=float(preference.desirable_weight),
@@ -177,23 +181,30 @@ def preference_losses(
     logits = chosen_ratio - rejected_ratio
     if settings.loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
+    elif settings.loss_type == "sigmoid_norm":
+        losses = -F.logsigmoid(beta * logits)
     else:
         # sft's share (the chosen answer's NLL) is added by the objective, at nll_weight
         parts = [(name, weight) for name, weight in settings.mix if name != "sft"] or [
             (settings.loss_type, 1.0)
         ]
         losses = sum(
-            weight * reward_loss(name, chosen_ratio, rejected_ratio, beta, smoothing)
+            weight * reward_loss(name, chosen_ratio, rejected_ratio, beta, smoothing, settings.discopop_tau)
             for name, weight in parts
         )
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 def reward_loss(
-    loss_type: str, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float, smoothing: float
+    loss_type: str,
+    chosen_ratio: torch.Tensor,
+    rejected_ratio: torch.Tensor,
+    beta: float,
+    smoothing: float,
+    tau: float = 0.05,
 ) -> torch.Tensor:
     """Returns each pair's loss from its answers' log-ratios to the reference, for the losses that read only
-    those and their implicit rewards, beta x the log-ratios (module docstring)."""
+    those and their implicit rewards, beta x the log-ratios (module docstring; `tau`: discopop's)."""
     if loss_type == "sppo_hard":
         return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
     chosen, rejected = beta * chosen_ratio, beta * rejected_ratio
@@ -215,6 +226,9 @@ def reward_loss(
         return 1 - torch.sigmoid(chosen) + torch.sigmoid(rejected)
     if loss_type == "apo_down":
         return torch.sigmoid(chosen) + 1 - torch.sigmoid(margin)
+    if loss_type == "discopop":  # the logistic loss blended into the exponential one as the margin grows
+        blend = torch.sigmoid(margin / tau)
+        return -F.logsigmoid(margin) * (1 - blend) + torch.exp(-margin) * blend
     if loss_type != "sigmoid":
         raise ValueError(f"preference.loss_type={loss_type} is not a loss of the implicit rewards")
     return -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing

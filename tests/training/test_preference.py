@@ -139,9 +139,9 @@ OTHER_PAIR_LOSSES = REWARD_LOSSES[1:]  # every reward loss but sigmoid, each wri
 def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torch.Tensor:
     """The loss of the pairs written out from the answers' summed log-probabilities [2n]."""
     n = len(policy) // 2
-    mean = settings.loss_type in ("ipo", "simpo", "orpo")
+    mean = settings.loss_type in ("ipo", "sigmoid_norm", "simpo", "orpo")
     pol = policy / tokens if mean else policy
-    beta, ls = settings.beta, settings.label_smoothing
+    beta, ls, tau = settings.beta, settings.label_smoothing, settings.discopop_tau
     if settings.loss_type in ("simpo", "cpo"):
         h = beta * (pol[:n] - pol[n:]) - (settings.simpo_gamma if settings.loss_type == "simpo" else 0.0)
         loss = (-(1 - ls) * torch.log(torch.sigmoid(h)) - ls * torch.log(torch.sigmoid(-h))).sum()
@@ -156,6 +156,8 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
         sig = torch.sigmoid
         if settings.loss_type == "ipo":
             loss = ((h - 1 / (2 * beta)) ** 2).sum()
+        elif settings.loss_type == "sigmoid_norm":
+            loss = -torch.log(torch.sigmoid(beta * h)).sum()
         elif settings.loss_type in OTHER_PAIR_LOSSES or settings.mix:
             d = beta * h
             per_pair = {
@@ -168,6 +170,7 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
                 "sppo_hard": lambda: (a / beta - 1 / (2 * beta)) ** 2 + (b / beta + 1 / (2 * beta)) ** 2,
                 "apo_zero": lambda: (1 - sig(a)) + sig(b),
                 "apo_down": lambda: sig(a) + (1 - sig(a - b)),
+                "discopop": lambda: (1 - sig(d / tau)) * -torch.log(sig(d)) + sig(d / tau) * torch.exp(-d),
             }
             mix = [(k, w) for k, w in settings.mix if k != "sft"] or [(settings.loss_type, 1.0)]
             loss = sum(w * per_pair[k]().sum() for k, w in mix)
@@ -199,6 +202,10 @@ SETTINGS = {
     "sppo_hard": PreferenceSettings("sppo_hard", beta=0.5),
     "apo_zero": PreferenceSettings("apo_zero", beta=0.5),
     "apo_down": PreferenceSettings("apo_down", beta=0.5),
+    "sigmoid_norm": PreferenceSettings("sigmoid_norm", beta=2.0),
+    # tau at its default and larger: the blend's two ends
+    "discopop": PreferenceSettings("discopop", beta=0.5),
+    "discopop_tau": PreferenceSettings("discopop", beta=0.5, discopop_tau=2.0),
     # MPO (ms-swift's --loss_type sigmoid bco_pair sft --loss_weights 0.8 0.2 1.0)
     "mpo": PreferenceSettings("sigmoid", beta=0.5, mix=(("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0))),
 }
