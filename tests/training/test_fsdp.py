@@ -1,20 +1,30 @@
-"""FSDP checkpoints: two CPU processes (gloo) hold half of every weight and of its AdamW state; a checkpoint
-holds whole tensors, resumes the sharded run exactly, and resumes in one unsharded process too."""
+"""FSDP on two CPU processes (gloo): each holds half of every weight and of its AdamW state; a checkpoint
+holds whole tensors, resumes the sharded run exactly, and resumes in one unsharded process too. Every family is
+wrapped in its own units with the shipped config, and an HF-native family's text-only rank trains like one
+process."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import DistributedType
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from safetensors.torch import load_file
 
+from pipeline.config import ConfigError
+from pipeline.families import get_family
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
+from pipeline.stages import sft
+from pipeline.stages.sft import configure_fsdp
 from pipeline.training.checkpoints import load_training_checkpoint
-from tests.helpers import free_port, run_python
+from tests.helpers import compose_config, free_port, run_python
 
 from . import fsdp_worker
 
@@ -117,9 +127,6 @@ UNITS = {
 def fsdp_accelerator(names: list[str] | None = None) -> SimpleNamespace:
     """What configure_fsdp reads of an Accelerator launched with bench/accelerate/fsdp.yaml (`names`: the
     config's fsdp_transformer_layer_cls_to_wrap)."""
-    from accelerate import DistributedType
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=names
     )
@@ -128,8 +135,6 @@ def fsdp_accelerator(names: list[str] | None = None) -> SimpleNamespace:
 
 def lora_all(family: str, folder: Path) -> torch.nn.Module:
     """The family's twin with LoRA on every linear layer (lora=all), as the sft stage wraps it."""
-    from pipeline.families import get_family
-
     fam = get_family(family)
     model = fam.load_bundle(folder).model
     return fam.apply_lora(model, fam.lora_config(model, "all", r=2, alpha=4, dropout=0.0))
@@ -137,10 +142,6 @@ def lora_all(family: str, folder: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", sorted(UNITS))
 def test_every_family_is_wrapped_in_its_own_decoder_layers_and_vision_blocks(family_twin, family):
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-
-    from pipeline.stages.sft import configure_fsdp
-
     model = lora_all(family, family_twin(family))
     accelerator = fsdp_accelerator()
     configure_fsdp(accelerator, model)
@@ -155,9 +156,6 @@ def test_every_family_is_wrapped_in_its_own_decoder_layers_and_vision_blocks(fam
 
 
 def test_a_config_naming_another_familys_layers_is_refused_naming_them(family_twin):
-    from pipeline.config import ConfigError
-    from pipeline.stages.sft import configure_fsdp
-
     model = lora_all("qwen2_5_vl", family_twin("qwen2_5_vl"))
     with pytest.raises(ConfigError) as err:
         configure_fsdp(fsdp_accelerator(["MiniCPMDecoderLayer", "Block"]), model)
@@ -194,11 +192,6 @@ def test_an_hf_family_sharded_in_its_units_trains_a_text_only_rank_like_one_proc
 
 def test_an_fsdp_config_off_the_gpu_says_that_the_run_replicates_instead(monkeypatch, caplog):
     # accelerate shards with FSDP on GPUs only; elsewhere it would run plain data parallel without a word
-    import logging
-
-    from pipeline.stages import sft
-    from tests.helpers import compose_config
-
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with caplog.at_level(logging.WARNING, logger="pipeline.stages.sft"):
         accelerator = sft.start_accelerator(compose_config(["device=cpu"]))
