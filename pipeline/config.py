@@ -256,9 +256,10 @@ class PreferenceConfig:
     # sigmoid (DPO) | ipo (IPO, on the answers' mean token log-probabilities) | simpo (SimPO, reference-free)
     # | cpo (CPO, reference-free) | orpo (ORPO: the odds ratio of the answers' mean token probabilities,
     # reference-free, with the chosen answer's NLL) | kto (KTO, on binary feedback: rows labelled desirable
-    # or not, and pairs as one of each) | sigmoid_norm (DPO on the answers' mean token log-ratios) | TRL's
-    # other pair losses on the reference log-ratios: hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard,
-    # apo_zero, apo_down, discopop
+    # or not, and pairs as one of each) | sigmoid_norm (DPO on the answers' mean token log-ratios) | aot (AOT:
+    # DPO on the sorted margins of the policy and of the reference, within each micro-batch) | TRL's other
+    # pair losses on the reference log-ratios: hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard,
+    # apo_zero, apo_down, discopop, aot_unpaired (sorted within each micro-batch)
     loss_type: str = "sigmoid"
     beta: float | None = None  # None = ms-swift's: 0.1, and 2.0 for simpo (orpo: the odds ratio's weight)
     # weight of an SFT term on the chosen answer (its mean token negative log-likelihood), as RLAIF-V mixes
@@ -435,6 +436,7 @@ REWARD_LOSSES: tuple[str, ...] = (
     "apo_zero",
     "apo_down",
     "discopop",
+    "aot_unpaired",
 )
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -463,6 +465,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         "sigmoid",
         "ipo",
         "sigmoid_norm",
+        "aot",
         "simpo",
         "cpo",
         "orpo",

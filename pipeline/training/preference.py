@@ -12,6 +12,8 @@ Losses (`preference.loss_type`; TRL's and ms-swift's definitions), with r = beta
     sigmoid  DPO: -log sigmoid(r_chosen - r_rejected), label-smoothed (cDPO) when label_smoothing > 0
     ipo      IPO: (h - 1 / (2 beta))^2 with h the log-ratio margin of the answers' mean token log-probs
     sigmoid_norm  DPO on the same mean token log-ratios: -log sigmoid(beta h)
+    aot      AOT: sigmoid's loss, label-smoothed, of the policy's margins (logp chosen - logp rejected) sorted
+             minus the reference's sorted, pair by pair in that order, within each micro-batch
     simpo    SimPO, reference-free: -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma)
     cpo      CPO, reference-free: -log sigmoid(beta x (logp chosen - logp rejected)), label-smoothed
     orpo     ORPO, reference-free: -beta x log sigmoid(log odds chosen - log odds rejected), the odds of an
@@ -22,8 +24,9 @@ b = r_rejected, d = a - b: hinge max(0, 1 - d); robust (-(1 - e) log sigmoid(d) 
 (1 - 2e); exo_pair sigmoid(d) (log sigmoid(d) - log(1 - e)) + sigmoid(-d) (log sigmoid(-d) - log e); nca_pair
 -log sigmoid(a) - (log sigmoid(-a) + log sigmoid(-b)) / 2; bco_pair -log sigmoid(a) - log sigmoid(-b);
 sppo_hard (a - 1/2)^2 + (b + 1/2)^2 over beta^2; apo_zero 1 - sigmoid(a) + sigmoid(b); apo_down sigmoid(a) +
-1 - sigmoid(d); discopop (1 - m) (-log sigmoid(d)) + m exp(-d) with m = sigmoid(d / tau) (e: label_smoothing,
-tau: discopop_tau).
+1 - sigmoid(d); discopop (1 - m) (-log sigmoid(d)) + m exp(-d) with m = sigmoid(d / tau); aot_unpaired
+sigmoid's loss of d with the chosen and the rejected log-ratios each sorted within the micro-batch (e:
+label_smoothing, tau: discopop_tau).
 
 `loss_mix` weighs several of those last in place of loss_type (MPO: sigmoid 0.8, bco_pair 0.2, sft 1.0).
 
@@ -40,7 +43,8 @@ pipeline.config.nll_weight gives: `rpo_alpha` for sigmoid and ipo (ms-swift's RP
 mixes in), `cpo_alpha` for cpo and simpo (TRL's CPOTrainer, which ms-swift runs both with), 1 for orpo, and
 `sft`'s weight in a loss_mix. Every term is summed over pairs, so the loop normalises the loss by the pairs
 of the whole accumulation window on all processes, as it does sft's by tokens: 1 and N processes give the
-same gradient for the same global batch (not kto's: its KL estimate is each micro-batch's).
+same gradient for the same global batch (not kto's, whose KL estimate is each micro-batch's, nor aot's and
+aot_unpaired's, which sort within each micro-batch, as TRL sorts within each device's batch).
 
 The reference (`Reference`): the same weights with the LoRA adapter disabled (`NoAdapterReference`: no
 second copy in memory), or log-probabilities computed once before training and cached in the run folder
@@ -173,7 +177,7 @@ def preference_losses(
             margin = beta * (chosen - rejected)
             if settings.loss_type == "simpo":
                 margin = margin - settings.simpo_gamma
-            losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
+            losses = smoothed_sigmoid(margin, smoothing)
         return losses, (beta * chosen).detach(), (beta * rejected).detach()
     if ref_chosen is None or ref_rejected is None:
         raise ValueError(f"preference.loss_type={settings.loss_type} needs the reference's log-probabilities")
@@ -183,6 +187,10 @@ def preference_losses(
         losses = (logits - 1 / (2 * beta)) ** 2
     elif settings.loss_type == "sigmoid_norm":
         losses = -F.logsigmoid(beta * logits)
+    elif settings.loss_type == "aot":
+        # the policy's and the reference's margins, each sorted: the i-th smallest against the i-th smallest
+        margins = torch.sort(chosen - rejected).values - torch.sort(ref_chosen - ref_rejected).values
+        losses = smoothed_sigmoid(beta * margins, smoothing)
     else:
         # sft's share (the chosen answer's NLL) is added by the objective, at nll_weight
         parts = [(name, weight) for name, weight in settings.mix if name != "sft"] or [
@@ -226,11 +234,18 @@ def reward_loss(
         return 1 - torch.sigmoid(chosen) + torch.sigmoid(rejected)
     if loss_type == "apo_down":
         return torch.sigmoid(chosen) + 1 - torch.sigmoid(margin)
+    if loss_type == "aot_unpaired":
+        return smoothed_sigmoid(torch.sort(chosen).values - torch.sort(rejected).values, smoothing)
     if loss_type == "discopop":  # the logistic loss blended into the exponential one as the margin grows
         blend = torch.sigmoid(margin / tau)
         return -F.logsigmoid(margin) * (1 - blend) + torch.exp(-margin) * blend
     if loss_type != "sigmoid":
         raise ValueError(f"preference.loss_type={loss_type} is not a loss of the implicit rewards")
+    return smoothed_sigmoid(margin, smoothing)
+
+
+def smoothed_sigmoid(margin: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Returns DPO's loss of each margin, label-smoothed: the pair taken as mislabelled at rate `smoothing`."""
     return -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
 
 

@@ -213,6 +213,7 @@ def test_reference_free_losses_train_full_weights_without_a_reference(family_twi
         ("preference.loss_type=exo_pair", "preference.label_smoothing=1e-3"),
         ("preference.loss_type=discopop", "preference.discopop_tau=0.1"),
         ("preference.loss_type=sigmoid_norm",),
+        ("preference.loss_type=aot",),
         ("preference.loss_mix={sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}",),  # MPO
     ],
 )

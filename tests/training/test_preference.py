@@ -158,6 +158,9 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
             loss = ((h - 1 / (2 * beta)) ** 2).sum()
         elif settings.loss_type == "sigmoid_norm":
             loss = -torch.log(torch.sigmoid(beta * h)).sum()
+        elif settings.loss_type == "aot":  # sorted margins, the policy's against the reference's
+            d = beta * (torch.sort(pol[:n] - pol[n:]).values - torch.sort(ref[:n] - ref[n:]).values)
+            loss = (-(1 - ls) * torch.log(torch.sigmoid(d)) - ls * torch.log(torch.sigmoid(-d))).sum()
         elif settings.loss_type in OTHER_PAIR_LOSSES or settings.mix:
             d = beta * h
             per_pair = {
@@ -171,6 +174,10 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
                 "apo_zero": lambda: (1 - sig(a)) + sig(b),
                 "apo_down": lambda: sig(a) + (1 - sig(a - b)),
                 "discopop": lambda: (1 - sig(d / tau)) * -torch.log(sig(d)) + sig(d / tau) * torch.exp(-d),
+                "aot_unpaired": lambda: (
+                    -(1 - ls) * torch.log(sig(torch.sort(a).values - torch.sort(b).values))
+                    - ls * torch.log(sig(torch.sort(b).values - torch.sort(a).values))
+                ),
             }
             mix = [(k, w) for k, w in settings.mix if k != "sft"] or [(settings.loss_type, 1.0)]
             loss = sum(w * per_pair[k]().sum() for k, w in mix)
@@ -206,6 +213,8 @@ SETTINGS = {
     # tau at its default and larger: the blend's two ends
     "discopop": PreferenceSettings("discopop", beta=0.5),
     "discopop_tau": PreferenceSettings("discopop", beta=0.5, discopop_tau=2.0),
+    "aot": PreferenceSettings("aot", beta=0.5, label_smoothing=0.1),
+    "aot_unpaired": PreferenceSettings("aot_unpaired", beta=0.5, label_smoothing=0.1),
     # MPO (ms-swift's --loss_type sigmoid bco_pair sft --loss_weights 0.8 0.2 1.0)
     "mpo": PreferenceSettings("sigmoid", beta=0.5, mix=(("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0))),
 }
