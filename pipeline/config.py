@@ -271,9 +271,13 @@ class PreferenceConfig:
     # sigmoid, simpo, cpo, robust: the share of pairs taken as mislabelled (cDPO); exo_pair: its epsilon (> 0)
     label_smoothing: float = 0.0
     simpo_gamma: float = 1.0  # simpo: the target reward margin
-    discopop_tau: float = (
-        0.05  # discopop: the temperature of its blend of the logistic and exponential losses
-    )
+    # discopop: the temperature of its blend of the logistic and the exponential loss
+    discopop_tau: float = 0.05
+    # the f-divergence the margin losses regularise with (TRL's f_divergence_type; f-DPO): reverse_kl (DPO) |
+    # forward_kl | js_divergence | alpha_divergence (at f_alpha_divergence_coef); it changes the margin of
+    # sigmoid, hinge, robust, exo_pair and discopop, the losses that read it in TRL
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
     # kto: the weights of the desirable and the undesirable rows' losses (ms-swift's and TRL's names); with
     # unbalanced feedback, KTO's paper keeps desirable_weight x desirable rows / (undesirable_weight x
     # undesirable rows) in [1, 4/3]
@@ -439,6 +443,10 @@ REWARD_LOSSES: tuple[str, ...] = (
     "aot_unpaired",
 )
 
+# preference.f_divergence_type, and the losses whose margin it changes (TRL's)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSSES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
+
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("auto", *DTYPE_NAMES),
     "model.family": tuple(FAMILIES),
@@ -473,6 +481,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         *REWARD_LOSSES[1:],
     ),
     "preference.reference": ("auto", "no_adapter", "cached"),
+    "preference.f_divergence_type": F_DIVERGENCES,
     "eval.direction": ("minimize", "maximize"),
     "tracking.backend": ("none", "wandb", "tensorboard"),
     "tracking.mode": ("auto", "online", "offline", "disabled"),
@@ -522,6 +531,7 @@ RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("preference.label_smoothing", 0.0, 0.5),
     ("preference.simpo_gamma", 0.0, None),
     ("preference.discopop_tau", 1e-6, None),
+    ("preference.f_alpha_divergence_coef", 1e-6, None),
     ("eval.max_samples", 1, None),
     ("eval.batch_size", 1, None),
     ("eval.max_new_tokens", 1, None),
@@ -839,6 +849,13 @@ def _check_preference(tree: dict) -> list[str]:
                 f"preference.desirable_weight={weights[0]}, undesirable_weight={weights[1]}: each is >= 0 and "
                 "one of them > 0"
             ]
+    divergence = preference["f_divergence_type"]
+    if divergence != "reverse_kl" and not any(name in F_DIVERGENCE_LOSSES for name in (mix or {loss: 1})):
+        return [
+            f"preference.f_divergence_type={divergence} changes the margin of {', '.join(F_DIVERGENCE_LOSSES)}; "
+            f"{f'preference.loss_mix={dict(mix)}' if mix else f'preference.loss_type={loss}'} does not read "
+            "it: leave it at reverse_kl"
+        ]
     if loss == "exo_pair" and preference["label_smoothing"] <= 0:
         return [
             "preference.loss_type=exo_pair takes preference.label_smoothing as its epsilon, which must be > 0 "

@@ -26,7 +26,9 @@ b = r_rejected, d = a - b: hinge max(0, 1 - d); robust (-(1 - e) log sigmoid(d) 
 sppo_hard (a - 1/2)^2 + (b + 1/2)^2 over beta^2; apo_zero 1 - sigmoid(a) + sigmoid(b); apo_down sigmoid(a) +
 1 - sigmoid(d); discopop (1 - m) (-log sigmoid(d)) + m exp(-d) with m = sigmoid(d / tau); aot_unpaired
 sigmoid's loss of d with the chosen and the rejected log-ratios each sorted within the micro-batch (e:
-label_smoothing, tau: discopop_tau).
+label_smoothing, tau: discopop_tau). With `f_divergence_type` other than reverse_kl (f-DPO), sigmoid, hinge,
+robust, exo_pair and discopop read d as beta x (f'(t_chosen) - f'(t_rejected)), t an answer's probability ratio
+to the reference (f_divergence_score), as TRL's do.
 
 `loss_mix` weighs several of those last in place of loss_type (MPO: sigmoid 0.8, bco_pair 0.2, sft 1.0).
 
@@ -102,6 +104,8 @@ class PreferenceSettings:
     simpo_gamma: float = 1.0
     cpo_alpha: float = 1.0
     discopop_tau: float = 0.05
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
     mix: tuple[tuple[str, float], ...] = ()  # preference.loss_mix: (loss, weight) in place of loss_type
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0
@@ -121,6 +125,8 @@ class PreferenceSettings:
             label_smoothing=float(preference.label_smoothing),
             simpo_gamma=float(preference.simpo_gamma),
             discopop_tau=float(preference.discopop_tau),
+            f_divergence=str(preference.f_divergence_type),
+            f_alpha=float(preference.f_alpha_divergence_coef),
             cpo_alpha=float(preference.cpo_alpha),
             mix=tuple((str(name), float(weight)) for name, weight in (preference.loss_mix or {}).items()),
             desirable_weight=float(preference.desirable_weight),
@@ -196,11 +202,29 @@ def preference_losses(
         parts = [(name, weight) for name, weight in settings.mix if name != "sft"] or [
             (settings.loss_type, 1.0)
         ]
+        # the margin losses read the f-divergence's scores of the log-ratios (reverse_kl: the log-ratios)
+        scores = f_divergence_score(chosen_ratio, settings) - f_divergence_score(rejected_ratio, settings)
         losses = sum(
-            weight * reward_loss(name, chosen_ratio, rejected_ratio, beta, smoothing, settings.discopop_tau)
+            weight
+            * reward_loss(name, chosen_ratio, rejected_ratio, beta, smoothing, settings.discopop_tau, scores)
             for name, weight in parts
         )
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def f_divergence_score(ratio: torch.Tensor, settings: PreferenceSettings) -> torch.Tensor:
+    """Returns f'(t) at t = exp(ratio), the score of an answer's log-ratio under the f-divergence
+    preference.f_divergence_type regularises with (f-DPO; TRL's): reverse_kl log t (DPO), forward_kl 1 - 1/t,
+    js_divergence log(2t / (t + 1)), alpha_divergence (t^(a - 1) - 1) / (a - 1) (log t at a = 1)."""
+    kind, alpha = settings.f_divergence, settings.f_alpha
+    if kind == "forward_kl":
+        return 1 - torch.exp(-ratio)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(ratio)
+    if kind == "alpha_divergence" and abs(alpha - 1) > 1e-6:
+        exponent = ((alpha - 1) * ratio).float().clamp(max=80.0)  # exp stays finite
+        return (torch.expm1(exponent) / (alpha - 1)).to(ratio.dtype)
+    return ratio
 
 
 def reward_loss(
@@ -210,13 +234,16 @@ def reward_loss(
     beta: float,
     smoothing: float,
     tau: float = 0.05,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Returns each pair's loss from its answers' log-ratios to the reference, for the losses that read only
-    those and their implicit rewards, beta x the log-ratios (module docstring; `tau`: discopop's)."""
+    those and their implicit rewards, beta x the log-ratios (module docstring; `tau`: discopop's; `scores`: the
+    margin of the f-divergence's scores, which sigmoid, hinge, robust, exo_pair and discopop read in place of
+    the log-ratios' margin)."""
     if loss_type == "sppo_hard":
         return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
     chosen, rejected = beta * chosen_ratio, beta * rejected_ratio
-    margin = chosen - rejected
+    margin = beta * scores if scores is not None else chosen - rejected
     if loss_type == "hinge":
         return torch.relu(1 - margin)
     if loss_type == "robust":
@@ -233,7 +260,7 @@ def reward_loss(
     if loss_type == "apo_zero":
         return 1 - torch.sigmoid(chosen) + torch.sigmoid(rejected)
     if loss_type == "apo_down":
-        return torch.sigmoid(chosen) + 1 - torch.sigmoid(margin)
+        return torch.sigmoid(chosen) + 1 - torch.sigmoid(chosen - rejected)
     if loss_type == "aot_unpaired":
         return smoothed_sigmoid(torch.sort(chosen).values - torch.sort(rejected).values, smoothing)
     if loss_type == "discopop":  # the logistic loss blended into the exponential one as the margin grows

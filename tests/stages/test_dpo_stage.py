@@ -214,6 +214,7 @@ def test_reference_free_losses_train_full_weights_without_a_reference(family_twi
         ("preference.loss_type=discopop", "preference.discopop_tau=0.1"),
         ("preference.loss_type=sigmoid_norm",),
         ("preference.loss_type=aot",),
+        ("preference.f_divergence_type=alpha_divergence", "preference.f_alpha_divergence_coef=0.5"),
         ("preference.loss_mix={sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}",),  # MPO
     ],
 )
@@ -270,6 +271,27 @@ def test_sft_and_dpo_in_one_run_and_a_disabled_adapter_without_one_are_refused()
                 ["+experiment=dpo", "lora=none", "preference.reference=no_adapter", "stages=[dpo]"]
             )
         )
+    with pytest.raises(
+        ConfigError,
+        match=r"f_divergence_type=js_divergence changes the margin of sigmoid, .*loss_type=ipo does not",
+    ):
+        validate(
+            compose_config(
+                ["+experiment=dpo", "preference.loss_type=ipo", "preference.f_divergence_type=js_divergence"]
+            )
+        )
+    with pytest.raises(ConfigError, match=r"preference.loss_mix=\{'bco_pair': 1.0\} does not read it"):
+        validate(
+            compose_config(
+                [
+                    "+experiment=dpo",
+                    "preference.loss_mix={bco_pair: 1.0}",
+                    "preference.f_divergence_type=forward_kl",
+                ]
+            )
+        )
+    with pytest.raises(ConfigError, match=r"preference.f_divergence_type"):
+        validate(compose_config(["+experiment=dpo", "preference.f_divergence_type=kl"]))
 
 
 def test_dpo_plans_its_training_as_sft_does(monkeypatch, tmp_path):

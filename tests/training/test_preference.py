@@ -136,6 +136,17 @@ def policy_and_reference(family, bundle, model, pairs) -> tuple[torch.Tensor, to
 OTHER_PAIR_LOSSES = REWARD_LOSSES[1:]  # every reward loss but sigmoid, each written out in direct_loss
 
 
+def f_score(ratio: torch.Tensor, settings: PreferenceSettings) -> torch.Tensor:
+    """f'(t) of the f-divergence at t = exp(ratio), written out (f-DPO's table)."""
+    t, a = torch.exp(ratio), settings.f_alpha
+    return {
+        "reverse_kl": lambda: torch.log(t),
+        "forward_kl": lambda: 1 - 1 / t,
+        "js_divergence": lambda: torch.log(2 * t / (t + 1)),
+        "alpha_divergence": lambda: (t ** (a - 1) - 1) / (a - 1),
+    }[settings.f_divergence]()
+
+
 def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torch.Tensor:
     """The loss of the pairs written out from the answers' summed log-probabilities [2n]."""
     n = len(policy) // 2
@@ -152,6 +163,7 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
     else:
         ref = reference / tokens if mean else reference
         h = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+        hf = f_score(pol[:n] - ref[:n], settings) - f_score(pol[n:] - ref[n:], settings)  # the margin losses'
         a, b = beta * (pol[:n] - ref[:n]), beta * (pol[n:] - ref[n:])  # the rewards
         sig = torch.sigmoid
         if settings.loss_type == "ipo":
@@ -162,7 +174,7 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
             d = beta * (torch.sort(pol[:n] - pol[n:]).values - torch.sort(ref[:n] - ref[n:]).values)
             loss = (-(1 - ls) * torch.log(torch.sigmoid(d)) - ls * torch.log(torch.sigmoid(-d))).sum()
         elif settings.loss_type in OTHER_PAIR_LOSSES or settings.mix:
-            d = beta * h
+            d = beta * hf
             per_pair = {
                 "sigmoid": lambda: -(1 - ls) * torch.log(sig(d)) - ls * torch.log(sig(-d)),
                 "hinge": lambda: torch.clamp(1 - d, min=0),
@@ -183,7 +195,7 @@ def direct_loss(settings: PreferenceSettings, policy, reference, tokens) -> torc
             loss = sum(w * per_pair[k]().sum() for k, w in mix)
         else:
             loss = (
-                -(1 - ls) * torch.log(torch.sigmoid(beta * h)) - ls * torch.log(torch.sigmoid(-beta * h))
+                -(1 - ls) * torch.log(torch.sigmoid(beta * hf)) - ls * torch.log(torch.sigmoid(-beta * hf))
             ).sum()
     weight = {"orpo": 1.0, "cpo": settings.cpo_alpha, "simpo": settings.cpo_alpha}.get(
         settings.loss_type, settings.rpo_alpha or 0.0
@@ -214,6 +226,18 @@ SETTINGS = {
     "discopop": PreferenceSettings("discopop", beta=0.5),
     "discopop_tau": PreferenceSettings("discopop", beta=0.5, discopop_tau=2.0),
     "aot": PreferenceSettings("aot", beta=0.5, label_smoothing=0.1),
+    # f-DPO: the margin losses on the f-divergence's scores of the log-ratios
+    "sigmoid+forward_kl": PreferenceSettings("sigmoid", beta=0.5, f_divergence="forward_kl"),
+    "hinge+js_divergence": PreferenceSettings("hinge", beta=2.0, f_divergence="js_divergence"),
+    "robust+alpha_divergence": PreferenceSettings(
+        "robust", beta=0.5, label_smoothing=0.2, f_divergence="alpha_divergence", f_alpha=0.3
+    ),
+    "mpo+js_divergence": PreferenceSettings(
+        "sigmoid",
+        beta=0.5,
+        mix=(("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)),
+        f_divergence="js_divergence",
+    ),
     "aot_unpaired": PreferenceSettings("aot_unpaired", beta=0.5, label_smoothing=0.1),
     # MPO (ms-swift's --loss_type sigmoid bco_pair sft --loss_weights 0.8 0.2 1.0)
     "mpo": PreferenceSettings("sigmoid", beta=0.5, mix=(("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0))),
