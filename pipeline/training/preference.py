@@ -265,7 +265,8 @@ def reward_loss(
         return smoothed_sigmoid(torch.sort(chosen).values - torch.sort(rejected).values, smoothing)
     if loss_type == "discopop":  # the logistic loss blended into the exponential one as the margin grows
         blend = torch.sigmoid(margin / tau)
-        return -F.logsigmoid(margin) * (1 - blend) + torch.exp(-margin) * blend
+        # where the margin is far below 0 the blend is 0: exp(-margin) is kept finite so that 0 x it stays 0
+        return -F.logsigmoid(margin) * (1 - blend) + torch.exp(-margin.clamp(min=-80.0)) * blend
     if loss_type != "sigmoid":
         raise ValueError(f"preference.loss_type={loss_type} is not a loss of the implicit rewards")
     return smoothed_sigmoid(margin, smoothing)
