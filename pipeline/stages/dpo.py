@@ -41,20 +41,18 @@ from pipeline.families import family_from_config
 from pipeline.families.base import Family
 from pipeline.families.lora_init import is_residual
 from pipeline.runinfo import seed_everything
+from pipeline.stages.engine import launch_of, prepare_engine, start_accelerator
 from pipeline.stages.sft import (
     StartingPoint,
     build_model,
     chosen_checkpoint,
     family_hooks,
-    launch_of,
     plan_stage,
-    prepare_engine,
     read_rows,
     refuse_residual_on_adapter,
     report,
     resolve_patch_weight,
     stage_tracker,
-    start_accelerator,
     starting_point,
     summarize,
 )

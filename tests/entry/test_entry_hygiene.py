@@ -100,7 +100,7 @@ def test_deepspeed_does_not_announce_the_cpu_on_a_run_without_it(tmp_path):
     pytest.importorskip("deepspeed")
     script = (
         "import os\nos.environ.pop('DS_ACCELERATOR', None)\n"
-        "from pipeline.stages.sft import name_deepspeed_accelerator\n"
+        "from pipeline.stages.engine import name_deepspeed_accelerator\n"
         "name_deepspeed_accelerator({named})\n"
         "from accelerate.utils.other import extract_model_from_parallel\nimport torch\n"
         "extract_model_from_parallel(torch.nn.Linear(1, 1))\n"

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.__main__ import run_pipeline
 from pipeline.config import ConfigError, validate
-from pipeline.stages import sft
+from pipeline.stages import engine, sft
 from pipeline.training.checkpoints import CheckpointError
 from pipeline.training.optim import parameter_groups
 from tests.helpers import compose_config, copy_twin, run_stage
@@ -77,7 +77,7 @@ def test_loraplus_puts_the_b_matrices_at_their_parts_rate_times_the_ratio(twin_r
     part's rate, every other parameter at its part's; after two steps at a constant rate the B matrices have
     moved further than without LoRA+."""
     optimizers, models = [], []
-    real_build, real_prepare = sft.build_optimizer, sft.prepare_engine
+    real_build, real_prepare = engine.build_optimizer, sft.prepare_engine
 
     def recording(*args, **kwargs):
         optimizers.append(real_build(*args, **kwargs))
@@ -87,7 +87,7 @@ def test_loraplus_puts_the_b_matrices_at_their_parts_rate_times_the_ratio(twin_r
         models.append((model, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}))
         return real_prepare(accelerator, model, *args, **kwargs)
 
-    monkeypatch.setattr(sft, "build_optimizer", recording)
+    monkeypatch.setattr(engine, "build_optimizer", recording)
     monkeypatch.setattr(sft, "prepare_engine", prepare)
     common = ("stages=[sft]", "optim.lr=1e-3", "optim.vit_lr=1e-4", "optim.scheduler=constant")
     run_stage(

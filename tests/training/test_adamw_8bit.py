@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, validate
-from pipeline.stages import sft
+from pipeline.stages import engine, sft
 from pipeline.training.plan import Launch, plan_training
 from tests.entry.test_config import fake_card
 from tests.helpers import compose_config, losses_by_step, run_stage, step_fails_at, twin_config
@@ -37,13 +37,13 @@ def test_8bit_adamw_trains_full_finetuning_and_resumes_exactly(family_twin, tmp_
 
     twin = family_twin("minicpm_v2")
     optimizers = []
-    real_build = sft.build_optimizer
+    real_build = engine.build_optimizer
 
     def recording(*args, **kwargs):
         optimizers.append(real_build(*args, **kwargs))
         return optimizers[-1]
 
-    monkeypatch.setattr(sft, "build_optimizer", recording)
+    monkeypatch.setattr(engine, "build_optimizer", recording)
     run_stage(sft, twin_config(twin, *FULL), tmp_path / "whole")
     optimizer = optimizers[0]
     assert isinstance(optimizer, bnb.optim.AdamW8bit)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from pipeline.config import ConfigError
 from pipeline.families import get_family
 from pipeline.families.minicpm_v2.checkpoint import check_checkpoint
-from pipeline.stages import sft
-from pipeline.stages.sft import configure_fsdp
+from pipeline.stages import engine
+from pipeline.stages.engine import configure_fsdp
 from pipeline.training.checkpoints import load_training_checkpoint
 from tests.helpers import compose_config, free_port, run_python
 
@@ -193,7 +193,7 @@ def test_an_hf_family_sharded_in_its_units_trains_a_text_only_rank_like_one_proc
 def test_an_fsdp_config_off_the_gpu_says_that_the_run_replicates_instead(monkeypatch, caplog):
     # accelerate shards with FSDP on GPUs only; elsewhere it would run plain data parallel without a word
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with caplog.at_level(logging.WARNING, logger="pipeline.stages.sft"):
-        accelerator = sft.start_accelerator(compose_config(["device=cpu"]))
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.engine"):
+        accelerator = engine.start_accelerator(compose_config(["device=cpu"]))
     assert str(accelerator.distributed_type).endswith("NO")
     assert "asks for FSDP, which shards on GPUs only: on cpu this run trains as NO" in caplog.text

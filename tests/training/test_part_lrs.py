@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.families import get_family
-from pipeline.stages import sft
+from pipeline.stages import engine, sft
 from pipeline.training.optim import parameter_groups
 from tests.helpers import run_stage, twin_config
 
@@ -47,13 +47,13 @@ def test_full_finetuning_moves_each_part_at_its_own_rate(family_twin, tmp_path, 
     """vit_lr=0 keeps the vision tower where it was while the projector (at aligner_lr) and the language
     model (at lr) move; the optimizer's groups say the same."""
     optimizers = []
-    real = sft.build_optimizer
+    real = engine.build_optimizer
 
     def recording(*args, **kwargs):
         optimizers.append(real(*args, **kwargs))
         return optimizers[-1]
 
-    monkeypatch.setattr(sft, "build_optimizer", recording)
+    monkeypatch.setattr(engine, "build_optimizer", recording)
     family = get_family(name)
     cfg = twin_config(
         family_twin(name),
