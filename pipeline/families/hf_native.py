@@ -68,7 +68,7 @@ from .base import (
 )
 from .checkpoints import MODEL_CONFIG, adapter_base, checkpoint_kind
 from .layer_compile import compile_for_training
-from .sharding import gathers_anywhere
+from .sharding import gathers_anywhere, most_of_each_over_ranks
 from .step_decoding import HFStepDecoder
 from .tiny_tokenizer import train_bpe_tokenizer
 
@@ -995,11 +995,8 @@ class HFNativeFamily(Family):
             yield 0.0
             return
         device = next(core.parameters()).device
-        counts = torch.tensor([before, within], device=device)
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-        missing_before, missing_within = (int(n) for n in counts.tolist())
-        missing_before -= before
-        missing_within -= within
+        most_before, most_within = most_of_each_over_ranks([before, within], device)
+        missing_before, missing_within = most_before - before, most_within - within
         handle = None
         if missing_within > 0:
 

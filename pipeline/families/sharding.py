@@ -27,9 +27,14 @@ def gathers_anywhere(module: nn.Module) -> bool:
 
 def most_over_ranks(count: int, device: torch.device) -> int:
     """The largest `count` over all processes (one all-reduce)."""
-    most = torch.tensor([count], device=device)
+    return most_of_each_over_ranks([count], device)[0]
+
+
+def most_of_each_over_ranks(counts: list[int], device: torch.device) -> list[int]:
+    """The largest of each of `counts` over all processes (one all-reduce for all of them)."""
+    most = torch.tensor(counts, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most.item())
+    return [int(n) for n in most.tolist()]
 
 
 def module_classes(model: nn.Module) -> set[str]:

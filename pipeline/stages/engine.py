@@ -13,6 +13,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from pipeline.config import ConfigError, resolve_device
 from pipeline.families.base import unwrapped
@@ -92,7 +93,7 @@ def configure_fsdp(accelerator: Accelerator, model: nn.Module) -> None:
         return
     plugin = accelerator.state.fsdp_plugin
     policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
-    if getattr(policy, "__name__", "") != "transformer_auto_wrap_policy":
+    if policy is not transformer_auto_wrap_policy:
         return  # size-based or no wrapping: class names play no part
     units = shard_units(model)
     named = plugin.transformer_cls_names_to_wrap
